@@ -1,0 +1,311 @@
+//! Kernel I/O: loading the embedded programs, pinning their maps, attaching them
+//! to pod interfaces, applying map writes, and removing all of it again.
+
+use std::{
+    ffi::CStr,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        tc::{qdisc_add_clsact, qdisc_detach_program, NlOptions, TcAttachOptions, TcError},
+        SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{
+    map_names, program_names, stats, Backend4, CtKey4, CtValue4, RevNat4, ServiceKey4,
+    ServiceValue, StatCounter,
+};
+use tracing::{debug, info};
+
+use crate::state::{MapOp, MapState};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
+
+/// Where the maps are pinned unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey4, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend4>,
+    revnat: HashMap<MapData, u16, RevNat4>,
+    conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    stats: PerCpuArray<MapData, StatCounter>,
+}
+
+impl Dataplane {
+    /// Loads the programs with their maps pinned under `pin_dir`. Maps already
+    /// pinned there are reused, so a restarted agent keeps every connection.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        Self::load_with(&mut loader)
+    }
+
+    /// Loads the programs with private maps that vanish with this value: for
+    /// packet tests and simulations that must not touch a running agent's state.
+    pub fn load_private() -> Result<Self> {
+        Self::load_with(&mut EbpfLoader::new())
+    }
+
+    fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self> {
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        for name in [program_names::FROM_POD, program_names::TO_POD] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))
+        };
+        let services = HashMap::try_from(take(map_names::SERVICES_V4)?)?;
+        let backends = HashMap::try_from(take(map_names::BACKENDS_V4)?)?;
+        let revnat = HashMap::try_from(take(map_names::REVNAT_V4)?)?;
+        let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
+        let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
+        Ok(Self {
+            ebpf,
+            services,
+            backends,
+            revnat,
+            conntrack,
+            stats,
+        })
+    }
+
+    /// One of the loaded programs, by name (see `proxy_common::program_names`).
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?)
+    }
+
+    /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's
+    /// host-side interface, replacing what an earlier agent attached there. The
+    /// filters stay after this process exits; `cleanup` removes them.
+    pub fn attach_pod_interface(&mut self, iface: &str) -> Result<()> {
+        match qdisc_add_clsact(iface) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("adding clsact to {iface}")),
+        }
+        for (name, attach_type) in [
+            (program_names::FROM_POD, TcAttachType::Ingress),
+            (program_names::TO_POD, TcAttachType::Egress),
+        ] {
+            // Replace what an earlier agent attached instead of stacking a second filter.
+            detach(iface, attach_type, name)?;
+            let program = self.program(name)?;
+            // Netlink filters, not tcx links: they work from 5.10 on and outlive the agent.
+            let link_id = program
+                .attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .with_context(|| format!("attaching {name} to {iface}"))?;
+            let link = program.take_link(link_id)?;
+            // Dropping the link would detach it; the filter must stay.
+            std::mem::forget(link);
+        }
+        info!(iface, "attached");
+        Ok(())
+    }
+
+    /// What the service, backend and reverse-NAT maps hold now.
+    pub fn read_state(&self) -> Result<MapState> {
+        let mut state = MapState::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry?;
+            state.services.insert(k, v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry?;
+            state.backends.insert(k, v);
+        }
+        for entry in self.revnat.iter() {
+            let (k, v) = entry?;
+            state.revnat.insert(k, v);
+        }
+        Ok(state)
+    }
+
+    /// Applies map writes in order. Stops at the first failure (a full map, say),
+    /// leaving the maps consistent: every write before it was make-before-break.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        for op in ops {
+            debug!(?op, "map write");
+            match *op {
+                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
+                MapOp::PutRevNat(id, r) => self.revnat.insert(id, r, 0),
+                MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+                MapOp::DelService(k) => self.services.remove(&k),
+                MapOp::DelRevNat(id) => self.revnat.remove(&id),
+                MapOp::DelBackend(id) => self.backends.remove(&id),
+            }
+            .with_context(|| format!("map write {op:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue4)>> {
+        Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The statistics counters summed over CPUs, by name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
+        let mut out = Vec::with_capacity(stats::NAMES.len());
+        for (index, name) in stats::NAMES.iter().enumerate() {
+            let per_cpu = self.stats.get(&(index as u32), 0)?;
+            let mut total = StatCounter::default();
+            for c in per_cpu.iter() {
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+            }
+            out.push((*name, total));
+        }
+        Ok(out)
+    }
+}
+
+/// Detaches every filter named `name` from one hook of `iface`; none is fine.
+fn detach(iface: &str, attach_type: TcAttachType, name: &str) -> Result<bool> {
+    match qdisc_detach_program(iface, attach_type, name) {
+        Ok(()) => Ok(true),
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        // No clsact qdisc on this interface: nothing of ours can be there.
+        Err(TcError::NetlinkError(e))
+            if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| format!("detaching {name} from {iface}")),
+    }
+}
+
+/// Makes sure `dir` will live on a bpffs. Inside `ip netns exec` the machine's
+/// bpffs is not visible; there a private one is mounted on /sys/fs/bpf.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe
+            .parent()
+            .context("pin directory has no existing ancestor")?;
+    }
+    if fs_magic(probe)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) || probe != root {
+        bail!(
+            "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
+    }
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
+    }
+    info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type)
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub filters: Vec<String>,
+    pub pins: Vec<PathBuf>,
+}
+
+/// Removes every Ferry filter from every interface of this network namespace,
+/// and every map pinned under `pin_dir` (then the directory itself).
+pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
+    let mut removed = Removed::default();
+    for iface in interfaces()? {
+        for (name, attach_type) in [
+            (program_names::FROM_POD, TcAttachType::Ingress),
+            (program_names::TO_POD, TcAttachType::Egress),
+        ] {
+            if detach(&iface, attach_type, name)? {
+                removed
+                    .filters
+                    .push(format!("{iface} {attach_type:?} {name}"));
+            }
+        }
+    }
+    if pin_dir.exists() {
+        for entry in fs::read_dir(pin_dir)? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.pins.push(path);
+        }
+        fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    }
+    Ok(removed)
+}
+
+/// Names of the interfaces in this process's network namespace.
+fn interfaces() -> Result<Vec<String>> {
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error()).context("listing interfaces");
+    }
+    let mut names = Vec::new();
+    let mut cursor = list;
+    unsafe {
+        while (*cursor).if_index != 0 {
+            names.push(
+                CStr::from_ptr((*cursor).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            cursor = cursor.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    Ok(names)
+}

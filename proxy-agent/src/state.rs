@@ -1,0 +1,482 @@
+//! Pure translation from services to map contents, and from (desired, actual)
+//! map contents to an ordered list of writes. Only `dataplane` touches the kernel.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use proxy_common::{backend_state, Backend4, RevNat4, ServiceKey4, ServiceValue};
+
+use crate::model::{Endpoint, Frontend, Protocol, Service};
+
+/// The contents of the service, backend and reverse-NAT maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey4, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend4>,
+    pub revnat: BTreeMap<u16, RevNat4>,
+}
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend(u32, Backend4),
+    PutRevNat(u16, RevNat4),
+    PutService(ServiceKey4, ServiceValue),
+    DelService(ServiceKey4),
+    DelRevNat(u16),
+    DelBackend(u32),
+}
+
+/// A service that could not be programmed; everything else still is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("{name}: frontend {frontend:?} is already served by {owner}")]
+    DuplicateFrontend {
+        name: String,
+        owner: String,
+        frontend: Frontend,
+    },
+    #[error("{name}: {count} endpoints do not fit the {max} slots of one frontend")]
+    TooManyEndpoints {
+        name: String,
+        count: usize,
+        max: usize,
+    },
+    #[error("{name}: no free {what} id")]
+    IdsExhausted { name: String, what: &'static str },
+}
+
+/// Allocates the ids that map entries refer to. Ids are handed out from a moving
+/// cursor, so an id that was just released is not reused until the whole space
+/// has gone round: a conntrack entry naming an old backend id never silently
+/// points at a new backend.
+#[derive(Debug)]
+pub struct Ids {
+    backends: HashMap<(Endpoint, Protocol), u32>,
+    backend_cursor: u32,
+    revnat: HashMap<Frontend, u16>,
+    revnat_cursor: u16,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self {
+            backends: HashMap::new(),
+            backend_cursor: 0,
+            revnat: HashMap::new(),
+            revnat_cursor: 0,
+        }
+    }
+}
+
+fn protocol_of(number: u8) -> Option<Protocol> {
+    match number {
+        proxy_common::proto::TCP => Some(Protocol::Tcp),
+        proxy_common::proto::UDP => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+impl Ids {
+    /// Recovers the ids in use from maps an earlier agent filled.
+    pub fn from_state(state: &MapState) -> Self {
+        let mut ids = Self::default();
+        for (&id, b) in &state.backends {
+            if let Some(protocol) = protocol_of(b.proto) {
+                let endpoint = Endpoint {
+                    address: u32::from_be(b.addr_be).into(),
+                    port: u16::from_be(b.port_be),
+                };
+                ids.backends.insert((endpoint, protocol), id);
+                ids.backend_cursor = ids.backend_cursor.max(id);
+            }
+        }
+        for (key, value) in &state.services {
+            if key.slot != 0 {
+                continue;
+            }
+            if let Some(protocol) = protocol_of(key.proto) {
+                let frontend = Frontend {
+                    address: u32::from_be(key.addr_be).into(),
+                    port: u16::from_be(key.port_be),
+                    protocol,
+                };
+                ids.revnat.insert(frontend, value.rev_nat_id);
+                ids.revnat_cursor = ids.revnat_cursor.max(value.rev_nat_id);
+            }
+        }
+        ids
+    }
+
+    fn backend(&mut self, endpoint: Endpoint, protocol: Protocol) -> Option<u32> {
+        if let Some(&id) = self.backends.get(&(endpoint, protocol)) {
+            return Some(id);
+        }
+        let used: HashSet<u32> = self.backends.values().copied().collect();
+        let id = next_free(&mut self.backend_cursor, u32::MAX, |id| used.contains(&id))?;
+        self.backends.insert((endpoint, protocol), id);
+        Some(id)
+    }
+
+    fn revnat(&mut self, frontend: Frontend) -> Option<u16> {
+        if let Some(&id) = self.revnat.get(&frontend) {
+            return Some(id);
+        }
+        let used: HashSet<u16> = self.revnat.values().copied().collect();
+        let id = next_free(&mut self.revnat_cursor, u16::MAX, |id| used.contains(&id))?;
+        self.revnat.insert(frontend, id);
+        Some(id)
+    }
+
+    /// Forgets ids that `state` no longer uses.
+    fn retain(&mut self, state: &MapState) {
+        self.backends
+            .retain(|_, id| state.backends.contains_key(id));
+        self.revnat.retain(|_, id| state.revnat.contains_key(id));
+    }
+}
+
+/// The next id after `cursor` (wrapping, skipping 0) that is not in use.
+fn next_free<T>(cursor: &mut T, max: T, used: impl Fn(T) -> bool) -> Option<T>
+where
+    T: Copy + PartialEq + From<u8> + std::ops::Add<Output = T>,
+{
+    let (zero, one) = (T::from(0), T::from(1));
+    let start = *cursor;
+    loop {
+        *cursor = if *cursor == max { one } else { *cursor + one };
+        if *cursor != zero && !used(*cursor) {
+            return Some(*cursor);
+        }
+        if *cursor == start {
+            return None;
+        }
+    }
+}
+
+/// Most backend slots one frontend can have (slots are numbered by a `u16`).
+pub const MAX_SLOTS: usize = u16::MAX as usize;
+
+fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey4 {
+    ServiceKey4 {
+        addr_be: u32::from(frontend.address).to_be(),
+        port_be: frontend.port.to_be(),
+        proto: frontend.protocol.number(),
+        scope: 0,
+        slot,
+        _pad: 0,
+    }
+}
+
+/// The map contents that serve `services`. A service that cannot be programmed is
+/// left out and reported; the others are unaffected.
+pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) {
+    let mut state = MapState::default();
+    let mut problems = Vec::new();
+    let mut owners: HashMap<Frontend, &str> = HashMap::new();
+    let mut ordered: Vec<&Service> = services.iter().collect();
+    // Deterministic ownership of a contested frontend: the first name wins.
+    ordered.sort_by(|a, b| a.name.cmp(&b.name));
+    for service in ordered {
+        let frontend = service.frontend;
+        if let Some(owner) = owners.get(&frontend) {
+            problems.push(Problem::DuplicateFrontend {
+                name: service.name.clone(),
+                owner: (*owner).to_string(),
+                frontend,
+            });
+            continue;
+        }
+        let mut endpoints = service.endpoints.clone();
+        endpoints.sort();
+        endpoints.dedup();
+        if endpoints.len() > MAX_SLOTS {
+            problems.push(Problem::TooManyEndpoints {
+                name: service.name.clone(),
+                count: endpoints.len(),
+                max: MAX_SLOTS,
+            });
+            continue;
+        }
+        let Some(rev_nat_id) = ids.revnat(frontend) else {
+            problems.push(Problem::IdsExhausted {
+                name: service.name.clone(),
+                what: "reverse NAT",
+            });
+            continue;
+        };
+        let mut slots = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
+            let Some(id) = ids.backend(*endpoint, frontend.protocol) else {
+                problems.push(Problem::IdsExhausted {
+                    name: service.name.clone(),
+                    what: "backend",
+                });
+                break;
+            };
+            slots.push((id, *endpoint));
+        }
+        if slots.len() != endpoints.len() {
+            continue;
+        }
+        owners.insert(frontend, &service.name);
+        state.revnat.insert(
+            rev_nat_id,
+            RevNat4 {
+                addr_be: u32::from(frontend.address).to_be(),
+                port_be: frontend.port.to_be(),
+                _pad: 0,
+            },
+        );
+        state.services.insert(
+            service_key(&frontend, 0),
+            ServiceValue {
+                backend_id: 0,
+                count: slots.len() as u16,
+                rev_nat_id,
+                flags: 0,
+                _pad: 0,
+            },
+        );
+        for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
+            state.services.insert(
+                service_key(&frontend, slot as u16 + 1),
+                ServiceValue {
+                    backend_id: id,
+                    count: 0,
+                    rev_nat_id,
+                    flags: 0,
+                    _pad: 0,
+                },
+            );
+            state.backends.insert(
+                id,
+                Backend4 {
+                    addr_be: u32::from(endpoint.address).to_be(),
+                    port_be: endpoint.port.to_be(),
+                    proto: frontend.protocol.number(),
+                    state: backend_state::ACTIVE,
+                    flags: 0,
+                    _pad: [0; 3],
+                },
+            );
+        }
+    }
+    ids.retain(&state);
+    (state, problems)
+}
+
+/// The writes that turn `actual` into `desired`, make before break: backends and
+/// reverse-NAT entries first, then backend slots, then each service's slot 0
+/// (which makes new slots reachable); removals afterwards in the reverse order,
+/// so no packet ever finds a slot or backend that is not there.
+pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    for (&id, b) in &desired.backends {
+        if actual.backends.get(&id) != Some(b) {
+            ops.push(MapOp::PutBackend(id, *b));
+        }
+    }
+    for (&id, r) in &desired.revnat {
+        if actual.revnat.get(&id) != Some(r) {
+            ops.push(MapOp::PutRevNat(id, *r));
+        }
+    }
+    for pass_slot0 in [false, true] {
+        for (k, v) in &desired.services {
+            if (k.slot == 0) == pass_slot0 && actual.services.get(k) != Some(v) {
+                ops.push(MapOp::PutService(*k, *v));
+            }
+        }
+    }
+    for pass_slot0 in [true, false] {
+        for k in actual.services.keys() {
+            if (k.slot == 0) == pass_slot0 && !desired.services.contains_key(k) {
+                ops.push(MapOp::DelService(*k));
+            }
+        }
+    }
+    for &id in actual.revnat.keys() {
+        if !desired.revnat.contains_key(&id) {
+            ops.push(MapOp::DelRevNat(id));
+        }
+    }
+    for &id in actual.backends.keys() {
+        if !desired.backends.contains_key(&id) {
+            ops.push(MapOp::DelBackend(id));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> Service {
+        Service {
+            name: name.into(),
+            frontend: Frontend {
+                address: vip.into(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            endpoints: endpoints
+                .iter()
+                .map(|(a, p)| Endpoint {
+                    address: (*a).into(),
+                    port: *p,
+                })
+                .collect(),
+        }
+    }
+
+    fn position(ops: &[MapOp], wanted: impl Fn(&MapOp) -> bool) -> usize {
+        ops.iter().position(wanted).expect("op present")
+    }
+
+    #[test]
+    fn slots_follow_sorted_unique_endpoints() {
+        let mut ids = Ids::default();
+        let s = svc(
+            "a",
+            [10, 96, 0, 1],
+            80,
+            &[
+                ([10, 0, 0, 3], 80),
+                ([10, 0, 0, 2], 80),
+                ([10, 0, 0, 3], 80),
+            ],
+        );
+        let (state, problems) = desired(&[s.clone()], &mut ids);
+        assert!(problems.is_empty());
+        assert_eq!(state.services[&service_key(&s.frontend, 0)].count, 2);
+        let slot1 = state.services[&service_key(&s.frontend, 1)].backend_id;
+        assert_eq!(
+            state.backends[&slot1].addr_be,
+            u32::from_be_bytes([10, 0, 0, 2]).to_be()
+        );
+        assert_eq!(state.revnat.len(), 1);
+    }
+
+    #[test]
+    fn diff_makes_before_it_breaks() {
+        let mut ids = Ids::default();
+        let old = svc(
+            "a",
+            [10, 96, 0, 1],
+            80,
+            &[([10, 0, 0, 2], 80), ([10, 0, 0, 3], 80)],
+        );
+        let (actual, _) = desired(&[old], &mut ids);
+        let new = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 4], 80)]);
+        let (wanted, _) = desired(&[new.clone()], &mut ids);
+        let ops = diff(&wanted, &actual);
+        let put_backend = position(&ops, |op| matches!(op, MapOp::PutBackend(..)));
+        let put_slot1 = position(
+            &ops,
+            |op| matches!(op, MapOp::PutService(k, _) if k.slot == 1),
+        );
+        let put_slot0 = position(
+            &ops,
+            |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0),
+        );
+        let del_slot2 = position(&ops, |op| matches!(op, MapOp::DelService(k) if k.slot == 2));
+        let del_backend = position(&ops, |op| matches!(op, MapOp::DelBackend(..)));
+        assert!(put_backend < put_slot1 && put_slot1 < put_slot0, "{ops:?}");
+        assert!(put_slot0 < del_slot2 && del_slot2 < del_backend, "{ops:?}");
+        assert!(diff(&wanted, &wanted).is_empty());
+    }
+
+    #[test]
+    fn removed_service_goes_slot0_first_then_slots_then_ids() {
+        let mut ids = Ids::default();
+        let (actual, _) = desired(
+            &[svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)])],
+            &mut ids,
+        );
+        let (wanted, _) = desired(&[], &mut ids);
+        let ops = diff(&wanted, &actual);
+        assert!(
+            matches!(ops[0], MapOp::DelService(k) if k.slot == 0),
+            "{ops:?}"
+        );
+        assert!(
+            matches!(ops[1], MapOp::DelService(k) if k.slot == 1),
+            "{ops:?}"
+        );
+        assert!(matches!(ops[2], MapOp::DelRevNat(_)));
+        assert!(matches!(ops[3], MapOp::DelBackend(_)));
+    }
+
+    #[test]
+    fn ids_are_stable_and_not_reused_at_once() {
+        let mut ids = Ids::default();
+        let a = ([10, 0, 0, 2], 80);
+        let b = ([10, 0, 0, 3], 80);
+        let (first, _) = desired(&[svc("s", [10, 96, 0, 1], 80, &[a, b])], &mut ids);
+        let (second, _) = desired(&[svc("s", [10, 96, 0, 1], 80, &[b])], &mut ids);
+        let id_b = |s: &MapState| {
+            *s.backends
+                .iter()
+                .find(|(_, v)| v.addr_be == u32::from_be_bytes(b.0).to_be())
+                .unwrap()
+                .0
+        };
+        assert_eq!(id_b(&first), id_b(&second));
+        let (third, _) = desired(
+            &[svc("s", [10, 96, 0, 1], 80, &[b, ([10, 0, 0, 9], 80)])],
+            &mut ids,
+        );
+        let new_id = third
+            .backends
+            .keys()
+            .copied()
+            .find(|id| *id != id_b(&third))
+            .unwrap();
+        assert!(
+            !first.backends.contains_key(&new_id),
+            "a released id came back at once"
+        );
+    }
+
+    #[test]
+    fn ids_are_recovered_from_maps() {
+        let mut ids = Ids::default();
+        let services = [svc("s", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)])];
+        let (state, _) = desired(&services, &mut ids);
+        let mut recovered = Ids::from_state(&state);
+        let (again, _) = desired(&services, &mut recovered);
+        assert_eq!(again, state);
+        assert!(diff(&again, &state).is_empty());
+    }
+
+    #[test]
+    fn duplicate_frontend_is_reported_and_the_rest_served() {
+        let mut ids = Ids::default();
+        let (state, problems) = desired(
+            &[
+                svc("b", [10, 96, 0, 1], 80, &[([10, 0, 0, 3], 80)]),
+                svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)]),
+                svc("c", [10, 96, 0, 2], 80, &[([10, 0, 0, 4], 80)]),
+            ],
+            &mut ids,
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(
+            matches!(&problems[0], Problem::DuplicateFrontend { name, owner, .. } if name == "b" && owner == "a")
+        );
+        assert_eq!(state.revnat.len(), 2);
+        assert_eq!(state.backends.len(), 2);
+    }
+
+    #[test]
+    fn next_free_wraps_and_skips_zero_and_used() {
+        let mut cursor: u16 = u16::MAX - 1;
+        assert_eq!(
+            next_free(&mut cursor, u16::MAX, |id| id == u16::MAX),
+            Some(1)
+        );
+        let mut full: u16 = 5;
+        assert_eq!(next_free(&mut full, 8, |_| true), None);
+    }
+}

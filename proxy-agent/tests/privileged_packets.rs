@@ -1,0 +1,677 @@
+//! Packet tests: real frames through the real tc programs with BPF_PROG_TEST_RUN,
+//! asserting the verdict and every byte of the frame that comes out.
+
+mod support;
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use proxy_agent::{
+    dataplane::Dataplane,
+    model::{Endpoint, Frontend, Protocol, Service},
+    state::{self, Ids, MapState},
+};
+use proxy_common::{
+    ct_dir, hash,
+    program_names::{FROM_POD, TO_POD},
+    ServiceKey4,
+};
+use support::packet::{self, Frame};
+
+const TC_ACT_UNSPEC: u32 = u32::MAX; // -1: continue
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: &str = "10.244.1.2";
+const VIP: &str = "10.96.0.10";
+const EMPTY_VIP: &str = "10.96.0.11";
+const BACKEND_A: &str = "10.244.1.3";
+const BACKEND_B: &str = "10.244.2.3";
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: Protocol,
+    endpoints: &[(&str, u16)],
+) -> Service {
+    Service {
+        name: name.into(),
+        frontend: Frontend {
+            address: ip(vip),
+            port,
+            protocol,
+        },
+        endpoints: endpoints
+            .iter()
+            .map(|(a, p)| Endpoint {
+                address: ip(a),
+                port: *p,
+            })
+            .collect(),
+    }
+}
+
+fn cluster() -> Vec<Service> {
+    vec![
+        service(
+            "web",
+            VIP,
+            80,
+            Protocol::Tcp,
+            &[(BACKEND_A, 8080), (BACKEND_B, 8080)],
+        ),
+        service(
+            "dns",
+            VIP,
+            53,
+            Protocol::Udp,
+            &[(BACKEND_A, 5353), (BACKEND_B, 5353)],
+        ),
+        service("empty-tcp", EMPTY_VIP, 80, Protocol::Tcp, &[]),
+        service("empty-udp", EMPTY_VIP, 53, Protocol::Udp, &[]),
+    ]
+}
+
+struct Programs {
+    dp: Dataplane,
+    ids: Ids,
+    state: MapState,
+}
+
+impl Programs {
+    fn new(services: &[Service]) -> Self {
+        support::require_root();
+        let dp = Dataplane::load_private().expect("load the programs");
+        let mut p = Self {
+            dp,
+            ids: Ids::default(),
+            state: MapState::default(),
+        };
+        p.serve(services);
+        p
+    }
+
+    /// Programs the maps for `services`, as the agent would.
+    fn serve(&mut self, services: &[Service]) {
+        let (desired, problems) = state::desired(services, &mut self.ids);
+        assert!(problems.is_empty(), "{problems:?}");
+        let actual = self.dp.read_state().unwrap();
+        assert_eq!(actual, self.state);
+        self.dp.apply(&state::diff(&desired, &actual)).unwrap();
+        assert_eq!(self.dp.read_state().unwrap(), desired);
+        self.state = desired;
+    }
+
+    fn run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = self
+            .dp
+            .program(program)
+            .unwrap()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn from_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+        self.run(FROM_POD, &frame.bytes())
+    }
+
+    fn to_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+        self.run(TO_POD, &frame.bytes())
+    }
+
+    /// The backend the agent's own view says this flow hashes to.
+    fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
+        let key = |slot| ServiceKey4 {
+            addr_be: u32::from(f.daddr).to_be(),
+            port_be: f.dport.to_be(),
+            proto: f.proto,
+            scope: 0,
+            slot,
+            _pad: 0,
+        };
+        let count = self.state.services[&key(0)].count;
+        let h = hash::flow_hash4(
+            u32::from(f.saddr).to_be(),
+            u32::from(f.daddr).to_be(),
+            f.sport.to_be(),
+            f.dport.to_be(),
+            f.proto,
+        );
+        let id = self.state.services[&key(hash::slot_for(h, count))].backend_id;
+        let b = self.state.backends[&id];
+        (
+            Ipv4Addr::from(u32::from_be(b.addr_be)),
+            u16::from_be(b.port_be),
+        )
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.dp
+            .stats()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+            .packets
+    }
+
+    fn conntrack_len(&self) -> usize {
+        self.dp.conntrack().unwrap().len()
+    }
+}
+
+/// Sends `f` from the pod and asserts it comes out DNATed to its hashed backend,
+/// byte for byte. Returns the backend.
+fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
+    let backend = p.hashed_backend(f);
+    let (verdict, out) = p.from_pod(f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(
+        out,
+        f.to(backend.0, backend.1).bytes(),
+        "DNAT to {backend:?}"
+    );
+    packet::assert_checksums_valid(&out);
+    backend
+}
+
+/// Sends the backend's reply to `f` towards the pod and asserts the source is
+/// the frontend again, byte for byte.
+fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
+    let reply = f.to(backend.0, backend.1).reply();
+    let (verdict, out) = p.to_pod(&reply);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(
+        out,
+        reply.from(f.daddr, f.dport).bytes(),
+        "reverse NAT to {}:{}",
+        f.daddr,
+        f.dport
+    );
+    packet::assert_checksums_valid(&out);
+}
+
+fn assert_untouched(p: &mut Programs, program: &str, frame: &[u8], verdict: u32) {
+    let (got, out) = p.run(program, frame);
+    assert_eq!(got, verdict);
+    assert_eq!(out, frame, "frame must not change");
+}
+
+#[test]
+fn tcp_syn_to_clusterip_is_dnated_to_hashed_backend() {
+    let mut p = Programs::new(&cluster());
+    assert_dnat(&mut p, &Frame::tcp(CLIENT, 40000, VIP, 80));
+    assert_eq!(p.stat("fwd_new"), 1);
+    assert_eq!(p.conntrack_len(), 2, "forward and reply entries");
+}
+
+#[test]
+fn udp_to_clusterip_is_dnated() {
+    let mut p = Programs::new(&cluster());
+    assert_dnat(&mut p, &Frame::udp(CLIENT, 41000, VIP, 53));
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero_after_dnat() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::udp(CLIENT, 41001, VIP, 53);
+    f.udp_no_csum = true;
+    assert_dnat(&mut p, &f);
+    let backend = p.hashed_backend(&f);
+    let (_, out) = p.from_pod(&f);
+    assert_eq!(out[14 + 20 + 6..14 + 20 + 8], [0, 0]);
+    assert_eq!(out, f.to(backend.0, backend.1).bytes());
+}
+
+#[test]
+fn tcp_segment_with_odd_payload_is_dnated() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::tcp(CLIENT, 40001, VIP, 80);
+    f.tcp_flags = 0x18;
+    f.ack = 99;
+    f.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n!".to_vec();
+    assert_dnat(&mut p, &f);
+}
+
+#[test]
+fn ip_options_are_skipped_by_ihl() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::tcp(CLIENT, 40002, VIP, 80);
+    f.options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert, NOPs, end
+    assert_dnat(&mut p, &f);
+    let mut u = Frame::udp(CLIENT, 40002, VIP, 53);
+    u.options = vec![1, 1, 1, 0];
+    assert_dnat(&mut p, &u);
+}
+
+#[test]
+fn ethernet_padding_is_kept() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::tcp(CLIENT, 40003, VIP, 80);
+    f.trailer = vec![0xee; 6];
+    assert_dnat(&mut p, &f);
+}
+
+#[test]
+fn tcp_reply_is_reverse_nated() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40010, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    assert_reverse_nat(&mut p, &f, backend);
+    assert_eq!(p.stat("rev_nat"), 1);
+}
+
+#[test]
+fn udp_reply_is_reverse_nated() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::udp(CLIENT, 41010, VIP, 53);
+    let backend = assert_dnat(&mut p, &f);
+    assert_reverse_nat(&mut p, &f, backend);
+}
+
+#[test]
+fn udp_reply_without_checksum_stays_zero() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::udp(CLIENT, 41011, VIP, 53);
+    f.udp_no_csum = true;
+    let backend = assert_dnat(&mut p, &f);
+    assert_reverse_nat(&mut p, &f, backend);
+}
+
+#[test]
+fn conntrack_holds_both_directions_of_a_flow() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40020, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    let entries = p.dp.conntrack().unwrap();
+    assert_eq!(entries.len(), 2);
+    let be = |a: Ipv4Addr| u32::from(a).to_be();
+    let fwd = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::FORWARD)
+        .expect("forward entry");
+    assert_eq!(
+        (
+            fwd.0.saddr_be,
+            fwd.0.daddr_be,
+            fwd.0.sport_be,
+            fwd.0.dport_be,
+            fwd.0.proto
+        ),
+        (
+            be(f.saddr),
+            be(f.daddr),
+            f.sport.to_be(),
+            f.dport.to_be(),
+            packet::TCP
+        )
+    );
+    let rev = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::REPLY)
+        .expect("reply entry");
+    assert_eq!(
+        (
+            rev.0.saddr_be,
+            rev.0.daddr_be,
+            rev.0.sport_be,
+            rev.0.dport_be
+        ),
+        (
+            be(backend.0),
+            be(f.saddr),
+            backend.1.to_be(),
+            f.sport.to_be()
+        )
+    );
+    assert_eq!(fwd.1.backend_id, rev.1.backend_id);
+    assert_eq!(p.state.backends[&fwd.1.backend_id].addr_be, be(backend.0));
+    assert!(fwd.1.last_seen_ns > 0);
+}
+
+#[test]
+fn repeated_packets_of_a_flow_are_established() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40030, VIP, 80);
+    let first = assert_dnat(&mut p, &f);
+    let mut ack = f.clone();
+    ack.tcp_flags = 0x10;
+    for _ in 0..3 {
+        assert_eq!(assert_dnat(&mut p, &ack), first);
+    }
+    assert_eq!((p.stat("fwd_new"), p.stat("fwd_established")), (1, 3));
+}
+
+#[test]
+fn flow_keeps_its_backend_after_its_slot_is_rewritten() {
+    let mut p = Programs::new(&cluster());
+    // Find a flow on backend A, then replace A with C in the service: the slot
+    // that held A now names C, but the flow stays on A while A exists.
+    let f = (40100..40200)
+        .map(|port| Frame::tcp(CLIENT, port, VIP, 80))
+        .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
+        .unwrap();
+    assert_dnat(&mut p, &f);
+    let mut services = cluster();
+    services[0].endpoints[0].address = ip("10.244.1.9"); // sorts into A's slot
+    services.push(service(
+        "keeps-a",
+        "10.96.0.99",
+        80,
+        Protocol::Tcp,
+        &[(BACKEND_A, 8080)],
+    ));
+    p.serve(&services);
+    assert_eq!(
+        p.hashed_backend(&f).0,
+        ip("10.244.1.9"),
+        "the slot now names the new backend"
+    );
+    let (verdict, out) = p.from_pod(&f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, f.to(ip(BACKEND_A), 8080).bytes());
+    assert_eq!(p.stat("fwd_established"), 1);
+    // A new flow that hashes to the same slot goes to the new backend.
+    let g = (40200..40400)
+        .map(|port| Frame::tcp(CLIENT, port, VIP, 80))
+        .find(|g| p.hashed_backend(g).0 == ip("10.244.1.9"))
+        .unwrap();
+    assert_eq!(assert_dnat(&mut p, &g).0, ip("10.244.1.9"));
+}
+
+#[test]
+fn flow_moves_when_its_backend_is_removed() {
+    let mut p = Programs::new(&cluster());
+    let f = (40300..40400)
+        .map(|port| Frame::tcp(CLIENT, port, VIP, 80))
+        .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
+        .unwrap();
+    assert_dnat(&mut p, &f);
+    let mut services = cluster();
+    services[0].endpoints.remove(0);
+    p.serve(&services);
+    let (verdict, out) = p.from_pod(&f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, f.to(ip(BACKEND_B), 8080).bytes());
+    assert_eq!(p.stat("fwd_new"), 2);
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() {
+    let mut p = Programs::new(&cluster());
+    let mut on_a = 0;
+    for port in 42000..42064 {
+        if assert_dnat(&mut p, &Frame::tcp(CLIENT, port, VIP, 80)).0 == ip(BACKEND_A) {
+            on_a += 1;
+        }
+    }
+    assert!((16..=48).contains(&on_a), "{on_a} of 64 flows on backend A");
+}
+
+#[test]
+fn tcp_without_backends_is_rejected_with_port_unreachable() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40040, EMPTY_VIP, 80);
+    let (verdict, out) = p.from_pod(&f);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "sent back out of the pod's interface"
+    );
+    assert_eq!(out, packet::port_unreachable(&f));
+    packet::assert_checksums_valid(&out);
+    assert_eq!(p.stat("reject_no_backend"), 1);
+    assert_eq!(p.conntrack_len(), 0);
+}
+
+#[test]
+fn udp_without_backends_is_rejected_with_port_unreachable() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::udp(CLIENT, 41040, EMPTY_VIP, 53);
+    f.payload = vec![0x42; 300];
+    let (verdict, out) = p.from_pod(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        packet::port_unreachable(&f),
+        "quotes IP header + 8 bytes only"
+    );
+    packet::assert_checksums_valid(&out);
+}
+
+#[test]
+fn reject_quotes_ip_options() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::tcp(CLIENT, 40041, EMPTY_VIP, 80);
+    f.options = vec![1; 12];
+    let (verdict, out) = p.from_pod(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, packet::port_unreachable(&f));
+    packet::assert_checksums_valid(&out);
+}
+
+#[test]
+fn deleted_service_rejects_nothing_and_passes() {
+    let mut p = Programs::new(&cluster());
+    p.serve(&cluster()[1..]);
+    let f = Frame::tcp(CLIENT, 40042, VIP, 80);
+    assert_untouched(&mut p, FROM_POD, &f.bytes(), TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_not_service"), 1);
+}
+
+#[test]
+fn non_service_address_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    assert_untouched(
+        &mut p,
+        FROM_POD,
+        &Frame::tcp(CLIENT, 40050, BACKEND_B, 8080).bytes(),
+        TC_ACT_UNSPEC,
+    );
+    assert_untouched(
+        &mut p,
+        FROM_POD,
+        &Frame::udp(CLIENT, 40050, "8.8.8.8", 53).bytes(),
+        TC_ACT_UNSPEC,
+    );
+    assert_eq!(p.stat("pass_not_service"), 2);
+    assert_eq!(p.conntrack_len(), 0);
+}
+
+#[test]
+fn service_address_on_another_port_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    assert_untouched(
+        &mut p,
+        FROM_POD,
+        &Frame::tcp(CLIENT, 40051, VIP, 443).bytes(),
+        TC_ACT_UNSPEC,
+    );
+}
+
+#[test]
+fn service_port_with_another_protocol_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    assert_untouched(
+        &mut p,
+        FROM_POD,
+        &Frame::udp(CLIENT, 40052, VIP, 80).bytes(),
+        TC_ACT_UNSPEC,
+    );
+    assert_untouched(
+        &mut p,
+        FROM_POD,
+        &Frame::tcp(CLIENT, 40052, VIP, 53).bytes(),
+        TC_ACT_UNSPEC,
+    );
+}
+
+#[test]
+fn icmp_to_clusterip_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    let mut f = Frame::tcp(CLIENT, 0, VIP, 0);
+    f.proto = packet::ICMP;
+    f.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+    assert_untouched(&mut p, FROM_POD, &f.bytes(), TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_not_tcp_udp"), 1);
+}
+
+#[test]
+fn arp_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    let mut arp = packet::ethernet([0xff; 6], packet::CLIENT_MAC, 0x0806);
+    arp.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend(packet::CLIENT_MAC);
+    arp.extend([10, 244, 1, 2, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
+    assert_untouched(&mut p, FROM_POD, &arp, TC_ACT_UNSPEC);
+    assert_untouched(&mut p, TO_POD, &arp, TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_not_ipv4"), 2);
+}
+
+#[test]
+fn ipv6_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    let mut v6 = packet::ethernet(packet::NODE_MAC, packet::CLIENT_MAC, 0x86dd);
+    v6.extend([0x60, 0, 0, 0, 0, 8, 17, 64]);
+    v6.extend([0xfd; 32]);
+    v6.extend([0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+    assert_untouched(&mut p, FROM_POD, &v6, TC_ACT_UNSPEC);
+}
+
+// BPF_PROG_TEST_RUN itself refuses frames shorter than Ethernet, and IPv4
+// frames shorter than an IPv4 header, so the shortest frames it can carry are
+// tested: a bare Ethernet header, and an IPv4 header whose IHL runs past the end.
+#[test]
+fn bare_ethernet_header_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    let frame = packet::ethernet(packet::NODE_MAC, packet::CLIENT_MAC, 0x0806);
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_UNSPEC);
+    assert_untouched(&mut p, TO_POD, &frame, TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_not_ipv4"), 2);
+}
+
+#[test]
+fn ihl_below_five_is_dropped() {
+    let mut p = Programs::new(&cluster());
+    let mut frame = Frame::tcp(CLIENT, 40061, VIP, 80).bytes();
+    frame[14] = 0x44;
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_SHOT);
+    assert_untouched(&mut p, TO_POD, &frame, TC_ACT_SHOT);
+    assert_eq!(p.conntrack_len(), 0);
+}
+
+#[test]
+fn ihl_beyond_the_packet_is_dropped() {
+    let mut p = Programs::new(&cluster());
+    let mut frame = Frame::udp(CLIENT, 40062, VIP, 53).bytes();
+    frame[14] = 0x4f; // 60-byte header in a 34-byte packet
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_SHOT);
+    assert_eq!(p.stat("drop_malformed_ip"), 1);
+}
+
+#[test]
+fn total_length_beyond_the_frame_is_dropped() {
+    let mut p = Programs::new(&cluster());
+    let mut frame = Frame::tcp(CLIENT, 40063, VIP, 80).bytes();
+    frame[16..18].copy_from_slice(&200u16.to_be_bytes());
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_SHOT);
+}
+
+#[test]
+fn ip_version_other_than_four_is_dropped() {
+    let mut p = Programs::new(&cluster());
+    let mut frame = Frame::tcp(CLIENT, 40064, VIP, 80).bytes();
+    frame[14] = 0x65;
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_SHOT);
+}
+
+#[test]
+fn fragments_are_untouched() {
+    let mut p = Programs::new(&cluster());
+    let mut first = Frame::udp(CLIENT, 41070, VIP, 53);
+    first.frag = 0x2000; // more fragments
+    assert_untouched(&mut p, FROM_POD, &first.bytes(), TC_ACT_UNSPEC);
+    let mut later = Frame::udp(CLIENT, 41070, VIP, 53);
+    later.frag = 0x0010; // offset 128 bytes
+    assert_untouched(&mut p, FROM_POD, &later.bytes(), TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_fragment"), 2);
+    assert_eq!(p.conntrack_len(), 0);
+}
+
+#[test]
+fn truncated_tcp_header_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40071, VIP, 80);
+    let mut frame = f.bytes();
+    frame.truncate(14 + 20 + 12);
+    frame[16..18].copy_from_slice(&32u16.to_be_bytes());
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_truncated_l4"), 1);
+}
+
+#[test]
+fn reply_without_conntrack_is_untouched() {
+    let mut p = Programs::new(&cluster());
+    let stray = Frame::tcp(BACKEND_A, 8080, CLIENT, 40080);
+    assert_untouched(&mut p, TO_POD, &stray.bytes(), TC_ACT_UNSPEC);
+    // The forward direction of a flow is no reply either.
+    let f = Frame::tcp(CLIENT, 40081, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    assert_untouched(
+        &mut p,
+        TO_POD,
+        &f.to(backend.0, backend.1).bytes(),
+        TC_ACT_UNSPEC,
+    );
+    assert_eq!(p.stat("pass_no_conntrack"), 2);
+}
+
+#[test]
+fn reply_after_its_frontend_is_gone_is_dropped() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40090, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    p.serve(&cluster()[1..]);
+    let reply = f.to(backend.0, backend.1).reply();
+    assert_untouched(&mut p, TO_POD, &reply.bytes(), TC_ACT_SHOT);
+    assert_eq!(p.stat("drop_no_revnat"), 1);
+}
+
+#[test]
+fn every_packet_is_counted_once_with_its_bytes() {
+    let mut p = Programs::new(&cluster());
+    let frames = [
+        Frame::tcp(CLIENT, 40095, VIP, 80),
+        Frame::tcp(CLIENT, 40095, BACKEND_B, 80),
+        Frame::udp(CLIENT, 40095, EMPTY_VIP, 53),
+    ];
+    let mut bytes = 0;
+    for f in &frames {
+        bytes += f.bytes().len() as u64;
+        p.from_pod(f);
+    }
+    let stats = p.dp.stats().unwrap();
+    let total: (u64, u64) = stats
+        .iter()
+        .fold((0, 0), |t, (_, c)| (t.0 + c.packets, t.1 + c.bytes));
+    assert_eq!(total, (3, bytes));
+    assert_eq!(
+        (
+            p.stat("fwd_new"),
+            p.stat("pass_not_service"),
+            p.stat("reject_no_backend")
+        ),
+        (1, 1, 1)
+    );
+}

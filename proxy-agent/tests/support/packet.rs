@@ -1,0 +1,242 @@
+//! Frames for packet tests, built from scratch with checksums computed in full
+//! (not incrementally), so an expected frame is independent of the code under test.
+
+use std::net::Ipv4Addr;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+    pub id: u16,
+    /// Flags and fragment offset, as in the header.
+    pub frag: u16,
+    /// IPv4 options (length a multiple of 4).
+    pub options: Vec<u8>,
+    /// TCP flags (SYN = 0x02, ACK = 0x10, ...).
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: Vec<u8>,
+    /// UDP only: send no checksum (zero), as UDP over IPv4 allows.
+    pub udp_no_csum: bool,
+    /// Bytes after the IP packet (Ethernet padding).
+    pub trailer: Vec<u8>,
+}
+
+impl Frame {
+    pub fn tcp(saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
+        Self::new(TCP, saddr, sport, daddr, dport)
+    }
+
+    pub fn udp(saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
+        let mut f = Self::new(UDP, saddr, sport, daddr, dport);
+        f.payload = b"ferry?".to_vec();
+        f
+    }
+
+    fn new(proto: u8, saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            saddr: saddr.parse().unwrap(),
+            daddr: daddr.parse().unwrap(),
+            proto,
+            sport,
+            dport,
+            ttl: 64,
+            id: 0x1234,
+            frag: 0x4000, // DF
+            options: Vec::new(),
+            tcp_flags: 0x02,
+            seq: 1_000_000,
+            ack: 0,
+            payload: Vec::new(),
+            udp_no_csum: false,
+            trailer: Vec::new(),
+        }
+    }
+
+    /// The same frame with a new destination.
+    pub fn to(&self, daddr: Ipv4Addr, dport: u16) -> Self {
+        Self {
+            daddr,
+            dport,
+            ..self.clone()
+        }
+    }
+
+    /// The same frame with a new source.
+    pub fn from(&self, saddr: Ipv4Addr, sport: u16) -> Self {
+        Self {
+            saddr,
+            sport,
+            ..self.clone()
+        }
+    }
+
+    /// The reply a server would send to this frame, with the addresses swapped.
+    pub fn reply(&self) -> Self {
+        Self {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            tcp_flags: 0x12,
+            ack: self.seq.wrapping_add(1),
+            seq: 7_000_000,
+            payload: if self.proto == UDP {
+                b"answer".to_vec()
+            } else {
+                Vec::new()
+            },
+            ..self.clone()
+        }
+    }
+
+    pub fn l4(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.sport.to_be_bytes());
+        l4.extend(self.dport.to_be_bytes());
+        match self.proto {
+            TCP => {
+                l4.extend(self.seq.to_be_bytes());
+                l4.extend(self.ack.to_be_bytes());
+                l4.push(5 << 4);
+                l4.push(self.tcp_flags);
+                l4.extend(64240u16.to_be_bytes());
+                l4.extend([0, 0, 0, 0]); // checksum, urgent pointer
+            }
+            UDP => {
+                l4.extend(((8 + self.payload.len()) as u16).to_be_bytes());
+                l4.extend([0, 0]);
+            }
+            _ => {}
+        }
+        l4.extend(&self.payload);
+        let csum_at = match self.proto {
+            TCP => Some(16),
+            UDP if !self.udp_no_csum => Some(6),
+            _ => None,
+        };
+        if let Some(at) = csum_at {
+            let mut pseudo = Vec::new();
+            pseudo.extend(self.saddr.octets());
+            pseudo.extend(self.daddr.octets());
+            pseudo.extend([0, self.proto]);
+            pseudo.extend((l4.len() as u16).to_be_bytes());
+            pseudo.extend(&l4);
+            let mut sum = checksum(&pseudo);
+            if sum == 0 && self.proto == UDP {
+                sum = 0xffff;
+            }
+            l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
+        l4
+    }
+
+    pub fn ip_header(&self, l4_len: usize) -> Vec<u8> {
+        let ihl = 5 + self.options.len() / 4;
+        let mut ip = vec![(4 << 4) | ihl as u8, 0];
+        ip.extend(((ihl * 4 + l4_len) as u16).to_be_bytes());
+        ip.extend(self.id.to_be_bytes());
+        ip.extend(self.frag.to_be_bytes());
+        ip.extend([self.ttl, self.proto, 0, 0]);
+        ip.extend(self.saddr.octets());
+        ip.extend(self.daddr.octets());
+        ip.extend(&self.options);
+        let sum = checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let l4 = self.l4();
+        let mut out = ethernet(self.dst_mac, self.src_mac, 0x0800);
+        out.extend(self.ip_header(l4.len()));
+        out.extend(l4);
+        out.extend(&self.trailer);
+        out
+    }
+}
+
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend(dst);
+    out.extend(src);
+    out.extend(ether_type.to_be_bytes());
+    out
+}
+
+/// RFC 1071 checksum over `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The ICMP port unreachable a rejecting node sends back for `sent`: from the
+/// address the client dialled, quoting the IP header and 8 bytes of L4.
+pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
+    let original = sent.bytes();
+    let ihl = 20 + sent.options.len();
+    let quote = &original[14..14 + ihl + 8];
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend(quote);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([0, 0, 0, 0, 64, ICMP, 0, 0]);
+    ip.extend(sent.daddr.octets());
+    ip.extend(sent.saddr.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut out = ethernet(sent.src_mac, sent.dst_mac, 0x0800);
+    out.extend(ip);
+    out.extend(icmp);
+    out
+}
+
+/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a frame.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let ip = &frame[14..14 + ihl];
+    assert_eq!(checksum(ip), 0, "bad IPv4 header checksum");
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let l4 = &frame[14 + ihl..14 + total];
+    let proto = frame[23];
+    if proto == ICMP {
+        assert_eq!(checksum(l4), 0, "bad ICMP checksum");
+        return;
+    }
+    if proto == UDP && l4[6..8] == [0, 0] {
+        return;
+    }
+    let mut pseudo = Vec::new();
+    pseudo.extend(&ip[12..20]);
+    pseudo.extend([0, proto]);
+    pseudo.extend((l4.len() as u16).to_be_bytes());
+    pseudo.extend(l4);
+    assert_eq!(checksum(&pseudo), 0, "bad L4 checksum");
+}

@@ -1,0 +1,71 @@
+//! The flow hash that picks a backend slot. Kernel and agent share it, so the
+//! agent (and the tests) can say which backend a given flow lands on.
+
+const SEED: u32 = 0x9e37_79b9;
+
+#[inline(always)]
+fn mix(mut h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    h ^= k;
+    h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Hash of an IPv4 5-tuple. Arguments are the raw network-byte-order values as
+/// they sit in the packet (loaded as native integers).
+#[inline(always)]
+pub fn flow_hash4(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let ports = (u32::from(sport_be) << 16) | u32::from(dport_be);
+    let mut h = mix(SEED, saddr_be);
+    h = mix(h, daddr_be);
+    h = mix(h, ports);
+    h = mix(h, u32::from(proto));
+    finish(h)
+}
+
+/// The backend slot (1-based) a flow hash selects among `count` slots.
+#[inline(always)]
+pub fn slot_for(hash: u32, count: u16) -> u16 {
+    // `count` is never 0 here: callers reject services without backends first.
+    (hash % u32::from(count)) as u16 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_stay_in_range_and_spread() {
+        let mut seen = [0u32; 4];
+        for port in 0..4000u16 {
+            let h = flow_hash4(0x0201_f40a, 0x0a00_600a, port.to_be(), 80u16.to_be(), 6);
+            let slot = slot_for(h, 4);
+            assert!((1..=4).contains(&slot));
+            seen[usize::from(slot - 1)] += 1;
+        }
+        for n in seen {
+            assert!((800..1200).contains(&n), "uneven spread: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn hash_depends_on_every_field() {
+        let base = flow_hash4(1, 2, 3, 4, 6);
+        assert_ne!(base, flow_hash4(9, 2, 3, 4, 6));
+        assert_ne!(base, flow_hash4(1, 9, 3, 4, 6));
+        assert_ne!(base, flow_hash4(1, 2, 9, 4, 6));
+        assert_ne!(base, flow_hash4(1, 2, 3, 9, 6));
+        assert_ne!(base, flow_hash4(1, 2, 3, 4, 17));
+    }
+}

@@ -1,0 +1,163 @@
+//! The map ABI shared by the eBPF programs and the agent.
+//!
+//! Every key and value is `#[repr(C)]` with explicit padding and a size assert, so
+//! the kernel side, the agent and `bpftool` (through BTF) all agree on one layout.
+//! Addresses and ports are stored in network byte order; fields that hold them end
+//! in `_be`. Any change to a layout must bump the `_vN` suffix of the map's name so
+//! that a new agent never reads an old pinned map with the wrong layout.
+#![no_std]
+
+pub mod hash;
+pub mod stats;
+
+/// Names of the maps, as the kernel knows them and as they are pinned under the
+/// agent's bpffs directory. The kernel keeps at most 15 characters.
+pub mod map_names {
+    pub const SERVICES_V4: &str = "svc4_v1";
+    pub const BACKENDS_V4: &str = "backend4_v1";
+    pub const REVNAT_V4: &str = "revnat4_v1";
+    pub const CONNTRACK_V4: &str = "ct4_v1";
+    pub const STATS: &str = "stats_v1";
+    /// Every map the programs define; the agent pins each of them.
+    pub const ALL: [&str; 5] = [SERVICES_V4, BACKENDS_V4, REVNAT_V4, CONNTRACK_V4, STATS];
+}
+
+/// Names of the programs inside the object.
+pub mod program_names {
+    /// tc ingress on a pod's host-side veth: packets leaving the pod.
+    pub const FROM_POD: &str = "from_pod";
+    /// tc egress on a pod's host-side veth: packets about to enter the pod.
+    pub const TO_POD: &str = "to_pod";
+}
+
+/// Capacities of the maps. The agent can override them at load time.
+pub mod capacity {
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 131_072;
+    pub const REVNAT: u32 = 65_536;
+    pub const CONNTRACK: u32 = 524_288;
+}
+
+/// IP protocol numbers used in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Key of the services map. Slot 0 describes the service (its [`ServiceValue`]
+/// holds the backend count and flags); slots `1..=count` each name one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey4 {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    /// 0: every client; reserved for traffic-policy views of the same frontend.
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
+
+/// Value of the services map. In slot 0, `count` and `flags` describe the
+/// service and `backend_id` is 0; in slot N, `backend_id` names the backend.
+/// `rev_nat_id` is the same in every slot of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_id: u16,
+    pub flags: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+
+/// Backend states.
+pub mod backend_state {
+    pub const ACTIVE: u8 = 0;
+    pub const TERMINATING: u8 = 1;
+}
+
+/// Value of the backends map, keyed by a `u32` id the agent allocates (never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    /// One of [`backend_state`].
+    pub state: u8,
+    /// Bit 0: the backend runs on this node.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
+
+/// Value of the reverse-NAT map, keyed by a `u16` id the agent allocates per
+/// frontend (never 0): the address and port a client dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat4 {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
+
+/// Direction of a conntrack entry.
+pub mod ct_dir {
+    /// Client -> service frontend, as the client sent it.
+    pub const FORWARD: u8 = 0;
+    /// Backend -> client, as the backend sends its reply.
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of the conntrack map: the full 5-tuple as seen on the wire plus direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// One of [`ct_dir`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+
+/// Value of the conntrack map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue4 {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub flags: u16,
+    /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 16);
+
+/// One per-CPU statistics counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<StatCounter>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: each type is repr(C), has explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for ServiceKey4 {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for RevNat4 {}
+    unsafe impl aya::Pod for CtKey4 {}
+    unsafe impl aya::Pod for CtValue4 {}
+    unsafe impl aya::Pod for StatCounter {}
+}
