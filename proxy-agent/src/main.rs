@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -43,6 +43,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -67,7 +69,7 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn serve(services: &PathBuf, pod_ifaces: &[String], pin_dir: &PathBuf) -> Result<()> {
+async fn serve(services: &Path, pod_ifaces: &[String], pin_dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(services)
         .with_context(|| format!("reading {}", services.display()))?;
     let file: ServiceFile =

@@ -49,23 +49,12 @@ pub enum Problem {
 /// cursor, so an id that was just released is not reused until the whole space
 /// has gone round: a conntrack entry naming an old backend id never silently
 /// points at a new backend.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Ids {
     backends: HashMap<(Endpoint, Protocol), u32>,
     backend_cursor: u32,
     revnat: HashMap<Frontend, u16>,
     revnat_cursor: u16,
-}
-
-impl Default for Ids {
-    fn default() -> Self {
-        Self {
-            backends: HashMap::new(),
-            backend_cursor: 0,
-            revnat: HashMap::new(),
-            revnat_cursor: 0,
-        }
-    }
 }
 
 fn protocol_of(number: u8) -> Option<Protocol> {
@@ -347,7 +336,7 @@ mod tests {
                 ([10, 0, 0, 3], 80),
             ],
         );
-        let (state, problems) = desired(&[s.clone()], &mut ids);
+        let (state, problems) = desired(std::slice::from_ref(&s), &mut ids);
         assert!(problems.is_empty());
         assert_eq!(state.services[&service_key(&s.frontend, 0)].count, 2);
         let slot1 = state.services[&service_key(&s.frontend, 1)].backend_id;
@@ -369,7 +358,7 @@ mod tests {
         );
         let (actual, _) = desired(&[old], &mut ids);
         let new = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 4], 80)]);
-        let (wanted, _) = desired(&[new.clone()], &mut ids);
+        let (wanted, _) = desired(std::slice::from_ref(&new), &mut ids);
         let ops = diff(&wanted, &actual);
         let put_backend = position(&ops, |op| matches!(op, MapOp::PutBackend(..)));
         let put_slot1 = position(

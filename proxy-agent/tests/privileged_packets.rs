@@ -109,9 +109,11 @@ impl Programs {
 
     fn run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let result = self
             .dp
             .program(program)
@@ -122,11 +124,11 @@ impl Programs {
         (result.return_value, out)
     }
 
-    fn from_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+    fn send_from_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
         self.run(FROM_POD, &frame.bytes())
     }
 
-    fn to_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+    fn send_to_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
         self.run(TO_POD, &frame.bytes())
     }
 
@@ -176,11 +178,11 @@ impl Programs {
 /// byte for byte. Returns the backend.
 fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
     let backend = p.hashed_backend(f);
-    let (verdict, out) = p.from_pod(f);
+    let (verdict, out) = p.send_from_pod(f);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(
         out,
-        f.to(backend.0, backend.1).bytes(),
+        f.with_dst(backend.0, backend.1).bytes(),
         "DNAT to {backend:?}"
     );
     packet::assert_checksums_valid(&out);
@@ -190,12 +192,12 @@ fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
 /// Sends the backend's reply to `f` towards the pod and asserts the source is
 /// the frontend again, byte for byte.
 fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
-    let reply = f.to(backend.0, backend.1).reply();
-    let (verdict, out) = p.to_pod(&reply);
+    let reply = f.with_dst(backend.0, backend.1).reply();
+    let (verdict, out) = p.send_to_pod(&reply);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(
         out,
-        reply.from(f.daddr, f.dport).bytes(),
+        reply.with_src(f.daddr, f.dport).bytes(),
         "reverse NAT to {}:{}",
         f.daddr,
         f.dport
@@ -230,9 +232,9 @@ fn udp_zero_checksum_stays_zero_after_dnat() {
     f.udp_no_csum = true;
     assert_dnat(&mut p, &f);
     let backend = p.hashed_backend(&f);
-    let (_, out) = p.from_pod(&f);
+    let (_, out) = p.send_from_pod(&f);
     assert_eq!(out[14 + 20 + 6..14 + 20 + 8], [0, 0]);
-    assert_eq!(out, f.to(backend.0, backend.1).bytes());
+    assert_eq!(out, f.with_dst(backend.0, backend.1).bytes());
 }
 
 #[test]
@@ -379,9 +381,9 @@ fn flow_keeps_its_backend_after_its_slot_is_rewritten() {
         ip("10.244.1.9"),
         "the slot now names the new backend"
     );
-    let (verdict, out) = p.from_pod(&f);
+    let (verdict, out) = p.send_from_pod(&f);
     assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(out, f.to(ip(BACKEND_A), 8080).bytes());
+    assert_eq!(out, f.with_dst(ip(BACKEND_A), 8080).bytes());
     assert_eq!(p.stat("fwd_established"), 1);
     // A new flow that hashes to the same slot goes to the new backend.
     let g = (40200..40400)
@@ -402,9 +404,9 @@ fn flow_moves_when_its_backend_is_removed() {
     let mut services = cluster();
     services[0].endpoints.remove(0);
     p.serve(&services);
-    let (verdict, out) = p.from_pod(&f);
+    let (verdict, out) = p.send_from_pod(&f);
     assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(out, f.to(ip(BACKEND_B), 8080).bytes());
+    assert_eq!(out, f.with_dst(ip(BACKEND_B), 8080).bytes());
     assert_eq!(p.stat("fwd_new"), 2);
 }
 
@@ -424,7 +426,7 @@ fn new_flows_spread_over_all_backends() {
 fn tcp_without_backends_is_rejected_with_port_unreachable() {
     let mut p = Programs::new(&cluster());
     let f = Frame::tcp(CLIENT, 40040, EMPTY_VIP, 80);
-    let (verdict, out) = p.from_pod(&f);
+    let (verdict, out) = p.send_from_pod(&f);
     assert_eq!(
         verdict, TC_ACT_REDIRECT,
         "sent back out of the pod's interface"
@@ -440,12 +442,12 @@ fn udp_without_backends_is_rejected_with_port_unreachable() {
     let mut p = Programs::new(&cluster());
     let mut f = Frame::udp(CLIENT, 41040, EMPTY_VIP, 53);
     f.payload = vec![0x42; 300];
-    let (verdict, out) = p.from_pod(&f);
+    let (verdict, out) = p.send_from_pod(&f);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(
         out,
         packet::port_unreachable(&f),
-        "quotes IP header + 8 bytes only"
+        "quotes the IP and UDP headers only"
     );
     packet::assert_checksums_valid(&out);
 }
@@ -455,7 +457,7 @@ fn reject_quotes_ip_options() {
     let mut p = Programs::new(&cluster());
     let mut f = Frame::tcp(CLIENT, 40041, EMPTY_VIP, 80);
     f.options = vec![1; 12];
-    let (verdict, out) = p.from_pod(&f);
+    let (verdict, out) = p.send_from_pod(&f);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(out, packet::port_unreachable(&f));
     packet::assert_checksums_valid(&out);
@@ -631,7 +633,7 @@ fn reply_without_conntrack_is_untouched() {
     assert_untouched(
         &mut p,
         TO_POD,
-        &f.to(backend.0, backend.1).bytes(),
+        &f.with_dst(backend.0, backend.1).bytes(),
         TC_ACT_UNSPEC,
     );
     assert_eq!(p.stat("pass_no_conntrack"), 2);
@@ -643,7 +645,7 @@ fn reply_after_its_frontend_is_gone_is_dropped() {
     let f = Frame::tcp(CLIENT, 40090, VIP, 80);
     let backend = assert_dnat(&mut p, &f);
     p.serve(&cluster()[1..]);
-    let reply = f.to(backend.0, backend.1).reply();
+    let reply = f.with_dst(backend.0, backend.1).reply();
     assert_untouched(&mut p, TO_POD, &reply.bytes(), TC_ACT_SHOT);
     assert_eq!(p.stat("drop_no_revnat"), 1);
 }
@@ -659,7 +661,7 @@ fn every_packet_is_counted_once_with_its_bytes() {
     let mut bytes = 0;
     for f in &frames {
         bytes += f.bytes().len() as u64;
-        p.from_pod(f);
+        p.send_from_pod(f);
     }
     let stats = p.dp.stats().unwrap();
     let total: (u64, u64) = stats

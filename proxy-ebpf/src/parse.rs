@@ -46,6 +46,12 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// Length of the fixed L4 header, which the parser made sure is there.
+    #[inline(always)]
+    pub fn l4_min_len(&self) -> usize {
+        if self.proto == proto::TCP { TCP_MIN_LEN } else { UDP_LEN }
+    }
+
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {

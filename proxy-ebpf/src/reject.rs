@@ -16,17 +16,18 @@ use crate::{
 
 const IP_LEN: usize = 20;
 const ICMP_LEN: usize = 8;
-/// Bytes of the offending packet's L4 header an ICMP error quotes (RFC 792).
-const QUOTED_L4: usize = 8;
-/// Longest quote: a 60-byte IPv4 header plus 8 bytes.
-const MAX_ICMP_WORDS: usize = (ICMP_LEN + 60 + QUOTED_L4) / 4;
+/// Longest quote: a 60-byte IPv4 header plus a 20-byte TCP header.
+const MAX_ICMP_WORDS: usize = (ICMP_LEN + 60 + 20) / 4;
 
 /// Turns the packet into an ICMP destination-unreachable (port) from the frontend
 /// to the client and sends it back out of the interface it came in on.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<Out, Drop> {
     let failed = Drop(stats::DROP_REJECT_FAILED);
-    let quoted = flow.ip_hdr_len + QUOTED_L4;
+    // The quote is the IP header and the fixed L4 header: at least the 8 bytes
+    // RFC 792 asks for (RFC 1812 allows more), and never shorter than a packet
+    // with an offloaded checksum may be cut (past its TCP checksum field).
+    let quoted = flow.ip_hdr_len + flow.l4_min_len();
     let macs: [u8; 12] = ctx.load(0).map_err(|_| Drop(stats::DROP_REJECT_FAILED))?;
     let skb = ctx.skb.skb;
     // Keep Ethernet + the quoted part, then make room in front for the new

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
+pub mod netns;
 pub mod packet;
 
 /// Privileged tests need root (CAP_BPF, CAP_NET_ADMIN). They fail, loudly,

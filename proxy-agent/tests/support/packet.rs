@@ -70,7 +70,7 @@ impl Frame {
     }
 
     /// The same frame with a new destination.
-    pub fn to(&self, daddr: Ipv4Addr, dport: u16) -> Self {
+    pub fn with_dst(&self, daddr: Ipv4Addr, dport: u16) -> Self {
         Self {
             daddr,
             dport,
@@ -79,7 +79,7 @@ impl Frame {
     }
 
     /// The same frame with a new source.
-    pub fn from(&self, saddr: Ipv4Addr, sport: u16) -> Self {
+    pub fn with_src(&self, saddr: Ipv4Addr, sport: u16) -> Self {
         Self {
             saddr,
             sport,
@@ -196,11 +196,12 @@ pub fn checksum(data: &[u8]) -> u16 {
 }
 
 /// The ICMP port unreachable a rejecting node sends back for `sent`: from the
-/// address the client dialled, quoting the IP header and 8 bytes of L4.
+/// address the client dialled, quoting the IP header and the fixed L4 header.
 pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
     let original = sent.bytes();
     let ihl = 20 + sent.options.len();
-    let quote = &original[14..14 + ihl + 8];
+    let l4 = if sent.proto == TCP { 20 } else { 8 };
+    let quote = &original[14..14 + ihl + l4];
     let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
     icmp.extend(quote);
     let sum = checksum(&icmp);

@@ -1,0 +1,231 @@
+//! Real traffic through a real agent: a client pod and two backend pods behind
+//! one node namespace, all made (and removed) by the test.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use support::netns::{in_netns, run, Lab};
+
+const CLIENT: &str = "10.244.1.2";
+const BACKENDS: [(&str, &str); 2] = [("be1", "10.244.1.3"), ("be2", "10.244.1.4")];
+const GATEWAY: &str = "10.244.1.1";
+const VIP: &str = "10.96.0.10";
+const EMPTY_VIP: &str = "10.96.0.11";
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A backend pod's servers: each answers with its name and the client address it saw.
+fn serve(ns: &str, name: &'static str) {
+    let (tcp, udp) = in_netns(ns, || {
+        (
+            TcpListener::bind("0.0.0.0:8080").unwrap(),
+            UdpSocket::bind("0.0.0.0:5353").unwrap(),
+        )
+    });
+    thread::spawn(move || {
+        for stream in tcp.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let peer = stream.peer_addr().unwrap();
+            let _ = stream.write_all(format!("{name} {peer}\n").as_bytes());
+        }
+    });
+    thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        }
+    });
+}
+
+fn services_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let endpoints = |port: u16| {
+        BACKENDS
+            .iter()
+            .map(|(_, a)| format!(r#"{{"address": "{a}", "port": {port}}}"#))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let json = format!(
+        r#"{{"services": [
+            {{"name": "web", "address": "{VIP}", "port": 80, "protocol": "TCP", "endpoints": [{}]}},
+            {{"name": "dns", "address": "{VIP}", "port": 53, "protocol": "UDP", "endpoints": [{}]}},
+            {{"name": "empty", "address": "{EMPTY_VIP}", "port": 80, "protocol": "TCP", "endpoints": []}},
+            {{"name": "empty-dns", "address": "{EMPTY_VIP}", "port": 53, "protocol": "UDP", "endpoints": []}}
+        ]}}"#,
+        endpoints(8080),
+        endpoints(5353)
+    );
+    let path = dir.join("services.json");
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+#[test]
+fn clusterip_traffic_through_a_real_agent() {
+    let mut lab = Lab::new("cip");
+    let node = lab.netns("node");
+    let client = lab.netns("client");
+    lab.plug_pod(&node, &client, "vc", CLIENT, GATEWAY);
+    let mut ifaces = vec!["vc".to_string()];
+    for (i, (name, addr)) in BACKENDS.iter().enumerate() {
+        let ns = lab.netns(name);
+        let host_if = format!("vb{i}");
+        lab.plug_pod(&node, &ns, &host_if, addr, GATEWAY);
+        serve(&ns, name);
+        ifaces.push(host_if);
+    }
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = services_file(&dir);
+    lab.start_agent(
+        &node,
+        &[
+            "serve",
+            "--services",
+            services.to_str().unwrap(),
+            "--pod-iface",
+            &ifaces.join(","),
+        ],
+    );
+
+    // 100 TCP connections to the ClusterIP: all answered, by both backends, and
+    // each backend saw the client's own address.
+    let answers: Vec<String> = in_netns(&client, || {
+        (0..100)
+            .map(|i| {
+                let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+                let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)
+                    .unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                assert_eq!(s.peer_addr().unwrap(), vip);
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                answer
+            })
+            .collect()
+    });
+    let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for answer in &answers {
+        let (name, peer) = answer.trim().split_once(' ').expect("name and peer");
+        assert!(
+            peer.starts_with(&format!("{CLIENT}:")),
+            "backend saw {peer}"
+        );
+        let name = BACKENDS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a known backend")
+            .0;
+        *by_backend.entry(name).or_default() += 1;
+    }
+    eprintln!("connections per backend: {by_backend:?}");
+    assert_eq!(by_backend.values().sum::<usize>(), 100);
+    assert_eq!(by_backend.len(), 2, "both backends reached: {by_backend:?}");
+
+    // UDP: the reply comes from the ClusterIP the client sent to.
+    let (from, answer) = in_netns(&client, || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send_to(b"who?", format!("{VIP}:53")).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
+        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    assert_eq!(from, format!("{VIP}:53").parse::<SocketAddr>().unwrap());
+    assert!(
+        BACKENDS.iter().any(|(n, _)| answer.starts_with(n)),
+        "answer {answer}"
+    );
+
+    // A frontend without backends refuses at once (ICMP port unreachable).
+    let refused = in_netns(&client, || {
+        TcpStream::connect_timeout(&format!("{EMPTY_VIP}:80").parse().unwrap(), TIMEOUT)
+            .unwrap_err()
+    });
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+    let refused = in_netns(&client, || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect(format!("{EMPTY_VIP}:53")).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send(b"anyone?").unwrap();
+        sock.recv(&mut [0u8; 64]).unwrap_err()
+    });
+    assert_eq!(
+        refused.kind(),
+        ErrorKind::ConnectionRefused,
+        "UDP: {refused}"
+    );
+
+    // The pinned maps carry BTF: bpftool prints their fields by name.
+    let dump = run(
+        "bpftool",
+        &[
+            "map",
+            "dump",
+            "pinned",
+            &format!("{}/svc4_v1", lab.pin_dir.display()),
+        ],
+    );
+    for field in [
+        "\"addr_be\"",
+        "\"port_be\"",
+        "\"slot\"",
+        "\"backend_id\"",
+        "\"count\"",
+        "\"rev_nat_id\"",
+    ] {
+        assert!(
+            dump.contains(field),
+            "{field} missing from the services map dump:\n{dump}"
+        );
+    }
+
+    // The agent leaves its programs and maps in place when it stops; cleanup
+    // removes every filter and pinned map.
+    lab.teardown_agents_only();
+    let filters = run(
+        "ip",
+        &[
+            "netns", "exec", &node, "tc", "filter", "show", "dev", "vc", "ingress",
+        ],
+    );
+    assert!(
+        filters.contains("from_pod"),
+        "filter kept after the agent stopped: {filters}"
+    );
+    lab.cleanup_agent_state(&node);
+    for dev in &ifaces {
+        for hook in ["ingress", "egress"] {
+            let left = run(
+                "ip",
+                &[
+                    "netns", "exec", &node, "tc", "filter", "show", "dev", dev, hook,
+                ],
+            );
+            assert!(left.trim().is_empty(), "{dev} {hook} still has: {left}");
+        }
+    }
+    assert!(!lab.pin_dir.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}
