@@ -11,8 +11,11 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
-        tc::{qdisc_add_clsact, qdisc_detach_program, NlOptions, TcAttachOptions, TcError},
-        SchedClassifier, TcAttachType,
+        tc::{
+            qdisc_add_clsact, qdisc_detach_program, NlOptions, SchedClassifierLink,
+            TcAttachOptions, TcError, TcHandle,
+        },
+        ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -31,6 +34,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fe
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where Ferry's tc filters sit on a pod interface: a fixed priority and handle,
+/// so a restarted agent replaces its own filters in place.
+const TC_PRIORITY: u16 = 0x4652; // "FR"
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 /// The loaded programs and their maps.
 pub struct Dataplane {
@@ -106,8 +114,9 @@ impl Dataplane {
     }
 
     /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's
-    /// host-side interface, replacing what an earlier agent attached there. The
-    /// filters stay after this process exits; `cleanup` removes them.
+    /// host-side interface. Ferry's filters sit at a fixed priority and handle, so
+    /// a filter an earlier agent left there is replaced in one step, without a gap.
+    /// The filters stay after this process exits; `cleanup` removes them.
     pub fn attach_pod_interface(&mut self, iface: &str) -> Result<()> {
         match qdisc_add_clsact(iface) {
             Ok(()) => {}
@@ -118,17 +127,34 @@ impl Dataplane {
             (program_names::FROM_POD, TcAttachType::Ingress),
             (program_names::TO_POD, TcAttachType::Egress),
         ] {
-            // Replace what an earlier agent attached instead of stacking a second filter.
-            detach(iface, attach_type, name)?;
             let program = self.program(name)?;
             // Netlink filters, not tcx links: they work from 5.10 on and outlive the agent.
-            let link_id = program
-                .attach_with_options(
-                    iface,
-                    attach_type,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .with_context(|| format!("attaching {name} to {iface}"))?;
+            let options = NlOptions {
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE,
+                ..NlOptions::default()
+            };
+            let link_id = match program.attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::Netlink(options),
+            ) {
+                Ok(id) => Ok(id),
+                Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                    if e.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    let existing = SchedClassifierLink::attached(
+                        iface,
+                        attach_type,
+                        TC_PRIORITY,
+                        TC_HANDLE,
+                        None,
+                    )?;
+                    program.attach_to_link(existing)
+                }
+                Err(e) => Err(e),
+            }
+            .with_context(|| format!("attaching {name} to {iface}"))?;
             let link = program.take_link(link_id)?;
             // Dropping the link would detach it; the filter must stay.
             std::mem::forget(link);

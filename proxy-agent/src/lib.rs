@@ -3,6 +3,11 @@
 //! `model` describes services, `state` turns them into map contents and ordered
 //! writes (pure), `dataplane` does everything that touches the kernel.
 
+pub mod agent;
+pub mod cluster;
 pub mod dataplane;
+pub mod health;
+pub mod ifaces;
 pub mod model;
 pub mod state;
+pub mod watch;

@@ -1,13 +1,12 @@
-use std::path::{Path, PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
-    dataplane::{self, Dataplane, DEFAULT_PIN_DIR},
-    model::ServiceFile,
-    state::{self, Ids},
+    agent::{self, Source},
+    dataplane::{self, DEFAULT_PIN_DIR},
 };
-use tracing::{info, warn};
+use tracing::info;
 
 /// Ferry's node agent: an eBPF replacement for kube-proxy.
 #[derive(Parser)]
@@ -19,25 +18,54 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the programs, attach them to pod interfaces and serve the services
-    /// described in a file until stopped. Programs and maps stay in place after
-    /// the agent exits, so traffic keeps flowing; `cleanup` removes them.
-    Serve {
-        /// JSON file: {"services": [{"name", "address", "port", "protocol", "endpoints": [{"address", "port"}]}]}
-        #[arg(long, env = "FERRY_SERVICES")]
-        services: PathBuf,
-        /// Host-side pod interfaces to attach to (repeat or comma-separate).
-        #[arg(long = "pod-iface", env = "FERRY_POD_IFACES", value_delimiter = ',')]
-        pod_ifaces: Vec<String>,
-        /// bpffs directory for the pinned maps.
-        #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
+    /// Serve this node: watch the API server (or read a services file), keep the
+    /// maps programmed, attach the programs to pod interfaces as they appear.
+    /// Programs and maps stay in place when the agent stops, so traffic goes on;
+    /// the next agent adopts them.
+    Run(RunArgs),
     /// Remove every Ferry tc filter in this network namespace and every pinned map.
     Cleanup {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name, as in its Node object (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "services_file")]
+    node_name: Option<String>,
+    /// kubeconfig to reach the API server; in-cluster config (or $KUBECONFIG) when absent.
+    #[arg(long, env = "FERRY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Serve the services in this JSON file instead of watching an API server:
+    /// {"services": [{"name", "address", "port", "protocol", "endpoints": [{"address", "port"}]}]}
+    #[arg(long, env = "FERRY_SERVICES_FILE", conflicts_with_all = ["kubeconfig", "node_name"])]
+    services_file: Option<PathBuf>,
+    /// bpffs directory for the pinned maps.
+    #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Globs of host-side pod interface names to attach to (comma-separated).
+    #[arg(
+        long = "pod-iface-pattern",
+        env = "FERRY_POD_IFACE_PATTERN",
+        value_delimiter = ',',
+        default_value = "veth*,cali*,lxc*"
+    )]
+    pod_iface_patterns: Vec<String>,
+    /// Address of /healthz, /livez and /metrics ("off" to disable).
+    #[arg(
+        long,
+        env = "FERRY_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    healthz_bind_address: String,
+    /// How often the maps are re-read and repaired from the desired state, in seconds.
+    #[arg(long, env = "FERRY_RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
+    /// How long changes are gathered before they are programmed, in milliseconds.
+    #[arg(long, env = "FERRY_SYNC_DELAY_MS", default_value_t = 10)]
+    sync_delay_ms: u64,
 }
 
 #[tokio::main]
@@ -51,11 +79,29 @@ async fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Serve {
-            services,
-            pod_ifaces,
-            pin_dir,
-        } => serve(&services, &pod_ifaces, &pin_dir).await,
+        Command::Run(args) => {
+            let source = match (args.services_file, args.node_name) {
+                (Some(path), _) => Source::File(path),
+                (None, Some(node_name)) => Source::Api {
+                    kubeconfig: args.kubeconfig,
+                    node_name,
+                },
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            let healthz_addr = match args.healthz_bind_address.as_str() {
+                "off" => None,
+                addr => Some(addr.parse::<SocketAddr>()?),
+            };
+            agent::run(agent::Config {
+                source,
+                pin_dir: args.pin_dir,
+                pod_iface_patterns: args.pod_iface_patterns,
+                healthz_addr,
+                resync_period: Duration::from_secs(args.resync_seconds.max(1)),
+                sync_delay: Duration::from_millis(args.sync_delay_ms),
+            })
+            .await
+        }
         Command::Cleanup { pin_dir } => {
             let removed = dataplane::cleanup(&pin_dir)?;
             for filter in &removed.filters {
@@ -67,37 +113,4 @@ async fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-async fn serve(services: &Path, pod_ifaces: &[String], pin_dir: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(services)
-        .with_context(|| format!("reading {}", services.display()))?;
-    let file: ServiceFile =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", services.display()))?;
-    let mut dataplane = Dataplane::load_pinned(pin_dir)?;
-    let actual = dataplane.read_state()?;
-    let mut ids = Ids::from_state(&actual);
-    let (desired, problems) = state::desired(&file.services, &mut ids);
-    for problem in &problems {
-        warn!(%problem, "service skipped");
-    }
-    let ops = state::diff(&desired, &actual);
-    dataplane.apply(&ops)?;
-    info!(
-        writes = ops.len(),
-        frontends = desired.revnat.len(),
-        backends = desired.backends.len(),
-        "maps programmed"
-    );
-    for iface in pod_ifaces {
-        dataplane.attach_pod_interface(iface)?;
-    }
-    info!("ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("stopping; programs and maps stay in place");
-    Ok(())
 }

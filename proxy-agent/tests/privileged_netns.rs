@@ -73,6 +73,13 @@ fn clusterip_traffic_through_a_real_agent() {
     let client = lab.netns("client");
     lab.plug_pod(&node, &client, "vc", CLIENT, GATEWAY);
     let mut ifaces = vec!["vc".to_string()];
+    // An interface the pattern does not match keeps no program.
+    run(
+        "ip",
+        &[
+            "-n", &node, "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+        ],
+    );
     for (i, (name, addr)) in BACKENDS.iter().enumerate() {
         let ns = lab.netns(name);
         let host_if = format!("vb{i}");
@@ -98,13 +105,24 @@ fn clusterip_traffic_through_a_real_agent() {
     lab.start_agent(
         &node,
         &[
-            "serve",
-            "--services",
+            "run",
+            "--services-file",
             services.to_str().unwrap(),
-            "--pod-iface",
-            &ifaces.join(","),
+            "--pod-iface-pattern",
+            "vc,vb*",
         ],
     );
+    // Health as kube-proxy reports it, on the node's port 10256.
+    let healthz = in_netns(&node, || {
+        let mut s = TcpStream::connect("127.0.0.1:10256").unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    });
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert!(healthz.contains(r#""nodeEligible": true"#), "{healthz}");
 
     // 100 TCP connections to the ClusterIP: all answered, by both backends, and
     // each backend saw the client's own address.
@@ -201,6 +219,13 @@ fn clusterip_traffic_through_a_real_agent() {
 
     // The agent leaves its programs and maps in place when it stops; cleanup
     // removes every filter and pinned map.
+    let other = run(
+        "ip",
+        &[
+            "netns", "exec", &node, "tc", "filter", "show", "dev", "other0", "ingress",
+        ],
+    );
+    assert!(other.trim().is_empty(), "other0 has filters: {other}");
     lab.teardown_agents_only();
     let filters = run(
         "ip",

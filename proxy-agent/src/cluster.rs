@@ -1,0 +1,605 @@
+//! From Kubernetes objects to the services the dataplane serves, as kube-proxy
+//! reads them. Pure: no API calls here, so every rule has a unit test.
+//!
+//! EndpointSlices arrive as `discovery.k8s.io/v1` or `v1beta1` (API servers before
+//! 1.21 serve only the latter); both become one [`Slice`] model.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use k8s_openapi::api::core::v1::Service as K8sService;
+use serde::Deserialize;
+
+use crate::model::{Endpoint, Frontend, Protocol, Service};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are not proxied at all.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// One EndpointSlice, whichever API version it came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slice {
+    /// `namespace/name` of the Service this slice belongs to.
+    pub service: String,
+    pub address_type: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub hint_zones: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Conditions {
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+struct ObjectMeta {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// The parts of a `discovery.k8s.io/v1` EndpointSlice that proxying needs.
+mod v1 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointSlice {
+        #[serde(default)]
+        pub metadata: ObjectMeta,
+        pub address_type: String,
+        #[serde(default)]
+        pub ports: Option<Vec<SlicePort>>,
+        #[serde(default)]
+        pub endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Endpoint {
+        pub addresses: Vec<String>,
+        #[serde(default)]
+        pub conditions: Conditions,
+        pub node_name: Option<String>,
+        pub zone: Option<String>,
+        pub hints: Option<Hints>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Hints {
+        #[serde(default)]
+        pub for_zones: Vec<ForZone>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct ForZone {
+        pub name: String,
+    }
+}
+
+/// The parts of a `discovery.k8s.io/v1beta1` EndpointSlice that proxying needs:
+/// node and zone live in `topology`; `nodeName` exists from 1.20.
+mod v1beta1 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointSlice {
+        #[serde(default)]
+        pub metadata: ObjectMeta,
+        pub address_type: String,
+        #[serde(default)]
+        pub ports: Option<Vec<SlicePort>>,
+        #[serde(default)]
+        pub endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Endpoint {
+        pub addresses: Vec<String>,
+        #[serde(default)]
+        pub conditions: Conditions,
+        #[serde(default)]
+        pub topology: BTreeMap<String, String>,
+        pub node_name: Option<String>,
+        pub hints: Option<super::v1::Hints>,
+    }
+}
+
+/// EndpointSlice API versions the agent can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceVersion {
+    V1,
+    V1beta1,
+}
+
+impl SliceVersion {
+    pub const fn api_version(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V1beta1 => "v1beta1",
+        }
+    }
+}
+
+/// Why an EndpointSlice could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SliceError {
+    #[error("malformed EndpointSlice: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("EndpointSlice without the {SERVICE_NAME_LABEL} label")]
+    NoService,
+}
+
+/// Reads an EndpointSlice (the whole object as JSON) of the given version.
+pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<Slice, SliceError> {
+    let (meta, address_type, ports, endpoints) = match version {
+        SliceVersion::V1 => {
+            let s: v1::EndpointSlice = serde_json::from_value(object)?;
+            let endpoints = s
+                .endpoints
+                .into_iter()
+                .map(|e| SliceEndpoint {
+                    addresses: e.addresses,
+                    ready: e.conditions.ready,
+                    serving: e.conditions.serving,
+                    terminating: e.conditions.terminating,
+                    node_name: e.node_name,
+                    zone: e.zone,
+                    hint_zones: e
+                        .hints
+                        .map(|h| h.for_zones.into_iter().map(|z| z.name).collect())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            (s.metadata, s.address_type, s.ports, endpoints)
+        }
+        SliceVersion::V1beta1 => {
+            let s: v1beta1::EndpointSlice = serde_json::from_value(object)?;
+            let endpoints = s
+                .endpoints
+                .into_iter()
+                .map(|mut e| SliceEndpoint {
+                    addresses: e.addresses,
+                    ready: e.conditions.ready,
+                    serving: e.conditions.serving,
+                    terminating: e.conditions.terminating,
+                    node_name: e
+                        .node_name
+                        .or_else(|| e.topology.remove("kubernetes.io/hostname")),
+                    zone: e.topology.remove("topology.kubernetes.io/zone"),
+                    hint_zones: e
+                        .hints
+                        .map(|h| h.for_zones.into_iter().map(|z| z.name).collect())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            (s.metadata, s.address_type, s.ports, endpoints)
+        }
+    };
+    let name = meta
+        .labels
+        .get(SERVICE_NAME_LABEL)
+        .ok_or(SliceError::NoService)?;
+    Ok(Slice {
+        service: format!("{}/{name}", meta.namespace.unwrap_or_default()),
+        address_type,
+        ports: ports.unwrap_or_default(),
+        endpoints,
+    })
+}
+
+/// Why a Service (or one of its ports) is not proxied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    #[error("{0}: ExternalName service")]
+    ExternalName(String),
+    #[error("{0}: headless service")]
+    Headless(String),
+    #[error("{0}: handled by another proxy ({SERVICE_PROXY_NAME_LABEL})")]
+    OtherProxy(String),
+    #[error("{0}: no IPv4 cluster IP")]
+    NoIpv4ClusterIp(String),
+    #[error("{0}: protocol {1} is not supported")]
+    Protocol(String, String),
+    #[error("{0}: invalid port {1}")]
+    Port(String, i32),
+}
+
+fn protocol(name: Option<&str>) -> Option<Protocol> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// The frontends to serve, from every Service and EndpointSlice the agent sees.
+/// Slices are matched to a Service port by port name and protocol (so named
+/// target ports resolve per endpoint); only ready endpoints serve for now.
+pub fn services(k8s: &[&K8sService], slices: &[&Slice]) -> (Vec<Service>, Vec<Skip>) {
+    let mut by_service: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type == "IPv4" {
+            by_service
+                .entry(slice.service.as_str())
+                .or_default()
+                .push(slice);
+        }
+    }
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for svc in k8s {
+        let meta = &svc.metadata;
+        let key = format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or(""),
+            meta.name.as_deref().unwrap_or("")
+        );
+        let Some(spec) = &svc.spec else { continue };
+        let labels = meta.labels.as_ref();
+        if spec.type_.as_deref() == Some("ExternalName") {
+            skipped.push(Skip::ExternalName(key));
+            continue;
+        }
+        if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+            skipped.push(Skip::OtherProxy(key));
+            continue;
+        }
+        let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+            (_, Some(ip)) => vec![ip.as_str()],
+            _ => Vec::new(),
+        };
+        if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+            skipped.push(Skip::Headless(key));
+            continue;
+        }
+        let Some(vip) = cluster_ips
+            .iter()
+            .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+        else {
+            skipped.push(Skip::NoIpv4ClusterIp(key));
+            continue;
+        };
+        let service_slices = by_service
+            .get(key.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for port in spec.ports.iter().flatten() {
+            let Some(proto) = protocol(port.protocol.as_deref()) else {
+                skipped.push(Skip::Protocol(
+                    key.clone(),
+                    port.protocol.clone().unwrap_or_default(),
+                ));
+                continue;
+            };
+            let Ok(frontend_port) = u16::try_from(port.port) else {
+                skipped.push(Skip::Port(key.clone(), port.port));
+                continue;
+            };
+            let port_name = port.name.as_deref().unwrap_or("");
+            let mut endpoints = Vec::new();
+            for slice in service_slices {
+                let Some(target) = slice.ports.iter().find(|p| {
+                    p.name.as_deref().unwrap_or("") == port_name
+                        && protocol(p.protocol.as_deref()) == Some(proto)
+                }) else {
+                    continue;
+                };
+                let Some(target_port) = target
+                    .port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0)
+                else {
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    // An unknown readiness counts as ready (the API's documented meaning).
+                    if ep.ready == Some(false) {
+                        continue;
+                    }
+                    // kube-proxy uses the first address of an endpoint only.
+                    if let Some(address) = ep.addresses.first().and_then(|a| a.parse().ok()) {
+                        endpoints.push(Endpoint {
+                            address,
+                            port: target_port,
+                        });
+                    }
+                }
+            }
+            endpoints.sort();
+            endpoints.dedup();
+            let name = if port_name.is_empty() {
+                key.clone()
+            } else {
+                format!("{key}:{port_name}")
+            };
+            out.push(Service {
+                name,
+                frontend: Frontend {
+                    address: vip,
+                    port: frontend_port,
+                    protocol: proto,
+                },
+                endpoints,
+            });
+        }
+    }
+    (out, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn svc(value: serde_json::Value) -> K8sService {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn web() -> K8sService {
+        svc(json!({
+            "metadata": {"namespace": "default", "name": "web"},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http-alt", "protocol": "TCP"},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))
+    }
+
+    fn slice_v1(name: &str, endpoints: serde_json::Value) -> Slice {
+        parse_slice(
+            SliceVersion::V1,
+            json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"namespace": "default", "name": name,
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                          {"name": "dns", "port": 5353, "protocol": "UDP"}],
+                "endpoints": endpoints,
+            }),
+        )
+        .unwrap()
+    }
+
+    fn endpoints_of(out: &[Service], port: u16) -> Vec<String> {
+        let s = out
+            .iter()
+            .find(|s| s.frontend.port == port)
+            .expect("frontend");
+        s.endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.address, e.port))
+            .collect()
+    }
+
+    #[test]
+    fn each_port_becomes_a_frontend_with_the_slices_target_port() {
+        let slice = slice_v1(
+            "web-1",
+            json!([{"addresses": ["10.244.1.3"], "conditions": {"ready": true}}]),
+        );
+        let (out, skipped) = services(&[&web()], &[&slice]);
+        assert!(skipped.is_empty());
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].name, "default/web:http");
+        assert_eq!(
+            out[0].frontend,
+            Frontend {
+                address: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp
+            }
+        );
+        assert_eq!(endpoints_of(&out, 80), ["10.244.1.3:8080"]);
+        assert_eq!(endpoints_of(&out, 53), ["10.244.1.3:5353"]);
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_slice() {
+        // Two slices of one service whose pods name the same port differently numbered.
+        let mut a = slice_v1("web-a", json!([{"addresses": ["10.244.1.3"]}]));
+        let mut b = slice_v1("web-b", json!([{"addresses": ["10.244.2.3"]}]));
+        a.ports[0].port = Some(8080);
+        b.ports[0].port = Some(9090);
+        let (out, _) = services(&[&web()], &[&a, &b]);
+        assert_eq!(
+            endpoints_of(&out, 80),
+            ["10.244.1.3:8080", "10.244.2.3:9090"]
+        );
+    }
+
+    #[test]
+    fn unnamed_single_port_matches_unnamed_slice_port() {
+        let s = svc(json!({"metadata": {"namespace": "ns", "name": "one"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 443, "targetPort": 8443}]}}));
+        let slice = parse_slice(SliceVersion::V1, json!({
+            "metadata": {"namespace": "ns", "name": "one-x", "labels": {"kubernetes.io/service-name": "one"}},
+            "addressType": "IPv4", "ports": [{"port": 8443, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.7"]}]})).unwrap();
+        let (out, _) = services(&[&s], &[&slice]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].name, "ns/one");
+        assert_eq!(endpoints_of(&out, 443), ["10.244.1.7:8443"]);
+    }
+
+    #[test]
+    fn only_ready_endpoints_serve_and_unknown_readiness_is_ready() {
+        let slice = slice_v1(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.1.5"], "conditions": {}},
+            ]),
+        );
+        let (out, _) = services(&[&web()], &[&slice]);
+        assert_eq!(
+            endpoints_of(&out, 80),
+            ["10.244.1.3:8080", "10.244.1.5:8080"]
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoints_across_slices_count_once() {
+        let a = slice_v1("web-a", json!([{"addresses": ["10.244.1.3"]}]));
+        let b = slice_v1(
+            "web-b",
+            json!([{"addresses": ["10.244.1.3"]}, {"addresses": ["10.244.2.3"]}]),
+        );
+        let (out, _) = services(&[&web()], &[&a, &b]);
+        assert_eq!(
+            endpoints_of(&out, 80),
+            ["10.244.1.3:8080", "10.244.2.3:8080"]
+        );
+    }
+
+    #[test]
+    fn only_the_first_address_of_an_endpoint_is_used() {
+        let slice = slice_v1(
+            "web-1",
+            json!([{"addresses": ["10.244.1.3", "10.244.1.99"]}]),
+        );
+        let (out, _) = services(&[&web()], &[&slice]);
+        assert_eq!(endpoints_of(&out, 80), ["10.244.1.3:8080"]);
+    }
+
+    #[test]
+    fn slices_of_other_services_and_families_are_ignored() {
+        let mut other = slice_v1("db-1", json!([{"addresses": ["10.244.9.9"]}]));
+        other.service = "default/db".into();
+        let mut v6 = slice_v1("web-v6", json!([{"addresses": ["fd00::1"]}]));
+        v6.address_type = "IPv6".into();
+        let (out, _) = services(&[&web()], &[&other, &v6]);
+        assert!(
+            endpoints_of(&out, 80).is_empty(),
+            "a frontend without endpoints still exists (it rejects)"
+        );
+    }
+
+    #[test]
+    fn v1_and_v1beta1_slices_give_the_same_model() {
+        let endpoint = |zone_field: serde_json::Value| {
+            let mut e = json!({"addresses": ["10.244.1.3"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                               "nodeName": "node1", "hints": {"forZones": [{"name": "a"}]}});
+            e.as_object_mut()
+                .unwrap()
+                .extend(zone_field.as_object().unwrap().clone());
+            e
+        };
+        let object = |version: &str, ep: serde_json::Value| {
+            json!({
+            "apiVersion": format!("discovery.k8s.io/{version}"), "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": [ep]})
+        };
+        let v1 = parse_slice(
+            SliceVersion::V1,
+            object("v1", endpoint(json!({"zone": "a"}))),
+        )
+        .unwrap();
+        let beta = parse_slice(
+            SliceVersion::V1beta1,
+            object(
+                "v1beta1",
+                endpoint(json!({"topology": {"topology.kubernetes.io/zone": "a"}})),
+            ),
+        )
+        .unwrap();
+        assert_eq!(v1, beta);
+        assert_eq!(v1.endpoints[0].zone.as_deref(), Some("a"));
+        assert_eq!(v1.endpoints[0].hint_zones, ["a"]);
+        // Before nodeName existed, v1beta1 carried the node in topology.
+        let old = parse_slice(
+            SliceVersion::V1beta1,
+            object("v1beta1", json!({"addresses": ["10.244.1.3"], "topology": {"kubernetes.io/hostname": "node1"}})),
+        )
+        .unwrap();
+        assert_eq!(old.endpoints[0].node_name.as_deref(), Some("node1"));
+    }
+
+    #[test]
+    fn slice_without_service_label_is_an_error() {
+        let err = parse_slice(
+            SliceVersion::V1,
+            json!({"metadata": {"name": "x"}, "addressType": "IPv4"}),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SliceError::NoService));
+        assert!(matches!(
+            parse_slice(SliceVersion::V1, json!({"addressType": 5})),
+            Err(SliceError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn service_kinds_kube_proxy_skips_are_skipped() {
+        let external = svc(json!({"metadata": {"namespace": "d", "name": "ext"},
+            "spec": {"type": "ExternalName", "externalName": "example.com"}}));
+        let headless = svc(json!({"metadata": {"namespace": "d", "name": "hl"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}));
+        let other = svc(json!({"metadata": {"namespace": "d", "name": "other",
+            "labels": {"service.kubernetes.io/service-proxy-name": "someone-else"}},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}}));
+        let v6only = svc(json!({"metadata": {"namespace": "d", "name": "v6"},
+            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}}));
+        let sctp = svc(json!({"metadata": {"namespace": "d", "name": "sctp"},
+            "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "SCTP"}, {"port": 81}]}}));
+        let (out, skipped) = services(&[&external, &headless, &other, &v6only, &sctp], &[]);
+        assert_eq!(
+            skipped,
+            [
+                Skip::ExternalName("d/ext".into()),
+                Skip::Headless("d/hl".into()),
+                Skip::OtherProxy("d/other".into()),
+                Skip::NoIpv4ClusterIp("d/v6".into()),
+                Skip::Protocol("d/sctp".into(), "SCTP".into()),
+            ]
+        );
+        assert_eq!(
+            out.len(),
+            1,
+            "the TCP port of the SCTP service still serves"
+        );
+        assert_eq!(out[0].frontend.port, 81);
+    }
+
+    #[test]
+    fn dual_stack_service_uses_its_ipv4_cluster_ip() {
+        let s = svc(json!({"metadata": {"namespace": "d", "name": "ds"},
+            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.40"], "ports": [{"port": 80}]}}));
+        let (out, _) = services(&[&s], &[]);
+        assert_eq!(
+            out[0].frontend.address,
+            "10.96.0.40".parse::<Ipv4Addr>().unwrap()
+        );
+    }
+}
