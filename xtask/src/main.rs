@@ -1,6 +1,9 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo`.
 
 mod build_ebpf;
+mod demo;
+mod kube;
+mod lab;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -21,12 +24,133 @@ enum Task {
     Setup,
     /// Build the eBPF object with whichever toolchain this machine has.
     BuildEbpf,
-    /// Set up, build the eBPF object, and run every test (unit, packet, netns).
+    /// Set up, build the eBPF object, and run every test (unit, packet, netns, lab).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The lab: a two-node cluster in network namespaces with a real API server.
+    Lab {
+        /// Name of the lab; every namespace it makes starts with it.
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry", global = true)]
+        lab: String,
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Set up if needed, bring the lab up, serve a Service from pods on both
+    /// nodes and show where 30 requests went.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Network, API server, nodes, one agent per node.
+    Up,
+    /// Remove everything the lab made.
+    Down,
+    /// What is running.
+    Status,
+    /// kubectl against the lab's API server.
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Pods: a namespace with a TCP/UDP server on 8080/5353, registered as a Pod.
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+    /// Stop or start one node's agent (its programs and maps stay while it is stopped).
+    Agent {
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+        node: String,
+    },
+    /// Run a command inside a pod's network namespace.
+    Exec {
+        pod: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The server lab pods run (started by `pod add`).
+    #[command(hide = true)]
+    PodServer {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    /// Create a pod on a node, e.g. `pod add web-1 --node node1 --label app=web`.
+    Add {
+        name: String,
+        #[arg(long, default_value = "node1")]
+        node: String,
+        /// Labels as key=value (repeat).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Delete a pod.
+    Del { name: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s}: expected key=value"))
+}
+
+/// The agent binary the lab runs: $FERRY_AGENT_BIN, else a fresh debug build.
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FERRY_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    build_ebpf::run()?;
+    exec(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["build", "-p", "proxy-agent"]),
+    )?;
+    Ok(workspace_root().join("target/debug/proxy-agent"))
+}
+
+fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
+    match command {
+        LabCommand::Up => lab.up(&agent_binary()?, &workspace_root().join("deploy")),
+        LabCommand::Down => lab.down(),
+        LabCommand::Status => lab.status(),
+        LabCommand::Kubectl { args } => lab.kubectl_interactive(&args),
+        LabCommand::Pod {
+            command: PodCommand::Add { name, node, labels },
+        } => {
+            let pod = lab.pod_add(&name, &node, &labels)?;
+            println!("pod {} on {} at {}", pod.name, pod.node, pod.addr);
+            Ok(())
+        }
+        LabCommand::Pod {
+            command: PodCommand::Del { name },
+        } => lab.pod_del(&name),
+        LabCommand::Agent { action, node } => match action.as_str() {
+            "stop" => {
+                lab.stop_agent(&node);
+                Ok(())
+            }
+            _ => lab.start_agent(&agent_binary()?, &node),
+        },
+        LabCommand::Exec { pod, command } => {
+            let status = Command::new("ip")
+                .args(["netns", "exec", &lab.pod_ns(&pod)])
+                .args(&command)
+                .status()?;
+            if !status.success() {
+                bail!("{}: {status}", command.join(" "));
+            }
+            Ok(())
+        }
+        LabCommand::PodServer { name } => lab::pod_server(&name),
+    }
 }
 
 fn main() -> Result<()> {
@@ -36,14 +160,26 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::run()?;
             build_ebpf::run()?;
+            // The lab tests run this agent binary; build it before the tests run.
+            exec(
+                Command::new(env!("CARGO"))
+                    .current_dir(workspace_root())
+                    .args(["build", "-p", "proxy-agent"]),
+            )?;
             let mut cmd = Command::new(env!("CARGO"));
             cmd.current_dir(workspace_root())
+                .env(
+                    "FERRY_AGENT_BIN",
+                    workspace_root().join("target/debug/proxy-agent"),
+                )
                 .args(["test", "--workspace", "--no-fail-fast"]);
             if !args.is_empty() {
                 cmd.arg("--").args(args);
             }
             exec(&mut cmd)
         }
+        Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
+        Task::Demo => demo::run(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `cargo xtask setup`: everything the build and the tests need on a fresh
-//! machine of the project's kind (Debian 12, root). Each step checks first and
+//! `cargo xtask setup`: everything the build, the lab and the tests need on a
+//! fresh machine of the project's kind (Debian 12, root). Each step checks first and
 //! does nothing when its work is already done.
 
 use std::{fs, path::Path, process::Command};
@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "bpftool",
     "iproute2",
+    "curl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -31,6 +32,8 @@ pub fn run() -> Result<()> {
     packages()?;
     bpf_linker()?;
     bpffs()?;
+    // The lab's and the tests' API server, built once from Debian's source.
+    crate::kube::ensure_built()?;
     eprintln!("setup: done");
     Ok(())
 }
