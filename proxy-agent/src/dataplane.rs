@@ -9,21 +9,23 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray},
     programs::{
+        links::{FdLink, PinnedLink},
         tc::{
             qdisc_add_clsact, qdisc_detach_program, NlOptions, SchedClassifierLink,
             TcAttachOptions, TcError, TcHandle,
         },
-        ProgramError, SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    map_names, program_names, stats, Backend4, CtKey4, CtValue4, RevNat4, ServiceKey4,
-    ServiceValue, StatCounter,
+    map_names, program_names, stats, Backend4, Config, CtKey4, CtValue4, Nat4, RevNat4,
+    ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::state::{MapOp, MapState};
 
@@ -47,7 +49,33 @@ pub struct Dataplane {
     backends: HashMap<MapData, u32, Backend4>,
     revnat: HashMap<MapData, u16, RevNat4>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    nat: HashMap<MapData, CtKey4, Nat4>,
+    source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, StatCounter>,
+    /// Where maps (and XDP links) are pinned; None for private maps.
+    pin_dir: Option<PathBuf>,
+}
+
+/// How the uplink program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkMode {
+    /// XDP in the driver, with the tc program behind it for the packets XDP hands on.
+    Native,
+    /// XDP on the generic (skb) path, with the tc program behind it.
+    Generic,
+    /// The tc program alone, where XDP cannot attach.
+    Tc,
+}
+
+impl UplinkMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Tc => "tc",
+        }
+    }
 }
 
 impl Dataplane {
@@ -65,7 +93,9 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        Self::load_with(&mut loader)
+        let mut dataplane = Self::load_with(&mut loader)?;
+        dataplane.pin_dir = Some(pin_dir.to_path_buf());
+        Ok(dataplane)
     }
 
     /// Loads the programs with private maps that vanish with this value: for
@@ -76,7 +106,11 @@ impl Dataplane {
 
     fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self> {
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        for name in [program_names::FROM_POD, program_names::TO_POD] {
+        for name in [
+            program_names::FROM_POD,
+            program_names::TO_POD,
+            program_names::UPLINK_TC,
+        ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -85,6 +119,11 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::UPLINK_XDP)
+            .context("program uplink_xdp missing from the object")?
+            .try_into()?;
+        xdp.load().context("the verifier rejected uplink_xdp")?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the object"))
@@ -93,6 +132,9 @@ impl Dataplane {
         let backends = HashMap::try_from(take(map_names::BACKENDS_V4)?)?;
         let revnat = HashMap::try_from(take(map_names::REVNAT_V4)?)?;
         let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
+        let nat = HashMap::try_from(take(map_names::NAT_V4)?)?;
+        let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
+        let config = Array::try_from(take(map_names::CONFIG)?)?;
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
         Ok(Self {
             ebpf,
@@ -100,8 +142,109 @@ impl Dataplane {
             backends,
             revnat,
             conntrack,
+            nat,
+            source_ranges,
+            config,
             stats,
+            pin_dir: None,
         })
+    }
+
+    /// The uplink XDP program.
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(program_names::UPLINK_XDP)
+            .context("no uplink_xdp program")?
+            .try_into()?)
+    }
+
+    /// Attaches the uplink programs to the node's uplink: XDP (native if the
+    /// driver has it, else generic) with the tc program behind it, or the tc
+    /// program alone when XDP cannot attach. `wanted` limits the choice.
+    pub fn attach_uplink(&mut self, iface: &str, wanted: Option<UplinkMode>) -> Result<UplinkMode> {
+        // The tc program runs in every mode: alone, or behind XDP for what XDP hands on.
+        self.attach_tc(iface, program_names::UPLINK_TC, TcAttachType::Ingress)?;
+        let tries: &[(UplinkMode, XdpMode)] = match wanted {
+            Some(UplinkMode::Tc) => &[],
+            Some(UplinkMode::Native) => &[(UplinkMode::Native, XdpMode::Driver)],
+            Some(UplinkMode::Generic) => &[(UplinkMode::Generic, XdpMode::Skb)],
+            None => &[
+                (UplinkMode::Native, XdpMode::Driver),
+                (UplinkMode::Generic, XdpMode::Skb),
+            ],
+        };
+        // The pin's name says the mode: `xdp_<mode>_<iface>`.
+        let pin_dir = self.pin_dir.clone();
+        let pin = |mode: UplinkMode| {
+            pin_dir
+                .as_ref()
+                .map(|d| d.join(format!("xdp_{}_{iface}", mode.name())))
+        };
+        // An XDP link an earlier agent pinned: swap our program into it in one step.
+        for mode in [UplinkMode::Native, UplinkMode::Generic] {
+            let Some(path) = pin(mode).filter(|p| p.exists()) else {
+                continue;
+            };
+            if wanted.is_some_and(|w| w != mode) {
+                bail!(
+                    "{iface} has a {} XDP link pinned at {}; run cleanup first",
+                    mode.name(),
+                    path.display()
+                );
+            }
+            let fd_link: FdLink = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening {}", path.display()))?
+                .into();
+            let program = self.xdp_program()?;
+            let link_id = program.attach_to_link(XdpLink::try_from(fd_link)?)?;
+            std::mem::forget(program.take_link(link_id)?);
+            info!(
+                iface,
+                mode = mode.name(),
+                "uplink XDP program replaced in its pinned link"
+            );
+            return Ok(mode);
+        }
+        for (mode, xdp_mode) in tries {
+            let program = self.xdp_program()?;
+            match program.attach(iface, *xdp_mode) {
+                Ok(link_id) => {
+                    let link = program.take_link(link_id)?;
+                    match (FdLink::try_from(link), pin(*mode)) {
+                        // A bpf_link lives while a file descriptor or a pin holds it:
+                        // pinned, it outlives the agent as the tc filters do.
+                        (Ok(fd_link), Some(path)) => {
+                            fd_link
+                                .pin(&path)
+                                .with_context(|| format!("pinning {}", path.display()))?;
+                        }
+                        (Ok(fd_link), None) => std::mem::forget(fd_link),
+                        // Kernels before 5.9 attach through netlink: that stays by itself.
+                        (Err(_), _) => {}
+                    }
+                    info!(iface, mode = mode.name(), "uplink attached");
+                    return Ok(*mode);
+                }
+                Err(e) => warn!(iface, mode = mode.name(), error = %e, "XDP attach failed"),
+            }
+        }
+        if wanted.is_some_and(|w| w != UplinkMode::Tc) {
+            bail!("XDP could not attach to {iface} in the requested mode");
+        }
+        info!(iface, mode = "tc", "uplink attached");
+        Ok(UplinkMode::Tc)
+    }
+
+    /// Writes the node-wide settings.
+    pub fn set_config(&mut self, config: Config) -> Result<()> {
+        self.config.set(0, config, 0)?;
+        Ok(())
+    }
+
+    /// Every NAT entry.
+    pub fn nat(&self) -> Result<Vec<(CtKey4, Nat4)>> {
+        Ok(self.nat.iter().collect::<Result<_, _>>()?)
     }
 
     /// One of the loaded programs, by name (see `proxy_common::program_names`).
@@ -114,52 +257,55 @@ impl Dataplane {
     }
 
     /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's
-    /// host-side interface. Ferry's filters sit at a fixed priority and handle, so
-    /// a filter an earlier agent left there is replaced in one step, without a gap.
-    /// The filters stay after this process exits; `cleanup` removes them.
+    /// host-side interface. The filters stay after this process exits; `cleanup`
+    /// removes them.
     pub fn attach_pod_interface(&mut self, iface: &str) -> Result<()> {
+        self.attach_tc(iface, program_names::FROM_POD, TcAttachType::Ingress)?;
+        self.attach_tc(iface, program_names::TO_POD, TcAttachType::Egress)?;
+        info!(iface, "attached");
+        Ok(())
+    }
+
+    /// Attaches one tc program. Ferry's filters sit at a fixed priority and
+    /// handle, so a filter an earlier agent left there is replaced in one step,
+    /// without a gap. Netlink filters, not tcx links: they work from 5.10 on and
+    /// outlive the agent.
+    fn attach_tc(&mut self, iface: &str, name: &str, attach_type: TcAttachType) -> Result<()> {
         match qdisc_add_clsact(iface) {
             Ok(()) => {}
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("adding clsact to {iface}")),
         }
-        for (name, attach_type) in [
-            (program_names::FROM_POD, TcAttachType::Ingress),
-            (program_names::TO_POD, TcAttachType::Egress),
-        ] {
-            let program = self.program(name)?;
-            // Netlink filters, not tcx links: they work from 5.10 on and outlive the agent.
-            let options = NlOptions {
-                priority: TC_PRIORITY,
-                handle: TC_HANDLE,
-                ..NlOptions::default()
-            };
-            let link_id = match program.attach_with_options(
-                iface,
-                attach_type,
-                TcAttachOptions::Netlink(options),
-            ) {
-                Ok(id) => Ok(id),
-                Err(ProgramError::TcError(TcError::NetlinkError(e)))
-                    if e.raw_os_error() == Some(libc::EEXIST) =>
-                {
-                    let existing = SchedClassifierLink::attached(
-                        iface,
-                        attach_type,
-                        TC_PRIORITY,
-                        TC_HANDLE,
-                        None,
-                    )?;
-                    program.attach_to_link(existing)
-                }
-                Err(e) => Err(e),
+        let program = self.program(name)?;
+        let options = NlOptions {
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+            ..NlOptions::default()
+        };
+        let link_id = match program.attach_with_options(
+            iface,
+            attach_type,
+            TcAttachOptions::Netlink(options),
+        ) {
+            Ok(id) => Ok(id),
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                let existing = SchedClassifierLink::attached(
+                    iface,
+                    attach_type,
+                    TC_PRIORITY,
+                    TC_HANDLE,
+                    None,
+                )?;
+                program.attach_to_link(existing)
             }
-            .with_context(|| format!("attaching {name} to {iface}"))?;
-            let link = program.take_link(link_id)?;
-            // Dropping the link would detach it; the filter must stay.
-            std::mem::forget(link);
+            Err(e) => Err(e),
         }
-        info!(iface, "attached");
+        .with_context(|| format!("attaching {name} to {iface}"))?;
+        let link = program.take_link(link_id)?;
+        // Dropping the link would detach it; the filter must stay.
+        std::mem::forget(link);
         Ok(())
     }
 
@@ -295,6 +441,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
         for (name, attach_type) in [
             (program_names::FROM_POD, TcAttachType::Ingress),
             (program_names::TO_POD, TcAttachType::Egress),
+            (program_names::UPLINK_TC, TcAttachType::Ingress),
         ] {
             if detach(&iface, attach_type, name)? {
                 removed

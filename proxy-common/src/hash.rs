@@ -34,11 +34,12 @@ pub fn flow_hash4(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, pr
     finish(h)
 }
 
-/// The backend slot (1-based) a flow hash selects among `count` slots.
+/// The backend slot (1-based) a flow hash selects among `count` slots. Callers
+/// handle `count == 0` first; the checked remainder keeps any panic path (which
+/// the verifier would refuse) out of the eBPF programs.
 #[inline(always)]
 pub fn slot_for(hash: u32, count: u16) -> u16 {
-    // `count` is never 0 here: callers reject services without backends first.
-    (hash % u32::from(count)) as u16 + 1
+    hash.checked_rem(u32::from(count)).unwrap_or(0) as u16 + 1
 }
 
 #[cfg(test)]

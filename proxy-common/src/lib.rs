@@ -16,10 +16,22 @@ pub mod map_names {
     pub const SERVICES_V4: &str = "svc4_v1";
     pub const BACKENDS_V4: &str = "backend4_v1";
     pub const REVNAT_V4: &str = "revnat4_v1";
-    pub const CONNTRACK_V4: &str = "ct4_v1";
+    pub const CONNTRACK_V4: &str = "ct4_v2";
+    pub const NAT_V4: &str = "nat4_v1";
+    pub const SOURCE_RANGES_V4: &str = "srcrange4_v1";
+    pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 5] = [SERVICES_V4, BACKENDS_V4, REVNAT_V4, CONNTRACK_V4, STATS];
+    pub const ALL: [&str; 8] = [
+        SERVICES_V4,
+        BACKENDS_V4,
+        REVNAT_V4,
+        CONNTRACK_V4,
+        NAT_V4,
+        SOURCE_RANGES_V4,
+        CONFIG,
+        STATS,
+    ];
 }
 
 /// Names of the programs inside the object.
@@ -28,6 +40,10 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// tc egress on a pod's host-side veth: packets about to enter the pod.
     pub const TO_POD: &str = "to_pod";
+    /// XDP on the node's uplink: traffic from outside the node.
+    pub const UPLINK_XDP: &str = "uplink_xdp";
+    /// The same program for tc ingress on the uplink, where XDP cannot attach.
+    pub const UPLINK_TC: &str = "uplink_tc";
 }
 
 /// Capacities of the maps. The agent can override them at load time.
@@ -36,6 +52,8 @@ pub mod capacity {
     pub const BACKENDS: u32 = 131_072;
     pub const REVNAT: u32 = 65_536;
     pub const CONNTRACK: u32 = 524_288;
+    pub const NAT: u32 = 262_144;
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 /// IP protocol numbers used in keys.
@@ -59,6 +77,15 @@ pub struct ServiceKey4 {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
 
+/// Bits of [`ServiceValue::flags`] (slot 0).
+pub mod svc_flags {
+    /// externalTrafficPolicy=Local: the slots hold only this node's backends, and
+    /// without one the packet is dropped (not rejected), as kube-proxy does.
+    pub const LOCAL_ONLY: u16 = 1 << 0;
+    /// loadBalancerSourceRanges apply: the client must match the ranges map.
+    pub const SOURCE_RANGES: u16 = 1 << 1;
+}
+
 /// Value of the services map. In slot 0, `count` and `flags` describe the
 /// service and `backend_id` is 0; in slot N, `backend_id` names the backend.
 /// `rev_nat_id` is the same in every slot of one frontend.
@@ -79,6 +106,12 @@ pub mod backend_state {
     pub const TERMINATING: u8 = 1;
 }
 
+/// Bits of [`Backend4::flags`].
+pub mod backend_flags {
+    /// The backend runs on this node: reached by DNAT alone, never by SNAT.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
 /// Value of the backends map, keyed by a `u32` id the agent allocates (never 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -88,7 +121,7 @@ pub struct Backend4 {
     pub proto: u8,
     /// One of [`backend_state`].
     pub state: u8,
-    /// Bit 0: the backend runs on this node.
+    /// Bits of [`backend_flags`].
     pub flags: u8,
     pub _pad: [u8; 3],
 }
@@ -111,6 +144,8 @@ pub mod ct_dir {
     pub const FORWARD: u8 = 0;
     /// Backend -> client, as the backend sends its reply.
     pub const REPLY: u8 = 1;
+    /// Remote backend -> node address and NAT port: a reply to a SNATed flow.
+    pub const NAT: u8 = 2;
 }
 
 /// Key of the conntrack map: the full 5-tuple as seen on the wire plus direction.
@@ -135,10 +170,52 @@ pub struct CtValue4 {
     pub backend_id: u32,
     pub rev_nat_id: u16,
     pub flags: u16,
+    /// For a flow SNATed to the node's address: the node port it got (else 0).
+    pub nat_port_be: u16,
+    pub _pad: [u16; 3],
     /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtValue4>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 24);
+
+/// Value of the NAT map, keyed by the [`CtKey4`] of a remote backend's reply as
+/// it arrives (backend -> node address : NAT port, direction `ct_dir::NAT`):
+/// the client the reply goes back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nat4 {
+    pub client_addr_be: u32,
+    pub client_port_be: u16,
+    /// The frontend the client dialled (reverse-NAT id).
+    pub rev_nat_id: u16,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Nat4>() == 16);
+
+/// Data of a source-ranges LPM trie key: a frontend (by reverse-NAT id, big
+/// endian so it is matched bit by bit) and a client address. The key's prefix
+/// length counts the 32 bits of `rev_nat_id_be` and `_pad` plus the address
+/// prefix; a lookup uses 64 and the client's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRange4 {
+    pub rev_nat_id_be: u16,
+    pub _pad: u16,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRange4>() == 8);
+
+/// The node-wide settings the agent writes into the config array (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The node's address: the source of SNATed packets to remote backends.
+    pub snat_addr_be: u32,
+    /// Ports handed to SNATed flows: `nat_port_min..=nat_port_max` (host order).
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 /// One per-CPU statistics counter.
 #[repr(C)]
@@ -160,4 +237,7 @@ mod pod {
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for StatCounter {}
+    unsafe impl aya::Pod for Nat4 {}
+    unsafe impl aya::Pod for SourceRange4 {}
+    unsafe impl aya::Pod for Config {}
 }

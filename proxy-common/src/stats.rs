@@ -17,9 +17,17 @@ pub const DROP_CT_INSERT: u32 = 12;
 pub const DROP_REWRITE: u32 = 13;
 pub const DROP_REJECT_FAILED: u32 = 14;
 pub const DROP_NO_REVNAT: u32 = 15;
+pub const FWD_LOCAL: u32 = 16;
+pub const FWD_SNAT: u32 = 17;
+pub const REV_SNAT: u32 = 18;
+pub const DROP_NO_LOCAL_BACKEND: u32 = 19;
+pub const DROP_SOURCE_RANGE: u32 = 20;
+pub const DROP_NAT_PORTS: u32 = 21;
+pub const DROP_FIB: u32 = 22;
+pub const PASS_NO_NEIGH: u32 = 23;
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 16;
+pub const COUNT: u32 = 24;
 
 /// Name of each counter, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -39,4 +47,12 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_rewrite",
     "drop_reject_failed",
     "drop_no_revnat",
+    "fwd_local",
+    "fwd_snat",
+    "rev_snat",
+    "drop_no_local_backend",
+    "drop_source_range",
+    "drop_nat_ports",
+    "drop_fib",
+    "pass_no_neigh",
 ];

@@ -1,6 +1,5 @@
-//! Internet checksum arithmetic (RFC 1071) for headers the programs build. Sums
-//! are over 16-bit words in whatever byte order they were read; the folded result
-//! is stored back in that same order.
+//! Internet checksum arithmetic (RFC 1071, RFC 1624). Values are 16-bit words in
+//! whatever byte order they were read; results are stored back in that order.
 
 /// Adds the two 16-bit halves of a 32-bit word to a running sum.
 #[inline(always)]
@@ -15,4 +14,21 @@ pub fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// The checksum after a covered 32-bit word changed from `old` to `new`
+/// (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+#[inline(always)]
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let mut sum = u64::from(!check);
+    sum = add_word(sum, !old);
+    sum = add_word(sum, new);
+    fold(sum)
+}
+
+/// The same for a 16-bit word.
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u64::from(!check) + u64::from(!old) + u64::from(new);
+    fold(sum)
 }

@@ -1,35 +1,35 @@
-//! Service load balancing for pod traffic: frontend lookup, backend choice by
-//! flow hash, conntrack so a flow keeps its backend, and reverse NAT of replies.
-//! Per packet: one service lookup, then conntrack (and on a new flow one slot and
-//! one backend lookup). Never a walk over services or backends.
+//! Service load balancing shared by every hook: frontend lookup, backend choice
+//! by flow hash, and conntrack so a flow keeps its backend. Per packet: one
+//! service lookup, then conntrack (and on a new flow one slot and one backend
+//! lookup). Never a walk over services or backends.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    ct_dir,
+    backend_flags, ct_dir,
     hash::{flow_hash4, slot_for},
-    stats, Backend4, CtKey4, CtValue4, ServiceKey4,
+    stats, Backend4, CtKey4, CtValue4, ServiceKey4, ServiceValue,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, REVNAT, SERVICES},
-    nat::{rewrite, End},
-    parse::{self, Flow},
-    reject,
-    verdict::{Drop, Out},
+    maps::{BACKENDS, CONNTRACK, SERVICES},
+    parse::Flow,
+    verdict::Drop,
 };
 
 /// Conntrack entries are refreshed at most this often, to keep writes off the
 /// fast path of busy flows.
-const CT_REFRESH_NS: u64 = 1_000_000_000;
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// A packet leaving a pod: DNAT it if it is addressed to a service frontend.
 #[inline(always)]
-pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
-    let flow = match parse::flow(ctx) {
-        Ok(flow) => flow,
-        Err(early) => return early,
-    };
-    let mut key = ServiceKey4 {
+pub fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The frontend a packet is addressed to, if any: its slot-0 key and header.
+#[inline(always)]
+pub fn frontend(flow: &Flow) -> Option<(ServiceKey4, ServiceValue)> {
+    let key = ServiceKey4 {
         addr_be: flow.daddr,
         port_be: flow.dport,
         proto: flow.proto,
@@ -38,31 +38,54 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; the agent may replace it later.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return Ok(Out::pass(stats::PASS_NOT_SERVICE));
-    };
-    if svc.count == 0 {
-        return reject::port_unreachable(ctx, &flow);
-    }
+    unsafe { SERVICES.get(&key) }.copied().map(|svc| (key, svc))
+}
 
-    let fwd = CtKey4 {
+#[inline(always)]
+pub fn ct_key(flow: &Flow, dir: u8) -> CtKey4 {
+    CtKey4 {
         saddr_be: flow.saddr,
         daddr_be: flow.daddr,
         sport_be: flow.sport,
         dport_be: flow.dport,
         proto: flow.proto,
-        dir: ct_dir::FORWARD,
+        dir,
         _pad: 0,
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
+    }
+}
+
+/// The backend a packet of `flow` goes to.
+pub struct Chosen {
+    pub backend: Backend4,
+    /// The node port of a SNATed flow (0 until one is given).
+    pub nat_port_be: u16,
+    /// True when this packet opened the flow.
+    pub new: bool,
+}
+
+impl Chosen {
+    #[inline(always)]
+    pub fn local(&self) -> bool {
+        self.backend.flags & backend_flags::LOCAL != 0
+    }
+}
+
+/// Picks the backend for a packet to a frontend with backends: the one its
+/// conntrack entry names while that backend exists, else one by flow hash,
+/// recorded in conntrack. `reply_entry` also records the backend's reply
+/// direction, for reverse NAT where replies pass through this node unchanged.
+#[inline(always)]
+pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<Chosen, Drop> {
+    let fwd = ct_key(flow, ct_dir::FORWARD);
+    let now = now();
     if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd) {
-        // SAFETY: a conntrack value is plain data; a concurrent writer can at worst
-        // make us read a backend id that is about to change, which the backend
-        // lookup below tolerates.
-        let (backend_id, rev_nat_id, last_seen) = unsafe {
+        // SAFETY: conntrack values are plain data; a racing writer can at worst make
+        // us read a backend id about to change, which the lookup below tolerates.
+        let (backend_id, rev_nat_id, nat_port_be, last_seen) = unsafe {
             (
                 (*entry).backend_id,
                 (*entry).rev_nat_id,
+                (*entry).nat_port_be,
                 (*entry).last_seen_ns,
             )
         };
@@ -72,14 +95,11 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
                 if now.wrapping_sub(last_seen) > CT_REFRESH_NS {
                     unsafe { (*entry).last_seen_ns = now };
                 }
-                rewrite(
-                    ctx,
-                    &flow,
-                    End::Destination,
-                    backend.addr_be,
-                    backend.port_be,
-                )?;
-                return Ok(Out::pass(stats::FWD_ESTABLISHED));
+                return Ok(Chosen {
+                    backend,
+                    nat_port_be,
+                    new: false,
+                });
             }
         }
         // The pinned backend is gone (or the frontend was recreated): choose again.
@@ -96,78 +116,43 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
     let backend = unsafe { BACKENDS.get(&slot.backend_id) }
         .copied()
         .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
-    track(&flow, &fwd, slot.backend_id, svc.rev_nat_id, &backend, now)?;
-    rewrite(
-        ctx,
-        &flow,
-        End::Destination,
-        backend.addr_be,
-        backend.port_be,
-    )?;
-    Ok(Out::pass(stats::FWD_NEW))
-}
-
-/// Records both directions of a new translated flow.
-#[inline(always)]
-fn track(
-    flow: &Flow,
-    fwd: &CtKey4,
-    backend_id: u32,
-    rev_nat_id: u16,
-    backend: &Backend4,
-    now: u64,
-) -> Result<(), Drop> {
     let value = CtValue4 {
-        backend_id,
-        rev_nat_id,
-        flags: 0,
+        backend_id: slot.backend_id,
+        rev_nat_id: svc.rev_nat_id,
         last_seen_ns: now,
+        ..CtValue4::default()
     };
-    let reply = CtKey4 {
-        saddr_be: backend.addr_be,
-        daddr_be: flow.saddr,
-        sport_be: backend.port_be,
-        dport_be: flow.sport,
-        proto: flow.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
+    let chosen = Chosen {
+        backend,
+        nat_port_be: 0,
+        new: true,
     };
+    // A SNATed flow's replies come back to the node address (the NAT map), not here.
+    if chosen.local() || !flow.external {
+        let reply = CtKey4 {
+            saddr_be: backend.addr_be,
+            daddr_be: flow.saddr,
+            sport_be: backend.port_be,
+            dport_be: flow.sport,
+            proto: flow.proto,
+            dir: ct_dir::REPLY,
+            _pad: 0,
+        };
+        CONNTRACK
+            .insert(&reply, &value, u64::from(BPF_ANY))
+            .map_err(|_| Drop(stats::DROP_CT_INSERT))?;
+    }
     CONNTRACK
-        .insert(&reply, &value, u64::from(BPF_ANY))
-        .and_then(|()| CONNTRACK.insert(fwd, &value, u64::from(BPF_ANY)))
-        .map_err(|_| Drop(stats::DROP_CT_INSERT))
+        .insert(&fwd, &value, u64::from(BPF_ANY))
+        .map_err(|_| Drop(stats::DROP_CT_INSERT))?;
+    Ok(chosen)
 }
 
-/// A packet about to enter a pod: if it is a backend's reply on a translated
-/// flow, give it back the frontend address the pod dialled.
+/// Records the NAT port a SNATed flow got in its forward conntrack entry.
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext) -> Result<Out, Drop> {
-    let flow = match parse::flow(ctx) {
-        Ok(flow) => flow,
-        Err(early) => return early,
-    };
-    let key = CtKey4 {
-        saddr_be: flow.saddr,
-        daddr_be: flow.daddr,
-        sport_be: flow.sport,
-        dport_be: flow.dport,
-        proto: flow.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
-    };
-    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
-        return Ok(Out::pass(stats::PASS_NO_CONNTRACK));
-    };
-    // SAFETY: plain data, read once.
-    let (rev_nat_id, last_seen) = unsafe { ((*entry).rev_nat_id, (*entry).last_seen_ns) };
-    // SAFETY: copied out at once.
-    let frontend = unsafe { REVNAT.get(&rev_nat_id) }
-        .copied()
-        .ok_or(Drop(stats::DROP_NO_REVNAT))?;
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(last_seen) > CT_REFRESH_NS {
-        unsafe { (*entry).last_seen_ns = now };
+pub fn remember_nat_port(flow: &Flow, nat_port_be: u16) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&ct_key(flow, ct_dir::FORWARD)) {
+        // SAFETY: plain data.
+        unsafe { (*entry).nat_port_be = nat_port_be };
     }
-    rewrite(ctx, &flow, End::Source, frontend.addr_be, frontend.port_be)?;
-    Ok(Out::pass(stats::REV_NAT))
 }

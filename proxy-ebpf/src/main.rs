@@ -1,32 +1,58 @@
 //! Ferry's dataplane programs.
 //!
-//! `from_pod` runs on tc ingress of each pod's host-side veth (packets the pod
-//! sends): a packet to a Service frontend is DNATed to a backend. `to_pod` runs on
-//! tc egress of the same veth (packets the pod receives): replies from a backend are
-//! reverse-NATed so the pod sees the address it dialled.
+//! - `from_pod` / `to_pod`: tc ingress / egress on each pod's host-side veth
+//!   (pod traffic to services, and replies).
+//! - `uplink_xdp` / `uplink_tc`: XDP and tc ingress on the node's uplink
+//!   (NodePort, externalIPs, LoadBalancer IPs, SNAT to remote backends).
 #![no_std]
 #![no_main]
 
 mod csum;
+mod ctx;
 mod lb;
 mod maps;
-mod nat;
 mod parse;
+mod pod;
 mod reject;
+mod uplink;
 mod verdict;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::{ctx::Packet, uplink::Hook, verdict::Action};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    verdict::finish(len, lb::from_pod(&ctx))
+    verdict::finish_tc(len, Packet::ifindex(&ctx), pod::from_pod(&ctx))
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    verdict::finish(len, lb::to_pod(&ctx))
+    verdict::finish_tc(len, Packet::ifindex(&ctx), pod::to_pod(&ctx))
+}
+
+#[xdp]
+pub fn uplink_xdp(ctx: XdpContext) -> u32 {
+    let len = Packet::len(&ctx);
+    verdict::finish_xdp(len, uplink::uplink(&ctx, Hook::Xdp))
+}
+
+#[classifier]
+pub fn uplink_tc(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let result = match uplink::uplink(&ctx, Hook::Tc) {
+        Ok(out) if out.action == Action::Reject => match parse::flow(&ctx) {
+            Ok(flow) => reject::port_unreachable(&ctx, &flow),
+            Err(early) => early,
+        },
+        other => other,
+    };
+    verdict::finish_tc(len, Packet::ifindex(&ctx), result)
 }
 
 #[cfg(not(test))]

@@ -2,11 +2,13 @@
 //! proxy-common; capacities there too (the agent may override them at load).
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    capacity, stats, Backend4, CtKey4, CtValue4, RevNat4, ServiceKey4, ServiceValue, StatCounter,
+    capacity, stats, Backend4, Config, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
+    SourceRange4, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -23,9 +25,26 @@ pub static BACKENDS: HashMap<u32, Backend4, { capacity::BACKENDS as usize }> = H
 pub static REVNAT: HashMap<u16, RevNat4, { capacity::REVNAT as usize }> = HashMap::new();
 
 /// Conntrack: both directions of every translated flow, least recently used evicted.
-#[btf_map(name = "ct4_v1")]
+#[btf_map(name = "ct4_v2")]
 pub static CONNTRACK: LruHashMap<CtKey4, CtValue4, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
+
+/// SNAT: a remote backend's reply (to the node address and NAT port) -> the client.
+#[btf_map(name = "nat4_v1")]
+pub static NAT: LruHashMap<CtKey4, Nat4, { capacity::NAT as usize }> = LruHashMap::new();
+
+/// loadBalancerSourceRanges: (frontend, client prefix) -> allowed.
+#[btf_map(name = "srcrange4_v1")]
+pub static SOURCE_RANGES: LpmTrie<
+    SourceRange4,
+    u8,
+    { capacity::SOURCE_RANGES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// Node-wide settings (index 0), written by the agent.
+#[btf_map(name = "config_v1")]
+pub static CONFIG: Array<Config, 1> = Array::new();
 
 /// Per-CPU counters by verdict and drop reason (indexes in proxy_common::stats).
 #[btf_map(name = "stats_v1")]

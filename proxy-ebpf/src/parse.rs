@@ -1,10 +1,12 @@
 //! Parsing Ethernet + IPv4 + TCP/UDP far enough to find the flow's 5-tuple.
 //! The IPv4 header length comes from IHL, so options are handled.
 
-use aya_ebpf::programs::TcContext;
 use proxy_common::{proto, stats};
 
-use crate::verdict::{Drop, Out};
+use crate::{
+    ctx::Packet,
+    verdict::{Drop, Out},
+};
 
 pub const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -43,13 +45,19 @@ pub struct Flow {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+    /// Arrived on the node's uplink (from outside) rather than from a pod.
+    pub external: bool,
 }
 
 impl Flow {
     /// Length of the fixed L4 header, which the parser made sure is there.
     #[inline(always)]
     pub fn l4_min_len(&self) -> usize {
-        if self.proto == proto::TCP { TCP_MIN_LEN } else { UDP_LEN }
+        if self.proto == proto::TCP {
+            TCP_MIN_LEN
+        } else {
+            UDP_LEN
+        }
     }
 
     /// Offset of the L4 checksum field.
@@ -59,24 +67,12 @@ impl Flow {
     }
 }
 
-/// Makes the first `len` bytes readable by direct access when the packet holds
-/// them, pulling them into the linear area when they are not there yet.
-#[inline(always)]
-fn linear(ctx: &TcContext, len: usize) -> bool {
-    if ctx.data() + len <= ctx.data_end() {
-        return true;
-    }
-    ctx.len() as usize >= len
-        && ctx.pull_data(len as u32).is_ok()
-        && ctx.data() + len <= ctx.data_end()
-}
-
 /// Finds the flow of an IPv4 TCP/UDP packet. Anything else is an early outcome:
 /// passed untouched (not ours to judge) or dropped (an IPv4 header the kernel
 /// would drop too).
 #[inline(always)]
-pub fn flow(ctx: &TcContext) -> Result<Flow, Result<Out, Drop>> {
-    if !linear(ctx, ETH_LEN) {
+pub fn flow<C: Packet>(ctx: &C) -> Result<Flow, Result<Out, Drop>> {
+    if !ctx.linear(ETH_LEN) {
         return Err(Ok(Out::pass(stats::PASS_NOT_IPV4)));
     }
     // SAFETY: `linear` checked that the Ethernet header lies inside the packet.
@@ -84,7 +80,7 @@ pub fn flow(ctx: &TcContext) -> Result<Flow, Result<Out, Drop>> {
     if ether_type != ETH_P_IP {
         return Err(Ok(Out::pass(stats::PASS_NOT_IPV4)));
     }
-    if !linear(ctx, ETH_LEN + IPV4_MIN_LEN) {
+    if !ctx.linear(ETH_LEN + IPV4_MIN_LEN) {
         return Err(Err(Drop(stats::DROP_MALFORMED_IP)));
     }
     // SAFETY: `linear` checked that the fixed IPv4 header lies inside the packet.
@@ -113,8 +109,8 @@ pub fn flow(ctx: &TcContext) -> Result<Flow, Result<Out, Drop>> {
         return Err(Ok(Out::pass(stats::PASS_TRUNCATED_L4)));
     }
     let ports: u32 = ctx
-        .load(l4_off)
-        .map_err(|_| Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?;
+        .read(l4_off)
+        .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?;
     // The two ports as they sit on the wire: source first, then destination.
     let ports = ports.to_ne_bytes();
     Ok(Flow {
@@ -125,5 +121,6 @@ pub fn flow(ctx: &TcContext) -> Result<Flow, Result<Out, Drop>> {
         daddr,
         sport: u16::from_ne_bytes([ports[0], ports[1]]),
         dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        external: false,
     })
 }

@@ -3,7 +3,7 @@
 //! REJECT default), so the client fails at once instead of timing out.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
+    helpers::{bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
 use proxy_common::stats;
@@ -11,7 +11,7 @@ use proxy_common::stats;
 use crate::{
     csum,
     parse::{Flow, ETH_LEN},
-    verdict::{Drop, Out},
+    verdict::{Action, Drop, Out},
 };
 
 const IP_LEN: usize = 20;
@@ -85,12 +85,8 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<Out, Drop> {
     let icmp_csum = csum::fold(sum);
     ctx.store(ETH_LEN + IP_LEN + 2, &icmp_csum, 0)
         .map_err(|_| Drop(stats::DROP_REJECT_FAILED))?;
-    // SAFETY: reading the ingress ifindex of our own skb.
-    let ifindex = unsafe { (*skb).ifindex };
-    // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
     Ok(Out {
-        action,
+        action: Action::Tx,
         stat: stats::REJECT_NO_BACKEND,
     })
 }

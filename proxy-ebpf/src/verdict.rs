@@ -1,18 +1,36 @@
-//! How a program's outcome becomes a tc action and a statistics count: every
-//! packet is counted exactly once, here.
+//! How a program's outcome becomes its return code and a statistics count:
+//! every packet is counted exactly once, here.
 
-use aya_ebpf::bindings::TC_ACT_SHOT;
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+};
 use proxy_common::StatCounter;
 
 use crate::maps::STATS;
 
-/// Let the packet continue: to the next tc filter if there is one, else to the stack.
+/// tc: let the packet continue, to the next filter if there is one, else to the stack.
 pub const TC_ACT_UNSPEC: i32 = -1;
+
+/// Where a packet goes when it is not dropped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// On to the kernel's stack (possibly rewritten).
+    Pass,
+    /// Back out of the interface it came in on (addresses already rewritten).
+    Tx,
+    /// Out of another interface, MACs already set.
+    Redirect(u32),
+    /// Out of an interface whose next hop's MAC is not known yet (tc only: the
+    /// kernel resolves it; XDP hands such packets to the tc program instead).
+    RedirectNeigh(u32),
+    /// Reject with ICMP port unreachable (tc builds it; XDP hands it to tc).
+    Reject,
+}
 
 /// What a program decided for a packet it did not drop.
 pub struct Out {
-    /// The tc action to return.
-    pub action: i32,
+    pub action: Action,
     /// The statistics counter this outcome is counted under.
     pub stat: u32,
 }
@@ -21,7 +39,7 @@ impl Out {
     #[inline(always)]
     pub const fn pass(stat: u32) -> Self {
         Self {
-            action: TC_ACT_UNSPEC,
+            action: Action::Pass,
             stat,
         }
     }
@@ -30,13 +48,8 @@ impl Out {
 /// A reason to drop the packet, as a statistics counter index.
 pub struct Drop(pub u32);
 
-/// Counts the packet (with `len`, its length as it arrived) and returns the action.
 #[inline(always)]
-pub fn finish(len: u32, result: Result<Out, Drop>) -> i32 {
-    let (action, stat) = match result {
-        Ok(out) => (out.action, out.stat),
-        Err(Drop(stat)) => (TC_ACT_SHOT as i32, stat),
-    };
+fn count(len: u32, stat: u32) {
     if let Some(counter) = STATS.get_ptr_mut(stat) {
         // SAFETY: a per-CPU array slot is only touched by this CPU.
         unsafe {
@@ -45,5 +58,49 @@ pub fn finish(len: u32, result: Result<Out, Drop>) -> i32 {
             counter.bytes += u64::from(len);
         }
     }
-    action
+}
+
+/// tc: counts the packet (with `len`, its length as it arrived) and returns the action.
+#[inline(always)]
+pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i32 {
+    match result {
+        Ok(out) => {
+            count(len, out.stat);
+            // SAFETY: plain helper calls.
+            unsafe {
+                match out.action {
+                    Action::Pass | Action::Reject => TC_ACT_UNSPEC,
+                    Action::Tx => bpf_redirect(ingress_ifindex, 0) as i32,
+                    Action::Redirect(ifindex) => bpf_redirect(ifindex, 0) as i32,
+                    Action::RedirectNeigh(ifindex) => {
+                        bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+                    }
+                }
+            }
+        }
+        Err(Drop(stat)) => {
+            count(len, stat);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// XDP: the same for an XDP program.
+#[inline(always)]
+pub fn finish_xdp(len: u32, result: Result<Out, Drop>) -> u32 {
+    match result {
+        Ok(out) => {
+            count(len, out.stat);
+            match out.action {
+                Action::Pass | Action::Reject | Action::RedirectNeigh(_) => xdp_action::XDP_PASS,
+                Action::Tx => xdp_action::XDP_TX,
+                // SAFETY: plain helper call.
+                Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+            }
+        }
+        Err(Drop(stat)) => {
+            count(len, stat);
+            xdp_action::XDP_DROP
+        }
+    }
 }

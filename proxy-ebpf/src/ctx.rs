@@ -1,0 +1,221 @@
+//! What the packet-handling code needs from a program context, so one code path
+//! serves tc (sk_buff) and XDP (xdp_md) alike. Only the rewrite differs: tc uses
+//! the checksum helpers (which also handle offloaded checksums); XDP frames are
+//! plain bytes, rewritten with incremental checksum arithmetic (RFC 1624).
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::{TcContext, XdpContext},
+};
+use proxy_common::{proto, stats};
+
+use crate::{
+    csum,
+    parse::{Flow, ETH_LEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    verdict::Drop,
+};
+
+/// Which end of a flow a rewrite changes.
+#[derive(Clone, Copy)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn len(&self) -> u32;
+    /// The raw context pointer, for helpers that take either kind.
+    fn raw(&self) -> *mut c_void;
+    /// The interface the packet arrived on.
+    fn ifindex(&self) -> u32;
+    /// Makes the first `len` bytes readable by direct access if the packet has them.
+    fn linear(&self, len: usize) -> bool;
+    /// Reads a `T` at `offset`.
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Rewrites one end of the flow to `addr:port` (network order), fixing the
+    /// IPv4 header checksum and the L4 checksum. A UDP checksum of zero (none)
+    /// stays zero; a computed zero becomes 0xffff.
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Drop>;
+    /// Writes the Ethernet addresses.
+    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Drop>;
+}
+
+#[inline(always)]
+fn offsets(flow: &Flow, end: End) -> (u32, u16, usize, usize) {
+    match end {
+        End::Source => (flow.saddr, flow.sport, ETH_LEN + IP_SADDR_OFF, flow.l4_off),
+        End::Destination => (
+            flow.daddr,
+            flow.dport,
+            ETH_LEN + IP_DADDR_OFF,
+            flow.l4_off + 2,
+        ),
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.skb.skb.cast()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of our own context.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn linear(&self, len: usize) -> bool {
+        if TcContext::data(self) + len <= TcContext::data_end(self) {
+            return true;
+        }
+        TcContext::len(self) as usize >= len
+            && self.pull_data(len as u32).is_ok()
+            && TcContext::data(self) + len <= TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load::<T>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Drop> {
+        let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
+        let mangled = if flow.proto == proto::UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        let csum_off = flow.l4_csum_off();
+        let failed = |_| Drop(stats::DROP_REWRITE);
+        if old_addr != addr {
+            self.l4_csum_replace(
+                csum_off,
+                u64::from(old_addr),
+                u64::from(addr),
+                u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+            )
+            .map_err(failed)?;
+            self.l3_csum_replace(
+                ETH_LEN + IP_CSUM_OFF,
+                u64::from(old_addr),
+                u64::from(addr),
+                4,
+            )
+            .map_err(failed)?;
+            self.store(addr_off, &addr, 0).map_err(failed)?;
+        }
+        if old_port != port {
+            self.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled | 2)
+                .map_err(failed)?;
+            self.store(port_off, &port, 0).map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Drop> {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(dst);
+        macs[6..].copy_from_slice(src);
+        self.store(0, &macs, 0)
+            .map_err(|_| Drop(stats::DROP_REWRITE))
+    }
+}
+
+/// A bounds-checked pointer into an XDP frame.
+#[inline(always)]
+fn xdp_ptr<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data() + offset;
+    if start + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.ctx.cast()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of our own context.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn linear(&self, len: usize) -> bool {
+        XdpContext::data(self) + len <= XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: bounds checked by xdp_ptr.
+        xdp_ptr::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Drop> {
+        let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
+        let bad = Drop(stats::DROP_REWRITE);
+        let ip_csum = xdp_ptr::<u16>(self, ETH_LEN + IP_CSUM_OFF).ok_or(bad)?;
+        let addr_ptr = xdp_ptr::<u32>(self, addr_off).ok_or(Drop(stats::DROP_REWRITE))?;
+        let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Drop(stats::DROP_REWRITE))?;
+        let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Drop(stats::DROP_REWRITE))?;
+        // SAFETY: every pointer was bounds-checked against the frame above.
+        unsafe {
+            ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old_addr, addr));
+            addr_ptr.write_unaligned(addr);
+            port_ptr.write_unaligned(port);
+            let old = l4_csum.read_unaligned();
+            if flow.proto == proto::UDP && old == 0 {
+                return Ok(());
+            }
+            let mut new = csum::replace4(old, old_addr, addr);
+            new = csum::replace2(new, old_port, port);
+            if flow.proto == proto::UDP && new == 0 {
+                new = 0xffff;
+            }
+            l4_csum.write_unaligned(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Drop> {
+        let macs = xdp_ptr::<[u8; 12]>(self, 0).ok_or(Drop(stats::DROP_REWRITE))?;
+        let mut value = [0u8; 12];
+        value[..6].copy_from_slice(dst);
+        value[6..].copy_from_slice(src);
+        // SAFETY: bounds-checked.
+        unsafe { macs.write_unaligned(value) };
+        Ok(())
+    }
+}
