@@ -19,9 +19,10 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    cluster::NodeInfo,
     cluster::{self, Slice},
-    dataplane::Dataplane,
-    health::{self, Shared},
+    dataplane::{Dataplane, UplinkMode},
+    health::{self, HealthChecks, Shared},
     ifaces::{self, LinkEvent},
     model::{Service, ServiceFile},
     state::{self, Ids, MapState},
@@ -47,6 +48,12 @@ pub struct Config {
     /// Globs of host-side pod interface names to attach to.
     pub pod_iface_patterns: Vec<String>,
     pub healthz_addr: Option<SocketAddr>,
+    /// The node's uplinks: XDP (or tc) for traffic from outside.
+    pub uplinks: Vec<String>,
+    /// Force an uplink attach mode; by default native XDP, else generic, else tc.
+    pub uplink_mode: Option<UplinkMode>,
+    /// Node ports SNATed flows get (keep them out of the node's ephemeral range).
+    pub nat_ports: (u16, u16),
     pub resync_period: Duration,
     /// How long to gather changes before programming them.
     pub sync_delay: Duration,
@@ -67,10 +74,14 @@ impl Stores {
         self.services.ready() && self.slices.ready() && self.node.ready()
     }
 
-    fn services(&self) -> (Vec<Service>, Vec<cluster::Skip>) {
+    fn node(&self, name: &str) -> NodeInfo {
+        NodeInfo::from_node(name, self.node.values().next().map(AsRef::as_ref))
+    }
+
+    fn desired(&self, node: &NodeInfo) -> cluster::Desired {
         let k8s: Vec<&K8sService> = self.services.values().map(AsRef::as_ref).collect();
         let slices: Vec<&Slice> = self.slices.values().collect();
-        cluster::services(&k8s, &slices)
+        cluster::desired(&k8s, &slices, node)
     }
 }
 
@@ -105,6 +116,17 @@ pub async fn run(config: Config) -> Result<()> {
         health::serve(addr, status.clone()).await?;
         info!(%addr, "serving /healthz, /livez and /metrics");
     }
+
+    for iface in &config.uplinks {
+        let mode = dataplane.attach_uplink(iface, config.uplink_mode)?;
+        status
+            .lock()
+            .unwrap()
+            .uplinks
+            .push((iface.clone(), mode.name()));
+    }
+    let mut health_checks = HealthChecks::default();
+    let mut node_config = proxy_common::Config::default();
 
     let mut links = ifaces::subscribe()?;
     let mut attached: HashMap<String, u32> = HashMap::new();
@@ -188,13 +210,31 @@ pub async fn run(config: Config) -> Result<()> {
                         debug!("waiting for the first full list of every watched kind");
                         continue;
                     }
-                    Source::Api { .. } => {
-                        let (services, skipped) = stores.services();
-                        status.lock().unwrap().metrics.services_skipped = skipped.len() as u64;
-                        for skip in &skipped {
+                    Source::Api { node_name, .. } => {
+                        let node = stores.node(node_name);
+                        let wanted = proxy_common::Config {
+                            snat_addr_be: node.snat_address().map_or(0, |a| u32::from(a).to_be()),
+                            nat_port_min: config.nat_ports.0,
+                            nat_port_max: config.nat_ports.1,
+                        };
+                        if wanted != node_config {
+                            match dataplane.set_config(wanted) {
+                                Ok(()) => {
+                                    node_config = wanted;
+                                    info!(snat = ?node.snat_address(), addresses = ?node.addresses, "node settings programmed");
+                                }
+                                Err(e) => error!(error = format!("{e:#}"), "writing the node settings"),
+                            }
+                        }
+                        let desired = stores.desired(&node);
+                        status.lock().unwrap().metrics.services_skipped = desired.skipped.len() as u64;
+                        for skip in &desired.skipped {
                             debug!(%skip, "not proxied");
                         }
-                        services
+                        for (port, e) in health_checks.update(&desired.health_checks).await {
+                            warn!(port, error = %e, "cannot serve a healthCheckNodePort");
+                        }
+                        desired.services
                     }
                     Source::File(path) => match read_file(path) {
                         Ok(services) => services,

@@ -6,10 +6,10 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use k8s_openapi::api::core::v1::Service as K8sService;
+use k8s_openapi::api::core::v1::{Node, Service as K8sService};
 use serde::Deserialize;
 
-use crate::model::{Endpoint, Frontend, Protocol, Service};
+use crate::model::{Cidr, Endpoint, Frontend, Protocol, Service};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -240,10 +240,115 @@ fn protocol(name: Option<&str>) -> Option<Protocol> {
     }
 }
 
-/// The frontends to serve, from every Service and EndpointSlice the agent sees.
-/// Slices are matched to a Service port by port name and protocol (so named
-/// target ports resolve per endpoint); only ready endpoints serve for now.
-pub fn services(k8s: &[&K8sService], slices: &[&Slice]) -> (Vec<Service>, Vec<Skip>) {
+/// What this node knows of itself: its name (for endpoint locality) and its
+/// addresses (NodePort frontends listen on each).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl NodeInfo {
+    /// From the Node object: its InternalIP and ExternalIP IPv4 addresses.
+    pub fn from_node(name: &str, node: Option<&Node>) -> Self {
+        let mut addresses = Vec::new();
+        for addr in node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if matches!(addr.type_.as_str(), "InternalIP" | "ExternalIP") {
+                if let Ok(ip) = addr.address.parse::<Ipv4Addr>() {
+                    if !addresses.contains(&ip) {
+                        addresses.push(ip);
+                    }
+                }
+            }
+        }
+        Self {
+            name: name.to_string(),
+            addresses,
+        }
+    }
+
+    /// The address SNATed traffic leaves with: the first InternalIP.
+    pub fn snat_address(&self) -> Option<Ipv4Addr> {
+        self.addresses.first().copied()
+    }
+}
+
+/// A healthCheckNodePort this node serves for an externalTrafficPolicy=Local
+/// LoadBalancer Service, with the number of its endpoints on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// Everything the dataplane and the agent serve for the cluster's objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub services: Vec<Service>,
+    pub health_checks: Vec<HealthCheck>,
+    pub skipped: Vec<Skip>,
+}
+
+/// Ready endpoints of one Service port, from its slices, with their locality.
+fn port_endpoints(
+    slices: &[&Slice],
+    port_name: &str,
+    proto: Protocol,
+    node: &NodeInfo,
+) -> Vec<Endpoint> {
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        let Some(target) = slice.ports.iter().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && protocol(p.protocol.as_deref()) == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(target_port) = target
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // An unknown readiness counts as ready (the API's documented meaning).
+            if ep.ready == Some(false) {
+                continue;
+            }
+            // kube-proxy uses the first address of an endpoint only.
+            if let Some(address) = ep.addresses.first().and_then(|a| a.parse().ok()) {
+                let local =
+                    !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+                endpoints.push(Endpoint {
+                    address,
+                    port: target_port,
+                    local,
+                });
+            }
+        }
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    endpoints
+}
+
+/// The frontends to serve, from every Service and EndpointSlice the agent sees,
+/// on `node`. Slices are matched to a Service port by port name and protocol (so
+/// named target ports resolve per endpoint); only ready endpoints serve for now.
+/// Each port gets its ClusterIP frontend; NodePort and LoadBalancer Services also
+/// one per node address on the node port; externalIPs and LoadBalancer ingress
+/// IPs one each. With externalTrafficPolicy=Local the external frontends serve
+/// this node's endpoints only; loadBalancerSourceRanges apply to the
+/// LoadBalancer IPs.
+pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desired {
     let mut by_service: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
         if slice.address_type == "IPv4" {
@@ -253,23 +358,22 @@ pub fn services(k8s: &[&K8sService], slices: &[&Slice]) -> (Vec<Service>, Vec<Sk
                 .push(slice);
         }
     }
-    let mut out = Vec::new();
-    let mut skipped = Vec::new();
+    let mut out = Desired::default();
     for svc in k8s {
         let meta = &svc.metadata;
-        let key = format!(
-            "{}/{}",
+        let (namespace, name) = (
             meta.namespace.as_deref().unwrap_or(""),
-            meta.name.as_deref().unwrap_or("")
+            meta.name.as_deref().unwrap_or(""),
         );
+        let key = format!("{namespace}/{name}");
         let Some(spec) = &svc.spec else { continue };
         let labels = meta.labels.as_ref();
         if spec.type_.as_deref() == Some("ExternalName") {
-            skipped.push(Skip::ExternalName(key));
+            out.skipped.push(Skip::ExternalName(key));
             continue;
         }
         if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
-            skipped.push(Skip::OtherProxy(key));
+            out.skipped.push(Skip::OtherProxy(key));
             continue;
         }
         let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -278,81 +382,134 @@ pub fn services(k8s: &[&K8sService], slices: &[&Slice]) -> (Vec<Service>, Vec<Sk
             _ => Vec::new(),
         };
         if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
-            skipped.push(Skip::Headless(key));
+            out.skipped.push(Skip::Headless(key));
             continue;
         }
         let Some(vip) = cluster_ips
             .iter()
             .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
         else {
-            skipped.push(Skip::NoIpv4ClusterIp(key));
+            out.skipped.push(Skip::NoIpv4ClusterIp(key));
             continue;
         };
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let external_ips: Vec<Ipv4Addr> = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            ingress
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let source_ranges: Vec<Cidr> = spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .filter_map(|r| r.parse().ok())
+            .collect();
         let service_slices = by_service
             .get(key.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let mut local_endpoints = 0;
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port.protocol.as_deref()) else {
-                skipped.push(Skip::Protocol(
+                out.skipped.push(Skip::Protocol(
                     key.clone(),
                     port.protocol.clone().unwrap_or_default(),
                 ));
                 continue;
             };
             let Ok(frontend_port) = u16::try_from(port.port) else {
-                skipped.push(Skip::Port(key.clone(), port.port));
+                out.skipped.push(Skip::Port(key.clone(), port.port));
                 continue;
             };
             let port_name = port.name.as_deref().unwrap_or("");
-            let mut endpoints = Vec::new();
-            for slice in service_slices {
-                let Some(target) = slice.ports.iter().find(|p| {
-                    p.name.as_deref().unwrap_or("") == port_name
-                        && protocol(p.protocol.as_deref()) == Some(proto)
-                }) else {
-                    continue;
-                };
-                let Some(target_port) = target
-                    .port
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p != 0)
-                else {
-                    continue;
-                };
-                for ep in &slice.endpoints {
-                    // An unknown readiness counts as ready (the API's documented meaning).
-                    if ep.ready == Some(false) {
-                        continue;
-                    }
-                    // kube-proxy uses the first address of an endpoint only.
-                    if let Some(address) = ep.addresses.first().and_then(|a| a.parse().ok()) {
-                        endpoints.push(Endpoint {
-                            address,
-                            port: target_port,
-                        });
-                    }
-                }
-            }
-            endpoints.sort();
-            endpoints.dedup();
-            let name = if port_name.is_empty() {
+            let endpoints = port_endpoints(service_slices, port_name, proto, node);
+            let local: Vec<Endpoint> = endpoints.iter().copied().filter(|e| e.local).collect();
+            local_endpoints = local_endpoints.max(local.len());
+            let label = if port_name.is_empty() {
                 key.clone()
             } else {
                 format!("{key}:{port_name}")
             };
-            out.push(Service {
-                name,
-                frontend: Frontend {
-                    address: vip,
-                    port: frontend_port,
-                    protocol: proto,
-                },
-                endpoints,
+            let frontend = |address: Ipv4Addr, port: u16| Frontend {
+                address,
+                port,
+                protocol: proto,
+            };
+            out.services.push(Service {
+                name: label.clone(),
+                frontend: frontend(vip, frontend_port),
+                endpoints: endpoints.clone(),
+                local_only: false,
+                source_ranges: Vec::new(),
             });
+            let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
+                name: format!("{label} ({what} {address}:{port})"),
+                frontend: frontend(address, port),
+                endpoints: if external_local {
+                    local.clone()
+                } else {
+                    endpoints.clone()
+                },
+                local_only: external_local,
+                source_ranges: ranges.to_vec(),
+            };
+            let node_port = port
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0);
+            if let (true, Some(node_port)) =
+                (matches!(kind, "NodePort" | "LoadBalancer"), node_port)
+            {
+                for address in &node.addresses {
+                    out.services
+                        .push(external(*address, node_port, &[], "nodeport"));
+                }
+            }
+            for address in &external_ips {
+                out.services
+                    .push(external(*address, frontend_port, &[], "externalIP"));
+            }
+            for address in &lb_ips {
+                out.services.push(external(
+                    *address,
+                    frontend_port,
+                    &source_ranges,
+                    "loadbalancer",
+                ));
+            }
+        }
+        if kind == "LoadBalancer" && external_local {
+            if let Some(port) = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+            {
+                out.health_checks.push(HealthCheck {
+                    port,
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    local_endpoints,
+                });
+            }
         }
     }
-    (out, skipped)
+    out
 }
 
 #[cfg(test)]
@@ -407,7 +564,11 @@ mod tests {
             "web-1",
             json!([{"addresses": ["10.244.1.3"], "conditions": {"ready": true}}]),
         );
-        let (out, skipped) = services(&[&web()], &[&slice]);
+        let Desired {
+            services: out,
+            skipped,
+            ..
+        } = desired(&[&web()], &[&slice], &NodeInfo::default());
         assert!(skipped.is_empty());
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].name, "default/web:http");
@@ -430,7 +591,7 @@ mod tests {
         let mut b = slice_v1("web-b", json!([{"addresses": ["10.244.2.3"]}]));
         a.ports[0].port = Some(8080);
         b.ports[0].port = Some(9090);
-        let (out, _) = services(&[&web()], &[&a, &b]);
+        let out = desired(&[&web()], &[&a, &b], &NodeInfo::default()).services;
         assert_eq!(
             endpoints_of(&out, 80),
             ["10.244.1.3:8080", "10.244.2.3:9090"]
@@ -445,7 +606,7 @@ mod tests {
             "metadata": {"namespace": "ns", "name": "one-x", "labels": {"kubernetes.io/service-name": "one"}},
             "addressType": "IPv4", "ports": [{"port": 8443, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["10.244.1.7"]}]})).unwrap();
-        let (out, _) = services(&[&s], &[&slice]);
+        let out = desired(&[&s], &[&slice], &NodeInfo::default()).services;
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "ns/one");
         assert_eq!(endpoints_of(&out, 443), ["10.244.1.7:8443"]);
@@ -461,7 +622,7 @@ mod tests {
                 {"addresses": ["10.244.1.5"], "conditions": {}},
             ]),
         );
-        let (out, _) = services(&[&web()], &[&slice]);
+        let out = desired(&[&web()], &[&slice], &NodeInfo::default()).services;
         assert_eq!(
             endpoints_of(&out, 80),
             ["10.244.1.3:8080", "10.244.1.5:8080"]
@@ -475,7 +636,7 @@ mod tests {
             "web-b",
             json!([{"addresses": ["10.244.1.3"]}, {"addresses": ["10.244.2.3"]}]),
         );
-        let (out, _) = services(&[&web()], &[&a, &b]);
+        let out = desired(&[&web()], &[&a, &b], &NodeInfo::default()).services;
         assert_eq!(
             endpoints_of(&out, 80),
             ["10.244.1.3:8080", "10.244.2.3:8080"]
@@ -488,7 +649,7 @@ mod tests {
             "web-1",
             json!([{"addresses": ["10.244.1.3", "10.244.1.99"]}]),
         );
-        let (out, _) = services(&[&web()], &[&slice]);
+        let out = desired(&[&web()], &[&slice], &NodeInfo::default()).services;
         assert_eq!(endpoints_of(&out, 80), ["10.244.1.3:8080"]);
     }
 
@@ -498,7 +659,7 @@ mod tests {
         other.service = "default/db".into();
         let mut v6 = slice_v1("web-v6", json!([{"addresses": ["fd00::1"]}]));
         v6.address_type = "IPv6".into();
-        let (out, _) = services(&[&web()], &[&other, &v6]);
+        let out = desired(&[&web()], &[&other, &v6], &NodeInfo::default()).services;
         assert!(
             endpoints_of(&out, 80).is_empty(),
             "a frontend without endpoints still exists (it rejects)"
@@ -573,7 +734,15 @@ mod tests {
             "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}}));
         let sctp = svc(json!({"metadata": {"namespace": "d", "name": "sctp"},
             "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "SCTP"}, {"port": 81}]}}));
-        let (out, skipped) = services(&[&external, &headless, &other, &v6only, &sctp], &[]);
+        let Desired {
+            services: out,
+            skipped,
+            ..
+        } = desired(
+            &[&external, &headless, &other, &v6only, &sctp],
+            &[],
+            &NodeInfo::default(),
+        );
         assert_eq!(
             skipped,
             [
@@ -596,10 +765,161 @@ mod tests {
     fn dual_stack_service_uses_its_ipv4_cluster_ip() {
         let s = svc(json!({"metadata": {"namespace": "d", "name": "ds"},
             "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.40"], "ports": [{"port": 80}]}}));
-        let (out, _) = services(&[&s], &[]);
+        let out = desired(&[&s], &[], &NodeInfo::default()).services;
         assert_eq!(
             out[0].frontend.address,
             "10.96.0.40".parse::<Ipv4Addr>().unwrap()
         );
+    }
+
+    fn node1() -> NodeInfo {
+        NodeInfo {
+            name: "node1".into(),
+            addresses: vec!["10.250.0.11".parse().unwrap()],
+        }
+    }
+
+    fn lb_service(policy: &str) -> K8sService {
+        svc(json!({
+            "metadata": {"namespace": "default", "name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": policy,
+                     "externalIPs": ["192.0.2.7"], "healthCheckNodePort": 32100,
+                     "loadBalancerSourceRanges": ["198.51.100.0/24"],
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}
+        }))
+    }
+
+    fn two_node_slice() -> Slice {
+        slice_v1(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.1.3"], "nodeName": "node1"},
+                {"addresses": ["10.244.2.3"], "nodeName": "node2"},
+            ]),
+        )
+    }
+
+    fn frontend_of<'a>(out: &'a Desired, address: &str, port: u16) -> &'a Service {
+        out.services
+            .iter()
+            .find(|s| s.frontend.address.to_string() == address && s.frontend.port == port)
+            .unwrap_or_else(|| panic!("no frontend {address}:{port} in {:?}", out.services))
+    }
+
+    #[test]
+    fn nodeport_externalip_and_loadbalancer_frontends() {
+        let slice = two_node_slice();
+        let out = desired(&[&lb_service("Cluster")], &[&slice], &node1());
+        assert_eq!(
+            out.services.len(),
+            4,
+            "ClusterIP, NodePort on the node address, externalIP, LB IP"
+        );
+        for (addr, port) in [
+            ("10.96.0.10", 80),
+            ("10.250.0.11", 30080),
+            ("192.0.2.7", 80),
+            ("203.0.113.5", 80),
+        ] {
+            let f = frontend_of(&out, addr, port);
+            assert_eq!(
+                f.endpoints.len(),
+                2,
+                "{addr}: every endpoint with policy Cluster"
+            );
+            assert!(!f.local_only);
+        }
+        let local: Vec<bool> = frontend_of(&out, "10.96.0.10", 80)
+            .endpoints
+            .iter()
+            .map(|e| e.local)
+            .collect();
+        assert_eq!(
+            local,
+            [true, false],
+            "locality from the endpoint's nodeName"
+        );
+        // Source ranges guard the LoadBalancer IP only.
+        assert_eq!(
+            frontend_of(&out, "203.0.113.5", 80).source_ranges,
+            ["198.51.100.0/24".parse().unwrap()]
+        );
+        assert!(frontend_of(&out, "10.250.0.11", 30080)
+            .source_ranges
+            .is_empty());
+        assert!(
+            out.health_checks.is_empty(),
+            "health checks only for policy Local"
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
+        let slice = two_node_slice();
+        let out = desired(&[&lb_service("Local")], &[&slice], &node1());
+        for (addr, port) in [
+            ("10.250.0.11", 30080),
+            ("192.0.2.7", 80),
+            ("203.0.113.5", 80),
+        ] {
+            let f = frontend_of(&out, addr, port);
+            assert!(f.local_only, "{addr}");
+            assert_eq!(f.endpoints.len(), 1, "{addr}: only node1's endpoint");
+            assert_eq!(f.endpoints[0].address.to_string(), "10.244.1.3");
+        }
+        let cluster_ip = frontend_of(&out, "10.96.0.10", 80);
+        assert!(
+            !cluster_ip.local_only && cluster_ip.endpoints.len() == 2,
+            "ClusterIP traffic is not external"
+        );
+        assert_eq!(
+            out.health_checks,
+            [HealthCheck {
+                port: 32100,
+                namespace: "default".into(),
+                name: "web".into(),
+                local_endpoints: 1
+            }]
+        );
+        let node2 = NodeInfo {
+            name: "node2x".into(),
+            addresses: vec!["10.250.0.12".parse().unwrap()],
+        };
+        let other = desired(&[&lb_service("Local")], &[&slice], &node2);
+        assert_eq!(
+            other.health_checks[0].local_endpoints, 0,
+            "a node without endpoints reports 0 (503)"
+        );
+        assert!(frontend_of(&other, "10.250.0.12", 30080)
+            .endpoints
+            .is_empty());
+    }
+
+    #[test]
+    fn clusterip_services_get_no_external_frontends() {
+        let out = desired(&[&web()], &[], &node1());
+        assert!(out
+            .services
+            .iter()
+            .all(|s| s.frontend.address.to_string() == "10.96.0.10"));
+    }
+
+    #[test]
+    fn node_addresses_come_from_the_node_status() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node1"}, "status": {"addresses": [
+            {"type": "Hostname", "address": "node1"}, {"type": "InternalIP", "address": "10.250.0.11"},
+            {"type": "InternalIP", "address": "fd00::11"}, {"type": "ExternalIP", "address": "198.51.100.11"}]}}))
+        .unwrap();
+        let info = NodeInfo::from_node("node1", Some(&node));
+        assert_eq!(
+            info.addresses,
+            [
+                "10.250.0.11".parse::<Ipv4Addr>().unwrap(),
+                "198.51.100.11".parse().unwrap()
+            ]
+        );
+        assert_eq!(info.snat_address(), Some("10.250.0.11".parse().unwrap()));
+        assert_eq!(NodeInfo::from_node("x", None).snat_address(), None);
     }
 }

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::{
@@ -324,6 +327,10 @@ impl Dataplane {
             let (k, v) = entry?;
             state.revnat.insert(k, v);
         }
+        for entry in self.source_ranges.iter() {
+            let (k, _) = entry?;
+            state.source_ranges.insert((k.prefix_len(), k.data()));
+        }
         Ok(state)
     }
 
@@ -336,6 +343,12 @@ impl Dataplane {
                 MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
                 MapOp::PutRevNat(id, r) => self.revnat.insert(id, r, 0),
                 MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+                MapOp::PutSourceRange(prefix, data) => {
+                    self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
+                }
+                MapOp::DelSourceRange(prefix, data) => {
+                    self.source_ranges.remove(&LpmKey::new(prefix, data))
+                }
                 MapOp::DelService(k) => self.services.remove(&k),
                 MapOp::DelRevNat(id) => self.revnat.remove(&id),
                 MapOp::DelBackend(id) => self.backends.remove(&id),

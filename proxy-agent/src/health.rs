@@ -1,6 +1,6 @@
 //! `/healthz` and `/livez` as kube-proxy serves them on port 10256: 200 with a
 //! small JSON body while the dataplane is programmed and in sync, 503 otherwise;
-//! and `/metrics` with the agent's counters.
+//! `/metrics` with the agent's counters, and `/statusz` (uplink attach modes).
 
 use std::{
     net::SocketAddr,
@@ -112,6 +112,27 @@ impl Metrics {
 pub struct Status {
     pub health: Health,
     pub metrics: Metrics,
+    /// How the uplink program is attached, per interface.
+    pub uplinks: Vec<(String, &'static str)>,
+}
+
+impl Status {
+    /// `/statusz`: what this agent runs, as JSON.
+    fn render(&self) -> String {
+        let uplinks: Vec<String> = self
+            .uplinks
+            .iter()
+            .map(|(iface, mode)| format!(r#"{{"interface": "{iface}", "mode": "{mode}"}}"#))
+            .collect();
+        format!(
+            r#"{{"healthy": {}, "uplinks": [{}], "frontends": {}, "backends": {}, "podInterfaces": {}}}"#,
+            self.health.healthy(),
+            uplinks.join(", "),
+            self.metrics.frontends,
+            self.metrics.backends,
+            self.metrics.pod_interfaces
+        )
+    }
 }
 
 pub type Shared = Arc<Mutex<Status>>;
@@ -183,10 +204,20 @@ pub async fn serve(addr: SocketAddr, health: Shared) -> Result<()> {
                         };
                         (status, "application/json", h.body())
                     }
-                    "/metrics" => (
+                    "/metrics" => {
+                        let status = health.lock().unwrap();
+                        let mut body = status.metrics.render();
+                        for (iface, mode) in &status.uplinks {
+                            body.push_str(&format!(
+                                "ferry_uplink_attach_mode{{interface=\"{iface}\",mode=\"{mode}\"}} 1\n"
+                            ));
+                        }
+                        ("200 OK", "text/plain; version=0.0.4", body)
+                    }
+                    "/statusz" => (
                         "200 OK",
-                        "text/plain; version=0.0.4",
-                        health.lock().unwrap().metrics.render(),
+                        "application/json",
+                        health.lock().unwrap().render(),
                     ),
                     _ => (
                         "404 Not Found",
@@ -205,4 +236,79 @@ pub async fn serve(addr: SocketAddr, health: Shared) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// The healthCheckNodePort servers of externalTrafficPolicy=Local LoadBalancer
+/// Services: 200 while this node has an endpoint of the Service, 503 otherwise,
+/// with kube-proxy's JSON body, so a load balancer only sends to nodes that serve.
+#[derive(Default)]
+pub struct HealthChecks {
+    servers: std::collections::HashMap<
+        u16,
+        (
+            Arc<Mutex<crate::cluster::HealthCheck>>,
+            tokio::task::JoinHandle<()>,
+        ),
+    >,
+}
+
+impl HealthChecks {
+    /// Starts, updates and stops servers to match `checks`. A port that cannot be
+    /// bound is reported and retried at the next update.
+    pub async fn update(
+        &mut self,
+        checks: &[crate::cluster::HealthCheck],
+    ) -> Vec<(u16, std::io::Error)> {
+        let mut failures = Vec::new();
+        let wanted: std::collections::HashSet<u16> = checks.iter().map(|c| c.port).collect();
+        self.servers.retain(|port, (_, task)| {
+            let keep = wanted.contains(port);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for check in checks {
+            if let Some((shared, _)) = self.servers.get(&check.port) {
+                *shared.lock().unwrap() = check.clone();
+                continue;
+            }
+            match TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], check.port))).await {
+                Ok(listener) => {
+                    let shared = Arc::new(Mutex::new(check.clone()));
+                    let task = tokio::spawn(serve_health_check(listener, shared.clone()));
+                    self.servers.insert(check.port, (shared, task));
+                }
+                Err(e) => failures.push((check.port, e)),
+            }
+        }
+        failures
+    }
+}
+
+async fn serve_health_check(listener: TcpListener, check: Arc<Mutex<crate::cluster::HealthCheck>>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let check = check.lock().unwrap().clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
+            let status = if check.local_endpoints > 0 {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let body = format!(
+                r#"{{"service": {{"namespace": "{}", "name": "{}"}}, "localEndpoints": {}, "serviceProxyHealthy": true}}"#,
+                check.namespace, check.name, check.local_endpoints
+            );
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
 }

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
     agent::{self, Source},
-    dataplane::{self, DEFAULT_PIN_DIR},
+    dataplane::{self, UplinkMode, DEFAULT_PIN_DIR},
 };
 use tracing::info;
 
@@ -60,6 +60,22 @@ struct RunArgs {
         default_value = "0.0.0.0:10256"
     )]
     healthz_bind_address: String,
+    /// The node's uplink interfaces (comma-separated): XDP for NodePort,
+    /// externalIPs and LoadBalancer IPs. None: no north-south traffic.
+    #[arg(
+        long = "uplink-iface",
+        env = "FERRY_UPLINK_IFACE",
+        value_delimiter = ','
+    )]
+    uplink_ifaces: Vec<String>,
+    /// How the uplink program attaches: auto (native XDP, else generic XDP, else
+    /// tc), native, generic or tc.
+    #[arg(long, env = "FERRY_UPLINK_MODE", default_value = "auto", value_parser = ["auto", "native", "generic", "tc"])]
+    uplink_mode: String,
+    /// Node ports for SNATed flows to remote backends, `MIN-MAX`; keep them out of
+    /// net.ipv4.ip_local_port_range.
+    #[arg(long, env = "FERRY_NAT_PORTS", default_value = "61000-65535")]
+    nat_ports: String,
     /// How often the maps are re-read and repaired from the desired state, in seconds.
     #[arg(long, env = "FERRY_RESYNC_SECONDS", default_value_t = 30)]
     resync_seconds: u64,
@@ -92,7 +108,26 @@ async fn main() -> Result<()> {
                 "off" => None,
                 addr => Some(addr.parse::<SocketAddr>()?),
             };
+            let (min, max) = args
+                .nat_ports
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                })
+                .filter(|(a, b)| *a > 0 && a <= b)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--nat-ports {}: expected MIN-MAX", args.nat_ports)
+                })?;
+            let uplink_mode = match args.uplink_mode.as_str() {
+                "native" => Some(UplinkMode::Native),
+                "generic" => Some(UplinkMode::Generic),
+                "tc" => Some(UplinkMode::Tc),
+                _ => None,
+            };
             agent::run(agent::Config {
+                uplinks: args.uplink_ifaces,
+                uplink_mode,
+                nat_ports: (min, max),
                 source,
                 pin_dir: args.pin_dir,
                 pod_iface_patterns: args.pod_iface_patterns,

@@ -1,7 +1,7 @@
 //! The agent's description of the services it must serve, independent of where
-//! it came from (a file today, the Kubernetes API next).
+//! it came from (the Kubernetes API, or a file).
 
-use std::net::Ipv4Addr;
+use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use serde::Deserialize;
 
@@ -34,6 +34,53 @@ pub struct Frontend {
 pub struct Endpoint {
     pub address: Ipv4Addr,
     pub port: u16,
+    /// Runs on this node: reached by DNAT alone from the uplink, never by SNAT.
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// An IPv4 prefix, written `10.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let address: Ipv4Addr = addr.trim().parse().map_err(|e| format!("{s}: {e}"))?;
+        let prefix: u8 = prefix.trim().parse().map_err(|e| format!("{s}: {e}"))?;
+        if prefix > 32 {
+            return Err(format!("{s}: prefix longer than 32"));
+        }
+        // Keep only the network part, as the kernel's LPM trie compares it.
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        Ok(Self {
+            address: (u32::from(address) & mask).into(),
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// One frontend of a service and the endpoints that serve it.
@@ -45,9 +92,16 @@ pub struct Service {
     pub frontend: Frontend,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// externalTrafficPolicy=Local on an external frontend: `endpoints` are this
+    /// node's only, and without one traffic is dropped rather than rejected.
+    #[serde(default)]
+    pub local_only: bool,
+    /// loadBalancerSourceRanges: when not empty, only these clients get through.
+    #[serde(default)]
+    pub source_ranges: Vec<Cidr>,
 }
 
-/// The file format of `proxy-agent serve --services`.
+/// The file format of `proxy-agent run --services-file`.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ServiceFile {
     pub services: Vec<Service>,

@@ -1,18 +1,23 @@
 //! Pure translation from services to map contents, and from (desired, actual)
 //! map contents to an ordered list of writes. Only `dataplane` touches the kernel.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use proxy_common::{backend_state, Backend4, RevNat4, ServiceKey4, ServiceValue};
+use proxy_common::{
+    backend_flags, backend_state, svc_flags, Backend4, RevNat4, ServiceKey4, ServiceValue,
+    SourceRange4,
+};
 
 use crate::model::{Endpoint, Frontend, Protocol, Service};
 
-/// The contents of the service, backend and reverse-NAT maps.
+/// The contents of the service, backend, reverse-NAT and source-range maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: BTreeMap<ServiceKey4, ServiceValue>,
     pub backends: BTreeMap<u32, Backend4>,
     pub revnat: BTreeMap<u16, RevNat4>,
+    /// loadBalancerSourceRanges entries: (LPM prefix length, data).
+    pub source_ranges: BTreeSet<(u32, SourceRange4)>,
 }
 
 /// One map write.
@@ -20,8 +25,10 @@ pub struct MapState {
 pub enum MapOp {
     PutBackend(u32, Backend4),
     PutRevNat(u16, RevNat4),
+    PutSourceRange(u32, SourceRange4),
     PutService(ServiceKey4, ServiceValue),
     DelService(ServiceKey4),
+    DelSourceRange(u32, SourceRange4),
     DelRevNat(u16),
     DelBackend(u32),
 }
@@ -74,6 +81,7 @@ impl Ids {
                 let endpoint = Endpoint {
                     address: u32::from_be(b.addr_be).into(),
                     port: u16::from_be(b.port_be),
+                    local: b.flags & backend_flags::LOCAL != 0,
                 };
                 ids.backends.insert((endpoint, protocol), id);
                 ids.backend_cursor = ids.backend_cursor.max(id);
@@ -216,13 +224,30 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                 _pad: 0,
             },
         );
+        let mut flags = 0;
+        if service.local_only {
+            flags |= svc_flags::LOCAL_ONLY;
+        }
+        if !service.source_ranges.is_empty() {
+            flags |= svc_flags::SOURCE_RANGES;
+            for range in &service.source_ranges {
+                let data = SourceRange4 {
+                    rev_nat_id_be: rev_nat_id.to_be(),
+                    _pad: 0,
+                    addr_be: u32::from(range.address).to_be(),
+                };
+                state
+                    .source_ranges
+                    .insert((32 + u32::from(range.prefix), data));
+            }
+        }
         state.services.insert(
             service_key(&frontend, 0),
             ServiceValue {
                 backend_id: 0,
                 count: slots.len() as u16,
                 rev_nat_id,
-                flags: 0,
+                flags,
                 _pad: 0,
             },
         );
@@ -244,7 +269,11 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                     port_be: endpoint.port.to_be(),
                     proto: frontend.protocol.number(),
                     state: backend_state::ACTIVE,
-                    flags: 0,
+                    flags: if endpoint.local {
+                        backend_flags::LOCAL
+                    } else {
+                        0
+                    },
                     _pad: [0; 3],
                 },
             );
@@ -270,6 +299,11 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::PutRevNat(id, *r));
         }
     }
+    // Source ranges before the flag that enforces them, so a new LoadBalancer
+    // frontend never drops its allowed clients.
+    for range in desired.source_ranges.difference(&actual.source_ranges) {
+        ops.push(MapOp::PutSourceRange(range.0, range.1));
+    }
     for pass_slot0 in [false, true] {
         for (k, v) in &desired.services {
             if (k.slot == 0) == pass_slot0 && actual.services.get(k) != Some(v) {
@@ -283,6 +317,9 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
                 ops.push(MapOp::DelService(*k));
             }
         }
+    }
+    for range in actual.source_ranges.difference(&desired.source_ranges) {
+        ops.push(MapOp::DelSourceRange(range.0, range.1));
     }
     for &id in actual.revnat.keys() {
         if !desired.revnat.contains_key(&id) {
@@ -314,8 +351,11 @@ mod tests {
                 .map(|(a, p)| Endpoint {
                     address: (*a).into(),
                     port: *p,
+                    local: false,
                 })
                 .collect(),
+            local_only: false,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -456,6 +496,41 @@ mod tests {
         );
         assert_eq!(state.revnat.len(), 2);
         assert_eq!(state.backends.len(), 2);
+    }
+
+    #[test]
+    fn local_backends_policy_and_source_ranges_reach_the_maps() {
+        let mut ids = Ids::default();
+        let mut s = svc("lb", [192, 0, 2, 10], 80, &[([10, 0, 0, 2], 80)]);
+        s.endpoints[0].local = true;
+        s.local_only = true;
+        s.source_ranges = vec!["198.51.100.7/24".parse().unwrap()];
+        let (state, _) = desired(std::slice::from_ref(&s), &mut ids);
+        let slot0 = state.services[&service_key(&s.frontend, 0)];
+        assert_eq!(
+            slot0.flags,
+            svc_flags::LOCAL_ONLY | svc_flags::SOURCE_RANGES
+        );
+        let backend = state.backends.values().next().unwrap();
+        assert_eq!(backend.flags, backend_flags::LOCAL);
+        let range = SourceRange4 {
+            rev_nat_id_be: slot0.rev_nat_id.to_be(),
+            _pad: 0,
+            addr_be: u32::from_be_bytes([198, 51, 100, 0]).to_be(),
+        };
+        assert_eq!(state.source_ranges, BTreeSet::from([(56, range)]));
+        // The ranges go in before the frontend that enforces them, and out after.
+        let ops = diff(&state, &MapState::default());
+        let put_range = position(&ops, |op| matches!(op, MapOp::PutSourceRange(..)));
+        let put_slot0 = position(
+            &ops,
+            |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0),
+        );
+        assert!(put_range < put_slot0, "{ops:?}");
+        let ops = diff(&MapState::default(), &state);
+        let del_range = position(&ops, |op| matches!(op, MapOp::DelSourceRange(..)));
+        let del_slot0 = position(&ops, |op| matches!(op, MapOp::DelService(k) if k.slot == 0));
+        assert!(del_slot0 < del_range, "{ops:?}");
     }
 
     #[test]
