@@ -53,7 +53,10 @@ pub struct Lab {
 impl Lab {
     pub fn new(tag: &str) -> Self {
         super::require_root();
-        let prefix = format!("ferry-t{}-{tag}", std::process::id());
+        // Unique per lab, also when a test binary runs several at once.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("ferry-t{}-{tag}{n}", std::process::id());
         Self {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             prefix,

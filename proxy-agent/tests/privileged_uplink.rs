@@ -1,0 +1,592 @@
+//! Packet tests of the uplink programs (XDP and its tc twin) with
+//! BPF_PROG_TEST_RUN: NodePort, externalIP and LoadBalancer traffic, SNAT to
+//! remote backends with next-hop MACs from the FIB, and the replies. The FIB is
+//! a network namespace of the test's own, with static neighbours, so every MAC
+//! in the expected frames is known.
+
+mod support;
+
+use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd, thread};
+
+use aya::programs::{TestRun, TestRunOptions};
+use proxy_agent::{
+    dataplane::Dataplane,
+    model::{Endpoint, Frontend, Protocol, Service},
+    state::{self, Ids},
+};
+use proxy_common::{ct_dir, hash, program_names::UPLINK_TC, Config};
+use support::{
+    netns::{run, Lab},
+    packet::{self, Frame},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE: &str = "10.250.0.11";
+const NODE2: &str = "10.250.0.12";
+const CLIENT: &str = "10.250.0.100";
+const FAR_CLIENT: &str = "10.250.0.200"; // no neighbour entry
+const LOCAL_POD: &str = "10.244.1.3";
+const REMOTE_POD: &str = "10.244.2.3";
+const UNRESOLVED_POD: &str = "10.244.3.3"; // routed via a next hop without a neighbour entry
+const EXTERNAL_IP: &str = "192.0.2.7";
+const LB_IP: &str = "203.0.113.5";
+const NODE_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x11];
+const NODE2_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x12];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x64];
+const NAT_MIN: u16 = 61000;
+const NAT_MAX: u16 = 65535;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn frontend(
+    name: &str,
+    addr: &str,
+    port: u16,
+    protocol: Protocol,
+    endpoints: &[(&str, u16, bool)],
+) -> Service {
+    Service {
+        name: name.into(),
+        frontend: Frontend {
+            address: ip(addr),
+            port,
+            protocol,
+        },
+        endpoints: endpoints
+            .iter()
+            .map(|(a, p, local)| Endpoint {
+                address: ip(a),
+                port: *p,
+                local: *local,
+            })
+            .collect(),
+        local_only: false,
+        source_ranges: Vec::new(),
+    }
+}
+
+fn services() -> Vec<Service> {
+    let mut lb = frontend("lb", LB_IP, 80, Protocol::Tcp, &[(REMOTE_POD, 8080, false)]);
+    lb.source_ranges = vec!["10.250.0.96/28".parse().unwrap()];
+    let mut local_only = frontend(
+        "etp-local",
+        NODE,
+        30081,
+        Protocol::Tcp,
+        &[(LOCAL_POD, 8080, true)],
+    );
+    local_only.local_only = true;
+    let mut local_none = frontend("etp-local-none", NODE, 30082, Protocol::Tcp, &[]);
+    local_none.local_only = true;
+    vec![
+        frontend(
+            "np-local",
+            NODE,
+            30080,
+            Protocol::Tcp,
+            &[(LOCAL_POD, 8080, true)],
+        ),
+        frontend(
+            "np-remote",
+            NODE,
+            30090,
+            Protocol::Tcp,
+            &[(REMOTE_POD, 8080, false)],
+        ),
+        frontend(
+            "np-remote-udp",
+            NODE,
+            30053,
+            Protocol::Udp,
+            &[(REMOTE_POD, 5353, false)],
+        ),
+        frontend(
+            "np-unresolved",
+            NODE,
+            30099,
+            Protocol::Tcp,
+            &[(UNRESOLVED_POD, 8080, false)],
+        ),
+        frontend("np-empty", NODE, 30070, Protocol::Tcp, &[]),
+        frontend(
+            "ext-ip",
+            EXTERNAL_IP,
+            80,
+            Protocol::Tcp,
+            &[(REMOTE_POD, 8080, false)],
+        ),
+        lb,
+        local_only,
+        local_none,
+    ]
+}
+
+/// A namespace whose routing table and neighbours the FIB lookups use.
+fn fib_namespace(lab: &mut Lab) -> (String, u32) {
+    let ns = lab.netns("fib");
+    run(
+        "ip",
+        &[
+            "-n", &ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "link",
+            "set",
+            "up0",
+            "address",
+            &mac(NODE_MAC),
+            "up",
+        ],
+    );
+    run("ip", &["-n", &ns, "link", "set", "up1", "up"]);
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{NODE}/24"),
+            "dev",
+            "up0",
+        ],
+    );
+    for (addr, mac_addr) in [(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)] {
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac(mac_addr),
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ],
+        );
+    }
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &ns, "route", "add", "10.244.2.0/24", "via", NODE2],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "10.244.3.0/24",
+            "via",
+            "10.250.0.13",
+        ],
+    );
+    let index = run(
+        "ip",
+        &["netns", "exec", &ns, "cat", "/sys/class/net/up0/ifindex"],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    (ns, index)
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+struct Programs {
+    dp: Dataplane,
+    ifindex: u32,
+}
+
+impl Programs {
+    fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..Default::default()
+        };
+        let result = self
+            .dp
+            .xdp_program()
+            .unwrap()
+            .test_run(opts)
+            .expect("XDP test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        // __sk_buff's ifindex is at byte 40; everything else zero.
+        let mut skb = vec![0u8; 192];
+        skb[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&skb),
+            ..Default::default()
+        };
+        let result = self
+            .dp
+            .program(UPLINK_TC)
+            .unwrap()
+            .test_run(opts)
+            .expect("tc test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn nonzero_stats(&self) -> Vec<(&'static str, u64)> {
+        self.dp
+            .stats()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, c)| c.packets > 0)
+            .map(|(n, c)| (n, c.packets))
+            .collect()
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.dp
+            .stats()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+            .packets
+    }
+}
+
+/// Runs `f` with loaded programs, inside the FIB namespace, maps programmed.
+fn with_programs(f: impl FnOnce(&mut Programs) + Send + 'static) {
+    let mut lab = Lab::new("up");
+    let (ns, ifindex) = fib_namespace(&mut lab);
+    let file = File::open(format!("/run/netns/{ns}")).unwrap();
+    thread::spawn(move || {
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut dp = Dataplane::load_private().expect("load the programs");
+        let (desired, problems) = state::desired(&services(), &mut Ids::default());
+        assert!(problems.is_empty(), "{problems:?}");
+        dp.apply(&state::diff(&desired, &Default::default()))
+            .unwrap();
+        dp.set_config(Config {
+            snat_addr_be: u32::from(ip(NODE)).to_be(),
+            nat_port_min: NAT_MIN,
+            nat_port_max: NAT_MAX,
+        })
+        .unwrap();
+        f(&mut Programs { dp, ifindex });
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    lab.teardown();
+}
+
+fn from_outside(proto: u8, sport: u16, daddr: &str, dport: u16) -> Frame {
+    let mut f = if proto == packet::TCP {
+        Frame::tcp(CLIENT, sport, daddr, dport)
+    } else {
+        Frame::udp(CLIENT, sport, daddr, dport)
+    };
+    f.src_mac = CLIENT_MAC;
+    f.dst_mac = NODE_MAC;
+    f
+}
+
+/// The NAT port the first try gives a flow (no collision in these tests).
+fn nat_port(f: &Frame) -> u16 {
+    let h = hash::flow_hash4(
+        u32::from(f.saddr).to_be(),
+        u32::from(f.daddr).to_be(),
+        f.sport.to_be(),
+        f.dport.to_be(),
+        f.proto,
+    );
+    NAT_MIN + (h % u32::from(NAT_MAX - NAT_MIN + 1)) as u16
+}
+
+/// What leaves towards node2 for a SNATed flow.
+fn snated(f: &Frame, backend: &str, backend_port: u16) -> Frame {
+    let mut out = f
+        .with_dst(ip(backend), backend_port)
+        .with_src(ip(NODE), nat_port(f));
+    out.dst_mac = NODE2_MAC;
+    out.src_mac = NODE_MAC;
+    out
+}
+
+#[test]
+fn nodeport_to_a_local_backend_is_dnated_and_passed_up() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40000, NODE, 30080);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(
+            out,
+            f.with_dst(ip(LOCAL_POD), 8080).bytes(),
+            "client address kept, MACs untouched"
+        );
+        packet::assert_checksums_valid(&out);
+        assert_eq!(p.stat("fwd_local"), 1);
+        let ct = p.dp.conntrack().unwrap();
+        assert!(
+            ct.iter().any(|(k, _)| k.dir == ct_dir::REPLY),
+            "the backend's reply is reverse-NATed on its veth"
+        );
+    });
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_and_sent_back_out_with_fib_macs() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40001, NODE, 30090);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes());
+        packet::assert_checksums_valid(&out);
+        let nat = p.dp.nat().unwrap();
+        assert_eq!(nat.len(), 1);
+        let (key, value) = nat[0];
+        assert_eq!(
+            (
+                key.saddr_be,
+                key.daddr_be,
+                key.sport_be,
+                key.dport_be,
+                key.dir
+            ),
+            (
+                u32::from(ip(REMOTE_POD)).to_be(),
+                u32::from(ip(NODE)).to_be(),
+                8080u16.to_be(),
+                nat_port(&f).to_be(),
+                ct_dir::NAT
+            )
+        );
+        assert_eq!(
+            (value.client_addr_be, value.client_port_be),
+            (u32::from(ip(CLIENT)).to_be(), 40001u16.to_be())
+        );
+        // Later packets of the flow keep their NAT port.
+        let mut ack = f.clone();
+        ack.tcp_flags = 0x10;
+        let (verdict, out) = p.xdp(&ack.bytes());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, snated(&ack, REMOTE_POD, 8080).bytes());
+        assert_eq!(p.dp.nat().unwrap().len(), 1);
+        assert_eq!(p.stat("fwd_snat"), 2);
+    });
+}
+
+#[test]
+fn remote_backends_reply_is_translated_back_to_the_client() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40002, NODE, 30090);
+        let (_, sent) = p.xdp(&f.bytes());
+        assert_eq!(sent, snated(&f, REMOTE_POD, 8080).bytes());
+        let mut reply = snated(&f, REMOTE_POD, 8080).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = reply.with_dst(ip(CLIENT), 40002).with_src(ip(NODE), 30090);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(
+            out,
+            expected.bytes(),
+            "from the NodePort the client dialled, to the client"
+        );
+        packet::assert_checksums_valid(&out);
+        assert_eq!(p.stat("rev_snat"), 1);
+    });
+}
+
+#[test]
+fn udp_nodeport_round_trip_through_snat() {
+    with_programs(|p| {
+        let f = from_outside(packet::UDP, 41000, NODE, 30053);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, snated(&f, REMOTE_POD, 5353).bytes());
+        let mut reply = snated(&f, REMOTE_POD, 5353).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = reply.with_dst(ip(CLIENT), 41000).with_src(ip(NODE), 30053);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(out, expected.bytes());
+        packet::assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn external_ip_and_load_balancer_ip_are_served() {
+    with_programs(|p| {
+        for daddr in [EXTERNAL_IP, LB_IP] {
+            let f = from_outside(packet::TCP, 40003, daddr, 80);
+            let (verdict, out) = p.xdp(&f.bytes());
+            assert_eq!(verdict, XDP_TX, "{daddr}");
+            assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes(), "{daddr}");
+        }
+    });
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients() {
+    with_programs(|p| {
+        let mut outsider = from_outside(packet::TCP, 40004, LB_IP, 80);
+        outsider.saddr = ip("10.250.0.50");
+        let bytes = outsider.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(out, bytes);
+        assert_eq!(p.stat("drop_source_range"), 1);
+        assert!(p.dp.nat().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_or_drops() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40005, NODE, 30081);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, f.with_dst(ip(LOCAL_POD), 8080).bytes());
+        let none = from_outside(packet::TCP, 40005, NODE, 30082).bytes();
+        let (verdict, out) = p.xdp(&none);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "no local endpoint: dropped, as kube-proxy does"
+        );
+        assert_eq!(out, none);
+        assert_eq!(p.stat("drop_no_local_backend"), 1);
+    });
+}
+
+#[test]
+fn unresolved_next_hop_goes_to_the_tc_program_which_lets_the_kernel_resolve_it() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40006, NODE, 30099);
+        let bytes = f.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, bytes, "XDP hands it on untouched");
+        assert_eq!(p.stat("pass_no_neigh"), 1);
+        let (verdict, out) = p.tc(&bytes);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "bpf_redirect_neigh");
+        let mut expected = f
+            .with_dst(ip(UNRESOLVED_POD), 8080)
+            .with_src(ip(NODE), nat_port(&f));
+        expected.src_mac = f.src_mac;
+        expected.dst_mac = f.dst_mac;
+        assert_eq!(
+            out,
+            expected.bytes(),
+            "translated; the kernel fills in the MACs"
+        );
+        assert_eq!(p.dp.nat().unwrap().len(), 1, "tc reused the entry XDP made");
+    });
+}
+
+#[test]
+fn reply_to_a_client_without_neighbour_entry_goes_to_tc() {
+    with_programs(|p| {
+        let mut f = from_outside(packet::TCP, 40007, NODE, 30090);
+        f.saddr = ip(FAR_CLIENT);
+        p.xdp(&f.bytes());
+        let mut reply = snated(&f, REMOTE_POD, 8080).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let bytes = reply.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!((verdict, out), (XDP_PASS, bytes.clone()));
+        let (verdict, out) = p.tc(&bytes);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            reply
+                .with_dst(ip(FAR_CLIENT), 40007)
+                .with_src(ip(NODE), 30090)
+                .bytes()
+        );
+    });
+}
+
+#[test]
+fn frontend_without_backends_is_rejected_by_the_tc_program() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40008, NODE, 30070);
+        let bytes = f.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, bytes.clone()),
+            "XDP leaves the reject to tc"
+        );
+        let (verdict, out) = p.tc(&bytes);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out, packet::port_unreachable(&f));
+        packet::assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn traffic_for_the_node_itself_is_untouched() {
+    with_programs(|p| {
+        for f in [
+            from_outside(packet::TCP, 40009, NODE, 22),
+            from_outside(packet::UDP, 40009, NODE, 61000),
+        ] {
+            let bytes = f.bytes();
+            assert_eq!(p.xdp(&bytes), (XDP_PASS, bytes.clone()));
+            assert_eq!(p.tc(&bytes), (TC_ACT_UNSPEC, bytes));
+        }
+        assert!(p.dp.conntrack().unwrap().is_empty());
+    });
+}
