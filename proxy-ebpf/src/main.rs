@@ -9,6 +9,7 @@
 
 mod csum;
 mod ctx;
+mod fib;
 mod lb;
 mod maps;
 mod parse;

@@ -8,6 +8,7 @@ use proxy_common::{ct_dir, stats};
 
 use crate::{
     ctx::{End, Packet},
+    fib::{fib, send},
     lb,
     maps::{CONNTRACK, REVNAT},
     parse::{self, Flow},
@@ -39,10 +40,14 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
         }));
     }
     // A reply from this backend pod on a translated flow: give it the frontend's
-    // address here, before it leaves the node (towards an external client or a
-    // client pod on this node).
-    if reverse_nat(ctx, &flow)? {
-        return Ok(Out::pass(stats::REV_NAT));
+    // address here, and send it on to its next hop directly. The stack would
+    // drop it as a martian when the frontend is one of the node's own addresses
+    // (a NodePort).
+    if let Some((addr, port)) = reverse_nat(ctx, &flow)? {
+        return match fib(ctx, &flow, addr, flow.daddr, port, flow.dport) {
+            Ok(hop) => send(ctx, hop, stats::REV_NAT),
+            Err(_) => Ok(Out::pass(stats::REV_NAT)),
+        };
     }
     Ok(Out::pass(stats::PASS_NOT_SERVICE))
 }
@@ -53,18 +58,18 @@ pub fn to_pod(ctx: &TcContext) -> Result<Out, Drop> {
         Ok(flow) => flow,
         Err(early) => return early,
     };
-    if reverse_nat(ctx, &flow)? {
+    if reverse_nat(ctx, &flow)?.is_some() {
         return Ok(Out::pass(stats::REV_NAT));
     }
     Ok(Out::pass(stats::PASS_NO_CONNTRACK))
 }
 
 /// Rewrites the source of a backend's reply to the frontend the client dialled,
-/// if conntrack knows the flow. Returns whether it did.
+/// if conntrack knows the flow. Returns the frontend if it did.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<bool, Drop> {
+fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16)>, Drop> {
     let Some(entry) = CONNTRACK.get_ptr_mut(&lb::ct_key(flow, ct_dir::REPLY)) else {
-        return Ok(false);
+        return Ok(None);
     };
     // SAFETY: plain data, read once.
     let (rev_nat_id, last_seen) = unsafe { ((*entry).rev_nat_id, (*entry).last_seen_ns) };
@@ -77,5 +82,5 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<bool, Drop> {
         unsafe { (*entry).last_seen_ns = now };
     }
     ctx.rewrite(flow, End::Source, frontend.addr_be, frontend.port_be)?;
-    Ok(true)
+    Ok(Some((frontend.addr_be, frontend.port_be)))
 }

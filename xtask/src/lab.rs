@@ -34,6 +34,8 @@ pub const NODES: [&str; 2] = ["node1", "node2"];
 const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 100);
 const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// Where the lab's LoadBalancer IPs and externalIPs come from: routed to node1.
+pub const VIRTUAL_IPS: &str = "192.0.2.0/24";
 /// Interface names of pods' host-side veths (what the agents attach to).
 pub const POD_IFACE_PATTERN: &str = "fp-*";
 /// The capabilities deploy/daemonset.yaml gives the agent, as a setpriv bounding set.
@@ -74,6 +76,18 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 fn ip(args: &[&str]) -> Result<()> {
     output(Command::new("ip").args(args)).map(|_| ())
+}
+
+fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
+    output(Command::new("ip").args(["netns", "exec", ns, "ethtool"]).args(args)).map(|_| ())
+}
+
+/// Makes a veth send what a real wire carries: complete checksums. Otherwise
+/// the sender's kernel leaves them to "hardware" (CHECKSUM_PARTIAL), which
+/// veth passes on as is, and an XDP program on the far side, which cannot see
+/// that state, would update a partial checksum as if it were complete.
+fn like_a_wire(ns: &str, dev: &str) -> Result<()> {
+    ethtool(ns, &["-K", dev, "tx", "off"])
 }
 
 /// Runs `f` on a thread inside network namespace `ns` (sockets made there stay there).
@@ -297,7 +311,12 @@ impl Lab {
                 "eth0",
             ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            // A veth receives XDP_TX frames from its peer only with NAPI, which GRO turns on.
+            ethtool(&fabric, &["-K", &port, "gro", "on"])?;
+            like_a_wire(ns, "eth0")?;
         }
+        // The external client reaches LoadBalancer IPs and externalIPs through node1.
+        ip(&["-n", &self.ns("ext"), "route", "add", VIRTUAL_IPS, "via", &node_addr("node1")?.to_string()])?;
         for node in NODES {
             let ns = self.ns(node);
             // Only inside the node's own namespace: it routes for its pods.
@@ -451,6 +470,13 @@ impl Lab {
                 node,
                 "--pod-iface-pattern",
                 POD_IFACE_PATTERN,
+                "--uplink-iface",
+                "eth0",
+                // Native XDP on a veth sends XDP_TX frames to its peer, where (on a
+                // bridge port without an XDP program of its own) they get lost;
+                // generic XDP runs the same program and works on any device.
+                "--uplink-mode",
+                "generic",
             ])
             .arg("--kubeconfig")
             .arg(self.agent_kubeconfig())
@@ -557,6 +583,7 @@ impl Lab {
             "eth0",
         ])?;
         ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
+        like_a_wire(&pod_ns, "eth0")?;
         ip(&[
             "-n",
             &pod_ns,
@@ -708,6 +735,15 @@ impl Lab {
         }
         eprintln!("lab {}: down", self.name);
         Ok(())
+    }
+
+    /// Gives a LoadBalancer Service an ingress IP through the status subresource,
+    /// as a cloud's load-balancer controller would.
+    pub fn set_load_balancer_ip(&self, service: &str, addr: Ipv4Addr) -> Result<()> {
+        self.patch_status(
+            &format!("/api/v1/namespaces/default/services/{service}/status"),
+            &format!(r#"{{"status": {{"loadBalancer": {{"ingress": [{{"ip": "{addr}"}}]}}}}}}"#),
+        )
     }
 
     /// Addresses of the ready endpoints in a Service's EndpointSlices.

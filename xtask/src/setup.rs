@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "curl",
+    "ethtool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

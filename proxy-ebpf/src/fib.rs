@@ -1,0 +1,92 @@
+//! Next hops from the kernel's FIB, for packets the programs send straight out
+//! instead of handing them to the stack.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::bpf_fib_lookup as fib_lookup,
+};
+use proxy_common::stats;
+
+use crate::{
+    ctx::Packet,
+    parse::Flow,
+    verdict::{Action, Drop, Out},
+};
+
+const AF_INET: u8 = 2;
+
+/// Where the FIB says a packet goes.
+pub enum Hop {
+    Resolved {
+        ifindex: u32,
+        dmac: [u8; 6],
+        smac: [u8; 6],
+    },
+    Unresolved {
+        ifindex: u32,
+    },
+}
+
+#[inline(always)]
+pub fn fib<C: Packet>(
+    ctx: &C,
+    flow: &Flow,
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+) -> Result<Hop, Drop> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = flow.proto;
+    params.sport = sport;
+    params.dport = dport;
+    params.ifindex = ctx.ifindex();
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: the helper reads and fills `params`, whose size we pass.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.raw(),
+            &raw mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(Hop::Resolved {
+            ifindex: params.ifindex,
+            dmac: params.dmac,
+            smac: params.smac,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Unresolved {
+            ifindex: params.ifindex,
+        }),
+        _ => Err(Drop(stats::DROP_FIB)),
+    }
+}
+
+/// Sends a rewritten packet to its next hop.
+#[inline(always)]
+pub fn send<C: Packet>(ctx: &C, hop: Hop, stat: u32) -> Result<Out, Drop> {
+    match hop {
+        Hop::Resolved {
+            ifindex,
+            dmac,
+            smac,
+        } => {
+            ctx.set_macs(&dmac, &smac)?;
+            let action = if ifindex == ctx.ifindex() {
+                Action::Tx
+            } else {
+                Action::Redirect(ifindex)
+            };
+            Ok(Out { action, stat })
+        }
+        Hop::Unresolved { ifindex } => Ok(Out {
+            action: Action::RedirectNeigh(ifindex),
+            stat,
+        }),
+    }
+}
