@@ -51,8 +51,11 @@ fn service(
             .map(|(a, p)| Endpoint {
                 address: ip(a),
                 port: *p,
+                local: false,
             })
             .collect(),
+        local_only: false,
+        source_ranges: Vec::new(),
     }
 }
 
