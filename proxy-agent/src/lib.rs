@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod dataplane;
 pub mod health;
 pub mod ifaces;
+pub mod maglev;
 pub mod model;
 pub mod state;
+pub mod topology;
 pub mod watch;

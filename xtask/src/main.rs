@@ -67,6 +67,8 @@ enum LabCommand {
         action: String,
         node: String,
     },
+    /// Give a LoadBalancer Service an ingress IP (status subresource), like a cloud would.
+    LbIp { service: String, ip: std::net::Ipv4Addr },
     /// Run a command inside a pod's network namespace.
     Exec {
         pod: String,
@@ -139,6 +141,7 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
             }
             _ => lab.start_agent(&agent_binary()?, &node),
         },
+        LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),
         LabCommand::Exec { pod, command } => {
             let status = Command::new("ip")
                 .args(["netns", "exec", &lab.pod_ns(&pod)])

@@ -2,191 +2,17 @@
 //! server, in a lab of their own (`ferry-t<pid>-*`) that is removed afterwards,
 //! also when a step fails.
 
+mod support;
+
 use std::{
-    collections::BTreeMap,
-    fs::File,
-    io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    io::{ErrorKind, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
-
-struct Lab {
-    name: String,
-}
-
-impl Lab {
-    fn up() -> Self {
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "lab tests need root (as `cargo xtask test` and CI run them)"
-        );
-        let lab = Self {
-            name: format!("ferry-t{}", std::process::id()),
-        };
-        lab.xtask(&["up"]);
-        lab
-    }
-
-    fn xtask(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["lab", "--lab", &self.name])
-            .args(args)
-            .output()
-            .expect("run xtask");
-        assert!(
-            out.status.success(),
-            "xtask lab {}: {}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn kubectl(&self, args: &[&str]) -> String {
-        let mut all = vec!["kubectl"];
-        all.extend_from_slice(args);
-        self.xtask(&all)
-    }
-
-    fn apply(&self, manifest: &str) {
-        let path = std::env::temp_dir().join(format!("{}-manifest.json", self.name));
-        std::fs::write(&path, manifest).unwrap();
-        self.kubectl(&["apply", "-f", path.to_str().unwrap()]);
-        let _ = std::fs::remove_file(path);
-    }
-
-    fn pod_add(&self, name: &str, node: &str, app: &str) -> Ipv4Addr {
-        let out = self.xtask(&[
-            "pod",
-            "add",
-            name,
-            "--node",
-            node,
-            "--label",
-            &format!("app={app}"),
-        ]);
-        out.split_whitespace().last().unwrap().parse().unwrap()
-    }
-
-    fn pod_ns(&self, pod: &str) -> String {
-        format!("{}-pod-{pod}", self.name)
-    }
-
-    fn service(&self, name: &str, app: &str) -> Ipv4Addr {
-        self.apply(&format!(
-            r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "{name}", "namespace": "default"}},
-                "spec": {{"selector": {{"app": "{app}"}}, "ports": [
-                  {{"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}},
-                  {{"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}}]}}}}"#
-        ));
-        self.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    /// Waits until the service's slices list exactly `addrs` as ready; returns when it saw that.
-    fn wait_endpoints(&self, service: &str, addrs: &[Ipv4Addr]) -> Instant {
-        let mut want = addrs.to_vec();
-        want.sort();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let json = self.kubectl(&[
-                "get",
-                "endpointslices",
-                "-l",
-                &format!("kubernetes.io/service-name={service}"),
-                "-o",
-                "json",
-            ]);
-            let list: serde_json::Value = serde_json::from_str(&json).unwrap();
-            let mut have: Vec<Ipv4Addr> = Vec::new();
-            for slice in list["items"].as_array().into_iter().flatten() {
-                for ep in slice["endpoints"].as_array().into_iter().flatten() {
-                    if ep["conditions"]["ready"] == serde_json::Value::Bool(true) {
-                        have.push(ep["addresses"][0].as_str().unwrap().parse().unwrap());
-                    }
-                }
-            }
-            have.sort();
-            if have == want {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{service}: slices list {have:?}, want {want:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["lab", "--lab", &self.name, "down"])
-            .status();
-    }
-}
-
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("{ns}: {e}"));
-    thread::spawn(move || {
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
-/// Reads one line (a pod's answer: `<pod name> <client address>`).
-fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
-/// `n` TCP connections from `ns` to `target`: the pod name that answered each.
-fn connect_many(ns: &str, target: SocketAddr, n: usize) -> Vec<std::io::Result<String>> {
-    in_netns(ns, move || {
-        (0..n)
-            .map(|_| {
-                let mut s = TcpStream::connect_timeout(&target, TIMEOUT)?;
-                s.set_read_timeout(Some(TIMEOUT))?;
-                read_line(&mut s)
-            })
-            .collect()
-    })
-}
-
-fn pod_of(answer: &str) -> &str {
-    answer.split_whitespace().next().unwrap_or("")
-}
-
-fn count(answers: &[std::io::Result<String>]) -> BTreeMap<String, usize> {
-    let mut by_pod = BTreeMap::new();
-    for (i, a) in answers.iter().enumerate() {
-        let a = a
-            .as_ref()
-            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
-        *by_pod.entry(pod_of(a).to_string()).or_insert(0) += 1;
-    }
-    by_pod
-}
+use support::*;
 
 #[test]
 fn lab_services_through_real_agents() {
@@ -380,11 +206,3 @@ fn lab_services_through_real_agents() {
     );
 }
 
-/// The address `lab status` lists for a pod.
-fn lab_pod_addr(status: &str, pod: &str) -> Ipv4Addr {
-    let line = status
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("pod {pod} ")))
-        .unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
-}

@@ -1,0 +1,141 @@
+//! Lab tests of traffic from outside the cluster: NodePort on both nodes,
+//! externalTrafficPolicy=Local with its health check, externalIPs, LoadBalancer
+//! IPs with source ranges, through real agents and a real API server.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use support::*;
+
+const EXT: &str = "10.250.0.100";
+const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
+const NODE2: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 12);
+
+fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&target, TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    })
+}
+
+fn refused_or_dropped(ns: &str, target: SocketAddr) -> bool {
+    in_netns(ns, move || TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err())
+}
+
+#[test]
+fn lab_traffic_from_outside_the_cluster() {
+    let lab = Lab::up();
+    let ext = format!("{}-ext", lab.name);
+    let web1 = lab.pod_add("web-1", "node1", "web");
+    let web2 = lab.pod_add("web-2", "node2", "web");
+    lab.apply(
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "selector": {"app": "web"}, "externalIPs": ["192.0.2.20"], "ports": [
+              {"name": "http", "port": 80, "targetPort": "tcp", "nodePort": 30080, "protocol": "TCP"},
+              {"name": "dns", "port": 53, "targetPort": "udp", "nodePort": 30053, "protocol": "UDP"}]}}"#,
+    );
+    lab.wait_endpoints("web", &[web1, web2]);
+
+    for node in [NODE1, NODE2] {
+        eprintln!("== 200 TCP connections from outside to {node}:30080 reach backends on both nodes");
+        let by_pod = count(&connect_many(&ext, (node, 30080).into(), 200));
+        eprintln!("   {by_pod:?}");
+        assert_eq!(by_pod.values().sum::<usize>(), 200);
+        assert_eq!(by_pod.keys().collect::<Vec<_>>(), ["web-1", "web-2"]);
+    }
+
+    eprintln!("== UDP through either node answers from the NodePort");
+    for node in [NODE1, NODE2] {
+        let (from, answer) = in_netns(&ext, move || {
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+            sock.send_to(b"who?", (node, 30053)).unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
+            (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        assert_eq!(from, SocketAddr::from((node, 30053)));
+        assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
+    }
+
+    eprintln!("== externalIP 192.0.2.20:80");
+    let by_pod = count(&connect_many(&ext, (Ipv4Addr::new(192, 0, 2, 20), 80).into(), 50));
+    assert_eq!(by_pod.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "{by_pod:?}");
+
+    eprintln!("== a pod reaches a NodePort on its own node's address");
+    lab.xtask(&["pod", "add", "client", "--node", "node1"]);
+    let by_pod = count(&connect_many(&lab.pod_ns("client"), (NODE1, 30080).into(), 20));
+    assert_eq!(by_pod.values().sum::<usize>(), 20);
+
+    eprintln!("== externalTrafficPolicy=Local: client address kept, only the node with a backend answers");
+    let loc = lab.pod_add("loc-1", "node1", "loc");
+    lab.apply(
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "loc", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30100,
+              "selector": {"app": "loc"}, "ports": [
+              {"name": "http", "port": 80, "targetPort": "tcp", "nodePort": 30090, "protocol": "TCP"}]}}"#,
+    );
+    lab.wait_endpoints("loc", &[loc]);
+    lab.xtask(&["lb-ip", "loc", "192.0.2.10"]);
+    let answers = connect_many(&ext, (NODE1, 30090).into(), 20);
+    for answer in &answers {
+        let answer = answer.as_ref().expect("node1 answers");
+        assert_eq!(pod_of(answer), "loc-1");
+        assert!(answer.contains(&format!(" {EXT}:")), "the backend saw {answer}, not the external client");
+    }
+    assert!(refused_or_dropped(&ext, (NODE2, 30090).into()), "node2 has no local endpoint and must not answer");
+
+    eprintln!("== healthCheckNodePort: 200 where an endpoint is local, 503 elsewhere");
+    let healthy = http_get(&ext, (NODE1, 30100).into(), "/healthz");
+    assert!(healthy.starts_with("HTTP/1.1 200"), "{healthy}");
+    assert!(healthy.contains(r#""localEndpoints": 1"#), "{healthy}");
+    let unhealthy = http_get(&ext, (NODE2, 30100).into(), "/healthz");
+    assert!(unhealthy.starts_with("HTTP/1.1 503"), "{unhealthy}");
+    assert!(unhealthy.contains(r#""localEndpoints": 0"#), "{unhealthy}");
+
+    eprintln!("== LoadBalancer ingress IP set through the status subresource");
+    let wait = std::time::Instant::now();
+    let answer = loop {
+        if let Ok(Ok(answer)) = std::panic::catch_unwind(|| {
+            connect_many(&ext, (Ipv4Addr::new(192, 0, 2, 10), 80).into(), 1).pop().unwrap()
+        }) {
+            break answer;
+        }
+        assert!(wait.elapsed() < Duration::from_secs(5), "the LB IP was never served");
+    };
+    assert_eq!(pod_of(&answer), "loc-1");
+    assert!(answer.contains(&format!(" {EXT}:")), "{answer}");
+
+    eprintln!("== loadBalancerSourceRanges: clients outside the ranges are dropped");
+    lab.apply(
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fw", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.250.0.128/25"],
+              "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    );
+    lab.wait_endpoints("fw", &[web1, web2]);
+    lab.xtask(&["lb-ip", "fw", "192.0.2.30"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(refused_or_dropped(&ext, (Ipv4Addr::new(192, 0, 2, 30), 80).into()), "a client outside the ranges got through");
+    lab.kubectl(&["patch", "service", "fw", "-p", r#"{"spec": {"loadBalancerSourceRanges": ["10.250.0.96/28"]}}"#]);
+    let wait = std::time::Instant::now();
+    loop {
+        let ok = in_netns(&ext, || TcpStream::connect_timeout(&(Ipv4Addr::new(192, 0, 2, 30), 80).into(), Duration::from_millis(300)).is_ok());
+        if ok {
+            break;
+        }
+        assert!(wait.elapsed() < Duration::from_secs(5), "a client inside the ranges was never let through");
+    }
+
+    eprintln!("== the agents report their uplink attach mode");
+    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
+    assert!(status.contains(r#""interface": "eth0", "mode": "generic""#), "{status}");
+}
