@@ -680,3 +680,41 @@ fn every_packet_is_counted_once_with_its_bytes() {
         (1, 1, 1)
     );
 }
+
+#[test]
+fn a_pod_reaching_itself_is_hairpinned_through_the_link_local_address() {
+    let mut services = cluster();
+    services.push(service(
+        "self",
+        "10.96.0.50",
+        80,
+        Protocol::Tcp,
+        &[(CLIENT, 8080)],
+    ));
+    let mut p = Programs::new(&services);
+    let hairpin = Ipv4Addr::from(proxy_common::HAIRPIN_ADDR);
+    let f = Frame::tcp(CLIENT, 40500, "10.96.0.50", 80);
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight back into the pod");
+    let mut to_itself = f.with_dst(ip(CLIENT), 8080).with_src(hairpin, 40500);
+    (to_itself.src_mac, to_itself.dst_mac) = (f.dst_mac, f.src_mac);
+    assert_eq!(
+        out,
+        to_itself.bytes(),
+        "addressed to the pod itself, also in Ethernet"
+    );
+    packet::assert_checksums_valid(&out);
+    assert_eq!(p.stat("fwd_hairpin"), 1);
+    // The pod answers the hairpin address; that comes back from the frontend.
+    let mut reply = to_itself.reply();
+    (reply.src_mac, reply.dst_mac) = (f.src_mac, f.dst_mac);
+    let (verdict, out) = p.send_from_pod(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut back = reply
+        .with_dst(ip(CLIENT), 40500)
+        .with_src(ip("10.96.0.50"), 80);
+    (back.src_mac, back.dst_mac) = (f.dst_mac, f.src_mac);
+    assert_eq!(out, back.bytes());
+    packet::assert_checksums_valid(&out);
+    assert_eq!(p.stat("rev_nat"), 1);
+}

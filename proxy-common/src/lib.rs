@@ -148,6 +148,18 @@ pub mod ct_dir {
     pub const NAT: u8 = 2;
 }
 
+/// Bits of [`CtValue4::flags`].
+pub mod ct_flags {
+    /// A pod reached itself through a frontend: the flow was SNATed to
+    /// [`super::HAIRPIN_ADDR`] so its replies come back through the programs.
+    pub const HAIRPIN: u16 = 1 << 0;
+}
+
+/// The source a hairpinned flow (a pod that reached itself through a frontend)
+/// gets, so that the pod's replies leave it and can be translated back:
+/// 169.254.42.1, link-local, never a real peer. Network byte order as loaded.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
 /// Key of the conntrack map: the full 5-tuple as seen on the wire plus direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -25,9 +25,10 @@ pub const DROP_SOURCE_RANGE: u32 = 20;
 pub const DROP_NAT_PORTS: u32 = 21;
 pub const DROP_FIB: u32 = 22;
 pub const PASS_NO_NEIGH: u32 = 23;
+pub const FWD_HAIRPIN: u32 = 24;
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 25;
 
 /// Name of each counter, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -55,4 +56,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_nat_ports",
     "drop_fib",
     "pass_no_neigh",
+    "fwd_hairpin",
 ];

@@ -5,9 +5,9 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    backend_flags, ct_dir,
+    backend_flags, ct_dir, ct_flags,
     hash::{flow_hash4, slot_for},
-    stats, Backend4, CtKey4, CtValue4, ServiceKey4, ServiceValue,
+    stats, Backend4, CtKey4, CtValue4, ServiceKey4, ServiceValue, HAIRPIN_ADDR,
 };
 
 use crate::{
@@ -68,6 +68,18 @@ impl Chosen {
     pub fn local(&self) -> bool {
         self.backend.flags & backend_flags::LOCAL != 0
     }
+
+    /// The client reached itself: it must not see its own address as the peer.
+    #[inline(always)]
+    pub fn hairpin(&self, flow: &Flow) -> bool {
+        self.backend.addr_be == flow.saddr
+    }
+}
+
+/// The hairpin source address as the programs hold addresses.
+#[inline(always)]
+pub fn hairpin_addr() -> u32 {
+    u32::from_ne_bytes(HAIRPIN_ADDR)
 }
 
 /// Picks the backend for a packet to a frontend with backends: the one its
@@ -129,9 +141,18 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
     };
     // A SNATed flow's replies come back to the node address (the NAT map), not here.
     if chosen.local() || !flow.external {
+        let hairpin = chosen.hairpin(flow);
+        let value = if hairpin {
+            CtValue4 {
+                flags: ct_flags::HAIRPIN,
+                ..value
+            }
+        } else {
+            value
+        };
         let reply = CtKey4 {
             saddr_be: backend.addr_be,
-            daddr_be: flow.saddr,
+            daddr_be: if hairpin { hairpin_addr() } else { flow.saddr },
             sport_be: backend.port_be,
             dport_be: flow.sport,
             proto: flow.proto,

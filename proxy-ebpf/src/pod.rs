@@ -4,7 +4,7 @@
 //! replies that reach a client pod unchanged.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{ct_dir, stats};
+use proxy_common::{ct_dir, ct_flags, stats};
 
 use crate::{
     ctx::{End, Packet},
@@ -13,7 +13,7 @@ use crate::{
     maps::{CONNTRACK, REVNAT},
     parse::{self, Flow},
     reject,
-    verdict::{Drop, Out},
+    verdict::{Action, Drop, Out},
 };
 
 #[inline(always)]
@@ -33,6 +33,12 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
             chosen.backend.addr_be,
             chosen.backend.port_be,
         )?;
+        if chosen.hairpin(&flow) {
+            // The pod reached itself: from its own address it would answer itself
+            // directly. From the hairpin address, the answer comes back here.
+            ctx.rewrite(&flow, End::Source, lb::hairpin_addr(), flow.sport)?;
+            return back_into_the_pod(ctx, stats::FWD_HAIRPIN);
+        }
         return Ok(Out::pass(if chosen.new {
             stats::FWD_NEW
         } else {
@@ -43,7 +49,11 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
     // address here, and send it on to its next hop directly. The stack would
     // drop it as a martian when the frontend is one of the node's own addresses
     // (a NodePort).
-    if let Some((addr, port)) = reverse_nat(ctx, &flow)? {
+    if let Some((addr, port, hairpin)) = reverse_nat(ctx, &flow)? {
+        if hairpin {
+            // Back into the pod that is both client and backend.
+            return back_into_the_pod(ctx, stats::REV_NAT);
+        }
         return match fib(ctx, &flow, addr, flow.daddr, port, flow.dport) {
             Ok(hop) => send(ctx, hop, stats::REV_NAT),
             Err(_) => Ok(Out::pass(stats::REV_NAT)),
@@ -65,14 +75,16 @@ pub fn to_pod(ctx: &TcContext) -> Result<Out, Drop> {
 }
 
 /// Rewrites the source of a backend's reply to the frontend the client dialled,
-/// if conntrack knows the flow. Returns the frontend if it did.
+/// if conntrack knows the flow (and, for a hairpinned flow, the destination
+/// back to the pod itself). Returns the frontend and whether it was a hairpin.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16)>, Drop> {
+fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, bool)>, Drop> {
     let Some(entry) = CONNTRACK.get_ptr_mut(&lb::ct_key(flow, ct_dir::REPLY)) else {
         return Ok(None);
     };
     // SAFETY: plain data, read once.
-    let (rev_nat_id, last_seen) = unsafe { ((*entry).rev_nat_id, (*entry).last_seen_ns) };
+    let (rev_nat_id, flags, last_seen) =
+        unsafe { ((*entry).rev_nat_id, (*entry).flags, (*entry).last_seen_ns) };
     // SAFETY: copied out at once.
     let frontend = unsafe { REVNAT.get(&rev_nat_id) }
         .copied()
@@ -81,6 +93,25 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16)>, Drop>
     if now.wrapping_sub(last_seen) > lb::CT_REFRESH_NS {
         unsafe { (*entry).last_seen_ns = now };
     }
+    let hairpin = flags & ct_flags::HAIRPIN != 0;
+    if hairpin {
+        ctx.rewrite(flow, End::Destination, flow.saddr, flow.dport)?;
+    }
     ctx.rewrite(flow, End::Source, frontend.addr_be, frontend.port_be)?;
-    Ok(Some((frontend.addr_be, frontend.port_be)))
+    Ok(Some((frontend.addr_be, frontend.port_be, hairpin)))
+}
+
+/// Sends a packet back out of the interface it came in on, into the pod it came
+/// from, with the Ethernet addresses swapped so the pod takes it as its own.
+#[inline(always)]
+fn back_into_the_pod(ctx: &TcContext, stat: u32) -> Result<Out, Drop> {
+    let macs: [u8; 12] = ctx.read(0).ok_or(Drop(stats::DROP_REWRITE))?;
+    let (mut pod, mut gateway) = ([0u8; 6], [0u8; 6]);
+    pod.copy_from_slice(&macs[6..]);
+    gateway.copy_from_slice(&macs[..6]);
+    ctx.set_macs(&pod, &gateway)?;
+    Ok(Out {
+        action: Action::Tx,
+        stat,
+    })
 }

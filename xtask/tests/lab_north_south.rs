@@ -135,6 +135,24 @@ fn lab_traffic_from_outside_the_cluster() {
         assert!(wait.elapsed() < Duration::from_secs(5), "a client inside the ranges was never let through");
     }
 
+    eprintln!("== hairpin: a pod reaches itself through its Service, by ClusterIP and by NodePort");
+    lab.pod_add("solo", "node1", "solo");
+    lab.apply(
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "solo", "namespace": "default"},
+            "spec": {"type": "NodePort", "selector": {"app": "solo"}, "ports": [
+              {"name": "http", "port": 80, "targetPort": "tcp", "nodePort": 30110, "protocol": "TCP"}]}}"#,
+    );
+    let solo_addr = lab_pod_addr(&lab.xtask(&["status"]), "solo");
+    lab.wait_endpoints("solo", &[solo_addr]);
+    let vip: Ipv4Addr = lab.kubectl(&["get", "service", "solo", "-o", "jsonpath={.spec.clusterIP}"]).trim().parse().unwrap();
+    for target in [SocketAddr::from((vip, 80)), SocketAddr::from((NODE1, 30110))] {
+        let answers = connect_many(&lab.pod_ns("solo"), target, 10);
+        for answer in &answers {
+            let answer = answer.as_ref().unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert!(answer.starts_with("solo 169.254.42.1:"), "{target}: {answer}");
+        }
+    }
+
     eprintln!("== the agents report their uplink attach mode");
     let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
     assert!(status.contains(r#""interface": "eth0", "mode": "generic""#), "{status}");
