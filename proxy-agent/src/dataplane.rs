@@ -107,7 +107,58 @@ impl Dataplane {
         Self::load_with(&mut EbpfLoader::new())
     }
 
+    /// Kernels before 5.11 charge BPF map memory to RLIMIT_MEMLOCK, whose usual
+    /// value (64 KiB to 8 MiB) is far below what the maps take: creating them
+    /// fails with EPERM there. Best effort: going past the hard limit needs
+    /// CAP_SYS_RESOURCE, and newer kernels charge the memory cgroup instead.
+    fn raise_memlock_limit() {
+        use aya::util::KernelVersion;
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
+            // Charged to the memory cgroup: the limit does not apply.
+            return;
+        }
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut old) } != 0 {
+            warn!(error = %io::Error::last_os_error(), "cannot read RLIMIT_MEMLOCK");
+            return;
+        }
+        if old.rlim_cur == libc::RLIM_INFINITY {
+            return;
+        }
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+            info!(
+                previous = old.rlim_cur,
+                "raised RLIMIT_MEMLOCK to unlimited for the BPF maps"
+            );
+            return;
+        }
+        let error = io::Error::last_os_error();
+        let to_hard = libc::rlimit {
+            rlim_cur: old.rlim_max,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above.
+        let raised = old.rlim_max > old.rlim_cur
+            && unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &to_hard) } == 0;
+        warn!(
+            %error,
+            limit = if raised { old.rlim_max } else { old.rlim_cur },
+            "could not lift RLIMIT_MEMLOCK: on kernels before 5.11 creating the maps may fail \
+             with EPERM (give the agent CAP_SYS_RESOURCE)"
+        );
+    }
+
     fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self> {
+        Self::raise_memlock_limit();
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         for name in [
             program_names::FROM_POD,

@@ -22,7 +22,7 @@ enum Command {
     /// maps programmed, attach the programs to pod interfaces as they appear.
     /// Programs and maps stay in place when the agent stops, so traffic goes on;
     /// the next agent adopts them.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every Ferry tc filter in this network namespace and every pinned map.
     Cleanup {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]

@@ -79,7 +79,12 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
-    output(Command::new("ip").args(["netns", "exec", ns, "ethtool"]).args(args)).map(|_| ())
+    output(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "ethtool"])
+            .args(args),
+    )
+    .map(|_| ())
 }
 
 /// Makes a veth send what a real wire carries: complete checksums. Otherwise
@@ -316,7 +321,15 @@ impl Lab {
             like_a_wire(ns, "eth0")?;
         }
         // The external client reaches LoadBalancer IPs and externalIPs through node1.
-        ip(&["-n", &self.ns("ext"), "route", "add", VIRTUAL_IPS, "via", &node_addr("node1")?.to_string()])?;
+        ip(&[
+            "-n",
+            &self.ns("ext"),
+            "route",
+            "add",
+            VIRTUAL_IPS,
+            "via",
+            &node_addr("node1")?.to_string(),
+        ])?;
         for node in NODES {
             let ns = self.ns(node);
             // Only inside the node's own namespace: it routes for its pods.

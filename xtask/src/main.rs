@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo | vm-test`.
 
 mod build_ebpf;
 mod demo;
 mod kube;
 mod lab;
 mod setup;
+mod vm_test;
 
 use std::{path::PathBuf, process::Command};
 
@@ -41,6 +42,12 @@ enum Task {
     /// Set up if needed, bring the lab up, serve a Service from pods on both
     /// nodes and show where 30 requests went.
     Demo,
+    /// The packet tests on Debian's 5.10 and 6.1 kernels in VMs, and on this one.
+    VmTest {
+        /// `5.10`, `6.1`, `host` (the running kernel) or `all`.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,7 +75,10 @@ enum LabCommand {
         node: String,
     },
     /// Give a LoadBalancer Service an ingress IP (status subresource), like a cloud would.
-    LbIp { service: String, ip: std::net::Ipv4Addr },
+    LbIp {
+        service: String,
+        ip: std::net::Ipv4Addr,
+    },
     /// Run a command inside a pod's network namespace.
     Exec {
         pod: String,
@@ -183,6 +193,7 @@ fn main() -> Result<()> {
         }
         Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
         Task::Demo => demo::run(),
+        Task::VmTest { kernel } => vm_test::run(&kernel),
     }
 }
 

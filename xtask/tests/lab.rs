@@ -205,4 +205,3 @@ fn lab_services_through_real_agents() {
         String::from_utf8_lossy(&procs.stdout)
     );
 }
-

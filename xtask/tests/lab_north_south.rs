@@ -20,7 +20,10 @@ fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
     in_netns(ns, move || {
         let mut s = TcpStream::connect_timeout(&target, TIMEOUT).expect("connect");
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         answer
@@ -28,7 +31,9 @@ fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
 }
 
 fn refused_or_dropped(ns: &str, target: SocketAddr) -> bool {
-    in_netns(ns, move || TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err())
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err()
+    })
 }
 
 #[test]
@@ -46,7 +51,9 @@ fn lab_traffic_from_outside_the_cluster() {
     lab.wait_endpoints("web", &[web1, web2]);
 
     for node in [NODE1, NODE2] {
-        eprintln!("== 200 TCP connections from outside to {node}:30080 reach backends on both nodes");
+        eprintln!(
+            "== 200 TCP connections from outside to {node}:30080 reach backends on both nodes"
+        );
         let by_pod = count(&connect_many(&ext, (node, 30080).into(), 200));
         eprintln!("   {by_pod:?}");
         assert_eq!(by_pod.values().sum::<usize>(), 200);
@@ -68,15 +75,29 @@ fn lab_traffic_from_outside_the_cluster() {
     }
 
     eprintln!("== externalIP 192.0.2.20:80");
-    let by_pod = count(&connect_many(&ext, (Ipv4Addr::new(192, 0, 2, 20), 80).into(), 50));
-    assert_eq!(by_pod.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "{by_pod:?}");
+    let by_pod = count(&connect_many(
+        &ext,
+        (Ipv4Addr::new(192, 0, 2, 20), 80).into(),
+        50,
+    ));
+    assert_eq!(
+        by_pod.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{by_pod:?}"
+    );
 
     eprintln!("== a pod reaches a NodePort on its own node's address");
     lab.xtask(&["pod", "add", "client", "--node", "node1"]);
-    let by_pod = count(&connect_many(&lab.pod_ns("client"), (NODE1, 30080).into(), 20));
+    let by_pod = count(&connect_many(
+        &lab.pod_ns("client"),
+        (NODE1, 30080).into(),
+        20,
+    ));
     assert_eq!(by_pod.values().sum::<usize>(), 20);
 
-    eprintln!("== externalTrafficPolicy=Local: client address kept, only the node with a backend answers");
+    eprintln!(
+        "== externalTrafficPolicy=Local: client address kept, only the node with a backend answers"
+    );
     let loc = lab.pod_add("loc-1", "node1", "loc");
     lab.apply(
         r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "loc", "namespace": "default"},
@@ -90,9 +111,15 @@ fn lab_traffic_from_outside_the_cluster() {
     for answer in &answers {
         let answer = answer.as_ref().expect("node1 answers");
         assert_eq!(pod_of(answer), "loc-1");
-        assert!(answer.contains(&format!(" {EXT}:")), "the backend saw {answer}, not the external client");
+        assert!(
+            answer.contains(&format!(" {EXT}:")),
+            "the backend saw {answer}, not the external client"
+        );
     }
-    assert!(refused_or_dropped(&ext, (NODE2, 30090).into()), "node2 has no local endpoint and must not answer");
+    assert!(
+        refused_or_dropped(&ext, (NODE2, 30090).into()),
+        "node2 has no local endpoint and must not answer"
+    );
 
     eprintln!("== healthCheckNodePort: 200 where an endpoint is local, 503 elsewhere");
     let healthy = http_get(&ext, (NODE1, 30100).into(), "/healthz");
@@ -106,11 +133,16 @@ fn lab_traffic_from_outside_the_cluster() {
     let wait = std::time::Instant::now();
     let answer = loop {
         if let Ok(Ok(answer)) = std::panic::catch_unwind(|| {
-            connect_many(&ext, (Ipv4Addr::new(192, 0, 2, 10), 80).into(), 1).pop().unwrap()
+            connect_many(&ext, (Ipv4Addr::new(192, 0, 2, 10), 80).into(), 1)
+                .pop()
+                .unwrap()
         }) {
             break answer;
         }
-        assert!(wait.elapsed() < Duration::from_secs(5), "the LB IP was never served");
+        assert!(
+            wait.elapsed() < Duration::from_secs(5),
+            "the LB IP was never served"
+        );
     };
     assert_eq!(pod_of(&answer), "loc-1");
     assert!(answer.contains(&format!(" {EXT}:")), "{answer}");
@@ -124,15 +156,33 @@ fn lab_traffic_from_outside_the_cluster() {
     lab.wait_endpoints("fw", &[web1, web2]);
     lab.xtask(&["lb-ip", "fw", "192.0.2.30"]);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(refused_or_dropped(&ext, (Ipv4Addr::new(192, 0, 2, 30), 80).into()), "a client outside the ranges got through");
-    lab.kubectl(&["patch", "service", "fw", "-p", r#"{"spec": {"loadBalancerSourceRanges": ["10.250.0.96/28"]}}"#]);
+    assert!(
+        refused_or_dropped(&ext, (Ipv4Addr::new(192, 0, 2, 30), 80).into()),
+        "a client outside the ranges got through"
+    );
+    lab.kubectl(&[
+        "patch",
+        "service",
+        "fw",
+        "-p",
+        r#"{"spec": {"loadBalancerSourceRanges": ["10.250.0.96/28"]}}"#,
+    ]);
     let wait = std::time::Instant::now();
     loop {
-        let ok = in_netns(&ext, || TcpStream::connect_timeout(&(Ipv4Addr::new(192, 0, 2, 30), 80).into(), Duration::from_millis(300)).is_ok());
+        let ok = in_netns(&ext, || {
+            TcpStream::connect_timeout(
+                &(Ipv4Addr::new(192, 0, 2, 30), 80).into(),
+                Duration::from_millis(300),
+            )
+            .is_ok()
+        });
         if ok {
             break;
         }
-        assert!(wait.elapsed() < Duration::from_secs(5), "a client inside the ranges was never let through");
+        assert!(
+            wait.elapsed() < Duration::from_secs(5),
+            "a client inside the ranges was never let through"
+        );
     }
 
     eprintln!("== hairpin: a pod reaches itself through its Service, by ClusterIP and by NodePort");
@@ -144,16 +194,29 @@ fn lab_traffic_from_outside_the_cluster() {
     );
     let solo_addr = lab_pod_addr(&lab.xtask(&["status"]), "solo");
     lab.wait_endpoints("solo", &[solo_addr]);
-    let vip: Ipv4Addr = lab.kubectl(&["get", "service", "solo", "-o", "jsonpath={.spec.clusterIP}"]).trim().parse().unwrap();
-    for target in [SocketAddr::from((vip, 80)), SocketAddr::from((NODE1, 30110))] {
+    let vip: Ipv4Addr = lab
+        .kubectl(&["get", "service", "solo", "-o", "jsonpath={.spec.clusterIP}"])
+        .trim()
+        .parse()
+        .unwrap();
+    for target in [
+        SocketAddr::from((vip, 80)),
+        SocketAddr::from((NODE1, 30110)),
+    ] {
         let answers = connect_many(&lab.pod_ns("solo"), target, 10);
         for answer in &answers {
             let answer = answer.as_ref().unwrap_or_else(|e| panic!("{target}: {e}"));
-            assert!(answer.starts_with("solo 169.254.42.1:"), "{target}: {answer}");
+            assert!(
+                answer.starts_with("solo 169.254.42.1:"),
+                "{target}: {answer}"
+            );
         }
     }
 
     eprintln!("== the agents report their uplink attach mode");
     let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
-    assert!(status.contains(r#""interface": "eth0", "mode": "generic""#), "{status}");
+    assert!(
+        status.contains(r#""interface": "eth0", "mode": "generic""#),
+        "{status}"
+    );
 }

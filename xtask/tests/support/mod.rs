@@ -188,7 +188,6 @@ pub fn count(answers: &[std::io::Result<String>]) -> BTreeMap<String, usize> {
     by_pod
 }
 
-
 /// The address `lab status` lists for a pod.
 pub fn lab_pod_addr(status: &str, pod: &str) -> Ipv4Addr {
     let line = status
