@@ -4,12 +4,18 @@
 //! EndpointSlices arrive as `discovery.k8s.io/v1` or `v1beta1` (API servers before
 //! 1.21 serve only the latter); both become one [`Slice`] model.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::core::v1::{Node, Service as K8sService};
 use serde::Deserialize;
 
-use crate::model::{Cidr, Endpoint, Frontend, Protocol, Service};
+use crate::{
+    model::{Cidr, Endpoint, Frontend, Protocol, Service},
+    topology::{self, EndpointInfo, Policy},
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -44,6 +50,7 @@ pub struct SliceEndpoint {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     pub hint_zones: Vec<String>,
+    pub hint_nodes: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -94,6 +101,8 @@ mod v1 {
     pub struct Hints {
         #[serde(default)]
         pub for_zones: Vec<ForZone>,
+        #[serde(default)]
+        pub for_nodes: Vec<ForZone>,
     }
 
     #[derive(Deserialize)]
@@ -130,6 +139,14 @@ mod v1beta1 {
         pub node_name: Option<String>,
         pub hints: Option<super::v1::Hints>,
     }
+}
+
+fn hint_names(hints: Option<&Vec<v1::ForZone>>) -> Vec<String> {
+    hints
+        .into_iter()
+        .flatten()
+        .map(|h| h.name.clone())
+        .collect()
 }
 
 /// EndpointSlice API versions the agent can read.
@@ -172,10 +189,8 @@ pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<S
                     terminating: e.conditions.terminating,
                     node_name: e.node_name,
                     zone: e.zone,
-                    hint_zones: e
-                        .hints
-                        .map(|h| h.for_zones.into_iter().map(|z| z.name).collect())
-                        .unwrap_or_default(),
+                    hint_zones: hint_names(e.hints.as_ref().map(|h| &h.for_zones)),
+                    hint_nodes: hint_names(e.hints.as_ref().map(|h| &h.for_nodes)),
                 })
                 .collect();
             (s.metadata, s.address_type, s.ports, endpoints)
@@ -194,10 +209,8 @@ pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<S
                         .node_name
                         .or_else(|| e.topology.remove("kubernetes.io/hostname")),
                     zone: e.topology.remove("topology.kubernetes.io/zone"),
-                    hint_zones: e
-                        .hints
-                        .map(|h| h.for_zones.into_iter().map(|z| z.name).collect())
-                        .unwrap_or_default(),
+                    hint_zones: hint_names(e.hints.as_ref().map(|h| &h.for_zones)),
+                    hint_nodes: hint_names(e.hints.as_ref().map(|h| &h.for_nodes)),
                 })
                 .collect();
             (s.metadata, s.address_type, s.ports, endpoints)
@@ -246,6 +259,8 @@ fn protocol(name: Option<&str>) -> Option<Protocol> {
 pub struct NodeInfo {
     pub name: String,
     pub addresses: Vec<Ipv4Addr>,
+    /// The `topology.kubernetes.io/zone` label, for topology hints.
+    pub zone: Option<String>,
 }
 
 impl NodeInfo {
@@ -266,9 +281,14 @@ impl NodeInfo {
                 }
             }
         }
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get("topology.kubernetes.io/zone"))
+            .cloned();
         Self {
             name: name.to_string(),
             addresses,
+            zone,
         }
     }
 
@@ -296,14 +316,16 @@ pub struct Desired {
     pub skipped: Vec<Skip>,
 }
 
-/// Ready endpoints of one Service port, from its slices, with their locality.
+/// Every endpoint of one Service port, from its slices (deduplicated by address),
+/// with what kube-proxy's categorisation needs to know of it.
 fn port_endpoints(
     slices: &[&Slice],
     port_name: &str,
     proto: Protocol,
     node: &NodeInfo,
-) -> Vec<Endpoint> {
-    let mut endpoints = Vec::new();
+) -> (Vec<Endpoint>, Vec<EndpointInfo>) {
+    let mut seen = BTreeSet::new();
+    let (mut endpoints, mut infos) = (Vec::new(), Vec::new());
     for slice in slices {
         let Some(target) = slice.ports.iter().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
@@ -319,25 +341,33 @@ fn port_endpoints(
             continue;
         };
         for ep in &slice.endpoints {
-            // An unknown readiness counts as ready (the API's documented meaning).
-            if ep.ready == Some(false) {
+            // kube-proxy uses the first address of an endpoint only.
+            let Some(address) = ep
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            if !seen.insert((address, target_port)) {
                 continue;
             }
-            // kube-proxy uses the first address of an endpoint only.
-            if let Some(address) = ep.addresses.first().and_then(|a| a.parse().ok()) {
-                let local =
-                    !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
-                endpoints.push(Endpoint {
-                    address,
-                    port: target_port,
-                    local,
-                });
-            }
+            let mut info = EndpointInfo::from_conditions(ep.ready, ep.serving, ep.terminating);
+            info.node_name = ep.node_name.clone();
+            info.zone_hints = ep.hint_zones.iter().cloned().collect();
+            info.node_hints = ep.hint_nodes.iter().cloned().collect();
+            let local =
+                !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+            endpoints.push(Endpoint {
+                address,
+                port: target_port,
+                local,
+                terminating: info.terminating,
+            });
+            infos.push(info);
         }
     }
-    endpoints.sort();
-    endpoints.dedup();
-    endpoints
+    (endpoints, infos)
 }
 
 /// The frontends to serve, from every Service and EndpointSlice the agent sees,
@@ -424,6 +454,17 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
             .get(key.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let policy = Policy {
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local,
+            has_external_frontends: matches!(kind, "NodePort" | "LoadBalancer")
+                || !external_ips.is_empty(),
+            ignore_node_hints: false,
+        };
+        let topology_node = topology::Node {
+            name: node.name.clone(),
+            zone: node.zone.clone(),
+        };
         let mut local_endpoints = 0;
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port.protocol.as_deref()) else {
@@ -438,9 +479,25 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
                 continue;
             };
             let port_name = port.name.as_deref().unwrap_or("");
-            let endpoints = port_endpoints(service_slices, port_name, proto, node);
-            let local: Vec<Endpoint> = endpoints.iter().copied().filter(|e| e.local).collect();
-            local_endpoints = local_endpoints.max(local.len());
+            let (all, infos) = port_endpoints(service_slices, port_name, proto, node);
+            let selection = topology::categorize(&infos, &policy, &topology_node);
+            let pick = |indexes: &[usize]| -> Vec<Endpoint> {
+                let mut picked: Vec<Endpoint> = indexes.iter().map(|&i| all[i]).collect();
+                picked.sort();
+                picked
+            };
+            let internal = pick(selection.for_internal(&policy));
+            let external_endpoints = pick(selection.for_external(&policy));
+            // Every endpoint still serving keeps the connections it has, as
+            // conntrack keeps them under kube-proxy: terminating ones, and those
+            // the policy or the topology leave out of new connections.
+            let serving: Vec<usize> = (0..infos.len())
+                .filter(|&i| infos[i].ready || infos[i].serving)
+                .collect();
+            let reachable = pick(&serving);
+            if let Some(local) = &selection.local {
+                local_endpoints = local_endpoints.max(local.len());
+            }
             let label = if port_name.is_empty() {
                 key.clone()
             } else {
@@ -454,18 +511,16 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
             out.services.push(Service {
                 name: label.clone(),
                 frontend: frontend(vip, frontend_port),
-                endpoints: endpoints.clone(),
-                local_only: false,
+                endpoints: internal,
+                reachable: reachable.clone(),
+                local_only: policy.internal_local,
                 source_ranges: Vec::new(),
             });
             let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
                 name: format!("{label} ({what} {address}:{port})"),
                 frontend: frontend(address, port),
-                endpoints: if external_local {
-                    local.clone()
-                } else {
-                    endpoints.clone()
-                },
+                endpoints: external_endpoints.clone(),
+                reachable: reachable.clone(),
                 local_only: external_local,
                 source_ranges: ranges.to_vec(),
             };
@@ -776,6 +831,7 @@ mod tests {
         NodeInfo {
             name: "node1".into(),
             addresses: vec!["10.250.0.11".parse().unwrap()],
+            zone: None,
         }
     }
 
@@ -885,6 +941,7 @@ mod tests {
         let node2 = NodeInfo {
             name: "node2x".into(),
             addresses: vec!["10.250.0.12".parse().unwrap()],
+            zone: None,
         };
         let other = desired(&[&lb_service("Local")], &[&slice], &node2);
         assert_eq!(
@@ -921,5 +978,122 @@ mod tests {
         );
         assert_eq!(info.snat_address(), Some("10.250.0.11".parse().unwrap()));
         assert_eq!(NodeInfo::from_node("x", None).snat_address(), None);
+    }
+
+    fn node_in_zone(zone: &str) -> NodeInfo {
+        NodeInfo {
+            name: "node1".into(),
+            addresses: vec![],
+            zone: Some(zone.into()),
+        }
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_serve_when_none_is_ready() {
+        let slice = slice_v1(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            ]),
+        );
+        let out = desired(&[&web()], &[&slice], &node1());
+        let f = frontend_of(&out, "10.96.0.10", 80);
+        let picked: Vec<(String, bool)> = f
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.terminating))
+            .collect();
+        assert_eq!(
+            picked,
+            [("10.244.1.3".to_string(), true)],
+            "only the serving one, marked terminating"
+        );
+    }
+
+    #[test]
+    fn terminating_endpoints_keep_their_connections_while_ready_ones_take_new() {
+        let slice = slice_v1(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ]),
+        );
+        let out = desired(&[&web()], &[&slice], &node1());
+        let f = frontend_of(&out, "10.96.0.10", 80);
+        assert_eq!(f.endpoints.len(), 1);
+        let kept: Vec<String> = f.reachable.iter().map(|e| e.address.to_string()).collect();
+        assert!(kept.contains(&"10.244.1.4".to_string()), "{kept:?}");
+        // In the maps: a backend entry (for conntrack) but no slot.
+        let (state, _) = crate::state::desired(&out.services, &mut crate::state::Ids::default());
+        let terminating = state
+            .backends
+            .values()
+            .filter(|b| b.state == proxy_common::backend_state::TERMINATING)
+            .count();
+        assert!(terminating >= 1);
+        let slot0 = state
+            .services
+            .iter()
+            .find(|(k, _)| k.slot == 0 && u16::from_be(k.port_be) == 80)
+            .unwrap()
+            .1;
+        assert_eq!(slot0.count, 1);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_without_a_local_endpoint_drops() {
+        let svc = svc(json!({"metadata": {"namespace": "default", "name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80}]}}));
+        let slice = two_node_slice();
+        let on_node1 = desired(&[&svc], &[&slice], &node1());
+        let f = frontend_of(&on_node1, "10.96.0.10", 80);
+        assert!(f.local_only);
+        assert_eq!(
+            f.endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.1.3"]
+        );
+        let elsewhere = NodeInfo {
+            name: "node9".into(),
+            addresses: vec![],
+            zone: None,
+        };
+        let out = desired(&[&svc], &[&slice], &elsewhere);
+        let f = frontend_of(&out, "10.96.0.10", 80);
+        assert!(
+            f.endpoints.is_empty() && f.local_only,
+            "drop, not reject: endpoints exist elsewhere"
+        );
+    }
+
+    #[test]
+    fn topology_hints_keep_traffic_in_the_nodes_zone() {
+        let slice = slice_v1(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.1.3"], "zone": "a", "hints": {"forZones": [{"name": "a"}]}},
+                {"addresses": ["10.244.2.3"], "zone": "b", "hints": {"forZones": [{"name": "b"}]}},
+            ]),
+        );
+        let in_a = desired(&[&web()], &[&slice], &node_in_zone("a"));
+        let f = frontend_of(&in_a, "10.96.0.10", 80);
+        assert_eq!(
+            f.endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.1.3"]
+        );
+        let in_c = desired(&[&web()], &[&slice], &node_in_zone("c"));
+        assert_eq!(
+            frontend_of(&in_c, "10.96.0.10", 80).endpoints.len(),
+            2,
+            "no hint for zone c: every endpoint"
+        );
     }
 }

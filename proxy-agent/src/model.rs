@@ -37,6 +37,10 @@ pub struct Endpoint {
     /// Runs on this node: reached by DNAT alone from the uplink, never by SNAT.
     #[serde(default)]
     pub local: bool,
+    /// Terminating (serving only because no ready endpoint is left, or kept
+    /// only for the connections it already has).
+    #[serde(default)]
+    pub terminating: bool,
 }
 
 /// An IPv4 prefix, written `10.0.0.0/8`.
@@ -90,9 +94,15 @@ pub struct Service {
     pub name: String,
     #[serde(flatten)]
     pub frontend: Frontend,
+    /// The endpoints new connections go to.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
-    /// externalTrafficPolicy=Local on an external frontend: `endpoints` are this
+    /// Endpoints no new connection goes to that keep the connections they have
+    /// (terminating, or not selected by the traffic policy on this node).
+    #[serde(default)]
+    pub reachable: Vec<Endpoint>,
+    /// A Local traffic policy applies (externalTrafficPolicy on an external
+    /// frontend, internalTrafficPolicy on a ClusterIP): `endpoints` are this
     /// node's only, and without one traffic is dropped rather than rejected.
     #[serde(default)]
     pub local_only: bool,

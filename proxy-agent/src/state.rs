@@ -1,7 +1,10 @@
 //! Pure translation from services to map contents, and from (desired, actual)
 //! map contents to an ordered list of writes. Only `dataplane` touches the kernel.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use proxy_common::{
     backend_flags, backend_state, svc_flags, Backend4, RevNat4, ServiceKey4, ServiceValue,
@@ -58,7 +61,9 @@ pub enum Problem {
 /// points at a new backend.
 #[derive(Debug, Default)]
 pub struct Ids {
-    backends: HashMap<(Endpoint, Protocol), u32>,
+    /// By address, port and protocol: a backend keeps its id while it changes
+    /// from ready to terminating, so conntrack entries naming it stay valid.
+    backends: HashMap<(Ipv4Addr, u16, Protocol), u32>,
     backend_cursor: u32,
     revnat: HashMap<Frontend, u16>,
     revnat_cursor: u16,
@@ -78,12 +83,12 @@ impl Ids {
         let mut ids = Self::default();
         for (&id, b) in &state.backends {
             if let Some(protocol) = protocol_of(b.proto) {
-                let endpoint = Endpoint {
-                    address: u32::from_be(b.addr_be).into(),
-                    port: u16::from_be(b.port_be),
-                    local: b.flags & backend_flags::LOCAL != 0,
-                };
-                ids.backends.insert((endpoint, protocol), id);
+                let key = (
+                    u32::from_be(b.addr_be).into(),
+                    u16::from_be(b.port_be),
+                    protocol,
+                );
+                ids.backends.insert(key, id);
                 ids.backend_cursor = ids.backend_cursor.max(id);
             }
         }
@@ -104,13 +109,14 @@ impl Ids {
         ids
     }
 
-    fn backend(&mut self, endpoint: Endpoint, protocol: Protocol) -> Option<u32> {
-        if let Some(&id) = self.backends.get(&(endpoint, protocol)) {
+    fn backend(&mut self, endpoint: &Endpoint, protocol: Protocol) -> Option<u32> {
+        let key = (endpoint.address, endpoint.port, protocol);
+        if let Some(&id) = self.backends.get(&key) {
             return Some(id);
         }
         let used: HashSet<u32> = self.backends.values().copied().collect();
         let id = next_free(&mut self.backend_cursor, u32::MAX, |id| used.contains(&id))?;
-        self.backends.insert((endpoint, protocol), id);
+        self.backends.insert(key, id);
         Some(id)
     }
 
@@ -203,7 +209,7 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
         };
         let mut slots = Vec::with_capacity(endpoints.len());
         for endpoint in &endpoints {
-            let Some(id) = ids.backend(*endpoint, frontend.protocol) else {
+            let Some(id) = ids.backend(endpoint, frontend.protocol) else {
                 problems.push(Problem::IdsExhausted {
                     name: service.name.clone(),
                     what: "backend",
@@ -262,25 +268,42 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                     _pad: 0,
                 },
             );
-            state.backends.insert(
-                id,
-                Backend4 {
-                    addr_be: u32::from(endpoint.address).to_be(),
-                    port_be: endpoint.port.to_be(),
-                    proto: frontend.protocol.number(),
-                    state: backend_state::ACTIVE,
-                    flags: if endpoint.local {
-                        backend_flags::LOCAL
-                    } else {
-                        0
-                    },
-                    _pad: [0; 3],
-                },
-            );
+            state
+                .backends
+                .insert(id, backend_value(&endpoint, frontend.protocol));
+        }
+        // Backends no new connection goes to keep the ones they have: conntrack
+        // finds them here.
+        for endpoint in &service.reachable {
+            if let Some(id) = ids.backend(endpoint, frontend.protocol) {
+                state
+                    .backends
+                    .entry(id)
+                    .or_insert_with(|| backend_value(endpoint, frontend.protocol));
+            }
         }
     }
     ids.retain(&state);
     (state, problems)
+}
+
+fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
+    Backend4 {
+        addr_be: u32::from(endpoint.address).to_be(),
+        port_be: endpoint.port.to_be(),
+        proto: protocol.number(),
+        state: if endpoint.terminating {
+            backend_state::TERMINATING
+        } else {
+            backend_state::ACTIVE
+        },
+        flags: if endpoint.local {
+            backend_flags::LOCAL
+        } else {
+            0
+        },
+        _pad: [0; 3],
+    }
 }
 
 /// The writes that turn `actual` into `desired`, make before break: backends and
@@ -352,8 +375,10 @@ mod tests {
                     address: (*a).into(),
                     port: *p,
                     local: false,
+                    terminating: false,
                 })
                 .collect(),
+            reachable: Vec::new(),
             local_only: false,
             source_ranges: Vec::new(),
         }
@@ -542,5 +567,32 @@ mod tests {
         );
         let mut full: u16 = 5;
         assert_eq!(next_free(&mut full, 8, |_| true), None);
+    }
+
+    #[test]
+    fn a_backend_keeps_its_id_when_it_starts_terminating() {
+        let mut ids = Ids::default();
+        let ready = svc("s", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)]);
+        let (before, _) = desired(std::slice::from_ref(&ready), &mut ids);
+        let mut terminating = ready.clone();
+        terminating.endpoints[0].terminating = true;
+        let (after, _) = desired(std::slice::from_ref(&terminating), &mut ids);
+        assert_eq!(
+            before.backends.keys().collect::<Vec<_>>(),
+            after.backends.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            after.backends.values().next().unwrap().state,
+            backend_state::TERMINATING
+        );
+        // Kept only for its connections: a backend entry, no slot.
+        let mut kept = ready.clone();
+        kept.reachable = std::mem::take(&mut kept.endpoints);
+        let (only_kept, _) = desired(std::slice::from_ref(&kept), &mut ids);
+        assert_eq!(
+            only_kept.backends.keys().collect::<Vec<_>>(),
+            before.backends.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(only_kept.services.len(), 1, "slot 0 only");
     }
 }

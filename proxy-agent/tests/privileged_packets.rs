@@ -52,8 +52,10 @@ fn service(
                 address: ip(a),
                 port: *p,
                 local: false,
+                terminating: false,
             })
             .collect(),
+        reachable: Vec::new(),
         local_only: false,
         source_ranges: Vec::new(),
     }

@@ -61,12 +61,9 @@ fn frontend(
         },
         endpoints: endpoints
             .iter()
-            .map(|(a, p, local)| Endpoint {
-                address: ip(a),
-                port: *p,
-                local: *local,
-            })
+            .map(|(a, p, local)| Endpoint { address: ip(a), port: *p, local: *local, terminating: false })
             .collect(),
+        reachable: Vec::new(),
         local_only: false,
         source_ranges: Vec::new(),
     }

@@ -4,7 +4,7 @@
 //! replies that reach a client pod unchanged.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{ct_dir, ct_flags, stats};
+use proxy_common::{ct_dir, ct_flags, stats, svc_flags};
 
 use crate::{
     ctx::{End, Packet},
@@ -24,6 +24,12 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
     };
     if let Some((key, svc)) = lb::frontend(&flow) {
         if svc.count == 0 {
+            // internalTrafficPolicy=Local without an endpoint on this node: the
+            // Service has endpoints, just none for this client. Dropped, as by
+            // kube-proxy; a Service without any endpoint is rejected.
+            if svc.flags & svc_flags::LOCAL_ONLY != 0 {
+                return Err(Drop(stats::DROP_NO_LOCAL_BACKEND));
+            }
             return reject::port_unreachable(ctx, &flow);
         }
         let chosen = lb::choose(&flow, key, &svc)?;
