@@ -61,7 +61,12 @@ fn frontend(
         },
         endpoints: endpoints
             .iter()
-            .map(|(a, p, local)| Endpoint { address: ip(a), port: *p, local: *local, terminating: false })
+            .map(|(a, p, local)| Endpoint {
+                address: ip(a),
+                port: *p,
+                local: *local,
+                terminating: false,
+            })
             .collect(),
         reachable: Vec::new(),
         local_only: false,
