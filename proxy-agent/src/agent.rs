@@ -329,6 +329,11 @@ fn sync(
     status.metrics.backends = desired.backends.len() as u64;
     *applied = desired;
     status.health.synced();
+    match dataplane.prune_affinity(applied) {
+        Ok(0) => {}
+        Ok(n) => debug!(entries = n, "affinity to departed backends dropped"),
+        Err(e) => warn!(error = format!("{e:#}"), "pruning affinity"),
+    }
     Ok(())
 }
 

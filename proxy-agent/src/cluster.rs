@@ -17,6 +17,9 @@ use crate::{
     topology::{self, EndpointInfo, Policy},
 };
 
+/// sessionAffinity ClientIP's timeout when the Service sets none (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy (kube-proxy skips them too).
@@ -465,6 +468,14 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
             name: node.name.clone(),
             zone: node.zone.clone(),
         };
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
         let mut local_endpoints = 0;
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port.protocol.as_deref()) else {
@@ -491,8 +502,11 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
             // Every endpoint still serving keeps the connections it has, as
             // conntrack keeps them under kube-proxy: terminating ones, and those
             // the policy or the topology leave out of new connections.
+            // UDP has no connection to keep: kube-proxy flushes UDP conntrack
+            // entries of endpoints that stop taking new flows, so that clients
+            // such as DNS resolvers move on at once. Here their backend entries go.
             let serving: Vec<usize> = (0..infos.len())
-                .filter(|&i| infos[i].ready || infos[i].serving)
+                .filter(|&i| proto == Protocol::Tcp && (infos[i].ready || infos[i].serving))
                 .collect();
             let reachable = pick(&serving);
             if let Some(local) = &selection.local {
@@ -515,6 +529,7 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
                 reachable: reachable.clone(),
                 local_only: policy.internal_local,
                 source_ranges: Vec::new(),
+                affinity_timeout,
             });
             let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
                 name: format!("{label} ({what} {address}:{port})"),
@@ -523,6 +538,7 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
                 reachable: reachable.clone(),
                 local_only: external_local,
                 source_ranges: ranges.to_vec(),
+                affinity_timeout,
             };
             let node_port = port
                 .node_port
@@ -1094,6 +1110,51 @@ mod tests {
             frontend_of(&in_c, "10.96.0.10", 80).endpoints.len(),
             2,
             "no hint for zone c: every endpoint"
+        );
+    }
+
+    #[test]
+    fn session_affinity_client_ip_with_its_timeout_or_the_default() {
+        let with = |config: serde_json::Value| {
+            let mut spec = json!({"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+                                  "ports": [{"name": "http", "port": 80}]});
+            if !config.is_null() {
+                spec["sessionAffinityConfig"] = config;
+            }
+            svc(json!({"metadata": {"namespace": "d", "name": "s"}, "spec": spec}))
+        };
+        let out = desired(
+            &[&with(json!({"clientIP": {"timeoutSeconds": 60}}))],
+            &[],
+            &node1(),
+        );
+        assert_eq!(out.services[0].affinity_timeout, Some(60));
+        let out = desired(&[&with(serde_json::Value::Null)], &[], &node1());
+        assert_eq!(
+            out.services[0].affinity_timeout,
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        );
+        let out = desired(&[&web()], &[], &node1());
+        assert_eq!(out.services[0].affinity_timeout, None);
+    }
+
+    #[test]
+    fn udp_backends_that_stop_serving_are_not_kept() {
+        let slice = slice_v1(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ]),
+        );
+        let out = desired(&[&web()], &[&slice], &node1());
+        let udp = frontend_of(&out, "10.96.0.10", 53);
+        assert_eq!(udp.endpoints.len(), 1);
+        assert!(udp.reachable.is_empty(), "UDP flows move on at once");
+        assert_eq!(
+            frontend_of(&out, "10.96.0.10", 80).reachable.len(),
+            2,
+            "TCP connections are kept"
         );
     }
 }

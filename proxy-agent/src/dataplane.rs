@@ -25,8 +25,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    map_names, program_names, stats, Backend4, Config, CtKey4, CtValue4, Nat4, RevNat4,
-    ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4,
+    CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -53,6 +53,7 @@ pub struct Dataplane {
     revnat: HashMap<MapData, u16, RevNat4>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
     nat: HashMap<MapData, CtKey4, Nat4>,
+    affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, StatCounter>,
@@ -187,6 +188,7 @@ impl Dataplane {
         let revnat = HashMap::try_from(take(map_names::REVNAT_V4)?)?;
         let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
         let nat = HashMap::try_from(take(map_names::NAT_V4)?)?;
+        let affinity = HashMap::try_from(take(map_names::AFFINITY_V4)?)?;
         let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
         let config = Array::try_from(take(map_names::CONFIG)?)?;
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
@@ -197,6 +199,7 @@ impl Dataplane {
             revnat,
             conntrack,
             nat,
+            affinity,
             source_ranges,
             config,
             stats,
@@ -294,6 +297,29 @@ impl Dataplane {
     pub fn set_config(&mut self, config: Config) -> Result<()> {
         self.config.set(0, config, 0)?;
         Ok(())
+    }
+
+    /// Removes affinity entries that name a backend their frontend no longer
+    /// sends new connections to. Returns how many went.
+    pub fn prune_affinity(&mut self, state: &MapState) -> Result<usize> {
+        let allowed = state.slot_pairs();
+        let stale: Vec<AffinityKey4> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| !allowed.contains(&(k.rev_nat_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            // Gone already (LRU) is fine.
+            let _ = self.affinity.remove(key);
+        }
+        Ok(stale.len())
+    }
+
+    /// Every affinity entry.
+    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue4)>> {
+        Ok(self.affinity.iter().collect::<Result<_, _>>()?)
     }
 
     /// Every NAT entry.

@@ -109,6 +109,9 @@ pub struct Service {
     /// loadBalancerSourceRanges: when not empty, only these clients get through.
     #[serde(default)]
     pub source_ranges: Vec<Cidr>,
+    /// sessionAffinity ClientIP: how long (seconds) a client sticks to its backend.
+    #[serde(default)]
+    pub affinity_timeout: Option<u32>,
 }
 
 /// The file format of `proxy-agent run --services-file`.

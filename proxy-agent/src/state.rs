@@ -234,6 +234,12 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
         if service.local_only {
             flags |= svc_flags::LOCAL_ONLY;
         }
+        // Slot 0 names no backend; with affinity its backend_id holds the timeout.
+        let mut slot0_value = 0;
+        if let Some(timeout) = service.affinity_timeout.filter(|t| *t > 0) {
+            flags |= svc_flags::AFFINITY;
+            slot0_value = timeout;
+        }
         if !service.source_ranges.is_empty() {
             flags |= svc_flags::SOURCE_RANGES;
             for range in &service.source_ranges {
@@ -250,7 +256,7 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
         state.services.insert(
             service_key(&frontend, 0),
             ServiceValue {
-                backend_id: 0,
+                backend_id: slot0_value,
                 count: slots.len() as u16,
                 rev_nat_id,
                 flags,
@@ -303,6 +309,18 @@ fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
             0
         },
         _pad: [0; 3],
+    }
+}
+
+impl MapState {
+    /// (frontend, backend) pairs new connections may go to: what affinity entries
+    /// may still name.
+    pub fn slot_pairs(&self) -> HashSet<(u16, u32)> {
+        self.services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(_, v)| (v.rev_nat_id, v.backend_id))
+            .collect()
     }
 }
 
@@ -381,6 +399,7 @@ mod tests {
             reachable: Vec::new(),
             local_only: false,
             source_ranges: Vec::new(),
+            affinity_timeout: None,
         }
     }
 

@@ -58,6 +58,7 @@ fn service(
         reachable: Vec::new(),
         local_only: false,
         source_ranges: Vec::new(),
+        affinity_timeout: None,
     }
 }
 
@@ -719,4 +720,82 @@ fn a_pod_reaching_itself_is_hairpinned_through_the_link_local_address() {
     assert_eq!(out, back.bytes());
     packet::assert_checksums_valid(&out);
     assert_eq!(p.stat("rev_nat"), 1);
+}
+
+/// A service with three backends whose clients stick to their backend.
+fn sticky(timeout: u32) -> Vec<Service> {
+    let mut s = service(
+        "sticky",
+        "10.96.0.60",
+        80,
+        Protocol::Tcp,
+        &[(BACKEND_A, 8080), (BACKEND_B, 8080), ("10.244.3.3", 8080)],
+    );
+    s.affinity_timeout = Some(timeout);
+    vec![s]
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_across_source_ports() {
+    let mut p = Programs::new(&sticky(10_800));
+    let first = Frame::tcp(CLIENT, 43000, "10.96.0.60", 80);
+    let backend = assert_dnat(&mut p, &first);
+    let mut by_hash = std::collections::BTreeSet::new();
+    for port in 43001..43101 {
+        let f = Frame::tcp(CLIENT, port, "10.96.0.60", 80);
+        by_hash.insert(p.hashed_backend(&f));
+        let (verdict, out) = p.send_from_pod(&f);
+        assert_eq!(verdict, TC_ACT_UNSPEC);
+        assert_eq!(
+            out,
+            f.with_dst(backend.0, backend.1).bytes(),
+            "source port {port} left its backend"
+        );
+    }
+    assert!(
+        by_hash.len() > 1,
+        "without affinity these flows would have spread"
+    );
+    // Another client has its own.
+    let other = Frame::tcp("10.244.1.77", 43000, "10.96.0.60", 80);
+    assert_eq!(assert_dnat(&mut p, &other), p.hashed_backend(&other));
+    let entries = p.dp.affinity().unwrap();
+    assert_eq!(entries.len(), 2);
+}
+
+#[test]
+fn session_affinity_expires_after_its_timeout() {
+    let mut p = Programs::new(&sticky(1));
+    let first = Frame::tcp(CLIENT, 44000, "10.96.0.60", 80);
+    let backend = assert_dnat(&mut p, &first);
+    // A flow the hash sends elsewhere: within the timeout it still sticks.
+    let elsewhere = (44001..44200)
+        .map(|port| Frame::tcp(CLIENT, port, "10.96.0.60", 80))
+        .find(|f| p.hashed_backend(f) != backend)
+        .unwrap();
+    let (_, out) = p.send_from_pod(&elsewhere);
+    assert_eq!(out, elsewhere.with_dst(backend.0, backend.1).bytes());
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let later = (44200..44400)
+        .map(|port| Frame::tcp(CLIENT, port, "10.96.0.60", 80))
+        .find(|f| p.hashed_backend(f) != backend)
+        .unwrap();
+    assert_dnat(&mut p, &later);
+}
+
+#[test]
+fn affinity_to_a_departed_backend_is_dropped() {
+    let mut p = Programs::new(&sticky(10_800));
+    let first = Frame::tcp(CLIENT, 45000, "10.96.0.60", 80);
+    let backend = assert_dnat(&mut p, &first);
+    let mut remaining = sticky(10_800);
+    remaining[0]
+        .endpoints
+        .retain(|e| (e.address, e.port) != backend);
+    p.serve(&remaining);
+    let state = p.dp.read_state().unwrap();
+    assert_eq!(p.dp.prune_affinity(&state).unwrap(), 1);
+    let next = Frame::tcp(CLIENT, 45001, "10.96.0.60", 80);
+    let moved = assert_dnat(&mut p, &next);
+    assert_ne!(moved, backend);
 }

@@ -71,6 +71,7 @@ fn frontend(
         reachable: Vec::new(),
         local_only: false,
         source_ranges: Vec::new(),
+        affinity_timeout: None,
     }
 }
 

@@ -18,16 +18,18 @@ pub mod map_names {
     pub const REVNAT_V4: &str = "revnat4_v1";
     pub const CONNTRACK_V4: &str = "ct4_v2";
     pub const NAT_V4: &str = "nat4_v1";
+    pub const AFFINITY_V4: &str = "affinity4_v1";
     pub const SOURCE_RANGES_V4: &str = "srcrange4_v1";
     pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
         CONNTRACK_V4,
         NAT_V4,
+        AFFINITY_V4,
         SOURCE_RANGES_V4,
         CONFIG,
         STATS,
@@ -53,6 +55,7 @@ pub mod capacity {
     pub const REVNAT: u32 = 65_536;
     pub const CONNTRACK: u32 = 524_288;
     pub const NAT: u32 = 262_144;
+    pub const AFFINITY: u32 = 131_072;
     pub const SOURCE_RANGES: u32 = 16_384;
 }
 
@@ -84,7 +87,31 @@ pub mod svc_flags {
     pub const LOCAL_ONLY: u16 = 1 << 0;
     /// loadBalancerSourceRanges apply: the client must match the ranges map.
     pub const SOURCE_RANGES: u16 = 1 << 1;
+    /// sessionAffinity ClientIP: a client's new connections go to the backend its
+    /// last one went to, while that was less than the timeout ago. The timeout,
+    /// in seconds, sits in slot 0's `backend_id` (slot 0 names no backend).
+    pub const AFFINITY: u16 = 1 << 2;
 }
+
+/// Key of the affinity map: a client of a frontend (by reverse-NAT id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey4 {
+    pub client_addr_be: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
+
+/// Value of the affinity map: the backend and when a connection last used it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue4 {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue4>() == 16);
 
 /// Value of the services map. In slot 0, `count` and `flags` describe the
 /// service and `backend_id` is 0; in slot N, `backend_id` names the backend.
@@ -250,6 +277,8 @@ mod pod {
     unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for StatCounter {}
     unsafe impl aya::Pod for Nat4 {}
+    unsafe impl aya::Pod for AffinityKey4 {}
+    unsafe impl aya::Pod for AffinityValue4 {}
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for Config {}
 }

@@ -7,11 +7,12 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
     backend_flags, ct_dir, ct_flags,
     hash::{flow_hash4, slot_for},
-    stats, Backend4, CtKey4, CtValue4, ServiceKey4, ServiceValue, HAIRPIN_ADDR,
+    stats, svc_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, ServiceKey4,
+    ServiceValue, HAIRPIN_ADDR,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES},
     parse::Flow,
     verdict::Drop,
 };
@@ -117,19 +118,34 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
         // The pinned backend is gone (or the frontend was recreated): choose again.
     }
 
-    key.slot = slot_for(
-        flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto),
-        svc.count,
-    );
-    // SAFETY: copied out at once.
-    let slot = unsafe { SERVICES.get(&key) }
-        .copied()
-        .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
-    let backend = unsafe { BACKENDS.get(&slot.backend_id) }
-        .copied()
-        .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
+    let (backend_id, backend) = match affinity_backend(flow, svc, now) {
+        Some(kept) => kept,
+        None => {
+            key.slot = slot_for(
+                flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto),
+                svc.count,
+            );
+            // SAFETY: copied out at once.
+            let slot = unsafe { SERVICES.get(&key) }
+                .copied()
+                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
+            let backend = unsafe { BACKENDS.get(&slot.backend_id) }
+                .copied()
+                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
+            (slot.backend_id, backend)
+        }
+    };
+    if svc.flags & svc_flags::AFFINITY != 0 {
+        let used = AffinityValue4 {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Best effort: without the entry the next connection is hashed again.
+        let _ = AFFINITY.insert(&affinity_key(flow, svc), &used, u64::from(BPF_ANY));
+    }
     let value = CtValue4 {
-        backend_id: slot.backend_id,
+        backend_id,
         rev_nat_id: svc.rev_nat_id,
         last_seen_ns: now,
         ..CtValue4::default()
@@ -167,6 +183,35 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
         .insert(&fwd, &value, u64::from(BPF_ANY))
         .map_err(|_| Drop(stats::DROP_CT_INSERT))?;
     Ok(chosen)
+}
+
+#[inline(always)]
+fn affinity_key(flow: &Flow, svc: &ServiceValue) -> AffinityKey4 {
+    AffinityKey4 {
+        client_addr_be: flow.saddr,
+        rev_nat_id: svc.rev_nat_id,
+        _pad: 0,
+    }
+}
+
+/// sessionAffinity ClientIP: the backend this client's last connection to the
+/// frontend went to, if that was less than the timeout ago and it still exists
+/// (the agent removes entries for backends that left the frontend).
+#[inline(always)]
+fn affinity_backend(flow: &Flow, svc: &ServiceValue, now: u64) -> Option<(u32, Backend4)> {
+    if svc.flags & svc_flags::AFFINITY == 0 {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let kept = unsafe { AFFINITY.get(&affinity_key(flow, svc)) }.copied()?;
+    // Slot 0 holds the timeout (seconds) where slots hold backend ids.
+    let timeout_ns = u64::from(svc.backend_id) * 1_000_000_000;
+    if now.wrapping_sub(kept.last_used_ns) >= timeout_ns {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = unsafe { BACKENDS.get(&kept.backend_id) }.copied()?;
+    Some((kept.backend_id, backend))
 }
 
 /// Records the NAT port a SNATed flow got in its forward conntrack entry.

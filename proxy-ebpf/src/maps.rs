@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    capacity, stats, Backend4, Config, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
-    SourceRange4, StatCounter,
+    capacity, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, Nat4,
+    RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -32,6 +32,11 @@ pub static CONNTRACK: LruHashMap<CtKey4, CtValue4, { capacity::CONNTRACK as usiz
 /// SNAT: a remote backend's reply (to the node address and NAT port) -> the client.
 #[btf_map(name = "nat4_v1")]
 pub static NAT: LruHashMap<CtKey4, Nat4, { capacity::NAT as usize }> = LruHashMap::new();
+
+/// sessionAffinity ClientIP: (client, frontend) -> backend and last use.
+#[btf_map(name = "affinity4_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue4, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
 
 /// loadBalancerSourceRanges: (frontend, client prefix) -> allowed.
 #[btf_map(name = "srcrange4_v1")]
