@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod health;
 pub mod ifaces;
+pub mod inspect;
 pub mod maglev;
 pub mod model;
 pub mod state;

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
     agent::{self, Source},
     dataplane::{self, UplinkMode, DEFAULT_PIN_DIR},
+    inspect,
 };
 use tracing::info;
 
@@ -23,6 +24,13 @@ enum Command {
     /// Programs and maps stay in place when the agent stops, so traffic goes on;
     /// the next agent adopts them.
     Run(Box<RunArgs>),
+    /// Print the pinned maps as tables.
+    Inspect {
+        #[arg(value_parser = ["services", "backends", "conntrack", "affinity", "stats"])]
+        what: String,
+        #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Remove every Ferry tc filter in this network namespace and every pinned map.
     Cleanup {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
@@ -136,6 +144,17 @@ async fn main() -> Result<()> {
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
             })
             .await
+        }
+        Command::Inspect { what, pin_dir } => {
+            let table = match what.as_str() {
+                "services" => inspect::services(&pin_dir)?,
+                "backends" => inspect::backends(&pin_dir)?,
+                "conntrack" => inspect::conntrack(&pin_dir)?,
+                "affinity" => inspect::affinity(&pin_dir)?,
+                _ => inspect::stats(&pin_dir)?,
+            };
+            print!("{table}");
+            Ok(())
         }
         Command::Cleanup { pin_dir } => {
             let removed = dataplane::cleanup(&pin_dir)?;

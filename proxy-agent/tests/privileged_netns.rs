@@ -193,6 +193,44 @@ fn clusterip_traffic_through_a_real_agent() {
         "UDP: {refused}"
     );
 
+    // `inspect` reads the pinned maps into tables.
+    let inspect = |what: &str| {
+        run(
+            env!("CARGO_BIN_EXE_proxy-agent"),
+            &["inspect", what, "--pin-dir", lab.pin_dir.to_str().unwrap()],
+        )
+    };
+    let services = inspect("services");
+    for line in [
+        format!("{VIP}:80/TCP"),
+        format!("{VIP}:53/UDP"),
+        format!("{EMPTY_VIP}:80/TCP"),
+    ] {
+        assert!(services.contains(&line), "{line} missing from:\n{services}");
+    }
+    for (_, backend) in BACKENDS {
+        assert!(
+            services.contains(&format!("{backend}:8080 (id")),
+            "{backend} missing from:\n{services}"
+        );
+    }
+    assert!(
+        services.contains("0 backends"),
+        "the empty frontend:\n{services}"
+    );
+    let conntrack = inspect("conntrack");
+    assert!(
+        conntrack.contains(&format!("{CLIENT}:")) && conntrack.contains("forward"),
+        "{conntrack}"
+    );
+    let stats = inspect("stats");
+    let fwd_new = stats.lines().find(|l| l.starts_with("fwd_new")).unwrap();
+    let count: u64 = fwd_new.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        count >= 101,
+        "100 TCP connections and a UDP exchange were new flows: {fwd_new}"
+    );
+
     // The pinned maps carry BTF: bpftool prints their fields by name.
     let dump = run(
         "bpftool",
