@@ -92,6 +92,19 @@ impl Lab {
             .unwrap()
     }
 
+    pub fn cluster_ip(&self, service: &str) -> Ipv4Addr {
+        self.kubectl(&[
+            "get",
+            "service",
+            service,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
     /// Waits until the service's slices list exactly `addrs` as ready; returns when it saw that.
     pub fn wait_endpoints(&self, service: &str, addrs: &[Ipv4Addr]) -> Instant {
         let mut want = addrs.to_vec();
