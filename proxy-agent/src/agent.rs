@@ -24,7 +24,7 @@ use crate::{
     dataplane::{Dataplane, UplinkMode},
     health::{self, HealthChecks, Shared},
     ifaces::{self, LinkEvent},
-    model::{Service, ServiceFile},
+    model::{Scheduler, Service, ServiceFile},
     state::{self, Ids, MapState},
     watch::{self, Store},
 };
@@ -54,6 +54,8 @@ pub struct Config {
     pub uplink_mode: Option<UplinkMode>,
     /// Node ports SNATed flows get (keep them out of the node's ephemeral range).
     pub nat_ports: (u16, u16),
+    /// The scheduler of Services without a `ferry.dev/scheduler` annotation.
+    pub scheduler: Scheduler,
     pub resync_period: Duration,
     /// How long to gather changes before programming them.
     pub sync_delay: Duration,
@@ -205,7 +207,7 @@ pub async fn run(config: Config) -> Result<()> {
             }
             _ = sleep_until(sync_at.unwrap_or_else(Instant::now)), if sync_at.is_some() => {
                 sync_at = None;
-                let services = match &config.source {
+                let mut services = match &config.source {
                     Source::Api { .. } if !stores.ready() => {
                         debug!("waiting for the first full list of every watched kind");
                         continue;
@@ -244,6 +246,9 @@ pub async fn run(config: Config) -> Result<()> {
                         }
                     },
                 };
+                for service in &mut services {
+                    service.scheduler.get_or_insert(config.scheduler);
+                }
                 match sync(&mut dataplane, &services, &mut ids, &mut applied, &status) {
                     Ok(()) if !ready => {
                         ready = true;

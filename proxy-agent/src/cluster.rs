@@ -13,12 +13,16 @@ use k8s_openapi::api::core::v1::{Node, Service as K8sService};
 use serde::Deserialize;
 
 use crate::{
-    model::{Cidr, Endpoint, Frontend, Protocol, Service},
+    model::{Cidr, Endpoint, Frontend, Protocol, Scheduler, Service},
     topology::{self, EndpointInfo, Policy},
 };
 
 /// sessionAffinity ClientIP's timeout when the Service sets none (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Annotation choosing a Service's scheduler: `flow-hash` (default), `maglev`,
+/// `source-hash` or `round-robin`.
+pub const SCHEDULER_ANNOTATION: &str = "ferry.dev/scheduler";
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -246,6 +250,8 @@ pub enum Skip {
     Protocol(String, String),
     #[error("{0}: invalid port {1}")]
     Port(String, i32),
+    #[error("{0}: {1} (the agent's default scheduler is used)")]
+    Scheduler(String, String),
 }
 
 fn protocol(name: Option<&str>) -> Option<Protocol> {
@@ -476,6 +482,21 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
                 .and_then(|t| u32::try_from(t).ok())
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
         });
+        // A scheduler this agent does not know is reported and left to the default.
+        let scheduler = match meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+        {
+            None => None,
+            Some(name) => match name.parse::<Scheduler>() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    out.skipped.push(Skip::Scheduler(key.clone(), e));
+                    None
+                }
+            },
+        };
         let mut local_endpoints = 0;
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port.protocol.as_deref()) else {
@@ -530,6 +551,7 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
                 local_only: policy.internal_local,
                 source_ranges: Vec::new(),
                 affinity_timeout,
+                scheduler,
             });
             let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
                 name: format!("{label} ({what} {address}:{port})"),
@@ -539,6 +561,7 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
                 local_only: external_local,
                 source_ranges: ranges.to_vec(),
                 affinity_timeout,
+                scheduler,
             };
             let node_port = port
                 .node_port
@@ -1155,6 +1178,28 @@ mod tests {
             frontend_of(&out, "10.96.0.10", 80).reachable.len(),
             2,
             "TCP connections are kept"
+        );
+    }
+
+    #[test]
+    fn scheduler_annotation_is_read_and_a_bad_one_reported() {
+        let with = |value: &str| {
+            svc(
+                json!({"metadata": {"namespace": "d", "name": "s", "annotations": {"ferry.dev/scheduler": value}},
+                       "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}),
+            )
+        };
+        let out = desired(&[&with("maglev")], &[], &node1());
+        assert_eq!(out.services[0].scheduler, Some(Scheduler::Maglev));
+        let out = desired(&[&with("fastest")], &[], &node1());
+        assert_eq!(
+            out.services[0].scheduler, None,
+            "left to the agent's default"
+        );
+        assert!(matches!(&out.skipped[0], Skip::Scheduler(name, _) if name == "d/s"));
+        assert_eq!(
+            desired(&[&web()], &[], &node1()).services[0].scheduler,
+            None
         );
     }
 }

@@ -26,7 +26,7 @@ use aya::{
 };
 use proxy_common::{
     map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4,
-    CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -54,6 +54,7 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
     nat: HashMap<MapData, CtKey4, Nat4>,
     affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
+    maglev: HashMap<MapData, MaglevKey4, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, StatCounter>,
@@ -189,6 +190,7 @@ impl Dataplane {
         let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
         let nat = HashMap::try_from(take(map_names::NAT_V4)?)?;
         let affinity = HashMap::try_from(take(map_names::AFFINITY_V4)?)?;
+        let maglev = HashMap::try_from(take(map_names::MAGLEV_V4)?)?;
         let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
         let config = Array::try_from(take(map_names::CONFIG)?)?;
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
@@ -200,6 +202,7 @@ impl Dataplane {
             conntrack,
             nat,
             affinity,
+            maglev,
             source_ranges,
             config,
             stats,
@@ -404,6 +407,10 @@ impl Dataplane {
             let (k, v) = entry?;
             state.revnat.insert(k, v);
         }
+        for entry in self.maglev.iter() {
+            let (k, v) = entry?;
+            state.maglev.insert(k, v);
+        }
         for entry in self.source_ranges.iter() {
             let (k, _) = entry?;
             state.source_ranges.insert((k.prefix_len(), k.data()));
@@ -423,6 +430,8 @@ impl Dataplane {
                 MapOp::PutSourceRange(prefix, data) => {
                     self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
                 }
+                MapOp::PutMaglev(key, backend_id) => self.maglev.insert(key, backend_id, 0),
+                MapOp::DelMaglev(key) => self.maglev.remove(&key),
                 MapOp::DelSourceRange(prefix, data) => {
                     self.source_ranges.remove(&LpmKey::new(prefix, data))
                 }
@@ -433,6 +442,15 @@ impl Dataplane {
             .with_context(|| format!("map write {op:?}"))?;
         }
         Ok(())
+    }
+
+    /// Removes every conntrack entry.
+    pub fn flush_conntrack(&mut self) -> Result<usize> {
+        let keys: Vec<CtKey4> = self.conntrack.keys().collect::<Result<_, _>>()?;
+        for key in &keys {
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(keys.len())
     }
 
     /// Every conntrack entry.

@@ -6,6 +6,7 @@ use proxy_agent::{
     agent::{self, Source},
     dataplane::{self, UplinkMode, DEFAULT_PIN_DIR},
     inspect,
+    model::Scheduler,
 };
 use tracing::info;
 
@@ -84,6 +85,10 @@ struct RunArgs {
     /// net.ipv4.ip_local_port_range.
     #[arg(long, env = "FERRY_NAT_PORTS", default_value = "61000-65535")]
     nat_ports: String,
+    /// The scheduler of Services without a `ferry.dev/scheduler` annotation:
+    /// flow-hash, maglev, source-hash or round-robin.
+    #[arg(long, env = "FERRY_SCHEDULER", default_value = "flow-hash")]
+    scheduler: Scheduler,
     /// How often the maps are re-read and repaired from the desired state, in seconds.
     #[arg(long, env = "FERRY_RESYNC_SECONDS", default_value_t = 30)]
     resync_seconds: u64,
@@ -136,6 +141,7 @@ async fn main() -> Result<()> {
                 uplinks: args.uplink_ifaces,
                 uplink_mode,
                 nat_ports: (min, max),
+                scheduler: args.scheduler,
                 source,
                 pin_dir: args.pin_dir,
                 pod_iface_patterns: args.pod_iface_patterns,

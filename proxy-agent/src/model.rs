@@ -43,6 +43,39 @@ pub struct Endpoint {
     pub terminating: bool,
 }
 
+/// How a frontend picks a new flow's backend (the `ferry.dev/scheduler`
+/// annotation, or the agent's `--scheduler`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// A hash of the flow's 5-tuple: random-like spread, no state.
+    #[default]
+    FlowHash,
+    /// Maglev consistent hashing: when one of N backends goes, about 1/N of the
+    /// flows move.
+    Maglev,
+    /// A hash of the client's address: one client, one backend.
+    SourceHash,
+    /// Round robin per CPU.
+    RoundRobin,
+}
+
+impl std::str::FromStr for Scheduler {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flow-hash" | "random" => Ok(Self::FlowHash),
+            "maglev" => Ok(Self::Maglev),
+            "source-hash" => Ok(Self::SourceHash),
+            "round-robin" => Ok(Self::RoundRobin),
+            other => Err(format!(
+                "unknown scheduler {other:?}: flow-hash, maglev, source-hash or round-robin"
+            )),
+        }
+    }
+}
+
 /// An IPv4 prefix, written `10.0.0.0/8`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
@@ -112,6 +145,9 @@ pub struct Service {
     /// sessionAffinity ClientIP: how long (seconds) a client sticks to its backend.
     #[serde(default)]
     pub affinity_timeout: Option<u32>,
+    /// How new flows pick a backend; `None` leaves it to the agent's default.
+    #[serde(default)]
+    pub scheduler: Option<Scheduler>,
 }
 
 /// The file format of `proxy-agent run --services-file`.

@@ -7,11 +7,11 @@ use std::{
 };
 
 use proxy_common::{
-    backend_flags, backend_state, svc_flags, Backend4, RevNat4, ServiceKey4, ServiceValue,
-    SourceRange4,
+    backend_flags, backend_state, svc_flags, Backend4, MaglevKey4, RevNat4, ServiceKey4,
+    ServiceValue, SourceRange4,
 };
 
-use crate::model::{Endpoint, Frontend, Protocol, Service};
+use crate::model::{Endpoint, Frontend, Protocol, Scheduler, Service};
 
 /// The contents of the service, backend, reverse-NAT and source-range maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub struct MapState {
     pub revnat: BTreeMap<u16, RevNat4>,
     /// loadBalancerSourceRanges entries: (LPM prefix length, data).
     pub source_ranges: BTreeSet<(u32, SourceRange4)>,
+    /// Maglev tables: (frontend, slot) -> backend id.
+    pub maglev: BTreeMap<MaglevKey4, u32>,
 }
 
 /// One map write.
@@ -29,9 +31,11 @@ pub enum MapOp {
     PutBackend(u32, Backend4),
     PutRevNat(u16, RevNat4),
     PutSourceRange(u32, SourceRange4),
+    PutMaglev(MaglevKey4, u32),
     PutService(ServiceKey4, ServiceValue),
     DelService(ServiceKey4),
     DelSourceRange(u32, SourceRange4),
+    DelMaglev(MaglevKey4),
     DelRevNat(u16),
     DelBackend(u32),
 }
@@ -240,6 +244,30 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
             flags |= svc_flags::AFFINITY;
             slot0_value = timeout;
         }
+        let mut maglev_size = 0;
+        match service.scheduler.unwrap_or_default() {
+            Scheduler::FlowHash => {}
+            Scheduler::SourceHash => flags |= svc_flags::SCHEDULER_SOURCE_HASH,
+            Scheduler::RoundRobin => flags |= svc_flags::SCHEDULER_ROUND_ROBIN,
+            Scheduler::Maglev if slots.is_empty() => flags |= svc_flags::SCHEDULER_MAGLEV,
+            Scheduler::Maglev => {
+                flags |= svc_flags::SCHEDULER_MAGLEV;
+                let size = crate::maglev::table_size(slots.len());
+                maglev_size = proxy_common::maglev::SIZES
+                    .iter()
+                    .position(|s| *s == size)
+                    .unwrap_or(0) as u16;
+                let keys: Vec<u64> = slots.iter().map(|(id, _)| u64::from(*id)).collect();
+                for (index, owner) in crate::maglev::build(&keys, size).into_iter().enumerate() {
+                    let key = MaglevKey4 {
+                        rev_nat_id,
+                        _pad: 0,
+                        index: index as u32,
+                    };
+                    state.maglev.insert(key, slots[owner as usize].0);
+                }
+            }
+        }
         if !service.source_ranges.is_empty() {
             flags |= svc_flags::SOURCE_RANGES;
             for range in &service.source_ranges {
@@ -260,7 +288,7 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                 count: slots.len() as u16,
                 rev_nat_id,
                 flags,
-                _pad: 0,
+                maglev_size,
             },
         );
         for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
@@ -271,7 +299,7 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                     count: 0,
                     rev_nat_id,
                     flags: 0,
-                    _pad: 0,
+                    maglev_size: 0,
                 },
             );
             state
@@ -345,6 +373,11 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
     for range in desired.source_ranges.difference(&actual.source_ranges) {
         ops.push(MapOp::PutSourceRange(range.0, range.1));
     }
+    for (k, v) in &desired.maglev {
+        if actual.maglev.get(k) != Some(v) {
+            ops.push(MapOp::PutMaglev(*k, *v));
+        }
+    }
     for pass_slot0 in [false, true] {
         for (k, v) in &desired.services {
             if (k.slot == 0) == pass_slot0 && actual.services.get(k) != Some(v) {
@@ -357,6 +390,11 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
             if (k.slot == 0) == pass_slot0 && !desired.services.contains_key(k) {
                 ops.push(MapOp::DelService(*k));
             }
+        }
+    }
+    for k in actual.maglev.keys() {
+        if !desired.maglev.contains_key(k) {
+            ops.push(MapOp::DelMaglev(*k));
         }
     }
     for range in actual.source_ranges.difference(&desired.source_ranges) {
@@ -400,6 +438,7 @@ mod tests {
             local_only: false,
             source_ranges: Vec::new(),
             affinity_timeout: None,
+            scheduler: None,
         }
     }
 
@@ -613,5 +652,45 @@ mod tests {
             before.backends.keys().collect::<Vec<_>>()
         );
         assert_eq!(only_kept.services.len(), 1, "slot 0 only");
+    }
+
+    #[test]
+    fn maglev_tables_fill_their_frontend_and_go_in_before_slot_0() {
+        let mut ids = Ids::default();
+        let backends: Vec<([u8; 4], u16)> = (2..12).map(|i| ([10, 0, 0, i], 80)).collect();
+        let mut s = svc("m", [10, 96, 0, 1], 80, &backends);
+        s.scheduler = Some(Scheduler::Maglev);
+        let (state, _) = desired(std::slice::from_ref(&s), &mut ids);
+        let slot0 = state.services[&service_key(&s.frontend, 0)];
+        assert_eq!(
+            slot0.flags & svc_flags::SCHEDULER_MASK,
+            svc_flags::SCHEDULER_MAGLEV
+        );
+        let size = proxy_common::maglev::SIZES[usize::from(slot0.maglev_size)];
+        assert_eq!(size, 1_021, "100 slots for each of 10 backends");
+        assert_eq!(state.maglev.len(), size as usize);
+        assert!(state
+            .maglev
+            .values()
+            .all(|id| state.backends.contains_key(id)));
+        let ops = diff(&state, &MapState::default());
+        let maglev = position(&ops, |op| matches!(op, MapOp::PutMaglev(..)));
+        let slot0_put = position(
+            &ops,
+            |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0),
+        );
+        assert!(maglev < slot0_put);
+        // One backend fewer: about a tenth of the table changes.
+        let mut fewer = s.clone();
+        fewer.endpoints.pop();
+        let (after, _) = desired(std::slice::from_ref(&fewer), &mut ids);
+        let changed = diff(&after, &state)
+            .iter()
+            .filter(|op| matches!(op, MapOp::PutMaglev(..)))
+            .count();
+        assert!(
+            changed < size as usize / 6,
+            "{changed} of {size} slots changed"
+        );
     }
 }

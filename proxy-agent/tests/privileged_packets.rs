@@ -59,6 +59,7 @@ fn service(
         local_only: false,
         source_ranges: Vec::new(),
         affinity_timeout: None,
+        scheduler: None,
     }
 }
 
@@ -798,4 +799,114 @@ fn affinity_to_a_departed_backend_is_dropped() {
     let next = Frame::tcp(CLIENT, 45001, "10.96.0.60", 80);
     let moved = assert_dnat(&mut p, &next);
     assert_ne!(moved, backend);
+}
+
+fn scheduled(scheduler: proxy_agent::model::Scheduler) -> Vec<Service> {
+    let backends: Vec<(String, u16)> = (1..=5).map(|i| (format!("10.244.5.{i}"), 8080)).collect();
+    let refs: Vec<(&str, u16)> = backends.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+    let mut s = service("sched", "10.96.0.70", 80, Protocol::Tcp, &refs);
+    s.scheduler = Some(scheduler);
+    vec![s]
+}
+
+/// The backend a new flow got, with its conntrack entry removed afterwards so
+/// that the next packet of the same flow is scheduled afresh.
+fn schedule_once(p: &mut Programs, f: &Frame) -> Ipv4Addr {
+    let (verdict, out) = p.send_from_pod(f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    assert_eq!(out, f.with_dst(backend, 8080).bytes());
+    p.dp.flush_conntrack().unwrap();
+    backend
+}
+
+#[test]
+fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
+    use proxy_agent::model::Scheduler;
+    let mut p = Programs::new(&scheduled(Scheduler::Maglev));
+    assert!(!p.state.maglev.is_empty());
+    let size = p.state.maglev.len() as u32;
+    for port in 46000..46040 {
+        let f = Frame::tcp(CLIENT, port, "10.96.0.70", 80);
+        let h = hash::flow_hash4(
+            u32::from(f.saddr).to_be(),
+            u32::from(f.daddr).to_be(),
+            f.sport.to_be(),
+            f.dport.to_be(),
+            f.proto,
+        );
+        let rev_nat_id = p.state.maglev.keys().next().unwrap().rev_nat_id;
+        let key = proxy_common::MaglevKey4 {
+            rev_nat_id,
+            _pad: 0,
+            index: h % size,
+        };
+        let id = p.state.maglev[&key];
+        let want = Ipv4Addr::from(u32::from_be(p.state.backends[&id].addr_be));
+        assert_eq!(schedule_once(&mut p, &f), want, "port {port}");
+        assert_eq!(
+            schedule_once(&mut p, &f),
+            want,
+            "port {port}: same flow, same backend"
+        );
+    }
+}
+
+#[test]
+fn source_hash_sends_every_flow_of_a_client_to_one_backend() {
+    use proxy_agent::model::Scheduler;
+    let mut p = Programs::new(&scheduled(Scheduler::SourceHash));
+    let first = schedule_once(&mut p, &Frame::tcp(CLIENT, 47000, "10.96.0.70", 80));
+    for port in 47001..47050 {
+        assert_eq!(
+            schedule_once(&mut p, &Frame::tcp(CLIENT, port, "10.96.0.70", 80)),
+            first
+        );
+    }
+    let others: std::collections::BTreeSet<Ipv4Addr> = (1..=40)
+        .map(|i| {
+            schedule_once(
+                &mut p,
+                &Frame::tcp(&format!("10.244.9.{i}"), 47000, "10.96.0.70", 80),
+            )
+        })
+        .collect();
+    assert!(others.len() > 1, "different clients spread: {others:?}");
+}
+
+#[test]
+fn round_robin_takes_the_backends_in_turn() {
+    use proxy_agent::model::Scheduler;
+    // One CPU, one counter: pin this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let mut p = Programs::new(&scheduled(Scheduler::RoundRobin));
+    let picks: Vec<Ipv4Addr> = (0..10)
+        .map(|i| schedule_once(&mut p, &Frame::tcp(CLIENT, 48000 + i, "10.96.0.70", 80)))
+        .collect();
+    // Ten new flows over five backends: each twice, in the same order both rounds.
+    assert_eq!(picks[..5], picks[5..], "{picks:?}");
+    let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
+    assert_eq!(distinct.len(), 5, "{picks:?}");
+    // Established flows keep their backend whatever the counter says.
+    let f = Frame::tcp(CLIENT, 48100, "10.96.0.70", 80);
+    let first = assert_dnat_any(&mut p, &f);
+    for _ in 0..3 {
+        assert_eq!(assert_dnat_any(&mut p, &f), first);
+    }
+}
+
+/// Sends `f` and returns the backend it was DNATed to, whichever.
+fn assert_dnat_any(p: &mut Programs, f: &Frame) -> Ipv4Addr {
+    let (verdict, out) = p.send_from_pod(f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    assert_eq!(out, f.with_dst(backend, 8080).bytes());
+    backend
 }

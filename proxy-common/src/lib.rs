@@ -10,6 +10,15 @@
 pub mod hash;
 pub mod stats;
 
+/// Maglev table sizes, shared by the agent (which fills tables) and the
+/// programs (which index them): primes just below powers of two. Slot 0 of a
+/// Maglev frontend names its size by index into this ladder.
+pub mod maglev {
+    pub const SIZES: [u32; 10] = [
+        251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071,
+    ];
+}
+
 /// Names of the maps, as the kernel knows them and as they are pinned under the
 /// agent's bpffs directory. The kernel keeps at most 15 characters.
 pub mod map_names {
@@ -19,17 +28,21 @@ pub mod map_names {
     pub const CONNTRACK_V4: &str = "ct4_v2";
     pub const NAT_V4: &str = "nat4_v1";
     pub const AFFINITY_V4: &str = "affinity4_v1";
+    pub const MAGLEV_V4: &str = "maglev4_v1";
+    pub const ROUND_ROBIN: &str = "rr_v1";
     pub const SOURCE_RANGES_V4: &str = "srcrange4_v1";
     pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
         CONNTRACK_V4,
         NAT_V4,
         AFFINITY_V4,
+        MAGLEV_V4,
+        ROUND_ROBIN,
         SOURCE_RANGES_V4,
         CONFIG,
         STATS,
@@ -56,6 +69,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 524_288;
     pub const NAT: u32 = 262_144;
     pub const AFFINITY: u32 = 131_072;
+    /// Maglev slots over every Maglev frontend (allocated as used).
+    pub const MAGLEV: u32 = 4_194_304;
     pub const SOURCE_RANGES: u32 = 16_384;
 }
 
@@ -91,7 +106,27 @@ pub mod svc_flags {
     /// last one went to, while that was less than the timeout ago. The timeout,
     /// in seconds, sits in slot 0's `backend_id` (slot 0 names no backend).
     pub const AFFINITY: u16 = 1 << 2;
+    /// Which scheduler picks a new flow's backend (two bits).
+    pub const SCHEDULER_MASK: u16 = 0b11 << 3;
+    /// A hash of the flow's 5-tuple (the default).
+    pub const SCHEDULER_FLOW_HASH: u16 = 0 << 3;
+    /// Maglev consistent hashing over a per-frontend table (see [`super::maglev`]).
+    pub const SCHEDULER_MAGLEV: u16 = 1 << 3;
+    /// A hash of the client's address only.
+    pub const SCHEDULER_SOURCE_HASH: u16 = 2 << 3;
+    /// Round robin, with a counter per frontend and per CPU (no shared counter).
+    pub const SCHEDULER_ROUND_ROBIN: u16 = 3 << 3;
 }
+
+/// Key of the Maglev map: one slot of one frontend's table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey4 {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub index: u32,
+}
+const _: () = assert!(core::mem::size_of::<MaglevKey4>() == 8);
 
 /// Key of the affinity map: a client of a frontend (by reverse-NAT id).
 #[repr(C)]
@@ -123,7 +158,9 @@ pub struct ServiceValue {
     pub count: u16,
     pub rev_nat_id: u16,
     pub flags: u16,
-    pub _pad: u16,
+    /// Slot 0 of a Maglev frontend: its table size, as an index into
+    /// [`maglev::SIZES`]; 0 elsewhere.
+    pub maglev_size: u16,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
 
@@ -278,6 +315,7 @@ mod pod {
     unsafe impl aya::Pod for StatCounter {}
     unsafe impl aya::Pod for Nat4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
+    unsafe impl aya::Pod for MaglevKey4 {}
     unsafe impl aya::Pod for AffinityValue4 {}
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for Config {}

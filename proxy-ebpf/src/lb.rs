@@ -7,12 +7,12 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
     backend_flags, ct_dir, ct_flags,
     hash::{flow_hash4, slot_for},
-    stats, svc_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, ServiceKey4,
-    ServiceValue, HAIRPIN_ADDR,
+    maglev, stats, svc_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, MaglevKey4,
+    ServiceKey4, ServiceValue, HAIRPIN_ADDR,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, ROUND_ROBIN, SERVICES},
     parse::Flow,
     verdict::Drop,
 };
@@ -121,18 +121,12 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
     let (backend_id, backend) = match affinity_backend(flow, svc, now) {
         Some(kept) => kept,
         None => {
-            key.slot = slot_for(
-                flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto),
-                svc.count,
-            );
+            let backend_id = schedule(flow, &mut key, svc)?;
             // SAFETY: copied out at once.
-            let slot = unsafe { SERVICES.get(&key) }
+            let backend = unsafe { BACKENDS.get(&backend_id) }
                 .copied()
                 .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
-            let backend = unsafe { BACKENDS.get(&slot.backend_id) }
-                .copied()
-                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
-            (slot.backend_id, backend)
+            (backend_id, backend)
         }
     };
     if svc.flags & svc_flags::AFFINITY != 0 {
@@ -183,6 +177,48 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
         .insert(&fwd, &value, u64::from(BPF_ANY))
         .map_err(|_| Drop(stats::DROP_CT_INSERT))?;
     Ok(chosen)
+}
+
+/// The backend id the frontend's scheduler picks for a new flow.
+#[inline(always)]
+fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u32, Drop> {
+    let flow_hash = || flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    key.slot = match svc.flags & svc_flags::SCHEDULER_MASK {
+        svc_flags::SCHEDULER_MAGLEV => {
+            let size = *maglev::SIZES
+                .get(usize::from(svc.maglev_size))
+                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
+            let index = flow_hash().checked_rem(size).unwrap_or(0);
+            let slot = MaglevKey4 {
+                rev_nat_id: svc.rev_nat_id,
+                _pad: 0,
+                index,
+            };
+            // SAFETY: copied out at once.
+            return unsafe { MAGLEV.get(&slot) }
+                .copied()
+                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY));
+        }
+        svc_flags::SCHEDULER_SOURCE_HASH => slot_for(flow_hash4(flow.saddr, 0, 0, 0, 0), svc.count),
+        svc_flags::SCHEDULER_ROUND_ROBIN => {
+            let counter = ROUND_ROBIN
+                .get_ptr_mut(u32::from(svc.rev_nat_id))
+                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
+            // SAFETY: a per-CPU slot, touched by this CPU only.
+            let turn = unsafe {
+                let turn = *counter;
+                *counter = turn.wrapping_add(1);
+                turn
+            };
+            slot_for(turn, svc.count)
+        }
+        _ => slot_for(flow_hash(), svc.count),
+    };
+    // SAFETY: copied out at once.
+    unsafe { SERVICES.get(&*key) }
+        .copied()
+        .map(|slot| slot.backend_id)
+        .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))
 }
 
 #[inline(always)]

@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    capacity, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, Nat4,
-    RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    capacity, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
+    Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -37,6 +37,20 @@ pub static NAT: LruHashMap<CtKey4, Nat4, { capacity::NAT as usize }> = LruHashMa
 #[btf_map(name = "affinity4_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue4, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
+
+/// Maglev tables: (frontend, slot) -> backend id, allocated as used.
+#[btf_map(name = "maglev4_v1")]
+pub static MAGLEV: HashMap<
+    MaglevKey4,
+    u32,
+    { capacity::MAGLEV as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Round robin: a counter per frontend (reverse-NAT id) and per CPU, so no two
+/// CPUs ever race on one counter.
+#[btf_map(name = "rr_v1")]
+pub static ROUND_ROBIN: PerCpuArray<u32, { capacity::REVNAT as usize }> = PerCpuArray::new();
 
 /// loadBalancerSourceRanges: (frontend, client prefix) -> allowed.
 #[btf_map(name = "srcrange4_v1")]
