@@ -37,6 +37,9 @@ use anyhow::{bail, Context, Result};
 use crate::{exec, show};
 
 /// The upstream version the binaries are built from.
+/// The feature gate that makes v1.20 publish terminating endpoints.
+const TERMINATING_CONDITION: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
+
 pub const VERSION: &str = "v1.20.2";
 /// Bookworm's version of that source. Pinned because newer `kubernetes` source
 /// packages hold only kubectl.
@@ -616,8 +619,9 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
             // Pods name ServiceAccounts whose token Secrets no controller here
             // creates; this admission plugin would reject them.
             "--disable-admission-plugins=ServiceAccount",
-            // The lab's agent DaemonSet runs privileged, as a real one must.
-            "--allow-privileged=true",
+            // Serving and terminating conditions on EndpointSlices (alpha in
+            // 1.20): what kube-proxy's terminating-endpoint fallback reads.
+            TERMINATING_CONDITION,
             "--profiling=false",
         ])
         .arg(arg("--token-auth-file", &token_file))
@@ -678,6 +682,7 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
         .arg(arg("--kubeconfig", &cm_kubeconfig))
         .args([
             "--controllers=endpointslice,endpoint",
+            TERMINATING_CONDITION,
             "--leader-elect=false",
             // Runs each controller as its own ServiceAccount (kube-system/
             // endpointslice-controller, ...) through TokenRequest: the bootstrap

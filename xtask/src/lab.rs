@@ -683,6 +683,16 @@ impl Lab {
         })
     }
 
+    /// Starts a pod's graceful deletion and leaves it running, as a kubelet would
+    /// during the grace period: the pod turns Terminating (its endpoint
+    /// `serving`, not `ready`) until `pod del` removes it.
+    pub fn pod_terminate(&self, name: &str) -> Result<()> {
+        if !self.pods()?.contains_key(name) {
+            bail!("no pod {name}");
+        }
+        self.kubectl(&["delete", "pod", name, "--grace-period=3600", "--wait=false"]).map(|_| ())
+    }
+
     /// Deletes a pod: its object first (so its endpoint leaves the slices), then
     /// its server and namespace.
     pub fn pod_del(&self, name: &str) -> Result<()> {

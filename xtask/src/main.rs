@@ -106,6 +106,8 @@ enum PodCommand {
     },
     /// Delete a pod.
     Del { name: String },
+    /// Start a pod's graceful deletion and keep it serving (Terminating).
+    Terminate { name: String },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -144,6 +146,9 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
         LabCommand::Pod {
             command: PodCommand::Del { name },
         } => lab.pod_del(&name),
+        LabCommand::Pod {
+            command: PodCommand::Terminate { name },
+        } => lab.pod_terminate(&name),
         LabCommand::Agent { action, node } => match action.as_str() {
             "stop" => {
                 lab.stop_agent(&node);

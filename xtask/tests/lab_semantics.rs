@@ -1,5 +1,5 @@
-//! Lab tests of Service semantics: session affinity, and UDP clients moving on
-//! when their backend goes.
+//! Lab tests of Service semantics: session affinity, terminating endpoints, and
+//! UDP clients moving on when their backend goes.
 
 mod support;
 
@@ -47,6 +47,21 @@ fn lab_service_semantics() {
     // internalTrafficPolicy needs an API server of 1.21 or later (the lab's is
     // 1.20.2, the newest Debian ships): its selection is unit-tested in cluster.rs
     // and topology.rs, and the drop it leads to in the packet tests.
+
+    eprintln!("== a Service whose only endpoint is terminating still answers");
+    let term = lab.pod_add("term-1", "node2", "term");
+    lab.apply(
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "term", "namespace": "default"},
+            "spec": {"selector": {"app": "term"}, "ports": [
+              {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    );
+    lab.wait_endpoints("term", &[term]);
+    lab.xtask(&["pod", "terminate", "term-1"]);
+    lab.wait_terminating("term", term);
+    let term_vip = lab.cluster_ip("term");
+    std::thread::sleep(Duration::from_millis(100));
+    let by_pod = count(&connect_many(&client, (term_vip, 80).into(), 10));
+    assert_eq!(by_pod.keys().collect::<Vec<_>>(), ["term-1"], "{by_pod:?}");
 
     eprintln!(
         "== a DNS-like UDP client moves to another backend within 1 s of its backend's removal"
