@@ -11,6 +11,7 @@ pub mod ifaces;
 pub mod inspect;
 pub mod maglev;
 pub mod model;
+pub mod simulate;
 pub mod state;
 pub mod topology;
 pub mod watch;

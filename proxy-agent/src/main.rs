@@ -7,6 +7,7 @@ use proxy_agent::{
     dataplane::{self, UplinkMode, DEFAULT_PIN_DIR},
     inspect,
     model::Scheduler,
+    simulate,
 };
 use tracing::info;
 
@@ -25,6 +26,26 @@ enum Command {
     /// Programs and maps stay in place when the agent stops, so traffic goes on;
     /// the next agent adopts them.
     Run(Box<RunArgs>),
+    /// Where does this packet go? Loads the real programs into private maps filled
+    /// from the Service, EndpointSlice and Node manifests in DIR as NODE's agent
+    /// would, runs the packet through them and prints the verdict, the rewritten
+    /// addresses and the backends the packet could have gone to.
+    Simulate {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long)]
+        node: String,
+        /// e.g. 'TCP 10.244.1.2:40000 -> 10.96.0.10:80'
+        #[arg(long)]
+        packet: simulate::PacketSpec,
+        /// The hook the packet enters: pod (a pod's veth) or uplink (the node's uplink, tc twin).
+        #[arg(long, default_value = "pod")]
+        from: simulate::Hook,
+        #[arg(long, env = "FERRY_SCHEDULER", default_value = "flow-hash")]
+        scheduler: Scheduler,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the pinned maps as tables.
     Inspect {
         #[arg(value_parser = ["services", "backends", "conntrack", "affinity", "stats"])]
@@ -150,6 +171,23 @@ async fn main() -> Result<()> {
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
             })
             .await
+        }
+        Command::Simulate {
+            manifests,
+            node,
+            packet,
+            from,
+            scheduler,
+            json,
+        } => {
+            let objects = simulate::read_manifests(&manifests)?;
+            let outcome = simulate::simulate(&objects, &node, &packet, from, scheduler)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else {
+                print!("{}", outcome.render());
+            }
+            Ok(())
         }
         Command::Inspect { what, pin_dir } => {
             let table = match what.as_str() {

@@ -301,7 +301,10 @@ impl Programs {
                         && KernelVersion::current()
                             .is_ok_and(|v| v < KernelVersion::new(5, 15, 0)) =>
                 {
-                    eprintln!("XDP test run with ctx_in: {e:?}");
+                    note_limitation(&format!(
+                        "{XDP_CTX_LIMITATION} (this kernel: {}: {})",
+                        e.call, e.io_error
+                    ));
                     XDP_CTX_REFUSED.store(true, Ordering::Relaxed);
                 }
                 Err(e) => panic!("XDP test run: {e:?}"),
@@ -319,7 +322,6 @@ impl Programs {
             .test_run(opts)
             .expect("XDP test run without ctx_in");
         out.truncate(result.data_size_out as usize);
-        note_limitation(XDP_CTX_LIMITATION);
         // The program transmits on the ingress device (XDP_TX) when the FIB's
         // egress is the ingress, else redirects there. With loopback as the
         // ingress and up0 the only device with routes, the redirect is to up0,

@@ -1,0 +1,342 @@
+//! `proxy-agent simulate`: where does this packet go? The real programs, in
+//! private maps filled by the real desired-state code from Kubernetes manifests,
+//! run one packet through BPF_PROG_TEST_RUN.
+
+use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, path::Path, str::FromStr};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use k8s_openapi::api::core::v1::{Node, Service as K8sService};
+use proxy_common::{program_names, proto, Config, ServiceKey4};
+
+use crate::{
+    cluster::{self, NodeInfo, Slice, SliceVersion},
+    dataplane::Dataplane,
+    model::Scheduler,
+    state::{self, Ids, MapState},
+};
+
+/// Which hook the packet enters: a pod's veth or the node's uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Pod,
+    Uplink,
+}
+
+impl FromStr for Hook {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pod" => Ok(Self::Pod),
+            "uplink" => Ok(Self::Uplink),
+            other => Err(format!("{other}: expected pod or uplink")),
+        }
+    }
+}
+
+/// `PROTO SRC:PORT -> DST:PORT`, e.g. `TCP 10.244.1.2:40000 -> 10.96.0.10:80`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketSpec {
+    pub proto: u8,
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+}
+
+impl FromStr for PacketSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected 'TCP 10.244.1.2:40000 -> 10.96.0.10:80'");
+        let mut words = s.split_whitespace();
+        let proto = match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("TCP") => proto::TCP,
+            Some("UDP") => proto::UDP,
+            _ => return Err(bad()),
+        };
+        let endpoint = |w: Option<&str>| -> Option<(Ipv4Addr, u16)> {
+            let (a, p) = w?.rsplit_once(':')?;
+            Some((a.parse().ok()?, p.parse().ok()?))
+        };
+        let src = endpoint(words.next()).ok_or_else(bad)?;
+        if words.next() != Some("->") {
+            return Err(bad());
+        }
+        let dst = endpoint(words.next()).ok_or_else(bad)?;
+        Ok(Self { proto, src, dst })
+    }
+}
+
+/// The Kubernetes objects of a directory of YAML or JSON manifests.
+#[derive(Default)]
+pub struct Manifests {
+    pub services: Vec<K8sService>,
+    pub slices: Vec<Slice>,
+    pub nodes: Vec<Node>,
+}
+
+pub fn read_manifests(dir: &Path) -> Result<Manifests> {
+    let mut out = Manifests::default();
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        })
+        .collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_json::to_value(
+                serde_yaml::Value::deserialize(doc)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            )?;
+            if value.is_null() {
+                continue;
+            }
+            let kind = value["kind"].as_str().unwrap_or_default().to_string();
+            let api = value["apiVersion"].as_str().unwrap_or_default().to_string();
+            let what = || format!("{kind} in {}", path.display());
+            match kind.as_str() {
+                "Service" => out
+                    .services
+                    .push(serde_json::from_value(value).with_context(what)?),
+                "Node" => out
+                    .nodes
+                    .push(serde_json::from_value(value).with_context(what)?),
+                "EndpointSlice" => {
+                    let version = if api.ends_with("v1beta1") {
+                        SliceVersion::V1beta1
+                    } else {
+                        SliceVersion::V1
+                    };
+                    out.slices
+                        .push(cluster::parse_slice(version, value).with_context(what)?);
+                }
+                "List" => bail!("{}: unpack List objects into documents", path.display()),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+use serde::Deserialize as _;
+
+/// A frame for the packet, checksums complete.
+fn frame(p: &PacketSpec) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend(p.src.1.to_be_bytes());
+    l4.extend(p.dst.1.to_be_bytes());
+    if p.proto == proto::TCP {
+        l4.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    } else {
+        l4.extend(8u16.to_be_bytes());
+        l4.extend([0, 0]);
+    }
+    let mut pseudo = Vec::new();
+    pseudo.extend(p.src.0.octets());
+    pseudo.extend(p.dst.0.octets());
+    pseudo.extend([0, p.proto]);
+    pseudo.extend((l4.len() as u16).to_be_bytes());
+    pseudo.extend(&l4);
+    let at = if p.proto == proto::TCP { 16 } else { 6 };
+    let sum = checksum(&pseudo);
+    l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend([0, 1, 0x40, 0, 64, p.proto, 0, 0]);
+    ip.extend(p.src.0.octets());
+    ip.extend(p.dst.0.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut out = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
+    out.extend(ip);
+    out.extend(l4);
+    out
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// What happened to the packet.
+#[derive(Debug, serde::Serialize)]
+pub struct Outcome {
+    pub verdict: String,
+    pub counter: String,
+    pub src: String,
+    pub dst: String,
+    /// The frontend the packet matched, if any.
+    pub frontend: Option<String>,
+    /// The backends a packet to that frontend could go to.
+    pub candidates: Vec<String>,
+}
+
+pub fn simulate(
+    manifests: &Manifests,
+    node: &str,
+    packet: &PacketSpec,
+    hook: Hook,
+    scheduler: Scheduler,
+) -> Result<Outcome> {
+    let node_object = manifests
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node));
+    let info = NodeInfo::from_node(node, node_object);
+    let k8s: Vec<&K8sService> = manifests.services.iter().collect();
+    let slices: Vec<&Slice> = manifests.slices.iter().collect();
+    let mut desired = cluster::desired(&k8s, &slices, &info);
+    for s in &mut desired.services {
+        s.scheduler.get_or_insert(scheduler);
+    }
+    let (map_state, problems) = state::desired(&desired.services, &mut Ids::default());
+    if let Some(p) = problems.first() {
+        bail!("the manifests give a state Ferry cannot program: {p}");
+    }
+    let mut dp = Dataplane::load_private()?;
+    dp.apply(&state::diff(&map_state, &MapState::default()))?;
+    dp.set_config(Config {
+        snat_addr_be: info.snat_address().map_or(0, |a| u32::from(a).to_be()),
+        nat_port_min: 61000,
+        nat_port_max: 65535,
+    })?;
+    let input = frame(packet);
+    let mut out = vec![0u8; input.len() + 256];
+    let (program, ret) = match hook {
+        Hook::Pod => {
+            let opts = TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            };
+            let r = dp.program(program_names::FROM_POD)?.test_run(opts)?;
+            (program_names::FROM_POD, r)
+        }
+        Hook::Uplink => {
+            let opts = TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            };
+            let r = dp.program(program_names::UPLINK_TC)?.test_run(opts)?;
+            (program_names::UPLINK_TC, r)
+        }
+    };
+    out.truncate(ret.data_size_out as usize);
+    let counter = dp
+        .stats()?
+        .into_iter()
+        .find(|(_, c)| c.packets > 0)
+        .map_or_else(|| "none".to_string(), |(name, _)| name.to_string());
+    let verdict = match ret.return_value as i32 {
+        -1 | 0 => "pass",
+        2 => "drop",
+        7 => "redirect",
+        other => return Ok(unknown(program, other, counter)),
+    }
+    .to_string();
+    let read = |at: usize| -> (Ipv4Addr, u16) {
+        if out.len() < 38 {
+            return (Ipv4Addr::UNSPECIFIED, 0);
+        }
+        let ihl = usize::from(out[14] & 0x0f) * 4;
+        let l4 = 14 + ihl;
+        let port_at = if at == 26 { l4 } else { l4 + 2 };
+        (
+            Ipv4Addr::new(out[at], out[at + 1], out[at + 2], out[at + 3]),
+            u16::from_be_bytes([out[port_at], out[port_at + 1]]),
+        )
+    };
+    let icmp = out.len() > 23 && out[23] == 1;
+    let (src, dst) = (read(26), read(30));
+    let key = ServiceKey4 {
+        addr_be: u32::from(packet.dst.0).to_be(),
+        port_be: packet.dst.1.to_be(),
+        proto: packet.proto,
+        scope: 0,
+        slot: 0,
+        _pad: 0,
+    };
+    let (frontend, candidates) = match map_state.services.get(&key) {
+        None => (None, Vec::new()),
+        Some(slot0) => {
+            let mut set = BTreeSet::new();
+            for slot in 1..=slot0.count {
+                if let Some(v) = map_state.services.get(&ServiceKey4 { slot, ..key }) {
+                    if let Some(b) = map_state.backends.get(&v.backend_id) {
+                        set.insert(format!(
+                            "{}:{}",
+                            Ipv4Addr::from(u32::from_be(b.addr_be)),
+                            u16::from_be(b.port_be)
+                        ));
+                    }
+                }
+            }
+            let name = desired
+                .services
+                .iter()
+                .find(|s| s.frontend.address == packet.dst.0 && s.frontend.port == packet.dst.1)
+                .map(|s| s.name.clone());
+            (name, set.into_iter().collect())
+        }
+    };
+    Ok(Outcome {
+        verdict: if icmp {
+            "reject (ICMP port unreachable)".into()
+        } else {
+            verdict
+        },
+        counter,
+        src: format!("{}:{}", src.0, src.1),
+        dst: format!("{}:{}", dst.0, dst.1),
+        frontend,
+        candidates,
+    })
+}
+
+fn unknown(program: &str, code: i32, counter: String) -> Outcome {
+    Outcome {
+        verdict: format!("{program} returned {code}"),
+        counter,
+        src: String::new(),
+        dst: String::new(),
+        frontend: None,
+        candidates: Vec::new(),
+    }
+}
+
+impl Outcome {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "verdict:    {}", self.verdict);
+        let _ = writeln!(s, "counter:    {}", self.counter);
+        let _ = writeln!(s, "packet out: {} -> {}", self.src, self.dst);
+        match &self.frontend {
+            Some(f) => {
+                let _ = writeln!(s, "frontend:   {f}");
+                let _ = writeln!(
+                    s,
+                    "backends:   {}",
+                    if self.candidates.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.candidates.join(", ")
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(s, "frontend:   none (not a Service address)");
+            }
+        }
+        s
+    }
+}
