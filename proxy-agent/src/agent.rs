@@ -203,6 +203,11 @@ pub async fn run(config: Config) -> Result<()> {
                     Ok(actual) => applied = actual,
                     Err(e) => error!(error = %e, "reading the maps for resync"),
                 }
+                match dataplane.gc(crate::dataplane::monotonic_ns()) {
+                    Ok((0, 0)) => {}
+                    Ok((ct, nat)) => debug!(ct, nat, "expired conntrack and NAT entries removed"),
+                    Err(e) => warn!(error = format!("{e:#}"), "conntrack garbage collection"),
+                }
                 sync_at = Some(Instant::now());
             }
             _ = sleep_until(sync_at.unwrap_or_else(Instant::now)), if sync_at.is_some() => {

@@ -25,8 +25,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4,
-    CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    ct_lifetime, map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4, Config,
+    CtKey4, CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4,
+    StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -444,6 +445,42 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Deletes conntrack and NAT entries older than their lifetime
+    /// (`proxy_common::ct_lifetime`) at `now_ns` (the programs' clock, see
+    /// [`monotonic_ns`]). Returns how many of each went.
+    pub fn gc(&mut self, now_ns: u64) -> Result<(usize, usize)> {
+        let expired = |proto: u8, flags: u16, last: u64| {
+            now_ns.saturating_sub(last) > ct_lifetime::nanos(proto, flags)
+        };
+        let ct: Vec<CtKey4> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| expired(k.proto, v.flags, v.last_seen_ns))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &ct {
+            let _ = self.conntrack.remove(key);
+        }
+        let nat: Vec<CtKey4> = self
+            .nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| expired(k.proto, 0, v.last_seen_ns))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &nat {
+            let _ = self.nat.remove(key);
+        }
+        Ok((ct.len(), nat.len()))
+    }
+
+    /// Writes one conntrack entry (for tests and repairs).
+    pub fn set_conntrack(&mut self, key: CtKey4, value: CtValue4) -> Result<()> {
+        self.conntrack.insert(key, value, 0)?;
+        Ok(())
+    }
+
     /// Removes every conntrack entry.
     pub fn flush_conntrack(&mut self) -> Result<usize> {
         let keys: Vec<CtKey4> = self.conntrack.keys().collect::<Result<_, _>>()?;
@@ -472,6 +509,17 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// The clock the programs stamp entries with (bpf_ktime_get_ns: CLOCK_MONOTONIC).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// Detaches every filter named `name` from one hook of `iface`; none is fine.

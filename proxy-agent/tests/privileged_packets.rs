@@ -910,3 +910,96 @@ fn assert_dnat_any(p: &mut Programs, f: &Frame) -> Ipv4Addr {
     assert_eq!(out, f.with_dst(backend, 8080).bytes());
     backend
 }
+
+#[test]
+fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
+    let mut p = Programs::new(&cluster());
+    // A UDP flow (60 s lifetime) the hash sends to A, pinned (by hand) to B.
+    let f = (49000..49200)
+        .map(|port| Frame::udp(CLIENT, port, VIP, 53))
+        .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
+        .unwrap();
+    let id_of = |p: &Programs, addr: &str| {
+        *p.state
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr_be == u32::from(ip(addr)).to_be() && b.port_be == 5353u16.to_be())
+            .unwrap()
+            .0
+    };
+    let key = proxy_common::CtKey4 {
+        saddr_be: u32::from(f.saddr).to_be(),
+        daddr_be: u32::from(f.daddr).to_be(),
+        sport_be: f.sport.to_be(),
+        dport_be: f.dport.to_be(),
+        proto: f.proto,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    let rev_nat_id = *p
+        .state
+        .revnat
+        .iter()
+        .find(|(_, r)| r.port_be == 53u16.to_be() && r.addr_be == u32::from(ip(VIP)).to_be())
+        .unwrap()
+        .0;
+    let backend_b = id_of(&p, BACKEND_B);
+    let pinned = |last_seen_ns| proxy_common::CtValue4 {
+        backend_id: backend_b,
+        rev_nat_id,
+        last_seen_ns,
+        ..Default::default()
+    };
+    let fresh = pinned(proxy_agent::dataplane::monotonic_ns());
+    p.dp.set_conntrack(key, fresh).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_B), 5353).bytes(),
+        "a live entry pins the flow"
+    );
+    let stale = pinned(proxy_agent::dataplane::monotonic_ns().wrapping_sub(61 * 1_000_000_000));
+    p.dp.set_conntrack(key, stale).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_A), 5353).bytes(),
+        "an expired one does not"
+    );
+}
+
+#[test]
+fn conntrack_entries_expire_by_protocol_and_tcp_state() {
+    let mut p = Programs::new(&cluster());
+    let open = Frame::tcp(CLIENT, 49500, VIP, 80);
+    let mut closing = Frame::tcp(CLIENT, 49501, VIP, 80);
+    let udp = Frame::udp(CLIENT, 49502, VIP, 53);
+    for f in [&open, &closing, &udp] {
+        p.send_from_pod(f);
+    }
+    closing.tcp_flags = 0x04; // RST
+    p.send_from_pod(&closing);
+    let now = proxy_agent::dataplane::monotonic_ns();
+    let s = 1_000_000_000u64;
+    let forward = |p: &Programs| {
+        let mut ports: Vec<u16> =
+            p.dp.conntrack()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.dir == ct_dir::FORWARD)
+                .map(|(k, _)| u16::from_be(k.sport_be))
+                .collect();
+        ports.sort();
+        ports
+    };
+    assert_eq!(p.dp.gc(now).unwrap().0, 0, "nothing is old yet");
+    // 11 s on: the reset TCP connection is gone (both directions), the rest stays.
+    assert_eq!(p.dp.gc(now + 11 * s).unwrap().0, 2);
+    assert_eq!(forward(&p), [49500, 49502]);
+    // 61 s on: UDP too.
+    assert_eq!(p.dp.gc(now + 61 * s).unwrap().0, 2);
+    assert_eq!(forward(&p), [49500]);
+    // 6 hours on: the open TCP connection.
+    p.dp.gc(now + 21_601 * s).unwrap();
+    assert!(p.dp.conntrack().unwrap().is_empty());
+}

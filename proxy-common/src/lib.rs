@@ -217,6 +217,29 @@ pub mod ct_flags {
     /// A pod reached itself through a frontend: the flow was SNATed to
     /// [`super::HAIRPIN_ADDR`] so its replies come back through the programs.
     pub const HAIRPIN: u16 = 1 << 0;
+    /// The TCP connection is closing (a FIN or RST went by).
+    pub const CLOSING: u16 = 1 << 1;
+}
+
+/// How long a conntrack (or NAT) entry lives without a packet, by protocol and
+/// state. The programs treat an older entry as gone; the agent deletes it.
+pub mod ct_lifetime {
+    pub const TCP_SECS: u64 = 21_600;
+    pub const TCP_CLOSING_SECS: u64 = 10;
+    pub const UDP_SECS: u64 = 60;
+
+    /// The lifetime, in nanoseconds, of an entry of `proto` with conntrack `flags`.
+    #[inline(always)]
+    pub const fn nanos(proto: u8, flags: u16) -> u64 {
+        let secs = if proto != super::proto::TCP {
+            UDP_SECS
+        } else if flags & super::ct_flags::CLOSING != 0 {
+            TCP_CLOSING_SECS
+        } else {
+            TCP_SECS
+        };
+        secs * 1_000_000_000
+    }
 }
 
 /// The source a hairpinned flow (a pod that reached itself through a frontend)

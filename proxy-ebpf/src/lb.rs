@@ -5,7 +5,7 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    backend_flags, ct_dir, ct_flags,
+    backend_flags, ct_dir, ct_flags, ct_lifetime,
     hash::{flow_hash4, slot_for},
     maglev, stats, svc_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, MaglevKey4,
     ServiceKey4, ServiceValue, HAIRPIN_ADDR,
@@ -16,6 +16,9 @@ use crate::{
     parse::Flow,
     verdict::Drop,
 };
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 
 /// Conntrack entries are refreshed at most this often, to keep writes off the
 /// fast path of busy flows.
@@ -94,19 +97,30 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
     if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd) {
         // SAFETY: conntrack values are plain data; a racing writer can at worst make
         // us read a backend id about to change, which the lookup below tolerates.
-        let (backend_id, rev_nat_id, nat_port_be, last_seen) = unsafe {
+        let (backend_id, rev_nat_id, nat_port_be, last_seen, flags) = unsafe {
             (
                 (*entry).backend_id,
                 (*entry).rev_nat_id,
                 (*entry).nat_port_be,
                 (*entry).last_seen_ns,
+                (*entry).flags,
             )
         };
-        if rev_nat_id == svc.rev_nat_id {
+        let alive = now.wrapping_sub(last_seen) <= ct_lifetime::nanos(flow.proto, flags);
+        if alive && rev_nat_id == svc.rev_nat_id {
             // SAFETY: copied out at once.
             if let Some(backend) = unsafe { BACKENDS.get(&backend_id) }.copied() {
                 if now.wrapping_sub(last_seen) > CT_REFRESH_NS {
                     unsafe { (*entry).last_seen_ns = now };
+                }
+                if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && flags & ct_flags::CLOSING == 0 {
+                    unsafe { (*entry).flags = flags | ct_flags::CLOSING };
+                    // The reply direction closes with it.
+                    let hairpin = backend.addr_be == flow.saddr;
+                    let reply = reply_key(flow, &backend, hairpin);
+                    if let Some(r) = CONNTRACK.get_ptr_mut(&reply) {
+                        unsafe { (*r).flags |= ct_flags::CLOSING };
+                    }
                 }
                 return Ok(Chosen {
                     backend,
@@ -115,7 +129,8 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
                 });
             }
         }
-        // The pinned backend is gone (or the frontend was recreated): choose again.
+        // Expired, or the pinned backend is gone (or the frontend was recreated):
+        // choose again.
     }
 
     let (backend_id, backend) = match affinity_backend(flow, svc, now) {
@@ -160,15 +175,7 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
         } else {
             value
         };
-        let reply = CtKey4 {
-            saddr_be: backend.addr_be,
-            daddr_be: if hairpin { hairpin_addr() } else { flow.saddr },
-            sport_be: backend.port_be,
-            dport_be: flow.sport,
-            proto: flow.proto,
-            dir: ct_dir::REPLY,
-            _pad: 0,
-        };
+        let reply = reply_key(flow, &backend, hairpin);
         CONNTRACK
             .insert(&reply, &value, u64::from(BPF_ANY))
             .map_err(|_| Drop(stats::DROP_CT_INSERT))?;
@@ -179,15 +186,47 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
     Ok(chosen)
 }
 
+/// The size of a Maglev table from its index on the ladder. A match, not an
+/// array lookup: older verifiers cannot bound a variable index into .rodata.
+#[inline(always)]
+fn maglev_size(index: u16) -> Option<u32> {
+    let size = match index {
+        0 => maglev::SIZES[0],
+        1 => maglev::SIZES[1],
+        2 => maglev::SIZES[2],
+        3 => maglev::SIZES[3],
+        4 => maglev::SIZES[4],
+        5 => maglev::SIZES[5],
+        6 => maglev::SIZES[6],
+        7 => maglev::SIZES[7],
+        8 => maglev::SIZES[8],
+        9 => maglev::SIZES[9],
+        _ => return None,
+    };
+    Some(size)
+}
+
+/// The conntrack key of a backend's replies to `flow`.
+#[inline(always)]
+fn reply_key(flow: &Flow, backend: &Backend4, hairpin: bool) -> CtKey4 {
+    CtKey4 {
+        saddr_be: backend.addr_be,
+        daddr_be: if hairpin { hairpin_addr() } else { flow.saddr },
+        sport_be: backend.port_be,
+        dport_be: flow.sport,
+        proto: flow.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    }
+}
+
 /// The backend id the frontend's scheduler picks for a new flow.
 #[inline(always)]
 fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u32, Drop> {
     let flow_hash = || flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     key.slot = match svc.flags & svc_flags::SCHEDULER_MASK {
         svc_flags::SCHEDULER_MAGLEV => {
-            let size = *maglev::SIZES
-                .get(usize::from(svc.maglev_size))
-                .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
+            let size = maglev_size(svc.maglev_size).ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
             let index = flow_hash().checked_rem(size).unwrap_or(0);
             let slot = MaglevKey4 {
                 rev_nat_id: svc.rev_nat_id,

@@ -47,6 +47,8 @@ pub struct Flow {
     pub dport: u16,
     /// Arrived on the node's uplink (from outside) rather than from a pod.
     pub external: bool,
+    /// TCP's flags byte (0 for UDP).
+    pub tcp_flags: u8,
 }
 
 impl Flow {
@@ -111,6 +113,12 @@ pub fn flow<C: Packet>(ctx: &C) -> Result<Flow, Result<Out, Drop>> {
     let ports: u32 = ctx
         .read(l4_off)
         .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?;
+    let tcp_flags: u8 = if l4_proto == proto::TCP {
+        ctx.read(l4_off + 13)
+            .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?
+    } else {
+        0
+    };
     // The two ports as they sit on the wire: source first, then destination.
     let ports = ports.to_ne_bytes();
     Ok(Flow {
@@ -122,5 +130,6 @@ pub fn flow<C: Packet>(ctx: &C) -> Result<Flow, Result<Out, Drop>> {
         sport: u16::from_ne_bytes([ports[0], ports[1]]),
         dport: u16::from_ne_bytes([ports[2], ports[3]]),
         external: false,
+        tcp_flags,
     })
 }

@@ -690,7 +690,8 @@ impl Lab {
         if !self.pods()?.contains_key(name) {
             bail!("no pod {name}");
         }
-        self.kubectl(&["delete", "pod", name, "--grace-period=3600", "--wait=false"]).map(|_| ())
+        self.kubectl(&["delete", "pod", name, "--grace-period=3600", "--wait=false"])
+            .map(|_| ())
     }
 
     /// Deletes a pod: its object first (so its endpoint leaves the slices), then

@@ -6,13 +6,17 @@
 //! this machine's own Debian sources with the suite changed (so no mirror is named
 //! here and `/etc/apt` stays as it is), and kept in [`CACHE_DIR`]. It boots under
 //! qemu (KVM when it really works here, else TCG) with an initramfs of Debian's
-//! static busybox, an init script and the `privileged_packets` test binary with its
-//! libraries. The init script runs the tests, prints their output on the serial
-//! console and powers off; this side reads the console. The running kernel
-//! ("host") runs the same binary directly.
+//! static busybox, an init script, the test binaries of both packet suites
+//! ([`SUITES`]: `privileged_packets` and `privileged_uplink`), this machine's
+//! iproute2 `ip` and the libraries of all of them. The init script runs the
+//! tests, prints their output on the serial console and powers off; this side
+//! reads the console. The running kernel ("host") runs the same binaries directly.
 //!
-//! The packet tests need no modules: loading the programs and BPF_PROG_TEST_RUN
-//! are built into these kernels.
+//! Loading the programs and BPF_PROG_TEST_RUN are built into these kernels; the
+//! uplink suite also makes network namespaces with veth pairs (for the FIB its
+//! programs look up), and `veth` is a module there. The cache keeps, beside each
+//! vmlinuz, the [`MODULES`] (with what they depend on, per the package's
+//! `modules.dep`), which the init script loads with `insmod`.
 //!
 //! On every kernel one test runs first, alone, as a probe: every test loads all
 //! programs, so a program the verifier rejects is reported once, with the
@@ -20,6 +24,7 @@
 //! program the verifier spends minutes on would otherwise cost minutes per test).
 
 use std::{
+    collections::HashMap,
     env,
     fmt::Write as _,
     fs::{self, File},
@@ -36,13 +41,53 @@ use anyhow::{bail, Context, Result};
 
 use crate::{build_ebpf, exec, show, workspace_root};
 
-/// Extracted kernels, one directory per kernel release (`vmlinuz` and `package`).
+/// Extracted kernels, one directory per kernel release: `vmlinuz`, `package`
+/// (the .deb's name), `modules/` (the [`MODULES`] and their dependencies, and
+/// `order`, the file names in load order) and, written last, `layout` (what
+/// [`cache_layout`] gives). An entry with another `layout` (or none) is stale:
+/// it is removed and fetched again.
 const CACHE_DIR: &str = "/var/cache/ferry/kernels";
 const CACHE_LOCK: &str = "/var/cache/ferry/kernels.lock";
 /// What the VMs need: qemu, the busybox the init script runs on, cpio for the
-/// initramfs, binutils for `strip` and `readelf`.
-const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "binutils"];
-const TEST_NAME: &str = "privileged_packets";
+/// initramfs, binutils for `strip` and `readelf`, iproute2 for the `ip` the
+/// uplink tests call, xz for compressed modules.
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "binutils",
+    "iproute2",
+    "xz-utils",
+];
+/// Bump when what a cache entry holds changes.
+const CACHE_VERSION: u32 = 2;
+/// Kernel modules the tests need (`veth`, for the uplink suite's namespace).
+const MODULES: &[&str] = &["veth"];
+/// Where the iproute2 `ip` goes in the initramfs; first on the init's PATH, so
+/// that busybox's own `ip` applet (in /bin) does not stand in for it.
+const IP_IN_VM: &str = "usr/sbin/ip";
+
+/// A packet-test suite: a test target of `proxy-agent`, its name in the init
+/// script's marks, and its column in the table.
+struct Suite {
+    test: &'static str,
+    mark: &'static str,
+    column: &'static str,
+}
+
+/// The first also gives the probe.
+const SUITES: &[Suite] = &[
+    Suite {
+        test: "privileged_packets",
+        mark: "packets",
+        column: "packet tests",
+    },
+    Suite {
+        test: "privileged_uplink",
+        mark: "uplink",
+        column: "uplink tests",
+    },
+];
 /// How `Dataplane::load_with` words a failed load: the object (maps, BTF) or a
 /// program (followed by its name).
 const OBJECT_FAILED: &str = "loading the eBPF object";
@@ -51,6 +96,10 @@ const LOAD_FAILURES: &[&str] = &[OBJECT_FAILED, PROGRAM_REJECTED];
 /// Lines the init script prints between the test output; the rest of such a
 /// line says what happened.
 const MARK: &str = "FERRY-VM: ";
+/// A file the tests append a line to when they work around a limitation of
+/// the kernel they run on (see `privileged_uplink.rs`); each line is shown
+/// under the table, labelled as such.
+const NOTES_ENV: &str = "FERRY_TEST_NOTES";
 /// On the kernel command line: boot, say so and power off (the KVM check).
 const BOOT_ONLY_ARG: &str = "ferry.boot_only";
 /// A whole VM run (boot, probe, suite); overridable with FERRY_VM_TIMEOUT_SECS.
@@ -112,14 +161,22 @@ pub fn run(kernel: &str) -> Result<()> {
         ensure_packages()?;
     }
     let programs = object_programs(&build_ebpf::run()?);
-    let binary = test_binary()?;
-    let probe = probe_test(&binary)?;
+    let binaries = SUITES
+        .iter()
+        .map(|suite| test_binary(suite.test))
+        .collect::<Result<Vec<_>>>()?;
+    let probe = probe_test(&binaries[0])?;
     let logs = workspace_root().join("target/vm-test");
     fs::create_dir_all(&logs)?;
 
     let mut outcomes = Vec::new();
     if with_host {
-        outcomes.push(run_host(&binary, &probe, timeout, &logs.join("host.log"))?);
+        outcomes.push(run_host(
+            &binaries,
+            &probe,
+            timeout,
+            &logs.join("host.log"),
+        )?);
     }
     if !series.is_empty() {
         let work = WorkDir::create()?;
@@ -127,11 +184,12 @@ pub fn run(kernel: &str) -> Result<()> {
             .iter()
             .map(|s| cached_kernel(s, &work.0))
             .collect::<Result<Vec<_>>>()?;
-        let initramfs = build_initramfs(&work.0, &binary, &probe)?;
-        let accel = choose_accel(&kernels[0], &initramfs)?;
-        for (s, vmlinuz) in series.iter().zip(&kernels) {
+        let initramfs = build_initramfs(&work.0, &binaries, &kernels, &probe)?;
+        let accel = choose_accel(&kernels[0].join("vmlinuz"), &initramfs)?;
+        for (s, dir) in series.iter().zip(&kernels) {
             let log = logs.join(format!("{}.log", s.name));
-            outcomes.push(run_vm(s.name, vmlinuz, &initramfs, accel, timeout, &log)?);
+            let vmlinuz = dir.join("vmlinuz");
+            outcomes.push(run_vm(s.name, &vmlinuz, &initramfs, accel, timeout, &log)?);
         }
     }
 
@@ -183,28 +241,44 @@ fn ensure_packages() -> Result<()> {
     )
 }
 
-/// The newest cached kernel of a series, fetching it first if none is cached.
-/// Cached kernels are kept: remove [`CACHE_DIR`] to fetch newer ones.
+/// What a current cache entry's `layout` file says: the version and the modules.
+fn cache_layout() -> String {
+    format!("{CACHE_VERSION} {}\n", MODULES.join(" "))
+}
+
+/// The newest cached kernel of a series (its directory), fetching it first if
+/// none is cached with the current [`cache_layout`]; stale entries of the series
+/// are removed then. Cached kernels are kept: remove [`CACHE_DIR`] to fetch
+/// newer ones.
 fn cached_kernel(series: &Series, work: &Path) -> Result<PathBuf> {
-    if let Some(vmlinuz) = newest_cached(series)? {
-        return Ok(vmlinuz);
+    if let Some(dir) = newest_cached(series)? {
+        return Ok(dir);
     }
     fs::create_dir_all(CACHE_DIR).with_context(|| format!("creating {CACHE_DIR}"))?;
     // Two runs at once: the second waits, then finds the kernel cached.
     let lock = File::create(CACHE_LOCK).with_context(|| format!("creating {CACHE_LOCK}"))?;
     lock.lock()
         .with_context(|| format!("locking {CACHE_LOCK}"))?;
-    if let Some(vmlinuz) = newest_cached(series)? {
-        return Ok(vmlinuz);
+    if let Some(dir) = newest_cached(series)? {
+        return Ok(dir);
+    }
+    for (_, stale, _) in cache_entries(series)? {
+        eprintln!(
+            "vm-test: removing {} (cached with another layout)",
+            stale.display()
+        );
+        fs::remove_dir_all(&stale).with_context(|| format!("removing {}", stale.display()))?;
     }
     fetch_kernel(series, work)
 }
 
-fn newest_cached(series: &Series) -> Result<Option<PathBuf>> {
+/// The series' entries in the cache: ABI number, directory, and whether it is
+/// complete with the current layout.
+fn cache_entries(series: &Series) -> Result<Vec<(u32, PathBuf, bool)>> {
     let Ok(entries) = fs::read_dir(CACHE_DIR) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    let mut best: Option<(u32, PathBuf)> = None;
+    let mut out = Vec::new();
     for entry in entries {
         let path = entry?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -213,16 +287,24 @@ fn newest_cached(series: &Series) -> Result<Option<PathBuf>> {
             .and_then(|rest| rest.strip_suffix(FLAVOUR))
             .and_then(|abi| abi.parse::<u32>().ok());
         if let Some(abi) = abi {
-            if path.join("vmlinuz").is_file() && best.as_ref().is_none_or(|(b, _)| abi > *b) {
-                best = Some((abi, path.join("vmlinuz")));
-            }
+            let current = path.join("vmlinuz").is_file()
+                && fs::read_to_string(path.join("layout")).is_ok_and(|l| l == cache_layout());
+            out.push((abi, path, current));
         }
     }
-    Ok(best.map(|(_, path)| path))
+    Ok(out)
+}
+
+fn newest_cached(series: &Series) -> Result<Option<PathBuf>> {
+    Ok(cache_entries(series)?
+        .into_iter()
+        .filter(|(_, _, current)| *current)
+        .max_by_key(|(abi, _, _)| *abi)
+        .map(|(_, path, _)| path))
 }
 
 /// Downloads the series' kernel package with a private apt configuration and
-/// keeps its vmlinuz in the cache.
+/// keeps its vmlinuz and the [`MODULES`] in the cache; returns the entry.
 fn fetch_kernel(series: &Series, work: &Path) -> Result<PathBuf> {
     let apt_dir = work.join(format!("apt-{}", series.suite));
     let parts = apt_dir.join("sources.list.d");
@@ -319,15 +401,163 @@ fn fetch_kernel(series: &Series, work: &Path) -> Result<PathBuf> {
         .to_string_lossy()
         .into_owned();
     fs::write(target.join("package"), format!("{deb_name}\n"))?;
-    // Through a temporary name: a cached vmlinuz is always whole.
-    let part = target.join("vmlinuz.part");
-    fs::copy(&vmlinuz, &part).with_context(|| format!("copying {}", vmlinuz.display()))?;
-    fs::rename(&part, target.join("vmlinuz"))?;
+    fs::copy(&vmlinuz, target.join("vmlinuz"))
+        .with_context(|| format!("copying {}", vmlinuz.display()))?;
+    let modules = target.join("modules");
+    if modules.exists() {
+        fs::remove_dir_all(&modules)?;
+    }
+    fs::create_dir_all(&modules)?;
+    let order = copy_modules(&root.join("lib/modules").join(&release), &modules)?;
+    fs::write(modules.join("order"), order.join("\n") + "\n")?;
+    // Last: only a whole entry has it.
+    fs::write(target.join("layout"), cache_layout())?;
     eprintln!(
-        "vm-test: cached {release} ({deb_name}) in {}",
+        "vm-test: cached {release} ({deb_name}; modules {}) in {}",
+        order.join(" "),
         target.display()
     );
-    Ok(target.join("vmlinuz"))
+    Ok(target)
+}
+
+/// Copies the [`MODULES`] and what they depend on into `to`, uncompressed and
+/// named `<module>.ko`; returns the file names in load order (dependencies
+/// first). `tree` is the package's `lib/modules/<release>`; a package has no
+/// `modules.dep` (depmod makes it when the package is installed), so the
+/// dependencies come from each module's `.modinfo` (`depends=`).
+fn copy_modules(tree: &Path, to: &Path) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    walk(tree, tree, &mut files)?;
+    let by_name: HashMap<String, PathBuf> = files
+        .iter()
+        .filter(|f| f.contains(".ko"))
+        .map(|f| (module_key(module_name(f)), tree.join(f)))
+        .collect();
+    let mut order = Vec::new();
+    for module in MODULES {
+        let names = load_order(module, &mut |name| {
+            let file = by_name
+                .get(&module_key(name))
+                .with_context(|| format!("no module {name} in {}", tree.display()))?;
+            let elf = module_bytes(file)?;
+            let depends = modinfo_depends(&elf)
+                .with_context(|| format!("{} has no .modinfo", file.display()))?;
+            Ok((elf, depends))
+        })?;
+        for (name, elf) in names {
+            let file = format!("{name}.ko");
+            if !order.contains(&file) {
+                fs::write(to.join(&file), elf)?;
+                order.push(file);
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// A module's name from its file's path: `kernel/drivers/net/veth.ko.xz` gives `veth`.
+fn module_name(path: &str) -> &str {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split_once(".ko").map_or(file, |(name, _)| name)
+}
+
+/// The kernel treats `-` and `_` in module names alike.
+fn module_key(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// A module file's ELF, uncompressed.
+fn module_bytes(file: &Path) -> Result<Vec<u8>> {
+    let name = file.to_string_lossy();
+    if name.ends_with(".ko") {
+        return fs::read(file).with_context(|| format!("reading {name}"));
+    }
+    let tool = if name.ends_with(".ko.xz") {
+        "xz"
+    } else if name.ends_with(".ko.zst") {
+        "zstd"
+    } else {
+        bail!("{name}: a module compressed in a way not handled here");
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(file)
+        .output()
+        .with_context(|| format!("starting {tool}"))?;
+    if !out.status.success() {
+        bail!("{tool} -dc {name} failed: {}", out.status);
+    }
+    Ok(out.stdout)
+}
+
+/// Gives a module's ELF and the names of the modules it depends on.
+type ReadModule<'a> = dyn FnMut(&str) -> Result<(Vec<u8>, Vec<String>)> + 'a;
+
+/// `module` and everything it needs, each after what it needs, with what
+/// `read` gives for each (its ELF and the names it depends on).
+fn load_order(module: &str, read: &mut ReadModule) -> Result<Vec<(String, Vec<u8>)>> {
+    fn visit(
+        name: &str,
+        read: &mut ReadModule,
+        out: &mut Vec<(String, Vec<u8>)>,
+        seen: &mut Vec<String>,
+    ) -> Result<()> {
+        if seen.contains(&module_key(name)) {
+            return Ok(());
+        }
+        seen.push(module_key(name));
+        let (elf, depends) = read(name)?;
+        for dep in &depends {
+            visit(dep, read, out, seen)?;
+        }
+        out.push((name.to_string(), elf));
+        Ok(())
+    }
+    let mut out = Vec::new();
+    visit(module, read, &mut out, &mut Vec::new())?;
+    Ok(out)
+}
+
+/// The `depends=` list in a module's `.modinfo` section (ELF64, little-endian).
+fn modinfo_depends(elf: &[u8]) -> Option<Vec<String>> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(elf.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| {
+        let v = u64::from_le_bytes(elf.get(at..at + 8)?.try_into().ok()?);
+        usize::try_from(v).ok()
+    };
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let shoff = u64_at(0x28)?;
+    let shentsize = usize::from(u16_at(0x3a)?);
+    let shnum = usize::from(u16_at(0x3c)?);
+    let shstrndx = usize::from(u16_at(0x3e)?);
+    let section = |i: usize| {
+        let at = shoff + i * shentsize;
+        let (offset, size) = (u64_at(at + 0x18)?, u64_at(at + 0x20)?);
+        Some((
+            u32_at(at)? as usize,
+            elf.get(offset..offset.checked_add(size)?)?,
+        ))
+    };
+    let (_, names) = section(shstrndx)?;
+    let info = (0..shnum).find_map(|i| {
+        let (name, data) = section(i)?;
+        let rest = names.get(name..)?;
+        (rest.split(|b| *b == 0).next()? == b".modinfo").then_some(data)
+    })?;
+    let depends = info
+        .split(|b| *b == 0)
+        .find_map(|entry| entry.strip_prefix(b"depends="))
+        .unwrap_or_default();
+    Some(
+        String::from_utf8_lossy(depends)
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect(),
+    )
 }
 
 /// This machine's Debian apt sources: a file name and its contents.
@@ -451,15 +681,16 @@ fn object_programs(object: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Builds the packet tests (once; cargo reuses a fresh build) and returns the binary.
-fn test_binary() -> Result<PathBuf> {
+/// Builds the test target `name` of proxy-agent (cargo reuses a fresh build)
+/// and returns its binary.
+fn test_binary(name: &str) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root()).args([
         "test",
         "-p",
         "proxy-agent",
         "--test",
-        TEST_NAME,
+        name,
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]);
@@ -468,9 +699,9 @@ fn test_binary() -> Result<PathBuf> {
     if !out.status.success() {
         bail!("{} failed: {}", show(&cmd), out.status);
     }
-    executable_of(&String::from_utf8_lossy(&out.stdout), TEST_NAME)
+    executable_of(&String::from_utf8_lossy(&out.stdout), name)
         .map(PathBuf::from)
-        .with_context(|| format!("cargo named no executable for the {TEST_NAME} test"))
+        .with_context(|| format!("cargo named no executable for the {name} test"))
 }
 
 /// The `executable` of the test target `name` in cargo's JSON messages. Read
@@ -531,28 +762,55 @@ impl Drop for WorkDir {
     }
 }
 
-/// An uncompressed newc initramfs: busybox, the stripped test binary, the
-/// libraries both need (per ldd) and the init script.
-fn build_initramfs(work: &Path, binary: &Path, probe: &str) -> Result<PathBuf> {
+/// An uncompressed newc initramfs: busybox, the stripped test binaries (one per
+/// suite, in [`SUITES`] order), iproute2's `ip`, the libraries they need (per
+/// ldd), each kernel's modules under `lib/modules/<release>/` (the cache
+/// entry's `modules/`) and the init script.
+fn build_initramfs(
+    work: &Path,
+    binaries: &[PathBuf],
+    kernels: &[PathBuf],
+    probe: &str,
+) -> Result<PathBuf> {
     let root = work.join("initramfs");
-    for dir in ["bin", "dev", "proc", "sys", "tmp", "ferry"] {
+    for dir in [
+        "bin", "dev", "proc", "sys", "tmp", "run", "ferry", "usr/sbin",
+    ] {
         fs::create_dir_all(root.join(dir))?;
     }
     let busybox = root.join("bin/busybox");
     fs::copy("/bin/busybox", &busybox).context("copying /bin/busybox (busybox-static)")?;
-    let test = root.join("ferry").join(TEST_NAME);
-    // Without debug info the binary is a few MB instead of over a hundred.
-    exec(
-        Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&test)
-            .arg(binary),
-    )?;
-    for program in [Path::new("/bin/busybox"), binary] {
+    let ip = which("ip").context("no `ip` on PATH (iproute2)")?;
+    fs::copy(&ip, root.join(IP_IN_VM)).with_context(|| format!("copying {}", ip.display()))?;
+    for (suite, binary) in SUITES.iter().zip(binaries) {
+        // Without debug info a binary is a few MB instead of over a hundred.
+        exec(
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(root.join("ferry").join(suite.test))
+                .arg(binary),
+        )?;
+    }
+    for dir in kernels {
+        let release = dir.file_name().context("a cache entry without a name")?;
+        let target = root.join("lib/modules").join(release);
+        fs::create_dir_all(&target)?;
+        for entry in fs::read_dir(dir.join("modules"))? {
+            let entry = entry?;
+            fs::copy(entry.path(), target.join(entry.file_name()))?;
+        }
+    }
+    let programs = [Path::new("/bin/busybox"), &ip]
+        .into_iter()
+        .chain(binaries.iter().map(PathBuf::as_path));
+    for program in programs {
         let out = Command::new("ldd").arg(program).output()?;
         for lib in libraries(&String::from_utf8_lossy(&out.stdout)) {
             let target = root.join(lib.trim_start_matches('/'));
+            if target.exists() {
+                continue;
+            }
             fs::create_dir_all(target.parent().unwrap_or(&root))?;
             fs::copy(&lib, &target).with_context(|| format!("copying {lib}"))?;
         }
@@ -582,6 +840,18 @@ fn build_initramfs(work: &Path, binary: &Path, probe: &str) -> Result<PathBuf> {
     Ok(image)
 }
 
+/// The first `name` on PATH (and in the sbin directories, which a root
+/// environment may lack on PATH).
+fn which(name: &str) -> Option<PathBuf> {
+    let path = env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file());
+    found
+}
+
 /// Paths relative to `root` of everything under `dir`, parents first.
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
     for entry in fs::read_dir(dir)? {
@@ -607,39 +877,71 @@ fn libraries(ldd: &str) -> Vec<String> {
         .collect()
 }
 
-/// The VM's init: mount what the tests need, run the probe, then the suite unless
-/// the probe could not load the programs, print it all, power off.
+/// The VM's init: mount what the tests need, load the modules and bring up
+/// loopback, run the probe, then each suite unless the probe could not load the
+/// programs, print it all, power off.
+///
+/// `ip netns add` bind-mounts each namespace on a file in /run/netns and makes
+/// that directory a shared mount of its own; /run/netns is a tmpfs mount here
+/// already, so tests making namespaces at once do not race to set it up.
 fn init_script(probe: &str) -> String {
     let load_failed: String = LOAD_FAILURES.iter().map(|m| format!(" -e '{m}'")).collect();
+    let first = SUITES[0].test;
+    let mut suites = String::new();
+    for suite in SUITES {
+        let _ = write!(
+            suites,
+            r#"    echo "{MARK}begin {mark}"
+    {NOTES_ENV}=/tmp/{mark}.notes ./{test} 2>&1
+    rc=$?
+    if [ -f /tmp/{mark}.notes ]; then
+        while IFS= read -r line; do echo "{MARK}note {mark} $line"; done </tmp/{mark}.notes
+    fi
+    echo "{MARK}end {mark} $rc"
+"#,
+            mark = suite.mark,
+            test = suite.test
+        );
+    }
+    let ip_dir = Path::new(IP_IN_VM)
+        .parent()
+        .map(|d| format!("/{}", d.display()))
+        .unwrap_or_default();
     format!(
         r#"#!/bin/busybox sh
 # Written by `cargo xtask vm-test`.
-export PATH=/bin
+export PATH={ip_dir}:/bin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mkdir -p /run/netns
+mount -t tmpfs tmpfs /run/netns
+mount --make-shared /run/netns
 mount -t bpf bpf /sys/fs/bpf
 echo "{MARK}kernel $(uname -r)"
 if grep -q {BOOT_ONLY_ARG} /proc/cmdline; then
     echo "{MARK}booted"
     poweroff -f
 fi
+modules=/lib/modules/$(uname -r)
+for m in $(cat $modules/order 2>/dev/null); do
+    insmod $modules/$m || echo "{MARK}insmod $m failed"
+done
+ip link set lo up
 export RUST_BACKTRACE=0
 cd /ferry
 echo "{MARK}begin probe"
-./{TEST_NAME} --exact '{probe}' --test-threads=1 >/tmp/probe.log 2>&1
+./{first} --exact '{probe}' --test-threads=1 >/tmp/probe.log 2>&1
 rc=$?
 cat /tmp/probe.log
 echo "{MARK}end probe $rc"
 if [ $rc -ne 0 ] && grep -q -F{load_failed} /tmp/probe.log; then
-    echo "{MARK}suite skipped"
+    echo "{MARK}suites skipped"
 else
-    echo "{MARK}begin suite"
-    ./{TEST_NAME} 2>&1
-    echo "{MARK}end suite $?"
-fi
+{suites}fi
 echo "{MARK}done"
 poweroff -f
 "#
@@ -764,7 +1066,12 @@ fn run_vm(
 }
 
 /// The same steps as the init script, on the running kernel.
-fn run_host(binary: &Path, probe: &str, timeout: Duration, log_path: &Path) -> Result<Outcome> {
+fn run_host(
+    binaries: &[PathBuf],
+    probe: &str,
+    timeout: Duration,
+    log_path: &Path,
+) -> Result<Outcome> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_string();
@@ -778,13 +1085,24 @@ fn run_host(binary: &Path, probe: &str, timeout: Duration, log_path: &Path) -> R
         status: None,
         seconds: 0.0,
     };
-    let mut step = |name: &str, args: &[&str], transcript: &mut Run| -> Result<()> {
+    let notes_dir = log_path.parent().unwrap_or(Path::new("."));
+    let mut step = |name: &str, binary: &Path, args: &[&str], transcript: &mut Run| -> Result<()> {
+        let notes = notes_dir.join(format!("host-{name}.notes"));
+        let _ = fs::remove_file(&notes);
         let mut cmd = Command::new(binary);
-        cmd.args(args).env("RUST_BACKTRACE", "0");
+        cmd.args(args)
+            .env("RUST_BACKTRACE", "0")
+            .env(NOTES_ENV, &notes);
         transcript.lines.push(format!("{MARK}begin {name}"));
         let left = timeout.saturating_sub(started.elapsed());
         let run = stream(&mut cmd, left, Some(&mut log), "host", |_| false)?;
         transcript.lines.extend(run.lines);
+        if let Ok(text) = fs::read_to_string(&notes) {
+            for line in text.lines() {
+                transcript.lines.push(format!("{MARK}note {name} {line}"));
+            }
+            let _ = fs::remove_file(&notes);
+        }
         transcript.timed_out |= run.timed_out;
         if let (false, Some(code)) = (run.timed_out, run.status) {
             transcript.lines.push(format!("{MARK}end {name} {code}"));
@@ -793,14 +1111,20 @@ fn run_host(binary: &Path, probe: &str, timeout: Duration, log_path: &Path) -> R
     };
     step(
         "probe",
+        &binaries[0],
         &["--exact", probe, "--test-threads=1"],
         &mut transcript,
     )?;
     let (programs, _) = read_outcome(&transcript.lines);
     if matches!(programs, Programs::Rejected { .. }) {
-        transcript.lines.push(format!("{MARK}suite skipped"));
-    } else if !transcript.timed_out {
-        step("suite", &[], &mut transcript)?;
+        transcript.lines.push(format!("{MARK}suites skipped"));
+    } else {
+        for (suite, binary) in SUITES.iter().zip(binaries) {
+            if transcript.timed_out {
+                break;
+            }
+            step(suite.mark, binary, &[], &mut transcript)?;
+        }
     }
     transcript.seconds = started.elapsed().as_secs_f64();
     Ok(Outcome::from_run(
@@ -1010,7 +1334,10 @@ struct Outcome {
     /// `host`, `KVM` or `TCG`.
     how: &'static str,
     programs: Programs,
-    tests: Tests,
+    /// One per suite, in [`SUITES`] order.
+    suites: Vec<Tests>,
+    /// What each suite said it worked around (its [`NOTES_ENV`] lines).
+    notes: Vec<Vec<String>>,
     seconds: f64,
     log: PathBuf,
 }
@@ -1024,18 +1351,23 @@ impl Outcome {
         log: &Path,
     ) -> Self {
         let lines = &run.lines;
-        let (programs, tests) = read_outcome(lines);
-        let tests = match tests {
-            Tests::Unfinished(_) if run.timed_out => {
-                Tests::Unfinished(format!("timed out after {} s", timeout.as_secs()))
-            }
-            other => other,
-        };
+        let (programs, suites) = read_outcome(lines);
+        let suites = suites
+            .into_iter()
+            .map(|tests| match tests {
+                Tests::Unfinished(why) if run.timed_out && why != "did not start" => {
+                    Tests::Unfinished(format!("timed out after {} s", timeout.as_secs()))
+                }
+                other => other,
+            })
+            .collect();
+        let notes = SUITES.iter().map(|s| suite_notes(lines, s.mark)).collect();
         Self {
             kernel,
             how,
             programs,
-            tests,
+            suites,
+            notes,
             seconds: run.seconds,
             log: log.to_path_buf(),
         }
@@ -1043,7 +1375,9 @@ impl Outcome {
 
     fn passed(&self) -> bool {
         self.programs == Programs::Loaded
-            && matches!(self.tests, Tests::Counted { passed, failed: 0, .. } if passed > 0)
+            && self.suites.iter().all(
+                |tests| matches!(tests, Tests::Counted { passed, failed: 0, .. } if *passed > 0),
+            )
     }
 }
 
@@ -1073,8 +1407,9 @@ fn is_load_failure(line: &str) -> bool {
     LOAD_FAILURES.iter().any(|m| line.contains(m))
 }
 
-/// Programs and tests from a transcript with the init script's marks.
-fn read_outcome(lines: &[String]) -> (Programs, Tests) {
+/// Programs and each suite's tests (in [`SUITES`] order) from a transcript with
+/// the init script's marks.
+fn read_outcome(lines: &[String]) -> (Programs, Vec<Tests>) {
     let ended = |name: &str| {
         marks(lines)
             .filter_map(|m| m.strip_prefix(&format!("end {name} ")))
@@ -1099,24 +1434,41 @@ fn read_outcome(lines: &[String]) -> (Programs, Tests) {
             _ => Programs::Loaded,
         },
     };
-    let tests = if marks(lines).any(|m| m == "suite skipped") {
-        Tests::Skipped
-    } else {
-        let suite = section(lines, "suite");
-        match (ended("suite"), suite.iter().rev().find_map(|l| counts(l))) {
-            (Some(_), Some((passed, failed))) => Tests::Counted {
-                passed,
-                failed,
-                failures: failures(suite),
-            },
-            (Some(code), None) => Tests::Unfinished(format!("no test result (exit {code})")),
-            (None, _) if marks(lines).any(|m| m.starts_with("begin suite")) => {
-                Tests::Unfinished("stopped during the tests".into())
+    let skipped = marks(lines).any(|m| m == "suites skipped");
+    let tests = SUITES
+        .iter()
+        .map(|s| {
+            if skipped {
+                return Tests::Skipped;
             }
-            (None, _) => Tests::Unfinished("did not start".into()),
-        }
-    };
+            let suite = section(lines, s.mark);
+            match (ended(s.mark), suite.iter().rev().find_map(|l| counts(l))) {
+                (Some(_), Some((passed, failed))) => Tests::Counted {
+                    passed,
+                    failed,
+                    failures: failures(suite),
+                },
+                (Some(code), None) => Tests::Unfinished(format!("no test result (exit {code})")),
+                (None, _) if marks(lines).any(|m| m == format!("begin {}", s.mark)) => {
+                    Tests::Unfinished("stopped during the tests".into())
+                }
+                (None, _) => Tests::Unfinished("did not start".into()),
+            }
+        })
+        .collect();
     (programs, tests)
+}
+
+/// The notes a suite left (`note <mark> <text>` marks), each once.
+fn suite_notes(lines: &[String], mark: &str) -> Vec<String> {
+    let prefix = format!("note {mark} ");
+    let mut out: Vec<String> = Vec::new();
+    for note in marks(lines).filter_map(|m| m.strip_prefix(&prefix)) {
+        if !out.iter().any(|n| n == note) {
+            out.push(note.to_string());
+        }
+    }
+    out
 }
 
 /// `N passed; M failed` from libtest's `test result:` line.
@@ -1202,7 +1554,7 @@ fn is_cause(line: &str) -> bool {
 }
 
 fn table(outcomes: &[Outcome], programs: &[String]) -> String {
-    let rows: Vec<[String; 4]> = outcomes
+    let rows: Vec<Vec<String>> = outcomes
         .iter()
         .map(|o| {
             let programs = match &o.programs {
@@ -1214,41 +1566,50 @@ fn table(outcomes: &[Outcome], programs: &[String]) -> String {
                 Programs::Rejected { program: None, .. } => "object not loaded".into(),
                 Programs::Unknown(why) => why.clone(),
             };
-            let tests = match &o.tests {
-                Tests::Counted { passed, failed, .. } => {
-                    format!("{passed} passed, {failed} failed")
+            let tests = o.suites.iter().zip(&o.notes).map(|(tests, notes)| {
+                let mut cell = match tests {
+                    Tests::Counted { passed, failed, .. } => {
+                        format!("{passed} passed, {failed} failed")
+                    }
+                    Tests::Skipped => "not run".into(),
+                    Tests::Unfinished(why) => why.clone(),
+                };
+                if !notes.is_empty() {
+                    cell.push_str(" (kernel limitation, see below)");
                 }
-                Tests::Skipped => "not run".into(),
-                Tests::Unfinished(why) => why.clone(),
-            };
-            [
-                o.kernel.clone(),
-                programs,
-                tests,
-                format!("{:.0} s ({})", o.seconds, o.how),
-            ]
+                cell
+            });
+            [o.kernel.clone(), programs]
+                .into_iter()
+                .chain(tests)
+                .chain([format!("{:.0} s ({})", o.seconds, o.how)])
+                .collect()
         })
         .collect();
-    let header = ["kernel", "programs", "packet tests", "time"];
-    let mut widths = header.map(str::len);
+    let header: Vec<String> = ["kernel", "programs"]
+        .into_iter()
+        .chain(SUITES.iter().map(|s| s.column))
+        .chain(["time"])
+        .map(String::from)
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(header.map(String::from)).chain(rows) {
-        let _ = writeln!(
-            out,
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        );
+    for row in std::iter::once(header).chain(rows) {
+        let last = row.len() - 1;
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i == last {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     for o in outcomes {
         if let Programs::Rejected { message, .. } = &o.programs {
@@ -1267,9 +1628,26 @@ fn table(outcomes: &[Outcome], programs: &[String]) -> String {
                 o.kernel
             );
         }
-        if let Tests::Counted { failures, .. } = &o.tests {
-            if !failures.is_empty() {
-                let _ = writeln!(out, "\n{}: failed: {}", o.kernel, failures.join(", "));
+        for (suite, notes) in SUITES.iter().zip(&o.notes) {
+            for note in notes {
+                let _ = writeln!(
+                    out,
+                    "\n{}: {}: known kernel limitation, worked around: {note}",
+                    o.kernel, suite.column
+                );
+            }
+        }
+        for (suite, tests) in SUITES.iter().zip(&o.suites) {
+            if let Tests::Counted { failures, .. } = tests {
+                if !failures.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "\n{}: {} failed: {}",
+                        o.kernel,
+                        suite.column,
+                        failures.join(", ")
+                    );
+                }
             }
         }
         if !o.passed() {
@@ -1337,6 +1715,98 @@ mod tests {
         );
     }
 
+    /// A minimal ELF64 with a `.modinfo` section holding `info`.
+    fn module_elf(info: &[u8]) -> Vec<u8> {
+        let names = b"\0.modinfo\0.shstrtab\0";
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        let info_at = elf.len();
+        elf.extend_from_slice(info);
+        let names_at = elf.len();
+        elf.extend_from_slice(names);
+        let shoff = elf.len();
+        let header = |name: u32, offset: usize, size: usize| {
+            let mut h = vec![0u8; 64];
+            h[..4].copy_from_slice(&name.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&(offset as u64).to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
+            h
+        };
+        elf.extend(header(0, 0, 0));
+        elf.extend(header(1, info_at, info.len()));
+        elf.extend(header(10, names_at, names.len()));
+        elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&2u16.to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn modinfo_gives_the_dependencies() {
+        let elf = module_elf(b"license=GPL\0depends=a_b,c\0intree=Y\0");
+        assert_eq!(modinfo_depends(&elf).unwrap(), ["a_b", "c"]);
+        let none = module_elf(b"depends=\0name=veth\0");
+        assert_eq!(modinfo_depends(&none).unwrap(), Vec::<String>::new());
+        assert!(modinfo_depends(b"not an elf").is_none());
+        assert_eq!(module_name("kernel/net/a/b-c.ko.xz"), "b-c");
+    }
+
+    #[test]
+    fn dependencies_load_first_and_once() {
+        let deps: HashMap<&str, Vec<String>> = [
+            ("veth", vec!["a-b".to_string(), "c".to_string()]),
+            ("a_b", vec!["c".to_string()]),
+            ("c", vec![]),
+        ]
+        .into_iter()
+        .collect();
+        let order = load_order("veth", &mut |name| {
+            let needs = deps.get(module_key(name).as_str()).context("none")?;
+            Ok((name.as_bytes().to_vec(), needs.clone()))
+        })
+        .unwrap();
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["c", "a-b", "veth"]);
+        assert_eq!(order[2].1, b"veth");
+    }
+
+    #[test]
+    fn table_has_a_column_per_suite() {
+        let outcome = Outcome {
+            kernel: "6.1.0-50-cloud-amd64".into(),
+            how: "KVM",
+            programs: Programs::Loaded,
+            suites: vec![
+                Tests::Counted {
+                    passed: 35,
+                    failed: 0,
+                    failures: Vec::new(),
+                },
+                Tests::Counted {
+                    passed: 10,
+                    failed: 1,
+                    failures: vec!["t".into()],
+                },
+            ],
+            notes: vec![Vec::new(), Vec::new()],
+            seconds: 12.0,
+            log: PathBuf::from("/l"),
+        };
+        assert!(!outcome.passed());
+        let text = table(&[outcome], &[]);
+        let mut rows = text.lines();
+        assert_eq!(
+            rows.next().unwrap(),
+            "kernel                programs    packet tests         uplink tests         time"
+        );
+        assert_eq!(
+            rows.next().unwrap(),
+            "6.1.0-50-cloud-amd64  all loaded  35 passed, 0 failed  10 passed, 1 failed  12 s (KVM)"
+        );
+        assert!(text.contains("uplink tests failed: t"), "{text}");
+    }
+
     #[test]
     fn ldd_output_gives_libraries_and_loader() {
         let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
@@ -1368,7 +1838,7 @@ test arp_is_untouched ... ok
 
 test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 33 filtered out; finished in 0.5s
 FERRY-VM: end probe 0
-FERRY-VM: begin suite
+FERRY-VM: begin packets
 running 34 tests
 test result: FAILED. 33 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 30s
 
@@ -1381,7 +1851,14 @@ failures:
     ipv6_is_untouched
 
 test result: FAILED. 33 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 30.28s
-FERRY-VM: end suite 101
+FERRY-VM: end packets 101
+FERRY-VM: begin uplink
+
+running 11 tests
+known kernel limitation: no ctx
+test result: ok. 11 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.1s
+FERRY-VM: note uplink no ctx
+FERRY-VM: end uplink 0
 FERRY-VM: done";
 
     #[test]
@@ -1390,11 +1867,35 @@ FERRY-VM: done";
         assert_eq!(programs, Programs::Loaded);
         assert_eq!(
             tests,
-            Tests::Counted {
-                passed: 33,
-                failed: 1,
-                failures: vec!["ipv6_is_untouched".into()]
-            }
+            [
+                Tests::Counted {
+                    passed: 33,
+                    failed: 1,
+                    failures: vec!["ipv6_is_untouched".into()]
+                },
+                Tests::Counted {
+                    passed: 11,
+                    failed: 0,
+                    failures: Vec::new()
+                }
+            ]
+        );
+        let run = Run {
+            lines: lines(PASSING),
+            timed_out: false,
+            status: Some(0),
+            seconds: 1.0,
+        };
+        let outcome = Outcome::from_run("k".into(), "TCG", &run, RUN_TIMEOUT, Path::new("/l"));
+        assert_eq!(outcome.notes, [Vec::<String>::new(), vec!["no ctx".into()]]);
+        let text = table(&[outcome], &[]);
+        assert!(
+            text.contains("11 passed, 0 failed (kernel limitation, see below)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("k: uplink tests: known kernel limitation, worked around: no ctx"),
+            "{text}"
         );
     }
 
@@ -1414,10 +1915,10 @@ FERRY-VM: done";
             "       infinite loop detected at insn 314\n       processed 493 insns (limit 1000000)\n       \n    \
              1: Invalid argument (os error 22)\nnote: run with `RUST_BACKTRACE=1`\n\nfailures:\n    arp_is_untouched\n\n\
              test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 33 filtered out\n\
-             FERRY-VM: end probe 101\nFERRY-VM: suite skipped\nFERRY-VM: done\n",
+             FERRY-VM: end probe 101\nFERRY-VM: suites skipped\nFERRY-VM: done\n",
         );
         let (programs, tests) = read_outcome(&lines(&transcript));
-        assert_eq!(tests, Tests::Skipped);
+        assert_eq!(tests, [Tests::Skipped, Tests::Skipped]);
         let Programs::Rejected { program, message } = programs else {
             panic!("{programs:?}");
         };
@@ -1450,10 +1951,17 @@ FERRY-VM: done";
             "FERRY-VM: kernel 6.1.0-1-cloud-amd64\nFERRY-VM: begin probe\n",
         ));
         assert_eq!(programs, Programs::Unknown("probe unfinished".into()));
-        assert_eq!(tests, Tests::Unfinished("did not start".into()));
+        let not_started = || Tests::Unfinished("did not start".into());
+        assert_eq!(tests, [not_started(), not_started()]);
         let (_, tests) = read_outcome(&lines(
-            "FERRY-VM: begin probe\nFERRY-VM: end probe 0\nFERRY-VM: begin suite\ntest a ... ok\n",
+            "FERRY-VM: begin probe\nFERRY-VM: end probe 0\nFERRY-VM: begin packets\ntest a ... ok\n",
         ));
-        assert_eq!(tests, Tests::Unfinished("stopped during the tests".into()));
+        assert_eq!(
+            tests,
+            [
+                Tests::Unfinished("stopped during the tests".into()),
+                not_started()
+            ]
+        );
     }
 }

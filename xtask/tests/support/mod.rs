@@ -96,20 +96,34 @@ impl Lab {
     pub fn wait_terminating(&self, service: &str, addr: Ipv4Addr) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let json = self.kubectl(&["get", "endpointslices", "-l", &format!("kubernetes.io/service-name={service}"), "-o", "json"]);
+            let json = self.kubectl(&[
+                "get",
+                "endpointslices",
+                "-l",
+                &format!("kubernetes.io/service-name={service}"),
+                "-o",
+                "json",
+            ]);
             let list: serde_json::Value = serde_json::from_str(&json).unwrap();
             let found = list["items"].as_array().into_iter().flatten().any(|slice| {
-                slice["endpoints"].as_array().into_iter().flatten().any(|ep| {
-                    ep["addresses"][0].as_str() == Some(addr.to_string().as_str())
-                        && ep["conditions"]["serving"] == serde_json::Value::Bool(true)
-                        && ep["conditions"]["terminating"] == serde_json::Value::Bool(true)
-                        && ep["conditions"]["ready"] != serde_json::Value::Bool(true)
-                })
+                slice["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|ep| {
+                        ep["addresses"][0].as_str() == Some(addr.to_string().as_str())
+                            && ep["conditions"]["serving"] == serde_json::Value::Bool(true)
+                            && ep["conditions"]["terminating"] == serde_json::Value::Bool(true)
+                            && ep["conditions"]["ready"] != serde_json::Value::Bool(true)
+                    })
             });
             if found {
                 return;
             }
-            assert!(Instant::now() < deadline, "{service}: {addr} never turned serving+terminating: {json}");
+            assert!(
+                Instant::now() < deadline,
+                "{service}: {addr} never turned serving+terminating: {json}"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
