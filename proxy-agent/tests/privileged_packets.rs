@@ -1003,3 +1003,21 @@ fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     p.dp.gc(now + 21_601 * s).unwrap();
     assert!(p.dp.conntrack().unwrap().is_empty());
 }
+
+#[test]
+fn local_traffic_policy_without_a_local_endpoint_drops_instead_of_rejecting() {
+    let mut services = cluster();
+    let mut itp = service("itp-local", "10.96.0.80", 80, Protocol::Tcp, &[]);
+    itp.local_only = true;
+    services.push(itp);
+    let mut p = Programs::new(&services);
+    let frame = Frame::tcp(CLIENT, 49900, "10.96.0.80", 80).bytes();
+    let (verdict, out) = p.run(FROM_POD, &frame);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "dropped: the Service has endpoints, none on this node"
+    );
+    assert_eq!(out, frame);
+    assert_eq!(p.stat("drop_no_local_backend"), 1);
+    assert_eq!(p.stat("reject_no_backend"), 0);
+}
