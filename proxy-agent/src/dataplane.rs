@@ -2,7 +2,6 @@
 //! to pod interfaces, applying map writes, and removing all of it again.
 
 use std::{
-    ffi::CStr,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -593,7 +592,7 @@ pub struct Removed {
 /// and every map pinned under `pin_dir` (then the directory itself).
 pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
-    for iface in interfaces()? {
+    for (_, iface) in crate::ifaces::current()? {
         for (name, attach_type) in [
             (program_names::FROM_POD, TcAttachType::Ingress),
             (program_names::TO_POD, TcAttachType::Egress),
@@ -615,26 +614,4 @@ pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
         fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
     }
     Ok(removed)
-}
-
-/// Names of the interfaces in this process's network namespace.
-fn interfaces() -> Result<Vec<String>> {
-    let list = unsafe { libc::if_nameindex() };
-    if list.is_null() {
-        return Err(io::Error::last_os_error()).context("listing interfaces");
-    }
-    let mut names = Vec::new();
-    let mut cursor = list;
-    unsafe {
-        while (*cursor).if_index != 0 {
-            names.push(
-                CStr::from_ptr((*cursor).if_name)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-            cursor = cursor.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    Ok(names)
 }

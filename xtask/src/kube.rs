@@ -379,7 +379,7 @@ impl Apt {
     }
 
     fn install_missing(&mut self, packages: &[&str]) -> Result<()> {
-        let missing = missing_packages(packages);
+        let missing = crate::debian::missing_packages(packages);
         if missing.is_empty() {
             return Ok(());
         }
@@ -414,28 +414,6 @@ impl Apt {
             found => Ok(found),
         }
     }
-}
-
-/// One `dpkg-query` for all: it prints the packages it knows and complains on
-/// stderr about the others.
-fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
-    let installed = Command::new("dpkg-query")
-        .arg("-W")
-        .arg("-f=${Package} ${db:Status-Status}\n")
-        .args(packages)
-        .stderr(Stdio::null())
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default();
-    packages
-        .iter()
-        .copied()
-        .filter(|p| {
-            !installed
-                .lines()
-                .any(|line| line == format!("{p} installed"))
-        })
-        .collect()
 }
 
 /// A scratch directory, removed when dropped (so also when a build fails). A

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo | vm-test`.
 
 mod build_ebpf;
+mod debian;
 mod demo;
 mod kube;
 mod lab;

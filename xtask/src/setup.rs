@@ -44,27 +44,11 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${db:Status-Status}", package])
-        .output()
-        .is_ok_and(|out| out.stdout == b"installed")
-}
-
 fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
+    if !crate::debian::install("setup", PACKAGES)? {
         eprintln!("setup: Debian packages present");
-        return Ok(());
     }
-    eprintln!("setup: installing {}", missing.join(" "));
-    exec(Command::new("apt-get").args(["update", "-q"]))?;
-    exec(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )
+    Ok(())
 }
 
 fn bpf_linker() -> Result<()> {

@@ -213,32 +213,9 @@ pub fn run(kernel: &str) -> Result<()> {
 // Packages, kernels, the test binary, the initramfs
 // ---------------------------------------------------------------------------
 
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${db:Status-Status}", package])
-        .output()
-        .is_ok_and(|out| out.stdout == b"installed")
-}
-
-/// Installs what is missing from [`PACKAGES`]; `apt-get update` only then.
+/// Installs what is missing from [`PACKAGES`].
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("vm-test: installing {}", missing.join(" "));
-    exec(
-        Command::new("apt-get")
-            .stdout(io::stderr())
-            .args(["update", "-q"]),
-    )?;
-    exec(
-        Command::new("apt-get")
-            .stdout(io::stderr())
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )
+    crate::debian::install("vm-test", PACKAGES).map(|_| ())
 }
 
 /// What a current cache entry's `layout` file says: the version and the modules.
