@@ -24,8 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    ct_lifetime, map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4, Config,
-    CtKey4, CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4,
+    capacity, ct_lifetime, map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4,
+    Config, CtKey4, CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4,
     StatCounter,
 };
 use tracing::{debug, info, warn};
@@ -107,6 +107,35 @@ impl Dataplane {
     /// packet tests and simulations that must not touch a running agent's state.
     pub fn load_private() -> Result<Self> {
         Self::load_with(&mut EbpfLoader::new())
+    }
+
+    /// Private maps with room for `frontends` frontends of `backends_each`
+    /// backends: for benchmarks at scales beyond the default capacities.
+    pub fn load_private_sized(frontends: u32, backends_each: u32) -> Result<Self> {
+        let slots = frontends
+            .saturating_mul(backends_each + 1)
+            .max(capacity::SERVICES);
+        let backends = frontends
+            .saturating_mul(backends_each)
+            .max(capacity::BACKENDS);
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::SERVICES_V4, slots)
+            .map_max_entries(map_names::BACKENDS_V4, backends);
+        Self::load_with(&mut loader)
+    }
+
+    /// The `pass_only` XDP program (loaded on first use): the benchmarks' floor.
+    pub fn pass_only(&mut self) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("pass_only")
+            .context("no pass_only program")?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        Ok(program)
     }
 
     /// Kernels before 5.11 charge BPF map memory to RLIMIT_MEMLOCK, whose usual

@@ -68,8 +68,12 @@ pub struct Ids {
     /// By address, port and protocol: a backend keeps its id while it changes
     /// from ready to terminating, so conntrack entries naming it stay valid.
     backends: HashMap<(Ipv4Addr, u16, Protocol), u32>,
+    /// The ids in `backends`, kept beside it so an allocation is O(1), not a
+    /// walk over every backend.
+    backend_ids: HashSet<u32>,
     backend_cursor: u32,
     revnat: HashMap<Frontend, u16>,
+    revnat_ids: HashSet<u16>,
     revnat_cursor: u16,
 }
 
@@ -93,6 +97,7 @@ impl Ids {
                     protocol,
                 );
                 ids.backends.insert(key, id);
+                ids.backend_ids.insert(id);
                 ids.backend_cursor = ids.backend_cursor.max(id);
             }
         }
@@ -107,6 +112,7 @@ impl Ids {
                     protocol,
                 };
                 ids.revnat.insert(frontend, value.rev_nat_id);
+                ids.revnat_ids.insert(value.rev_nat_id);
                 ids.revnat_cursor = ids.revnat_cursor.max(value.rev_nat_id);
             }
         }
@@ -118,9 +124,10 @@ impl Ids {
         if let Some(&id) = self.backends.get(&key) {
             return Some(id);
         }
-        let used: HashSet<u32> = self.backends.values().copied().collect();
+        let used = &self.backend_ids;
         let id = next_free(&mut self.backend_cursor, u32::MAX, |id| used.contains(&id))?;
         self.backends.insert(key, id);
+        self.backend_ids.insert(id);
         Some(id)
     }
 
@@ -128,9 +135,10 @@ impl Ids {
         if let Some(&id) = self.revnat.get(&frontend) {
             return Some(id);
         }
-        let used: HashSet<u16> = self.revnat.values().copied().collect();
+        let used = &self.revnat_ids;
         let id = next_free(&mut self.revnat_cursor, u16::MAX, |id| used.contains(&id))?;
         self.revnat.insert(frontend, id);
+        self.revnat_ids.insert(id);
         Some(id)
     }
 
@@ -138,7 +146,10 @@ impl Ids {
     fn retain(&mut self, state: &MapState) {
         self.backends
             .retain(|_, id| state.backends.contains_key(id));
+        self.backend_ids
+            .retain(|id| state.backends.contains_key(id));
         self.revnat.retain(|_, id| state.revnat.contains_key(id));
+        self.revnat_ids.retain(|id| state.revnat.contains_key(id));
     }
 }
 

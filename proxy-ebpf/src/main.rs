@@ -56,6 +56,13 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     verdict::finish_tc(len, Packet::ifindex(&ctx), result)
 }
 
+/// Returns XDP_PASS and nothing else: the floor the benchmarks measure the
+/// other programs against. Never attached.
+#[xdp]
+pub fn pass_only(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

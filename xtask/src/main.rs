@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo | vm-test`.
 
+mod bench;
 mod build_ebpf;
 mod debian;
 mod demo;
@@ -43,6 +44,12 @@ enum Task {
     /// Set up if needed, bring the lab up, serve a Service from pods on both
     /// nodes and show where 30 requests went.
     Demo,
+    /// Benchmarks; results and plots under bench/results/ (not part of the tests).
+    Bench {
+        /// A smaller run (a few minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The packet tests on Debian's 5.10 and 6.1 kernels in VMs, and on this one.
     VmTest {
         /// `5.10`, `6.1`, `host` (the running kernel) or `all`.
@@ -199,6 +206,7 @@ fn main() -> Result<()> {
         }
         Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
         Task::Demo => demo::run(),
+        Task::Bench { quick } => bench::run(quick),
         Task::VmTest { kernel } => vm_test::run(&kernel),
     }
 }
