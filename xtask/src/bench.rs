@@ -125,7 +125,7 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
         })
         .collect();
     let script = format!(
-        "set terminal png size 900,520\nset output '{}'\nset logscale x\nset xlabel 'Services (10 backends each)'\n\
+        "set terminal png size 900,520 noenhanced\nset output '{}'\nset logscale x\nset xlabel 'Services (10 backends each)'\n\
          set ylabel 'ns per packet (median)'\nset yrange [0:*]\nset key outside right\nset grid\n\
          set title 'Ferry per-packet cost (BPF_PROG_TEST_RUN)'\nplot {}\n",
         png.display(),
