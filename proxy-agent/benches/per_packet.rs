@@ -15,6 +15,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use proxy_agent::{
     dataplane::Dataplane,
     model::{Endpoint, Frontend, Protocol, Service},
+    simulate,
     state::{self, Ids, MapState},
 };
 use proxy_common::program_names::FROM_POD;
@@ -51,37 +52,11 @@ fn service(i: u32) -> Service {
 
 /// A TCP SYN from `src:sport` to `dst:80`, checksums complete.
 fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend(sport.to_be_bytes());
-    l4.extend(80u16.to_be_bytes());
-    l4.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
-    let mut pseudo = Vec::new();
-    pseudo.extend(src.octets());
-    pseudo.extend(dst.octets());
-    pseudo.extend([0, 6, 0, 20]);
-    pseudo.extend(&l4);
-    let sum = checksum(&pseudo);
-    l4[16..18].copy_from_slice(&sum.to_be_bytes());
-    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut out = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 8, 0];
-    out.extend(ip);
-    out.extend(l4);
-    out
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    simulate::frame(&simulate::PacketSpec {
+        proto: proxy_common::proto::TCP,
+        src: (src, sport),
+        dst: (dst, 80),
+    })
 }
 
 #[derive(Clone, Copy, PartialEq)]

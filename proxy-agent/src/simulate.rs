@@ -123,8 +123,9 @@ pub fn read_manifests(dir: &Path) -> Result<Manifests> {
 
 use serde::Deserialize as _;
 
-/// A frame for the packet, checksums complete.
-fn frame(p: &PacketSpec) -> Vec<u8> {
+/// An Ethernet frame for the packet (a TCP SYN or an empty UDP datagram),
+/// checksums complete.
+pub fn frame(p: &PacketSpec) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend(p.src.1.to_be_bytes());
     l4.extend(p.dst.1.to_be_bytes());
