@@ -110,17 +110,19 @@ pub fn flow<C: Packet>(ctx: &C) -> Result<Flow, Result<Out, Drop>> {
     if ip_hdr_len + l4_min > tot_len {
         return Err(Ok(Out::pass(stats::PASS_TRUNCATED_L4)));
     }
-    let ports: u32 = ctx
-        .read(l4_off)
-        .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?;
-    let tcp_flags: u8 = if l4_proto == proto::TCP {
-        ctx.read(l4_off + 13)
-            .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?
+    // One read: the ports (both protocols) and, for TCP, its flags byte.
+    let (ports, tcp_flags) = if l4_proto == proto::TCP {
+        let head: [u8; 14] = ctx
+            .read(l4_off)
+            .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?;
+        ([head[0], head[1], head[2], head[3]], head[13])
     } else {
-        0
+        let head: [u8; 4] = ctx
+            .read(l4_off)
+            .ok_or(Ok(Out::pass(stats::PASS_TRUNCATED_L4)))?;
+        (head, 0)
     };
     // The two ports as they sit on the wire: source first, then destination.
-    let ports = ports.to_ne_bytes();
     Ok(Flow {
         l4_off,
         ip_hdr_len,
