@@ -24,30 +24,26 @@ const BACKENDS_EACH: u32 = 10;
 
 fn service(i: u32) -> Service {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
-    Service {
-        name: format!("svc-{i}"),
-        frontend: Frontend {
+    let endpoints = (0..BACKENDS_EACH)
+        .map(|b| {
+            let address =
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * BACKENDS_EACH + b);
+            // Local backends: the uplink path is DNAT and pass, no FIB.
+            Endpoint {
+                local: true,
+                ..Endpoint::new(address, 8080)
+            }
+        })
+        .collect();
+    Service::new(
+        format!("svc-{i}"),
+        Frontend {
             address: vip,
             port: 80,
             protocol: Protocol::Tcp,
         },
-        endpoints: (0..BACKENDS_EACH)
-            .map(|b| Endpoint {
-                address: Ipv4Addr::from(
-                    u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * BACKENDS_EACH + b,
-                ),
-                port: 8080,
-                // Local backends: the uplink path is DNAT and pass, no FIB.
-                local: true,
-                terminating: false,
-            })
-            .collect(),
-        reachable: Vec::new(),
-        local_only: false,
-        source_ranges: Vec::new(),
-        affinity_timeout: None,
-        scheduler: None,
-    }
+        endpoints,
+    )
 }
 
 /// A TCP SYN from `src:sport` to `dst:80`, checksums complete.

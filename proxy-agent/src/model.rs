@@ -150,6 +150,35 @@ pub struct Service {
     pub scheduler: Option<Scheduler>,
 }
 
+impl Endpoint {
+    /// A ready endpoint on another node.
+    pub const fn new(address: Ipv4Addr, port: u16) -> Self {
+        Self {
+            address,
+            port,
+            local: false,
+            terminating: false,
+        }
+    }
+}
+
+impl Service {
+    /// A frontend served by `endpoints`, with no policy, affinity, ranges or
+    /// scheduler of its own.
+    pub fn new(name: impl Into<String>, frontend: Frontend, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            name: name.into(),
+            frontend,
+            endpoints,
+            reachable: Vec::new(),
+            local_only: false,
+            source_ranges: Vec::new(),
+            affinity_timeout: None,
+            scheduler: None,
+        }
+    }
+}
+
 /// The file format of `proxy-agent run --services-file`.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ServiceFile {

@@ -429,28 +429,16 @@ mod tests {
     use super::*;
 
     fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> Service {
-        Service {
-            name: name.into(),
-            frontend: Frontend {
-                address: vip.into(),
-                port,
-                protocol: Protocol::Tcp,
-            },
-            endpoints: endpoints
-                .iter()
-                .map(|(a, p)| Endpoint {
-                    address: (*a).into(),
-                    port: *p,
-                    local: false,
-                    terminating: false,
-                })
-                .collect(),
-            reachable: Vec::new(),
-            local_only: false,
-            source_ranges: Vec::new(),
-            affinity_timeout: None,
-            scheduler: None,
-        }
+        let frontend = Frontend {
+            address: vip.into(),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let endpoints = endpoints
+            .iter()
+            .map(|(a, p)| Endpoint::new((*a).into(), *p))
+            .collect();
+        Service::new(name, frontend, endpoints)
     }
 
     fn position(ops: &[MapOp], wanted: impl Fn(&MapOp) -> bool) -> usize {

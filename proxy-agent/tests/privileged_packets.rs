@@ -39,28 +39,19 @@ fn service(
     protocol: Protocol,
     endpoints: &[(&str, u16)],
 ) -> Service {
-    Service {
-        name: name.into(),
-        frontend: Frontend {
-            address: ip(vip),
-            port,
-            protocol,
-        },
-        endpoints: endpoints
+    let frontend = Frontend {
+        address: ip(vip),
+        port,
+        protocol,
+    };
+    Service::new(
+        name,
+        frontend,
+        endpoints
             .iter()
-            .map(|(a, p)| Endpoint {
-                address: ip(a),
-                port: *p,
-                local: false,
-                terminating: false,
-            })
+            .map(|(a, p)| Endpoint::new(ip(a), *p))
             .collect(),
-        reachable: Vec::new(),
-        local_only: false,
-        source_ranges: Vec::new(),
-        affinity_timeout: None,
-        scheduler: None,
-    }
+    )
 }
 
 fn cluster() -> Vec<Service> {

@@ -63,28 +63,22 @@ fn frontend(
     protocol: Protocol,
     endpoints: &[(&str, u16, bool)],
 ) -> Service {
-    Service {
-        name: name.into(),
-        frontend: Frontend {
+    let endpoints = endpoints
+        .iter()
+        .map(|(a, p, local)| Endpoint {
+            local: *local,
+            ..Endpoint::new(ip(a), *p)
+        })
+        .collect();
+    Service::new(
+        name,
+        Frontend {
             address: ip(addr),
             port,
             protocol,
         },
-        endpoints: endpoints
-            .iter()
-            .map(|(a, p, local)| Endpoint {
-                address: ip(a),
-                port: *p,
-                local: *local,
-                terminating: false,
-            })
-            .collect(),
-        reachable: Vec::new(),
-        local_only: false,
-        source_ranges: Vec::new(),
-        affinity_timeout: None,
-        scheduler: None,
-    }
+        endpoints,
+    )
 }
 
 fn services() -> Vec<Service> {

@@ -92,37 +92,42 @@ impl Lab {
             .unwrap()
     }
 
+    /// Every endpoint in the Service's EndpointSlices, as the API returns it.
+    pub fn slice_endpoints(&self, service: &str) -> Vec<serde_json::Value> {
+        let json = self.kubectl(&[
+            "get",
+            "endpointslices",
+            "-l",
+            &format!("kubernetes.io/service-name={service}"),
+            "-o",
+            "json",
+        ]);
+        let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|slice| slice["endpoints"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
     /// Waits until the service's slices list `addr` as serving and terminating.
     pub fn wait_terminating(&self, service: &str, addr: Ipv4Addr) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let json = self.kubectl(&[
-                "get",
-                "endpointslices",
-                "-l",
-                &format!("kubernetes.io/service-name={service}"),
-                "-o",
-                "json",
-            ]);
-            let list: serde_json::Value = serde_json::from_str(&json).unwrap();
-            let found = list["items"].as_array().into_iter().flatten().any(|slice| {
-                slice["endpoints"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|ep| {
-                        ep["addresses"][0].as_str() == Some(addr.to_string().as_str())
-                            && ep["conditions"]["serving"] == serde_json::Value::Bool(true)
-                            && ep["conditions"]["terminating"] == serde_json::Value::Bool(true)
-                            && ep["conditions"]["ready"] != serde_json::Value::Bool(true)
-                    })
+            let endpoints = self.slice_endpoints(service);
+            let found = endpoints.iter().any(|ep| {
+                ep["addresses"][0].as_str() == Some(addr.to_string().as_str())
+                    && ep["conditions"]["serving"] == serde_json::Value::Bool(true)
+                    && ep["conditions"]["terminating"] == serde_json::Value::Bool(true)
+                    && ep["conditions"]["ready"] != serde_json::Value::Bool(true)
             });
             if found {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{service}: {addr} never turned serving+terminating: {json}"
+                "{service}: {addr} never turned serving+terminating: {endpoints:?}"
             );
             thread::sleep(Duration::from_millis(50));
         }
@@ -147,21 +152,10 @@ impl Lab {
         want.sort();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let json = self.kubectl(&[
-                "get",
-                "endpointslices",
-                "-l",
-                &format!("kubernetes.io/service-name={service}"),
-                "-o",
-                "json",
-            ]);
-            let list: serde_json::Value = serde_json::from_str(&json).unwrap();
             let mut have: Vec<Ipv4Addr> = Vec::new();
-            for slice in list["items"].as_array().into_iter().flatten() {
-                for ep in slice["endpoints"].as_array().into_iter().flatten() {
-                    if ep["conditions"]["ready"] == serde_json::Value::Bool(true) {
-                        have.push(ep["addresses"][0].as_str().unwrap().parse().unwrap());
-                    }
+            for ep in self.slice_endpoints(service) {
+                if ep["conditions"]["ready"] == serde_json::Value::Bool(true) {
+                    have.push(ep["addresses"][0].as_str().unwrap().parse().unwrap());
                 }
             }
             have.sort();
