@@ -49,6 +49,9 @@ enum Task {
         /// A smaller run (a few minutes).
         #[arg(long)]
         quick: bool,
+        /// Run one part only: per-packet or vs-kube-proxy.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// The packet tests on Debian's 5.10 and 6.1 kernels in VMs, and on this one.
     VmTest {
@@ -206,7 +209,7 @@ fn main() -> Result<()> {
         }
         Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
         Task::Demo => demo::run(),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Task::VmTest { kernel } => vm_test::run(&kernel),
     }
 }

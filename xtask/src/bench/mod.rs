@@ -1,18 +1,115 @@
-//! `cargo xtask bench [--quick]`: the benchmarks, with their results (a table and
-//! a plot each) written under bench/results/ with the machine, kernel, commit and
-//! command in the header.
+//! `cargo xtask bench [--quick] [--only PART]`: the benchmarks, with their
+//! results (a table and a plot each) written under bench/results/ with the
+//! machine, kernel, commit and command in the header.
 
-use std::{collections::BTreeMap, fs, process::Command};
+mod kube_proxy_rules;
+mod vs_kube_proxy;
 
-use anyhow::{Context, Result};
+use std::{collections::BTreeMap, fs, path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
 
 use crate::{build_ebpf, debian, exec, workspace_root};
 
-pub fn run(quick: bool) -> Result<()> {
-    debian::install("bench", &["gnuplot-nox"])?;
+/// The parts, in the order a full run takes them.
+pub const PARTS: [&str; 2] = ["per-packet", "vs-kube-proxy"];
+
+pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
+    if let Some(part) = only {
+        if !PARTS.contains(&part) {
+            bail!("unknown part {part:?}: one of {}", PARTS.join(", "));
+        }
+    }
+    crate::setup::run()?;
+    debian::install("bench", &["gnuplot-nox", "iptables", "nftables"])?;
     build_ebpf::run()?;
     let results = workspace_root().join("bench/results");
     fs::create_dir_all(&results)?;
+    let mut command = String::from("cargo xtask bench");
+    if quick {
+        command.push_str(" --quick");
+    }
+    if let Some(part) = only {
+        command.push_str(" --only ");
+        command.push_str(part);
+    }
+    let wanted = |part: &str| only.is_none_or(|o| o == part);
+    if wanted("per-packet") {
+        per_packet(quick, &results, &command)?;
+    }
+    if wanted("vs-kube-proxy") {
+        vs_kube_proxy(quick, &results, &command)?;
+    }
+    Ok(())
+}
+
+/// The agent as a node runs it: a release build.
+fn release_agent() -> Result<std::path::PathBuf> {
+    exec(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["build", "--release", "-p", "proxy-agent"]),
+    )?;
+    Ok(workspace_root().join("target/release/proxy-agent"))
+}
+
+fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {
+    let agent = release_agent()?;
+    let settings = vs_kube_proxy::Settings::new(quick);
+    vs_kube_proxy::clean_leftovers();
+    let scratch = std::env::temp_dir().join("ferry-bench");
+    fs::create_dir_all(&scratch)?;
+    let traffic = vs_kube_proxy::traffic(&settings, &agent, &scratch);
+    vs_kube_proxy::clean_leftovers();
+    let traffic = traffic?;
+    let loads = vs_kube_proxy::rule_loading(&settings);
+    vs_kube_proxy::clean_leftovers();
+    let loads = loads?;
+    let _ = fs::remove_dir_all(&scratch);
+    let md = format!(
+        "# Ferry beside kube-proxy's iptables and nftables rule sets
+
+{}
+{}
+         ![connect time and connection rate at the last Service](vs_kube_proxy.png)
+
+         ![loading kube-proxy's rules](kube_proxy_rules.png)
+",
+        header(command)?,
+        vs_kube_proxy::render(&traffic, &loads, &settings),
+    );
+    fs::write(results.join("vs_kube_proxy.md"), md)?;
+    plot_lines(
+        &results.join("vs_kube_proxy.png"),
+        &[
+            Panel {
+                title: "connect time to the last Service, p50",
+                ylabel: "microseconds",
+                logy: false,
+                series: vs_kube_proxy::series(&traffic, vs_kube_proxy::p50),
+            },
+            Panel {
+                title: "new connections/s to the last Service (one client, at the median)",
+                ylabel: "connections per second",
+                logy: false,
+                series: vs_kube_proxy::series(&traffic, vs_kube_proxy::Connections::rate),
+            },
+        ],
+    )?;
+    plot_lines(
+        &results.join("kube_proxy_rules.png"),
+        &[Panel {
+            title: "full load of kube-proxy's rules (median)",
+            ylabel: "seconds",
+            logy: true,
+            series: vs_kube_proxy::load_series(&loads),
+        }],
+    )?;
+    eprintln!("bench: {}", results.join("vs_kube_proxy.md").display());
+    Ok(())
+}
+
+fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
     let table = results.join("per_packet.md.part");
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root()).args([
@@ -28,11 +125,6 @@ pub fn run(quick: bool) -> Result<()> {
     }
     exec(cmd.arg("--out").arg(&table))?;
 
-    let command = if quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    };
     let header = header(command)?;
     let body = fs::read_to_string(&table)?;
     let md = format!(
@@ -131,6 +223,68 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
         png.display(),
         plots.join(", ")
     );
+    let mut child = Command::new("gnuplot")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
+    let status = child.wait()?;
+    let _ = fs::remove_file(&dat);
+    anyhow::ensure!(status.success(), "gnuplot failed");
+    Ok(())
+}
+
+/// One chart of a figure: lines of (x, y) points against Services (log x).
+struct Panel<'a> {
+    title: &'a str,
+    ylabel: &'a str,
+    logy: bool,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Draws `panels` side by side into `png` with gnuplot.
+fn plot_lines(png: &Path, panels: &[Panel]) -> Result<()> {
+    let dat = png.with_extension("dat");
+    let mut data = String::new();
+    let mut script = format!(
+        "set terminal png size {},520 noenhanced\nset output '{}'\nset multiplot layout 1,{}\n",
+        560 * panels.len(),
+        png.display(),
+        panels.len()
+    );
+    let mut index = 0;
+    for panel in panels {
+        let mut plots = Vec::new();
+        for (name, points) in &panel.series {
+            for (x, y) in points {
+                data.push_str(&format!("{x} {y}\n"));
+            }
+            data.push_str("\n\n");
+            plots.push(format!(
+                "'{}' index {index} using 1:2 with linespoints title '{name}'",
+                dat.display()
+            ));
+            index += 1;
+        }
+        script.push_str(&format!(
+            "set title \"{}\"\nset logscale x\n{}set xlabel 'Services'\nset ylabel '{}'\n\
+             set key bottom right\nset grid\n{}plot {}\n",
+            panel.title,
+            if panel.logy {
+                "set logscale y\n"
+            } else {
+                "unset logscale y\n"
+            },
+            panel.ylabel,
+            if panel.logy {
+                "set yrange [*:*]\n"
+            } else {
+                "set yrange [0:*]\n"
+            },
+            plots.join(", ")
+        ));
+    }
+    script.push_str("unset multiplot\n");
+    fs::write(&dat, data)?;
     let mut child = Command::new("gnuplot")
         .stdin(std::process::Stdio::piped())
         .spawn()?;

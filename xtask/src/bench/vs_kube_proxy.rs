@@ -1,0 +1,851 @@
+//! Ferry against kube-proxy's dataplanes on the same traffic, in one run.
+//!
+//! A node namespace routes between a client pod and a backend pod (ten
+//! addresses, one server). For each number of Services, kube-proxy's rule set
+//! (iptables mode through both iptables backends, and nftables mode) is loaded
+//! into a fresh node namespace, or Ferry's agent serves the same Services from a
+//! file; the same load generator then opens TCP connections from the client to
+//! the first, the middle and the last Service, one at a time, and records how
+//! long `connect` took (the SYN's trip through the node's NAT, the SYN-ACK back)
+//! and how many whole connections (connect, a reply, close) a second it makes.
+//! Separately, the time `iptables-restore` and `nft -f` take to load each full
+//! rule set and to apply a one-Service change.
+//!
+//! Everything happens in namespaces named `ferry-bench-*`, which are removed
+//! afterwards, also when the run fails.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::kube_proxy_rules::{self as rules, ServicePort};
+
+const PREFIX: &str = "ferry-bench-";
+const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const CLIENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+const BACKEND_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
+const BACKEND_PORT: u16 = 8080;
+const BACKENDS: u8 = 10;
+const PIN_DIR: &str = "/sys/fs/bpf/ferry-bench";
+
+/// The dataplanes compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ferry,
+    IptablesLegacy,
+    IptablesNft,
+    Nftables,
+}
+
+impl Mode {
+    const ALL: [Self; 4] = [
+        Self::Ferry,
+        Self::IptablesLegacy,
+        Self::IptablesNft,
+        Self::Nftables,
+    ];
+
+    /// Short name in the namespaces of this mode's topology.
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Ferry => "ferry",
+            Self::IptablesLegacy => "ipt",
+            Self::IptablesNft => "iptnft",
+            Self::Nftables => "nft",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ferry => "Ferry",
+            Self::IptablesLegacy => "kube-proxy iptables (legacy)",
+            Self::IptablesNft => "kube-proxy iptables (nft backend)",
+            Self::Nftables => "kube-proxy nftables",
+        }
+    }
+
+    /// The command that loads a rule file given on stdin, and its arguments for
+    /// a full load and for a partial one.
+    fn loader(
+        self,
+    ) -> Option<(
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+    )> {
+        match self {
+            Self::Ferry => None,
+            Self::IptablesLegacy => Some(("iptables-legacy-restore", &[], &["--noflush"])),
+            Self::IptablesNft => Some(("iptables-nft-restore", &[], &["--noflush"])),
+            Self::Nftables => Some(("nft", &["-f", "-"], &["-f", "-"])),
+        }
+    }
+}
+
+/// Where in the list of Services the dialled one sits (kube-proxy's iptables
+/// mode walks KUBE-SERVICES in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    First,
+    Middle,
+    Last,
+}
+
+impl Position {
+    const ALL: [Self; 3] = [Self::First, Self::Middle, Self::Last];
+
+    fn index(self, count: u32) -> u32 {
+        match self {
+            Self::First => 0,
+            Self::Middle => count / 2,
+            Self::Last => count - 1,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::First => "first",
+            Self::Middle => "middle",
+            Self::Last => "last",
+        }
+    }
+}
+
+/// What the load generator saw for one Service.
+#[derive(Clone, Debug)]
+pub struct Connections {
+    /// `connect` times, sorted, in microseconds.
+    pub connect_us: Vec<f64>,
+    /// Whole connections (connect, reply, close), sorted, in microseconds.
+    pub whole_us: Vec<f64>,
+    pub failures: u32,
+    /// Seconds the measured connections took, one after another.
+    pub elapsed: f64,
+}
+
+impl Connections {
+    /// Whole connections a second at the median connection time: what one
+    /// client gets, without the stalls that other work on a shared machine
+    /// puts into some connections.
+    pub fn rate(&self) -> f64 {
+        1e6 / percentile(&self.whole_us, 0.5)
+    }
+
+    /// Whole connections a second over the run, stalls included.
+    pub fn throughput(&self) -> f64 {
+        self.connect_us.len() as f64 / self.elapsed
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        percentile(&self.connect_us, p)
+    }
+}
+
+/// The value below which `p` (0..=1) of the sorted `values` lie (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+pub struct Settings {
+    pub scales: Vec<u32>,
+    /// Rounds over every dataplane and Service, so that whatever else the
+    /// machine does falls on all of them alike.
+    pub rounds: u32,
+    /// Connections per dataplane and Service in each round, after `warmup`.
+    pub batch: u32,
+    pub warmup: u32,
+    pub load_repeats: u32,
+    pub change_repeats: u32,
+}
+
+impl Settings {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                scales: vec![100, 1_000],
+                rounds: 4,
+                batch: 100,
+                warmup: 10,
+                load_repeats: 2,
+                change_repeats: 3,
+            }
+        } else {
+            Self {
+                scales: vec![100, 1_000, 10_000],
+                rounds: 10,
+                batch: 300,
+                warmup: 10,
+                load_repeats: 5,
+                change_repeats: 10,
+            }
+        }
+    }
+}
+
+fn backends() -> Vec<(Ipv4Addr, u16)> {
+    (0..BACKENDS)
+        .map(|i| (Ipv4Addr::new(10, 244, 2, 10 + i), BACKEND_PORT))
+        .collect()
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    crate::lab::output(Command::new("ip").args(args)).map(|_| ())
+}
+
+fn in_ns(ns: &str, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, program]);
+    cmd
+}
+
+/// Runs `cmd` with `input` on stdin; fails with its stderr.
+fn run_with_input(cmd: &mut Command, input: &str) -> Result<Duration> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(took)
+}
+
+/// Removes every namespace and pin a run of this benchmark may have left (tc
+/// filters go with their namespaces).
+pub fn clean_leftovers() {
+    let _ = fs::remove_dir_all(PIN_DIR);
+    let list = crate::lab::output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if ns.starts_with(PREFIX) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// The node, client and backend namespaces, the backend's server and, for
+/// Ferry, the agent. Dropping it removes all of them.
+struct Topology {
+    namespaces: [String; 3],
+    node: String,
+    client: String,
+    agent: Option<Child>,
+    stop: Arc<AtomicBool>,
+    server: Option<thread::JoinHandle<()>>,
+}
+
+impl Topology {
+    /// The namespaces `ferry-bench-<tag>-{node,client,backend}`.
+    fn new(tag: &str) -> Result<Self> {
+        let [node, client, backend] =
+            ["node", "client", "backend"].map(|role| format!("{PREFIX}{tag}-{role}"));
+        let mut topo = Self {
+            namespaces: [node.clone(), client.clone(), backend.clone()],
+            node: node.clone(),
+            client: client.clone(),
+            agent: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            server: None,
+        };
+        for ns in [&node, &client, &backend] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        // The node forwards between its pods (a sysctl of this namespace only).
+        crate::lab::output(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        // Many short connections from one client: use the whole port range.
+        crate::lab::output(
+            in_ns(&client, "sysctl").args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"]),
+        )?;
+        let backend_addrs: Vec<String> = backends().iter().map(|b| b.0.to_string()).collect();
+        for (pod, host_if, addrs, gateway) in [
+            (
+                &client,
+                "fp-client",
+                vec![CLIENT_ADDR.to_string()],
+                CLIENT_GATEWAY,
+            ),
+            (&backend, "fp-backend", backend_addrs, BACKEND_GATEWAY),
+        ] {
+            ip(&[
+                "link", "add", "eth0", "netns", pod, "type", "veth", "peer", "name", host_if,
+                "netns", &node,
+            ])?;
+            for addr in &addrs {
+                ip(&[
+                    "-n",
+                    pod,
+                    "addr",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+            ip(&["-n", pod, "link", "set", "eth0", "up"])?;
+            // Complete checksums, as from a real NIC (see the lab's pods).
+            crate::lab::output(in_ns(pod, "ethtool").args(["-K", "eth0", "tx", "off"]))?;
+            let gw = gateway.to_string();
+            ip(&[
+                "-n", pod, "route", "add", &gw, "dev", "eth0", "scope", "link",
+            ])?;
+            ip(&[
+                "-n", pod, "route", "add", "default", "via", &gw, "dev", "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/32"),
+                "dev",
+                host_if,
+            ])?;
+            ip(&["-n", &node, "link", "set", host_if, "up"])?;
+            for addr in &addrs {
+                ip(&[
+                    "-n",
+                    &node,
+                    "route",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    host_if,
+                ])?;
+            }
+        }
+        topo.server = Some(serve(&backend, topo.stop.clone())?);
+        Ok(topo)
+    }
+
+    /// Starts Ferry's agent in the node namespace serving `services`, and waits
+    /// until the first Service answers through it.
+    fn start_agent(
+        &mut self,
+        agent_bin: &Path,
+        services: &[ServicePort],
+        file: &Path,
+    ) -> Result<()> {
+        let json = serde_json::json!({
+            "services": services.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "address": s.vip.to_string(),
+                "port": s.port,
+                "protocol": "TCP",
+                "endpoints": s.endpoints.iter().map(|(a, p)| serde_json::json!({
+                    "address": a.to_string(), "port": p, "local": true,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        fs::write(file, serde_json::to_vec(&json)?)?;
+        let log = file.with_extension("log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg(agent_bin)
+            .args([
+                "run",
+                "--pod-iface-pattern",
+                "fp-*",
+                "--healthz-bind-address",
+                "off",
+            ])
+            .args(["--pin-dir", PIN_DIR])
+            .arg("--services-file")
+            .arg(file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting the agent")?;
+        self.agent = Some(child);
+        let target = SocketAddr::from((services[0].vip, services[0].port));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if probe(&self.client, target) {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "the agent exited ({status}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("Ferry did not serve {target} within 60 s");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut agent) = self.agent.take() {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+            let _ = agent.wait();
+            // The agent leaves its maps pinned (so that a restart keeps
+            // connections); this one is gone for good.
+            let _ = fs::remove_dir_all(PIN_DIR);
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        for ns in &self.namespaces {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// Keeps the calling thread on one CPU (the client on the first, the server on
+/// the last): fewer migrations, steadier numbers on a shared machine.
+fn pin_to_cpu(last: bool) {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = if last { cpus - 1 } else { 0 };
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// A thread inside namespace `ns` that answers every connection to port 8080
+/// with a line and closes it (the server closes first, so TIME_WAIT stays on
+/// its side and the client can reuse ports), until `stop` is set.
+fn serve(ns: &str, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
+    let netns = fs::File::open(format!("/run/netns/{ns}"))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        // SAFETY: setns on this thread only.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let _ = ready_tx.send(Err(std::io::Error::last_os_error()));
+            return;
+        }
+        let listener = match TcpListener::bind(("0.0.0.0", BACKEND_PORT)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        pin_to_cpu(true);
+        let mut poll = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: one valid pollfd; 100 ms so that `stop` is seen.
+            if unsafe { libc::poll(&mut poll, 1, 100) } <= 0 {
+                continue;
+            }
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(b"ok\n");
+            }
+        }
+    });
+    ready_rx
+        .recv()
+        .context("the backend server thread ended")?
+        .context("starting the backend server")?;
+    Ok(handle)
+}
+
+/// One connection from the client namespace: whether it was answered.
+fn probe(client_ns: &str, target: SocketAddr) -> bool {
+    let ns = client_ns.to_string();
+    crate::lab::in_netns(&ns, move || one_connection(target).is_ok()).unwrap_or(false)
+}
+
+/// Connect, read the reply to its end, close; returns the time `connect` took
+/// and the time of the whole connection.
+fn one_connection(target: SocketAddr) -> Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+    let connected = start.elapsed();
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut reply = Vec::with_capacity(8);
+    stream.read_to_end(&mut reply)?;
+    if reply != b"ok\n" {
+        bail!("unexpected reply {reply:?}");
+    }
+    drop(stream);
+    Ok((connected, start.elapsed()))
+}
+
+/// The load generator: `warmup` then `count` connections, one after another, to
+/// `target` from inside `client_ns`. Bounded by count and by a 1 s timeout each.
+fn connections(
+    client_ns: &str,
+    target: SocketAddr,
+    warmup: u32,
+    count: u32,
+) -> Result<Connections> {
+    crate::lab::in_netns(client_ns, move || {
+        pin_to_cpu(false);
+        for _ in 0..warmup {
+            let _ = one_connection(target);
+        }
+        let mut connect_us = Vec::with_capacity(count as usize);
+        let mut whole_us = Vec::with_capacity(count as usize);
+        let mut failures = 0;
+        let start = Instant::now();
+        for _ in 0..count {
+            match one_connection(target) {
+                Ok((connect, whole)) => {
+                    connect_us.push(connect.as_secs_f64() * 1e6);
+                    whole_us.push(whole.as_secs_f64() * 1e6);
+                }
+                Err(_) => failures += 1,
+            }
+        }
+        Connections {
+            elapsed: start.elapsed().as_secs_f64(),
+            connect_us,
+            whole_us,
+            failures,
+        }
+    })
+}
+
+/// One row of the traffic table.
+pub struct TrafficRow {
+    pub services: u32,
+    pub mode: Mode,
+    pub position: Position,
+    pub result: Connections,
+}
+
+/// One row of the rule-loading table (seconds, sorted).
+pub struct LoadRow {
+    pub services: u32,
+    pub mode: Mode,
+    pub full: Vec<f64>,
+    pub change: Vec<f64>,
+    pub rules: usize,
+}
+
+/// Measures every mode at every scale on the same traffic. At each scale the
+/// four dataplanes stand side by side, each in its own namespaces, and the
+/// load generator visits them in turn, round after round.
+pub fn traffic(settings: &Settings, agent_bin: &Path, scratch: &Path) -> Result<Vec<TrafficRow>> {
+    let mut rows = Vec::new();
+    for &count in &settings.scales {
+        let services = rules::services(count, &backends());
+        let mut topologies = Vec::new();
+        for mode in Mode::ALL {
+            eprintln!("bench: {count} Services, {}", mode.label());
+            let mut topo = Topology::new(mode.tag())?;
+            match mode.loader() {
+                None => topo.start_agent(agent_bin, &services, &scratch.join("services.json"))?,
+                Some((program, full_args, _)) => {
+                    let text = match mode {
+                        Mode::Nftables => rules::nft_full(&services),
+                        _ => rules::iptables_full(&services),
+                    };
+                    run_with_input(in_ns(&topo.node, program).args(full_args), &text)?;
+                }
+            }
+            topologies.push((mode, topo));
+        }
+        let mut results: Vec<(Mode, Position, Connections)> = Vec::new();
+        for round in 0..settings.rounds {
+            eprintln!(
+                "bench: {count} Services, round {}/{}",
+                round + 1,
+                settings.rounds
+            );
+            for (mode, topo) in &topologies {
+                for position in Position::ALL {
+                    let svc = &services[position.index(count) as usize];
+                    let target = SocketAddr::from((svc.vip, svc.port));
+                    let batch = connections(&topo.client, target, settings.warmup, settings.batch)?;
+                    match results
+                        .iter_mut()
+                        .find(|(m, p, _)| m == mode && *p == position)
+                    {
+                        Some((_, _, all)) => {
+                            all.connect_us.extend(batch.connect_us);
+                            all.whole_us.extend(batch.whole_us);
+                            all.failures += batch.failures;
+                            all.elapsed += batch.elapsed;
+                        }
+                        None => results.push((*mode, position, batch)),
+                    }
+                }
+            }
+        }
+        drop(topologies);
+        for (mode, position, mut result) in results {
+            if result.connect_us.is_empty() {
+                bail!(
+                    "{}: no connection to the {} Service succeeded",
+                    mode.label(),
+                    position.label()
+                );
+            }
+            result.connect_us.sort_by(f64::total_cmp);
+            result.whole_us.sort_by(f64::total_cmp);
+            rows.push(TrafficRow {
+                services: count,
+                mode,
+                position,
+                result,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Times loading kube-proxy's full rule sets into an empty namespace, and a
+/// one-Service change (one endpoint of the middle Service replaced) on top.
+pub fn rule_loading(settings: &Settings) -> Result<Vec<LoadRow>> {
+    let ns = format!("{PREFIX}rules");
+    let mut rows = Vec::new();
+    for &count in &settings.scales {
+        let services = rules::services(count, &backends());
+        let before = &services[count as usize / 2];
+        let mut after = before.clone();
+        after.endpoints[0] = (Ipv4Addr::new(10, 244, 3, 10), BACKEND_PORT);
+        for mode in Mode::ALL {
+            let Some((program, full_args, change_args)) = mode.loader() else {
+                continue;
+            };
+            let (full_text, forward, backward) = match mode {
+                Mode::Nftables => (
+                    rules::nft_full(&services),
+                    rules::nft_one_service_change(before, &after),
+                    rules::nft_one_service_change(&after, before),
+                ),
+                _ => (
+                    rules::iptables_full(&services),
+                    rules::iptables_one_service_change(&services, before, &after),
+                    rules::iptables_one_service_change(&services, &after, before),
+                ),
+            };
+            eprintln!("bench: loading {} Services' rules with {program}", count);
+            let mut full = Vec::new();
+            let mut change = Vec::new();
+            for _ in 0..settings.load_repeats {
+                let _ = ip(&["netns", "del", &ns]);
+                ip(&["netns", "add", &ns])?;
+                full.push(
+                    run_with_input(in_ns(&ns, program).args(full_args), &full_text)?.as_secs_f64(),
+                );
+            }
+            for i in 0..settings.change_repeats {
+                let text = if i % 2 == 0 { &forward } else { &backward };
+                change.push(
+                    run_with_input(in_ns(&ns, program).args(change_args), text)?.as_secs_f64(),
+                );
+            }
+            let _ = ip(&["netns", "del", &ns]);
+            full.sort_by(f64::total_cmp);
+            change.sort_by(f64::total_cmp);
+            rows.push(LoadRow {
+                services: count,
+                mode,
+                full,
+                change,
+                rules: count_rules(mode, &full_text),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Rules in a rule file: `-A` lines for iptables, `add rule` lines and map
+/// elements for nftables.
+fn count_rules(mode: Mode, text: &str) -> usize {
+    text.lines()
+        .filter(|l| match mode {
+            Mode::Nftables => l.starts_with("add rule") || l.starts_with("add element"),
+            _ => l.starts_with("-A "),
+        })
+        .count()
+}
+
+/// The markdown tables of both parts.
+pub fn render(traffic: &[TrafficRow], loads: &[LoadRow], settings: &Settings) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## New connections from a pod to a ClusterIP\n\n\
+         One client, one connection at a time: {} rounds over every dataplane and Service,\n\
+         {} connections each (after {} to warm up), so {} per row:\n\
+         `connect` time is the SYN's trip through the node (kube-proxy: conntrack and the\n\
+         nat table, where iptables walks KUBE-SERVICES to the Service's rule; Ferry: its tc\n\
+         program on the pod's interface) and the SYN-ACK's way back; the rate counts whole\n\
+         connections (connect, one line of reply, close). Ratios are Ferry's rate over\n\
+         kube-proxy's, measured in the same run.\n",
+        settings.rounds,
+        settings.batch,
+        settings.warmup,
+        settings.rounds * settings.batch
+    );
+    md.push_str("| Services | dataplane | Service dialled | connect p50 (µs) | connect p99 (µs) | connection p50 (µs) | connections/s | Ferry's rate / this | throughput (conn/s) | failed |\n");
+    md.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for row in traffic {
+        let ferry = traffic
+            .iter()
+            .find(|r| {
+                r.services == row.services && r.position == row.position && r.mode == Mode::Ferry
+            })
+            .map_or(f64::NAN, |r| r.result.rate());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.0} | {} |",
+            row.services,
+            row.mode.label(),
+            row.position.label(),
+            row.result.percentile(0.5),
+            row.result.percentile(0.99),
+            percentile(&row.result.whole_us, 0.5),
+            row.result.rate(),
+            ferry / row.result.rate(),
+            row.result.throughput(),
+            row.result.failures,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n## Loading kube-proxy's rules\n\n\
+         Wall time of the command kube-proxy runs, median (min..max) of {} full loads into\n\
+         an empty namespace and {} one-Service changes (one endpoint of the middle Service\n\
+         replaced, as kube-proxy's partial sync writes it: iptables rewrites KUBE-SERVICES\n\
+         and the Service's chains with `--noflush`; nftables sends a transaction of the\n\
+         changed chains). Ferry's equivalent is its map programming, measured through the\n\
+         API server in the control-plane results.\n",
+        settings.load_repeats, settings.change_repeats
+    );
+    md.push_str("| Services | tool | rules | full load (s) | one-Service change (ms) |\n");
+    md.push_str("|---:|---|---:|---:|---:|\n");
+    for row in loads {
+        let (program, _, _) = row.mode.loader().expect("only kube-proxy modes load rules");
+        let _ = writeln!(
+            md,
+            "| {} | `{program}` | {} | {:.3} ({:.3}..{:.3}) | {:.1} ({:.1}..{:.1}) |",
+            row.services,
+            row.rules,
+            percentile(&row.full, 0.5),
+            row.full[0],
+            row.full[row.full.len() - 1],
+            percentile(&row.change, 0.5) * 1e3,
+            row.change[0] * 1e3,
+            row.change[row.change.len() - 1] * 1e3,
+        );
+    }
+    md
+}
+
+/// Series for the plots: per mode, (Services, value) for the last Service.
+pub fn series(
+    traffic: &[TrafficRow],
+    value: impl Fn(&Connections) -> f64,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    Mode::ALL
+        .iter()
+        .map(|&mode| {
+            let points = traffic
+                .iter()
+                .filter(|r| r.mode == mode && r.position == Position::Last)
+                .map(|r| (f64::from(r.services), value(&r.result)))
+                .collect();
+            (mode.label().to_string(), points)
+        })
+        .collect()
+}
+
+/// Series of rule-loading times: per tool, full loads (s) against Services.
+pub fn load_series(loads: &[LoadRow]) -> Vec<(String, Vec<(f64, f64)>)> {
+    Mode::ALL
+        .iter()
+        .filter(|m| m.loader().is_some())
+        .map(|&mode| {
+            let points = loads
+                .iter()
+                .filter(|r| r.mode == mode)
+                .map(|r| (f64::from(r.services), percentile(&r.full, 0.5)))
+                .collect();
+            (mode.label().to_string(), points)
+        })
+        .collect()
+}
+
+/// Connect-time p50 at the last Service.
+pub fn p50(c: &Connections) -> f64 {
+    c.percentile(0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn positions_span_the_list() {
+        assert_eq!(Position::First.index(10_000), 0);
+        assert_eq!(Position::Middle.index(10_000), 5_000);
+        assert_eq!(Position::Last.index(10_000), 9_999);
+    }
+
+    #[test]
+    fn rules_are_counted_per_tool() {
+        let services = rules::services(2, &backends());
+        // Per Service: a jump, a masquerade rule, 10 endpoint picks, 2 per endpoint.
+        let ipt = count_rules(Mode::IptablesLegacy, &rules::iptables_full(&services));
+        let base = count_rules(Mode::IptablesLegacy, &rules::iptables_full(&[]));
+        assert_eq!(ipt - base, 2 * (1 + 1 + 10 + 20));
+        let nft = count_rules(Mode::Nftables, &rules::nft_full(&services));
+        let nft_base = count_rules(Mode::Nftables, &rules::nft_full(&[]));
+        // Per Service: 2 service rules, 2 per endpoint, 2 map elements.
+        assert_eq!(nft - nft_base, 2 * (2 + 20 + 2));
+    }
+}
