@@ -67,14 +67,9 @@ fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {
     let loads = loads?;
     let _ = fs::remove_dir_all(&scratch);
     let md = format!(
-        "# Ferry beside kube-proxy's iptables and nftables rule sets
-
-{}
-{}
-         ![connect time and connection rate at the last Service](vs_kube_proxy.png)
-
-         ![loading kube-proxy's rules](kube_proxy_rules.png)
-",
+        "# Ferry beside kube-proxy's iptables and nftables rule sets\n\n{}\n{}\n\
+         ![connect time and connection rate at the last Service](vs_kube_proxy.png)\n\n\
+         ![loading kube-proxy's rules](kube_proxy_rules.png)\n",
         header(command)?,
         vs_kube_proxy::render(&traffic, &loads, &settings),
     );
@@ -84,12 +79,14 @@ fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {
         &[
             Panel {
                 title: "connect time to the last Service, p50",
+                key: "top left",
                 ylabel: "microseconds",
                 logy: false,
                 series: vs_kube_proxy::series(&traffic, vs_kube_proxy::p50),
             },
             Panel {
-                title: "new connections/s to the last Service (one client, at the median)",
+                title: "connections/s to the last Service (median)",
+                key: "bottom left",
                 ylabel: "connections per second",
                 logy: false,
                 series: vs_kube_proxy::series(&traffic, vs_kube_proxy::Connections::rate),
@@ -98,12 +95,22 @@ fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {
     )?;
     plot_lines(
         &results.join("kube_proxy_rules.png"),
-        &[Panel {
-            title: "full load of kube-proxy's rules (median)",
-            ylabel: "seconds",
-            logy: true,
-            series: vs_kube_proxy::load_series(&loads),
-        }],
+        &[
+            Panel {
+                title: "full load of kube-proxy's rules (median)",
+                key: "top left",
+                ylabel: "seconds",
+                logy: true,
+                series: vs_kube_proxy::load_series(&loads, |r| r.full.clone()),
+            },
+            Panel {
+                title: "one-Service change (median)",
+                key: "top left",
+                ylabel: "seconds",
+                logy: true,
+                series: vs_kube_proxy::load_series(&loads, |r| r.change.clone()),
+            },
+        ],
     )?;
     eprintln!("bench: {}", results.join("vs_kube_proxy.md").display());
     Ok(())
@@ -236,6 +243,8 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
 /// One chart of a figure: lines of (x, y) points against Services (log x).
 struct Panel<'a> {
     title: &'a str,
+    /// Where the legend goes, in gnuplot's words ("top left").
+    key: &'a str,
     ylabel: &'a str,
     logy: bool,
     series: Vec<(String, Vec<(f64, f64)>)>,
@@ -267,7 +276,7 @@ fn plot_lines(png: &Path, panels: &[Panel]) -> Result<()> {
         }
         script.push_str(&format!(
             "set title \"{}\"\nset logscale x\n{}set xlabel 'Services'\nset ylabel '{}'\n\
-             set key bottom right\nset grid\n{}plot {}\n",
+             set key {}\nset grid\n{}plot {}\n",
             panel.title,
             if panel.logy {
                 "set logscale y\n"
@@ -275,6 +284,7 @@ fn plot_lines(png: &Path, panels: &[Panel]) -> Result<()> {
                 "unset logscale y\n"
             },
             panel.ylabel,
+            panel.key,
             if panel.logy {
                 "set yrange [*:*]\n"
             } else {
