@@ -36,10 +36,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::{exec, show};
 
-/// The upstream version the binaries are built from.
 /// The feature gate that makes v1.20 publish terminating endpoints.
 const TERMINATING_CONDITION: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
 
+/// The upstream version the binaries are built from.
 pub const VERSION: &str = "v1.20.2";
 /// Bookworm's version of that source. Pinned because newer `kubernetes` source
 /// packages hold only kubectl.
