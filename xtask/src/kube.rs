@@ -2,9 +2,11 @@
 //!
 //! No package registry ships a current kube-apiserver, but Debian bookworm's
 //! `kubernetes` source package is the full upstream v1.20.2 tree. [`ensure_built`]
-//! builds kube-apiserver and kube-controller-manager from it once and keeps only
-//! those two binaries (and kubectl 1.20 from Debian's `kubernetes-client`) in a
-//! cache outside the repository, so fresh clones on the same machine reuse them.
+//! builds kube-apiserver and kube-controller-manager from it once, with one API
+//! field of v1.21 backported (`Service.spec.internalTrafficPolicy`, see
+//! [`backport_internal_traffic_policy`]), and keeps only those two binaries (and
+//! kubectl 1.20 from Debian's `kubernetes-client`) in a cache outside the
+//! repository, so fresh clones on the same machine reuse them.
 //!
 //! [`start`] runs Debian's etcd, the apiserver and the controller manager (only
 //! the EndpointSlice and Endpoints controllers), optionally inside a network
@@ -36,25 +38,39 @@ use anyhow::{bail, Context, Result};
 
 use crate::{exec, show};
 
-/// The upstream version the binaries are built from.
 /// The feature gate that makes v1.20 publish terminating endpoints.
 const TERMINATING_CONDITION: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
 
+/// The upstream version the binaries are built from.
 pub const VERSION: &str = "v1.20.2";
 /// Bookworm's version of that source. Pinned because newer `kubernetes` source
 /// packages hold only kubectl.
 const DEBIAN_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
-const CACHE_DIR: &str = "/var/cache/ferry/kubernetes-1.20.2";
-const CACHE_LOCK: &str = "/var/cache/ferry/kubernetes-1.20.2.lock";
+/// The cache, its lock and the scratch directories are named after the patched
+/// build ("itp": internalTrafficPolicy), apart from a plain v1.20.2 build: a
+/// machine that has binaries without the backport never takes them for these.
+/// A change to the patches needs a new name.
+const CACHE_DIR: &str = "/var/cache/ferry/kubernetes-1.20.2-itp";
+const CACHE_LOCK: &str = "/var/cache/ferry/kubernetes-1.20.2-itp.lock";
 /// The build tree (about 1.8 GB). Removed after the build, failed or not, and
 /// before one, in case an earlier build was killed half way.
-const BUILD_DIR: &str = "/var/tmp/ferry-kubernetes-1.20.2-build";
-const KUBECTL_DIR: &str = "/var/tmp/ferry-kubectl-1.20.2-deb";
+const BUILD_DIR: &str = "/var/tmp/ferry-kubernetes-1.20.2-itp-build";
+const KUBECTL_DIR: &str = "/var/tmp/ferry-kubectl-1.20.2-itp-deb";
+/// See [`backport_internal_traffic_policy`].
+const INTERNAL_TRAFFIC_POLICY_PATCH: &str =
+    include_str!("../patches/kubernetes-1.20.2-internal-traffic-policy.patch");
 const GO_BIN: &str = "/usr/lib/go-1.19/bin";
 /// What `start` needs on every run.
 const RUNTIME_PACKAGES: &[&str] = &["etcd-server", "openssl", "iproute2"];
 /// What the build needs, checked only when the cache is empty.
-const BUILD_PACKAGES: &[&str] = &["golang-1.19-go", "rsync", "make", "dpkg-dev", "xz-utils"];
+const BUILD_PACKAGES: &[&str] = &[
+    "golang-1.19-go",
+    "rsync",
+    "make",
+    "dpkg-dev",
+    "xz-utils",
+    "patch",
+];
 
 /// Ports are per network namespace; etcd's are off its defaults (2379/2380) so a
 /// control plane in the current namespace does not collide with a system etcd.
@@ -204,6 +220,7 @@ fn build_servers(apt: &mut Apt, cache: &Path) -> Result<()> {
     let work = Scratch::create(BUILD_DIR)?;
     let tree = fetch_source(&work.0)?;
     replace_reflect2(apt, &work.0, &tree)?;
+    backport_internal_traffic_policy(&work.0, &tree)?;
     let path = format!("{GO_BIN}:{}", env::var("PATH").unwrap_or_default());
     for (name, estimate) in [
         ("kube-apiserver", "about 4 minutes"),
@@ -328,6 +345,30 @@ fn replace_reflect2(apt: &mut Apt, work: &Path, tree: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `Service.spec.internalTrafficPolicy` arrived in v1.21; v1.20 drops it from
+/// every Service it is given, so the lab could not show what the agent does with
+/// it. The patch (`xtask/patches/`) adds the field exactly as v1.21 defines it
+/// (type, json name, protobuf field 22) to both the internal and the v1 types,
+/// with v1.21's check that it is "Cluster" or "Local", and extends the protobuf
+/// code by hand because `make` does not regenerate that (it regenerates deepcopy,
+/// conversion and OpenAPI itself). Without the protobuf part the apiserver would
+/// lose the field on its way to etcd, which it writes in protobuf, and so would
+/// every protobuf client (the controller manager is one). `--fuzz=0`: the tree
+/// must look exactly as the patch expects, or the build stops here.
+fn backport_internal_traffic_policy(work: &Path, tree: &Path) -> Result<()> {
+    eprintln!("setup: backporting Service.spec.internalTrafficPolicy (v1.21) to {VERSION}");
+    let patch = work.join("internal-traffic-policy.patch");
+    fs::write(&patch, INTERNAL_TRAFFIC_POLICY_PATCH)?;
+    exec(
+        Command::new("patch")
+            .args(["-p1", "--forward", "--batch", "--fuzz=0"])
+            .args(["--no-backup-if-mismatch", "--input"])
+            .arg(&patch)
+            .current_dir(tree),
+    )
+    .context("the kubernetes source does not take the internalTrafficPolicy backport")
 }
 
 /// The machine's Debian apt sources turned into `deb-src` entries, as a file name

@@ -146,6 +146,35 @@ impl Lab {
         .unwrap()
     }
 
+    /// One of a node agent's counters (`proxy_common::stats`), summed over CPUs,
+    /// read with bpftool from the maps the agent pinned for that node.
+    pub fn agent_counter(&self, node: &str, counter: u32) -> u64 {
+        let map = format!(
+            "/sys/fs/bpf/{}/{node}/{}",
+            self.name,
+            proxy_common::map_names::STATS
+        );
+        let key = counter.to_le_bytes().map(|b| b.to_string());
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "lookup", "pinned", &map, "key"])
+            .args(key)
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool map lookup {map}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let entry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let per_cpu = entry["formatted"]["values"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{map}: no BTF-formatted values in {entry}"));
+        per_cpu
+            .iter()
+            .map(|cpu| cpu["value"]["packets"].as_u64().unwrap())
+            .sum()
+    }
+
     /// Waits until the service's slices list exactly `addrs` as ready; returns when it saw that.
     pub fn wait_endpoints(&self, service: &str, addrs: &[Ipv4Addr]) -> Instant {
         let mut want = addrs.to_vec();
