@@ -50,7 +50,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey4, ServiceValue>,
     backends: HashMap<MapData, u32, Backend4>,
-    revnat: HashMap<MapData, u16, RevNat4>,
+    revnat: HashMap<MapData, u32, RevNat4>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
     nat: HashMap<MapData, CtKey4, Nat4>,
     affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
