@@ -112,6 +112,12 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
                 + "\n\n"
         })
         .collect();
+    let services = by_path
+        .values()
+        .flatten()
+        .filter_map(|(s, _)| s.parse::<f64>().ok());
+    let lowest = services.clone().fold(f64::INFINITY, f64::min);
+    let highest = services.fold(1.0, f64::max);
     let dat = png.with_extension("dat");
     fs::write(&dat, blocks)?;
     let plots: Vec<String> = by_path
@@ -119,16 +125,20 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
         .enumerate()
         .map(|(i, path)| {
             format!(
-                "'{}' index {i} using 1:2 with linespoints title '{path}'",
+                "'{}' index {i} using 1:2 with linespoints linewidth 2 title '{path}'",
                 dat.display()
             )
         })
         .collect();
     let script = format!(
-        "set terminal png size 900,520 noenhanced\nset output '{}'\nset logscale x\nset xlabel 'Services (10 backends each)'\n\
-         set ylabel 'ns per packet (median)'\nset yrange [0:*]\nset key outside right\nset grid\n\
+        "set terminal png size 900,600 noenhanced\nset output '{}'\nset logscale x\nset xlabel 'Services (10 backends each)'\n\
+         set ylabel 'ns per packet (median)'\nset yrange [0:*]\nset grid\n\
+         set xrange [{}:{}]\nset key outside below center horizontal maxcols 3\n\
          set title 'Ferry per-packet cost (BPF_PROG_TEST_RUN)'\nplot {}\n",
         png.display(),
+        // A margin either side, so the end points do not sit on the frame.
+        lowest / 2.0,
+        highest * 2.0,
         plots.join(", ")
     );
     let mut child = Command::new("gnuplot")
