@@ -12,7 +12,7 @@ use proxy_agent::{
     state::{self, Ids, MapState},
 };
 use proxy_common::{
-    ct_dir, hash,
+    bench, ct_dir, hash,
     program_names::{FROM_POD, TO_POD},
     proto, ServiceKey4, ServiceValue,
 };
@@ -784,6 +784,29 @@ fn a_frontend_id_past_16_bits_is_reverse_nated_to_its_own_frontend() {
     let backend = assert_dnat(&mut p, &g);
     assert_reverse_nat(&mut p, &g, backend);
     assert_eq!(p.stat("rev_nat"), 2);
+}
+
+#[test]
+fn a_wrapped_run_takes_the_real_path_every_time() {
+    // The benchmarks time programs N runs at a time through a wrapper that
+    // restores the frame before each run: every run must be the established
+    // DNAT, and the last leave what a single run leaves.
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40700, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    let run = p.dp.run_wrapped(FROM_POD, &f.bytes(), 100).unwrap();
+    assert_eq!(run.verdict, TC_ACT_UNSPEC);
+    assert_eq!(run.frame, f.with_dst(backend.0, backend.1).bytes());
+    assert_eq!(p.stat("fwd_established"), 100, "each run found the Service");
+    // The wrapper's own cost is timed around a program that only passes.
+    let run =
+        p.dp.run_wrapped(bench::PASS_ONLY_TC, &f.bytes(), 100)
+            .unwrap();
+    assert_eq!((run.verdict, run.frame), (TC_ACT_UNSPEC, f.bytes()));
+    // The wrappers restore headers without options or payload, and nothing else.
+    let mut longer = f.clone();
+    longer.payload = vec![1];
+    assert!(p.dp.run_wrapped(FROM_POD, &longer.bytes(), 1).is_err());
 }
 
 /// A service with three backends whose clients stick to their backend.

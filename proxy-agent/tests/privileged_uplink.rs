@@ -24,7 +24,11 @@ use proxy_agent::{
     model::{Endpoint, Frontend, Protocol, Service},
     state::{self, Ids, MapState},
 };
-use proxy_common::{ct_dir, hash, program_names::UPLINK_TC, Config, ServiceKey4, ServiceValue};
+use proxy_common::{
+    bench, ct_dir, hash,
+    program_names::{UPLINK_TC, UPLINK_XDP},
+    Config, ServiceKey4, ServiceValue,
+};
 use support::{
     netns::{run, Lab},
     packet::{self, Frame},
@@ -718,5 +722,23 @@ fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
         let bytes = outsider.bytes();
         assert_eq!(p.xdp(&bytes), (XDP_DROP, bytes));
         assert_eq!(p.stat("drop_source_range"), 1);
+    });
+}
+
+#[test]
+fn a_wrapped_xdp_run_takes_the_real_path_every_time() {
+    // As the benchmark times the uplink: N runs through the frame-restoring
+    // wrapper, each of them the local-backend DNAT.
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40020, NODE, 30080);
+        let (verdict, once) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        let run = p.dp.run_wrapped(UPLINK_XDP, &f.bytes(), 100).unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, once));
+        assert_eq!(p.stat("fwd_local"), 101, "each run found the NodePort");
+        let run =
+            p.dp.run_wrapped(bench::PASS_ONLY_XDP, &f.bytes(), 100)
+                .unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, f.bytes()));
     });
 }

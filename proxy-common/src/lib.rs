@@ -63,6 +63,27 @@ pub mod program_names {
     pub const UPLINK_TC: &str = "uplink_tc";
 }
 
+/// The frame-restoring wrappers the benchmarks time programs through (see
+/// proxy-ebpf's `bench` module): never attached, their maps never pinned.
+pub mod bench {
+    /// The wrapper around an XDP program under test.
+    pub const WRAPPER_XDP: &str = "bench_xdp";
+    /// The wrapper around a tc program under test.
+    pub const WRAPPER_TC: &str = "bench_tc";
+    /// The XDP floor: a program that only returns XDP_PASS.
+    pub const PASS_ONLY_XDP: &str = "pass_only";
+    /// The tc floor: a program that only returns TC_ACT_UNSPEC.
+    pub const PASS_ONLY_TC: &str = "pass_only_tc";
+    /// The map holding the frame each run starts from (index 0).
+    pub const FRAME_MAP: &str = "bench_frame";
+    /// The program arrays whose slot 0 the wrappers tail-call.
+    pub const XDP_TARGET_MAP: &str = "bench_xdp_prog";
+    pub const TC_TARGET_MAP: &str = "bench_tc_prog";
+    /// The length of the frame a wrapper restores: Ethernet, IPv4 and TCP
+    /// headers without options or payload (a SYN or a bare ACK).
+    pub const FRAME_LEN: usize = 54;
+}
+
 /// Capacities of the maps. The agent can override them at load time.
 pub mod capacity {
     pub const SERVICES: u32 = 262_144;
