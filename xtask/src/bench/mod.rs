@@ -42,8 +42,18 @@ pub fn run(quick: bool) -> Result<()> {
          the packet goes to the Service in the middle of the range. `tc` is `from_pod`\n\
          (ClusterIP DNAT), `xdp` is `uplink_xdp` (a local backend: DNAT and pass);\n\
          `new flow` misses conntrack, `established` hits it. The floor is an XDP\n\
-         program that only returns PASS, measured the same way.\n\n{body}\n![per-packet cost](per_packet.png)\n",
+         program that only returns PASS, measured the same way.\n\n\
+         Rows marked `wrapped` time the established flow in a warm loop: each sample\n\
+         is one BPF_PROG_TEST_RUN with repeat 10000 through a frame-restoring wrapper,\n\
+         which writes the original frame back and tail-calls the program before each\n\
+         run, so that every run takes the real path (each sample's verdict and output\n\
+         frame are checked); the kernel's mean per run, medians of {} samples. Their\n\
+         floor is the same wrapper around a PASS-only program of their hook. `xdp PASS\n\
+         only, repeated without wrapper` is the XDP PASS-only program under plain\n\
+         repeat (it changes nothing): the difference between the two XDP floors is the\n\
+         wrapper's own cost.\n\n{body}\n![per-packet cost](per_packet.png)\n",
         if quick { 3_000 } else { 20_000 },
+        if quick { 30 } else { 200 },
     );
     fs::write(results.join("per_packet.md"), md)?;
     plot(
