@@ -94,7 +94,8 @@ fn header(command: &str) -> Result<String> {
     ))
 }
 
-/// A line per path: median ns against Services (log scale).
+/// A line per path: median ns against Services (both log scales: the paths
+/// span 25 ns to 1 us, and a flat line stays flat).
 fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
     let text = fs::read_to_string(data).context("reading the benchmark data")?;
     let mut by_path: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
@@ -130,20 +131,30 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
     let highest = services.fold(1.0, f64::max);
     let dat = png.with_extension("dat");
     fs::write(&dat, blocks)?;
+    // A colour of its own for each path (gnuplot's default cycle has eight),
+    // and the floors dashed.
+    const COLORS: [&str; 10] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf",
+    ];
     let plots: Vec<String> = by_path
         .keys()
         .enumerate()
         .map(|(i, path)| {
             format!(
-                "'{}' index {i} using 1:2 with linespoints linewidth 2 title '{path}'",
-                dat.display()
+                "'{}' index {i} using 1:2 with linespoints linewidth 2 linecolor rgb '{}' \
+                 dashtype {} title '{path}'",
+                dat.display(),
+                COLORS[i % COLORS.len()],
+                if path.contains("PASS") { 2 } else { 1 },
             )
         })
         .collect();
     let script = format!(
-        "set terminal png size 900,600 noenhanced\nset output '{}'\nset logscale x\nset xlabel 'Services (10 backends each)'\n\
-         set ylabel 'ns per packet (median)'\nset yrange [0:*]\nset grid\n\
-         set xrange [{}:{}]\nset key outside below center horizontal maxcols 3\n\
+        "set terminal pngcairo size 1000,640 noenhanced font ',10'\nset output '{}'\nset logscale xy\n\
+         set xlabel 'Services (10 backends each)'\nset ylabel 'ns per packet (median, log scale)'\n\
+         set yrange [10:2000]\nset grid\nset xrange [{}:{}]\n\
+         set key outside below center horizontal maxrows 5 height 1.5\n\
          set title 'Ferry per-packet cost (BPF_PROG_TEST_RUN)'\nplot {}\n",
         png.display(),
         // A margin either side, so the end points do not sit on the frame.
