@@ -7,6 +7,12 @@
 //! call costs a syscall each (not timed: the kernel times the program alone),
 //! and the caches are colder than in a loop, so these are upper bounds.
 //!
+//! The `wrapped` rows time established flows `repeat` N at a time through the
+//! frame-restoring wrappers (see `proxy_common::bench`), which put the frame
+//! back before each run and tail-call the program: the real path in a warm
+//! loop. Each wrapper's own cost, around a PASS-only program of its hook, is
+//! their floor. Every timed run's verdict and output frame are checked.
+//!
 //! Usage (root): `cargo bench -p proxy-agent --bench per_packet -- [--quick] [--out FILE]`
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -18,9 +24,17 @@ use proxy_agent::{
     simulate,
     state::{self, Ids, MapState},
 };
-use proxy_common::program_names::FROM_POD;
+use proxy_common::{
+    bench::{PASS_ONLY_TC, PASS_ONLY_XDP},
+    program_names::{FROM_POD, UPLINK_XDP},
+};
 
 const BACKENDS_EACH: u32 = 10;
+/// Runs per wrapped sample.
+const WRAPPED_REPEAT: u32 = 10_000;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+const XDP_PASS: u32 = 2;
+const FLOOR: &str = "xdp PASS only (floor)";
 
 fn service(i: u32) -> Service {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
@@ -62,8 +76,9 @@ enum Prog {
     Floor,
 }
 
-/// One run of a program on `input`; checks the verdict, returns the kernel's time.
-fn run_once(dp: &mut Dataplane, prog: Prog, input: &[u8], want: u32) -> Duration {
+/// One run of a program on `input`; checks the verdict, returns the kernel's
+/// time and the frame that came out.
+fn run_once(dp: &mut Dataplane, prog: Prog, input: &[u8], want: u32) -> (Duration, Vec<u8>) {
     let mut out = vec![0u8; input.len() + 64];
     let opts = TestRunOptions {
         data_in: Some(input),
@@ -77,7 +92,55 @@ fn run_once(dp: &mut Dataplane, prog: Prog, input: &[u8], want: u32) -> Duration
     }
     .expect("BPF_PROG_TEST_RUN");
     assert_eq!(result.return_value, want, "unexpected verdict");
-    result.duration
+    out.truncate(result.data_size_out as usize);
+    (result.duration, out)
+}
+
+/// Samples of `WRAPPED_REPEAT` runs of the XDP PASS-only program on `input`
+/// without a wrapper: it leaves the frame as it is, so plain `repeat` times it
+/// truly, and beside its wrapped row this gives the wrapper's own cost.
+fn pass_only_repeated(dp: &mut Dataplane, input: &[u8], samples: usize) -> Vec<u64> {
+    (0..samples)
+        .map(|_| {
+            let mut out = vec![0u8; input.len() + 64];
+            let opts = TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                repeat: WRAPPED_REPEAT,
+                ..Default::default()
+            };
+            let result = dp
+                .pass_only()
+                .unwrap()
+                .test_run(opts)
+                .expect("BPF_PROG_TEST_RUN");
+            out.truncate(result.data_size_out as usize);
+            assert_eq!((result.return_value, out.as_slice()), (XDP_PASS, input));
+            result.duration.as_nanos() as u64
+        })
+        .collect()
+}
+
+/// Samples of `WRAPPED_REPEAT` runs of `program` on `input` through its
+/// wrapper, each checked for the verdict and frame of a single run; the
+/// kernel's mean per run, in nanoseconds.
+fn wrapped(
+    dp: &mut Dataplane,
+    program: &str,
+    input: &[u8],
+    want: (u32, &[u8]),
+    samples: usize,
+) -> Vec<u64> {
+    (0..samples)
+        .map(|_| {
+            let run = dp
+                .run_wrapped(program, input, WRAPPED_REPEAT)
+                .expect("wrapped BPF_PROG_TEST_RUN");
+            assert_eq!(run.verdict, want.0, "{program}: unexpected verdict");
+            assert_eq!(run.frame, want.1, "{program}: unexpected frame");
+            run.per_run.as_nanos() as u64
+        })
+        .collect()
 }
 
 /// Median and spread (p10, p90) in nanoseconds.
@@ -90,12 +153,28 @@ fn summary(mut ns: Vec<u64>) -> (u64, u64, u64) {
 struct Row {
     services: u32,
     path: &'static str,
+    /// The path of the row this one is compared with in "vs floor".
+    floor: &'static str,
     median: u64,
     p10: u64,
     p90: u64,
 }
 
-fn measure(services: u32, samples: usize, rows: &mut Vec<Row>) {
+impl Row {
+    fn new(services: u32, path: &'static str, floor: &'static str, ns: Vec<u64>) -> Self {
+        let (median, p10, p90) = summary(ns);
+        Self {
+            services,
+            path,
+            floor,
+            median,
+            p10,
+            p90,
+        }
+    }
+}
+
+fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec<Row>) {
     let list: Vec<Service> = (0..services).map(service).collect();
     let (desired, problems) = state::desired(&list, &mut Ids::default());
     assert!(
@@ -109,15 +188,16 @@ fn measure(services: u32, samples: usize, rows: &mut Vec<Row>) {
     // The Service in the middle of the address range.
     let vip = list[(services / 2) as usize].frontend.address;
     let client = Ipv4Addr::new(10, 244, 1, 2);
+    let established = frame(client, 40000, vip);
+    let mut once = Vec::new();
     for (prog, path_new, path_est, pass) in [
-        (Prog::Tc, "tc new flow", "tc established", u32::MAX),
-        (Prog::Xdp, "xdp new flow", "xdp established", 2),
+        (Prog::Tc, "tc new flow", "tc established", TC_ACT_UNSPEC),
+        (Prog::Xdp, "xdp new flow", "xdp established", XDP_PASS),
     ] {
         // Established: one flow, its conntrack entry made by the first run.
-        let established = frame(client, 40000, vip);
-        run_once(&mut dp, prog, &established, pass);
+        once.push(run_once(&mut dp, prog, &established, pass).1);
         let est: Vec<u64> = (0..samples)
-            .map(|_| run_once(&mut dp, prog, &established, pass).as_nanos() as u64)
+            .map(|_| run_once(&mut dp, prog, &established, pass).0.as_nanos() as u64)
             .collect();
         // New: every sample a flow never seen (source address and port vary).
         let new: Vec<u64> = (0..samples)
@@ -125,32 +205,57 @@ fn measure(services: u32, samples: usize, rows: &mut Vec<Row>) {
                 let src =
                     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (i / 60_000) as u32);
                 let f = frame(src, 1024 + (i % 60_000) as u16, vip);
-                run_once(&mut dp, prog, &f, pass).as_nanos() as u64
+                run_once(&mut dp, prog, &f, pass).0.as_nanos() as u64
             })
             .collect();
-        for (path, ns) in [(path_est, est), (path_new, new)] {
-            let (median, p10, p90) = summary(ns);
-            rows.push(Row {
-                services,
-                path,
-                median,
-                p10,
-                p90,
-            });
-        }
+        rows.push(Row::new(services, path_est, FLOOR, est));
+        rows.push(Row::new(services, path_new, FLOOR, new));
     }
-    let floor_frame = frame(client, 40000, vip);
     let floor: Vec<u64> = (0..samples)
-        .map(|_| run_once(&mut dp, Prog::Floor, &floor_frame, 2).as_nanos() as u64)
+        .map(|_| {
+            run_once(&mut dp, Prog::Floor, &established, XDP_PASS)
+                .0
+                .as_nanos() as u64
+        })
         .collect();
-    let (median, p10, p90) = summary(floor);
-    rows.push(Row {
-        services,
-        path: "xdp PASS only (floor)",
-        median,
-        p10,
-        p90,
-    });
+    rows.push(Row::new(services, FLOOR, FLOOR, floor));
+
+    // The same established flow through the wrappers, which must leave what
+    // one run left; the PASS-only programs leave the frame as it was.
+    let (tc_once, xdp_once) = (&once[0], &once[1]);
+    for (program, path, want, floor_program, floor_path, floor_verdict) in [
+        (
+            FROM_POD,
+            "tc established, wrapped",
+            (TC_ACT_UNSPEC, tc_once.as_slice()),
+            PASS_ONLY_TC,
+            "tc PASS only, wrapped (floor)",
+            TC_ACT_UNSPEC,
+        ),
+        (
+            UPLINK_XDP,
+            "xdp established, wrapped",
+            (XDP_PASS, xdp_once.as_slice()),
+            PASS_ONLY_XDP,
+            "xdp PASS only, wrapped (floor)",
+            XDP_PASS,
+        ),
+    ] {
+        let ns = wrapped(&mut dp, program, &established, want, wrapped_samples);
+        rows.push(Row::new(services, path, floor_path, ns));
+        let unchanged = (floor_verdict, established.as_slice());
+        let ns = wrapped(
+            &mut dp,
+            floor_program,
+            &established,
+            unchanged,
+            wrapped_samples,
+        );
+        rows.push(Row::new(services, floor_path, floor_path, ns));
+    }
+    let ns = pass_only_repeated(&mut dp, &established, wrapped_samples);
+    let path = "xdp PASS only, repeated without wrapper";
+    rows.push(Row::new(services, path, path, ns));
 }
 
 fn main() {
@@ -162,19 +267,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     assert_eq!(unsafe { libc::geteuid() }, 0, "run as root");
-    // Frontends are numbered by a 16-bit reverse-NAT id, so 65535 is the most.
-    let scales: &[u32] = if quick {
-        &[10, 1_000, 10_000]
-    } else {
-        &[10, 1_000, 10_000, 65_000]
-    };
-    let samples = if quick { 3_000 } else { 20_000 };
+    let scales: &[u32] = &[10, 1_000, 10_000, 100_000];
+    let (samples, wrapped_samples) = if quick { (3_000, 30) } else { (20_000, 200) };
     let mut rows = Vec::new();
     for &n in scales {
         eprintln!(
-            "per_packet: {n} Services of {BACKENDS_EACH} backends, {samples} samples per path"
+            "per_packet: {n} Services of {BACKENDS_EACH} backends, {samples} samples per path, \
+             {wrapped_samples} of {WRAPPED_REPEAT} runs per wrapped path"
         );
-        measure(n, samples, &mut rows);
+        measure(n, samples, wrapped_samples, &mut rows);
     }
     let base = |path: &str| {
         rows.iter()
@@ -182,9 +283,9 @@ fn main() {
             .map(|r| r.median)
             .unwrap_or(1)
     };
-    let floor = |n: u32| {
+    let floor = |n: u32, path: &str| {
         rows.iter()
-            .find(|r| r.services == n && r.path.starts_with("xdp PASS"))
+            .find(|r| r.services == n && r.path == path)
             .map(|r| r.median)
             .unwrap_or(1)
     };
@@ -198,7 +299,7 @@ fn main() {
             r.p10,
             r.p90,
             r.median as f64 / base(r.path) as f64,
-            r.median as f64 / floor(r.services) as f64,
+            r.median as f64 / floor(r.services, r.floor) as f64,
         ));
     }
     let data: String = rows

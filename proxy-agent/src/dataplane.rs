@@ -4,13 +4,14 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray, ProgramArray,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -19,14 +20,15 @@ use aya::{
             TcAttachOptions, TcError, TcHandle,
         },
         xdp::XdpLink,
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        Program, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    capacity, ct_lifetime, map_names, program_names, stats, AffinityKey4, AffinityValue4, Backend4,
-    Config, CtKey4, CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4,
-    StatCounter,
+    bench, capacity, ct_lifetime, map_names, program_names, stats, AffinityKey4, AffinityValue4,
+    Backend4, Config, CtKey4, CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue,
+    SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -50,7 +52,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey4, ServiceValue>,
     backends: HashMap<MapData, u32, Backend4>,
-    revnat: HashMap<MapData, u16, RevNat4>,
+    revnat: HashMap<MapData, u32, RevNat4>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
     nat: HashMap<MapData, CtKey4, Nat4>,
     affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
@@ -60,6 +62,16 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, StatCounter>,
     /// Where maps (and XDP links) are pinned; None for private maps.
     pin_dir: Option<PathBuf>,
+}
+
+/// A timed run through a frame-restoring wrapper ([`Dataplane::run_wrapped`]).
+pub struct WrappedRun {
+    /// The last run's return code.
+    pub verdict: u32,
+    /// The frame as the last run left it.
+    pub frame: Vec<u8>,
+    /// The kernel's mean time per run, the wrapper included.
+    pub per_run: Duration,
 }
 
 /// How the uplink program is attached.
@@ -129,13 +141,80 @@ impl Dataplane {
     pub fn pass_only(&mut self) -> Result<&mut Xdp> {
         let program: &mut Xdp = self
             .ebpf
-            .program_mut("pass_only")
+            .program_mut(bench::PASS_ONLY_XDP)
             .context("no pass_only program")?
             .try_into()?;
         if program.fd().is_err() {
             program.load()?;
         }
         Ok(program)
+    }
+
+    /// Runs the XDP or tc program `target` `repeat` times through its
+    /// frame-restoring wrapper (see `proxy_common::bench`): every run starts
+    /// from `frame`, which must be `bench::FRAME_LEN` bytes, and takes the path
+    /// that frame takes. Returns the last run's verdict and frame, and the
+    /// kernel's mean time per run, the wrapper's own cost included.
+    pub fn run_wrapped(&mut self, target: &str, frame: &[u8], repeat: u32) -> Result<WrappedRun> {
+        let restored: [u8; bench::FRAME_LEN] = frame.try_into().with_context(|| {
+            format!(
+                "the wrappers restore {} bytes, the frame has {}",
+                bench::FRAME_LEN,
+                frame.len()
+            )
+        })?;
+        let mut frames: Array<&mut MapData, [u8; bench::FRAME_LEN]> =
+            Array::try_from(self.map(bench::FRAME_MAP)?)?;
+        frames.set(0, restored, 0)?;
+        let program = self.load_on_demand(target)?;
+        let (wrapper, targets) = if matches!(program, Program::Xdp(_)) {
+            (bench::WRAPPER_XDP, bench::XDP_TARGET_MAP)
+        } else {
+            (bench::WRAPPER_TC, bench::TC_TARGET_MAP)
+        };
+        let fd = program.fd()?.try_clone()?;
+        ProgramArray::try_from(self.map(targets)?)?.set(0, &fd, 0)?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = match self.load_on_demand(wrapper)? {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => bail!("{wrapper} is neither XDP nor tc"),
+        }
+        .with_context(|| format!("test run of {target} through {wrapper}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(WrappedRun {
+            verdict: result.return_value,
+            frame: out,
+            per_run: result.duration,
+        })
+    }
+
+    /// The program `name`, an XDP or tc one, loaded if it was not yet.
+    fn load_on_demand(&mut self, name: &str) -> Result<&mut Program> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?;
+        if program.fd().is_err() {
+            match program {
+                Program::Xdp(p) => p.load()?,
+                Program::SchedClassifier(p) => p.load()?,
+                _ => bail!("{name} is neither XDP nor tc"),
+            }
+        }
+        Ok(program)
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))
     }
 
     /// Kernels before 5.11 charge BPF map memory to RLIMIT_MEMLOCK, whose usual

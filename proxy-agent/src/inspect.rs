@@ -122,7 +122,7 @@ pub fn backends(pin_dir: &Path) -> Result<String> {
             backend_words(&b)
         );
     }
-    let mut revnat: Vec<(u16, RevNat4)> = hash(pin_dir, map_names::REVNAT_V4)?;
+    let mut revnat: Vec<(u32, RevNat4)> = hash(pin_dir, map_names::REVNAT_V4)?;
     revnat.sort_by_key(|(id, _)| *id);
     let _ = writeln!(out, "\n{:>6}  FRONTEND", "REVNAT");
     for (id, r) in revnat {

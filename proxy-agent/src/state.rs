@@ -7,7 +7,7 @@ use std::{
 };
 
 use proxy_common::{
-    backend_flags, backend_state, svc_flags, Backend4, MaglevKey4, RevNat4, ServiceKey4,
+    backend_flags, backend_state, capacity, svc_flags, Backend4, MaglevKey4, RevNat4, ServiceKey4,
     ServiceValue, SourceRange4,
 };
 
@@ -18,7 +18,7 @@ use crate::model::{Endpoint, Frontend, Protocol, Scheduler, Service};
 pub struct MapState {
     pub services: BTreeMap<ServiceKey4, ServiceValue>,
     pub backends: BTreeMap<u32, Backend4>,
-    pub revnat: BTreeMap<u16, RevNat4>,
+    pub revnat: BTreeMap<u32, RevNat4>,
     /// loadBalancerSourceRanges entries: (LPM prefix length, data).
     pub source_ranges: BTreeSet<(u32, SourceRange4)>,
     /// Maglev tables: (frontend, slot) -> backend id.
@@ -29,14 +29,14 @@ pub struct MapState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend(u32, Backend4),
-    PutRevNat(u16, RevNat4),
+    PutRevNat(u32, RevNat4),
     PutSourceRange(u32, SourceRange4),
     PutMaglev(MaglevKey4, u32),
     PutService(ServiceKey4, ServiceValue),
     DelService(ServiceKey4),
     DelSourceRange(u32, SourceRange4),
     DelMaglev(MaglevKey4),
-    DelRevNat(u16),
+    DelRevNat(u32),
     DelBackend(u32),
 }
 
@@ -72,10 +72,14 @@ pub struct Ids {
     /// walk over every backend.
     backend_ids: HashSet<u32>,
     backend_cursor: u32,
-    revnat: HashMap<Frontend, u16>,
-    revnat_ids: HashSet<u16>,
-    revnat_cursor: u16,
+    revnat: HashMap<Frontend, u32>,
+    revnat_ids: HashSet<u32>,
+    revnat_cursor: u32,
 }
+
+/// The highest frontend id: ids index the round-robin array, which has
+/// `capacity::REVNAT` slots.
+pub const MAX_FRONTEND_ID: u32 = capacity::REVNAT - 1;
 
 fn protocol_of(number: u8) -> Option<Protocol> {
     match number {
@@ -131,12 +135,14 @@ impl Ids {
         Some(id)
     }
 
-    fn revnat(&mut self, frontend: Frontend) -> Option<u16> {
+    fn revnat(&mut self, frontend: Frontend) -> Option<u32> {
         if let Some(&id) = self.revnat.get(&frontend) {
             return Some(id);
         }
         let used = &self.revnat_ids;
-        let id = next_free(&mut self.revnat_cursor, u16::MAX, |id| used.contains(&id))?;
+        let id = next_free(&mut self.revnat_cursor, MAX_FRONTEND_ID, |id| {
+            used.contains(&id)
+        })?;
         self.revnat.insert(frontend, id);
         self.revnat_ids.insert(id);
         Some(id)
@@ -272,7 +278,6 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                 for (index, owner) in crate::maglev::build(&keys, size).into_iter().enumerate() {
                     let key = MaglevKey4 {
                         rev_nat_id,
-                        _pad: 0,
                         index: index as u32,
                     };
                     state.maglev.insert(key, slots[owner as usize].0);
@@ -284,22 +289,22 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
             for range in &service.source_ranges {
                 let data = SourceRange4 {
                     rev_nat_id_be: rev_nat_id.to_be(),
-                    _pad: 0,
                     addr_be: u32::from(range.address).to_be(),
                 };
                 state
                     .source_ranges
-                    .insert((32 + u32::from(range.prefix), data));
+                    .insert((SourceRange4::prefix_len(range.prefix), data));
             }
         }
         state.services.insert(
             service_key(&frontend, 0),
             ServiceValue {
                 backend_id: slot0_value,
-                count: slots.len() as u16,
                 rev_nat_id,
+                count: slots.len() as u16,
                 flags,
                 maglev_size,
+                _pad: 0,
             },
         );
         for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
@@ -307,10 +312,11 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                 service_key(&frontend, slot as u16 + 1),
                 ServiceValue {
                     backend_id: id,
-                    count: 0,
                     rev_nat_id,
+                    count: 0,
                     flags: 0,
                     maglev_size: 0,
+                    _pad: 0,
                 },
             );
             state
@@ -354,7 +360,7 @@ fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
 impl MapState {
     /// (frontend, backend) pairs new connections may go to: what affinity entries
     /// may still name.
-    pub fn slot_pairs(&self) -> HashSet<(u16, u32)> {
+    pub fn slot_pairs(&self) -> HashSet<(u32, u32)> {
         self.services
             .iter()
             .filter(|(k, _)| k.slot != 0)
@@ -597,7 +603,6 @@ mod tests {
         assert_eq!(backend.flags, backend_flags::LOCAL);
         let range = SourceRange4 {
             rev_nat_id_be: slot0.rev_nat_id.to_be(),
-            _pad: 0,
             addr_be: u32::from_be_bytes([198, 51, 100, 0]).to_be(),
         };
         assert_eq!(state.source_ranges, BTreeSet::from([(56, range)]));
@@ -624,6 +629,88 @@ mod tests {
         );
         let mut full: u16 = 5;
         assert_eq!(next_free(&mut full, 8, |_| true), None);
+    }
+
+    /// `n` frontends without endpoints, on consecutive addresses from `first`.
+    fn frontends(first: u32, n: u32) -> Vec<Service> {
+        (first..first + n)
+            .map(|i| {
+                let vip = u32::from_be_bytes([10, 96, 0, 0]) + i;
+                svc(&format!("s{i}"), vip.to_be_bytes(), 80, &[])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frontend_ids_go_past_16_bits() {
+        let mut ids = Ids::default();
+        let (state, problems) = desired(&frontends(0, 70_000), &mut ids);
+        assert!(problems.is_empty(), "{:?}", &problems[..1]);
+        assert_eq!(state.revnat.len(), 70_000, "one id per frontend");
+        let slot0_ids: HashSet<u32> = state.services.values().map(|v| v.rev_nat_id).collect();
+        assert_eq!(slot0_ids.len(), 70_000, "no two frontends share an id");
+        let highest = *state.revnat.keys().last().unwrap();
+        assert!(highest > 65_536, "highest id {highest}");
+        // Handed out from the cursor, not by a walk over the ids in use: a
+        // second batch continues where the first stopped.
+        let mut more = frontends(0, 70_000);
+        more.extend(frontends(70_000, 10));
+        let (state, _) = desired(&more, &mut ids);
+        assert_eq!(
+            state.revnat.keys().last().copied(),
+            Some(highest + 10),
+            "the new frontends follow the highest id"
+        );
+    }
+
+    #[test]
+    fn frontend_ids_stay_inside_the_round_robin_array() {
+        // An earlier agent left a frontend at the highest id: the next one wraps
+        // round to 1, never past the array the ids index.
+        let mut ids = Ids::default();
+        let (mut filled, _) = desired(&frontends(0, 1), &mut ids);
+        let (key, mut value) = filled.services.pop_first().unwrap();
+        value.rev_nat_id = MAX_FRONTEND_ID;
+        filled.services.insert(key, value);
+        let mut ids = Ids::from_state(&filled);
+        let (state, problems) = desired(&frontends(0, 3), &mut ids);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            state.revnat.keys().copied().collect::<Vec<_>>(),
+            [1, 2, MAX_FRONTEND_ID]
+        );
+    }
+
+    #[test]
+    fn source_ranges_match_the_whole_wide_id_then_the_address_prefix() {
+        let mut ids = Ids::default();
+        let mut services = frontends(0, 65_536);
+        // Last by name, so its id comes after the 65536 others.
+        let mut wide = svc("~wide", [192, 0, 2, 10], 80, &[]);
+        wide.source_ranges = vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "0.0.0.0/0".parse().unwrap(),
+        ];
+        services.push(wide.clone());
+        let (state, _) = desired(&services, &mut ids);
+        let id = state.services[&service_key(&wide.frontend, 0)].rev_nat_id;
+        assert_eq!(id, 65_537);
+        let key = |addr: [u8; 4]| SourceRange4 {
+            rev_nat_id_be: id.to_be(),
+            addr_be: u32::from_be_bytes(addr).to_be(),
+        };
+        assert_eq!(
+            state.source_ranges,
+            BTreeSet::from([(32 + 24, key([198, 51, 100, 0])), (32, key([0, 0, 0, 0]))])
+        );
+        // Big endian, the id's high half leads the key: where id 65537 differs
+        // from id 1, which a 16-bit id would have made of it.
+        assert_eq!(
+            key([0, 0, 0, 0]).rev_nat_id_be.to_ne_bytes(),
+            [0, 1, 0, 1],
+            "network order in the trie"
+        );
+        assert_eq!(SourceRange4::LOOKUP_PREFIX_LEN, 64);
     }
 
     #[test]

@@ -238,7 +238,11 @@ fn clusterip_traffic_through_a_real_agent() {
             "map",
             "dump",
             "pinned",
-            &format!("{}/svc4_v1", lab.pin_dir.display()),
+            &format!(
+                "{}/{}",
+                lab.pin_dir.display(),
+                proxy_common::map_names::SERVICES_V4
+            ),
         ],
     );
     for field in [

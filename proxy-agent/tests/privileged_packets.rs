@@ -12,9 +12,9 @@ use proxy_agent::{
     state::{self, Ids, MapState},
 };
 use proxy_common::{
-    ct_dir, hash,
+    bench, ct_dir, hash,
     program_names::{FROM_POD, TO_POD},
-    ServiceKey4,
+    proto, ServiceKey4, ServiceValue,
 };
 use support::packet::{self, Frame};
 
@@ -83,15 +83,25 @@ struct Programs {
 
 impl Programs {
     fn new(services: &[Service]) -> Self {
+        Self::with_ids(services, Ids::default())
+    }
+
+    /// With the ids an agent recovered from maps it found (see [`ids_taken`]).
+    fn with_ids(services: &[Service], ids: Ids) -> Self {
         support::require_root();
         let dp = Dataplane::load_private().expect("load the programs");
         let mut p = Self {
             dp,
-            ids: Ids::default(),
+            ids,
             state: MapState::default(),
         };
         p.serve(services);
         p
+    }
+
+    /// The frontend id the agent gave `vip:port` (TCP).
+    fn frontend_id(&self, vip: &str, port: u16) -> u32 {
+        self.state.services[&slot0(vip, port)].rev_nat_id
     }
 
     /// Programs the maps for `services`, as the agent would.
@@ -201,6 +211,33 @@ fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
         f.dport
     );
     packet::assert_checksums_valid(&out);
+}
+
+/// The slot-0 key of the TCP frontend `vip:port`.
+fn slot0(vip: &str, port: u16) -> ServiceKey4 {
+    ServiceKey4 {
+        addr_be: u32::from(ip(vip)).to_be(),
+        port_be: port.to_be(),
+        proto: proto::TCP,
+        scope: 0,
+        slot: 0,
+        _pad: 0,
+    }
+}
+
+/// Ids as an agent recovers them from maps in which the TCP frontends `taken`
+/// hold the given frontend ids: those keep them (while they stay), and new
+/// frontends are numbered on from the highest.
+fn ids_taken(taken: &[(&str, u16, u32)]) -> Ids {
+    let mut found = MapState::default();
+    for &(vip, port, rev_nat_id) in taken {
+        let slot0_value = ServiceValue {
+            rev_nat_id,
+            ..ServiceValue::default()
+        };
+        found.services.insert(slot0(vip, port), slot0_value);
+    }
+    Ids::from_state(&found)
 }
 
 fn assert_untouched(p: &mut Programs, program: &str, frame: &[u8], verdict: u32) {
@@ -714,6 +751,64 @@ fn a_pod_reaching_itself_is_hairpinned_through_the_link_local_address() {
     assert_eq!(p.stat("rev_nat"), 1);
 }
 
+#[test]
+fn a_frontend_id_past_16_bits_is_reverse_nated_to_its_own_frontend() {
+    // web keeps id 5; "a-wide" sorts first among the new frontends and gets
+    // 65541, which a 16-bit id would have made into web's 5.
+    let wide_vip = "10.96.0.90";
+    let mut services = cluster();
+    services.push(service(
+        "a-wide",
+        wide_vip,
+        443,
+        Protocol::Tcp,
+        &[(BACKEND_A, 8443), (BACKEND_B, 8443)],
+    ));
+    let ids = ids_taken(&[(VIP, 80, 5), ("10.96.0.99", 80, 65_540)]);
+    let mut p = Programs::with_ids(&services, ids);
+    assert_eq!(
+        (p.frontend_id(VIP, 80), p.frontend_id(wide_vip, 443)),
+        (5, 65_541)
+    );
+    let f = Frame::tcp(CLIENT, 40600, wide_vip, 443);
+    let backend = assert_dnat(&mut p, &f);
+    assert!(p
+        .dp
+        .conntrack()
+        .unwrap()
+        .iter()
+        .all(|(_, v)| v.rev_nat_id == 65_541));
+    assert_reverse_nat(&mut p, &f, backend);
+    // And web, with the id the wide one would have collided with, is itself.
+    let g = Frame::tcp(CLIENT, 40601, VIP, 80);
+    let backend = assert_dnat(&mut p, &g);
+    assert_reverse_nat(&mut p, &g, backend);
+    assert_eq!(p.stat("rev_nat"), 2);
+}
+
+#[test]
+fn a_wrapped_run_takes_the_real_path_every_time() {
+    // The benchmarks time programs N runs at a time through a wrapper that
+    // restores the frame before each run: every run must be the established
+    // DNAT, and the last leave what a single run leaves.
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40700, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    let run = p.dp.run_wrapped(FROM_POD, &f.bytes(), 100).unwrap();
+    assert_eq!(run.verdict, TC_ACT_UNSPEC);
+    assert_eq!(run.frame, f.with_dst(backend.0, backend.1).bytes());
+    assert_eq!(p.stat("fwd_established"), 100, "each run found the Service");
+    // The wrapper's own cost is timed around a program that only passes.
+    let run =
+        p.dp.run_wrapped(bench::PASS_ONLY_TC, &f.bytes(), 100)
+            .unwrap();
+    assert_eq!((run.verdict, run.frame), (TC_ACT_UNSPEC, f.bytes()));
+    // The wrappers restore headers without options or payload, and nothing else.
+    let mut longer = f.clone();
+    longer.payload = vec![1];
+    assert!(p.dp.run_wrapped(FROM_POD, &longer.bytes(), 1).is_err());
+}
+
 /// A service with three backends whose clients stick to their backend.
 fn sticky(timeout: u32) -> Vec<Service> {
     let mut s = service(
@@ -829,7 +924,6 @@ fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
         let rev_nat_id = p.state.maglev.keys().next().unwrap().rev_nat_id;
         let key = proxy_common::MaglevKey4 {
             rev_nat_id,
-            _pad: 0,
             index: h % size,
         };
         let id = p.state.maglev[&key];
@@ -865,10 +959,8 @@ fn source_hash_sends_every_flow_of_a_client_to_one_backend() {
     assert!(others.len() > 1, "different clients spread: {others:?}");
 }
 
-#[test]
-fn round_robin_takes_the_backends_in_turn() {
-    use proxy_agent::model::Scheduler;
-    // One CPU, one counter: pin this thread.
+/// Round-robin counters are per CPU: one CPU, one counter.
+fn pin_to_cpu0() {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
@@ -877,6 +969,12 @@ fn round_robin_takes_the_backends_in_turn() {
             0
         );
     }
+}
+
+#[test]
+fn round_robin_takes_the_backends_in_turn() {
+    use proxy_agent::model::Scheduler;
+    pin_to_cpu0();
     let mut p = Programs::new(&scheduled(Scheduler::RoundRobin));
     let picks: Vec<Ipv4Addr> = (0..10)
         .map(|i| schedule_once(&mut p, &Frame::tcp(CLIENT, 48000 + i, "10.96.0.70", 80)))
@@ -891,6 +989,22 @@ fn round_robin_takes_the_backends_in_turn() {
     for _ in 0..3 {
         assert_eq!(assert_dnat_any(&mut p, &f), first);
     }
+}
+
+#[test]
+fn round_robin_counts_for_the_highest_frontend_id_too() {
+    use proxy_agent::{model::Scheduler, state::MAX_FRONTEND_ID};
+    pin_to_cpu0();
+    // Its counter is the last slot of the round-robin array.
+    let ids = ids_taken(&[("10.96.0.99", 80, MAX_FRONTEND_ID - 1)]);
+    let mut p = Programs::with_ids(&scheduled(Scheduler::RoundRobin), ids);
+    assert_eq!(p.frontend_id("10.96.0.70", 80), MAX_FRONTEND_ID);
+    let picks: Vec<Ipv4Addr> = (0..10)
+        .map(|i| schedule_once(&mut p, &Frame::tcp(CLIENT, 48200 + i, "10.96.0.70", 80)))
+        .collect();
+    assert_eq!(picks[..5], picks[5..], "{picks:?}");
+    let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
+    assert_eq!(distinct.len(), 5, "{picks:?}");
 }
 
 /// Sends `f` and returns the backend it was DNATed to, whichever.

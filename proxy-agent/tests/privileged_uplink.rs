@@ -22,9 +22,13 @@ use aya::{
 use proxy_agent::{
     dataplane::Dataplane,
     model::{Endpoint, Frontend, Protocol, Service},
-    state::{self, Ids},
+    state::{self, Ids, MapState},
 };
-use proxy_common::{ct_dir, hash, program_names::UPLINK_TC, Config};
+use proxy_common::{
+    bench, ct_dir, hash,
+    program_names::{UPLINK_TC, UPLINK_XDP},
+    Config, ServiceKey4, ServiceValue,
+};
 use support::{
     netns::{run, Lab},
     packet::{self, Frame},
@@ -373,6 +377,11 @@ impl Programs {
 
 /// Runs `f` with loaded programs, inside the FIB namespace, maps programmed.
 fn with_programs(f: impl FnOnce(&mut Programs) + Send + 'static) {
+    with_programs_numbered(Ids::default(), f);
+}
+
+/// The same, with frontend ids handed out by `ids`.
+fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'static) {
     let mut lab = Lab::new("up");
     let (ns, ifindex) = fib_namespace(&mut lab);
     let file = File::open(format!("/run/netns/{ns}")).unwrap();
@@ -382,7 +391,8 @@ fn with_programs(f: impl FnOnce(&mut Programs) + Send + 'static) {
             0
         );
         let mut dp = Dataplane::load_private().expect("load the programs");
-        let (desired, problems) = state::desired(&services(), &mut Ids::default());
+        let mut ids = ids;
+        let (desired, problems) = state::desired(&services(), &mut ids);
         assert!(problems.is_empty(), "{problems:?}");
         dp.apply(&state::diff(&desired, &Default::default()))
             .unwrap();
@@ -662,5 +672,73 @@ fn traffic_for_the_node_itself_is_untouched() {
             assert_eq!(p.tc(&bytes), (TC_ACT_UNSPEC, bytes));
         }
         assert!(p.dp.conntrack().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
+    // Recovered from maps where a frontend holds 65535: every frontend of
+    // these tests gets an id past 16 bits.
+    let mut taken = MapState::default();
+    let slot0 = ServiceKey4 {
+        addr_be: u32::from(ip("10.96.0.1")).to_be(),
+        port_be: 80u16.to_be(),
+        proto: proxy_common::proto::TCP,
+        scope: 0,
+        slot: 0,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        rev_nat_id: 65_535,
+        ..ServiceValue::default()
+    };
+    taken.services.insert(slot0, value);
+    with_programs_numbered(Ids::from_state(&taken), |p| {
+        // The SNATed flow's NAT entry names its frontend by the wide id, and
+        // the reply finds the NodePort by it.
+        let f = from_outside(packet::TCP, 40010, NODE, 30090);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes());
+        let nat = p.dp.nat().unwrap();
+        assert!(nat[0].1.rev_nat_id > u32::from(u16::MAX), "{:?}", nat[0].1);
+        let mut reply = snated(&f, REMOTE_POD, 8080).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = reply.with_dst(ip(CLIENT), 40010).with_src(ip(NODE), 30090);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(out, expected.bytes());
+        // The LoadBalancer IP's source ranges, keyed by its wide id: an allowed
+        // client is served, another dropped.
+        let allowed = from_outside(packet::TCP, 40011, LB_IP, 80);
+        let (verdict, out) = p.xdp(&allowed.bytes());
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&allowed, REMOTE_POD, 8080).bytes());
+        let mut outsider = from_outside(packet::TCP, 40012, LB_IP, 80);
+        outsider.saddr = ip("10.250.0.50");
+        let bytes = outsider.bytes();
+        assert_eq!(p.xdp(&bytes), (XDP_DROP, bytes));
+        assert_eq!(p.stat("drop_source_range"), 1);
+    });
+}
+
+#[test]
+fn a_wrapped_xdp_run_takes_the_real_path_every_time() {
+    // As the benchmark times the uplink: N runs through the frame-restoring
+    // wrapper, each of them the local-backend DNAT.
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40020, NODE, 30080);
+        let (verdict, once) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        let run = p.dp.run_wrapped(UPLINK_XDP, &f.bytes(), 100).unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, once));
+        assert_eq!(p.stat("fwd_local"), 101, "each run found the NodePort");
+        let run =
+            p.dp.run_wrapped(bench::PASS_ONLY_XDP, &f.bytes(), 100)
+                .unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, f.bytes()));
     });
 }

@@ -22,15 +22,17 @@ pub mod maglev {
 /// Names of the maps, as the kernel knows them and as they are pinned under the
 /// agent's bpffs directory. The kernel keeps at most 15 characters.
 pub mod map_names {
-    pub const SERVICES_V4: &str = "svc4_v1";
+    pub const SERVICES_V4: &str = "svc4_v2";
     pub const BACKENDS_V4: &str = "backend4_v1";
-    pub const REVNAT_V4: &str = "revnat4_v1";
-    pub const CONNTRACK_V4: &str = "ct4_v2";
-    pub const NAT_V4: &str = "nat4_v1";
-    pub const AFFINITY_V4: &str = "affinity4_v1";
-    pub const MAGLEV_V4: &str = "maglev4_v1";
-    pub const ROUND_ROBIN: &str = "rr_v1";
-    pub const SOURCE_RANGES_V4: &str = "srcrange4_v1";
+    pub const REVNAT_V4: &str = "revnat4_v2";
+    pub const CONNTRACK_V4: &str = "ct4_v3";
+    pub const NAT_V4: &str = "nat4_v2";
+    pub const AFFINITY_V4: &str = "affinity4_v2";
+    pub const MAGLEV_V4: &str = "maglev4_v2";
+    /// Its layout is unchanged since v1, but it is indexed by frontend id and
+    /// v1 had room for 16-bit ids only: a reused v1 would miss every wider id.
+    pub const ROUND_ROBIN: &str = "rr_v2";
+    pub const SOURCE_RANGES_V4: &str = "srcrange4_v2";
     pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
     /// Every map the programs define; the agent pins each of them.
@@ -61,11 +63,36 @@ pub mod program_names {
     pub const UPLINK_TC: &str = "uplink_tc";
 }
 
+/// The frame-restoring wrappers the benchmarks time programs through (see
+/// proxy-ebpf's `bench` module): never attached, their maps never pinned.
+pub mod bench {
+    /// The wrapper around an XDP program under test.
+    pub const WRAPPER_XDP: &str = "bench_xdp";
+    /// The wrapper around a tc program under test.
+    pub const WRAPPER_TC: &str = "bench_tc";
+    /// The XDP floor: a program that only returns XDP_PASS.
+    pub const PASS_ONLY_XDP: &str = "pass_only";
+    /// The tc floor: a program that only returns TC_ACT_UNSPEC.
+    pub const PASS_ONLY_TC: &str = "pass_only_tc";
+    /// The map holding the frame each run starts from (index 0).
+    pub const FRAME_MAP: &str = "bench_frame";
+    /// The program arrays whose slot 0 the wrappers tail-call.
+    pub const XDP_TARGET_MAP: &str = "bench_xdp_prog";
+    pub const TC_TARGET_MAP: &str = "bench_tc_prog";
+    /// The length of the frame a wrapper restores: Ethernet, IPv4 and TCP
+    /// headers without options or payload (a SYN or a bare ACK).
+    pub const FRAME_LEN: usize = 54;
+}
+
 /// Capacities of the maps. The agent can override them at load time.
 pub mod capacity {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
-    pub const REVNAT: u32 = 65_536;
+    /// Frontend (reverse-NAT) ids run from 1 to `REVNAT - 1`: they also index
+    /// the round-robin array, which has `REVNAT` slots. As many as the services
+    /// map has slots, so that ids never run out before the slots do (every
+    /// frontend takes at least its slot 0).
+    pub const REVNAT: u32 = 262_144;
     pub const CONNTRACK: u32 = 524_288;
     pub const NAT: u32 = 262_144;
     pub const AFFINITY: u32 = 131_072;
@@ -122,8 +149,7 @@ pub mod svc_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MaglevKey4 {
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: u32,
     pub index: u32,
 }
 const _: () = assert!(core::mem::size_of::<MaglevKey4>() == 8);
@@ -133,8 +159,7 @@ const _: () = assert!(core::mem::size_of::<MaglevKey4>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey4 {
     pub client_addr_be: u32,
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
 
@@ -155,14 +180,15 @@ const _: () = assert!(core::mem::size_of::<AffinityValue4>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     pub backend_id: u32,
+    pub rev_nat_id: u32,
     pub count: u16,
-    pub rev_nat_id: u16,
     pub flags: u16,
     /// Slot 0 of a Maglev frontend: its table size, as an index into
     /// [`maglev::SIZES`]; 0 elsewhere.
     pub maglev_size: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// Backend states.
 pub mod backend_state {
@@ -191,8 +217,9 @@ pub struct Backend4 {
 }
 const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
 
-/// Value of the reverse-NAT map, keyed by a `u16` id the agent allocates per
-/// frontend (never 0): the address and port a client dialled.
+/// Value of the reverse-NAT map, keyed by a `u32` id the agent allocates per
+/// frontend (never 0, below [`capacity::REVNAT`]): the address and port a
+/// client dialled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNat4 {
@@ -267,11 +294,11 @@ const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue4 {
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     pub flags: u16,
     /// For a flow SNATed to the node's address: the node port it got (else 0).
     pub nat_port_be: u16,
-    pub _pad: [u16; 3],
+    pub _pad: u32,
     /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
     pub last_seen_ns: u64,
 }
@@ -284,25 +311,38 @@ const _: () = assert!(core::mem::size_of::<CtValue4>() == 24);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Nat4 {
     pub client_addr_be: u32,
-    pub client_port_be: u16,
     /// The frontend the client dialled (reverse-NAT id).
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
+    pub client_port_be: u16,
+    pub _pad: [u16; 3],
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Nat4>() == 16);
+const _: () = assert!(core::mem::size_of::<Nat4>() == 24);
 
 /// Data of a source-ranges LPM trie key: a frontend (by reverse-NAT id, big
-/// endian so it is matched bit by bit) and a client address. The key's prefix
-/// length counts the 32 bits of `rev_nat_id_be` and `_pad` plus the address
-/// prefix; a lookup uses 64 and the client's address.
+/// endian so it is matched bit by bit) and a client address. An entry's prefix
+/// length is [`SourceRange4::ID_BITS`] (the whole id must match) plus the
+/// address prefix; a lookup uses [`SourceRange4::LOOKUP_PREFIX_LEN`] and the
+/// client's address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRange4 {
-    pub rev_nat_id_be: u16,
-    pub _pad: u16,
+    pub rev_nat_id_be: u32,
     pub addr_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<SourceRange4>() == 8);
+
+impl SourceRange4 {
+    /// The bits of the key that name the frontend: all of `rev_nat_id_be`.
+    pub const ID_BITS: u32 = 8 * core::mem::size_of::<u32>() as u32;
+    /// A lookup matches the whole key: the id and every bit of the client address.
+    pub const LOOKUP_PREFIX_LEN: u32 = 8 * core::mem::size_of::<Self>() as u32;
+
+    /// The prefix length of an entry for an address prefix of `addr_prefix` bits.
+    pub const fn prefix_len(addr_prefix: u8) -> u32 {
+        Self::ID_BITS + addr_prefix as u32
+    }
+}
 
 /// The node-wide settings the agent writes into the config array (index 0).
 #[repr(C)]

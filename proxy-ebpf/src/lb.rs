@@ -230,7 +230,6 @@ fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u3
             let index = flow_hash().checked_rem(size).unwrap_or(0);
             let slot = MaglevKey4 {
                 rev_nat_id: svc.rev_nat_id,
-                _pad: 0,
                 index,
             };
             // SAFETY: copied out at once.
@@ -241,7 +240,7 @@ fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u3
         svc_flags::SCHEDULER_SOURCE_HASH => slot_for(flow_hash4(flow.saddr, 0, 0, 0, 0), svc.count),
         svc_flags::SCHEDULER_ROUND_ROBIN => {
             let counter = ROUND_ROBIN
-                .get_ptr_mut(u32::from(svc.rev_nat_id))
+                .get_ptr_mut(svc.rev_nat_id)
                 .ok_or(Drop(stats::DROP_NO_BACKEND_ENTRY))?;
             // SAFETY: a per-CPU slot, touched by this CPU only.
             let turn = unsafe {
@@ -265,7 +264,6 @@ fn affinity_key(flow: &Flow, svc: &ServiceValue) -> AffinityKey4 {
     AffinityKey4 {
         client_addr_be: flow.saddr,
         rev_nat_id: svc.rev_nat_id,
-        _pad: 0,
     }
 }
 

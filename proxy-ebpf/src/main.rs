@@ -4,9 +4,12 @@
 //!   (pod traffic to services, and replies).
 //! - `uplink_xdp` / `uplink_tc`: XDP and tc ingress on the node's uplink
 //!   (NodePort, externalIPs, LoadBalancer IPs, SNAT to remote backends).
+//! - `pass_only` / `pass_only_tc`, `bench_xdp` / `bench_tc`: for the
+//!   benchmarks only, never attached (floors, and frame-restoring wrappers).
 #![no_std]
 #![no_main]
 
+mod bench;
 mod csum;
 mod ctx;
 mod fib;
@@ -61,6 +64,13 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn pass_only(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Returns TC_ACT_UNSPEC and nothing else: around it, the benchmarks time the
+/// tc wrapper's own cost (see `bench`). Never attached.
+#[classifier]
+pub fn pass_only_tc(_ctx: TcContext) -> i32 {
+    verdict::TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

@@ -12,7 +12,7 @@ use proxy_common::{
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
-#[btf_map(name = "svc4_v1")]
+#[btf_map(name = "svc4_v2")]
 pub static SERVICES: HashMap<ServiceKey4, ServiceValue, { capacity::SERVICES as usize }> =
     HashMap::new();
 
@@ -21,25 +21,25 @@ pub static SERVICES: HashMap<ServiceKey4, ServiceValue, { capacity::SERVICES as 
 pub static BACKENDS: HashMap<u32, Backend4, { capacity::BACKENDS as usize }> = HashMap::new();
 
 /// Reverse NAT: frontend id -> the address and port the client dialled.
-#[btf_map(name = "revnat4_v1")]
-pub static REVNAT: HashMap<u16, RevNat4, { capacity::REVNAT as usize }> = HashMap::new();
+#[btf_map(name = "revnat4_v2")]
+pub static REVNAT: HashMap<u32, RevNat4, { capacity::REVNAT as usize }> = HashMap::new();
 
 /// Conntrack: both directions of every translated flow, least recently used evicted.
-#[btf_map(name = "ct4_v2")]
+#[btf_map(name = "ct4_v3")]
 pub static CONNTRACK: LruHashMap<CtKey4, CtValue4, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
 
 /// SNAT: a remote backend's reply (to the node address and NAT port) -> the client.
-#[btf_map(name = "nat4_v1")]
+#[btf_map(name = "nat4_v2")]
 pub static NAT: LruHashMap<CtKey4, Nat4, { capacity::NAT as usize }> = LruHashMap::new();
 
 /// sessionAffinity ClientIP: (client, frontend) -> backend and last use.
-#[btf_map(name = "affinity4_v1")]
+#[btf_map(name = "affinity4_v2")]
 pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue4, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
 /// Maglev tables: (frontend, slot) -> backend id, allocated as used.
-#[btf_map(name = "maglev4_v1")]
+#[btf_map(name = "maglev4_v2")]
 pub static MAGLEV: HashMap<
     MaglevKey4,
     u32,
@@ -49,11 +49,11 @@ pub static MAGLEV: HashMap<
 
 /// Round robin: a counter per frontend (reverse-NAT id) and per CPU, so no two
 /// CPUs ever race on one counter.
-#[btf_map(name = "rr_v1")]
+#[btf_map(name = "rr_v2")]
 pub static ROUND_ROBIN: PerCpuArray<u32, { capacity::REVNAT as usize }> = PerCpuArray::new();
 
 /// loadBalancerSourceRanges: (frontend, client prefix) -> allowed.
-#[btf_map(name = "srcrange4_v1")]
+#[btf_map(name = "srcrange4_v2")]
 pub static SOURCE_RANGES: LpmTrie<
     SourceRange4,
     u8,

@@ -55,11 +55,13 @@ pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Result<Out, Drop> {
     if svc.flags & svc_flags::SOURCE_RANGES != 0 {
         let data = SourceRange4 {
             rev_nat_id_be: svc.rev_nat_id.to_be(),
-            _pad: 0,
             addr_be: flow.saddr,
         };
         if SOURCE_RANGES
-            .get(&aya_ebpf::maps::lpm_trie::Key::new(64, data))
+            .get(&aya_ebpf::maps::lpm_trie::Key::new(
+                SourceRange4::LOOKUP_PREFIX_LEN,
+                data,
+            ))
             .is_none()
         {
             return Err(Drop(stats::DROP_SOURCE_RANGE));
@@ -135,7 +137,7 @@ fn allocate_nat_port(
     flow: &Flow,
     config: &Config,
     backend: &proxy_common::Backend4,
-    rev_nat_id: u16,
+    rev_nat_id: u32,
 ) -> Result<u16, Drop> {
     let min = u32::from(config.nat_port_min);
     let max = u32::from(config.nat_port_max);
@@ -146,8 +148,9 @@ fn allocate_nat_port(
     let start = flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let value = Nat4 {
         client_addr_be: flow.saddr,
-        client_port_be: flow.sport,
         rev_nat_id,
+        client_port_be: flow.sport,
+        _pad: [0; 3],
         last_seen_ns: lb::now(),
     };
     let mut i = 0;
@@ -171,7 +174,7 @@ fn refresh_nat(
     config: &Config,
     backend: &proxy_common::Backend4,
     port: u16,
-    rev_nat_id: u16,
+    rev_nat_id: u32,
 ) {
     let key = nat_key(backend.addr_be, backend.port_be, config, port, flow.proto);
     let now = lb::now();
@@ -187,8 +190,9 @@ fn refresh_nat(
         None => {
             let value = Nat4 {
                 client_addr_be: flow.saddr,
-                client_port_be: flow.sport,
                 rev_nat_id,
+                client_port_be: flow.sport,
+                _pad: [0; 3],
                 last_seen_ns: now,
             };
             let _ = NAT.insert(&key, &value, 0);

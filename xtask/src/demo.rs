@@ -117,7 +117,7 @@ pub fn run() -> Result<()> {
     })??;
     println!("UDP to {vip}:53 answered by {} from {}", udp.1, udp.0);
 
-    let map = lab.pin_dir("node1").join("svc4_v1");
+    let map = lab.pin_dir("node1").join("svc4_v2");
     eprintln!(
         "demo: 6/6 the services map of node1: bpftool map dump pinned {}",
         map.display()
