@@ -24,6 +24,7 @@ use crate::{
     dataplane::{Dataplane, UplinkMode},
     health::{self, HealthChecks, Shared},
     ifaces::{self, LinkEvent},
+    latency::{self, Triggers},
     model::{Scheduler, Service, ServiceFile},
     state::{self, Ids, MapState},
     watch::{self, Store},
@@ -143,6 +144,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let mut stores = Stores::default();
+    let mut triggers = Triggers::new(jiff::Timestamp::now());
     let (mut services, mut slices, mut nodes, slice_version): (
         Events<K8sService>,
         Events<DynamicObject>,
@@ -186,8 +188,8 @@ pub async fn run(config: Config) -> Result<()> {
             },
             Some(event) = slices.next() => match event {
                 Ok(event) => {
-                    let convert = watch::convert_slice(slice_version.expect("slices come from the API"));
-                    if stores.slices.apply(event, convert) { changed(&status, &mut sync_at) }
+                    let version = slice_version.expect("slices come from the API");
+                    if on_slice(&mut stores.slices, &mut triggers, event, version) { changed(&status, &mut sync_at) }
                 }
                 Err(e) => watch_error(&status, "endpointslices", &e),
             },
@@ -254,7 +256,14 @@ pub async fn run(config: Config) -> Result<()> {
                 for service in &mut services {
                     service.scheduler.get_or_insert(config.scheduler);
                 }
-                match sync(&mut dataplane, &services, &mut ids, &mut applied, &status) {
+                let result = sync(&mut dataplane, &services, &mut ids, &mut applied, &status);
+                if result.is_ok() {
+                    // Every slice change seen so far is in the maps now.
+                    let latencies = triggers.programmed(jiff::Timestamp::now());
+                    let histogram = &mut status.lock().unwrap().metrics.network_programming;
+                    latencies.into_iter().for_each(|l| histogram.observe(l));
+                }
+                match result {
                     Ok(()) if !ready => {
                         ready = true;
                         info!(frontends = applied.revnat.len(), "ready: maps in sync");
@@ -272,6 +281,43 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("stopping; programs and maps stay in place");
     Ok(())
+}
+
+/// Applies one EndpointSlice event to the store and notes its trigger time
+/// for the network programming latency. Returns whether the store changed.
+fn on_slice(
+    store: &mut Store<Slice>,
+    triggers: &mut Triggers,
+    event: watcher::Event<DynamicObject>,
+    version: cluster::SliceVersion,
+) -> bool {
+    let (key, trigger, deleted) = match &event {
+        watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => (
+            watch::key_of(obj),
+            latency::trigger_time(obj.metadata.annotations.as_ref()),
+            false,
+        ),
+        watcher::Event::Delete(obj) => (watch::key_of(obj), None, true),
+        watcher::Event::Init | watcher::Event::InitDone => {
+            return store.apply(event, watch::convert_slice(version));
+        }
+    };
+    // During a relist the store still serves the previous list: compare with that.
+    let before = store.get(&key).cloned();
+    let mut after = None;
+    let convert = watch::convert_slice(version);
+    let changed = store.apply(event, |obj| {
+        after = convert(obj);
+        after.clone()
+    });
+    if let Some(service) = after.as_ref().or(before.as_ref()).map(|s| &s.service) {
+        if deleted {
+            triggers.deleted(service);
+        } else {
+            triggers.updated(service, trigger, before != after);
+        }
+    }
+    changed
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<Service>> {

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub frontends: u64,
     pub backends: u64,
     pub pod_interfaces: u64,
+    /// From each EndpointSlice change's trigger time to its programming.
+    pub network_programming: crate::latency::Histogram,
 }
 
 impl Metrics {
@@ -99,11 +101,19 @@ impl Metrics {
                 "Pod interfaces with the programs attached.",
             ),
         ];
-        rows.iter()
+        let mut out: String = rows
+            .iter()
             .map(|(name, kind, value, help)| {
                 format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
             })
-            .collect()
+            .collect();
+        // kube-proxy's name, so the SIG Scalability SLI queries and dashboards
+        // written for kube-proxy work unchanged against Ferry.
+        out.push_str(&self.network_programming.render(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+        ));
+        out
     }
 }
 

@@ -45,6 +45,11 @@ impl<T> Store<T> {
         self.items.values()
     }
 
+    /// The object stored under `namespace/name` ([`key_of`]).
+    pub fn get(&self, key: &str) -> Option<&T> {
+        self.items.get(key)
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -59,7 +64,7 @@ impl<T> Store<T> {
     pub fn apply<K: ResourceExt>(
         &mut self,
         event: watcher::Event<K>,
-        convert: impl Fn(K) -> Option<T>,
+        convert: impl FnOnce(K) -> Option<T>,
     ) -> bool {
         match event {
             watcher::Event::Init => {
@@ -93,7 +98,8 @@ impl<T> Store<T> {
     }
 }
 
-fn key_of<K: ResourceExt>(obj: &K) -> String {
+/// The key objects are stored under: `namespace/name`.
+pub fn key_of<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
