@@ -15,6 +15,8 @@ use tokio::{
 };
 use tracing::warn;
 
+use crate::latency::{Histogram, ProgrammingBuckets, SyncBuckets};
+
 /// What the health endpoints report on, updated by the sync loop.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -40,7 +42,9 @@ pub struct Metrics {
     pub backends: u64,
     pub pod_interfaces: u64,
     /// From each EndpointSlice change's trigger time to its programming.
-    pub network_programming: crate::latency::Histogram,
+    pub network_programming: Histogram<ProgrammingBuckets>,
+    /// How long each successful programming round took.
+    pub sync_duration: Histogram<SyncBuckets>,
 }
 
 impl Metrics {
@@ -112,6 +116,10 @@ impl Metrics {
         out.push_str(&self.network_programming.render(
             "kubeproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
+        ));
+        out.push_str(&self.sync_duration.render(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
         ));
         out
     }

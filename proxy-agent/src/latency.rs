@@ -4,7 +4,10 @@
 //! change that caused it happened) to the moment this node's maps hold the
 //! change. Pure: the agent feeds it slice events and the end of each sync.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    marker::PhantomData,
+};
 
 use jiff::Timestamp;
 
@@ -65,42 +68,66 @@ impl Triggers {
     }
 }
 
-/// kube-proxy's bucket bounds (seconds) with finer ones below its smallest,
-/// 0.25 s: Ferry's goal is a p99 under 100 ms, which kube-proxy's buckets
-/// cannot tell from 250 ms. Its bounds are kept as they are (its leading 0 too),
-/// so queries and dashboards written for kube-proxy read the same values.
-fn bucket_bounds() -> Vec<f64> {
-    let mut bounds = vec![0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
-    bounds.extend([0.25, 0.5]);
-    bounds.extend((1..=59).map(f64::from));
-    bounds.extend((0..12).map(|i| f64::from(60 + 5 * i)));
-    bounds.extend((0..7).map(|i| f64::from(120 + 30 * i)));
-    bounds
+/// The bucket bounds (seconds) of one histogram.
+pub trait Buckets {
+    fn bounds() -> Vec<f64>;
+}
+
+/// Network programming latency: kube-proxy's bounds with finer ones below its
+/// smallest, 0.25 s: Ferry's goal is a p99 under 100 ms, which kube-proxy's
+/// buckets cannot tell from 250 ms. Its bounds are kept as they are (its
+/// leading 0 too), so queries and dashboards written for kube-proxy read the
+/// same values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgrammingBuckets;
+
+impl Buckets for ProgrammingBuckets {
+    fn bounds() -> Vec<f64> {
+        let mut bounds = vec![0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
+        bounds.extend([0.25, 0.5]);
+        bounds.extend((1..=59).map(f64::from));
+        bounds.extend((0..12).map(|i| f64::from(60 + 5 * i)));
+        bounds.extend((0..7).map(|i| f64::from(120 + 30 * i)));
+        bounds
+    }
+}
+
+/// One programming round: kube-proxy's `sync_proxy_rules_duration_seconds`
+/// bounds, 1 ms doubling to 16 s, fine enough for Ferry as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncBuckets;
+
+impl Buckets for SyncBuckets {
+    fn bounds() -> Vec<f64> {
+        (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
+    }
 }
 
 /// A Prometheus histogram (cumulative buckets, sum and count).
 #[derive(Debug, Clone)]
-pub struct Histogram {
+pub struct Histogram<B> {
     bounds: Vec<f64>,
     /// Observations per bucket (not cumulative); the last one is +Inf.
     counts: Vec<u64>,
     sum: f64,
     count: u64,
+    buckets: PhantomData<B>,
 }
 
-impl Default for Histogram {
+impl<B: Buckets> Default for Histogram<B> {
     fn default() -> Self {
-        let bounds = bucket_bounds();
+        let bounds = B::bounds();
         Self {
             counts: vec![0; bounds.len() + 1],
             bounds,
             sum: 0.0,
             count: 0,
+            buckets: PhantomData,
         }
     }
 }
 
-impl Histogram {
+impl<B> Histogram<B> {
     pub fn observe(&mut self, value: f64) {
         let bucket = self.bounds.partition_point(|b| *b < value);
         self.counts[bucket] += 1;
@@ -184,8 +211,8 @@ mod tests {
     }
 
     #[test]
-    fn buckets_refine_kube_proxys_below_a_quarter_second_and_keep_the_rest() {
-        let bounds = bucket_bounds();
+    fn programming_buckets_refine_kube_proxys_below_a_quarter_second_and_keep_the_rest() {
+        let bounds = ProgrammingBuckets::bounds();
         assert!(bounds.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(
             &bounds[..8],
@@ -197,8 +224,16 @@ mod tests {
     }
 
     #[test]
+    fn sync_buckets_are_kube_proxys_one_millisecond_doubling() {
+        let bounds = SyncBuckets::bounds();
+        assert_eq!(bounds.len(), 15);
+        assert_eq!(bounds[0], 0.001);
+        assert_eq!(bounds[14], 16.384);
+    }
+
+    #[test]
     fn histogram_renders_cumulative_buckets_sum_and_count() {
-        let mut h = Histogram::default();
+        let mut h = Histogram::<ProgrammingBuckets>::default();
         h.observe(0.003);
         h.observe(0.1);
         h.observe(400.0);
