@@ -120,6 +120,15 @@ pub async fn slice_version(client: &Client) -> Result<SliceVersion> {
     anyhow::bail!("the API server serves no EndpointSlices (discovery.k8s.io v1 or v1beta1)")
 }
 
+/// What every watch lists with: from the API server's watch cache
+/// (resourceVersion "0"), as client-go's informers (and so kube-proxy) do. A
+/// quorum read instead goes to etcd page by page, which at 10k Services made up
+/// most of the agent's first sync; the watch that follows the list brings any
+/// change the cache had not seen yet.
+fn config() -> watcher::Config {
+    watcher::Config::default().any_semantic()
+}
+
 /// A watch stream with kube's default backoff: errors are yielded (to be logged
 /// and counted) and the watch restarts by itself.
 fn stream<K>(
@@ -138,7 +147,7 @@ pub fn services(
 ) -> impl Stream<Item = watcher::Result<watcher::Event<Service>>> + Send {
     stream(
         Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
+        config(),
     )
 }
 
@@ -148,7 +157,7 @@ pub fn node(
 ) -> impl Stream<Item = watcher::Result<watcher::Event<Node>>> + Send {
     stream(
         Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={name}")),
+        config().fields(&format!("metadata.name={name}")),
     )
 }
 
@@ -160,7 +169,7 @@ pub fn slices(
     let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
     watcher(
         Api::<DynamicObject>::all_with(client.clone(), &resource),
-        watcher::Config::default(),
+        config(),
     )
     .default_backoff()
     .boxed()
