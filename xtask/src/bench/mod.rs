@@ -8,6 +8,9 @@ use anyhow::{Context, Result};
 
 use crate::{build_ebpf, debian, exec, workspace_root};
 
+mod control_plane;
+mod memory;
+
 pub fn run(quick: bool) -> Result<()> {
     debian::install("bench", &["gnuplot-nox"])?;
     build_ebpf::run()?;
@@ -53,7 +56,7 @@ pub fn run(quick: bool) -> Result<()> {
     let _ = fs::remove_file(&table);
     let _ = fs::remove_file(table.with_extension("part.dat"));
     eprintln!("bench: {}", results.join("per_packet.md").display());
-    Ok(())
+    control_plane::run(quick, &results, command)
 }
 
 fn output(cmd: &mut Command) -> String {
