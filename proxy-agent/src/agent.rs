@@ -128,7 +128,7 @@ impl DesiredCache {
             }
             out
         };
-        if self.all || self.node.as_ref() != Some(node) {
+        if self.all || self.contested || self.node.as_ref() != Some(node) {
             let mut by_service: HashMap<&str, Vec<&Slice>> = HashMap::new();
             for slice in stores.slices.values().filter(|s| s.address_type == "IPv4") {
                 by_service.entry(&slice.service).or_default().push(slice);
@@ -702,6 +702,21 @@ mod tests {
         assert!(matches!(
             cache.refresh(&s, &node, Scheduler::FlowHash),
             Changed::Everything
+        ));
+        // Resolved: one more full round finds no claimant left, then partial again.
+        s.services.apply(
+            watcher::Event::Apply(service("b", "10.96.0.2")),
+            watch::keep,
+        );
+        cache.touch("default/b");
+        assert!(matches!(
+            cache.refresh(&s, &node, Scheduler::FlowHash),
+            Changed::Everything
+        ));
+        cache.touch("default/b");
+        assert!(matches!(
+            cache.refresh(&s, &node, Scheduler::FlowHash),
+            Changed::Services(..)
         ));
     }
 }
