@@ -731,6 +731,12 @@ fn plot(png: &Path, scales: &[Scale]) -> Result<()> {
         blocks.push_str("\n\n");
     }
     fs::write(&dat, blocks)?;
+    // A log scale that always shows the goal, however far below it the data are.
+    let slowest = scales
+        .iter()
+        .flat_map(|s| &s.from_response)
+        .fold(0.0_f64, |a, b| a.max(*b));
+    let right = (slowest * 1.5).max(200.0);
     let lines: Vec<String> = scales
         .iter()
         .enumerate()
@@ -744,8 +750,8 @@ fn plot(png: &Path, scales: &[Scale]) -> Result<()> {
         .collect();
     let script = format!(
         "set terminal png size 900,520 noenhanced\nset output '{}'\n\
-         set xlabel 'API response -> change in the BPF maps (ms)'\nset ylabel 'fraction of changes'\n\
-         set yrange [0:1.02]\nset xrange [0:*]\nset key outside right\nset grid\n\
+         set xlabel 'API response -> change in the BPF maps (ms, log scale)'\nset ylabel 'fraction of changes'\n\
+         set yrange [0:1.02]\nset logscale x\nset xrange [0.5:{right:.0}]\nset key outside right\nset grid\n\
          set arrow from 100, graph 0 to 100, graph 1 nohead dt 2\n\
          set label 'goal: p99 < 100 ms' at 100, graph 0.5 offset 1,0\n\
          set title 'Ferry programming latency, 10 endpoints per Service'\nplot {}\n",
