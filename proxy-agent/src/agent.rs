@@ -3,7 +3,12 @@
 //! drift. Only this module ties the pure parts to the kernel and the network.
 
 use std::{
-    collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -24,7 +29,8 @@ use crate::{
     dataplane::{Dataplane, UplinkMode},
     health::{self, HealthChecks, Shared},
     ifaces::{self, LinkEvent},
-    model::{Scheduler, Service, ServiceFile},
+    latency::{self, Triggers},
+    model::{Frontend, Scheduler, Service, ServiceFile},
     state::{self, Ids, MapState},
     watch::{self, Store},
 };
@@ -79,11 +85,140 @@ impl Stores {
     fn node(&self, name: &str) -> NodeInfo {
         NodeInfo::from_node(name, self.node.values().next().map(AsRef::as_ref))
     }
+}
 
-    fn desired(&self, node: &NodeInfo) -> cluster::Desired {
-        let k8s: Vec<&K8sService> = self.services.values().map(AsRef::as_ref).collect();
-        let slices: Vec<&Slice> = self.slices.values().collect();
-        cluster::desired(&k8s, &slices, node)
+/// The desired state per Service (`namespace/name`), recomputed only for the
+/// Services whose object or slices changed since the last round, so that a
+/// round's cost follows what changed rather than the size of the cluster.
+#[derive(Default)]
+struct DesiredCache {
+    per_service: HashMap<String, cluster::Desired>,
+    /// Services to recompute at the next round.
+    dirty: HashSet<String>,
+    /// What the cache was computed for; another node view recomputes everything.
+    node: Option<NodeInfo>,
+    /// Recompute everything (a relist replaced a store).
+    all: bool,
+    /// Which Service serves each frontend, to find a change that claims a
+    /// frontend another Service has ...
+    owners: HashMap<Frontend, String>,
+    /// ... in which case (a misconfiguration) only full rounds, which decide
+    /// between the claimants, are right, until none is left.
+    contested: bool,
+}
+
+/// What changed in a [`DesiredCache::refresh`].
+enum Changed {
+    Everything,
+    /// These Services (their frontends now), and frontends no longer served.
+    Services(Vec<String>, Vec<Frontend>),
+}
+
+impl DesiredCache {
+    fn touch(&mut self, service: impl Into<String>) {
+        self.dirty.insert(service.into());
+    }
+
+    fn refresh(&mut self, stores: &Stores, node: &NodeInfo, scheduler: Scheduler) -> Changed {
+        let compute = |svc: &K8sService, slices: &[&Slice]| {
+            let mut out = cluster::Desired::default();
+            cluster::desired_service(svc, slices, node, &mut out);
+            for service in &mut out.services {
+                service.scheduler.get_or_insert(scheduler);
+            }
+            out
+        };
+        if self.all || self.contested || self.node.as_ref() != Some(node) {
+            let mut by_service: HashMap<&str, Vec<&Slice>> = HashMap::new();
+            for slice in stores.slices.values().filter(|s| s.address_type == "IPv4") {
+                by_service.entry(&slice.service).or_default().push(slice);
+            }
+            self.per_service = stores
+                .services
+                .values()
+                .map(|svc| {
+                    let key = cluster::service_key(svc);
+                    let slices = by_service.get(key.as_str()).map_or(&[][..], Vec::as_slice);
+                    let desired = compute(svc, slices);
+                    (key, desired)
+                })
+                .collect();
+            self.node = Some(node.clone());
+            self.all = false;
+            self.dirty.clear();
+            self.owners.clear();
+            self.contested = false;
+            for (key, desired) in &self.per_service {
+                for service in &desired.services {
+                    let owner = self
+                        .owners
+                        .entry(service.frontend)
+                        .or_insert_with(|| key.clone());
+                    self.contested |= owner != key;
+                }
+            }
+            return Changed::Everything;
+        }
+        let keys: Vec<String> = self.dirty.drain().collect();
+        let mut gone = Vec::new();
+        for key in &keys {
+            let old = match stores.services.get(key) {
+                Some(svc) => {
+                    // A scan, not an index: a few microseconds per thousand slices,
+                    // and nothing to keep consistent across relists.
+                    let slices: Vec<&Slice> = stores
+                        .slices
+                        .values()
+                        .filter(|s| &s.service == key && s.address_type == "IPv4")
+                        .collect();
+                    self.per_service.insert(key.clone(), compute(svc, &slices))
+                }
+                None => self.per_service.remove(key),
+            };
+            for service in old.iter().flat_map(|d| &d.services) {
+                if self.owners.get(&service.frontend) == Some(key) {
+                    self.owners.remove(&service.frontend);
+                    gone.push(service.frontend);
+                }
+            }
+        }
+        for key in &keys {
+            for service in self.per_service.get(key).iter().flat_map(|d| &d.services) {
+                let owner = self
+                    .owners
+                    .entry(service.frontend)
+                    .or_insert_with(|| key.clone());
+                self.contested |= owner != key;
+            }
+        }
+        if self.contested {
+            return Changed::Everything;
+        }
+        gone.retain(|f| !self.owners.contains_key(f));
+        Changed::Services(keys, gone)
+    }
+
+    /// The frontends of some Services.
+    fn services_of(&self, keys: &[String]) -> Vec<&Service> {
+        keys.iter()
+            .filter_map(|k| self.per_service.get(k))
+            .flat_map(|d| &d.services)
+            .collect()
+    }
+
+    fn services(&self) -> impl Iterator<Item = &Service> {
+        self.per_service.values().flat_map(|d| &d.services)
+    }
+
+    fn skipped(&self) -> impl Iterator<Item = &cluster::Skip> {
+        self.per_service.values().flat_map(|d| &d.skipped)
+    }
+
+    fn health_checks(&self) -> Vec<cluster::HealthCheck> {
+        self.per_service
+            .values()
+            .flat_map(|d| d.health_checks.iter().cloned())
+            .collect()
     }
 }
 
@@ -143,6 +278,10 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let mut stores = Stores::default();
+    let mut cache = DesiredCache::default();
+    // The first round diffs everything against the maps an earlier agent left.
+    let mut full_next = true;
+    let mut triggers = Triggers::new(jiff::Timestamp::now());
     let (mut services, mut slices, mut nodes, slice_version): (
         Events<K8sService>,
         Events<DynamicObject>,
@@ -181,13 +320,21 @@ pub async fn run(config: Config) -> Result<()> {
     loop {
         tokio::select! {
             Some(event) = services.next() => match event {
-                Ok(event) => if stores.services.apply(event, watch::keep) { changed(&status, &mut sync_at) },
+                Ok(event) => {
+                    match &event {
+                        watcher::Event::Apply(svc) | watcher::Event::InitApply(svc) | watcher::Event::Delete(svc) => {
+                            cache.touch(watch::key_of(svc));
+                        }
+                        watcher::Event::Init | watcher::Event::InitDone => cache.all = true,
+                    }
+                    if stores.services.apply(event, watch::keep) { changed(&status, &mut sync_at) }
+                }
                 Err(e) => watch_error(&status, "services", &e),
             },
             Some(event) = slices.next() => match event {
                 Ok(event) => {
-                    let convert = watch::convert_slice(slice_version.expect("slices come from the API"));
-                    if stores.slices.apply(event, convert) { changed(&status, &mut sync_at) }
+                    let version = slice_version.expect("slices come from the API");
+                    if on_slice(&mut stores.slices, &mut triggers, &mut cache, event, version) { changed(&status, &mut sync_at) }
                 }
                 Err(e) => watch_error(&status, "endpointslices", &e),
             },
@@ -200,7 +347,14 @@ pub async fn run(config: Config) -> Result<()> {
                 // Whatever the maps hold now is the truth to diff against: this
                 // repairs entries changed or lost behind the agent's back.
                 match dataplane.read_state() {
-                    Ok(actual) => applied = actual,
+                    // Only drift needs a full round: at 10k Services one costs
+                    // hundreds of milliseconds, and changes wait behind it.
+                    Ok(actual) if actual != applied => {
+                        warn!("the maps differ from what the agent wrote; repairing");
+                        applied = actual;
+                        full_next = true;
+                    }
+                    Ok(_) => {}
                     Err(e) => error!(error = %e, "reading the maps for resync"),
                 }
                 match dataplane.gc(crate::dataplane::monotonic_ns()) {
@@ -212,7 +366,9 @@ pub async fn run(config: Config) -> Result<()> {
             }
             _ = sleep_until(sync_at.unwrap_or_else(Instant::now)), if sync_at.is_some() => {
                 sync_at = None;
-                let mut services = match &config.source {
+                let round = Instant::now();
+                let file_services: Vec<Service>;
+                let work = match &config.source {
                     Source::Api { .. } if !stores.ready() => {
                         debug!("waiting for the first full list of every watched kind");
                         continue;
@@ -233,28 +389,48 @@ pub async fn run(config: Config) -> Result<()> {
                                 Err(e) => error!(error = format!("{e:#}"), "writing the node settings"),
                             }
                         }
-                        let desired = stores.desired(&node);
-                        status.lock().unwrap().metrics.services_skipped = desired.skipped.len() as u64;
-                        for skip in &desired.skipped {
+                        let changed = cache.refresh(&stores, &node, config.scheduler);
+                        status.lock().unwrap().metrics.services_skipped = cache.skipped().count() as u64;
+                        for skip in cache.skipped() {
                             debug!(%skip, "not proxied");
                         }
-                        for (port, e) in health_checks.update(&desired.health_checks).await {
+                        for (port, e) in health_checks.update(&cache.health_checks()).await {
                             warn!(port, error = %e, "cannot serve a healthCheckNodePort");
                         }
-                        desired.services
+                        match changed {
+                            Changed::Services(keys, gone) if !full_next => Round::Partial {
+                                services: cache.services_of(&keys),
+                                gone,
+                            },
+                            _ => Round::Full(cache.services().collect()),
+                        }
                     }
                     Source::File(path) => match read_file(path) {
-                        Ok(services) => services,
+                        Ok(mut services) => {
+                            for service in &mut services {
+                                service.scheduler.get_or_insert(config.scheduler);
+                            }
+                            file_services = services;
+                            Round::Full(file_services.iter().collect())
+                        }
                         Err(e) => {
                             error!(error = format!("{e:#}"), "reading services");
                             continue;
                         }
                     },
                 };
-                for service in &mut services {
-                    service.scheduler.get_or_insert(config.scheduler);
+                let result = sync(&mut dataplane, work, &mut ids, &mut applied, &status);
+                // After a failure the maps were read back: the next round must
+                // look at every frontend.
+                full_next = result.is_err();
+                if result.is_ok() {
+                    // Every slice change seen so far is in the maps now.
+                    let latencies = triggers.programmed(jiff::Timestamp::now());
+                    let metrics = &mut status.lock().unwrap().metrics;
+                    metrics.sync_duration.observe(round.elapsed().as_secs_f64());
+                    latencies.into_iter().for_each(|l| metrics.network_programming.observe(l));
                 }
-                match sync(&mut dataplane, &services, &mut ids, &mut applied, &status) {
+                match result {
                     Ok(()) if !ready => {
                         ready = true;
                         info!(frontends = applied.revnat.len(), "ready: maps in sync");
@@ -272,6 +448,49 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("stopping; programs and maps stay in place");
     Ok(())
+}
+
+/// Applies one EndpointSlice event to the store and notes its trigger time
+/// for the network programming latency. Returns whether the store changed.
+fn on_slice(
+    store: &mut Store<Slice>,
+    triggers: &mut Triggers,
+    cache: &mut DesiredCache,
+    event: watcher::Event<DynamicObject>,
+    version: cluster::SliceVersion,
+) -> bool {
+    let (key, trigger, deleted) = match &event {
+        watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => (
+            watch::key_of(obj),
+            latency::trigger_time(obj.metadata.annotations.as_ref()),
+            false,
+        ),
+        watcher::Event::Delete(obj) => (watch::key_of(obj), None, true),
+        watcher::Event::Init | watcher::Event::InitDone => {
+            cache.all = true;
+            return store.apply(event, watch::convert_slice(version));
+        }
+    };
+    // During a relist the store still serves the previous list: compare with that.
+    let before = store.get(&key).cloned();
+    let mut after = None;
+    let convert = watch::convert_slice(version);
+    let changed = store.apply(event, |obj| {
+        after = convert(obj);
+        after.clone()
+    });
+    // A slice can move from one Service to another: both change.
+    for slice in [&before, &after].into_iter().flatten() {
+        cache.touch(slice.service.as_str());
+    }
+    if let Some(service) = after.as_ref().or(before.as_ref()).map(|s| &s.service) {
+        if deleted {
+            triggers.deleted(service);
+        } else {
+            triggers.updated(service, trigger, before != after);
+        }
+    }
+    changed
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<Service>> {
@@ -302,24 +521,49 @@ fn watch_error(status: &Shared, kind: &str, e: &watcher::Error) {
     warn!(kind, error = %e, "watch failed; retrying with backoff");
 }
 
-/// Programs the maps for `services`: desired state, diff against what is
-/// applied, ordered writes.
+/// What a programming round covers.
+enum Round<'a> {
+    /// Every frontend, diffed against everything the maps hold.
+    Full(Vec<&'a Service>),
+    /// Only the frontends of these services changed, and `gone` are no longer
+    /// served: the round's cost follows the change.
+    Partial {
+        services: Vec<&'a Service>,
+        gone: Vec<Frontend>,
+    },
+}
+
+/// Programs the maps: desired state, diff against what is applied, ordered
+/// writes.
 fn sync(
     dataplane: &mut Dataplane,
-    services: &[Service],
+    round: Round<'_>,
     ids: &mut Ids,
     applied: &mut MapState,
     status: &Shared,
 ) -> Result<()> {
-    let (desired, problems) = state::desired(services, ids);
+    let full = matches!(round, Round::Full(_));
+    // `applied` becomes what the writes make of the maps; if they fail, it is
+    // read back from the maps below.
+    let (ops, problems) = match round {
+        Round::Full(services) => {
+            let (desired, problems) = state::desired(&services, ids);
+            let ops = state::diff(&desired, applied);
+            *applied = desired;
+            (ops, problems)
+        }
+        Round::Partial { services, gone } => state::update(&services, &gone, applied, ids),
+    };
     for problem in &problems {
         warn!(%problem, "service not programmed");
     }
-    let ops = state::diff(&desired, applied);
     let result = dataplane.apply(&ops);
     let mut status = status.lock().unwrap();
     status.metrics.syncs += 1;
-    status.metrics.service_problems = problems.len() as u64;
+    if full {
+        // A partial round sees only its own Services' problems.
+        status.metrics.service_problems = problems.len() as u64;
+    }
     if let Err(e) = result {
         status.metrics.sync_errors += 1;
         // Some writes may have landed: start again from what the maps hold.
@@ -330,14 +574,13 @@ fn sync(
     if !ops.is_empty() {
         info!(
             writes = ops.len(),
-            frontends = desired.revnat.len(),
-            backends = desired.backends.len(),
+            frontends = applied.revnat.len(),
+            backends = applied.backends.len(),
             "maps programmed"
         );
     }
-    status.metrics.frontends = desired.revnat.len() as u64;
-    status.metrics.backends = desired.backends.len() as u64;
-    *applied = desired;
+    status.metrics.frontends = applied.revnat.len() as u64;
+    status.metrics.backends = applied.backends.len() as u64;
     status.health.synced();
     match dataplane.prune_affinity(applied) {
         Ok(0) => {}
@@ -378,4 +621,108 @@ fn on_link(
         }
     }
     status.lock().unwrap().metrics.pod_interfaces = attached.len() as u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> K8sService {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": name},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80, "protocol": "TCP"}]}
+        }))
+        .unwrap()
+    }
+
+    fn stores(services: &[K8sService]) -> Stores {
+        let mut stores = Stores::default();
+        stores.services.apply(watcher::Event::Init, watch::keep);
+        for svc in services {
+            stores
+                .services
+                .apply(watcher::Event::InitApply(svc.clone()), watch::keep);
+        }
+        stores.services.apply(watcher::Event::InitDone, watch::keep);
+        stores
+    }
+
+    fn frontend(ip: &str) -> Frontend {
+        Frontend {
+            address: ip.parse().unwrap(),
+            port: 80,
+            protocol: crate::model::Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn cache_recomputes_only_touched_services_and_names_what_went() {
+        let node = NodeInfo::default();
+        let mut cache = DesiredCache::default();
+        let mut s = stores(&[service("a", "10.96.0.1"), service("b", "10.96.0.2")]);
+        assert!(matches!(
+            cache.refresh(&s, &node, Scheduler::FlowHash),
+            Changed::Everything
+        ));
+        assert_eq!(cache.services().count(), 2);
+
+        // b moves to another cluster IP; a is untouched.
+        s.services.apply(
+            watcher::Event::Apply(service("b", "10.96.0.3")),
+            watch::keep,
+        );
+        cache.touch("default/b");
+        let Changed::Services(keys, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
+            panic!("a partial change");
+        };
+        assert_eq!(keys, vec!["default/b".to_string()]);
+        assert_eq!(gone, vec![frontend("10.96.0.2")]);
+        assert_eq!(cache.services_of(&keys)[0].frontend, frontend("10.96.0.3"));
+
+        // A Service going takes its frontends with it.
+        s.services.apply(
+            watcher::Event::Delete(service("a", "10.96.0.1")),
+            watch::keep,
+        );
+        cache.touch("default/a");
+        let Changed::Services(_, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
+            panic!("a partial change");
+        };
+        assert_eq!(gone, vec![frontend("10.96.0.1")]);
+        assert_eq!(cache.services().count(), 1);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_needs_full_rounds() {
+        let node = NodeInfo::default();
+        let mut cache = DesiredCache::default();
+        let mut s = stores(&[service("a", "10.96.0.1"), service("b", "10.96.0.2")]);
+        cache.refresh(&s, &node, Scheduler::FlowHash);
+        s.services.apply(
+            watcher::Event::Apply(service("b", "10.96.0.1")),
+            watch::keep,
+        );
+        cache.touch("default/b");
+        assert!(matches!(
+            cache.refresh(&s, &node, Scheduler::FlowHash),
+            Changed::Everything
+        ));
+        // Resolved: one more full round finds no claimant left, then partial again.
+        s.services.apply(
+            watcher::Event::Apply(service("b", "10.96.0.2")),
+            watch::keep,
+        );
+        cache.touch("default/b");
+        assert!(matches!(
+            cache.refresh(&s, &node, Scheduler::FlowHash),
+            Changed::Everything
+        ));
+        cache.touch("default/b");
+        assert!(matches!(
+            cache.refresh(&s, &node, Scheduler::FlowHash),
+            Changed::Services(..)
+        ));
+    }
 }

@@ -399,211 +399,228 @@ pub fn desired(k8s: &[&K8sService], slices: &[&Slice], node: &NodeInfo) -> Desir
     }
     let mut out = Desired::default();
     for svc in k8s {
-        let meta = &svc.metadata;
-        let (namespace, name) = (
-            meta.namespace.as_deref().unwrap_or(""),
-            meta.name.as_deref().unwrap_or(""),
-        );
-        let key = format!("{namespace}/{name}");
-        let Some(spec) = &svc.spec else { continue };
-        let labels = meta.labels.as_ref();
-        if spec.type_.as_deref() == Some("ExternalName") {
-            out.skipped.push(Skip::ExternalName(key));
-            continue;
-        }
-        if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
-            out.skipped.push(Skip::OtherProxy(key));
-            continue;
-        }
-        let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-            (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-            (_, Some(ip)) => vec![ip.as_str()],
-            _ => Vec::new(),
-        };
-        if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
-            out.skipped.push(Skip::Headless(key));
-            continue;
-        }
-        let Some(vip) = cluster_ips
-            .iter()
-            .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-        else {
-            out.skipped.push(Skip::NoIpv4ClusterIp(key));
-            continue;
-        };
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let external_ips: Vec<Ipv4Addr> = spec
-            .external_ips
-            .iter()
-            .flatten()
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
-        let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            ingress
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.as_deref()?.parse().ok())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let source_ranges: Vec<Cidr> = spec
-            .load_balancer_source_ranges
-            .iter()
-            .flatten()
-            .filter_map(|r| r.parse().ok())
-            .collect();
+        let key = service_key(svc);
         let service_slices = by_service
             .get(key.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let policy = Policy {
-            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-            external_local,
-            has_external_frontends: matches!(kind, "NodePort" | "LoadBalancer")
-                || !external_ips.is_empty(),
-            ignore_node_hints: false,
-        };
-        let topology_node = topology::Node {
-            name: node.name.clone(),
-            zone: node.zone.clone(),
-        };
-        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-        });
-        // A scheduler this agent does not know is reported and left to the default.
-        let scheduler = match meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SCHEDULER_ANNOTATION))
-        {
-            None => None,
-            Some(name) => match name.parse::<Scheduler>() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    out.skipped.push(Skip::Scheduler(key.clone(), e));
-                    None
-                }
-            },
-        };
-        let mut local_endpoints = 0;
-        for port in spec.ports.iter().flatten() {
-            let Some(proto) = protocol(port.protocol.as_deref()) else {
-                out.skipped.push(Skip::Protocol(
-                    key.clone(),
-                    port.protocol.clone().unwrap_or_default(),
-                ));
-                continue;
-            };
-            let Ok(frontend_port) = u16::try_from(port.port) else {
-                out.skipped.push(Skip::Port(key.clone(), port.port));
-                continue;
-            };
-            let port_name = port.name.as_deref().unwrap_or("");
-            let (all, infos) = port_endpoints(service_slices, port_name, proto, node);
-            let selection = topology::categorize(&infos, &policy, &topology_node);
-            let pick = |indexes: &[usize]| -> Vec<Endpoint> {
-                let mut picked: Vec<Endpoint> = indexes.iter().map(|&i| all[i]).collect();
-                picked.sort();
-                picked
-            };
-            let internal = pick(selection.for_internal(&policy));
-            let external_endpoints = pick(selection.for_external(&policy));
-            // Every endpoint still serving keeps the connections it has, as
-            // conntrack keeps them under kube-proxy: terminating ones, and those
-            // the policy or the topology leave out of new connections.
-            // UDP has no connection to keep: kube-proxy flushes UDP conntrack
-            // entries of endpoints that stop taking new flows, so that clients
-            // such as DNS resolvers move on at once. Here their backend entries go.
-            let serving: Vec<usize> = (0..infos.len())
-                .filter(|&i| proto == Protocol::Tcp && (infos[i].ready || infos[i].serving))
-                .collect();
-            let reachable = pick(&serving);
-            if let Some(local) = &selection.local {
-                local_endpoints = local_endpoints.max(local.len());
-            }
-            let label = if port_name.is_empty() {
-                key.clone()
-            } else {
-                format!("{key}:{port_name}")
-            };
-            let frontend = |address: Ipv4Addr, port: u16| Frontend {
-                address,
-                port,
-                protocol: proto,
-            };
-            out.services.push(Service {
-                name: label.clone(),
-                frontend: frontend(vip, frontend_port),
-                endpoints: internal,
-                reachable: reachable.clone(),
-                local_only: policy.internal_local,
-                source_ranges: Vec::new(),
-                affinity_timeout,
-                scheduler,
-            });
-            let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
-                name: format!("{label} ({what} {address}:{port})"),
-                frontend: frontend(address, port),
-                endpoints: external_endpoints.clone(),
-                reachable: reachable.clone(),
-                local_only: external_local,
-                source_ranges: ranges.to_vec(),
-                affinity_timeout,
-                scheduler,
-            };
-            let node_port = port
-                .node_port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0);
-            if let (true, Some(node_port)) =
-                (matches!(kind, "NodePort" | "LoadBalancer"), node_port)
-            {
-                for address in &node.addresses {
-                    out.services
-                        .push(external(*address, node_port, &[], "nodeport"));
-                }
-            }
-            for address in &external_ips {
-                out.services
-                    .push(external(*address, frontend_port, &[], "externalIP"));
-            }
-            for address in &lb_ips {
-                out.services.push(external(
-                    *address,
-                    frontend_port,
-                    &source_ranges,
-                    "loadbalancer",
-                ));
-            }
-        }
-        if kind == "LoadBalancer" && external_local {
-            if let Some(port) = spec
-                .health_check_node_port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0)
-            {
-                out.health_checks.push(HealthCheck {
-                    port,
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    local_endpoints,
-                });
-            }
-        }
+        desired_service(svc, service_slices, node, &mut out);
     }
     out
+}
+
+/// `namespace/name` of a Service: what its slices' service label names.
+pub fn service_key(svc: &K8sService) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or(""),
+        svc.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// What one Service adds to [`desired`], given its IPv4 slices: the agent
+/// recomputes only the Services whose objects changed.
+pub fn desired_service(
+    svc: &K8sService,
+    service_slices: &[&Slice],
+    node: &NodeInfo,
+    out: &mut Desired,
+) {
+    let meta = &svc.metadata;
+    let namespace = meta.namespace.as_deref().unwrap_or("");
+    let name = meta.name.as_deref().unwrap_or("");
+    let key = service_key(svc);
+    let Some(spec) = &svc.spec else { return };
+    let labels = meta.labels.as_ref();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        out.skipped.push(Skip::ExternalName(key));
+        return;
+    }
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        out.skipped.push(Skip::OtherProxy(key));
+        return;
+    }
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => Vec::new(),
+    };
+    if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        out.skipped.push(Skip::Headless(key));
+        return;
+    }
+    let Some(vip) = cluster_ips
+        .iter()
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+    else {
+        out.skipped.push(Skip::NoIpv4ClusterIp(key));
+        return;
+    };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let external_ips: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let source_ranges: Vec<Cidr> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .filter_map(|r| r.parse().ok())
+        .collect();
+    let policy = Policy {
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local,
+        has_external_frontends: matches!(kind, "NodePort" | "LoadBalancer")
+            || !external_ips.is_empty(),
+        ignore_node_hints: false,
+    };
+    let topology_node = topology::Node {
+        name: node.name.clone(),
+        zone: node.zone.clone(),
+    };
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    // A scheduler this agent does not know is reported and left to the default.
+    let scheduler = match meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+    {
+        None => None,
+        Some(name) => match name.parse::<Scheduler>() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                out.skipped.push(Skip::Scheduler(key.clone(), e));
+                None
+            }
+        },
+    };
+    let mut local_endpoints = 0;
+    for port in spec.ports.iter().flatten() {
+        let Some(proto) = protocol(port.protocol.as_deref()) else {
+            out.skipped.push(Skip::Protocol(
+                key.clone(),
+                port.protocol.clone().unwrap_or_default(),
+            ));
+            continue;
+        };
+        let Ok(frontend_port) = u16::try_from(port.port) else {
+            out.skipped.push(Skip::Port(key.clone(), port.port));
+            continue;
+        };
+        let port_name = port.name.as_deref().unwrap_or("");
+        let (all, infos) = port_endpoints(service_slices, port_name, proto, node);
+        let selection = topology::categorize(&infos, &policy, &topology_node);
+        let pick = |indexes: &[usize]| -> Vec<Endpoint> {
+            let mut picked: Vec<Endpoint> = indexes.iter().map(|&i| all[i]).collect();
+            picked.sort();
+            picked
+        };
+        let internal = pick(selection.for_internal(&policy));
+        let external_endpoints = pick(selection.for_external(&policy));
+        // Every endpoint still serving keeps the connections it has, as
+        // conntrack keeps them under kube-proxy: terminating ones, and those
+        // the policy or the topology leave out of new connections.
+        // UDP has no connection to keep: kube-proxy flushes UDP conntrack
+        // entries of endpoints that stop taking new flows, so that clients
+        // such as DNS resolvers move on at once. Here their backend entries go.
+        let serving: Vec<usize> = (0..infos.len())
+            .filter(|&i| proto == Protocol::Tcp && (infos[i].ready || infos[i].serving))
+            .collect();
+        let reachable = pick(&serving);
+        if let Some(local) = &selection.local {
+            local_endpoints = local_endpoints.max(local.len());
+        }
+        let label = if port_name.is_empty() {
+            key.clone()
+        } else {
+            format!("{key}:{port_name}")
+        };
+        let frontend = |address: Ipv4Addr, port: u16| Frontend {
+            address,
+            port,
+            protocol: proto,
+        };
+        out.services.push(Service {
+            name: label.clone(),
+            frontend: frontend(vip, frontend_port),
+            endpoints: internal,
+            reachable: reachable.clone(),
+            local_only: policy.internal_local,
+            source_ranges: Vec::new(),
+            affinity_timeout,
+            scheduler,
+        });
+        let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
+            name: format!("{label} ({what} {address}:{port})"),
+            frontend: frontend(address, port),
+            endpoints: external_endpoints.clone(),
+            reachable: reachable.clone(),
+            local_only: external_local,
+            source_ranges: ranges.to_vec(),
+            affinity_timeout,
+            scheduler,
+        };
+        let node_port = port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        if let (true, Some(node_port)) = (matches!(kind, "NodePort" | "LoadBalancer"), node_port) {
+            for address in &node.addresses {
+                out.services
+                    .push(external(*address, node_port, &[], "nodeport"));
+            }
+        }
+        for address in &external_ips {
+            out.services
+                .push(external(*address, frontend_port, &[], "externalIP"));
+        }
+        for address in &lb_ips {
+            out.services.push(external(
+                *address,
+                frontend_port,
+                &source_ranges,
+                "loadbalancer",
+            ));
+        }
+    }
+    if kind == "LoadBalancer" && external_local {
+        if let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        {
+            out.health_checks.push(HealthCheck {
+                port,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                local_endpoints,
+            });
+        }
+    }
 }
 
 #[cfg(test)]

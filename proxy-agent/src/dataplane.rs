@@ -413,11 +413,16 @@ impl Dataplane {
     /// Removes affinity entries that name a backend their frontend no longer
     /// sends new connections to. Returns how many went.
     pub fn prune_affinity(&mut self, state: &MapState) -> Result<usize> {
+        let entries: Vec<(AffinityKey4, AffinityValue4)> =
+            self.affinity.iter().filter_map(Result::ok).collect();
+        if entries.is_empty() {
+            // The usual case: no sessionAffinity client. Skip the set of every
+            // (frontend, backend) pair, which costs a walk over all slots.
+            return Ok(0);
+        }
         let allowed = state.slot_pairs();
-        let stale: Vec<AffinityKey4> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
+        let stale: Vec<AffinityKey4> = entries
+            .into_iter()
             .filter(|(k, v)| !allowed.contains(&(k.rev_nat_id, v.backend_id)))
             .map(|(k, _)| k)
             .collect();

@@ -15,6 +15,8 @@ use tokio::{
 };
 use tracing::warn;
 
+use crate::latency::{Histogram, ProgrammingBuckets, SyncBuckets};
+
 /// What the health endpoints report on, updated by the sync loop.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -39,6 +41,10 @@ pub struct Metrics {
     pub frontends: u64,
     pub backends: u64,
     pub pod_interfaces: u64,
+    /// From each EndpointSlice change's trigger time to its programming.
+    pub network_programming: Histogram<ProgrammingBuckets>,
+    /// How long each successful programming round took.
+    pub sync_duration: Histogram<SyncBuckets>,
 }
 
 impl Metrics {
@@ -99,11 +105,23 @@ impl Metrics {
                 "Pod interfaces with the programs attached.",
             ),
         ];
-        rows.iter()
+        let mut out: String = rows
+            .iter()
             .map(|(name, kind, value, help)| {
                 format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
             })
-            .collect()
+            .collect();
+        // kube-proxy's name, so the SIG Scalability SLI queries and dashboards
+        // written for kube-proxy work unchanged against Ferry.
+        out.push_str(&self.network_programming.render(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+        ));
+        out.push_str(&self.sync_duration.render(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+        ));
+        out
     }
 }
 

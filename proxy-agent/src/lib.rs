@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod health;
 pub mod ifaces;
 pub mod inspect;
+pub mod latency;
 pub mod maglev;
 pub mod model;
 pub mod simulate;

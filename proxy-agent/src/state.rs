@@ -2,6 +2,7 @@
 //! map contents to an ordered list of writes. Only `dataplane` touches the kernel.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
 };
@@ -75,6 +76,11 @@ pub struct Ids {
     revnat: HashMap<Frontend, u32>,
     revnat_ids: HashSet<u32>,
     revnat_cursor: u32,
+    /// The backend ids each programmed frontend uses (its slots and the
+    /// backends it keeps reachable), and how many frontends use each id: what
+    /// [`update`] needs to change some frontends without looking at the others.
+    programmed: HashMap<Frontend, Vec<u32>>,
+    users: HashMap<u32, u32>,
 }
 
 /// The highest frontend id: ids index the round-robin array, which has
@@ -148,6 +154,30 @@ impl Ids {
         Some(id)
     }
 
+    /// Forgets a backend no frontend uses any more.
+    fn forget_backend(&mut self, id: u32, value: &Backend4) {
+        self.users.remove(&id);
+        let Some(protocol) = protocol_of(value.proto) else {
+            return;
+        };
+        let key = (
+            u32::from_be(value.addr_be).into(),
+            u16::from_be(value.port_be),
+            protocol,
+        );
+        if self.backends.get(&key) == Some(&id) {
+            self.backends.remove(&key);
+            self.backend_ids.remove(&id);
+        }
+    }
+
+    /// Forgets the reverse-NAT id of a frontend no longer served.
+    fn forget_revnat(&mut self, frontend: &Frontend) {
+        if let Some(id) = self.revnat.remove(frontend) {
+            self.revnat_ids.remove(&id);
+        }
+    }
+
     /// Forgets ids that `state` no longer uses.
     fn retain(&mut self, state: &MapState) {
         self.backends
@@ -193,11 +223,28 @@ fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey4 {
 
 /// The map contents that serve `services`. A service that cannot be programmed is
 /// left out and reported; the others are unaffected.
-pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) {
+pub fn desired<S: Borrow<Service>>(services: &[S], ids: &mut Ids) -> (MapState, Vec<Problem>) {
+    let (state, problems, programmed) = build(services, ids);
+    ids.users.clear();
+    for id in programmed.values().flatten() {
+        *ids.users.entry(*id).or_default() += 1;
+    }
+    ids.programmed = programmed;
+    ids.retain(&state);
+    (state, problems)
+}
+
+/// The map contents of `services` alone, and the backend ids each programmed
+/// frontend uses.
+fn build<S: Borrow<Service>>(
+    services: &[S],
+    ids: &mut Ids,
+) -> (MapState, Vec<Problem>, HashMap<Frontend, Vec<u32>>) {
     let mut state = MapState::default();
     let mut problems = Vec::new();
+    let mut programmed = HashMap::new();
     let mut owners: HashMap<Frontend, &str> = HashMap::new();
-    let mut ordered: Vec<&Service> = services.iter().collect();
+    let mut ordered: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
     // Deterministic ownership of a contested frontend: the first name wins.
     ordered.sort_by(|a, b| a.name.cmp(&b.name));
     for service in ordered {
@@ -228,6 +275,7 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
             });
             continue;
         };
+        let mut used = Vec::with_capacity(endpoints.len() + service.reachable.len());
         let mut slots = Vec::with_capacity(endpoints.len());
         for endpoint in &endpoints {
             let Some(id) = ids.backend(endpoint, frontend.protocol) else {
@@ -308,6 +356,7 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
             },
         );
         for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
+            used.push(id);
             state.services.insert(
                 service_key(&frontend, slot as u16 + 1),
                 ServiceValue {
@@ -331,11 +380,128 @@ pub fn desired(services: &[Service], ids: &mut Ids) -> (MapState, Vec<Problem>) 
                     .backends
                     .entry(id)
                     .or_insert_with(|| backend_value(endpoint, frontend.protocol));
+                used.push(id);
+            }
+        }
+        used.sort_unstable();
+        used.dedup();
+        programmed.insert(frontend, used);
+    }
+    (state, problems, programmed)
+}
+
+/// The writes that change only some frontends, in the order [`diff`] gives:
+/// `services` is what those frontends (and new ones) serve now, `gone` the
+/// frontends no longer served; every other frontend stays as `applied` holds
+/// it and is not looked at, so the cost follows the change, not the number of
+/// Services. `applied` and `ids` are updated as if the writes succeeded. The
+/// caller makes sure no frontend in `services` belongs to a Service outside
+/// them (contested frontends need [`desired`], which sees every claimant).
+pub fn update(
+    services: &[&Service],
+    gone: &[Frontend],
+    applied: &mut MapState,
+    ids: &mut Ids,
+) -> (Vec<MapOp>, Vec<Problem>) {
+    let scope: BTreeSet<Frontend> = services
+        .iter()
+        .map(|s| s.frontend)
+        .chain(gone.iter().copied())
+        .collect();
+    let mut old = MapState::default();
+    for frontend in &scope {
+        if let Some(&head) = applied.services.get(&service_key(frontend, 0)) {
+            for slot in 0..=head.count {
+                let key = service_key(frontend, slot);
+                if let Some(&value) = applied.services.get(&key) {
+                    old.services.insert(key, value);
+                }
+            }
+            let rev = head.rev_nat_id;
+            if let Some(&r) = applied.revnat.get(&rev) {
+                old.revnat.insert(rev, r);
+            }
+            let table = MaglevKey4 {
+                rev_nat_id: rev,
+                index: 0,
+            }..=MaglevKey4 {
+                rev_nat_id: rev,
+                index: u32::MAX,
+            };
+            old.maglev
+                .extend(applied.maglev.range(table).map(|(k, v)| (*k, *v)));
+            old.source_ranges.extend(
+                applied
+                    .source_ranges
+                    .iter()
+                    .filter(|(_, d)| u32::from_be(d.rev_nat_id_be) == rev),
+            );
+        }
+        for id in ids.programmed.remove(frontend).unwrap_or_default() {
+            if let Some(&b) = applied.backends.get(&id) {
+                old.backends.insert(id, b);
+            }
+            if let Some(users) = ids.users.get_mut(&id) {
+                *users = users.saturating_sub(1);
             }
         }
     }
-    ids.retain(&state);
-    (state, problems)
+
+    let (mut new, problems, programmed) = build(services, ids);
+    for (frontend, used) in programmed {
+        for id in &used {
+            *ids.users.entry(*id).or_default() += 1;
+        }
+        ids.programmed.insert(frontend, used);
+    }
+    // Backends other frontends still use stay as they are; backends these
+    // frontends share with others are compared with what the maps hold.
+    for (&id, &b) in &old.backends {
+        if ids.users.get(&id).is_some_and(|u| *u > 0) {
+            new.backends.entry(id).or_insert(b);
+        }
+    }
+    for id in new.backends.keys() {
+        if let Some(&b) = applied.backends.get(id) {
+            old.backends.entry(*id).or_insert(b);
+        }
+    }
+    for id in new.revnat.keys() {
+        if let Some(&r) = applied.revnat.get(id) {
+            old.revnat.entry(*id).or_insert(r);
+        }
+    }
+    let ops = diff(&new, &old);
+
+    for key in old.services.keys() {
+        applied.services.remove(key);
+    }
+    for key in old.maglev.keys() {
+        applied.maglev.remove(key);
+    }
+    for range in &old.source_ranges {
+        applied.source_ranges.remove(range);
+    }
+    for id in old.revnat.keys() {
+        applied.revnat.remove(id);
+    }
+    for (id, b) in &old.backends {
+        applied.backends.remove(id);
+        if !new.backends.contains_key(id) {
+            ids.forget_backend(*id, b);
+        }
+    }
+    for frontend in &scope {
+        if !ids.programmed.contains_key(frontend) {
+            ids.forget_revnat(frontend);
+        }
+    }
+    applied.services.extend(new.services);
+    applied.maglev.extend(new.maglev);
+    applied.source_ranges.extend(new.source_ranges);
+    applied.revnat.extend(new.revnat);
+    applied.backends.extend(new.backends);
+    (ops, problems)
 }
 
 fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
@@ -447,6 +613,69 @@ mod tests {
         Service::new(name, frontend, endpoints)
     }
 
+    /// What the maps hold after `ops`, as the dataplane would write them.
+    fn applied_after(mut state: MapState, ops: &[MapOp]) -> MapState {
+        for op in ops {
+            match *op {
+                MapOp::PutBackend(id, b) => drop(state.backends.insert(id, b)),
+                MapOp::PutRevNat(id, r) => drop(state.revnat.insert(id, r)),
+                MapOp::PutSourceRange(p, d) => drop(state.source_ranges.insert((p, d))),
+                MapOp::PutMaglev(k, v) => drop(state.maglev.insert(k, v)),
+                MapOp::PutService(k, v) => drop(state.services.insert(k, v)),
+                MapOp::DelService(k) => drop(state.services.remove(&k)),
+                MapOp::DelSourceRange(p, d) => drop(state.source_ranges.remove(&(p, d))),
+                MapOp::DelMaglev(k) => drop(state.maglev.remove(&k)),
+                MapOp::DelRevNat(id) => drop(state.revnat.remove(&id)),
+                MapOp::DelBackend(id) => drop(state.backends.remove(&id)),
+            }
+        }
+        state
+    }
+
+    #[test]
+    fn update_of_some_frontends_ends_where_a_full_recompute_does() {
+        let shared = ([10, 0, 0, 9], 80);
+        let a = svc("a", [10, 96, 0, 1], 80, &[shared, ([10, 0, 0, 1], 80)]);
+        let b = svc("b", [10, 96, 0, 2], 80, &[shared, ([10, 0, 0, 2], 80)]);
+        let mut c = svc("c", [10, 96, 0, 3], 53, &[([10, 0, 0, 3], 53)]);
+        c.scheduler = Some(Scheduler::Maglev);
+        let mut ids = Ids::default();
+        let (before, _) = desired(&[&a, &b, &c], &mut ids);
+
+        // b drops the backend it shares with a and gains one; c goes; d comes.
+        let b2 = svc(
+            "b",
+            [10, 96, 0, 2],
+            80,
+            &[([10, 0, 0, 2], 80), ([10, 0, 0, 4], 80)],
+        );
+        let d = svc("d", [10, 96, 0, 4], 80, &[([10, 0, 0, 5], 80)]);
+        let mut applied = before.clone();
+        let (ops, problems) = update(&[&b2, &d], &[c.frontend], &mut applied, &mut ids);
+        assert!(problems.is_empty());
+        // The writes turn the old maps into the new ones...
+        assert_eq!(applied_after(before, &ops), applied);
+        // ...which are what a full recompute gives, a's shared backend kept.
+        let (full, _) = desired(&[&a, &b2, &d], &mut ids);
+        assert_eq!(applied, full);
+        assert!(!ops.iter().any(
+            |op| matches!(op, MapOp::PutService(k, _) | MapOp::DelService(k)
+            if u32::from_be(k.addr_be) == u32::from_be_bytes([10, 96, 0, 1]))
+        ));
+        assert!(applied.maglev.is_empty());
+    }
+
+    #[test]
+    fn update_forgets_the_ids_of_what_went() {
+        let a = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 1], 80)]);
+        let mut ids = Ids::default();
+        let (mut applied, _) = desired(&[&a], &mut ids);
+        let (ops, _) = update(&[], &[a.frontend], &mut applied, &mut ids);
+        assert_eq!(applied, MapState::default());
+        assert!(ops.iter().any(|op| matches!(op, MapOp::DelBackend(_))));
+        assert!(ids.backends.is_empty() && ids.revnat.is_empty() && ids.users.is_empty());
+    }
+
     fn position(ops: &[MapOp], wanted: impl Fn(&MapOp) -> bool) -> usize {
         ops.iter().position(wanted).expect("op present")
     }
@@ -511,7 +740,7 @@ mod tests {
             &[svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)])],
             &mut ids,
         );
-        let (wanted, _) = desired(&[], &mut ids);
+        let (wanted, _) = desired::<Service>(&[], &mut ids);
         let ops = diff(&wanted, &actual);
         assert!(
             matches!(ops[0], MapOp::DelService(k) if k.slot == 0),

@@ -510,6 +510,14 @@ impl Lab {
         }
     }
 
+    /// The process id of the agent of `node`, while it runs.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        let pid_file = self.agent_pid_file(node);
+        alive(&pid_file)
+            .then(|| fs::read_to_string(&pid_file).ok()?.trim().parse().ok())
+            .flatten()
+    }
+
     /// Stops the agent of `node`; its programs and maps stay.
     pub fn stop_agent(&self, node: &str) {
         stop_pid_file(&self.agent_pid_file(node));

@@ -49,7 +49,7 @@ enum Task {
         /// A smaller run (a few minutes).
         #[arg(long)]
         quick: bool,
-        /// Run one part only: per-packet or vs-kube-proxy.
+        /// Run one part only: per-packet, control-plane (with memory) or vs-kube-proxy.
         #[arg(long)]
         only: Option<String>,
     },

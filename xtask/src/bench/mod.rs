@@ -11,8 +11,11 @@ use anyhow::{bail, Context, Result};
 
 use crate::{build_ebpf, debian, exec, workspace_root};
 
+mod control_plane;
+mod memory;
+
 /// The parts, in the order a full run takes them.
-pub const PARTS: [&str; 2] = ["per-packet", "vs-kube-proxy"];
+pub const PARTS: [&str; 3] = ["per-packet", "control-plane", "vs-kube-proxy"];
 
 pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     if let Some(part) = only {
@@ -36,6 +39,10 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let wanted = |part: &str| only.is_none_or(|o| o == part);
     if wanted("per-packet") {
         per_packet(quick, &results, &command)?;
+    }
+    if wanted("control-plane") {
+        // Also the memory part: it is measured on the control plane's lab.
+        control_plane::run(quick, &results, &command)?;
     }
     if wanted("vs-kube-proxy") {
         vs_kube_proxy(quick, &results, &command)?;

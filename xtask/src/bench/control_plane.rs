@@ -1,0 +1,802 @@
+//! Part 3 of `cargo xtask bench`: the control plane through a real API server.
+//!
+//! A lab of its own (`ferrycp`: kube-apiserver v1.20, a release build of the
+//! agent) holds thousands of Services without selectors, each with one
+//! EndpointSlice of 10 endpoints that the benchmark writes itself (with a
+//! managed-by label of its own, so the controller manager leaves them alone).
+//! Only node1's agent runs: node2's would compete for the same cores. At each
+//! scale this measures
+//! - the first full sync: node1's agent started on empty maps, until it logs
+//!   that its maps are in sync (timestamps from its own log);
+//! - programming latency: one endpoint address of one slice changed at a time,
+//!   from the API server's response to the new address being in a slot of that
+//!   Service in node1's pinned maps, polled every 0.5 ms;
+//! - the agent's own `kubeproxy_network_programming_duration_seconds` over the
+//!   same changes (from the trigger-time annotation the benchmark sets);
+//! - the agent's resident memory and the maps' (memory.rs).
+//!
+//! Nothing here asserts a timing: it reports them.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ::kube::{
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    Api, Client,
+};
+use anyhow::{bail, ensure, Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use futures::{stream, StreamExt};
+use proxy_common::{map_names, proto, Backend4, ServiceKey4, ServiceValue};
+use serde_json::json;
+
+use super::memory;
+use crate::{
+    lab::{self, Lab},
+    workspace_root,
+};
+
+const LAB: &str = "ferrycp";
+const NAMESPACE: &str = "default";
+const NODE: &str = "node1";
+const ENDPOINTS_PER_SERVICE: usize = 10;
+const SERVICE_PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+/// Endpoint addresses: every Service's own ten from here on...
+const ENDPOINT_BASE: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 0);
+/// ...and each probe's new address from here, never used before.
+const PROBE_BASE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 0);
+/// Requests in flight during bulk creation. Measured on 2 cores: 8 gives about
+/// half the rate, and beyond 32 the API server (and etcd) is the limit.
+const CONCURRENCY: usize = 32;
+const POLL: Duration = Duration::from_micros(500);
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(600);
+/// The annotation kube-proxy (and the agent) measure programming latency from.
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The agent's histograms: trigger time -> programmed, and one programming round.
+const PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
+const SYNC_ROUND: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+
+/// What one run measures.
+struct Plan {
+    scales: &'static [usize],
+    changes: usize,
+    first_syncs: usize,
+}
+
+const FULL: Plan = Plan {
+    scales: &[1_000, 10_000],
+    changes: 200,
+    first_syncs: 5,
+};
+const QUICK: Plan = Plan {
+    scales: &[1_000],
+    changes: 50,
+    first_syncs: 2,
+};
+
+/// The results at one scale.
+struct Scale {
+    services: usize,
+    /// Objects created to reach this scale, and how long that took.
+    created: usize,
+    create_seconds: f64,
+    /// Agent start -> maps in sync, of which loading the programs and the
+    /// first programming round (s).
+    first_syncs: Vec<(f64, f64, f64)>,
+    /// Per change, ms: API response -> maps, and request sent -> maps.
+    from_response: Vec<f64>,
+    from_request: Vec<f64>,
+    /// Changes not seen in the maps within CHANGE_TIMEOUT.
+    missed: usize,
+    /// The agent's histograms over the same changes.
+    agent: AgentHistogram,
+    rounds: AgentHistogram,
+    /// /proc/loadavg's 1-minute figure after the changes: the machine is shared.
+    load: f64,
+    memory: memory::Sample,
+}
+
+pub fn run(quick: bool, results: &Path, command: &str) -> Result<()> {
+    let plan = if quick { QUICK } else { FULL };
+    let agent = super::release_agent()?;
+    let lab = Lab::new(LAB)?;
+    // What an interrupted earlier run may have left.
+    lab.down()?;
+    let measured = lab
+        .up(&agent, &workspace_root().join("deploy"))
+        .and_then(|()| {
+            // The client must reach the API server, which listens in the fabric
+            // namespace; everything else it does names its namespace itself.
+            lab::in_netns(&lab.ns("fabric"), move || measure(&plan, &agent))?
+        });
+    let down = lab.down();
+    let scales = measured?;
+    down?;
+    let header = super::header(command)?;
+    report(results, &header, &scales)?;
+    let samples: Vec<memory::Sample> = scales.iter().map(|s| s.memory.clone()).collect();
+    memory::report(results, &header, &samples)?;
+    eprintln!(
+        "bench: {} and {}",
+        results.join("control_plane.md").display(),
+        results.join("memory.md").display()
+    );
+    Ok(())
+}
+
+fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
+    let lab = Lab::new(LAB)?;
+    lab.stop_agent("node2");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(client(&lab.admin_kubeconfig()))?;
+    let services = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        NAMESPACE,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Service")),
+    );
+    let slices = Api::<DynamicObject>::namespaced_with(
+        client,
+        NAMESPACE,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+            "endpointslices",
+        ),
+    );
+    let metrics = SocketAddr::from((lab::node_addr(NODE)?, 10256));
+    let mut frontends: Vec<Ipv4Addr> = Vec::new();
+    let mut probes = 0u32;
+    let mut out = Vec::new();
+    for &n in plan.scales {
+        let started = Instant::now();
+        let before = frontends.len();
+        let created = rt.block_on(create_services(&services, before..n))?;
+        frontends.extend(created);
+        rt.block_on(create_slices(&slices, before..n))?;
+        let create_seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "bench: {} Services and slices created in {create_seconds:.1} s",
+            n - before
+        );
+        wait_programmed(metrics, n)?;
+
+        let mut first_syncs = Vec::new();
+        for _ in 0..plan.first_syncs {
+            first_syncs.push(first_sync(&lab, agent, metrics)?);
+            wait_programmed(metrics, n)?;
+        }
+        eprintln!("bench: first full syncs at {n} Services: {first_syncs:?}");
+
+        let maps = Maps::open(&lab.pin_dir(NODE))?;
+        let scraped_before = scrape(metrics)?;
+        let (mut from_response, mut from_request, mut missed) = (Vec::new(), Vec::new(), 0);
+        for k in 0..plan.changes {
+            // Spread over the Services (7919 is prime, so no two probes of one run
+            // at these scales change the same slice).
+            let index = (k * 7919 + 13) % n;
+            let address = Ipv4Addr::from(u32::from(PROBE_BASE) + probes);
+            probes += 1;
+            let patch = json!({
+                "metadata": {"annotations": {TRIGGER_TIME: jiff::Timestamp::now().to_string()}},
+                "endpoints": endpoints(index, Some(address)),
+            });
+            let sent = Instant::now();
+            rt.block_on(slices.patch(&name(index), &PatchParams::default(), &Patch::Merge(&patch)))
+                .with_context(|| format!("changing the slice of {}", name(index)))?;
+            let answered = Instant::now();
+            loop {
+                if maps.serves(frontends[index], address)? {
+                    let seen = Instant::now();
+                    from_response.push(ms(seen - answered));
+                    from_request.push(ms(seen - sent));
+                    break;
+                }
+                if answered.elapsed() > CHANGE_TIMEOUT {
+                    missed += 1;
+                    break;
+                }
+                thread::sleep(POLL);
+            }
+            // Apart, so that each change is programmed on its own.
+            thread::sleep(Duration::from_millis(20 + (k as u64 * 37) % 30));
+        }
+        let scraped_after = scrape(metrics)?;
+        let load = fs::read_to_string("/proc/loadavg")?
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(f64::NAN);
+        let (rss_kib, hwm_kib) = agent_memory(&lab)?;
+        out.push(Scale {
+            services: n,
+            created: 2 * (n - before),
+            create_seconds,
+            first_syncs,
+            from_response,
+            from_request,
+            missed,
+            agent: AgentHistogram::parse(&scraped_after, PROGRAMMING)
+                .since(&AgentHistogram::parse(&scraped_before, PROGRAMMING)),
+            rounds: AgentHistogram::parse(&scraped_after, SYNC_ROUND)
+                .since(&AgentHistogram::parse(&scraped_before, SYNC_ROUND)),
+            load,
+            memory: memory::Sample {
+                services: n,
+                backends: n * ENDPOINTS_PER_SERVICE,
+                maps: memory::snapshot(&lab.pin_dir(NODE))?,
+                rss_kib,
+                hwm_kib,
+            },
+        });
+    }
+    Ok(out)
+}
+
+async fn client(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let config = ::kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+fn name(index: usize) -> String {
+    format!("bench-{index:05}")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A Service's endpoints: its own ten addresses, the first replaced by `probe`.
+fn endpoints(index: usize, probe: Option<Ipv4Addr>) -> serde_json::Value {
+    let base = u32::from(ENDPOINT_BASE) + (index * ENDPOINTS_PER_SERVICE) as u32;
+    let list: Vec<serde_json::Value> = (0..ENDPOINTS_PER_SERVICE)
+        .map(|j| {
+            let address = match (j, probe) {
+                (0, Some(probe)) => probe,
+                _ => Ipv4Addr::from(base + j as u32),
+            };
+            json!({"addresses": [address.to_string()], "conditions": {"ready": true},
+                   "topology": {"kubernetes.io/hostname": "node2"}})
+        })
+        .collect();
+    list.into()
+}
+
+/// Creates objects `CONCURRENCY` at a time; returns them by index.
+async fn create_all(
+    api: &Api<DynamicObject>,
+    objects: Vec<(usize, serde_json::Value)>,
+) -> Result<Vec<(usize, DynamicObject)>> {
+    let mut created: Vec<(usize, DynamicObject)> = stream::iter(objects)
+        .map(|(index, object)| async move {
+            let object: DynamicObject = serde_json::from_value(object)?;
+            let created = api
+                .create(&PostParams::default(), &object)
+                .await
+                .with_context(|| format!("creating {}", name(index)))?;
+            anyhow::Ok((index, created))
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    created.sort_by_key(|(index, _)| *index);
+    Ok(created)
+}
+
+/// Services without a selector; returns their cluster IPs.
+async fn create_services(
+    api: &Api<DynamicObject>,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<Ipv4Addr>> {
+    let objects = range
+        .map(|i| {
+            let object = json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name(i), "namespace": NAMESPACE},
+                "spec": {"ports": [{"port": SERVICE_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"}]},
+            });
+            (i, object)
+        })
+        .collect();
+    create_all(api, objects)
+        .await?
+        .into_iter()
+        .map(|(i, svc)| {
+            svc.data["spec"]["clusterIP"]
+                .as_str()
+                .and_then(|ip| ip.parse().ok())
+                .with_context(|| format!("{} has no IPv4 cluster IP", name(i)))
+        })
+        .collect()
+}
+
+/// One v1beta1 EndpointSlice per Service, as its controller would write it,
+/// but managed by the benchmark.
+async fn create_slices(api: &Api<DynamicObject>, range: std::ops::Range<usize>) -> Result<()> {
+    let objects = range
+        .map(|i| {
+            let object = json!({
+                "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {
+                    "name": name(i), "namespace": NAMESPACE,
+                    "labels": {"kubernetes.io/service-name": name(i),
+                               "endpointslice.kubernetes.io/managed-by": "bench.ferry.dev"},
+                    "annotations": {TRIGGER_TIME: jiff::Timestamp::now().to_string()},
+                },
+                "addressType": "IPv4",
+                "ports": [{"port": TARGET_PORT, "protocol": "TCP"}],
+                "endpoints": endpoints(i, None),
+            });
+            (i, object)
+        })
+        .collect();
+    create_all(api, objects).await.map(drop)
+}
+
+/// GET /metrics from an agent.
+fn scrape(addr: SocketAddr) -> Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the agent's metrics at {addr}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Waits until the agent serves every Service created so far with all its backends.
+fn wait_programmed(metrics: SocketAddr, services: usize) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let text = scrape(metrics).unwrap_or_default();
+        let frontends = gauge(&text, "ferry_frontends").unwrap_or(0.0);
+        let backends = gauge(&text, "ferry_backends").unwrap_or(0.0);
+        if frontends >= services as f64 && backends >= (services * ENDPOINTS_PER_SERVICE) as f64 {
+            eprintln!(
+                "bench: the agent serves {frontends} frontends, {backends} backends ({:.1} s after creation)",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > PROGRAMMED_TIMEOUT {
+            bail!("the agent serves {frontends} frontends and {backends} backends after {PROGRAMMED_TIMEOUT:?}; wanted {services} Services");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Restarts node1's agent on empty maps: (start -> maps in sync, start ->
+/// programs loaded, the first programming round), seconds, from the agent's
+/// own log timestamps and its round histogram.
+fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64, f64)> {
+    lab.stop_agent(NODE);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns(NODE)))
+        .arg(agent)
+        .arg("cleanup")
+        .arg("--pin-dir")
+        .arg(lab.pin_dir(NODE))
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "proxy-agent cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started = jiff::Timestamp::now();
+    lab.start_agent(agent, NODE)?;
+    let log = fs::read_to_string(lab.agent_log(NODE))?;
+    let at = |message: &str| -> Result<f64> {
+        let line = log
+            .lines()
+            .find(|l| l.contains(message))
+            .with_context(|| format!("no {message:?} in the agent's log"))?;
+        let stamp: jiff::Timestamp = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("no timestamp in {line:?}"))?;
+        Ok(stamp.duration_since(started).as_secs_f64())
+    };
+    let rounds = AgentHistogram::parse(&scrape(metrics)?, SYNC_ROUND);
+    Ok((
+        at("ready: maps in sync")?,
+        at("adopted pinned maps")?,
+        rounds.sum,
+    ))
+}
+
+/// node1's agent's VmRSS and VmHWM, KiB.
+fn agent_memory(lab: &Lab) -> Result<(u64, u64)> {
+    let pid = lab
+        .agent_pid(NODE)
+        .context("node1's agent is not running")?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// node1's pinned service and backend maps, read as a packet would.
+struct Maps {
+    services: HashMap<MapData, ServiceKey4, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend4>,
+}
+
+impl Maps {
+    fn open(pin_dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path: PathBuf = pin_dir.join(name);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            services: HashMap::try_from(open(map_names::SERVICES_V4)?)?,
+            backends: HashMap::try_from(open(map_names::BACKENDS_V4)?)?,
+        })
+    }
+
+    /// Whether a slot of `frontend` names a backend at `address`.
+    fn serves(&self, frontend: Ipv4Addr, address: Ipv4Addr) -> Result<bool> {
+        let key = |slot: u16| ServiceKey4 {
+            addr_be: u32::from(frontend).to_be(),
+            port_be: SERVICE_PORT.to_be(),
+            proto: proto::TCP,
+            scope: 0,
+            slot,
+            _pad: 0,
+        };
+        let Ok(head) = self.services.get(&key(0), 0) else {
+            return Ok(false);
+        };
+        let wanted = u32::from(address).to_be();
+        for slot in 1..=head.count {
+            let Ok(value) = self.services.get(&key(slot), 0) else {
+                continue;
+            };
+            if self
+                .backends
+                .get(&value.backend_id, 0)
+                .is_ok_and(|b| b.addr_be == wanted)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The agent's network programming histogram: cumulative counts by bucket.
+#[derive(Debug, Default)]
+struct AgentHistogram {
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl AgentHistogram {
+    fn parse(text: &str, metric: &str) -> Self {
+        let mut h = Self::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&format!("{metric}_bucket{{le=\"")) {
+                let Some((le, count)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                h.buckets.push((le, count.trim().parse().unwrap_or(0)));
+            } else if let Some(v) = line.strip_prefix(&format!("{metric}_sum ")) {
+                h.sum = v.trim().parse().unwrap_or(0.0);
+            } else if let Some(v) = line.strip_prefix(&format!("{metric}_count ")) {
+                h.count = v.trim().parse().unwrap_or(0);
+            }
+        }
+        h
+    }
+
+    /// What was observed after `earlier` (same agent, same buckets).
+    fn since(&self, earlier: &Self) -> Self {
+        let before = |i: usize| earlier.buckets.get(i).map_or(0, |b| b.1);
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, (le, c))| (*le, c.saturating_sub(before(i))))
+                .collect(),
+            sum: self.sum - earlier.sum,
+            count: self.count.saturating_sub(earlier.count),
+        }
+    }
+
+    /// The upper bound (seconds) of the bucket holding quantile `q`.
+    fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let rank = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets
+            .iter()
+            .find(|(_, c)| *c >= rank)
+            .map(|(le, _)| *le)
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
+}
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn bound_ms(bound: Option<f64>) -> String {
+    match bound {
+        Some(b) if b.is_infinite() => "> 300 s".into(),
+        Some(b) => format!("≤ {}", b * 1000.0),
+        None => "-".into(),
+    }
+}
+
+fn goal(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "missed"
+    }
+}
+
+fn report(results: &Path, header: &str, scales: &[Scale]) -> Result<()> {
+    let mut md = format!(
+        "# Control plane: EndpointSlice changes through a real API server\n\n{header}\n\
+         A lab cluster (kube-apiserver {}, etcd, network namespaces) with one agent\n\
+         (release build) on node1; node2's agent is stopped so that it does not share\n\
+         the machine's cores. Services have no selector; the benchmark writes one\n\
+         `discovery.k8s.io/v1beta1` EndpointSlice of {ENDPOINTS_PER_SERVICE} ready endpoints per Service\n\
+         (managed-by `bench.ferry.dev`). A change replaces one endpoint's address with\n\
+         a new one, one Service at a time, 20-50 ms apart; it is visible once a slot of\n\
+         that Service in node1's pinned maps names a backend with the new address\n\
+         (polled every {} ms). The agent's own histogram (`{PROGRAMMING}`)\n\
+         measures from the trigger-time annotation, set just before each request, to\n\
+         the end of the map writes, over the same changes; `round` is the agent's\n\
+         `{SYNC_ROUND}` over them (one programming round: desired\n\
+         state from all Services, diff, map writes). Histogram figures are bucket bounds.\n\
+         The API server, etcd, the agent and this client share the machine, with\n\
+         whatever else runs on it (`load`: the 1-minute load average).\n\n",
+        crate::kube::VERSION,
+        POLL.as_secs_f64() * 1000.0,
+    );
+    md.push_str(
+        "## Programming latency (ms)\n\n\
+         | Services | endpoints | changes | response -> maps p50 | p99 | p10..p90 | max | request -> maps p50 | p99 | agent histogram p50 | p99 | mean | round p50 | round mean | load |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for s in scales {
+        let r = sorted(&s.from_response);
+        let q = sorted(&s.from_request);
+        let missed = if s.missed > 0 {
+            format!(" ({} missed)", s.missed)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {}{missed} | {:.1} | {:.1} | {:.1}..{:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {:.1} | {:.1} |",
+            s.services,
+            s.services * ENDPOINTS_PER_SERVICE,
+            r.len(),
+            percentile(&r, 0.5),
+            percentile(&r, 0.99),
+            percentile(&r, 0.1),
+            percentile(&r, 0.9),
+            r.last().copied().unwrap_or(f64::NAN),
+            percentile(&q, 0.5),
+            percentile(&q, 0.99),
+            bound_ms(s.agent.quantile_bound(0.5)),
+            bound_ms(s.agent.quantile_bound(0.99)),
+            s.agent.sum / s.agent.count.max(1) as f64 * 1000.0,
+            bound_ms(s.rounds.quantile_bound(0.5)),
+            s.rounds.sum / s.rounds.count.max(1) as f64 * 1000.0,
+            s.load,
+        );
+    }
+    md.push_str(
+        "\n## First full sync and agent memory\n\n\
+         Agent started on empty maps (its pins removed) with every Service in place,\n\
+         until it logs that its maps are in sync (timestamps from its own log); `load` is\n\
+         the part before it starts listing (loading and verifying the programs), `round`\n\
+         its first programming round (all Services into the maps); the rest is the\n\
+         first list of Services and EndpointSlices from the API server. RSS after the\n\
+         programming-latency changes.\n\n\
+         | Services | runs | start -> maps in sync, median | min..max | of which load | of which round | agent RSS | peak RSS |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for s in scales {
+        let total = sorted(&s.first_syncs.iter().map(|f| f.0).collect::<Vec<_>>());
+        let load = sorted(&s.first_syncs.iter().map(|f| f.1).collect::<Vec<_>>());
+        let round = sorted(&s.first_syncs.iter().map(|f| f.2).collect::<Vec<_>>());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} s | {:.2}..{:.2} s | {:.2} s | {:.2} s | {:.1} MiB | {:.1} MiB |",
+            s.services,
+            total.len(),
+            percentile(&total, 0.5),
+            total.first().copied().unwrap_or(f64::NAN),
+            total.last().copied().unwrap_or(f64::NAN),
+            percentile(&load, 0.5),
+            percentile(&round, 0.5),
+            s.memory.rss_kib as f64 / 1024.0,
+            s.memory.hwm_kib as f64 / 1024.0,
+        );
+    }
+    md.push_str(
+        "\n## Bulk creation\n\n\
+         Services and their slices created through the API with a Rust client (kube-rs),\n\
+         requests in flight at once: ",
+    );
+    let _ = writeln!(
+        md,
+        "{CONCURRENCY}.\n\n| Services added | objects | seconds | objects/s |\n| ---: | ---: | ---: | ---: |"
+    );
+    let mut previous = 0;
+    for s in scales {
+        let _ = writeln!(
+            md,
+            "| {}..{} | {} | {:.1} | {:.0} |",
+            previous,
+            s.services,
+            s.created,
+            s.create_seconds,
+            s.created as f64 / s.create_seconds
+        );
+        previous = s.services;
+    }
+    if let Some(last) = scales.last() {
+        let p99 = percentile(&sorted(&last.from_response), 0.99);
+        let sync = percentile(
+            &sorted(&last.first_syncs.iter().map(|f| f.0).collect::<Vec<_>>()),
+            0.5,
+        );
+        let rss = last.memory.rss_kib as f64 / 1024.0;
+        let _ = write!(
+            md,
+            "\n## Goals at {} Services\n\n\
+             - programming p99 under 100 ms: {p99:.1} ms, {}\n\
+             - first full sync under 2 s: {sync:.2} s, {}\n\
+             - agent RSS under 150 MiB: {rss:.1} MiB, {}\n",
+            last.services,
+            goal(p99 < 100.0),
+            goal(sync < 2.0),
+            goal(rss < 150.0),
+        );
+    }
+    md.push_str("\n![programming latency](control_plane.png)\n");
+    fs::write(results.join("control_plane.md"), md)?;
+    plot(&results.join("control_plane.png"), scales)
+}
+
+/// The distribution (CDF) of response -> maps latency, one line per scale.
+fn plot(png: &Path, scales: &[Scale]) -> Result<()> {
+    let dat = png.with_extension("dat");
+    let mut blocks = String::new();
+    for s in scales {
+        let r = sorted(&s.from_response);
+        for (i, v) in r.iter().enumerate() {
+            let _ = writeln!(blocks, "{v:.3} {:.4}", (i + 1) as f64 / r.len() as f64);
+        }
+        blocks.push_str("\n\n");
+    }
+    fs::write(&dat, blocks)?;
+    // A log scale that always shows the goal, however far below it the data are.
+    let slowest = scales
+        .iter()
+        .flat_map(|s| &s.from_response)
+        .fold(0.0_f64, |a, b| a.max(*b));
+    let right = (slowest * 1.5).max(200.0);
+    let lines: Vec<String> = scales
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "'{}' index {i} using 1:2 with steps lw 2 title '{} Services'",
+                dat.display(),
+                s.services
+            )
+        })
+        .collect();
+    let script = format!(
+        "set terminal png size 900,520 noenhanced\nset output '{}'\n\
+         set xlabel 'API response -> change in the BPF maps (ms, log scale)'\nset ylabel 'fraction of changes'\n\
+         set yrange [0:1.02]\nset logscale x\nset xrange [0.5:{right:.0}]\nset key outside right\nset grid\n\
+         set arrow from 100, graph 0 to 100, graph 1 nohead dt 2\n\
+         set label 'goal: p99 < 100 ms' at 100, graph 0.5 offset 1,0\n\
+         set title 'Ferry programming latency, 10 endpoints per Service'\nplot {}\n",
+        png.display(),
+        lines.join(", ")
+    );
+    gnuplot(&script)?;
+    let _ = fs::remove_file(&dat);
+    Ok(())
+}
+
+/// Runs a gnuplot script.
+pub(super) fn gnuplot(script: &str) -> Result<()> {
+    let mut child = Command::new("gnuplot")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("starting gnuplot")?;
+    child
+        .stdin
+        .take()
+        .context("gnuplot's stdin")?
+        .write_all(script.as_bytes())?;
+    ensure!(child.wait()?.success(), "gnuplot failed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_histogram_quantiles_come_from_the_changes_in_between() {
+        let text = |a: u64, b: u64, inf: u64| {
+            format!(
+                "{PROGRAMMING}_bucket{{le=\"0.01\"}} {a}\n{PROGRAMMING}_bucket{{le=\"0.1\"}} {b}\n\
+                 {PROGRAMMING}_bucket{{le=\"+Inf\"}} {inf}\n{PROGRAMMING}_sum 1.5\n{PROGRAMMING}_count {inf}\n"
+            )
+        };
+        let before = AgentHistogram::parse(&text(0, 100, 100), PROGRAMMING);
+        let after = AgentHistogram::parse(&text(98, 199, 200), PROGRAMMING);
+        let delta = after.since(&before);
+        assert_eq!(delta.count, 100);
+        assert_eq!(delta.quantile_bound(0.5), Some(0.01));
+        assert_eq!(delta.quantile_bound(0.99), Some(0.1));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}
