@@ -571,8 +571,17 @@ impl Dataplane {
             .filter(|(k, v)| expired(k.proto, v.flags, v.last_seen_ns))
             .map(|(k, _)| k)
             .collect();
+        // The programs may have renewed an entry since the sweep read it (a
+        // client reusing the tuple): only one still expired is deleted, read
+        // again just before. Deleting a renewed entry would cut its flow.
+        let mut ct_removed = 0;
         for key in &ct {
-            let _ = self.conntrack.remove(key);
+            let still = self.conntrack.get(key, 0);
+            if still.is_ok_and(|v| expired(key.proto, v.flags, v.last_seen_ns))
+                && self.conntrack.remove(key).is_ok()
+            {
+                ct_removed += 1;
+            }
         }
         let nat: Vec<CtKey4> = self
             .nat
@@ -581,10 +590,16 @@ impl Dataplane {
             .filter(|(k, v)| expired(k.proto, 0, v.last_seen_ns))
             .map(|(k, _)| k)
             .collect();
+        let mut nat_removed = 0;
         for key in &nat {
-            let _ = self.nat.remove(key);
+            let still = self.nat.get(key, 0);
+            if still.is_ok_and(|v| expired(key.proto, 0, v.last_seen_ns))
+                && self.nat.remove(key).is_ok()
+            {
+                nat_removed += 1;
+            }
         }
-        Ok((ct.len(), nat.len()))
+        Ok((ct_removed, nat_removed))
     }
 
     /// Writes one conntrack entry (for tests and repairs).

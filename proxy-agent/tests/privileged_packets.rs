@@ -12,7 +12,7 @@ use proxy_agent::{
     state::{self, Ids, MapState},
 };
 use proxy_common::{
-    bench, ct_dir, hash,
+    bench, ct_dir, ct_flags, hash,
     program_names::{FROM_POD, TO_POD},
     proto, ServiceKey4, ServiceValue,
 };
@@ -1071,6 +1071,90 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         f.with_dst(ip(BACKEND_A), 5353).bytes(),
         "an expired one does not"
     );
+}
+
+/// The conntrack entries of `f`'s flow: (forward, reply), each if present.
+fn flow_entries(
+    p: &Programs,
+    f: &Frame,
+) -> (
+    Option<proxy_common::CtValue4>,
+    Option<proxy_common::CtValue4>,
+) {
+    let entries = p.dp.conntrack().unwrap();
+    let client = (u32::from(f.saddr).to_be(), f.sport.to_be());
+    let forward = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::FORWARD && (k.saddr_be, k.sport_be) == client)
+        .map(|(_, v)| *v);
+    let reply = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::REPLY && (k.daddr_be, k.dport_be) == client)
+        .map(|(_, v)| *v);
+    (forward, reply)
+}
+
+/// Leaves only `f`'s forward entry, as if the agent's expiry sweep had deleted
+/// the reply direction just as the tuple was reused.
+fn lose_reply_entry(p: &mut Programs, f: &Frame) -> proxy_common::CtValue4 {
+    let (forward, _) = flow_entries(p, f);
+    let forward = forward.expect("a forward entry");
+    let key = proxy_common::CtKey4 {
+        saddr_be: u32::from(f.saddr).to_be(),
+        daddr_be: u32::from(f.daddr).to_be(),
+        sport_be: f.sport.to_be(),
+        dport_be: f.dport.to_be(),
+        proto: f.proto,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    p.dp.flush_conntrack().unwrap();
+    p.dp.set_conntrack(key, forward).unwrap();
+    forward
+}
+
+#[test]
+fn a_new_connection_on_a_closing_tuple_opens_it_again_with_its_reply_direction() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40500, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    let mut rst = f.clone();
+    rst.tcp_flags = 0x04;
+    assert_eq!(assert_dnat(&mut p, &rst), backend);
+    let closing = lose_reply_entry(&mut p, &f);
+    assert_ne!(closing.flags & ct_flags::CLOSING, 0);
+    // The client reuses the port: a SYN on the closing tuple.
+    assert_eq!(assert_dnat(&mut p, &f), backend, "the entry still pins it");
+    let (forward, reply) = flow_entries(&p, &f);
+    assert_eq!(forward.unwrap().flags & ct_flags::CLOSING, 0, "open again");
+    let reply = reply.expect("the SYN wrote the reply direction again");
+    assert_eq!(reply.backend_id, closing.backend_id);
+    assert_eq!(reply.flags & ct_flags::CLOSING, 0);
+    // Without it the SYN-ACK would reach the client from the backend's address.
+    assert_reverse_nat(&mut p, &f, backend);
+}
+
+#[test]
+fn a_udp_flow_that_lost_its_reply_entry_gets_it_back_within_a_second() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::udp(CLIENT, 41500, VIP, 53);
+    let backend = assert_dnat(&mut p, &f);
+    let mut forward = lose_reply_entry(&mut p, &f);
+    // Last refreshed over a second ago (entries are refreshed once a second).
+    forward.last_seen_ns -= 2_000_000_000;
+    let key = proxy_common::CtKey4 {
+        saddr_be: u32::from(f.saddr).to_be(),
+        daddr_be: u32::from(f.daddr).to_be(),
+        sport_be: f.sport.to_be(),
+        dport_be: f.dport.to_be(),
+        proto: f.proto,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    p.dp.set_conntrack(key, forward).unwrap();
+    assert_eq!(assert_dnat(&mut p, &f), backend);
+    assert!(flow_entries(&p, &f).1.is_some(), "the reply entry is back");
+    assert_reverse_nat(&mut p, &f, backend);
 }
 
 #[test]

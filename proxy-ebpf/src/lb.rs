@@ -18,7 +18,9 @@ use crate::{
 };
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// Conntrack entries are refreshed at most this often, to keep writes off the
 /// fast path of busy flows.
@@ -110,23 +112,54 @@ pub fn choose(flow: &Flow, mut key: ServiceKey4, svc: &ServiceValue) -> Result<C
         if alive && rev_nat_id == svc.rev_nat_id {
             // SAFETY: copied out at once.
             if let Some(backend) = unsafe { BACKENDS.get(&backend_id) }.copied() {
-                if now.wrapping_sub(last_seen) > CT_REFRESH_NS {
+                let chosen = Chosen {
+                    backend,
+                    nat_port_be,
+                    new: false,
+                };
+                // A client opening a new connection on the tuple of one that
+                // closed (ports get reused): the flow is open again.
+                let syn = flow.proto == proxy_common::proto::TCP
+                    && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                let refresh = now.wrapping_sub(last_seen) > CT_REFRESH_NS;
+                let mut flags = flags;
+                if syn && flags & ct_flags::CLOSING != 0 {
+                    flags &= !ct_flags::CLOSING;
+                    unsafe { (*entry).flags = flags };
+                }
+                if refresh || syn {
                     unsafe { (*entry).last_seen_ns = now };
+                    // The reply direction is rewritten beside it: an entry lost to
+                    // the agent's expiry sweep racing this flow's reuse would
+                    // otherwise leave every reply untranslated, and the tuple
+                    // broken, while the forward entry lives.
+                    if chosen.local() || !flow.external {
+                        let hairpin = chosen.hairpin(flow);
+                        let reply = CtValue4 {
+                            backend_id,
+                            rev_nat_id,
+                            flags: flags | if hairpin { ct_flags::HAIRPIN } else { 0 },
+                            last_seen_ns: now,
+                            ..CtValue4::default()
+                        };
+                        // Best effort: the forward entry still pins the backend.
+                        let _ = CONNTRACK.insert(
+                            &reply_key(flow, &backend, hairpin),
+                            &reply,
+                            u64::from(BPF_ANY),
+                        );
+                    }
                 }
                 if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && flags & ct_flags::CLOSING == 0 {
                     unsafe { (*entry).flags = flags | ct_flags::CLOSING };
                     // The reply direction closes with it.
-                    let hairpin = backend.addr_be == flow.saddr;
+                    let hairpin = chosen.hairpin(flow);
                     let reply = reply_key(flow, &backend, hairpin);
                     if let Some(r) = CONNTRACK.get_ptr_mut(&reply) {
                         unsafe { (*r).flags |= ct_flags::CLOSING };
                     }
                 }
-                return Ok(Chosen {
-                    backend,
-                    nat_port_be,
-                    new: false,
-                });
+                return Ok(chosen);
             }
         }
         // Expired, or the pinned backend is gone (or the frontend was recreated):

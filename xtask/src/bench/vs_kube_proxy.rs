@@ -714,9 +714,11 @@ pub fn render(traffic: &[TrafficRow], loads: &[LoadRow], settings: &Settings) ->
          {} connections each (after {} to warm up), so {} per row:\n\
          `connect` time is the SYN's trip through the node (kube-proxy: conntrack and the\n\
          nat table, where iptables walks KUBE-SERVICES to the Service's rule; Ferry: its tc\n\
-         program on the pod's interface) and the SYN-ACK's way back; the rate counts whole\n\
-         connections (connect, one line of reply, close). Ratios are Ferry's rate over\n\
-         kube-proxy's, measured in the same run.\n",
+         program on the pod's interface) and the SYN-ACK's way back. A whole connection is\n\
+         connect, one line of reply, close; the rate is one over its median time, and the\n\
+         ratio is Ferry's rate over the other's, measured in the same run. Throughput counts\n\
+         every connection over the run's wall time, so it also carries every stall, and a\n\
+         failed connection (1 s timeout) weighs on it heavily.\n",
         settings.rounds,
         settings.batch,
         settings.warmup,
