@@ -752,23 +752,8 @@ fn plot(png: &Path, scales: &[Scale]) -> Result<()> {
         png.display(),
         lines.join(", ")
     );
-    gnuplot(&script)?;
+    super::gnuplot(&script)?;
     let _ = fs::remove_file(&dat);
-    Ok(())
-}
-
-/// Runs a gnuplot script.
-pub(super) fn gnuplot(script: &str) -> Result<()> {
-    let mut child = Command::new("gnuplot")
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("starting gnuplot")?;
-    child
-        .stdin
-        .take()
-        .context("gnuplot's stdin")?
-        .write_all(script.as_bytes())?;
-    ensure!(child.wait()?.success(), "gnuplot failed");
     Ok(())
 }
 

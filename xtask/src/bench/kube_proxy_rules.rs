@@ -116,53 +116,74 @@ fn iptables_service_jump(svc: &ServicePort) -> String {
 
 const IPTABLES_NODEPORTS_JUMP: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
 
+/// kube-proxy's own filter chains and their fixed rules (declaring a chain in
+/// `iptables-restore` input flushes it, so every sync writes them again).
+const IPTABLES_FILTER: &str = ":KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
+     :KUBE-FIREWALL - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+     -A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
+     -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+     -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+     -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
+
+/// The jumps into kube-proxy's filter chains, which it installs once in the
+/// built-in chains.
+const IPTABLES_FILTER_JUMPS: &str = ":INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+     -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+     -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+     -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+     -A INPUT -j KUBE-FIREWALL\n\
+     -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+     -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+     -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+     -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+     -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A OUTPUT -j KUBE-FIREWALL\n";
+
+/// kube-proxy's own nat chains and their fixed rules.
+const IPTABLES_NAT: &str = ":KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+     -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+     -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+     -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+     -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n";
+
+/// The jumps into kube-proxy's nat chains from the built-in ones.
+const IPTABLES_NAT_JUMPS: &str = ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+     -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+     -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n";
+
+/// An `iptables-restore` file: the filter table, then the nat table with the
+/// Services' jumps (in KUBE-SERVICES, before the node-ports jump, which must
+/// stay last) and their chains. `with_jumps` adds the built-in chains' jumps,
+/// for a load into an empty namespace.
+fn iptables_file(with_jumps: bool, jumps: &[&ServicePort], chains: &str, rules: &str) -> String {
+    let (filter_jumps, nat_jumps) = if with_jumps {
+        (IPTABLES_FILTER_JUMPS, IPTABLES_NAT_JUMPS)
+    } else {
+        ("", "")
+    };
+    let mut out =
+        format!("*filter\n{IPTABLES_FILTER}{filter_jumps}COMMIT\n*nat\n{IPTABLES_NAT}{nat_jumps}");
+    out.push_str(chains);
+    for svc in jumps {
+        out.push_str(&iptables_service_jump(svc));
+    }
+    out.push_str(IPTABLES_NODEPORTS_JUMP);
+    out.push_str(rules);
+    out.push_str("COMMIT\n");
+    out
+}
+
 /// The whole rule set for `iptables-restore` (no `--noflush`): kube-proxy's filter
 /// and nat chains, the jumps into them from the built-in chains, and every Service.
 pub fn iptables_full(services: &[ServicePort]) -> String {
-    let mut out = String::from(
-        "*filter\n\
-         :INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-         :KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
-         :KUBE-FIREWALL - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
-         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-         -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
-         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-         -A INPUT -j KUBE-FIREWALL\n\
-         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-         -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
-         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A OUTPUT -j KUBE-FIREWALL\n\
-         -A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
-         -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-         COMMIT\n\
-         *nat\n\
-         :PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-         :KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
-         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
-         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
-    );
     let (mut chains, mut rules) = (String::new(), String::new());
-    for svc in services {
-        rules.push_str(&iptables_service_jump(svc));
-    }
-    rules.push_str(IPTABLES_NODEPORTS_JUMP);
     for svc in services {
         iptables_service(svc, &mut chains, &mut rules);
     }
-    out.push_str(&chains);
-    out.push_str(&rules);
-    out.push_str("COMMIT\n");
-    out
+    let all: Vec<&ServicePort> = services.iter().collect();
+    iptables_file(true, &all, &chains, &rules)
 }
 
 /// What kube-proxy's iptables mode writes (with `iptables-restore --noflush`) in a
@@ -174,24 +195,7 @@ pub fn iptables_one_service_change(
     before: &ServicePort,
     after: &ServicePort,
 ) -> String {
-    let mut out = String::from(
-        "*filter\n:KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
-         :KUBE-FIREWALL - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
-         -A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
-         -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-         COMMIT\n*nat\n:KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
-         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
-         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
-    );
     let (mut chains, mut rules) = (String::new(), String::new());
-    for svc in services {
-        rules.push_str(&iptables_service_jump(svc));
-    }
-    rules.push_str(IPTABLES_NODEPORTS_JUMP);
     iptables_service(after, &mut chains, &mut rules);
     for &ep in &before.endpoints {
         if !after.endpoints.contains(&ep) {
@@ -199,10 +203,8 @@ pub fn iptables_one_service_change(
             let _ = writeln!(rules, "-X {}", sep_chain(before, ep));
         }
     }
-    out.push_str(&chains);
-    out.push_str(&rules);
-    out.push_str("COMMIT\n");
-    out
+    let all: Vec<&ServicePort> = services.iter().collect();
+    iptables_file(false, &all, &chains, &rules)
 }
 
 const NFT_BASE: &str = r#"add table ip kube-proxy { comment "rules for kube-proxy" ; }

@@ -240,7 +240,7 @@ fn plot(png: &Path, samples: &[Sample]) -> Result<()> {
         png.display(),
         columns.join(", ")
     );
-    super::control_plane::gnuplot(&script)?;
+    super::gnuplot(&script)?;
     let _ = fs::remove_file(&dat);
     Ok(())
 }

@@ -269,14 +269,9 @@ fn plot(data: &std::path::Path, png: &std::path::Path) -> Result<()> {
         highest * 2.0,
         plots.join(", ")
     );
-    let mut child = Command::new("gnuplot")
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
-    let status = child.wait()?;
+    let plotted = gnuplot(&script);
     let _ = fs::remove_file(&dat);
-    anyhow::ensure!(status.success(), "gnuplot failed");
-    Ok(())
+    plotted
 }
 
 /// One chart of a figure: lines of (x, y) points against Services (log x).
@@ -334,12 +329,21 @@ fn plot_lines(png: &Path, panels: &[Panel]) -> Result<()> {
     }
     script.push_str("unset multiplot\n");
     fs::write(&dat, data)?;
+    let plotted = gnuplot(&script);
+    let _ = fs::remove_file(&dat);
+    plotted
+}
+
+/// Runs a gnuplot script.
+fn gnuplot(script: &str) -> Result<()> {
     let mut child = Command::new("gnuplot")
         .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
-    let status = child.wait()?;
-    let _ = fs::remove_file(&dat);
-    anyhow::ensure!(status.success(), "gnuplot failed");
+        .spawn()
+        .context("starting gnuplot")?;
+    std::io::Write::write_all(
+        child.stdin.as_mut().context("gnuplot's stdin")?,
+        script.as_bytes(),
+    )?;
+    anyhow::ensure!(child.wait()?.success(), "gnuplot failed");
     Ok(())
 }
