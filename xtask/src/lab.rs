@@ -95,6 +95,64 @@ fn like_a_wire(ns: &str, dev: &str) -> Result<()> {
     ethtool(ns, &["-K", dev, "tx", "off"])
 }
 
+/// Connects pod namespace `pod_ns` to `node_ns` as a node connects a pod: a
+/// veth (`eth0` in the pod, `host_if` on the node) carrying the pod's
+/// `addrs` as /32s, the node's side answering as `gateway`, routes both ways.
+pub fn wire_pod(
+    pod_ns: &str,
+    node_ns: &str,
+    host_if: &str,
+    addrs: &[Ipv4Addr],
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    ip(&[
+        "link", "add", "eth0", "netns", pod_ns, "type", "veth", "peer", "name", host_if, "netns",
+        node_ns,
+    ])?;
+    for addr in addrs {
+        ip(&[
+            "-n",
+            pod_ns,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "eth0",
+        ])?;
+    }
+    ip(&["-n", pod_ns, "link", "set", "eth0", "up"])?;
+    like_a_wire(pod_ns, "eth0")?;
+    let gw = gateway.to_string();
+    ip(&[
+        "-n", pod_ns, "route", "add", &gw, "dev", "eth0", "scope", "link",
+    ])?;
+    ip(&[
+        "-n", pod_ns, "route", "add", "default", "via", &gw, "dev", "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        node_ns,
+        "addr",
+        "add",
+        &format!("{gw}/32"),
+        "dev",
+        host_if,
+    ])?;
+    ip(&["-n", node_ns, "link", "set", host_if, "up"])?;
+    for addr in addrs {
+        ip(&[
+            "-n",
+            node_ns,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            host_if,
+        ])?;
+    }
+    Ok(())
+}
+
 /// Runs `f` on a thread inside network namespace `ns` (sockets made there stay there).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let path = format!("/run/netns/{ns}");
@@ -590,62 +648,7 @@ impl Lab {
         fs::create_dir_all(self.pods_dir())?;
         ip(&["netns", "add", &pod_ns])?;
         ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "link", "add", "eth0", "netns", &pod_ns, "type", "veth", "peer", "name", &host_if,
-            "netns", &node_ns,
-        ])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "addr",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-        like_a_wire(&pod_ns, "eth0")?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "route",
-            "add",
-            &gateway.to_string(),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &node_ns,
-            "addr",
-            "add",
-            &format!("{gateway}/32"),
-            "dev",
-            &host_if,
-        ])?;
-        ip(&["-n", &node_ns, "link", "set", &host_if, "up"])?;
-        ip(&[
-            "-n",
-            &node_ns,
-            "route",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            &host_if,
-        ])?;
+        wire_pod(&pod_ns, &node_ns, &host_if, &[addr], gateway)?;
         fs::write(
             self.pods_dir().join(format!("{name}.pod")),
             format!("{node} {addr}\n"),

@@ -257,23 +257,28 @@ pub fn clean_leftovers() {
 /// The node, client and backend namespaces, the backend's server and, for
 /// Ferry, the agent. Dropping it removes all of them.
 struct Topology {
+    /// node, client, backend.
     namespaces: [String; 3],
-    node: String,
-    client: String,
     agent: Option<Child>,
     stop: Arc<AtomicBool>,
     server: Option<thread::JoinHandle<()>>,
 }
 
 impl Topology {
+    fn node(&self) -> &str {
+        &self.namespaces[0]
+    }
+
+    fn client(&self) -> &str {
+        &self.namespaces[1]
+    }
+
     /// The namespaces `ferry-bench-<tag>-{node,client,backend}`.
     fn new(tag: &str) -> Result<Self> {
         let [node, client, backend] =
             ["node", "client", "backend"].map(|role| format!("{PREFIX}{tag}-{role}"));
         let mut topo = Self {
             namespaces: [node.clone(), client.clone(), backend.clone()],
-            node: node.clone(),
-            client: client.clone(),
             agent: None,
             stop: Arc::new(AtomicBool::new(false)),
             server: None,
@@ -288,63 +293,15 @@ impl Topology {
         crate::lab::output(
             in_ns(&client, "sysctl").args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"]),
         )?;
-        let backend_addrs: Vec<String> = backends().iter().map(|b| b.0.to_string()).collect();
-        for (pod, host_if, addrs, gateway) in [
-            (
-                &client,
-                "fp-client",
-                vec![CLIENT_ADDR.to_string()],
-                CLIENT_GATEWAY,
-            ),
-            (&backend, "fp-backend", backend_addrs, BACKEND_GATEWAY),
-        ] {
-            ip(&[
-                "link", "add", "eth0", "netns", pod, "type", "veth", "peer", "name", host_if,
-                "netns", &node,
-            ])?;
-            for addr in &addrs {
-                ip(&[
-                    "-n",
-                    pod,
-                    "addr",
-                    "add",
-                    &format!("{addr}/32"),
-                    "dev",
-                    "eth0",
-                ])?;
-            }
-            ip(&["-n", pod, "link", "set", "eth0", "up"])?;
-            // Complete checksums, as from a real NIC (see the lab's pods).
-            crate::lab::output(in_ns(pod, "ethtool").args(["-K", "eth0", "tx", "off"]))?;
-            let gw = gateway.to_string();
-            ip(&[
-                "-n", pod, "route", "add", &gw, "dev", "eth0", "scope", "link",
-            ])?;
-            ip(&[
-                "-n", pod, "route", "add", "default", "via", &gw, "dev", "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw}/32"),
-                "dev",
-                host_if,
-            ])?;
-            ip(&["-n", &node, "link", "set", host_if, "up"])?;
-            for addr in &addrs {
-                ip(&[
-                    "-n",
-                    &node,
-                    "route",
-                    "add",
-                    &format!("{addr}/32"),
-                    "dev",
-                    host_if,
-                ])?;
-            }
-        }
+        let backend_addrs: Vec<Ipv4Addr> = backends().iter().map(|b| b.0).collect();
+        crate::lab::wire_pod(&client, &node, "fp-client", &[CLIENT_ADDR], CLIENT_GATEWAY)?;
+        crate::lab::wire_pod(
+            &backend,
+            &node,
+            "fp-backend",
+            &backend_addrs,
+            BACKEND_GATEWAY,
+        )?;
         topo.server = Some(serve(&backend, topo.stop.clone())?);
         Ok(topo)
     }
@@ -371,7 +328,7 @@ impl Topology {
         fs::write(file, serde_json::to_vec(&json)?)?;
         let log = file.with_extension("log");
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg(format!("--net=/run/netns/{}", self.node()))
             .arg(agent_bin)
             .args([
                 "run",
@@ -393,7 +350,7 @@ impl Topology {
         let target = SocketAddr::from((services[0].vip, services[0].port));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if probe(&self.client, target) {
+            if probe(self.client(), target) {
                 return Ok(());
             }
             if let Some(status) = self
@@ -582,7 +539,7 @@ pub fn traffic(settings: &Settings, agent_bin: &Path, scratch: &Path) -> Result<
                         Mode::Nftables => rules::nft_full(&services),
                         _ => rules::iptables_full(&services),
                     };
-                    run_with_input(in_ns(&topo.node, program).args(full_args), &text)?;
+                    run_with_input(in_ns(topo.node(), program).args(full_args), &text)?;
                 }
             }
             topologies.push((mode, topo));
@@ -598,7 +555,8 @@ pub fn traffic(settings: &Settings, agent_bin: &Path, scratch: &Path) -> Result<
                 for position in Position::ALL {
                     let svc = &services[position.index(count) as usize];
                     let target = SocketAddr::from((svc.vip, svc.port));
-                    let batch = connections(&topo.client, target, settings.warmup, settings.batch)?;
+                    let batch =
+                        connections(topo.client(), target, settings.warmup, settings.batch)?;
                     match results
                         .iter_mut()
                         .find(|(m, p, _)| m == mode && *p == position)
