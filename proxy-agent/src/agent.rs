@@ -65,6 +65,10 @@ pub struct Config {
     pub resync_period: Duration,
     /// How long to gather changes before programming them.
     pub sync_delay: Duration,
+    /// How often ended conntrack and NAT entries are removed (their NAT ports
+    /// freed), and with which lifetimes.
+    pub gc_period: Duration,
+    pub lifetimes: crate::gc::Lifetimes,
 }
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
@@ -310,6 +314,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
 
     let mut resync = tokio::time::interval(config.resync_period);
+    let mut gc = tokio::time::interval(config.gc_period);
     let mut sync_at: Option<Instant> = None;
     let mut ready = false;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -343,6 +348,7 @@ pub async fn run(config: Config) -> Result<()> {
                 Err(e) => watch_error(&status, "node", &e),
             },
             Some(event) = links.recv() => on_link(&mut dataplane, &mut attached, &config, &status, event),
+            _ = gc.tick() => collect_garbage(&mut dataplane, &config, &status),
             _ = resync.tick() => {
                 // Whatever the maps hold now is the truth to diff against: this
                 // repairs entries changed or lost behind the agent's back.
@@ -356,11 +362,6 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                     Ok(_) => {}
                     Err(e) => error!(error = %e, "reading the maps for resync"),
-                }
-                match dataplane.gc(crate::dataplane::monotonic_ns()) {
-                    Ok((0, 0)) => {}
-                    Ok((ct, nat)) => debug!(ct, nat, "expired conntrack and NAT entries removed"),
-                    Err(e) => warn!(error = format!("{e:#}"), "conntrack garbage collection"),
                 }
                 sync_at = Some(Instant::now());
             }
@@ -513,6 +514,45 @@ async fn discover(client: &Client) -> cluster::SliceVersion {
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+/// Removes the conntrack and NAT entries of ended flows (freeing their NAT
+/// ports), and says which backends ran out of NAT ports since the last time.
+fn collect_garbage(dataplane: &mut Dataplane, config: &Config, status: &Shared) {
+    let report = match dataplane.gc(crate::dataplane::monotonic_ns(), &config.lifetimes) {
+        Ok(report) => report,
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "conntrack garbage collection");
+            return;
+        }
+    };
+    if report.conntrack_removed + report.nat_removed > 0 {
+        debug!(
+            conntrack = report.conntrack_removed,
+            nat = report.nat_removed,
+            "ended conntrack and NAT entries removed"
+        );
+    }
+    let (min, max) = config.nat_ports;
+    for (backend, dropped) in &report.exhausted {
+        warn!(
+            %backend,
+            dropped,
+            held = report.held.get(backend).copied().unwrap_or(0),
+            range = format!("{min}-{max}"),
+            "NAT ports exhausted: new flows to this backend were dropped (widen --nat-ports, or wait for flows to end)"
+        );
+    }
+    let mut status = status.lock().unwrap();
+    let metrics = &mut status.metrics;
+    metrics.conntrack_entries = report.conntrack_entries as u64;
+    metrics.nat_entries = report.nat_entries as u64;
+    for (backend, dropped) in report.exhausted {
+        *metrics
+            .nat_port_exhaustion
+            .entry(backend.to_string())
+            .or_default() += dropped;
     }
 }
 

@@ -26,13 +26,16 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    bench, capacity, ct_lifetime, map_names, program_names, stats, AffinityKey4, AffinityValue4,
-    Backend4, Config, CtKey4, CtValue4, MaglevKey4, Nat4, RevNat4, ServiceKey4, ServiceValue,
-    SourceRange4, StatCounter,
+    bench, capacity, map_names, nat_ports, program_names, stats, AffinityKey4, AffinityValue4,
+    Backend4, Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4,
+    ServiceValue, SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
-use crate::state::{MapOp, MapState};
+use crate::{
+    gc,
+    state::{MapOp, MapState},
+};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
@@ -55,6 +58,7 @@ pub struct Dataplane {
     revnat: HashMap<MapData, u32, RevNat4>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
     nat: HashMap<MapData, CtKey4, Nat4>,
+    nat_ports: HashMap<MapData, NatPortKey4, u64>,
     affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
     maglev: HashMap<MapData, MaglevKey4, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
@@ -297,6 +301,7 @@ impl Dataplane {
         let revnat = HashMap::try_from(take(map_names::REVNAT_V4)?)?;
         let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
         let nat = HashMap::try_from(take(map_names::NAT_V4)?)?;
+        let nat_ports = HashMap::try_from(take(map_names::NAT_PORTS_V4)?)?;
         let affinity = HashMap::try_from(take(map_names::AFFINITY_V4)?)?;
         let maglev = HashMap::try_from(take(map_names::MAGLEV_V4)?)?;
         let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
@@ -309,6 +314,7 @@ impl Dataplane {
             revnat,
             conntrack,
             nat,
+            nat_ports,
             affinity,
             maglev,
             source_ranges,
@@ -443,6 +449,11 @@ impl Dataplane {
         Ok(self.nat.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Every NAT-port word (see `proxy_common::NatPortKey4`).
+    pub fn nat_ports(&self) -> Result<Vec<(NatPortKey4, u64)>> {
+        Ok(self.nat_ports.iter().collect::<Result<_, _>>()?)
+    }
+
     /// One of the loaded programs, by name (see `proxy_common::program_names`).
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         Ok(self
@@ -557,49 +568,68 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Deletes conntrack and NAT entries older than their lifetime
-    /// (`proxy_common::ct_lifetime`) at `now_ns` (the programs' clock, see
-    /// [`monotonic_ns`]). Returns how many of each went.
-    pub fn gc(&mut self, now_ns: u64) -> Result<(usize, usize)> {
-        let expired = |proto: u8, flags: u16, last: u64| {
-            now_ns.saturating_sub(last) > ct_lifetime::nanos(proto, flags)
+    /// Removes the conntrack and NAT entries whose flows ended, frees their
+    /// NAT ports and takes the per-backend exhaustion counts (see [`gc`]), at
+    /// `now_ns` (the programs' clock, see [`monotonic_ns`]).
+    pub fn gc(&mut self, now_ns: u64, lifetimes: &gc::Lifetimes) -> Result<gc::Report> {
+        let snapshot = gc::Snapshot {
+            conntrack: self.conntrack.iter().filter_map(Result::ok).collect(),
+            nat: self.nat.iter().filter_map(Result::ok).collect(),
+            nat_ports: self.nat_ports.iter().filter_map(Result::ok).collect(),
+            revnat: self.revnat.iter().filter_map(Result::ok).collect(),
+            nat_range: self
+                .config
+                .get(&0, 0)
+                .ok()
+                .map(|c| (c.nat_port_min, c.nat_port_max)),
         };
-        let ct: Vec<CtKey4> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| expired(k.proto, v.flags, v.last_seen_ns))
-            .map(|(k, _)| k)
-            .collect();
-        // The programs may have renewed an entry since the sweep read it (a
-        // client reusing the tuple): only one still expired is deleted, read
-        // again just before. Deleting a renewed entry would cut its flow.
-        let mut ct_removed = 0;
-        for key in &ct {
+        let plan = gc::plan(&snapshot, now_ns, lifetimes);
+        let mut report = gc::Report {
+            conntrack_entries: snapshot.conntrack.len(),
+            nat_entries: snapshot.nat.len(),
+            exhausted: plan.exhausted,
+            held: plan.held,
+            ..Default::default()
+        };
+        // The programs may have renewed an entry since the snapshot (a client
+        // reusing the tuple): only one still expired is deleted, read again
+        // just before. Deleting a renewed entry would cut its flow.
+        for key in &plan.conntrack {
             let still = self.conntrack.get(key, 0);
-            if still.is_ok_and(|v| expired(key.proto, v.flags, v.last_seen_ns))
-                && self.conntrack.remove(key).is_ok()
+            if still.is_ok_and(|v| {
+                now_ns.saturating_sub(v.last_seen_ns) > lifetimes.nanos(key.proto, v.flags)
+            }) && self.conntrack.remove(key).is_ok()
             {
-                ct_removed += 1;
+                report.conntrack_removed += 1;
             }
         }
-        let nat: Vec<CtKey4> = self
-            .nat
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| expired(k.proto, 0, v.last_seen_ns))
-            .map(|(k, _)| k)
-            .collect();
-        let mut nat_removed = 0;
-        for key in &nat {
-            let still = self.nat.get(key, 0);
-            if still.is_ok_and(|v| expired(key.proto, 0, v.last_seen_ns))
-                && self.nat.remove(key).is_ok()
+        let before: std::collections::HashMap<CtKey4, Nat4> = snapshot.nat.into_iter().collect();
+        for key in &plan.nat {
+            // Unchanged since the snapshot: no packet of its flow came by.
+            if self.nat.get(key, 0).ok() == before.get(key).copied() && self.nat.remove(key).is_ok()
             {
-                nat_removed += 1;
+                report.nat_removed += 1;
             }
         }
-        Ok((ct_removed, nat_removed))
+        // Bits the programs set since the snapshot are kept: they belong to
+        // flows the snapshot did not see.
+        for (key, seen, wanted) in &plan.nat_ports {
+            let now = self.nat_ports.get(key, 0).unwrap_or(0);
+            let since = now & !seen;
+            let result = match wanted {
+                None if since == 0 || key.index == nat_ports::DROPS => self.nat_ports.remove(key),
+                None => self.nat_ports.insert(key, since, 0),
+                Some(bits) if bits | since == now => continue,
+                Some(bits) => self.nat_ports.insert(key, bits | since, 0),
+            };
+            // Gone already, or a full map: the next collection tries again.
+            if let Err(e) = result {
+                debug!(?key, error = %e, "NAT-port word");
+            }
+        }
+        report.conntrack_entries -= report.conntrack_removed;
+        report.nat_entries -= report.nat_removed;
+        Ok(report)
     }
 
     /// Writes one conntrack entry (for tests and repairs).

@@ -41,6 +41,12 @@ pub struct Metrics {
     pub frontends: u64,
     pub backends: u64,
     pub pod_interfaces: u64,
+    /// Entries in the conntrack and NAT maps after the last garbage collection.
+    pub conntrack_entries: u64,
+    pub nat_entries: u64,
+    /// New flows dropped because every NAT port towards the backend was held,
+    /// by backend (`address:port/protocol`).
+    pub nat_port_exhaustion: std::collections::BTreeMap<String, u64>,
     /// From each EndpointSlice change's trigger time to its programming.
     pub network_programming: Histogram<ProgrammingBuckets>,
     /// How long each successful programming round took.
@@ -49,7 +55,7 @@ pub struct Metrics {
 
 impl Metrics {
     fn render(&self) -> String {
-        let rows: [(&str, &str, u64, &str); 9] = [
+        let rows: [(&str, &str, u64, &str); 11] = [
             (
                 "ferry_syncs_total",
                 "counter",
@@ -104,6 +110,18 @@ impl Metrics {
                 self.pod_interfaces,
                 "Pod interfaces with the programs attached.",
             ),
+            (
+                "ferry_conntrack_entries",
+                "gauge",
+                self.conntrack_entries,
+                "Conntrack entries (both directions of each flow) after the last garbage collection.",
+            ),
+            (
+                "ferry_nat_entries",
+                "gauge",
+                self.nat_entries,
+                "NAT entries (one per flow SNATed to a remote backend) after the last garbage collection.",
+            ),
         ];
         let mut out: String = rows
             .iter()
@@ -111,6 +129,13 @@ impl Metrics {
                 format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
             })
             .collect();
+        let name = "ferry_nat_port_exhaustion_drops_total";
+        out.push_str(&format!(
+            "# HELP {name} New flows dropped because every NAT port towards the backend was held.\n# TYPE {name} counter\n"
+        ));
+        for (backend, dropped) in &self.nat_port_exhaustion {
+            out.push_str(&format!("{name}{{backend=\"{backend}\"}} {dropped}\n"));
+        }
         // kube-proxy's name, so the SIG Scalability SLI queries and dashboards
         // written for kube-proxy work unchanged against Ferry.
         out.push_str(&self.network_programming.render(

@@ -177,7 +177,7 @@ pub fn conntrack(pin_dir: &Path) -> Result<String> {
         for (k, v) in nat {
             let _ = writeln!(
                 out,
-                "{:<5} {}:{} -> {}:{}  =>  {}:{} (revnat {})",
+                "{:<5} {}:{} -> {}:{}  =>  {}:{} (revnat {}){}",
                 protocol(k.proto),
                 addr(k.saddr_be),
                 u16::from_be(k.sport_be),
@@ -185,7 +185,12 @@ pub fn conntrack(pin_dir: &Path) -> Result<String> {
                 u16::from_be(k.dport_be),
                 addr(v.client_addr_be),
                 u16::from_be(v.client_port_be),
-                v.rev_nat_id
+                v.rev_nat_id,
+                if v.flags & ct_flags::CLOSING != 0 {
+                    " closing"
+                } else {
+                    ""
+                }
             );
         }
     }

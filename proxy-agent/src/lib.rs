@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod dataplane;
+pub mod gc;
 pub mod health;
 pub mod ifaces;
 pub mod inspect;

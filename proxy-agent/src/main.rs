@@ -116,6 +116,14 @@ struct RunArgs {
     /// How long changes are gathered before they are programmed, in milliseconds.
     #[arg(long, env = "FERRY_SYNC_DELAY_MS", default_value_t = 10)]
     sync_delay_ms: u64,
+    /// How often the conntrack and NAT entries of ended flows are removed,
+    /// which frees their NAT ports, in seconds.
+    #[arg(long, env = "FERRY_CONNTRACK_GC_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    conntrack_gc_seconds: u64,
+    /// How long a TCP flow's conntrack and NAT entries stay after its FIN or
+    /// RST, in seconds (at most 10, the programs' own limit).
+    #[arg(long, env = "FERRY_CONNTRACK_TCP_CLOSE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=10))]
+    conntrack_tcp_close_seconds: u64,
 }
 
 #[tokio::main]
@@ -169,6 +177,10 @@ async fn main() -> Result<()> {
                 healthz_addr,
                 resync_period: Duration::from_secs(args.resync_seconds.max(1)),
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
+                gc_period: Duration::from_secs(args.conntrack_gc_seconds),
+                lifetimes: proxy_agent::gc::Lifetimes {
+                    tcp_closing: Duration::from_secs(args.conntrack_tcp_close_seconds),
+                },
             })
             .await
         }

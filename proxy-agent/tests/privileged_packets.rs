@@ -1173,15 +1173,29 @@ fn conntrack_entries_expire_by_protocol_and_tcp_state() {
         ports.sort();
         ports
     };
-    assert_eq!(p.dp.gc(now).unwrap().0, 0, "nothing is old yet");
+    assert_eq!(
+        p.dp.gc(now, &Default::default()).unwrap().conntrack_removed,
+        0,
+        "nothing is old yet"
+    );
     // 11 s on: the reset TCP connection is gone (both directions), the rest stays.
-    assert_eq!(p.dp.gc(now + 11 * s).unwrap().0, 2);
+    assert_eq!(
+        p.dp.gc(now + 11 * s, &Default::default())
+            .unwrap()
+            .conntrack_removed,
+        2
+    );
     assert_eq!(forward(&p), [49500, 49502]);
     // 61 s on: UDP too.
-    assert_eq!(p.dp.gc(now + 61 * s).unwrap().0, 2);
+    assert_eq!(
+        p.dp.gc(now + 61 * s, &Default::default())
+            .unwrap()
+            .conntrack_removed,
+        2
+    );
     assert_eq!(forward(&p), [49500]);
     // 6 hours on: the open TCP connection.
-    p.dp.gc(now + 21_601 * s).unwrap();
+    p.dp.gc(now + 21_601 * s, &Default::default()).unwrap();
     assert!(p.dp.conntrack().unwrap().is_empty());
 }
 

@@ -21,11 +21,12 @@ use aya::{
 };
 use proxy_agent::{
     dataplane::Dataplane,
+    gc::Lifetimes,
     model::{Endpoint, Frontend, Protocol, Service},
     state::{self, Ids, MapState},
 };
 use proxy_common::{
-    bench, ct_dir, hash,
+    bench, ct_dir, ct_flags, hash, nat_ports,
     program_names::{UPLINK_TC, UPLINK_XDP},
     Config, ServiceKey4, ServiceValue,
 };
@@ -558,6 +559,147 @@ fn external_ip_and_load_balancer_ip_are_served() {
             assert_eq!(verdict, XDP_TX, "{daddr}");
             assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes(), "{daddr}");
         }
+    });
+}
+
+/// The NAT entry of a client port's flow: (NAT port, flags).
+fn nat_of(p: &Programs, client_port: u16) -> Option<(u16, u16)> {
+    p.dp.nat()
+        .unwrap()
+        .into_iter()
+        .find(|(_, v)| v.client_port_be == client_port.to_be())
+        .map(|(k, v)| (u16::from_be(k.dport_be), v.flags))
+}
+
+/// The flags of a client port's forward conntrack entry.
+fn forward_flags(p: &Programs, client_port: u16) -> u16 {
+    p.dp.conntrack()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.dir == ct_dir::FORWARD && k.sport_be == client_port.to_be())
+        .map(|(_, v)| v.flags)
+        .expect("forward entry")
+}
+
+#[test]
+fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
+    with_programs(|p| {
+        // From the client: a FIN, and an RST.
+        for (port, flags) in [(42000, 0x11), (42001, 0x04)] {
+            let f = from_outside(packet::TCP, port, NODE, 30090);
+            p.xdp(&f.bytes());
+            assert_eq!(nat_of(p, port), Some((nat_port(&f), 0)), "open");
+            let mut close = f.clone();
+            close.tcp_flags = flags;
+            let (verdict, out) = p.xdp(&close.bytes());
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(out, snated(&close, REMOTE_POD, 8080).bytes());
+            assert_eq!(nat_of(p, port), Some((nat_port(&f), ct_flags::CLOSING)));
+            assert_eq!(
+                forward_flags(p, port) & ct_flags::CLOSING,
+                ct_flags::CLOSING
+            );
+        }
+        // From the backend: its FIN closes the NAT entry and the client's
+        // forward entry.
+        let f = from_outside(packet::TCP, 42002, NODE, 30090);
+        p.xdp(&f.bytes());
+        let mut fin = snated(&f, REMOTE_POD, 8080).reply();
+        fin.tcp_flags = 0x11;
+        fin.src_mac = NODE2_MAC;
+        fin.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&fin.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = fin.with_dst(ip(CLIENT), 42002).with_src(ip(NODE), 30090);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(out, expected.bytes());
+        assert_eq!(nat_of(p, 42002), Some((nat_port(&f), ct_flags::CLOSING)));
+        assert_eq!(
+            forward_flags(p, 42002) & ct_flags::CLOSING,
+            ct_flags::CLOSING
+        );
+        // The client reuses the tuple for a new connection: open again, same port.
+        p.xdp(&f.bytes());
+        assert_eq!(nat_of(p, 42002), Some((nat_port(&f), 0)));
+
+        // After the close timeout the collection removes the closed flows'
+        // entries, frees their ports, and leaves the open one.
+        let now = proxy_agent::dataplane::monotonic_ns();
+        let report =
+            p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
+                .unwrap();
+        assert_eq!(report.nat_removed, 2, "{report:?}");
+        assert_eq!(nat_of(p, 42000), None);
+        assert_eq!(nat_of(p, 42001), None);
+        assert_eq!(nat_of(p, 42002), Some((nat_port(&f), 0)));
+        let held: u32 =
+            p.dp.nat_ports()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.index < nat_ports::WORDS)
+                .map(|(_, w)| w.count_ones())
+                .sum();
+        assert_eq!(held, 1, "only the open flow's port is marked held");
+    });
+}
+
+#[test]
+fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
+    with_programs(|p| {
+        const RANGE: u16 = 200;
+        p.dp.set_config(Config {
+            snat_addr_be: u32::from(ip(NODE)).to_be(),
+            nat_port_min: 62000,
+            nat_port_max: 62000 + RANGE - 1,
+        })
+        .unwrap();
+        let send = |p: &mut Programs, client_port: u16| {
+            let f = from_outside(packet::TCP, client_port, NODE, 30090);
+            let (verdict, out) = p.xdp(&f.bytes());
+            (f, verdict, out)
+        };
+        // Every port of the range, one flow each: the last flows find the
+        // last free ports, which their hashes rarely name.
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..RANGE {
+            let (f, verdict, out) = send(p, 43000 + i);
+            assert_eq!(verdict, XDP_TX, "flow {i}: {:?}", p.nonzero_stats());
+            let port = u16::from_be_bytes([out[34], out[35]]);
+            let mut expected = f.with_dst(ip(REMOTE_POD), 8080).with_src(ip(NODE), port);
+            expected.dst_mac = NODE2_MAC;
+            expected.src_mac = NODE_MAC;
+            assert_eq!(out, expected.bytes(), "flow {i}");
+            packet::assert_checksums_valid(&out);
+            assert!((62000..62000 + RANGE).contains(&port), "{port}");
+            assert!(ports.insert(port), "port {port} given twice");
+        }
+        assert_eq!(p.dp.nat().unwrap().len(), usize::from(RANGE));
+        // One more: none is free. Dropped, counted, named by backend.
+        let (_, verdict, _) = send(p, 43500);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(p.stat("drop_nat_ports"), 1);
+        // One flow resets; once the collection removed it, its port serves
+        // the next new flow.
+        let mut rst = from_outside(packet::TCP, 43007, NODE, 30090);
+        rst.tcp_flags = 0x04;
+        assert_eq!(p.xdp(&rst.bytes()).0, XDP_TX);
+        let freed = nat_of(p, 43007).unwrap().0;
+        let now = proxy_agent::dataplane::monotonic_ns();
+        let report =
+            p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
+                .unwrap();
+        assert_eq!(report.nat_removed, 1);
+        assert_eq!(report.exhausted.len(), 1);
+        assert_eq!(
+            report.exhausted[0].0.to_string(),
+            format!("{REMOTE_POD}:8080/TCP")
+        );
+        assert_eq!(report.exhausted[0].1, 1);
+        let (_, verdict, out) = send(p, 43501);
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), freed);
+        assert_eq!(p.stat("drop_nat_ports"), 1);
     });
 }
 

@@ -26,7 +26,10 @@ pub mod map_names {
     pub const BACKENDS_V4: &str = "backend4_v1";
     pub const REVNAT_V4: &str = "revnat4_v2";
     pub const CONNTRACK_V4: &str = "ct4_v3";
-    pub const NAT_V4: &str = "nat4_v2";
+    /// v3: the NAT value has flags (a flow closing) where v2 had padding.
+    pub const NAT_V4: &str = "nat4_v3";
+    /// The NAT ports each remote backend's flows hold, as bitmaps.
+    pub const NAT_PORTS_V4: &str = "natport4_v1";
     pub const AFFINITY_V4: &str = "affinity4_v2";
     pub const MAGLEV_V4: &str = "maglev4_v2";
     /// Its layout is unchanged since v1, but it is indexed by frontend id and
@@ -36,12 +39,13 @@ pub mod map_names {
     pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
         CONNTRACK_V4,
         NAT_V4,
+        NAT_PORTS_V4,
         AFFINITY_V4,
         MAGLEV_V4,
         ROUND_ROBIN,
@@ -95,6 +99,10 @@ pub mod capacity {
     pub const REVNAT: u32 = 262_144;
     pub const CONNTRACK: u32 = 524_288;
     pub const NAT: u32 = 262_144;
+    /// Words of NAT-port bitmaps (allocated as used): a remote backend with
+    /// flows holds one word per 64 ports of the NAT range it touched, its
+    /// summary words and its exhaustion counter.
+    pub const NAT_PORTS: u32 = 262_144;
     pub const AFFINITY: u32 = 131_072;
     /// Maglev slots over every Maglev frontend (allocated as used).
     pub const MAGLEV: u32 = 4_194_304;
@@ -306,7 +314,9 @@ const _: () = assert!(core::mem::size_of::<CtValue4>() == 24);
 
 /// Value of the NAT map, keyed by the [`CtKey4`] of a remote backend's reply as
 /// it arrives (backend -> node address : NAT port, direction `ct_dir::NAT`):
-/// the client the reply goes back to.
+/// the client the reply goes back to. The entry owns its NAT port for that
+/// backend until the agent's garbage collection removes it (idle past
+/// [`ct_lifetime`], or closed, or its conntrack entry gone).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Nat4 {
@@ -314,10 +324,126 @@ pub struct Nat4 {
     /// The frontend the client dialled (reverse-NAT id).
     pub rev_nat_id: u32,
     pub client_port_be: u16,
-    pub _pad: [u16; 3],
+    /// Bits of [`ct_flags`]: `CLOSING` once a FIN or RST went by either way.
+    pub flags: u16,
+    pub _pad: u32,
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Nat4>() == 24);
+
+/// Key of the NAT-port map: one 64-bit word about one remote backend's NAT
+/// ports. Words `0..nat_ports::WORDS` are its bitmap (bit `b` of word `w`:
+/// port `nat_port_min + 64 * w + b` is held by one of its flows); words from
+/// [`nat_ports::SUMMARY`] summarise them (bit `b` of summary word `s`: bitmap
+/// word `64 * s + b` is full); [`nat_ports::DROPS`] counts the new flows to it
+/// dropped because every port was held. The bitmap is a hint that makes
+/// allocation O(1); the NAT map stays the truth (a port is taken by inserting
+/// its entry, which fails if another flow holds it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatPortKey4 {
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub index: u16,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<NatPortKey4>() == 12);
+
+/// The layout of a backend's NAT-port words (see [`NatPortKey4`]).
+pub mod nat_ports {
+    /// Bitmap words: 64 ports each, for a range of up to 65536 ports.
+    pub const WORDS: u16 = 1024;
+    /// The index of the first summary word.
+    pub const SUMMARY: u16 = WORDS;
+    /// Summary words: one bit per bitmap word.
+    pub const SUMMARY_WORDS: u16 = WORDS / 64;
+    /// The index of the exhaustion counter.
+    pub const DROPS: u16 = u16::MAX;
+
+    /// The bits of bitmap word `word` that stand for ports of a range of
+    /// `range` ports (all 64, except in the last word).
+    #[inline(always)]
+    pub const fn word_mask(range: u32, word: u32) -> u64 {
+        let first = word * 64;
+        if range >= first + 64 {
+            u64::MAX
+        } else if range <= first {
+            0
+        } else {
+            (1u64 << (range - first)) - 1
+        }
+    }
+
+    /// How many bitmap words a range of `range` ports takes.
+    #[inline(always)]
+    pub const fn words(range: u32) -> u32 {
+        range.div_ceil(64)
+    }
+
+    /// The index of the lowest set bit of `x` (64 when `x` is 0), by halving:
+    /// a fixed number of steps, no table and no loop for the verifier.
+    #[inline(always)]
+    pub const fn lowest_bit(x: u64) -> u32 {
+        let low = x & x.wrapping_neg();
+        if low == 0 {
+            return 64;
+        }
+        let mut n = 0;
+        if low & 0x0000_0000_FFFF_FFFF == 0 {
+            n += 32;
+        }
+        if low & 0x0000_FFFF_0000_FFFF == 0 {
+            n += 16;
+        }
+        if low & 0x00FF_00FF_00FF_00FF == 0 {
+            n += 8;
+        }
+        if low & 0x0F0F_0F0F_0F0F_0F0F == 0 {
+            n += 4;
+        }
+        if low & 0x3333_3333_3333_3333 == 0 {
+            n += 2;
+        }
+        if low & 0x5555_5555_5555_5555 == 0 {
+            n += 1;
+        }
+        n
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn lowest_bit_finds_every_bit() {
+            assert_eq!(lowest_bit(0), 64);
+            for b in 0..64 {
+                assert_eq!(lowest_bit(1 << b), b);
+                assert_eq!(lowest_bit(u64::MAX << b), b);
+                assert_eq!(lowest_bit((1 << b) | (1 << 63)), b);
+            }
+        }
+
+        #[test]
+        fn word_masks_cover_exactly_the_range() {
+            assert_eq!(words(1), 1);
+            assert_eq!(words(64), 1);
+            assert_eq!(words(65), 2);
+            assert_eq!(words(65_536), u32::from(WORDS));
+            assert_eq!(word_mask(64, 0), u64::MAX);
+            assert_eq!(word_mask(200, 3), 0xFF);
+            assert_eq!(word_mask(200, 4), 0);
+            for range in [1, 63, 64, 65, 200, 4_536, 65_535, 65_536] {
+                let bits: u32 = (0..words(range))
+                    .map(|w| word_mask(range, w).count_ones())
+                    .sum();
+                assert_eq!(bits, range, "range {range}");
+            }
+        }
+    }
+}
 
 /// Data of a source-ranges LPM trie key: a frontend (by reverse-NAT id, big
 /// endian so it is matched bit by bit) and a client address. An entry's prefix
@@ -377,6 +503,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for StatCounter {}
     unsafe impl aya::Pod for Nat4 {}
+    unsafe impl aya::Pod for NatPortKey4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for MaglevKey4 {}
     unsafe impl aya::Pod for AffinityValue4 {}

@@ -15,6 +15,7 @@ mod ctx;
 mod fib;
 mod lb;
 mod maps;
+mod nat;
 mod parse;
 mod pod;
 mod reject;

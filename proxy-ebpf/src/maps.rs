@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
-    Nat4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -30,8 +30,18 @@ pub static CONNTRACK: LruHashMap<CtKey4, CtValue4, { capacity::CONNTRACK as usiz
     LruHashMap::new();
 
 /// SNAT: a remote backend's reply (to the node address and NAT port) -> the client.
-#[btf_map(name = "nat4_v2")]
+#[btf_map(name = "nat4_v3")]
 pub static NAT: LruHashMap<CtKey4, Nat4, { capacity::NAT as usize }> = LruHashMap::new();
+
+/// NAT-port bitmaps: (remote backend, word) -> which NAT ports its flows hold,
+/// with summary words and an exhaustion counter (see `NatPortKey4`).
+#[btf_map(name = "natport4_v1")]
+pub static NAT_PORTS: HashMap<
+    NatPortKey4,
+    u64,
+    { capacity::NAT_PORTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// sessionAffinity ClientIP: (client, frontend) -> backend and last use.
 #[btf_map(name = "affinity4_v2")]

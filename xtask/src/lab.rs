@@ -328,7 +328,7 @@ impl Lab {
             &deploy_dir.join("rbac.yaml").to_string_lossy(),
         ])?;
         for node in NODES {
-            self.start_agent(agent_bin, node)?;
+            self.start_agent(agent_bin, node, &[])?;
         }
         eprintln!("lab {}: up; `cargo xtask lab status` shows it", self.name);
         Ok(())
@@ -523,8 +523,8 @@ impl Lab {
     /// Starts the agent of `node` as the DaemonSet pod would run it: in the
     /// node's network namespace (hostNetwork), with the DaemonSet's capabilities
     /// and the ServiceAccount's credentials, and waits until it has programmed
-    /// its maps.
-    pub fn start_agent(&self, agent_bin: &Path, node: &str) -> Result<()> {
+    /// its maps. `extra` are more agent flags (e.g. a narrow `--nat-ports`).
+    pub fn start_agent(&self, agent_bin: &Path, node: &str, extra: &[String]) -> Result<()> {
         let pid_file = self.agent_pid_file(node);
         if alive(&pid_file) {
             bail!("the agent of {node} is already running");
@@ -553,6 +553,7 @@ impl Lab {
             .arg(self.agent_kubeconfig())
             .arg("--pin-dir")
             .arg(self.pin_dir(node))
+            .args(extra)
             .env("RUST_LOG", "info");
         spawn_detached(&mut cmd, &log, &pid_file)?;
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -79,11 +79,15 @@ enum LabCommand {
         #[command(subcommand)]
         command: PodCommand,
     },
-    /// Stop or start one node's agent (its programs and maps stay while it is stopped).
+    /// Stop or start one node's agent (its programs and maps stay while it is
+    /// stopped); flags after `--` go to the agent, e.g.
+    /// `agent start node1 -- --nat-ports 62000-62199`.
     Agent {
         #[arg(value_parser = ["start", "stop"])]
         action: String,
         node: String,
+        #[arg(last = true)]
+        agent_args: Vec<String>,
     },
     /// Give a LoadBalancer Service an ingress IP (status subresource), like a cloud would.
     LbIp {
@@ -160,12 +164,16 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
         LabCommand::Pod {
             command: PodCommand::Terminate { name },
         } => lab.pod_terminate(&name),
-        LabCommand::Agent { action, node } => match action.as_str() {
+        LabCommand::Agent {
+            action,
+            node,
+            agent_args,
+        } => match action.as_str() {
             "stop" => {
                 lab.stop_agent(&node);
                 Ok(())
             }
-            _ => lab.start_agent(&agent_binary()?, &node),
+            _ => lab.start_agent(&agent_binary()?, &node, &agent_args),
         },
         LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),
         LabCommand::Exec { pod, command } => {

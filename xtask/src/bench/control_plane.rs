@@ -409,7 +409,7 @@ fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64,
         String::from_utf8_lossy(&out.stderr)
     );
     let started = jiff::Timestamp::now();
-    lab.start_agent(agent, NODE)?;
+    lab.start_agent(agent, NODE, &[])?;
     let log = fs::read_to_string(lab.agent_log(NODE))?;
     let at = |message: &str| -> Result<f64> {
         let line = log

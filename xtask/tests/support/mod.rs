@@ -175,6 +175,23 @@ impl Lab {
             .sum()
     }
 
+    /// Every entry of one of a node agent's pinned maps, as bpftool prints it
+    /// with BTF (`formatted` keys and values).
+    pub fn pinned_entries(&self, node: &str, map: &str) -> Vec<serde_json::Value> {
+        let path = format!("/sys/fs/bpf/{}/{node}/{map}", self.name);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned", &path])
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool map dump {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        entries.as_array().cloned().unwrap_or_default()
+    }
+
     /// Waits until the service's slices list exactly `addrs` as ready; returns when it saw that.
     pub fn wait_endpoints(&self, service: &str, addrs: &[Ipv4Addr]) -> Instant {
         let mut want = addrs.to_vec();
