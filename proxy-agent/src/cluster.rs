@@ -252,6 +252,8 @@ pub enum Skip {
     Port(String, i32),
     #[error("{0}: {1} (the agent's default scheduler is used)")]
     Scheduler(String, String),
+    #[error("{0}: loadBalancerSourceRanges entry {1:?} is not an IPv4 range (left out; with no valid range left, no client reaches the LoadBalancer IPs)")]
+    SourceRange(String, String),
 }
 
 fn protocol(name: Option<&str>) -> Option<Protocol> {
@@ -478,12 +480,24 @@ pub fn desired_service(
     } else {
         Vec::new()
     };
-    let source_ranges: Vec<Cidr> = spec
+    // Listed ranges restrict the LoadBalancer IPs even when none of them is
+    // a valid IPv4 range: then no client gets through (fail closed).
+    let source_ranges: Option<Vec<Cidr>> = spec
         .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .filter_map(|r| r.parse().ok())
-        .collect();
+        .as_ref()
+        .filter(|ranges| !ranges.is_empty())
+        .map(|ranges| {
+            ranges
+                .iter()
+                .filter_map(|r| match r.trim().parse() {
+                    Ok(cidr) => Some(cidr),
+                    Err(_) => {
+                        out.skipped.push(Skip::SourceRange(key.clone(), r.clone()));
+                        None
+                    }
+                })
+                .collect()
+        });
     let policy = Policy {
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_local,
@@ -570,20 +584,21 @@ pub fn desired_service(
             endpoints: internal,
             reachable: reachable.clone(),
             local_only: policy.internal_local,
-            source_ranges: Vec::new(),
+            source_ranges: None,
             affinity_timeout,
             scheduler,
         });
-        let external = |address: Ipv4Addr, port: u16, ranges: &[Cidr], what: &str| Service {
-            name: format!("{label} ({what} {address}:{port})"),
-            frontend: frontend(address, port),
-            endpoints: external_endpoints.clone(),
-            reachable: reachable.clone(),
-            local_only: external_local,
-            source_ranges: ranges.to_vec(),
-            affinity_timeout,
-            scheduler,
-        };
+        let external =
+            |address: Ipv4Addr, port: u16, ranges: &Option<Vec<Cidr>>, what: &str| Service {
+                name: format!("{label} ({what} {address}:{port})"),
+                frontend: frontend(address, port),
+                endpoints: external_endpoints.clone(),
+                reachable: reachable.clone(),
+                local_only: external_local,
+                source_ranges: ranges.clone(),
+                affinity_timeout,
+                scheduler,
+            };
         let node_port = port
             .node_port
             .and_then(|p| u16::try_from(p).ok())
@@ -591,12 +606,12 @@ pub fn desired_service(
         if let (true, Some(node_port)) = (matches!(kind, "NodePort" | "LoadBalancer"), node_port) {
             for address in &node.addresses {
                 out.services
-                    .push(external(*address, node_port, &[], "nodeport"));
+                    .push(external(*address, node_port, &None, "nodeport"));
             }
         }
         for address in &external_ips {
             out.services
-                .push(external(*address, frontend_port, &[], "externalIP"));
+                .push(external(*address, frontend_port, &None, "externalIP"));
         }
         for address in &lb_ips {
             out.services.push(external(
@@ -955,15 +970,41 @@ mod tests {
         // Source ranges guard the LoadBalancer IP only.
         assert_eq!(
             frontend_of(&out, "203.0.113.5", 80).source_ranges,
-            ["198.51.100.0/24".parse().unwrap()]
+            Some(vec!["198.51.100.0/24".parse().unwrap()])
         );
-        assert!(frontend_of(&out, "10.250.0.11", 30080)
-            .source_ranges
-            .is_empty());
+        assert_eq!(frontend_of(&out, "10.250.0.11", 30080).source_ranges, None);
         assert!(
             out.health_checks.is_empty(),
             "health checks only for policy Local"
         );
+    }
+
+    #[test]
+    fn source_ranges_without_a_valid_ipv4_range_fail_closed() {
+        let slice = two_node_slice();
+        let mut service = lb_service("Cluster");
+        service.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(vec!["2001:db8::/32".into(), "10.0.0.0/33".into()]);
+        let out = desired(&[&service], &[&slice], &node1());
+        assert_eq!(
+            frontend_of(&out, "203.0.113.5", 80).source_ranges,
+            Some(Vec::new()),
+            "restricted to no client, not open to all"
+        );
+        let skipped: Vec<String> = out.skipped.iter().map(ToString::to_string).collect();
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[1].contains("\"10.0.0.0/33\""), "{skipped:?}");
+        // A valid range among invalid ones is kept; an empty list restricts nothing.
+        service.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(vec!["bogus".into(), " 198.51.100.0/24".into()]);
+        let out = desired(&[&service], &[&slice], &node1());
+        assert_eq!(
+            frontend_of(&out, "203.0.113.5", 80).source_ranges,
+            Some(vec!["198.51.100.0/24".parse().unwrap()])
+        );
+        service.spec.as_mut().unwrap().load_balancer_source_ranges = Some(Vec::new());
+        let out = desired(&[&service], &[&slice], &node1());
+        assert_eq!(frontend_of(&out, "203.0.113.5", 80).source_ranges, None);
     }
 
     #[test]

@@ -139,9 +139,11 @@ pub struct Service {
     /// node's only, and without one traffic is dropped rather than rejected.
     #[serde(default)]
     pub local_only: bool,
-    /// loadBalancerSourceRanges: when not empty, only these clients get through.
+    /// loadBalancerSourceRanges: `None` lets every client through; `Some`
+    /// only the clients in these ranges, and none when it is empty (a Service
+    /// whose ranges are all invalid or of the other family fails closed).
     #[serde(default)]
-    pub source_ranges: Vec<Cidr>,
+    pub source_ranges: Option<Vec<Cidr>>,
     /// sessionAffinity ClientIP: how long (seconds) a client sticks to its backend.
     #[serde(default)]
     pub affinity_timeout: Option<u32>,
@@ -172,7 +174,7 @@ impl Service {
             endpoints,
             reachable: Vec::new(),
             local_only: false,
-            source_ranges: Vec::new(),
+            source_ranges: None,
             affinity_timeout: None,
             scheduler: None,
         }

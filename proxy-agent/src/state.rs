@@ -332,9 +332,10 @@ fn build<S: Borrow<Service>>(
                 }
             }
         }
-        if !service.source_ranges.is_empty() {
+        if let Some(ranges) = &service.source_ranges {
+            // No range at all: the flag alone, which no client matches.
             flags |= svc_flags::SOURCE_RANGES;
-            for range in &service.source_ranges {
+            for range in ranges {
                 let data = SourceRange4 {
                     rev_nat_id_be: rev_nat_id.to_be(),
                     addr_be: u32::from(range.address).to_be(),
@@ -816,12 +817,26 @@ mod tests {
     }
 
     #[test]
+    fn source_ranges_with_no_range_set_the_flag_that_no_client_matches() {
+        let mut ids = Ids::default();
+        let mut s = svc("lb", [192, 0, 2, 10], 80, &[([10, 0, 0, 2], 80)]);
+        s.source_ranges = Some(Vec::new());
+        let (state, _) = desired(std::slice::from_ref(&s), &mut ids);
+        let slot0 = state.services[&service_key(&s.frontend, 0)];
+        assert_eq!(
+            slot0.flags & svc_flags::SOURCE_RANGES,
+            svc_flags::SOURCE_RANGES
+        );
+        assert!(state.source_ranges.is_empty());
+    }
+
+    #[test]
     fn local_backends_policy_and_source_ranges_reach_the_maps() {
         let mut ids = Ids::default();
         let mut s = svc("lb", [192, 0, 2, 10], 80, &[([10, 0, 0, 2], 80)]);
         s.endpoints[0].local = true;
         s.local_only = true;
-        s.source_ranges = vec!["198.51.100.7/24".parse().unwrap()];
+        s.source_ranges = Some(vec!["198.51.100.7/24".parse().unwrap()]);
         let (state, _) = desired(std::slice::from_ref(&s), &mut ids);
         let slot0 = state.services[&service_key(&s.frontend, 0)];
         assert_eq!(
@@ -916,10 +931,10 @@ mod tests {
         let mut services = frontends(0, 65_536);
         // Last by name, so its id comes after the 65536 others.
         let mut wide = svc("~wide", [192, 0, 2, 10], 80, &[]);
-        wide.source_ranges = vec![
+        wide.source_ranges = Some(vec![
             "198.51.100.0/24".parse().unwrap(),
             "0.0.0.0/0".parse().unwrap(),
-        ];
+        ]);
         services.push(wide.clone());
         let (state, _) = desired(&services, &mut ids);
         let id = state.services[&service_key(&wide.frontend, 0)].rev_nat_id;

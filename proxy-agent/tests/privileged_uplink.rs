@@ -88,7 +88,7 @@ fn frontend(
 
 fn services() -> Vec<Service> {
     let mut lb = frontend("lb", LB_IP, 80, Protocol::Tcp, &[(REMOTE_POD, 8080, false)]);
-    lb.source_ranges = vec!["10.250.0.96/28".parse().unwrap()];
+    lb.source_ranges = Some(vec!["10.250.0.96/28".parse().unwrap()]);
     let mut local_only = frontend(
         "etp-local",
         NODE,
@@ -97,6 +97,15 @@ fn services() -> Vec<Service> {
         &[(LOCAL_POD, 8080, true)],
     );
     local_only.local_only = true;
+    // Its ranges were all invalid or IPv6: it fails closed.
+    let mut lb_closed = frontend(
+        "lb-closed",
+        LB_IP,
+        81,
+        Protocol::Tcp,
+        &[(REMOTE_POD, 8080, false)],
+    );
+    lb_closed.source_ranges = Some(Vec::new());
     let mut local_none = frontend("etp-local-none", NODE, 30082, Protocol::Tcp, &[]);
     local_none.local_only = true;
     vec![
@@ -137,6 +146,7 @@ fn services() -> Vec<Service> {
             &[(REMOTE_POD, 8080, false)],
         ),
         lb,
+        lb_closed,
         local_only,
         local_none,
     ]
@@ -709,6 +719,19 @@ fn load_balancer_source_ranges_drop_other_clients() {
         let mut outsider = from_outside(packet::TCP, 40004, LB_IP, 80);
         outsider.saddr = ip("10.250.0.50");
         let bytes = outsider.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(out, bytes);
+        assert_eq!(p.stat("drop_source_range"), 1);
+        assert!(p.dp.nat().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn load_balancer_source_ranges_with_no_valid_range_drop_every_client() {
+    with_programs(|p| {
+        // CLIENT is inside the other LoadBalancer's ranges; here nobody is.
+        let bytes = from_outside(packet::TCP, 40014, LB_IP, 81).bytes();
         let (verdict, out) = p.xdp(&bytes);
         assert_eq!(verdict, XDP_DROP);
         assert_eq!(out, bytes);
