@@ -188,6 +188,24 @@ fn next_flags(flow: &Flow, flags: u16) -> u16 {
     }
 }
 
+/// Refreshes a NAT entry for one of its flow's packets (`nat`: as read from
+/// `entry`): its flags after the packet, and its last-seen time when the
+/// flags changed or it is older than the refresh interval. Returns the flags.
+#[inline(always)]
+fn touch(flow: &Flow, entry: *mut Nat4, nat: &Nat4, now: u64) -> u16 {
+    let flags = next_flags(flow, nat.flags);
+    // SAFETY: plain data.
+    unsafe {
+        if flags != nat.flags {
+            (*entry).flags = flags;
+            (*entry).last_seen_ns = now;
+        } else if now.wrapping_sub(nat.last_seen_ns) > lb::CT_REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+    flags
+}
+
 /// Takes the port at `offset` for `value`'s flow if no flow holds it.
 #[inline(always)]
 fn take(
@@ -267,16 +285,7 @@ pub fn keep(
         {
             return None;
         }
-        let flags = next_flags(flow, nat.flags);
-        // SAFETY: plain data.
-        unsafe {
-            if flags != nat.flags {
-                (*e).flags = flags;
-                (*e).last_seen_ns = now;
-            } else if now.wrapping_sub(nat.last_seen_ns) > lb::CT_REFRESH_NS {
-                (*e).last_seen_ns = now;
-            }
-        }
+        touch(flow, e, &nat, now);
         return Some(port_be);
     }
     let value = entry(flow, rev_nat_id, now);
@@ -295,17 +304,7 @@ pub fn keep(
 /// a FIN or RST, marks it and the flow's forward conntrack entry closing.
 #[inline(always)]
 pub fn on_reply(flow: &Flow, entry: *mut Nat4, nat: &Nat4, frontend: &RevNat4) {
-    let now = lb::now();
-    let flags = next_flags(flow, nat.flags);
-    // SAFETY: plain data.
-    unsafe {
-        if flags != nat.flags {
-            (*entry).flags = flags;
-            (*entry).last_seen_ns = now;
-        } else if now.wrapping_sub(nat.last_seen_ns) > lb::CT_REFRESH_NS {
-            (*entry).last_seen_ns = now;
-        }
-    }
+    let flags = touch(flow, entry, nat, lb::now());
     if flags & ct_flags::CLOSING != 0 && nat.flags & ct_flags::CLOSING == 0 {
         let forward = CtKey4 {
             saddr_be: nat.client_addr_be,
