@@ -355,3 +355,28 @@ async fn serve_health_check(listener: TcpListener, check: Arc<Mutex<crate::clust
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_port_exhaustion_is_counted_per_backend() {
+        let mut metrics = Metrics::default();
+        let text = metrics.render();
+        assert!(text.contains("# TYPE ferry_nat_port_exhaustion_drops_total counter\n"));
+        assert!(!text.contains("ferry_nat_port_exhaustion_drops_total{"));
+        metrics
+            .nat_port_exhaustion
+            .insert("10.244.2.3:8080/TCP".into(), 7);
+        metrics.nat_entries = 3;
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "ferry_nat_port_exhaustion_drops_total{backend=\"10.244.2.3:8080/TCP\"} 7\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\nferry_nat_entries 3\n"), "{text}");
+    }
+}
