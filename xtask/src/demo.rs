@@ -12,9 +12,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    agent_binary,
+    agent,
     lab::{self, Lab},
-    setup, workspace_root,
+    setup,
+    sys::workspace_root,
 };
 
 const SERVICE: &str = r#"{"apiVersion": "v1", "kind": "Service",
@@ -55,7 +56,7 @@ pub fn run() -> Result<()> {
     eprintln!("demo: 1/6 setup (installs and builds what is missing; the first run builds kube-apiserver, minutes)");
     setup::run()?;
     eprintln!("demo: 2/6 building the eBPF programs and the agent");
-    let agent = agent_binary()?;
+    let agent = agent::binary()?;
     let lab = Lab::new("ferry")?;
     if lab.state_dir().exists() || std::path::Path::new("/run/netns/ferry-fabric").exists() {
         eprintln!("demo: a lab is up already; starting it afresh");
@@ -107,7 +108,7 @@ pub fn run() -> Result<()> {
     if answered.len() < 2 || nodes_seen.len() < 2 {
         bail!("expected answers from backends on both nodes, got {answered:?}");
     }
-    let udp = lab::in_netns(&client_ns, move || -> Result<(SocketAddr, String)> {
+    let udp = ferry_netns::in_netns(&client_ns, move || -> Result<(SocketAddr, String)> {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.set_read_timeout(Some(Duration::from_secs(3)))?;
         sock.send_to(b"hello", (vip, 53))?;

@@ -42,7 +42,7 @@ use serde_json::json;
 use super::memory;
 use crate::{
     lab::{self, Lab},
-    workspace_root,
+    sys::workspace_root,
 };
 
 const LAB: &str = "ferrycp";
@@ -118,7 +118,7 @@ pub fn run(quick: bool, results: &Path, command: &str) -> Result<()> {
         .and_then(|()| {
             // The client must reach the API server, which listens in the fabric
             // namespace; everything else it does names its namespace itself.
-            lab::in_netns(&lab.ns("fabric"), move || measure(&plan, &agent))?
+            ferry_netns::in_netns(&lab.ns("fabric"), move || measure(&plan, &agent))?
         });
     let down = lab.down();
     let scales = measured?;

@@ -31,6 +31,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use ferry_netns as netns;
 
 use super::kube_proxy_rules::{self as rules, ServicePort};
 
@@ -207,14 +208,8 @@ fn backends() -> Vec<(Ipv4Addr, u16)> {
         .collect()
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    crate::lab::output(Command::new("ip").args(args)).map(|_| ())
-}
-
 fn in_ns(ns: &str, program: &str) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, program]);
-    cmd
+    netns::exec(ns, program)
 }
 
 /// Runs `cmd` with `input` on stdin; fails with its stderr.
@@ -246,11 +241,8 @@ fn run_with_input(cmd: &mut Command, input: &str) -> Result<Duration> {
 /// filters go with their namespaces).
 pub fn clean_leftovers() {
     let _ = fs::remove_dir_all(PIN_DIR);
-    let list = crate::lab::output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
-    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if ns.starts_with(PREFIX) {
-            let _ = ip(&["netns", "del", ns]);
-        }
+    for ns in netns::list(PREFIX).unwrap_or_default() {
+        let _ = netns::delete(&ns);
     }
 }
 
@@ -261,7 +253,7 @@ struct Topology {
     namespaces: [String; 3],
     agent: Option<Child>,
     stop: Arc<AtomicBool>,
-    server: Option<thread::JoinHandle<()>>,
+    server: Option<thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Topology {
@@ -284,24 +276,26 @@ impl Topology {
             server: None,
         };
         for ns in [&node, &client, &backend] {
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            netns::add(ns)?;
         }
         // The node forwards between its pods (a sysctl of this namespace only).
-        crate::lab::output(in_ns(&node, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        netns::sysctl(&node, "net.ipv4.ip_forward=1")?;
         // Many short connections from one client: use the whole port range.
-        crate::lab::output(
-            in_ns(&client, "sysctl").args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"]),
-        )?;
+        netns::sysctl(&client, "net.ipv4.ip_local_port_range=1024 65000")?;
         let backend_addrs: Vec<Ipv4Addr> = backends().iter().map(|b| b.0).collect();
-        crate::lab::wire_pod(&client, &node, "fp-client", &[CLIENT_ADDR], CLIENT_GATEWAY)?;
-        crate::lab::wire_pod(
-            &backend,
-            &node,
-            "fp-backend",
-            &backend_addrs,
-            BACKEND_GATEWAY,
-        )?;
+        for (pod_ns, host_if, addrs, gateway) in [
+            (&client, "fp-client", &[CLIENT_ADDR][..], CLIENT_GATEWAY),
+            (&backend, "fp-backend", &backend_addrs[..], BACKEND_GATEWAY),
+        ] {
+            netns::wire_pod(&netns::PodLink {
+                pod_ns,
+                node_ns: &node,
+                host_if,
+                addrs,
+                gateway,
+                full_checksums: true,
+            })?;
+        }
         topo.server = Some(serve(&backend, topo.stop.clone())?);
         Ok(topo)
     }
@@ -386,7 +380,7 @@ impl Drop for Topology {
             let _ = server.join();
         }
         for ns in &self.namespaces {
-            let _ = ip(&["netns", "del", ns]);
+            let _ = netns::delete(ns);
         }
     }
 }
@@ -407,15 +401,9 @@ fn pin_to_cpu(last: bool) {
 /// A thread inside namespace `ns` that answers every connection to port 8080
 /// with a line and closes it (the server closes first, so TIME_WAIT stays on
 /// its side and the client can reuse ports), until `stop` is set.
-fn serve(ns: &str, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
-    let netns = fs::File::open(format!("/run/netns/{ns}"))?;
+fn serve(ns: &str, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<std::io::Result<()>>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = thread::spawn(move || {
-        // SAFETY: setns on this thread only.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            let _ = ready_tx.send(Err(std::io::Error::last_os_error()));
-            return;
-        }
+    let handle = netns::spawn_in(ns, move || {
         let listener = match TcpListener::bind(("0.0.0.0", BACKEND_PORT)) {
             Ok(l) => l,
             Err(e) => {
@@ -439,18 +427,22 @@ fn serve(ns: &str, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
                 let _ = stream.write_all(b"ok\n");
             }
         }
-    });
-    ready_rx
-        .recv()
-        .context("the backend server thread ended")?
-        .context("starting the backend server")?;
+    })?;
+    match ready_rx.recv() {
+        Ok(ready) => ready.context("starting the backend server")?,
+        // It could not enter the namespace: its result says why.
+        Err(_) => match handle.join() {
+            Ok(Err(err)) => return Err(err).context("starting the backend server"),
+            _ => bail!("the backend server thread ended"),
+        },
+    }
     Ok(handle)
 }
 
 /// One connection from the client namespace: whether it was answered.
 fn probe(client_ns: &str, target: SocketAddr) -> bool {
     let ns = client_ns.to_string();
-    crate::lab::in_netns(&ns, move || one_connection(target).is_ok()).unwrap_or(false)
+    netns::in_netns(&ns, move || one_connection(target).is_ok()).unwrap_or(false)
 }
 
 /// Connect, read the reply to its end, close; returns the time `connect` took
@@ -477,7 +469,7 @@ fn connections(
     warmup: u32,
     count: u32,
 ) -> Result<Connections> {
-    crate::lab::in_netns(client_ns, move || {
+    Ok(netns::in_netns(client_ns, move || {
         pin_to_cpu(false);
         for _ in 0..warmup {
             let _ = one_connection(target);
@@ -501,7 +493,7 @@ fn connections(
             whole_us,
             failures,
         }
-    })
+    })?)
 }
 
 /// One row of the traffic table.
@@ -624,8 +616,8 @@ pub fn rule_loading(settings: &Settings) -> Result<Vec<LoadRow>> {
             let mut full = Vec::new();
             let mut change = Vec::new();
             for _ in 0..settings.load_repeats {
-                let _ = ip(&["netns", "del", &ns]);
-                ip(&["netns", "add", &ns])?;
+                let _ = netns::delete(&ns);
+                netns::add(&ns)?;
                 full.push(
                     run_with_input(in_ns(&ns, program).args(full_args), &full_text)?.as_secs_f64(),
                 );
@@ -636,7 +628,7 @@ pub fn rule_loading(settings: &Settings) -> Result<Vec<LoadRow>> {
                     run_with_input(in_ns(&ns, program).args(change_args), text)?.as_secs_f64(),
                 );
             }
-            let _ = ip(&["netns", "del", &ns]);
+            let _ = netns::delete(&ns);
             full.sort_by(f64::total_cmp);
             change.sort_by(f64::total_cmp);
             rows.push(LoadRow {
