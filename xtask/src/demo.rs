@@ -18,11 +18,21 @@ use crate::{
     sys::workspace_root,
 };
 
-const SERVICE: &str = r#"{"apiVersion": "v1", "kind": "Service",
-  "metadata": {"name": "web", "namespace": "default"},
-  "spec": {"selector": {"app": "web"}, "ports": [
-    {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"},
-    {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}]}}"#;
+/// The Service the demo serves: TCP 80 and UDP 53 on the pods' ports.
+fn service() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": {"app": "web"},
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"},
+                {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"},
+            ],
+        },
+    })
+}
 
 /// Waits until the Service's slices list `want` ready endpoints.
 pub fn wait_for_endpoints(lab: &Lab, service: &str, want: usize) -> Result<()> {
@@ -74,7 +84,7 @@ pub fn run() -> Result<()> {
         nodes.insert(name.to_string(), (node, pod.addr));
     }
     lab.pod_add("client", "node1", &[])?;
-    lab.kubectl_stdin(&["apply", "-f", "-"], SERVICE)?;
+    lab.kubectl_stdin(&["apply", "-f", "-"], &service().to_string())?;
     wait_for_endpoints(&lab, "web", web.len())?;
     let vip = cluster_ip(&lab, "web")?;
 
