@@ -33,6 +33,15 @@ pub fn exec(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// `program` run with only its network namespace switched to `ns`
+/// (`nsenter --net`): unlike [`exec`], it keeps the machine's mounts, so an
+/// agent started this way pins its maps on the machine's bpffs.
+pub fn enter(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+    cmd
+}
+
 fn check_prefix(name: &str) -> io::Result<()> {
     if name.starts_with(PREFIX) {
         Ok(())

@@ -68,7 +68,7 @@ pub fn run() -> Result<()> {
     eprintln!("demo: 2/6 building the eBPF programs and the agent");
     let agent = agent::binary()?;
     let lab = Lab::new("ferry")?;
-    if lab.state_dir().exists() || std::path::Path::new("/run/netns/ferry-fabric").exists() {
+    if lab.state_dir().exists() || ferry_netns::exists(&lab.ns("fabric")) {
         eprintln!("demo: a lab is up already; starting it afresh");
         lab.down()?;
     }

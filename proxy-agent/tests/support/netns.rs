@@ -85,9 +85,7 @@ impl Lab {
     /// Starts `proxy-agent` in `node`'s network namespace (keeping the machine's
     /// mounts, so it pins on the real bpffs) and waits until it says it is ready.
     pub fn start_agent(&mut self, node: &str, args: &[&str]) {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node}"))
-            .arg(env!("CARGO_BIN_EXE_proxy-agent"))
+        let mut child = ferry_netns::enter(node, env!("CARGO_BIN_EXE_proxy-agent"))
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)

@@ -5,7 +5,6 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -37,10 +36,9 @@ impl Lab {
             bail!("the agent of {node} is already running");
         }
         let log = self.agent_log(node);
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.ns(node)))
-            // Only the capabilities deploy/daemonset.yaml grants.
-            .args(["setpriv", "--bounding-set", AGENT_CAPABILITIES, "--"])
+        // Only the capabilities deploy/daemonset.yaml grants.
+        let mut cmd = ferry_netns::enter(&self.ns(node), "setpriv");
+        cmd.args(["--bounding-set", AGENT_CAPABILITIES, "--"])
             .arg(agent_bin)
             .arg("run")
             .args([

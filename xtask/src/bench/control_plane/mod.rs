@@ -22,7 +22,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -437,9 +437,7 @@ fn wait_programmed(metrics: SocketAddr, services: usize) -> Result<()> {
 /// own log timestamps and its round histogram.
 fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64, f64)> {
     lab.stop_agent(NODE);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.ns(NODE)))
-        .arg(agent)
+    let out = ferry_netns::enter(&lab.ns(NODE), agent)
         .arg("cleanup")
         .arg("--pin-dir")
         .arg(lab.pin_dir(NODE))

@@ -8,7 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -100,9 +100,7 @@ impl Topology {
         });
         fs::write(file, serde_json::to_vec(&json)?)?;
         let log = file.with_extension("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node()))
-            .arg(agent_bin)
+        let child = netns::enter(self.node(), agent_bin)
             .args([
                 "run",
                 "--pod-iface-pattern",
