@@ -43,11 +43,9 @@ fn lab_traffic_from_outside_the_cluster() {
     let ext = format!("{}-ext", lab.name);
     let web1 = lab.pod_add("web-1", "node1", "web");
     let web2 = lab.pod_add("web-2", "node2", "web");
-    lab.apply(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
+    lab.apply_service(
+        "web",
+        json!({
             "type": "NodePort",
             "selector": {"app": "web"},
             "externalIPs": ["192.0.2.20"],
@@ -67,8 +65,8 @@ fn lab_traffic_from_outside_the_cluster() {
                     "protocol": "UDP",
                 },
             ],
-        },
-    }));
+        }),
+    );
     lab.wait_endpoints("web", &[web1, web2]);
 
     for node in [NODE1, NODE2] {
@@ -120,11 +118,9 @@ fn lab_traffic_from_outside_the_cluster() {
         "== externalTrafficPolicy=Local: client address kept, only the node with a backend answers"
     );
     let loc = lab.pod_add("loc-1", "node1", "loc");
-    lab.apply(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "loc", "namespace": "default"},
-        "spec": {
+    lab.apply_service(
+        "loc",
+        json!({
             "type": "LoadBalancer",
             "externalTrafficPolicy": "Local",
             "healthCheckNodePort": 30100,
@@ -138,8 +134,8 @@ fn lab_traffic_from_outside_the_cluster() {
                     "protocol": "TCP",
                 },
             ],
-        },
-    }));
+        }),
+    );
     lab.wait_endpoints("loc", &[loc]);
     lab.xtask(&["lb-ip", "loc", "192.0.2.10"]);
     let answers = connect_many(&ext, (NODE1, 30090).into(), 20);
@@ -183,17 +179,15 @@ fn lab_traffic_from_outside_the_cluster() {
     assert!(answer.contains(&format!(" {EXT}:")), "{answer}");
 
     eprintln!("== loadBalancerSourceRanges: clients outside the ranges are dropped");
-    lab.apply(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "fw", "namespace": "default"},
-        "spec": {
+    lab.apply_service(
+        "fw",
+        json!({
             "type": "LoadBalancer",
             "loadBalancerSourceRanges": ["10.250.0.128/25"],
             "selector": {"app": "web"},
-            "ports": [{"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}],
-        },
-    }));
+            "ports": [http()],
+        }),
+    );
     lab.wait_endpoints("fw", &[web1, web2]);
     lab.xtask(&["lb-ip", "fw", "192.0.2.30"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -228,11 +222,9 @@ fn lab_traffic_from_outside_the_cluster() {
 
     eprintln!("== hairpin: a pod reaches itself through its Service, by ClusterIP and by NodePort");
     lab.pod_add("solo", "node1", "solo");
-    lab.apply(&json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "solo", "namespace": "default"},
-        "spec": {
+    lab.apply_service(
+        "solo",
+        json!({
             "type": "NodePort",
             "selector": {"app": "solo"},
             "ports": [
@@ -244,8 +236,8 @@ fn lab_traffic_from_outside_the_cluster() {
                     "protocol": "TCP",
                 },
             ],
-        },
-    }));
+        }),
+    );
     let solo_addr = lab_pod_addr(&lab.xtask(&["status"]), "solo");
     lab.wait_endpoints("solo", &[solo_addr]);
     let vip: Ipv4Addr = lab

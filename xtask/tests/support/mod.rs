@@ -62,6 +62,16 @@ impl Lab {
         let _ = std::fs::remove_file(path);
     }
 
+    /// Applies Service `name` in the default namespace with `spec`.
+    pub fn apply_service(&self, name: &str, spec: serde_json::Value) {
+        self.apply(&json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }));
+    }
+
     pub fn pod_add(&self, name: &str, node: &str, app: &str) -> Ipv4Addr {
         let out = self.xtask(&[
             "pod",
@@ -80,18 +90,16 @@ impl Lab {
     }
 
     pub fn service(&self, name: &str, app: &str) -> Ipv4Addr {
-        self.apply(&json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {
+        self.apply_service(
+            name,
+            json!({
                 "selector": {"app": app},
                 "ports": [
-                    {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"},
+                    http(),
                     {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"},
                 ],
-            },
-        }));
+            }),
+        );
         self.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])
             .trim()
             .parse()
@@ -235,6 +243,11 @@ impl Drop for Lab {
 /// [`ferry_netns::in_netns`]; a panic in `f` fails the test with its message).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     ferry_netns::in_netns(ns, f).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The port most lab Services have: `http`, 80 to the pods' TCP port.
+pub fn http() -> serde_json::Value {
+    json!({"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"})
 }
 
 /// Reads one line (a pod's answer: `<pod name> <client address>`).
