@@ -20,8 +20,9 @@ use crate::sys::{quiet, show, spawn_detached};
 
 /// The feature gate that makes v1.20 publish terminating endpoints.
 const TERMINATING_CONDITION: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
-/// Ports are per network namespace; etcd's are off its defaults (2379/2380) so a
-/// control plane in the current namespace does not collide with a system etcd.
+/// Ports are per network namespace, and the control plane has one of its own;
+/// etcd's are off its defaults (2379/2380) all the same, so that they can never
+/// be taken for a system etcd's.
 const ETCD_CLIENT_URL: &str = "http://127.0.0.1:12379";
 const ETCD_PEER_URL: &str = "http://127.0.0.1:12380";
 const SECURE_PORT: u16 = 6443;
