@@ -10,9 +10,7 @@ use std::{
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
-    os::fd::AsRawFd,
     sync::atomic::{AtomicBool, Ordering},
-    thread,
 };
 
 use aya::{
@@ -31,7 +29,7 @@ use proxy_common::{
     Config, ServiceKey4, ServiceValue,
 };
 use support::{
-    netns::{run, Lab},
+    netns::{in_netns, run, Lab},
     packet::{self, Frame},
 };
 
@@ -395,12 +393,7 @@ fn with_programs(f: impl FnOnce(&mut Programs) + Send + 'static) {
 fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'static) {
     let mut lab = Lab::new("up");
     let (ns, ifindex) = fib_namespace(&mut lab);
-    let file = File::open(format!("/run/netns/{ns}")).unwrap();
-    thread::spawn(move || {
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+    in_netns(&ns, move || {
         let mut dp = Dataplane::load_private().expect("load the programs");
         let mut ids = ids;
         let (desired, problems) = state::desired(&services(), &mut ids);
@@ -414,9 +407,7 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
         })
         .unwrap();
         f(&mut Programs { dp, ifindex });
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
     lab.teardown();
 }
 

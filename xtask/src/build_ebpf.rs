@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{exec, workspace_root};
+use crate::sys::{exec, workspace_root};
 
 const TARGET: &str = "bpfel-unknown-none";
 

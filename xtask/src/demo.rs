@@ -12,16 +12,27 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    agent_binary,
+    agent,
     lab::{self, Lab},
-    setup, workspace_root,
+    setup,
+    sys::workspace_root,
 };
 
-const SERVICE: &str = r#"{"apiVersion": "v1", "kind": "Service",
-  "metadata": {"name": "web", "namespace": "default"},
-  "spec": {"selector": {"app": "web"}, "ports": [
-    {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"},
-    {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}]}}"#;
+/// The Service the demo serves: TCP 80 and UDP 53 on the pods' ports.
+fn service() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": {"app": "web"},
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"},
+                {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"},
+            ],
+        },
+    })
+}
 
 /// Waits until the Service's slices list `want` ready endpoints.
 pub fn wait_for_endpoints(lab: &Lab, service: &str, want: usize) -> Result<()> {
@@ -55,9 +66,9 @@ pub fn run() -> Result<()> {
     eprintln!("demo: 1/6 setup (installs and builds what is missing; the first run builds kube-apiserver, minutes)");
     setup::run()?;
     eprintln!("demo: 2/6 building the eBPF programs and the agent");
-    let agent = agent_binary()?;
+    let agent = agent::binary()?;
     let lab = Lab::new("ferry")?;
-    if lab.state_dir().exists() || std::path::Path::new("/run/netns/ferry-fabric").exists() {
+    if lab.state_dir().exists() || ferry_netns::exists(&lab.ns("fabric")) {
         eprintln!("demo: a lab is up already; starting it afresh");
         lab.down()?;
     }
@@ -73,7 +84,7 @@ pub fn run() -> Result<()> {
         nodes.insert(name.to_string(), (node, pod.addr));
     }
     lab.pod_add("client", "node1", &[])?;
-    lab.kubectl_stdin(&["apply", "-f", "-"], SERVICE)?;
+    lab.kubectl_stdin(&["apply", "-f", "-"], &service().to_string())?;
     wait_for_endpoints(&lab, "web", web.len())?;
     let vip = cluster_ip(&lab, "web")?;
 
@@ -107,7 +118,7 @@ pub fn run() -> Result<()> {
     if answered.len() < 2 || nodes_seen.len() < 2 {
         bail!("expected answers from backends on both nodes, got {answered:?}");
     }
-    let udp = lab::in_netns(&client_ns, move || -> Result<(SocketAddr, String)> {
+    let udp = ferry_netns::in_netns(&client_ns, move || -> Result<(SocketAddr, String)> {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.set_read_timeout(Some(Duration::from_secs(3)))?;
         sock.send_to(b"hello", (vip, 53))?;

@@ -1,5 +1,8 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo | vm-test`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo | bench |
+//! vm-test`. This file only parses the command line and hands each task to its
+//! module.
 
+mod agent;
 mod bench;
 mod build_ebpf;
 mod debian;
@@ -7,11 +10,11 @@ mod demo;
 mod kube;
 mod lab;
 mod setup;
-mod vm_test;
+mod sys;
+mod vm;
+mod workspace_tests;
 
-use std::{path::PathBuf, process::Command};
-
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -131,23 +134,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s}: expected key=value"))
 }
 
-/// The agent binary the lab runs: $FERRY_AGENT_BIN, else a fresh debug build.
-pub fn agent_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("FERRY_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    build_ebpf::run()?;
-    exec(
-        Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
-            .args(["build", "-p", "proxy-agent"]),
-    )?;
-    Ok(workspace_root().join("target/debug/proxy-agent"))
-}
-
 fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up => lab.up(&agent_binary()?, &workspace_root().join("deploy")),
+        LabCommand::Up => lab.up(&agent::binary()?, &sys::workspace_root().join("deploy")),
         LabCommand::Down => lab.down(),
         LabCommand::Status => lab.status(),
         LabCommand::Kubectl { args } => lab.kubectl_interactive(&args),
@@ -173,19 +162,10 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
                 lab.stop_agent(&node);
                 Ok(())
             }
-            _ => lab.start_agent(&agent_binary()?, &node, &agent_args),
+            _ => lab.start_agent(&agent::binary()?, &node, &agent_args),
         },
         LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),
-        LabCommand::Exec { pod, command } => {
-            let status = Command::new("ip")
-                .args(["netns", "exec", &lab.pod_ns(&pod)])
-                .args(&command)
-                .status()?;
-            if !status.success() {
-                bail!("{}: {status}", command.join(" "));
-            }
-            Ok(())
-        }
+        LabCommand::Exec { pod, command } => lab.exec(&pod, &command),
         LabCommand::PodServer { name } => lab::pod_server(&name),
     }
 }
@@ -194,59 +174,10 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run().map(|_| ()),
-        Task::Test { args } => {
-            setup::run()?;
-            build_ebpf::run()?;
-            // The lab tests run this agent binary; build it before the tests run.
-            exec(
-                Command::new(env!("CARGO"))
-                    .current_dir(workspace_root())
-                    .args(["build", "-p", "proxy-agent"]),
-            )?;
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.current_dir(workspace_root())
-                .env(
-                    "FERRY_AGENT_BIN",
-                    workspace_root().join("target/debug/proxy-agent"),
-                )
-                .args(["test", "--workspace", "--no-fail-fast"]);
-            if !args.is_empty() {
-                cmd.arg("--").args(args);
-            }
-            exec(&mut cmd)
-        }
+        Task::Test { args } => workspace_tests::run(&args),
         Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
         Task::Demo => demo::run(),
         Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
-        Task::VmTest { kernel } => vm_test::run(&kernel),
+        Task::VmTest { kernel } => vm::run(&kernel),
     }
-}
-
-/// The repository root (the parent of this crate).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-/// Runs a command, echoing it, and fails with its exit status.
-pub fn exec(cmd: &mut Command) -> Result<()> {
-    eprintln!("+ {}", show(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {}", show(cmd)))?;
-    if !status.success() {
-        bail!("{} failed: {status}", show(cmd));
-    }
-    Ok(())
-}
-
-fn show(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
-    }
-    s
 }

@@ -6,7 +6,7 @@ use std::{fs, path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
-use crate::exec;
+use crate::sys::{exec, require_root};
 
 /// Debian packages: Debian's Rust with its library source (the eBPF target needs
 /// `-Z build-std=core`), LLVM 22 for bpf-linker, bpftool, iproute2.
@@ -27,9 +27,7 @@ const PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
-    if unsafe { libc_geteuid() } != 0 {
-        bail!("setup installs packages and mounts bpffs: run it as root");
-    }
+    require_root("setup installs packages and mounts bpffs: run it as root")?;
     packages()?;
     bpf_linker()?;
     bpffs()?;
@@ -37,11 +35,6 @@ pub fn run() -> Result<()> {
     crate::kube::ensure_built()?;
     eprintln!("setup: done");
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 fn packages() -> Result<()> {

@@ -12,6 +12,7 @@ use std::{
 };
 
 use proxy_common::{map_names, stats};
+use serde_json::json;
 use support::*;
 
 const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
@@ -52,11 +53,16 @@ fn lab_nodeport_to_a_remote_backend_outlasts_its_nat_port_range_many_times() {
     let lab = Lab::up();
     let ext = format!("{}-ext", lab.name);
     let pod = lab.pod_add("natprobe-1", "node2", "natprobe");
-    lab.apply(&format!(
-        r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "natprobe", "namespace": "default"}},
-            "spec": {{"type": "NodePort", "selector": {{"app": "natprobe"}}, "ports": [
-              {{"port": 80, "targetPort": 8080, "nodePort": {NODE_PORT}, "protocol": "TCP"}}]}}}}"#
-    ));
+    lab.apply_service(
+        "natprobe",
+        json!({
+            "type": "NodePort",
+            "selector": {"app": "natprobe"},
+            "ports": [
+                {"port": 80, "targetPort": 8080, "nodePort": NODE_PORT, "protocol": "TCP"},
+            ],
+        }),
+    );
     lab.wait_endpoints("natprobe", &[pod]);
     lab.xtask(&["agent", "stop", "node1"]);
     lab.xtask(&[

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use serde_json::json;
 use support::*;
 
 const EXT: &str = "10.250.0.100";
@@ -42,11 +43,29 @@ fn lab_traffic_from_outside_the_cluster() {
     let ext = format!("{}-ext", lab.name);
     let web1 = lab.pod_add("web-1", "node1", "web");
     let web2 = lab.pod_add("web-2", "node2", "web");
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"type": "NodePort", "selector": {"app": "web"}, "externalIPs": ["192.0.2.20"], "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "nodePort": 30080, "protocol": "TCP"},
-              {"name": "dns", "port": 53, "targetPort": "udp", "nodePort": 30053, "protocol": "UDP"}]}}"#,
+    lab.apply_service(
+        "web",
+        json!({
+            "type": "NodePort",
+            "selector": {"app": "web"},
+            "externalIPs": ["192.0.2.20"],
+            "ports": [
+                {
+                    "name": "http",
+                    "port": 80,
+                    "targetPort": "tcp",
+                    "nodePort": 30080,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": "dns",
+                    "port": 53,
+                    "targetPort": "udp",
+                    "nodePort": 30053,
+                    "protocol": "UDP",
+                },
+            ],
+        }),
     );
     lab.wait_endpoints("web", &[web1, web2]);
 
@@ -99,11 +118,23 @@ fn lab_traffic_from_outside_the_cluster() {
         "== externalTrafficPolicy=Local: client address kept, only the node with a backend answers"
     );
     let loc = lab.pod_add("loc-1", "node1", "loc");
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "loc", "namespace": "default"},
-            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30100,
-              "selector": {"app": "loc"}, "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "nodePort": 30090, "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "loc",
+        json!({
+            "type": "LoadBalancer",
+            "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30100,
+            "selector": {"app": "loc"},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": 80,
+                    "targetPort": "tcp",
+                    "nodePort": 30090,
+                    "protocol": "TCP",
+                },
+            ],
+        }),
     );
     lab.wait_endpoints("loc", &[loc]);
     lab.xtask(&["lb-ip", "loc", "192.0.2.10"]);
@@ -148,10 +179,14 @@ fn lab_traffic_from_outside_the_cluster() {
     assert!(answer.contains(&format!(" {EXT}:")), "{answer}");
 
     eprintln!("== loadBalancerSourceRanges: clients outside the ranges are dropped");
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fw", "namespace": "default"},
-            "spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.250.0.128/25"],
-              "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "fw",
+        json!({
+            "type": "LoadBalancer",
+            "loadBalancerSourceRanges": ["10.250.0.128/25"],
+            "selector": {"app": "web"},
+            "ports": [http()],
+        }),
     );
     lab.wait_endpoints("fw", &[web1, web2]);
     lab.xtask(&["lb-ip", "fw", "192.0.2.30"]);
@@ -187,10 +222,21 @@ fn lab_traffic_from_outside_the_cluster() {
 
     eprintln!("== hairpin: a pod reaches itself through its Service, by ClusterIP and by NodePort");
     lab.pod_add("solo", "node1", "solo");
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "solo", "namespace": "default"},
-            "spec": {"type": "NodePort", "selector": {"app": "solo"}, "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "nodePort": 30110, "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "solo",
+        json!({
+            "type": "NodePort",
+            "selector": {"app": "solo"},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": 80,
+                    "targetPort": "tcp",
+                    "nodePort": 30110,
+                    "protocol": "TCP",
+                },
+            ],
+        }),
     );
     let solo_addr = lab_pod_addr(&lab.xtask(&["status"]), "solo");
     lab.wait_endpoints("solo", &[solo_addr]);

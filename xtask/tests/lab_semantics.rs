@@ -12,6 +12,7 @@ use std::{
 
 use proxy_common::stats::DROP_NO_LOCAL_BACKEND;
 
+use serde_json::json;
 use support::*;
 
 #[test]
@@ -26,10 +27,13 @@ fn lab_service_semantics() {
     ];
 
     eprintln!("== sessionAffinity ClientIP keeps 50 connections from one client on one backend");
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sticky", "namespace": "default"},
-            "spec": {"selector": {"app": "web"}, "sessionAffinity": "ClientIP", "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "sticky",
+        json!({
+            "selector": {"app": "web"},
+            "sessionAffinity": "ClientIP",
+            "ports": [http()],
+        }),
     );
     lab.wait_endpoints("sticky", &pods);
     let vip = lab.cluster_ip("sticky");
@@ -38,10 +42,9 @@ fn lab_service_semantics() {
     assert_eq!(by_pod.len(), 1, "{by_pod:?}");
     assert_eq!(by_pod.values().sum::<usize>(), 50);
     // The same backends without affinity spread (the control).
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "spread", "namespace": "default"},
-            "spec": {"selector": {"app": "web"}, "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "spread",
+        json!({"selector": {"app": "web"}, "ports": [http()]}),
     );
     lab.wait_endpoints("spread", &pods);
     let by_pod = count(&connect_many(
@@ -58,16 +61,18 @@ fn lab_service_semantics() {
         lab.pod_add("itp-1", "node2", "itp"),
         lab.pod_add("itp-2", "node2", "itp"),
     ];
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "itp-local", "namespace": "default"},
-            "spec": {"selector": {"app": "itp"}, "internalTrafficPolicy": "Local", "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "itp-local",
+        json!({
+            "selector": {"app": "itp"},
+            "internalTrafficPolicy": "Local",
+            "ports": [http()],
+        }),
     );
     // The same pods behind a Service without the policy: the control.
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "itp-cluster", "namespace": "default"},
-            "spec": {"selector": {"app": "itp"}, "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "itp-cluster",
+        json!({"selector": {"app": "itp"}, "ports": [http()]}),
     );
     // The lab's v1.20 server knows the field only through the backport in
     // xtask/patches; a plain v1.20 drops it, and everything below would mean nothing.
@@ -108,10 +113,9 @@ fn lab_service_semantics() {
 
     eprintln!("== a Service whose only endpoint is terminating still answers");
     let term = lab.pod_add("term-1", "node2", "term");
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "term", "namespace": "default"},
-            "spec": {"selector": {"app": "term"}, "ports": [
-              {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}}"#,
+    lab.apply_service(
+        "term",
+        json!({"selector": {"app": "term"}, "ports": [http()]}),
     );
     lab.wait_endpoints("term", &[term]);
     lab.xtask(&["pod", "terminate", "term-1"]);
@@ -128,10 +132,12 @@ fn lab_service_semantics() {
         lab.pod_add("dns-1", "node2", "dns"),
         lab.pod_add("dns-2", "node2", "dns"),
     ];
-    lab.apply(
-        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns", "namespace": "default"},
-            "spec": {"selector": {"app": "dns"}, "ports": [
-              {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}]}}"#,
+    lab.apply_service(
+        "dns",
+        json!({
+            "selector": {"app": "dns"},
+            "ports": [{"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}],
+        }),
     );
     lab.wait_endpoints("dns", &dns);
     let dns_vip = lab.cluster_ip("dns");

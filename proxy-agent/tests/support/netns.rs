@@ -1,11 +1,11 @@
 //! Network namespaces made by a test, named `ferry-t<pid>-<role>`, and removed
 //! (with the agent and its pinned maps) when the value is dropped, even when the
-//! test panics.
+//! test panics. Creating, entering and wiring namespaces is the shared
+//! `ferry-netns` crate's (the lab and the benches use it too); this adds what
+//! the tests own: the agent they start and its pin directory.
 
 use std::{
-    fs::File,
     io::{BufRead, BufReader},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -28,18 +28,10 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `f` on a thread that has entered network namespace `ns`. Sockets made
-/// there stay in that namespace wherever they are used afterwards.
+/// Runs `f` on a thread that has entered network namespace `ns` (the shared
+/// [`ferry_netns::in_netns`]; a panic in `f` fails the test with its message).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
+    ferry_netns::in_netns(ns, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A set of namespaces, an agent, and a pin directory owned by one test.
@@ -68,9 +60,8 @@ impl Lab {
     /// Creates namespace `<prefix>-<role>` with loopback up and returns its name.
     pub fn netns(&mut self, role: &str) -> String {
         let name = format!("{}-{role}", self.prefix);
-        run("ip", &["netns", "add", &name]);
+        ferry_netns::add(&name).unwrap_or_else(|e| panic!("{e}"));
         self.namespaces.push(name.clone());
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         name
     }
 
@@ -78,71 +69,23 @@ impl Lab {
     /// in the pod with `addr`, `host_if` on the node, routed both ways with the
     /// node's gateway address `gw` on every pod link.
     pub fn plug_pod(&self, node: &str, pod: &str, host_if: &str, addr: &str, gw: &str) {
-        run(
-            "ip",
-            &[
-                "link", "add", "eth0", "netns", pod, "type", "veth", "peer", "name", host_if,
-                "netns", node,
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                pod,
-                "addr",
-                "add",
-                &format!("{addr}/32"),
-                "dev",
-                "eth0",
-            ],
-        );
-        run("ip", &["-n", pod, "link", "set", "eth0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n", pod, "route", "add", gw, "dev", "eth0", "scope", "link",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n", pod, "route", "add", "default", "via", gw, "dev", "eth0",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                node,
-                "addr",
-                "add",
-                &format!("{gw}/32"),
-                "dev",
-                host_if,
-            ],
-        );
-        run("ip", &["-n", node, "link", "set", host_if, "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                node,
-                "route",
-                "add",
-                &format!("{addr}/32"),
-                "dev",
-                host_if,
-            ],
-        );
+        let parse = |a: &str| a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+        ferry_netns::wire_pod(&ferry_netns::PodLink {
+            pod_ns: pod,
+            node_ns: node,
+            host_if,
+            addrs: &[parse(addr)],
+            gateway: parse(gw),
+            // These tests have always kept the veth's checksum offload.
+            full_checksums: false,
+        })
+        .unwrap_or_else(|e| panic!("wiring pod {pod} to {node}: {e}"));
     }
 
     /// Starts `proxy-agent` in `node`'s network namespace (keeping the machine's
     /// mounts, so it pins on the real bpffs) and waits until it says it is ready.
     pub fn start_agent(&mut self, node: &str, args: &[&str]) {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node}"))
-            .arg(env!("CARGO_BIN_EXE_proxy-agent"))
+        let mut child = ferry_netns::enter(node, env!("CARGO_BIN_EXE_proxy-agent"))
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
@@ -191,7 +134,7 @@ impl Lab {
     pub fn teardown(&mut self) {
         self.teardown_agents_only();
         for ns in self.namespaces.drain(..) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = ferry_netns::delete(&ns);
         }
         if self.pin_dir.exists() {
             for entry in std::fs::read_dir(&self.pin_dir)

@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, fs, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build_ebpf, debian, exec, workspace_root};
+use crate::{
+    agent, build_ebpf, debian,
+    sys::{exec, workspace_root},
+};
 
 mod control_plane;
 mod memory;
@@ -52,12 +55,7 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
 
 /// The agent as a node runs it: a release build.
 fn release_agent() -> Result<std::path::PathBuf> {
-    exec(
-        Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
-            .args(["build", "--release", "-p", "proxy-agent"]),
-    )?;
-    Ok(workspace_root().join("target/release/proxy-agent"))
+    agent::build(true)
 }
 
 fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {

@@ -4,14 +4,14 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::Read,
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
+
+use serde_json::json;
 
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -55,11 +55,21 @@ impl Lab {
         self.xtask(&all)
     }
 
-    pub fn apply(&self, manifest: &str) {
+    pub fn apply(&self, manifest: &serde_json::Value) {
         let path = std::env::temp_dir().join(format!("{}-manifest.json", self.name));
-        std::fs::write(&path, manifest).unwrap();
+        std::fs::write(&path, manifest.to_string()).unwrap();
         self.kubectl(&["apply", "-f", path.to_str().unwrap()]);
         let _ = std::fs::remove_file(path);
+    }
+
+    /// Applies Service `name` in the default namespace with `spec`.
+    pub fn apply_service(&self, name: &str, spec: serde_json::Value) {
+        self.apply(&json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }));
     }
 
     pub fn pod_add(&self, name: &str, node: &str, app: &str) -> Ipv4Addr {
@@ -80,12 +90,16 @@ impl Lab {
     }
 
     pub fn service(&self, name: &str, app: &str) -> Ipv4Addr {
-        self.apply(&format!(
-            r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "{name}", "namespace": "default"}},
-                "spec": {{"selector": {{"app": "{app}"}}, "ports": [
-                  {{"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}},
-                  {{"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}}]}}}}"#
-        ));
+        self.apply_service(
+            name,
+            json!({
+                "selector": {"app": app},
+                "ports": [
+                    http(),
+                    {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"},
+                ],
+            }),
+        );
         self.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])
             .trim()
             .parse()
@@ -225,18 +239,15 @@ impl Drop for Lab {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns`.
+/// Runs `f` on a thread inside network namespace `ns` (the shared
+/// [`ferry_netns::in_netns`]; a panic in `f` fails the test with its message).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("{ns}: {e}"));
-    thread::spawn(move || {
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
-        f()
-    })
-    .join()
-    .unwrap()
+    ferry_netns::in_netns(ns, f).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The port most lab Services have: `http`, 80 to the pods' TCP port.
+pub fn http() -> serde_json::Value {
+    json!({"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"})
 }
 
 /// Reads one line (a pod's answer: `<pod name> <client address>`).

@@ -1,0 +1,148 @@
+//! The lab's API server as the lab's own pieces use it: kubectl (from the
+//! fabric namespace, as admin), and the status patches a kubelet or a cloud's
+//! load-balancer controller would send (nodes, pods, LoadBalancer IPs).
+
+use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{node_addr, node_index, Lab, FABRIC_GATEWAY};
+use crate::sys::{output, output_with_input};
+
+/// Now, as Kubernetes writes times (RFC 3339 in UTC, whole seconds).
+pub(super) fn now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+impl Lab {
+    fn kubectl_path(&self) -> Result<PathBuf> {
+        Ok(PathBuf::from(
+            std::fs::read_to_string(self.state_dir().join("kubectl"))?.trim(),
+        ))
+    }
+
+    /// The lab plays kubelet: a Node object with its address and pod CIDR, Ready.
+    pub(super) fn register_node(&self, node: &str) -> Result<()> {
+        let index = node_index(node)?;
+        let cidr = format!("10.244.{index}.0/24");
+        let manifest = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node,
+                "labels": {
+                    "kubernetes.io/hostname": node,
+                    "kubernetes.io/os": "linux",
+                    "topology.kubernetes.io/zone": format!("zone-{index}"),
+                },
+            },
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        });
+        self.apply(&manifest)?;
+        let now = now();
+        self.patch_status(
+            &format!("/api/v1/nodes/{node}/status"),
+            &json!({"status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": node_addr(node)?.to_string()},
+                    {"type": "Hostname", "address": node},
+                ],
+                "conditions": [{
+                    "type": "Ready", "status": "True", "reason": "FerryLab",
+                    "lastHeartbeatTime": now, "lastTransitionTime": now,
+                }],
+            }}),
+        )
+    }
+
+    /// `kubectl apply` of one object.
+    pub(super) fn apply(&self, manifest: &Value) -> Result<()> {
+        self.kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string())
+            .map(drop)
+    }
+
+    /// A JSON merge patch on a status subresource, as the kubelet would send it.
+    pub(super) fn patch_status(&self, path: &str, body: &Value) -> Result<()> {
+        let token = std::fs::read_to_string(self.state_dir().join("admin.token"))
+            .context("reading the lab's admin token")?;
+        output(
+            ferry_netns::exec(&self.ns("fabric"), "curl")
+                .args(["-sSf", "-k", "--http1.1", "-X", "PATCH"])
+                .args([
+                    "-H",
+                    &format!("Authorization: Bearer {}", token.trim()),
+                    "-H",
+                    "Content-Type: application/merge-patch+json",
+                    "--data",
+                    &body.to_string(),
+                    &format!("https://{FABRIC_GATEWAY}:6443{path}"),
+                ]),
+        )
+        .map(drop)
+    }
+
+    /// kubectl against the lab's API server (run from the fabric namespace).
+    fn kubectl_cmd(&self) -> Result<Command> {
+        if !self.is_up() {
+            bail!("lab {} is not up (`cargo xtask lab up`)", self.name);
+        }
+        let mut cmd = ferry_netns::exec(&self.ns("fabric"), self.kubectl_path()?);
+        cmd.arg("--kubeconfig").arg(self.admin_kubeconfig());
+        Ok(cmd)
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        output(self.kubectl_cmd()?.args(args))
+    }
+
+    /// kubectl with the terminal: what `cargo xtask lab kubectl` runs.
+    pub fn kubectl_interactive(&self, args: &[String]) -> Result<()> {
+        let status = self.kubectl_cmd()?.args(args).status()?;
+        if !status.success() {
+            bail!("kubectl: {status}");
+        }
+        Ok(())
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
+        output_with_input(self.kubectl_cmd()?.args(args), input)
+            .with_context(|| format!("kubectl {}", args.join(" ")))
+    }
+
+    /// Gives a LoadBalancer Service an ingress IP through the status subresource,
+    /// as a cloud's load-balancer controller would.
+    pub fn set_load_balancer_ip(&self, service: &str, addr: Ipv4Addr) -> Result<()> {
+        self.patch_status(
+            &format!("/api/v1/namespaces/default/services/{service}/status"),
+            &json!({"status": {"loadBalancer": {"ingress": [{"ip": addr.to_string()}]}}}),
+        )
+    }
+
+    /// Addresses of the ready endpoints in a Service's EndpointSlices.
+    pub fn ready_endpoints(&self, service: &str) -> Result<Vec<Ipv4Addr>> {
+        let json = self.kubectl(&[
+            "get",
+            "endpointslices",
+            "-l",
+            &format!("kubernetes.io/service-name={service}"),
+            "-o",
+            "json",
+        ])?;
+        let list: Value = serde_json::from_str(&json)?;
+        let mut addrs = Vec::new();
+        for slice in list["items"].as_array().into_iter().flatten() {
+            for ep in slice["endpoints"].as_array().into_iter().flatten() {
+                if ep["conditions"]["ready"] == Value::Bool(true) {
+                    if let Some(addr) = ep["addresses"][0].as_str() {
+                        addrs.push(addr.parse()?);
+                    }
+                }
+            }
+        }
+        addrs.sort();
+        Ok(addrs)
+    }
+}

@@ -1,0 +1,324 @@
+//! The lab: a two-node cluster network on one machine, in network namespaces
+//! named `<lab>-*` (default `ferry-*`), with a real API server and a Ferry agent
+//! per node. Nothing outside those namespaces changes, except pinned maps under
+//! `/sys/fs/bpf/<lab>/` and state under `/run/ferry-lab/<lab>/`, both removed by
+//! `lab down`.
+//!
+//! ```text
+//!              <lab>-fabric: bridge br0 10.250.0.1/24, etcd, kube-apiserver :6443,
+//!                            kube-controller-manager (EndpointSlices)
+//!        ┌───────────────┬────────┴───────┬──────────────────┐
+//!  <lab>-node1 .11   <lab>-node2 .12   <lab>-ext .100 (external client)
+//!  pods 10.244.1.0/24  pods 10.244.2.0/24
+//!  agent on fp-* veths agent on fp-* veths
+//! ```
+//!
+//! This file owns the lab's shape (addresses, namespaces, bringing it up and
+//! down, status); `api` talks to its API server (kubectl, the "kubelet"'s status
+//! patches), `agents` runs the node agents, `pods` the pods and their server.
+
+mod agents;
+mod api;
+mod pods;
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use ferry_netns as netns;
+
+pub use pods::{pod_server, tcp_ask};
+
+use crate::{kube, sys};
+
+/// Nodes of the lab, by name.
+pub const NODES: [&str; 2] = ["node1", "node2"];
+const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 100);
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// Where the lab's LoadBalancer IPs and externalIPs come from: routed to node1.
+pub const VIRTUAL_IPS: &str = "192.0.2.0/24";
+/// Interface names of pods' host-side veths (what the agents attach to).
+pub const POD_IFACE_PATTERN: &str = "fp-*";
+/// Ports every lab pod serves, TCP and UDP alike.
+pub const POD_TCP_PORT: u16 = 8080;
+pub const POD_UDP_PORT: u16 = 5353;
+
+/// Index (1-based) of a node.
+fn node_index(node: &str) -> Result<u8> {
+    NODES
+        .iter()
+        .position(|n| *n == node)
+        .map(|i| i as u8 + 1)
+        .with_context(|| format!("no node {node}: the lab has {}", NODES.join(", ")))
+}
+
+/// A node's address on the fabric.
+pub fn node_addr(node: &str) -> Result<Ipv4Addr> {
+    Ok(Ipv4Addr::new(10, 250, 0, 10 + node_index(node)?))
+}
+
+fn pod_gateway(node: &str) -> Result<Ipv4Addr> {
+    Ok(Ipv4Addr::new(10, 244, node_index(node)?, 1))
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    netns::ip(args)?;
+    Ok(())
+}
+
+/// One lab, by name: the prefix of all it creates.
+pub struct Lab {
+    pub name: String,
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Result<Self> {
+        if !name.starts_with(netns::PREFIX)
+            || name.len() > 20
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            bail!("a lab name starts with `ferry` and has at most 20 letters, digits or dashes");
+        }
+        Ok(Self {
+            name: name.to_string(),
+        })
+    }
+
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.name)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from("/run/ferry-lab").join(&self.name)
+    }
+
+    fn control_plane_dir(&self) -> PathBuf {
+        self.state_dir().join("control-plane")
+    }
+
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.name).join(node)
+    }
+
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.control_plane_dir().join("admin.kubeconfig")
+    }
+
+    fn agent_kubeconfig(&self) -> PathBuf {
+        self.control_plane_dir().join("agent.kubeconfig")
+    }
+
+    fn is_up(&self) -> bool {
+        netns::exists(&self.ns("fabric"))
+    }
+
+    /// Builds the network, starts the control plane, registers the nodes, applies
+    /// the agents' RBAC from deploy/, and starts one agent per node.
+    pub fn up(&self, agent_bin: &Path, deploy_dir: &Path) -> Result<()> {
+        if self.is_up() {
+            bail!(
+                "lab {} is already up (`cargo xtask lab down` first)",
+                self.name
+            );
+        }
+        let bins = kube::ensure_built()?;
+        let result = self.up_inner(&bins, agent_bin, deploy_dir);
+        if result.is_err() {
+            if std::env::var_os("FERRY_LAB_KEEP_ON_FAILURE").is_some() {
+                eprintln!("lab: bringing the lab up failed; kept for inspection (`cargo xtask lab down` removes it)");
+            } else {
+                eprintln!("lab: bringing the lab up failed; removing what was made");
+                let _ = self.down();
+            }
+        }
+        result
+    }
+
+    fn up_inner(&self, bins: &kube::Binaries, agent_bin: &Path, deploy_dir: &Path) -> Result<()> {
+        fs::create_dir_all(self.state_dir())?;
+        fs::write(
+            self.state_dir().join("kubectl"),
+            bins.kubectl.to_string_lossy().as_bytes(),
+        )?;
+        eprintln!("lab {}: network", self.name);
+        self.network()?;
+        eprintln!("lab {}: control plane", self.name);
+        let control_plane = kube::start(
+            bins,
+            &kube::ControlPlaneConfig {
+                netns: self.ns("fabric"),
+                listen_addr: FABRIC_GATEWAY,
+                state_dir: self.control_plane_dir(),
+                service_cidr: SERVICE_CIDR.into(),
+            },
+        )?;
+        fs::write(
+            self.state_dir().join("admin.token"),
+            &control_plane.admin_token,
+        )?;
+        for node in NODES {
+            self.register_node(node)?;
+        }
+        self.kubectl(&[
+            "apply",
+            "-f",
+            &deploy_dir.join("rbac.yaml").to_string_lossy(),
+        ])?;
+        for node in NODES {
+            self.start_agent(agent_bin, node, &[])?;
+        }
+        eprintln!("lab {}: up; `cargo xtask lab status` shows it", self.name);
+        Ok(())
+    }
+
+    /// The namespaces, the fabric bridge, each node's and the external
+    /// client's uplink, and the routes between nodes.
+    fn network(&self) -> Result<()> {
+        let fabric = self.ns("fabric");
+        for role in ["fabric", "node1", "node2", "ext"] {
+            netns::add(&self.ns(role))?;
+        }
+        ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        let gateway = format!("{FABRIC_GATEWAY}/24");
+        ip(&["-n", &fabric, "addr", "add", &gateway, "dev", "br0"])?;
+        ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        let mut uplinks: Vec<(String, Ipv4Addr)> = NODES
+            .iter()
+            .map(|n| Ok((self.ns(n), node_addr(n)?)))
+            .collect::<Result<_>>()?;
+        uplinks.push((self.ns("ext"), EXTERNAL_ADDR));
+        for (i, (ns, addr)) in uplinks.iter().enumerate() {
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns",
+                &fabric,
+            ])?;
+            ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            // A veth receives XDP_TX frames from its peer only with NAPI, which GRO turns on.
+            netns::ethtool(&fabric, &["-K", &port, "gro", "on"])?;
+            netns::like_a_wire(ns, "eth0")?;
+        }
+        // The external client reaches LoadBalancer IPs and externalIPs through node1.
+        let node1 = node_addr("node1")?.to_string();
+        ip(&[
+            "-n",
+            &self.ns("ext"),
+            "route",
+            "add",
+            VIRTUAL_IPS,
+            "via",
+            &node1,
+        ])?;
+        for node in NODES {
+            let ns = self.ns(node);
+            // Only inside the node's own namespace: it routes for its pods.
+            netns::sysctl(&ns, "net.ipv4.ip_forward=1")?;
+            for other in NODES.iter().filter(|o| **o != node) {
+                let cidr = format!("10.244.{}.0/24", node_index(other)?);
+                let via = node_addr(other)?.to_string();
+                ip(&["-n", &ns, "route", "add", &cidr, "via", &via])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything the lab made. Safe to run on a lab that is half up or gone.
+    pub fn down(&self) -> Result<()> {
+        for node in NODES {
+            self.stop_agent(node);
+        }
+        if let Ok(pods) = self.pods() {
+            for name in pods.keys() {
+                sys::stop_pid_file(&self.pods_dir().join(format!("{name}.pid")));
+            }
+        }
+        kube::stop(&self.control_plane_dir())?;
+        // Deleting a namespace removes its interfaces and their tc filters.
+        netns::delete_all(&format!("{}-", self.name))?;
+        let pins = PathBuf::from("/sys/fs/bpf").join(&self.name);
+        if pins.exists() {
+            for node in fs::read_dir(&pins)? {
+                let node = node?.path();
+                for map in fs::read_dir(&node)? {
+                    fs::remove_file(map?.path())?;
+                }
+                fs::remove_dir(&node)?;
+            }
+            fs::remove_dir(&pins)?;
+        }
+        if self.state_dir().exists() {
+            fs::remove_dir_all(self.state_dir())?;
+        }
+        eprintln!("lab {}: down", self.name);
+        Ok(())
+    }
+
+    /// Runs a command inside a pod's network namespace, with the terminal.
+    pub fn exec(&self, pod: &str, command: &[String]) -> Result<()> {
+        let (program, args) = command.split_first().context("no command")?;
+        let status = netns::exec(&self.pod_ns(pod), program)
+            .args(args)
+            .status()?;
+        if !status.success() {
+            bail!("{}: {status}", command.join(" "));
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<()> {
+        if !self.is_up() {
+            println!("lab {}: down", self.name);
+            return Ok(());
+        }
+        println!("lab {}: up", self.name);
+        println!(
+            "  api server  https://{FABRIC_GATEWAY}:6443 in {}",
+            self.ns("fabric")
+        );
+        for node in NODES {
+            let state = if self.agent_pid(node).is_some() {
+                "running"
+            } else {
+                "stopped"
+            };
+            println!(
+                "  {node}       {} (pods 10.244.{}.0/24), agent {state}, maps in {}",
+                node_addr(node)?,
+                node_index(node)?,
+                self.pin_dir(node).display()
+            );
+        }
+        println!("  external    {EXTERNAL_ADDR} in {}", self.ns("ext"));
+        for pod in self.pods()?.values() {
+            let pid_file = self.pods_dir().join(format!("{}.pid", pod.name));
+            let state = if sys::live_pid(&pid_file).is_some() {
+                "serving"
+            } else {
+                "stopped"
+            };
+            println!(
+                "  pod {:<12} {:<12} on {} ({state})",
+                pod.name, pod.addr, pod.node
+            );
+        }
+        print!(
+            "{}",
+            self.kubectl(&["get", "services,endpointslices", "-A", "-o", "wide"])?
+        );
+        Ok(())
+    }
+}
