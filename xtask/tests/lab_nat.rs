@@ -19,12 +19,14 @@ const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
 const NODE_PORT: u16 = 30077;
 /// node1's NAT ports in this test: far fewer than the connections made.
 const NAT_MIN: u16 = 62000;
-const NAT_MAX: u16 = 62999;
+const NAT_MAX: u16 = 63499;
 const CONNECTIONS: usize = 20_000;
 /// New connections per second. Closed flows hold their ports for the close
 /// timeout (1 s here) plus up to one collection interval (1 s), so this rate
-/// needs about 500 of the 1000 ports at any time.
-const RATE: f64 = 250.0;
+/// needs about 400 of the 1500 ports at any time: the margin covers a
+/// collection delayed by a busy machine (at 250/s with 1000 ports, one
+/// connection in 20,000 was dropped under a load of 11).
+const RATE: f64 = 200.0;
 
 /// node1's `/metrics`, fetched from outside.
 fn metrics(ext: &str) -> String {
