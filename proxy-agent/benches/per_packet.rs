@@ -19,10 +19,10 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_agent::{
-    dataplane::Dataplane,
-    model::{Endpoint, Frontend, Protocol, Service},
-    simulate,
-    state::{self, Ids, MapState},
+    cli::simulate,
+    desired::{self, Ids, MapState},
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    kernel::Dataplane,
 };
 use proxy_common::{
     bench::{PASS_ONLY_TC, PASS_ONLY_XDP},
@@ -36,7 +36,7 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 const XDP_PASS: u32 = 2;
 const FLOOR: &str = "xdp PASS only (floor)";
 
-fn service(i: u32) -> Service {
+fn service(i: u32) -> FrontendSpec {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
     let endpoints = (0..BACKENDS_EACH)
         .map(|b| {
@@ -49,7 +49,7 @@ fn service(i: u32) -> Service {
             }
         })
         .collect();
-    Service::new(
+    FrontendSpec::new(
         format!("svc-{i}"),
         Frontend {
             address: vip,
@@ -195,15 +195,15 @@ impl Row {
 }
 
 fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec<Row>) {
-    let list: Vec<Service> = (0..services).map(service).collect();
-    let (desired, problems) = state::desired(&list, &mut Ids::default());
+    let list: Vec<FrontendSpec> = (0..services).map(service).collect();
+    let (desired, problems) = desired::map_state(&list, &mut Ids::default());
     assert!(
         problems.is_empty(),
         "{:?}",
         &problems[..problems.len().min(3)]
     );
     let mut dp = Dataplane::load_private_sized(services, BACKENDS_EACH).expect("load");
-    dp.apply(&state::diff(&desired, &MapState::default()))
+    dp.apply(&desired::diff(&desired, &MapState::default()))
         .expect("fill the maps");
     // The Service in the middle of the address range.
     let vip = list[(services / 2) as usize].frontend.address;

@@ -4,10 +4,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
     agent::{self, Source},
-    dataplane::{self, UplinkMode, DEFAULT_PIN_DIR},
-    inspect,
-    model::Scheduler,
-    simulate,
+    cli::{inspect, simulate},
+    frontend::Scheduler,
+    kernel::{self, UplinkMode, DEFAULT_PIN_DIR},
 };
 use tracing::info;
 
@@ -178,7 +177,7 @@ async fn main() -> Result<()> {
                 resync_period: Duration::from_secs(args.resync_seconds.max(1)),
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
                 gc_period: Duration::from_secs(args.conntrack_gc_seconds),
-                lifetimes: proxy_agent::gc::Lifetimes {
+                lifetimes: proxy_agent::desired::gc::Lifetimes {
                     tcp_closing: Duration::from_secs(args.conntrack_tcp_close_seconds),
                 },
             })
@@ -213,7 +212,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Cleanup { pin_dir } => {
-            let removed = dataplane::cleanup(&pin_dir)?;
+            let removed = kernel::cleanup(&pin_dir)?;
             for filter in &removed.filters {
                 info!(filter, "detached");
             }

@@ -20,10 +20,10 @@ use aya::{
     util::KernelVersion,
 };
 use proxy_agent::{
-    dataplane::Dataplane,
-    gc::Lifetimes,
-    model::{Endpoint, Frontend, Protocol, Service},
-    state::{self, Ids, MapState},
+    desired::gc::Lifetimes,
+    desired::{self, Ids, MapState},
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    kernel::Dataplane,
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash, nat_ports,
@@ -67,7 +67,7 @@ fn frontend(
     port: u16,
     protocol: Protocol,
     endpoints: &[(&str, u16, bool)],
-) -> Service {
+) -> FrontendSpec {
     let endpoints = endpoints
         .iter()
         .map(|(a, p, local)| Endpoint {
@@ -75,7 +75,7 @@ fn frontend(
             ..Endpoint::new(ip(a), *p)
         })
         .collect();
-    Service::new(
+    FrontendSpec::new(
         name,
         Frontend {
             address: ip(addr),
@@ -86,7 +86,7 @@ fn frontend(
     )
 }
 
-fn services() -> Vec<Service> {
+fn services() -> Vec<FrontendSpec> {
     let mut lb = frontend("lb", LB_IP, 80, Protocol::Tcp, &[(REMOTE_POD, 8080, false)]);
     lb.source_ranges = Some(vec!["10.250.0.96/28".parse().unwrap()]);
     let mut local_only = frontend(
@@ -403,9 +403,9 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
         );
         let mut dp = Dataplane::load_private().expect("load the programs");
         let mut ids = ids;
-        let (desired, problems) = state::desired(&services(), &mut ids);
+        let (desired, problems) = desired::map_state(&services(), &mut ids);
         assert!(problems.is_empty(), "{problems:?}");
-        dp.apply(&state::diff(&desired, &Default::default()))
+        dp.apply(&desired::diff(&desired, &Default::default()))
             .unwrap();
         dp.set_config(Config {
             snat_addr_be: u32::from(ip(NODE)).to_be(),
@@ -635,7 +635,7 @@ fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
 
         // After the close timeout the collection removes the closed flows'
         // entries, frees their ports, and leaves the open one.
-        let now = proxy_agent::dataplane::monotonic_ns();
+        let now = proxy_agent::kernel::monotonic_ns();
         let report =
             p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
                 .unwrap();
@@ -695,7 +695,7 @@ fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
         rst.tcp_flags = 0x04;
         assert_eq!(p.xdp(&rst.bytes()).0, XDP_TX);
         let freed = nat_of(p, 43007).unwrap().0;
-        let now = proxy_agent::dataplane::monotonic_ns();
+        let now = proxy_agent::kernel::monotonic_ns();
         let report =
             p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
                 .unwrap();

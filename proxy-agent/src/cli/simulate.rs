@@ -6,14 +6,18 @@ use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, path::Path, str
 
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
-use k8s_openapi::api::core::v1::{Node, Service as K8sService};
+use k8s_openapi::api::core::v1::{Node, Service};
 use proxy_common::{program_names, proto, Config, ServiceKey4};
 
 use crate::{
-    cluster::{self, NodeInfo, Slice, SliceVersion},
-    dataplane::Dataplane,
-    model::Scheduler,
-    state::{self, Ids, MapState},
+    desired::{self, Ids, MapState},
+    frontend::Scheduler,
+    k8s::{
+        frontends,
+        nodes::NodeInfo,
+        slices::{self, Slice, SliceVersion},
+    },
+    kernel::Dataplane,
 };
 
 /// Which hook the packet enters: a pod's veth or the node's uplink.
@@ -68,7 +72,7 @@ impl FromStr for PacketSpec {
 /// The Kubernetes objects of a directory of YAML or JSON manifests.
 #[derive(Default)]
 pub struct Manifests {
-    pub services: Vec<K8sService>,
+    pub services: Vec<Service>,
     pub slices: Vec<Slice>,
     pub nodes: Vec<Node>,
 }
@@ -111,7 +115,7 @@ pub fn read_manifests(dir: &Path) -> Result<Manifests> {
                         SliceVersion::V1
                     };
                     out.slices
-                        .push(cluster::parse_slice(version, value).with_context(what)?);
+                        .push(slices::parse_slice(version, value).with_context(what)?);
                 }
                 "List" => bail!("{}: unpack List objects into documents", path.display()),
                 _ => {}
@@ -193,18 +197,18 @@ pub fn simulate(
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node));
     let info = NodeInfo::from_node(node, node_object);
-    let k8s: Vec<&K8sService> = manifests.services.iter().collect();
+    let k8s: Vec<&Service> = manifests.services.iter().collect();
     let slices: Vec<&Slice> = manifests.slices.iter().collect();
-    let mut desired = cluster::desired(&k8s, &slices, &info);
-    for s in &mut desired.services {
+    let mut served = frontends::of_cluster(&k8s, &slices, &info);
+    for s in &mut served.frontends {
         s.scheduler.get_or_insert(scheduler);
     }
-    let (map_state, problems) = state::desired(&desired.services, &mut Ids::default());
+    let (map_state, problems) = desired::map_state(&served.frontends, &mut Ids::default());
     if let Some(p) = problems.first() {
         bail!("the manifests give a state Ferry cannot program: {p}");
     }
     let mut dp = Dataplane::load_private()?;
-    dp.apply(&state::diff(&map_state, &MapState::default()))?;
+    dp.apply(&desired::diff(&map_state, &MapState::default()))?;
     dp.set_config(Config {
         snat_addr_be: info.snat_address().map_or(0, |a| u32::from(a).to_be()),
         nat_port_min: 61000,
@@ -282,8 +286,8 @@ pub fn simulate(
                     }
                 }
             }
-            let name = desired
-                .services
+            let name = served
+                .frontends
                 .iter()
                 .find(|s| s.frontend.address == packet.dst.0 && s.frontend.port == packet.dst.1)
                 .map(|s| s.name.clone());

@@ -1,0 +1,5 @@
+//! Operator commands beside `run`: `simulate` (where does this packet go?) and
+//! `inspect` (the pinned maps as tables).
+
+pub mod inspect;
+pub mod simulate;
