@@ -11,7 +11,7 @@ use proxy_common::{program_names, proto, Config, ServiceKey4};
 
 use crate::{
     desired::{self, Ids, MapState},
-    frontend::Scheduler,
+    frontend::{FrontendSpec, Scheduler},
     k8s::{
         frontends,
         nodes::NodeInfo,
@@ -215,27 +215,17 @@ pub fn simulate(
         nat_port_max: 65535,
     })?;
     let input = frame(packet);
-    let mut out = vec![0u8; input.len() + 256];
-    let (program, ret) = match hook {
-        Hook::Pod => {
-            let opts = TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            };
-            let r = dp.program(program_names::FROM_POD)?.test_run(opts)?;
-            (program_names::FROM_POD, r)
-        }
-        Hook::Uplink => {
-            let opts = TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            };
-            let r = dp.program(program_names::UPLINK_TC)?.test_run(opts)?;
-            (program_names::UPLINK_TC, r)
-        }
+    let program = match hook {
+        Hook::Pod => program_names::FROM_POD,
+        Hook::Uplink => program_names::UPLINK_TC,
     };
+    let mut out = vec![0u8; input.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(&input),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let ret = dp.program(program)?.test_run(opts)?;
     out.truncate(ret.data_size_out as usize);
     let counter = dp
         .stats()?
@@ -263,6 +253,28 @@ pub fn simulate(
     };
     let icmp = out.len() > 23 && out[23] == 1;
     let (src, dst) = (read(26), read(30));
+    let (frontend, candidates) = candidates(&map_state, &served.frontends, packet);
+    Ok(Outcome {
+        verdict: if icmp {
+            "reject (ICMP port unreachable)".into()
+        } else {
+            verdict
+        },
+        counter,
+        src: format!("{}:{}", src.0, src.1),
+        dst: format!("{}:{}", dst.0, dst.1),
+        frontend,
+        candidates,
+    })
+}
+
+/// The frontend a packet to `packet`'s destination matches (by its name), and
+/// the backends it could go to.
+fn candidates(
+    map_state: &MapState,
+    frontends: &[FrontendSpec],
+    packet: &PacketSpec,
+) -> (Option<String>, Vec<String>) {
     let key = ServiceKey4 {
         addr_be: u32::from(packet.dst.0).to_be(),
         port_be: packet.dst.1.to_be(),
@@ -271,7 +283,7 @@ pub fn simulate(
         slot: 0,
         _pad: 0,
     };
-    let (frontend, candidates) = match map_state.services.get(&key) {
+    match map_state.services.get(&key) {
         None => (None, Vec::new()),
         Some(slot0) => {
             let mut set = BTreeSet::new();
@@ -286,26 +298,13 @@ pub fn simulate(
                     }
                 }
             }
-            let name = served
-                .frontends
+            let name = frontends
                 .iter()
                 .find(|s| s.frontend.address == packet.dst.0 && s.frontend.port == packet.dst.1)
                 .map(|s| s.name.clone());
             (name, set.into_iter().collect())
         }
-    };
-    Ok(Outcome {
-        verdict: if icmp {
-            "reject (ICMP port unreachable)".into()
-        } else {
-            verdict
-        },
-        counter,
-        src: format!("{}:{}", src.0, src.1),
-        dst: format!("{}:{}", dst.0, dst.1),
-        frontend,
-        candidates,
-    })
+    }
 }
 
 fn unknown(program: &str, code: i32, counter: String) -> Outcome {

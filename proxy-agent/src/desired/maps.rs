@@ -114,138 +114,160 @@ fn build<S: Borrow<FrontendSpec>>(
             });
             continue;
         }
-        let mut endpoints = service.endpoints.clone();
-        endpoints.sort();
-        endpoints.dedup();
-        if endpoints.len() > MAX_SLOTS {
-            problems.push(Problem::TooManyEndpoints {
-                name: service.name.clone(),
-                count: endpoints.len(),
-                max: MAX_SLOTS,
-            });
-            continue;
-        }
-        let Some(rev_nat_id) = ids.revnat(frontend) else {
-            problems.push(Problem::IdsExhausted {
-                name: service.name.clone(),
-                what: "reverse NAT",
-            });
-            continue;
-        };
-        let mut used = Vec::with_capacity(endpoints.len() + service.reachable.len());
-        let mut slots = Vec::with_capacity(endpoints.len());
-        for endpoint in &endpoints {
-            let Some(id) = ids.backend(endpoint, frontend.protocol) else {
-                problems.push(Problem::IdsExhausted {
-                    name: service.name.clone(),
-                    what: "backend",
-                });
-                break;
-            };
-            slots.push((id, *endpoint));
-        }
-        if slots.len() != endpoints.len() {
-            continue;
-        }
-        owners.insert(frontend, &service.name);
-        state.revnat.insert(
-            rev_nat_id,
-            RevNat4 {
-                addr_be: u32::from(frontend.address).to_be(),
-                port_be: frontend.port.to_be(),
-                _pad: 0,
-            },
-        );
-        let mut flags = 0;
-        if service.local_only {
-            flags |= svc_flags::LOCAL_ONLY;
-        }
-        // Slot 0 names no backend; with affinity its backend_id holds the timeout.
-        let mut slot0_value = 0;
-        if let Some(timeout) = service.affinity_timeout.filter(|t| *t > 0) {
-            flags |= svc_flags::AFFINITY;
-            slot0_value = timeout;
-        }
-        let mut maglev_size = 0;
-        match service.scheduler.unwrap_or_default() {
-            Scheduler::FlowHash => {}
-            Scheduler::SourceHash => flags |= svc_flags::SCHEDULER_SOURCE_HASH,
-            Scheduler::RoundRobin => flags |= svc_flags::SCHEDULER_ROUND_ROBIN,
-            Scheduler::Maglev if slots.is_empty() => flags |= svc_flags::SCHEDULER_MAGLEV,
-            Scheduler::Maglev => {
-                flags |= svc_flags::SCHEDULER_MAGLEV;
-                let size = super::maglev::table_size(slots.len());
-                maglev_size = proxy_common::maglev::SIZES
-                    .iter()
-                    .position(|s| *s == size)
-                    .unwrap_or(0) as u16;
-                let keys: Vec<u64> = slots.iter().map(|(id, _)| u64::from(*id)).collect();
-                for (index, owner) in super::maglev::build(&keys, size).into_iter().enumerate() {
-                    let key = MaglevKey4 {
-                        rev_nat_id,
-                        index: index as u32,
-                    };
-                    state.maglev.insert(key, slots[owner as usize].0);
-                }
+        match add_frontend(&mut state, service, ids) {
+            Ok(used) => {
+                owners.insert(frontend, &service.name);
+                programmed.insert(frontend, used);
             }
+            Err(problem) => problems.push(problem),
         }
-        if let Some(ranges) = &service.source_ranges {
-            // No range at all: the flag alone, which no client matches.
-            flags |= svc_flags::SOURCE_RANGES;
-            for range in ranges {
-                let data = SourceRange4 {
-                    rev_nat_id_be: rev_nat_id.to_be(),
-                    addr_be: u32::from(range.address).to_be(),
-                };
-                state
-                    .source_ranges
-                    .insert((SourceRange4::prefix_len(range.prefix), data));
-            }
-        }
-        state.services.insert(
-            service_key(&frontend, 0),
-            ServiceValue {
-                backend_id: slot0_value,
-                rev_nat_id,
-                count: slots.len() as u16,
-                flags,
-                maglev_size,
-                _pad: 0,
-            },
-        );
-        for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
-            used.push(id);
-            state.services.insert(
-                service_key(&frontend, slot as u16 + 1),
-                ServiceValue {
-                    backend_id: id,
-                    rev_nat_id,
-                    count: 0,
-                    flags: 0,
-                    maglev_size: 0,
-                    _pad: 0,
-                },
-            );
-            state
-                .backends
-                .insert(id, backend_value(&endpoint, frontend.protocol));
-        }
-        // Backends no new connection goes to keep the ones they have: conntrack
-        // finds them here.
-        for endpoint in &service.reachable {
-            if let Some(id) = ids.backend(endpoint, frontend.protocol) {
-                state
-                    .backends
-                    .entry(id)
-                    .or_insert_with(|| backend_value(endpoint, frontend.protocol));
-                used.push(id);
-            }
-        }
-        used.sort_unstable();
-        used.dedup();
-        programmed.insert(frontend, used);
     }
     (state, problems, programmed)
+}
+
+/// Adds one frontend's entries to `state`: its reverse-NAT entry, slot 0, a
+/// slot and a backend per endpoint, the backends it keeps reachable, its Maglev
+/// table and source ranges. Returns the backend ids it uses.
+fn add_frontend(
+    state: &mut MapState,
+    service: &FrontendSpec,
+    ids: &mut Ids,
+) -> Result<Vec<u32>, Problem> {
+    let frontend = service.frontend;
+    let mut endpoints = service.endpoints.clone();
+    endpoints.sort();
+    endpoints.dedup();
+    if endpoints.len() > MAX_SLOTS {
+        return Err(Problem::TooManyEndpoints {
+            name: service.name.clone(),
+            count: endpoints.len(),
+            max: MAX_SLOTS,
+        });
+    }
+    let exhausted = |what| Problem::IdsExhausted {
+        name: service.name.clone(),
+        what,
+    };
+    let rev_nat_id = ids
+        .revnat(frontend)
+        .ok_or_else(|| exhausted("reverse NAT"))?;
+    let slots: Vec<(u32, Endpoint)> = endpoints
+        .iter()
+        .map(|endpoint| Some((ids.backend(endpoint, frontend.protocol)?, *endpoint)))
+        .collect::<Option<_>>()
+        .ok_or_else(|| exhausted("backend"))?;
+    state.revnat.insert(
+        rev_nat_id,
+        RevNat4 {
+            addr_be: u32::from(frontend.address).to_be(),
+            port_be: frontend.port.to_be(),
+            _pad: 0,
+        },
+    );
+    let head = slot0(state, service, rev_nat_id, &slots);
+    state.services.insert(service_key(&frontend, 0), head);
+    let mut used = Vec::with_capacity(slots.len() + service.reachable.len());
+    for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
+        used.push(id);
+        state.services.insert(
+            service_key(&frontend, slot as u16 + 1),
+            ServiceValue {
+                backend_id: id,
+                rev_nat_id,
+                count: 0,
+                flags: 0,
+                maglev_size: 0,
+                _pad: 0,
+            },
+        );
+        state
+            .backends
+            .insert(id, backend_value(&endpoint, frontend.protocol));
+    }
+    // Backends no new connection goes to keep the ones they have: conntrack
+    // finds them here.
+    for endpoint in &service.reachable {
+        if let Some(id) = ids.backend(endpoint, frontend.protocol) {
+            state
+                .backends
+                .entry(id)
+                .or_insert_with(|| backend_value(endpoint, frontend.protocol));
+            used.push(id);
+        }
+    }
+    used.sort_unstable();
+    used.dedup();
+    Ok(used)
+}
+
+/// A frontend's slot 0 (backend count, flags, affinity timeout, Maglev table
+/// size), adding the Maglev table and source ranges its flags refer to.
+fn slot0(
+    state: &mut MapState,
+    service: &FrontendSpec,
+    rev_nat_id: u32,
+    slots: &[(u32, Endpoint)],
+) -> ServiceValue {
+    let mut flags = 0;
+    if service.local_only {
+        flags |= svc_flags::LOCAL_ONLY;
+    }
+    // Slot 0 names no backend; with affinity its backend_id holds the timeout.
+    let mut slot0_value = 0;
+    if let Some(timeout) = service.affinity_timeout.filter(|t| *t > 0) {
+        flags |= svc_flags::AFFINITY;
+        slot0_value = timeout;
+    }
+    let mut maglev_size = 0;
+    match service.scheduler.unwrap_or_default() {
+        Scheduler::FlowHash => {}
+        Scheduler::SourceHash => flags |= svc_flags::SCHEDULER_SOURCE_HASH,
+        Scheduler::RoundRobin => flags |= svc_flags::SCHEDULER_ROUND_ROBIN,
+        Scheduler::Maglev if slots.is_empty() => flags |= svc_flags::SCHEDULER_MAGLEV,
+        Scheduler::Maglev => {
+            flags |= svc_flags::SCHEDULER_MAGLEV;
+            maglev_size = maglev_table(state, rev_nat_id, slots);
+        }
+    }
+    if let Some(ranges) = &service.source_ranges {
+        // No range at all: the flag alone, which no client matches.
+        flags |= svc_flags::SOURCE_RANGES;
+        for range in ranges {
+            let data = SourceRange4 {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr_be: u32::from(range.address).to_be(),
+            };
+            state
+                .source_ranges
+                .insert((SourceRange4::prefix_len(range.prefix), data));
+        }
+    }
+    ServiceValue {
+        backend_id: slot0_value,
+        rev_nat_id,
+        count: slots.len() as u16,
+        flags,
+        maglev_size,
+        _pad: 0,
+    }
+}
+
+/// Adds a frontend's Maglev table over its slots' backends; returns the
+/// table's size index (what slot 0 carries).
+fn maglev_table(state: &mut MapState, rev_nat_id: u32, slots: &[(u32, Endpoint)]) -> u16 {
+    let size = super::maglev::table_size(slots.len());
+    let keys: Vec<u64> = slots.iter().map(|(id, _)| u64::from(*id)).collect();
+    for (index, owner) in super::maglev::build(&keys, size).into_iter().enumerate() {
+        let key = MaglevKey4 {
+            rev_nat_id,
+            index: index as u32,
+        };
+        state.maglev.insert(key, slots[owner as usize].0);
+    }
+    proxy_common::maglev::SIZES
+        .iter()
+        .position(|s| *s == size)
+        .unwrap_or(0) as u16
 }
 
 /// The writes that change only some frontends, in the order [`diff`] gives:
@@ -254,7 +276,7 @@ fn build<S: Borrow<FrontendSpec>>(
 /// it and is not looked at, so the cost follows the change, not the number of
 /// Services. `applied` and `ids` are updated as if the writes succeeded. The
 /// caller makes sure no frontend in `services` belongs to a Service outside
-/// them (contested frontends need [`desired`], which sees every claimant).
+/// them (contested frontends need [`map_state`], which sees every claimant).
 pub fn update(
     services: &[&FrontendSpec],
     gone: &[Frontend],
@@ -266,44 +288,7 @@ pub fn update(
         .map(|s| s.frontend)
         .chain(gone.iter().copied())
         .collect();
-    let mut old = MapState::default();
-    for frontend in &scope {
-        if let Some(&head) = applied.services.get(&service_key(frontend, 0)) {
-            for slot in 0..=head.count {
-                let key = service_key(frontend, slot);
-                if let Some(&value) = applied.services.get(&key) {
-                    old.services.insert(key, value);
-                }
-            }
-            let rev = head.rev_nat_id;
-            if let Some(&r) = applied.revnat.get(&rev) {
-                old.revnat.insert(rev, r);
-            }
-            let table = MaglevKey4 {
-                rev_nat_id: rev,
-                index: 0,
-            }..=MaglevKey4 {
-                rev_nat_id: rev,
-                index: u32::MAX,
-            };
-            old.maglev
-                .extend(applied.maglev.range(table).map(|(k, v)| (*k, *v)));
-            old.source_ranges.extend(
-                applied
-                    .source_ranges
-                    .iter()
-                    .filter(|(_, d)| u32::from_be(d.rev_nat_id_be) == rev),
-            );
-        }
-        for id in ids.programmed.remove(frontend).unwrap_or_default() {
-            if let Some(&b) = applied.backends.get(&id) {
-                old.backends.insert(id, b);
-            }
-            if let Some(users) = ids.users.get_mut(&id) {
-                *users = users.saturating_sub(1);
-            }
-        }
-    }
+    let mut old = take_programmed(&scope, applied, ids);
 
     let (mut new, problems, programmed) = build(services, ids);
     for (frontend, used) in programmed {
@@ -360,6 +345,51 @@ pub fn update(
     applied.revnat.extend(new.revnat);
     applied.backends.extend(new.backends);
     (ops, problems)
+}
+
+/// What `applied` holds for the frontends in `scope` (their slots, reverse-NAT
+/// entries, Maglev tables, source ranges and backends), with their backend ids
+/// released in `ids` until they are programmed again.
+fn take_programmed(scope: &BTreeSet<Frontend>, applied: &MapState, ids: &mut Ids) -> MapState {
+    let mut old = MapState::default();
+    for frontend in scope {
+        if let Some(&head) = applied.services.get(&service_key(frontend, 0)) {
+            for slot in 0..=head.count {
+                let key = service_key(frontend, slot);
+                if let Some(&value) = applied.services.get(&key) {
+                    old.services.insert(key, value);
+                }
+            }
+            let rev = head.rev_nat_id;
+            if let Some(&r) = applied.revnat.get(&rev) {
+                old.revnat.insert(rev, r);
+            }
+            let table = MaglevKey4 {
+                rev_nat_id: rev,
+                index: 0,
+            }..=MaglevKey4 {
+                rev_nat_id: rev,
+                index: u32::MAX,
+            };
+            old.maglev
+                .extend(applied.maglev.range(table).map(|(k, v)| (*k, *v)));
+            old.source_ranges.extend(
+                applied
+                    .source_ranges
+                    .iter()
+                    .filter(|(_, d)| u32::from_be(d.rev_nat_id_be) == rev),
+            );
+        }
+        for id in ids.programmed.remove(frontend).unwrap_or_default() {
+            if let Some(&b) = applied.backends.get(&id) {
+                old.backends.insert(id, b);
+            }
+            if let Some(users) = ids.users.get_mut(&id) {
+                *users = users.saturating_sub(1);
+            }
+        }
+    }
+    old
 }
 
 fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {

@@ -169,136 +169,179 @@ pub fn service_key(svc: &Service) -> String {
     )
 }
 
-/// What one Service adds to [`desired`], given its IPv4 slices: the agent
+/// What one Service adds to [`of_cluster`], given its IPv4 slices: the agent
 /// recomputes only the Services whose objects changed.
 pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out: &mut Frontends) {
-    let meta = &svc.metadata;
-    let namespace = meta.namespace.as_deref().unwrap_or("");
-    let name = meta.name.as_deref().unwrap_or("");
-    let key = service_key(svc);
+    let Some(view) = ServiceView::of(svc, node, out) else {
+        return;
+    };
     let Some(spec) = &svc.spec else { return };
-    let labels = meta.labels.as_ref();
-    if spec.type_.as_deref() == Some("ExternalName") {
-        out.skipped.push(Skip::ExternalName(key));
-        return;
-    }
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
-        out.skipped.push(Skip::OtherProxy(key));
-        return;
-    }
-    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => Vec::new(),
-    };
-    if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
-        out.skipped.push(Skip::Headless(key));
-        return;
-    }
-    let Some(vip) = cluster_ips
-        .iter()
-        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-    else {
-        out.skipped.push(Skip::NoIpv4ClusterIp(key));
-        return;
-    };
-    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let external_ips: Vec<Ipv4Addr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        ingress
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.ip.as_deref()?.parse().ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    // Listed ranges restrict the LoadBalancer IPs even when none of them is
-    // a valid IPv4 range: then no client gets through (fail closed).
-    let source_ranges: Option<Vec<Cidr>> = spec
-        .load_balancer_source_ranges
-        .as_ref()
-        .filter(|ranges| !ranges.is_empty())
-        .map(|ranges| {
-            ranges
-                .iter()
-                .filter_map(|r| match r.trim().parse() {
-                    Ok(cidr) => Some(cidr),
-                    Err(_) => {
-                        out.skipped.push(Skip::SourceRange(key.clone(), r.clone()));
-                        None
-                    }
-                })
-                .collect()
-        });
-    let policy = Policy {
-        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        external_local,
-        has_external_frontends: matches!(kind, "NodePort" | "LoadBalancer")
-            || !external_ips.is_empty(),
-        ignore_node_hints: false,
-    };
-    let topology_node = topology::Node {
-        name: node.name.clone(),
-        zone: node.zone.clone(),
-    };
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
-    // A scheduler this agent does not know is reported and left to the default.
-    let scheduler = match meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(SCHEDULER_ANNOTATION))
-    {
-        None => None,
-        Some(name) => match name.parse::<Scheduler>() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                out.skipped.push(Skip::Scheduler(key.clone(), e));
-                None
-            }
-        },
-    };
     let mut local_endpoints = 0;
     for port in spec.ports.iter().flatten() {
         let Some(proto) = protocol(port.protocol.as_deref()) else {
             out.skipped.push(Skip::Protocol(
-                key.clone(),
+                view.key.clone(),
                 port.protocol.clone().unwrap_or_default(),
             ));
             continue;
         };
         let Ok(frontend_port) = u16::try_from(port.port) else {
-            out.skipped.push(Skip::Port(key.clone(), port.port));
+            out.skipped.push(Skip::Port(view.key.clone(), port.port));
             continue;
         };
-        let port_name = port.name.as_deref().unwrap_or("");
-        let (all, infos) = port_endpoints(service_slices, port_name, proto, node);
-        let selection = topology::categorize(&infos, &policy, &topology_node);
+        let node_port = port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        let port = ServicePort {
+            name: port.name.as_deref().unwrap_or(""),
+            proto,
+            port: frontend_port,
+            node_port,
+        };
+        let local = view.port_frontends(&port, service_slices, node, out);
+        local_endpoints = local_endpoints.max(local);
+    }
+    if view.kind == "LoadBalancer" && view.external_local {
+        if let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        {
+            out.health_checks.push(HealthCheck {
+                port,
+                namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+                name: svc.metadata.name.clone().unwrap_or_default(),
+                local_endpoints,
+            });
+        }
+    }
+}
+
+/// One port of a Service, as its frontends need it.
+struct ServicePort<'a> {
+    name: &'a str,
+    proto: Protocol,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+/// What a Service's ports share: its addresses, policies, affinity and
+/// scheduler, read once.
+struct ServiceView {
+    /// `namespace/name`.
+    key: String,
+    vip: Ipv4Addr,
+    /// `spec.type`, `ClusterIP` when unset.
+    kind: String,
+    external_local: bool,
+    external_ips: Vec<Ipv4Addr>,
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Option<Vec<Cidr>>,
+    policy: Policy,
+    topology_node: topology::Node,
+    affinity_timeout: Option<u32>,
+    scheduler: Option<Scheduler>,
+}
+
+impl ServiceView {
+    /// `None` (and the reason in `out.skipped`) for a Service not proxied.
+    fn of(svc: &Service, node: &NodeInfo, out: &mut Frontends) -> Option<Self> {
+        let meta = &svc.metadata;
+        let key = service_key(svc);
+        let spec = svc.spec.as_ref()?;
+        let vip = cluster_ip(svc, &key, out)?;
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP").to_string();
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let external_ips: Vec<Ipv4Addr> = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            ingress
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let source_ranges = source_ranges(spec.load_balancer_source_ranges.as_ref(), &key, out);
+        let policy = Policy {
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local,
+            has_external_frontends: matches!(kind.as_str(), "NodePort" | "LoadBalancer")
+                || !external_ips.is_empty(),
+            ignore_node_hints: false,
+        };
+        let topology_node = topology::Node {
+            name: node.name.clone(),
+            zone: node.zone.clone(),
+        };
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+        // A scheduler this agent does not know is reported and left to the default.
+        let scheduler = match meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+        {
+            None => None,
+            Some(name) => match name.parse::<Scheduler>() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    out.skipped.push(Skip::Scheduler(key.clone(), e));
+                    None
+                }
+            },
+        };
+        Some(Self {
+            key,
+            vip,
+            kind,
+            external_local,
+            external_ips,
+            lb_ips,
+            source_ranges,
+            policy,
+            topology_node,
+            affinity_timeout,
+            scheduler,
+        })
+    }
+
+    /// The frontends of one port: its ClusterIP, node ports, externalIPs and
+    /// LoadBalancer IPs. Returns how many endpoints it has on this node.
+    fn port_frontends(
+        &self,
+        port: &ServicePort<'_>,
+        service_slices: &[&Slice],
+        node: &NodeInfo,
+        out: &mut Frontends,
+    ) -> usize {
+        let proto = port.proto;
+        let (all, infos) = port_endpoints(service_slices, port.name, proto, node);
+        let selection = topology::categorize(&infos, &self.policy, &self.topology_node);
         let pick = |indexes: &[usize]| -> Vec<Endpoint> {
             let mut picked: Vec<Endpoint> = indexes.iter().map(|&i| all[i]).collect();
             picked.sort();
             picked
         };
-        let internal = pick(selection.for_internal(&policy));
-        let external_endpoints = pick(selection.for_external(&policy));
+        let internal = pick(selection.for_internal(&self.policy));
+        let external_endpoints = pick(selection.for_external(&self.policy));
         // Every endpoint still serving keeps the connections it has, as
         // conntrack keeps them under kube-proxy: terminating ones, and those
         // the policy or the topology leave out of new connections.
@@ -309,13 +352,11 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
             .filter(|&i| proto == Protocol::Tcp && (infos[i].ready || infos[i].serving))
             .collect();
         let reachable = pick(&serving);
-        if let Some(local) = &selection.local {
-            local_endpoints = local_endpoints.max(local.len());
-        }
-        let label = if port_name.is_empty() {
-            key.clone()
+        let local_endpoints = selection.local.as_ref().map_or(0, Vec::len);
+        let label = if port.name.is_empty() {
+            self.key.clone()
         } else {
-            format!("{key}:{port_name}")
+            format!("{}:{}", self.key, port.name)
         };
         let frontend = |address: Ipv4Addr, port: u16| Frontend {
             address,
@@ -324,13 +365,13 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
         };
         out.frontends.push(FrontendSpec {
             name: label.clone(),
-            frontend: frontend(vip, frontend_port),
+            frontend: frontend(self.vip, port.port),
             endpoints: internal,
             reachable: reachable.clone(),
-            local_only: policy.internal_local,
+            local_only: self.policy.internal_local,
             source_ranges: None,
-            affinity_timeout,
-            scheduler,
+            affinity_timeout: self.affinity_timeout,
+            scheduler: self.scheduler,
         });
         let external =
             |address: Ipv4Addr, port: u16, ranges: &Option<Vec<Cidr>>, what: &str| FrontendSpec {
@@ -338,48 +379,89 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
                 frontend: frontend(address, port),
                 endpoints: external_endpoints.clone(),
                 reachable: reachable.clone(),
-                local_only: external_local,
+                local_only: self.external_local,
                 source_ranges: ranges.clone(),
-                affinity_timeout,
-                scheduler,
+                affinity_timeout: self.affinity_timeout,
+                scheduler: self.scheduler,
             };
-        let node_port = port
-            .node_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0);
-        if let (true, Some(node_port)) = (matches!(kind, "NodePort" | "LoadBalancer"), node_port) {
+        if let (true, Some(node_port)) = (
+            matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
+            port.node_port,
+        ) {
             for address in &node.addresses {
                 out.frontends
                     .push(external(*address, node_port, &None, "nodeport"));
             }
         }
-        for address in &external_ips {
+        for address in &self.external_ips {
             out.frontends
-                .push(external(*address, frontend_port, &None, "externalIP"));
+                .push(external(*address, port.port, &None, "externalIP"));
         }
-        for address in &lb_ips {
+        for address in &self.lb_ips {
             out.frontends.push(external(
                 *address,
-                frontend_port,
-                &source_ranges,
+                port.port,
+                &self.source_ranges,
                 "loadbalancer",
             ));
         }
+        local_endpoints
     }
-    if kind == "LoadBalancer" && external_local {
-        if let Some(port) = spec
-            .health_check_node_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-        {
-            out.health_checks.push(HealthCheck {
-                port,
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                local_endpoints,
-            });
-        }
+}
+
+/// The Service's IPv4 cluster IP; `None` (and why in `out.skipped`) for an
+/// ExternalName, headless, other-proxy or IPv6-only Service.
+fn cluster_ip(svc: &Service, key: &str, out: &mut Frontends) -> Option<Ipv4Addr> {
+    let spec = svc.spec.as_ref()?;
+    let labels = svc.metadata.labels.as_ref();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        out.skipped.push(Skip::ExternalName(key.to_string()));
+        return None;
     }
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        out.skipped.push(Skip::OtherProxy(key.to_string()));
+        return None;
+    }
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => Vec::new(),
+    };
+    if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        out.skipped.push(Skip::Headless(key.to_string()));
+        return None;
+    }
+    let vip = cluster_ips
+        .iter()
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok());
+    if vip.is_none() {
+        out.skipped.push(Skip::NoIpv4ClusterIp(key.to_string()));
+    }
+    vip
+}
+
+/// loadBalancerSourceRanges. Listed ranges restrict the LoadBalancer IPs even
+/// when none of them is a valid IPv4 range: then no client gets through (fail
+/// closed).
+fn source_ranges(
+    ranges: Option<&Vec<String>>,
+    key: &str,
+    out: &mut Frontends,
+) -> Option<Vec<Cidr>> {
+    let ranges = ranges.filter(|ranges| !ranges.is_empty())?;
+    Some(
+        ranges
+            .iter()
+            .filter_map(|r| match r.trim().parse() {
+                Ok(cidr) => Some(cidr),
+                Err(_) => {
+                    out.skipped
+                        .push(Skip::SourceRange(key.to_string(), r.clone()));
+                    None
+                }
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

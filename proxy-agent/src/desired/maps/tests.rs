@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::desired::{ids::next_free, MAX_FRONTEND_ID};
 
