@@ -21,8 +21,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use proxy_agent::{
     cli::simulate,
     desired::{self, Ids, MapState},
-    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     kernel::Dataplane,
+    settings,
 };
 use proxy_common::{
     bench::{PASS_ONLY_TC, PASS_ONLY_XDP},
@@ -195,7 +196,8 @@ impl Row {
 }
 
 fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec<Row>) {
-    let list: Vec<FrontendSpec> = (0..services).map(service).collect();
+    let mut list: Vec<FrontendSpec> = (0..services).map(service).collect();
+    settings::fill_defaults(&mut list, Scheduler::default());
     let (desired, problems) = desired::map_state(&list, &mut Ids::default());
     assert!(
         problems.is_empty(),

@@ -3,12 +3,7 @@
 //! drift. Only this module ties the pure parts to the kernel and the network.
 
 use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    pin::Pin,
-    sync::Arc,
-    time::Duration,
+    collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -43,6 +38,7 @@ use crate::{
         health::{self, HealthChecks, Shared},
         latency::{self, Triggers},
     },
+    settings,
 };
 
 /// Where the agent learns the services it serves.
@@ -325,7 +321,7 @@ impl Agent {
             }
             Source::Api { node_name, .. } => {
                 let node = self.stores.node(node_name);
-                let wanted = node_config(node.snat_address(), self.config.nat_ports);
+                let wanted = settings::node_config(node.snat_address(), self.config.nat_ports);
                 program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
                 let changed = self
                     .cache
@@ -388,15 +384,6 @@ impl Agent {
                 self.sync_at = Some(Instant::now() + Duration::from_secs(1));
             }
         }
-    }
-}
-
-/// The node settings (SNAT address, NAT port range) from this node's view.
-fn node_config(snat: Option<Ipv4Addr>, nat_ports: (u16, u16)) -> proxy_common::Config {
-    proxy_common::Config {
-        snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
-        nat_port_min: nat_ports.0,
-        nat_port_max: nat_ports.1,
     }
 }
 
@@ -476,9 +463,7 @@ fn read_file(path: &PathBuf, scheduler: Scheduler) -> Result<Vec<FrontendSpec>> 
     let file: ServiceFile =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut frontends = file.services;
-    for frontend in &mut frontends {
-        frontend.scheduler.get_or_insert(scheduler);
-    }
+    settings::fill_defaults(&mut frontends, scheduler);
     Ok(frontends)
 }
 

@@ -16,7 +16,8 @@
 //! - [`cli`]: `simulate` and `inspect`.
 //!
 //! [`agent`] is the thin loop in between; [`frontend`] is the type the stages
-//! hand each other.
+//! hand each other; [`settings`] fills the defaults every caller shares and
+//! builds the node settings.
 
 pub mod agent;
 pub mod cli;
@@ -25,3 +26,4 @@ pub mod frontend;
 pub mod k8s;
 pub mod kernel;
 pub mod serve;
+pub mod settings;

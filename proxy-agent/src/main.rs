@@ -7,6 +7,7 @@ use proxy_agent::{
     cli::{inspect, simulate},
     frontend::Scheduler,
     kernel::{self, UplinkMode, DEFAULT_PIN_DIR},
+    settings,
 };
 use tracing::info;
 
@@ -149,16 +150,7 @@ async fn main() -> Result<()> {
                 "off" => None,
                 addr => Some(addr.parse::<SocketAddr>()?),
             };
-            let (min, max) = args
-                .nat_ports
-                .split_once('-')
-                .and_then(|(a, b)| {
-                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
-                })
-                .filter(|(a, b)| *a > 0 && a <= b)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--nat-ports {}: expected MIN-MAX", args.nat_ports)
-                })?;
+            let nat_ports = settings::parse_nat_ports(&args.nat_ports)?;
             let uplink_mode = match args.uplink_mode.as_str() {
                 "native" => Some(UplinkMode::Native),
                 "generic" => Some(UplinkMode::Generic),
@@ -168,7 +160,7 @@ async fn main() -> Result<()> {
             agent::run(agent::Config {
                 uplinks: args.uplink_ifaces,
                 uplink_mode,
-                nat_ports: (min, max),
+                nat_ports,
                 scheduler: args.scheduler,
                 source,
                 pin_dir: args.pin_dir,

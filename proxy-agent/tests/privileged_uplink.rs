@@ -24,11 +24,12 @@ use proxy_agent::{
     desired::{self, Ids, MapState},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
     kernel::Dataplane,
+    settings,
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash, nat_ports,
     program_names::{UPLINK_TC, UPLINK_XDP},
-    Config, ServiceKey4, ServiceValue,
+    ServiceKey4, ServiceValue,
 };
 use support::{
     netns::{run, Lab},
@@ -407,12 +408,8 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
         assert!(problems.is_empty(), "{problems:?}");
         dp.apply(&desired::diff(&desired, &Default::default()))
             .unwrap();
-        dp.set_config(Config {
-            snat_addr_be: u32::from(ip(NODE)).to_be(),
-            nat_port_min: NAT_MIN,
-            nat_port_max: NAT_MAX,
-        })
-        .unwrap();
+        dp.set_config(settings::node_config(Some(ip(NODE)), (NAT_MIN, NAT_MAX)))
+            .unwrap();
         f(&mut Programs { dp, ifindex });
     })
     .join()
@@ -658,11 +655,10 @@ fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
 fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
     with_programs(|p| {
         const RANGE: u16 = 200;
-        p.dp.set_config(Config {
-            snat_addr_be: u32::from(ip(NODE)).to_be(),
-            nat_port_min: 62000,
-            nat_port_max: 62000 + RANGE - 1,
-        })
+        p.dp.set_config(settings::node_config(
+            Some(ip(NODE)),
+            (62000, 62000 + RANGE - 1),
+        ))
         .unwrap();
         let send = |p: &mut Programs, client_port: u16| {
             let f = from_outside(packet::TCP, client_port, NODE, 30090);

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, path::Path, str
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use k8s_openapi::api::core::v1::{Node, Service};
-use proxy_common::{program_names, proto, Config, ServiceKey4};
+use proxy_common::{program_names, proto, ServiceKey4};
 
 use crate::{
     desired::{self, Ids, MapState},
@@ -18,6 +18,7 @@ use crate::{
         slices::{self, Slice, SliceVersion},
     },
     kernel::Dataplane,
+    settings,
 };
 
 /// Which hook the packet enters: a pod's veth or the node's uplink.
@@ -200,20 +201,17 @@ pub fn simulate(
     let k8s: Vec<&Service> = manifests.services.iter().collect();
     let slices: Vec<&Slice> = manifests.slices.iter().collect();
     let mut served = frontends::of_cluster(&k8s, &slices, &info);
-    for s in &mut served.frontends {
-        s.scheduler.get_or_insert(scheduler);
-    }
+    settings::fill_defaults(&mut served.frontends, scheduler);
     let (map_state, problems) = desired::map_state(&served.frontends, &mut Ids::default());
     if let Some(p) = problems.first() {
         bail!("the manifests give a state Ferry cannot program: {p}");
     }
     let mut dp = Dataplane::load_private()?;
     dp.apply(&desired::diff(&map_state, &MapState::default()))?;
-    dp.set_config(Config {
-        snat_addr_be: info.snat_address().map_or(0, |a| u32::from(a).to_be()),
-        nat_port_min: 61000,
-        nat_port_max: 65535,
-    })?;
+    dp.set_config(settings::node_config(
+        info.snat_address(),
+        settings::DEFAULT_NAT_PORTS,
+    ))?;
     let input = frame(packet);
     let program = match hook {
         Hook::Pod => program_names::FROM_POD,

@@ -15,7 +15,10 @@ use super::{
     slices::Slice,
     watch::Store,
 };
-use crate::frontend::{Frontend, FrontendSpec, Scheduler};
+use crate::{
+    frontend::{Frontend, FrontendSpec, Scheduler},
+    settings,
+};
 
 /// The API objects the desired state is computed from.
 #[derive(Default)]
@@ -71,9 +74,7 @@ impl FrontendCache {
         let compute = |svc: &Service, slices: &[&Slice]| {
             let mut out = Frontends::default();
             frontends::of_service(svc, slices, node, &mut out);
-            for service in &mut out.frontends {
-                service.scheduler.get_or_insert(scheduler);
-            }
+            settings::fill_defaults(&mut out.frontends, scheduler);
             out
         };
         if self.all || self.contested || self.node.as_ref() != Some(node) {
