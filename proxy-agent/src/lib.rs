@@ -14,6 +14,9 @@
 //! - [`serve`]: what operators and load balancers query: /healthz, /livez,
 //!   /metrics, latency histograms, healthCheckNodePorts.
 //! - [`cli`]: `simulate` and `inspect`.
+//! - `harness` (feature `harness`, on by default): the real programs in private
+//!   maps, a frame through a hook; `simulate`, the packet tests and the benches
+//!   share it.
 //!
 //! [`agent`] is the thin loop in between; [`frontend`] is the type the stages
 //! hand each other; [`settings`] fills the defaults every caller shares and
@@ -23,6 +26,8 @@ pub mod agent;
 pub mod cli;
 pub mod desired;
 pub mod frontend;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod k8s;
 pub mod kernel;
 pub mod serve;

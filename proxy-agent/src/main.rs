@@ -2,9 +2,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+#[cfg(feature = "harness")]
+use proxy_agent::cli::simulate;
 use proxy_agent::{
     agent::{self, Source},
-    cli::{inspect, simulate},
+    cli::inspect,
     frontend::Scheduler,
     kernel::{self, UplinkMode, DEFAULT_PIN_DIR},
     settings,
@@ -30,6 +32,7 @@ enum Command {
     /// from the Service, EndpointSlice and Node manifests in DIR as NODE's agent
     /// would, runs the packet through them and prints the verdict, the rewritten
     /// addresses and the backends the packet could have gone to.
+    #[cfg(feature = "harness")]
     Simulate {
         #[arg(long)]
         manifests: PathBuf,
@@ -175,6 +178,7 @@ async fn main() -> Result<()> {
             })
             .await
         }
+        #[cfg(feature = "harness")]
         Command::Simulate {
             manifests,
             node,

@@ -3,13 +3,15 @@
 
 mod support;
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    ops::{Deref, DerefMut},
+};
 
-use aya::programs::{TestRun, TestRunOptions};
 use proxy_agent::{
-    desired::{self, Ids, MapState},
+    desired::{Ids, MapState},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
-    kernel::Dataplane,
+    harness::{self, Hook},
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash,
@@ -75,10 +77,21 @@ fn cluster() -> Vec<FrontendSpec> {
     ]
 }
 
-struct Programs {
-    dp: Dataplane,
-    ids: Ids,
-    state: MapState,
+/// The shared harness, with what these tests ask of it on top.
+struct Programs(harness::Programs);
+
+impl Deref for Programs {
+    type Target = harness::Programs;
+
+    fn deref(&self) -> &harness::Programs {
+        &self.0
+    }
+}
+
+impl DerefMut for Programs {
+    fn deref_mut(&mut self) -> &mut harness::Programs {
+        &mut self.0
+    }
 }
 
 impl Programs {
@@ -89,12 +102,8 @@ impl Programs {
     /// With the ids an agent recovered from maps it found (see [`ids_taken`]).
     fn with_ids(services: &[FrontendSpec], ids: Ids) -> Self {
         support::require_root();
-        let dp = Dataplane::load_private().expect("load the programs");
-        let mut p = Self {
-            dp,
-            ids,
-            state: MapState::default(),
-        };
+        let mut p = Self(harness::Programs::load().expect("load the programs"));
+        p.ids = ids;
         p.serve(services);
         p
     }
@@ -104,32 +113,16 @@ impl Programs {
         self.state.services[&slot0(vip, port)].rev_nat_id
     }
 
-    /// Programs the maps for `services`, as the agent would.
+    /// Programs the maps for `services`, as the agent would, and checks they
+    /// held what was written before and hold what is wanted after.
     fn serve(&mut self, services: &[FrontendSpec]) {
-        let (desired, problems) = desired::map_state(services, &mut self.ids);
+        let problems = self.0.serve_checked(services).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
-        let actual = self.dp.read_state().unwrap();
-        assert_eq!(actual, self.state);
-        self.dp.apply(&desired::diff(&desired, &actual)).unwrap();
-        assert_eq!(self.dp.read_state().unwrap(), desired);
-        self.state = desired;
     }
 
     fn run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .program(program)
-            .unwrap()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        let run = self.0.run(Hook::Tc(program, None), frame).unwrap();
+        (run.verdict, run.frame)
     }
 
     fn send_from_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
@@ -167,14 +160,7 @@ impl Programs {
     }
 
     fn stat(&self, name: &str) -> u64 {
-        self.dp
-            .stats()
-            .unwrap()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .unwrap()
-            .1
-            .packets
+        self.0.stat(name).unwrap()
     }
 
     fn conntrack_len(&self) -> usize {

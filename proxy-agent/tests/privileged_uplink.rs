@@ -10,20 +10,18 @@ use std::{
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
+    ops::{Deref, DerefMut},
     os::fd::AsRawFd,
     sync::atomic::{AtomicBool, Ordering},
     thread,
 };
 
-use aya::{
-    programs::{ProgramError, TestRun, TestRunOptions},
-    util::KernelVersion,
-};
+use aya::{programs::ProgramError, util::KernelVersion};
 use proxy_agent::{
     desired::gc::Lifetimes,
-    desired::{self, Ids, MapState},
+    desired::{Ids, MapState},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
-    kernel::Dataplane,
+    harness::{self, Hook},
     settings,
 };
 use proxy_common::{
@@ -250,9 +248,25 @@ fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
+/// The shared harness, and the FIB namespace's uplink the programs see as
+/// their ingress device.
 struct Programs {
-    dp: Dataplane,
+    h: harness::Programs,
     ifindex: u32,
+}
+
+impl Deref for Programs {
+    type Target = harness::Programs;
+
+    fn deref(&self) -> &harness::Programs {
+        &self.h
+    }
+}
+
+impl DerefMut for Programs {
+    fn deref_mut(&mut self) -> &mut harness::Programs {
+        &mut self.h
+    }
 }
 
 /// Said once per run (see [`note_limitation`]) when the XDP runs go without
@@ -287,103 +301,61 @@ fn note_limitation(note: &str) {
 
 impl Programs {
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let md: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
         if !XDP_CTX_REFUSED.load(Ordering::Relaxed) {
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&md),
-                ..Default::default()
-            };
-            match self.dp.xdp_program().unwrap().test_run(opts) {
-                Ok(result) => {
-                    out.truncate(result.data_size_out as usize);
-                    return (result.return_value, out);
-                }
+            match self.h.run(Hook::Xdp(Some(self.ifindex)), frame) {
+                Ok(run) => return (run.verdict, run.frame),
                 // Only there, and only this error: anything else is a failure.
-                Err(ProgramError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EINVAL)
-                        && KernelVersion::current()
-                            .is_ok_and(|v| v < KernelVersion::new(5, 15, 0)) =>
-                {
-                    note_limitation(&format!(
-                        "{XDP_CTX_LIMITATION} (this kernel: {}: {})",
-                        e.call, e.io_error
-                    ));
-                    XDP_CTX_REFUSED.store(true, Ordering::Relaxed);
-                }
-                Err(e) => panic!("XDP test run: {e:?}"),
+                Err(e) => match e.downcast_ref::<ProgramError>() {
+                    Some(ProgramError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EINVAL)
+                            && KernelVersion::current()
+                                .is_ok_and(|v| v < KernelVersion::new(5, 15, 0)) =>
+                    {
+                        note_limitation(&format!(
+                            "{XDP_CTX_LIMITATION} (this kernel: {}: {})",
+                            e.call, e.io_error
+                        ));
+                        XDP_CTX_REFUSED.store(true, Ordering::Relaxed);
+                    }
+                    _ => panic!("XDP test run: {e:?}"),
+                },
             }
         }
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .xdp_program()
-            .unwrap()
-            .test_run(opts)
+        let run = self
+            .h
+            .run(Hook::Xdp(None), frame)
             .expect("XDP test run without ctx_in");
-        out.truncate(result.data_size_out as usize);
         // The program transmits on the ingress device (XDP_TX) when the FIB's
         // egress is the ingress, else redirects there. With loopback as the
         // ingress and up0 the only device with routes, the redirect is to up0,
         // which is XDP_TX when the frame came in on up0 as these tests mean.
-        let verdict = match result.return_value {
+        let verdict = match run.verdict {
             XDP_REDIRECT => XDP_TX,
             XDP_TX => panic!("XDP_TX with loopback as the ingress device"),
             other => other,
         };
-        (verdict, out)
+        (verdict, run.frame)
     }
 
     fn tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // __sk_buff's ifindex is at byte 40; everything else zero.
-        let mut skb = vec![0u8; 192];
-        skb[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&skb),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .program(UPLINK_TC)
-            .unwrap()
-            .test_run(opts)
+        let run = self
+            .h
+            .run(Hook::Tc(UPLINK_TC, Some(self.ifindex)), frame)
             .expect("tc test run");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        (run.verdict, run.frame)
     }
 
     fn nonzero_stats(&self) -> Vec<(&'static str, u64)> {
-        self.dp
-            .stats()
+        self.h
+            .nonzero_stats()
             .unwrap()
             .into_iter()
-            .filter(|(_, c)| c.packets > 0)
             .map(|(n, c)| (n, c.packets))
             .collect()
     }
 
     fn stat(&self, name: &str) -> u64 {
-        self.dp
-            .stats()
-            .unwrap()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .unwrap()
-            .1
-            .packets
+        self.h.stat(name).unwrap()
     }
 }
 
@@ -402,15 +374,13 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
             unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
             0
         );
-        let mut dp = Dataplane::load_private().expect("load the programs");
-        let mut ids = ids;
-        let (desired, problems) = desired::map_state(&services(), &mut ids);
+        let mut h = harness::Programs::load().expect("load the programs");
+        h.ids = ids;
+        let problems = h.serve(&services()).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
-        dp.apply(&desired::diff(&desired, &Default::default()))
+        h.dp.set_config(settings::node_config(Some(ip(NODE)), (NAT_MIN, NAT_MAX)))
             .unwrap();
-        dp.set_config(settings::node_config(Some(ip(NODE)), (NAT_MIN, NAT_MAX)))
-            .unwrap();
-        f(&mut Programs { dp, ifindex });
+        f(&mut Programs { h, ifindex });
     })
     .join()
     .unwrap_or_else(|e| std::panic::resume_unwind(e));

@@ -2,4 +2,5 @@
 //! `inspect` (the pinned maps as tables).
 
 pub mod inspect;
+#[cfg(feature = "harness")]
 pub mod simulate;

@@ -5,19 +5,18 @@
 use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, path::Path, str::FromStr};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
 use k8s_openapi::api::core::v1::{Node, Service};
 use proxy_common::{program_names, proto, ServiceKey4};
 
 use crate::{
-    desired::{self, Ids, MapState},
+    desired::MapState,
     frontend::{FrontendSpec, Scheduler},
+    harness::{self, packet::Frame, Programs},
     k8s::{
         frontends,
         nodes::NodeInfo,
         slices::{self, Slice, SliceVersion},
     },
-    kernel::Dataplane,
     settings,
 };
 
@@ -131,46 +130,10 @@ use serde::Deserialize as _;
 /// An Ethernet frame for the packet (a TCP SYN or an empty UDP datagram),
 /// checksums complete.
 pub fn frame(p: &PacketSpec) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend(p.src.1.to_be_bytes());
-    l4.extend(p.dst.1.to_be_bytes());
-    if p.proto == proto::TCP {
-        l4.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
-    } else {
-        l4.extend(8u16.to_be_bytes());
-        l4.extend([0, 0]);
-    }
-    let mut pseudo = Vec::new();
-    pseudo.extend(p.src.0.octets());
-    pseudo.extend(p.dst.0.octets());
-    pseudo.extend([0, p.proto]);
-    pseudo.extend((l4.len() as u16).to_be_bytes());
-    pseudo.extend(&l4);
-    let at = if p.proto == proto::TCP { 16 } else { 6 };
-    let sum = checksum(&pseudo);
-    l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend(((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend([0, 1, 0x40, 0, 64, p.proto, 0, 0]);
-    ip.extend(p.src.0.octets());
-    ip.extend(p.dst.0.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut out = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
-    out.extend(ip);
-    out.extend(l4);
-    out
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    let mut f = Frame::of(p.proto, p.src.0, p.src.1, p.dst.0, p.dst.1);
+    f.id = 1;
+    f.seq = 1;
+    f.bytes()
 }
 
 /// What happened to the packet.
@@ -202,35 +165,27 @@ pub fn simulate(
     let slices: Vec<&Slice> = manifests.slices.iter().collect();
     let mut served = frontends::of_cluster(&k8s, &slices, &info);
     settings::fill_defaults(&mut served.frontends, scheduler);
-    let (map_state, problems) = desired::map_state(&served.frontends, &mut Ids::default());
+    let mut programs = Programs::load()?;
+    let problems = programs.serve(&served.frontends)?;
     if let Some(p) = problems.first() {
         bail!("the manifests give a state Ferry cannot program: {p}");
     }
-    let mut dp = Dataplane::load_private()?;
-    dp.apply(&desired::diff(&map_state, &MapState::default()))?;
-    dp.set_config(settings::node_config(
+    programs.dp.set_config(settings::node_config(
         info.snat_address(),
         settings::DEFAULT_NAT_PORTS,
     ))?;
-    let input = frame(packet);
     let program = match hook {
         Hook::Pod => program_names::FROM_POD,
         Hook::Uplink => program_names::UPLINK_TC,
     };
-    let mut out = vec![0u8; input.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(&input),
-        data_out: Some(&mut out),
-        ..Default::default()
-    };
-    let ret = dp.program(program)?.test_run(opts)?;
-    out.truncate(ret.data_size_out as usize);
-    let counter = dp
-        .stats()?
+    let run = programs.run(harness::Hook::Tc(program, None), &frame(packet))?;
+    let out = run.frame;
+    let counter = programs
+        .nonzero_stats()?
         .into_iter()
-        .find(|(_, c)| c.packets > 0)
+        .next()
         .map_or_else(|| "none".to_string(), |(name, _)| name.to_string());
-    let verdict = match ret.return_value as i32 {
+    let verdict = match run.verdict as i32 {
         -1 | 0 => "pass",
         2 => "drop",
         7 => "redirect",
@@ -251,7 +206,7 @@ pub fn simulate(
     };
     let icmp = out.len() > 23 && out[23] == 1;
     let (src, dst) = (read(26), read(30));
-    let (frontend, candidates) = candidates(&map_state, &served.frontends, packet);
+    let (frontend, candidates) = candidates(&programs.state, &served.frontends, packet);
     Ok(Outcome {
         verdict: if icmp {
             "reject (ICMP port unreachable)".into()
