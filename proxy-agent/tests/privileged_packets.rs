@@ -135,14 +135,7 @@ impl Programs {
 
     /// The backend the agent's own view says this flow hashes to.
     fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
-        let key = |slot| ServiceKey4 {
-            addr_be: u32::from(f.daddr).to_be(),
-            port_be: f.dport.to_be(),
-            proto: f.proto,
-            scope: 0,
-            slot,
-            _pad: 0,
-        };
+        let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
         let count = self.state.services[&key(0)].count;
         let h = hash::flow_hash4(
             u32::from(f.saddr).to_be(),
@@ -153,10 +146,7 @@ impl Programs {
         );
         let id = self.state.services[&key(hash::slot_for(h, count))].backend_id;
         let b = self.state.backends[&id];
-        (
-            Ipv4Addr::from(u32::from_be(b.addr_be)),
-            u16::from_be(b.port_be),
-        )
+        (b.addr(), b.port())
     }
 
     fn stat(&self, name: &str) -> u64 {
@@ -214,14 +204,7 @@ fn forward_key(f: &Frame) -> proxy_common::CtKey4 {
 
 /// The slot-0 key of the TCP frontend `vip:port`.
 fn slot0(vip: &str, port: u16) -> ServiceKey4 {
-    ServiceKey4 {
-        addr_be: u32::from(ip(vip)).to_be(),
-        port_be: port.to_be(),
-        proto: proto::TCP,
-        scope: 0,
-        slot: 0,
-        _pad: 0,
-    }
+    ServiceKey4::new(ip(vip), port, proto::TCP, 0)
 }
 
 /// Ids as an agent recovers them from maps in which the TCP frontends `taken`

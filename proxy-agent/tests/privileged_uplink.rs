@@ -811,14 +811,7 @@ fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
     // Recovered from maps where a frontend holds 65535: every frontend of
     // these tests gets an id past 16 bits.
     let mut taken = MapState::default();
-    let slot0 = ServiceKey4 {
-        addr_be: u32::from(ip("10.96.0.1")).to_be(),
-        port_be: 80u16.to_be(),
-        proto: proxy_common::proto::TCP,
-        scope: 0,
-        slot: 0,
-        _pad: 0,
-    };
+    let slot0 = ServiceKey4::new(ip("10.96.0.1"), 80, proxy_common::proto::TCP, 0);
     let value = ServiceValue {
         rev_nat_id: 65_535,
         ..ServiceValue::default()

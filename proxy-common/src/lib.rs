@@ -491,6 +491,64 @@ pub struct StatCounter {
 }
 const _: () = assert!(core::mem::size_of::<StatCounter>() == 16);
 
+/// Constructors and decoders for userspace: the byte-order conversions written
+/// once, so callers never build a key field by field.
+#[cfg(feature = "user")]
+mod user {
+    use core::net::Ipv4Addr;
+
+    use super::*;
+
+    impl ServiceKey4 {
+        /// Slot `slot` of the frontend `addr:port` (protocol number `proto`),
+        /// for every client (scope 0).
+        pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+            Self {
+                addr_be: u32::from_be_bytes(addr.octets()).to_be(),
+                port_be: port.to_be(),
+                proto,
+                scope: 0,
+                slot,
+                _pad: 0,
+            }
+        }
+
+        /// The same frontend's slot `slot`.
+        #[must_use]
+        pub const fn with_slot(self, slot: u16) -> Self {
+            Self { slot, ..self }
+        }
+
+        pub const fn addr(&self) -> Ipv4Addr {
+            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl Backend4 {
+        pub const fn addr(&self) -> Ipv4Addr {
+            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl RevNat4 {
+        pub const fn addr(&self) -> Ipv4Addr {
+            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

@@ -228,26 +228,15 @@ fn candidates(
     frontends: &[FrontendSpec],
     packet: &PacketSpec,
 ) -> (Option<String>, Vec<String>) {
-    let key = ServiceKey4 {
-        addr_be: u32::from(packet.dst.0).to_be(),
-        port_be: packet.dst.1.to_be(),
-        proto: packet.proto,
-        scope: 0,
-        slot: 0,
-        _pad: 0,
-    };
+    let key = ServiceKey4::new(packet.dst.0, packet.dst.1, packet.proto, 0);
     match map_state.services.get(&key) {
         None => (None, Vec::new()),
         Some(slot0) => {
             let mut set = BTreeSet::new();
             for slot in 1..=slot0.count {
-                if let Some(v) = map_state.services.get(&ServiceKey4 { slot, ..key }) {
+                if let Some(v) = map_state.services.get(&key.with_slot(slot)) {
                     if let Some(b) = map_state.backends.get(&v.backend_id) {
-                        set.insert(format!(
-                            "{}:{}",
-                            Ipv4Addr::from(u32::from_be(b.addr_be)),
-                            u16::from_be(b.port_be)
-                        ));
+                        set.insert(format!("{}:{}", b.addr(), b.port()));
                     }
                 }
             }

@@ -65,14 +65,12 @@ pub enum Problem {
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
 fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey4 {
-    ServiceKey4 {
-        addr_be: u32::from(frontend.address).to_be(),
-        port_be: frontend.port.to_be(),
-        proto: frontend.protocol.number(),
-        scope: 0,
+    ServiceKey4::new(
+        frontend.address,
+        frontend.port,
+        frontend.protocol.number(),
         slot,
-        _pad: 0,
-    }
+    )
 }
 
 /// The map contents that serve `services`. A service that cannot be programmed is

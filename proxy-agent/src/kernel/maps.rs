@@ -187,16 +187,6 @@ impl Dataplane {
 
     /// The statistics counters summed over CPUs, by name.
     pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
-        let mut out = Vec::with_capacity(stats::NAMES.len());
-        for (index, name) in stats::NAMES.iter().enumerate() {
-            let per_cpu = self.stats.get(&(index as u32), 0)?;
-            let mut total = StatCounter::default();
-            for c in per_cpu.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-            }
-            out.push((*name, total));
-        }
-        Ok(out)
+        super::pinned::sum_stats(&self.stats)
     }
 }

@@ -28,9 +28,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    bench, capacity, map_names, nat_ports, program_names, stats, AffinityKey4, AffinityValue4,
-    Backend4, Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4,
-    ServiceValue, SourceRange4, StatCounter,
+    bench, capacity, map_names, nat_ports, program_names, AffinityKey4, AffinityValue4, Backend4,
+    Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue,
+    SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -381,6 +381,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
 }
 
 pub mod ifaces;
+pub mod pinned;
 
 mod attach;
 mod cleanup;
