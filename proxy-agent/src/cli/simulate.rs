@@ -2,21 +2,16 @@
 //! private maps filled by the real desired-state code from Kubernetes manifests,
 //! run one packet through BPF_PROG_TEST_RUN.
 
-use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, path::Path, str::FromStr};
+use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, str::FromStr};
 
-use anyhow::{bail, Context, Result};
-use k8s_openapi::api::core::v1::{Node, Service};
+use anyhow::{bail, Result};
 use proxy_common::{program_names, proto, ServiceKey4};
 
+pub use crate::k8s::manifests::{read_manifests, Manifests};
 use crate::{
     desired::MapState,
     frontend::{FrontendSpec, Scheduler},
     harness::{self, packet::Frame, Programs},
-    k8s::{
-        frontends,
-        nodes::NodeInfo,
-        slices::{self, Slice, SliceVersion},
-    },
     settings,
 };
 
@@ -69,64 +64,6 @@ impl FromStr for PacketSpec {
     }
 }
 
-/// The Kubernetes objects of a directory of YAML or JSON manifests.
-#[derive(Default)]
-pub struct Manifests {
-    pub services: Vec<Service>,
-    pub slices: Vec<Slice>,
-    pub nodes: Vec<Node>,
-}
-
-pub fn read_manifests(dir: &Path) -> Result<Manifests> {
-    let mut out = Manifests::default();
-    let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-        })
-        .collect();
-    paths.sort();
-    for path in paths {
-        let text = std::fs::read_to_string(&path)?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_json::to_value(
-                serde_yaml::Value::deserialize(doc)
-                    .with_context(|| format!("parsing {}", path.display()))?,
-            )?;
-            if value.is_null() {
-                continue;
-            }
-            let kind = value["kind"].as_str().unwrap_or_default().to_string();
-            let api = value["apiVersion"].as_str().unwrap_or_default().to_string();
-            let what = || format!("{kind} in {}", path.display());
-            match kind.as_str() {
-                "Service" => out
-                    .services
-                    .push(serde_json::from_value(value).with_context(what)?),
-                "Node" => out
-                    .nodes
-                    .push(serde_json::from_value(value).with_context(what)?),
-                "EndpointSlice" => {
-                    let version = if api.ends_with("v1beta1") {
-                        SliceVersion::V1beta1
-                    } else {
-                        SliceVersion::V1
-                    };
-                    out.slices
-                        .push(slices::parse_slice(version, value).with_context(what)?);
-                }
-                "List" => bail!("{}: unpack List objects into documents", path.display()),
-                _ => {}
-            }
-        }
-    }
-    Ok(out)
-}
-
-use serde::Deserialize as _;
-
 /// An Ethernet frame for the packet (a TCP SYN or an empty UDP datagram),
 /// checksums complete.
 pub fn frame(p: &PacketSpec) -> Vec<u8> {
@@ -156,15 +93,8 @@ pub fn simulate(
     hook: Hook,
     scheduler: Scheduler,
 ) -> Result<Outcome> {
-    let node_object = manifests
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node));
-    let info = NodeInfo::from_node(node, node_object);
-    let k8s: Vec<&Service> = manifests.services.iter().collect();
-    let slices: Vec<&Slice> = manifests.slices.iter().collect();
-    let mut served = frontends::of_cluster(&k8s, &slices, &info);
-    settings::fill_defaults(&mut served.frontends, scheduler);
+    let info = manifests.node(node);
+    let served = manifests.frontends(&info, scheduler);
     let mut programs = Programs::load()?;
     let problems = programs.serve(&served.frontends)?;
     if let Some(p) = problems.first() {

@@ -3,11 +3,13 @@
 //! removing ended conntrack and NAT entries. Nothing here touches the kernel.
 
 pub mod diff;
+pub mod dump;
 pub mod gc;
 pub mod ids;
 pub mod maglev;
 pub mod maps;
 
 pub use diff::diff;
+pub use dump::dump;
 pub use ids::{Ids, MAX_FRONTEND_ID};
 pub use maps::{map_state, update, MapOp, MapState, Problem, MAX_SLOTS};

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod frontends;
+pub mod manifests;
 pub mod nodes;
 pub mod slices;
 pub mod topology;
