@@ -1,6 +1,7 @@
-//! The node agent's loop: services from the API server (or a file) into the
-//! maps, pod interfaces into attachments, and a periodic resync that repairs
-//! drift. Only this module ties the pure parts to the kernel and the network.
+//! The thin loop between the stages: watch events into `k8s/`'s stores and
+//! change cache, each programming round through `desired/` into `kernel/`'s
+//! maps (one `Agent::round`), pod interfaces into attachments, a periodic
+//! resync that repairs drift, and the garbage collection of ended flows.
 
 use std::{
     collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration,

@@ -132,8 +132,10 @@ const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
 
 /// Bits of [`ServiceValue::flags`] (slot 0).
 pub mod svc_flags {
-    /// externalTrafficPolicy=Local: the slots hold only this node's backends, and
-    /// without one the packet is dropped (not rejected), as kube-proxy does.
+    /// A Local traffic policy applies to this frontend (externalTrafficPolicy on
+    /// a NodePort, externalIP or LoadBalancer frontend, internalTrafficPolicy on
+    /// a ClusterIP): the slots hold only this node's backends, and without one
+    /// the packet is dropped (not rejected), as kube-proxy does.
     pub const LOCAL_ONLY: u16 = 1 << 0;
     /// loadBalancerSourceRanges apply: the client must match the ranges map.
     pub const SOURCE_RANGES: u16 = 1 << 1;

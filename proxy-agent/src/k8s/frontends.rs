@@ -132,12 +132,16 @@ fn port_endpoints(
 
 /// The frontends to serve, from every Service and EndpointSlice the agent sees,
 /// on `node`. Slices are matched to a Service port by port name and protocol (so
-/// named target ports resolve per endpoint); only ready endpoints serve for now.
-/// Each port gets its ClusterIP frontend; NodePort and LoadBalancer Services also
-/// one per node address on the node port; externalIPs and LoadBalancer ingress
-/// IPs one each. With externalTrafficPolicy=Local the external frontends serve
-/// this node's endpoints only; loadBalancerSourceRanges apply to the
-/// LoadBalancer IPs.
+/// named target ports resolve per endpoint). New connections go to the ready
+/// endpoints that the traffic policies and topology hints select (kube-proxy's
+/// categorisation in `topology`), or to the serving terminating ones when no
+/// ready one is left; every endpoint still serving (TCP) stays reachable for the
+/// connections it has. Each port gets its ClusterIP frontend; NodePort and
+/// LoadBalancer Services also one per node address on the node port;
+/// externalIPs and LoadBalancer ingress IPs one each. With
+/// internalTrafficPolicy=Local the ClusterIP frontend, and with
+/// externalTrafficPolicy=Local the external ones, serve this node's endpoints
+/// only; loadBalancerSourceRanges apply to the LoadBalancer IPs.
 pub fn of_cluster(k8s: &[&Service], slices: &[&Slice], node: &NodeInfo) -> Frontends {
     let mut by_service: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
