@@ -1,3 +1,7 @@
+//! The `proxy-agent` binary: its command line (run, simulate, inspect,
+//! cleanup), handed to the library's stages; every flag also an environment
+//! variable.
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;

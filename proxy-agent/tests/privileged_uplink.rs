@@ -53,8 +53,8 @@ const LB_IP: &str = "203.0.113.5";
 const NODE_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x11];
 const NODE2_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x12];
 const CLIENT_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x64];
-const NAT_MIN: u16 = 61000;
-const NAT_MAX: u16 = 65535;
+const NAT_MIN: u16 = settings::DEFAULT_NAT_PORTS.0;
+const NAT_MAX: u16 = settings::DEFAULT_NAT_PORTS.1;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()

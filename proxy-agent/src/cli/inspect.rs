@@ -5,22 +5,17 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use proxy_common::{
-    backend_flags, backend_state, ct_dir, ct_flags, proto, svc_flags, AffinityKey4, AffinityValue4,
-    Backend4, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
+    backend_flags, backend_state, ct_dir, ct_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4,
+    CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
 };
 
-use crate::kernel::pinned::Pinned;
+use crate::{
+    desired::dump::{self, protocol},
+    kernel::pinned::Pinned,
+};
 
 fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
-}
-
-fn protocol(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "TCP",
-        proto::UDP => "UDP",
-        _ => "?",
-    }
 }
 
 /// The services map, one line per slot, like `cilium-dbg bpf lb list`.
@@ -48,16 +43,7 @@ pub fn services(pin_dir: &Path) -> Result<String> {
             protocol(k.proto)
         );
         let what = if k.slot == 0 {
-            let mut flags = Vec::new();
-            if v.flags & svc_flags::LOCAL_ONLY != 0 {
-                flags.push("local-only".to_string());
-            }
-            if v.flags & svc_flags::SOURCE_RANGES != 0 {
-                flags.push("source-ranges".to_string());
-            }
-            if v.flags & svc_flags::AFFINITY != 0 {
-                flags.push(format!("affinity {}s", v.backend_id));
-            }
+            let flags = dump::policy_flags(&v);
             let flags = if flags.is_empty() {
                 String::new()
             } else {

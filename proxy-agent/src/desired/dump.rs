@@ -8,7 +8,8 @@ use proxy_common::{backend_flags, backend_state, proto, svc_flags, ServiceValue,
 
 use super::maps::MapState;
 
-fn protocol(number: u8) -> &'static str {
+/// A protocol number's name as Kubernetes writes it.
+pub fn protocol(number: u8) -> &'static str {
     match number {
         proto::TCP => "TCP",
         proto::UDP => "UDP",
@@ -16,9 +17,9 @@ fn protocol(number: u8) -> &'static str {
     }
 }
 
-/// Slot 0's flags by name (`-` for none); the affinity timeout and Maglev
-/// table size ride along.
-fn flags(head: &ServiceValue) -> String {
+/// The policy flags of a frontend's slot 0 by name (`local-only`,
+/// `source-ranges`, `affinity Ns`), as `inspect` prints them.
+pub fn policy_flags(head: &ServiceValue) -> Vec<String> {
     let mut out = Vec::new();
     if head.flags & svc_flags::LOCAL_ONLY != 0 {
         out.push("local-only".to_string());
@@ -27,8 +28,15 @@ fn flags(head: &ServiceValue) -> String {
         out.push("source-ranges".to_string());
     }
     if head.flags & svc_flags::AFFINITY != 0 {
-        out.push(format!("affinity={}s", head.backend_id));
+        out.push(format!("affinity {}s", head.backend_id));
     }
+    out
+}
+
+/// Slot 0's flags by name (`-` for none), the scheduler other than flow hash
+/// with them.
+fn flags(head: &ServiceValue) -> String {
+    let mut out = policy_flags(head);
     match head.flags & svc_flags::SCHEDULER_MASK {
         svc_flags::SCHEDULER_MAGLEV => out.push(format!("maglev(size#{})", head.maglev_size)),
         svc_flags::SCHEDULER_SOURCE_HASH => out.push("source-hash".into()),

@@ -1,3 +1,6 @@
+//! Unit tests of the desired map state: slots, ids, update against a full
+//! recompute, diff order, Maglev tables.
+
 use super::*;
 use crate::desired::{ids::next_free, MAX_FRONTEND_ID};
 

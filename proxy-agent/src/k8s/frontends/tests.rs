@@ -1,3 +1,6 @@
+//! Unit tests of `k8s::frontends` and `k8s::slices`: kube-proxy's rules for
+//! turning Services and EndpointSlices into frontends.
+
 use serde_json::json;
 
 use super::*;
