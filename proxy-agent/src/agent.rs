@@ -333,10 +333,10 @@ impl Agent {
                 }
                 match changed {
                     Changed::Services(keys, gone) if !self.full_next => Round::Partial {
-                        services: self.cache.services_of(&keys),
+                        frontends: self.cache.frontends_of(&keys),
                         gone,
                     },
-                    _ => Round::Full(self.cache.services().collect()),
+                    _ => Round::Full(self.cache.frontends().collect()),
                 }
             }
             Source::File(path) => match read_file(path, self.config.scheduler) {
@@ -531,10 +531,10 @@ fn watch_error(status: &Shared, kind: &str, e: &watcher::Error) {
 enum Round<'a> {
     /// Every frontend, diffed against everything the maps hold.
     Full(Vec<&'a FrontendSpec>),
-    /// Only the frontends of these services changed, and `gone` are no longer
+    /// Only the frontends of some Services changed, and `gone` are no longer
     /// served: the round's cost follows the change.
     Partial {
-        services: Vec<&'a FrontendSpec>,
+        frontends: Vec<&'a FrontendSpec>,
         gone: Vec<Frontend>,
     },
 }
@@ -552,13 +552,13 @@ fn sync(
     // `applied` becomes what the writes make of the maps; if they fail, it is
     // read back from the maps below.
     let (ops, problems) = match round {
-        Round::Full(services) => {
-            let (desired, problems) = desired::map_state(&services, ids);
-            let ops = desired::diff(&desired, applied);
-            *applied = desired;
+        Round::Full(frontends) => {
+            let (wanted, problems) = desired::map_state(&frontends, ids);
+            let ops = desired::diff(&wanted, applied);
+            *applied = wanted;
             (ops, problems)
         }
-        Round::Partial { services, gone } => desired::update(&services, &gone, applied, ids),
+        Round::Partial { frontends, gone } => desired::update(&frontends, &gone, applied, ids),
     };
     for problem in &problems {
         warn!(%problem, "service not programmed");

@@ -148,14 +148,15 @@ impl FrontendCache {
     }
 
     /// The frontends of some Services.
-    pub fn services_of(&self, keys: &[String]) -> Vec<&FrontendSpec> {
+    pub fn frontends_of(&self, keys: &[String]) -> Vec<&FrontendSpec> {
         keys.iter()
             .filter_map(|k| self.per_service.get(k))
             .flat_map(|d| &d.frontends)
             .collect()
     }
 
-    pub fn services(&self) -> impl Iterator<Item = &FrontendSpec> {
+    /// Every Service's frontends.
+    pub fn frontends(&self) -> impl Iterator<Item = &FrontendSpec> {
         self.per_service.values().flat_map(|d| &d.frontends)
     }
 
@@ -217,7 +218,7 @@ mod tests {
             cache.refresh(&s, &node, Scheduler::FlowHash),
             Changed::Everything
         ));
-        assert_eq!(cache.services().count(), 2);
+        assert_eq!(cache.frontends().count(), 2);
 
         // b moves to another cluster IP; a is untouched.
         s.services.apply(
@@ -230,7 +231,7 @@ mod tests {
         };
         assert_eq!(keys, vec!["default/b".to_string()]);
         assert_eq!(gone, vec![frontend("10.96.0.2")]);
-        assert_eq!(cache.services_of(&keys)[0].frontend, frontend("10.96.0.3"));
+        assert_eq!(cache.frontends_of(&keys)[0].frontend, frontend("10.96.0.3"));
 
         // A Service going takes its frontends with it.
         s.services.apply(
@@ -242,7 +243,7 @@ mod tests {
             panic!("a partial change");
         };
         assert_eq!(gone, vec![frontend("10.96.0.1")]);
-        assert_eq!(cache.services().count(), 1);
+        assert_eq!(cache.frontends().count(), 1);
     }
 
     #[test]
