@@ -17,12 +17,11 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use aya::programs::{TestRun, TestRunOptions};
 use proxy_agent::{
-    dataplane::Dataplane,
-    model::{Endpoint, Frontend, Protocol, Service},
-    simulate,
-    state::{self, Ids, MapState},
+    cli::simulate,
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
+    harness::{Hook, Programs},
+    settings,
 };
 use proxy_common::{
     bench::{PASS_ONLY_TC, PASS_ONLY_XDP},
@@ -36,7 +35,7 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 const XDP_PASS: u32 = 2;
 const FLOOR: &str = "xdp PASS only (floor)";
 
-fn service(i: u32) -> Service {
+fn service(i: u32) -> FrontendSpec {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
     let endpoints = (0..BACKENDS_EACH)
         .map(|b| {
@@ -49,7 +48,7 @@ fn service(i: u32) -> Service {
             }
         })
         .collect();
-    Service::new(
+    FrontendSpec::new(
         format!("svc-{i}"),
         Frontend {
             address: vip,
@@ -98,45 +97,28 @@ enum Prog {
 
 /// One run of a program on `input`; checks the verdict, returns the kernel's
 /// time and the frame that came out.
-fn run_once(dp: &mut Dataplane, prog: Prog, input: &[u8], want: u32) -> (Duration, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 64];
-    let opts = TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        ..Default::default()
+fn run_once(p: &mut Programs, prog: Prog, input: &[u8], want: u32) -> (Duration, Vec<u8>) {
+    let hook = match prog {
+        Prog::Tc => Hook::Tc(FROM_POD, None),
+        Prog::Xdp => Hook::Xdp(None),
+        Prog::Floor => Hook::PassOnly,
     };
-    let result = match prog {
-        Prog::Tc => dp.program(FROM_POD).unwrap().test_run(opts),
-        Prog::Xdp => dp.xdp_program().unwrap().test_run(opts),
-        Prog::Floor => dp.pass_only().unwrap().test_run(opts),
-    }
-    .expect("BPF_PROG_TEST_RUN");
-    assert_eq!(result.return_value, want, "unexpected verdict");
-    out.truncate(result.data_size_out as usize);
-    (result.duration, out)
+    let run = p.run(hook, input).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(run.verdict, want, "unexpected verdict");
+    (run.duration, run.frame)
 }
 
 /// Samples of `WRAPPED_REPEAT` runs of the XDP PASS-only program on `input`
 /// without a wrapper: it leaves the frame as it is, so plain `repeat` times it
 /// truly, and beside its wrapped row this gives the wrapper's own cost.
-fn pass_only_repeated(dp: &mut Dataplane, input: &[u8], samples: usize) -> Vec<u64> {
+fn pass_only_repeated(p: &mut Programs, input: &[u8], samples: usize) -> Vec<u64> {
     (0..samples)
         .map(|_| {
-            let mut out = vec![0u8; input.len() + 64];
-            let opts = TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                repeat: WRAPPED_REPEAT,
-                ..Default::default()
-            };
-            let result = dp
-                .pass_only()
-                .unwrap()
-                .test_run(opts)
+            let run = p
+                .run_repeated(Hook::PassOnly, input, WRAPPED_REPEAT)
                 .expect("BPF_PROG_TEST_RUN");
-            out.truncate(result.data_size_out as usize);
-            assert_eq!((result.return_value, out.as_slice()), (XDP_PASS, input));
-            result.duration.as_nanos() as u64
+            assert_eq!((run.verdict, run.frame.as_slice()), (XDP_PASS, input));
+            run.duration.as_nanos() as u64
         })
         .collect()
 }
@@ -145,7 +127,7 @@ fn pass_only_repeated(dp: &mut Dataplane, input: &[u8], samples: usize) -> Vec<u
 /// wrapper, each checked for the verdict and frame of a single run; the
 /// kernel's mean per run, in nanoseconds.
 fn wrapped(
-    dp: &mut Dataplane,
+    p: &mut Programs,
     program: &str,
     input: &[u8],
     want: (u32, &[u8]),
@@ -153,9 +135,9 @@ fn wrapped(
 ) -> Vec<u64> {
     (0..samples)
         .map(|_| {
-            let run = dp
-                .run_wrapped(program, input, WRAPPED_REPEAT)
-                .expect("wrapped BPF_PROG_TEST_RUN");
+            let run =
+                p.dp.run_wrapped(program, input, WRAPPED_REPEAT)
+                    .expect("wrapped BPF_PROG_TEST_RUN");
             assert_eq!(run.verdict, want.0, "{program}: unexpected verdict");
             assert_eq!(run.frame, want.1, "{program}: unexpected frame");
             run.per_run.as_nanos() as u64
@@ -195,16 +177,15 @@ impl Row {
 }
 
 fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec<Row>) {
-    let list: Vec<Service> = (0..services).map(service).collect();
-    let (desired, problems) = state::desired(&list, &mut Ids::default());
+    let mut list: Vec<FrontendSpec> = (0..services).map(service).collect();
+    settings::fill_defaults(&mut list, Scheduler::default());
+    let mut p = Programs::load_sized(services, BACKENDS_EACH).expect("load");
+    let problems = p.serve(&list).expect("fill the maps");
     assert!(
         problems.is_empty(),
         "{:?}",
         &problems[..problems.len().min(3)]
     );
-    let mut dp = Dataplane::load_private_sized(services, BACKENDS_EACH).expect("load");
-    dp.apply(&state::diff(&desired, &MapState::default()))
-        .expect("fill the maps");
     // The Service in the middle of the address range.
     let vip = list[(services / 2) as usize].frontend.address;
     let client = Ipv4Addr::new(10, 244, 1, 2);
@@ -216,10 +197,10 @@ fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec
         (Prog::Xdp, "xdp new flow", "xdp established", XDP_PASS),
     ] {
         // Established: one flow, opened by a SYN; what follows are its ACKs.
-        run_once(&mut dp, prog, &opening, pass);
-        once.push(run_once(&mut dp, prog, &established, pass).1);
+        run_once(&mut p, prog, &opening, pass);
+        once.push(run_once(&mut p, prog, &established, pass).1);
         let est: Vec<u64> = (0..samples)
-            .map(|_| run_once(&mut dp, prog, &established, pass).0.as_nanos() as u64)
+            .map(|_| run_once(&mut p, prog, &established, pass).0.as_nanos() as u64)
             .collect();
         // New: every sample a flow never seen (source address and port vary),
         // by either program: each takes its clients from a range of its own.
@@ -231,7 +212,7 @@ fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec
             .map(|i| {
                 let src = Ipv4Addr::from(u32::from(clients) + (i / 60_000) as u32);
                 let f = frame(src, 1024 + (i % 60_000) as u16, vip);
-                run_once(&mut dp, prog, &f, pass).0.as_nanos() as u64
+                run_once(&mut p, prog, &f, pass).0.as_nanos() as u64
             })
             .collect();
         rows.push(Row::new(services, path_est, FLOOR, est));
@@ -239,7 +220,7 @@ fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec
     }
     let floor: Vec<u64> = (0..samples)
         .map(|_| {
-            run_once(&mut dp, Prog::Floor, &established, XDP_PASS)
+            run_once(&mut p, Prog::Floor, &established, XDP_PASS)
                 .0
                 .as_nanos() as u64
         })
@@ -267,11 +248,11 @@ fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec
             XDP_PASS,
         ),
     ] {
-        let ns = wrapped(&mut dp, program, &established, want, wrapped_samples);
+        let ns = wrapped(&mut p, program, &established, want, wrapped_samples);
         rows.push(Row::new(services, path, floor_path, ns));
         let unchanged = (floor_verdict, established.as_slice());
         let ns = wrapped(
-            &mut dp,
+            &mut p,
             floor_program,
             &established,
             unchanged,
@@ -279,7 +260,7 @@ fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec
         );
         rows.push(Row::new(services, floor_path, floor_path, ns));
     }
-    let ns = pass_only_repeated(&mut dp, &established, wrapped_samples);
+    let ns = pass_only_repeated(&mut p, &established, wrapped_samples);
     let path = "xdp PASS only, repeated without wrapper";
     rows.push(Row::new(services, path, path, ns));
 }

@@ -1,13 +1,19 @@
+//! The `proxy-agent` binary: its command line (run, simulate, inspect,
+//! cleanup), handed to the library's stages; every flag also an environment
+//! variable.
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+#[cfg(feature = "harness")]
+use proxy_agent::cli::simulate;
 use proxy_agent::{
     agent::{self, Source},
-    dataplane::{self, UplinkMode, DEFAULT_PIN_DIR},
-    inspect,
-    model::Scheduler,
-    simulate,
+    cli::inspect,
+    frontend::Scheduler,
+    kernel::{self, UplinkMode, DEFAULT_PIN_DIR},
+    settings,
 };
 use tracing::info;
 
@@ -30,6 +36,7 @@ enum Command {
     /// from the Service, EndpointSlice and Node manifests in DIR as NODE's agent
     /// would, runs the packet through them and prints the verdict, the rewritten
     /// addresses and the backends the packet could have gone to.
+    #[cfg(feature = "harness")]
     Simulate {
         #[arg(long)]
         manifests: PathBuf,
@@ -150,16 +157,7 @@ async fn main() -> Result<()> {
                 "off" => None,
                 addr => Some(addr.parse::<SocketAddr>()?),
             };
-            let (min, max) = args
-                .nat_ports
-                .split_once('-')
-                .and_then(|(a, b)| {
-                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
-                })
-                .filter(|(a, b)| *a > 0 && a <= b)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--nat-ports {}: expected MIN-MAX", args.nat_ports)
-                })?;
+            let nat_ports = settings::parse_nat_ports(&args.nat_ports)?;
             let uplink_mode = match args.uplink_mode.as_str() {
                 "native" => Some(UplinkMode::Native),
                 "generic" => Some(UplinkMode::Generic),
@@ -169,7 +167,7 @@ async fn main() -> Result<()> {
             agent::run(agent::Config {
                 uplinks: args.uplink_ifaces,
                 uplink_mode,
-                nat_ports: (min, max),
+                nat_ports,
                 scheduler: args.scheduler,
                 source,
                 pin_dir: args.pin_dir,
@@ -178,12 +176,13 @@ async fn main() -> Result<()> {
                 resync_period: Duration::from_secs(args.resync_seconds.max(1)),
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
                 gc_period: Duration::from_secs(args.conntrack_gc_seconds),
-                lifetimes: proxy_agent::gc::Lifetimes {
+                lifetimes: proxy_agent::desired::gc::Lifetimes {
                     tcp_closing: Duration::from_secs(args.conntrack_tcp_close_seconds),
                 },
             })
             .await
         }
+        #[cfg(feature = "harness")]
         Command::Simulate {
             manifests,
             node,
@@ -213,7 +212,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Cleanup { pin_dir } => {
-            let removed = dataplane::cleanup(&pin_dir)?;
+            let removed = kernel::cleanup(&pin_dir)?;
             for filter in &removed.filters {
                 info!(filter, "detached");
             }

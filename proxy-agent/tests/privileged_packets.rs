@@ -3,13 +3,15 @@
 
 mod support;
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    ops::{Deref, DerefMut},
+};
 
-use aya::programs::{TestRun, TestRunOptions};
 use proxy_agent::{
-    dataplane::Dataplane,
-    model::{Endpoint, Frontend, Protocol, Service},
-    state::{self, Ids, MapState},
+    desired::{Ids, MapState},
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    harness::{self, Hook},
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash,
@@ -38,13 +40,13 @@ fn service(
     port: u16,
     protocol: Protocol,
     endpoints: &[(&str, u16)],
-) -> Service {
+) -> FrontendSpec {
     let frontend = Frontend {
         address: ip(vip),
         port,
         protocol,
     };
-    Service::new(
+    FrontendSpec::new(
         name,
         frontend,
         endpoints
@@ -54,7 +56,7 @@ fn service(
     )
 }
 
-fn cluster() -> Vec<Service> {
+fn cluster() -> Vec<FrontendSpec> {
     vec![
         service(
             "web",
@@ -75,26 +77,33 @@ fn cluster() -> Vec<Service> {
     ]
 }
 
-struct Programs {
-    dp: Dataplane,
-    ids: Ids,
-    state: MapState,
+/// The shared harness, with what these tests ask of it on top.
+struct Programs(harness::Programs);
+
+impl Deref for Programs {
+    type Target = harness::Programs;
+
+    fn deref(&self) -> &harness::Programs {
+        &self.0
+    }
+}
+
+impl DerefMut for Programs {
+    fn deref_mut(&mut self) -> &mut harness::Programs {
+        &mut self.0
+    }
 }
 
 impl Programs {
-    fn new(services: &[Service]) -> Self {
+    fn new(services: &[FrontendSpec]) -> Self {
         Self::with_ids(services, Ids::default())
     }
 
     /// With the ids an agent recovered from maps it found (see [`ids_taken`]).
-    fn with_ids(services: &[Service], ids: Ids) -> Self {
+    fn with_ids(services: &[FrontendSpec], ids: Ids) -> Self {
         support::require_root();
-        let dp = Dataplane::load_private().expect("load the programs");
-        let mut p = Self {
-            dp,
-            ids,
-            state: MapState::default(),
-        };
+        let mut p = Self(harness::Programs::load().expect("load the programs"));
+        p.ids = ids;
         p.serve(services);
         p
     }
@@ -104,32 +113,16 @@ impl Programs {
         self.state.services[&slot0(vip, port)].rev_nat_id
     }
 
-    /// Programs the maps for `services`, as the agent would.
-    fn serve(&mut self, services: &[Service]) {
-        let (desired, problems) = state::desired(services, &mut self.ids);
+    /// Programs the maps for `services`, as the agent would, and checks they
+    /// held what was written before and hold what is wanted after.
+    fn serve(&mut self, services: &[FrontendSpec]) {
+        let problems = self.0.serve_checked(services).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
-        let actual = self.dp.read_state().unwrap();
-        assert_eq!(actual, self.state);
-        self.dp.apply(&state::diff(&desired, &actual)).unwrap();
-        assert_eq!(self.dp.read_state().unwrap(), desired);
-        self.state = desired;
     }
 
     fn run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .program(program)
-            .unwrap()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        let run = self.0.run(Hook::Tc(program, None), frame).unwrap();
+        (run.verdict, run.frame)
     }
 
     fn send_from_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
@@ -142,14 +135,7 @@ impl Programs {
 
     /// The backend the agent's own view says this flow hashes to.
     fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
-        let key = |slot| ServiceKey4 {
-            addr_be: u32::from(f.daddr).to_be(),
-            port_be: f.dport.to_be(),
-            proto: f.proto,
-            scope: 0,
-            slot,
-            _pad: 0,
-        };
+        let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
         let count = self.state.services[&key(0)].count;
         let h = hash::flow_hash4(
             u32::from(f.saddr).to_be(),
@@ -160,21 +146,11 @@ impl Programs {
         );
         let id = self.state.services[&key(hash::slot_for(h, count))].backend_id;
         let b = self.state.backends[&id];
-        (
-            Ipv4Addr::from(u32::from_be(b.addr_be)),
-            u16::from_be(b.port_be),
-        )
+        (b.addr(), b.port())
     }
 
     fn stat(&self, name: &str) -> u64 {
-        self.dp
-            .stats()
-            .unwrap()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .unwrap()
-            .1
-            .packets
+        self.0.stat(name).unwrap()
     }
 
     fn conntrack_len(&self) -> usize {
@@ -228,14 +204,7 @@ fn forward_key(f: &Frame) -> proxy_common::CtKey4 {
 
 /// The slot-0 key of the TCP frontend `vip:port`.
 fn slot0(vip: &str, port: u16) -> ServiceKey4 {
-    ServiceKey4 {
-        addr_be: u32::from(ip(vip)).to_be(),
-        port_be: port.to_be(),
-        proto: proto::TCP,
-        scope: 0,
-        slot: 0,
-        _pad: 0,
-    }
+    ServiceKey4::new(ip(vip), port, proto::TCP, 0)
 }
 
 /// Ids as an agent recovers them from maps in which the TCP frontends `taken`
@@ -826,7 +795,7 @@ fn a_wrapped_run_takes_the_real_path_every_time() {
 }
 
 /// A service with three backends whose clients stick to their backend.
-fn sticky(timeout: u32) -> Vec<Service> {
+fn sticky(timeout: u32) -> Vec<FrontendSpec> {
     let mut s = service(
         "sticky",
         "10.96.0.60",
@@ -903,7 +872,7 @@ fn affinity_to_a_departed_backend_is_dropped() {
     assert_ne!(moved, backend);
 }
 
-fn scheduled(scheduler: proxy_agent::model::Scheduler) -> Vec<Service> {
+fn scheduled(scheduler: proxy_agent::frontend::Scheduler) -> Vec<FrontendSpec> {
     let backends: Vec<(String, u16)> = (1..=5).map(|i| (format!("10.244.5.{i}"), 8080)).collect();
     let refs: Vec<(&str, u16)> = backends.iter().map(|(a, p)| (a.as_str(), *p)).collect();
     let mut s = service("sched", "10.96.0.70", 80, Protocol::Tcp, &refs);
@@ -924,7 +893,7 @@ fn schedule_once(p: &mut Programs, f: &Frame) -> Ipv4Addr {
 
 #[test]
 fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
-    use proxy_agent::model::Scheduler;
+    use proxy_agent::frontend::Scheduler;
     let mut p = Programs::new(&scheduled(Scheduler::Maglev));
     assert!(!p.state.maglev.is_empty());
     let size = p.state.maglev.len() as u32;
@@ -955,7 +924,7 @@ fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
 
 #[test]
 fn source_hash_sends_every_flow_of_a_client_to_one_backend() {
-    use proxy_agent::model::Scheduler;
+    use proxy_agent::frontend::Scheduler;
     let mut p = Programs::new(&scheduled(Scheduler::SourceHash));
     let first = schedule_once(&mut p, &Frame::tcp(CLIENT, 47000, "10.96.0.70", 80));
     for port in 47001..47050 {
@@ -989,7 +958,7 @@ fn pin_to_cpu0() {
 
 #[test]
 fn round_robin_takes_the_backends_in_turn() {
-    use proxy_agent::model::Scheduler;
+    use proxy_agent::frontend::Scheduler;
     pin_to_cpu0();
     let mut p = Programs::new(&scheduled(Scheduler::RoundRobin));
     let picks: Vec<Ipv4Addr> = (0..10)
@@ -1009,7 +978,7 @@ fn round_robin_takes_the_backends_in_turn() {
 
 #[test]
 fn round_robin_counts_for_the_highest_frontend_id_too() {
-    use proxy_agent::{model::Scheduler, state::MAX_FRONTEND_ID};
+    use proxy_agent::{desired::MAX_FRONTEND_ID, frontend::Scheduler};
     pin_to_cpu0();
     // Its counter is the last slot of the round-robin array.
     let ids = ids_taken(&[("10.96.0.99", 80, MAX_FRONTEND_ID - 1)]);
@@ -1063,7 +1032,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         last_seen_ns,
         ..Default::default()
     };
-    let fresh = pinned(proxy_agent::dataplane::monotonic_ns());
+    let fresh = pinned(proxy_agent::kernel::monotonic_ns());
     p.dp.set_conntrack(key, fresh).unwrap();
     let (_, out) = p.send_from_pod(&f);
     assert_eq!(
@@ -1071,7 +1040,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         f.with_dst(ip(BACKEND_B), 5353).bytes(),
         "a live entry pins the flow"
     );
-    let stale = pinned(proxy_agent::dataplane::monotonic_ns().wrapping_sub(61 * 1_000_000_000));
+    let stale = pinned(proxy_agent::kernel::monotonic_ns().wrapping_sub(61 * 1_000_000_000));
     p.dp.set_conntrack(key, stale).unwrap();
     let (_, out) = p.send_from_pod(&f);
     assert_eq!(
@@ -1160,7 +1129,7 @@ fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     }
     closing.tcp_flags = 0x04; // RST
     p.send_from_pod(&closing);
-    let now = proxy_agent::dataplane::monotonic_ns();
+    let now = proxy_agent::kernel::monotonic_ns();
     let s = 1_000_000_000u64;
     let forward = |p: &Programs| {
         let mut ports: Vec<u16> =

@@ -10,23 +10,22 @@ use std::{
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
+    ops::{Deref, DerefMut},
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use aya::{
-    programs::{ProgramError, TestRun, TestRunOptions},
-    util::KernelVersion,
-};
+use aya::{programs::ProgramError, util::KernelVersion};
 use proxy_agent::{
-    dataplane::Dataplane,
-    gc::Lifetimes,
-    model::{Endpoint, Frontend, Protocol, Service},
-    state::{self, Ids, MapState},
+    desired::gc::Lifetimes,
+    desired::{Ids, MapState},
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    harness::{self, Hook},
+    settings,
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash, nat_ports,
     program_names::{UPLINK_TC, UPLINK_XDP},
-    Config, ServiceKey4, ServiceValue,
+    ServiceKey4, ServiceValue,
 };
 use support::{
     netns::{in_netns, run, Lab},
@@ -52,8 +51,8 @@ const LB_IP: &str = "203.0.113.5";
 const NODE_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x11];
 const NODE2_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x12];
 const CLIENT_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x64];
-const NAT_MIN: u16 = 61000;
-const NAT_MAX: u16 = 65535;
+const NAT_MIN: u16 = settings::DEFAULT_NAT_PORTS.0;
+const NAT_MAX: u16 = settings::DEFAULT_NAT_PORTS.1;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -65,7 +64,7 @@ fn frontend(
     port: u16,
     protocol: Protocol,
     endpoints: &[(&str, u16, bool)],
-) -> Service {
+) -> FrontendSpec {
     let endpoints = endpoints
         .iter()
         .map(|(a, p, local)| Endpoint {
@@ -73,7 +72,7 @@ fn frontend(
             ..Endpoint::new(ip(a), *p)
         })
         .collect();
-    Service::new(
+    FrontendSpec::new(
         name,
         Frontend {
             address: ip(addr),
@@ -84,7 +83,7 @@ fn frontend(
     )
 }
 
-fn services() -> Vec<Service> {
+fn services() -> Vec<FrontendSpec> {
     let mut lb = frontend("lb", LB_IP, 80, Protocol::Tcp, &[(REMOTE_POD, 8080, false)]);
     lb.source_ranges = Some(vec!["10.250.0.96/28".parse().unwrap()]);
     let mut local_only = frontend(
@@ -247,9 +246,25 @@ fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
+/// The shared harness, and the FIB namespace's uplink the programs see as
+/// their ingress device.
 struct Programs {
-    dp: Dataplane,
+    h: harness::Programs,
     ifindex: u32,
+}
+
+impl Deref for Programs {
+    type Target = harness::Programs;
+
+    fn deref(&self) -> &harness::Programs {
+        &self.h
+    }
+}
+
+impl DerefMut for Programs {
+    fn deref_mut(&mut self) -> &mut harness::Programs {
+        &mut self.h
+    }
 }
 
 /// Said once per run (see [`note_limitation`]) when the XDP runs go without
@@ -284,103 +299,61 @@ fn note_limitation(note: &str) {
 
 impl Programs {
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let md: Vec<u8> = [0, frame.len() as u32, 0, self.ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
         if !XDP_CTX_REFUSED.load(Ordering::Relaxed) {
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&md),
-                ..Default::default()
-            };
-            match self.dp.xdp_program().unwrap().test_run(opts) {
-                Ok(result) => {
-                    out.truncate(result.data_size_out as usize);
-                    return (result.return_value, out);
-                }
+            match self.h.run(Hook::Xdp(Some(self.ifindex)), frame) {
+                Ok(run) => return (run.verdict, run.frame),
                 // Only there, and only this error: anything else is a failure.
-                Err(ProgramError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EINVAL)
-                        && KernelVersion::current()
-                            .is_ok_and(|v| v < KernelVersion::new(5, 15, 0)) =>
-                {
-                    note_limitation(&format!(
-                        "{XDP_CTX_LIMITATION} (this kernel: {}: {})",
-                        e.call, e.io_error
-                    ));
-                    XDP_CTX_REFUSED.store(true, Ordering::Relaxed);
-                }
-                Err(e) => panic!("XDP test run: {e:?}"),
+                Err(e) => match e.downcast_ref::<ProgramError>() {
+                    Some(ProgramError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EINVAL)
+                            && KernelVersion::current()
+                                .is_ok_and(|v| v < KernelVersion::new(5, 15, 0)) =>
+                    {
+                        note_limitation(&format!(
+                            "{XDP_CTX_LIMITATION} (this kernel: {}: {})",
+                            e.call, e.io_error
+                        ));
+                        XDP_CTX_REFUSED.store(true, Ordering::Relaxed);
+                    }
+                    _ => panic!("XDP test run: {e:?}"),
+                },
             }
         }
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .xdp_program()
-            .unwrap()
-            .test_run(opts)
+        let run = self
+            .h
+            .run(Hook::Xdp(None), frame)
             .expect("XDP test run without ctx_in");
-        out.truncate(result.data_size_out as usize);
         // The program transmits on the ingress device (XDP_TX) when the FIB's
         // egress is the ingress, else redirects there. With loopback as the
         // ingress and up0 the only device with routes, the redirect is to up0,
         // which is XDP_TX when the frame came in on up0 as these tests mean.
-        let verdict = match result.return_value {
+        let verdict = match run.verdict {
             XDP_REDIRECT => XDP_TX,
             XDP_TX => panic!("XDP_TX with loopback as the ingress device"),
             other => other,
         };
-        (verdict, out)
+        (verdict, run.frame)
     }
 
     fn tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // __sk_buff's ifindex is at byte 40; everything else zero.
-        let mut skb = vec![0u8; 192];
-        skb[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&skb),
-            ..Default::default()
-        };
-        let result = self
-            .dp
-            .program(UPLINK_TC)
-            .unwrap()
-            .test_run(opts)
+        let run = self
+            .h
+            .run(Hook::Tc(UPLINK_TC, Some(self.ifindex)), frame)
             .expect("tc test run");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        (run.verdict, run.frame)
     }
 
     fn nonzero_stats(&self) -> Vec<(&'static str, u64)> {
-        self.dp
-            .stats()
+        self.h
+            .nonzero_stats()
             .unwrap()
             .into_iter()
-            .filter(|(_, c)| c.packets > 0)
             .map(|(n, c)| (n, c.packets))
             .collect()
     }
 
     fn stat(&self, name: &str) -> u64 {
-        self.dp
-            .stats()
-            .unwrap()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .unwrap()
-            .1
-            .packets
+        self.h.stat(name).unwrap()
     }
 }
 
@@ -394,19 +367,13 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
     let mut lab = Lab::new("up");
     let (ns, ifindex) = fib_namespace(&mut lab);
     in_netns(&ns, move || {
-        let mut dp = Dataplane::load_private().expect("load the programs");
-        let mut ids = ids;
-        let (desired, problems) = state::desired(&services(), &mut ids);
+        let mut h = harness::Programs::load().expect("load the programs");
+        h.ids = ids;
+        let problems = h.serve(&services()).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
-        dp.apply(&state::diff(&desired, &Default::default()))
+        h.dp.set_config(settings::node_config(Some(ip(NODE)), (NAT_MIN, NAT_MAX)))
             .unwrap();
-        dp.set_config(Config {
-            snat_addr_be: u32::from(ip(NODE)).to_be(),
-            nat_port_min: NAT_MIN,
-            nat_port_max: NAT_MAX,
-        })
-        .unwrap();
-        f(&mut Programs { dp, ifindex });
+        f(&mut Programs { h, ifindex });
     });
     lab.teardown();
 }
@@ -626,7 +593,7 @@ fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
 
         // After the close timeout the collection removes the closed flows'
         // entries, frees their ports, and leaves the open one.
-        let now = proxy_agent::dataplane::monotonic_ns();
+        let now = proxy_agent::kernel::monotonic_ns();
         let report =
             p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
                 .unwrap();
@@ -649,11 +616,10 @@ fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
 fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
     with_programs(|p| {
         const RANGE: u16 = 200;
-        p.dp.set_config(Config {
-            snat_addr_be: u32::from(ip(NODE)).to_be(),
-            nat_port_min: 62000,
-            nat_port_max: 62000 + RANGE - 1,
-        })
+        p.dp.set_config(settings::node_config(
+            Some(ip(NODE)),
+            (62000, 62000 + RANGE - 1),
+        ))
         .unwrap();
         let send = |p: &mut Programs, client_port: u16| {
             let f = from_outside(packet::TCP, client_port, NODE, 30090);
@@ -686,7 +652,7 @@ fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
         rst.tcp_flags = 0x04;
         assert_eq!(p.xdp(&rst.bytes()).0, XDP_TX);
         let freed = nat_of(p, 43007).unwrap().0;
-        let now = proxy_agent::dataplane::monotonic_ns();
+        let now = proxy_agent::kernel::monotonic_ns();
         let report =
             p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
                 .unwrap();
@@ -836,14 +802,7 @@ fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
     // Recovered from maps where a frontend holds 65535: every frontend of
     // these tests gets an id past 16 bits.
     let mut taken = MapState::default();
-    let slot0 = ServiceKey4 {
-        addr_be: u32::from(ip("10.96.0.1")).to_be(),
-        port_be: 80u16.to_be(),
-        proto: proxy_common::proto::TCP,
-        scope: 0,
-        slot: 0,
-        _pad: 0,
-    };
+    let slot0 = ServiceKey4::new(ip("10.96.0.1"), 80, proxy_common::proto::TCP, 0);
     let value = ServiceValue {
         rev_nat_id: 65_535,
         ..ServiceValue::default()

@@ -132,8 +132,10 @@ const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
 
 /// Bits of [`ServiceValue::flags`] (slot 0).
 pub mod svc_flags {
-    /// externalTrafficPolicy=Local: the slots hold only this node's backends, and
-    /// without one the packet is dropped (not rejected), as kube-proxy does.
+    /// A Local traffic policy applies to this frontend (externalTrafficPolicy on
+    /// a NodePort, externalIP or LoadBalancer frontend, internalTrafficPolicy on
+    /// a ClusterIP): the slots hold only this node's backends, and without one
+    /// the packet is dropped (not rejected), as kube-proxy does.
     pub const LOCAL_ONLY: u16 = 1 << 0;
     /// loadBalancerSourceRanges apply: the client must match the ranges map.
     pub const SOURCE_RANGES: u16 = 1 << 1;
@@ -490,6 +492,64 @@ pub struct StatCounter {
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<StatCounter>() == 16);
+
+/// Constructors and decoders for userspace: the byte-order conversions written
+/// once, so callers never build a key field by field.
+#[cfg(feature = "user")]
+mod user {
+    use core::net::Ipv4Addr;
+
+    use super::*;
+
+    impl ServiceKey4 {
+        /// Slot `slot` of the frontend `addr:port` (protocol number `proto`),
+        /// for every client (scope 0).
+        pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+            Self {
+                addr_be: u32::from_be_bytes(addr.octets()).to_be(),
+                port_be: port.to_be(),
+                proto,
+                scope: 0,
+                slot,
+                _pad: 0,
+            }
+        }
+
+        /// The same frontend's slot `slot`.
+        #[must_use]
+        pub const fn with_slot(self, slot: u16) -> Self {
+            Self { slot, ..self }
+        }
+
+        pub const fn addr(&self) -> Ipv4Addr {
+            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl Backend4 {
+        pub const fn addr(&self) -> Ipv4Addr {
+            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl RevNat4 {
+        pub const fn addr(&self) -> Ipv4Addr {
+            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

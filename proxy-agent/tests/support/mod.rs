@@ -2,7 +2,8 @@
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
 pub mod netns;
-pub mod packet;
+#[allow(unused_imports, reason = "only the packet test binaries build frames")]
+pub use proxy_agent::harness::packet;
 
 /// Privileged tests need root (CAP_BPF, CAP_NET_ADMIN). They fail, loudly,
 /// rather than skip: `cargo xtask test` runs them as root.

@@ -1,5 +1,7 @@
-//! Frames for packet tests, built from scratch with checksums computed in full
-//! (not incrementally), so an expected frame is independent of the code under test.
+//! The one frame builder: Ethernet + IPv4 + TCP/UDP frames built from scratch
+//! with checksums computed in full (not incrementally), so an expected frame is
+//! independent of the code under test. `simulate`, the packet tests and the
+//! benches build their frames here.
 
 use std::net::Ipv4Addr;
 
@@ -48,11 +50,23 @@ impl Frame {
     }
 
     fn new(proto: u8, saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
+        Self::of(
+            proto,
+            saddr.parse().unwrap(),
+            sport,
+            daddr.parse().unwrap(),
+            dport,
+        )
+    }
+
+    /// A frame of protocol `proto` (a TCP SYN, or a UDP datagram with no
+    /// payload) between the two endpoints.
+    pub fn of(proto: u8, saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Self {
         Self {
             src_mac: CLIENT_MAC,
             dst_mac: NODE_MAC,
-            saddr: saddr.parse().unwrap(),
-            daddr: daddr.parse().unwrap(),
+            saddr,
+            daddr,
             proto,
             sport,
             dport,

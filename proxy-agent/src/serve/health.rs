@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::latency::{Histogram, ProgrammingBuckets, SyncBuckets};
+use crate::serve::latency::{Histogram, ProgrammingBuckets, SyncBuckets};
 
 /// What the health endpoints report on, updated by the sync loop.
 #[derive(Debug, Default)]
@@ -289,7 +289,7 @@ pub struct HealthChecks {
     servers: std::collections::HashMap<
         u16,
         (
-            Arc<Mutex<crate::cluster::HealthCheck>>,
+            Arc<Mutex<crate::k8s::frontends::HealthCheck>>,
             tokio::task::JoinHandle<()>,
         ),
     >,
@@ -300,7 +300,7 @@ impl HealthChecks {
     /// bound is reported and retried at the next update.
     pub async fn update(
         &mut self,
-        checks: &[crate::cluster::HealthCheck],
+        checks: &[crate::k8s::frontends::HealthCheck],
     ) -> Vec<(u16, std::io::Error)> {
         let mut failures = Vec::new();
         let wanted: std::collections::HashSet<u16> = checks.iter().map(|c| c.port).collect();
@@ -329,7 +329,10 @@ impl HealthChecks {
     }
 }
 
-async fn serve_health_check(listener: TcpListener, check: Arc<Mutex<crate::cluster::HealthCheck>>) {
+async fn serve_health_check(
+    listener: TcpListener,
+    check: Arc<Mutex<crate::k8s::frontends::HealthCheck>>,
+) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;

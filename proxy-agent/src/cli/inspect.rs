@@ -1,42 +1,26 @@
-//! `proxy-agent inspect`: the pinned maps as tables, without loading anything.
+//! `proxy-agent inspect`: the pinned maps as tables, without loading anything
+//! (read through `kernel::pinned`).
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use anyhow::Result;
 use proxy_common::{
-    backend_flags, backend_state, ct_dir, ct_flags, map_names, proto, stats, svc_flags,
-    AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4,
-    ServiceValue, StatCounter,
+    backend_flags, backend_state, ct_dir, ct_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4,
+    CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
 };
 
-fn open(pin_dir: &Path, name: &str) -> Result<Map> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening {} (is an agent running here?)", path.display()))?;
-    Ok(Map::from_map_data(data)?)
-}
-
-fn hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Result<Vec<(K, V)>> {
-    let map: HashMap<MapData, K, V> = HashMap::try_from(open(pin_dir, name)?)?;
-    Ok(map.iter().collect::<Result<_, _>>()?)
-}
+use crate::{
+    desired::dump::{self, protocol},
+    kernel::pinned::Pinned,
+};
 
 fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
 }
 
-fn protocol(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "TCP",
-        proto::UDP => "UDP",
-        _ => "?",
-    }
-}
-
 /// The services map, one line per slot, like `cilium-dbg bpf lb list`.
 pub fn services(pin_dir: &Path) -> Result<String> {
-    let mut slots: Vec<(ServiceKey4, ServiceValue)> = hash(pin_dir, map_names::SERVICES_V4)?;
+    let mut slots: Vec<(ServiceKey4, ServiceValue)> = Pinned::new(pin_dir).services()?;
     slots.sort_by_key(|(k, _)| {
         (
             u32::from_be(k.addr_be),
@@ -46,7 +30,7 @@ pub fn services(pin_dir: &Path) -> Result<String> {
         )
     });
     let backends: std::collections::HashMap<u32, Backend4> =
-        hash(pin_dir, map_names::BACKENDS_V4)?.into_iter().collect();
+        Pinned::new(pin_dir).backends()?.into_iter().collect();
     let mut out = format!(
         "{:<24} {:>5}  {}\n",
         "FRONTEND", "SLOT", "BACKEND / SERVICE"
@@ -59,16 +43,7 @@ pub fn services(pin_dir: &Path) -> Result<String> {
             protocol(k.proto)
         );
         let what = if k.slot == 0 {
-            let mut flags = Vec::new();
-            if v.flags & svc_flags::LOCAL_ONLY != 0 {
-                flags.push("local-only".to_string());
-            }
-            if v.flags & svc_flags::SOURCE_RANGES != 0 {
-                flags.push("source-ranges".to_string());
-            }
-            if v.flags & svc_flags::AFFINITY != 0 {
-                flags.push(format!("affinity {}s", v.backend_id));
-            }
+            let flags = dump::policy_flags(&v);
             let flags = if flags.is_empty() {
                 String::new()
             } else {
@@ -106,7 +81,7 @@ fn backend_words(b: &Backend4) -> String {
 }
 
 pub fn backends(pin_dir: &Path) -> Result<String> {
-    let mut rows: Vec<(u32, Backend4)> = hash(pin_dir, map_names::BACKENDS_V4)?;
+    let mut rows: Vec<(u32, Backend4)> = Pinned::new(pin_dir).backends()?;
     rows.sort_by_key(|(id, _)| *id);
     let mut out = format!("{:>6}  {:<22} {}\n", "ID", "BACKEND", "STATE");
     for (id, b) in rows {
@@ -122,7 +97,7 @@ pub fn backends(pin_dir: &Path) -> Result<String> {
             backend_words(&b)
         );
     }
-    let mut revnat: Vec<(u32, RevNat4)> = hash(pin_dir, map_names::REVNAT_V4)?;
+    let mut revnat: Vec<(u32, RevNat4)> = Pinned::new(pin_dir).revnat()?;
     revnat.sort_by_key(|(id, _)| *id);
     let _ = writeln!(out, "\n{:>6}  FRONTEND", "REVNAT");
     for (id, r) in revnat {
@@ -137,7 +112,7 @@ pub fn backends(pin_dir: &Path) -> Result<String> {
 }
 
 pub fn conntrack(pin_dir: &Path) -> Result<String> {
-    let rows: Vec<(CtKey4, CtValue4)> = hash(pin_dir, map_names::CONNTRACK_V4)?;
+    let rows: Vec<(CtKey4, CtValue4)> = Pinned::new(pin_dir).conntrack()?;
     let mut out = format!(
         "{:<5} {:<7} {:<45} {:>8} {:>7} {}\n",
         "PROTO", "DIR", "TUPLE", "BACKEND", "REVNAT", "FLAGS"
@@ -171,7 +146,7 @@ pub fn conntrack(pin_dir: &Path) -> Result<String> {
             flags.join(" ")
         );
     }
-    let nat: Vec<(CtKey4, Nat4)> = hash(pin_dir, map_names::NAT_V4)?;
+    let nat: Vec<(CtKey4, Nat4)> = Pinned::new(pin_dir).nat()?;
     if !nat.is_empty() {
         let _ = writeln!(out, "\nSNAT (remote backend reply -> client)");
         for (k, v) in nat {
@@ -198,7 +173,7 @@ pub fn conntrack(pin_dir: &Path) -> Result<String> {
 }
 
 pub fn affinity(pin_dir: &Path) -> Result<String> {
-    let rows: Vec<(AffinityKey4, AffinityValue4)> = hash(pin_dir, map_names::AFFINITY_V4)?;
+    let rows: Vec<(AffinityKey4, AffinityValue4)> = Pinned::new(pin_dir).affinity()?;
     let mut out = format!(
         "{:<16} {:>7} {:>8} {}\n",
         "CLIENT", "REVNAT", "BACKEND", "LAST USED (ktime ns)"
@@ -217,15 +192,9 @@ pub fn affinity(pin_dir: &Path) -> Result<String> {
 }
 
 pub fn stats(pin_dir: &Path) -> Result<String> {
-    let map: PerCpuArray<MapData, StatCounter> =
-        PerCpuArray::try_from(open(pin_dir, map_names::STATS)?)?;
     let mut out = format!("{:<24} {:>12} {:>14}\n", "COUNTER", "PACKETS", "BYTES");
-    for (index, name) in stats::NAMES.iter().enumerate() {
-        let per_cpu = map.get(&(index as u32), 0)?;
-        let (packets, bytes) = per_cpu
-            .iter()
-            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        let _ = writeln!(out, "{name:<24} {packets:>12} {bytes:>14}");
+    for (name, c) in Pinned::new(pin_dir).stats()? {
+        let _ = writeln!(out, "{name:<24} {:>12} {:>14}", c.packets, c.bytes);
     }
     Ok(out)
 }

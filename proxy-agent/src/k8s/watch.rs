@@ -15,7 +15,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::cluster::{self, Slice, SliceVersion};
+use super::slices::{self, Slice, SliceVersion};
 
 /// Objects by `namespace/name`, replaced whole on every (re)list.
 #[derive(Debug)]
@@ -187,7 +187,7 @@ pub fn convert_slice(version: SliceVersion) -> impl Fn(DynamicObject) -> Option<
                 return None;
             }
         };
-        match cluster::parse_slice(version, value) {
+        match slices::parse_slice(version, value) {
             Ok(slice) => Some(slice),
             Err(e) => {
                 warn!(slice = %key, error = %e, "EndpointSlice ignored");

@@ -1,5 +1,6 @@
-//! The agent's description of the services it must serve, independent of where
-//! it came from (the Kubernetes API, or a file).
+//! What the stages hand each other: a frontend (address, port, protocol) and the
+//! endpoints that serve it, independent of where it came from (`k8s/`, or a
+//! services file). `desired/` turns these into map contents.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
@@ -120,9 +121,10 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-/// One frontend of a service and the endpoints that serve it.
+/// One frontend of a Service and the endpoints that serve it: what `k8s/`
+/// produces per Service port and address, and `desired/` programs.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct Service {
+pub struct FrontendSpec {
     /// For logs: `namespace/name:port` or any label.
     pub name: String,
     #[serde(flatten)]
@@ -164,7 +166,7 @@ impl Endpoint {
     }
 }
 
-impl Service {
+impl FrontendSpec {
     /// A frontend served by `endpoints`, with no policy, affinity, ranges or
     /// scheduler of its own.
     pub fn new(name: impl Into<String>, frontend: Frontend, endpoints: Vec<Endpoint>) -> Self {
@@ -184,5 +186,5 @@ impl Service {
 /// The file format of `proxy-agent run --services-file`.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ServiceFile {
-    pub services: Vec<Service>,
+    pub services: Vec<FrontendSpec>,
 }

@@ -1,5 +1,5 @@
 //! Conntrack and NAT garbage collection, decided from a snapshot of the maps
-//! (pure; `dataplane` reads the maps and applies the plan):
+//! (pure; `kernel/` reads the maps and applies the plan):
 //!
 //! - conntrack entries idle past their lifetime go (a closing TCP flow's after
 //!   the close timeout);

@@ -1,0 +1,218 @@
+//! `proxy-agent simulate`: where does this packet go? The real programs, in
+//! private maps filled by the real desired-state code from Kubernetes manifests,
+//! run one packet through BPF_PROG_TEST_RUN.
+
+use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, str::FromStr};
+
+use anyhow::{bail, Result};
+use proxy_common::{program_names, proto, ServiceKey4};
+
+pub use crate::k8s::manifests::{read_manifests, Manifests};
+use crate::{
+    desired::MapState,
+    frontend::{FrontendSpec, Scheduler},
+    harness::{self, packet::Frame, Programs},
+    settings,
+};
+
+/// Which hook the packet enters: a pod's veth or the node's uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Pod,
+    Uplink,
+}
+
+impl FromStr for Hook {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pod" => Ok(Self::Pod),
+            "uplink" => Ok(Self::Uplink),
+            other => Err(format!("{other}: expected pod or uplink")),
+        }
+    }
+}
+
+/// `PROTO SRC:PORT -> DST:PORT`, e.g. `TCP 10.244.1.2:40000 -> 10.96.0.10:80`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketSpec {
+    pub proto: u8,
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+}
+
+impl FromStr for PacketSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected 'TCP 10.244.1.2:40000 -> 10.96.0.10:80'");
+        let mut words = s.split_whitespace();
+        let proto = match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("TCP") => proto::TCP,
+            Some("UDP") => proto::UDP,
+            _ => return Err(bad()),
+        };
+        let endpoint = |w: Option<&str>| -> Option<(Ipv4Addr, u16)> {
+            let (a, p) = w?.rsplit_once(':')?;
+            Some((a.parse().ok()?, p.parse().ok()?))
+        };
+        let src = endpoint(words.next()).ok_or_else(bad)?;
+        if words.next() != Some("->") {
+            return Err(bad());
+        }
+        let dst = endpoint(words.next()).ok_or_else(bad)?;
+        Ok(Self { proto, src, dst })
+    }
+}
+
+/// An Ethernet frame for the packet (a TCP SYN or an empty UDP datagram),
+/// checksums complete.
+pub fn frame(p: &PacketSpec) -> Vec<u8> {
+    let mut f = Frame::of(p.proto, p.src.0, p.src.1, p.dst.0, p.dst.1);
+    f.id = 1;
+    f.seq = 1;
+    f.bytes()
+}
+
+/// What happened to the packet.
+#[derive(Debug, serde::Serialize)]
+pub struct Outcome {
+    pub verdict: String,
+    pub counter: String,
+    pub src: String,
+    pub dst: String,
+    /// The frontend the packet matched, if any.
+    pub frontend: Option<String>,
+    /// The backends a packet to that frontend could go to.
+    pub candidates: Vec<String>,
+}
+
+pub fn simulate(
+    manifests: &Manifests,
+    node: &str,
+    packet: &PacketSpec,
+    hook: Hook,
+    scheduler: Scheduler,
+) -> Result<Outcome> {
+    let info = manifests.node(node);
+    let served = manifests.frontends(&info, scheduler);
+    let mut programs = Programs::load()?;
+    let problems = programs.serve(&served.frontends)?;
+    if let Some(p) = problems.first() {
+        bail!("the manifests give a state Ferry cannot program: {p}");
+    }
+    programs.dp.set_config(settings::node_config(
+        info.snat_address(),
+        settings::DEFAULT_NAT_PORTS,
+    ))?;
+    let program = match hook {
+        Hook::Pod => program_names::FROM_POD,
+        Hook::Uplink => program_names::UPLINK_TC,
+    };
+    let run = programs.run(harness::Hook::Tc(program, None), &frame(packet))?;
+    let out = run.frame;
+    let counter = programs
+        .nonzero_stats()?
+        .into_iter()
+        .next()
+        .map_or_else(|| "none".to_string(), |(name, _)| name.to_string());
+    let verdict = match run.verdict as i32 {
+        -1 | 0 => "pass",
+        2 => "drop",
+        7 => "redirect",
+        other => return Ok(unknown(program, other, counter)),
+    }
+    .to_string();
+    let read = |at: usize| -> (Ipv4Addr, u16) {
+        if out.len() < 38 {
+            return (Ipv4Addr::UNSPECIFIED, 0);
+        }
+        let ihl = usize::from(out[14] & 0x0f) * 4;
+        let l4 = 14 + ihl;
+        let port_at = if at == 26 { l4 } else { l4 + 2 };
+        (
+            Ipv4Addr::new(out[at], out[at + 1], out[at + 2], out[at + 3]),
+            u16::from_be_bytes([out[port_at], out[port_at + 1]]),
+        )
+    };
+    let icmp = out.len() > 23 && out[23] == 1;
+    let (src, dst) = (read(26), read(30));
+    let (frontend, candidates) = candidates(&programs.state, &served.frontends, packet);
+    Ok(Outcome {
+        verdict: if icmp {
+            "reject (ICMP port unreachable)".into()
+        } else {
+            verdict
+        },
+        counter,
+        src: format!("{}:{}", src.0, src.1),
+        dst: format!("{}:{}", dst.0, dst.1),
+        frontend,
+        candidates,
+    })
+}
+
+/// The frontend a packet to `packet`'s destination matches (by its name), and
+/// the backends it could go to.
+fn candidates(
+    map_state: &MapState,
+    frontends: &[FrontendSpec],
+    packet: &PacketSpec,
+) -> (Option<String>, Vec<String>) {
+    let key = ServiceKey4::new(packet.dst.0, packet.dst.1, packet.proto, 0);
+    match map_state.services.get(&key) {
+        None => (None, Vec::new()),
+        Some(slot0) => {
+            let mut set = BTreeSet::new();
+            for slot in 1..=slot0.count {
+                if let Some(v) = map_state.services.get(&key.with_slot(slot)) {
+                    if let Some(b) = map_state.backends.get(&v.backend_id) {
+                        set.insert(format!("{}:{}", b.addr(), b.port()));
+                    }
+                }
+            }
+            let name = frontends
+                .iter()
+                .find(|s| s.frontend.address == packet.dst.0 && s.frontend.port == packet.dst.1)
+                .map(|s| s.name.clone());
+            (name, set.into_iter().collect())
+        }
+    }
+}
+
+fn unknown(program: &str, code: i32, counter: String) -> Outcome {
+    Outcome {
+        verdict: format!("{program} returned {code}"),
+        counter,
+        src: String::new(),
+        dst: String::new(),
+        frontend: None,
+        candidates: Vec::new(),
+    }
+}
+
+impl Outcome {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "verdict:    {}", self.verdict);
+        let _ = writeln!(s, "counter:    {}", self.counter);
+        let _ = writeln!(s, "packet out: {} -> {}", self.src, self.dst);
+        match &self.frontend {
+            Some(f) => {
+                let _ = writeln!(s, "frontend:   {f}");
+                let _ = writeln!(
+                    s,
+                    "backends:   {}",
+                    if self.candidates.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.candidates.join(", ")
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(s, "frontend:   none (not a Service address)");
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,160 @@
+//! The ids map entries refer to (backend ids, frontend / reverse-NAT ids):
+//! allocated by the agent, recovered from the maps at start, never reused before
+//! the whole range has gone round.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use proxy_common::{capacity, Backend4};
+
+use super::maps::MapState;
+use crate::frontend::{Endpoint, Frontend, Protocol};
+
+/// Allocates the ids that map entries refer to. Ids are handed out from a moving
+/// cursor, so an id that was just released is not reused until the whole space
+/// has gone round: a conntrack entry naming an old backend id never silently
+/// points at a new backend.
+#[derive(Debug, Default)]
+pub struct Ids {
+    /// By address, port and protocol: a backend keeps its id while it changes
+    /// from ready to terminating, so conntrack entries naming it stay valid.
+    pub(super) backends: HashMap<(Ipv4Addr, u16, Protocol), u32>,
+    /// The ids in `backends`, kept beside it so an allocation is O(1), not a
+    /// walk over every backend.
+    pub(super) backend_ids: HashSet<u32>,
+    pub(super) backend_cursor: u32,
+    pub(super) revnat: HashMap<Frontend, u32>,
+    pub(super) revnat_ids: HashSet<u32>,
+    pub(super) revnat_cursor: u32,
+    /// The backend ids each programmed frontend uses (its slots and the
+    /// backends it keeps reachable), and how many frontends use each id: what
+    /// [`update`] needs to change some frontends without looking at the others.
+    pub(super) programmed: HashMap<Frontend, Vec<u32>>,
+    pub(super) users: HashMap<u32, u32>,
+}
+
+/// The highest frontend id: ids index the round-robin array, which has
+/// `capacity::REVNAT` slots.
+pub const MAX_FRONTEND_ID: u32 = capacity::REVNAT - 1;
+
+fn protocol_of(number: u8) -> Option<Protocol> {
+    match number {
+        proxy_common::proto::TCP => Some(Protocol::Tcp),
+        proxy_common::proto::UDP => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+impl Ids {
+    /// Recovers the ids in use from maps an earlier agent filled.
+    pub fn from_state(state: &MapState) -> Self {
+        let mut ids = Self::default();
+        for (&id, b) in &state.backends {
+            if let Some(protocol) = protocol_of(b.proto) {
+                let key = (
+                    u32::from_be(b.addr_be).into(),
+                    u16::from_be(b.port_be),
+                    protocol,
+                );
+                ids.backends.insert(key, id);
+                ids.backend_ids.insert(id);
+                ids.backend_cursor = ids.backend_cursor.max(id);
+            }
+        }
+        for (key, value) in &state.services {
+            if key.slot != 0 {
+                continue;
+            }
+            if let Some(protocol) = protocol_of(key.proto) {
+                let frontend = Frontend {
+                    address: u32::from_be(key.addr_be).into(),
+                    port: u16::from_be(key.port_be),
+                    protocol,
+                };
+                ids.revnat.insert(frontend, value.rev_nat_id);
+                ids.revnat_ids.insert(value.rev_nat_id);
+                ids.revnat_cursor = ids.revnat_cursor.max(value.rev_nat_id);
+            }
+        }
+        ids
+    }
+
+    pub(super) fn backend(&mut self, endpoint: &Endpoint, protocol: Protocol) -> Option<u32> {
+        let key = (endpoint.address, endpoint.port, protocol);
+        if let Some(&id) = self.backends.get(&key) {
+            return Some(id);
+        }
+        let used = &self.backend_ids;
+        let id = next_free(&mut self.backend_cursor, u32::MAX, |id| used.contains(&id))?;
+        self.backends.insert(key, id);
+        self.backend_ids.insert(id);
+        Some(id)
+    }
+
+    pub(super) fn revnat(&mut self, frontend: Frontend) -> Option<u32> {
+        if let Some(&id) = self.revnat.get(&frontend) {
+            return Some(id);
+        }
+        let used = &self.revnat_ids;
+        let id = next_free(&mut self.revnat_cursor, MAX_FRONTEND_ID, |id| {
+            used.contains(&id)
+        })?;
+        self.revnat.insert(frontend, id);
+        self.revnat_ids.insert(id);
+        Some(id)
+    }
+
+    /// Forgets a backend no frontend uses any more.
+    pub(super) fn forget_backend(&mut self, id: u32, value: &Backend4) {
+        self.users.remove(&id);
+        let Some(protocol) = protocol_of(value.proto) else {
+            return;
+        };
+        let key = (
+            u32::from_be(value.addr_be).into(),
+            u16::from_be(value.port_be),
+            protocol,
+        );
+        if self.backends.get(&key) == Some(&id) {
+            self.backends.remove(&key);
+            self.backend_ids.remove(&id);
+        }
+    }
+
+    /// Forgets the reverse-NAT id of a frontend no longer served.
+    pub(super) fn forget_revnat(&mut self, frontend: &Frontend) {
+        if let Some(id) = self.revnat.remove(frontend) {
+            self.revnat_ids.remove(&id);
+        }
+    }
+
+    /// Forgets ids that `state` no longer uses.
+    pub(super) fn retain(&mut self, state: &MapState) {
+        self.backends
+            .retain(|_, id| state.backends.contains_key(id));
+        self.backend_ids
+            .retain(|id| state.backends.contains_key(id));
+        self.revnat.retain(|_, id| state.revnat.contains_key(id));
+        self.revnat_ids.retain(|id| state.revnat.contains_key(id));
+    }
+}
+
+/// The next id after `cursor` (wrapping, skipping 0) that is not in use.
+pub(super) fn next_free<T>(cursor: &mut T, max: T, used: impl Fn(T) -> bool) -> Option<T>
+where
+    T: Copy + PartialEq + From<u8> + std::ops::Add<Output = T>,
+{
+    let (zero, one) = (T::from(0), T::from(1));
+    let start = *cursor;
+    loop {
+        *cursor = if *cursor == max { one } else { *cursor + one };
+        if *cursor != zero && !used(*cursor) {
+            return Some(*cursor);
+        }
+        if *cursor == start {
+            return None;
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Unit tests of the desired map state: slots, ids, update against a full
+//! recompute, diff order, Maglev tables.
+
+use super::*;
+use crate::desired::{ids::next_free, MAX_FRONTEND_ID};
+
+fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> FrontendSpec {
+    let frontend = Frontend {
+        address: vip.into(),
+        port,
+        protocol: Protocol::Tcp,
+    };
+    let endpoints = endpoints
+        .iter()
+        .map(|(a, p)| Endpoint::new((*a).into(), *p))
+        .collect();
+    FrontendSpec::new(name, frontend, endpoints)
+}
+
+/// What the maps hold after `ops`, as the dataplane would write them.
+fn applied_after(mut state: MapState, ops: &[MapOp]) -> MapState {
+    for op in ops {
+        match *op {
+            MapOp::PutBackend(id, b) => drop(state.backends.insert(id, b)),
+            MapOp::PutRevNat(id, r) => drop(state.revnat.insert(id, r)),
+            MapOp::PutSourceRange(p, d) => drop(state.source_ranges.insert((p, d))),
+            MapOp::PutMaglev(k, v) => drop(state.maglev.insert(k, v)),
+            MapOp::PutService(k, v) => drop(state.services.insert(k, v)),
+            MapOp::DelService(k) => drop(state.services.remove(&k)),
+            MapOp::DelSourceRange(p, d) => drop(state.source_ranges.remove(&(p, d))),
+            MapOp::DelMaglev(k) => drop(state.maglev.remove(&k)),
+            MapOp::DelRevNat(id) => drop(state.revnat.remove(&id)),
+            MapOp::DelBackend(id) => drop(state.backends.remove(&id)),
+        }
+    }
+    state
+}
+
+#[test]
+fn update_of_some_frontends_ends_where_a_full_recompute_does() {
+    let shared = ([10, 0, 0, 9], 80);
+    let a = svc("a", [10, 96, 0, 1], 80, &[shared, ([10, 0, 0, 1], 80)]);
+    let b = svc("b", [10, 96, 0, 2], 80, &[shared, ([10, 0, 0, 2], 80)]);
+    let mut c = svc("c", [10, 96, 0, 3], 53, &[([10, 0, 0, 3], 53)]);
+    c.scheduler = Some(Scheduler::Maglev);
+    let mut ids = Ids::default();
+    let (before, _) = map_state(&[&a, &b, &c], &mut ids);
+
+    // b drops the backend it shares with a and gains one; c goes; d comes.
+    let b2 = svc(
+        "b",
+        [10, 96, 0, 2],
+        80,
+        &[([10, 0, 0, 2], 80), ([10, 0, 0, 4], 80)],
+    );
+    let d = svc("d", [10, 96, 0, 4], 80, &[([10, 0, 0, 5], 80)]);
+    let mut applied = before.clone();
+    let (ops, problems) = update(&[&b2, &d], &[c.frontend], &mut applied, &mut ids);
+    assert!(problems.is_empty());
+    // The writes turn the old maps into the new ones...
+    assert_eq!(applied_after(before, &ops), applied);
+    // ...which are what a full recompute gives, a's shared backend kept.
+    let (full, _) = map_state(&[&a, &b2, &d], &mut ids);
+    assert_eq!(applied, full);
+    assert!(!ops.iter().any(
+        |op| matches!(op, MapOp::PutService(k, _) | MapOp::DelService(k)
+            if u32::from_be(k.addr_be) == u32::from_be_bytes([10, 96, 0, 1]))
+    ));
+    assert!(applied.maglev.is_empty());
+}
+
+#[test]
+fn update_forgets_the_ids_of_what_went() {
+    let a = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 1], 80)]);
+    let mut ids = Ids::default();
+    let (mut applied, _) = map_state(&[&a], &mut ids);
+    let (ops, _) = update(&[], &[a.frontend], &mut applied, &mut ids);
+    assert_eq!(applied, MapState::default());
+    assert!(ops.iter().any(|op| matches!(op, MapOp::DelBackend(_))));
+    assert!(ids.backends.is_empty() && ids.revnat.is_empty() && ids.users.is_empty());
+}
+
+fn position(ops: &[MapOp], wanted: impl Fn(&MapOp) -> bool) -> usize {
+    ops.iter().position(wanted).expect("op present")
+}
+
+#[test]
+fn slots_follow_sorted_unique_endpoints() {
+    let mut ids = Ids::default();
+    let s = svc(
+        "a",
+        [10, 96, 0, 1],
+        80,
+        &[
+            ([10, 0, 0, 3], 80),
+            ([10, 0, 0, 2], 80),
+            ([10, 0, 0, 3], 80),
+        ],
+    );
+    let (state, problems) = map_state(std::slice::from_ref(&s), &mut ids);
+    assert!(problems.is_empty());
+    assert_eq!(state.services[&service_key(&s.frontend, 0)].count, 2);
+    let slot1 = state.services[&service_key(&s.frontend, 1)].backend_id;
+    assert_eq!(
+        state.backends[&slot1].addr_be,
+        u32::from_be_bytes([10, 0, 0, 2]).to_be()
+    );
+    assert_eq!(state.revnat.len(), 1);
+}
+
+#[test]
+fn diff_makes_before_it_breaks() {
+    let mut ids = Ids::default();
+    let old = svc(
+        "a",
+        [10, 96, 0, 1],
+        80,
+        &[([10, 0, 0, 2], 80), ([10, 0, 0, 3], 80)],
+    );
+    let (actual, _) = map_state(&[old], &mut ids);
+    let new = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 4], 80)]);
+    let (wanted, _) = map_state(std::slice::from_ref(&new), &mut ids);
+    let ops = diff(&wanted, &actual);
+    let put_backend = position(&ops, |op| matches!(op, MapOp::PutBackend(..)));
+    let put_slot1 = position(
+        &ops,
+        |op| matches!(op, MapOp::PutService(k, _) if k.slot == 1),
+    );
+    let put_slot0 = position(
+        &ops,
+        |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0),
+    );
+    let del_slot2 = position(&ops, |op| matches!(op, MapOp::DelService(k) if k.slot == 2));
+    let del_backend = position(&ops, |op| matches!(op, MapOp::DelBackend(..)));
+    assert!(put_backend < put_slot1 && put_slot1 < put_slot0, "{ops:?}");
+    assert!(put_slot0 < del_slot2 && del_slot2 < del_backend, "{ops:?}");
+    assert!(diff(&wanted, &wanted).is_empty());
+}
+
+#[test]
+fn removed_service_goes_slot0_first_then_slots_then_ids() {
+    let mut ids = Ids::default();
+    let (actual, _) = map_state(
+        &[svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)])],
+        &mut ids,
+    );
+    let (wanted, _) = map_state::<FrontendSpec>(&[], &mut ids);
+    let ops = diff(&wanted, &actual);
+    assert!(
+        matches!(ops[0], MapOp::DelService(k) if k.slot == 0),
+        "{ops:?}"
+    );
+    assert!(
+        matches!(ops[1], MapOp::DelService(k) if k.slot == 1),
+        "{ops:?}"
+    );
+    assert!(matches!(ops[2], MapOp::DelRevNat(_)));
+    assert!(matches!(ops[3], MapOp::DelBackend(_)));
+}
+
+#[test]
+fn ids_are_stable_and_not_reused_at_once() {
+    let mut ids = Ids::default();
+    let a = ([10, 0, 0, 2], 80);
+    let b = ([10, 0, 0, 3], 80);
+    let (first, _) = map_state(&[svc("s", [10, 96, 0, 1], 80, &[a, b])], &mut ids);
+    let (second, _) = map_state(&[svc("s", [10, 96, 0, 1], 80, &[b])], &mut ids);
+    let id_b = |s: &MapState| {
+        *s.backends
+            .iter()
+            .find(|(_, v)| v.addr_be == u32::from_be_bytes(b.0).to_be())
+            .unwrap()
+            .0
+    };
+    assert_eq!(id_b(&first), id_b(&second));
+    let (third, _) = map_state(
+        &[svc("s", [10, 96, 0, 1], 80, &[b, ([10, 0, 0, 9], 80)])],
+        &mut ids,
+    );
+    let new_id = third
+        .backends
+        .keys()
+        .copied()
+        .find(|id| *id != id_b(&third))
+        .unwrap();
+    assert!(
+        !first.backends.contains_key(&new_id),
+        "a released id came back at once"
+    );
+}
+
+#[test]
+fn ids_are_recovered_from_maps() {
+    let mut ids = Ids::default();
+    let services = [svc("s", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)])];
+    let (state, _) = map_state(&services, &mut ids);
+    let mut recovered = Ids::from_state(&state);
+    let (again, _) = map_state(&services, &mut recovered);
+    assert_eq!(again, state);
+    assert!(diff(&again, &state).is_empty());
+}
+
+#[test]
+fn duplicate_frontend_is_reported_and_the_rest_served() {
+    let mut ids = Ids::default();
+    let (state, problems) = map_state(
+        &[
+            svc("b", [10, 96, 0, 1], 80, &[([10, 0, 0, 3], 80)]),
+            svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)]),
+            svc("c", [10, 96, 0, 2], 80, &[([10, 0, 0, 4], 80)]),
+        ],
+        &mut ids,
+    );
+    assert_eq!(problems.len(), 1);
+    assert!(
+        matches!(&problems[0], Problem::DuplicateFrontend { name, owner, .. } if name == "b" && owner == "a")
+    );
+    assert_eq!(state.revnat.len(), 2);
+    assert_eq!(state.backends.len(), 2);
+}
+
+#[test]
+fn source_ranges_with_no_range_set_the_flag_that_no_client_matches() {
+    let mut ids = Ids::default();
+    let mut s = svc("lb", [192, 0, 2, 10], 80, &[([10, 0, 0, 2], 80)]);
+    s.source_ranges = Some(Vec::new());
+    let (state, _) = map_state(std::slice::from_ref(&s), &mut ids);
+    let slot0 = state.services[&service_key(&s.frontend, 0)];
+    assert_eq!(
+        slot0.flags & svc_flags::SOURCE_RANGES,
+        svc_flags::SOURCE_RANGES
+    );
+    assert!(state.source_ranges.is_empty());
+}
+
+#[test]
+fn local_backends_policy_and_source_ranges_reach_the_maps() {
+    let mut ids = Ids::default();
+    let mut s = svc("lb", [192, 0, 2, 10], 80, &[([10, 0, 0, 2], 80)]);
+    s.endpoints[0].local = true;
+    s.local_only = true;
+    s.source_ranges = Some(vec!["198.51.100.7/24".parse().unwrap()]);
+    let (state, _) = map_state(std::slice::from_ref(&s), &mut ids);
+    let slot0 = state.services[&service_key(&s.frontend, 0)];
+    assert_eq!(
+        slot0.flags,
+        svc_flags::LOCAL_ONLY | svc_flags::SOURCE_RANGES
+    );
+    let backend = state.backends.values().next().unwrap();
+    assert_eq!(backend.flags, backend_flags::LOCAL);
+    let range = SourceRange4 {
+        rev_nat_id_be: slot0.rev_nat_id.to_be(),
+        addr_be: u32::from_be_bytes([198, 51, 100, 0]).to_be(),
+    };
+    assert_eq!(state.source_ranges, BTreeSet::from([(56, range)]));
+    // The ranges go in before the frontend that enforces them, and out after.
+    let ops = diff(&state, &MapState::default());
+    let put_range = position(&ops, |op| matches!(op, MapOp::PutSourceRange(..)));
+    let put_slot0 = position(
+        &ops,
+        |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0),
+    );
+    assert!(put_range < put_slot0, "{ops:?}");
+    let ops = diff(&MapState::default(), &state);
+    let del_range = position(&ops, |op| matches!(op, MapOp::DelSourceRange(..)));
+    let del_slot0 = position(&ops, |op| matches!(op, MapOp::DelService(k) if k.slot == 0));
+    assert!(del_slot0 < del_range, "{ops:?}");
+}
+
+#[test]
+fn next_free_wraps_and_skips_zero_and_used() {
+    let mut cursor: u16 = u16::MAX - 1;
+    assert_eq!(
+        next_free(&mut cursor, u16::MAX, |id| id == u16::MAX),
+        Some(1)
+    );
+    let mut full: u16 = 5;
+    assert_eq!(next_free(&mut full, 8, |_| true), None);
+}
+
+/// `n` frontends without endpoints, on consecutive addresses from `first`.
+fn frontends(first: u32, n: u32) -> Vec<FrontendSpec> {
+    (first..first + n)
+        .map(|i| {
+            let vip = u32::from_be_bytes([10, 96, 0, 0]) + i;
+            svc(&format!("s{i}"), vip.to_be_bytes(), 80, &[])
+        })
+        .collect()
+}
+
+#[test]
+fn frontend_ids_go_past_16_bits() {
+    let mut ids = Ids::default();
+    let (state, problems) = map_state(&frontends(0, 70_000), &mut ids);
+    assert!(problems.is_empty(), "{:?}", &problems[..1]);
+    assert_eq!(state.revnat.len(), 70_000, "one id per frontend");
+    let slot0_ids: HashSet<u32> = state.services.values().map(|v| v.rev_nat_id).collect();
+    assert_eq!(slot0_ids.len(), 70_000, "no two frontends share an id");
+    let highest = *state.revnat.keys().last().unwrap();
+    assert!(highest > 65_536, "highest id {highest}");
+    // Handed out from the cursor, not by a walk over the ids in use: a
+    // second batch continues where the first stopped.
+    let mut more = frontends(0, 70_000);
+    more.extend(frontends(70_000, 10));
+    let (state, _) = map_state(&more, &mut ids);
+    assert_eq!(
+        state.revnat.keys().last().copied(),
+        Some(highest + 10),
+        "the new frontends follow the highest id"
+    );
+}
+
+#[test]
+fn frontend_ids_stay_inside_the_round_robin_array() {
+    // An earlier agent left a frontend at the highest id: the next one wraps
+    // round to 1, never past the array the ids index.
+    let mut ids = Ids::default();
+    let (mut filled, _) = map_state(&frontends(0, 1), &mut ids);
+    let (key, mut value) = filled.services.pop_first().unwrap();
+    value.rev_nat_id = MAX_FRONTEND_ID;
+    filled.services.insert(key, value);
+    let mut ids = Ids::from_state(&filled);
+    let (state, problems) = map_state(&frontends(0, 3), &mut ids);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        state.revnat.keys().copied().collect::<Vec<_>>(),
+        [1, 2, MAX_FRONTEND_ID]
+    );
+}
+
+#[test]
+fn source_ranges_match_the_whole_wide_id_then_the_address_prefix() {
+    let mut ids = Ids::default();
+    let mut services = frontends(0, 65_536);
+    // Last by name, so its id comes after the 65536 others.
+    let mut wide = svc("~wide", [192, 0, 2, 10], 80, &[]);
+    wide.source_ranges = Some(vec![
+        "198.51.100.0/24".parse().unwrap(),
+        "0.0.0.0/0".parse().unwrap(),
+    ]);
+    services.push(wide.clone());
+    let (state, _) = map_state(&services, &mut ids);
+    let id = state.services[&service_key(&wide.frontend, 0)].rev_nat_id;
+    assert_eq!(id, 65_537);
+    let key = |addr: [u8; 4]| SourceRange4 {
+        rev_nat_id_be: id.to_be(),
+        addr_be: u32::from_be_bytes(addr).to_be(),
+    };
+    assert_eq!(
+        state.source_ranges,
+        BTreeSet::from([(32 + 24, key([198, 51, 100, 0])), (32, key([0, 0, 0, 0]))])
+    );
+    // Big endian, the id's high half leads the key: where id 65537 differs
+    // from id 1, which a 16-bit id would have made of it.
+    assert_eq!(
+        key([0, 0, 0, 0]).rev_nat_id_be.to_ne_bytes(),
+        [0, 1, 0, 1],
+        "network order in the trie"
+    );
+    assert_eq!(SourceRange4::LOOKUP_PREFIX_LEN, 64);
+}
+
+#[test]
+fn a_backend_keeps_its_id_when_it_starts_terminating() {
+    let mut ids = Ids::default();
+    let ready = svc("s", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)]);
+    let (before, _) = map_state(std::slice::from_ref(&ready), &mut ids);
+    let mut terminating = ready.clone();
+    terminating.endpoints[0].terminating = true;
+    let (after, _) = map_state(std::slice::from_ref(&terminating), &mut ids);
+    assert_eq!(
+        before.backends.keys().collect::<Vec<_>>(),
+        after.backends.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        after.backends.values().next().unwrap().state,
+        backend_state::TERMINATING
+    );
+    // Kept only for its connections: a backend entry, no slot.
+    let mut kept = ready.clone();
+    kept.reachable = std::mem::take(&mut kept.endpoints);
+    let (only_kept, _) = map_state(std::slice::from_ref(&kept), &mut ids);
+    assert_eq!(
+        only_kept.backends.keys().collect::<Vec<_>>(),
+        before.backends.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(only_kept.services.len(), 1, "slot 0 only");
+}
+
+#[test]
+fn maglev_tables_fill_their_frontend_and_go_in_before_slot_0() {
+    let mut ids = Ids::default();
+    let backends: Vec<([u8; 4], u16)> = (2..12).map(|i| ([10, 0, 0, i], 80)).collect();
+    let mut s = svc("m", [10, 96, 0, 1], 80, &backends);
+    s.scheduler = Some(Scheduler::Maglev);
+    let (state, _) = map_state(std::slice::from_ref(&s), &mut ids);
+    let slot0 = state.services[&service_key(&s.frontend, 0)];
+    assert_eq!(
+        slot0.flags & svc_flags::SCHEDULER_MASK,
+        svc_flags::SCHEDULER_MAGLEV
+    );
+    let size = proxy_common::maglev::SIZES[usize::from(slot0.maglev_size)];
+    assert_eq!(size, 1_021, "100 slots for each of 10 backends");
+    assert_eq!(state.maglev.len(), size as usize);
+    assert!(state
+        .maglev
+        .values()
+        .all(|id| state.backends.contains_key(id)));
+    let ops = diff(&state, &MapState::default());
+    let maglev = position(&ops, |op| matches!(op, MapOp::PutMaglev(..)));
+    let slot0_put = position(
+        &ops,
+        |op| matches!(op, MapOp::PutService(k, _) if k.slot == 0),
+    );
+    assert!(maglev < slot0_put);
+    // One backend fewer: about a tenth of the table changes.
+    let mut fewer = s.clone();
+    fewer.endpoints.pop();
+    let (after, _) = map_state(std::slice::from_ref(&fewer), &mut ids);
+    let changed = diff(&after, &state)
+        .iter()
+        .filter(|op| matches!(op, MapOp::PutMaglev(..)))
+        .count();
+    assert!(
+        changed < size as usize / 6,
+        "{changed} of {size} slots changed"
+    );
+}

@@ -1,0 +1,15 @@
+//! Stage 2, pure: frontends in, map contents and ordered writes out. Ids,
+//! slots and Maglev tables; the diff against what the maps hold; the plan for
+//! removing ended conntrack and NAT entries. Nothing here touches the kernel.
+
+pub mod diff;
+pub mod dump;
+pub mod gc;
+pub mod ids;
+pub mod maglev;
+pub mod maps;
+
+pub use diff::diff;
+pub use dump::dump;
+pub use ids::{Ids, MAX_FRONTEND_ID};
+pub use maps::{map_state, update, MapOp, MapState, Problem, MAX_SLOTS};

@@ -1,0 +1,472 @@
+//! From a Service and its EndpointSlices to the frontends this node serves, as
+//! kube-proxy reads them: one per port and address (ClusterIP, node ports,
+//! externalIPs, LoadBalancer IPs), traffic policies, topology and terminating
+//! endpoints. Pure: no API calls here, so every rule has a unit test.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::{
+    nodes::NodeInfo,
+    slices::Slice,
+    topology::{self, EndpointInfo, Policy},
+};
+use crate::frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler};
+
+/// sessionAffinity ClientIP's timeout when the Service sets none (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Annotation choosing a Service's scheduler: `flow-hash` (default), `maglev`,
+/// `source-hash` or `round-robin`.
+pub const SCHEDULER_ANNOTATION: &str = "ferry.dev/scheduler";
+
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are not proxied at all.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// Why a Service (or one of its ports) is not proxied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    #[error("{0}: ExternalName service")]
+    ExternalName(String),
+    #[error("{0}: headless service")]
+    Headless(String),
+    #[error("{0}: handled by another proxy ({SERVICE_PROXY_NAME_LABEL})")]
+    OtherProxy(String),
+    #[error("{0}: no IPv4 cluster IP")]
+    NoIpv4ClusterIp(String),
+    #[error("{0}: protocol {1} is not supported")]
+    Protocol(String, String),
+    #[error("{0}: invalid port {1}")]
+    Port(String, i32),
+    #[error("{0}: {1} (the agent's default scheduler is used)")]
+    Scheduler(String, String),
+    #[error("{0}: loadBalancerSourceRanges entry {1:?} is not an IPv4 range (left out; with no valid range left, no client reaches the LoadBalancer IPs)")]
+    SourceRange(String, String),
+}
+
+fn protocol(name: Option<&str>) -> Option<Protocol> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// A healthCheckNodePort this node serves for an externalTrafficPolicy=Local
+/// LoadBalancer Service, with the number of its endpoints on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// Everything the dataplane and the agent serve for the cluster's objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontends {
+    pub frontends: Vec<FrontendSpec>,
+    pub health_checks: Vec<HealthCheck>,
+    pub skipped: Vec<Skip>,
+}
+
+/// Every endpoint of one Service port, from its slices (deduplicated by address),
+/// with what kube-proxy's categorisation needs to know of it.
+fn port_endpoints(
+    slices: &[&Slice],
+    port_name: &str,
+    proto: Protocol,
+    node: &NodeInfo,
+) -> (Vec<Endpoint>, Vec<EndpointInfo>) {
+    let mut seen = BTreeSet::new();
+    let (mut endpoints, mut infos) = (Vec::new(), Vec::new());
+    for slice in slices {
+        let Some(target) = slice.ports.iter().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && protocol(p.protocol.as_deref()) == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(target_port) = target
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // kube-proxy uses the first address of an endpoint only.
+            let Some(address) = ep
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            if !seen.insert((address, target_port)) {
+                continue;
+            }
+            let mut info = EndpointInfo::from_conditions(ep.ready, ep.serving, ep.terminating);
+            info.node_name = ep.node_name.clone();
+            info.zone_hints = ep.hint_zones.iter().cloned().collect();
+            info.node_hints = ep.hint_nodes.iter().cloned().collect();
+            let local =
+                !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+            endpoints.push(Endpoint {
+                address,
+                port: target_port,
+                local,
+                terminating: info.terminating,
+            });
+            infos.push(info);
+        }
+    }
+    (endpoints, infos)
+}
+
+/// The frontends to serve, from every Service and EndpointSlice the agent sees,
+/// on `node`. Slices are matched to a Service port by port name and protocol (so
+/// named target ports resolve per endpoint). New connections go to the ready
+/// endpoints that the traffic policies and topology hints select (kube-proxy's
+/// categorisation in `topology`), or to the serving terminating ones when no
+/// ready one is left; every endpoint still serving (TCP) stays reachable for the
+/// connections it has. Each port gets its ClusterIP frontend; NodePort and
+/// LoadBalancer Services also one per node address on the node port;
+/// externalIPs and LoadBalancer ingress IPs one each. With
+/// internalTrafficPolicy=Local the ClusterIP frontend, and with
+/// externalTrafficPolicy=Local the external ones, serve this node's endpoints
+/// only; loadBalancerSourceRanges apply to the LoadBalancer IPs.
+pub fn of_cluster(k8s: &[&Service], slices: &[&Slice], node: &NodeInfo) -> Frontends {
+    let mut by_service: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type == "IPv4" {
+            by_service
+                .entry(slice.service.as_str())
+                .or_default()
+                .push(slice);
+        }
+    }
+    let mut out = Frontends::default();
+    for svc in k8s {
+        let key = service_key(svc);
+        let service_slices = by_service
+            .get(key.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        of_service(svc, service_slices, node, &mut out);
+    }
+    out
+}
+
+/// `namespace/name` of a Service: what its slices' service label names.
+pub fn service_key(svc: &Service) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or(""),
+        svc.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// What one Service adds to [`of_cluster`], given its IPv4 slices: the agent
+/// recomputes only the Services whose objects changed.
+pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out: &mut Frontends) {
+    let Some(view) = ServiceView::of(svc, node, out) else {
+        return;
+    };
+    let Some(spec) = &svc.spec else { return };
+    let mut local_endpoints = 0;
+    for port in spec.ports.iter().flatten() {
+        let Some(proto) = protocol(port.protocol.as_deref()) else {
+            out.skipped.push(Skip::Protocol(
+                view.key.clone(),
+                port.protocol.clone().unwrap_or_default(),
+            ));
+            continue;
+        };
+        let Ok(frontend_port) = u16::try_from(port.port) else {
+            out.skipped.push(Skip::Port(view.key.clone(), port.port));
+            continue;
+        };
+        let node_port = port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        let port = ServicePort {
+            name: port.name.as_deref().unwrap_or(""),
+            proto,
+            port: frontend_port,
+            node_port,
+        };
+        let local = view.port_frontends(&port, service_slices, node, out);
+        local_endpoints = local_endpoints.max(local);
+    }
+    if view.kind == "LoadBalancer" && view.external_local {
+        if let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        {
+            out.health_checks.push(HealthCheck {
+                port,
+                namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+                name: svc.metadata.name.clone().unwrap_or_default(),
+                local_endpoints,
+            });
+        }
+    }
+}
+
+/// One port of a Service, as its frontends need it.
+struct ServicePort<'a> {
+    name: &'a str,
+    proto: Protocol,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+/// What a Service's ports share: its addresses, policies, affinity and
+/// scheduler, read once.
+struct ServiceView {
+    /// `namespace/name`.
+    key: String,
+    vip: Ipv4Addr,
+    /// `spec.type`, `ClusterIP` when unset.
+    kind: String,
+    external_local: bool,
+    external_ips: Vec<Ipv4Addr>,
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Option<Vec<Cidr>>,
+    policy: Policy,
+    topology_node: topology::Node,
+    affinity_timeout: Option<u32>,
+    scheduler: Option<Scheduler>,
+}
+
+impl ServiceView {
+    /// `None` (and the reason in `out.skipped`) for a Service not proxied.
+    fn of(svc: &Service, node: &NodeInfo, out: &mut Frontends) -> Option<Self> {
+        let meta = &svc.metadata;
+        let key = service_key(svc);
+        let spec = svc.spec.as_ref()?;
+        let vip = cluster_ip(svc, &key, out)?;
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP").to_string();
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let external_ips: Vec<Ipv4Addr> = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            ingress
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let source_ranges = source_ranges(spec.load_balancer_source_ranges.as_ref(), &key, out);
+        let policy = Policy {
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local,
+            has_external_frontends: matches!(kind.as_str(), "NodePort" | "LoadBalancer")
+                || !external_ips.is_empty(),
+            ignore_node_hints: false,
+        };
+        let topology_node = topology::Node {
+            name: node.name.clone(),
+            zone: node.zone.clone(),
+        };
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+        // A scheduler this agent does not know is reported and left to the default.
+        let scheduler = match meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+        {
+            None => None,
+            Some(name) => match name.parse::<Scheduler>() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    out.skipped.push(Skip::Scheduler(key.clone(), e));
+                    None
+                }
+            },
+        };
+        Some(Self {
+            key,
+            vip,
+            kind,
+            external_local,
+            external_ips,
+            lb_ips,
+            source_ranges,
+            policy,
+            topology_node,
+            affinity_timeout,
+            scheduler,
+        })
+    }
+
+    /// The frontends of one port: its ClusterIP, node ports, externalIPs and
+    /// LoadBalancer IPs. Returns how many endpoints it has on this node.
+    fn port_frontends(
+        &self,
+        port: &ServicePort<'_>,
+        service_slices: &[&Slice],
+        node: &NodeInfo,
+        out: &mut Frontends,
+    ) -> usize {
+        let proto = port.proto;
+        let (all, infos) = port_endpoints(service_slices, port.name, proto, node);
+        let selection = topology::categorize(&infos, &self.policy, &self.topology_node);
+        let pick = |indexes: &[usize]| -> Vec<Endpoint> {
+            let mut picked: Vec<Endpoint> = indexes.iter().map(|&i| all[i]).collect();
+            picked.sort();
+            picked
+        };
+        let internal = pick(selection.for_internal(&self.policy));
+        let external_endpoints = pick(selection.for_external(&self.policy));
+        // Every endpoint still serving keeps the connections it has, as
+        // conntrack keeps them under kube-proxy: terminating ones, and those
+        // the policy or the topology leave out of new connections.
+        // UDP has no connection to keep: kube-proxy flushes UDP conntrack
+        // entries of endpoints that stop taking new flows, so that clients
+        // such as DNS resolvers move on at once. Here their backend entries go.
+        let serving: Vec<usize> = (0..infos.len())
+            .filter(|&i| proto == Protocol::Tcp && (infos[i].ready || infos[i].serving))
+            .collect();
+        let reachable = pick(&serving);
+        let local_endpoints = selection.local.as_ref().map_or(0, Vec::len);
+        let label = if port.name.is_empty() {
+            self.key.clone()
+        } else {
+            format!("{}:{}", self.key, port.name)
+        };
+        let frontend = |address: Ipv4Addr, port: u16| Frontend {
+            address,
+            port,
+            protocol: proto,
+        };
+        out.frontends.push(FrontendSpec {
+            name: label.clone(),
+            frontend: frontend(self.vip, port.port),
+            endpoints: internal,
+            reachable: reachable.clone(),
+            local_only: self.policy.internal_local,
+            source_ranges: None,
+            affinity_timeout: self.affinity_timeout,
+            scheduler: self.scheduler,
+        });
+        let external =
+            |address: Ipv4Addr, port: u16, ranges: &Option<Vec<Cidr>>, what: &str| FrontendSpec {
+                name: format!("{label} ({what} {address}:{port})"),
+                frontend: frontend(address, port),
+                endpoints: external_endpoints.clone(),
+                reachable: reachable.clone(),
+                local_only: self.external_local,
+                source_ranges: ranges.clone(),
+                affinity_timeout: self.affinity_timeout,
+                scheduler: self.scheduler,
+            };
+        if let (true, Some(node_port)) = (
+            matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
+            port.node_port,
+        ) {
+            for address in &node.addresses {
+                out.frontends
+                    .push(external(*address, node_port, &None, "nodeport"));
+            }
+        }
+        for address in &self.external_ips {
+            out.frontends
+                .push(external(*address, port.port, &None, "externalIP"));
+        }
+        for address in &self.lb_ips {
+            out.frontends.push(external(
+                *address,
+                port.port,
+                &self.source_ranges,
+                "loadbalancer",
+            ));
+        }
+        local_endpoints
+    }
+}
+
+/// The Service's IPv4 cluster IP; `None` (and why in `out.skipped`) for an
+/// ExternalName, headless, other-proxy or IPv6-only Service.
+fn cluster_ip(svc: &Service, key: &str, out: &mut Frontends) -> Option<Ipv4Addr> {
+    let spec = svc.spec.as_ref()?;
+    let labels = svc.metadata.labels.as_ref();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        out.skipped.push(Skip::ExternalName(key.to_string()));
+        return None;
+    }
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        out.skipped.push(Skip::OtherProxy(key.to_string()));
+        return None;
+    }
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => Vec::new(),
+    };
+    if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        out.skipped.push(Skip::Headless(key.to_string()));
+        return None;
+    }
+    let vip = cluster_ips
+        .iter()
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok());
+    if vip.is_none() {
+        out.skipped.push(Skip::NoIpv4ClusterIp(key.to_string()));
+    }
+    vip
+}
+
+/// loadBalancerSourceRanges. Listed ranges restrict the LoadBalancer IPs even
+/// when none of them is a valid IPv4 range: then no client gets through (fail
+/// closed).
+fn source_ranges(
+    ranges: Option<&Vec<String>>,
+    key: &str,
+    out: &mut Frontends,
+) -> Option<Vec<Cidr>> {
+    let ranges = ranges.filter(|ranges| !ranges.is_empty())?;
+    Some(
+        ranges
+            .iter()
+            .filter_map(|r| match r.trim().parse() {
+                Ok(cidr) => Some(cidr),
+                Err(_) => {
+                    out.skipped
+                        .push(Skip::SourceRange(key.to_string(), r.clone()));
+                    None
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,629 @@
+//! Unit tests of `k8s::frontends` and `k8s::slices`: kube-proxy's rules for
+//! turning Services and EndpointSlices into frontends.
+
+use serde_json::json;
+
+use super::*;
+use k8s_openapi::api::core::v1::Node;
+
+use crate::k8s::slices::{parse_slice, SliceError, SliceVersion};
+
+fn svc(value: serde_json::Value) -> Service {
+    serde_json::from_value(value).unwrap()
+}
+
+fn web() -> Service {
+    svc(json!({
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http-alt", "protocol": "TCP"},
+                           {"name": "dns", "port": 53, "protocol": "UDP"}]}
+    }))
+}
+
+fn slice_v1(name: &str, endpoints: serde_json::Value) -> Slice {
+    parse_slice(
+        SliceVersion::V1,
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": name,
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": endpoints,
+        }),
+    )
+    .unwrap()
+}
+
+fn endpoints_of(out: &[FrontendSpec], port: u16) -> Vec<String> {
+    let s = out
+        .iter()
+        .find(|s| s.frontend.port == port)
+        .expect("frontend");
+    s.endpoints
+        .iter()
+        .map(|e| format!("{}:{}", e.address, e.port))
+        .collect()
+}
+
+#[test]
+fn each_port_becomes_a_frontend_with_the_slices_target_port() {
+    let slice = slice_v1(
+        "web-1",
+        json!([{"addresses": ["10.244.1.3"], "conditions": {"ready": true}}]),
+    );
+    let Frontends {
+        frontends: out,
+        skipped,
+        ..
+    } = of_cluster(&[&web()], &[&slice], &NodeInfo::default());
+    assert!(skipped.is_empty());
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].name, "default/web:http");
+    assert_eq!(
+        out[0].frontend,
+        Frontend {
+            address: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp
+        }
+    );
+    assert_eq!(endpoints_of(&out, 80), ["10.244.1.3:8080"]);
+    assert_eq!(endpoints_of(&out, 53), ["10.244.1.3:5353"]);
+}
+
+#[test]
+fn named_target_ports_resolve_per_slice() {
+    // Two slices of one service whose pods name the same port differently numbered.
+    let mut a = slice_v1("web-a", json!([{"addresses": ["10.244.1.3"]}]));
+    let mut b = slice_v1("web-b", json!([{"addresses": ["10.244.2.3"]}]));
+    a.ports[0].port = Some(8080);
+    b.ports[0].port = Some(9090);
+    let out = of_cluster(&[&web()], &[&a, &b], &NodeInfo::default()).frontends;
+    assert_eq!(
+        endpoints_of(&out, 80),
+        ["10.244.1.3:8080", "10.244.2.3:9090"]
+    );
+}
+
+#[test]
+fn unnamed_single_port_matches_unnamed_slice_port() {
+    let s = svc(json!({"metadata": {"namespace": "ns", "name": "one"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 443, "targetPort": 8443}]}}));
+    let slice = parse_slice(SliceVersion::V1, json!({
+            "metadata": {"namespace": "ns", "name": "one-x", "labels": {"kubernetes.io/service-name": "one"}},
+            "addressType": "IPv4", "ports": [{"port": 8443, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.7"]}]})).unwrap();
+    let out = of_cluster(&[&s], &[&slice], &NodeInfo::default()).frontends;
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].name, "ns/one");
+    assert_eq!(endpoints_of(&out, 443), ["10.244.1.7:8443"]);
+}
+
+#[test]
+fn only_ready_endpoints_serve_and_unknown_readiness_is_ready() {
+    let slice = slice_v1(
+        "web-1",
+        json!([
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+            {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.244.1.5"], "conditions": {}},
+        ]),
+    );
+    let out = of_cluster(&[&web()], &[&slice], &NodeInfo::default()).frontends;
+    assert_eq!(
+        endpoints_of(&out, 80),
+        ["10.244.1.3:8080", "10.244.1.5:8080"]
+    );
+}
+
+#[test]
+fn duplicate_endpoints_across_slices_count_once() {
+    let a = slice_v1("web-a", json!([{"addresses": ["10.244.1.3"]}]));
+    let b = slice_v1(
+        "web-b",
+        json!([{"addresses": ["10.244.1.3"]}, {"addresses": ["10.244.2.3"]}]),
+    );
+    let out = of_cluster(&[&web()], &[&a, &b], &NodeInfo::default()).frontends;
+    assert_eq!(
+        endpoints_of(&out, 80),
+        ["10.244.1.3:8080", "10.244.2.3:8080"]
+    );
+}
+
+#[test]
+fn only_the_first_address_of_an_endpoint_is_used() {
+    let slice = slice_v1(
+        "web-1",
+        json!([{"addresses": ["10.244.1.3", "10.244.1.99"]}]),
+    );
+    let out = of_cluster(&[&web()], &[&slice], &NodeInfo::default()).frontends;
+    assert_eq!(endpoints_of(&out, 80), ["10.244.1.3:8080"]);
+}
+
+#[test]
+fn slices_of_other_services_and_families_are_ignored() {
+    let mut other = slice_v1("db-1", json!([{"addresses": ["10.244.9.9"]}]));
+    other.service = "default/db".into();
+    let mut v6 = slice_v1("web-v6", json!([{"addresses": ["fd00::1"]}]));
+    v6.address_type = "IPv6".into();
+    let out = of_cluster(&[&web()], &[&other, &v6], &NodeInfo::default()).frontends;
+    assert!(
+        endpoints_of(&out, 80).is_empty(),
+        "a frontend without endpoints still exists (it rejects)"
+    );
+}
+
+#[test]
+fn v1_and_v1beta1_slices_give_the_same_model() {
+    let endpoint = |zone_field: serde_json::Value| {
+        let mut e = json!({"addresses": ["10.244.1.3"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                               "nodeName": "node1", "hints": {"forZones": [{"name": "a"}]}});
+        e.as_object_mut()
+            .unwrap()
+            .extend(zone_field.as_object().unwrap().clone());
+        e
+    };
+    let object = |version: &str, ep: serde_json::Value| {
+        json!({
+            "apiVersion": format!("discovery.k8s.io/{version}"), "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": [ep]})
+    };
+    let v1 = parse_slice(
+        SliceVersion::V1,
+        object("v1", endpoint(json!({"zone": "a"}))),
+    )
+    .unwrap();
+    let beta = parse_slice(
+        SliceVersion::V1beta1,
+        object(
+            "v1beta1",
+            endpoint(json!({"topology": {"topology.kubernetes.io/zone": "a"}})),
+        ),
+    )
+    .unwrap();
+    assert_eq!(v1, beta);
+    assert_eq!(v1.endpoints[0].zone.as_deref(), Some("a"));
+    assert_eq!(v1.endpoints[0].hint_zones, ["a"]);
+    // Before nodeName existed, v1beta1 carried the node in topology.
+    let old = parse_slice(
+        SliceVersion::V1beta1,
+        object(
+            "v1beta1",
+            json!({"addresses": ["10.244.1.3"], "topology": {"kubernetes.io/hostname": "node1"}}),
+        ),
+    )
+    .unwrap();
+    assert_eq!(old.endpoints[0].node_name.as_deref(), Some("node1"));
+}
+
+#[test]
+fn slice_without_service_label_is_an_error() {
+    let err = parse_slice(
+        SliceVersion::V1,
+        json!({"metadata": {"name": "x"}, "addressType": "IPv4"}),
+    )
+    .unwrap_err();
+    assert!(matches!(err, SliceError::NoService));
+    assert!(matches!(
+        parse_slice(SliceVersion::V1, json!({"addressType": 5})),
+        Err(SliceError::Malformed(_))
+    ));
+}
+
+#[test]
+fn service_kinds_kube_proxy_skips_are_skipped() {
+    let external = svc(json!({"metadata": {"namespace": "d", "name": "ext"},
+            "spec": {"type": "ExternalName", "externalName": "example.com"}}));
+    let headless = svc(json!({"metadata": {"namespace": "d", "name": "hl"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}));
+    let other = svc(json!({"metadata": {"namespace": "d", "name": "other",
+            "labels": {"service.kubernetes.io/service-proxy-name": "someone-else"}},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}}));
+    let v6only = svc(json!({"metadata": {"namespace": "d", "name": "v6"},
+            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}}));
+    let sctp = svc(json!({"metadata": {"namespace": "d", "name": "sctp"},
+            "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "SCTP"}, {"port": 81}]}}));
+    let Frontends {
+        frontends: out,
+        skipped,
+        ..
+    } = of_cluster(
+        &[&external, &headless, &other, &v6only, &sctp],
+        &[],
+        &NodeInfo::default(),
+    );
+    assert_eq!(
+        skipped,
+        [
+            Skip::ExternalName("d/ext".into()),
+            Skip::Headless("d/hl".into()),
+            Skip::OtherProxy("d/other".into()),
+            Skip::NoIpv4ClusterIp("d/v6".into()),
+            Skip::Protocol("d/sctp".into(), "SCTP".into()),
+        ]
+    );
+    assert_eq!(
+        out.len(),
+        1,
+        "the TCP port of the SCTP service still serves"
+    );
+    assert_eq!(out[0].frontend.port, 81);
+}
+
+#[test]
+fn dual_stack_service_uses_its_ipv4_cluster_ip() {
+    let s = svc(json!({"metadata": {"namespace": "d", "name": "ds"},
+            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.40"], "ports": [{"port": 80}]}}));
+    let out = of_cluster(&[&s], &[], &NodeInfo::default()).frontends;
+    assert_eq!(
+        out[0].frontend.address,
+        "10.96.0.40".parse::<Ipv4Addr>().unwrap()
+    );
+}
+
+fn node1() -> NodeInfo {
+    NodeInfo {
+        name: "node1".into(),
+        addresses: vec!["10.250.0.11".parse().unwrap()],
+        zone: None,
+    }
+}
+
+fn lb_service(policy: &str) -> Service {
+    svc(json!({
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": policy,
+                 "externalIPs": ["192.0.2.7"], "healthCheckNodePort": 32100,
+                 "loadBalancerSourceRanges": ["198.51.100.0/24"],
+                 "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}
+    }))
+}
+
+fn two_node_slice() -> Slice {
+    slice_v1(
+        "web-1",
+        json!([
+            {"addresses": ["10.244.1.3"], "nodeName": "node1"},
+            {"addresses": ["10.244.2.3"], "nodeName": "node2"},
+        ]),
+    )
+}
+
+fn frontend_of<'a>(out: &'a Frontends, address: &str, port: u16) -> &'a FrontendSpec {
+    out.frontends
+        .iter()
+        .find(|s| s.frontend.address.to_string() == address && s.frontend.port == port)
+        .unwrap_or_else(|| panic!("no frontend {address}:{port} in {:?}", out.frontends))
+}
+
+#[test]
+fn nodeport_externalip_and_loadbalancer_frontends() {
+    let slice = two_node_slice();
+    let out = of_cluster(&[&lb_service("Cluster")], &[&slice], &node1());
+    assert_eq!(
+        out.frontends.len(),
+        4,
+        "ClusterIP, NodePort on the node address, externalIP, LB IP"
+    );
+    for (addr, port) in [
+        ("10.96.0.10", 80),
+        ("10.250.0.11", 30080),
+        ("192.0.2.7", 80),
+        ("203.0.113.5", 80),
+    ] {
+        let f = frontend_of(&out, addr, port);
+        assert_eq!(
+            f.endpoints.len(),
+            2,
+            "{addr}: every endpoint with policy Cluster"
+        );
+        assert!(!f.local_only);
+    }
+    let local: Vec<bool> = frontend_of(&out, "10.96.0.10", 80)
+        .endpoints
+        .iter()
+        .map(|e| e.local)
+        .collect();
+    assert_eq!(
+        local,
+        [true, false],
+        "locality from the endpoint's nodeName"
+    );
+    // Source ranges guard the LoadBalancer IP only.
+    assert_eq!(
+        frontend_of(&out, "203.0.113.5", 80).source_ranges,
+        Some(vec!["198.51.100.0/24".parse().unwrap()])
+    );
+    assert_eq!(frontend_of(&out, "10.250.0.11", 30080).source_ranges, None);
+    assert!(
+        out.health_checks.is_empty(),
+        "health checks only for policy Local"
+    );
+}
+
+#[test]
+fn source_ranges_without_a_valid_ipv4_range_fail_closed() {
+    let slice = two_node_slice();
+    let mut service = lb_service("Cluster");
+    service.spec.as_mut().unwrap().load_balancer_source_ranges =
+        Some(vec!["2001:db8::/32".into(), "10.0.0.0/33".into()]);
+    let out = of_cluster(&[&service], &[&slice], &node1());
+    assert_eq!(
+        frontend_of(&out, "203.0.113.5", 80).source_ranges,
+        Some(Vec::new()),
+        "restricted to no client, not open to all"
+    );
+    let skipped: Vec<String> = out.skipped.iter().map(ToString::to_string).collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(skipped[1].contains("\"10.0.0.0/33\""), "{skipped:?}");
+    // A valid range among invalid ones is kept; an empty list restricts nothing.
+    service.spec.as_mut().unwrap().load_balancer_source_ranges =
+        Some(vec!["bogus".into(), " 198.51.100.0/24".into()]);
+    let out = of_cluster(&[&service], &[&slice], &node1());
+    assert_eq!(
+        frontend_of(&out, "203.0.113.5", 80).source_ranges,
+        Some(vec!["198.51.100.0/24".parse().unwrap()])
+    );
+    service.spec.as_mut().unwrap().load_balancer_source_ranges = Some(Vec::new());
+    let out = of_cluster(&[&service], &[&slice], &node1());
+    assert_eq!(frontend_of(&out, "203.0.113.5", 80).source_ranges, None);
+}
+
+#[test]
+fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
+    let slice = two_node_slice();
+    let out = of_cluster(&[&lb_service("Local")], &[&slice], &node1());
+    for (addr, port) in [
+        ("10.250.0.11", 30080),
+        ("192.0.2.7", 80),
+        ("203.0.113.5", 80),
+    ] {
+        let f = frontend_of(&out, addr, port);
+        assert!(f.local_only, "{addr}");
+        assert_eq!(f.endpoints.len(), 1, "{addr}: only node1's endpoint");
+        assert_eq!(f.endpoints[0].address.to_string(), "10.244.1.3");
+    }
+    let cluster_ip = frontend_of(&out, "10.96.0.10", 80);
+    assert!(
+        !cluster_ip.local_only && cluster_ip.endpoints.len() == 2,
+        "ClusterIP traffic is not external"
+    );
+    assert_eq!(
+        out.health_checks,
+        [HealthCheck {
+            port: 32100,
+            namespace: "default".into(),
+            name: "web".into(),
+            local_endpoints: 1
+        }]
+    );
+    let node2 = NodeInfo {
+        name: "node2x".into(),
+        addresses: vec!["10.250.0.12".parse().unwrap()],
+        zone: None,
+    };
+    let other = of_cluster(&[&lb_service("Local")], &[&slice], &node2);
+    assert_eq!(
+        other.health_checks[0].local_endpoints, 0,
+        "a node without endpoints reports 0 (503)"
+    );
+    assert!(frontend_of(&other, "10.250.0.12", 30080)
+        .endpoints
+        .is_empty());
+}
+
+#[test]
+fn clusterip_services_get_no_external_frontends() {
+    let out = of_cluster(&[&web()], &[], &node1());
+    assert!(out
+        .frontends
+        .iter()
+        .all(|s| s.frontend.address.to_string() == "10.96.0.10"));
+}
+
+#[test]
+fn node_addresses_come_from_the_node_status() {
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "node1"}, "status": {"addresses": [
+            {"type": "Hostname", "address": "node1"}, {"type": "InternalIP", "address": "10.250.0.11"},
+            {"type": "InternalIP", "address": "fd00::11"}, {"type": "ExternalIP", "address": "198.51.100.11"}]}}))
+        .unwrap();
+    let info = NodeInfo::from_node("node1", Some(&node));
+    assert_eq!(
+        info.addresses,
+        [
+            "10.250.0.11".parse::<Ipv4Addr>().unwrap(),
+            "198.51.100.11".parse().unwrap()
+        ]
+    );
+    assert_eq!(info.snat_address(), Some("10.250.0.11".parse().unwrap()));
+    assert_eq!(NodeInfo::from_node("x", None).snat_address(), None);
+}
+
+fn node_in_zone(zone: &str) -> NodeInfo {
+    NodeInfo {
+        name: "node1".into(),
+        addresses: vec![],
+        zone: Some(zone.into()),
+    }
+}
+
+#[test]
+fn serving_terminating_endpoints_serve_when_none_is_ready() {
+    let slice = slice_v1(
+        "web-1",
+        json!([
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+        ]),
+    );
+    let out = of_cluster(&[&web()], &[&slice], &node1());
+    let f = frontend_of(&out, "10.96.0.10", 80);
+    let picked: Vec<(String, bool)> = f
+        .endpoints
+        .iter()
+        .map(|e| (e.address.to_string(), e.terminating))
+        .collect();
+    assert_eq!(
+        picked,
+        [("10.244.1.3".to_string(), true)],
+        "only the serving one, marked terminating"
+    );
+}
+
+#[test]
+fn terminating_endpoints_keep_their_connections_while_ready_ones_take_new() {
+    let slice = slice_v1(
+        "web-1",
+        json!([
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+            {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ]),
+    );
+    let out = of_cluster(&[&web()], &[&slice], &node1());
+    let f = frontend_of(&out, "10.96.0.10", 80);
+    assert_eq!(f.endpoints.len(), 1);
+    let kept: Vec<String> = f.reachable.iter().map(|e| e.address.to_string()).collect();
+    assert!(kept.contains(&"10.244.1.4".to_string()), "{kept:?}");
+    // In the maps: a backend entry (for conntrack) but no slot.
+    let (state, _) = crate::desired::map_state(&out.frontends, &mut crate::desired::Ids::default());
+    let terminating = state
+        .backends
+        .values()
+        .filter(|b| b.state == proxy_common::backend_state::TERMINATING)
+        .count();
+    assert!(terminating >= 1);
+    let slot0 = state
+        .services
+        .iter()
+        .find(|(k, _)| k.slot == 0 && u16::from_be(k.port_be) == 80)
+        .unwrap()
+        .1;
+    assert_eq!(slot0.count, 1);
+}
+
+#[test]
+fn internal_traffic_policy_local_without_a_local_endpoint_drops() {
+    let svc = svc(json!({"metadata": {"namespace": "default", "name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80}]}}));
+    let slice = two_node_slice();
+    let on_node1 = of_cluster(&[&svc], &[&slice], &node1());
+    let f = frontend_of(&on_node1, "10.96.0.10", 80);
+    assert!(f.local_only);
+    assert_eq!(
+        f.endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect::<Vec<_>>(),
+        ["10.244.1.3"]
+    );
+    let elsewhere = NodeInfo {
+        name: "node9".into(),
+        addresses: vec![],
+        zone: None,
+    };
+    let out = of_cluster(&[&svc], &[&slice], &elsewhere);
+    let f = frontend_of(&out, "10.96.0.10", 80);
+    assert!(
+        f.endpoints.is_empty() && f.local_only,
+        "drop, not reject: endpoints exist elsewhere"
+    );
+}
+
+#[test]
+fn topology_hints_keep_traffic_in_the_nodes_zone() {
+    let slice = slice_v1(
+        "web-1",
+        json!([
+            {"addresses": ["10.244.1.3"], "zone": "a", "hints": {"forZones": [{"name": "a"}]}},
+            {"addresses": ["10.244.2.3"], "zone": "b", "hints": {"forZones": [{"name": "b"}]}},
+        ]),
+    );
+    let in_a = of_cluster(&[&web()], &[&slice], &node_in_zone("a"));
+    let f = frontend_of(&in_a, "10.96.0.10", 80);
+    assert_eq!(
+        f.endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect::<Vec<_>>(),
+        ["10.244.1.3"]
+    );
+    let in_c = of_cluster(&[&web()], &[&slice], &node_in_zone("c"));
+    assert_eq!(
+        frontend_of(&in_c, "10.96.0.10", 80).endpoints.len(),
+        2,
+        "no hint for zone c: every endpoint"
+    );
+}
+
+#[test]
+fn session_affinity_client_ip_with_its_timeout_or_the_default() {
+    let with = |config: serde_json::Value| {
+        let mut spec = json!({"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+                                  "ports": [{"name": "http", "port": 80}]});
+        if !config.is_null() {
+            spec["sessionAffinityConfig"] = config;
+        }
+        svc(json!({"metadata": {"namespace": "d", "name": "s"}, "spec": spec}))
+    };
+    let out = of_cluster(
+        &[&with(json!({"clientIP": {"timeoutSeconds": 60}}))],
+        &[],
+        &node1(),
+    );
+    assert_eq!(out.frontends[0].affinity_timeout, Some(60));
+    let out = of_cluster(&[&with(serde_json::Value::Null)], &[], &node1());
+    assert_eq!(
+        out.frontends[0].affinity_timeout,
+        Some(DEFAULT_AFFINITY_TIMEOUT)
+    );
+    let out = of_cluster(&[&web()], &[], &node1());
+    assert_eq!(out.frontends[0].affinity_timeout, None);
+}
+
+#[test]
+fn udp_backends_that_stop_serving_are_not_kept() {
+    let slice = slice_v1(
+        "web-1",
+        json!([
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+            {"addresses": ["10.244.1.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ]),
+    );
+    let out = of_cluster(&[&web()], &[&slice], &node1());
+    let udp = frontend_of(&out, "10.96.0.10", 53);
+    assert_eq!(udp.endpoints.len(), 1);
+    assert!(udp.reachable.is_empty(), "UDP flows move on at once");
+    assert_eq!(
+        frontend_of(&out, "10.96.0.10", 80).reachable.len(),
+        2,
+        "TCP connections are kept"
+    );
+}
+
+#[test]
+fn scheduler_annotation_is_read_and_a_bad_one_reported() {
+    let with = |value: &str| {
+        svc(
+            json!({"metadata": {"namespace": "d", "name": "s", "annotations": {"ferry.dev/scheduler": value}},
+                       "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}),
+        )
+    };
+    let out = of_cluster(&[&with("maglev")], &[], &node1());
+    assert_eq!(out.frontends[0].scheduler, Some(Scheduler::Maglev));
+    let out = of_cluster(&[&with("fastest")], &[], &node1());
+    assert_eq!(
+        out.frontends[0].scheduler, None,
+        "left to the agent's default"
+    );
+    assert!(matches!(&out.skipped[0], Skip::Scheduler(name, _) if name == "d/s"));
+    assert_eq!(
+        of_cluster(&[&web()], &[], &node1()).frontends[0].scheduler,
+        None
+    );
+}

@@ -1,0 +1,11 @@
+//! Stage 1: Kubernetes objects in, frontends out. Watches (the only API I/O),
+//! EndpointSlice and Node parsing, kube-proxy's topology rules, and the cache
+//! that recomputes only the Services a change touched.
+
+pub mod cache;
+pub mod frontends;
+pub mod manifests;
+pub mod nodes;
+pub mod slices;
+pub mod topology;
+pub mod watch;

@@ -1,0 +1,169 @@
+//! Attaching the programs: XDP (or tc) on the uplinks, tc on pod interfaces,
+//! with fixed tc priorities so a restarted agent replaces its own filters.
+
+use super::*;
+
+impl Dataplane {
+    /// The uplink XDP program.
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(program_names::UPLINK_XDP)
+            .context("no uplink_xdp program")?
+            .try_into()?)
+    }
+
+    /// Attaches the uplink programs to the node's uplink: XDP (native if the
+    /// driver has it, else generic) with the tc program behind it, or the tc
+    /// program alone when XDP cannot attach. `wanted` limits the choice.
+    pub fn attach_uplink(&mut self, iface: &str, wanted: Option<UplinkMode>) -> Result<UplinkMode> {
+        // The tc program runs in every mode: alone, or behind XDP for what XDP hands on.
+        self.attach_tc(iface, program_names::UPLINK_TC, TcAttachType::Ingress)?;
+        let tries: &[(UplinkMode, XdpMode)] = match wanted {
+            Some(UplinkMode::Tc) => &[],
+            Some(UplinkMode::Native) => &[(UplinkMode::Native, XdpMode::Driver)],
+            Some(UplinkMode::Generic) => &[(UplinkMode::Generic, XdpMode::Skb)],
+            None => &[
+                (UplinkMode::Native, XdpMode::Driver),
+                (UplinkMode::Generic, XdpMode::Skb),
+            ],
+        };
+        // The pin's name says the mode: `xdp_<mode>_<iface>`.
+        let pin_dir = self.pin_dir.clone();
+        let pin = |mode: UplinkMode| {
+            pin_dir
+                .as_ref()
+                .map(|d| d.join(format!("xdp_{}_{iface}", mode.name())))
+        };
+        // An XDP link an earlier agent pinned: swap our program into it in one step.
+        for mode in [UplinkMode::Native, UplinkMode::Generic] {
+            let Some(path) = pin(mode).filter(|p| p.exists()) else {
+                continue;
+            };
+            if wanted.is_some_and(|w| w != mode) {
+                bail!(
+                    "{iface} has a {} XDP link pinned at {}; run cleanup first",
+                    mode.name(),
+                    path.display()
+                );
+            }
+            let fd_link: FdLink = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening {}", path.display()))?
+                .into();
+            let program = self.xdp_program()?;
+            let link_id = program.attach_to_link(XdpLink::try_from(fd_link)?)?;
+            std::mem::forget(program.take_link(link_id)?);
+            info!(
+                iface,
+                mode = mode.name(),
+                "uplink XDP program replaced in its pinned link"
+            );
+            return Ok(mode);
+        }
+        for (mode, xdp_mode) in tries {
+            let program = self.xdp_program()?;
+            match program.attach(iface, *xdp_mode) {
+                Ok(link_id) => {
+                    let link = program.take_link(link_id)?;
+                    match (FdLink::try_from(link), pin(*mode)) {
+                        // A bpf_link lives while a file descriptor or a pin holds it:
+                        // pinned, it outlives the agent as the tc filters do.
+                        (Ok(fd_link), Some(path)) => {
+                            fd_link
+                                .pin(&path)
+                                .with_context(|| format!("pinning {}", path.display()))?;
+                        }
+                        (Ok(fd_link), None) => std::mem::forget(fd_link),
+                        // Kernels before 5.9 attach through netlink: that stays by itself.
+                        (Err(_), _) => {}
+                    }
+                    info!(iface, mode = mode.name(), "uplink attached");
+                    return Ok(*mode);
+                }
+                Err(e) => warn!(iface, mode = mode.name(), error = %e, "XDP attach failed"),
+            }
+        }
+        if wanted.is_some_and(|w| w != UplinkMode::Tc) {
+            bail!("XDP could not attach to {iface} in the requested mode");
+        }
+        info!(iface, mode = "tc", "uplink attached");
+        Ok(UplinkMode::Tc)
+    }
+
+    /// One of the loaded programs, by name (see `proxy_common::program_names`).
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?)
+    }
+
+    /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's
+    /// host-side interface. The filters stay after this process exits; `cleanup`
+    /// removes them.
+    pub fn attach_pod_interface(&mut self, iface: &str) -> Result<()> {
+        self.attach_tc(iface, program_names::FROM_POD, TcAttachType::Ingress)?;
+        self.attach_tc(iface, program_names::TO_POD, TcAttachType::Egress)?;
+        info!(iface, "attached");
+        Ok(())
+    }
+
+    /// Attaches one tc program. Ferry's filters sit at a fixed priority and
+    /// handle, so a filter an earlier agent left there is replaced in one step,
+    /// without a gap. Netlink filters, not tcx links: they work from 5.10 on and
+    /// outlive the agent.
+    fn attach_tc(&mut self, iface: &str, name: &str, attach_type: TcAttachType) -> Result<()> {
+        match qdisc_add_clsact(iface) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("adding clsact to {iface}")),
+        }
+        let program = self.program(name)?;
+        let options = NlOptions {
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+            ..NlOptions::default()
+        };
+        let link_id = match program.attach_with_options(
+            iface,
+            attach_type,
+            TcAttachOptions::Netlink(options),
+        ) {
+            Ok(id) => Ok(id),
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                let existing = SchedClassifierLink::attached(
+                    iface,
+                    attach_type,
+                    TC_PRIORITY,
+                    TC_HANDLE,
+                    None,
+                )?;
+                program.attach_to_link(existing)
+            }
+            Err(e) => Err(e),
+        }
+        .with_context(|| format!("attaching {name} to {iface}"))?;
+        let link = program.take_link(link_id)?;
+        // Dropping the link would detach it; the filter must stay.
+        std::mem::forget(link);
+        Ok(())
+    }
+}
+
+/// Detaches every filter named `name` from one hook of `iface`; none is fine.
+pub(super) fn detach(iface: &str, attach_type: TcAttachType, name: &str) -> Result<bool> {
+    match qdisc_detach_program(iface, attach_type, name) {
+        Ok(()) => Ok(true),
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        // No clsact qdisc on this interface: nothing of ours can be there.
+        Err(TcError::NetlinkError(e))
+            if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| format!("detaching {name} from {iface}")),
+    }
+}

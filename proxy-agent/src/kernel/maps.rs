@@ -1,0 +1,192 @@
+//! Map I/O on the loaded programs: the node settings, reading the map state
+//! back, applying ordered writes, applying the garbage-collection plan, and
+//! the readers tests and tools use.
+
+use super::*;
+
+impl Dataplane {
+    /// Writes the node-wide settings.
+    pub fn set_config(&mut self, config: Config) -> Result<()> {
+        self.config.set(0, config, 0)?;
+        Ok(())
+    }
+
+    /// Removes affinity entries that name a backend their frontend no longer
+    /// sends new connections to. Returns how many went.
+    pub fn prune_affinity(&mut self, state: &MapState) -> Result<usize> {
+        let entries: Vec<(AffinityKey4, AffinityValue4)> =
+            self.affinity.iter().filter_map(Result::ok).collect();
+        if entries.is_empty() {
+            // The usual case: no sessionAffinity client. Skip the set of every
+            // (frontend, backend) pair, which costs a walk over all slots.
+            return Ok(0);
+        }
+        let allowed = state.slot_pairs();
+        let stale: Vec<AffinityKey4> = entries
+            .into_iter()
+            .filter(|(k, v)| !allowed.contains(&(k.rev_nat_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            // Gone already (LRU) is fine.
+            let _ = self.affinity.remove(key);
+        }
+        Ok(stale.len())
+    }
+
+    /// Every affinity entry.
+    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue4)>> {
+        Ok(self.affinity.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every NAT entry.
+    pub fn nat(&self) -> Result<Vec<(CtKey4, Nat4)>> {
+        Ok(self.nat.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every NAT-port word (see `proxy_common::NatPortKey4`).
+    pub fn nat_ports(&self) -> Result<Vec<(NatPortKey4, u64)>> {
+        Ok(self.nat_ports.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// What the service, backend and reverse-NAT maps hold now.
+    pub fn read_state(&self) -> Result<MapState> {
+        let mut state = MapState::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry?;
+            state.services.insert(k, v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry?;
+            state.backends.insert(k, v);
+        }
+        for entry in self.revnat.iter() {
+            let (k, v) = entry?;
+            state.revnat.insert(k, v);
+        }
+        for entry in self.maglev.iter() {
+            let (k, v) = entry?;
+            state.maglev.insert(k, v);
+        }
+        for entry in self.source_ranges.iter() {
+            let (k, _) = entry?;
+            state.source_ranges.insert((k.prefix_len(), k.data()));
+        }
+        Ok(state)
+    }
+
+    /// Applies map writes in order. Stops at the first failure (a full map, say),
+    /// leaving the maps consistent: every write before it was make-before-break.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        for op in ops {
+            debug!(?op, "map write");
+            match *op {
+                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
+                MapOp::PutRevNat(id, r) => self.revnat.insert(id, r, 0),
+                MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+                MapOp::PutSourceRange(prefix, data) => {
+                    self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
+                }
+                MapOp::PutMaglev(key, backend_id) => self.maglev.insert(key, backend_id, 0),
+                MapOp::DelMaglev(key) => self.maglev.remove(&key),
+                MapOp::DelSourceRange(prefix, data) => {
+                    self.source_ranges.remove(&LpmKey::new(prefix, data))
+                }
+                MapOp::DelService(k) => self.services.remove(&k),
+                MapOp::DelRevNat(id) => self.revnat.remove(&id),
+                MapOp::DelBackend(id) => self.backends.remove(&id),
+            }
+            .with_context(|| format!("map write {op:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the conntrack and NAT entries whose flows ended, frees their
+    /// NAT ports and takes the per-backend exhaustion counts (see [`gc`]), at
+    /// `now_ns` (the programs' clock, see [`monotonic_ns`]).
+    pub fn gc(&mut self, now_ns: u64, lifetimes: &gc::Lifetimes) -> Result<gc::Report> {
+        let snapshot = gc::Snapshot {
+            conntrack: self.conntrack.iter().filter_map(Result::ok).collect(),
+            nat: self.nat.iter().filter_map(Result::ok).collect(),
+            nat_ports: self.nat_ports.iter().filter_map(Result::ok).collect(),
+            revnat: self.revnat.iter().filter_map(Result::ok).collect(),
+            nat_range: self
+                .config
+                .get(&0, 0)
+                .ok()
+                .map(|c| (c.nat_port_min, c.nat_port_max)),
+        };
+        let plan = gc::plan(&snapshot, now_ns, lifetimes);
+        let mut report = gc::Report {
+            conntrack_entries: snapshot.conntrack.len(),
+            nat_entries: snapshot.nat.len(),
+            exhausted: plan.exhausted,
+            held: plan.held,
+            ..Default::default()
+        };
+        // The programs may have renewed an entry since the snapshot (a client
+        // reusing the tuple): only one still expired is deleted, read again
+        // just before. Deleting a renewed entry would cut its flow.
+        for key in &plan.conntrack {
+            let still = self.conntrack.get(key, 0);
+            if still.is_ok_and(|v| {
+                now_ns.saturating_sub(v.last_seen_ns) > lifetimes.nanos(key.proto, v.flags)
+            }) && self.conntrack.remove(key).is_ok()
+            {
+                report.conntrack_removed += 1;
+            }
+        }
+        let before: std::collections::HashMap<CtKey4, Nat4> = snapshot.nat.into_iter().collect();
+        for key in &plan.nat {
+            // Unchanged since the snapshot: no packet of its flow came by.
+            if self.nat.get(key, 0).ok() == before.get(key).copied() && self.nat.remove(key).is_ok()
+            {
+                report.nat_removed += 1;
+            }
+        }
+        // Bits the programs set since the snapshot are kept: they belong to
+        // flows the snapshot did not see.
+        for (key, seen, wanted) in &plan.nat_ports {
+            let now = self.nat_ports.get(key, 0).unwrap_or(0);
+            let since = now & !seen;
+            let result = match wanted {
+                None if since == 0 || key.index == nat_ports::DROPS => self.nat_ports.remove(key),
+                None => self.nat_ports.insert(key, since, 0),
+                Some(bits) if bits | since == now => continue,
+                Some(bits) => self.nat_ports.insert(key, bits | since, 0),
+            };
+            // Gone already, or a full map: the next collection tries again.
+            if let Err(e) = result {
+                debug!(?key, error = %e, "NAT-port word");
+            }
+        }
+        report.conntrack_entries -= report.conntrack_removed;
+        report.nat_entries -= report.nat_removed;
+        Ok(report)
+    }
+
+    /// Writes one conntrack entry (for tests and repairs).
+    pub fn set_conntrack(&mut self, key: CtKey4, value: CtValue4) -> Result<()> {
+        self.conntrack.insert(key, value, 0)?;
+        Ok(())
+    }
+
+    /// Removes every conntrack entry.
+    pub fn flush_conntrack(&mut self) -> Result<usize> {
+        let keys: Vec<CtKey4> = self.conntrack.keys().collect::<Result<_, _>>()?;
+        for key in &keys {
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(keys.len())
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue4)>> {
+        Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The statistics counters summed over CPUs, by name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
+        super::pinned::sum_stats(&self.stats)
+    }
+}

@@ -1,0 +1,390 @@
+//! Stage 3, the only one that touches the kernel: the loaded programs and their
+//! maps. This file loads the embedded object and pins its maps; `attach.rs`
+//! attaches the programs, `maps.rs` reads and writes the maps, `cleanup.rs`
+//! removes it all, `ifaces.rs` follows pod interfaces.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, ProgramArray,
+    },
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{
+            qdisc_add_clsact, qdisc_detach_program, NlOptions, SchedClassifierLink,
+            TcAttachOptions, TcError, TcHandle,
+        },
+        xdp::XdpLink,
+        Program, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{
+    bench, capacity, map_names, nat_ports, program_names, AffinityKey4, AffinityValue4, Backend4,
+    Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue,
+    SourceRange4, StatCounter,
+};
+use tracing::{debug, info, warn};
+
+use crate::desired::{gc, MapOp, MapState};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
+
+/// Where the maps are pinned unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where Ferry's tc filters sit on a pod interface: a fixed priority and handle,
+/// so a restarted agent replaces its own filters in place.
+const TC_PRIORITY: u16 = 0x4652; // "FR"
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey4, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend4>,
+    revnat: HashMap<MapData, u32, RevNat4>,
+    conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    nat: HashMap<MapData, CtKey4, Nat4>,
+    nat_ports: HashMap<MapData, NatPortKey4, u64>,
+    affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
+    maglev: HashMap<MapData, MaglevKey4, u32>,
+    source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, StatCounter>,
+    /// Where maps (and XDP links) are pinned; None for private maps.
+    pin_dir: Option<PathBuf>,
+}
+
+/// A timed run through a frame-restoring wrapper ([`Dataplane::run_wrapped`]).
+pub struct WrappedRun {
+    /// The last run's return code.
+    pub verdict: u32,
+    /// The frame as the last run left it.
+    pub frame: Vec<u8>,
+    /// The kernel's mean time per run, the wrapper included.
+    pub per_run: Duration,
+}
+
+/// How the uplink program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkMode {
+    /// XDP in the driver, with the tc program behind it for the packets XDP hands on.
+    Native,
+    /// XDP on the generic (skb) path, with the tc program behind it.
+    Generic,
+    /// The tc program alone, where XDP cannot attach.
+    Tc,
+}
+
+impl UplinkMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Tc => "tc",
+        }
+    }
+}
+
+impl Dataplane {
+    /// Loads the programs with their maps pinned under `pin_dir`. Maps already
+    /// pinned there are reused, so a restarted agent keeps every connection.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut dataplane = Self::load_with(&mut loader)?;
+        dataplane.pin_dir = Some(pin_dir.to_path_buf());
+        Ok(dataplane)
+    }
+
+    /// Loads the programs with private maps that vanish with this value: for
+    /// packet tests and simulations that must not touch a running agent's state.
+    pub fn load_private() -> Result<Self> {
+        Self::load_with(&mut EbpfLoader::new())
+    }
+
+    /// Private maps with room for `frontends` frontends of `backends_each`
+    /// backends: for benchmarks at scales beyond the default capacities.
+    pub fn load_private_sized(frontends: u32, backends_each: u32) -> Result<Self> {
+        let slots = frontends
+            .saturating_mul(backends_each + 1)
+            .max(capacity::SERVICES);
+        let backends = frontends
+            .saturating_mul(backends_each)
+            .max(capacity::BACKENDS);
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::SERVICES_V4, slots)
+            .map_max_entries(map_names::BACKENDS_V4, backends);
+        Self::load_with(&mut loader)
+    }
+
+    /// The `pass_only` XDP program (loaded on first use): the benchmarks' floor.
+    pub fn pass_only(&mut self) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(bench::PASS_ONLY_XDP)
+            .context("no pass_only program")?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        Ok(program)
+    }
+
+    /// Runs the XDP or tc program `target` `repeat` times through its
+    /// frame-restoring wrapper (see `proxy_common::bench`): every run starts
+    /// from `frame`, which must be `bench::FRAME_LEN` bytes, and takes the path
+    /// that frame takes. Returns the last run's verdict and frame, and the
+    /// kernel's mean time per run, the wrapper's own cost included.
+    pub fn run_wrapped(&mut self, target: &str, frame: &[u8], repeat: u32) -> Result<WrappedRun> {
+        let restored: [u8; bench::FRAME_LEN] = frame.try_into().with_context(|| {
+            format!(
+                "the wrappers restore {} bytes, the frame has {}",
+                bench::FRAME_LEN,
+                frame.len()
+            )
+        })?;
+        let mut frames: Array<&mut MapData, [u8; bench::FRAME_LEN]> =
+            Array::try_from(self.map(bench::FRAME_MAP)?)?;
+        frames.set(0, restored, 0)?;
+        let program = self.load_on_demand(target)?;
+        let (wrapper, targets) = if matches!(program, Program::Xdp(_)) {
+            (bench::WRAPPER_XDP, bench::XDP_TARGET_MAP)
+        } else {
+            (bench::WRAPPER_TC, bench::TC_TARGET_MAP)
+        };
+        let fd = program.fd()?.try_clone()?;
+        ProgramArray::try_from(self.map(targets)?)?.set(0, &fd, 0)?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = match self.load_on_demand(wrapper)? {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => bail!("{wrapper} is neither XDP nor tc"),
+        }
+        .with_context(|| format!("test run of {target} through {wrapper}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(WrappedRun {
+            verdict: result.return_value,
+            frame: out,
+            per_run: result.duration,
+        })
+    }
+
+    /// The program `name`, an XDP or tc one, loaded if it was not yet.
+    fn load_on_demand(&mut self, name: &str) -> Result<&mut Program> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?;
+        if program.fd().is_err() {
+            match program {
+                Program::Xdp(p) => p.load()?,
+                Program::SchedClassifier(p) => p.load()?,
+                _ => bail!("{name} is neither XDP nor tc"),
+            }
+        }
+        Ok(program)
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))
+    }
+
+    /// Kernels before 5.11 charge BPF map memory to RLIMIT_MEMLOCK, whose usual
+    /// value (64 KiB to 8 MiB) is far below what the maps take: creating them
+    /// fails with EPERM there. Best effort: going past the hard limit needs
+    /// CAP_SYS_RESOURCE, and newer kernels charge the memory cgroup instead.
+    fn raise_memlock_limit() {
+        use aya::util::KernelVersion;
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
+            // Charged to the memory cgroup: the limit does not apply.
+            return;
+        }
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut old) } != 0 {
+            warn!(error = %io::Error::last_os_error(), "cannot read RLIMIT_MEMLOCK");
+            return;
+        }
+        if old.rlim_cur == libc::RLIM_INFINITY {
+            return;
+        }
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+            info!(
+                previous = old.rlim_cur,
+                "raised RLIMIT_MEMLOCK to unlimited for the BPF maps"
+            );
+            return;
+        }
+        let error = io::Error::last_os_error();
+        let to_hard = libc::rlimit {
+            rlim_cur: old.rlim_max,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above.
+        let raised = old.rlim_max > old.rlim_cur
+            && unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &to_hard) } == 0;
+        warn!(
+            %error,
+            limit = if raised { old.rlim_max } else { old.rlim_cur },
+            "could not lift RLIMIT_MEMLOCK: on kernels before 5.11 creating the maps may fail \
+             with EPERM (give the agent CAP_SYS_RESOURCE)"
+        );
+    }
+
+    fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self> {
+        Self::raise_memlock_limit();
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        for name in [
+            program_names::FROM_POD,
+            program_names::TO_POD,
+            program_names::UPLINK_TC,
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::UPLINK_XDP)
+            .context("program uplink_xdp missing from the object")?
+            .try_into()?;
+        xdp.load().context("the verifier rejected uplink_xdp")?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))
+        };
+        let services = HashMap::try_from(take(map_names::SERVICES_V4)?)?;
+        let backends = HashMap::try_from(take(map_names::BACKENDS_V4)?)?;
+        let revnat = HashMap::try_from(take(map_names::REVNAT_V4)?)?;
+        let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
+        let nat = HashMap::try_from(take(map_names::NAT_V4)?)?;
+        let nat_ports = HashMap::try_from(take(map_names::NAT_PORTS_V4)?)?;
+        let affinity = HashMap::try_from(take(map_names::AFFINITY_V4)?)?;
+        let maglev = HashMap::try_from(take(map_names::MAGLEV_V4)?)?;
+        let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
+        let config = Array::try_from(take(map_names::CONFIG)?)?;
+        let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
+        Ok(Self {
+            ebpf,
+            services,
+            backends,
+            revnat,
+            conntrack,
+            nat,
+            nat_ports,
+            affinity,
+            maglev,
+            source_ranges,
+            config,
+            stats,
+            pin_dir: None,
+        })
+    }
+}
+
+/// The clock the programs stamp entries with (bpf_ktime_get_ns: CLOCK_MONOTONIC).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Makes sure `dir` will live on a bpffs. Inside `ip netns exec` the machine's
+/// bpffs is not visible; there a private one is mounted on /sys/fs/bpf.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe
+            .parent()
+            .context("pin directory has no existing ancestor")?;
+    }
+    if fs_magic(probe)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) || probe != root {
+        bail!(
+            "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
+    }
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
+    }
+    info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type)
+}
+
+pub mod ifaces;
+pub mod pinned;
+
+mod attach;
+mod cleanup;
+mod maps;
+
+pub use cleanup::{cleanup, Removed};

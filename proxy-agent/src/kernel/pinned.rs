@@ -1,0 +1,87 @@
+//! Typed reads of the maps an agent pinned, without loading anything: what
+//! `inspect` prints and tools outside the agent read. One place opens a pinned
+//! map by name and decodes its entries.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use proxy_common::{
+    map_names, stats, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4, RevNat4,
+    ServiceKey4, ServiceValue, StatCounter,
+};
+
+/// The maps pinned under one directory.
+#[derive(Clone, Debug)]
+pub struct Pinned {
+    dir: PathBuf,
+}
+
+impl Pinned {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn open(&self, name: &str) -> Result<Map> {
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is an agent running here?)", path.display()))?;
+        Ok(Map::from_map_data(data)?)
+    }
+
+    /// Every entry of the pinned hash map `name`.
+    pub fn hash<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
+        let map: HashMap<MapData, K, V> = HashMap::try_from(self.open(name)?)?;
+        Ok(map.iter().collect::<Result<_, _>>()?)
+    }
+
+    pub fn services(&self) -> Result<Vec<(ServiceKey4, ServiceValue)>> {
+        self.hash(map_names::SERVICES_V4)
+    }
+
+    pub fn backends(&self) -> Result<Vec<(u32, Backend4)>> {
+        self.hash(map_names::BACKENDS_V4)
+    }
+
+    pub fn revnat(&self) -> Result<Vec<(u32, RevNat4)>> {
+        self.hash(map_names::REVNAT_V4)
+    }
+
+    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue4)>> {
+        self.hash(map_names::CONNTRACK_V4)
+    }
+
+    pub fn nat(&self) -> Result<Vec<(CtKey4, Nat4)>> {
+        self.hash(map_names::NAT_V4)
+    }
+
+    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue4)>> {
+        self.hash(map_names::AFFINITY_V4)
+    }
+
+    /// Every statistics counter, summed over the CPUs, by name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
+        let map: PerCpuArray<MapData, StatCounter> =
+            PerCpuArray::try_from(self.open(map_names::STATS)?)?;
+        sum_stats(&map)
+    }
+}
+
+/// The statistics counters of `map`, summed over the CPUs, by name.
+pub(super) fn sum_stats(
+    map: &PerCpuArray<MapData, StatCounter>,
+) -> Result<Vec<(&'static str, StatCounter)>> {
+    let mut out = Vec::with_capacity(stats::NAMES.len());
+    for (index, name) in stats::NAMES.iter().enumerate() {
+        let per_cpu = map.get(&(index as u32), 0)?;
+        let mut total = StatCounter::default();
+        for c in per_cpu.iter() {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
+        out.push((*name, total));
+    }
+    Ok(out)
+}
