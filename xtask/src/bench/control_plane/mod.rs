@@ -510,14 +510,7 @@ impl Maps {
 
     /// Whether a slot of `frontend` names a backend at `address`.
     fn serves(&self, frontend: Ipv4Addr, address: Ipv4Addr) -> Result<bool> {
-        let key = |slot: u16| ServiceKey4 {
-            addr_be: u32::from(frontend).to_be(),
-            port_be: SERVICE_PORT.to_be(),
-            proto: proto::TCP,
-            scope: 0,
-            slot,
-            _pad: 0,
-        };
+        let key = |slot: u16| ServiceKey4::new(frontend, SERVICE_PORT, proto::TCP, slot);
         let Ok(head) = self.services.get(&key(0), 0) else {
             return Ok(false);
         };
