@@ -26,9 +26,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    bench, capacity, map_names, nat_ports, program_names, stats, AffinityKey4, AffinityValue4,
-    Backend4, Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4,
-    ServiceValue, SourceRange4, StatCounter,
+    bench, capacity, map_names, nat_ports, program_names, stats::Stat, AffinityKey4,
+    AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4,
+    ServiceKey4, ServiceValue, SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -654,15 +654,15 @@ impl Dataplane {
 
     /// The statistics counters summed over CPUs, by name.
     pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
-        let mut out = Vec::with_capacity(stats::NAMES.len());
-        for (index, name) in stats::NAMES.iter().enumerate() {
-            let per_cpu = self.stats.get(&(index as u32), 0)?;
+        let mut out = Vec::with_capacity(Stat::ALL.len());
+        for stat in Stat::ALL {
+            let per_cpu = self.stats.get(&stat.index(), 0)?;
             let mut total = StatCounter::default();
             for c in per_cpu.iter() {
                 total.packets += c.packets;
                 total.bytes += c.bytes;
             }
-            out.push((*name, total));
+            out.push((stat.name(), total));
         }
         Ok(out)
     }

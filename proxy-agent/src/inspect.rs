@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    backend_flags, backend_state, ct_dir, ct_flags, map_names, proto, stats, svc_flags,
+    backend_flags, backend_state, ct_dir, ct_flags, map_names, proto, stats::Stat, svc_flags,
     AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4,
     ServiceValue, StatCounter,
 };
@@ -220,8 +220,8 @@ pub fn stats(pin_dir: &Path) -> Result<String> {
     let map: PerCpuArray<MapData, StatCounter> =
         PerCpuArray::try_from(open(pin_dir, map_names::STATS)?)?;
     let mut out = format!("{:<24} {:>12} {:>14}\n", "COUNTER", "PACKETS", "BYTES");
-    for (index, name) in stats::NAMES.iter().enumerate() {
-        let per_cpu = map.get(&(index as u32), 0)?;
+    for stat in Stat::ALL {
+        let (name, per_cpu) = (stat.name(), map.get(&stat.index(), 0)?);
         let (packets, bytes) = per_cpu
             .iter()
             .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));

@@ -1,13 +1,14 @@
-//! How a program's outcome becomes its return code and a statistics count:
-//! every packet is counted exactly once, here.
+//! What a program decided for a packet (`Out`, or `Dropped` with its reason)
+//! and how that becomes its return code and a statistics count: every packet
+//! is counted exactly once, here.
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh},
 };
-use proxy_common::StatCounter;
+use proxy_common::{stats::Stat, StatCounter};
 
-use crate::maps::STATS;
+use crate::{flow::Early, maps::STATS};
 
 /// tc: let the packet continue, to the next filter if there is one, else to the stack.
 pub const TC_ACT_UNSPEC: i32 = -1;
@@ -32,12 +33,12 @@ pub enum Action {
 pub struct Out {
     pub action: Action,
     /// The statistics counter this outcome is counted under.
-    pub stat: u32,
+    pub stat: Stat,
 }
 
 impl Out {
     #[inline(always)]
-    pub const fn pass(stat: u32) -> Self {
+    pub const fn pass(stat: Stat) -> Self {
         Self {
             action: Action::Pass,
             stat,
@@ -45,12 +46,26 @@ impl Out {
     }
 }
 
-/// A reason to drop the packet, as a statistics counter index.
-pub struct Drop(pub u32);
+/// A reason to drop the packet, as the statistics counter it is counted under.
+pub struct Dropped(pub Stat);
+
+/// A packet's outcome so far: on its way somewhere, or dropped.
+pub type Outcome = Result<Out, Dropped>;
+
+impl Early {
+    /// The outcome of a packet the parser found no flow in.
+    #[inline(always)]
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Early::Pass(stat) => Ok(Out::pass(stat)),
+            Early::Drop(stat) => Err(Dropped(stat)),
+        }
+    }
+}
 
 #[inline(always)]
-fn count(len: u32, stat: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(stat) {
+fn count(len: u32, stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: a per-CPU array slot is only touched by this CPU.
         unsafe {
             let counter: &mut StatCounter = &mut *counter;
@@ -62,7 +77,7 @@ fn count(len: u32, stat: u32) {
 
 /// tc: counts the packet (with `len`, its length as it arrived) and returns the action.
 #[inline(always)]
-pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i32 {
+pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Outcome) -> i32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
@@ -78,7 +93,7 @@ pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i
                 }
             }
         }
-        Err(Drop(stat)) => {
+        Err(Dropped(stat)) => {
             count(len, stat);
             TC_ACT_SHOT as i32
         }
@@ -87,7 +102,7 @@ pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i
 
 /// XDP: the same for an XDP program.
 #[inline(always)]
-pub fn finish_xdp(len: u32, result: Result<Out, Drop>) -> u32 {
+pub fn finish_xdp(len: u32, result: Outcome) -> u32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
@@ -98,7 +113,7 @@ pub fn finish_xdp(len: u32, result: Result<Out, Drop>) -> u32 {
                 Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
             }
         }
-        Err(Drop(stat)) => {
+        Err(Dropped(stat)) => {
             count(len, stat);
             xdp_action::XDP_DROP
         }
