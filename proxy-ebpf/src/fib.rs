@@ -77,15 +77,18 @@ pub fn send<C: Packet>(ctx: &C, hop: Hop, stat: Stat) -> Outcome {
             smac,
         } => {
             ctx.set_macs(&dmac, &smac)?;
-            let action = if ifindex == ctx.ifindex() {
-                Action::Tx
-            } else {
-                Action::Redirect(ifindex)
-            };
-            Ok(Out { action, stat })
+            if ifindex == ctx.ifindex() {
+                return Ok(Out::new(Action::Tx, stat));
+            }
+            Ok(Out {
+                action: Action::Redirect,
+                ifindex,
+                stat,
+            })
         }
         Hop::Unresolved { ifindex } => Ok(Out {
-            action: Action::RedirectNeigh(ifindex),
+            action: Action::RedirectNeigh,
+            ifindex,
             stat,
         }),
     }

@@ -111,8 +111,5 @@ fn back_into_the_pod(ctx: &TcContext, stat: Stat) -> Outcome {
     pod.copy_from_slice(&macs[6..]);
     gateway.copy_from_slice(&macs[..6]);
     ctx.set_macs(&pod, &gateway)?;
-    Ok(Out {
-        action: Action::Tx,
-        stat,
-    })
+    Ok(Out::new(Action::Tx, stat))
 }

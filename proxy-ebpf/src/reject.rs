@@ -85,8 +85,5 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Outcome {
     let icmp_csum = csum::fold(sum);
     ctx.store(ETH_LEN + IP_LEN + 2, &icmp_csum, 0)
         .map_err(|_| Dropped(Stat::DropRejectFailed))?;
-    Ok(Out {
-        action: Action::Tx,
-        stat: Stat::RejectNoBackend,
-    })
+    Ok(Out::new(Action::Tx, Stat::RejectNoBackend))
 }

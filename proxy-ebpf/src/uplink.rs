@@ -66,10 +66,7 @@ pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Outcome {
         if svc.flags & svc_flags::LOCAL_ONLY != 0 {
             return Err(Dropped(Stat::DropNoLocalBackend));
         }
-        return Ok(Out {
-            action: Action::Reject,
-            stat: Stat::RejectNoBackend,
-        });
+        return Ok(Out::new(Action::Reject, Stat::RejectNoBackend));
     }
     let chosen = lb::choose(&flow, key, &svc)?;
     let backend = chosen.backend;

@@ -13,18 +13,21 @@ use crate::{flow::Early, maps::STATS};
 /// tc: let the packet continue, to the next filter if there is one, else to the stack.
 pub const TC_ACT_UNSPEC: i32 = -1;
 
-/// Where a packet goes when it is not dropped.
+/// Where a packet goes when it is not dropped. Fieldless, with the interface
+/// beside it in `Out`: a payload that only some variants write would leave
+/// stack bytes uninitialized on the others, which 5.10 and 6.1 refuse to read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// On to the kernel's stack (possibly rewritten).
     Pass,
     /// Back out of the interface it came in on (addresses already rewritten).
     Tx,
-    /// Out of another interface, MACs already set.
-    Redirect(u32),
-    /// Out of an interface whose next hop's MAC is not known yet (tc only: the
-    /// kernel resolves it; XDP hands such packets to the tc program instead).
-    RedirectNeigh(u32),
+    /// Out of interface `Out::ifindex`, MACs already set.
+    Redirect,
+    /// Out of interface `Out::ifindex` whose next hop's MAC is not known yet
+    /// (tc only: the kernel resolves it; XDP hands such packets to the tc
+    /// program instead).
+    RedirectNeigh,
     /// Reject with ICMP port unreachable (tc builds it; XDP hands it to tc).
     Reject,
 }
@@ -32,6 +35,8 @@ pub enum Action {
 /// What a program decided for a packet it did not drop.
 pub struct Out {
     pub action: Action,
+    /// The interface of `Redirect` and `RedirectNeigh` (0 otherwise).
+    pub ifindex: u32,
     /// The statistics counter this outcome is counted under.
     pub stat: Stat,
 }
@@ -39,8 +44,15 @@ pub struct Out {
 impl Out {
     #[inline(always)]
     pub const fn pass(stat: Stat) -> Self {
+        Self::new(Action::Pass, stat)
+    }
+
+    /// An outcome without an interface (any action but the redirects).
+    #[inline(always)]
+    pub const fn new(action: Action, stat: Stat) -> Self {
         Self {
-            action: Action::Pass,
+            action,
+            ifindex: 0,
             stat,
         }
     }
@@ -86,9 +98,9 @@ pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Outcome) -> i32 {
                 match out.action {
                     Action::Pass | Action::Reject => TC_ACT_UNSPEC,
                     Action::Tx => bpf_redirect(ingress_ifindex, 0) as i32,
-                    Action::Redirect(ifindex) => bpf_redirect(ifindex, 0) as i32,
-                    Action::RedirectNeigh(ifindex) => {
-                        bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+                    Action::Redirect => bpf_redirect(out.ifindex, 0) as i32,
+                    Action::RedirectNeigh => {
+                        bpf_redirect_neigh(out.ifindex, core::ptr::null_mut(), 0, 0) as i32
                     }
                 }
             }
@@ -107,10 +119,10 @@ pub fn finish_xdp(len: u32, result: Outcome) -> u32 {
         Ok(out) => {
             count(len, out.stat);
             match out.action {
-                Action::Pass | Action::Reject | Action::RedirectNeigh(_) => xdp_action::XDP_PASS,
+                Action::Pass | Action::Reject | Action::RedirectNeigh => xdp_action::XDP_PASS,
                 Action::Tx => xdp_action::XDP_TX,
                 // SAFETY: plain helper call.
-                Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+                Action::Redirect => unsafe { bpf_redirect(out.ifindex, 0) as u32 },
             }
         }
         Err(Dropped(stat)) => {
