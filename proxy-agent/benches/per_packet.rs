@@ -13,7 +13,14 @@
 //! loop. Each wrapper's own cost, around a PASS-only program of its hook, is
 //! their floor. Every timed run's verdict and output frame are checked.
 //!
-//! Usage (root): `cargo bench -p proxy-agent --bench per_packet -- [--quick] [--out FILE]`
+//! With `--baseline OBJECT` (or `FERRY_BENCH_BASELINE=OBJECT`), another build
+//! of the programs (an eBPF object file, e.g. one built from an older commit)
+//! is timed beside the embedded one in the same run, scale by scale in the
+//! order new, old, old, new (each path's median is the mean of its two), and
+//! the table is the ratio new/old per path; `--ratio-out FILE` writes it.
+//!
+//! Usage (root): `cargo bench -p proxy-agent --bench per_packet -- [--quick]
+//! [--out FILE] [--scales 10,1000,...] [--baseline OBJECT [--ratio-out FILE]]`
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -176,10 +183,22 @@ impl Row {
     }
 }
 
-fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec<Row>) {
+/// Measures every path at `services` Services with the embedded object, or
+/// with `object` (the bytes of another build) when given.
+fn measure(
+    object: Option<&[u8]>,
+    services: u32,
+    samples: usize,
+    wrapped_samples: usize,
+    rows: &mut Vec<Row>,
+) {
     let mut list: Vec<FrontendSpec> = (0..services).map(service).collect();
     settings::fill_defaults(&mut list, Scheduler::default());
-    let mut p = Programs::load_sized(services, BACKENDS_EACH).expect("load");
+    let mut p = match object {
+        Some(object) => Programs::load_sized_object(object, services, BACKENDS_EACH),
+        None => Programs::load_sized(services, BACKENDS_EACH),
+    }
+    .expect("load");
     let problems = p.serve(&list).expect("fill the maps");
     assert!(
         problems.is_empty(),
@@ -265,24 +284,78 @@ fn measure(services: u32, samples: usize, wrapped_samples: usize, rows: &mut Vec
     rows.push(Row::new(services, path, path, ns));
 }
 
+/// Times the embedded object against `baseline` (another build's bytes) at
+/// each scale, in the order new, old, old, new so that drift in the machine's
+/// load weighs on both alike; returns the ratio table (new/old per path).
+fn compare(baseline: &[u8], scales: &[u32], samples: usize, wrapped_samples: usize) -> String {
+    let mut table = String::from(
+        "| Services | path | old median ns | new median ns | new/old |\n|---:|---|---:|---:|---:|\n",
+    );
+    for &n in scales {
+        eprintln!("per_packet: {n} Services, new and old object, {samples} samples per path");
+        let (mut new, mut old) = (Vec::new(), Vec::new());
+        measure(None, n, samples, wrapped_samples, &mut new);
+        measure(Some(baseline), n, samples, wrapped_samples, &mut old);
+        measure(Some(baseline), n, samples, wrapped_samples, &mut old);
+        measure(None, n, samples, wrapped_samples, &mut new);
+        let mean = |rows: &[Row], path: &str| {
+            let medians: Vec<u64> = rows
+                .iter()
+                .filter(|r| r.path == path)
+                .map(|r| r.median)
+                .collect();
+            medians.iter().sum::<u64>() as f64 / medians.len() as f64
+        };
+        let half = new.len() / 2;
+        for r in &new[..half] {
+            let (o, m) = (mean(&old, r.path), mean(&new, r.path));
+            table.push_str(&format!(
+                "| {n} | {} | {o:.0} | {m:.0} | {:.3} |\n",
+                r.path,
+                m / o
+            ));
+        }
+    }
+    table
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let out = value("--out");
     assert_eq!(unsafe { libc::geteuid() }, 0, "run as root");
-    let scales: &[u32] = &[10, 1_000, 10_000, 100_000];
+    let scales: Vec<u32> = value("--scales").map_or_else(
+        || vec![10, 1_000, 10_000, 100_000],
+        |list| {
+            list.split(',')
+                .map(|n| n.parse().expect("--scales: numbers, comma-separated"))
+                .collect()
+        },
+    );
     let (samples, wrapped_samples) = if quick { (3_000, 30) } else { (20_000, 200) };
+    let baseline = value("--baseline").or_else(|| std::env::var("FERRY_BENCH_BASELINE").ok());
+    if let Some(path) = baseline {
+        let object = std::fs::read(&path).unwrap_or_else(|e| panic!("--baseline {path}: {e}"));
+        let table = compare(&object, &scales, samples, wrapped_samples);
+        print!("{table}");
+        if let Some(ratio_out) = value("--ratio-out") {
+            std::fs::write(&ratio_out, &table).expect("write the ratio table");
+        }
+        return;
+    }
     let mut rows = Vec::new();
-    for &n in scales {
+    for &n in &scales {
         eprintln!(
             "per_packet: {n} Services of {BACKENDS_EACH} backends, {samples} samples per path, \
              {wrapped_samples} of {WRAPPED_REPEAT} runs per wrapped path"
         );
-        measure(n, samples, wrapped_samples, &mut rows);
+        measure(None, n, samples, wrapped_samples, &mut rows);
     }
     let base = |path: &str| {
         rows.iter()

@@ -1,60 +1,116 @@
-//! Indexes of the per-CPU statistics array: one counter per verdict and per drop
-//! reason. The agent prints them by these names.
+//! The per-CPU statistics counters: one per verdict and per drop reason. Each
+//! counter's index in the `stats_v1` array and its printed name are written
+//! once, in the table below; the programs count under a `Stat`, the agent
+//! prints `Stat::name`.
 
-pub const PASS_NOT_IPV4: u32 = 0;
-pub const PASS_NOT_TCP_UDP: u32 = 1;
-pub const PASS_FRAGMENT: u32 = 2;
-pub const PASS_NOT_SERVICE: u32 = 3;
-pub const PASS_TRUNCATED_L4: u32 = 4;
-pub const FWD_NEW: u32 = 5;
-pub const FWD_ESTABLISHED: u32 = 6;
-pub const REV_NAT: u32 = 7;
-pub const PASS_NO_CONNTRACK: u32 = 8;
-pub const REJECT_NO_BACKEND: u32 = 9;
-pub const DROP_MALFORMED_IP: u32 = 10;
-pub const DROP_NO_BACKEND_ENTRY: u32 = 11;
-pub const DROP_CT_INSERT: u32 = 12;
-pub const DROP_REWRITE: u32 = 13;
-pub const DROP_REJECT_FAILED: u32 = 14;
-pub const DROP_NO_REVNAT: u32 = 15;
-pub const FWD_LOCAL: u32 = 16;
-pub const FWD_SNAT: u32 = 17;
-pub const REV_SNAT: u32 = 18;
-pub const DROP_NO_LOCAL_BACKEND: u32 = 19;
-pub const DROP_SOURCE_RANGE: u32 = 20;
-pub const DROP_NAT_PORTS: u32 = 21;
-pub const DROP_FIB: u32 = 22;
-pub const PASS_NO_NEIGH: u32 = 23;
-pub const FWD_HAIRPIN: u32 = 24;
+/// Defines `Stat` from one table of (variant, index, name), so that an index
+/// and its name can never drift apart.
+macro_rules! stats {
+    ($($(#[$doc:meta])* $variant:ident = $index:literal => $name:literal,)*) => {
+        /// A statistics counter: its discriminant is its index in the `stats_v1`
+        /// per-CPU array, so existing indexes must never change.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $($(#[$doc])* $variant = $index,)*
+        }
+
+        impl Stat {
+            /// Every counter, by index.
+            pub const ALL: [Stat; COUNT as usize] = [$(Stat::$variant,)*];
+
+            /// The counter's name, as the agent prints it.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+stats! {
+    PassNotIpv4 = 0 => "pass_not_ipv4",
+    PassNotTcpUdp = 1 => "pass_not_tcp_udp",
+    PassFragment = 2 => "pass_fragment",
+    PassNotService = 3 => "pass_not_service",
+    PassTruncatedL4 = 4 => "pass_truncated_l4",
+    FwdNew = 5 => "fwd_new",
+    FwdEstablished = 6 => "fwd_established",
+    RevNat = 7 => "rev_nat",
+    PassNoConntrack = 8 => "pass_no_conntrack",
+    RejectNoBackend = 9 => "reject_no_backend",
+    DropMalformedIp = 10 => "drop_malformed_ip",
+    DropNoBackendEntry = 11 => "drop_no_backend_entry",
+    DropCtInsert = 12 => "drop_ct_insert",
+    DropRewrite = 13 => "drop_rewrite",
+    DropRejectFailed = 14 => "drop_reject_failed",
+    DropNoRevnat = 15 => "drop_no_revnat",
+    FwdLocal = 16 => "fwd_local",
+    FwdSnat = 17 => "fwd_snat",
+    RevSnat = 18 => "rev_snat",
+    DropNoLocalBackend = 19 => "drop_no_local_backend",
+    DropSourceRange = 20 => "drop_source_range",
+    DropNatPorts = 21 => "drop_nat_ports",
+    DropFib = 22 => "drop_fib",
+    PassNoNeigh = 23 => "pass_no_neigh",
+    FwdHairpin = 24 => "fwd_hairpin",
+}
 
 /// Number of counters (the size of the stats array).
 pub const COUNT: u32 = 25;
 
-/// Name of each counter, by index.
-pub const NAMES: [&str; COUNT as usize] = [
-    "pass_not_ipv4",
-    "pass_not_tcp_udp",
-    "pass_fragment",
-    "pass_not_service",
-    "pass_truncated_l4",
-    "fwd_new",
-    "fwd_established",
-    "rev_nat",
-    "pass_no_conntrack",
-    "reject_no_backend",
-    "drop_malformed_ip",
-    "drop_no_backend_entry",
-    "drop_ct_insert",
-    "drop_rewrite",
-    "drop_reject_failed",
-    "drop_no_revnat",
-    "fwd_local",
-    "fwd_snat",
-    "rev_snat",
-    "drop_no_local_backend",
-    "drop_source_range",
-    "drop_nat_ports",
-    "drop_fib",
-    "pass_no_neigh",
-    "fwd_hairpin",
-];
+impl Stat {
+    /// The counter's index in the stats array.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_once_in_order() {
+        for (index, stat) in Stat::ALL.iter().enumerate() {
+            assert_eq!(stat.index() as usize, index, "{stat:?}");
+        }
+    }
+
+    /// The indexes and names as they were before the enum: a pinned `stats_v1`
+    /// array and every reader of it depend on them.
+    #[test]
+    fn indexes_and_names_unchanged() {
+        let names: [&str; COUNT as usize] = [
+            "pass_not_ipv4",
+            "pass_not_tcp_udp",
+            "pass_fragment",
+            "pass_not_service",
+            "pass_truncated_l4",
+            "fwd_new",
+            "fwd_established",
+            "rev_nat",
+            "pass_no_conntrack",
+            "reject_no_backend",
+            "drop_malformed_ip",
+            "drop_no_backend_entry",
+            "drop_ct_insert",
+            "drop_rewrite",
+            "drop_reject_failed",
+            "drop_no_revnat",
+            "fwd_local",
+            "fwd_snat",
+            "rev_snat",
+            "drop_no_local_backend",
+            "drop_source_range",
+            "drop_nat_ports",
+            "drop_fib",
+            "pass_no_neigh",
+            "fwd_hairpin",
+        ];
+        let now: [&str; COUNT as usize] = Stat::ALL.map(Stat::name);
+        assert_eq!(now, names);
+    }
+}

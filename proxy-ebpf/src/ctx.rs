@@ -1,4 +1,5 @@
-//! What the packet-handling code needs from a program context, so one code path
+//! The program contexts as packets: `Frame` (read access, from `flow`) and
+//! `Packet` (rewrites, MACs, interface) for tc and XDP, so one code path
 //! serves tc (sk_buff) and XDP (xdp_md) alike. Only the rewrite differs: tc uses
 //! the checksum helpers (which also handle offloaded checksums); XDP frames are
 //! plain bytes, rewritten with incremental checksum arithmetic (RFC 1624).
@@ -9,12 +10,12 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{proto, stats};
+use proxy_common::{proto, stats::Stat};
 
 use crate::{
     csum,
-    parse::{Flow, ETH_LEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
-    verdict::Drop,
+    flow::{Flow, Frame, ETH_LEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    verdict::Dropped,
 };
 
 /// Which end of a flow a rewrite changes.
@@ -24,23 +25,17 @@ pub enum End {
     Destination,
 }
 
-pub trait Packet {
-    fn data(&self) -> usize;
-    fn len(&self) -> u32;
+pub trait Packet: Frame {
     /// The raw context pointer, for helpers that take either kind.
     fn raw(&self) -> *mut c_void;
     /// The interface the packet arrived on.
     fn ifindex(&self) -> u32;
-    /// Makes the first `len` bytes readable by direct access if the packet has them.
-    fn linear(&self, len: usize) -> bool;
-    /// Reads a `T` at `offset`.
-    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
     /// Rewrites one end of the flow to `addr:port` (network order), fixing the
     /// IPv4 header checksum and the L4 checksum. A UDP checksum of zero (none)
     /// stays zero; a computed zero becomes 0xffff.
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Drop>;
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Dropped>;
     /// Writes the Ethernet addresses.
-    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Drop>;
+    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Dropped>;
 }
 
 #[inline(always)]
@@ -56,7 +51,7 @@ fn offsets(flow: &Flow, end: End) -> (u32, u16, usize, usize) {
     }
 }
 
-impl Packet for TcContext {
+impl Frame for TcContext {
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)
@@ -65,17 +60,6 @@ impl Packet for TcContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         TcContext::len(self)
-    }
-
-    #[inline(always)]
-    fn raw(&self) -> *mut c_void {
-        self.skb.skb.cast()
-    }
-
-    #[inline(always)]
-    fn ifindex(&self) -> u32 {
-        // SAFETY: reading a field of our own context.
-        unsafe { (*self.skb.skb).ifindex }
     }
 
     #[inline(always)]
@@ -92,9 +76,22 @@ impl Packet for TcContext {
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         self.load::<T>(offset).ok()
     }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.skb.skb.cast()
+    }
 
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Drop> {
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of our own context.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Dropped> {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
         let mangled = if flow.proto == proto::UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
@@ -102,7 +99,7 @@ impl Packet for TcContext {
             0
         };
         let csum_off = flow.l4_csum_off();
-        let failed = |_| Drop(stats::DROP_REWRITE);
+        let failed = |_| Dropped(Stat::DropRewrite);
         if old_addr != addr {
             self.l4_csum_replace(
                 csum_off,
@@ -129,12 +126,12 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Drop> {
+    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Dropped> {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(dst);
         macs[6..].copy_from_slice(src);
         self.store(0, &macs, 0)
-            .map_err(|_| Drop(stats::DROP_REWRITE))
+            .map_err(|_| Dropped(Stat::DropRewrite))
     }
 }
 
@@ -148,7 +145,7 @@ fn xdp_ptr<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some(start as *mut T)
 }
 
-impl Packet for XdpContext {
+impl Frame for XdpContext {
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)
@@ -157,17 +154,6 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         (XdpContext::data_end(self) - XdpContext::data(self)) as u32
-    }
-
-    #[inline(always)]
-    fn raw(&self) -> *mut c_void {
-        self.ctx.cast()
-    }
-
-    #[inline(always)]
-    fn ifindex(&self) -> u32 {
-        // SAFETY: reading a field of our own context.
-        unsafe { (*self.ctx).ingress_ifindex }
     }
 
     #[inline(always)]
@@ -180,15 +166,28 @@ impl Packet for XdpContext {
         // SAFETY: bounds checked by xdp_ptr.
         xdp_ptr::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
     }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.ctx.cast()
+    }
 
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Drop> {
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of our own context.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Dropped> {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
-        let bad = Drop(stats::DROP_REWRITE);
+        let bad = Dropped(Stat::DropRewrite);
         let ip_csum = xdp_ptr::<u16>(self, ETH_LEN + IP_CSUM_OFF).ok_or(bad)?;
-        let addr_ptr = xdp_ptr::<u32>(self, addr_off).ok_or(Drop(stats::DROP_REWRITE))?;
-        let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Drop(stats::DROP_REWRITE))?;
-        let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Drop(stats::DROP_REWRITE))?;
+        let addr_ptr = xdp_ptr::<u32>(self, addr_off).ok_or(Dropped(Stat::DropRewrite))?;
+        let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Dropped(Stat::DropRewrite))?;
+        let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Dropped(Stat::DropRewrite))?;
         // SAFETY: every pointer was bounds-checked against the frame above.
         unsafe {
             ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old_addr, addr));
@@ -209,8 +208,8 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Drop> {
-        let macs = xdp_ptr::<[u8; 12]>(self, 0).ok_or(Drop(stats::DROP_REWRITE))?;
+    fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Dropped> {
+        let macs = xdp_ptr::<[u8; 12]>(self, 0).ok_or(Dropped(Stat::DropRewrite))?;
         let mut value = [0u8; 12];
         value[..6].copy_from_slice(dst);
         value[6..].copy_from_slice(src);

@@ -5,12 +5,12 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup as fib_lookup,
 };
-use proxy_common::stats;
+use proxy_common::stats::Stat;
 
 use crate::{
     ctx::Packet,
-    parse::Flow,
-    verdict::{Action, Drop, Out},
+    flow::Flow,
+    verdict::{Action, Dropped, Out, Outcome},
 };
 
 const AF_INET: u8 = 2;
@@ -35,7 +35,7 @@ pub fn fib<C: Packet>(
     dst: u32,
     sport: u16,
     dport: u16,
-) -> Result<Hop, Drop> {
+) -> Result<Hop, Dropped> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -63,13 +63,13 @@ pub fn fib<C: Packet>(
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Unresolved {
             ifindex: params.ifindex,
         }),
-        _ => Err(Drop(stats::DROP_FIB)),
+        _ => Err(Dropped(Stat::DropFib)),
     }
 }
 
 /// Sends a rewritten packet to its next hop.
 #[inline(always)]
-pub fn send<C: Packet>(ctx: &C, hop: Hop, stat: u32) -> Result<Out, Drop> {
+pub fn send<C: Packet>(ctx: &C, hop: Hop, stat: Stat) -> Outcome {
     match hop {
         Hop::Resolved {
             ifindex,
@@ -77,15 +77,18 @@ pub fn send<C: Packet>(ctx: &C, hop: Hop, stat: u32) -> Result<Out, Drop> {
             smac,
         } => {
             ctx.set_macs(&dmac, &smac)?;
-            let action = if ifindex == ctx.ifindex() {
-                Action::Tx
-            } else {
-                Action::Redirect(ifindex)
-            };
-            Ok(Out { action, stat })
+            if ifindex == ctx.ifindex() {
+                return Ok(Out::new(Action::Tx, stat));
+            }
+            Ok(Out {
+                action: Action::Redirect,
+                ifindex,
+                stat,
+            })
         }
         Hop::Unresolved { ifindex } => Ok(Out {
-            action: Action::RedirectNeigh(ifindex),
+            action: Action::RedirectNeigh,
+            ifindex,
             stat,
         }),
     }

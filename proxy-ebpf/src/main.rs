@@ -11,14 +11,15 @@
 
 mod bench;
 mod csum;
+mod ct;
 mod ctx;
 mod fib;
+mod flow;
 mod lb;
 mod maps;
-mod nat;
-mod parse;
 mod pod;
 mod reject;
+mod sched;
 mod uplink;
 mod verdict;
 
@@ -27,7 +28,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::{ctx::Packet, uplink::Hook, verdict::Action};
+use crate::{
+    ctx::Packet,
+    flow::{Frame, Parsed},
+    uplink::Hook,
+    verdict::Action,
+};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -43,7 +49,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn uplink_xdp(ctx: XdpContext) -> u32 {
-    let len = Packet::len(&ctx);
+    let len = Frame::len(&ctx);
     verdict::finish_xdp(len, uplink::uplink(&ctx, Hook::Xdp))
 }
 
@@ -51,9 +57,9 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
 pub fn uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let result = match uplink::uplink(&ctx, Hook::Tc) {
-        Ok(out) if out.action == Action::Reject => match parse::flow(&ctx) {
-            Ok(flow) => reject::port_unreachable(&ctx, &flow),
-            Err(early) => early,
+        Ok(out) if out.action == Action::Reject => match flow::parse(&ctx) {
+            Parsed::Flow(flow) => reject::port_unreachable(&ctx, &flow),
+            Parsed::Early(early) => early.outcome(),
         },
         other => other,
     };

@@ -1,5 +1,8 @@
 //! The maps, each pinned by the agent under its bpffs directory. Layouts live in
 //! proxy-common; capacities there too (the agent may override them at load).
+//! `#[btf_map(name = ..)]` takes a string literal only, so each name is written
+//! here again beside its `proxy_common::map_names` constant:
+//! proxy-agent/tests/abi.rs checks that the two agree.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -75,6 +78,6 @@ pub static SOURCE_RANGES: LpmTrie<
 #[btf_map(name = "config_v1")]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// Per-CPU counters by verdict and drop reason (indexes in proxy_common::stats).
+/// Per-CPU counters by verdict and drop reason (indexed by proxy_common::stats::Stat).
 #[btf_map(name = "stats_v1")]
 pub static STATS: PerCpuArray<StatCounter, { stats::COUNT as usize }> = PerCpuArray::new();

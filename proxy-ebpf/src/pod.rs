@@ -4,23 +4,24 @@
 //! replies that reach a client pod unchanged.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{ct_dir, ct_flags, stats, svc_flags};
+use proxy_common::{stats::Stat, svc_flags};
 
 use crate::{
+    ct,
     ctx::{End, Packet},
     fib::{fib, send},
+    flow::{self, Flow, Frame, Parsed},
     lb,
-    maps::{CONNTRACK, REVNAT},
-    parse::{self, Flow},
+    maps::REVNAT,
     reject,
-    verdict::{Action, Drop, Out},
+    verdict::{Action, Dropped, Out, Outcome},
 };
 
 #[inline(always)]
-pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
-    let flow = match parse::flow(ctx) {
-        Ok(flow) => flow,
-        Err(early) => return early,
+pub fn from_pod(ctx: &TcContext) -> Outcome {
+    let flow = match flow::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Early(early) => return early.outcome(),
     };
     if let Some((key, svc)) = lb::frontend(&flow) {
         if svc.count == 0 {
@@ -28,7 +29,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
             // Service has endpoints, just none for this client. Dropped, as by
             // kube-proxy; a Service without any endpoint is rejected.
             if svc.flags & svc_flags::LOCAL_ONLY != 0 {
-                return Err(Drop(stats::DROP_NO_LOCAL_BACKEND));
+                return Err(Dropped(Stat::DropNoLocalBackend));
             }
             return reject::port_unreachable(ctx, &flow);
         }
@@ -42,13 +43,13 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
         if chosen.hairpin(&flow) {
             // The pod reached itself: from its own address it would answer itself
             // directly. From the hairpin address, the answer comes back here.
-            ctx.rewrite(&flow, End::Source, lb::hairpin_addr(), flow.sport)?;
-            return back_into_the_pod(ctx, stats::FWD_HAIRPIN);
+            ctx.rewrite(&flow, End::Source, ct::hairpin_addr(), flow.sport)?;
+            return back_into_the_pod(ctx, Stat::FwdHairpin);
         }
         return Ok(Out::pass(if chosen.new {
-            stats::FWD_NEW
+            Stat::FwdNew
         } else {
-            stats::FWD_ESTABLISHED
+            Stat::FwdEstablished
         }));
     }
     // A reply from this backend pod on a translated flow: give it the frontend's
@@ -58,48 +59,42 @@ pub fn from_pod(ctx: &TcContext) -> Result<Out, Drop> {
     if let Some((addr, port, hairpin)) = reverse_nat(ctx, &flow)? {
         if hairpin {
             // Back into the pod that is both client and backend.
-            return back_into_the_pod(ctx, stats::REV_NAT);
+            return back_into_the_pod(ctx, Stat::RevNat);
         }
         return match fib(ctx, &flow, addr, flow.daddr, port, flow.dport) {
-            Ok(hop) => send(ctx, hop, stats::REV_NAT),
-            Err(_) => Ok(Out::pass(stats::REV_NAT)),
+            Ok(hop) => send(ctx, hop, Stat::RevNat),
+            Err(_) => Ok(Out::pass(Stat::RevNat)),
         };
     }
-    Ok(Out::pass(stats::PASS_NOT_SERVICE))
+    Ok(Out::pass(Stat::PassNotService))
 }
 
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext) -> Result<Out, Drop> {
-    let flow = match parse::flow(ctx) {
-        Ok(flow) => flow,
-        Err(early) => return early,
+pub fn to_pod(ctx: &TcContext) -> Outcome {
+    let flow = match flow::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Early(early) => return early.outcome(),
     };
     if reverse_nat(ctx, &flow)?.is_some() {
-        return Ok(Out::pass(stats::REV_NAT));
+        return Ok(Out::pass(Stat::RevNat));
     }
-    Ok(Out::pass(stats::PASS_NO_CONNTRACK))
+    Ok(Out::pass(Stat::PassNoConntrack))
 }
 
 /// Rewrites the source of a backend's reply to the frontend the client dialled,
 /// if conntrack knows the flow (and, for a hairpinned flow, the destination
 /// back to the pod itself). Returns the frontend and whether it was a hairpin.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, bool)>, Drop> {
-    let Some(entry) = CONNTRACK.get_ptr_mut(&lb::ct_key(flow, ct_dir::REPLY)) else {
+fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, bool)>, Dropped> {
+    let Some(reply) = ct::reply(flow) else {
         return Ok(None);
     };
-    // SAFETY: plain data, read once.
-    let (rev_nat_id, flags, last_seen) =
-        unsafe { ((*entry).rev_nat_id, (*entry).flags, (*entry).last_seen_ns) };
     // SAFETY: copied out at once.
-    let frontend = unsafe { REVNAT.get(&rev_nat_id) }
+    let frontend = unsafe { REVNAT.get(&reply.rev_nat_id) }
         .copied()
-        .ok_or(Drop(stats::DROP_NO_REVNAT))?;
-    let now = lb::now();
-    if now.wrapping_sub(last_seen) > lb::CT_REFRESH_NS {
-        unsafe { (*entry).last_seen_ns = now };
-    }
-    let hairpin = flags & ct_flags::HAIRPIN != 0;
+        .ok_or(Dropped(Stat::DropNoRevnat))?;
+    reply.refresh(ct::now());
+    let hairpin = reply.hairpin;
     if hairpin {
         ctx.rewrite(flow, End::Destination, flow.saddr, flow.dport)?;
     }
@@ -110,14 +105,11 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, bool)>,
 /// Sends a packet back out of the interface it came in on, into the pod it came
 /// from, with the Ethernet addresses swapped so the pod takes it as its own.
 #[inline(always)]
-fn back_into_the_pod(ctx: &TcContext, stat: u32) -> Result<Out, Drop> {
-    let macs: [u8; 12] = ctx.read(0).ok_or(Drop(stats::DROP_REWRITE))?;
+fn back_into_the_pod(ctx: &TcContext, stat: Stat) -> Outcome {
+    let macs: [u8; 12] = ctx.read(0).ok_or(Dropped(Stat::DropRewrite))?;
     let (mut pod, mut gateway) = ([0u8; 6], [0u8; 6]);
     pod.copy_from_slice(&macs[6..]);
     gateway.copy_from_slice(&macs[..6]);
     ctx.set_macs(&pod, &gateway)?;
-    Ok(Out {
-        action: Action::Tx,
-        stat,
-    })
+    Ok(Out::new(Action::Tx, stat))
 }

@@ -6,12 +6,12 @@ use aya_ebpf::{
     helpers::{bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use proxy_common::stats;
+use proxy_common::stats::Stat;
 
 use crate::{
     csum,
-    parse::{Flow, ETH_LEN},
-    verdict::{Action, Drop, Out},
+    flow::{Flow, ETH_LEN},
+    verdict::{Action, Dropped, Out, Outcome},
 };
 
 const IP_LEN: usize = 20;
@@ -22,13 +22,13 @@ const MAX_ICMP_WORDS: usize = (ICMP_LEN + 60 + 20) / 4;
 /// Turns the packet into an ICMP destination-unreachable (port) from the frontend
 /// to the client and sends it back out of the interface it came in on.
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<Out, Drop> {
-    let failed = Drop(stats::DROP_REJECT_FAILED);
+pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Outcome {
+    let failed = Dropped(Stat::DropRejectFailed);
     // The quote is the IP header and the fixed L4 header: at least the 8 bytes
     // RFC 792 asks for (RFC 1812 allows more), and never shorter than a packet
     // with an offloaded checksum may be cut (past its TCP checksum field).
     let quoted = flow.ip_hdr_len + flow.l4_min_len();
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| Drop(stats::DROP_REJECT_FAILED))?;
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| Dropped(Stat::DropRejectFailed))?;
     let skb = ctx.skb.skb;
     // Keep Ethernet + the quoted part, then make room in front for the new
     // Ethernet, IPv4 and ICMP headers: the quote lands right behind them.
@@ -66,7 +66,7 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<Out, Drop> {
     hdr[34] = 3;
     hdr[35] = 3;
     ctx.store(0, &hdr, 0)
-        .map_err(|_| Drop(stats::DROP_REJECT_FAILED))?;
+        .map_err(|_| Dropped(Stat::DropRejectFailed))?;
 
     // The ICMP checksum covers its header and the quote.
     let words = (ICMP_LEN + quoted) / 4;
@@ -78,15 +78,12 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<Out, Drop> {
         }
         let word: u32 = ctx
             .load(ETH_LEN + IP_LEN + w * 4)
-            .map_err(|_| Drop(stats::DROP_REJECT_FAILED))?;
+            .map_err(|_| Dropped(Stat::DropRejectFailed))?;
         sum = csum::add_word(sum, word);
         w += 1;
     }
     let icmp_csum = csum::fold(sum);
     ctx.store(ETH_LEN + IP_LEN + 2, &icmp_csum, 0)
-        .map_err(|_| Drop(stats::DROP_REJECT_FAILED))?;
-    Ok(Out {
-        action: Action::Tx,
-        stat: stats::REJECT_NO_BACKEND,
-    })
+        .map_err(|_| Dropped(Stat::DropRejectFailed))?;
+    Ok(Out::new(Action::Tx, Stat::RejectNoBackend))
 }

@@ -10,16 +10,16 @@
 //! - A remote backend's reply to such a flow (to the node address and NAT port)
 //!   is translated back to the client and sent straight out again.
 
-use proxy_common::{ct_dir, stats, svc_flags, Config, SourceRange4};
+use proxy_common::{stats::Stat, svc_flags, Config, SourceRange4};
 
 use crate::{
+    ct::nat,
     ctx::{End, Packet},
     fib::{fib, send, Hop},
+    flow::{self, Flow, Parsed},
     lb,
-    maps::{CONFIG, NAT, REVNAT, SOURCE_RANGES},
-    nat,
-    parse::{self, Flow},
-    verdict::{Action, Drop, Out},
+    maps::{CONFIG, REVNAT, SOURCE_RANGES},
+    verdict::{Action, Dropped, Out, Outcome},
 };
 
 /// Which program runs the code: the next-hop handling differs.
@@ -30,10 +30,10 @@ pub enum Hook {
 }
 
 #[inline(always)]
-pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Result<Out, Drop> {
-    let mut flow = match parse::flow(ctx) {
-        Ok(flow) => flow,
-        Err(early) => return early,
+pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Outcome {
+    let mut flow = match flow::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Early(early) => return early.outcome(),
     };
     flow.external = true;
     let config: Config = CONFIG.get(0).copied().unwrap_or_default();
@@ -45,7 +45,7 @@ pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Result<Out, Drop> {
     }
 
     let Some((key, svc)) = lb::frontend(&flow) else {
-        return Ok(Out::pass(stats::PASS_NOT_SERVICE));
+        return Ok(Out::pass(Stat::PassNotService));
     };
     if svc.flags & svc_flags::SOURCE_RANGES != 0 {
         let data = SourceRange4 {
@@ -59,41 +59,26 @@ pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Result<Out, Drop> {
             ))
             .is_none()
         {
-            return Err(Drop(stats::DROP_SOURCE_RANGE));
+            return Err(Dropped(Stat::DropSourceRange));
         }
     }
     if svc.count == 0 {
         if svc.flags & svc_flags::LOCAL_ONLY != 0 {
-            return Err(Drop(stats::DROP_NO_LOCAL_BACKEND));
+            return Err(Dropped(Stat::DropNoLocalBackend));
         }
-        return Ok(Out {
-            action: Action::Reject,
-            stat: stats::REJECT_NO_BACKEND,
-        });
+        return Ok(Out::new(Action::Reject, Stat::RejectNoBackend));
     }
     let chosen = lb::choose(&flow, key, &svc)?;
     let backend = chosen.backend;
     if chosen.local() {
         ctx.rewrite(&flow, End::Destination, backend.addr_be, backend.port_be)?;
-        return Ok(Out::pass(stats::FWD_LOCAL));
+        return Ok(Out::pass(Stat::FwdLocal));
     }
     if config.snat_addr_be == 0 {
         // No node address known yet: cannot SNAT.
-        return Err(Drop(stats::DROP_NAT_PORTS));
+        return Err(Dropped(Stat::DropNatPorts));
     }
-    let kept = if chosen.nat_port_be != 0 {
-        nat::keep(&flow, &config, &backend, chosen.nat_port_be, svc.rev_nat_id)
-    } else {
-        None
-    };
-    let nat_port = match kept {
-        Some(port) => port,
-        None => {
-            let port = nat::allocate(&flow, &config, &backend, svc.rev_nat_id)?;
-            lb::remember_nat_port(&flow, port);
-            port
-        }
-    };
+    let nat_port = nat::port(&flow, &config, &backend, chosen.nat_port_be, svc.rev_nat_id)?;
     let hop = fib(
         ctx,
         &flow,
@@ -105,27 +90,24 @@ pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Result<Out, Drop> {
     if hook == Hook::Xdp && matches!(hop, Hop::Unresolved { .. }) {
         // The tc program behind XDP finds the same conntrack and NAT entries and
         // lets the kernel resolve the next hop.
-        return Ok(Out::pass(stats::PASS_NO_NEIGH));
+        return Ok(Out::pass(Stat::PassNoNeigh));
     }
     ctx.rewrite(&flow, End::Destination, backend.addr_be, backend.port_be)?;
     ctx.rewrite(&flow, End::Source, config.snat_addr_be, nat_port)?;
-    send(ctx, hop, stats::FWD_SNAT)
+    send(ctx, hop, Stat::FwdSnat)
 }
 
 /// A remote backend's reply to a SNATed flow: back to the client, from the
 /// frontend it dialled.
 #[inline(always)]
-fn reverse_snat<C: Packet>(ctx: &C, flow: &Flow, hook: Hook) -> Result<Option<Out>, Drop> {
-    let key = lb::ct_key(flow, ct_dir::NAT);
-    let Some(entry) = NAT.get_ptr_mut(&key) else {
+fn reverse_snat<C: Packet>(ctx: &C, flow: &Flow, hook: Hook) -> Result<Option<Out>, Dropped> {
+    let Some((entry, nat)) = nat::lookup(flow) else {
         return Ok(None);
     };
-    // SAFETY: plain data, read once.
-    let nat = unsafe { *entry };
     // SAFETY: copied out at once.
     let frontend = unsafe { REVNAT.get(&nat.rev_nat_id) }
         .copied()
-        .ok_or(Drop(stats::DROP_NO_REVNAT))?;
+        .ok_or(Dropped(Stat::DropNoRevnat))?;
     nat::on_reply(flow, entry, &nat, &frontend);
     let hop = fib(
         ctx,
@@ -136,7 +118,7 @@ fn reverse_snat<C: Packet>(ctx: &C, flow: &Flow, hook: Hook) -> Result<Option<Ou
         nat.client_port_be,
     )?;
     if hook == Hook::Xdp && matches!(hop, Hop::Unresolved { .. }) {
-        return Ok(Some(Out::pass(stats::PASS_NO_NEIGH)));
+        return Ok(Some(Out::pass(Stat::PassNoNeigh)));
     }
     ctx.rewrite(
         flow,
@@ -145,5 +127,5 @@ fn reverse_snat<C: Packet>(ctx: &C, flow: &Flow, hook: Hook) -> Result<Option<Ou
         nat.client_port_be,
     )?;
     ctx.rewrite(flow, End::Source, frontend.addr_be, frontend.port_be)?;
-    send(ctx, hop, stats::REV_SNAT).map(Some)
+    send(ctx, hop, Stat::RevSnat).map(Some)
 }

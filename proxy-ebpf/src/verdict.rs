@@ -1,29 +1,33 @@
-//! How a program's outcome becomes its return code and a statistics count:
-//! every packet is counted exactly once, here.
+//! What a program decided for a packet (`Out`, or `Dropped` with its reason)
+//! and how that becomes its return code and a statistics count: every packet
+//! is counted exactly once, here.
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh},
 };
-use proxy_common::StatCounter;
+use proxy_common::{stats::Stat, StatCounter};
 
-use crate::maps::STATS;
+use crate::{flow::Early, maps::STATS};
 
 /// tc: let the packet continue, to the next filter if there is one, else to the stack.
 pub const TC_ACT_UNSPEC: i32 = -1;
 
-/// Where a packet goes when it is not dropped.
+/// Where a packet goes when it is not dropped. Fieldless, with the interface
+/// beside it in `Out`: a payload that only some variants write would leave
+/// stack bytes uninitialized on the others, which 5.10 and 6.1 refuse to read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// On to the kernel's stack (possibly rewritten).
     Pass,
     /// Back out of the interface it came in on (addresses already rewritten).
     Tx,
-    /// Out of another interface, MACs already set.
-    Redirect(u32),
-    /// Out of an interface whose next hop's MAC is not known yet (tc only: the
-    /// kernel resolves it; XDP hands such packets to the tc program instead).
-    RedirectNeigh(u32),
+    /// Out of interface `Out::ifindex`, MACs already set.
+    Redirect,
+    /// Out of interface `Out::ifindex` whose next hop's MAC is not known yet
+    /// (tc only: the kernel resolves it; XDP hands such packets to the tc
+    /// program instead).
+    RedirectNeigh,
     /// Reject with ICMP port unreachable (tc builds it; XDP hands it to tc).
     Reject,
 }
@@ -31,26 +35,49 @@ pub enum Action {
 /// What a program decided for a packet it did not drop.
 pub struct Out {
     pub action: Action,
+    /// The interface of `Redirect` and `RedirectNeigh` (0 otherwise).
+    pub ifindex: u32,
     /// The statistics counter this outcome is counted under.
-    pub stat: u32,
+    pub stat: Stat,
 }
 
 impl Out {
     #[inline(always)]
-    pub const fn pass(stat: u32) -> Self {
+    pub const fn pass(stat: Stat) -> Self {
+        Self::new(Action::Pass, stat)
+    }
+
+    /// An outcome without an interface (any action but the redirects).
+    #[inline(always)]
+    pub const fn new(action: Action, stat: Stat) -> Self {
         Self {
-            action: Action::Pass,
+            action,
+            ifindex: 0,
             stat,
         }
     }
 }
 
-/// A reason to drop the packet, as a statistics counter index.
-pub struct Drop(pub u32);
+/// A reason to drop the packet, as the statistics counter it is counted under.
+pub struct Dropped(pub Stat);
+
+/// A packet's outcome so far: on its way somewhere, or dropped.
+pub type Outcome = Result<Out, Dropped>;
+
+impl Early {
+    /// The outcome of a packet the parser found no flow in.
+    #[inline(always)]
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Early::Pass(stat) => Ok(Out::pass(stat)),
+            Early::Drop(stat) => Err(Dropped(stat)),
+        }
+    }
+}
 
 #[inline(always)]
-fn count(len: u32, stat: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(stat) {
+fn count(len: u32, stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: a per-CPU array slot is only touched by this CPU.
         unsafe {
             let counter: &mut StatCounter = &mut *counter;
@@ -62,7 +89,7 @@ fn count(len: u32, stat: u32) {
 
 /// tc: counts the packet (with `len`, its length as it arrived) and returns the action.
 #[inline(always)]
-pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i32 {
+pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Outcome) -> i32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
@@ -71,14 +98,14 @@ pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i
                 match out.action {
                     Action::Pass | Action::Reject => TC_ACT_UNSPEC,
                     Action::Tx => bpf_redirect(ingress_ifindex, 0) as i32,
-                    Action::Redirect(ifindex) => bpf_redirect(ifindex, 0) as i32,
-                    Action::RedirectNeigh(ifindex) => {
-                        bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+                    Action::Redirect => bpf_redirect(out.ifindex, 0) as i32,
+                    Action::RedirectNeigh => {
+                        bpf_redirect_neigh(out.ifindex, core::ptr::null_mut(), 0, 0) as i32
                     }
                 }
             }
         }
-        Err(Drop(stat)) => {
+        Err(Dropped(stat)) => {
             count(len, stat);
             TC_ACT_SHOT as i32
         }
@@ -87,18 +114,18 @@ pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Result<Out, Drop>) -> i
 
 /// XDP: the same for an XDP program.
 #[inline(always)]
-pub fn finish_xdp(len: u32, result: Result<Out, Drop>) -> u32 {
+pub fn finish_xdp(len: u32, result: Outcome) -> u32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
             match out.action {
-                Action::Pass | Action::Reject | Action::RedirectNeigh(_) => xdp_action::XDP_PASS,
+                Action::Pass | Action::Reject | Action::RedirectNeigh => xdp_action::XDP_PASS,
                 Action::Tx => xdp_action::XDP_TX,
                 // SAFETY: plain helper call.
-                Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+                Action::Redirect => unsafe { bpf_redirect(out.ifindex, 0) as u32 },
             }
         }
-        Err(Drop(stat)) => {
+        Err(Dropped(stat)) => {
             count(len, stat);
             xdp_action::XDP_DROP
         }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::{map_names, stats};
+use proxy_common::{map_names, stats::Stat};
 use serde_json::json;
 use support::*;
 
@@ -119,7 +119,7 @@ fn lab_nodeport_to_a_remote_backend_outlasts_its_nat_port_range_many_times() {
         elapsed.as_secs_f64(),
         CONNECTIONS as f64 / elapsed.as_secs_f64()
     );
-    let dropped = lab.agent_counter("node1", stats::DROP_NAT_PORTS);
+    let dropped = lab.agent_counter("node1", Stat::DropNatPorts.index());
     assert!(
         failures.is_empty(),
         "{} of {CONNECTIONS} connections failed (drop_nat_ports {dropped}); the first: {:?}",

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::stats::DROP_NO_LOCAL_BACKEND;
+use proxy_common::stats::Stat;
 
 use serde_json::json;
 use support::*;
@@ -194,7 +194,7 @@ fn lab_service_semantics() {
 fn node1_drops_without_answer(lab: &Lab, client: &str, target: SocketAddr) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let before = lab.agent_counter("node1", DROP_NO_LOCAL_BACKEND);
+        let before = lab.agent_counter("node1", Stat::DropNoLocalBackend.index());
         let connected = in_netns(client, move || {
             TcpStream::connect_timeout(&target, Duration::from_secs(1)).map(|mut s| {
                 s.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -206,7 +206,7 @@ fn node1_drops_without_answer(lab: &Lab, client: &str, target: SocketAddr) -> u6
                 "node1's client reached {target} ({answer:?}) although every endpoint is on node2"
             ),
             Err(err) if err.kind() == ErrorKind::TimedOut => {
-                let dropped = lab.agent_counter("node1", DROP_NO_LOCAL_BACKEND) - before;
+                let dropped = lab.agent_counter("node1", Stat::DropNoLocalBackend.index()) - before;
                 assert!(
                     dropped > 0,
                     "no answer, but node1's agent dropped nothing as having no local endpoint"

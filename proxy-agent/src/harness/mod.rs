@@ -71,6 +71,16 @@ impl Programs {
         )?))
     }
 
+    /// The same with another build of the programs (`object`: the bytes of
+    /// an eBPF object file), for benches that time two builds in one run.
+    pub fn load_sized_object(object: &[u8], frontends: u32, backends_each: u32) -> Result<Self> {
+        Ok(Self::with(Dataplane::load_private_sized_object(
+            object,
+            frontends,
+            backends_each,
+        )?))
+    }
+
     fn with(dp: Dataplane) -> Self {
         Self {
             dp,

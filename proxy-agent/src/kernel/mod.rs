@@ -127,6 +127,17 @@ impl Dataplane {
     /// Private maps with room for `frontends` frontends of `backends_each`
     /// backends: for benchmarks at scales beyond the default capacities.
     pub fn load_private_sized(frontends: u32, backends_each: u32) -> Result<Self> {
+        Self::load_private_sized_object(OBJECT, frontends, backends_each)
+    }
+
+    /// `load_private_sized` with another build of the programs: `object` is
+    /// the bytes of an eBPF object file. For benchmarks that time two builds
+    /// side by side in one run; the agent always loads the embedded object.
+    pub fn load_private_sized_object(
+        object: &[u8],
+        frontends: u32,
+        backends_each: u32,
+    ) -> Result<Self> {
         let slots = frontends
             .saturating_mul(backends_each + 1)
             .max(capacity::SERVICES);
@@ -137,7 +148,7 @@ impl Dataplane {
         loader
             .map_max_entries(map_names::SERVICES_V4, slots)
             .map_max_entries(map_names::BACKENDS_V4, backends);
-        Self::load_with(&mut loader)
+        Self::load_object_with(&mut loader, object)
     }
 
     /// The `pass_only` XDP program (loaded on first use): the benchmarks' floor.
@@ -271,8 +282,12 @@ impl Dataplane {
     }
 
     fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self> {
+        Self::load_object_with(loader, OBJECT)
+    }
+
+    fn load_object_with(loader: &mut EbpfLoader<'_>, object: &[u8]) -> Result<Self> {
         Self::raise_memlock_limit();
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         for name in [
             program_names::FROM_POD,
             program_names::TO_POD,

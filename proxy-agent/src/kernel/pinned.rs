@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    map_names, stats, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4, RevNat4,
-    ServiceKey4, ServiceValue, StatCounter,
+    map_names, stats::Stat, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4,
+    RevNat4, ServiceKey4, ServiceValue, StatCounter,
 };
 
 /// The maps pinned under one directory.
@@ -73,15 +73,15 @@ impl Pinned {
 pub(super) fn sum_stats(
     map: &PerCpuArray<MapData, StatCounter>,
 ) -> Result<Vec<(&'static str, StatCounter)>> {
-    let mut out = Vec::with_capacity(stats::NAMES.len());
-    for (index, name) in stats::NAMES.iter().enumerate() {
-        let per_cpu = map.get(&(index as u32), 0)?;
+    let mut out = Vec::with_capacity(Stat::ALL.len());
+    for stat in Stat::ALL {
+        let per_cpu = map.get(&stat.index(), 0)?;
         let mut total = StatCounter::default();
         for c in per_cpu.iter() {
             total.packets += c.packets;
             total.bytes += c.bytes;
         }
-        out.push((*name, total));
+        out.push((stat.name(), total));
     }
     Ok(out)
 }

@@ -1,4 +1,5 @@
-//! NAT ports of flows SNATed to backends on other nodes. A flow's NAT entry
+//! NAT ports of flows SNATed to backends on other nodes, and their NAT
+//! entries (the conntrack of SNATed replies). A flow's NAT entry
 //! (the backend's reply tuple -> the client) holds one node port towards that
 //! backend; the flow's forward conntrack entry names the port.
 //!
@@ -15,15 +16,15 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
-    ct_dir, ct_flags, hash::flow_hash4, nat_ports, proto, stats, Backend4, Config, CtKey4, Nat4,
-    NatPortKey4, RevNat4,
+    ct_dir, ct_flags, hash::flow_hash4, nat_ports, proto, stats::Stat, Backend4, Config, CtKey4,
+    Nat4, NatPortKey4, RevNat4,
 };
 
+use super::{now, refresh, remember_nat_port};
 use crate::{
-    lb::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    flow::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{CONNTRACK, NAT, NAT_PORTS},
-    parse::Flow,
-    verdict::Drop,
+    verdict::Dropped,
 };
 
 /// How many times a new flow searches the bitmaps. More than once only when
@@ -199,8 +200,8 @@ fn touch(flow: &Flow, entry: *mut Nat4, nat: &Nat4, now: u64) -> u16 {
         if flags != nat.flags {
             (*entry).flags = flags;
             (*entry).last_seen_ns = now;
-        } else if now.wrapping_sub(nat.last_seen_ns) > lb::CT_REFRESH_NS {
-            (*entry).last_seen_ns = now;
+        } else {
+            refresh(&raw mut (*entry).last_seen_ns, nat.last_seen_ns, now);
         }
     }
     flags
@@ -226,14 +227,14 @@ fn take(
 /// Gives a new flow to a remote backend a node port no other flow to that
 /// backend holds, and its NAT entry.
 #[inline(always)]
-pub fn allocate(
+fn allocate(
     flow: &Flow,
     config: &Config,
     backend: &Backend4,
     rev_nat_id: u32,
-) -> Result<u16, Drop> {
-    let range = Range::of(config).ok_or(Drop(stats::DROP_NAT_PORTS))?;
-    let value = entry(flow, rev_nat_id, lb::now());
+) -> Result<u16, Dropped> {
+    let range = Range::of(config).ok_or(Dropped(Stat::DropNatPorts))?;
+    let value = entry(flow, rev_nat_id, now());
     let start = flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
         .checked_rem(range.size)
         .unwrap_or(0);
@@ -259,7 +260,7 @@ pub fn allocate(
     let drops = word_key(backend, flow.proto, nat_ports::DROPS);
     let count = word(&drops).wrapping_add(1);
     let _ = NAT_PORTS.insert(&drops, &count, 0);
-    Err(Drop(stats::DROP_NAT_PORTS))
+    Err(Dropped(Stat::DropNatPorts))
 }
 
 /// An established flow's NAT port: its entry refreshed (closing on a FIN or
@@ -267,7 +268,7 @@ pub fn allocate(
 /// is free. `None` when another flow holds the port now: the flow needs a
 /// new one.
 #[inline(always)]
-pub fn keep(
+fn keep(
     flow: &Flow,
     config: &Config,
     backend: &Backend4,
@@ -275,7 +276,7 @@ pub fn keep(
     rev_nat_id: u32,
 ) -> Option<u16> {
     let key = key(backend, config, port_be, flow.proto);
-    let now = lb::now();
+    let now = now();
     if let Some(e) = NAT.get_ptr_mut(&key) {
         // SAFETY: plain data, read once.
         let nat = unsafe { *e };
@@ -300,11 +301,46 @@ pub fn keep(
     Some(port_be)
 }
 
+/// The NAT port of a packet of `flow` SNATed to the remote `backend`: the one
+/// its conntrack entry names (`nat_port_be`, 0 for none) while the flow still
+/// holds it, else a new one, recorded in the forward conntrack entry.
+#[inline(always)]
+pub fn port(
+    flow: &Flow,
+    config: &Config,
+    backend: &Backend4,
+    nat_port_be: u16,
+    rev_nat_id: u32,
+) -> Result<u16, Dropped> {
+    let kept = if nat_port_be != 0 {
+        keep(flow, config, backend, nat_port_be, rev_nat_id)
+    } else {
+        None
+    };
+    match kept {
+        Some(port) => Ok(port),
+        None => {
+            let port = allocate(flow, config, backend, rev_nat_id)?;
+            remember_nat_port(flow, port);
+            Ok(port)
+        }
+    }
+}
+
+/// The NAT entry of a remote backend's reply to a SNATed flow, and its value
+/// as read once.
+#[inline(always)]
+pub fn lookup(flow: &Flow) -> Option<(*mut Nat4, Nat4)> {
+    let entry = NAT.get_ptr_mut(&super::key(flow, ct_dir::NAT))?;
+    // SAFETY: plain data, read once.
+    Some((entry, unsafe { *entry }))
+}
+
 /// A remote backend's reply to a SNATed flow: refreshes its NAT entry and, on
 /// a FIN or RST, marks it and the flow's forward conntrack entry closing.
 #[inline(always)]
 pub fn on_reply(flow: &Flow, entry: *mut Nat4, nat: &Nat4, frontend: &RevNat4) {
-    let flags = touch(flow, entry, nat, lb::now());
+    let flags = touch(flow, entry, nat, now());
     if flags & ct_flags::CLOSING != 0 && nat.flags & ct_flags::CLOSING == 0 {
         let forward = CtKey4 {
             saddr_be: nat.client_addr_be,

@@ -1,0 +1,269 @@
+//! Guards for the map ABI between the programs and the agent, unprivileged:
+//! the maps the embedded object defines are the ones `map_names::ALL` names
+//! (the programs write each name as a literal, since `#[btf_map(name = ..)]`
+//! takes no const path), with the key and value sizes of their proxy-common
+//! types; and a snapshot of every map type's size and field offsets, which
+//! fails when a layout changes while its map keeps its `_vN` name.
+
+use std::collections::BTreeMap;
+
+use aya_obj::{maps::Map, Object};
+use proxy_common::{
+    bench, map_names, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
+    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+};
+
+/// The object the agent embeds (see build.rs).
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
+
+/// A type's layout as one line: name, size, and each field's offset.
+macro_rules! layout {
+    ($t:ty) => {
+        (stringify!($t), size_of::<$t>(), String::new())
+    };
+    ($t:ty { $($field:ident),* $(,)? }) => {
+        (
+            stringify!($t),
+            size_of::<$t>(),
+            [$(format!("{}@{}", stringify!($field), core::mem::offset_of!($t, $field))),*].join(" "),
+        )
+    };
+}
+
+type Layout = (&'static str, usize, String);
+
+/// Every map's key and value layout, by map name.
+fn layouts() -> Vec<(&'static str, Layout, Layout)> {
+    // An LPM trie key: the prefix length, then the data.
+    let lpm_key = (
+        "lpm_trie::Key<SourceRange4>",
+        4 + size_of::<SourceRange4>(),
+        format!(
+            "prefix_len@0 data@4 {{rev_nat_id_be@{} addr_be@{}}}",
+            core::mem::offset_of!(SourceRange4, rev_nat_id_be),
+            core::mem::offset_of!(SourceRange4, addr_be)
+        ),
+    );
+    let ct_key = layout!(CtKey4 {
+        saddr_be,
+        daddr_be,
+        sport_be,
+        dport_be,
+        proto,
+        dir,
+        _pad
+    });
+    vec![
+        (
+            map_names::SERVICES_V4,
+            layout!(ServiceKey4 {
+                addr_be,
+                port_be,
+                proto,
+                scope,
+                slot,
+                _pad
+            }),
+            layout!(ServiceValue {
+                backend_id,
+                rev_nat_id,
+                count,
+                flags,
+                maglev_size,
+                _pad
+            }),
+        ),
+        (
+            map_names::BACKENDS_V4,
+            layout!(u32),
+            layout!(Backend4 {
+                addr_be,
+                port_be,
+                proto,
+                state,
+                flags,
+                _pad
+            }),
+        ),
+        (
+            map_names::REVNAT_V4,
+            layout!(u32),
+            layout!(RevNat4 {
+                addr_be,
+                port_be,
+                _pad
+            }),
+        ),
+        (
+            map_names::CONNTRACK_V4,
+            ct_key.clone(),
+            layout!(CtValue4 {
+                backend_id,
+                rev_nat_id,
+                flags,
+                nat_port_be,
+                _pad,
+                last_seen_ns
+            }),
+        ),
+        (
+            map_names::NAT_V4,
+            ct_key,
+            layout!(Nat4 {
+                client_addr_be,
+                rev_nat_id,
+                client_port_be,
+                flags,
+                _pad,
+                last_seen_ns
+            }),
+        ),
+        (
+            map_names::NAT_PORTS_V4,
+            layout!(NatPortKey4 {
+                backend_addr_be,
+                backend_port_be,
+                proto,
+                _pad,
+                index,
+                _pad2
+            }),
+            layout!(u64),
+        ),
+        (
+            map_names::AFFINITY_V4,
+            layout!(AffinityKey4 {
+                client_addr_be,
+                rev_nat_id
+            }),
+            layout!(AffinityValue4 {
+                backend_id,
+                _pad,
+                last_used_ns
+            }),
+        ),
+        (
+            map_names::MAGLEV_V4,
+            layout!(MaglevKey4 { rev_nat_id, index }),
+            layout!(u32),
+        ),
+        (map_names::ROUND_ROBIN, layout!(u32), layout!(u32)),
+        (map_names::SOURCE_RANGES_V4, lpm_key, layout!(u8)),
+        (
+            map_names::CONFIG,
+            layout!(u32),
+            layout!(Config {
+                snat_addr_be,
+                nat_port_min,
+                nat_port_max
+            }),
+        ),
+        (
+            map_names::STATS,
+            layout!(u32),
+            layout!(StatCounter { packets, bytes }),
+        ),
+    ]
+}
+
+/// The layouts as recorded. A layout may change only together with its
+/// map's name (a `_vN` bump, with the reason beside the name in
+/// proxy-common); then the old line goes and the new one is recorded here.
+const SNAPSHOT: &str = "\
+svc4_v2: ServiceKey4 12 {addr_be@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 _pad@14}
+backend4_v1: u32 4 {} -> Backend4 12 {addr_be@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
+revnat4_v2: u32 4 {} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
+ct4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue4 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 _pad@12 last_seen_ns@16}
+nat4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr_be@0 rev_nat_id@4 client_port_be@8 flags@10 _pad@12 last_seen_ns@16}
+natport4_v1: NatPortKey4 12 {backend_addr_be@0 backend_port_be@4 proto@6 _pad@7 index@8 _pad2@10} -> u64 8 {}
+affinity4_v2: AffinityKey4 8 {client_addr_be@0 rev_nat_id@4} -> AffinityValue4 16 {backend_id@0 _pad@4 last_used_ns@8}
+maglev4_v2: MaglevKey4 8 {rev_nat_id@0 index@4} -> u32 4 {}
+rr_v2: u32 4 {} -> u32 4 {}
+srcrange4_v2: lpm_trie::Key<SourceRange4> 12 {prefix_len@0 data@4 {rev_nat_id_be@0 addr_be@4}} -> u8 1 {}
+config_v1: u32 4 {} -> Config 8 {snat_addr_be@0 nat_port_min@4 nat_port_max@6}
+stats_v1: u32 4 {} -> StatCounter 16 {packets@0 bytes@8}
+";
+
+fn line(name: &str, key: &Layout, value: &Layout) -> String {
+    format!(
+        "{name}: {} {} {{{}}} -> {} {} {{{}}}",
+        key.0, key.1, key.2, value.0, value.1, value.2
+    )
+}
+
+#[test]
+fn layouts_change_only_with_their_map_names() {
+    let recorded: BTreeMap<&str, &str> = SNAPSHOT
+        .lines()
+        .map(|l| (l.split(':').next().unwrap(), l))
+        .collect();
+    let mut problems = Vec::new();
+    let layouts = layouts();
+    for (name, key, value) in &layouts {
+        let now = line(name, key, value);
+        match recorded.get(name) {
+            Some(&was) if was == now => {}
+            Some(&was) => problems.push(format!(
+                "the layout of map {name} changed without a new name: bump its _vN in \
+                 proxy-common (saying why), then record the new layout\n  was: {was}\n  now: {now}"
+            )),
+            None => problems.push(format!("map {name} is new: record its layout\n  {now}")),
+        }
+    }
+    for name in recorded.keys() {
+        if !layouts.iter().any(|(n, _, _)| n == name) {
+            problems.push(format!("map {name} is gone: remove its line from SNAPSHOT"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let names: Vec<&str> = layouts.iter().map(|(n, _, _)| *n).collect();
+    assert_eq!(
+        names,
+        map_names::ALL,
+        "one layout per map, in map_names::ALL's order"
+    );
+}
+
+/// The maps defined in the object with BTF (`#[btf_map]`), by name: their
+/// key and value sizes. Data sections (.rodata, .bss) are not among them.
+fn object_maps() -> BTreeMap<String, (u32, u32)> {
+    let object = Object::parse(OBJECT).expect("parse the embedded eBPF object");
+    object
+        .maps
+        .iter()
+        .filter(|(_, map)| matches!(map, Map::Btf(_)))
+        .map(|(name, map)| (name.clone(), (map.key_size(), map.value_size())))
+        .collect()
+}
+
+#[test]
+fn object_map_names_are_the_constants() {
+    let in_object = object_maps();
+    let bench_maps = [
+        bench::FRAME_MAP,
+        bench::XDP_TARGET_MAP,
+        bench::TC_TARGET_MAP,
+    ];
+    let mut expected: Vec<&str> = map_names::ALL.iter().chain(&bench_maps).copied().collect();
+    expected.sort_unstable();
+    let found: Vec<&str> = in_object.keys().map(String::as_str).collect();
+    assert_eq!(
+        found, expected,
+        "the maps in proxy-ebpf/src/maps.rs and bench.rs must be map_names::ALL and the bench maps"
+    );
+}
+
+#[test]
+fn object_map_sizes_are_the_types() {
+    let in_object = object_maps();
+    for (name, key, value) in layouts() {
+        let (key_size, value_size) = in_object[name];
+        assert_eq!(
+            (key_size as usize, value_size as usize),
+            (key.1, value.1),
+            "map {name}: key and value sizes in the object against {} and {}",
+            key.0,
+            value.0
+        );
+    }
+}

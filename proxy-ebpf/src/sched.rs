@@ -1,0 +1,137 @@
+//! Backend choice for a new flow: the frontend's scheduler (flow hash, Maglev,
+//! source hash or round robin) and sessionAffinity ClientIP, which keeps a
+//! client on the backend its last connection went to.
+
+use aya_ebpf::bindings::BPF_ANY;
+use proxy_common::{
+    hash::{flow_hash4, slot_for},
+    maglev,
+    stats::Stat,
+    svc_flags, AffinityKey4, AffinityValue4, Backend4, MaglevKey4, ServiceKey4, ServiceValue,
+};
+
+use crate::{
+    flow::Flow,
+    maps::{AFFINITY, BACKENDS, MAGLEV, ROUND_ROBIN, SERVICES},
+    verdict::Dropped,
+};
+
+/// The backend a new flow of `flow` to the frontend (`key` is its slot-0
+/// key, `svc` its header) goes to: the client's affinity backend if it has
+/// one, else the scheduler's pick. Records the client's affinity.
+#[inline(always)]
+pub fn pick(
+    flow: &Flow,
+    mut key: ServiceKey4,
+    svc: &ServiceValue,
+    now: u64,
+) -> Result<(u32, Backend4), Dropped> {
+    let (backend_id, backend) = match affinity_backend(flow, svc, now) {
+        Some(kept) => kept,
+        None => {
+            let backend_id = schedule(flow, &mut key, svc)?;
+            // SAFETY: copied out at once.
+            let backend = unsafe { BACKENDS.get(&backend_id) }
+                .copied()
+                .ok_or(Dropped(Stat::DropNoBackendEntry))?;
+            (backend_id, backend)
+        }
+    };
+    if svc.flags & svc_flags::AFFINITY != 0 {
+        let used = AffinityValue4 {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Best effort: without the entry the next connection is hashed again.
+        let _ = AFFINITY.insert(&affinity_key(flow, svc), &used, u64::from(BPF_ANY));
+    }
+    Ok((backend_id, backend))
+}
+
+/// The size of a Maglev table from its index on the ladder. A match, not an
+/// array lookup: older verifiers cannot bound a variable index into .rodata.
+#[inline(always)]
+fn maglev_size(index: u16) -> Option<u32> {
+    let size = match index {
+        0 => maglev::SIZES[0],
+        1 => maglev::SIZES[1],
+        2 => maglev::SIZES[2],
+        3 => maglev::SIZES[3],
+        4 => maglev::SIZES[4],
+        5 => maglev::SIZES[5],
+        6 => maglev::SIZES[6],
+        7 => maglev::SIZES[7],
+        8 => maglev::SIZES[8],
+        9 => maglev::SIZES[9],
+        _ => return None,
+    };
+    Some(size)
+}
+
+/// The backend id the frontend's scheduler picks for a new flow.
+#[inline(always)]
+fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u32, Dropped> {
+    let flow_hash = || flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    key.slot = match svc.flags & svc_flags::SCHEDULER_MASK {
+        svc_flags::SCHEDULER_MAGLEV => {
+            let size = maglev_size(svc.maglev_size).ok_or(Dropped(Stat::DropNoBackendEntry))?;
+            let index = flow_hash().checked_rem(size).unwrap_or(0);
+            let slot = MaglevKey4 {
+                rev_nat_id: svc.rev_nat_id,
+                index,
+            };
+            // SAFETY: copied out at once.
+            return unsafe { MAGLEV.get(&slot) }
+                .copied()
+                .ok_or(Dropped(Stat::DropNoBackendEntry));
+        }
+        svc_flags::SCHEDULER_SOURCE_HASH => slot_for(flow_hash4(flow.saddr, 0, 0, 0, 0), svc.count),
+        svc_flags::SCHEDULER_ROUND_ROBIN => {
+            let counter = ROUND_ROBIN
+                .get_ptr_mut(svc.rev_nat_id)
+                .ok_or(Dropped(Stat::DropNoBackendEntry))?;
+            // SAFETY: a per-CPU slot, touched by this CPU only.
+            let turn = unsafe {
+                let turn = *counter;
+                *counter = turn.wrapping_add(1);
+                turn
+            };
+            slot_for(turn, svc.count)
+        }
+        _ => slot_for(flow_hash(), svc.count),
+    };
+    // SAFETY: copied out at once.
+    unsafe { SERVICES.get(&*key) }
+        .copied()
+        .map(|slot| slot.backend_id)
+        .ok_or(Dropped(Stat::DropNoBackendEntry))
+}
+
+#[inline(always)]
+fn affinity_key(flow: &Flow, svc: &ServiceValue) -> AffinityKey4 {
+    AffinityKey4 {
+        client_addr_be: flow.saddr,
+        rev_nat_id: svc.rev_nat_id,
+    }
+}
+
+/// sessionAffinity ClientIP: the backend this client's last connection to the
+/// frontend went to, if that was less than the timeout ago and it still exists
+/// (the agent removes entries for backends that left the frontend).
+#[inline(always)]
+fn affinity_backend(flow: &Flow, svc: &ServiceValue, now: u64) -> Option<(u32, Backend4)> {
+    if svc.flags & svc_flags::AFFINITY == 0 {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let kept = unsafe { AFFINITY.get(&affinity_key(flow, svc)) }.copied()?;
+    // Slot 0 holds the timeout (seconds) where slots hold backend ids.
+    let timeout_ns = u64::from(svc.backend_id) * 1_000_000_000;
+    if now.wrapping_sub(kept.last_used_ns) >= timeout_ns {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = unsafe { BACKENDS.get(&kept.backend_id) }.copied()?;
+    Some((kept.backend_id, backend))
+}
