@@ -5,13 +5,12 @@
 mod support;
 
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
 
-use proxy_common::{map_names, stats::Stat};
+use proxy_common::{map_names, nat_ports, stats::Stat};
 use serde_json::json;
 use support::*;
 
@@ -28,24 +27,11 @@ const CONNECTIONS: usize = 20_000;
 /// connection in 20,000 was dropped under a load of 11).
 const RATE: f64 = 200.0;
 
-/// node1's `/metrics`, fetched from outside.
-fn metrics(ext: &str) -> String {
-    in_netns(ext, || {
-        let mut s = TcpStream::connect_timeout(&(NODE1, 10256).into(), TIMEOUT).expect("connect");
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        answer
-    })
-}
-
 /// Ports the NAT-port bitmaps mark held (summary and counter words aside).
 fn ports_marked(lab: &Lab) -> u32 {
     lab.pinned_entries("node1", map_names::NAT_PORTS_V4)
         .iter()
-        .filter(|e| e["formatted"]["key"]["index"].as_u64().unwrap() < 1024)
+        .filter(|e| e["formatted"]["key"]["index"].as_u64().unwrap() < u64::from(nat_ports::WORDS))
         .map(|e| e["formatted"]["value"].as_u64().unwrap().count_ones())
         .sum()
 }
@@ -99,14 +85,17 @@ fn lab_nodeport_to_a_remote_backend_outlasts_its_nat_port_range_many_times() {
                     s.set_read_timeout(Some(TIMEOUT))?;
                     read_line(&mut s)
                 });
-            // The pod saw node1's address and a port of its NAT range.
+            // The backend on node2 answered, and saw node1's address with a
+            // port of its NAT range.
             let seen = answer.as_ref().ok().and_then(|a| {
                 let peer: SocketAddr = a.split_whitespace().nth(1)?.parse().ok()?;
-                Some(peer)
+                Some((pod_of(a).to_string(), peer))
             });
             match seen {
-                Some(SocketAddr::V4(peer))
-                    if *peer.ip() == NODE1 && (NAT_MIN..=NAT_MAX).contains(&peer.port()) => {}
+                Some((pod, SocketAddr::V4(peer)))
+                    if pod == "natprobe-1"
+                        && *peer.ip() == NODE1
+                        && (NAT_MIN..=NAT_MAX).contains(&peer.port()) => {}
                 _ => failures.push((i, format!("{answer:?}"))),
             }
         }
@@ -142,7 +131,7 @@ fn lab_nodeport_to_a_remote_backend_outlasts_its_nat_port_range_many_times() {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    let metrics = metrics(&ext);
+    let metrics = http_get(&ext, (NODE1, 10256).into(), "/metrics");
     assert!(metrics.contains("\nferry_nat_entries 0\n"), "{metrics}");
     assert!(
         !metrics.contains("ferry_nat_port_exhaustion_drops_total{"),

@@ -5,7 +5,6 @@
 mod support;
 
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
@@ -16,20 +15,6 @@ use support::*;
 const EXT: &str = "10.250.0.100";
 const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
 const NODE2: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 12);
-
-fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
-    in_netns(ns, move || {
-        let mut s = TcpStream::connect_timeout(&target, TIMEOUT).expect("connect");
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        answer
-    })
-}
 
 fn refused_or_dropped(ns: &str, target: SocketAddr) -> bool {
     in_netns(ns, move || {

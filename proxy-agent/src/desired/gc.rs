@@ -51,7 +51,8 @@ impl Lifetimes {
         }
     }
 
-    fn expired(&self, now_ns: u64, proto: u8, flags: u16, last_seen_ns: u64) -> bool {
+    /// Whether an entry last seen at `last_seen_ns` has outlived its lifetime at `now_ns`.
+    pub fn expired(&self, now_ns: u64, proto: u8, flags: u16, last_seen_ns: u64) -> bool {
         now_ns.saturating_sub(last_seen_ns) > self.nanos(proto, flags)
     }
 }

@@ -129,9 +129,8 @@ impl Dataplane {
         // just before. Deleting a renewed entry would cut its flow.
         for key in &plan.conntrack {
             let still = self.conntrack.get(key, 0);
-            if still.is_ok_and(|v| {
-                now_ns.saturating_sub(v.last_seen_ns) > lifetimes.nanos(key.proto, v.flags)
-            }) && self.conntrack.remove(key).is_ok()
+            if still.is_ok_and(|v| lifetimes.expired(now_ns, key.proto, v.flags, v.last_seen_ns))
+                && self.conntrack.remove(key).is_ok()
             {
                 report.conntrack_removed += 1;
             }

@@ -16,13 +16,13 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
-    ct_dir, ct_flags, hash::flow_hash4, nat_ports, proto, stats::Stat, Backend4, Config, CtKey4,
-    Nat4, NatPortKey4, RevNat4,
+    ct_dir, ct_flags, hash::flow_hash4, nat_ports, stats::Stat, Backend4, Config, CtKey4, Nat4,
+    NatPortKey4, RevNat4,
 };
 
 use super::{now, refresh, remember_nat_port};
 use crate::{
-    flow::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    flow::Flow,
     maps::{CONNTRACK, NAT, NAT_PORTS},
     verdict::Dropped,
 };
@@ -178,11 +178,9 @@ fn entry(flow: &Flow, rev_nat_id: u32, now: u64) -> Nat4 {
 /// The flags of a flow's entries after one of its packets.
 #[inline(always)]
 fn next_flags(flow: &Flow, flags: u16) -> u16 {
-    if flow.proto != proto::TCP {
-        flags
-    } else if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if flow.fin_or_rst() {
         flags | ct_flags::CLOSING
-    } else if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    } else if flow.syn() {
         flags & !ct_flags::CLOSING
     } else {
         flags

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read,
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     process::Command,
     thread,
@@ -248,6 +248,21 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 /// The port most lab Services have: `http`, 80 to the pods' TCP port.
 pub fn http() -> serde_json::Value {
     json!({"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"})
+}
+
+/// An HTTP GET of `path` from inside `ns`: the whole answer, headers included.
+pub fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&target, TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    })
 }
 
 /// Reads one line (a pod's answer: `<pod name> <client address>`).
