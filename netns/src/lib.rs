@@ -52,6 +52,15 @@ fn check_prefix(name: &str) -> io::Result<()> {
     }
 }
 
+/// Names the network namespace of process `pid` `name` (which must start with
+/// [`PREFIX`]), as `ip netns attach` does: a namespace made by someone else
+/// (a container runtime) becomes reachable as any other here.
+pub fn attach(name: &str, pid: i32) -> io::Result<()> {
+    check_prefix(name)?;
+    ip(&["netns", "attach", name, &pid.to_string()])?;
+    Ok(())
+}
+
 /// Creates namespace `name` (which must start with [`PREFIX`]) with loopback up.
 pub fn add(name: &str) -> io::Result<()> {
     check_prefix(name)?;

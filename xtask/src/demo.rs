@@ -63,19 +63,17 @@ pub fn cluster_ip(lab: &Lab, service: &str) -> Result<Ipv4Addr> {
 }
 
 pub fn run() -> Result<()> {
-    eprintln!("demo: 1/6 setup (installs and builds what is missing; the first run builds kube-apiserver, minutes)");
+    eprintln!("demo: 1/5 setup (installs and builds what is missing; the first run builds kube-apiserver, minutes)");
     setup::run()?;
-    eprintln!("demo: 2/6 building the eBPF programs and the agent");
-    let agent = agent::binary()?;
     let lab = Lab::new("ferry")?;
     if lab.state_dir().exists() || ferry_netns::exists(&lab.ns("fabric")) {
         eprintln!("demo: a lab is up already; starting it afresh");
         lab.down()?;
     }
-    eprintln!("demo: 3/6 lab up: fabric, API server, node1 and node2 each with a Ferry agent");
-    lab.up(&agent, &workspace_root().join("deploy"))?;
+    eprintln!("demo: 2/5 images (the agent, the lab's pods) and the lab: fabric, API server, node1 and node2 with their kubelets, Ferry's DaemonSet");
+    lab.up(&workspace_root().join("deploy"))?;
     eprintln!(
-        "demo: 4/6 pods web-1 (node1), web-2 and web-3 (node2), a client on node1, Service web"
+        "demo: 3/5 pods web-1 (node1), web-2 and web-3 (node2), a client on node1, Service web"
     );
     let web = [("web-1", "node1"), ("web-2", "node2"), ("web-3", "node2")];
     let mut nodes = BTreeMap::new();
@@ -88,7 +86,7 @@ pub fn run() -> Result<()> {
     wait_for_endpoints(&lab, "web", web.len())?;
     let vip = cluster_ip(&lab, "web")?;
 
-    eprintln!("demo: 5/6 30 TCP requests from the client pod to web's ClusterIP {vip}:80");
+    eprintln!("demo: 4/5 30 TCP requests from the client pod to web's ClusterIP {vip}:80");
     let client_ns = lab.pod_ns("client");
     let mut answered: BTreeMap<String, usize> = BTreeMap::new();
     for i in 1..=30 {
@@ -130,7 +128,7 @@ pub fn run() -> Result<()> {
 
     let map = lab.pin_dir("node1").join("svc4_v2");
     eprintln!(
-        "demo: 6/6 the services map of node1: bpftool map dump pinned {}",
+        "demo: 5/5 the services map of node1: bpftool map dump pinned {}",
         map.display()
     );
     let dump = Command::new("bpftool")

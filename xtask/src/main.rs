@@ -136,7 +136,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up => lab.up(&agent::binary()?, &sys::workspace_root().join("deploy")),
+        LabCommand::Up => lab.up(&sys::workspace_root().join("deploy")),
         LabCommand::Down => lab.down(),
         LabCommand::Status => lab.status(),
         LabCommand::Kubectl { args } => lab.kubectl_interactive(&args),
@@ -158,11 +158,8 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
             node,
             agent_args,
         } => match action.as_str() {
-            "stop" => {
-                lab.stop_agent(&node);
-                Ok(())
-            }
-            _ => lab.start_agent(&agent::binary()?, &node, &agent_args),
+            "stop" => lab.stop_agent(&node),
+            _ => lab.start_agent(&node, &agent_args),
         },
         LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),
         LabCommand::Exec { pod, command } => lab.exec(&pod, &command),

@@ -1,7 +1,7 @@
-//! Building the control plane's binaries once, from Debian's `kubernetes`
-//! source package, into a cache outside the repository: kube-apiserver and
-//! kube-controller-manager (with reflect2 replaced and one v1.21 field
-//! backported), and kubectl 1.20 from Debian's `kubernetes-client`.
+//! Building the cluster's binaries once, from Debian's `kubernetes` source
+//! package, into a cache outside the repository: kube-apiserver,
+//! kube-controller-manager, kube-scheduler and the kubelet (with reflect2 replaced and one v1.21
+//! field backported), and kubectl 1.20 from Debian's `kubernetes-client`.
 
 use std::{
     env,
@@ -37,7 +37,15 @@ const INTERNAL_TRAFFIC_POLICY_PATCH: &str =
     include_str!("../../patches/kubernetes-1.20.2-internal-traffic-policy.patch");
 const GO_BIN: &str = "/usr/lib/go-1.19/bin";
 /// What `start` needs on every run.
-const RUNTIME_PACKAGES: &[&str] = &["etcd-server", "openssl", "iproute2"];
+const RUNTIME_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "openssl",
+    "iproute2",
+    // The lab nodes' kubelets run pods with these.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+];
 /// What the build needs, checked only when the cache is empty.
 const BUILD_PACKAGES: &[&str] = &[
     "golang-1.19-go",
@@ -60,12 +68,19 @@ pub fn ensure_built() -> Result<Binaries> {
     let mut bins = Binaries {
         kube_apiserver: cache.join("kube-apiserver"),
         kube_controller_manager: cache.join("kube-controller-manager"),
+        kube_scheduler: cache.join("kube-scheduler"),
+        kubelet: cache.join("kubelet"),
         kubectl: cache.join("kubectl"),
         etcd: PathBuf::from("/usr/bin/etcd"),
     };
-    let servers_cached =
-        |b: &Binaries| b.kube_apiserver.is_file() && b.kube_controller_manager.is_file();
-    if servers_cached(&bins) && bins.kubectl.is_file() {
+    let missing = |cache: &Path| -> Vec<&'static str> {
+        SERVERS
+            .iter()
+            .filter(|(name, _)| !cache.join(name).is_file())
+            .map(|(name, _)| *name)
+            .collect()
+    };
+    if missing(cache).is_empty() && bins.kubectl.is_file() {
         eprintln!("setup: Kubernetes {VERSION} cached in {CACHE_DIR}");
         return Ok(bins);
     }
@@ -80,8 +95,9 @@ pub fn ensure_built() -> Result<Binaries> {
     if !bins.kubectl.is_file() {
         bins.kubectl = fetch_kubectl(&mut apt, cache)?;
     }
-    if !servers_cached(&bins) {
-        build_servers(&mut apt, cache)?;
+    let to_build = missing(cache);
+    if !to_build.is_empty() {
+        build_servers(&mut apt, cache, &to_build)?;
     }
     if !bins.etcd.is_file() {
         bail!(
@@ -125,17 +141,24 @@ fn fetch_kubectl(apt: &mut Apt, cache: &Path) -> Result<PathBuf> {
     }
 }
 
-fn build_servers(apt: &mut Apt, cache: &Path) -> Result<()> {
+/// The binaries built from the source, with how long each takes on 2 cores.
+/// One missing (a cache from before the kubelet joined the list) is built
+/// alone.
+const SERVERS: &[(&str, &str)] = &[
+    ("kube-apiserver", "about 4 minutes"),
+    ("kube-controller-manager", "about a minute"),
+    ("kube-scheduler", "about a minute"),
+    ("kubelet", "about 2 minutes"),
+];
+
+fn build_servers(apt: &mut Apt, cache: &Path, names: &[&str]) -> Result<()> {
     apt.install_missing(BUILD_PACKAGES)?;
     let work = TempDir::at(BUILD_DIR, "setup")?;
     let tree = fetch_source(work.path())?;
     replace_reflect2(apt, work.path(), &tree)?;
     backport_internal_traffic_policy(work.path(), &tree)?;
     let path = format!("{GO_BIN}:{}", env::var("PATH").unwrap_or_default());
-    for (name, estimate) in [
-        ("kube-apiserver", "about 4 minutes"),
-        ("kube-controller-manager", "about a minute"),
-    ] {
+    for (name, estimate) in SERVERS.iter().filter(|(n, _)| names.contains(n)) {
         eprintln!("setup: building {name} {VERSION} from Debian's source ({estimate})");
         let started = Instant::now();
         exec(

@@ -33,6 +33,8 @@ pub const VERSION: &str = "v1.20.2";
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub kubelet: PathBuf,
     pub kubectl: PathBuf,
     pub etcd: PathBuf,
 }
@@ -47,6 +49,8 @@ pub struct ControlPlaneConfig {
     pub state_dir: PathBuf,
     /// The Service ClusterIP range, e.g. `10.96.0.0/16`.
     pub service_cidr: String,
+    /// The nodes whose kubelets get credentials (`kubelet-<node>.kubeconfig`).
+    pub nodes: Vec<String>,
 }
 
 /// What a started control plane gives its callers. The kubeconfigs sit in the

@@ -19,32 +19,44 @@ use crate::sys::quiet;
 pub struct Tokens {
     pub admin: String,
     pub controller_manager: String,
+    pub scheduler: String,
     pub agent: String,
+    /// Each node's kubelet, by node name.
+    pub kubelets: Vec<(String, String)>,
 }
 
 impl Tokens {
-    pub fn random() -> Result<Self> {
+    pub fn random(nodes: &[String]) -> Result<Self> {
         Ok(Self {
             admin: random_token()?,
             controller_manager: random_token()?,
+            scheduler: random_token()?,
             agent: random_token()?,
+            kubelets: nodes
+                .iter()
+                .map(|node| Ok((node.clone(), random_token()?)))
+                .collect::<Result<_>>()?,
         })
     }
 
     /// Writes the apiserver's `--token-auth-file` (token,user,uid,"groups"): the
     /// agent's row is what a ServiceAccount token of kube-system/ferry
     /// authenticates as, so RBAC bound to that ServiceAccount applies to it
-    /// unchanged.
+    /// unchanged. A kubelet's row is the identity the Node authorizer and
+    /// NodeRestriction know (`system:node:<name>` in `system:nodes`), as a
+    /// kubelet's client certificate would carry it.
     pub fn write_auth_file(&self, path: &Path) -> Result<()> {
-        write_private(
-            path,
-            &format!(
-                "{},ferry-admin,ferry-admin,\"system:masters\"\n\
-                 {},system:kube-controller-manager,system:kube-controller-manager\n\
-                 {},system:serviceaccount:kube-system:ferry,ferry-agent,\"system:serviceaccounts,system:serviceaccounts:kube-system\"\n",
-                self.admin, self.controller_manager, self.agent
-            ),
-        )
+        let mut rows = format!(
+            "{},ferry-admin,ferry-admin,\"system:masters\"\n\
+             {},system:kube-controller-manager,system:kube-controller-manager\n\
+             {},system:kube-scheduler,system:kube-scheduler\n\
+             {},system:serviceaccount:kube-system:ferry,ferry-agent,\"system:serviceaccounts,system:serviceaccounts:kube-system\"\n",
+            self.admin, self.controller_manager, self.scheduler, self.agent
+        );
+        for (node, token) in &self.kubelets {
+            writeln!(rows, "{token},system:node:{node},kubelet-{node},system:nodes")?;
+        }
+        write_private(path, &rows)
     }
 }
 
@@ -54,6 +66,7 @@ impl Tokens {
 pub struct Kubeconfigs {
     pub admin: PathBuf,
     pub controller_manager: PathBuf,
+    pub scheduler: PathBuf,
 }
 
 impl Kubeconfigs {
@@ -69,6 +82,9 @@ impl Kubeconfigs {
             Ok(path)
         };
         write("agent", "ferry-agent", &tokens.agent)?;
+        for (node, token) in &tokens.kubelets {
+            write(&format!("kubelet-{node}"), &format!("system:node:{node}"), token)?;
+        }
         Ok(Self {
             admin: write("admin", "ferry-admin", &tokens.admin)?,
             controller_manager: write(
@@ -76,6 +92,7 @@ impl Kubeconfigs {
                 "system:kube-controller-manager",
                 &tokens.controller_manager,
             )?,
+            scheduler: write("scheduler", "system:kube-scheduler", &tokens.scheduler)?,
         })
     }
 }

@@ -30,7 +30,12 @@ const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.loc
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The processes `start` runs, in the order `stop` signals them.
-const PROCESSES: [&str; 3] = ["kube-controller-manager", "kube-apiserver", "etcd"];
+const PROCESSES: [&str; 4] = [
+    "kube-scheduler",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+];
 
 /// Starts etcd, kube-apiserver and kube-controller-manager, detached, and returns
 /// once the apiserver is ready and the `default` and `kube-system` namespaces exist.
@@ -73,7 +78,7 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
     let pki = dir.join("pki");
     fs::create_dir_all(&pki)?;
     make_pki(&pki, cfg.listen_addr, first_host(&cfg.service_cidr)?)?;
-    let tokens = Tokens::random()?;
+    let tokens = Tokens::random(&cfg.nodes)?;
     let token_file = dir.join("tokens.csv");
     tokens.write_auth_file(&token_file)?;
     let server_url = format!("https://{}:{SECURE_PORT}", cfg.listen_addr);
@@ -96,7 +101,10 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
     controller_manager
         .arg(arg("--kubeconfig", &kubeconfigs.controller_manager))
         .args([
-            "--controllers=endpointslice,endpoint",
+            // The slices Ferry reads, and what real pods need: ServiceAccounts
+            // and their token Secrets, DaemonSets (the agent's), and the
+            // garbage collector that removes a deleted DaemonSet's pods.
+            "--controllers=endpointslice,endpoint,serviceaccount,serviceaccount-token,daemonset,garbagecollector",
             TERMINATING_CONDITION,
             "--leader-elect=false",
             // Runs each controller as its own ServiceAccount (kube-system/
@@ -109,8 +117,18 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
             "--port=0",
             "--secure-port=0",
         ]);
+    controller_manager
+        .arg(arg("--service-account-private-key-file", &pki.join("sa.key")))
+        .arg(arg("--root-ca-file", &pki.join("ca.crt")));
     let mut controller_manager = spawn_logged(controller_manager, dir, "kube-controller-manager")?;
     wait_for_controllers(&mut controller_manager, dir)?;
+
+    // The DaemonSet controller leaves placing its pods to the scheduler.
+    let mut scheduler = in_netns(netns, &bins.kube_scheduler);
+    scheduler
+        .arg(arg("--kubeconfig", &kubeconfigs.scheduler))
+        .args(["--leader-elect=false", "--port=0", "--secure-port=0"]);
+    spawn_logged(scheduler, dir, "kube-scheduler")?;
 
     Ok(ControlPlane {
         admin_token: tokens.admin,
@@ -153,12 +171,11 @@ fn start_apiserver(
             // only 0 here (with a deprecation notice); explicit all the same.
             "--insecure-port=0",
             &format!("--etcd-servers={ETCD_CLIENT_URL}"),
-            "--authorization-mode=RBAC",
+            // Node: each kubelet may read and write what its own pods need.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
             &format!("--service-cluster-ip-range={}", cfg.service_cidr),
             &format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-            // Pods name ServiceAccounts whose token Secrets no controller here
-            // creates; this admission plugin would reject them.
-            "--disable-admission-plugins=ServiceAccount",
             // Serving and terminating conditions on EndpointSlices (alpha in
             // 1.20): what kube-proxy's terminating-endpoint fallback reads.
             TERMINATING_CONDITION,

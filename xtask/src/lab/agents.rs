@@ -1,6 +1,11 @@
-//! The lab's node agents, run as the DaemonSet runs them: in the node's network
-//! namespace, with the DaemonSet's capabilities and the ServiceAccount's
-//! credentials; started, waited for, stopped.
+//! The lab's node agents: the DaemonSet of deploy/, installed with kustomize
+//! as an operator installs it (the image and the API server's address set in
+//! an overlay), run by the nodes' kubelets; stopped and started per node.
+//!
+//! The overlay adds only what two nodes on one machine need: each node's maps
+//! in a directory of its own, generic XDP on the lab's veths, and a node
+//! label that keeps the DaemonSet off a node (how `agent stop` stops one
+//! agent without touching the other).
 
 use std::{
     fs,
@@ -9,78 +14,242 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 
-use super::{Lab, POD_IFACE_PATTERN};
-use crate::sys::{live_pid, spawn_detached, stop_pid_file};
+use super::{Lab, FABRIC_GATEWAY};
+use crate::image;
 
-/// The capabilities deploy/daemonset.yaml gives the agent, as a setpriv bounding set.
-const AGENT_CAPABILITIES: &str = "-all,+bpf,+perfmon,+net_admin,+sys_resource";
+const NAMESPACE: &str = "kube-system";
+const DAEMONSET: &str = "ferry";
+const SELECTOR: &str = "app.kubernetes.io/name=ferry";
+/// A node labelled `ferry-lab/agent=stopped` runs no agent.
+const STOP_LABEL: &str = "ferry-lab/agent";
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Lab {
-    pub(super) fn agent_pid_file(&self, node: &str) -> PathBuf {
-        self.state_dir().join(format!("agent-{node}.pid"))
+    fn overlay_dir(&self) -> PathBuf {
+        self.state_dir().join("deploy")
     }
 
-    pub fn agent_log(&self, node: &str) -> PathBuf {
-        self.state_dir().join(format!("agent-{node}.log"))
-    }
-
-    /// Starts the agent of `node` as the DaemonSet pod would run it: in the
-    /// node's network namespace (hostNetwork), with the DaemonSet's capabilities
-    /// and the ServiceAccount's credentials, and waits until it has programmed
-    /// its maps. `extra` are more agent flags (e.g. a narrow `--nat-ports`).
-    pub fn start_agent(&self, agent_bin: &Path, node: &str, extra: &[String]) -> Result<()> {
-        let pid_file = self.agent_pid_file(node);
-        if live_pid(&pid_file).is_some() {
-            bail!("the agent of {node} is already running");
+    /// Installs the agents: `kubectl apply -k` of the lab's overlay over
+    /// `deploy_dir`, then waits until every node's agent is Ready.
+    pub(super) fn install_agents(&self, deploy_dir: &Path, nodes: &[&str]) -> Result<()> {
+        let overlay = self.overlay_dir();
+        fs::create_dir_all(&overlay)?;
+        fs::write(
+            overlay.join("kustomization.yaml"),
+            serde_json::to_string_pretty(&self.overlay(deploy_dir)?)?,
+        )?;
+        fs::write(
+            overlay.join("lab-node.yaml"),
+            serde_json::to_string_pretty(&self.daemonset_patch())?,
+        )?;
+        self.kubectl(&["apply", "-k", &overlay.to_string_lossy()])?;
+        for node in nodes {
+            self.wait_agent_ready(node)?;
         }
-        let log = self.agent_log(node);
-        // Only the capabilities deploy/daemonset.yaml grants.
-        let mut cmd = ferry_netns::enter(&self.ns(node), "setpriv");
-        cmd.args(["--bounding-set", AGENT_CAPABILITIES, "--"])
-            .arg(agent_bin)
-            .arg("run")
-            .args([
-                "--node-name",
-                node,
-                "--pod-iface-pattern",
-                POD_IFACE_PATTERN,
-                "--uplink-iface",
-                "eth0",
-                // Native XDP on a veth sends XDP_TX frames to its peer, where (on a
-                // bridge port without an XDP program of its own) they get lost;
-                // generic XDP runs the same program and works on any device.
-                "--uplink-mode",
-                "generic",
-            ])
-            .arg("--kubeconfig")
-            .arg(self.agent_kubeconfig())
-            .arg("--pin-dir")
-            .arg(self.pin_dir(node))
-            .args(extra)
-            .env("RUST_LOG", "info");
-        spawn_detached(&mut cmd, &log, &pid_file)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        Ok(())
+    }
+
+    /// The lab's kustomization: deploy/ with the lab's image and API address.
+    fn overlay(&self, deploy_dir: &Path) -> Result<Value> {
+        let agent = image::agent_image();
+        let (name, tag) = agent
+            .rsplit_once(':')
+            .context("the agent's image has no tag")?;
+        Ok(json!({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "bases": [deploy_dir.canonicalize()?.to_string_lossy()],
+            // deploy/'s placeholder image name.
+            "images": [{"name": "proxy-agent", "newName": name, "newTag": tag}],
+            "patchesStrategicMerge": ["lab-node.yaml"],
+            "configMapGenerator": [{
+                "name": "ferry-config",
+                "namespace": NAMESPACE,
+                "behavior": "merge",
+                "literals": [
+                    format!("k8sServiceHost={FABRIC_GATEWAY}"),
+                    "k8sServicePort=6443".to_string(),
+                ],
+            }],
+        }))
+    }
+
+    /// What the lab changes in the DaemonSet (a strategic merge patch).
+    fn daemonset_patch(&self) -> Value {
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": DAEMONSET, "namespace": NAMESPACE},
+            "spec": {"template": {"spec": {
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": STOP_LABEL, "operator": "NotIn", "values": ["stopped"]},
+                    ]}],
+                }}},
+                "containers": [{
+                    "name": "agent",
+                    // The image is loaded into each node's containerd.
+                    "imagePullPolicy": "Never",
+                    "env": [
+                        // Two nodes share the machine's bpffs.
+                        {"name": "FERRY_PIN_DIR", "value": format!("/sys/fs/bpf/{}/$(NODE_NAME)", self.name)},
+                        // Native XDP on a veth sends XDP_TX frames to its peer,
+                        // where (on a bridge port without an XDP program of its
+                        // own) they get lost; generic XDP runs the same program.
+                        {"name": "FERRY_UPLINK_MODE", "value": "generic"},
+                    ],
+                }],
+            }}},
+        })
+    }
+
+    /// Starts the agent of `node` (after `stop_agent`) and waits until it is
+    /// Ready. `extra` are agent flags: they go into the DaemonSet's arguments,
+    /// so every node's agent restarts with them.
+    pub fn start_agent(&self, node: &str, extra: &[String]) -> Result<()> {
+        if !extra.is_empty() {
+            let mut args = vec!["run".to_string()];
+            args.extend_from_slice(extra);
+            let patch = json!([{"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": args}]);
+            self.kubectl(&[
+                "-n",
+                NAMESPACE,
+                "patch",
+                "daemonset",
+                DAEMONSET,
+                "--type=json",
+                "-p",
+                &patch.to_string(),
+            ])?;
+        }
+        self.kubectl(&["label", "node", node, &format!("{STOP_LABEL}-")])?;
+        self.wait_agent_ready(node)
+    }
+
+    /// Stops the agent of `node` (its programs and maps stay) and waits until
+    /// its pod is gone.
+    pub fn stop_agent(&self, node: &str) -> Result<()> {
+        self.kubectl(&[
+            "label",
+            "node",
+            node,
+            &format!("{STOP_LABEL}=stopped"),
+            "--overwrite",
+        ])?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.agent_pods(node)?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("the agent pod of {node} is still there");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// The agent pods on `node`, as the API has them.
+    fn agent_pods(&self, node: &str) -> Result<Vec<Value>> {
+        let out = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            SELECTOR,
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "json",
+        ])?;
+        let list: Value = serde_json::from_str(&out)?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The agent pod of `node` that runs the DaemonSet's current template and
+    /// is Ready, if there is one.
+    pub fn agent_pod(&self, node: &str) -> Result<Option<String>> {
+        let generation = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "daemonset",
+            DAEMONSET,
+            "-o",
+            "jsonpath={.metadata.generation}",
+        ])?;
+        Ok(self.agent_pods(node)?.into_iter().find_map(|pod| {
+            let current = pod["metadata"]["labels"]["pod-template-generation"].as_str()
+                == Some(generation.trim());
+            let ready = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
+            (current && ready && !deleting)
+                .then(|| pod["metadata"]["name"].as_str().map(String::from))?
+        }))
+    }
+
+    fn wait_agent_ready(&self, node: &str) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("ready: maps in sync") {
+            if self.agent_pod(node)?.is_some() {
                 return Ok(());
             }
-            if live_pid(&pid_file).is_none() || Instant::now() > deadline {
-                bail!("the agent of {node} did not get ready; its log:\n{text}");
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {node} did not get Ready in {} s:\n{}",
+                    READY_TIMEOUT.as_secs(),
+                    serde_json::to_string_pretty(&self.agent_pods(node)?)?
+                );
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(200));
         }
     }
 
-    /// The process id of the agent of `node`, while it runs.
+    /// The process id of the agent of `node` (its container's first process),
+    /// while it runs.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        live_pid(&self.agent_pid_file(node)).and_then(|pid| u32::try_from(pid).ok())
+        let pod = self.agent_pod(node).ok()??;
+        let filter = format!(
+            "labels.\"io.kubernetes.pod.name\"=={pod},labels.\"io.kubernetes.container.name\"==agent"
+        );
+        let ids = self
+            .ctr(node, &["containers", "list", "--quiet", &filter])
+            .ok()?;
+        let tasks = self.ctr(node, &["tasks", "list"]).ok()?;
+        ids.lines().find_map(|id| {
+            tasks.lines().find_map(|line| {
+                let mut f = line.split_whitespace();
+                (f.next() == Some(id) && line.contains("RUNNING")).then(|| f.next()?.parse().ok())?
+            })
+        })
     }
 
-    /// Stops the agent of `node`; its programs and maps stay.
-    pub fn stop_agent(&self, node: &str) {
-        stop_pid_file(&self.agent_pid_file(node));
+    /// The log of the running agent of `node` (the kubelet's file of its
+    /// container, one line per line the agent wrote, after the runtime's
+    /// timestamp and stream).
+    pub fn agent_log(&self, node: &str) -> Result<PathBuf> {
+        let pod = self
+            .agent_pod(node)?
+            .with_context(|| format!("no running agent on {node}"))?;
+        let pods = self.node_dir(node).join("log/pods");
+        let dir = fs::read_dir(&pods)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{NAMESPACE}_{pod}_")))
+            })
+            .with_context(|| format!("no log directory of {pod} in {}", pods.display()))?
+            .join("agent");
+        fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+            .with_context(|| format!("no log in {}", dir.display()))
     }
 }

@@ -1,6 +1,6 @@
 //! The lab's API server as the lab's own pieces use it: kubectl (from the
-//! fabric namespace, as admin), and the status patches a kubelet or a cloud's
-//! load-balancer controller would send (nodes, pods, LoadBalancer IPs).
+//! fabric namespace, as admin), the Nodes before their kubelets start, and the
+//! status patches a cloud's load-balancer controller would send.
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
@@ -24,7 +24,10 @@ impl Lab {
         ))
     }
 
-    /// The lab plays kubelet: a Node object with its address and pod CIDR, Ready.
+    /// The Node object before its kubelet starts, with what a cloud's node
+    /// controller or IPAM would have set: the pod CIDR (so that each node's
+    /// CIDR is fixed) and the zone label. The kubelet adopts it and reports
+    /// its addresses and status.
     pub(super) fn register_node(&self, node: &str) -> Result<()> {
         let index = node_index(node)?;
         let cidr = format!("10.244.{index}.0/24");
@@ -41,21 +44,7 @@ impl Lab {
             },
             "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         });
-        self.apply(&manifest)?;
-        let now = now();
-        self.patch_status(
-            &format!("/api/v1/nodes/{node}/status"),
-            &json!({"status": {
-                "addresses": [
-                    {"type": "InternalIP", "address": node_addr(node)?.to_string()},
-                    {"type": "Hostname", "address": node},
-                ],
-                "conditions": [{
-                    "type": "Ready", "status": "True", "reason": "FerryLab",
-                    "lastHeartbeatTime": now, "lastTransitionTime": now,
-                }],
-            }}),
-        )
+        self.apply(&manifest)
     }
 
     /// `kubectl apply` of one object.

@@ -1,24 +1,28 @@
-//! The lab: a two-node cluster network on one machine, in network namespaces
-//! named `<lab>-*` (default `ferry-*`), with a real API server and a Ferry agent
-//! per node. Nothing outside those namespaces changes, except pinned maps under
-//! `/sys/fs/bpf/<lab>/` and state under `/run/ferry-lab/<lab>/`, both removed by
-//! `lab down`.
+//! The lab: a two-node cluster on one machine, in network namespaces named
+//! `<lab>-*` (default `ferry-*`), with a real API server, a real kubelet with
+//! containerd per node, and Ferry installed from deploy/ as a DaemonSet.
+//! Nothing outside those namespaces changes, except pinned maps under
+//! `/sys/fs/bpf/<lab>/`, cgroups under `/<lab>/` and state under
+//! `/run/ferry-lab/<lab>/`, all removed by `lab down`.
 //!
 //! ```text
 //!              <lab>-fabric: bridge br0 10.250.0.1/24, etcd, kube-apiserver :6443,
-//!                            kube-controller-manager (EndpointSlices)
+//!                            kube-controller-manager, kube-scheduler
 //!        ┌───────────────┬────────┴───────┬──────────────────┐
 //!  <lab>-node1 .11   <lab>-node2 .12   <lab>-ext .100 (external client)
+//!  kubelet, containerd kubelet, containerd
 //!  pods 10.244.1.0/24  pods 10.244.2.0/24
-//!  agent on fp-* veths agent on fp-* veths
+//!  agent pod (host net) agent pod (host net)
 //! ```
 //!
 //! This file owns the lab's shape (addresses, namespaces, bringing it up and
-//! down, status); `api` talks to its API server (kubectl, the "kubelet"'s status
-//! patches), `agents` runs the node agents, `pods` the pods and their server.
+//! down, status); `api` talks to its API server, `node` runs each node's
+//! containerd and kubelet, `agents` installs and controls the DaemonSet,
+//! `pods` the lab's pods.
 
 mod agents;
 mod api;
+mod node;
 mod pods;
 
 use std::{
@@ -32,7 +36,7 @@ use ferry_netns as netns;
 
 pub use pods::{pod_server, tcp_ask};
 
-use crate::{kube, sys};
+use crate::{image, kube};
 
 /// Nodes of the lab, by name.
 pub const NODES: [&str; 2] = ["node1", "node2"];
@@ -41,8 +45,6 @@ const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 100);
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Where the lab's LoadBalancer IPs and externalIPs come from: routed to node1.
 pub const VIRTUAL_IPS: &str = "192.0.2.0/24";
-/// Interface names of pods' host-side veths (what the agents attach to).
-pub const POD_IFACE_PATTERN: &str = "fp-*";
 /// Ports every lab pod serves, TCP and UDP alike.
 pub const POD_TCP_PORT: u16 = 8080;
 pub const POD_UDP_PORT: u16 = 5353;
@@ -116,9 +118,9 @@ impl Lab {
         netns::exists(&self.ns("fabric"))
     }
 
-    /// Builds the network, starts the control plane, registers the nodes, applies
-    /// the agents' RBAC from deploy/, and starts one agent per node.
-    pub fn up(&self, agent_bin: &Path, deploy_dir: &Path) -> Result<()> {
+    /// Builds the network, starts the control plane and each node's kubelet,
+    /// and installs the agents from deploy/.
+    pub fn up(&self, deploy_dir: &Path) -> Result<()> {
         if self.is_up() {
             bail!(
                 "lab {} is already up (`cargo xtask lab down` first)",
@@ -126,7 +128,7 @@ impl Lab {
             );
         }
         let bins = kube::ensure_built()?;
-        let result = self.up_inner(&bins, agent_bin, deploy_dir);
+        let result = self.up_inner(&bins, deploy_dir);
         if result.is_err() {
             if std::env::var_os("FERRY_LAB_KEEP_ON_FAILURE").is_some() {
                 eprintln!("lab: bringing the lab up failed; kept for inspection (`cargo xtask lab down` removes it)");
@@ -138,7 +140,7 @@ impl Lab {
         result
     }
 
-    fn up_inner(&self, bins: &kube::Binaries, agent_bin: &Path, deploy_dir: &Path) -> Result<()> {
+    fn up_inner(&self, bins: &kube::Binaries, deploy_dir: &Path) -> Result<()> {
         fs::create_dir_all(self.state_dir())?;
         fs::write(
             self.state_dir().join("kubectl"),
@@ -154,6 +156,7 @@ impl Lab {
                 listen_addr: FABRIC_GATEWAY,
                 state_dir: self.control_plane_dir(),
                 service_cidr: SERVICE_CIDR.into(),
+                nodes: NODES.iter().map(|n| n.to_string()).collect(),
             },
         )?;
         fs::write(
@@ -163,14 +166,15 @@ impl Lab {
         for node in NODES {
             self.register_node(node)?;
         }
-        self.kubectl(&[
-            "apply",
-            "-f",
-            &deploy_dir.join("rbac.yaml").to_string_lossy(),
-        ])?;
+        eprintln!("lab {}: images", self.name);
+        let images: Vec<PathBuf> = image::build()?.into_iter().map(|b| b.archive).collect();
         for node in NODES {
-            self.start_agent(agent_bin, node, &[])?;
+            eprintln!("lab {}: {node}: containerd and kubelet", self.name);
+            self.start_node(bins, node, &images)?;
         }
+        self.wait_nodes_ready(&NODES)?;
+        eprintln!("lab {}: agents (kubectl apply -k)", self.name);
+        self.install_agents(deploy_dir, &NODES)?;
         eprintln!("lab {}: up; `cargo xtask lab status` shows it", self.name);
         Ok(())
     }
@@ -239,12 +243,7 @@ impl Lab {
     /// Removes everything the lab made. Safe to run on a lab that is half up or gone.
     pub fn down(&self) -> Result<()> {
         for node in NODES {
-            self.stop_agent(node);
-        }
-        if let Ok(pods) = self.pods() {
-            for name in pods.keys() {
-                sys::stop_pid_file(&self.pods_dir().join(format!("{name}.pid")));
-            }
+            self.stop_node(node);
         }
         kube::stop(&self.control_plane_dir())?;
         // Deleting a namespace removes its interfaces and their tc filters.
@@ -290,7 +289,7 @@ impl Lab {
             self.ns("fabric")
         );
         for node in NODES {
-            let state = if self.agent_pid(node).is_some() {
+            let state = if self.agent_pod(node).ok().flatten().is_some() {
                 "running"
             } else {
                 "stopped"
@@ -304,20 +303,17 @@ impl Lab {
         }
         println!("  external    {EXTERNAL_ADDR} in {}", self.ns("ext"));
         for pod in self.pods()?.values() {
-            let pid_file = self.pods_dir().join(format!("{}.pid", pod.name));
-            let state = if sys::live_pid(&pid_file).is_some() {
-                "serving"
-            } else {
-                "stopped"
-            };
-            println!(
-                "  pod {:<12} {:<12} on {} ({state})",
-                pod.name, pod.addr, pod.node
-            );
+            println!("  pod {:<12} {:<12} on {}", pod.name, pod.addr, pod.node);
         }
         print!(
             "{}",
-            self.kubectl(&["get", "services,endpointslices", "-A", "-o", "wide"])?
+            self.kubectl(&[
+                "get",
+                "nodes,pods,services,endpointslices",
+                "-A",
+                "-o",
+                "wide"
+            ])?
         );
         Ok(())
     }

@@ -1,23 +1,27 @@
-//! The lab's pods: a network namespace wired to its node, a server answering
-//! TCP and UDP with the pod's name and the client it saw, and the Pod object
-//! with the status a kubelet would give it; and a client for their answers.
+//! The lab's pods: real Pods that the node's kubelet runs from the lab's pod
+//! image (a server answering TCP and UDP with the pod's name and the client it
+//! saw), with their network namespaces named as the lab names its own; and a
+//! client for their answers.
 
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::Read,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use ferry_netns as netns;
 use serde_json::json;
 
-use super::{api::now, node_addr, node_index, pod_gateway, Lab, POD_TCP_PORT, POD_UDP_PORT};
-use crate::sys::{spawn_detached, stop_pid_file};
+use super::{node_index, Lab, POD_TCP_PORT, POD_UDP_PORT};
+use crate::image;
+
+/// How long a new pod may take to run and pass its readiness probe.
+const POD_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A pod the lab made.
 #[derive(Debug, Clone)]
@@ -64,9 +68,7 @@ impl Lab {
         self.ns(&format!("pod-{pod}"))
     }
 
-    /// Creates a pod on `node`: a namespace behind a veth, a server answering
-    /// TCP and UDP with the pod's name and the client address it saw, and the Pod
-    /// object with a Ready status (the lab plays kubelet).
+    /// Creates a pod on `node` and waits until its kubelet reports it Ready.
     pub fn pod_add(&self, name: &str, node: &str, labels: &[(String, String)]) -> Result<Pod> {
         if name.is_empty()
             || name.len() > 12
@@ -83,37 +85,18 @@ impl Lab {
         if pods.contains_key(name) {
             bail!("pod {name} exists");
         }
-        let index = node_index(node)?;
-        let used: Vec<Ipv4Addr> = pods.values().map(|p| p.addr).collect();
-        let addr = (2..=254)
-            .map(|host| Ipv4Addr::new(10, 244, index, host))
-            .find(|a| !used.contains(a))
-            .context("the node's pod CIDR is full")?;
-        let gateway = pod_gateway(node)?;
-        let (pod_ns, node_ns) = (self.pod_ns(name), self.ns(node));
+        node_index(node)?;
+        self.create_pod(name, node, labels)?;
+        let addr = self.wait_pod_ready(name)?;
         fs::create_dir_all(self.pods_dir())?;
-        netns::add(&pod_ns)?;
-        netns::wire_pod(&netns::PodLink {
-            pod_ns: &pod_ns,
-            node_ns: &node_ns,
-            host_if: &format!("fp-{name}"),
-            addrs: &[addr],
-            gateway,
-            full_checksums: true,
-        })?;
         fs::write(
             self.pods_dir().join(format!("{name}.pod")),
             format!("{node} {addr}\n"),
         )?;
-
-        let mut server = netns::exec(&pod_ns, std::env::current_exe()?);
-        server.args(["lab", "--lab", &self.name, "pod-server", "--name", name]);
-        spawn_detached(
-            &mut server,
-            &self.pods_dir().join(format!("{name}.log")),
-            &self.pods_dir().join(format!("{name}.pid")),
-        )?;
-        self.register_pod(name, node, addr, labels)?;
+        // The pod's network namespace under the lab's name for it, so that
+        // tests and `lab exec` enter it as any other lab namespace.
+        let sandbox = self.sandbox_pid(node, name)?;
+        netns::attach(&self.pod_ns(name), sandbox)?;
         Ok(Pod {
             name: name.into(),
             node: node.into(),
@@ -121,14 +104,9 @@ impl Lab {
         })
     }
 
-    /// The lab plays kubelet: the Pod object, then a Running and Ready status.
-    fn register_pod(
-        &self,
-        name: &str,
-        node: &str,
-        addr: Ipv4Addr,
-        labels: &[(String, String)],
-    ) -> Result<()> {
+    /// The Pod object: the lab's pod image on `node` (there is no scheduler
+    /// for plain pods here), Ready once it accepts TCP on its port.
+    fn create_pod(&self, name: &str, node: &str, labels: &[(String, String)]) -> Result<()> {
         let mut all_labels = serde_json::Map::new();
         all_labels.insert("ferry-lab/pod".into(), name.into());
         for (k, v) in labels {
@@ -141,32 +119,74 @@ impl Lab {
             "spec": {
                 "nodeName": node,
                 "terminationGracePeriodSeconds": 0,
+                "automountServiceAccountToken": false,
+                "enableServiceLinks": false,
                 "containers": [{
                     "name": "server",
-                    "image": "ferry-lab/pod-server",
+                    "image": image::lab_pod_image(),
+                    "imagePullPolicy": "Never",
+                    "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                     "ports": [
                         {"name": "tcp", "containerPort": POD_TCP_PORT, "protocol": "TCP"},
                         {"name": "udp", "containerPort": POD_UDP_PORT, "protocol": "UDP"},
                     ],
+                    "readinessProbe": {
+                        "tcpSocket": {"port": POD_TCP_PORT},
+                        "periodSeconds": 1,
+                    },
                 }],
             },
-        }))?;
-        let now = now();
-        let addr = addr.to_string();
-        self.patch_status(
-            &format!("/api/v1/namespaces/default/pods/{name}/status"),
-            &json!({"status": {
-                "phase": "Running",
-                "podIP": addr,
-                "podIPs": [{"ip": addr}],
-                "hostIP": node_addr(node)?.to_string(),
-                "startTime": now,
-                "conditions": [
-                    {"type": "Ready", "status": "True", "lastTransitionTime": now},
-                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
-                ],
-            }}),
-        )
+        }))
+    }
+
+    /// Waits until the kubelet reports the pod Ready and returns its address.
+    fn wait_pod_ready(&self, name: &str) -> Result<Ipv4Addr> {
+        let deadline = Instant::now() + POD_READY_TIMEOUT;
+        loop {
+            let out = self
+                .kubectl(&[
+                    "get",
+                    "pod",
+                    name,
+                    "-o",
+                    "jsonpath={.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}",
+                ])
+                .unwrap_or_default();
+            let mut fields = out.split_whitespace();
+            if let (Some(addr), Some("True")) = (fields.next(), fields.next()) {
+                return Ok(addr.parse()?);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "pod {name} not Ready after {} s: {}",
+                    POD_READY_TIMEOUT.as_secs(),
+                    self.kubectl(&["get", "pod", name, "-o", "jsonpath={.status}"])
+                        .unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The process id of the pod's sandbox (whose network namespace its
+    /// containers share), from the node's containerd.
+    fn sandbox_pid(&self, node: &str, pod: &str) -> Result<i32> {
+        let filter = format!(
+            "labels.\"io.kubernetes.pod.name\"=={pod},labels.\"io.kubernetes.pod.namespace\"==default,labels.\"io.cri-containerd.kind\"==sandbox"
+        );
+        let ids = self.ctr(node, &["containers", "list", "--quiet", &filter])?;
+        let id = ids
+            .lines()
+            .next()
+            .with_context(|| format!("no sandbox of pod {pod} in {node}'s containerd"))?;
+        let tasks = self.ctr(node, &["tasks", "list"])?;
+        tasks
+            .lines()
+            .find_map(|line| {
+                let mut f = line.split_whitespace();
+                (f.next() == Some(id)).then(|| f.next()?.parse().ok())?
+            })
+            .with_context(|| format!("the sandbox of pod {pod} runs no task"))
     }
 
     /// Starts a pod's graceful deletion and leaves it running, as a kubelet would
@@ -180,13 +200,12 @@ impl Lab {
             .map(|_| ())
     }
 
-    /// Deletes a pod: its object first (so its endpoint leaves the slices), then
-    /// its server and namespace.
+    /// Deletes a pod at once (grace period 0): the kubelet stops its
+    /// containers and CNI removes its veth.
     pub fn pod_del(&self, name: &str) -> Result<()> {
-        let pod = self
-            .pods()?
-            .remove(name)
-            .with_context(|| format!("no pod {name}"))?;
+        if !self.pods()?.contains_key(name) {
+            bail!("no pod {name}");
+        }
         self.kubectl(&[
             "delete",
             "pod",
@@ -196,57 +215,12 @@ impl Lab {
             "--ignore-not-found",
             "--wait=false",
         ])?;
-        stop_pid_file(&self.pods_dir().join(format!("{name}.pid")));
+        // Only the lab's name for the namespace: the kubelet removes the pod
+        // and CNI its veth and route.
         let _ = netns::delete(&self.pod_ns(name));
-        let _ = netns::ip(&[
-            "-n",
-            &self.ns(&pod.node),
-            "route",
-            "del",
-            &format!("{}/32", pod.addr),
-        ]);
         let _ = fs::remove_file(self.pods_dir().join(format!("{name}.pod")));
-        let _ = fs::remove_file(self.pods_dir().join(format!("{name}.log")));
         Ok(())
     }
-}
-
-/// The lab pods' server: answers every TCP connection and UDP datagram on the
-/// pod ports with `<pod name> <client address:port>\n`.
-pub fn pod_server(name: &str) -> Result<()> {
-    let tcp = TcpListener::bind(("0.0.0.0", POD_TCP_PORT))?;
-    let udp = UdpSocket::bind(("0.0.0.0", POD_UDP_PORT))?;
-    let udp_name = name.to_string();
-    thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(format!("{udp_name} {peer}\n").as_bytes(), peer);
-        }
-    });
-    for stream in tcp.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let name = name.to_string();
-        thread::spawn(move || {
-            let peer = stream
-                .peer_addr()
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            let _ = stream.write_all(format!("{name} {peer}\n").as_bytes());
-            // Keep the connection while the client keeps it, answering each line,
-            // so a test can hold an established connection open.
-            let mut buf = [0u8; 512];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0
-                    || stream
-                        .write_all(format!("{name} {peer}\n").as_bytes())
-                        .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
-    Ok(())
 }
 
 /// One TCP exchange from inside `ns`: connect, read the greeting line.

@@ -115,7 +115,7 @@ pub fn run(quick: bool, results: &Path, command: &str) -> Result<()> {
     // What an interrupted earlier run may have left.
     lab.down()?;
     let measured = lab
-        .up(&agent, &workspace_root().join("deploy"))
+        .up(&workspace_root().join("deploy"))
         .and_then(|()| {
             // The client must reach the API server, which listens in the fabric
             // namespace; everything else it does names its namespace itself.
@@ -138,7 +138,7 @@ pub fn run(quick: bool, results: &Path, command: &str) -> Result<()> {
 
 fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
     let lab = Lab::new(LAB)?;
-    lab.stop_agent("node2");
+    lab.stop_agent("node2")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -436,7 +436,7 @@ fn wait_programmed(metrics: SocketAddr, services: usize) -> Result<()> {
 /// programs loaded, the first programming round), seconds, from the agent's
 /// own log timestamps and its round histogram.
 fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64, f64)> {
-    lab.stop_agent(NODE);
+    lab.stop_agent(NODE)?;
     let out = ferry_netns::enter(&lab.ns(NODE), agent)
         .arg("cleanup")
         .arg("--pin-dir")
@@ -449,8 +449,8 @@ fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64,
         String::from_utf8_lossy(&out.stderr)
     );
     let started = jiff::Timestamp::now();
-    lab.start_agent(agent, NODE, &[])?;
-    let log = fs::read_to_string(lab.agent_log(NODE))?;
+    lab.start_agent(NODE, &[])?;
+    let log = fs::read_to_string(lab.agent_log(NODE)?)?;
     let at = |message: &str| -> Result<f64> {
         let line = log
             .lines()
