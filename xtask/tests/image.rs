@@ -127,10 +127,15 @@ impl Containerd {
     /// network namespace; the caller adds detach or `--rm` and the rest.
     fn run_args(&mut self, id: &str) -> Vec<String> {
         self.containers.push(id.into());
+        let state = self.state.display();
         vec![
             "run".into(),
             "--with-ns".into(),
             format!("network:/run/netns/{}", self.netns),
+            // The stdio fifos and runc's state with containerd's, not in
+            // /run/containerd/ (where only the shims' sockets go, by design).
+            format!("--fifo-dir={state}/fifo"),
+            format!("--runc-root={state}/runc"),
         ]
     }
 }
@@ -145,9 +150,8 @@ impl Drop for Containerd {
         // SAFETY: a signal to the containerd this test started.
         unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
         let _ = self.daemon.wait();
-        // Left by containerd's runc shims and by runc: the namespace's runc
-        // state directory and its cgroup parents (each empty by now).
-        let _ = fs::remove_dir(Path::new("/run/containerd/runc").join(&self.namespace));
+        // runc removes each container's cgroups, not their parent (named
+        // after the containerd namespace), empty by now.
         if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
             for hierarchy in hierarchies.flatten() {
                 let _ = fs::remove_dir(hierarchy.path().join(&self.namespace));
