@@ -1,5 +1,5 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | lab | demo | bench |
-//! vm-test`. This file only parses the command line and hands each task to its
+//! Project tasks: `cargo xtask setup | build-ebpf | image | test | lab | demo |
+//! bench | vm-test`. This file only parses the command line and hands each task to its
 //! module.
 
 mod agent;
@@ -7,6 +7,7 @@ mod bench;
 mod build_ebpf;
 mod debian;
 mod demo;
+mod image;
 mod kube;
 mod lab;
 mod setup;
@@ -30,6 +31,16 @@ enum Task {
     Setup,
     /// Build the eBPF object with whichever toolchain this machine has.
     BuildEbpf,
+    /// Build the container images (the agent, the lab's pod and pause) as OCI
+    /// archives under target/images/ and print them.
+    Image {
+        /// Also import them into the containerd listening on this socket.
+        #[arg(long, value_name = "SOCKET")]
+        load: Option<std::path::PathBuf>,
+        /// The containerd namespace to import into (the kubelet's by default).
+        #[arg(long, default_value = image::KUBERNETES_NAMESPACE)]
+        namespace: String,
+    },
     /// Set up, build the eBPF object, and run every test (unit, packet, netns, lab).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -171,6 +182,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run().map(|_| ()),
+        Task::Image { load, namespace } => image::run(load.as_deref(), &namespace),
         Task::Test { args } => workspace_tests::run(&args),
         Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
         Task::Demo => demo::run(),

@@ -9,7 +9,8 @@ use anyhow::{bail, Result};
 use crate::sys::{exec, require_root};
 
 /// Debian packages: Debian's Rust with its library source (the eBPF target needs
-/// `-Z build-std=core`), LLVM 22 for bpf-linker, bpftool, iproute2.
+/// `-Z build-std=core`), LLVM 22 for bpf-linker, bpftool, iproute2; containerd
+/// and runc, which run the project's images (`cargo xtask image`).
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -22,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "ethtool",
+    "containerd",
+    "runc",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

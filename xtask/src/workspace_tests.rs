@@ -1,12 +1,12 @@
-//! `cargo xtask test`: set up, build the eBPF object and the agent, and run
-//! every test of the workspace (unit, packet, netns, lab).
+//! `cargo xtask test`: set up, build the eBPF object, the agent and the
+//! images, and run every test of the workspace (unit, packet, netns, lab, image).
 
 use std::process::Command;
 
 use anyhow::Result;
 
 use crate::{
-    agent, build_ebpf, setup,
+    agent, build_ebpf, image, setup,
     sys::{exec, workspace_root},
 };
 
@@ -16,6 +16,8 @@ pub fn run(args: &[String]) -> Result<()> {
     build_ebpf::run()?;
     // The lab tests run this agent binary; build it before the tests run.
     let agent = agent::build(false)?;
+    // The image test imports what `cargo xtask image` writes.
+    image::build()?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .env("FERRY_AGENT_BIN", agent)
