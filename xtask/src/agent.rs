@@ -1,15 +1,11 @@
-//! The proxy-agent binaries the lab, the demo, the tests and the benches run:
-//! built here with cargo (after the eBPF object they embed), or the one
-//! `FERRY_AGENT_BIN` names.
+//! The proxy-agent binaries the benches run, built here with cargo (the eBPF
+//! object they embed must be built first). The lab runs the agent's image.
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::Result;
 
-use crate::{
-    build_ebpf,
-    sys::{exec, workspace_root},
-};
+use crate::sys::{exec, workspace_root};
 
 /// Builds proxy-agent (a release build when `release`) and returns its binary.
 /// The eBPF object must be built first (proxy-agent's build script embeds it).
@@ -25,13 +21,4 @@ pub fn build(release: bool) -> Result<PathBuf> {
         .join("target")
         .join(profile)
         .join("proxy-agent"))
-}
-
-/// The agent binary the lab runs: $FERRY_AGENT_BIN, else a fresh debug build.
-pub fn binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("FERRY_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    build_ebpf::run()?;
-    build(false)
 }

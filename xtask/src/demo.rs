@@ -12,7 +12,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    agent,
     lab::{self, Lab},
     setup,
     sys::workspace_root,

@@ -114,12 +114,6 @@ enum LabCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
-    /// The server lab pods run (started by `pod add`).
-    #[command(hide = true)]
-    PodServer {
-        #[arg(long)]
-        name: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -174,7 +168,6 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
         },
         LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),
         LabCommand::Exec { pod, command } => lab.exec(&pod, &command),
-        LabCommand::PodServer { name } => lab::pod_server(&name),
     }
 }
 

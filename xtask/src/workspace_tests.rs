@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use crate::{
-    agent, build_ebpf, image, setup,
+    build_ebpf, image, setup,
     sys::{exec, workspace_root},
 };
 
@@ -14,13 +14,11 @@ use crate::{
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;
     build_ebpf::run()?;
-    // The lab tests run this agent binary; build it before the tests run.
-    let agent = agent::build(false)?;
-    // The image test imports what `cargo xtask image` writes.
+    // The lab runs these images (and builds them again if they are stale);
+    // the image test imports them.
     image::build()?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
-        .env("FERRY_AGENT_BIN", agent)
         .args(["test", "--workspace", "--no-fail-fast"]);
     if !args.is_empty() {
         cmd.arg("--").args(args);

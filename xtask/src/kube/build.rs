@@ -95,6 +95,7 @@ pub fn ensure_built() -> Result<Binaries> {
     if !bins.kubectl.is_file() {
         bins.kubectl = fetch_kubectl(&mut apt, cache)?;
     }
+    // Again under the lock: a build that held it may have made them.
     let to_build = missing(cache);
     if !to_build.is_empty() {
         build_servers(&mut apt, cache, &to_build)?;

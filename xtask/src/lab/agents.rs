@@ -61,7 +61,8 @@ impl Lab {
         Ok(json!({
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
-            "bases": [deploy_dir.canonicalize()?.to_string_lossy()],
+            // kubectl 1.20's kustomize takes only a relative path here.
+            "bases": [relative(&self.overlay_dir(), &deploy_dir.canonicalize()?).to_string_lossy()],
             // deploy/'s placeholder image name.
             "images": [{"name": "proxy-agent", "newName": name, "newTag": tag}],
             "patchesStrategicMerge": ["lab-node.yaml"],
@@ -251,5 +252,34 @@ impl Lab {
             .map(|e| e.path())
             .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
             .with_context(|| format!("no log in {}", dir.display()))
+    }
+}
+
+/// `to` as a path relative to the directory `from` (both absolute).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in common..from.len() {
+        path.push("..");
+    }
+    for part in &to[common..] {
+        path.push(part);
+    }
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(
+            relative(Path::new("/run/ferry-lab/x/deploy"), Path::new("/work/main/deploy")),
+            PathBuf::from("../../../../work/main/deploy")
+        );
+        assert_eq!(relative(Path::new("/a/b"), Path::new("/a/b/c")), PathBuf::from("c"));
     }
 }

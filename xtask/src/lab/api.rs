@@ -1,21 +1,14 @@
 //! The lab's API server as the lab's own pieces use it: kubectl (from the
-//! fabric namespace, as admin), the Nodes before their kubelets start, and the
-//! status patches a cloud's load-balancer controller would send.
+//! fabric namespace, as admin), the Nodes' pod CIDRs, and the status patches
+//! a cloud's load-balancer controller would send.
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{node_addr, node_index, Lab, FABRIC_GATEWAY};
+use super::{node_index, Lab, FABRIC_GATEWAY};
 use crate::sys::{output, output_with_input};
-
-/// Now, as Kubernetes writes times (RFC 3339 in UTC, whole seconds).
-pub(super) fn now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
-}
 
 impl Lab {
     fn kubectl_path(&self) -> Result<PathBuf> {
@@ -24,27 +17,14 @@ impl Lab {
         ))
     }
 
-    /// The Node object before its kubelet starts, with what a cloud's node
-    /// controller or IPAM would have set: the pod CIDR (so that each node's
-    /// CIDR is fixed) and the zone label. The kubelet adopts it and reports
-    /// its addresses and status.
-    pub(super) fn register_node(&self, node: &str) -> Result<()> {
-        let index = node_index(node)?;
-        let cidr = format!("10.244.{index}.0/24");
-        let manifest = json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": node,
-                "labels": {
-                    "kubernetes.io/hostname": node,
-                    "kubernetes.io/os": "linux",
-                    "topology.kubernetes.io/zone": format!("zone-{index}"),
-                },
-            },
-            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
-        });
-        self.apply(&manifest)
+    /// Sets the node's pod CIDR, as a cloud's IPAM or the controller
+    /// manager's node-ipam would: each node's is fixed here, and matches its
+    /// CNI configuration.
+    pub(super) fn set_pod_cidr(&self, node: &str) -> Result<()> {
+        let cidr = format!("10.244.{}.0/24", node_index(node)?);
+        let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
+        self.kubectl(&["patch", "node", node, "--type=merge", "-p", &patch.to_string()])
+            .map(drop)
     }
 
     /// `kubectl apply` of one object.

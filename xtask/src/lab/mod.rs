@@ -34,7 +34,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferry_netns as netns;
 
-pub use pods::{pod_server, tcp_ask};
+pub use pods::tcp_ask;
 
 use crate::{image, kube};
 
@@ -110,10 +110,6 @@ impl Lab {
         self.control_plane_dir().join("admin.kubeconfig")
     }
 
-    fn agent_kubeconfig(&self) -> PathBuf {
-        self.control_plane_dir().join("agent.kubeconfig")
-    }
-
     fn is_up(&self) -> bool {
         netns::exists(&self.ns("fabric"))
     }
@@ -146,6 +142,9 @@ impl Lab {
             self.state_dir().join("kubectl"),
             bins.kubectl.to_string_lossy().as_bytes(),
         )?;
+        // First: a build that fails should fail before anything is up.
+        eprintln!("lab {}: images", self.name);
+        let images: Vec<PathBuf> = image::build()?.into_iter().map(|b| b.archive).collect();
         eprintln!("lab {}: network", self.name);
         self.network()?;
         eprintln!("lab {}: control plane", self.name);
@@ -164,15 +163,13 @@ impl Lab {
             &control_plane.admin_token,
         )?;
         for node in NODES {
-            self.register_node(node)?;
-        }
-        eprintln!("lab {}: images", self.name);
-        let images: Vec<PathBuf> = image::build()?.into_iter().map(|b| b.archive).collect();
-        for node in NODES {
             eprintln!("lab {}: {node}: containerd and kubelet", self.name);
             self.start_node(bins, node, &images)?;
         }
         self.wait_nodes_ready(&NODES)?;
+        for node in NODES {
+            self.set_pod_cidr(node)?;
+        }
         eprintln!("lab {}: agents (kubectl apply -k)", self.name);
         self.install_agents(deploy_dir, &NODES)?;
         eprintln!("lab {}: up; `cargo xtask lab status` shows it", self.name);

@@ -252,6 +252,8 @@ impl Lab {
                 ),
                 &format!("--hostname-override={node}"),
                 &format!("--node-ip={}", node_addr(node)?),
+                // A label NodeRestriction lets a kubelet set on its own Node.
+                &format!("--node-labels=topology.kubernetes.io/zone=zone-{}", node_index(node)?),
                 "--v=1",
             ]);
         spawn_detached(&mut kubelet, &dir.join("kubelet.log"), &dir.join("kubelet.pid"))?;
