@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
+pub mod fib;
 pub mod netns;
 #[allow(unused_imports, reason = "only the packet test binaries build frames")]
 pub use proxy_agent::harness::packet;
