@@ -28,7 +28,7 @@ use proxy_common::{
     ServiceKey4, ServiceValue,
 };
 use support::{
-    fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2, NODE2_MAC, NODE_MAC},
+    fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
     netns::{in_netns, Lab},
     packet::{self, Frame},
 };
