@@ -8,7 +8,7 @@ mod support;
 
 use std::{net::Ipv4Addr, path::Path};
 
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{lpm_trie::Key, LpmTrie, MapData};
 use proxy_agent::{
     desired::{self, gc::Lifetimes, Ids, MapState},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
@@ -23,8 +23,9 @@ use proxy_common::{
 };
 use support::{
     fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
-    netns::{in_netns, run, Lab},
+    netns::{in_netns, Lab},
     packet::{self, Frame},
+    pins,
 };
 
 const TC_ACT_UNSPEC: u32 = u32::MAX;
@@ -177,52 +178,19 @@ fn old_ct(backend_id: u32, rev_nat_id: u32, nat_port: u16, now: u64) -> previous
     }
 }
 
-/// Creates a map as an older agent's programs did, pinned at `dir/name`.
-fn create(dir: &Path, name: &str, kind: &str, key: usize, value: usize, flags: Option<&str>) {
-    let path = dir.join(name);
-    let (key, value) = (key.to_string(), value.to_string());
-    let mut args = vec![
-        "map",
-        "create",
-        path.to_str().unwrap(),
-        "type",
-        kind,
-        "key",
-        &key,
-        "value",
-        &value,
-        "entries",
-        "4096",
-        "name",
-        name,
-    ];
-    if let Some(flags) = flags {
-        args.extend(["flags", flags]);
-    }
-    run("bpftool", &args);
-}
-
-fn open(dir: &Path, name: &str) -> Map {
-    Map::from_map_data(MapData::from_pin(dir.join(name)).unwrap()).unwrap()
-}
-
-fn old_hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {
-    HashMap::try_from(open(dir, name)).unwrap()
-}
-
 /// Pins the maps an agent of the previous layouts leaves with `state`
 /// programmed (backend4_v1 had no older version: it is today's), and a
 /// `nat4_v1`, two versions old, that cannot be carried over.
 fn pin_previous_agent(dir: &Path, state: &MapState) {
     std::fs::create_dir_all(dir).unwrap();
-    create(dir, map_names::BACKENDS_V4, "hash", 4, 12, None);
-    create(dir, previous::names::SERVICES_V4, "hash", 12, 12, None);
-    create(dir, previous::names::REVNAT_V4, "hash", 2, 8, None);
-    create(dir, previous::names::CONNTRACK_V4, "lru_hash", 16, 24, None);
-    create(dir, previous::names::NAT_V4, "lru_hash", 16, 24, None);
-    create(dir, previous::names::AFFINITY_V4, "lru_hash", 8, 16, None);
-    create(dir, previous::names::MAGLEV_V4, "hash", 8, 4, None);
-    create(
+    pins::create(dir, map_names::BACKENDS_V4, "hash", 4, 12, None);
+    pins::create(dir, previous::names::SERVICES_V4, "hash", 12, 12, None);
+    pins::create(dir, previous::names::REVNAT_V4, "hash", 2, 8, None);
+    pins::create(dir, previous::names::CONNTRACK_V4, "lru_hash", 16, 24, None);
+    pins::create(dir, previous::names::NAT_V4, "lru_hash", 16, 24, None);
+    pins::create(dir, previous::names::AFFINITY_V4, "lru_hash", 8, 16, None);
+    pins::create(dir, previous::names::MAGLEV_V4, "hash", 8, 4, None);
+    pins::create(
         dir,
         previous::names::SOURCE_RANGES_V4,
         "lpm_trie",
@@ -230,13 +198,13 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
         1,
         Some("1"),
     );
-    create(dir, "nat4_v1", "lru_hash", 16, 16, None);
-    let mut backends = old_hash::<u32, Backend4>(dir, map_names::BACKENDS_V4);
+    pins::create(dir, "nat4_v1", "lru_hash", 16, 16, None);
+    let mut backends = pins::hash::<u32, Backend4>(dir, map_names::BACKENDS_V4);
     for (id, b) in &state.backends {
         backends.insert(id, b, 0).unwrap();
     }
     let mut svc =
-        old_hash::<ServiceKey4, previous::ServiceValue>(dir, previous::names::SERVICES_V4);
+        pins::hash::<ServiceKey4, previous::ServiceValue>(dir, previous::names::SERVICES_V4);
     for (k, v) in &state.services {
         let old = previous::ServiceValue {
             backend_id: v.backend_id,
@@ -247,11 +215,11 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
         };
         svc.insert(k, old, 0).unwrap();
     }
-    let mut revnat = old_hash::<u16, RevNat4>(dir, previous::names::REVNAT_V4);
+    let mut revnat = pins::hash::<u16, RevNat4>(dir, previous::names::REVNAT_V4);
     for (id, r) in &state.revnat {
         revnat.insert(u16::try_from(*id).unwrap(), r, 0).unwrap();
     }
-    let mut maglev = old_hash::<previous::MaglevKey4, u32>(dir, previous::names::MAGLEV_V4);
+    let mut maglev = pins::hash::<previous::MaglevKey4, u32>(dir, previous::names::MAGLEV_V4);
     for (k, backend) in &state.maglev {
         let old = previous::MaglevKey4 {
             rev_nat_id: u16::try_from(k.rev_nat_id).unwrap(),
@@ -261,7 +229,7 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
         maglev.insert(old, backend, 0).unwrap();
     }
     let mut ranges: LpmTrie<MapData, previous::SourceRange4, u8> =
-        LpmTrie::try_from(open(dir, previous::names::SOURCE_RANGES_V4)).unwrap();
+        LpmTrie::try_from(pins::open(dir, previous::names::SOURCE_RANGES_V4)).unwrap();
     for (prefix, data) in &state.source_ranges {
         let old = previous::SourceRange4 {
             rev_nat_id_be: u16::try_from(u32::from_be(data.rev_nat_id_be))
@@ -300,7 +268,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
     assert!(problems.is_empty(), "{problems:?}");
     pin_previous_agent(dir, &state);
     let now = monotonic_ns();
-    let mut ct = old_hash::<CtKey4, previous::CtValue4>(dir, previous::names::CONNTRACK_V4);
+    let mut ct = pins::hash::<CtKey4, previous::CtValue4>(dir, previous::names::CONNTRACK_V4);
 
     // A ClusterIP flow on the backend its hash does not pick: only its
     // conntrack entries keep it there.
@@ -345,7 +313,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
         _pad: [0; 3],
         last_seen_ns: now,
     };
-    old_hash(dir, previous::names::NAT_V4)
+    pins::hash(dir, previous::names::NAT_V4)
         .insert(nat_key, old_nat, 0)
         .unwrap();
 
@@ -368,7 +336,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
         _pad: 0,
         last_used_ns: now,
     };
-    old_hash(dir, previous::names::AFFINITY_V4)
+    pins::hash(dir, previous::names::AFFINITY_V4)
         .insert(old_affinity_key, affinity, 0)
         .unwrap();
 

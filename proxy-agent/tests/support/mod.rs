@@ -3,6 +3,7 @@
 
 pub mod fib;
 pub mod netns;
+pub mod pins;
 #[allow(unused_imports, reason = "only the packet test binaries build frames")]
 pub use proxy_agent::harness::packet;
 
