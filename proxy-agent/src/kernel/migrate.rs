@@ -191,17 +191,9 @@ where
         // An entry the LRU evicted during the walk is skipped.
         for (k0, v0) in self.old.iter().filter_map(Result::ok) {
             let (key, value) = (self.convert)(k0, v0);
-            let flags = match (new.get(&key, 0).ok(), self.written.get(&key)) {
-                // Not there, and not removed since an earlier pass wrote it.
-                (None, None) => BPF_NOEXIST,
-                // As the last pass left it, and the old programs changed it
-                // since (a closing flow, a reused tuple with a new backend).
-                // The new programs could change it between the read and this
-                // write: what that loses is at most one packet's refresh.
-                (Some(now), Some(wrote)) if now == *wrote && now != value => BPF_EXIST,
-                // Made or changed by the new programs (or an earlier agent of
-                // this version): theirs is newer.
-                _ => continue,
+            let now = new.get(&key, 0).ok();
+            let Some(flags) = write(now.as_ref(), self.written.get(&key), &value) else {
+                continue;
             };
             match new.insert(key, value, flags) {
                 Ok(()) => {
@@ -222,6 +214,24 @@ where
                 Err(e).with_context(|| format!("{failed} entries not carried over ({copied} were)"))
             }
         }
+    }
+}
+
+/// Whether, and with which update flags, a pass writes an old entry
+/// (converted: `value`) where the new map holds `now` and the passes before
+/// wrote `wrote`.
+fn write<V: PartialEq>(now: Option<&V>, wrote: Option<&V>, value: &V) -> Option<u64> {
+    match (now, wrote) {
+        // Not there, and not removed since an earlier pass wrote it.
+        (None, None) => Some(BPF_NOEXIST),
+        // As the last pass left it, and the old programs changed it since (a
+        // closing flow, a reused tuple with a new backend). The new programs
+        // could change it between the read and this write: what that loses is
+        // at most one packet's refresh.
+        (Some(now), Some(wrote)) if now == wrote && now != value => Some(BPF_EXIST),
+        // Made or changed by the new programs (or an earlier agent of this
+        // version): theirs is newer. Or removed since a pass wrote it.
+        _ => None,
     }
 }
 
@@ -305,5 +315,26 @@ fn open(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
             old: LpmTrie::try_from(old).context("its layout is not the one its name says")?,
         })),
         other => bail!("no conversion to {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_writes_only_what_no_new_program_touched() {
+        // The first pass into an empty map creates.
+        assert_eq!(write(None, None, &1), Some(BPF_NOEXIST));
+        // The new programs (or an earlier agent of this version) made it.
+        assert_eq!(write(Some(&2), None, &1), None);
+        // Unchanged since the first pass, changed by the old programs.
+        assert_eq!(write(Some(&1), Some(&1), &3), Some(BPF_EXIST));
+        // Unchanged on both sides: nothing to write.
+        assert_eq!(write(Some(&1), Some(&1), &1), None);
+        // Changed by the new programs since the first pass: theirs stands.
+        assert_eq!(write(Some(&4), Some(&1), &3), None);
+        // Removed since the first pass (closed and collected, or evicted).
+        assert_eq!(write(None, Some(&1), &1), None);
     }
 }
