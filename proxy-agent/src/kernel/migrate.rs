@@ -95,25 +95,27 @@ impl Migration {
                 );
                 continue;
             }
-            let carried = open(&path, current).and_then(|mut carry| {
-                let copied = carry.pass(dp)?;
-                Ok((carry, copied))
-            });
-            match carried {
-                Ok((carry, copied)) => {
-                    migration.count(&name, copied);
-                    migration.nat_carried |= current == map_names::NAT_V4;
-                    if [
-                        map_names::CONNTRACK_V4,
-                        map_names::NAT_V4,
-                        map_names::AFFINITY_V4,
-                    ]
-                    .contains(&current)
-                    {
-                        migration.flows.push((name, carry));
-                    }
+            let mut carry = match open(&path, current) {
+                Ok(carry) => carry,
+                Err(e) => {
+                    migration.fail(&name, format!("{e:#}"));
+                    continue;
                 }
+            };
+            // Entries that did not fit are reported; the others are carried,
+            // and the second pass tries again.
+            match carry.pass(dp) {
+                Ok(copied) => migration.count(&name, copied),
                 Err(e) => migration.fail(&name, format!("{e:#}")),
+            }
+            migration.nat_carried |= current == map_names::NAT_V4;
+            let flows = [
+                map_names::CONNTRACK_V4,
+                map_names::NAT_V4,
+                map_names::AFFINITY_V4,
+            ];
+            if flows.contains(&current) {
+                migration.flows.push((name, carry));
             }
         }
         Ok(migration)
@@ -154,9 +156,13 @@ impl Migration {
         }
     }
 
+    /// Logs every failure; reports each map once, with its latest reason.
     fn fail(&mut self, name: &str, reason: String) {
-        warn!(map = name, reason, "old map not carried over");
-        self.report.failed.push((name.to_string(), reason));
+        warn!(map = name, reason, "old map not (wholly) carried over");
+        match self.report.failed.iter_mut().find(|(n, _)| n == name) {
+            Some((_, why)) => *why = reason,
+            None => self.report.failed.push((name.to_string(), reason)),
+        }
     }
 }
 
