@@ -511,3 +511,51 @@ fn send(p: &mut harness::Programs, hook: Hook<'_>, f: &Frame) -> (u32, Vec<u8>) 
     packet::assert_checksums_valid(&run.frame);
     (run.verdict, run.frame)
 }
+
+/// An old map whose layout is not the one its name says is named with the
+/// reason, its new map starts empty, its pin goes, and the others are carried.
+#[test]
+fn a_map_that_does_not_convert_is_named_and_the_others_are_carried() {
+    support::require_root();
+    let lab = Lab::new("migbad");
+    let dir = lab.pin_dir.clone();
+    std::fs::create_dir_all(&dir).unwrap();
+    // An affinity map with 12-byte keys: neither layout of its name.
+    pins::create(&dir, previous::names::AFFINITY_V4, "lru_hash", 12, 16, None);
+    pins::create(
+        &dir,
+        previous::names::CONNTRACK_V4,
+        "lru_hash",
+        16,
+        24,
+        None,
+    );
+    let key = CtKey4 {
+        saddr_be: be(POD_CLIENT),
+        daddr_be: be(VIP),
+        sport_be: 40000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: proto::TCP,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    let old = old_ct(3, 1, 0, monotonic_ns());
+    pins::hash(&dir, previous::names::CONNTRACK_V4)
+        .insert(key, old, 0)
+        .unwrap();
+
+    let mut dp = Dataplane::load_pinned(&dir).expect("load the new programs");
+    let migration = Migration::begin(&mut dp, &dir).expect("first pass");
+    let report = migration.finish(&mut dp, &Lifetimes::default());
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    let (name, reason) = &report.failed[0];
+    assert_eq!(name, previous::names::AFFINITY_V4);
+    assert!(reason.contains("not the one its name says"), "{reason}");
+    assert_eq!(dp.affinity().unwrap(), []);
+    assert_eq!(dp.conntrack().unwrap(), [(key, previous::conntrack(old))]);
+    assert!(!dir.join(previous::names::AFFINITY_V4).exists());
+    assert!(!dir.join(previous::names::CONNTRACK_V4).exists());
+    drop(dp);
+    drop(lab);
+    assert!(!dir.exists());
+}
