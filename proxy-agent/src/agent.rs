@@ -33,6 +33,7 @@ use crate::{
     },
     kernel::{
         ifaces::{self, LinkEvent},
+        migrate::Migration,
         monotonic_ns, Dataplane, UplinkMode,
     },
     serve::{
@@ -179,10 +180,14 @@ struct Agent {
 }
 
 impl Agent {
-    /// Adopts the pinned maps, serves /healthz, attaches the uplinks and the
-    /// pod interfaces already there; returns the stream of link changes.
+    /// Adopts the pinned maps (carrying older versions over), serves
+    /// /healthz, attaches the uplinks and the pod interfaces already there;
+    /// returns the stream of link changes.
     async fn start(config: Config) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
         let mut dataplane = Dataplane::load_pinned(&config.pin_dir)?;
+        // Maps of an older layout: their entries go into the new maps before
+        // the new programs replace the old ones (see `kernel::migrate`).
+        let migration = Migration::begin(&mut dataplane, &config.pin_dir)?;
         // Maps an earlier agent left are adopted: their ids stay, connections go on.
         let applied = dataplane.read_state()?;
         let ids = Ids::from_state(&applied);
@@ -207,7 +212,29 @@ impl Agent {
                 .push((iface.clone(), mode.name()));
         }
         let links = ifaces::subscribe()?;
-        let mut agent = Self {
+        let mut attached = HashMap::new();
+        for (index, name) in ifaces::current()? {
+            on_link(
+                &mut dataplane,
+                &mut attached,
+                &config,
+                &status,
+                LinkEvent::Up { index, name },
+            );
+        }
+        // Every interface runs the new programs now: what the old ones wrote
+        // since the first pass is carried over too.
+        let report = migration.finish(&mut dataplane, &config.lifetimes);
+        for (map, _) in report.failed {
+            *status
+                .lock()
+                .unwrap()
+                .metrics
+                .maps_not_carried
+                .entry(map)
+                .or_default() += 1;
+        }
+        let agent = Self {
             config,
             dataplane,
             applied,
@@ -215,7 +242,7 @@ impl Agent {
             status,
             health_checks: HealthChecks::default(),
             node_config: proxy_common::Config::default(),
-            attached: HashMap::new(),
+            attached,
             stores: Stores::default(),
             cache: FrontendCache::default(),
             full_next: true,
@@ -223,9 +250,6 @@ impl Agent {
             sync_at: None,
             ready: false,
         };
-        for (index, name) in ifaces::current()? {
-            agent.on_link(LinkEvent::Up { index, name });
-        }
         Ok((agent, links))
     }
 

@@ -28,7 +28,8 @@ use proxy_common::{
     ServiceKey4, ServiceValue,
 };
 use support::{
-    netns::{in_netns, run, Lab},
+    fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
+    netns::{in_netns, Lab},
     packet::{self, Frame},
 };
 
@@ -39,18 +40,12 @@ const XDP_REDIRECT: u32 = 4;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const NODE: &str = "10.250.0.11";
-const NODE2: &str = "10.250.0.12";
-const CLIENT: &str = "10.250.0.100";
 const FAR_CLIENT: &str = "10.250.0.200"; // no neighbour entry
 const LOCAL_POD: &str = "10.244.1.3";
 const REMOTE_POD: &str = "10.244.2.3";
 const UNRESOLVED_POD: &str = "10.244.3.3"; // routed via a next hop without a neighbour entry
 const EXTERNAL_IP: &str = "192.0.2.7";
 const LB_IP: &str = "203.0.113.5";
-const NODE_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x11];
-const NODE2_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x12];
-const CLIENT_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x64];
 const NAT_MIN: u16 = settings::DEFAULT_NAT_PORTS.0;
 const NAT_MAX: u16 = settings::DEFAULT_NAT_PORTS.1;
 
@@ -147,103 +142,6 @@ fn services() -> Vec<FrontendSpec> {
         local_only,
         local_none,
     ]
-}
-
-/// A namespace whose routing table and neighbours the FIB lookups use.
-fn fib_namespace(lab: &mut Lab) -> (String, u32) {
-    let ns = lab.netns("fib");
-    run(
-        "ip",
-        &[
-            "-n", &ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "link",
-            "set",
-            "up0",
-            "address",
-            &mac(NODE_MAC),
-            "up",
-        ],
-    );
-    run("ip", &["-n", &ns, "link", "set", "up1", "up"]);
-    run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{NODE}/24"),
-            "dev",
-            "up0",
-        ],
-    );
-    for (addr, mac_addr) in [(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &mac(mac_addr),
-                "dev",
-                "up0",
-                "nud",
-                "permanent",
-            ],
-        );
-    }
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ],
-    );
-    run(
-        "ip",
-        &["-n", &ns, "route", "add", "10.244.2.0/24", "via", NODE2],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "10.244.3.0/24",
-            "via",
-            "10.250.0.13",
-        ],
-    );
-    let index = run(
-        "ip",
-        &["netns", "exec", &ns, "cat", "/sys/class/net/up0/ifindex"],
-    )
-    .trim()
-    .parse()
-    .unwrap();
-    (ns, index)
-}
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The shared harness, and the FIB namespace's uplink the programs see as
@@ -365,7 +263,7 @@ fn with_programs(f: impl FnOnce(&mut Programs) + Send + 'static) {
 /// The same, with frontend ids handed out by `ids`.
 fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'static) {
     let mut lab = Lab::new("up");
-    let (ns, ifindex) = fib_namespace(&mut lab);
+    let (ns, ifindex) = fib::namespace(&mut lab);
     in_netns(&ns, move || {
         let mut h = harness::Programs::load().expect("load the programs");
         h.ids = ids;

@@ -4,10 +4,13 @@
 //! the kernel side, the agent and `bpftool` (through BTF) all agree on one layout.
 //! Addresses and ports are stored in network byte order; fields that hold them end
 //! in `_be`. Any change to a layout must bump the `_vN` suffix of the map's name so
-//! that a new agent never reads an old pinned map with the wrong layout.
+//! that a new agent never reads an old pinned map with the wrong layout, and
+//! move the old layout to [`previous`], so that the agent carries the old
+//! map's entries over.
 #![no_std]
 
 pub mod hash;
+pub mod previous;
 pub mod stats;
 
 /// Maglev table sizes, shared by the agent (which fills tables) and the

@@ -1,7 +1,8 @@
 //! Stage 3, the only one that touches the kernel: the loaded programs and their
 //! maps. This file loads the embedded object and pins its maps; `attach.rs`
-//! attaches the programs, `maps.rs` reads and writes the maps, `cleanup.rs`
-//! removes it all, `ifaces.rs` follows pod interfaces.
+//! attaches the programs, `maps.rs` reads and writes the maps, `migrate.rs`
+//! carries an older agent's maps over, `cleanup.rs` removes it all,
+//! `ifaces.rs` follows pod interfaces.
 
 use std::{
     fs, io,
@@ -396,6 +397,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
 }
 
 pub mod ifaces;
+pub mod migrate;
 pub mod pinned;
 
 mod attach;

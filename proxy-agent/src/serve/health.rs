@@ -47,6 +47,9 @@ pub struct Metrics {
     /// New flows dropped because every NAT port towards the backend was held,
     /// by backend (`address:port/protocol`).
     pub nat_port_exhaustion: std::collections::BTreeMap<String, u64>,
+    /// Pinned maps of an older agent not (or not wholly) carried over at
+    /// start, by name.
+    pub maps_not_carried: std::collections::BTreeMap<String, u64>,
     /// From each EndpointSlice change's trigger time to its programming.
     pub network_programming: Histogram<ProgrammingBuckets>,
     /// How long each successful programming round took.
@@ -135,6 +138,13 @@ impl Metrics {
         ));
         for (backend, dropped) in &self.nat_port_exhaustion {
             out.push_str(&format!("{name}{{backend=\"{backend}\"}} {dropped}\n"));
+        }
+        let name = "ferry_maps_not_carried_total";
+        out.push_str(&format!(
+            "# HELP {name} Pinned maps of an older agent whose entries were not (or not all) carried over at start.\n# TYPE {name} counter\n"
+        ));
+        for (map, count) in &self.maps_not_carried {
+            out.push_str(&format!("{name}{{map=\"{map}\"}} {count}\n"));
         }
         // kube-proxy's name, so the SIG Scalability SLI queries and dashboards
         // written for kube-proxy work unchanged against Ferry.
@@ -381,5 +391,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\nferry_nat_entries 3\n"), "{text}");
+    }
+
+    #[test]
+    fn maps_not_carried_over_are_named() {
+        let mut metrics = Metrics::default();
+        assert!(!metrics.render().contains("ferry_maps_not_carried_total{"));
+        metrics.maps_not_carried.insert("nat4_v1".into(), 1);
+        let text = metrics.render();
+        assert!(
+            text.contains("# TYPE ferry_maps_not_carried_total counter\nferry_maps_not_carried_total{map=\"nat4_v1\"} 1\n"),
+            "{text}"
+        );
     }
 }

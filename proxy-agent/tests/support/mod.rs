@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
+pub mod fib;
 pub mod netns;
+pub mod pins;
 #[allow(unused_imports, reason = "only the packet test binaries build frames")]
 pub use proxy_agent::harness::packet;
 
