@@ -4,7 +4,12 @@
 //! resync that repairs drift, and the garbage collection of ended flows.
 
 use std::{
-    collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -23,6 +28,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    api,
     desired::{self, gc::Lifetimes, Ids, MapState},
     frontend::{Frontend, FrontendSpec, Scheduler, ServiceFile},
     k8s::{
@@ -33,13 +39,14 @@ use crate::{
     },
     kernel::{
         ifaces::{self, LinkEvent},
-        monotonic_ns, Dataplane, UplinkMode,
+        monotonic_ns, netinfo, Dataplane, UplinkMode,
     },
     serve::{
         health::{self, HealthChecks, Shared},
         latency::{self, Triggers},
     },
     settings,
+    uplink::{self, UplinkRequest},
 };
 
 /// Where the agent learns the services it serves.
@@ -61,8 +68,9 @@ pub struct Config {
     /// Globs of host-side pod interface names to attach to.
     pub pod_iface_patterns: Vec<String>,
     pub healthz_addr: Option<SocketAddr>,
-    /// The node's uplinks: XDP (or tc) for traffic from outside.
-    pub uplinks: Vec<String>,
+    /// The node's uplinks (XDP, or tc, for traffic from outside): named, off,
+    /// or found from the Node's InternalIP or the default route.
+    pub uplink: UplinkRequest,
     /// Force an uplink attach mode; by default native XDP, else generic, else tc.
     pub uplink_mode: Option<UplinkMode>,
     /// Node ports SNATed flows get (keep them out of the node's ephemeral range).
@@ -80,7 +88,13 @@ pub struct Config {
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+/// The API client, with the address it uses and where that came from logged
+/// and shown on /statusz.
+async fn client(kubeconfig: Option<&PathBuf>, status: &Shared) -> Result<Client> {
+    let env = api::Env::from_process();
+    if kubeconfig.is_none() {
+        env.check()?;
+    }
     let config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
@@ -91,6 +105,21 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
             .await
             .context("no kubeconfig given and none found")?,
     };
+    let url = &config.cluster_url;
+    let port = url
+        .port_u16()
+        .unwrap_or(if url.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    let from = api::origin(kubeconfig, &env, url.host().unwrap_or_default(), port);
+    if from.needs_another_proxy() {
+        warn!(api_server = %url, %from, "API server");
+    } else {
+        info!(api_server = %url, %from, "API server");
+    }
+    status.lock().unwrap().api_server = Some((url.to_string(), from));
     Ok(Client::try_from(config)?)
 }
 
@@ -103,13 +132,13 @@ struct Watches {
 }
 
 impl Watches {
-    async fn start(source: &Source) -> Result<Self> {
+    async fn start(source: &Source, status: &Shared) -> Result<Self> {
         Ok(match source {
             Source::Api {
                 kubeconfig,
                 node_name,
             } => {
-                let client = client(kubeconfig.as_ref()).await?;
+                let client = client(kubeconfig.as_ref(), status).await?;
                 let version = discover(&client).await;
                 Self {
                     services: watch::services(&client).boxed(),
@@ -131,7 +160,7 @@ impl Watches {
 /// Runs until SIGTERM or SIGINT. Programs and maps stay in place afterwards.
 pub async fn run(config: Config) -> Result<()> {
     let (mut agent, mut links) = Agent::start(config).await?;
-    let mut watches = Watches::start(&agent.config.source).await?;
+    let mut watches = Watches::start(&agent.config.source, &agent.status).await?;
     let mut resync = tokio::time::interval(agent.config.resync_period);
     let mut gc = tokio::time::interval(agent.config.gc_period);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -176,13 +205,15 @@ struct Agent {
     /// When the next round runs, if a change waits.
     sync_at: Option<Instant>,
     ready: bool,
+    /// The uplinks are still to be found: when the Node is first read.
+    uplink_pending: bool,
 }
 
 impl Agent {
     /// Adopts the pinned maps, serves /healthz, attaches the uplinks and the
     /// pod interfaces already there; returns the stream of link changes.
     async fn start(config: Config) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
-        let mut dataplane = Dataplane::load_pinned(&config.pin_dir)?;
+        let dataplane = Dataplane::load_pinned(&config.pin_dir)?;
         // Maps an earlier agent left are adopted: their ids stay, connections go on.
         let applied = dataplane.read_state()?;
         let ids = Ids::from_state(&applied);
@@ -198,14 +229,9 @@ impl Agent {
             info!(%addr, "serving /healthz, /livez and /metrics");
         }
 
-        for iface in &config.uplinks {
-            let mode = dataplane.attach_uplink(iface, config.uplink_mode)?;
-            status
-                .lock()
-                .unwrap()
-                .uplinks
-                .push((iface.clone(), mode.name()));
-        }
+        // Found from the Node's InternalIP once the Node is read; otherwise now.
+        let uplink_pending =
+            config.uplink == UplinkRequest::Auto && matches!(config.source, Source::Api { .. });
         let links = ifaces::subscribe()?;
         let mut agent = Self {
             config,
@@ -222,11 +248,54 @@ impl Agent {
             triggers: Triggers::new(jiff::Timestamp::now()),
             sync_at: None,
             ready: false,
+            uplink_pending,
         };
+        if !uplink_pending {
+            agent.attach_uplinks(&[])?;
+        }
         for (index, name) in ifaces::current()? {
             agent.on_link(LinkEvent::Up { index, name });
         }
         Ok((agent, links))
+    }
+
+    /// Chooses the uplinks (`node_addresses`: the Node's InternalIPs) and
+    /// attaches the uplink programs to them.
+    fn attach_uplinks(&mut self, node_addresses: &[Ipv4Addr]) -> Result<()> {
+        self.uplink_pending = false;
+        let (interfaces, default_route) = if self.config.uplink == UplinkRequest::Auto {
+            let read = netinfo::interfaces().and_then(|i| Ok((i, netinfo::default_route()?)));
+            read.unwrap_or_else(|e| {
+                warn!(
+                    error = format!("{e:#}"),
+                    "reading interfaces and routes for the uplink"
+                );
+                (Vec::new(), None)
+            })
+        } else {
+            (Vec::new(), None)
+        };
+        let choice = uplink::choose(
+            &self.config.uplink,
+            node_addresses,
+            &interfaces,
+            default_route.as_deref(),
+        );
+        if choice.interfaces.is_empty() {
+            warn!(reason = %choice.reason, "no uplink");
+        } else {
+            info!(interfaces = ?choice.interfaces, reason = %choice.reason, "uplink chosen");
+        }
+        self.status.lock().unwrap().uplink_choice = Some(choice.clone());
+        for iface in &choice.interfaces {
+            let mode = self
+                .dataplane
+                .attach_uplink(iface, self.config.uplink_mode)
+                .with_context(|| format!("attaching the uplink program to {iface}"))?;
+            let mut status = self.status.lock().unwrap();
+            status.uplinks.push((iface.clone(), mode.name()));
+        }
+        Ok(())
     }
 
     /// A change waits: programmed after `sync_delay`, with whatever else comes
@@ -314,6 +383,17 @@ impl Agent {
     async fn round(&mut self) {
         self.sync_at = None;
         let started = Instant::now();
+        // The first round with the Node in its store finds the uplinks.
+        if self.uplink_pending && self.stores.ready() {
+            let node_addresses = self.stores.internal_ips();
+            if let Err(e) = self.attach_uplinks(&node_addresses) {
+                self.status.lock().unwrap().metrics.attach_errors += 1;
+                error!(
+                    error = format!("{e:#}"),
+                    "no traffic from outside is served"
+                );
+            }
+        }
         let file_frontends: Vec<FrontendSpec>;
         let work = match &self.config.source {
             Source::Api { .. } if !self.stores.ready() => {

@@ -20,9 +20,11 @@
 //!
 //! [`agent`] is the thin loop in between; [`frontend`] is the type the stages
 //! hand each other; [`settings`] fills the defaults every caller shares and
-//! builds the node settings.
+//! builds the node settings; [`uplink`] chooses the node's uplinks and
+//! [`api`] says which API server address the agent uses and where it came from.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod desired;
 pub mod frontend;
@@ -32,3 +34,4 @@ pub mod k8s;
 pub mod kernel;
 pub mod serve;
 pub mod settings;
+pub mod uplink;

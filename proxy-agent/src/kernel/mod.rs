@@ -1,7 +1,8 @@
 //! Stage 3, the only one that touches the kernel: the loaded programs and their
 //! maps. This file loads the embedded object and pins its maps; `attach.rs`
 //! attaches the programs, `maps.rs` reads and writes the maps, `cleanup.rs`
-//! removes it all, `ifaces.rs` follows pod interfaces.
+//! removes it all, `ifaces.rs` follows pod interfaces, `netinfo.rs` reads
+//! the addresses and the default route the uplink choice needs.
 
 use std::{
     fs, io,
@@ -396,6 +397,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
 }
 
 pub mod ifaces;
+pub mod netinfo;
 pub mod pinned;
 
 mod attach;
