@@ -228,6 +228,9 @@ async fn main() -> Result<()> {
             for pin in &removed.pins {
                 info!(pin = %pin.display(), "unpinned");
             }
+            for iface in &removed.qdiscs {
+                info!(iface, "clsact qdisc removed: no filter left on it");
+            }
             info!(
                 filters = removed.filters.len(),
                 pins = removed.pins.len(),

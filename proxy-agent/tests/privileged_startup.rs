@@ -230,6 +230,14 @@ fn get(ns: &str, path: &'static str) -> String {
 fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
     let mut lab = Lab::new("upr");
     let node = two_interface_node(&mut lab);
+    // Another tool's filter on the uplink, which cleanup must leave (and with
+    // it the clsact qdisc it hangs from).
+    let tc = |args: &[&str]| run("ip", &[&["netns", "exec", &node, "tc"], args].concat());
+    tc(&["qdisc", "add", "dev", "def0", "clsact"]);
+    tc(&[
+        "filter", "add", "dev", "def0", "ingress", "prio", "1", "protocol", "all", "u32", "match",
+        "u32", "0", "0", "classid", "1:1",
+    ]);
     let dir = std::env::temp_dir().join(&lab.prefix);
     std::fs::create_dir_all(&dir).unwrap();
     let services = dir.join("services.json");
@@ -243,6 +251,9 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
             services.to_str().unwrap(),
             "--uplink-mode",
             "generic",
+            // int0 plays a pod interface: the pod programs on it.
+            "--pod-iface-pattern",
+            "int0",
         ],
     );
     let status = get(&node, "/statusz");
@@ -264,19 +275,33 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
         |dev: &str| run("ip", &["-n", &node, "link", "show", "dev", dev]).contains("xdpgeneric");
     assert!(xdp("def0"), "XDP on the default route's interface");
     assert!(!xdp("int0"), "no XDP elsewhere");
+    let pod_filters = tc(&["filter", "show", "dev", "int0", "ingress"]);
+    assert!(pod_filters.contains("from_pod"), "{pod_filters}");
 
     // The XDP link outlives the agent (pinned), and cleanup removes it.
     lab.teardown_agents_only();
     assert!(xdp("def0"), "XDP stays after the agent stops");
     lab.cleanup_agent_state(&node);
     assert!(!xdp("def0"), "cleanup detached the uplink's XDP link");
-    let tc = run(
-        "ip",
-        &[
-            "netns", "exec", &node, "tc", "filter", "show", "dev", "def0", "ingress",
-        ],
+    let uplink_filters = tc(&["filter", "show", "dev", "def0", "ingress"]);
+    assert!(!uplink_filters.contains("uplink_tc"), "{uplink_filters}");
+    assert!(
+        uplink_filters.contains("u32"),
+        "the other tool's filter stays: {uplink_filters}"
     );
-    assert!(tc.trim().is_empty(), "def0 ingress still has: {tc}");
+    assert!(
+        tc(&["qdisc", "show", "dev", "def0"]).contains("clsact"),
+        "def0 keeps its clsact"
+    );
+    for hook in ["ingress", "egress"] {
+        let left = tc(&["filter", "show", "dev", "int0", hook]);
+        assert!(left.trim().is_empty(), "int0 {hook} still has: {left}");
+    }
+    let qdiscs = tc(&["qdisc", "show", "dev", "int0"]);
+    assert!(
+        !qdiscs.contains("clsact"),
+        "the clsact Ferry left empty is gone: {qdiscs}"
+    );
     assert!(!lab.pin_dir.exists());
     let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();

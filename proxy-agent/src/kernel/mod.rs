@@ -402,6 +402,7 @@ pub mod pinned;
 
 mod attach;
 mod cleanup;
+mod clsact;
 mod maps;
 
 pub use cleanup::{cleanup, Removed};
