@@ -15,12 +15,7 @@ use std::{
 use anyhow::{Context, Result};
 use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::{
-    api::DynamicObject,
-    config::{KubeConfigOptions, Kubeconfig},
-    runtime::watcher,
-    Client,
-};
+use kube::{api::DynamicObject, runtime::watcher, Client};
 use tokio::{
     sync::mpsc::UnboundedReceiver,
     time::{sleep_until, Instant},
@@ -28,11 +23,11 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    api,
     desired::{self, gc::Lifetimes, Ids, MapState},
     frontend::{Frontend, FrontendSpec, Scheduler, ServiceFile},
     k8s::{
         cache::{Changed, FrontendCache, Stores},
+        client,
         nodes::NodeInfo,
         slices::{Slice, SliceVersion},
         watch::{self, Store},
@@ -88,41 +83,6 @@ pub struct Config {
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
 
-/// The API client, with the address it uses and where that came from logged
-/// and shown on /statusz.
-async fn client(kubeconfig: Option<&PathBuf>, status: &Shared) -> Result<Client> {
-    let env = api::Env::from_process();
-    if kubeconfig.is_none() {
-        env.check()?;
-    }
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig given and none found")?,
-    };
-    let url = &config.cluster_url;
-    let port = url
-        .port_u16()
-        .unwrap_or(if url.scheme_str() == Some("http") {
-            80
-        } else {
-            443
-        });
-    let from = api::origin(kubeconfig, &env, url.host().unwrap_or_default(), port);
-    if from.needs_another_proxy() {
-        warn!(api_server = %url, %from, "API server");
-    } else {
-        info!(api_server = %url, %from, "API server");
-    }
-    status.lock().unwrap().api_server = Some((url.to_string(), from));
-    Ok(Client::try_from(config)?)
-}
-
 /// The API watches, or streams that never yield when services come from a file.
 struct Watches {
     services: Events<Service>,
@@ -138,7 +98,8 @@ impl Watches {
                 kubeconfig,
                 node_name,
             } => {
-                let client = client(kubeconfig.as_ref(), status).await?;
+                let (client, url, from) = client::connect(kubeconfig.as_ref()).await?;
+                status.lock().unwrap().api_server = Some((url, from));
                 let version = discover(&client).await;
                 Self {
                     services: watch::services(&client).boxed(),

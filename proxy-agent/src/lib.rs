@@ -20,11 +20,9 @@
 //!
 //! [`agent`] is the thin loop in between; [`frontend`] is the type the stages
 //! hand each other; [`settings`] fills the defaults every caller shares and
-//! builds the node settings; [`uplink`] chooses the node's uplinks and
-//! [`api`] says which API server address the agent uses and where it came from.
+//! builds the node settings; [`uplink`] chooses the node's uplinks.
 
 pub mod agent;
-pub mod api;
 pub mod cli;
 pub mod desired;
 pub mod frontend;

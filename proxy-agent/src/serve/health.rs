@@ -18,7 +18,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    api::Origin,
+    k8s::client::Origin,
     serve::latency::{Histogram, ProgrammingBuckets, SyncBuckets},
     uplink::Choice,
 };

@@ -1,5 +1,6 @@
-//! Which API server address the agent uses and where it came from: pure, from
-//! the flag, the environment and the address kube-rs settled on.
+//! The API client, and which API server address it uses and where that came
+//! from (the origin is pure: from the flag, the environment and the address
+//! kube-rs settled on).
 //!
 //! In a pod, kube-rs takes `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT`.
 //! The kubelet sets them to the `kubernetes` Service's ClusterIP, which only a
@@ -11,8 +12,47 @@
 
 use std::{fmt, path::PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    Client,
+};
 use serde::Serialize;
+use tracing::{info, warn};
+
+/// A client from `kubeconfig`, or as kube-rs infers it (`$KUBECONFIG`,
+/// `~/.kube/config`, in-cluster); its URL and origin are logged and returned.
+pub async fn connect(kubeconfig: Option<&PathBuf>) -> Result<(Client, String, Origin)> {
+    let env = Env::from_process();
+    if kubeconfig.is_none() {
+        env.check()?;
+    }
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and none found")?,
+    };
+    let url = &config.cluster_url;
+    let default_port = if url.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    let port = url.port_u16().unwrap_or(default_port);
+    let from = origin(kubeconfig, &env, url.host().unwrap_or_default(), port);
+    if from.needs_another_proxy() {
+        warn!(api_server = %url, %from, "API server");
+    } else {
+        info!(api_server = %url, %from, "API server");
+    }
+    let url = url.to_string();
+    Ok((Client::try_from(config)?, url, from))
+}
 
 /// The variables the address can come from, as the process has them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
