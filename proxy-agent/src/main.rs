@@ -174,7 +174,7 @@ async fn main() -> Result<()> {
                 _ => None,
             };
             agent::run(agent::Config {
-                uplink: UplinkRequest::from_flag(&args.uplink_ifaces),
+                uplink: UplinkRequest::from_flag(&args.uplink_ifaces)?,
                 uplink_mode,
                 nat_ports,
                 scheduler: args.scheduler,

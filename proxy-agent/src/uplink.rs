@@ -4,6 +4,7 @@
 
 use std::{fmt, net::Ipv4Addr};
 
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 /// What `--uplink-iface` (`FERRY_UPLINK_IFACE`) asks for.
@@ -18,19 +19,23 @@ pub enum UplinkRequest {
 }
 
 impl UplinkRequest {
-    /// From the flag's comma-separated values (empty ones ignored).
-    pub fn from_flag(values: &[String]) -> Self {
+    /// From the flag's comma-separated values (empty ones ignored); `none`
+    /// stands alone.
+    pub fn from_flag(values: &[String]) -> Result<Self> {
         let names: Vec<String> = values
             .iter()
             .map(|v| v.trim())
             .filter(|v| !v.is_empty())
             .map(String::from)
             .collect();
-        match names.as_slice() {
+        Ok(match names.as_slice() {
             [] => Self::Auto,
             [one] if one == "none" => Self::Off,
+            _ if names.iter().any(|n| n == "none") => {
+                bail!("--uplink-iface {}: `none` stands alone", names.join(","))
+            }
             _ => Self::Named(names),
-        }
+        })
     }
 }
 
@@ -254,7 +259,7 @@ mod tests {
     #[test]
     fn the_flag_overrides_or_turns_off() {
         let flag = |v: &[&str]| {
-            UplinkRequest::from_flag(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            UplinkRequest::from_flag(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
         };
         assert_eq!(flag(&[]), UplinkRequest::Auto);
         assert_eq!(flag(&[""]), UplinkRequest::Auto, "FERRY_UPLINK_IFACE=\"\"");
@@ -273,5 +278,8 @@ mod tests {
             (off.interfaces, off.reason),
             (Vec::<String>::new(), Reason::Off)
         );
+        let mixed = UplinkRequest::from_flag(&["eth0".into(), "none".into()]);
+        let err = mixed.unwrap_err().to_string();
+        assert!(err.contains("`none` stands alone"), "{err}");
     }
 }
