@@ -171,8 +171,9 @@ struct Agent {
 }
 
 impl Agent {
-    /// Adopts the pinned maps, serves /healthz, attaches the uplinks and the
-    /// pod interfaces already there; returns the stream of link changes.
+    /// Adopts the pinned maps, serves /healthz, attaches the uplinks (unless
+    /// they wait for the Node) and the pod interfaces already there; returns
+    /// the stream of link changes.
     async fn start(config: Config) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
         let dataplane = Dataplane::load_pinned(&config.pin_dir)?;
         // Maps an earlier agent left are adopted: their ids stay, connections go on.
@@ -242,7 +243,7 @@ impl Agent {
             &interfaces,
             default_route.as_deref(),
         );
-        if choice.interfaces.is_empty() {
+        if choice.interfaces.is_empty() && choice.reason != uplink::Reason::Off {
             warn!(reason = %choice.reason, "no uplink");
         } else {
             info!(interfaces = ?choice.interfaces, reason = %choice.reason, "uplink chosen");
