@@ -4,18 +4,18 @@
 //! resync that repairs drift, and the garbage collection of ended flows.
 
 use std::{
-    collections::HashMap, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::{
-    api::DynamicObject,
-    config::{KubeConfigOptions, Kubeconfig},
-    runtime::watcher,
-    Client,
-};
+use kube::{api::DynamicObject, runtime::watcher, Client};
 use tokio::{
     sync::mpsc::UnboundedReceiver,
     time::{sleep_until, Instant},
@@ -27,6 +27,7 @@ use crate::{
     frontend::{Frontend, FrontendSpec, Scheduler, ServiceFile},
     k8s::{
         cache::{Changed, FrontendCache, Stores},
+        client,
         nodes::NodeInfo,
         slices::{Slice, SliceVersion},
         watch::{self, Store},
@@ -34,13 +35,14 @@ use crate::{
     kernel::{
         ifaces::{self, LinkEvent},
         migrate::Migration,
-        monotonic_ns, Dataplane, UplinkMode,
+        monotonic_ns, netinfo, Dataplane, UplinkMode,
     },
     serve::{
         health::{self, HealthChecks, Shared},
         latency::{self, Triggers},
     },
     settings,
+    uplink::{self, UplinkRequest},
 };
 
 /// Where the agent learns the services it serves.
@@ -62,8 +64,9 @@ pub struct Config {
     /// Globs of host-side pod interface names to attach to.
     pub pod_iface_patterns: Vec<String>,
     pub healthz_addr: Option<SocketAddr>,
-    /// The node's uplinks: XDP (or tc) for traffic from outside.
-    pub uplinks: Vec<String>,
+    /// The node's uplinks (XDP, or tc, for traffic from outside): named, off,
+    /// or found from the Node's InternalIP or the default route.
+    pub uplink: UplinkRequest,
     /// Force an uplink attach mode; by default native XDP, else generic, else tc.
     pub uplink_mode: Option<UplinkMode>,
     /// Node ports SNATed flows get (keep them out of the node's ephemeral range).
@@ -81,20 +84,6 @@ pub struct Config {
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig given and none found")?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
 /// The API watches, or streams that never yield when services come from a file.
 struct Watches {
     services: Events<Service>,
@@ -104,13 +93,14 @@ struct Watches {
 }
 
 impl Watches {
-    async fn start(source: &Source) -> Result<Self> {
+    async fn start(source: &Source, status: &Shared) -> Result<Self> {
         Ok(match source {
             Source::Api {
                 kubeconfig,
                 node_name,
             } => {
-                let client = client(kubeconfig.as_ref()).await?;
+                let (client, url, from) = client::connect(kubeconfig.as_ref()).await?;
+                status.lock().unwrap().api_server = Some((url, from));
                 let version = discover(&client).await;
                 Self {
                     services: watch::services(&client).boxed(),
@@ -132,7 +122,7 @@ impl Watches {
 /// Runs until SIGTERM or SIGINT. Programs and maps stay in place afterwards.
 pub async fn run(config: Config) -> Result<()> {
     let (mut agent, mut links) = Agent::start(config).await?;
-    let mut watches = Watches::start(&agent.config.source).await?;
+    let mut watches = Watches::start(&agent.config.source, &agent.status).await?;
     let mut resync = tokio::time::interval(agent.config.resync_period);
     let mut gc = tokio::time::interval(agent.config.gc_period);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -177,12 +167,17 @@ struct Agent {
     /// When the next round runs, if a change waits.
     sync_at: Option<Instant>,
     ready: bool,
+    /// The uplinks are still to be found: when the Node is first read.
+    uplink_pending: bool,
+    /// An older agent's maps carried over in a first pass, waiting for the
+    /// second: once every interface runs the new programs (the uplinks last).
+    migration: Option<Migration>,
 }
 
 impl Agent {
     /// Adopts the pinned maps (carrying older versions over), serves
-    /// /healthz, attaches the uplinks and the pod interfaces already there;
-    /// returns the stream of link changes.
+    /// /healthz, attaches the uplinks (unless they wait for the Node) and the
+    /// pod interfaces already there; returns the stream of link changes.
     async fn start(config: Config) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
         let mut dataplane = Dataplane::load_pinned(&config.pin_dir)?;
         // Maps of an older layout: their entries go into the new maps before
@@ -203,38 +198,11 @@ impl Agent {
             info!(%addr, "serving /healthz, /livez and /metrics");
         }
 
-        for iface in &config.uplinks {
-            let mode = dataplane.attach_uplink(iface, config.uplink_mode)?;
-            status
-                .lock()
-                .unwrap()
-                .uplinks
-                .push((iface.clone(), mode.name()));
-        }
+        // Found from the Node's InternalIP once the Node is read; otherwise now.
+        let uplink_pending =
+            config.uplink == UplinkRequest::Auto && matches!(config.source, Source::Api { .. });
         let links = ifaces::subscribe()?;
-        let mut attached = HashMap::new();
-        for (index, name) in ifaces::current()? {
-            on_link(
-                &mut dataplane,
-                &mut attached,
-                &config,
-                &status,
-                LinkEvent::Up { index, name },
-            );
-        }
-        // Every interface runs the new programs now: what the old ones wrote
-        // since the first pass is carried over too.
-        let report = migration.finish(&mut dataplane, &config.lifetimes);
-        for (map, _) in report.failed {
-            *status
-                .lock()
-                .unwrap()
-                .metrics
-                .maps_not_carried
-                .entry(map)
-                .or_default() += 1;
-        }
-        let agent = Self {
+        let mut agent = Self {
             config,
             dataplane,
             applied,
@@ -242,15 +210,77 @@ impl Agent {
             status,
             health_checks: HealthChecks::default(),
             node_config: proxy_common::Config::default(),
-            attached,
+            attached: HashMap::new(),
             stores: Stores::default(),
             cache: FrontendCache::default(),
             full_next: true,
             triggers: Triggers::new(jiff::Timestamp::now()),
             sync_at: None,
             ready: false,
+            uplink_pending,
+            migration: Some(migration),
         };
+        for (index, name) in ifaces::current()? {
+            agent.on_link(LinkEvent::Up { index, name });
+        }
+        if !uplink_pending {
+            agent.attach_uplinks(&[])?;
+        }
         Ok((agent, links))
+    }
+
+    /// Chooses the uplinks (`node_addresses`: the Node's InternalIPs) and
+    /// attaches the uplink programs to them.
+    fn attach_uplinks(&mut self, node_addresses: &[Ipv4Addr]) -> Result<()> {
+        self.uplink_pending = false;
+        let (interfaces, default_route) = if self.config.uplink == UplinkRequest::Auto {
+            let read = netinfo::interfaces().and_then(|i| Ok((i, netinfo::default_route()?)));
+            read.unwrap_or_else(|e| {
+                warn!(
+                    error = format!("{e:#}"),
+                    "reading interfaces and routes for the uplink"
+                );
+                (Vec::new(), None)
+            })
+        } else {
+            (Vec::new(), None)
+        };
+        let choice = uplink::choose(
+            &self.config.uplink,
+            node_addresses,
+            &interfaces,
+            default_route.as_deref(),
+        );
+        if choice.interfaces.is_empty() && choice.reason != uplink::Reason::Off {
+            warn!(reason = %choice.reason, "no uplink");
+        } else {
+            info!(interfaces = ?choice.interfaces, reason = %choice.reason, "uplink chosen");
+        }
+        self.status.lock().unwrap().uplink_choice = Some(choice.clone());
+        for iface in &choice.interfaces {
+            let mode = self
+                .dataplane
+                .attach_uplink(iface, self.config.uplink_mode)
+                .with_context(|| format!("attaching the uplink program to {iface}"))?;
+            let mut status = self.status.lock().unwrap();
+            status.uplinks.push((iface.clone(), mode.name()));
+        }
+        self.finish_migration();
+        Ok(())
+    }
+
+    /// The migration's second pass, once every interface runs the new
+    /// programs (the uplinks are attached last): what the old programs wrote
+    /// since the first pass is carried over too, and the old pins go.
+    fn finish_migration(&mut self) {
+        let Some(migration) = self.migration.take() else {
+            return;
+        };
+        let report = migration.finish(&mut self.dataplane, &self.config.lifetimes);
+        let mut status = self.status.lock().unwrap();
+        for (map, _) in report.failed {
+            *status.metrics.maps_not_carried.entry(map).or_default() += 1;
+        }
     }
 
     /// A change waits: programmed after `sync_delay`, with whatever else comes
@@ -338,6 +368,17 @@ impl Agent {
     async fn round(&mut self) {
         self.sync_at = None;
         let started = Instant::now();
+        // The first round with the Node in its store finds the uplinks.
+        if self.uplink_pending && self.stores.ready() {
+            let node_addresses = self.stores.internal_ips();
+            if let Err(e) = self.attach_uplinks(&node_addresses) {
+                self.status.lock().unwrap().metrics.attach_errors += 1;
+                error!(
+                    error = format!("{e:#}"),
+                    "no traffic from outside is served"
+                );
+            }
+        }
         let file_frontends: Vec<FrontendSpec>;
         let work = match &self.config.source {
             Source::Api { .. } if !self.stores.ready() => {

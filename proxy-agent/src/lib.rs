@@ -20,7 +20,7 @@
 //!
 //! [`agent`] is the thin loop in between; [`frontend`] is the type the stages
 //! hand each other; [`settings`] fills the defaults every caller shares and
-//! builds the node settings.
+//! builds the node settings; [`uplink`] chooses the node's uplinks.
 
 pub mod agent;
 pub mod cli;
@@ -32,3 +32,4 @@ pub mod k8s;
 pub mod kernel;
 pub mod serve;
 pub mod settings;
+pub mod uplink;

@@ -14,7 +14,9 @@ use proxy_agent::{
     frontend::Scheduler,
     kernel::{self, UplinkMode, DEFAULT_PIN_DIR},
     settings,
+    uplink::UplinkRequest,
 };
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 /// Ferry's node agent: an eBPF replacement for kube-proxy.
@@ -60,10 +62,15 @@ enum Command {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Remove every Ferry tc filter in this network namespace and every pinned map.
+    /// Remove every Ferry tc filter in this network namespace and every pinned
+    /// map and XDP link (which detaches the uplink program).
     Cleanup {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Then stay until SIGTERM or SIGINT: the uninstall DaemonSet's pods
+        /// (deploy/uninstall/) must not exit.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -98,7 +105,9 @@ struct RunArgs {
     )]
     healthz_bind_address: String,
     /// The node's uplink interfaces (comma-separated): XDP for NodePort,
-    /// externalIPs and LoadBalancer IPs. None: no north-south traffic.
+    /// externalIPs and LoadBalancer IPs. Unset: the interface holding the
+    /// Node's InternalIP, else the default route's. `none`: no north-south
+    /// traffic.
     #[arg(
         long = "uplink-iface",
         env = "FERRY_UPLINK_IFACE",
@@ -165,7 +174,7 @@ async fn main() -> Result<()> {
                 _ => None,
             };
             agent::run(agent::Config {
-                uplinks: args.uplink_ifaces,
+                uplink: UplinkRequest::from_flag(&args.uplink_ifaces)?,
                 uplink_mode,
                 nat_ports,
                 scheduler: args.scheduler,
@@ -211,13 +220,28 @@ async fn main() -> Result<()> {
             print!("{table}");
             Ok(())
         }
-        Command::Cleanup { pin_dir } => {
+        Command::Cleanup { pin_dir, wait } => {
             let removed = kernel::cleanup(&pin_dir)?;
             for filter in &removed.filters {
                 info!(filter, "detached");
             }
             for pin in &removed.pins {
                 info!(pin = %pin.display(), "unpinned");
+            }
+            for iface in &removed.qdiscs {
+                info!(iface, "clsact qdisc removed: no filter left on it");
+            }
+            info!(
+                filters = removed.filters.len(),
+                pins = removed.pins.len(),
+                "this node is clean of Ferry"
+            );
+            if wait {
+                let mut term = signal(SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
             }
             Ok(())
         }

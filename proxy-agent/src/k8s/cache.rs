@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 
 use super::{
     frontends::{self, Frontends, HealthCheck, Skip},
-    nodes::NodeInfo,
+    nodes::{self, NodeInfo},
     slices::Slice,
     watch::Store,
 };
@@ -35,6 +35,11 @@ impl Stores {
 
     pub fn node(&self, name: &str) -> NodeInfo {
         NodeInfo::from_node(name, self.node.values().next().map(AsRef::as_ref))
+    }
+
+    /// The watched Node's IPv4 InternalIPs.
+    pub fn internal_ips(&self) -> Vec<std::net::Ipv4Addr> {
+        nodes::internal_ips(self.node.values().next().map(AsRef::as_ref))
     }
 }
 

@@ -1,8 +1,9 @@
-//! Stage 1: Kubernetes objects in, frontends out. Watches (the only API I/O),
-//! EndpointSlice and Node parsing, kube-proxy's topology rules, and the cache
-//! that recomputes only the Services a change touched.
+//! Stage 1: Kubernetes objects in, frontends out. The client and the watches
+//! (the only API I/O), EndpointSlice and Node parsing, kube-proxy's topology
+//! rules, and the cache that recomputes only the Services a change touched.
 
 pub mod cache;
+pub mod client;
 pub mod frontends;
 pub mod manifests;
 pub mod nodes;

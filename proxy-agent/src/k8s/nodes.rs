@@ -1,5 +1,6 @@
 //! This node as the frontends need it: its name (endpoint locality), its
-//! addresses (NodePort frontends, the SNAT address) and its zone (topology hints).
+//! addresses (NodePort frontends, the SNAT address) and its zone (topology
+//! hints); and its InternalIPs, from which the uplink is found.
 
 use std::net::Ipv4Addr;
 
@@ -18,21 +19,7 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// From the Node object: its InternalIP and ExternalIP IPv4 addresses.
     pub fn from_node(name: &str, node: Option<&Node>) -> Self {
-        let mut addresses = Vec::new();
-        for addr in node
-            .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if matches!(addr.type_.as_str(), "InternalIP" | "ExternalIP") {
-                if let Ok(ip) = addr.address.parse::<Ipv4Addr>() {
-                    if !addresses.contains(&ip) {
-                        addresses.push(ip);
-                    }
-                }
-            }
-        }
+        let addresses = ipv4_addresses(node, &["InternalIP", "ExternalIP"]);
         let zone = node
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -48,4 +35,30 @@ impl NodeInfo {
     pub fn snat_address(&self) -> Option<Ipv4Addr> {
         self.addresses.first().copied()
     }
+}
+
+/// The Node's IPv4 InternalIPs, in its order: the uplink is the interface
+/// holding one of them.
+pub fn internal_ips(node: Option<&Node>) -> Vec<Ipv4Addr> {
+    ipv4_addresses(node, &["InternalIP"])
+}
+
+/// The Node's IPv4 addresses of the given types, in its order, each once.
+fn ipv4_addresses(node: Option<&Node>, types: &[&str]) -> Vec<Ipv4Addr> {
+    let mut addresses = Vec::new();
+    for addr in node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if types.contains(&addr.type_.as_str()) {
+            if let Ok(ip) = addr.address.parse::<Ipv4Addr>() {
+                if !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+            }
+        }
+    }
+    addresses
 }

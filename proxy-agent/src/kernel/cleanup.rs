@@ -1,5 +1,6 @@
 //! Removing everything Ferry put in the kernel: its tc filters in this network
-//! namespace and its pinned maps and links.
+//! namespace (and the clsact qdiscs they leave empty), its pinned maps and its
+//! pinned XDP links (unpinned, a link detaches its program).
 
 use super::{attach::detach, *};
 
@@ -7,14 +8,18 @@ use super::{attach::detach, *};
 #[derive(Debug, Default)]
 pub struct Removed {
     pub filters: Vec<String>,
+    /// Interfaces whose clsact qdisc went with Ferry's filters.
+    pub qdiscs: Vec<String>,
     pub pins: Vec<PathBuf>,
 }
 
-/// Removes every Ferry filter from every interface of this network namespace,
-/// and every map pinned under `pin_dir` (then the directory itself).
+/// Removes every Ferry filter from every interface of this network namespace
+/// (and the clsact qdisc where none is left), and every map and link pinned
+/// under `pin_dir` (then the directory itself).
 pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
-    for (_, iface) in super::ifaces::current()? {
+    for (index, iface) in super::ifaces::current()? {
+        let before = removed.filters.len();
         for (name, attach_type) in [
             (program_names::FROM_POD, TcAttachType::Ingress),
             (program_names::TO_POD, TcAttachType::Egress),
@@ -25,6 +30,9 @@ pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
                     .filters
                     .push(format!("{iface} {attach_type:?} {name}"));
             }
+        }
+        if removed.filters.len() > before && super::clsact::remove_if_empty(index)? {
+            removed.qdiscs.push(iface);
         }
     }
     if pin_dir.exists() {

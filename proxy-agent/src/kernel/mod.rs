@@ -2,7 +2,8 @@
 //! maps. This file loads the embedded object and pins its maps; `attach.rs`
 //! attaches the programs, `maps.rs` reads and writes the maps, `migrate.rs`
 //! carries an older agent's maps over, `cleanup.rs` removes it all,
-//! `ifaces.rs` follows pod interfaces.
+//! `ifaces.rs` follows pod interfaces, `netinfo.rs` reads the addresses and
+//! the default route the uplink choice needs.
 
 use std::{
     fs, io,
@@ -398,10 +399,12 @@ fn fs_magic(path: &Path) -> Result<i64> {
 
 pub mod ifaces;
 pub mod migrate;
+pub mod netinfo;
 pub mod pinned;
 
 mod attach;
 mod cleanup;
+mod clsact;
 mod maps;
 
 pub use cleanup::{cleanup, Removed};

@@ -1,6 +1,8 @@
 //! `/healthz` and `/livez` as kube-proxy serves them on port 10256: 200 with a
 //! small JSON body while the dataplane is programmed and in sync, 503 otherwise;
-//! `/metrics` with the agent's counters, and `/statusz` (uplink attach modes).
+//! `/metrics` with the agent's counters, and `/statusz` (the uplinks, their
+//! attach modes and why they were chosen; the API server and where its
+//! address came from).
 
 use std::{
     net::SocketAddr,
@@ -15,7 +17,11 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::serve::latency::{Histogram, ProgrammingBuckets, SyncBuckets};
+use crate::{
+    k8s::client::Origin,
+    serve::latency::{Histogram, ProgrammingBuckets, SyncBuckets},
+    uplink::Choice,
+};
 
 /// What the health endpoints report on, updated by the sync loop.
 #[derive(Debug, Default)]
@@ -167,6 +173,10 @@ pub struct Status {
     pub metrics: Metrics,
     /// How the uplink program is attached, per interface.
     pub uplinks: Vec<(String, &'static str)>,
+    /// Which uplinks were chosen and why (none yet: the Node is still to be read).
+    pub uplink_choice: Option<Choice>,
+    /// The API server's URL and where it came from (none: no API server).
+    pub api_server: Option<(String, Origin)>,
 }
 
 impl Status {
@@ -177,10 +187,22 @@ impl Status {
             .iter()
             .map(|(iface, mode)| format!(r#"{{"interface": "{iface}", "mode": "{mode}"}}"#))
             .collect();
+        let choice = self.uplink_choice.as_ref().map(|c| {
+            serde_json::json!({
+                "interfaces": c.interfaces,
+                "reason": c.reason,
+                "detail": c.reason.to_string(),
+            })
+        });
+        let api_server = self.api_server.as_ref().map(
+            |(url, from)| serde_json::json!({"url": url, "from": from, "detail": from.to_string()}),
+        );
         format!(
-            r#"{{"healthy": {}, "uplinks": [{}], "frontends": {}, "backends": {}, "podInterfaces": {}}}"#,
+            r#"{{"healthy": {}, "uplinks": [{}], "uplinkChoice": {}, "apiServer": {}, "frontends": {}, "backends": {}, "podInterfaces": {}}}"#,
             self.health.healthy(),
             uplinks.join(", "),
+            serde_json::Value::from(choice),
+            serde_json::Value::from(api_server),
             self.metrics.frontends,
             self.metrics.backends,
             self.metrics.pod_interfaces
@@ -403,5 +425,32 @@ mod tests {
             text.contains("# TYPE ferry_maps_not_carried_total counter\nferry_maps_not_carried_total{map=\"nat4_v1\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn statusz_says_which_uplink_and_api_server_and_why() {
+        let mut status = Status::default();
+        let before: serde_json::Value = serde_json::from_str(&status.render()).unwrap();
+        assert_eq!(before["uplinkChoice"], serde_json::Value::Null);
+        status.uplinks.push(("eth1".into(), "native"));
+        status.uplink_choice = Some(Choice {
+            interfaces: vec!["eth1".into()],
+            reason: crate::uplink::Reason::NodeAddress {
+                address: "10.0.0.5".parse().unwrap(),
+            },
+        });
+        status.api_server = Some(("https://10.0.0.1:6443/".into(), Origin::ServiceEnv));
+        let json: serde_json::Value = serde_json::from_str(&status.render()).unwrap();
+        assert_eq!(json["uplinks"][0]["interface"], "eth1");
+        assert_eq!(json["uplinks"][0]["mode"], "native");
+        assert_eq!(json["uplinkChoice"]["interfaces"][0], "eth1");
+        assert_eq!(json["uplinkChoice"]["reason"]["kind"], "nodeAddress");
+        assert_eq!(json["uplinkChoice"]["reason"]["address"], "10.0.0.5");
+        assert_eq!(
+            json["uplinkChoice"]["detail"],
+            "holds the Node's InternalIP 10.0.0.5"
+        );
+        assert_eq!(json["apiServer"]["url"], "https://10.0.0.1:6443/");
+        assert_eq!(json["apiServer"]["from"]["kind"], "serviceEnv");
     }
 }

@@ -442,6 +442,11 @@ fn node_addresses_come_from_the_node_status() {
     );
     assert_eq!(info.snat_address(), Some("10.250.0.11".parse().unwrap()));
     assert_eq!(NodeInfo::from_node("x", None).snat_address(), None);
+    // The uplink is found from the InternalIPs alone.
+    assert_eq!(
+        crate::k8s::nodes::internal_ips(Some(&node)),
+        ["10.250.0.11".parse::<Ipv4Addr>().unwrap()]
+    );
 }
 
 fn node_in_zone(zone: &str) -> NodeInfo {

@@ -1,0 +1,309 @@
+//! The agent's start on a node, in namespaces the tests make: which API server
+//! address it dials (the DaemonSet's KUBERNETES_SERVICE_HOST/PORT from the
+//! ConfigMap, through kube-rs's in-cluster inference), which interface it
+//! takes as the uplink, and that `cleanup` takes the uplink's XDP link away.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Child, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use proxy_agent::{
+    kernel::netinfo,
+    uplink::{self, Reason, UplinkRequest},
+};
+use support::netns::{in_netns, run, Lab};
+
+/// The address the ConfigMap gives, and the ClusterIP the kubelet gives.
+const CONFIGURED: (&str, u16) = ("10.250.9.1", 6443);
+const CLUSTER_IP: (&str, u16) = ("10.96.0.1", 443);
+
+/// An agent process, stopped when dropped (also when the test fails).
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_agent_dials_the_api_server_the_configmap_names() {
+    let mut lab = Lab::new("api");
+    let node = lab.netns("node");
+    for (addr, _) in [CONFIGURED, CLUSTER_IP] {
+        run(
+            "ip",
+            &[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "lo",
+            ],
+        );
+    }
+    let listeners = in_netns(&node, || {
+        [CONFIGURED, CLUSTER_IP].map(|(addr, port)| {
+            let listener = TcpListener::bind((addr, port)).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            listener
+        })
+    });
+
+    // A pod's service account files, in a mount namespace of the agent's own
+    // (tmpfs over /run, where /var/run points): the machine's stay as they are.
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), "not-a-real-token").unwrap();
+    std::fs::write(dir.join("namespace"), "kube-system").unwrap();
+    std::fs::copy("/etc/ssl/certs/ca-certificates.crt", dir.join("ca.crt")).unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -p $SA && cp {dir}/token {dir}/namespace {dir}/ca.crt $SA && exec \"$@\"",
+        dir = dir.display()
+    );
+    let mut child = ferry_netns::enter(&node, "unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_proxy-agent"))
+        .args([
+            "run",
+            "--node-name",
+            "node1",
+            "--healthz-bind-address",
+            "off",
+        ])
+        .args(["--pod-iface-pattern", "none-here*"])
+        .arg("--pin-dir")
+        .arg(&lab.pin_dir)
+        .env("SA", "/run/secrets/kubernetes.io/serviceaccount")
+        // The ConfigMap's values, as the DaemonSet passes them, beside the
+        // variables the kubelet sets for the `kubernetes` Service.
+        .env("KUBERNETES_SERVICE_HOST", CONFIGURED.0)
+        .env("KUBERNETES_SERVICE_PORT", CONFIGURED.1.to_string())
+        .env(
+            "KUBERNETES_PORT",
+            format!("tcp://{}:{}", CLUSTER_IP.0, CLUSTER_IP.1),
+        )
+        .env("KUBERNETES_PORT_443_TCP_ADDR", CLUSTER_IP.0)
+        .env_remove("KUBECONFIG")
+        .env("HOME", &dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start proxy-agent");
+    let stderr = child.stderr.take().unwrap();
+    let _agent = Agent(child);
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("agent: {line}");
+            let _ = tx.send(line);
+        }
+    });
+
+    // The agent's TLS handshake reaches the configured address; nothing
+    // reaches the ClusterIP.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let dialled = loop {
+        match listeners[0].accept() {
+            Ok((_, peer)) => break peer,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not dial {}:{} in 20 s",
+            CONFIGURED.0,
+            CONFIGURED.1
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("the agent dialled the configured address from {dialled}");
+    assert!(
+        listeners[1].accept().is_err(),
+        "the agent dialled the kubelet's ClusterIP"
+    );
+    let line = rx
+        .iter()
+        .find(|l| l.contains("API server"))
+        .expect("the agent's log ended without naming the API server");
+    assert!(
+        line.contains("api_server=https://10.250.9.1:6443/"),
+        "{line}"
+    );
+    assert!(line.contains("ferry-config"), "the origin is named: {line}");
+    assert!(
+        line.contains("INFO"),
+        "the configured address is no warning: {line}"
+    );
+
+    drop(_agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}
+
+/// A node with two interfaces: `int0` holds the Node's InternalIP, `def0`
+/// carries the default route.
+fn two_interface_node(lab: &mut Lab) -> String {
+    let node = lab.netns("node");
+    for (iface, addr) in [("int0", "10.250.0.11/24"), ("def0", "192.168.77.2/24")] {
+        let peer = format!("{iface}p");
+        run(
+            "ip",
+            &[
+                "-n", &node, "link", "add", iface, "type", "veth", "peer", "name", &peer,
+            ],
+        );
+        run("ip", &["-n", &node, "addr", "add", addr, "dev", iface]);
+        for dev in [iface, peer.as_str()] {
+            run("ip", &["-n", &node, "link", "set", dev, "up"]);
+        }
+    }
+    run(
+        "ip",
+        &[
+            "-n",
+            &node,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.77.1",
+            "dev",
+            "def0",
+        ],
+    );
+    node
+}
+
+#[test]
+fn the_uplink_is_the_interface_holding_the_nodes_internal_ip() {
+    let mut lab = Lab::new("upl");
+    let node = two_interface_node(&mut lab);
+    let internal: Ipv4Addr = "10.250.0.11".parse().unwrap();
+    let (by_address, by_route) = in_netns(&node, move || {
+        let interfaces = netinfo::interfaces().unwrap();
+        let route = netinfo::default_route().unwrap();
+        let choose = |addrs: &[Ipv4Addr]| {
+            uplink::choose(&UplinkRequest::Auto, addrs, &interfaces, route.as_deref())
+        };
+        (choose(&[internal]), choose(&["10.1.1.1".parse().unwrap()]))
+    });
+    assert_eq!(by_address.interfaces, ["int0"]);
+    assert_eq!(by_address.reason, Reason::NodeAddress { address: internal });
+    assert_eq!(by_route.interfaces, ["def0"], "{by_route:?}");
+    assert!(matches!(by_route.reason, Reason::DefaultRoute { .. }));
+    lab.teardown();
+    lab.assert_gone();
+}
+
+/// GET `path` from the agent's health port inside `ns`.
+fn get(ns: &str, path: &'static str) -> String {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect("127.0.0.1:10256").unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    })
+}
+
+#[test]
+fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
+    let mut lab = Lab::new("upr");
+    let node = two_interface_node(&mut lab);
+    // Another tool's filter on the uplink, which cleanup must leave (and with
+    // it the clsact qdisc it hangs from).
+    let tc = |args: &[&str]| run("ip", &[&["netns", "exec", &node, "tc"], args].concat());
+    tc(&["qdisc", "add", "dev", "def0", "clsact"]);
+    tc(&[
+        "filter", "add", "dev", "def0", "ingress", "prio", "1", "protocol", "all", "u32", "match",
+        "u32", "0", "0", "classid", "1:1",
+    ]);
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.json");
+    std::fs::write(&services, r#"{"services": []}"#).unwrap();
+    // A services file has no Node: the default route decides.
+    lab.start_agent(
+        &node,
+        &[
+            "run",
+            "--services-file",
+            services.to_str().unwrap(),
+            "--uplink-mode",
+            "generic",
+            // int0 plays a pod interface: the pod programs on it.
+            "--pod-iface-pattern",
+            "int0",
+        ],
+    );
+    let status = get(&node, "/statusz");
+    let body = status.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(
+        json["uplinkChoice"]["interfaces"],
+        serde_json::json!(["def0"]),
+        "{body}"
+    );
+    assert_eq!(
+        json["uplinkChoice"]["reason"]["kind"], "defaultRoute",
+        "{body}"
+    );
+    assert_eq!(json["uplinks"][0]["interface"], "def0", "{body}");
+    assert_eq!(json["uplinks"][0]["mode"], "generic", "{body}");
+    let xdp =
+        |dev: &str| run("ip", &["-n", &node, "link", "show", "dev", dev]).contains("xdpgeneric");
+    assert!(xdp("def0"), "XDP on the default route's interface");
+    assert!(!xdp("int0"), "no XDP elsewhere");
+    let pod_filters = tc(&["filter", "show", "dev", "int0", "ingress"]);
+    assert!(pod_filters.contains("from_pod"), "{pod_filters}");
+
+    // The XDP link outlives the agent (pinned), and cleanup removes it.
+    lab.teardown_agents_only();
+    assert!(xdp("def0"), "XDP stays after the agent stops");
+    lab.cleanup_agent_state(&node);
+    assert!(!xdp("def0"), "cleanup detached the uplink's XDP link");
+    let uplink_filters = tc(&["filter", "show", "dev", "def0", "ingress"]);
+    assert!(!uplink_filters.contains("uplink_tc"), "{uplink_filters}");
+    assert!(
+        uplink_filters.contains("u32"),
+        "the other tool's filter stays: {uplink_filters}"
+    );
+    assert!(
+        tc(&["qdisc", "show", "dev", "def0"]).contains("clsact"),
+        "def0 keeps its clsact"
+    );
+    for hook in ["ingress", "egress"] {
+        let left = tc(&["filter", "show", "dev", "int0", hook]);
+        assert!(left.trim().is_empty(), "int0 {hook} still has: {left}");
+    }
+    let qdiscs = tc(&["qdisc", "show", "dev", "int0"]);
+    assert!(
+        !qdiscs.contains("clsact"),
+        "the clsact Ferry left empty is gone: {qdiscs}"
+    );
+    assert!(!lab.pin_dir.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}
