@@ -26,6 +26,16 @@ const SELECTOR: &str = "app.kubernetes.io/name=ferry";
 /// A node labelled `ferry-lab/agent=stopped` runs no agent.
 const STOP_LABEL: &str = "ferry-lab/agent";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// The capabilities deploy/daemonset.yaml adds, with their numbers
+/// (linux/capability.h). SYS_RESOURCE (memlock limits for maps, kernels
+/// before 5.11) is one the sandboxes of these machines withhold from every
+/// process; the lab's kernels account maps to memory cgroups instead.
+const DEPLOY_CAPABILITIES: [(&str, u32); 4] = [
+    ("BPF", 39),
+    ("PERFMON", 38),
+    ("NET_ADMIN", 12),
+    ("SYS_RESOURCE", 24),
+];
 
 impl Lab {
     fn overlay_dir(&self) -> PathBuf {
@@ -43,7 +53,7 @@ impl Lab {
         )?;
         fs::write(
             overlay.join("lab-node.yaml"),
-            serde_json::to_string_pretty(&self.daemonset_patch())?,
+            serde_json::to_string_pretty(&self.daemonset_patch()?)?,
         )?;
         self.kubectl(&["apply", "-k", &overlay.to_string_lossy()])?;
         for node in nodes {
@@ -79,8 +89,16 @@ impl Lab {
     }
 
     /// What the lab changes in the DaemonSet (a strategic merge patch).
-    fn daemonset_patch(&self) -> Value {
-        json!({
+    fn daemonset_patch(&self) -> Result<Value> {
+        // deploy/'s capabilities, less those this machine cannot give any
+        // process (runc fails to start a container asking for one).
+        let capabilities: Vec<&str> = DEPLOY_CAPABILITIES
+            .iter()
+            .copied()
+            .filter(|(_, bit)| machine_has_capability(*bit))
+            .map(|(name, _)| name)
+            .collect();
+        Ok(json!({
             "apiVersion": "apps/v1",
             "kind": "DaemonSet",
             "metadata": {"name": DAEMONSET, "namespace": NAMESPACE},
@@ -94,6 +112,7 @@ impl Lab {
                     "name": "agent",
                     // The image is loaded into each node's containerd.
                     "imagePullPolicy": "Never",
+                    "securityContext": {"capabilities": {"add": capabilities}},
                     "env": [
                         // Two nodes share the machine's bpffs.
                         {"name": "FERRY_PIN_DIR", "value": format!("/sys/fs/bpf/{}/$(NODE_NAME)", self.name)},
@@ -104,7 +123,7 @@ impl Lab {
                     ],
                 }],
             }}},
-        })
+        }))
     }
 
     /// Starts the agent of `node` (after `stop_agent`) and waits until it is
@@ -253,6 +272,17 @@ impl Lab {
             .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
             .with_context(|| format!("no log in {}", dir.display()))
     }
+}
+
+/// Whether this machine's bounding set holds capability `bit` (runc can give
+/// a container only what it holds).
+fn machine_has_capability(bit: u32) -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|set| set & (1 << bit) != 0)
 }
 
 /// `to` as a path relative to the directory `from` (both absolute).

@@ -158,6 +158,14 @@ impl Lab {
             .arg(&to);
             quiet(&mut cmd).with_context(|| format!("node {node}: mounting {}", to.display()))?;
         }
+        // The agent's pod mounts bpffs with HostToContainer propagation, which
+        // containerd accepts only from a shared or slave mount. On a machine
+        // whose mounts are private (this one's are; systemd's are shared),
+        // the node's copy becomes shared, in the node's namespace only: the
+        // same bpffs, so pins stay where the machine sees them.
+        let mut cmd = self.in_node(node, "mount")?;
+        cmd.args(["--make-shared", "/sys/fs/bpf"]);
+        quiet(&mut cmd).with_context(|| format!("node {node}: sharing /sys/fs/bpf"))?;
         Ok(())
     }
 
@@ -360,6 +368,10 @@ disabled_plugins = [
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
+  # This machine gives no process CAP_SYS_RESOURCE (its sandbox drops it), so
+  # no process may lower its OOM score below containerd's; the kubelet asks
+  # -998 for sandboxes and -997 for critical pods. Clamped to containerd's.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{d}/cni/conf"
