@@ -114,6 +114,10 @@ impl Lab {
                     "imagePullPolicy": "Never",
                     "securityContext": {"capabilities": {"add": capabilities}},
                     "env": [
+                        // Repeated first: `$(NODE_NAME)` below expands only
+                        // from a variable listed before it, and the merge puts
+                        // the patch's variables ahead of deploy/'s.
+                        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                         // Two nodes share the machine's bpffs.
                         {"name": "FERRY_PIN_DIR", "value": format!("/sys/fs/bpf/{}/$(NODE_NAME)", self.name)},
                         // Native XDP on a veth sends XDP_TX frames to its peer,
