@@ -172,13 +172,41 @@ fn lab_services_through_real_agents() {
     }
     held.write_all(b"bye\n").unwrap();
 
-    eprintln!("== deploy/ passes server-side validation");
-    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
-    let out = lab.kubectl(&["apply", "--dry-run=server", "-f", deploy]);
-    assert!(
-        out.contains("daemonset.apps/ferry") && out.contains("clusterrole"),
-        "{out}"
-    );
+    eprintln!("== the agents are deploy/'s DaemonSet pods: Ready by their kubelet's probes, not privileged");
+    let ds: serde_json::Value = serde_json::from_str(&lab.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "daemonset",
+        "ferry",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(ds["status"]["numberReady"], 2, "{:#}", ds["status"]);
+    let agents = agent_processes(&lab.name);
+    assert_eq!(agents.len(), 2, "agent processes: {agents:?}");
+    for (pid, status) in &agents {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} for agent {pid}"))
+                .trim()
+                .to_string()
+        };
+        let effective = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+        let bounding = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+        // deploy/'s set (SYS_RESOURCE only where the machine has it to give).
+        let wanted = deploy_capabilities() & machine_bounding_set();
+        assert_eq!(effective, wanted, "agent {pid}: effective capabilities");
+        assert_eq!(bounding, wanted, "agent {pid}: bounding set");
+        assert_eq!(
+            field("NoNewPrivs:"),
+            "1",
+            "agent {pid}: allowPrivilegeEscalation"
+        );
+    }
 
     eprintln!("== lab down leaves nothing");
     let name = lab.name.clone();
@@ -200,10 +228,78 @@ fn lab_services_through_real_agents() {
         !std::path::Path::new(&format!("/run/ferry-lab/{name}")).exists(),
         "lab state left"
     );
+    for hierarchy in ["cpu", "memory", "pids", "unified"] {
+        let cgroup = format!("/sys/fs/cgroup/{hierarchy}/{name}");
+        assert!(!std::path::Path::new(&cgroup).exists(), "{cgroup} left");
+    }
     let procs = Command::new("pgrep").args(["-f", &name]).output().unwrap();
     assert!(
         procs.stdout.is_empty(),
         "processes left: {}",
         String::from_utf8_lossy(&procs.stdout)
     );
+}
+
+/// The capabilities deploy/daemonset.yaml adds, as a mask (linux/capability.h
+/// numbers), read from the file itself.
+fn deploy_capabilities() -> u64 {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/daemonset.yaml"
+    ))
+    .unwrap();
+    let line = yaml
+        .lines()
+        .find(|l| l.trim_start().starts_with("add: ["))
+        .expect("daemonset.yaml adds capabilities");
+    let mut mask = 0;
+    for name in line
+        .split(['[', ']', ',', '"'])
+        .map(str::trim)
+        .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !n.is_empty())
+    {
+        let bit = match name {
+            "NET_ADMIN" => 12,
+            "SYS_RESOURCE" => 24,
+            "PERFMON" => 38,
+            "BPF" => 39,
+            other => panic!("a capability this test does not know: {other}"),
+        };
+        mask |= 1u64 << bit;
+    }
+    mask
+}
+
+fn machine_bounding_set() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .unwrap();
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+/// Every `proxy-agent run` process whose pin directory is the lab's, with its
+/// /proc status.
+fn agent_processes(lab: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let pin_dir = format!("FERRY_PIN_DIR=/sys/fs/bpf/{lab}/");
+        if exe.file_name().is_some_and(|n| n == "proxy-agent")
+            && String::from_utf8_lossy(&environ).contains(&pin_dir)
+        {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            found.push((pid, status));
+        }
+    }
+    found
 }

@@ -54,7 +54,10 @@ impl Tokens {
             self.admin, self.controller_manager, self.scheduler, self.agent
         );
         for (node, token) in &self.kubelets {
-            writeln!(rows, "{token},system:node:{node},kubelet-{node},system:nodes")?;
+            writeln!(
+                rows,
+                "{token},system:node:{node},kubelet-{node},system:nodes"
+            )?;
         }
         write_private(path, &rows)
     }
@@ -83,7 +86,11 @@ impl Kubeconfigs {
         };
         write("agent", "ferry-agent", &tokens.agent)?;
         for (node, token) in &tokens.kubelets {
-            write(&format!("kubelet-{node}"), &format!("system:node:{node}"), token)?;
+            write(
+                &format!("kubelet-{node}"),
+                &format!("system:node:{node}"),
+                token,
+            )?;
         }
         Ok(Self {
             admin: write("admin", "ferry-admin", &tokens.admin)?,

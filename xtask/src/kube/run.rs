@@ -118,7 +118,10 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
             "--secure-port=0",
         ]);
     controller_manager
-        .arg(arg("--service-account-private-key-file", &pki.join("sa.key")))
+        .arg(arg(
+            "--service-account-private-key-file",
+            &pki.join("sa.key"),
+        ))
         .arg(arg("--root-ca-file", &pki.join("ca.crt")));
     let mut controller_manager = spawn_logged(controller_manager, dir, "kube-controller-manager")?;
     wait_for_controllers(&mut controller_manager, dir)?;

@@ -248,7 +248,8 @@ impl Lab {
         ids.lines().find_map(|id| {
             tasks.lines().find_map(|line| {
                 let mut f = line.split_whitespace();
-                (f.next() == Some(id) && line.contains("RUNNING")).then(|| f.next()?.parse().ok())?
+                (f.next() == Some(id) && line.contains("RUNNING"))
+                    .then(|| f.next()?.parse().ok())?
             })
         })
     }
@@ -265,8 +266,10 @@ impl Lab {
             .flatten()
             .map(|e| e.path())
             .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{NAMESPACE}_{pod}_")))
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .starts_with(&format!("{NAMESPACE}_{pod}_"))
+                })
             })
             .with_context(|| format!("no log directory of {pod} in {}", pods.display()))?
             .join("agent");
@@ -311,9 +314,15 @@ mod tests {
     #[test]
     fn relative_paths() {
         assert_eq!(
-            relative(Path::new("/run/ferry-lab/x/deploy"), Path::new("/work/main/deploy")),
+            relative(
+                Path::new("/run/ferry-lab/x/deploy"),
+                Path::new("/work/main/deploy")
+            ),
             PathBuf::from("../../../../work/main/deploy")
         );
-        assert_eq!(relative(Path::new("/a/b"), Path::new("/a/b/c")), PathBuf::from("c"));
+        assert_eq!(
+            relative(Path::new("/a/b"), Path::new("/a/b/c")),
+            PathBuf::from("c")
+        );
     }
 }

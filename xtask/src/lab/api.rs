@@ -23,8 +23,15 @@ impl Lab {
     pub(super) fn set_pod_cidr(&self, node: &str) -> Result<()> {
         let cidr = format!("10.244.{}.0/24", node_index(node)?);
         let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
-        self.kubectl(&["patch", "node", node, "--type=merge", "-p", &patch.to_string()])
-            .map(drop)
+        self.kubectl(&[
+            "patch",
+            "node",
+            node,
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .map(drop)
     }
 
     /// `kubectl apply` of one object.

@@ -69,7 +69,11 @@ impl Lab {
     }
 
     /// A command run inside the node: its network and mount namespaces.
-    pub(super) fn in_node(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    pub(super) fn in_node(
+        &self,
+        node: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
         let holder = live_pid(&self.holder_pid_file(node))
             .with_context(|| format!("node {node} is not running"))?;
         let mut cmd = Command::new("nsenter");
@@ -97,14 +101,26 @@ impl Lab {
         images: &[PathBuf],
     ) -> Result<()> {
         let dir = self.node_dir(node);
-        for sub in ["containerd", "kubelet", "cni/conf", "cni/lib", "netns", "log", "sysctl"] {
+        for sub in [
+            "containerd",
+            "kubelet",
+            "cni/conf",
+            "cni/lib",
+            "netns",
+            "log",
+            "sysctl",
+        ] {
             fs::create_dir_all(dir.join(sub))?;
         }
         self.start_holder(node)?;
         self.make_cgroups(node)?;
         self.start_containerd(node)?;
         for archive in images {
-            image::load(&self.containerd_socket(node), image::KUBERNETES_NAMESPACE, archive)?;
+            image::load(
+                &self.containerd_socket(node),
+                image::KUBERNETES_NAMESPACE,
+                archive,
+            )?;
         }
         self.write_cni_config(node)?;
         self.start_kubelet(bins, node)
@@ -116,8 +132,19 @@ impl Lab {
     fn start_holder(&self, node: &str) -> Result<()> {
         let dir = self.node_dir(node);
         let mut holder = ferry_netns::enter(&self.ns(node), "unshare");
-        holder.args(["--mount", "--propagation", "slave", "--", "sleep", "infinity"]);
-        spawn_detached(&mut holder, &dir.join("holder.log"), &self.holder_pid_file(node))?;
+        holder.args([
+            "--mount",
+            "--propagation",
+            "slave",
+            "--",
+            "sleep",
+            "infinity",
+        ]);
+        spawn_detached(
+            &mut holder,
+            &dir.join("holder.log"),
+            &self.holder_pid_file(node),
+        )?;
         // The holder execs through nsenter and unshare into sleep: wait until
         // it sits in its own mount namespace before entering it.
         let pid = live_pid(&self.holder_pid_file(node)).context("the node's holder died")?;
@@ -261,10 +288,17 @@ impl Lab {
                 &format!("--hostname-override={node}"),
                 &format!("--node-ip={}", node_addr(node)?),
                 // A label NodeRestriction lets a kubelet set on its own Node.
-                &format!("--node-labels=topology.kubernetes.io/zone=zone-{}", node_index(node)?),
+                &format!(
+                    "--node-labels=topology.kubernetes.io/zone=zone-{}",
+                    node_index(node)?
+                ),
                 "--v=1",
             ]);
-        spawn_detached(&mut kubelet, &dir.join("kubelet.log"), &dir.join("kubelet.pid"))?;
+        spawn_detached(
+            &mut kubelet,
+            &dir.join("kubelet.log"),
+            &dir.join("kubelet.pid"),
+        )?;
         Ok(())
     }
 

@@ -114,13 +114,11 @@ pub fn run(quick: bool, results: &Path, command: &str) -> Result<()> {
     let lab = Lab::new(LAB)?;
     // What an interrupted earlier run may have left.
     lab.down()?;
-    let measured = lab
-        .up(&workspace_root().join("deploy"))
-        .and_then(|()| {
-            // The client must reach the API server, which listens in the fabric
-            // namespace; everything else it does names its namespace itself.
-            ferry_netns::in_netns(&lab.ns("fabric"), move || measure(&plan, &agent))?
-        });
+    let measured = lab.up(&workspace_root().join("deploy")).and_then(|()| {
+        // The client must reach the API server, which listens in the fabric
+        // namespace; everything else it does names its namespace itself.
+        ferry_netns::in_netns(&lab.ns("fabric"), move || measure(&plan, &agent))?
+    });
     let down = lab.down();
     let scales = measured?;
     down?;
