@@ -40,6 +40,9 @@ enum Task {
         /// The containerd namespace to import into (the kubelet's by default).
         #[arg(long, default_value = image::KUBERNETES_NAMESPACE)]
         namespace: String,
+        /// Instead: the agent of the previous release, for upgrade tests.
+        #[arg(long)]
+        previous: bool,
     },
     /// Set up, build the eBPF object, and run every test (unit, packet, netns, lab).
     Test {
@@ -103,6 +106,8 @@ enum LabCommand {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
+    /// Import an image archive into every node's containerd.
+    LoadImage { archive: std::path::PathBuf },
     /// Give a LoadBalancer Service an ingress IP (status subresource), like a cloud would.
     LbIp {
         service: String,
@@ -166,6 +171,7 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
             "stop" => lab.stop_agent(&node),
             _ => lab.start_agent(&node, &agent_args),
         },
+        LabCommand::LoadImage { archive } => lab.load_image(&archive),
         LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),
         LabCommand::Exec { pod, command } => lab.exec(&pod, &command),
     }
@@ -175,7 +181,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run().map(|_| ()),
-        Task::Image { load, namespace } => image::run(load.as_deref(), &namespace),
+        Task::Image {
+            load,
+            namespace,
+            previous,
+        } => image::run(load.as_deref(), &namespace, previous),
         Task::Test { args } => workspace_tests::run(&args),
         Task::Lab { lab, command } => lab_command(&lab::Lab::new(&lab)?, command),
         Task::Demo => demo::run(),

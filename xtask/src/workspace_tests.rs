@@ -17,6 +17,8 @@ pub fn run(args: &[String]) -> Result<()> {
     // The lab runs these images (and builds them again if they are stale);
     // the image test imports them.
     image::build()?;
+    // The upgrade test starts from the previous release's agent.
+    image::build_previous()?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--no-fail-fast"]);

@@ -36,6 +36,17 @@ pub fn agent_image() -> String {
     format!("ghcr.io/ferry-proxy/proxy-agent:{VERSION}")
 }
 
+/// The agent of [`PREVIOUS_RELEASE`], for upgrade tests.
+pub fn previous_agent_image() -> String {
+    "ghcr.io/ferry-proxy/proxy-agent:previous".to_string()
+}
+
+/// The last commit whose maps are one layout older than today's (`nat4_v2`,
+/// before NAT entries got their flags): an upgrade from its agent exercises
+/// the migration of the one older layout the agent keeps
+/// (`proxy_common::previous`). Moves forward when a layout changes again.
+pub const PREVIOUS_RELEASE: &str = "e7f9527017eb56e8c474e8cd7b7dced9fc1c6403";
+
 pub fn lab_pod_image() -> String {
     format!("ferry.local/lab-pod:{VERSION}")
 }
@@ -115,6 +126,70 @@ pub fn build() -> Result<Vec<Built>> {
     Ok(built)
 }
 
+/// Builds the agent of [`PREVIOUS_RELEASE`] as today's is built (its own
+/// eBPF object embedded, linked statically) from a checkout of its own in
+/// `/var/tmp` (outside this workspace, whose manifests would claim its
+/// crates; kept, so a second build is incremental), and writes its image,
+/// [`previous_agent_image`].
+pub fn build_previous() -> Result<Built> {
+    let root = PathBuf::from(format!("/var/tmp/ferry-previous-{}", &PREVIOUS_RELEASE[..12]));
+    // A checkout that git no longer knows (its clone removed) is replaced.
+    let usable = Command::new("git")
+        .current_dir(&root)
+        .args(["rev-parse", "--verify", "--quiet", "HEAD"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root.exists() && !usable {
+        fs::remove_dir_all(&root)?;
+    }
+    let _ = Command::new("git")
+        .current_dir(workspace_root())
+        .args(["worktree", "prune"])
+        .status();
+    if !root.join(".git").exists() {
+        exec(
+            Command::new("git")
+                .current_dir(workspace_root())
+                .args(["worktree", "add", "--detach"])
+                .arg(&root)
+                .arg(PREVIOUS_RELEASE),
+        )
+        .context("checking out the previous release (the clone needs its history)")?;
+    } else {
+        exec(Command::new("git").current_dir(&root).args([
+            "checkout",
+            "--detach",
+            PREVIOUS_RELEASE,
+        ]))?;
+    }
+    // Its own xtask builds its own eBPF object, into its own target/.
+    exec(Command::new(env!("CARGO")).current_dir(&root).args([
+        "run",
+        "--quiet",
+        "-p",
+        "xtask",
+        "--",
+        "build-ebpf",
+    ]))?;
+    let agent = static_bin::build_in(&root, "proxy-agent", "proxy-agent")?;
+    let image = oci::Image {
+        names: vec![previous_agent_image()],
+        files: vec![executable("proxy-agent", &agent)?],
+        entrypoint: vec!["/proxy-agent".into()],
+        cmd: vec!["run".into()],
+        exposed_ports: vec!["10256/tcp".into()],
+    };
+    let dir = images_dir();
+    fs::create_dir_all(&dir)?;
+    let archive = dir.join("proxy-agent-previous.tar");
+    fs::write(&archive, oci::archive(&image)?)
+        .with_context(|| format!("writing {}", archive.display()))?;
+    Ok(Built {
+        name: previous_agent_image(),
+        archive,
+    })
+}
+
 /// Imports an image archive into the containerd at `socket`, in `namespace`
 /// (the kubelet's is [`KUBERNETES_NAMESPACE`]), and unpacks it for its
 /// default snapshotter.
@@ -131,8 +206,12 @@ pub fn load(socket: &Path, namespace: &str, archive: &Path) -> Result<()> {
 
 /// The task: build, print each image and its archive, and load them into
 /// the containerd at `socket` if one is given.
-pub fn run(socket: Option<&Path>, namespace: &str) -> Result<()> {
-    let built = build()?;
+pub fn run(socket: Option<&Path>, namespace: &str, previous: bool) -> Result<()> {
+    let built = if previous {
+        vec![build_previous()?]
+    } else {
+        build()?
+    };
     if let Some(socket) = socket {
         for image in &built {
             load(socket, namespace, &image.archive)?;
@@ -149,12 +228,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_daemonset_runs_the_agent_image_this_builds() {
-        let daemonset = fs::read_to_string(workspace_root().join("deploy/daemonset.yaml")).unwrap();
-        let images: Vec<&str> = daemonset
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("image: "))
-            .collect();
-        assert_eq!(images, [agent_image().as_str()]);
+    fn deploy_names_the_agent_image_this_builds() {
+        let kustomization =
+            fs::read_to_string(workspace_root().join("deploy/kustomization.yaml")).unwrap();
+        let field = |key: &str| {
+            kustomization
+                .lines()
+                .find_map(|l| l.trim().trim_start_matches("- ").strip_prefix(key))
+                .map(|v| v.trim().trim_matches('"').to_string())
+                .unwrap_or_else(|| panic!("no {key} in deploy/kustomization.yaml"))
+        };
+        assert_eq!(
+            format!("{}:{}", field("newName:"), field("newTag:")),
+            agent_image()
+        );
     }
 }

@@ -3,7 +3,11 @@
 //! named explicitly, so that `+crt-static` reaches the binaries but not the
 //! build scripts and proc macros, which stay dynamic host programs.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -15,18 +19,19 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// `cargo build --release` of `package` linked statically; returns its binary
 /// `bin`, checked to need no program interpreter.
 pub fn build(package: &str, bin: &str) -> Result<PathBuf> {
+    build_in(&workspace_root(), package, bin)
+}
+
+/// [`build`] in the workspace at `root` (another checkout of the project).
+pub fn build_in(root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
     exec(
         Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
+            .current_dir(root)
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .args(["build", "--release", "--target", TARGET, "-p", package]),
     )?;
-    let path = workspace_root()
-        .join("target")
-        .join(TARGET)
-        .join("release")
-        .join(bin);
+    let path = root.join("target").join(TARGET).join("release").join(bin);
     let elf = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     if needs_interpreter(&elf)? {
         bail!(

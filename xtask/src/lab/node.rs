@@ -302,6 +302,18 @@ impl Lab {
         Ok(())
     }
 
+    /// Imports an image archive into every node's containerd.
+    pub fn load_image(&self, archive: &Path) -> Result<()> {
+        for node in super::NODES {
+            image::load(
+                &self.containerd_socket(node),
+                image::KUBERNETES_NAMESPACE,
+                archive,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Waits until every node's kubelet reports its Node Ready.
     pub(super) fn wait_nodes_ready(&self, nodes: &[&str]) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
