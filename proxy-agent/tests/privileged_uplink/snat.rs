@@ -1,0 +1,356 @@
+//! NodePort, externalIP and LoadBalancer traffic to local and remote backends:
+//! DNAT, SNAT with NAT ports and FIB next hops, the replies, closing and
+//! exhaustion, next hops not resolved yet, and frontend ids past 16 bits.
+
+use super::*;
+
+#[test]
+fn nodeport_to_a_local_backend_is_dnated_and_passed_up() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40000, NODE, 30080);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(
+            out,
+            f.with_dst(ip(LOCAL_POD), 8080).bytes(),
+            "client address kept, MACs untouched"
+        );
+        packet::assert_checksums_valid(&out);
+        assert_eq!(p.stat("fwd_local"), 1);
+        let ct = p.dp.conntrack().unwrap();
+        assert!(
+            ct.iter().any(|(k, _)| k.dir == ct_dir::REPLY),
+            "the backend's reply is reverse-NATed on its veth"
+        );
+    });
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_and_sent_back_out_with_fib_macs() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40001, NODE, 30090);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes());
+        packet::assert_checksums_valid(&out);
+        let nat = p.dp.nat().unwrap();
+        assert_eq!(nat.len(), 1);
+        let (key, value) = nat[0];
+        assert_eq!(
+            (
+                key.saddr_be,
+                key.daddr_be,
+                key.sport_be,
+                key.dport_be,
+                key.dir
+            ),
+            (
+                u32::from(ip(REMOTE_POD)).to_be(),
+                u32::from(ip(NODE)).to_be(),
+                8080u16.to_be(),
+                nat_port(&f).to_be(),
+                ct_dir::NAT
+            )
+        );
+        assert_eq!(
+            (value.client_addr_be, value.client_port_be),
+            (u32::from(ip(CLIENT)).to_be(), 40001u16.to_be())
+        );
+        // Later packets of the flow keep their NAT port.
+        let mut ack = f.clone();
+        ack.tcp_flags = 0x10;
+        let (verdict, out) = p.xdp(&ack.bytes());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, snated(&ack, REMOTE_POD, 8080).bytes());
+        assert_eq!(p.dp.nat().unwrap().len(), 1);
+        assert_eq!(p.stat("fwd_snat"), 2);
+    });
+}
+
+#[test]
+fn remote_backends_reply_is_translated_back_to_the_client() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40002, NODE, 30090);
+        let (_, sent) = p.xdp(&f.bytes());
+        assert_eq!(sent, snated(&f, REMOTE_POD, 8080).bytes());
+        let mut reply = snated(&f, REMOTE_POD, 8080).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = reply.with_dst(ip(CLIENT), 40002).with_src(ip(NODE), 30090);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(
+            out,
+            expected.bytes(),
+            "from the NodePort the client dialled, to the client"
+        );
+        packet::assert_checksums_valid(&out);
+        assert_eq!(p.stat("rev_snat"), 1);
+    });
+}
+
+#[test]
+fn udp_nodeport_round_trip_through_snat() {
+    with_programs(|p| {
+        let f = from_outside(packet::UDP, 41000, NODE, 30053);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, snated(&f, REMOTE_POD, 5353).bytes());
+        let mut reply = snated(&f, REMOTE_POD, 5353).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = reply.with_dst(ip(CLIENT), 41000).with_src(ip(NODE), 30053);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(out, expected.bytes());
+        packet::assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn external_ip_and_load_balancer_ip_are_served() {
+    with_programs(|p| {
+        for daddr in [EXTERNAL_IP, LB_IP] {
+            let f = from_outside(packet::TCP, 40003, daddr, 80);
+            let (verdict, out) = p.xdp(&f.bytes());
+            assert_eq!(verdict, XDP_TX, "{daddr}");
+            assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes(), "{daddr}");
+        }
+    });
+}
+
+/// The NAT entry of a client port's flow: (NAT port, flags).
+fn nat_of(p: &Programs, client_port: u16) -> Option<(u16, u16)> {
+    p.dp.nat()
+        .unwrap()
+        .into_iter()
+        .find(|(_, v)| v.client_port_be == client_port.to_be())
+        .map(|(k, v)| (u16::from_be(k.dport_be), v.flags))
+}
+
+/// The flags of a client port's forward conntrack entry.
+fn forward_flags(p: &Programs, client_port: u16) -> u16 {
+    p.dp.conntrack()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.dir == ct_dir::FORWARD && k.sport_be == client_port.to_be())
+        .map(|(_, v)| v.flags)
+        .expect("forward entry")
+}
+
+#[test]
+fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
+    with_programs(|p| {
+        // From the client: a FIN, and an RST.
+        for (port, flags) in [(42000, 0x11), (42001, 0x04)] {
+            let f = from_outside(packet::TCP, port, NODE, 30090);
+            p.xdp(&f.bytes());
+            assert_eq!(nat_of(p, port), Some((nat_port(&f), 0)), "open");
+            let mut close = f.clone();
+            close.tcp_flags = flags;
+            let (verdict, out) = p.xdp(&close.bytes());
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(out, snated(&close, REMOTE_POD, 8080).bytes());
+            assert_eq!(nat_of(p, port), Some((nat_port(&f), ct_flags::CLOSING)));
+            assert_eq!(
+                forward_flags(p, port) & ct_flags::CLOSING,
+                ct_flags::CLOSING
+            );
+        }
+        // From the backend: its FIN closes the NAT entry and the client's
+        // forward entry.
+        let f = from_outside(packet::TCP, 42002, NODE, 30090);
+        p.xdp(&f.bytes());
+        let mut fin = snated(&f, REMOTE_POD, 8080).reply();
+        fin.tcp_flags = 0x11;
+        fin.src_mac = NODE2_MAC;
+        fin.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&fin.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = fin.with_dst(ip(CLIENT), 42002).with_src(ip(NODE), 30090);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(out, expected.bytes());
+        assert_eq!(nat_of(p, 42002), Some((nat_port(&f), ct_flags::CLOSING)));
+        assert_eq!(
+            forward_flags(p, 42002) & ct_flags::CLOSING,
+            ct_flags::CLOSING
+        );
+        // The client reuses the tuple for a new connection: open again, same port.
+        p.xdp(&f.bytes());
+        assert_eq!(nat_of(p, 42002), Some((nat_port(&f), 0)));
+
+        // After the close timeout the collection removes the closed flows'
+        // entries, frees their ports, and leaves the open one.
+        let now = proxy_agent::kernel::monotonic_ns();
+        let report =
+            p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
+                .unwrap();
+        assert_eq!(report.nat_removed, 2, "{report:?}");
+        assert_eq!(nat_of(p, 42000), None);
+        assert_eq!(nat_of(p, 42001), None);
+        assert_eq!(nat_of(p, 42002), Some((nat_port(&f), 0)));
+        let held: u32 =
+            p.dp.nat_ports()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.index < nat_ports::WORDS)
+                .map(|(_, w)| w.count_ones())
+                .sum();
+        assert_eq!(held, 1, "only the open flow's port is marked held");
+    });
+}
+
+#[test]
+fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
+    with_programs(|p| {
+        const RANGE: u16 = 200;
+        p.dp.set_config(settings::node_config(
+            Some(ip(NODE)),
+            (62000, 62000 + RANGE - 1),
+        ))
+        .unwrap();
+        let send = |p: &mut Programs, client_port: u16| {
+            let f = from_outside(packet::TCP, client_port, NODE, 30090);
+            let (verdict, out) = p.xdp(&f.bytes());
+            (f, verdict, out)
+        };
+        // Every port of the range, one flow each: the last flows find the
+        // last free ports, which their hashes rarely name.
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..RANGE {
+            let (f, verdict, out) = send(p, 43000 + i);
+            assert_eq!(verdict, XDP_TX, "flow {i}: {:?}", p.nonzero_stats());
+            let port = u16::from_be_bytes([out[34], out[35]]);
+            let mut expected = f.with_dst(ip(REMOTE_POD), 8080).with_src(ip(NODE), port);
+            expected.dst_mac = NODE2_MAC;
+            expected.src_mac = NODE_MAC;
+            assert_eq!(out, expected.bytes(), "flow {i}");
+            packet::assert_checksums_valid(&out);
+            assert!((62000..62000 + RANGE).contains(&port), "{port}");
+            assert!(ports.insert(port), "port {port} given twice");
+        }
+        assert_eq!(p.dp.nat().unwrap().len(), usize::from(RANGE));
+        // One more: none is free. Dropped, counted, named by backend.
+        let (_, verdict, _) = send(p, 43500);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(p.stat("drop_nat_ports"), 1);
+        // One flow resets; once the collection removed it, its port serves
+        // the next new flow.
+        let mut rst = from_outside(packet::TCP, 43007, NODE, 30090);
+        rst.tcp_flags = 0x04;
+        assert_eq!(p.xdp(&rst.bytes()).0, XDP_TX);
+        let freed = nat_of(p, 43007).unwrap().0;
+        let now = proxy_agent::kernel::monotonic_ns();
+        let report =
+            p.dp.gc(now + 11_000_000_000, &Lifetimes::default())
+                .unwrap();
+        assert_eq!(report.nat_removed, 1);
+        assert_eq!(report.exhausted.len(), 1);
+        assert_eq!(
+            report.exhausted[0].0.to_string(),
+            format!("{REMOTE_POD}:8080/TCP")
+        );
+        assert_eq!(report.exhausted[0].1, 1);
+        let (_, verdict, out) = send(p, 43501);
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), freed);
+        assert_eq!(p.stat("drop_nat_ports"), 1);
+    });
+}
+
+#[test]
+fn unresolved_next_hop_goes_to_the_tc_program_which_lets_the_kernel_resolve_it() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40006, NODE, 30099);
+        let bytes = f.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, bytes, "XDP hands it on untouched");
+        assert_eq!(p.stat("pass_no_neigh"), 1);
+        let (verdict, out) = p.tc(&bytes);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "bpf_redirect_neigh");
+        let mut expected = f
+            .with_dst(ip(UNRESOLVED_POD), 8080)
+            .with_src(ip(NODE), nat_port(&f));
+        expected.src_mac = f.src_mac;
+        expected.dst_mac = f.dst_mac;
+        assert_eq!(
+            out,
+            expected.bytes(),
+            "translated; the kernel fills in the MACs"
+        );
+        assert_eq!(p.dp.nat().unwrap().len(), 1, "tc reused the entry XDP made");
+    });
+}
+
+#[test]
+fn reply_to_a_client_without_neighbour_entry_goes_to_tc() {
+    with_programs(|p| {
+        let mut f = from_outside(packet::TCP, 40007, NODE, 30090);
+        f.saddr = ip(FAR_CLIENT);
+        p.xdp(&f.bytes());
+        let mut reply = snated(&f, REMOTE_POD, 8080).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let bytes = reply.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!((verdict, out), (XDP_PASS, bytes.clone()));
+        let (verdict, out) = p.tc(&bytes);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            reply
+                .with_dst(ip(FAR_CLIENT), 40007)
+                .with_src(ip(NODE), 30090)
+                .bytes()
+        );
+    });
+}
+
+#[test]
+fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
+    // Recovered from maps where a frontend holds 65535: every frontend of
+    // these tests gets an id past 16 bits.
+    let mut taken = MapState::default();
+    let slot0 = ServiceKey4::new(ip("10.96.0.1"), 80, proxy_common::proto::TCP, 0);
+    let value = ServiceValue {
+        rev_nat_id: 65_535,
+        ..ServiceValue::default()
+    };
+    taken.services.insert(slot0, value);
+    with_programs_numbered(Ids::from_state(&taken), |p| {
+        // The SNATed flow's NAT entry names its frontend by the wide id, and
+        // the reply finds the NodePort by it.
+        let f = from_outside(packet::TCP, 40010, NODE, 30090);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&f, REMOTE_POD, 8080).bytes());
+        let nat = p.dp.nat().unwrap();
+        assert!(nat[0].1.rev_nat_id > u32::from(u16::MAX), "{:?}", nat[0].1);
+        let mut reply = snated(&f, REMOTE_POD, 8080).reply();
+        reply.src_mac = NODE2_MAC;
+        reply.dst_mac = NODE_MAC;
+        let (verdict, out) = p.xdp(&reply.bytes());
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = reply.with_dst(ip(CLIENT), 40010).with_src(ip(NODE), 30090);
+        expected.dst_mac = CLIENT_MAC;
+        expected.src_mac = NODE_MAC;
+        assert_eq!(out, expected.bytes());
+        // The LoadBalancer IP's source ranges, keyed by its wide id: an allowed
+        // client is served, another dropped.
+        let allowed = from_outside(packet::TCP, 40011, LB_IP, 80);
+        let (verdict, out) = p.xdp(&allowed.bytes());
+        assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&allowed, REMOTE_POD, 8080).bytes());
+        let mut outsider = from_outside(packet::TCP, 40012, LB_IP, 80);
+        outsider.saddr = ip("10.250.0.50");
+        let bytes = outsider.bytes();
+        assert_eq!(p.xdp(&bytes), (XDP_DROP, bytes));
+        assert_eq!(p.stat("drop_source_range"), 1);
+    });
+}
