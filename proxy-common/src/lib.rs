@@ -8,6 +8,8 @@
 #![no_std]
 
 pub mod hash;
+#[cfg(feature = "user")]
+pub mod pinned;
 pub mod stats;
 
 /// Maglev table sizes, shared by the agent (which fills tables) and the

@@ -396,7 +396,6 @@ fn fs_magic(path: &Path) -> Result<i64> {
 }
 
 pub mod ifaces;
-pub mod pinned;
 
 mod attach;
 mod cleanup;
