@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_agent::kernel::pinned::Pinned;
+use proxy_common::pinned::Pinned;
 use proxy_common::{map_names, previous, CtKey4, RevNat4, ServiceKey4};
 use support::{
     netns::{in_netns, run, Lab},

@@ -10,6 +10,8 @@
 #![no_std]
 
 pub mod hash;
+#[cfg(feature = "user")]
+pub mod pinned;
 pub mod previous;
 pub mod stats;
 

@@ -10,6 +10,7 @@ use proxy_common::{backend_flags, Backend4, ServiceKey4, ServiceValue};
 use crate::{
     ct::{self, State, Tracked},
     flow::Flow,
+    keys,
     maps::SERVICES,
     sched,
     verdict::Dropped,
@@ -18,14 +19,7 @@ use crate::{
 /// The frontend a packet is addressed to, if any: its slot-0 key and header.
 #[inline(always)]
 pub fn frontend(flow: &Flow) -> Option<(ServiceKey4, ServiceValue)> {
-    let key = ServiceKey4 {
-        addr_be: flow.daddr,
-        port_be: flow.dport,
-        proto: flow.proto,
-        scope: 0,
-        slot: 0,
-        _pad: 0,
-    };
+    let key = keys::service(flow.daddr, flow.dport, flow.proto, 0);
     // SAFETY: the value is copied out at once; the agent may replace it later.
     unsafe { SERVICES.get(&key) }.copied().map(|svc| (key, svc))
 }

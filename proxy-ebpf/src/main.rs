@@ -15,6 +15,7 @@ mod ct;
 mod ctx;
 mod fib;
 mod flow;
+mod keys;
 mod lb;
 mod maps;
 mod pod;

@@ -12,6 +12,7 @@ use proxy_common::{
 
 use crate::{
     flow::Flow,
+    keys,
     maps::{AFFINITY, BACKENDS, MAGLEV, ROUND_ROBIN, SERVICES},
     verdict::Dropped,
 };
@@ -22,14 +23,14 @@ use crate::{
 #[inline(always)]
 pub fn pick(
     flow: &Flow,
-    mut key: ServiceKey4,
+    key: ServiceKey4,
     svc: &ServiceValue,
     now: u64,
 ) -> Result<(u32, Backend4), Dropped> {
     let (backend_id, backend) = match affinity_backend(flow, svc, now) {
         Some(kept) => kept,
         None => {
-            let backend_id = schedule(flow, &mut key, svc)?;
+            let backend_id = schedule(flow, &key, svc)?;
             // SAFETY: copied out at once.
             let backend = unsafe { BACKENDS.get(&backend_id) }
                 .copied()
@@ -71,9 +72,9 @@ fn maglev_size(index: u16) -> Option<u32> {
 
 /// The backend id the frontend's scheduler picks for a new flow.
 #[inline(always)]
-fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u32, Dropped> {
+fn schedule(flow: &Flow, key: &ServiceKey4, svc: &ServiceValue) -> Result<u32, Dropped> {
     let flow_hash = || flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    key.slot = match svc.flags & svc_flags::SCHEDULER_MASK {
+    let slot = match svc.flags & svc_flags::SCHEDULER_MASK {
         svc_flags::SCHEDULER_MAGLEV => {
             let size = maglev_size(svc.maglev_size).ok_or(Dropped(Stat::DropNoBackendEntry))?;
             let index = flow_hash().checked_rem(size).unwrap_or(0);
@@ -101,8 +102,9 @@ fn schedule(flow: &Flow, key: &mut ServiceKey4, svc: &ServiceValue) -> Result<u3
         }
         _ => slot_for(flow_hash(), svc.count),
     };
+    let key = keys::service(key.addr_be, key.port_be, key.proto, slot);
     // SAFETY: copied out at once.
-    unsafe { SERVICES.get(&*key) }
+    unsafe { SERVICES.get(&key) }
         .copied()
         .map(|slot| slot.backend_id)
         .ok_or(Dropped(Stat::DropNoBackendEntry))

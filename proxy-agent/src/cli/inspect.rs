@@ -1,18 +1,15 @@
 //! `proxy-agent inspect`: the pinned maps as tables, without loading anything
-//! (read through `kernel::pinned`).
+//! (read through `proxy_common::pinned`).
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use proxy_common::{
-    backend_flags, backend_state, ct_dir, ct_flags, AffinityKey4, AffinityValue4, Backend4, CtKey4,
-    CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
+    backend_flags, backend_state, ct_dir, ct_flags, pinned::Pinned, AffinityKey4, AffinityValue4,
+    Backend4, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
 };
 
-use crate::{
-    desired::dump::{self, protocol},
-    kernel::pinned::Pinned,
-};
+use crate::desired::dump::{self, protocol};
 
 fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))

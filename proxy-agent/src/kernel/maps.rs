@@ -186,6 +186,6 @@ impl Dataplane {
 
     /// The statistics counters summed over CPUs, by name.
     pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
-        super::pinned::sum_stats(&self.stats)
+        proxy_common::pinned::sum_stats(&self.stats)
     }
 }

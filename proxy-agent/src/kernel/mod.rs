@@ -400,7 +400,6 @@ fn fs_magic(path: &Path) -> Result<i64> {
 pub mod ifaces;
 pub mod migrate;
 pub mod netinfo;
-pub mod pinned;
 
 mod attach;
 mod cleanup;

@@ -14,6 +14,7 @@ use proxy_common::{
 
 use crate::{
     flow::Flow,
+    keys,
     maps::{BACKENDS, CONNTRACK},
     verdict::Dropped,
 };
@@ -55,15 +56,9 @@ pub fn hairpin_addr() -> u32 {
 /// The conntrack key of `flow` as the packet carries it, in direction `dir`.
 #[inline(always)]
 pub fn key(flow: &Flow, dir: u8) -> CtKey4 {
-    CtKey4 {
-        saddr_be: flow.saddr,
-        daddr_be: flow.daddr,
-        sport_be: flow.sport,
-        dport_be: flow.dport,
-        proto: flow.proto,
-        dir,
-        _pad: 0,
-    }
+    keys::tuple(
+        flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto, dir,
+    )
 }
 
 /// The client reached itself through `backend`: it must not see its own
@@ -76,15 +71,14 @@ pub fn hairpin(flow: &Flow, backend: &Backend4) -> bool {
 /// The conntrack key of a backend's replies to `flow`.
 #[inline(always)]
 fn reply_key(flow: &Flow, backend: &Backend4, hairpin: bool) -> CtKey4 {
-    CtKey4 {
-        saddr_be: backend.addr_be,
-        daddr_be: if hairpin { hairpin_addr() } else { flow.saddr },
-        sport_be: backend.port_be,
-        dport_be: flow.sport,
-        proto: flow.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
-    }
+    keys::tuple(
+        backend.addr_be,
+        if hairpin { hairpin_addr() } else { flow.saddr },
+        backend.port_be,
+        flow.sport,
+        flow.proto,
+        ct_dir::REPLY,
+    )
 }
 
 /// A flow's backend as its conntrack entry names it.

@@ -23,6 +23,7 @@ use proxy_common::{
 use super::{now, refresh, remember_nat_port};
 use crate::{
     flow::Flow,
+    keys,
     maps::{CONNTRACK, NAT, NAT_PORTS},
     verdict::Dropped,
 };
@@ -34,15 +35,14 @@ const SEARCHES: u32 = 4;
 /// The NAT entry key of a remote backend's replies to node port `nat_port_be`.
 #[inline(always)]
 pub fn key(backend: &Backend4, config: &Config, nat_port_be: u16, proto: u8) -> CtKey4 {
-    CtKey4 {
-        saddr_be: backend.addr_be,
-        daddr_be: config.snat_addr_be,
-        sport_be: backend.port_be,
-        dport_be: nat_port_be,
+    keys::tuple(
+        backend.addr_be,
+        config.snat_addr_be,
+        backend.port_be,
+        nat_port_be,
         proto,
-        dir: ct_dir::NAT,
-        _pad: 0,
-    }
+        ct_dir::NAT,
+    )
 }
 
 /// The node's NAT port range: `min..min + size`.
@@ -340,15 +340,14 @@ pub fn lookup(flow: &Flow) -> Option<(*mut Nat4, Nat4)> {
 pub fn on_reply(flow: &Flow, entry: *mut Nat4, nat: &Nat4, frontend: &RevNat4) {
     let flags = touch(flow, entry, nat, now());
     if flags & ct_flags::CLOSING != 0 && nat.flags & ct_flags::CLOSING == 0 {
-        let forward = CtKey4 {
-            saddr_be: nat.client_addr_be,
-            daddr_be: frontend.addr_be,
-            sport_be: nat.client_port_be,
-            dport_be: frontend.port_be,
-            proto: flow.proto,
-            dir: ct_dir::FORWARD,
-            _pad: 0,
-        };
+        let forward = keys::tuple(
+            nat.client_addr_be,
+            frontend.addr_be,
+            nat.client_port_be,
+            frontend.port_be,
+            flow.proto,
+            ct_dir::FORWARD,
+        );
         if let Some(ct) = CONNTRACK.get_ptr_mut(&forward) {
             // SAFETY: plain data.
             unsafe { (*ct).flags |= ct_flags::CLOSING };

@@ -132,7 +132,10 @@ pub fn build() -> Result<Vec<Built>> {
 /// crates; kept, so a second build is incremental), and writes its image,
 /// [`previous_agent_image`].
 pub fn build_previous() -> Result<Built> {
-    let root = PathBuf::from(format!("/var/tmp/ferry-previous-{}", &PREVIOUS_RELEASE[..12]));
+    let root = PathBuf::from(format!(
+        "/var/tmp/ferry-previous-{}",
+        &PREVIOUS_RELEASE[..12]
+    ));
     // A checkout that git no longer knows (its clone removed) is replaced.
     let usable = Command::new("git")
         .current_dir(&root)

@@ -81,7 +81,7 @@ pub(super) const SUITES: &[Suite] = &[
 /// line says what happened.
 pub(super) const MARK: &str = "FERRY-VM: ";
 /// A file the tests append a line to when they work around a limitation of
-/// the kernel they run on (see `privileged_uplink.rs`); each line is shown
+/// the kernel they run on (see `privileged_uplink/main.rs`); each line is shown
 /// under the table, labelled as such.
 pub(super) const NOTES_ENV: &str = "FERRY_TEST_NOTES";
 /// On the kernel command line: boot, say so and power off (the KVM check).

@@ -21,7 +21,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     thread,
     time::{Duration, Instant},
@@ -33,9 +33,9 @@ use ::kube::{
     Api, Client,
 };
 use anyhow::{bail, ensure, Context, Result};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use futures::{stream, StreamExt};
-use proxy_common::{map_names, proto, Backend4, ServiceKey4, ServiceValue};
+use proxy_common::{pinned::Pinned, proto, Backend4, ServiceKey4, ServiceValue};
 use serde_json::json;
 
 use super::memory;
@@ -494,15 +494,10 @@ struct Maps {
 
 impl Maps {
     fn open(pin_dir: &Path) -> Result<Self> {
-        let open = |name: &str| -> Result<Map> {
-            let path: PathBuf = pin_dir.join(name);
-            let data =
-                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        };
+        let pinned = Pinned::new(pin_dir);
         Ok(Self {
-            services: HashMap::try_from(open(map_names::SERVICES_V4)?)?,
-            backends: HashMap::try_from(open(map_names::BACKENDS_V4)?)?,
+            services: pinned.services_map()?,
+            backends: pinned.backends_map()?,
         })
     }
 

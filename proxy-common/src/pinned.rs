@@ -1,12 +1,20 @@
 //! Typed reads of the maps an agent pinned, without loading anything: what
-//! `inspect` prints and tools outside the agent read. One place opens a pinned
-//! map by name and decodes its entries.
+//! the agent's `inspect` prints and tools outside the agent (the xtask
+//! benches) read. One place opens a pinned map by name and decodes its
+//! entries; here, beside the layouts, so that every reader can use it.
 
-use std::path::{Path, PathBuf};
+extern crate std;
+
+use std::{
+    format,
+    path::{Path, PathBuf},
+    vec::Vec,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{
+
+use crate::{
     map_names, stats::Stat, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4,
     RevNat4, ServiceKey4, ServiceValue, StatCounter,
 };
@@ -31,10 +39,28 @@ impl Pinned {
         Ok(Map::from_map_data(data)?)
     }
 
+    /// The pinned hash map `name`, for reads of single entries as the
+    /// programs see them while the agent writes.
+    pub fn hash_map<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
+        Ok(HashMap::try_from(self.open(name)?)?)
+    }
+
     /// Every entry of the pinned hash map `name`.
     pub fn hash<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
-        let map: HashMap<MapData, K, V> = HashMap::try_from(self.open(name)?)?;
-        Ok(map.iter().collect::<Result<_, _>>()?)
+        Ok(self
+            .hash_map::<K, V>(name)?
+            .iter()
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The services map itself (see [`Pinned::hash_map`]).
+    pub fn services_map(&self) -> Result<HashMap<MapData, ServiceKey4, ServiceValue>> {
+        self.hash_map(map_names::SERVICES_V4)
+    }
+
+    /// The backends map itself (see [`Pinned::hash_map`]).
+    pub fn backends_map(&self) -> Result<HashMap<MapData, u32, Backend4>> {
+        self.hash_map(map_names::BACKENDS_V4)
     }
 
     pub fn services(&self) -> Result<Vec<(ServiceKey4, ServiceValue)>> {
@@ -70,7 +96,7 @@ impl Pinned {
 }
 
 /// The statistics counters of `map`, summed over the CPUs, by name.
-pub(super) fn sum_stats(
+pub fn sum_stats(
     map: &PerCpuArray<MapData, StatCounter>,
 ) -> Result<Vec<(&'static str, StatCounter)>> {
     let mut out = Vec::with_capacity(Stat::ALL.len());

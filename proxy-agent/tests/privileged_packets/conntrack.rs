@@ -1,0 +1,301 @@
+//! Conntrack: both directions of a flow, a flow pinned to its backend while it
+//! exists, expiry by protocol and TCP state, reopened tuples and lost reply entries.
+
+use super::*;
+
+#[test]
+fn conntrack_holds_both_directions_of_a_flow() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40020, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    let entries = p.dp.conntrack().unwrap();
+    assert_eq!(entries.len(), 2);
+    let be = |a: Ipv4Addr| u32::from(a).to_be();
+    let fwd = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::FORWARD)
+        .expect("forward entry");
+    assert_eq!(
+        (
+            fwd.0.saddr_be,
+            fwd.0.daddr_be,
+            fwd.0.sport_be,
+            fwd.0.dport_be,
+            fwd.0.proto
+        ),
+        (
+            be(f.saddr),
+            be(f.daddr),
+            f.sport.to_be(),
+            f.dport.to_be(),
+            packet::TCP
+        )
+    );
+    let rev = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::REPLY)
+        .expect("reply entry");
+    assert_eq!(
+        (
+            rev.0.saddr_be,
+            rev.0.daddr_be,
+            rev.0.sport_be,
+            rev.0.dport_be
+        ),
+        (
+            be(backend.0),
+            be(f.saddr),
+            backend.1.to_be(),
+            f.sport.to_be()
+        )
+    );
+    assert_eq!(fwd.1.backend_id, rev.1.backend_id);
+    assert_eq!(p.state.backends[&fwd.1.backend_id].addr_be, be(backend.0));
+    assert!(fwd.1.last_seen_ns > 0);
+}
+
+#[test]
+fn repeated_packets_of_a_flow_are_established() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40030, VIP, 80);
+    let first = assert_dnat(&mut p, &f);
+    let mut ack = f.clone();
+    ack.tcp_flags = 0x10;
+    for _ in 0..3 {
+        assert_eq!(assert_dnat(&mut p, &ack), first);
+    }
+    assert_eq!((p.stat("fwd_new"), p.stat("fwd_established")), (1, 3));
+}
+
+#[test]
+fn flow_keeps_its_backend_after_its_slot_is_rewritten() {
+    let mut p = Programs::new(&cluster());
+    // Find a flow on backend A, then replace A with C in the service: the slot
+    // that held A now names C, but the flow stays on A while A exists.
+    let f = (40100..40200)
+        .map(|port| Frame::tcp(CLIENT, port, VIP, 80))
+        .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
+        .unwrap();
+    assert_dnat(&mut p, &f);
+    let mut services = cluster();
+    services[0].endpoints[0].address = ip("10.244.1.9"); // sorts into A's slot
+    services.push(service(
+        "keeps-a",
+        "10.96.0.99",
+        80,
+        Protocol::Tcp,
+        &[(BACKEND_A, 8080)],
+    ));
+    p.serve(&services);
+    assert_eq!(
+        p.hashed_backend(&f).0,
+        ip("10.244.1.9"),
+        "the slot now names the new backend"
+    );
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, f.with_dst(ip(BACKEND_A), 8080).bytes());
+    assert_eq!(p.stat("fwd_established"), 1);
+    // A new flow that hashes to the same slot goes to the new backend.
+    let g = (40200..40400)
+        .map(|port| Frame::tcp(CLIENT, port, VIP, 80))
+        .find(|g| p.hashed_backend(g).0 == ip("10.244.1.9"))
+        .unwrap();
+    assert_eq!(assert_dnat(&mut p, &g).0, ip("10.244.1.9"));
+}
+
+#[test]
+fn flow_moves_when_its_backend_is_removed() {
+    let mut p = Programs::new(&cluster());
+    let f = (40300..40400)
+        .map(|port| Frame::tcp(CLIENT, port, VIP, 80))
+        .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
+        .unwrap();
+    assert_dnat(&mut p, &f);
+    let mut services = cluster();
+    services[0].endpoints.remove(0);
+    p.serve(&services);
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, f.with_dst(ip(BACKEND_B), 8080).bytes());
+    assert_eq!(p.stat("fwd_new"), 2);
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() {
+    let mut p = Programs::new(&cluster());
+    let mut on_a = 0;
+    for port in 42000..42064 {
+        if assert_dnat(&mut p, &Frame::tcp(CLIENT, port, VIP, 80)).0 == ip(BACKEND_A) {
+            on_a += 1;
+        }
+    }
+    assert!((16..=48).contains(&on_a), "{on_a} of 64 flows on backend A");
+}
+
+#[test]
+fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
+    let mut p = Programs::new(&cluster());
+    // A UDP flow (60 s lifetime) the hash sends to A, pinned (by hand) to B.
+    let f = (49000..49200)
+        .map(|port| Frame::udp(CLIENT, port, VIP, 53))
+        .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
+        .unwrap();
+    let id_of = |p: &Programs, addr: &str| {
+        *p.state
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr_be == u32::from(ip(addr)).to_be() && b.port_be == 5353u16.to_be())
+            .unwrap()
+            .0
+    };
+    let key = forward_key(&f);
+    let rev_nat_id = *p
+        .state
+        .revnat
+        .iter()
+        .find(|(_, r)| r.port_be == 53u16.to_be() && r.addr_be == u32::from(ip(VIP)).to_be())
+        .unwrap()
+        .0;
+    let backend_b = id_of(&p, BACKEND_B);
+    let pinned = |last_seen_ns| proxy_common::CtValue4 {
+        backend_id: backend_b,
+        rev_nat_id,
+        last_seen_ns,
+        ..Default::default()
+    };
+    let fresh = pinned(proxy_agent::kernel::monotonic_ns());
+    p.dp.set_conntrack(key, fresh).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_B), 5353).bytes(),
+        "a live entry pins the flow"
+    );
+    let stale = pinned(proxy_agent::kernel::monotonic_ns().wrapping_sub(61 * 1_000_000_000));
+    p.dp.set_conntrack(key, stale).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_A), 5353).bytes(),
+        "an expired one does not"
+    );
+}
+
+/// The conntrack entries of `f`'s flow: (forward, reply), each if present.
+fn flow_entries(
+    p: &Programs,
+    f: &Frame,
+) -> (
+    Option<proxy_common::CtValue4>,
+    Option<proxy_common::CtValue4>,
+) {
+    let entries = p.dp.conntrack().unwrap();
+    let client = (u32::from(f.saddr).to_be(), f.sport.to_be());
+    let forward = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::FORWARD && (k.saddr_be, k.sport_be) == client)
+        .map(|(_, v)| *v);
+    let reply = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::REPLY && (k.daddr_be, k.dport_be) == client)
+        .map(|(_, v)| *v);
+    (forward, reply)
+}
+
+/// Leaves only `f`'s forward entry, as if the agent's expiry sweep had deleted
+/// the reply direction just as the tuple was reused.
+fn lose_reply_entry(p: &mut Programs, f: &Frame) -> proxy_common::CtValue4 {
+    let (forward, _) = flow_entries(p, f);
+    let forward = forward.expect("a forward entry");
+    let key = forward_key(f);
+    p.dp.flush_conntrack().unwrap();
+    p.dp.set_conntrack(key, forward).unwrap();
+    forward
+}
+
+#[test]
+fn a_new_connection_on_a_closing_tuple_opens_it_again_with_its_reply_direction() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40500, VIP, 80);
+    let backend = assert_dnat(&mut p, &f);
+    let mut rst = f.clone();
+    rst.tcp_flags = 0x04;
+    assert_eq!(assert_dnat(&mut p, &rst), backend);
+    let closing = lose_reply_entry(&mut p, &f);
+    assert_ne!(closing.flags & ct_flags::CLOSING, 0);
+    // The client reuses the port: a SYN on the closing tuple.
+    assert_eq!(assert_dnat(&mut p, &f), backend, "the entry still pins it");
+    let (forward, reply) = flow_entries(&p, &f);
+    assert_eq!(forward.unwrap().flags & ct_flags::CLOSING, 0, "open again");
+    let reply = reply.expect("the SYN wrote the reply direction again");
+    assert_eq!(reply.backend_id, closing.backend_id);
+    assert_eq!(reply.flags & ct_flags::CLOSING, 0);
+    // Without it the SYN-ACK would reach the client from the backend's address.
+    assert_reverse_nat(&mut p, &f, backend);
+}
+
+#[test]
+fn a_udp_flow_that_lost_its_reply_entry_gets_it_back_within_a_second() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::udp(CLIENT, 41500, VIP, 53);
+    let backend = assert_dnat(&mut p, &f);
+    let mut forward = lose_reply_entry(&mut p, &f);
+    // Last refreshed over a second ago (entries are refreshed once a second).
+    forward.last_seen_ns -= 2_000_000_000;
+    let key = forward_key(&f);
+    p.dp.set_conntrack(key, forward).unwrap();
+    assert_eq!(assert_dnat(&mut p, &f), backend);
+    assert!(flow_entries(&p, &f).1.is_some(), "the reply entry is back");
+    assert_reverse_nat(&mut p, &f, backend);
+}
+
+#[test]
+fn conntrack_entries_expire_by_protocol_and_tcp_state() {
+    let mut p = Programs::new(&cluster());
+    let open = Frame::tcp(CLIENT, 49500, VIP, 80);
+    let mut closing = Frame::tcp(CLIENT, 49501, VIP, 80);
+    let udp = Frame::udp(CLIENT, 49502, VIP, 53);
+    for f in [&open, &closing, &udp] {
+        p.send_from_pod(f);
+    }
+    closing.tcp_flags = 0x04; // RST
+    p.send_from_pod(&closing);
+    let now = proxy_agent::kernel::monotonic_ns();
+    let s = 1_000_000_000u64;
+    let forward = |p: &Programs| {
+        let mut ports: Vec<u16> =
+            p.dp.conntrack()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.dir == ct_dir::FORWARD)
+                .map(|(k, _)| u16::from_be(k.sport_be))
+                .collect();
+        ports.sort();
+        ports
+    };
+    assert_eq!(
+        p.dp.gc(now, &Default::default()).unwrap().conntrack_removed,
+        0,
+        "nothing is old yet"
+    );
+    // 11 s on: the reset TCP connection is gone (both directions), the rest stays.
+    assert_eq!(
+        p.dp.gc(now + 11 * s, &Default::default())
+            .unwrap()
+            .conntrack_removed,
+        2
+    );
+    assert_eq!(forward(&p), [49500, 49502]);
+    // 61 s on: UDP too.
+    assert_eq!(
+        p.dp.gc(now + 61 * s, &Default::default())
+            .unwrap()
+            .conntrack_removed,
+        2
+    );
+    assert_eq!(forward(&p), [49500]);
+    // 6 hours on: the open TCP connection.
+    p.dp.gc(now + 21_601 * s, &Default::default()).unwrap();
+    assert!(p.dp.conntrack().unwrap().is_empty());
+}

@@ -1,0 +1,244 @@
+//! Packet tests: real frames through the real tc programs with BPF_PROG_TEST_RUN,
+//! asserting the verdict and every byte of the frame that comes out. This file
+//! holds the fixture; the tests are in one module per subject.
+
+mod conntrack;
+mod rewrite;
+mod schedulers;
+#[path = "../support/mod.rs"]
+mod support;
+mod verdicts;
+
+use std::{
+    net::Ipv4Addr,
+    ops::{Deref, DerefMut},
+};
+
+use proxy_agent::{
+    desired::{Ids, MapState},
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    harness::{self, Hook},
+};
+use proxy_common::{
+    bench, ct_dir, ct_flags, hash,
+    program_names::{FROM_POD, TO_POD},
+    proto, ServiceKey4, ServiceValue,
+};
+use support::packet::{self, Frame};
+
+const TC_ACT_UNSPEC: u32 = u32::MAX; // -1: continue
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: &str = "10.244.1.2";
+const VIP: &str = "10.96.0.10";
+const EMPTY_VIP: &str = "10.96.0.11";
+const BACKEND_A: &str = "10.244.1.3";
+const BACKEND_B: &str = "10.244.2.3";
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: Protocol,
+    endpoints: &[(&str, u16)],
+) -> FrontendSpec {
+    let frontend = Frontend {
+        address: ip(vip),
+        port,
+        protocol,
+    };
+    FrontendSpec::new(
+        name,
+        frontend,
+        endpoints
+            .iter()
+            .map(|(a, p)| Endpoint::new(ip(a), *p))
+            .collect(),
+    )
+}
+
+fn cluster() -> Vec<FrontendSpec> {
+    vec![
+        service(
+            "web",
+            VIP,
+            80,
+            Protocol::Tcp,
+            &[(BACKEND_A, 8080), (BACKEND_B, 8080)],
+        ),
+        service(
+            "dns",
+            VIP,
+            53,
+            Protocol::Udp,
+            &[(BACKEND_A, 5353), (BACKEND_B, 5353)],
+        ),
+        service("empty-tcp", EMPTY_VIP, 80, Protocol::Tcp, &[]),
+        service("empty-udp", EMPTY_VIP, 53, Protocol::Udp, &[]),
+    ]
+}
+
+/// The shared harness, with what these tests ask of it on top.
+struct Programs(harness::Programs);
+
+impl Deref for Programs {
+    type Target = harness::Programs;
+
+    fn deref(&self) -> &harness::Programs {
+        &self.0
+    }
+}
+
+impl DerefMut for Programs {
+    fn deref_mut(&mut self) -> &mut harness::Programs {
+        &mut self.0
+    }
+}
+
+impl Programs {
+    fn new(services: &[FrontendSpec]) -> Self {
+        Self::with_ids(services, Ids::default())
+    }
+
+    /// With the ids an agent recovered from maps it found (see [`ids_taken`]).
+    fn with_ids(services: &[FrontendSpec], ids: Ids) -> Self {
+        support::require_root();
+        let mut p = Self(harness::Programs::load().expect("load the programs"));
+        p.ids = ids;
+        p.serve(services);
+        p
+    }
+
+    /// The frontend id the agent gave `vip:port` (TCP).
+    fn frontend_id(&self, vip: &str, port: u16) -> u32 {
+        self.state.services[&slot0(vip, port)].rev_nat_id
+    }
+
+    /// Programs the maps for `services`, as the agent would, and checks they
+    /// held what was written before and hold what is wanted after.
+    fn serve(&mut self, services: &[FrontendSpec]) {
+        let problems = self.0.serve_checked(services).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    fn run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let run = self.0.run(Hook::Tc(program, None), frame).unwrap();
+        (run.verdict, run.frame)
+    }
+
+    fn send_from_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+        self.run(FROM_POD, &frame.bytes())
+    }
+
+    fn send_to_pod(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+        self.run(TO_POD, &frame.bytes())
+    }
+
+    /// The backend the agent's own view says this flow hashes to.
+    fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
+        let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
+        let count = self.state.services[&key(0)].count;
+        let h = hash::flow_hash4(
+            u32::from(f.saddr).to_be(),
+            u32::from(f.daddr).to_be(),
+            f.sport.to_be(),
+            f.dport.to_be(),
+            f.proto,
+        );
+        let id = self.state.services[&key(hash::slot_for(h, count))].backend_id;
+        let b = self.state.backends[&id];
+        (b.addr(), b.port())
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.0.stat(name).unwrap()
+    }
+
+    fn conntrack_len(&self) -> usize {
+        self.dp.conntrack().unwrap().len()
+    }
+}
+
+/// Sends `f` from the pod and asserts it comes out DNATed to its hashed backend,
+/// byte for byte. Returns the backend.
+fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
+    let backend = p.hashed_backend(f);
+    let (verdict, out) = p.send_from_pod(f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(
+        out,
+        f.with_dst(backend.0, backend.1).bytes(),
+        "DNAT to {backend:?}"
+    );
+    packet::assert_checksums_valid(&out);
+    backend
+}
+
+/// Sends the backend's reply to `f` towards the pod and asserts the source is
+/// the frontend again, byte for byte.
+fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
+    let reply = f.with_dst(backend.0, backend.1).reply();
+    let (verdict, out) = p.send_to_pod(&reply);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(
+        out,
+        reply.with_src(f.daddr, f.dport).bytes(),
+        "reverse NAT to {}:{}",
+        f.daddr,
+        f.dport
+    );
+    packet::assert_checksums_valid(&out);
+}
+
+/// The conntrack key of `f`'s direction of its flow, as the client sent it.
+fn forward_key(f: &Frame) -> proxy_common::CtKey4 {
+    proxy_common::CtKey4 {
+        saddr_be: u32::from(f.saddr).to_be(),
+        daddr_be: u32::from(f.daddr).to_be(),
+        sport_be: f.sport.to_be(),
+        dport_be: f.dport.to_be(),
+        proto: f.proto,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    }
+}
+
+/// The slot-0 key of the TCP frontend `vip:port`.
+fn slot0(vip: &str, port: u16) -> ServiceKey4 {
+    ServiceKey4::new(ip(vip), port, proto::TCP, 0)
+}
+
+/// Ids as an agent recovers them from maps in which the TCP frontends `taken`
+/// hold the given frontend ids: those keep them (while they stay), and new
+/// frontends are numbered on from the highest.
+fn ids_taken(taken: &[(&str, u16, u32)]) -> Ids {
+    let mut found = MapState::default();
+    for &(vip, port, rev_nat_id) in taken {
+        let slot0_value = ServiceValue {
+            rev_nat_id,
+            ..ServiceValue::default()
+        };
+        found.services.insert(slot0(vip, port), slot0_value);
+    }
+    Ids::from_state(&found)
+}
+
+fn assert_untouched(p: &mut Programs, program: &str, frame: &[u8], verdict: u32) {
+    let (got, out) = p.run(program, frame);
+    assert_eq!(got, verdict);
+    assert_eq!(out, frame, "frame must not change");
+}
+
+/// Sends `f` and returns the backend it was DNATed to, whichever.
+fn assert_dnat_any(p: &mut Programs, f: &Frame) -> Ipv4Addr {
+    let (verdict, out) = p.send_from_pod(f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    assert_eq!(out, f.with_dst(backend, 8080).bytes());
+    backend
+}

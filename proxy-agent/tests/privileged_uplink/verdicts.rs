@@ -1,0 +1,105 @@
+//! Who is served and what is left alone: loadBalancerSourceRanges, the Local
+//! traffic policy, rejects, traffic for the node itself, and the benchmarks'
+//! wrapper.
+
+use super::*;
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients() {
+    with_programs(|p| {
+        let mut outsider = from_outside(packet::TCP, 40004, LB_IP, 80);
+        outsider.saddr = ip("10.250.0.50");
+        let bytes = outsider.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(out, bytes);
+        assert_eq!(p.stat("drop_source_range"), 1);
+        assert!(p.dp.nat().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn load_balancer_source_ranges_with_no_valid_range_drop_every_client() {
+    with_programs(|p| {
+        // CLIENT is inside the other LoadBalancer's ranges; here nobody is.
+        let bytes = from_outside(packet::TCP, 40014, LB_IP, 81).bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(out, bytes);
+        assert_eq!(p.stat("drop_source_range"), 1);
+        assert!(p.dp.nat().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_or_drops() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40005, NODE, 30081);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, f.with_dst(ip(LOCAL_POD), 8080).bytes());
+        let none = from_outside(packet::TCP, 40005, NODE, 30082).bytes();
+        let (verdict, out) = p.xdp(&none);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "no local endpoint: dropped, as kube-proxy does"
+        );
+        assert_eq!(out, none);
+        assert_eq!(p.stat("drop_no_local_backend"), 1);
+    });
+}
+
+#[test]
+fn frontend_without_backends_is_rejected_by_the_tc_program() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40008, NODE, 30070);
+        let bytes = f.bytes();
+        let (verdict, out) = p.xdp(&bytes);
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, bytes.clone()),
+            "XDP leaves the reject to tc"
+        );
+        let (verdict, out) = p.tc(&bytes);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out, packet::port_unreachable(&f));
+        packet::assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn traffic_for_the_node_itself_is_untouched() {
+    with_programs(|p| {
+        for f in [
+            from_outside(packet::TCP, 40009, NODE, 22),
+            from_outside(packet::UDP, 40009, NODE, 61000),
+        ] {
+            let bytes = f.bytes();
+            assert_eq!(p.xdp(&bytes), (XDP_PASS, bytes.clone()));
+            assert_eq!(p.tc(&bytes), (TC_ACT_UNSPEC, bytes));
+        }
+        assert!(p.dp.conntrack().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn a_wrapped_xdp_run_takes_the_real_path_every_time() {
+    // As the benchmark times the uplink: N runs through the frame-restoring
+    // wrapper, each of them the local-backend DNAT.
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 40020, NODE, 30080);
+        assert_eq!(p.xdp(&f.bytes()).0, XDP_PASS);
+        // The flow's packets after its SYN, as the benchmark times them.
+        let mut f = f;
+        f.tcp_flags = 0x10;
+        let (verdict, once) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        let run = p.dp.run_wrapped(UPLINK_XDP, &f.bytes(), 100).unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, once));
+        assert_eq!(p.stat("fwd_local"), 102, "each run found the NodePort");
+        let run =
+            p.dp.run_wrapped(bench::PASS_ONLY_XDP, &f.bytes(), 100)
+                .unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, f.bytes()));
+    });
+}
