@@ -32,8 +32,106 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The namespace the kubelet's CRI uses in containerd.
 pub const KUBERNETES_NAMESPACE: &str = "k8s.io";
 
+/// The agent's recipe: `deploy/image.json`, beside the manifests that run
+/// it. Its `files` name the workspace binaries (built static) each layer file
+/// is; the tag is the workspace's version.
+struct Recipe {
+    name: String,
+    files: Vec<RecipeFile>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    exposed_ports: Vec<String>,
+}
+
+struct RecipeFile {
+    path: String,
+    binary: String,
+    mode: u32,
+}
+
+fn agent_recipe() -> Result<Recipe> {
+    let path = workspace_root().join("deploy/image.json");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_recipe(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn parse_recipe(text: &str) -> Result<Recipe> {
+    let json: serde_json::Value = serde_json::from_str(text)?;
+    let string = |v: &serde_json::Value, key: &str| -> Result<String> {
+        v[key]
+            .as_str()
+            .map(String::from)
+            .with_context(|| format!("`{key}` is not a string"))
+    };
+    let strings = |key: &str| -> Result<Vec<String>> {
+        json[key]
+            .as_array()
+            .with_context(|| format!("`{key}` is not a list"))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .with_context(|| format!("`{key}` holds a non-string"))
+            })
+            .collect()
+    };
+    let files = json["files"]
+        .as_array()
+        .context("`files` is not a list")?
+        .iter()
+        .map(|f| {
+            let mode = string(f, "mode")?;
+            Ok(RecipeFile {
+                path: string(f, "path")?,
+                binary: string(f, "binary")?,
+                mode: u32::from_str_radix(&mode, 8)
+                    .with_context(|| format!("mode {mode:?} is not octal"))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Recipe {
+        name: string(&json, "name")?,
+        files,
+        entrypoint: strings("entrypoint")?,
+        cmd: strings("cmd")?,
+        exposed_ports: strings("exposedPorts")?,
+    })
+}
+
+/// The agent's image, as the recipe names it and tagged with the version.
 pub fn agent_image() -> String {
-    format!("ghcr.io/ferry-proxy/proxy-agent:{VERSION}")
+    let name = agent_recipe()
+        .map(|r| r.name)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    format!("{name}:{VERSION}")
+}
+
+/// The agent's image from `recipe`, named `name`, with each file's binary
+/// found by `binary` (the static build of that workspace binary).
+fn agent_from_recipe(
+    recipe: &Recipe,
+    name: String,
+    binary: impl Fn(&str) -> Result<PathBuf>,
+) -> Result<oci::Image> {
+    let files = recipe
+        .files
+        .iter()
+        .map(|f| {
+            let path = binary(&f.binary)?;
+            Ok(oci::File {
+                path: f.path.clone(),
+                mode: f.mode,
+                contents: fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(oci::Image {
+        names: vec![name],
+        files,
+        entrypoint: recipe.entrypoint.clone(),
+        cmd: recipe.cmd.clone(),
+        exposed_ports: recipe.exposed_ports.clone(),
+    })
 }
 
 /// The agent of [`PREVIOUS_RELEASE`], for upgrade tests.
@@ -74,15 +172,12 @@ fn executable(path: &str, binary: &Path) -> Result<oci::File> {
     })
 }
 
-/// The three images' recipes, from the static binaries.
-fn recipes(agent_bin: &Path, lab_pod_bin: &Path) -> Result<Vec<(&'static str, oci::Image)>> {
-    let agent = oci::Image {
-        names: vec![agent_image()],
-        files: vec![executable("proxy-agent", agent_bin)?],
-        entrypoint: vec!["/proxy-agent".into()],
-        cmd: vec!["run".into()],
-        exposed_ports: vec!["10256/tcp".into()],
-    };
+/// The three images: the agent's from its recipe in deploy/, the lab's two
+/// here, from the static binaries.
+fn recipes(lab_pod_bin: &Path) -> Result<Vec<(&'static str, oci::Image)>> {
+    let agent = agent_from_recipe(&agent_recipe()?, agent_image(), |bin| {
+        static_bin::build(bin, bin)
+    })?;
     let lab_pod = oci::Image {
         names: vec![lab_pod_image()],
         files: vec![executable("ferry-lab-pod", lab_pod_bin)?],
@@ -109,12 +204,11 @@ fn recipes(agent_bin: &Path, lab_pod_bin: &Path) -> Result<Vec<(&'static str, oc
 /// embeds) and writes the images to [`images_dir`].
 pub fn build() -> Result<Vec<Built>> {
     build_ebpf::run()?;
-    let agent = static_bin::build("proxy-agent", "proxy-agent")?;
     let lab_pod = static_bin::build("ferry-lab-pod", "ferry-lab-pod")?;
     let dir = images_dir();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut built = Vec::new();
-    for (file, image) in recipes(&agent, &lab_pod)? {
+    for (file, image) in recipes(&lab_pod)? {
         let archive = dir.join(format!("{file}.tar"));
         fs::write(&archive, oci::archive(&image)?)
             .with_context(|| format!("writing {}", archive.display()))?;
@@ -174,14 +268,10 @@ pub fn build_previous() -> Result<Built> {
         "--",
         "build-ebpf",
     ]))?;
-    let agent = static_bin::build_in(&root, "proxy-agent", "proxy-agent")?;
-    let image = oci::Image {
-        names: vec![previous_agent_image()],
-        files: vec![executable("proxy-agent", &agent)?],
-        entrypoint: vec!["/proxy-agent".into()],
-        cmd: vec!["run".into()],
-        exposed_ports: vec!["10256/tcp".into()],
-    };
+    // Today's recipe: the image differs only in the binary.
+    let image = agent_from_recipe(&agent_recipe()?, previous_agent_image(), |bin| {
+        static_bin::build_in(&root, bin, bin)
+    })?;
     let dir = images_dir();
     fs::create_dir_all(&dir)?;
     let archive = dir.join("proxy-agent-previous.tar");
@@ -229,6 +319,18 @@ pub fn run(socket: Option<&Path>, namespace: &str, previous: bool) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recipe_in_deploy_is_read_and_a_bad_one_refused() {
+        let recipe = agent_recipe().unwrap();
+        assert_eq!(recipe.entrypoint, ["/proxy-agent"]);
+        assert_eq!(recipe.files[0].binary, "proxy-agent");
+        assert_eq!(recipe.files[0].mode, 0o755);
+        let bad = r#"{"name": "x", "files": [{"path": "a", "binary": "a", "mode": "9"}],
+            "entrypoint": [], "cmd": [], "exposedPorts": []}"#;
+        let err = parse_recipe(bad).err().expect("mode 9 is not octal");
+        assert!(format!("{err:#}").contains("not octal"), "{err:#}");
+    }
 
     #[test]
     fn deploy_names_the_agent_image_this_builds() {
