@@ -70,7 +70,6 @@ fn recipes(agent_bin: &Path, lab_pod_bin: &Path) -> Result<Vec<(&'static str, oc
         files: vec![executable("proxy-agent", agent_bin)?],
         entrypoint: vec!["/proxy-agent".into()],
         cmd: vec!["run".into()],
-        exposed_ports: vec!["10256/tcp".into()],
     };
     let lab_pod = oci::Image {
         names: vec![lab_pod_image()],
@@ -78,14 +77,12 @@ fn recipes(agent_bin: &Path, lab_pod_bin: &Path) -> Result<Vec<(&'static str, oc
         // The pod's name comes as an argument or from `POD_NAME`.
         entrypoint: vec!["/ferry-lab-pod".into(), "serve".into()],
         cmd: vec![],
-        exposed_ports: vec!["8080/tcp".into(), "5353/udp".into()],
     };
     let pause = oci::Image {
         names: vec![pause_image()],
         files: vec![executable("ferry-lab-pod", lab_pod_bin)?],
         entrypoint: vec!["/ferry-lab-pod".into(), "pause".into()],
         cmd: vec![],
-        exposed_ports: vec![],
     };
     Ok(vec![
         ("proxy-agent", agent),
