@@ -14,7 +14,7 @@ mod oci;
 mod static_bin;
 
 use std::{
-    fs,
+    fs, io,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -118,6 +118,8 @@ pub fn build() -> Result<Vec<Built>> {
 pub fn load(socket: &Path, namespace: &str, archive: &Path) -> Result<()> {
     exec(
         Command::new("ctr")
+            // Its progress to stderr: stdout keeps the task's list of images.
+            .stdout(io::stderr())
             .arg("--address")
             .arg(socket)
             .args(["--namespace", namespace, "images", "import"])
