@@ -76,7 +76,11 @@ impl Containerd {
             .stdout(Stdio::null())
             .stderr(fs::File::create(root.join("containerd.log")).unwrap())
             .spawn()
-            .expect("start containerd (from `cargo xtask setup`)");
+            .unwrap_or_else(|err| {
+                let _ = fs::remove_dir_all(&root);
+                let _ = fs::remove_dir_all(&state);
+                panic!("starting containerd (from `cargo xtask setup`): {err}")
+            });
         let containerd = Self {
             root,
             state,
@@ -89,7 +93,11 @@ impl Containerd {
         netns::add(&containerd.netns).unwrap();
         let deadline = Instant::now() + TIMEOUT;
         while !containerd.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not answer");
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer: {}",
+                fs::read_to_string(containerd.root.join("containerd.log")).unwrap_or_default()
+            );
             thread::sleep(Duration::from_millis(100));
         }
         containerd

@@ -14,7 +14,7 @@ mod oci;
 mod static_bin;
 
 use std::{
-    fs,
+    fs, io,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -40,7 +40,6 @@ struct Recipe {
     files: Vec<RecipeFile>,
     entrypoint: Vec<String>,
     cmd: Vec<String>,
-    exposed_ports: Vec<String>,
 }
 
 struct RecipeFile {
@@ -94,7 +93,6 @@ fn parse_recipe(text: &str) -> Result<Recipe> {
         files,
         entrypoint: strings("entrypoint")?,
         cmd: strings("cmd")?,
-        exposed_ports: strings("exposedPorts")?,
     })
 }
 
@@ -130,7 +128,6 @@ fn agent_from_recipe(
         files,
         entrypoint: recipe.entrypoint.clone(),
         cmd: recipe.cmd.clone(),
-        exposed_ports: recipe.exposed_ports.clone(),
     })
 }
 
@@ -184,14 +181,12 @@ fn recipes(lab_pod_bin: &Path) -> Result<Vec<(&'static str, oci::Image)>> {
         // The pod's name comes as an argument or from `POD_NAME`.
         entrypoint: vec!["/ferry-lab-pod".into(), "serve".into()],
         cmd: vec![],
-        exposed_ports: vec!["8080/tcp".into(), "5353/udp".into()],
     };
     let pause = oci::Image {
         names: vec![pause_image()],
         files: vec![executable("ferry-lab-pod", lab_pod_bin)?],
         entrypoint: vec!["/ferry-lab-pod".into(), "pause".into()],
         cmd: vec![],
-        exposed_ports: vec![],
     };
     Ok(vec![
         ("proxy-agent", agent),
@@ -289,6 +284,8 @@ pub fn build_previous() -> Result<Built> {
 pub fn load(socket: &Path, namespace: &str, archive: &Path) -> Result<()> {
     exec(
         Command::new("ctr")
+            // Its progress to stderr: stdout keeps the task's list of images.
+            .stdout(io::stderr())
             .arg("--address")
             .arg(socket)
             .args(["--namespace", namespace, "images", "import"])
@@ -327,7 +324,7 @@ mod tests {
         assert_eq!(recipe.files[0].binary, "proxy-agent");
         assert_eq!(recipe.files[0].mode, 0o755);
         let bad = r#"{"name": "x", "files": [{"path": "a", "binary": "a", "mode": "9"}],
-            "entrypoint": [], "cmd": [], "exposedPorts": []}"#;
+            "entrypoint": [], "cmd": []}"#;
         let err = parse_recipe(bad).err().expect("mode 9 is not octal");
         assert!(format!("{err:#}").contains("not octal"), "{err:#}");
     }

@@ -38,8 +38,6 @@ pub struct Image {
     pub entrypoint: Vec<String>,
     /// Default arguments (a Pod's `args` replace them).
     pub cmd: Vec<String>,
-    /// `port/tcp` or `port/udp`, documentation only.
-    pub exposed_ports: Vec<String>,
 }
 
 /// A blob of the layout: its bytes and their descriptor.
@@ -95,13 +93,13 @@ fn layer(files: &[File]) -> Result<(Blob, Sha256Digest)> {
     Ok((blob, diff_id))
 }
 
+/// The image's config. Nothing in it is a map of more than one entry:
+/// oci-spec writes maps (`ExposedPorts`, `Labels`) from a `HashMap`, whose order
+/// would change the config's bytes, so its digest, from one build to the next.
 fn config(image: &Image, diff_id: &Sha256Digest) -> Result<Blob> {
     let mut run = ConfigBuilder::default().entrypoint(image.entrypoint.clone());
     if !image.cmd.is_empty() {
         run = run.cmd(image.cmd.clone());
-    }
-    if !image.exposed_ports.is_empty() {
-        run = run.exposed_ports(image.exposed_ports.clone());
     }
     let config = ImageConfigurationBuilder::default()
         .architecture(Arch::Amd64)
@@ -188,7 +186,6 @@ mod tests {
             }],
             entrypoint: vec!["/bin-x".into(), "serve".into()],
             cmd: vec!["--flag".into()],
-            exposed_ports: vec!["8080/tcp".into()],
         }
     }
 
