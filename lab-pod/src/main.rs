@@ -1,7 +1,10 @@
 //! `ferry-lab-pod`: the one binary of the lab's two small images.
 //! - `ferry-lab-pod serve [NAME]`: the lab pods' server (TCP 8080, UDP 5353),
 //!   answering with the pod's name (`NAME`, else `$POD_NAME`) and the client it saw;
-//! - `ferry-lab-pod pause`: the pod sandbox's process, as Kubernetes' pause image.
+//! - `ferry-lab-pod pause`: the pod sandbox's process, as Kubernetes' pause image;
+//! - `ferry-lab-pod dial ADDR:PORT`: a client, for pods that test a Service
+//!   (one TCP connection: prints the server's first line and the peer the socket
+//!   reports, exits 0 if it was answered).
 //!
 //! This file only reads the command line; `server` and `pause` do the work.
 
@@ -10,8 +13,10 @@ mod server;
 
 use std::{
     env,
-    net::{TcpListener, UdpSocket},
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
+    time::Duration,
 };
 
 /// The ports every lab pod serves, as the lab's Services target them.
@@ -19,12 +24,14 @@ const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
 const USAGE: &str = "usage: ferry-lab-pod serve [NAME]   (NAME defaults to $POD_NAME)\n       \
-                     ferry-lab-pod pause";
+                     ferry-lab-pod pause\n       \
+                     ferry-lab-pod dial ADDR:PORT";
 
 #[derive(Debug, PartialEq)]
 enum Mode {
     Serve { name: String },
     Pause,
+    Dial { target: SocketAddr },
 }
 
 /// The mode the arguments (after the program name) ask for; `pod_name_env` is
@@ -32,6 +39,10 @@ enum Mode {
 fn parse(args: &[String], pod_name_env: Option<String>) -> Result<Mode, String> {
     match args {
         [mode] if mode == "pause" => Ok(Mode::Pause),
+        [mode, target] if mode == "dial" => target
+            .parse()
+            .map(|target| Mode::Dial { target })
+            .map_err(|e| format!("dial {target}: {e}")),
         [mode] if mode == "serve" => match pod_name_env.filter(|n| !n.is_empty()) {
             Some(name) => Ok(Mode::Serve { name }),
             None => Err("serve: no pod name: give it as an argument or set POD_NAME".into()),
@@ -46,6 +57,16 @@ fn parse(args: &[String], pod_name_env: Option<String>) -> Result<Mode, String> 
 fn run(mode: Mode) -> std::io::Result<()> {
     match mode {
         Mode::Pause => pause::run(),
+        Mode::Dial { target } => {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let peer = conn.peer_addr()?;
+            // The lab's server greets with one line and keeps the connection.
+            let mut answer = String::new();
+            BufReader::new(conn).read_line(&mut answer)?;
+            println!("answer={} peer={peer}", answer.trim_end());
+            Ok(())
+        }
         Mode::Serve { name } => {
             let tcp = TcpListener::bind(("0.0.0.0", TCP_PORT))?;
             let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
@@ -106,6 +127,18 @@ mod tests {
         assert!(parse(&args(&["serve"]), None).is_err());
         assert!(parse(&args(&["serve"]), Some(String::new())).is_err());
         assert!(parse(&args(&["serve", ""]), None).is_err());
+    }
+
+    #[test]
+    fn dial_takes_one_address_and_port() {
+        assert_eq!(
+            parse(&args(&["dial", "10.96.0.10:80"]), None),
+            Ok(Mode::Dial {
+                target: "10.96.0.10:80".parse().unwrap()
+            })
+        );
+        assert!(parse(&args(&["dial", "10.96.0.10"]), None).is_err());
+        assert!(parse(&args(&["dial"]), None).is_err());
     }
 
     #[test]

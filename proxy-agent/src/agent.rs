@@ -35,7 +35,7 @@ use crate::{
     kernel::{
         ifaces::{self, LinkEvent},
         migrate::Migration,
-        monotonic_ns, netinfo, Dataplane, UplinkMode,
+        monotonic_ns, netinfo, Dataplane, SocketLb, UplinkMode,
     },
     serve::{
         health::{self, HealthChecks, Shared},
@@ -80,6 +80,13 @@ pub struct Config {
     /// freed), and with which lifetimes.
     pub gc_period: Duration,
     pub lifetimes: Lifetimes,
+    /// Which sockets the cgroup hooks translate.
+    pub socket_lb: SocketLb,
+    /// The cgroup v2 directory the socket hooks attach to (None: the
+    /// hierarchy's root, every process of the node).
+    pub cgroup_root: Option<PathBuf>,
+    /// NodePorts answer on 127.0.0.1 too (through the socket hooks).
+    pub node_port_loopback: bool,
 }
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
@@ -223,10 +230,45 @@ impl Agent {
         for (index, name) in ifaces::current()? {
             agent.on_link(LinkEvent::Up { index, name });
         }
+        agent.attach_sockets();
         if !uplink_pending {
             agent.attach_uplinks(&[])?;
         }
         Ok((agent, links))
+    }
+
+    /// Attaches the socket hooks as configured. Without them the node's own
+    /// connections to Services go unserved, but every packet path still
+    /// works: logged, counted, shown on /statusz, and the agent goes on.
+    fn attach_sockets(&mut self) {
+        let mode = self.config.socket_lb;
+        let cgroup = match &self.config.cgroup_root {
+            Some(root) => Ok(root.clone()),
+            None => proxy_common::cgroup::v2_mount(),
+        };
+        let attached = cgroup.and_then(|cgroup| {
+            let loaded = self.dataplane.attach_sockets(&cgroup, mode)?;
+            Ok((cgroup, loaded))
+        });
+        let status = match attached {
+            Ok((cgroup, loaded)) => serde_json::json!({
+                "mode": format!("{mode:?}").to_lowercase(),
+                "cgroup": cgroup.display().to_string(),
+                "refusal": loaded.refusal(),
+            }),
+            Err(e) => {
+                self.status.lock().unwrap().metrics.attach_errors += 1;
+                error!(
+                    error = format!("{e:#}"),
+                    "the socket hooks are not attached: the node's own connections to Services are not served"
+                );
+                serde_json::json!({
+                    "mode": format!("{mode:?}").to_lowercase(),
+                    "error": format!("{e:#}"),
+                })
+            }
+        };
+        self.status.lock().unwrap().socket_lb = status;
     }
 
     /// Chooses the uplinks (`node_addresses`: the Node's InternalIPs) and
@@ -386,7 +428,8 @@ impl Agent {
                 return;
             }
             Source::Api { node_name, .. } => {
-                let node = self.stores.node(node_name);
+                let mut node = self.stores.node(node_name);
+                node.node_port_loopback = self.config.node_port_loopback;
                 let wanted = settings::node_config(node.snat_address(), self.config.nat_ports);
                 program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
                 let changed = self

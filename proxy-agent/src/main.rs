@@ -12,7 +12,7 @@ use proxy_agent::{
     agent::{self, Source},
     cli::inspect,
     frontend::Scheduler,
-    kernel::{self, UplinkMode, DEFAULT_PIN_DIR},
+    kernel::{self, SocketLb, UplinkMode, DEFAULT_PIN_DIR},
     settings,
     uplink::UplinkRequest,
 };
@@ -140,6 +140,19 @@ struct RunArgs {
     /// RST, in seconds (at most 10, the programs' own limit).
     #[arg(long, env = "FERRY_CONNTRACK_TCP_CLOSE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=10))]
     conntrack_tcp_close_seconds: u64,
+    /// Which sockets the cgroup socket hooks translate at connect(): host (the
+    /// node's network namespace: host processes, hostNetwork pods), all (pods
+    /// too: their TCP skips the per-packet NAT) or off.
+    #[arg(long, env = "FERRY_SOCKET_LB", default_value = "host")]
+    socket_lb: SocketLb,
+    /// The cgroup v2 directory the socket hooks attach to; every process under
+    /// it is served. Default: the root of the cgroup v2 mount.
+    #[arg(long, env = "FERRY_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// NodePorts answer on 127.0.0.1 too, for the node's own clients (off by
+    /// default, as in kube-proxy's nftables mode).
+    #[arg(long, env = "FERRY_NODEPORT_LOOPBACK")]
+    nodeport_loopback: bool,
 }
 
 #[tokio::main]
@@ -188,6 +201,9 @@ async fn main() -> Result<()> {
                 lifetimes: proxy_agent::desired::gc::Lifetimes {
                     tcp_closing: Duration::from_secs(args.conntrack_tcp_close_seconds),
                 },
+                socket_lb: args.socket_lb,
+                cgroup_root: args.cgroup_root,
+                node_port_loopback: args.nodeport_loopback,
             })
             .await
         }

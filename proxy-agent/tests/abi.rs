@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use aya_obj::{maps::Map, Object};
 use proxy_common::{
     bench, map_names, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
-    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SockConfig, SockRevKey4, SourceRange4,
+    StatCounter,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -163,6 +164,29 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             layout!(u32),
             layout!(StatCounter { packets, bytes }),
         ),
+        (
+            map_names::SOCK_REVNAT_V4,
+            layout!(SockRevKey4 {
+                cookie,
+                addr_be,
+                port_be,
+                _pad
+            }),
+            layout!(RevNat4 {
+                addr_be,
+                port_be,
+                _pad
+            }),
+        ),
+        (
+            map_names::SOCK_CONFIG,
+            layout!(u32),
+            layout!(SockConfig {
+                host_netns_cookie,
+                flags,
+                _pad
+            }),
+        ),
     ]
 }
 
@@ -182,6 +206,8 @@ rr_v2: u32 4 {} -> u32 4 {}
 srcrange4_v2: lpm_trie::Key<SourceRange4> 12 {prefix_len@0 data@4 {rev_nat_id_be@0 addr_be@4}} -> u8 1 {}
 config_v1: u32 4 {} -> Config 8 {snat_addr_be@0 nat_port_min@4 nat_port_max@6}
 stats_v1: u32 4 {} -> StatCounter 16 {packets@0 bytes@8}
+sockrev4_v1: SockRevKey4 16 {cookie@0 addr_be@8 port_be@12 _pad@14} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
+sockcfg_v1: u32 4 {} -> SockConfig 16 {host_netns_cookie@0 flags@8 _pad@12}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

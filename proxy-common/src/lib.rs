@@ -9,6 +9,8 @@
 //! map's entries over.
 #![no_std]
 
+#[cfg(feature = "user")]
+pub mod cgroup;
 pub mod hash;
 #[cfg(feature = "user")]
 pub mod pinned;
@@ -43,8 +45,12 @@ pub mod map_names {
     pub const SOURCE_RANGES_V4: &str = "srcrange4_v2";
     pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
+    /// The socket hooks' reverse translation: (socket, backend) -> frontend.
+    pub const SOCK_REVNAT_V4: &str = "sockrev4_v1";
+    /// The socket hooks' settings (index 0).
+    pub const SOCK_CONFIG: &str = "sockcfg_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -57,6 +63,8 @@ pub mod map_names {
         SOURCE_RANGES_V4,
         CONFIG,
         STATS,
+        SOCK_REVNAT_V4,
+        SOCK_CONFIG,
     ];
 }
 
@@ -70,6 +78,18 @@ pub mod program_names {
     pub const UPLINK_XDP: &str = "uplink_xdp";
     /// The same program for tc ingress on the uplink, where XDP cannot attach.
     pub const UPLINK_TC: &str = "uplink_tc";
+    /// cgroup connect4: TCP and connected UDP sockets dialling a frontend.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: unconnected UDP datagrams to a frontend.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// The same two for kernels before 5.18, which lack `bpf_set_retval`: a
+    /// frontend without endpoints refuses with EPERM there, not ECONNREFUSED.
+    pub const SOCK_CONNECT4_COMPAT: &str = "sock_connect4_compat";
+    pub const SOCK_SENDMSG4_COMPAT: &str = "sock_sendmsg4_compat";
+    /// cgroup recvmsg4: a reply to an unconnected UDP socket comes from the frontend.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a translated socket's peer is the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }
 
 /// The frame-restoring wrappers the benchmarks time programs through (see
@@ -112,6 +132,9 @@ pub mod capacity {
     /// Maglev slots over every Maglev frontend (allocated as used).
     pub const MAGLEV: u32 = 4_194_304;
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Sockets the socket hooks translated, each with the backend it was
+    /// sent to (least recently used evicted).
+    pub const SOCK_REVNAT: u32 = 65_536;
 }
 
 /// IP protocol numbers used in keys.
@@ -489,6 +512,38 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
+/// Key of the socket reverse-translation map: a socket (its cookie) and the
+/// backend the socket hooks sent it to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey4 {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
+
+/// Settings of the socket hooks (index 0 of their config map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConfig {
+    /// The network namespace whose sockets are the node's own (its cookie);
+    /// 0: the initial namespace.
+    pub host_netns_cookie: u64,
+    /// [`sock_flags`].
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockConfig>() == 16);
+
+/// Bits of [`SockConfig::flags`].
+pub mod sock_flags {
+    /// Translate every socket under the cgroup, pods' too, not only the
+    /// node's own namespace's.
+    pub const ALL_NAMESPACES: u32 = 1 << 0;
+}
+
 /// One per-CPU statistics counter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -570,6 +625,8 @@ mod pod {
     unsafe impl aya::Pod for Nat4 {}
     unsafe impl aya::Pod for NatPortKey4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
+    unsafe impl aya::Pod for SockRevKey4 {}
+    unsafe impl aya::Pod for SockConfig {}
     unsafe impl aya::Pod for MaglevKey4 {}
     unsafe impl aya::Pod for AffinityValue4 {}
     unsafe impl aya::Pod for SourceRange4 {}

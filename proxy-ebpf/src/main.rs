@@ -4,6 +4,8 @@
 //!   (pod traffic to services, and replies).
 //! - `uplink_xdp` / `uplink_tc`: XDP and tc ingress on the node's uplink
 //!   (NodePort, externalIPs, LoadBalancer IPs, SNAT to remote backends).
+//! - `sock_*`: cgroup socket hooks, the node's own connections to Services
+//!   (see `sock`).
 //! - `pass_only` / `pass_only_tc`, `bench_xdp` / `bench_tc`: for the
 //!   benchmarks only, never attached (floors, and frame-restoring wrappers).
 #![no_std]
@@ -21,17 +23,19 @@ mod maps;
 mod pod;
 mod reject;
 mod sched;
+mod sock;
 mod uplink;
 mod verdict;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 use crate::{
     ctx::Packet,
     flow::{Frame, Parsed},
+    sock::Errno,
     uplink::Hook,
     verdict::Action,
 };
@@ -65,6 +69,36 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
         other => other,
     };
     verdict::finish_tc(len, Packet::ifindex(&ctx), result)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx, Errno::Set)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4_compat(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx, Errno::Eperm)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx, Errno::Set)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4_compat(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx, Errno::Eperm)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
 }
 
 /// Returns XDP_PASS and nothing else: the floor the benchmarks measure the

@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
-    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SourceRange4, StatCounter,
+    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SockConfig, SockRevKey4, SourceRange4,
+    StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -81,3 +82,14 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// Per-CPU counters by verdict and drop reason (indexed by proxy_common::stats::Stat).
 #[btf_map(name = "stats_v1")]
 pub static STATS: PerCpuArray<StatCounter, { stats::COUNT as usize }> = PerCpuArray::new();
+
+/// The socket hooks' reverse translation: (socket cookie, backend) -> the
+/// frontend the socket dialled, for getpeername and replies to unconnected
+/// UDP. Least recently used evicted.
+#[btf_map(name = "sockrev4_v1")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey4, RevNat4, { capacity::SOCK_REVNAT as usize }> =
+    LruHashMap::new();
+
+/// The socket hooks' settings (index 0), written by the agent.
+#[btf_map(name = "sockcfg_v1")]
+pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();

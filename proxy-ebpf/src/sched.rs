@@ -1,6 +1,7 @@
 //! Backend choice for a new flow: the frontend's scheduler (flow hash, Maglev,
 //! source hash or round robin) and sessionAffinity ClientIP, which keeps a
-//! client on the backend its last connection went to.
+//! client on the backend its last connection went to. The same for a packet
+//! (`Flow`) and a socket (`sock::Dial`): both are a [`Client`].
 
 use aya_ebpf::bindings::BPF_ANY;
 use proxy_common::{
@@ -17,12 +18,33 @@ use crate::{
     verdict::Dropped,
 };
 
+/// What the schedulers and affinity know of a new flow.
+pub trait Client {
+    /// The client's identity for sessionAffinity and the source hash: its
+    /// address (network order), or what stands for it.
+    fn client(&self) -> u32;
+    /// A hash that differs from one flow of the client to the next.
+    fn flow_hash(&self) -> u32;
+}
+
+impl Client for Flow {
+    #[inline(always)]
+    fn client(&self) -> u32 {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn flow_hash(&self) -> u32 {
+        flow_hash4(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+    }
+}
+
 /// The backend a new flow of `flow` to the frontend (`key` is its slot-0
 /// key, `svc` its header) goes to: the client's affinity backend if it has
 /// one, else the scheduler's pick. Records the client's affinity.
 #[inline(always)]
 pub fn pick(
-    flow: &Flow,
+    flow: &impl Client,
     key: ServiceKey4,
     svc: &ServiceValue,
     now: u64,
@@ -72,8 +94,8 @@ fn maglev_size(index: u16) -> Option<u32> {
 
 /// The backend id the frontend's scheduler picks for a new flow.
 #[inline(always)]
-fn schedule(flow: &Flow, key: &ServiceKey4, svc: &ServiceValue) -> Result<u32, Dropped> {
-    let flow_hash = || flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+fn schedule(flow: &impl Client, key: &ServiceKey4, svc: &ServiceValue) -> Result<u32, Dropped> {
+    let flow_hash = || flow.flow_hash();
     let slot = match svc.flags & svc_flags::SCHEDULER_MASK {
         svc_flags::SCHEDULER_MAGLEV => {
             let size = maglev_size(svc.maglev_size).ok_or(Dropped(Stat::DropNoBackendEntry))?;
@@ -87,7 +109,7 @@ fn schedule(flow: &Flow, key: &ServiceKey4, svc: &ServiceValue) -> Result<u32, D
                 .copied()
                 .ok_or(Dropped(Stat::DropNoBackendEntry));
         }
-        svc_flags::SCHEDULER_SOURCE_HASH => slot_for(flow_hash4(flow.saddr, 0, 0, 0, 0), svc.count),
+        svc_flags::SCHEDULER_SOURCE_HASH => slot_for(flow_hash4(flow.client(), 0, 0, 0, 0), svc.count),
         svc_flags::SCHEDULER_ROUND_ROBIN => {
             let counter = ROUND_ROBIN
                 .get_ptr_mut(svc.rev_nat_id)
@@ -111,9 +133,9 @@ fn schedule(flow: &Flow, key: &ServiceKey4, svc: &ServiceValue) -> Result<u32, D
 }
 
 #[inline(always)]
-fn affinity_key(flow: &Flow, svc: &ServiceValue) -> AffinityKey4 {
+fn affinity_key(flow: &impl Client, svc: &ServiceValue) -> AffinityKey4 {
     AffinityKey4 {
-        client_addr_be: flow.saddr,
+        client_addr_be: flow.client(),
         rev_nat_id: svc.rev_nat_id,
     }
 }
@@ -122,7 +144,7 @@ fn affinity_key(flow: &Flow, svc: &ServiceValue) -> AffinityKey4 {
 /// frontend went to, if that was less than the timeout ago and it still exists
 /// (the agent removes entries for backends that left the frontend).
 #[inline(always)]
-fn affinity_backend(flow: &Flow, svc: &ServiceValue, now: u64) -> Option<(u32, Backend4)> {
+fn affinity_backend(flow: &impl Client, svc: &ServiceValue, now: u64) -> Option<(u32, Backend4)> {
     if svc.flags & svc_flags::AFFINITY == 0 {
         return None;
     }

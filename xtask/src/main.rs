@@ -113,7 +113,8 @@ enum LabCommand {
         service: String,
         ip: std::net::Ipv4Addr,
     },
-    /// Run a command inside a pod's network namespace.
+    /// Run a command inside a pod's network namespace, or on a node (node1,
+    /// node2) as one of its own processes: its namespaces and cgroup.
     Exec {
         pod: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]

@@ -81,7 +81,8 @@ impl Programs {
         )?))
     }
 
-    fn with(dp: Dataplane) -> Self {
+    /// Programs already loaded (pinned, for tests of what outlives the agent).
+    pub fn with(dp: Dataplane) -> Self {
         Self {
             dp,
             ids: Ids::default(),

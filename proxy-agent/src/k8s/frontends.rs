@@ -392,9 +392,9 @@ impl ServiceView {
             matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
             port.node_port,
         ) {
-            for address in &node.addresses {
+            for address in node.node_port_addresses() {
                 out.frontends
-                    .push(external(*address, node_port, &None, "nodeport"));
+                    .push(external(address, node_port, &None, "nodeport"));
             }
         }
         for address in &self.external_ips {

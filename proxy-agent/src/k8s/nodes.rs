@@ -14,6 +14,9 @@ pub struct NodeInfo {
     pub addresses: Vec<Ipv4Addr>,
     /// The `topology.kubernetes.io/zone` label, for topology hints.
     pub zone: Option<String>,
+    /// NodePorts answer on 127.0.0.1 too, for the node's own clients
+    /// (`--nodeport-loopback`; the socket hooks serve them).
+    pub node_port_loopback: bool,
 }
 
 impl NodeInfo {
@@ -28,7 +31,14 @@ impl NodeInfo {
             name: name.to_string(),
             addresses,
             zone,
+            node_port_loopback: false,
         }
+    }
+
+    /// The addresses NodePorts answer on.
+    pub fn node_port_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let loopback = self.node_port_loopback.then_some(Ipv4Addr::LOCALHOST);
+        self.addresses.iter().copied().chain(loopback)
     }
 
     /// The address SNATed traffic leaves with: the first InternalIP.

@@ -2,7 +2,7 @@
 //! maps. This file loads the embedded object and pins its maps; `attach.rs`
 //! attaches the programs, `maps.rs` reads and writes the maps, `migrate.rs`
 //! carries an older agent's maps over, `cleanup.rs` removes it all,
-//! `ifaces.rs` follows pod interfaces, `netinfo.rs` reads the addresses and
+//! `sock.rs` attaches the socket hooks, `ifaces.rs` follows pod interfaces, `netinfo.rs` reads the addresses and
 //! the default route the uplink choice needs.
 
 use std::{
@@ -32,7 +32,7 @@ use aya::{
 use proxy_common::{
     bench, capacity, map_names, nat_ports, program_names, AffinityKey4, AffinityValue4, Backend4,
     Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue,
-    SourceRange4, StatCounter,
+    SockConfig, SockRevKey4, SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -65,6 +65,12 @@ pub struct Dataplane {
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, StatCounter>,
+    sock_revnat: HashMap<MapData, SockRevKey4, RevNat4>,
+    sock_config: Array<MapData, SockConfig>,
+    /// The socket hooks as loaded; None where the kernel refused them.
+    sock_programs: Option<sock::SockPrograms>,
+    /// Socket hooks attached without a pin directory: detached on drop.
+    sock_links: Vec<FdLink>,
     /// Where maps (and XDP links) are pinned; None for private maps.
     pin_dir: Option<PathBuf>,
 }
@@ -308,6 +314,14 @@ impl Dataplane {
             .context("program uplink_xdp missing from the object")?
             .try_into()?;
         xdp.load().context("the verifier rejected uplink_xdp")?;
+        // A kernel without them still gets every packet path.
+        let sock_programs = match Self::load_sock_programs(&mut ebpf) {
+            Ok(loaded) => Some(loaded),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "the socket hooks did not load: the node's own connections to Services are not served");
+                None
+            }
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the object"))
@@ -323,6 +337,8 @@ impl Dataplane {
         let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
         let config = Array::try_from(take(map_names::CONFIG)?)?;
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
+        let sock_revnat = HashMap::try_from(take(map_names::SOCK_REVNAT_V4)?)?;
+        let sock_config = Array::try_from(take(map_names::SOCK_CONFIG)?)?;
         Ok(Self {
             ebpf,
             services,
@@ -336,6 +352,10 @@ impl Dataplane {
             source_ranges,
             config,
             stats,
+            sock_revnat,
+            sock_config,
+            sock_programs,
+            sock_links: Vec::new(),
             pin_dir: None,
         })
     }
@@ -400,6 +420,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
 pub mod ifaces;
 pub mod migrate;
 pub mod netinfo;
+pub mod sock;
 
 mod attach;
 mod cleanup;
@@ -407,3 +428,4 @@ mod clsact;
 mod maps;
 
 pub use cleanup::{cleanup, Removed};
+pub use sock::SocketLb;

@@ -177,6 +177,8 @@ pub struct Status {
     pub uplink_choice: Option<Choice>,
     /// The API server's URL and where it came from (none: no API server).
     pub api_server: Option<(String, Origin)>,
+    /// The socket hooks: mode, cgroup and refusal, or why they are not attached.
+    pub socket_lb: serde_json::Value,
 }
 
 impl Status {
@@ -198,11 +200,12 @@ impl Status {
             |(url, from)| serde_json::json!({"url": url, "from": from, "detail": from.to_string()}),
         );
         format!(
-            r#"{{"healthy": {}, "uplinks": [{}], "uplinkChoice": {}, "apiServer": {}, "frontends": {}, "backends": {}, "podInterfaces": {}}}"#,
+            r#"{{"healthy": {}, "uplinks": [{}], "uplinkChoice": {}, "apiServer": {}, "socketLb": {}, "frontends": {}, "backends": {}, "podInterfaces": {}}}"#,
             self.health.healthy(),
             uplinks.join(", "),
             serde_json::Value::from(choice),
             serde_json::Value::from(api_server),
+            self.socket_lb,
             self.metrics.frontends,
             self.metrics.backends,
             self.metrics.pod_interfaces

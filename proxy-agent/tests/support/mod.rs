@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
+pub mod cgroup;
 pub mod fib;
 pub mod netns;
 pub mod pins;

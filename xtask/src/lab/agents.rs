@@ -98,6 +98,11 @@ impl Lab {
             .filter(|(_, bit)| machine_has_capability(*bit))
             .map(|(name, _)| name)
             .collect();
+        // The node's cgroup, as `cgroup_v2` names it with NODE_NAME in place.
+        let cgroup_root = self
+            .cgroup_v2("$(NODE_NAME)")?
+            .to_string_lossy()
+            .into_owned();
         Ok(json!({
             "apiVersion": "apps/v1",
             "kind": "DaemonSet",
@@ -124,6 +129,9 @@ impl Lab {
                         // where (on a bridge port without an XDP program of its
                         // own) they get lost; generic XDP runs the same program.
                         {"name": "FERRY_UPLINK_MODE", "value": "generic"},
+                        // Two nodes share the machine's cgroup tree: each
+                        // agent's socket hooks serve its own node's processes.
+                        {"name": "FERRY_CGROUP_ROOT", "value": cgroup_root},
                     ],
                 }],
             }}},

@@ -264,11 +264,17 @@ impl Lab {
     }
 
     /// Runs a command inside a pod's network namespace, with the terminal.
-    pub fn exec(&self, pod: &str, command: &[String]) -> Result<()> {
+    /// Runs `command` in pod `target`'s network namespace, or on node
+    /// `target` as one of its own processes (its namespaces and host cgroup,
+    /// where its agent's socket hooks serve Services).
+    pub fn exec(&self, target: &str, command: &[String]) -> Result<()> {
         let (program, args) = command.split_first().context("no command")?;
-        let status = netns::exec(&self.pod_ns(pod), program)
-            .args(args)
-            .status()?;
+        let mut cmd = if NODES.contains(&target) {
+            self.in_node(target, program)?
+        } else {
+            netns::exec(&self.pod_ns(target), program)
+        };
+        let status = cmd.args(args).status()?;
         if !status.success() {
             bail!("{}: {status}", command.join(" "));
         }

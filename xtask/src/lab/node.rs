@@ -68,7 +68,20 @@ impl Lab {
         format!("/{}/{node}", self.name)
     }
 
-    /// A command run inside the node: its network and mount namespaces.
+    /// The node's cgroup in the v2 hierarchy, which the node's agent
+    /// attaches its socket hooks to: every process of the node is under it
+    /// (its kubelet and containerd in `host/`, its pods where runc puts them).
+    pub fn cgroup_v2(&self, node: &str) -> Result<PathBuf> {
+        Ok(proxy_common::cgroup::v2_mount()?.join(self.cgroup_root(node).trim_start_matches('/')))
+    }
+
+    /// Where the node's own processes (not its pods') live in the v2 hierarchy.
+    pub fn host_cgroup(&self, node: &str) -> Result<PathBuf> {
+        Ok(self.cgroup_v2(node)?.join("host"))
+    }
+
+    /// A command run inside the node: its network and mount namespaces, and
+    /// its host cgroup (so the node's socket hooks see it).
     pub(super) fn in_node(
         &self,
         node: &str,
@@ -79,6 +92,7 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         cmd.args(["-t", &holder.to_string(), "-m", "-n", "--"])
             .arg(program);
+        join_cgroup_on_exec(&mut cmd, &self.host_cgroup(node)?)?;
         Ok(cmd)
     }
 
@@ -197,12 +211,15 @@ impl Lab {
     }
 
     /// `/<lab>/<node>` in every cgroup v1 hierarchy (or once in a v2 tree): the
-    /// kubelet's `cgroupRoot`, which must exist before it starts.
+    /// kubelet's `cgroupRoot`, which must exist before it starts; and the
+    /// node's host cgroup in the v2 tree.
     fn make_cgroups(&self, node: &str) -> Result<()> {
         for hierarchy in cgroup_hierarchies()? {
             let path = hierarchy.join(self.cgroup_root(node).trim_start_matches('/'));
             fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         }
+        let host = self.host_cgroup(node)?;
+        fs::create_dir_all(&host).with_context(|| format!("creating {}", host.display()))?;
         Ok(())
     }
 
@@ -468,6 +485,31 @@ fn kubelet_config(addr: Ipv4Addr, cgroup_root: &str, root: &Path) -> serde_json:
         "nodeStatusUpdateFrequency": "2s",
         "syncFrequency": "5s",
     })
+}
+
+/// Makes `cmd`'s process join the v2 cgroup `cgroup` before it runs
+/// (`0` written to `cgroup.procs` moves the writer).
+fn join_cgroup_on_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+    // SAFETY: open, write and close are async-signal-safe, as code between
+    // fork and exec must be; nothing is allocated there.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(error);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// The mounted cgroup hierarchies: every v1 controller directory, or the v2 root.

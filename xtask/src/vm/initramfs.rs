@@ -241,6 +241,7 @@ mkdir -p /run/netns
 mount -t tmpfs tmpfs /run/netns
 mount --make-shared /run/netns
 mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "{MARK}kernel $(uname -r)"
 if grep -q {BOOT_ONLY_ARG} /proc/cmdline; then
     echo "{MARK}booted"

@@ -10,8 +10,9 @@
 //! this machine's own Debian sources with the suite changed (so no mirror is named
 //! here and `/etc/apt` stays as it is), and kept in `/var/cache/ferry/kernels`. It boots under
 //! qemu (KVM when it really works here, else TCG) with an initramfs of Debian's
-//! static busybox, an init script, the test binaries of both packet suites
-//! ([`SUITES`]: `privileged_packets` and `privileged_uplink`), this machine's
+//! static busybox, an init script, the test binaries of the suites
+//! ([`SUITES`]: `privileged_packets`, `privileged_uplink` and the socket
+//! hooks' `privileged_sock`, which dial real sockets in a cgroup), this machine's
 //! iproute2 `ip` and the libraries of all of them. The init script runs the
 //! tests, prints their output on the serial console and powers off; this side
 //! reads the console. The running kernel ("host") runs the same binaries directly.
@@ -75,6 +76,11 @@ pub(super) const SUITES: &[Suite] = &[
         test: "privileged_uplink",
         mark: "uplink",
         column: "uplink tests",
+    },
+    Suite {
+        test: "privileged_sock",
+        mark: "sock",
+        column: "socket tests",
     },
 ];
 /// Lines the init script prints between the test output; the rest of such a

@@ -270,6 +270,7 @@ fn node1() -> NodeInfo {
         name: "node1".into(),
         addresses: vec!["10.250.0.11".parse().unwrap()],
         zone: None,
+        node_port_loopback: false,
     }
 }
 
@@ -347,6 +348,26 @@ fn nodeport_externalip_and_loadbalancer_frontends() {
 }
 
 #[test]
+fn nodeport_on_loopback_only_when_asked() {
+    let slice = two_node_slice();
+    let mut node = node1();
+    let out = of_cluster(&[&lb_service("Cluster")], &[&slice], &node);
+    assert!(!out
+        .frontends
+        .iter()
+        .any(|f| f.frontend.address.is_loopback()));
+    node.node_port_loopback = true;
+    let out = of_cluster(&[&lb_service("Cluster")], &[&slice], &node);
+    let loopback = frontend_of(&out, "127.0.0.1", 30080);
+    assert_eq!(
+        loopback.endpoints,
+        frontend_of(&out, "10.250.0.11", 30080).endpoints,
+        "the node address's endpoints"
+    );
+    assert_eq!(out.frontends.len(), 5);
+}
+
+#[test]
 fn source_ranges_without_a_valid_ipv4_range_fail_closed() {
     let slice = two_node_slice();
     let mut service = lb_service("Cluster");
@@ -406,6 +427,7 @@ fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
         name: "node2x".into(),
         addresses: vec!["10.250.0.12".parse().unwrap()],
         zone: None,
+        node_port_loopback: false,
     };
     let other = of_cluster(&[&lb_service("Local")], &[&slice], &node2);
     assert_eq!(
@@ -454,6 +476,7 @@ fn node_in_zone(zone: &str) -> NodeInfo {
         name: "node1".into(),
         addresses: vec![],
         zone: Some(zone.into()),
+        node_port_loopback: false,
     }
 }
 
@@ -531,6 +554,7 @@ fn internal_traffic_policy_local_without_a_local_endpoint_drops() {
         name: "node9".into(),
         addresses: vec![],
         zone: None,
+        node_port_loopback: false,
     };
     let out = of_cluster(&[&svc], &[&slice], &elsewhere);
     let f = frontend_of(&out, "10.96.0.10", 80);

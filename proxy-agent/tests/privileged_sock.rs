@@ -1,0 +1,309 @@
+//! The socket hooks with real sockets: the real programs attached to a cgroup
+//! of the test's own, this process joined to it, clients and backends on
+//! loopback inside the test's network namespaces. Frontends are served as the
+//! agent serves them (harness). A cgroup holds whole processes, so the tests
+//! of this binary take turns (`TURN`).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::Mutex,
+    thread,
+    time::Duration,
+};
+
+use proxy_agent::{
+    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    harness::Programs,
+    kernel::{
+        self,
+        sock::{own_netns_cookie, SockPrograms},
+        Dataplane, SocketLb,
+    },
+};
+use support::{cgroup::Cgroup, netns::Lab};
+
+static TURN: Mutex<()> = Mutex::new(());
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 1);
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 2);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 3);
+const LOCAL_ONLY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 4);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 5);
+
+fn spec(address: Ipv4Addr, port: u16, protocol: Protocol, backends: &[u16]) -> FrontendSpec {
+    FrontendSpec::new(
+        format!("{address}:{port}"),
+        Frontend {
+            address,
+            port,
+            protocol,
+        },
+        backends
+            .iter()
+            .map(|p| Endpoint::new(Ipv4Addr::LOCALHOST, *p))
+            .collect(),
+    )
+}
+
+/// TCP listeners on 127.0.0.1 in `ns` that accept and answer each connection
+/// with their index; returns their ports.
+fn tcp_backends(ns: &str, count: usize) -> Vec<u16> {
+    let ns = ns.to_string();
+    support::netns::in_netns(&ns, move || {
+        (0..count)
+            .map(|i| {
+                let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+                let port = listener.local_addr().unwrap().port();
+                thread::spawn(move || {
+                    for mut conn in listener.incoming().map_while(Result::ok) {
+                        let _ = conn.write_all(&[i as u8]);
+                    }
+                });
+                port
+            })
+            .collect()
+    })
+}
+
+/// A UDP server on 127.0.0.1 in `ns` that answers each datagram with its bytes.
+fn udp_echo(ns: &str) -> u16 {
+    support::netns::in_netns(ns, || {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        });
+        port
+    })
+}
+
+/// Dials `addr` from `ns`; returns which backend answered and the peer the
+/// socket reports.
+fn dial(ns: &str, addr: SocketAddrV4) -> std::io::Result<(u8, SocketAddr)> {
+    support::netns::in_netns(ns, move || {
+        let mut conn = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        let peer = conn.peer_addr()?;
+        let mut which = [0u8; 1];
+        conn.read_exact(&mut which)?;
+        Ok((which[0], peer))
+    })
+}
+
+/// The mode that serves the test's own namespace: host where the kernel can
+/// name a namespace (5.14, SO_NETNS_COOKIE); before that "host" means the
+/// initial namespace, which tests must not send from, so every namespace.
+fn serving_mode() -> SocketLb {
+    if own_netns_cookie() != 0 {
+        SocketLb::Host
+    } else {
+        SocketLb::All
+    }
+}
+
+/// Programs in private maps serving `frontends`, their hooks attached to a
+/// new cgroup in `mode` as if from inside `ns`, and this process in that cgroup.
+fn attach(ns: &str, frontends: &[FrontendSpec], mode: SocketLb) -> (Programs, Cgroup) {
+    let mut programs = Programs::load().unwrap();
+    programs.serve_checked(frontends).unwrap();
+    let cgroup = Cgroup::new("sock");
+    let path = cgroup.path.clone();
+    let programs = support::netns::in_netns(ns, move || {
+        programs.dp.attach_sockets(&path, mode).unwrap();
+        programs
+    });
+    cgroup.join();
+    (programs, cgroup)
+}
+
+#[test]
+fn connect_to_a_cluster_ip_spreads_over_backends_and_the_peer_is_the_cluster_ip() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("sock");
+    let ns = lab.netns("host");
+    let ports = tcp_backends(&ns, 2);
+    let (programs, _cgroup) = attach(&ns, &[spec(VIP, 80, Protocol::Tcp, &ports)], serving_mode());
+    let mut answered: HashMap<u8, usize> = HashMap::new();
+    for _ in 0..100 {
+        let (which, peer) = dial(&ns, SocketAddrV4::new(VIP, 80)).expect("dial the ClusterIP");
+        assert_eq!(peer, SocketAddr::from((VIP, 80)), "getpeername");
+        *answered.entry(which).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 2, "both backends answer: {answered:?}");
+    // One reverse entry per socket, naming the frontend.
+    let entries = programs.dp.sock_revnat().unwrap();
+    assert!(entries.len() >= 100, "{} entries", entries.len());
+    assert!(entries
+        .iter()
+        .all(|(_, front)| front.addr_be == u32::from(VIP).to_be()));
+}
+
+#[test]
+fn an_unconnected_udp_reply_comes_from_the_cluster_ip() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("sockudp");
+    let ns = lab.netns("host");
+    let port = udp_echo(&ns);
+    let _attached = attach(
+        &ns,
+        &[spec(DNS_VIP, 53, Protocol::Udp, &[port])],
+        serving_mode(),
+    );
+    let (reply, from) = support::netns::in_netns(&ns, || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        socket.send_to(b"query", (DNS_VIP, 53)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = socket.recv_from(&mut buf).expect("the reply");
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(reply, b"query");
+    assert_eq!(from, SocketAddr::from((DNS_VIP, 53)), "recvfrom's source");
+}
+
+#[test]
+fn a_frontend_without_endpoints_refuses_at_connect() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("sockempty");
+    let ns = lab.netns("host");
+    let mut local_only = spec(LOCAL_ONLY_VIP, 80, Protocol::Tcp, &[]);
+    local_only.local_only = true;
+    let (programs, _cgroup) = attach(
+        &ns,
+        &[
+            spec(EMPTY_VIP, 80, Protocol::Tcp, &[]),
+            spec(EMPTY_VIP, 80, Protocol::Udp, &[]),
+            local_only,
+        ],
+        serving_mode(),
+    );
+    let (refused, eperm) = match programs.dp.sock_programs().unwrap() {
+        SockPrograms::Errno => (libc::ECONNREFUSED, libc::EHOSTUNREACH),
+        SockPrograms::Eperm => (libc::EPERM, libc::EPERM),
+    };
+    let err = dial(&ns, SocketAddrV4::new(EMPTY_VIP, 80)).expect_err("no endpoints");
+    assert_eq!(err.raw_os_error(), Some(refused), "{err}");
+    // internalTrafficPolicy=Local without an endpoint on this node.
+    let err = dial(&ns, SocketAddrV4::new(LOCAL_ONLY_VIP, 80)).expect_err("no local endpoint");
+    assert_eq!(err.raw_os_error(), Some(eperm), "{err}");
+    // UDP too, at connect() and at sendto().
+    let (connected, sent) = support::netns::in_netns(&ns, || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let sent = socket.send_to(b"x", (EMPTY_VIP, 80)).map(|_| ());
+        (socket.connect((EMPTY_VIP, 80)), sent)
+    });
+    assert_eq!(connected.unwrap_err().raw_os_error(), Some(refused));
+    assert_eq!(sent.unwrap_err().raw_os_error(), Some(refused));
+}
+
+#[test]
+fn session_affinity_holds_for_the_node_s_sockets() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("sockaff");
+    let ns = lab.netns("host");
+    let ports = tcp_backends(&ns, 4);
+    let mut sticky = spec(STICKY_VIP, 80, Protocol::Tcp, &ports);
+    sticky.affinity_timeout = Some(10_800);
+    let _attached = attach(&ns, &[sticky], serving_mode());
+    let (first, _) = dial(&ns, SocketAddrV4::new(STICKY_VIP, 80)).unwrap();
+    for _ in 0..30 {
+        let (which, _) = dial(&ns, SocketAddrV4::new(STICKY_VIP, 80)).unwrap();
+        assert_eq!(which, first, "affinity");
+    }
+}
+
+#[test]
+fn host_mode_serves_the_node_s_namespace_only_and_all_serves_every_one() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("sockns");
+    let host = lab.netns("host");
+    let pod = lab.netns("pod");
+    let host_port = udp_echo(&host);
+    let pod_port = udp_echo(&pod);
+    // The same frontend reaches each namespace's own 127.0.0.1.
+    let frontends = [spec(DNS_VIP, 53, Protocol::Udp, &[host_port, pod_port])];
+    let connect = |ns: &str| {
+        support::netns::in_netns(ns, || {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            socket.connect((DNS_VIP, 53)).map(|()| socket.peer_addr())
+        })
+    };
+    let (programs, cgroup) = attach(&host, &frontends, SocketLb::Host);
+    let unreachable = |r: std::io::Result<std::io::Result<SocketAddr>>| {
+        // Untranslated, the ClusterIP has no route in a namespace with loopback only.
+        assert_eq!(
+            r.err().map(|e| e.kind()),
+            Some(ErrorKind::NetworkUnreachable)
+        );
+    };
+    unreachable(connect(&pod));
+    if own_netns_cookie() != 0 {
+        let peer = connect(&host).expect("translated").unwrap();
+        assert_eq!(peer, SocketAddr::from((DNS_VIP, 53)));
+    } else {
+        // Before 5.14 the node's namespace is the initial one.
+        unreachable(connect(&host));
+    }
+    drop(cgroup);
+    drop(programs);
+    let _all = attach(&host, &frontends, SocketLb::All);
+    let peer = connect(&pod).expect("translated").unwrap();
+    assert_eq!(peer, SocketAddr::from((DNS_VIP, 53)));
+}
+
+#[test]
+fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("sockpin");
+    let ns = lab.netns("host");
+    let ports = tcp_backends(&ns, 2);
+    let frontends = [spec(VIP, 80, Protocol::Tcp, &ports)];
+    let cgroup = Cgroup::new("sockpin");
+    cgroup.join();
+    let agent = |pin_dir: std::path::PathBuf| {
+        let path = cgroup.path.clone();
+        let frontends = frontends.to_vec();
+        support::netns::in_netns(&ns, move || {
+            // As the agent starts: the maps it finds pinned are what it serves from.
+            let mut programs = Programs::with(Dataplane::load_pinned(&pin_dir).unwrap());
+            programs.state = programs.dp.read_state().unwrap();
+            programs.ids = proxy_agent::desired::Ids::from_state(&programs.state);
+            programs.serve(&frontends).unwrap();
+            programs.dp.attach_sockets(&path, serving_mode()).unwrap();
+        })
+    };
+    agent(lab.pin_dir.clone());
+    // The agent is gone (its maps and programs dropped): the pins hold them.
+    let ns2 = ns.clone();
+    let held = support::netns::in_netns(&ns, move || {
+        TcpStream::connect((VIP, 80)).expect("dial with no agent running")
+    });
+    assert_eq!(held.peer_addr().unwrap(), SocketAddr::from((VIP, 80)));
+    // The next agent swaps its programs into the pinned links.
+    agent(lab.pin_dir.clone());
+    assert_eq!(held.peer_addr().unwrap(), SocketAddr::from((VIP, 80)));
+    let (_, peer) = dial(&ns2, SocketAddrV4::new(VIP, 80)).expect("dial after the takeover");
+    assert_eq!(peer, SocketAddr::from((VIP, 80)));
+    let links = std::fs::read_dir(&lab.pin_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cgroup_"))
+        .count();
+    assert_eq!(
+        links, 4,
+        "one pinned link per hook, none added by the restart"
+    );
+    // Cleanup unpins the links: the hooks are gone with them.
+    kernel::cleanup(&lab.pin_dir).unwrap();
+    let err = dial(&ns2, SocketAddrV4::new(VIP, 80)).expect_err("no hook after cleanup");
+    assert_eq!(err.kind(), ErrorKind::NetworkUnreachable, "{err}");
+}

@@ -1,0 +1,148 @@
+//! Services from the node itself: this test process joins node1 (its host
+//! cgroup, where node1's agent's socket hooks apply) and dials from node1's
+//! network namespace, as a host process or the kubelet would; a hostNetwork
+//! pod does the same from its container. No packet hook is on these paths:
+//! what reaches a backend was translated at connect().
+
+mod support;
+
+use std::{
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use support::*;
+
+const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
+const NODE_PORT: u16 = 30082;
+
+#[test]
+fn the_node_s_own_connections_reach_services() {
+    let lab = Lab::up();
+    let web = [
+        lab.pod_add("web-1", "node1", "web"),
+        lab.pod_add("web-2", "node2", "web"),
+    ];
+    let vip = lab.service("web", "web");
+    lab.apply_service(
+        "np",
+        json!({
+            "type": "NodePort",
+            "selector": {"app": "web"},
+            "ports": [{"port": 80, "targetPort": 8080, "nodePort": NODE_PORT, "protocol": "TCP"}],
+        }),
+    );
+    lab.apply_service(
+        "sticky",
+        json!({"selector": {"app": "web"}, "sessionAffinity": "ClientIP", "ports": [http()]}),
+    );
+    lab.apply_service(
+        "empty",
+        json!({"selector": {"app": "nobody"}, "ports": [http()]}),
+    );
+    for service in ["web", "np", "sticky"] {
+        lab.wait_endpoints(service, &web);
+    }
+    let sticky = lab.cluster_ip("sticky");
+    let empty = lab.cluster_ip("empty");
+    let node1 = lab.node_ns("node1");
+    let _joined = lab.join_node("node1");
+
+    eprintln!("== 100 TCP connections from node1's host namespace to a ClusterIP");
+    let answers = connect_many(&node1, (vip, 80).into(), 100);
+    let by_pod = count(&answers);
+    eprintln!("   {by_pod:?}");
+    assert_eq!(
+        by_pod.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "backends on both nodes"
+    );
+    let peer = in_netns(&node1, move || {
+        TcpStream::connect_timeout(&(vip, 80).into(), TIMEOUT)
+            .and_then(|s| s.peer_addr())
+            .expect("connect")
+    });
+    assert_eq!(
+        peer,
+        SocketAddr::from((vip, 80)),
+        "getpeername: the ClusterIP"
+    );
+
+    eprintln!("== UDP from an unconnected socket: the reply comes from the ClusterIP");
+    let (from, answer) = in_netns(&node1, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send_to(b"who?", (vip, 53)).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
+        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    assert_eq!(from, SocketAddr::from((vip, 53)));
+    assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
+
+    eprintln!("== NodePort on the node's own address");
+    let answers = connect_many(&node1, (NODE1, NODE_PORT).into(), 10);
+    assert_eq!(count(&answers).values().sum::<usize>(), 10);
+
+    eprintln!("== a Service without endpoints refuses at connect()");
+    let refused = in_netns(&node1, move || {
+        TcpStream::connect_timeout(&(empty, 80).into(), TIMEOUT).expect_err("no endpoints")
+    });
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+
+    eprintln!("== sessionAffinity holds for the node's connections");
+    let answers = connect_many(&node1, (sticky, 80).into(), 20);
+    assert_eq!(count(&answers).len(), 1, "one backend: {answers:?}");
+
+    eprintln!("== a hostNetwork pod on node1 reaches the ClusterIP");
+    lab.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "host-client", "namespace": "default"},
+        "spec": {
+            "hostNetwork": true,
+            "nodeName": "node1",
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "dial",
+                "image": format!("ferry.local/lab-pod:{}", env!("CARGO_PKG_VERSION")),
+                "imagePullPolicy": "Never",
+                "command": ["/ferry-lab-pod", "dial", format!("{vip}:80")],
+            }],
+        },
+    }));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let phase = loop {
+        let phase = lab.kubectl(&[
+            "get",
+            "pod",
+            "host-client",
+            "-o",
+            "jsonpath={.status.phase}",
+        ]);
+        if matches!(phase.trim(), "Succeeded" | "Failed") || Instant::now() > deadline {
+            break phase.trim().to_string();
+        }
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        phase, "Succeeded",
+        "the hostNetwork pod's dial of {vip}:80 (it exits 0 once answered)"
+    );
+
+    eprintln!("== /statusz names the hooks' mode and node1's cgroup");
+    let ext = format!("{}-ext", lab.name);
+    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
+    let body: serde_json::Value =
+        serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["socketLb"]["mode"], "host", "{body:#}");
+    assert!(
+        body["socketLb"]["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with(&format!("/{}/node1", lab.name))),
+        "{body:#}"
+    );
+}
