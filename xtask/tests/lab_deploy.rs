@@ -37,7 +37,7 @@ fn overlay(lab: &Lab, name: &str, base: &str, extra: &str) -> PathBuf {
     std::fs::write(
         dir.join("kustomization.yaml"),
         format!(
-            "bases: [\"{relative}\"]\nimages:\n  - {{name: proxy-agent, newName: {name}, newTag: \"{tag}\"}}\n{extra}"
+            "bases: [\"{relative}\"]\nimages:\n  - {{name: ghcr.io/ferry-proxy/proxy-agent, newName: {name}, newTag: \"{tag}\"}}\n{extra}"
         ),
     )
     .unwrap();

@@ -331,18 +331,17 @@ mod tests {
 
     #[test]
     fn deploy_names_the_agent_image_this_builds() {
-        let kustomization =
-            fs::read_to_string(workspace_root().join("deploy/kustomization.yaml")).unwrap();
-        let field = |key: &str| {
-            kustomization
+        for file in ["deploy/daemonset.yaml", "deploy/uninstall/cleanup.yaml"] {
+            let yaml = fs::read_to_string(workspace_root().join(file)).unwrap();
+            let images: Vec<&str> = yaml
                 .lines()
-                .find_map(|l| l.trim().trim_start_matches("- ").strip_prefix(key))
-                .map(|v| v.trim().trim_matches('"').to_string())
-                .unwrap_or_else(|| panic!("no {key} in deploy/kustomization.yaml"))
-        };
-        assert_eq!(
-            format!("{}:{}", field("newName:"), field("newTag:")),
-            agent_image()
-        );
+                .filter_map(|l| l.trim().strip_prefix("image:"))
+                .map(str::trim)
+                .collect();
+            assert!(!images.is_empty(), "{file} names no image");
+            for image in images {
+                assert_eq!(image, agent_image(), "{file}");
+            }
+        }
     }
 }

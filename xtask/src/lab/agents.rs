@@ -18,7 +18,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{Lab, FABRIC_GATEWAY};
-use crate::image;
 
 const NAMESPACE: &str = "kube-system";
 const DAEMONSET: &str = "ferry";
@@ -64,17 +63,13 @@ impl Lab {
 
     /// The lab's kustomization: deploy/ with the lab's image and API address.
     fn overlay(&self, deploy_dir: &Path) -> Result<Value> {
-        let agent = image::agent_image();
-        let (name, tag) = agent
-            .rsplit_once(':')
-            .context("the agent's image has no tag")?;
         Ok(json!({
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             // kubectl 1.20's kustomize takes only a relative path here.
             "bases": [relative(&self.overlay_dir(), &deploy_dir.canonicalize()?).to_string_lossy()],
-            // deploy/'s placeholder image name.
-            "images": [{"name": "proxy-agent", "newName": name, "newTag": tag}],
+            // deploy/ names the image `cargo xtask image` builds and the lab
+            // loads into each node's containerd: no `images:` needed.
             "patchesStrategicMerge": ["lab-node.yaml"],
             "configMapGenerator": [{
                 "name": "ferry-config",
