@@ -242,32 +242,34 @@ impl Agent {
     /// works: logged, counted, shown on /statusz, and the agent goes on.
     fn attach_sockets(&mut self) {
         let mode = self.config.socket_lb;
-        let cgroup = match &self.config.cgroup_root {
-            Some(root) => Ok(root.clone()),
-            None => proxy_common::cgroup::v2_mount(),
+        let name = format!("{mode:?}").to_lowercase();
+        let attached = if mode == SocketLb::Off {
+            self.dataplane.detach_sockets().map(|()| {
+                info!("socket load balancing off: the node's own connections to Services are not served");
+                serde_json::json!({"mode": name})
+            })
+        } else {
+            let cgroup = match &self.config.cgroup_root {
+                Some(root) => Ok(root.clone()),
+                None => proxy_common::cgroup::v2_mount(),
+            };
+            cgroup.and_then(|cgroup| {
+                let loaded = self.dataplane.attach_sockets(&cgroup, mode)?;
+                Ok(serde_json::json!({
+                    "mode": name,
+                    "cgroup": cgroup.display().to_string(),
+                    "refusal": loaded.refusal(),
+                }))
+            })
         };
-        let attached = cgroup.and_then(|cgroup| {
-            let loaded = self.dataplane.attach_sockets(&cgroup, mode)?;
-            Ok((cgroup, loaded))
+        let status = attached.unwrap_or_else(|e| {
+            self.status.lock().unwrap().metrics.attach_errors += 1;
+            error!(
+                error = format!("{e:#}"),
+                "the socket hooks are not attached: the node's own connections to Services are not served"
+            );
+            serde_json::json!({"mode": name, "error": format!("{e:#}")})
         });
-        let status = match attached {
-            Ok((cgroup, loaded)) => serde_json::json!({
-                "mode": format!("{mode:?}").to_lowercase(),
-                "cgroup": cgroup.display().to_string(),
-                "refusal": loaded.refusal(),
-            }),
-            Err(e) => {
-                self.status.lock().unwrap().metrics.attach_errors += 1;
-                error!(
-                    error = format!("{e:#}"),
-                    "the socket hooks are not attached: the node's own connections to Services are not served"
-                );
-                serde_json::json!({
-                    "mode": format!("{mode:?}").to_lowercase(),
-                    "error": format!("{e:#}"),
-                })
-            }
-        };
         self.status.lock().unwrap().socket_lb = status;
     }
 

@@ -63,7 +63,7 @@ enum Command {
         pin_dir: PathBuf,
     },
     /// Remove every Ferry tc filter in this network namespace and every pinned
-    /// map and XDP link (which detaches the uplink program).
+    /// map and link (which detaches the uplink program and the socket hooks).
     Cleanup {
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,

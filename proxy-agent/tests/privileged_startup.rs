@@ -92,6 +92,8 @@ fn the_agent_dials_the_api_server_the_configmap_names() {
         .args(["--pod-iface-pattern", "none-here*"])
         .arg("--pin-dir")
         .arg(&lab.pin_dir)
+        // Never the machine's cgroup root (the default).
+        .env("FERRY_SOCKET_LB", "off")
         .env("SA", "/run/secrets/kubernetes.io/serviceaccount")
         // The ConfigMap's values, as the DaemonSet passes them, beside the
         // variables the kubelet sets for the `kubernetes` Service.

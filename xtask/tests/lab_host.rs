@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use proxy_common::stats::Stat;
 use serde_json::json;
 use support::*;
 
@@ -49,6 +50,8 @@ fn the_node_s_own_connections_reach_services() {
     let sticky = lab.cluster_ip("sticky");
     let empty = lab.cluster_ip("empty");
     let node1 = lab.node_ns("node1");
+    lab.xtask(&["pod", "add", "client", "--node", "node1"]);
+    let client = lab.pod_ns("client");
     let _joined = lab.join_node("node1");
 
     eprintln!("== 100 TCP connections from node1's host namespace to a ClusterIP");
@@ -98,12 +101,56 @@ fn the_node_s_own_connections_reach_services() {
     assert_eq!(count(&answers).len(), 1, "one backend: {answers:?}");
 
     eprintln!("== a hostNetwork pod on node1 reaches the ClusterIP");
+    assert_eq!(dial_pod(&lab, "host-client", true, vip), "Succeeded");
+
+    eprintln!("== pods: per-packet NAT with --socket-lb host, at connect() with all");
+    let new_flows = || lab.agent_counter("node1", Stat::FwdNew.index());
+    let before = new_flows();
+    assert_eq!(
+        count(&connect_many(&client, (vip, 80).into(), 20))
+            .values()
+            .sum::<usize>(),
+        20
+    );
+    assert!(
+        new_flows() - before >= 20,
+        "host mode: the pod's flows went through tc"
+    );
+    lab.xtask(&["agent", "stop", "node1"]);
+    lab.xtask(&["agent", "start", "node1", "--", "--socket-lb", "all"]);
+    let before = new_flows();
+    let answers = connect_many(&client, (vip, 80).into(), 20);
+    assert_eq!(count(&answers).values().sum::<usize>(), 20, "{answers:?}");
+    assert_eq!(
+        new_flows(),
+        before,
+        "all: no pod flow needed the tc program's NAT"
+    );
+    assert_eq!(dial_pod(&lab, "pod-client", false, vip), "Succeeded");
+
+    eprintln!("== /statusz names the hooks' mode and node1's cgroup");
+    let ext = format!("{}-ext", lab.name);
+    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
+    let body: serde_json::Value =
+        serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["socketLb"]["mode"], "all", "{body:#}");
+    assert!(
+        body["socketLb"]["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with(&format!("/{}/node1", lab.name))),
+        "{body:#}"
+    );
+}
+
+/// Runs a pod on node1 (on the host network or its own) whose one container
+/// dials `vip`:80 and exits 0 once answered; returns its final phase.
+fn dial_pod(lab: &Lab, name: &str, host_network: bool, vip: Ipv4Addr) -> String {
     lab.apply(&json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "host-client", "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default"},
         "spec": {
-            "hostNetwork": true,
+            "hostNetwork": host_network,
             "nodeName": "node1",
             "restartPolicy": "Never",
             "containers": [{
@@ -115,34 +162,11 @@ fn the_node_s_own_connections_reach_services() {
         },
     }));
     let deadline = Instant::now() + Duration::from_secs(90);
-    let phase = loop {
-        let phase = lab.kubectl(&[
-            "get",
-            "pod",
-            "host-client",
-            "-o",
-            "jsonpath={.status.phase}",
-        ]);
+    loop {
+        let phase = lab.kubectl(&["get", "pod", name, "-o", "jsonpath={.status.phase}"]);
         if matches!(phase.trim(), "Succeeded" | "Failed") || Instant::now() > deadline {
-            break phase.trim().to_string();
+            return phase.trim().to_string();
         }
         thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(
-        phase, "Succeeded",
-        "the hostNetwork pod's dial of {vip}:80 (it exits 0 once answered)"
-    );
-
-    eprintln!("== /statusz names the hooks' mode and node1's cgroup");
-    let ext = format!("{}-ext", lab.name);
-    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
-    let body: serde_json::Value =
-        serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
-    assert_eq!(body["socketLb"]["mode"], "host", "{body:#}");
-    assert!(
-        body["socketLb"]["cgroup"]
-            .as_str()
-            .is_some_and(|c| c.ends_with(&format!("/{}/node1", lab.name))),
-        "{body:#}"
-    );
+    }
 }

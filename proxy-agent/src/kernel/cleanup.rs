@@ -1,6 +1,6 @@
 //! Removing everything Ferry put in the kernel: its tc filters in this network
 //! namespace (and the clsact qdiscs they leave empty), its pinned maps and its
-//! pinned XDP links (unpinned, a link detaches its program).
+//! pinned XDP and cgroup links (unpinned, a link detaches its program).
 
 use super::{attach::detach, *};
 

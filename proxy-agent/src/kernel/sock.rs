@@ -118,26 +118,33 @@ impl Dataplane {
         Ok(self.sock_revnat.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Detaches the socket hooks an earlier agent pinned (`--socket-lb off`).
+    pub fn detach_sockets(&mut self) -> Result<()> {
+        self.sock_links.clear();
+        let Some(pin_dir) = self.pin_dir.clone() else {
+            return Ok(());
+        };
+        for (pin, _, _) in HOOKS {
+            let path = pin_dir.join(pin);
+            if path.exists() {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                info!(pin = %path.display(), "socket hook detached");
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches the socket hooks to the cgroup v2 directory `cgroup` (every
     /// process under it), in `mode`. A hook an earlier agent pinned gets this
     /// agent's program in one step (`BPF_LINK_UPDATE`), so connect() never
-    /// goes untranslated during a restart or an upgrade. Off detaches them.
+    /// goes untranslated during a restart or an upgrade.
     pub fn attach_sockets(&mut self, cgroup: &Path, mode: SocketLb) -> Result<SockPrograms> {
         let Some(loaded) = self.sock_programs else {
             bail!("the socket hooks did not load on this kernel");
         };
         let pin_dir = self.pin_dir.clone();
         if mode == SocketLb::Off {
-            for (pin, _, _) in HOOKS {
-                if let Some(path) = pin_dir.as_ref().map(|d| d.join(pin)) {
-                    if path.exists() {
-                        fs::remove_file(&path)
-                            .with_context(|| format!("removing {}", path.display()))?;
-                    }
-                }
-            }
-            info!("socket load balancing off: the node's own connections are not served");
-            return Ok(loaded);
+            bail!("attach_sockets with mode off: call detach_sockets");
         }
         self.sock_config.set(
             0,
@@ -297,4 +304,27 @@ fn link_update(link: &OwnedFd, prog_fd: i32) -> Result<()> {
         return Err(io::Error::last_os_error()).context("BPF_LINK_UPDATE");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_lb_modes_parse_as_the_flag_documents() {
+        assert_eq!("host".parse::<SocketLb>(), Ok(SocketLb::Host));
+        assert_eq!("all".parse::<SocketLb>(), Ok(SocketLb::All));
+        assert_eq!("off".parse::<SocketLb>(), Ok(SocketLb::Off));
+        assert!("pods".parse::<SocketLb>().is_err());
+    }
+
+    #[test]
+    fn every_hook_has_its_own_pin_and_only_the_refusing_ones_a_fallback() {
+        let pins: std::collections::BTreeSet<_> = HOOKS.iter().map(|(pin, _, _)| pin).collect();
+        assert_eq!(pins.len(), HOOKS.len());
+        for (_, name, compat) in HOOKS {
+            let refuses = name.contains("connect4") || name.contains("sendmsg4");
+            assert_eq!(compat.is_some(), refuses, "{name}");
+        }
+    }
 }

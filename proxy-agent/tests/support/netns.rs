@@ -89,6 +89,9 @@ impl Lab {
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            // Never the machine's cgroup root (the default): these tests
+            // are about packets; privileged_sock tests the socket hooks.
+            .env("FERRY_SOCKET_LB", "off")
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()

@@ -45,14 +45,18 @@ const PIN_DIR: &str = "/sys/fs/bpf/ferry-bench";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Ferry,
+    /// Ferry with `--socket-lb all`: the client's connect() is translated
+    /// by the cgroup hook, and its packets pass the tc program untranslated.
+    FerrySocket,
     IptablesLegacy,
     IptablesNft,
     Nftables,
 }
 
 impl Mode {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::Ferry,
+        Self::FerrySocket,
         Self::IptablesLegacy,
         Self::IptablesNft,
         Self::Nftables,
@@ -62,6 +66,7 @@ impl Mode {
     fn tag(self) -> &'static str {
         match self {
             Self::Ferry => "ferry",
+            Self::FerrySocket => "ferrysock",
             Self::IptablesLegacy => "ipt",
             Self::IptablesNft => "iptnft",
             Self::Nftables => "nft",
@@ -71,6 +76,7 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Self::Ferry => "Ferry",
+            Self::FerrySocket => "Ferry, socket-lb=all",
             Self::IptablesLegacy => "kube-proxy iptables (legacy)",
             Self::IptablesNft => "kube-proxy iptables (nft backend)",
             Self::Nftables => "kube-proxy nftables",
@@ -87,7 +93,7 @@ impl Mode {
         &'static [&'static str],
     )> {
         match self {
-            Self::Ferry => None,
+            Self::Ferry | Self::FerrySocket => None,
             Self::IptablesLegacy => Some(("iptables-legacy-restore", &[], &["--noflush"])),
             Self::IptablesNft => Some(("iptables-nft-restore", &[], &["--noflush"])),
             Self::Nftables => Some(("nft", &["-f", "-"], &["-f", "-"])),
@@ -239,6 +245,7 @@ fn run_with_input(cmd: &mut Command, input: &str) -> Result<Duration> {
 /// filters go with their namespaces).
 pub fn clean_leftovers() {
     let _ = fs::remove_dir_all(PIN_DIR);
+    topology::remove_cgroups();
     for ns in netns::list(PREFIX).unwrap_or_default() {
         let _ = netns::delete(&ns);
     }
@@ -271,9 +278,13 @@ pub fn traffic(settings: &Settings, agent_bin: &Path, scratch: &Path) -> Result<
         let mut topologies = Vec::new();
         for mode in Mode::ALL {
             eprintln!("bench: {count} Services, {}", mode.label());
-            let mut topo = Topology::new(mode.tag())?;
+            let mut topo = Topology::new(mode.tag(), mode == Mode::FerrySocket)?;
             match mode.loader() {
-                None => topo.start_agent(agent_bin, &services, &scratch.join("services.json"))?,
+                None => topo.start_agent(
+                    agent_bin,
+                    &services,
+                    &scratch.join(format!("services-{}.json", mode.tag())),
+                )?,
                 Some((program, full_args, _)) => {
                     let text = match mode {
                         Mode::Nftables => rules::nft_full(&services),
@@ -295,8 +306,10 @@ pub fn traffic(settings: &Settings, agent_bin: &Path, scratch: &Path) -> Result<
                 for position in Position::ALL {
                     let svc = &services[position.index(count) as usize];
                     let target = SocketAddr::from((svc.vip, svc.port));
-                    let batch =
-                        connections(topo.client(), target, settings.warmup, settings.batch)?;
+                    let batch = {
+                        let _joined = topo.join()?;
+                        connections(topo.client(), target, settings.warmup, settings.batch)?
+                    };
                     match results
                         .iter_mut()
                         .find(|(m, p, _)| m == mode && *p == position)
@@ -412,7 +425,8 @@ pub fn render(traffic: &[TrafficRow], loads: &[LoadRow], settings: &Settings) ->
          {} connections each (after {} to warm up), so {} per row:\n\
          `connect` time is the SYN's trip through the node (kube-proxy: conntrack and the\n\
          nat table, where iptables walks KUBE-SERVICES to the Service's rule; Ferry: its tc\n\
-         program on the pod's interface) and the SYN-ACK's way back. A whole connection is\n\
+         program on the pod's interface; Ferry with socket-lb=all: the cgroup hook at\n\
+         connect(), then the tc program, which finds no frontend) and the SYN-ACK's way back. A whole connection is\n\
          connect, one line of reply, close; the rate is one over its median time, and the\n\
          ratio is Ferry's rate over the other's, measured in the same run. Throughput counts\n\
          every connection over the run's wall time, so it also carries every stall, and a\n\

@@ -7,7 +7,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -30,6 +30,11 @@ use super::{
 pub(super) struct Topology {
     /// node, client, backend.
     namespaces: [String; 3],
+    /// Where the agent pins (one directory per topology: two agents run at once).
+    pin_dir: PathBuf,
+    /// For socket load balancing: the cgroup the agent's hooks attach to,
+    /// which the load generator joins for its turn.
+    cgroup: Option<PathBuf>,
     agent: Option<Child>,
     stop: Arc<AtomicBool>,
     server: Option<thread::JoinHandle<std::io::Result<()>>>,
@@ -44,12 +49,22 @@ impl Topology {
         &self.namespaces[1]
     }
 
-    /// The namespaces `ferry-bench-<tag>-{node,client,backend}`.
-    pub(super) fn new(tag: &str) -> Result<Self> {
+    /// The namespaces `ferry-bench-<tag>-{node,client,backend}`, and with
+    /// `socket_lb` the cgroup `ferry-bench-<tag>` in the v2 hierarchy.
+    pub(super) fn new(tag: &str, socket_lb: bool) -> Result<Self> {
         let [node, client, backend] =
             ["node", "client", "backend"].map(|role| format!("{PREFIX}{tag}-{role}"));
+        let cgroup = if socket_lb {
+            let path = proxy_common::cgroup::v2_mount()?.join(format!("{PREFIX}{tag}"));
+            fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+            Some(path)
+        } else {
+            None
+        };
         let mut topo = Self {
             namespaces: [node.clone(), client.clone(), backend.clone()],
+            pin_dir: Path::new(PIN_DIR).join(tag),
+            cgroup,
             agent: None,
             stop: Arc::new(AtomicBool::new(false)),
             server: None,
@@ -108,7 +123,9 @@ impl Topology {
                 "--healthz-bind-address",
                 "off",
             ])
-            .args(["--pin-dir", PIN_DIR])
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(self.socket_lb_args())
             .arg("--services-file")
             .arg(file)
             .env("RUST_LOG", "warn")
@@ -121,7 +138,11 @@ impl Topology {
         let target = SocketAddr::from((services[0].vip, services[0].port));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if probe(self.client(), target) {
+            let served = {
+                let _joined = self.join()?;
+                probe(self.client(), target)
+            };
+            if served {
                 return Ok(());
             }
             if let Some(status) = self
@@ -142,6 +163,63 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// The agent's socket hooks: on this topology's cgroup for every
+    /// namespace, or off (never the machine's cgroup root).
+    fn socket_lb_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.cgroup {
+            Some(cgroup) => vec![
+                "--socket-lb".into(),
+                "all".into(),
+                "--cgroup-root".into(),
+                cgroup.into(),
+            ],
+            None => vec!["--socket-lb".into(), "off".into()],
+        }
+    }
+
+    /// This process in the topology's cgroup (where the socket hooks apply)
+    /// until the value is dropped; nothing for a topology without one.
+    pub(super) fn join(&self) -> Result<Joined> {
+        let Some(cgroup) = &self.cgroup else {
+            return Ok(Joined(None));
+        };
+        let mount = proxy_common::cgroup::v2_mount()?;
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let home = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| mount.join(p.trim_start_matches('/')))
+            .context("this process is in no v2 cgroup")?;
+        fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining {}", cgroup.display()))?;
+        Ok(Joined(Some(home)))
+    }
+}
+
+/// This process in a topology's cgroup; back home when dropped.
+pub(super) struct Joined(Option<PathBuf>);
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if let Some(home) = &self.0 {
+            let _ = fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+        }
+    }
+}
+
+/// Removes the cgroups a run left (the bench's only: `ferry-bench-*`).
+pub(super) fn remove_cgroups() {
+    let Ok(mount) = proxy_common::cgroup::v2_mount() else {
+        return;
+    };
+    for entry in fs::read_dir(mount).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -149,9 +227,12 @@ impl Drop for Topology {
             // SAFETY: a signal to our own child.
             unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
             let _ = agent.wait();
-            // The agent leaves its maps pinned (so that a restart keeps
-            // connections); this one is gone for good.
-            let _ = fs::remove_dir_all(PIN_DIR);
+            // The agent leaves its maps and hooks pinned (so that a restart
+            // keeps connections); this one is gone for good.
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            let _ = fs::remove_dir(cgroup);
         }
         if let Some(server) = self.server.take() {
             let _ = server.join();
