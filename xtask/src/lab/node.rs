@@ -126,8 +126,9 @@ impl Lab {
         ] {
             fs::create_dir_all(dir.join(sub))?;
         }
-        self.start_holder(node)?;
+        // First: every process started in the node joins its host cgroup.
         self.make_cgroups(node)?;
+        self.start_holder(node)?;
         self.start_containerd(node)?;
         for archive in images {
             image::load(
