@@ -58,7 +58,7 @@ fn run(mode: Mode) -> std::io::Result<()> {
     match mode {
         Mode::Pause => pause::run(),
         Mode::Dial { target } => {
-            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+            let conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             let peer = conn.peer_addr()?;
             // The lab's server greets with one line and keeps the connection.
