@@ -6,7 +6,7 @@ mod support;
 
 use std::{
     io::{ErrorKind, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -40,14 +40,7 @@ fn lab_services_through_real_agents() {
     }
 
     eprintln!("== UDP request and reply, from the ClusterIP");
-    let (from, answer) = in_netns(&client, move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        sock.send_to(b"who?", (vip, 53)).unwrap();
-        let mut buf = [0u8; 256];
-        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
-        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
-    });
+    let (from, answer) = udp_ask(&client, (vip, 53).into());
     assert_eq!(from, SocketAddr::from((vip, 53)));
     assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
 

@@ -131,14 +131,7 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
         lab.pod_add("web-2", "node2", "web"),
     ];
     let vip = lab.service("web", "web");
-    lab.apply_service(
-        "np",
-        json!({
-            "type": "NodePort",
-            "selector": {"app": "web"},
-            "ports": [{"port": 80, "targetPort": 8080, "nodePort": NODE_PORT, "protocol": "TCP"}],
-        }),
-    );
+    lab.node_port_service("np", "web", NODE_PORT);
     lab.apply_service(
         "sticky",
         json!({

@@ -8,7 +8,7 @@ mod support;
 
 use std::{
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -28,14 +28,7 @@ fn the_node_s_own_connections_reach_services() {
         lab.pod_add("web-2", "node2", "web"),
     ];
     let vip = lab.service("web", "web");
-    lab.apply_service(
-        "np",
-        json!({
-            "type": "NodePort",
-            "selector": {"app": "web"},
-            "ports": [{"port": 80, "targetPort": 8080, "nodePort": NODE_PORT, "protocol": "TCP"}],
-        }),
-    );
+    lab.node_port_service("np", "web", NODE_PORT);
     lab.apply_service(
         "sticky",
         json!({"selector": {"app": "web"}, "sessionAffinity": "ClientIP", "ports": [http()]}),
@@ -75,14 +68,7 @@ fn the_node_s_own_connections_reach_services() {
     );
 
     eprintln!("== UDP from an unconnected socket: the reply comes from the ClusterIP");
-    let (from, answer) = in_netns(&node1, move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        sock.send_to(b"who?", (vip, 53)).unwrap();
-        let mut buf = [0u8; 256];
-        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
-        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
-    });
+    let (from, answer) = udp_ask(&node1, (vip, 53).into());
     assert_eq!(from, SocketAddr::from((vip, 53)));
     assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
 

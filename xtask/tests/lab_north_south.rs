@@ -5,7 +5,7 @@
 mod support;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -66,14 +66,7 @@ fn lab_traffic_from_outside_the_cluster() {
 
     eprintln!("== UDP through either node answers from the NodePort");
     for node in [NODE1, NODE2] {
-        let (from, answer) = in_netns(&ext, move || {
-            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-            sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-            sock.send_to(b"who?", (node, 30053)).unwrap();
-            let mut buf = [0u8; 256];
-            let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
-            (from, String::from_utf8_lossy(&buf[..n]).into_owned())
-        });
+        let (from, answer) = udp_ask(&ext, (node, 30053).into());
         assert_eq!(from, SocketAddr::from((node, 30053)));
         assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
     }

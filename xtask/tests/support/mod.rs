@@ -129,6 +129,19 @@ impl Lab {
             .unwrap()
     }
 
+    /// NodePort Service `name` for the pods `app=<app>`: port 80 to their
+    /// TCP port, on `node_port`.
+    pub fn node_port_service(&self, name: &str, app: &str, node_port: u16) {
+        self.apply_service(
+            name,
+            json!({
+                "type": "NodePort",
+                "selector": {"app": app},
+                "ports": [{"port": 80, "targetPort": 8080, "nodePort": node_port, "protocol": "TCP"}],
+            }),
+        );
+    }
+
     /// Every endpoint in the Service's EndpointSlices, as the API returns it.
     pub fn slice_endpoints(&self, service: &str) -> Vec<serde_json::Value> {
         let json = self.kubectl(&[
@@ -300,6 +313,19 @@ pub fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         answer
+    })
+}
+
+/// One datagram from an unconnected socket in `ns` to `target`: where the
+/// reply came from, and what it said (a pod's answer).
+pub fn udp_ask(ns: &str, target: SocketAddr) -> (SocketAddr, String) {
+    in_netns(ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send_to(b"who?", target).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
+        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }
 
