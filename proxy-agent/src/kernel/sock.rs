@@ -139,6 +139,17 @@ impl Dataplane {
     /// agent's program in one step (`BPF_LINK_UPDATE`), so connect() never
     /// goes untranslated during a restart or an upgrade.
     pub fn attach_sockets(&mut self, cgroup: &Path, mode: SocketLb) -> Result<SockPrograms> {
+        self.attach_sockets_as(cgroup, mode, own_netns_cookie())
+    }
+
+    /// [`Dataplane::attach_sockets`] with the node's namespace named by its
+    /// cookie (0: the initial namespace), for callers in another namespace.
+    pub fn attach_sockets_as(
+        &mut self,
+        cgroup: &Path,
+        mode: SocketLb,
+        host_netns_cookie: u64,
+    ) -> Result<SockPrograms> {
         let Some(loaded) = self.sock_programs else {
             bail!("the socket hooks did not load on this kernel");
         };
@@ -149,7 +160,7 @@ impl Dataplane {
         self.sock_config.set(
             0,
             SockConfig {
-                host_netns_cookie: own_netns_cookie(),
+                host_netns_cookie,
                 flags: if mode == SocketLb::All {
                     sock_flags::ALL_NAMESPACES
                 } else {
