@@ -136,8 +136,13 @@ fn table_has_a_column_per_suite() {
                 failed: 1,
                 failures: vec!["t".into()],
             },
+            Tests::Counted {
+                passed: 6,
+                failed: 0,
+                failures: Vec::new(),
+            },
         ],
-        notes: vec![Vec::new(), Vec::new()],
+        notes: vec![Vec::new(), Vec::new(), Vec::new()],
         seconds: 12.0,
         log: PathBuf::from("/l"),
     };
@@ -146,11 +151,11 @@ fn table_has_a_column_per_suite() {
     let mut rows = text.lines();
     assert_eq!(
         rows.next().unwrap(),
-        "kernel                programs    packet tests         uplink tests         time"
+        "kernel                programs    packet tests         uplink tests         socket tests        time"
     );
     assert_eq!(
         rows.next().unwrap(),
-        "6.1.0-50-cloud-amd64  all loaded  35 passed, 0 failed  10 passed, 1 failed  12 s (KVM)"
+        "6.1.0-50-cloud-amd64  all loaded  35 passed, 0 failed  10 passed, 1 failed  6 passed, 0 failed  12 s (KVM)"
     );
     assert!(text.contains("uplink tests failed: t"), "{text}");
 }
@@ -207,6 +212,11 @@ known kernel limitation: no ctx
 test result: ok. 11 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.1s
 FERRY-VM: note uplink no ctx
 FERRY-VM: end uplink 0
+FERRY-VM: begin sock
+
+running 6 tests
+test result: ok. 6 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.3s
+FERRY-VM: end sock 0
 FERRY-VM: done";
 
 #[test]
@@ -225,6 +235,11 @@ fn passing_probe_and_failing_suite() {
                 passed: 11,
                 failed: 0,
                 failures: Vec::new()
+            },
+            Tests::Counted {
+                passed: 6,
+                failed: 0,
+                failures: Vec::new()
             }
         ]
     );
@@ -235,7 +250,10 @@ fn passing_probe_and_failing_suite() {
         seconds: 1.0,
     };
     let outcome = Outcome::from_run("k".into(), "TCG", &run, RUN_TIMEOUT, Path::new("/l"));
-    assert_eq!(outcome.notes, [Vec::<String>::new(), vec!["no ctx".into()]]);
+    assert_eq!(
+        outcome.notes,
+        [Vec::<String>::new(), vec!["no ctx".into()], Vec::new()]
+    );
     let text = table(&[outcome], &[]);
     assert!(
         text.contains("11 passed, 0 failed (kernel limitation, see below)"),
@@ -266,7 +284,7 @@ fn rejected_program_keeps_the_verifier_message() {
              FERRY-VM: end probe 101\nFERRY-VM: suites skipped\nFERRY-VM: done\n",
         );
     let (programs, tests) = read_outcome(&lines(&transcript));
-    assert_eq!(tests, [Tests::Skipped, Tests::Skipped]);
+    assert_eq!(tests, [Tests::Skipped, Tests::Skipped, Tests::Skipped]);
     let Programs::Rejected { program, message } = programs else {
         panic!("{programs:?}");
     };
@@ -300,7 +318,7 @@ fn a_run_that_stops_early_is_unfinished() {
     ));
     assert_eq!(programs, Programs::Unknown("probe unfinished".into()));
     let not_started = || Tests::Unfinished("did not start".into());
-    assert_eq!(tests, [not_started(), not_started()]);
+    assert_eq!(tests, [not_started(), not_started(), not_started()]);
     let (_, tests) = read_outcome(&lines(
         "FERRY-VM: begin probe\nFERRY-VM: end probe 0\nFERRY-VM: begin packets\ntest a ... ok\n",
     ));
@@ -308,6 +326,7 @@ fn a_run_that_stops_early_is_unfinished() {
         tests,
         [
             Tests::Unfinished("stopped during the tests".into()),
+            not_started(),
             not_started()
         ]
     );
