@@ -140,6 +140,7 @@ pub fn run() -> Result<()> {
     println!("  cargo xtask lab status");
     println!("  cargo xtask lab kubectl get endpointslices -o wide");
     println!("  cargo xtask lab exec client bash -c 'head -1 < /dev/tcp/{vip}/80'");
+    println!("  cargo xtask lab exec node1 bash -c 'head -1 < /dev/tcp/{vip}/80'   # from the node itself");
     println!("  cargo xtask lab pod add web-4 --node node1 --label app=web");
     println!("Tear it down with:");
     println!("  cargo xtask lab down");
