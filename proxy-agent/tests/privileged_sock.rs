@@ -128,7 +128,7 @@ fn attach(
     let programs = programs.as_mut().unwrap();
     programs.serve_checked(frontends).unwrap();
     programs.dp.detach_sockets().unwrap();
-    let cgroup = Cgroup::new("sock");
+    let mut cgroup = Cgroup::new("sock");
     let cookie = support::netns::in_netns(ns, own_netns_cookie);
     programs
         .dp
@@ -289,7 +289,7 @@ fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
     let ns = lab.netns("host");
     let ports = tcp_backends(&ns, 2);
     let frontends = [spec(VIP, 80, Protocol::Tcp, &ports)];
-    let cgroup = Cgroup::new("sockpin");
+    let mut cgroup = Cgroup::new("sockpin");
     cgroup.join();
     let agent = |pin_dir: std::path::PathBuf| {
         let path = cgroup.path.clone();

@@ -89,18 +89,10 @@ impl Lab {
     /// the node's socket hooks see it (its host cgroup) until the value is
     /// dropped; its sockets in the node's network namespace (`node_ns`) are
     /// then the node's.
-    pub fn join_node(&self, node: &str) -> NodeProcess {
+    pub fn join_node(&self, node: &str) -> proxy_common::cgroup::Joined {
         let mount = proxy_common::cgroup::v2_mount().unwrap();
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let home = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(|p| mount.join(p.trim_start_matches('/')))
-            .expect("this process in the v2 hierarchy");
         let host = mount.join(&self.name).join(node).join("host");
-        std::fs::write(host.join("cgroup.procs"), std::process::id().to_string())
-            .unwrap_or_else(|e| panic!("joining {}: {e}", host.display()));
-        NodeProcess { home }
+        proxy_common::cgroup::join(&host).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The network namespace of `node` (its host network).
@@ -272,21 +264,6 @@ impl Drop for Lab {
         let _ = Command::new(env!("CARGO_BIN_EXE_xtask"))
             .args(["lab", "--lab", &self.name, "down"])
             .status();
-    }
-}
-
-/// This process as one of a node's (see [`Lab::join_node`]); back where it
-/// was when dropped.
-pub struct NodeProcess {
-    home: std::path::PathBuf,
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = std::fs::write(
-            self.home.join("cgroup.procs"),
-            std::process::id().to_string(),
-        );
     }
 }
 

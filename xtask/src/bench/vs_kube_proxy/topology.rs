@@ -180,31 +180,11 @@ impl Topology {
 
     /// This process in the topology's cgroup (where the socket hooks apply)
     /// until the value is dropped; nothing for a topology without one.
-    pub(super) fn join(&self) -> Result<Joined> {
-        let Some(cgroup) = &self.cgroup else {
-            return Ok(Joined(None));
-        };
-        let mount = proxy_common::cgroup::v2_mount()?;
-        let own = fs::read_to_string("/proc/self/cgroup")?;
-        let home = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(|p| mount.join(p.trim_start_matches('/')))
-            .context("this process is in no v2 cgroup")?;
-        fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining {}", cgroup.display()))?;
-        Ok(Joined(Some(home)))
-    }
-}
-
-/// This process in a topology's cgroup; back home when dropped.
-pub(super) struct Joined(Option<PathBuf>);
-
-impl Drop for Joined {
-    fn drop(&mut self) {
-        if let Some(home) = &self.0 {
-            let _ = fs::write(home.join("cgroup.procs"), std::process::id().to_string());
-        }
+    pub(super) fn join(&self) -> Result<Option<proxy_common::cgroup::Joined>> {
+        self.cgroup
+            .as_deref()
+            .map(proxy_common::cgroup::join)
+            .transpose()
     }
 }
 
