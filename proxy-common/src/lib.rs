@@ -32,6 +32,8 @@ pub mod map_names {
     pub const SERVICES_V4: &str = "svc4_v2";
     pub const BACKENDS_V4: &str = "backend4_v1";
     pub const REVNAT_V4: &str = "revnat4_v2";
+    /// v3: 32-bit frontend ids, and a flow's remapped client port where v2
+    /// had padding.
     pub const CONNTRACK_V4: &str = "ct4_v3";
     /// v3: the NAT value has flags (a flow closing) where v2 had padding.
     pub const NAT_V4: &str = "nat4_v3";
@@ -336,7 +338,13 @@ pub struct CtValue4 {
     pub flags: u16,
     /// For a flow SNATed to the node's address: the node port it got (else 0).
     pub nat_port_be: u16,
-    pub _pad: u32,
+    /// For a flow whose client port was remapped, because at its backend its
+    /// reply tuple was another frontend's flow's (one client port dialling two
+    /// frontends served by one backend): on the forward entry, the port the
+    /// backend sees instead of the client's; on the reply entry, the client's
+    /// own port, which replies get back. 0: the port is kept.
+    pub remap_port_be: u16,
+    pub _pad: u16,
     /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
     pub last_seen_ns: u64,
 }

@@ -176,6 +176,7 @@ pub const fn conntrack(v: CtValue4) -> crate::CtValue4 {
         rev_nat_id: v.rev_nat_id as u32,
         flags: v.flags,
         nat_port_be: v.nat_port_be,
+        remap_port_be: 0,
         _pad: 0,
         last_seen_ns: v.last_seen_ns,
     }

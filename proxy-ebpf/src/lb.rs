@@ -29,6 +29,9 @@ pub struct Chosen {
     pub backend: Backend4,
     /// The node port of a SNATed flow (0 until one is given).
     pub nat_port_be: u16,
+    /// The client port the backend sees instead of the client's own, where
+    /// the flow's own tuple was taken there (0: the client's own).
+    pub remap_port_be: u16,
     /// True when this packet opened the flow.
     pub new: bool,
 }
@@ -44,6 +47,16 @@ impl Chosen {
     pub fn hairpin(&self, flow: &Flow) -> bool {
         ct::hairpin(flow, &self.backend)
     }
+
+    /// The client port the packet must carry to the backend.
+    #[inline(always)]
+    pub fn client_port_be(&self, flow: &Flow) -> u16 {
+        if self.remap_port_be != 0 {
+            self.remap_port_be
+        } else {
+            flow.sport
+        }
+    }
 }
 
 /// Picks the backend for a packet to a frontend with backends (`key` is its
@@ -57,19 +70,22 @@ pub fn choose(flow: &Flow, key: ServiceKey4, svc: &ServiceValue) -> Result<Chose
         State::Established(known) | State::Reopened(known) => Ok(Chosen {
             backend: known.backend,
             nat_port_be: known.nat_port_be,
+            remap_port_be: known.remap_port_be,
             new: false,
         }),
         State::New | State::Stale => {
             let (backend_id, backend) = sched::pick(flow, key, svc, now)?;
-            let tracked = Tracked {
+            let mut tracked = Tracked {
                 backend_id,
                 backend,
                 nat_port_be: 0,
+                remap_port_be: 0,
             };
-            ct::create(flow, &tracked, svc.rev_nat_id, now)?;
+            ct::create(flow, &mut tracked, svc.rev_nat_id, now)?;
             Ok(Chosen {
                 backend,
                 nat_port_be: 0,
+                remap_port_be: tracked.remap_port_be,
                 new: true,
             })
         }

@@ -40,11 +40,15 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
             chosen.backend.addr_be,
             chosen.backend.port_be,
         )?;
+        let client_port = chosen.client_port_be(&flow);
         if chosen.hairpin(&flow) {
             // The pod reached itself: from its own address it would answer itself
             // directly. From the hairpin address, the answer comes back here.
-            ctx.rewrite(&flow, End::Source, ct::hairpin_addr(), flow.sport)?;
+            ctx.rewrite(&flow, End::Source, ct::hairpin_addr(), client_port)?;
             return back_into_the_pod(ctx, Stat::FwdHairpin);
+        }
+        if client_port != flow.sport {
+            ctx.rewrite(&flow, End::Source, flow.saddr, client_port)?;
         }
         return Ok(Out::pass(if chosen.new {
             Stat::FwdNew
@@ -56,12 +60,12 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
     // address here, and send it on to its next hop directly. The stack would
     // drop it as a martian when the frontend is one of the node's own addresses
     // (a NodePort).
-    if let Some((addr, port, hairpin)) = reverse_nat(ctx, &flow)? {
+    if let Some((addr, port, client_port, hairpin)) = reverse_nat(ctx, &flow)? {
         if hairpin {
             // Back into the pod that is both client and backend.
             return back_into_the_pod(ctx, Stat::RevNat);
         }
-        return match fib(ctx, &flow, addr, flow.daddr, port, flow.dport) {
+        return match fib(ctx, &flow, addr, flow.daddr, port, client_port) {
             Ok(hop) => send(ctx, hop, Stat::RevNat),
             Err(_) => Ok(Out::pass(Stat::RevNat)),
         };
@@ -82,10 +86,11 @@ pub fn to_pod(ctx: &TcContext) -> Outcome {
 }
 
 /// Rewrites the source of a backend's reply to the frontend the client dialled,
-/// if conntrack knows the flow (and, for a hairpinned flow, the destination
-/// back to the pod itself). Returns the frontend and whether it was a hairpin.
+/// if conntrack knows the flow (and the destination back to the pod itself
+/// for a hairpinned flow, to the client's own port for a remapped one).
+/// Returns the frontend, the client's port and whether it was a hairpin.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, bool)>, Dropped> {
+fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, u16, bool)>, Dropped> {
     let Some(reply) = ct::reply(flow) else {
         return Ok(None);
     };
@@ -95,11 +100,23 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, bool)>,
         .ok_or(Dropped(Stat::DropNoRevnat))?;
     reply.refresh(ct::now());
     let hairpin = reply.hairpin;
+    let client_port = if reply.remap_port_be != 0 {
+        reply.remap_port_be
+    } else {
+        flow.dport
+    };
     if hairpin {
-        ctx.rewrite(flow, End::Destination, flow.saddr, flow.dport)?;
+        ctx.rewrite(flow, End::Destination, flow.saddr, client_port)?;
+    } else if client_port != flow.dport {
+        ctx.rewrite(flow, End::Destination, flow.daddr, client_port)?;
     }
     ctx.rewrite(flow, End::Source, frontend.addr_be, frontend.port_be)?;
-    Ok(Some((frontend.addr_be, frontend.port_be, hairpin)))
+    Ok(Some((
+        frontend.addr_be,
+        frontend.port_be,
+        client_port,
+        hairpin,
+    )))
 }
 
 /// Sends a packet back out of the interface it came in on, into the pod it came

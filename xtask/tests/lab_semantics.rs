@@ -1,11 +1,12 @@
 //! Lab tests of Service semantics: session affinity, internalTrafficPolicy,
-//! terminating endpoints, and UDP clients moving on when their backend goes.
+//! terminating endpoints, UDP clients moving on when their backend goes, and
+//! one client port dialling two Services that one backend serves.
 
 mod support;
 
 use std::{
-    io::ErrorKind,
-    net::{SocketAddr, TcpStream, UdpSocket},
+    io::{ErrorKind, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     thread,
     time::{Duration, Instant},
 };
@@ -182,6 +183,61 @@ fn lab_service_semantics() {
     };
     eprintln!("   answered by the other backend {moved:?} after the slice dropped {gone}");
     assert!(moved < Duration::from_secs(1), "{moved:?}");
+
+    eprintln!("== one client port dials two Services of one backend: both connections live");
+    let one = lab.pod_add("one-1", "node2", "one");
+    for name in ["one-a", "one-b"] {
+        lab.apply_service(name, json!({"selector": {"app": "one"}, "ports": [http()]}));
+        lab.wait_endpoints(name, &[one]);
+    }
+    let (a, b) = (lab.cluster_ip("one-a"), lab.cluster_ip("one-b"));
+    let peers = in_netns(&client, move || two_services_from_one_port(a, b));
+    eprintln!("   the backend saw {peers:?}");
+    let [first, second] = peers.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.port(), CLIENT_PORT, "the first flow keeps its port");
+    assert!(
+        second.port() >= 61_000,
+        "the second flow reaches the backend from another port: {second}"
+    );
+}
+
+const CLIENT_PORT: u16 = 40_999;
+
+/// Two connections from port `CLIENT_PORT`, to `a` and to `b`, each asked
+/// twice (the second connection opened between the first's questions):
+/// the client addresses the backend saw, or the first failure.
+fn two_services_from_one_port(a: Ipv4Addr, b: Ipv4Addr) -> std::io::Result<[SocketAddr; 2]> {
+    let dial = |vip: Ipv4Addr| -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], CLIENT_PORT)).into())?;
+        s.connect_timeout(&SocketAddr::from((vip, 80)).into(), TIMEOUT)?;
+        let s = TcpStream::from(s);
+        s.set_read_timeout(Some(TIMEOUT))?;
+        Ok(s)
+    };
+    let ask = |s: &mut TcpStream| -> std::io::Result<SocketAddr> {
+        s.write_all(b"again\n")?;
+        peer_of(&read_line(s)?)
+    };
+    let mut first = dial(a)?;
+    let seen_first = peer_of(&read_line(&mut first)?)?;
+    let mut second = dial(b)?;
+    let seen_second = peer_of(&read_line(&mut second)?)?;
+    for _ in 0..3 {
+        assert_eq!(ask(&mut first)?, seen_first, "the first connection");
+        assert_eq!(ask(&mut second)?, seen_second, "the second connection");
+    }
+    Ok([seen_first, seen_second])
+}
+
+/// The client address in a pod's answer (`<pod name> <client address>`).
+fn peer_of(answer: &str) -> std::io::Result<SocketAddr> {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no client address in {answer:?}")))
 }
 
 /// A client pod on node1 connects to a Service with internalTrafficPolicy: Local

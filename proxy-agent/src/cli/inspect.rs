@@ -134,6 +134,18 @@ pub fn conntrack(pin_dir: &Path) -> Result<String> {
         if v.nat_port_be != 0 {
             flags.push(format!("nat-port {}", u16::from_be(v.nat_port_be)));
         }
+        if v.remap_port_be != 0 {
+            // Forward: the port the backend sees; reply: the client's own.
+            let side = if k.dir == ct_dir::FORWARD {
+                "as"
+            } else {
+                "for"
+            };
+            flags.push(format!(
+                "client-port {side} {}",
+                u16::from_be(v.remap_port_be)
+            ));
+        }
         let _ = writeln!(
             out,
             "{:<5} {dir:<7} {tuple:<45} {:>8} {:>7} {}",

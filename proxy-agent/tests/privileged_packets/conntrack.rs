@@ -1,5 +1,6 @@
 //! Conntrack: both directions of a flow, a flow pinned to its backend while it
-//! exists, expiry by protocol and TCP state, reopened tuples and lost reply entries.
+//! exists, expiry by protocol and TCP state, reopened tuples, lost reply
+//! entries, and a second client port where one port reaches a backend twice.
 
 use super::*;
 
@@ -298,4 +299,148 @@ fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     // 6 hours on: the open TCP connection.
     p.dp.gc(now + 21_601 * s, &Default::default()).unwrap();
     assert!(p.dp.conntrack().unwrap().is_empty());
+}
+
+/// The client port a flow from `f`'s tuple gets when its own is taken at the
+/// backend: the first of the remap ports its hash names (when that is free).
+fn remapped_port(f: &Frame) -> u16 {
+    let h = hash::flow_hash4(
+        u32::from(f.saddr).to_be(),
+        u32::from(f.daddr).to_be(),
+        f.sport.to_be(),
+        f.dport.to_be(),
+        f.proto,
+    );
+    (61_000 + h % 4_536) as u16
+}
+
+#[test]
+fn one_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
+    // Two Services, one backend: a client that dials both from one port would
+    // reach the backend twice on one tuple. The second flow gets another port.
+    let mut services = cluster();
+    for (name, vip) in [("one-a", "10.96.0.61"), ("one-b", "10.96.0.62")] {
+        services.push(service(name, vip, 80, Protocol::Tcp, &[(BACKEND_B, 8080)]));
+    }
+    let mut p = Programs::new(&services);
+    let backend = (ip(BACKEND_B), 8080);
+    let first = Frame::tcp(CLIENT, 40600, "10.96.0.61", 80);
+    assert_eq!(assert_dnat(&mut p, &first), backend);
+
+    let second = Frame::tcp(CLIENT, 40600, "10.96.0.62", 80);
+    let port = remapped_port(&second);
+    let (verdict, out) = p.send_from_pod(&second);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let remapped = second
+        .with_dst(backend.0, backend.1)
+        .with_src(ip(CLIENT), port);
+    assert_eq!(out, remapped.bytes(), "to the backend from port {port}");
+    packet::assert_checksums_valid(&out);
+
+    // Each flow's replies go back from its own frontend, to the client's own port.
+    assert_reverse_nat(&mut p, &first, backend);
+    let reply = remapped.reply();
+    let (verdict, out) = p.send_to_pod(&reply);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let back = reply
+        .with_src(ip("10.96.0.62"), 80)
+        .with_dst(ip(CLIENT), 40600);
+    assert_eq!(
+        out,
+        back.bytes(),
+        "back to port 40600 from the second frontend"
+    );
+    packet::assert_checksums_valid(&out);
+
+    // Later packets of both flows keep their ports; the first flow's replies
+    // are still its own.
+    let mut ack = second.clone();
+    ack.tcp_flags = 0x10;
+    let mut remapped_ack = remapped.clone();
+    remapped_ack.tcp_flags = 0x10;
+    assert_eq!(p.send_from_pod(&ack).1, remapped_ack.bytes());
+    let mut ack = first.clone();
+    ack.tcp_flags = 0x10;
+    assert_eq!(assert_dnat(&mut p, &ack), backend);
+    assert_reverse_nat(&mut p, &first, backend);
+    assert_eq!((p.stat("fwd_new"), p.stat("fwd_established")), (2, 2));
+
+    // Its closing marks the remapped reply entry, which the agent then collects.
+    let mut fin = second.clone();
+    fin.tcp_flags = 0x11;
+    p.send_from_pod(&fin);
+    let entries = p.dp.conntrack().unwrap();
+    let remapped_reply = entries
+        .iter()
+        .find(|(k, _)| k.dir == ct_dir::REPLY && k.dport_be == port.to_be())
+        .expect("the remapped flow's reply entry");
+    assert_eq!(remapped_reply.1.remap_port_be, 40600u16.to_be());
+    assert_ne!(remapped_reply.1.flags & ct_flags::CLOSING, 0);
+}
+
+#[test]
+fn a_flow_that_finds_its_own_reply_entry_keeps_its_port() {
+    // A flow whose forward entry was lost finds the reply entry of its own
+    // tuple at the backend: that is no other flow's, so the port stays.
+    let mut services = cluster();
+    services.push(service(
+        "one",
+        "10.96.0.61",
+        80,
+        Protocol::Tcp,
+        &[(BACKEND_B, 8080)],
+    ));
+    let mut p = Programs::new(&services);
+    let f = Frame::tcp(CLIENT, 40700, "10.96.0.61", 80);
+    assert_dnat(&mut p, &f);
+    let entries = p.dp.conntrack().unwrap();
+    p.dp.flush_conntrack().unwrap();
+    for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::REPLY) {
+        p.dp.set_conntrack(*key, *value).unwrap();
+    }
+    assert_dnat(&mut p, &f);
+    assert_reverse_nat(&mut p, &f, (ip(BACKEND_B), 8080));
+    assert_eq!(p.stat("fwd_new"), 2);
+}
+
+#[test]
+fn a_pod_reaching_itself_through_two_frontends_from_one_port_gets_a_second_port() {
+    let mut services = cluster();
+    for (name, vip) in [("self-a", "10.96.0.51"), ("self-b", "10.96.0.52")] {
+        services.push(service(name, vip, 80, Protocol::Tcp, &[(CLIENT, 8080)]));
+    }
+    let mut p = Programs::new(&services);
+    let hairpin = Ipv4Addr::from(proxy_common::HAIRPIN_ADDR);
+    let first = Frame::tcp(CLIENT, 40800, "10.96.0.51", 80);
+    let (verdict, out) = p.send_from_pod(&first);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut to_itself = first.with_dst(ip(CLIENT), 8080).with_src(hairpin, 40800);
+    (to_itself.src_mac, to_itself.dst_mac) = (first.dst_mac, first.src_mac);
+    assert_eq!(out, to_itself.bytes());
+
+    let second = Frame::tcp(CLIENT, 40800, "10.96.0.52", 80);
+    let port = remapped_port(&second);
+    let (verdict, out) = p.send_from_pod(&second);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut remapped = second.with_dst(ip(CLIENT), 8080).with_src(hairpin, port);
+    (remapped.src_mac, remapped.dst_mac) = (second.dst_mac, second.src_mac);
+    assert_eq!(
+        out,
+        remapped.bytes(),
+        "into the pod from hairpin port {port}"
+    );
+    packet::assert_checksums_valid(&out);
+
+    // The pod's answer to the remapped port goes back from the second
+    // frontend to its own port.
+    let mut reply = remapped.reply();
+    (reply.src_mac, reply.dst_mac) = (second.src_mac, second.dst_mac);
+    let (verdict, out) = p.send_from_pod(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut back = reply
+        .with_dst(ip(CLIENT), 40800)
+        .with_src(ip("10.96.0.52"), 80);
+    (back.src_mac, back.dst_mac) = (second.dst_mac, second.src_mac);
+    assert_eq!(out, back.bytes());
+    packet::assert_checksums_valid(&out);
 }

@@ -26,6 +26,49 @@ fn nodeport_to_a_local_backend_is_dnated_and_passed_up() {
 }
 
 #[test]
+fn one_client_port_to_two_nodeports_of_one_local_backend_gets_a_second_port() {
+    // np-local and etp-local both go to LOCAL_POD:8080: the second flow from
+    // the client's port would have the first one's tuple at the backend.
+    with_programs(|p| {
+        let first = from_outside(packet::TCP, 40010, NODE, 30080);
+        let (verdict, out) = p.xdp(&first.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, first.with_dst(ip(LOCAL_POD), 8080).bytes());
+        let second = from_outside(packet::TCP, 40010, NODE, 30081);
+        let port = 61_000
+            + (hash::flow_hash4(
+                u32::from(second.saddr).to_be(),
+                u32::from(second.daddr).to_be(),
+                second.sport.to_be(),
+                second.dport.to_be(),
+                second.proto,
+            ) % 4_536) as u16;
+        let (verdict, out) = p.xdp(&second.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(
+            out,
+            second
+                .with_dst(ip(LOCAL_POD), 8080)
+                .with_src(ip(CLIENT), port)
+                .bytes(),
+            "the client's address kept, its port remapped to {port}"
+        );
+        packet::assert_checksums_valid(&out);
+        // Two reply entries at the backend: the first flow's at the client's
+        // port, the second's at the remapped one, which gives 40010 back.
+        let ct = p.dp.conntrack().unwrap();
+        let reply_at = |port: u16| {
+            ct.iter()
+                .find(|(k, _)| k.dir == ct_dir::REPLY && k.dport_be == port.to_be())
+                .map(|(_, v)| v.remap_port_be)
+        };
+        assert_eq!(reply_at(40010), Some(0));
+        assert_eq!(reply_at(port), Some(40010u16.to_be()));
+        assert_eq!(p.stat("fwd_local"), 2);
+    });
+}
+
+#[test]
 fn nodeport_to_a_remote_backend_is_snated_and_sent_back_out_with_fib_macs() {
     with_programs(|p| {
         let f = from_outside(packet::TCP, 40001, NODE, 30090);

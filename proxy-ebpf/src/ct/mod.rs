@@ -3,13 +3,20 @@
 //! as the packet asks), `create` writes both directions of a new flow, `reply`
 //! finds a backend's reply, `refresh` is the one rule for last-seen times.
 //! The NAT ports of SNATed flows are in `nat`.
+//!
+//! One client port may dial two frontends that one backend serves: after
+//! DNAT both flows have the same tuple at the backend, and the second would
+//! break the first (its reply entry overwritten, its SYN taken by the
+//! backend for the first connection's). As netfilter does, the second flow
+//! then gets another client port (see `remap_port`), which its packets carry
+//! to the backend and its replies give back.
 
 pub mod nat;
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    backend_flags, ct_dir, ct_flags, ct_lifetime, stats::Stat, Backend4, CtKey4, CtValue4,
-    HAIRPIN_ADDR,
+    backend_flags, ct_dir, ct_flags, ct_lifetime, hash::flow_hash4, stats::Stat, Backend4, CtKey4,
+    CtValue4, HAIRPIN_ADDR,
 };
 
 use crate::{
@@ -68,14 +75,19 @@ pub fn hairpin(flow: &Flow, backend: &Backend4) -> bool {
     backend.addr_be == flow.saddr
 }
 
-/// The conntrack key of a backend's replies to `flow`.
+/// The conntrack key of a backend's replies to `flow`, whose client port
+/// the backend sees as `client_port_be`.
 #[inline(always)]
-fn reply_key(flow: &Flow, backend: &Backend4, hairpin: bool) -> CtKey4 {
+fn reply_key(flow: &Flow, backend: &Backend4, client_port_be: u16) -> CtKey4 {
     keys::tuple(
         backend.addr_be,
-        if hairpin { hairpin_addr() } else { flow.saddr },
+        if hairpin(flow, backend) {
+            hairpin_addr()
+        } else {
+            flow.saddr
+        },
         backend.port_be,
-        flow.sport,
+        client_port_be,
         flow.proto,
         ct_dir::REPLY,
     )
@@ -88,6 +100,21 @@ pub struct Tracked {
     pub backend: Backend4,
     /// The node port of a SNATed flow (0 until one is given).
     pub nat_port_be: u16,
+    /// The client port the backend sees instead of the client's own (0: the
+    /// client's own; see `remap_port`).
+    pub remap_port_be: u16,
+}
+
+impl Tracked {
+    /// The client port the backend sees for `flow`.
+    #[inline(always)]
+    pub fn client_port_be(&self, flow: &Flow) -> u16 {
+        if self.remap_port_be != 0 {
+            self.remap_port_be
+        } else {
+            flow.sport
+        }
+    }
 }
 
 /// Where a packet's flow stands, for the frontend it is addressed to.
@@ -115,11 +142,12 @@ pub fn lookup(flow: &Flow, rev_nat_id: u32, now: u64) -> State {
     };
     // SAFETY: conntrack values are plain data; a racing writer can at worst make
     // us read a backend id about to change, which the lookup below tolerates.
-    let (backend_id, entry_rev_nat_id, nat_port_be, last_seen, flags) = unsafe {
+    let (backend_id, entry_rev_nat_id, nat_port_be, remap_port_be, last_seen, flags) = unsafe {
         (
             (*entry).backend_id,
             (*entry).rev_nat_id,
             (*entry).nat_port_be,
+            (*entry).remap_port_be,
             (*entry).last_seen_ns,
             (*entry).flags,
         )
@@ -136,6 +164,7 @@ pub fn lookup(flow: &Flow, rev_nat_id: u32, now: u64) -> State {
         backend_id,
         backend,
         nat_port_be,
+        remap_port_be,
     };
     let syn = flow.syn();
     let reopened = syn && flags & ct_flags::CLOSING != 0;
@@ -157,7 +186,7 @@ pub fn lookup(flow: &Flow, rev_nat_id: u32, now: u64) -> State {
     if flow.fin_or_rst() && flags & ct_flags::CLOSING == 0 {
         // SAFETY: plain data.
         unsafe { (*entry).flags = flags | ct_flags::CLOSING };
-        close_reply(flow, &backend);
+        close_reply(flow, &tracked);
     }
     if reopened {
         State::Reopened(tracked)
@@ -193,12 +222,18 @@ fn write_reply(
         backend_id: tracked.backend_id,
         rev_nat_id,
         flags: flags | if hairpin { ct_flags::HAIRPIN } else { 0 },
+        // A remapped flow's replies get the client's own port back.
+        remap_port_be: if tracked.remap_port_be != 0 {
+            flow.sport
+        } else {
+            0
+        },
         last_seen_ns: now,
         ..CtValue4::default()
     };
     CONNTRACK
         .insert(
-            &reply_key(flow, &tracked.backend, hairpin),
+            &reply_key(flow, &tracked.backend, tracked.client_port_be(flow)),
             &reply,
             u64::from(BPF_ANY),
         )
@@ -207,8 +242,8 @@ fn write_reply(
 
 /// Marks the reply direction of `flow` closing with its forward entry.
 #[inline(always)]
-fn close_reply(flow: &Flow, backend: &Backend4) {
-    let reply = reply_key(flow, backend, hairpin(flow, backend));
+fn close_reply(flow: &Flow, tracked: &Tracked) {
+    let reply = reply_key(flow, &tracked.backend, tracked.client_port_be(flow));
     if let Some(r) = CONNTRACK.get_ptr_mut(&reply) {
         // SAFETY: plain data.
         unsafe { (*r).flags |= ct_flags::CLOSING };
@@ -216,19 +251,73 @@ fn close_reply(flow: &Flow, backend: &Backend4) {
 }
 
 /// Records a new flow to `tracked`'s backend: both directions, the reply
-/// first so that no forward entry exists without it.
+/// first so that no forward entry exists without it. A flow whose tuple at
+/// the backend is taken gets another client port first (`tracked` says it).
 #[inline(always)]
-pub fn create(flow: &Flow, tracked: &Tracked, rev_nat_id: u32, now: u64) -> Result<(), Dropped> {
+pub fn create(
+    flow: &Flow,
+    tracked: &mut Tracked,
+    rev_nat_id: u32,
+    now: u64,
+) -> Result<(), Dropped> {
+    if replies_here(flow, &tracked.backend) {
+        tracked.remap_port_be = remap_port(flow, &tracked.backend, rev_nat_id, now)?;
+    }
     write_reply(flow, tracked, rev_nat_id, 0, now)?;
     let forward = CtValue4 {
         backend_id: tracked.backend_id,
         rev_nat_id,
+        remap_port_be: tracked.remap_port_be,
         last_seen_ns: now,
         ..CtValue4::default()
     };
     CONNTRACK
         .insert(&key(flow, ct_dir::FORWARD), &forward, u64::from(BPF_ANY))
         .map_err(|_| Dropped(Stat::DropCtInsert))
+}
+
+/// The client ports a flow may be given when its own is taken at its
+/// backend: above the kernel's default ephemeral range (32768-60999), where a
+/// client's own connections to the backend seldom are.
+const REMAP_MIN: u32 = 61_000;
+const REMAP_SIZE: u32 = 65_536 - REMAP_MIN;
+/// How many such ports a new flow tries.
+const REMAP_TRIES: u32 = 8;
+
+/// Whether the reply entry `entry` leaves the tuple free for a new flow of
+/// frontend `rev_nat_id` from its client's own port: it is gone or outlived
+/// its lifetime, or it is that same flow's (the same frontend, no remapped
+/// port: a tuple reused after its connection closed).
+#[inline(always)]
+fn free_for(entry: Option<&CtValue4>, proto: u8, rev_nat_id: u32, own: bool, now: u64) -> bool {
+    let Some(e) = entry else {
+        return true;
+    };
+    now.wrapping_sub(e.last_seen_ns) > ct_lifetime::nanos(proto, e.flags)
+        || (own && e.rev_nat_id == rev_nat_id && e.remap_port_be == 0)
+}
+
+/// The client port a new flow of frontend `rev_nat_id` to `backend` must
+/// carry to it: 0 (its own) unless a live flow of another frontend holds
+/// that tuple at the backend; then the first free of a few ports hashed from
+/// the flow. None free: the flow is dropped (the client's SYN is sent again).
+#[inline(always)]
+fn remap_port(flow: &Flow, backend: &Backend4, rev_nat_id: u32, now: u64) -> Result<u16, Dropped> {
+    // SAFETY: copied out at once.
+    let own = unsafe { CONNTRACK.get(&reply_key(flow, backend, flow.sport)) }.copied();
+    if free_for(own.as_ref(), flow.proto, rev_nat_id, true, now) {
+        return Ok(0);
+    }
+    let hash = flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    for i in 0..REMAP_TRIES {
+        let port_be = ((REMAP_MIN + hash.wrapping_add(i) % REMAP_SIZE) as u16).to_be();
+        // SAFETY: copied out at once.
+        let taken = unsafe { CONNTRACK.get(&reply_key(flow, backend, port_be)) }.copied();
+        if free_for(taken.as_ref(), flow.proto, rev_nat_id, false, now) {
+            return Ok(port_be);
+        }
+    }
+    Err(Dropped(Stat::DropNatPorts))
 }
 
 /// Records the NAT port a SNATed flow got in its forward conntrack entry.
@@ -246,6 +335,8 @@ pub struct Reply {
     pub rev_nat_id: u32,
     /// The client reached itself: the reply goes back into the same pod.
     pub hairpin: bool,
+    /// The client's own port, where the flow's was remapped (else 0).
+    pub remap_port_be: u16,
     last_seen_ns: u64,
 }
 
@@ -263,12 +354,19 @@ impl Reply {
 pub fn reply(flow: &Flow) -> Option<Reply> {
     let entry = CONNTRACK.get_ptr_mut(&key(flow, ct_dir::REPLY))?;
     // SAFETY: plain data, read once.
-    let (rev_nat_id, flags, last_seen_ns) =
-        unsafe { ((*entry).rev_nat_id, (*entry).flags, (*entry).last_seen_ns) };
+    let (rev_nat_id, flags, remap_port_be, last_seen_ns) = unsafe {
+        (
+            (*entry).rev_nat_id,
+            (*entry).flags,
+            (*entry).remap_port_be,
+            (*entry).last_seen_ns,
+        )
+    };
     Some(Reply {
         entry,
         rev_nat_id,
         hairpin: flags & ct_flags::HAIRPIN != 0,
+        remap_port_be,
         last_seen_ns,
     })
 }
