@@ -4,12 +4,16 @@
 //! - `ferry-lab-pod pause`: the pod sandbox's process, as Kubernetes' pause image;
 //! - `ferry-lab-pod dial ADDR:PORT`: a client, for pods that test a Service
 //!   (one TCP connection: prints the server's first line and the peer the socket
-//!   reports, exits 0 if it was answered).
+//!   reports, exits 0 if it was answered);
+//! - `ferry-lab-pod webhook`: a validating admission webhook on HTTPS port
+//!   8443, with the certificate and key in `$WEBHOOK_CERT` and `$WEBHOOK_KEY`.
 //!
-//! This file only reads the command line; `server` and `pause` do the work.
+//! This file only reads the command line; `server`, `pause` and `webhook` do
+//! the work.
 
 mod pause;
 mod server;
+mod webhook;
 
 use std::{
     env,
@@ -25,13 +29,15 @@ const UDP_PORT: u16 = 5353;
 
 const USAGE: &str = "usage: ferry-lab-pod serve [NAME]   (NAME defaults to $POD_NAME)\n       \
                      ferry-lab-pod pause\n       \
-                     ferry-lab-pod dial ADDR:PORT";
+                     ferry-lab-pod dial ADDR:PORT\n       \
+                     ferry-lab-pod webhook           (with $WEBHOOK_CERT and $WEBHOOK_KEY)";
 
 #[derive(Debug, PartialEq)]
 enum Mode {
     Serve { name: String },
     Pause,
     Dial { target: SocketAddr },
+    Webhook,
 }
 
 /// The mode the arguments (after the program name) ask for; `pod_name_env` is
@@ -39,6 +45,7 @@ enum Mode {
 fn parse(args: &[String], pod_name_env: Option<String>) -> Result<Mode, String> {
     match args {
         [mode] if mode == "pause" => Ok(Mode::Pause),
+        [mode] if mode == "webhook" => Ok(Mode::Webhook),
         [mode, target] if mode == "dial" => target
             .parse()
             .map(|target| Mode::Dial { target })
@@ -57,6 +64,15 @@ fn parse(args: &[String], pod_name_env: Option<String>) -> Result<Mode, String> 
 fn run(mode: Mode) -> std::io::Result<()> {
     match mode {
         Mode::Pause => pause::run(),
+        Mode::Webhook => {
+            let pem = |name: &str| {
+                env::var(name).map_err(|_| std::io::Error::other(format!("webhook: no ${name}")))
+            };
+            let config = webhook::tls_config(&pem("WEBHOOK_CERT")?, &pem("WEBHOOK_KEY")?)?;
+            let listener = TcpListener::bind(("0.0.0.0", webhook::PORT))?;
+            eprintln!("ferry-lab-pod: webhook serving HTTPS {}", webhook::PORT);
+            webhook::serve(config, listener)
+        }
         Mode::Dial { target } => {
             let conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -144,6 +160,8 @@ mod tests {
     #[test]
     fn pause_and_unknown_modes() {
         assert_eq!(parse(&args(&["pause"]), None), Ok(Mode::Pause));
+        assert_eq!(parse(&args(&["webhook"]), None), Ok(Mode::Webhook));
+        assert!(parse(&args(&["webhook", "extra"]), None).is_err());
         assert!(parse(&args(&["pause", "extra"]), None).is_err());
         assert!(parse(&args(&[]), Some("web-1".into())).is_err());
         assert!(parse(&args(&["web-1"]), None).is_err());

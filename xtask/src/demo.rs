@@ -69,7 +69,7 @@ pub fn run() -> Result<()> {
         eprintln!("demo: a lab is up already; starting it afresh");
         lab.down()?;
     }
-    eprintln!("demo: 2/5 images (the agent, the lab's pods) and the lab: fabric, API server, node1 and node2 with their kubelets, Ferry's DaemonSet");
+    eprintln!("demo: 2/5 images (the agent, the lab's pods) and the lab: node1 and node2, the control-plane node (the fabric: API server), each with its kubelet, Ferry's DaemonSet");
     lab.up(&workspace_root().join("deploy"))?;
     eprintln!(
         "demo: 3/5 pods web-1 (node1), web-2 and web-3 (node2), a client on node1, Service web"

@@ -220,3 +220,28 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// Makes `cmd`'s process join the v2 cgroup `cgroup` before it runs
+/// (`0` written to `cgroup.procs` moves the writer).
+pub fn join_cgroup_on_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+    // SAFETY: open, write and close are async-signal-safe, as code between
+    // fork and exec must be; nothing is allocated there.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(error);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

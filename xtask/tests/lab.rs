@@ -176,9 +176,10 @@ fn lab_services_through_real_agents() {
         "json",
     ]))
     .unwrap();
-    assert_eq!(ds["status"]["numberReady"], 2, "{:#}", ds["status"]);
+    // node1, node2 and the control-plane node (its taint tolerated).
+    assert_eq!(ds["status"]["numberReady"], 3, "{:#}", ds["status"]);
     let agents = agent_processes(&lab.name);
-    assert_eq!(agents.len(), 2, "agent processes: {agents:?}");
+    assert_eq!(agents.len(), 3, "agent processes: {agents:?}");
     for (pid, status) in &agents {
         let field = |name: &str| {
             status

@@ -145,6 +145,11 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
     }
     let sticky = lab.cluster_ip("sticky");
 
+    // The previous release finds no uplink by itself and is told the
+    // workers' (eth0); the control-plane node's is its bridge. What is
+    // upgraded and restarted here is the workers' agents.
+    lab.xtask(&["agent", "stop", "control-plane"]);
+
     eprintln!("== the previous release's agents serve (its NAT map is nat4_v2)");
     let built = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["image", "--previous"])

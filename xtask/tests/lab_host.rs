@@ -1,14 +1,18 @@
 //! Services from the node itself: this test process joins node1 (its host
 //! cgroup, where node1's agent's socket hooks apply) and dials from node1's
 //! network namespace, as a host process or the kubelet would; a hostNetwork
-//! pod does the same from its container. No packet hook is on these paths:
-//! what reaches a backend was translated at connect().
+//! pod does the same from its container; and the API server, on the
+//! control-plane node, calls an admission webhook through its ClusterIP.
+//! No packet hook is on these paths: what reaches a backend was translated
+//! at connect().
 
 mod support;
 
 use std::{
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::Path,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -89,6 +93,9 @@ fn the_node_s_own_connections_reach_services() {
     eprintln!("== a hostNetwork pod on node1 reaches the ClusterIP");
     assert_eq!(dial_pod(&lab, "host-client", true, vip), "Succeeded");
 
+    eprintln!("== the API server reaches an admission webhook through its ClusterIP");
+    webhook_through_the_control_plane_node(&lab);
+
     eprintln!("== pods: per-packet NAT with --socket-lb host, at connect() with all");
     let new_flows = || lab.agent_counter("node1", Stat::FwdNew.index());
     let before = new_flows();
@@ -155,4 +162,212 @@ fn dial_pod(lab: &Lab, name: &str, host_network: bool, vip: Ipv4Addr) -> String 
         }
         thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The webhook's name as the API server asks for it (its Service's DNS name).
+const WEBHOOK_HOST: &str = "webhook.default.svc";
+
+/// A webhook pod on node2 behind Service `webhook` (443 -> 8443), and a
+/// ValidatingWebhookConfiguration naming that Service, for labelled
+/// ConfigMaps: the API server, whose only way to the ClusterIP is the
+/// control-plane node's socket hooks, must ask it. Shown three ways: a
+/// denied name is denied with the webhook's message, an allowed one is
+/// created, and with the control-plane node's hooks removed (agent stopped,
+/// its pins cleaned up) the call fails, until the agent is back.
+fn webhook_through_the_control_plane_node(lab: &Lab) {
+    let dir = std::env::temp_dir().join(format!("{}-webhook", lab.name));
+    let (ca, cert, key) = webhook_pki(&dir);
+    lab.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "webhook", "namespace": "default", "labels": {"app": "webhook"}},
+        "spec": {
+            "nodeName": "node2",
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "webhook",
+                "image": format!("ferry.local/lab-pod:{}", env!("CARGO_PKG_VERSION")),
+                "imagePullPolicy": "Never",
+                "command": ["/ferry-lab-pod", "webhook"],
+                "env": [
+                    {"name": "WEBHOOK_CERT", "value": cert},
+                    {"name": "WEBHOOK_KEY", "value": key},
+                ],
+                "readinessProbe": {"tcpSocket": {"port": 8443}, "periodSeconds": 1},
+            }],
+        },
+    }));
+    lab.apply_service(
+        "webhook",
+        json!({
+            "selector": {"app": "webhook"},
+            "ports": [{"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}],
+        }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pod_ip = loop {
+        let out = lab.kubectl(&[
+            "get",
+            "pod",
+            "webhook",
+            "-o",
+            "jsonpath={.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        if let [addr, "True"] = out.split_whitespace().collect::<Vec<_>>()[..] {
+            break addr.parse::<Ipv4Addr>().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook pod is not Ready: {out}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    lab.wait_endpoints("webhook", &[pod_ip]);
+    lab.apply(&json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "ferry-lab"},
+        "webhooks": [{
+            "name": "names.ferry-lab.test",
+            "clientConfig": {
+                "service": {"namespace": "default", "name": "webhook", "path": "/validate", "port": 443},
+                "caBundle": ca,
+            },
+            "rules": [{
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE"],
+                "resources": ["configmaps"],
+                "scope": "Namespaced",
+            }],
+            "objectSelector": {"matchLabels": {"ferry-lab/webhook": "on"}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+        }],
+    }));
+
+    // The configuration takes effect once the API server has read it.
+    let mut tries = 0;
+    let denied = loop {
+        tries += 1;
+        let name = format!("denied-{tries}");
+        match create_config_map(lab, &name) {
+            Err(e) => break e,
+            Ok(_) => {
+                lab.kubectl(&["delete", "configmap", &name]);
+                assert!(tries < 60, "the webhook never denied {name}");
+                thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    eprintln!("   denied: {}", denied.trim());
+    assert!(
+        denied.contains("the ferry-lab webhook denies denied-"),
+        "denied by the webhook itself, not for want of it: {denied}"
+    );
+    create_config_map(lab, "allowed-1").expect("an allowed name is created");
+
+    // Without the control-plane node's hooks the API server cannot reach it.
+    lab.xtask(&["agent", "stop", "control-plane"]);
+    cleanup_pins(lab, "control-plane");
+    // The hooks go once the RCU grace period after their unpinning ends.
+    let mut tries = 0;
+    let unreachable = loop {
+        tries += 1;
+        let name = format!("allowed-late-{tries}");
+        match create_config_map(lab, &name) {
+            Err(e) => break e,
+            Ok(_) => {
+                lab.kubectl(&["delete", "configmap", &name]);
+                assert!(tries < 20, "the webhook is still reached without the hooks");
+                thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    eprintln!("   without the hooks: {}", unreachable.trim());
+    assert!(
+        unreachable.contains("failed calling webhook"),
+        "{unreachable}"
+    );
+    lab.xtask(&["agent", "start", "control-plane"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = create_config_map(lab, "allowed-3") {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook is not reached again: {e}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    lab.kubectl(&["delete", "validatingwebhookconfiguration", "ferry-lab"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Creates ConfigMap `name`, labelled for the webhook.
+fn create_config_map(lab: &Lab, name: &str) -> Result<String, String> {
+    let path = std::env::temp_dir().join(format!("{}-{name}.json", lab.name));
+    let manifest = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": "default", "labels": {"ferry-lab/webhook": "on"}},
+    });
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let created = lab.try_kubectl(&["create", "-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(path);
+    created
+}
+
+/// Removes a node's pinned programs and maps (its socket hooks go with
+/// them), as `proxy-agent cleanup` does on a node being rebooted.
+fn cleanup_pins(lab: &Lab, node: &str) {
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/x86_64-unknown-linux-gnu/release/proxy-agent");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.node_ns(node)))
+        .arg(&agent)
+        .args([
+            "cleanup",
+            "--pin-dir",
+            &format!("/sys/fs/bpf/{}/{node}", lab.name),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a serving certificate for [`WEBHOOK_HOST`], made with openssl in
+/// `dir`: the CA as the webhook configuration's caBundle (base64), the
+/// certificate and key in PEM.
+fn webhook_pki(dir: &Path) -> (String, String, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    std::fs::write(
+        dir.join("san.cnf"),
+        format!("subjectAltName=DNS:{WEBHOOK_HOST}\n"),
+    )
+    .unwrap();
+    for step in [
+        format!("req -x509 {ec} -keyout ca.key -out ca.crt -days 1 -subj /CN=ferry-lab-webhook-ca"),
+        format!("req {ec} -keyout tls.key -out tls.csr -subj /CN={WEBHOOK_HOST}"),
+        "x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile san.cnf -out tls.crt".to_string(),
+        "base64 -A -in ca.crt -out ca.b64".to_string(),
+    ] {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(step.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap();
+    (read("ca.b64"), read("tls.crt"), read("tls.key"))
 }

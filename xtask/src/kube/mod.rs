@@ -42,6 +42,9 @@ pub struct Binaries {
 pub struct ControlPlaneConfig {
     /// The network namespace to run in (`ip netns exec`).
     pub netns: String,
+    /// A v2 cgroup every process joins (a node's host cgroup, whose socket
+    /// hooks then serve the API server's connections to Services), if any.
+    pub cgroup: Option<PathBuf>,
     /// Where kube-apiserver listens (port 6443); also its advertised address.
     pub listen_addr: Ipv4Addr,
     /// Keys, certificates, kubeconfigs, etcd data, logs and PIDs. `start` replaces

@@ -16,7 +16,7 @@ use super::{
     pki::{first_host, make_pki, Kubeconfigs, Tokens},
     Binaries, ControlPlane, ControlPlaneConfig,
 };
-use crate::sys::{quiet, show, spawn_detached};
+use crate::sys::{join_cgroup_on_exec, quiet, show, spawn_detached};
 
 /// The feature gate that makes v1.20 publish terminating endpoints.
 const TERMINATING_CONDITION: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
@@ -84,7 +84,8 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
     let server_url = format!("https://{}:{SECURE_PORT}", cfg.listen_addr);
     let kubeconfigs = Kubeconfigs::write(dir, &server_url, &pki.join("ca.crt"), &tokens)?;
 
-    let mut etcd = start_etcd(bins, netns, dir)?;
+    let cgroup = cfg.cgroup.as_deref();
+    let mut etcd = start_etcd(bins, netns, cgroup, dir)?;
     let mut apiserver = start_apiserver(bins, cfg, dir, &pki, &token_file)?;
     eprintln!("control plane: waiting for {server_url}/readyz");
     wait_for_apiserver(
@@ -123,7 +124,8 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
             &pki.join("sa.key"),
         ))
         .arg(arg("--root-ca-file", &pki.join("ca.crt")));
-    let mut controller_manager = spawn_logged(controller_manager, dir, "kube-controller-manager")?;
+    let mut controller_manager =
+        spawn_logged(controller_manager, cgroup, dir, "kube-controller-manager")?;
     wait_for_controllers(&mut controller_manager, dir)?;
 
     // The DaemonSet controller leaves placing its pods to the scheduler.
@@ -131,14 +133,14 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
     scheduler
         .arg(arg("--kubeconfig", &kubeconfigs.scheduler))
         .args(["--leader-elect=false", "--port=0", "--secure-port=0"]);
-    spawn_logged(scheduler, dir, "kube-scheduler")?;
+    spawn_logged(scheduler, cgroup, dir, "kube-scheduler")?;
 
     Ok(ControlPlane {
         admin_token: tokens.admin,
     })
 }
 
-fn start_etcd(bins: &Binaries, netns: &str, dir: &Path) -> Result<Child> {
+fn start_etcd(bins: &Binaries, netns: &str, cgroup: Option<&Path>, dir: &Path) -> Result<Child> {
     let mut etcd = in_netns(netns, &bins.etcd);
     etcd.args([
         "--name=ferry-lab",
@@ -154,7 +156,7 @@ fn start_etcd(bins: &Binaries, netns: &str, dir: &Path) -> Result<Child> {
         "--unsafe-no-fsync",
     ])
     .arg(arg("--data-dir", &dir.join("etcd")));
-    spawn_logged(etcd, dir, "etcd")
+    spawn_logged(etcd, cgroup, dir, "etcd")
 }
 
 fn start_apiserver(
@@ -194,7 +196,7 @@ fn start_apiserver(
         ))
         // Never /var/run/kubernetes, even for files we did not ask for.
         .arg(arg("--cert-dir", pki));
-    spawn_logged(apiserver, dir, "kube-apiserver")
+    spawn_logged(apiserver, cfg.cgroup.as_deref(), dir, "kube-apiserver")
 }
 
 /// Waits until the apiserver is ready and the `default` and `kube-system`
@@ -287,9 +289,12 @@ fn in_netns(netns: &str, program: &Path) -> Command {
     ferry_netns::exec(netns, program)
 }
 
-/// Starts `cmd` detached (see [`spawn_detached`]), output to `<dir>/<name>.log`
-/// and its PID in `<dir>/<name>.pid`.
-fn spawn_logged(mut cmd: Command, dir: &Path, name: &str) -> Result<Child> {
+/// Starts `cmd` detached (see [`spawn_detached`]) in `cgroup` if given, output
+/// to `<dir>/<name>.log` and its PID in `<dir>/<name>.pid`.
+fn spawn_logged(mut cmd: Command, cgroup: Option<&Path>, dir: &Path, name: &str) -> Result<Child> {
+    if let Some(cgroup) = cgroup {
+        join_cgroup_on_exec(&mut cmd, cgroup)?;
+    }
     let log = dir.join(format!("{name}.log"));
     eprintln!("+ {} > {}", show(&cmd), log.display());
     spawn_detached(&mut cmd, &log, &dir.join(format!("{name}.pid")))

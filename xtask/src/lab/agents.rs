@@ -2,7 +2,7 @@
 //! as an operator installs it (the image and the API server's address set in
 //! an overlay), run by the nodes' kubelets; stopped and started per node.
 //!
-//! The overlay adds only what two nodes on one machine need: each node's maps
+//! The overlay adds only what several nodes on one machine need: each node's maps
 //! in a directory of its own, generic XDP on the lab's veths, and a node
 //! label that keeps the DaemonSet off a node (how `agent stop` stops one
 //! agent without touching the other).
@@ -118,13 +118,13 @@ impl Lab {
                         // from a variable listed before it, and the merge puts
                         // the patch's variables ahead of deploy/'s.
                         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                        // Two nodes share the machine's bpffs.
+                        // The nodes share the machine's bpffs.
                         {"name": "FERRY_PIN_DIR", "value": format!("/sys/fs/bpf/{}/$(NODE_NAME)", self.name)},
                         // Native XDP on a veth sends XDP_TX frames to its peer,
                         // where (on a bridge port without an XDP program of its
                         // own) they get lost; generic XDP runs the same program.
                         {"name": "FERRY_UPLINK_MODE", "value": "generic"},
-                        // Two nodes share the machine's cgroup tree: each
+                        // The nodes share the machine's cgroup tree: each
                         // agent's socket hooks serve its own node's processes.
                         {"name": "FERRY_CGROUP_ROOT", "value": cgroup_root},
                     ],

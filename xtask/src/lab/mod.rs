@@ -1,19 +1,26 @@
-//! The lab: a two-node cluster on one machine, in network namespaces named
-//! `<lab>-*` (default `ferry-*`), with a real API server, a real kubelet with
-//! containerd per node, and Ferry installed from deploy/ as a DaemonSet.
+//! The lab: a cluster of two worker nodes and a control-plane node on one
+//! machine, in network namespaces named `<lab>-*` (default `ferry-*`), with a
+//! real API server, a real kubelet with containerd per node, and Ferry
+//! installed from deploy/ as a DaemonSet.
 //! Nothing outside those namespaces changes, except pinned maps under
 //! `/sys/fs/bpf/<lab>/`, cgroups under `/<lab>/` and state under
 //! `/run/ferry-lab/<lab>/`, all removed by `lab down`.
 //!
 //! ```text
-//!              <lab>-fabric: bridge br0 10.250.0.1/24, etcd, kube-apiserver :6443,
-//!                            kube-controller-manager, kube-scheduler
+//!              <lab>-fabric: node control-plane (tainted NoSchedule): bridge
+//!                            br0 10.250.0.1/24, etcd, kube-apiserver :6443,
+//!                            kube-controller-manager, kube-scheduler, kubelet,
+//!                            containerd, agent pod (host net)
 //!        ┌───────────────┬────────┴───────┬──────────────────┐
 //!  <lab>-node1 .11   <lab>-node2 .12   <lab>-ext .100 (external client)
 //!  kubelet, containerd kubelet, containerd
 //!  pods 10.244.1.0/24  pods 10.244.2.0/24
 //!  agent pod (host net) agent pod (host net)
 //! ```
+//!
+//! The control-plane node is the API server's own namespace and cgroup, as on
+//! a real control-plane node: its agent serves the API server's connections to
+//! Services (admission webhooks through their ClusterIPs) at connect time.
 //!
 //! This file owns the lab's shape (addresses, namespaces, bringing it up and
 //! down, status); `api` talks to its API server, `node` runs each node's
@@ -38,8 +45,13 @@ pub use pods::tcp_ask;
 
 use crate::{image, kube};
 
-/// Nodes of the lab, by name.
+/// The lab's worker nodes, by name: its pods run there.
 pub const NODES: [&str; 2] = ["node1", "node2"];
+/// The node of the API server's namespace, tainted so that only DaemonSets
+/// (the agent's) run there.
+pub const CONTROL_PLANE: &str = "control-plane";
+/// Every node with a kubelet and an agent.
+pub const ALL_NODES: [&str; 3] = ["node1", "node2", CONTROL_PLANE];
 const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 100);
 const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -49,17 +61,20 @@ pub const VIRTUAL_IPS: &str = "192.0.2.0/24";
 pub const POD_TCP_PORT: u16 = 8080;
 pub const POD_UDP_PORT: u16 = 5353;
 
-/// Index (1-based) of a node.
+/// Index (1-based) of a node: its pod CIDR is `10.244.<index>.0/24`.
 fn node_index(node: &str) -> Result<u8> {
-    NODES
+    ALL_NODES
         .iter()
         .position(|n| *n == node)
         .map(|i| i as u8 + 1)
-        .with_context(|| format!("no node {node}: the lab has {}", NODES.join(", ")))
+        .with_context(|| format!("no node {node}: the lab has {}", ALL_NODES.join(", ")))
 }
 
-/// A node's address on the fabric.
+/// A node's address on the fabric: the control-plane node's is the bridge's.
 pub fn node_addr(node: &str) -> Result<Ipv4Addr> {
+    if node == CONTROL_PLANE {
+        return Ok(FABRIC_GATEWAY);
+    }
     Ok(Ipv4Addr::new(10, 250, 0, 10 + node_index(node)?))
 }
 
@@ -87,6 +102,15 @@ impl Lab {
         }
         Ok(Self {
             name: name.to_string(),
+        })
+    }
+
+    /// A node's network namespace: the control-plane node's is the fabric's.
+    pub fn node_ns(&self, node: &str) -> String {
+        self.ns(if node == CONTROL_PLANE {
+            "fabric"
+        } else {
+            node
         })
     }
 
@@ -148,30 +172,33 @@ impl Lab {
         eprintln!("lab {}: network", self.name);
         self.network()?;
         eprintln!("lab {}: control plane", self.name);
+        // Its processes are the control-plane node's own, in its host cgroup.
+        self.make_cgroups(CONTROL_PLANE)?;
         let control_plane = kube::start(
             bins,
             &kube::ControlPlaneConfig {
                 netns: self.ns("fabric"),
+                cgroup: Some(self.host_cgroup(CONTROL_PLANE)?),
                 listen_addr: FABRIC_GATEWAY,
                 state_dir: self.control_plane_dir(),
                 service_cidr: SERVICE_CIDR.into(),
-                nodes: NODES.iter().map(|n| n.to_string()).collect(),
+                nodes: ALL_NODES.iter().map(|n| n.to_string()).collect(),
             },
         )?;
         fs::write(
             self.state_dir().join("admin.token"),
             &control_plane.admin_token,
         )?;
-        for node in NODES {
+        for node in ALL_NODES {
             eprintln!("lab {}: {node}: containerd and kubelet", self.name);
             self.start_node(bins, node, &images)?;
         }
-        self.wait_nodes_ready(&NODES)?;
-        for node in NODES {
+        self.wait_nodes_ready(&ALL_NODES)?;
+        for node in ALL_NODES {
             self.set_pod_cidr(node)?;
         }
         eprintln!("lab {}: agents (kubectl apply -k)", self.name);
-        self.install_agents(deploy_dir, &NODES)?;
+        self.install_agents(deploy_dir, &ALL_NODES)?;
         eprintln!("lab {}: up; `cargo xtask lab status` shows it", self.name);
         Ok(())
     }
@@ -228,10 +255,22 @@ impl Lab {
             let ns = self.ns(node);
             // Only inside the node's own namespace: it routes for its pods.
             netns::sysctl(&ns, "net.ipv4.ip_forward=1")?;
+        }
+        // Each node reaches the others' pods (the control plane's, too: the
+        // API server calls webhooks in pods).
+        for node in ALL_NODES {
             for other in NODES.iter().filter(|o| **o != node) {
                 let cidr = format!("10.244.{}.0/24", node_index(other)?);
                 let via = node_addr(other)?.to_string();
-                ip(&["-n", &ns, "route", "add", &cidr, "via", &via])?;
+                ip(&[
+                    "-n",
+                    &self.node_ns(node),
+                    "route",
+                    "add",
+                    &cidr,
+                    "via",
+                    &via,
+                ])?;
             }
         }
         Ok(())
@@ -243,6 +282,8 @@ impl Lab {
             self.stop_node(node);
         }
         kube::stop(&self.control_plane_dir())?;
+        // After the control plane, whose processes are in its cgroup.
+        self.stop_node(CONTROL_PLANE);
         // Deleting a namespace removes its interfaces and their tc filters.
         netns::delete_all(&format!("{}-", self.name))?;
         let pins = PathBuf::from("/sys/fs/bpf").join(&self.name);
@@ -269,7 +310,7 @@ impl Lab {
     /// where its agent's socket hooks serve Services).
     pub fn exec(&self, target: &str, command: &[String]) -> Result<()> {
         let (program, args) = command.split_first().context("no command")?;
-        let mut cmd = if NODES.contains(&target) {
+        let mut cmd = if ALL_NODES.contains(&target) {
             self.in_node(target, program)?
         } else {
             netns::exec(&self.pod_ns(target), program)
@@ -288,23 +329,23 @@ impl Lab {
         }
         println!("lab {}: up", self.name);
         println!(
-            "  api server  https://{FABRIC_GATEWAY}:6443 in {}",
+            "  api server    https://{FABRIC_GATEWAY}:6443 in {}",
             self.ns("fabric")
         );
-        for node in NODES {
+        for node in ALL_NODES {
             let state = if self.agent_pod(node).ok().flatten().is_some() {
                 "running"
             } else {
                 "stopped"
             };
             println!(
-                "  {node}       {} (pods 10.244.{}.0/24), agent {state}, maps in {}",
+                "  {node:<13} {} (pods 10.244.{}.0/24), agent {state}, maps in {}",
                 node_addr(node)?,
                 node_index(node)?,
                 self.pin_dir(node).display()
             );
         }
-        println!("  external    {EXTERNAL_ADDR} in {}", self.ns("ext"));
+        println!("  external      {EXTERNAL_ADDR} in {}", self.ns("ext"));
         for pod in self.pods()?.values() {
             println!("  pod {:<12} {:<12} on {}", pod.name, pod.addr, pod.node);
         }

@@ -2,7 +2,7 @@
 //! kubelet that setup builds, all inside the node's network namespace and a
 //! mount namespace of the node's own.
 //!
-//! Two nodes share one machine, so each node's processes get a mount namespace
+//! The nodes share one machine, so each node's processes get a mount namespace
 //! (held open by a `sleep` process, the node's "holder") in which the paths a
 //! kubelet or containerd cannot be told to move are bind mounts of the node's
 //! own directories: `/var/log` (pod logs), `/var/lib/cni` (CNI results).
@@ -33,7 +33,7 @@ use serde_json::json;
 use super::{node_addr, node_index, pod_gateway, Lab};
 use crate::{
     image, kube,
-    sys::{live_pid, output, quiet, spawn_detached, stop_pid_file},
+    sys::{join_cgroup_on_exec, live_pid, output, quiet, spawn_detached, stop_pid_file},
 };
 
 /// The sysctls the kubelet wants (its `setupKernelTunables`), as /proc/sys paths.
@@ -146,7 +146,7 @@ impl Lab {
     /// through), with the node's bind mounts made in it.
     fn start_holder(&self, node: &str) -> Result<()> {
         let dir = self.node_dir(node);
-        let mut holder = ferry_netns::enter(&self.ns(node), "unshare");
+        let mut holder = ferry_netns::enter(&self.node_ns(node), "unshare");
         holder.args([
             "--mount",
             "--propagation",
@@ -214,7 +214,7 @@ impl Lab {
     /// `/<lab>/<node>` in every cgroup v1 hierarchy (or once in a v2 tree): the
     /// kubelet's `cgroupRoot`, which must exist before it starts; and the
     /// node's host cgroup in the v2 tree.
-    fn make_cgroups(&self, node: &str) -> Result<()> {
+    pub(super) fn make_cgroups(&self, node: &str) -> Result<()> {
         for hierarchy in cgroup_hierarchies()? {
             let path = hierarchy.join(self.cgroup_root(node).trim_start_matches('/'));
             fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -312,6 +312,11 @@ impl Lab {
                 ),
                 "--v=1",
             ]);
+        if node == super::CONTROL_PLANE {
+            // As kubeadm taints a control-plane node: only what tolerates it
+            // (the agent's DaemonSet) runs there.
+            kubelet.arg("--register-with-taints=node-role.kubernetes.io/control-plane=:NoSchedule");
+        }
         spawn_detached(
             &mut kubelet,
             &dir.join("kubelet.log"),
@@ -322,7 +327,7 @@ impl Lab {
 
     /// Imports an image archive into every node's containerd.
     pub fn load_image(&self, archive: &Path) -> Result<()> {
-        for node in super::NODES {
+        for node in super::ALL_NODES {
             image::load(
                 &self.containerd_socket(node),
                 image::KUBERNETES_NAMESPACE,
@@ -486,31 +491,6 @@ fn kubelet_config(addr: Ipv4Addr, cgroup_root: &str, root: &Path) -> serde_json:
         "nodeStatusUpdateFrequency": "2s",
         "syncFrequency": "5s",
     })
-}
-
-/// Makes `cmd`'s process join the v2 cgroup `cgroup` before it runs
-/// (`0` written to `cgroup.procs` moves the writer).
-fn join_cgroup_on_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
-    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
-    // SAFETY: open, write and close are async-signal-safe, as code between
-    // fork and exec must be; nothing is allocated there.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let error = std::io::Error::last_os_error();
-            libc::close(fd);
-            if written != 1 {
-                return Err(error);
-            }
-            Ok(())
-        });
-    }
-    Ok(())
 }
 
 /// The mounted cgroup hierarchies: every v1 controller directory, or the v2 root.

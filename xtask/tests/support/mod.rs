@@ -49,6 +49,21 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// kubectl, whose failure is an answer: what it printed, either way.
+    pub fn try_kubectl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["lab", "--lab", &self.name, "kubectl"])
+            .args(args)
+            .output()
+            .expect("run xtask");
+        let printed = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        if out.status.success() {
+            Ok(printed(&out.stdout))
+        } else {
+            Err(printed(&out.stderr) + &printed(&out.stdout))
+        }
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> String {
         let mut all = vec!["kubectl"];
         all.extend_from_slice(args);
@@ -95,9 +110,15 @@ impl Lab {
         proxy_common::cgroup::join(&host).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// The network namespace of `node` (its host network).
+    /// The network namespace of `node` (its host network; the
+    /// control-plane node's is the fabric's).
     pub fn node_ns(&self, node: &str) -> String {
-        format!("{}-{node}", self.name)
+        let ns = if node == "control-plane" {
+            "fabric"
+        } else {
+            node
+        };
+        format!("{}-{ns}", self.name)
     }
 
     pub fn pod_ns(&self, pod: &str) -> String {
