@@ -111,25 +111,13 @@ fn frontend_id(state: &MapState, addr: &str, port: u16) -> u32 {
 fn hashed_backend(state: &MapState, f: &Frame) -> u32 {
     let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
     let count = state.services[&key(0)].count;
-    let h = hash::flow_hash4(
-        u32::from(f.saddr).to_be(),
-        u32::from(f.daddr).to_be(),
-        f.sport.to_be(),
-        f.dport.to_be(),
-        f.proto,
-    );
+    let h = f.flow_hash();
     state.services[&key(hash::slot_for(h, count))].backend_id
 }
 
 /// The NAT port a new flow `f` would take first.
 fn hashed_nat_port(f: &Frame) -> u16 {
-    let h = hash::flow_hash4(
-        u32::from(f.saddr).to_be(),
-        u32::from(f.daddr).to_be(),
-        f.sport.to_be(),
-        f.dport.to_be(),
-        f.proto,
-    );
+    let h = f.flow_hash();
     NAT_PORTS.0 + (h % u32::from(NAT_PORTS.1 - NAT_PORTS.0 + 1)) as u16
 }
 

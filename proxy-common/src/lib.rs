@@ -288,6 +288,23 @@ pub mod ct_flags {
     pub const CLOSING: u16 = 1 << 1;
 }
 
+/// The client ports a new flow may be given when its own is taken at its
+/// backend by another frontend's flow (see [`CtValue4::remap_port_be`]):
+/// above the kernel's default ephemeral range (32768-60999), where a client's
+/// own connections to the backend seldom are.
+pub mod remap_ports {
+    pub const MIN: u32 = 61_000;
+    pub const COUNT: u32 = 65_536 - MIN;
+    /// How many of them a new flow tries.
+    pub const TRIES: u32 = 8;
+
+    /// The `i`-th port a flow with hash `hash` tries (host order).
+    #[inline(always)]
+    pub const fn nth(hash: u32, i: u32) -> u16 {
+        (MIN + hash.wrapping_add(i) % COUNT) as u16
+    }
+}
+
 /// How long a conntrack (or NAT) entry lives without a packet, by protocol and
 /// state. The programs treat an older entry as gone; the agent deletes it.
 pub mod ct_lifetime {

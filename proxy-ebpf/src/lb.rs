@@ -29,9 +29,9 @@ pub struct Chosen {
     pub backend: Backend4,
     /// The node port of a SNATed flow (0 until one is given).
     pub nat_port_be: u16,
-    /// The client port the backend sees instead of the client's own, where
-    /// the flow's own tuple was taken there (0: the client's own).
-    pub remap_port_be: u16,
+    /// The client port the packet carries to the backend: the client's own,
+    /// or another where the flow's own tuple was taken there (see `ct`).
+    pub client_port_be: u16,
     /// True when this packet opened the flow.
     pub new: bool,
 }
@@ -47,16 +47,6 @@ impl Chosen {
     pub fn hairpin(&self, flow: &Flow) -> bool {
         ct::hairpin(flow, &self.backend)
     }
-
-    /// The client port the packet must carry to the backend.
-    #[inline(always)]
-    pub fn client_port_be(&self, flow: &Flow) -> u16 {
-        if self.remap_port_be != 0 {
-            self.remap_port_be
-        } else {
-            flow.sport
-        }
-    }
 }
 
 /// Picks the backend for a packet to a frontend with backends (`key` is its
@@ -70,7 +60,7 @@ pub fn choose(flow: &Flow, key: ServiceKey4, svc: &ServiceValue) -> Result<Chose
         State::Established(known) | State::Reopened(known) => Ok(Chosen {
             backend: known.backend,
             nat_port_be: known.nat_port_be,
-            remap_port_be: known.remap_port_be,
+            client_port_be: known.client_port_be(flow),
             new: false,
         }),
         State::New | State::Stale => {
@@ -85,7 +75,7 @@ pub fn choose(flow: &Flow, key: ServiceKey4, svc: &ServiceValue) -> Result<Chose
             Ok(Chosen {
                 backend,
                 nat_port_be: 0,
-                remap_port_be: tracked.remap_port_be,
+                client_port_be: tracked.client_port_be(flow),
                 new: true,
             })
         }

@@ -40,7 +40,7 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
             chosen.backend.addr_be,
             chosen.backend.port_be,
         )?;
-        let client_port = chosen.client_port_be(&flow);
+        let client_port = chosen.client_port_be;
         if chosen.hairpin(&flow) {
             // The pod reached itself: from its own address it would answer itself
             // directly. From the hairpin address, the answer comes back here.

@@ -72,7 +72,7 @@ pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Outcome {
     let backend = chosen.backend;
     if chosen.local() {
         ctx.rewrite(&flow, End::Destination, backend.addr_be, backend.port_be)?;
-        let client_port = chosen.client_port_be(&flow);
+        let client_port = chosen.client_port_be;
         if client_port != flow.sport {
             ctx.rewrite(&flow, End::Source, flow.saddr, client_port)?;
         }

@@ -12,7 +12,6 @@ mod support;
 use std::{
     io::Write,
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    path::Path,
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -218,24 +217,7 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
 
     eprintln!("== node1 reboots: its agent and every pin gone; the new agent pod serves again");
     drop(held);
-    lab.xtask(&["agent", "stop", "node1"]);
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/x86_64-unknown-linux-gnu/release/proxy-agent");
-    let cleanup = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}-node1", lab.name))
-        .arg(&agent)
-        .args([
-            "cleanup",
-            "--pin-dir",
-            &format!("/sys/fs/bpf/{}/node1", lab.name),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        cleanup.status.success(),
-        "cleanup: {}",
-        String::from_utf8_lossy(&cleanup.stderr)
-    );
+    lab.reboot_state("node1");
     // Nothing serves the Services on node1 now (there is no kube-proxy).
     for t in &targets {
         assert!(

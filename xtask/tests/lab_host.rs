@@ -249,43 +249,18 @@ fn webhook_through_the_control_plane_node(lab: &Lab) {
     }));
 
     // The configuration takes effect once the API server has read it.
-    let mut tries = 0;
-    let denied = loop {
-        tries += 1;
-        let name = format!("denied-{tries}");
-        match create_config_map(lab, &name) {
-            Err(e) => break e,
-            Ok(_) => {
-                lab.kubectl(&["delete", "configmap", &name]);
-                assert!(tries < 60, "the webhook never denied {name}");
-                thread::sleep(Duration::from_millis(500));
-            }
-        }
-    };
+    let denied = first_refusal(lab, "denied-", 60);
     eprintln!("   denied: {}", denied.trim());
     assert!(
         denied.contains("the ferry-lab webhook denies denied-"),
         "denied by the webhook itself, not for want of it: {denied}"
     );
-    create_config_map(lab, "allowed-1").expect("an allowed name is created");
+    create_config_map(lab, "allowed").expect("an allowed name is created");
 
-    // Without the control-plane node's hooks the API server cannot reach it.
-    lab.xtask(&["agent", "stop", "control-plane"]);
-    cleanup_pins(lab, "control-plane");
-    // The hooks go once the RCU grace period after their unpinning ends.
-    let mut tries = 0;
-    let unreachable = loop {
-        tries += 1;
-        let name = format!("allowed-late-{tries}");
-        match create_config_map(lab, &name) {
-            Err(e) => break e,
-            Ok(_) => {
-                lab.kubectl(&["delete", "configmap", &name]);
-                assert!(tries < 20, "the webhook is still reached without the hooks");
-                thread::sleep(Duration::from_millis(500));
-            }
-        }
-    };
+    // Without the control-plane node's hooks the API server cannot reach it
+    // (they go once the RCU grace period after their unpinning ends).
+    lab.reboot_state("control-plane");
+    let unreachable = first_refusal(lab, "allowed-", 20);
     eprintln!("   without the hooks: {}", unreachable.trim());
     assert!(
         unreachable.contains("failed calling webhook"),
@@ -293,7 +268,7 @@ fn webhook_through_the_control_plane_node(lab: &Lab) {
     );
     lab.xtask(&["agent", "start", "control-plane"]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = create_config_map(lab, "allowed-3") {
+    while let Err(e) = create_config_map(lab, "allowed-again") {
         assert!(
             Instant::now() < deadline,
             "the webhook is not reached again: {e}"
@@ -318,26 +293,19 @@ fn create_config_map(lab: &Lab, name: &str) -> Result<String, String> {
     created
 }
 
-/// Removes a node's pinned programs and maps (its socket hooks go with
-/// them), as `proxy-agent cleanup` does on a node being rebooted.
-fn cleanup_pins(lab: &Lab, node: &str) {
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/x86_64-unknown-linux-gnu/release/proxy-agent");
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.node_ns(node)))
-        .arg(&agent)
-        .args([
-            "cleanup",
-            "--pin-dir",
-            &format!("/sys/fs/bpf/{}/{node}", lab.name),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cleanup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Creates labelled ConfigMaps `<prefix>1`, `<prefix>2`, ... (deleting
+/// each that is created) until one is refused, at most `tries` times, half a
+/// second apart; returns what kubectl said of the refusal.
+fn first_refusal(lab: &Lab, prefix: &str, tries: u32) -> String {
+    for n in 1..=tries {
+        let name = format!("{prefix}{n}");
+        match create_config_map(lab, &name) {
+            Err(refusal) => return refusal,
+            Ok(_) => lab.kubectl(&["delete", "configmap", &name]),
+        };
+        thread::sleep(Duration::from_millis(500));
+    }
+    panic!("{tries} ConfigMaps named {prefix}N were all created");
 }
 
 /// A CA and a serving certificate for [`WEBHOOK_HOST`], made with openssl in

@@ -83,6 +83,19 @@ impl Frame {
         }
     }
 
+    /// The programs' flow hash of this frame's tuple (see
+    /// `proxy_common::hash::flow_hash4`): what picks its backend slot, NAT
+    /// port or remapped client port first.
+    pub fn flow_hash(&self) -> u32 {
+        proxy_common::hash::flow_hash4(
+            u32::from(self.saddr).to_be(),
+            u32::from(self.daddr).to_be(),
+            self.sport.to_be(),
+            self.dport.to_be(),
+            self.proto,
+        )
+    }
+
     /// The same frame with a new destination.
     pub fn with_dst(&self, daddr: Ipv4Addr, dport: u16) -> Self {
         Self {

@@ -2,6 +2,8 @@
 //! exists, expiry by protocol and TCP state, reopened tuples, lost reply
 //! entries, and a second client port where one port reaches a backend twice.
 
+use proxy_common::remap_ports;
+
 use super::*;
 
 #[test]
@@ -301,19 +303,6 @@ fn conntrack_entries_expire_by_protocol_and_tcp_state() {
     assert!(p.dp.conntrack().unwrap().is_empty());
 }
 
-/// The client port a flow from `f`'s tuple gets when its own is taken at the
-/// backend: the first of the remap ports its hash names (when that is free).
-fn remapped_port(f: &Frame) -> u16 {
-    let h = hash::flow_hash4(
-        u32::from(f.saddr).to_be(),
-        u32::from(f.daddr).to_be(),
-        f.sport.to_be(),
-        f.dport.to_be(),
-        f.proto,
-    );
-    (61_000 + h % 4_536) as u16
-}
-
 #[test]
 fn one_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
     // Two Services, one backend: a client that dials both from one port would
@@ -328,7 +317,7 @@ fn one_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
     assert_eq!(assert_dnat(&mut p, &first), backend);
 
     let second = Frame::tcp(CLIENT, 40600, "10.96.0.62", 80);
-    let port = remapped_port(&second);
+    let port = remap_ports::nth(second.flow_hash(), 0);
     let (verdict, out) = p.send_from_pod(&second);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     let remapped = second
@@ -419,7 +408,7 @@ fn a_pod_reaching_itself_through_two_frontends_from_one_port_gets_a_second_port(
     assert_eq!(out, to_itself.bytes());
 
     let second = Frame::tcp(CLIENT, 40800, "10.96.0.52", 80);
-    let port = remapped_port(&second);
+    let port = remap_ports::nth(second.flow_hash(), 0);
     let (verdict, out) = p.send_from_pod(&second);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let mut remapped = second.with_dst(ip(CLIENT), 8080).with_src(hairpin, port);

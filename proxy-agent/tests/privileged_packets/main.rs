@@ -143,13 +143,7 @@ impl Programs {
     fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
         let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
         let count = self.state.services[&key(0)].count;
-        let h = hash::flow_hash4(
-            u32::from(f.saddr).to_be(),
-            u32::from(f.daddr).to_be(),
-            f.sport.to_be(),
-            f.dport.to_be(),
-            f.proto,
-        );
+        let h = f.flow_hash();
         let id = self.state.services[&key(hash::slot_for(h, count))].backend_id;
         let b = self.state.backends[&id];
         (b.addr(), b.port())

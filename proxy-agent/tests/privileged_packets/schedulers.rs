@@ -108,13 +108,7 @@ fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
     let size = p.state.maglev.len() as u32;
     for port in 46000..46040 {
         let f = Frame::tcp(CLIENT, port, "10.96.0.70", 80);
-        let h = hash::flow_hash4(
-            u32::from(f.saddr).to_be(),
-            u32::from(f.daddr).to_be(),
-            f.sport.to_be(),
-            f.dport.to_be(),
-            f.proto,
-        );
+        let h = f.flow_hash();
         let rev_nat_id = p.state.maglev.keys().next().unwrap().rev_nat_id;
         let key = proxy_common::MaglevKey4 {
             rev_nat_id,

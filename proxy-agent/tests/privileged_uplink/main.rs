@@ -27,7 +27,7 @@ use proxy_agent::{
     settings,
 };
 use proxy_common::{
-    bench, ct_dir, ct_flags, hash, nat_ports,
+    bench, ct_dir, ct_flags, nat_ports,
     program_names::{UPLINK_TC, UPLINK_XDP},
     ServiceKey4, ServiceValue,
 };
@@ -293,13 +293,7 @@ fn from_outside(proto: u8, sport: u16, daddr: &str, dport: u16) -> Frame {
 
 /// The NAT port the first try gives a flow (no collision in these tests).
 fn nat_port(f: &Frame) -> u16 {
-    let h = hash::flow_hash4(
-        u32::from(f.saddr).to_be(),
-        u32::from(f.daddr).to_be(),
-        f.sport.to_be(),
-        f.dport.to_be(),
-        f.proto,
-    );
+    let h = f.flow_hash();
     NAT_MIN + (h % u32::from(NAT_MAX - NAT_MIN + 1)) as u16
 }
 

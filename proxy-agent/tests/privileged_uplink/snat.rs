@@ -35,14 +35,7 @@ fn one_client_port_to_two_nodeports_of_one_local_backend_gets_a_second_port() {
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(out, first.with_dst(ip(LOCAL_POD), 8080).bytes());
         let second = from_outside(packet::TCP, 40010, NODE, 30081);
-        let port = 61_000
-            + (hash::flow_hash4(
-                u32::from(second.saddr).to_be(),
-                u32::from(second.daddr).to_be(),
-                second.sport.to_be(),
-                second.dport.to_be(),
-                second.proto,
-            ) % 4_536) as u16;
+        let port = proxy_common::remap_ports::nth(second.flow_hash(), 0);
         let (verdict, out) = p.xdp(&second.bytes());
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(

@@ -15,8 +15,8 @@ pub mod nat;
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    backend_flags, ct_dir, ct_flags, ct_lifetime, hash::flow_hash4, stats::Stat, Backend4, CtKey4,
-    CtValue4, HAIRPIN_ADDR,
+    backend_flags, ct_dir, ct_flags, ct_lifetime, hash::flow_hash4, remap_ports, stats::Stat,
+    Backend4, CtKey4, CtValue4, HAIRPIN_ADDR,
 };
 
 use crate::{
@@ -276,14 +276,6 @@ pub fn create(
         .map_err(|_| Dropped(Stat::DropCtInsert))
 }
 
-/// The client ports a flow may be given when its own is taken at its
-/// backend: above the kernel's default ephemeral range (32768-60999), where a
-/// client's own connections to the backend seldom are.
-const REMAP_MIN: u32 = 61_000;
-const REMAP_SIZE: u32 = 65_536 - REMAP_MIN;
-/// How many such ports a new flow tries.
-const REMAP_TRIES: u32 = 8;
-
 /// Whether the reply entry `entry` leaves the tuple free for a new flow of
 /// frontend `rev_nat_id` from its client's own port: it is gone or outlived
 /// its lifetime, or it is that same flow's (the same frontend, no remapped
@@ -309,8 +301,8 @@ fn remap_port(flow: &Flow, backend: &Backend4, rev_nat_id: u32, now: u64) -> Res
         return Ok(0);
     }
     let hash = flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    for i in 0..REMAP_TRIES {
-        let port_be = ((REMAP_MIN + hash.wrapping_add(i) % REMAP_SIZE) as u16).to_be();
+    for i in 0..remap_ports::TRIES {
+        let port_be = remap_ports::nth(hash, i).to_be();
         // SAFETY: copied out at once.
         let taken = unsafe { CONNTRACK.get(&reply_key(flow, backend, port_be)) }.copied();
         if free_for(taken.as_ref(), flow.proto, rev_nat_id, false, now) {

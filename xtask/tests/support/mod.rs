@@ -110,6 +110,29 @@ impl Lab {
         proxy_common::cgroup::join(&host).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Stops `node`'s agent and removes its pinned programs, maps and
+    /// socket hooks with `proxy-agent cleanup`, as a reboot would leave it.
+    pub fn reboot_state(&self, node: &str) {
+        self.xtask(&["agent", "stop", node]);
+        let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-unknown-linux-gnu/release/proxy-agent");
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
+            .arg(&agent)
+            .args([
+                "cleanup",
+                "--pin-dir",
+                &format!("/sys/fs/bpf/{}/{node}", self.name),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cleanup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The network namespace of `node` (its host network; the
     /// control-plane node's is the fabric's).
     pub fn node_ns(&self, node: &str) -> String {
