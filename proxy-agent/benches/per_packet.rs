@@ -7,6 +7,10 @@
 //! call costs a syscall each (not timed: the kernel times the program alone),
 //! and the caches are colder than in a loop, so these are upper bounds.
 //!
+//! `tc translated at connect` is a pod's packet that the socket hooks
+//! (`--socket-lb all`) translated at connect(): it carries a backend's
+//! address, so `from_pod` finds no frontend and no reply entry, and passes it.
+//!
 //! The `wrapped` rows time established flows `repeat` N at a time through the
 //! frame-restoring wrappers (see `proxy_common::bench`), which put the frame
 //! back before each run and tail-call the program: the real path in a warm
@@ -282,6 +286,27 @@ fn measure(
     let ns = pass_only_repeated(&mut p, &established, wrapped_samples);
     let path = "xdp PASS only, repeated without wrapper";
     rows.push(Row::new(services, path, path, ns));
+
+    // A pod's packet already translated at connect(): to the middle
+    // Service's first backend, untouched by from_pod.
+    let backend = list[(services / 2) as usize].endpoints[0].address;
+    let translated = as_ack(&frame(client, 40001, backend));
+    let ns = (0..samples)
+        .map(|_| {
+            let (took, out) = run_once(&mut p, Prog::Tc, &translated, TC_ACT_UNSPEC);
+            assert_eq!(out, translated, "a translated packet passes unchanged");
+            took.as_nanos() as u64
+        })
+        .collect();
+    rows.push(Row::new(services, "tc translated at connect", FLOOR, ns));
+    let unchanged = (TC_ACT_UNSPEC, translated.as_slice());
+    let ns = wrapped(&mut p, FROM_POD, &translated, unchanged, wrapped_samples);
+    rows.push(Row::new(
+        services,
+        "tc translated at connect, wrapped",
+        "tc PASS only, wrapped (floor)",
+        ns,
+    ));
 }
 
 /// Times the embedded object against `baseline` (another build's bytes) at

@@ -146,7 +146,9 @@ fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
          the packet goes to the Service in the middle of the range. `tc` is `from_pod`\n\
          (ClusterIP DNAT), `xdp` is `uplink_xdp` (a local backend: DNAT and pass);\n\
          `new flow` misses conntrack, `established` hits it (an ACK of a flow a SYN\n\
-         opened). The floor is an XDP\n\
+         opened). `tc translated at connect` is a pod's packet that the socket hooks\n\
+         (`--socket-lb all`) translated at connect(): to a backend's address, which\n\
+         `from_pod` passes unchanged. The floor is an XDP\n\
          program that only returns PASS, measured the same way.\n\n\
          Rows marked `wrapped` time the established flow in a warm loop: each sample\n\
          is one BPF_PROG_TEST_RUN with repeat 10000 through a frame-restoring wrapper,\n\
