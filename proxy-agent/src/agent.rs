@@ -34,6 +34,7 @@ use crate::{
     },
     kernel::{
         ifaces::{self, LinkEvent},
+        lock::{self, PinDirLock},
         migrate::Migration,
         monotonic_ns, netinfo, Dataplane, SocketLb, UplinkMode,
     },
@@ -179,6 +180,8 @@ struct Agent {
     /// An older agent's maps carried over in a first pass, waiting for the
     /// second: once every interface runs the new programs (the uplinks last).
     migration: Option<Migration>,
+    /// Held while the agent runs: one agent per pin directory.
+    _pin_lock: PinDirLock,
 }
 
 impl Agent {
@@ -186,6 +189,9 @@ impl Agent {
     /// /healthz, attaches the uplinks (unless they wait for the Node) and the
     /// pod interfaces already there; returns the stream of link changes.
     async fn start(config: Config) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
+        // First: an agent already on these maps must not be overwritten.
+        Dataplane::make_pin_dir(&config.pin_dir)?;
+        let pin_lock = PinDirLock::take(&config.pin_dir, lock::LOCK_WAIT)?;
         let mut dataplane = Dataplane::load_pinned(&config.pin_dir)?;
         // Maps of an older layout: their entries go into the new maps before
         // the new programs replace the old ones (see `kernel::migrate`).
@@ -226,6 +232,7 @@ impl Agent {
             ready: false,
             uplink_pending,
             migration: Some(migration),
+            _pin_lock: pin_lock,
         };
         for (index, name) in ifaces::current()? {
             agent.on_link(LinkEvent::Up { index, name });

@@ -1,7 +1,8 @@
 //! The agent's start on a node, in namespaces the tests make: which API server
 //! address it dials (the DaemonSet's KUBERNETES_SERVICE_HOST/PORT from the
 //! ConfigMap, through kube-rs's in-cluster inference), which interface it
-//! takes as the uplink, and that `cleanup` takes the uplink's XDP link away.
+//! takes as the uplink, that `cleanup` takes the uplink's XDP link away, and
+//! that a second agent on the same maps refuses to start.
 
 mod support;
 
@@ -305,6 +306,51 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
         "the clsact Ferry left empty is gone: {qdiscs}"
     );
     assert!(!lab.pin_dir.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_directory_refuses_to_start() {
+    let mut lab = Lab::new("two");
+    let node = lab.netns("node");
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.json");
+    std::fs::write(&services, r#"{"services": []}"#).unwrap();
+    let args = [
+        "run",
+        "--services-file",
+        services.to_str().unwrap(),
+        "--uplink-iface",
+        "none",
+        "--healthz-bind-address",
+        "off",
+    ];
+    lab.start_agent(&node, &args);
+    let started = std::time::Instant::now();
+    let second = ferry_netns::enter(&node, env!("CARGO_BIN_EXE_proxy-agent"))
+        .args(args)
+        .arg("--pin-dir")
+        .arg(&lab.pin_dir)
+        .env("FERRY_SOCKET_LB", "off")
+        .output()
+        .expect("run a second proxy-agent");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    eprintln!("second agent: {stderr}");
+    assert!(!second.status.success(), "the second agent ran");
+    assert!(
+        stderr.contains("another agent runs on") && stderr.contains(lab.pin_dir.to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "it gave up after its wait, not never"
+    );
+    // Once the first is gone, an agent starts on the same maps.
+    lab.teardown_agents_only();
+    lab.start_agent(&node, &args);
     let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();

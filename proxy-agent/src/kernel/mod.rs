@@ -110,9 +110,7 @@ impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`. Maps already
     /// pinned there are reused, so a restarted agent keeps every connection.
     pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
-        ensure_bpffs(pin_dir)?;
-        fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
+        Self::make_pin_dir(pin_dir)?;
         let paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -124,6 +122,14 @@ impl Dataplane {
         let mut dataplane = Self::load_with(&mut loader)?;
         dataplane.pin_dir = Some(pin_dir.to_path_buf());
         Ok(dataplane)
+    }
+
+    /// Makes `pin_dir` on a bpf filesystem (mounting one at /sys/fs/bpf if
+    /// there is none and the directory is below it).
+    pub fn make_pin_dir(pin_dir: &Path) -> Result<()> {
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating the pin directory {}", pin_dir.display()))
     }
 
     /// Loads the programs with private maps that vanish with this value: for
@@ -418,6 +424,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
 }
 
 pub mod ifaces;
+pub mod lock;
 pub mod migrate;
 pub mod netinfo;
 pub mod sock;
