@@ -23,6 +23,15 @@ pub struct Manifests {
     pub nodes: Vec<Node>,
 }
 
+/// Collections nested deeper than this are refused before parsing: the YAML
+/// parser's time grows with the square of the depth of flow collections
+/// (100,000 levels of `[` took minutes), and its deserializer refuses more
+/// than 128 levels after that anyway.
+const MAX_DEPTH: usize = 128;
+/// Kubernetes limits an object to about 1.5 MiB in etcd; a manifest file of
+/// many objects may be larger, but not this large.
+const MAX_FILE_BYTES: u64 = 64 << 20;
+
 pub fn read_manifests(dir: &Path) -> Result<Manifests> {
     let mut out = Manifests::default();
     let mut paths: Vec<_> = std::fs::read_dir(dir)
@@ -35,7 +44,7 @@ pub fn read_manifests(dir: &Path) -> Result<Manifests> {
         .collect();
     paths.sort();
     for path in paths {
-        let text = std::fs::read_to_string(&path)?;
+        let text = read_manifest(&path)?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_json::to_value(
                 serde_yaml::Value::deserialize(doc)
@@ -71,6 +80,88 @@ pub fn read_manifests(dir: &Path) -> Result<Manifests> {
     Ok(out)
 }
 
+/// A manifest file's text, once it is known to be one: a regular file (not a
+/// FIFO, device or directory named like one, which would block or fail
+/// unnamed), of a sane size, without collections nested beyond `MAX_DEPTH`.
+fn read_manifest(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{}: not a regular file ({:?}), though named like a manifest",
+            path.display(),
+            meta.file_type()
+        );
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        bail!(
+            "{}: {} bytes, more than the {} MiB a manifest file may have",
+            path.display(),
+            meta.len(),
+            MAX_FILE_BYTES >> 20
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let depth = flow_depth(&text);
+    if depth > MAX_DEPTH {
+        bail!(
+            "{}: collections nested {depth} deep, more than {MAX_DEPTH}: not a Kubernetes object",
+            path.display()
+        );
+    }
+    Ok(text)
+}
+
+/// The deepest nesting of flow collections (`[`, `{`) in YAML or JSON
+/// `text`, outside quoted scalars and comments.
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    let mut previous = '\n';
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            // A quote starts a quoted scalar only where a scalar starts.
+            '\'' if previous.is_whitespace() || "[{,:".contains(previous) => {
+                while let Some(d) = chars.next() {
+                    if d == '\'' {
+                        if chars.peek() == Some(&'\'') {
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                }
+            }
+            '#' if previous.is_whitespace() => {
+                for d in chars.by_ref() {
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        previous = c;
+    }
+    deepest
+}
+
 impl Manifests {
     /// What node `name` knows of itself from its Node object (if there is one).
     pub fn node(&self, name: &str) -> NodeInfo {
@@ -89,5 +180,62 @@ impl Manifests {
         let mut served = frontends::of_cluster(&services, &slices, node);
         settings::fill_defaults(&mut served.frontends, scheduler);
         served
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn flow_depth_counts_collections_outside_strings_and_comments() {
+        assert_eq!(flow_depth("a: [[1], {b: [2]}]"), 3);
+        assert_eq!(flow_depth(r#"{"a": "[[[[", "b": "\\\"[["}"#), 1);
+        assert_eq!(flow_depth("a: '[[[ it''s [[['\nb: [1]"), 1);
+        assert_eq!(flow_depth("a: 1 # [[[[\nb: it's [x]"), 1);
+        assert_eq!(flow_depth("kind: Service\n"), 0);
+    }
+
+    fn dir_with(name: &str, contents: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ferry-manifests-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), contents).unwrap();
+        dir
+    }
+
+    #[test]
+    fn deeply_nested_yaml_is_refused_at_once() {
+        let n = 100_000;
+        let dir = dir_with(
+            "deep.yaml",
+            &format!("a: {}{}\n", "[".repeat(n), "]".repeat(n)),
+        );
+        let started = Instant::now();
+        let error = format!("{:#}", read_manifests(&dir).err().expect("refused"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            error.contains("nested 100000 deep") && error.contains("deep.yaml"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_named_like_a_manifest_is_refused_without_blocking() {
+        let dir = dir_with("x.txt", "");
+        let fifo = dir.join("pipe.yaml");
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a plain syscall with a valid path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let error = format!("{:#}", read_manifests(&dir).err().expect("refused"));
+        assert!(error.contains("pipe.yaml: not a regular file"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
