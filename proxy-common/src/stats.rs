@@ -51,6 +51,9 @@ stats! {
     RevSnat = 18 => "rev_snat",
     DropNoLocalBackend = 19 => "drop_no_local_backend",
     DropSourceRange = 20 => "drop_source_range",
+    /// A new flow found no port: none of the NAT ports towards its remote
+    /// backend, or (for a flow whose client tuple another frontend's flow
+    /// holds at its backend) none of the remapped client ports it tries.
     DropNatPorts = 21 => "drop_nat_ports",
     DropFib = 22 => "drop_fib",
     PassNoNeigh = 23 => "pass_no_neigh",

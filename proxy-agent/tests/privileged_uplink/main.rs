@@ -28,7 +28,7 @@ use proxy_agent::{
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, nat_ports,
-    program_names::{UPLINK_TC, UPLINK_XDP},
+    program_names::{FROM_POD, UPLINK_TC, UPLINK_XDP},
     ServiceKey4, ServiceValue,
 };
 use support::{

@@ -58,6 +58,20 @@ fn one_client_port_to_two_nodeports_of_one_local_backend_gets_a_second_port() {
         assert_eq!(reply_at(40010), Some(0));
         assert_eq!(reply_at(port), Some(40010u16.to_be()));
         assert_eq!(p.stat("fwd_local"), 2);
+        // The backend's reply to the remapped port leaves its veth from the
+        // second NodePort to the client's own port, straight to the client.
+        let reply = second
+            .with_dst(ip(LOCAL_POD), 8080)
+            .with_src(ip(CLIENT), port)
+            .reply();
+        let run =
+            p.h.run(Hook::Tc(FROM_POD, Some(p.ifindex)), &reply.bytes())
+                .unwrap();
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        let mut back = reply.with_src(ip(NODE), 30081).with_dst(ip(CLIENT), 40010);
+        (back.dst_mac, back.src_mac) = (CLIENT_MAC, NODE_MAC);
+        assert_eq!(run.frame, back.bytes(), "from NODE:30081 to port 40010");
+        packet::assert_checksums_valid(&run.frame);
     });
 }
 
