@@ -23,7 +23,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    desired::{self, gc::Lifetimes, Ids, MapState},
+    desired::{gc::Lifetimes, Ids, Programmed},
     frontend::{Frontend, FrontendSpec, Scheduler, ServiceFile},
     k8s::{
         cache::{Changed, FrontendCache, Stores},
@@ -91,16 +91,22 @@ pub struct Config {
 }
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
+/// EndpointSlice events, each with the API version it was read in.
+type SliceEvents = Pin<
+    Box<dyn Stream<Item = (watcher::Result<watcher::Event<DynamicObject>>, SliceVersion)> + Send>,
+>;
 
 /// The API watches, or streams that never yield when services come from a file.
 struct Watches {
     services: Events<Service>,
-    slices: Events<DynamicObject>,
+    slices: SliceEvents,
     nodes: Events<Node>,
-    slice_version: Option<SliceVersion>,
 }
 
 impl Watches {
+    /// Makes the client and the watches without waiting for the API server:
+    /// they reach it (and retry with backoff) as the loop polls them, so an
+    /// API server down at start never stops the agent from serving.
     async fn start(source: &Source, status: &Shared) -> Result<Self> {
         Ok(match source {
             Source::Api {
@@ -109,19 +115,22 @@ impl Watches {
             } => {
                 let (client, url, from) = client::connect(kubeconfig.as_ref()).await?;
                 status.lock().unwrap().api_server = Some((url, from));
-                let version = discover(&client).await;
+                let slices_client = client.clone();
+                let slices = stream::once(discover(client.clone()))
+                    .flat_map(move |version| {
+                        watch::slices(&slices_client, version).map(move |event| (event, version))
+                    })
+                    .boxed();
                 Self {
                     services: watch::services(&client).boxed(),
-                    slices: watch::slices(&client, version).boxed(),
+                    slices,
                     nodes: watch::node(&client, node_name).boxed(),
-                    slice_version: Some(version),
                 }
             }
             Source::File(_) => Self {
                 services: stream::pending().boxed(),
                 slices: stream::pending().boxed(),
                 nodes: stream::pending().boxed(),
-                slice_version: None,
             },
         })
     }
@@ -133,15 +142,17 @@ pub async fn run(config: Config) -> Result<()> {
     let mut watches = Watches::start(&agent.config.source, &agent.status).await?;
     let mut resync = tokio::time::interval(agent.config.resync_period);
     let mut gc = tokio::time::interval(agent.config.gc_period);
+    let mut heartbeat = tokio::time::interval(health::HEARTBEAT);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             Some(event) = watches.services.next() => agent.on_service(event),
-            Some(event) = watches.slices.next() => agent.on_slice(event, watches.slice_version),
+            Some((event, version)) = watches.slices.next() => agent.on_slice(event, version),
             Some(event) = watches.nodes.next() => agent.on_node(event),
             Some(event) = links.recv() => agent.on_link(event),
             _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, &agent.status),
             _ = resync.tick() => agent.resync(),
+            _ = heartbeat.tick() => agent.status.lock().unwrap().health.beat(),
             _ = sleep_until(agent.sync_at.unwrap_or_else(Instant::now)), if agent.sync_at.is_some() => {
                 agent.round().await;
             }
@@ -157,9 +168,10 @@ pub async fn run(config: Config) -> Result<()> {
 struct Agent {
     config: Config,
     dataplane: Dataplane,
-    /// What the maps hold, as far as the agent knows.
-    applied: MapState,
-    ids: Ids,
+    /// What the maps hold and the ids their entries were given.
+    programmed: Programmed,
+    /// How long until a round whose writes did not all land is tried again.
+    retry: Duration,
     status: Shared,
     health_checks: HealthChecks,
     /// The node settings last written.
@@ -196,14 +208,19 @@ impl Agent {
         // Maps of an older layout: their entries go into the new maps before
         // the new programs replace the old ones (see `kernel::migrate`).
         let migration = Migration::begin(&mut dataplane, &config.pin_dir)?;
-        // Maps an earlier agent left are adopted: their ids stay, connections go on.
+        // Maps an earlier agent left are adopted: their ids stay, connections
+        // go on, and ids that live flows still name are not handed out again.
         let applied = dataplane.read_state()?;
-        let ids = Ids::from_state(&applied);
+        let mut ids = Ids::from_state(&applied);
+        let (live_backends, live_frontends) = dataplane.live_ids()?;
+        ids.reserve(&live_backends, &live_frontends);
         info!(
             frontends = applied.revnat.len(),
             backends = applied.backends.len(),
+            flows_naming = live_backends.len(),
             "adopted pinned maps"
         );
+        let programmed = Programmed::adopt(applied, ids, dataplane.capacity()?);
 
         let status: Shared = Arc::default();
         if let Some(addr) = config.healthz_addr {
@@ -218,8 +235,8 @@ impl Agent {
         let mut agent = Self {
             config,
             dataplane,
-            applied,
-            ids,
+            programmed,
+            retry: RETRY_MIN,
             status,
             health_checks: HealthChecks::default(),
             node_config: proxy_common::Config::default(),
@@ -363,13 +380,12 @@ impl Agent {
     fn on_slice(
         &mut self,
         event: watcher::Result<watcher::Event<DynamicObject>>,
-        version: Option<SliceVersion>,
+        version: SliceVersion,
     ) {
         let event = match event {
             Ok(event) => event,
             Err(e) => return watch_error(&self.status, "endpointslices", &e),
         };
-        let version = version.expect("slices come from the API");
         let store = &mut self.stores.slices;
         if on_slice(store, &mut self.triggers, &mut self.cache, event, version) {
             self.changed();
@@ -398,20 +414,65 @@ impl Agent {
     }
 
     /// Whatever the maps hold now is the truth to diff against: this repairs
-    /// entries changed or lost behind the agent's back.
+    /// entries changed or lost behind the agent's back. So are the pod
+    /// interfaces there now (see [`Agent::reconcile_interfaces`]).
     fn resync(&mut self) {
+        self.reconcile_interfaces();
         match self.dataplane.read_state() {
             // Only drift needs a full round: at 10k Services one costs
             // hundreds of milliseconds, and changes wait behind it.
-            Ok(actual) if actual != self.applied => {
+            Ok(actual) if actual != self.programmed.applied => {
                 warn!("the maps differ from what the agent wrote; repairing");
-                self.applied = actual;
+                self.programmed.applied = actual;
                 self.full_next = true;
             }
             Ok(_) => {}
             Err(e) => error!(error = %e, "reading the maps for resync"),
         }
         self.sync_at = Some(Instant::now());
+    }
+
+    /// Puts Ferry's filters back on every pod interface there now: where
+    /// another tool removed them (or the clsact qdisc), where an attach failed
+    /// half way, and on interfaces whose link event was missed.
+    fn reconcile_interfaces(&mut self) {
+        let current = match ifaces::current() {
+            Ok(current) => current,
+            Err(e) => return warn!(error = format!("{e:#}"), "listing interfaces"),
+        };
+        let patterns = &self.config.pod_iface_patterns;
+        let current: HashMap<String, u32> = current
+            .into_iter()
+            .filter(|(_, name)| ifaces::matches_any(patterns, name))
+            .map(|(index, name)| (name, index))
+            .collect();
+        self.attached
+            .retain(|name, index| current.get(name) == Some(index));
+        for (name, index) in current {
+            let known = self.attached.contains_key(&name);
+            match self.dataplane.attach_pod_interface(&name) {
+                Ok(false) if known => {}
+                Ok(missing) => {
+                    let mut status = self.status.lock().unwrap();
+                    if known {
+                        status.metrics.filters_restored += 1;
+                        warn!(iface = name, "Ferry's tc filters were gone; put back");
+                    } else {
+                        info!(
+                            iface = name,
+                            missing, "attached (no link event was seen for it)"
+                        );
+                    }
+                    self.attached.insert(name, index);
+                }
+                Err(e) => {
+                    self.attached.remove(&name);
+                    self.status.lock().unwrap().metrics.attach_errors += 1;
+                    warn!(iface = name, error = format!("{e:#}"), "attaching failed");
+                }
+            }
+        }
+        self.status.lock().unwrap().metrics.pod_interfaces = self.attached.len() as u64;
     }
 
     /// One programming round: the frontends that changed (or all of them)
@@ -470,13 +531,13 @@ impl Agent {
         let result = sync(
             &mut self.dataplane,
             work,
-            &mut self.ids,
-            &mut self.applied,
+            &mut self.programmed,
             &self.status,
         );
-        // After a failure the maps were read back: the next round must
-        // look at every frontend.
-        self.full_next = result.is_err();
+        // After a failure, and while frontends wait for room in a full map
+        // (a removal anywhere may make it), every frontend is looked at.
+        self.full_next =
+            result.is_err() || self.status.lock().unwrap().metrics.frontends_refused > 0;
         if result.is_ok() {
             // Every slice change seen so far is in the maps now.
             let latencies = self.triggers.programmed(jiff::Timestamp::now());
@@ -491,15 +552,21 @@ impl Agent {
         match result {
             Ok(()) if !self.ready => {
                 self.ready = true;
-                info!(frontends = self.applied.revnat.len(), "ready: maps in sync");
+                self.retry = RETRY_MIN;
+                info!(
+                    frontends = self.programmed.applied.revnat.len(),
+                    "ready: maps in sync"
+                );
             }
-            Ok(()) => {}
+            Ok(()) => self.retry = RETRY_MIN,
             Err(e) => {
                 error!(
                     error = format!("{e:#}"),
-                    "programming the maps failed; retrying in 1 s"
+                    retry_in = ?self.retry,
+                    "programming the maps failed"
                 );
-                self.sync_at = Some(Instant::now() + Duration::from_secs(1));
+                self.sync_at = Some(Instant::now() + self.retry);
+                self.retry = (self.retry * 2).min(RETRY_MAX);
             }
         }
     }
@@ -586,10 +653,10 @@ fn read_file(path: &PathBuf, scheduler: Scheduler) -> Result<Vec<FrontendSpec>> 
 }
 
 /// Finds the EndpointSlice version, retrying while the API server is unreachable.
-async fn discover(client: &Client) -> SliceVersion {
+async fn discover(client: Client) -> SliceVersion {
     let mut delay = Duration::from_millis(200);
     loop {
-        match watch::slice_version(client).await {
+        match watch::slice_version(&client).await {
             Ok(version) => return version,
             Err(e) => {
                 warn!(error = format!("{e:#}"), retry_in = ?delay, "API server discovery failed");
@@ -656,54 +723,71 @@ enum Round<'a> {
     },
 }
 
-/// Programs the maps: desired state, diff against what is applied, ordered
-/// writes.
+/// The first and the longest wait before a round whose writes did not all
+/// land is tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Programs the maps: desired state (within the maps' capacity), diff against
+/// what they hold, ordered writes. A write that fails leaves its frontend as
+/// it was and the rest is still written; the round then fails, to be retried.
 fn sync(
     dataplane: &mut Dataplane,
     round: Round<'_>,
-    ids: &mut Ids,
-    applied: &mut MapState,
+    programmed: &mut Programmed,
     status: &Shared,
 ) -> Result<()> {
-    let full = matches!(round, Round::Full(_));
-    // `applied` becomes what the writes make of the maps; if they fail, it is
-    // read back from the maps below.
-    let (ops, problems) = match round {
-        Round::Full(frontends) => {
-            let (wanted, problems) = desired::map_state(&frontends, ids);
-            let ops = desired::diff(&wanted, applied);
-            *applied = wanted;
-            (ops, problems)
+    let write = |op: &_| dataplane.write(op);
+    let (report, scope) = match round {
+        Round::Full(frontends) => (programmed.full(&frontends, write), None),
+        Round::Partial { frontends, gone } => {
+            let scope: Vec<Frontend> = frontends
+                .iter()
+                .map(|f| f.frontend)
+                .chain(gone.iter().copied())
+                .collect();
+            (programmed.partial(&frontends, &gone, write), Some(scope))
         }
-        Round::Partial { frontends, gone } => desired::update(&frontends, &gone, applied, ids),
     };
-    for problem in &problems {
+    for problem in &report.problems {
         warn!(%problem, "service not programmed");
     }
-    let result = dataplane.apply(&ops);
+    let applied = &programmed.applied;
     let mut status = status.lock().unwrap();
     status.metrics.syncs += 1;
-    if full {
-        // A partial round sees only its own Services' problems.
-        status.metrics.service_problems = problems.len() as u64;
-    }
-    if let Err(e) = result {
+    status.note_problems(scope.as_deref(), &report.problems);
+    status.metrics.frontends = applied.revnat.len() as u64;
+    status.metrics.backends = applied.backends.len() as u64;
+    let failures = &report.outcome.failures;
+    if let Some(first) = failures.first() {
         status.metrics.sync_errors += 1;
-        // Some writes may have landed: start again from what the maps hold.
-        *applied = dataplane.read_state()?;
-        *ids = Ids::from_state(applied);
-        return Err(e);
+        status.metrics.map_write_failures += failures.len() as u64;
+        for (rev, reason) in &report.outcome.failed_frontends {
+            let frontend = applied.revnat.get(rev).map(|r| {
+                format!(
+                    "{}:{}",
+                    Ipv4Addr::from(u32::from_be(r.addr_be)),
+                    u16::from_be(r.port_be)
+                )
+            });
+            warn!(id = rev, ?frontend, reason, "frontend left as it was");
+        }
+        anyhow::bail!(
+            "{} of {} map writes did not land; first {:?}: {}",
+            failures.len(),
+            report.writes,
+            first.op,
+            first.reason
+        );
     }
-    if !ops.is_empty() {
+    if report.writes > 0 {
         info!(
-            writes = ops.len(),
+            writes = report.writes,
             frontends = applied.revnat.len(),
             backends = applied.backends.len(),
             "maps programmed"
         );
     }
-    status.metrics.frontends = applied.revnat.len() as u64;
-    status.metrics.backends = applied.backends.len() as u64;
     status.health.synced();
     match dataplane.prune_affinity(applied) {
         Ok(0) => {}
@@ -728,7 +812,8 @@ fn on_link(
                 return;
             }
             match dataplane.attach_pod_interface(&name) {
-                Ok(()) => {
+                Ok(_) => {
+                    info!(iface = name, "attached");
                     attached.insert(name, index);
                 }
                 Err(e) => {

@@ -360,11 +360,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
     )
     .unwrap();
     let both = Frame::tcp(POD_CLIENT, 40003, VIP, 80);
-    let mut p = harness::Programs {
-        dp,
-        ids: Ids::default(),
-        state: MapState::default(),
-    };
+    let mut p = harness::Programs::with(dp).unwrap();
     let (verdict, _) = send(&mut p, Hook::Tc(FROM_POD, None), &both);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     let new_programs_choice = hashed_backend(&state, &both);

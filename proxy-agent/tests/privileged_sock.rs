@@ -296,9 +296,10 @@ fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
         let frontends = frontends.to_vec();
         support::netns::in_netns(&ns, move || {
             // As the agent starts: the maps it finds pinned are what it serves from.
-            let mut programs = Programs::with(Dataplane::load_pinned(&pin_dir).unwrap());
-            programs.state = programs.dp.read_state().unwrap();
-            programs.ids = proxy_agent::desired::Ids::from_state(&programs.state);
+            let mut programs = Programs::with(Dataplane::load_pinned(&pin_dir).unwrap()).unwrap();
+            programs.programmed.applied = programs.dp.read_state().unwrap();
+            programs.programmed.ids =
+                proxy_agent::desired::Ids::from_state(&programs.programmed.applied);
             programs.serve(&frontends).unwrap();
             programs.dp.attach_sockets(&path, serving_mode()).unwrap();
         })

@@ -355,3 +355,107 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start() {
     lab.teardown();
     lab.assert_gone();
 }
+
+/// Polls `check` for up to `secs` seconds.
+fn within(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+#[test]
+fn with_the_api_server_down_the_agent_stays_live_attaches_pods_and_repairs_filters() {
+    let mut lab = Lab::new("apd");
+    let node = lab.netns("node");
+    // An API server nobody serves: connections to it are refused.
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}}]\n\
+         users: [{name: u, user: {token: not-a-token}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u}}]\n",
+    )
+    .unwrap();
+    lab.start_agent_until(
+        &node,
+        &[
+            "run",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--node-name",
+            "node1",
+            "--uplink-iface",
+            "none",
+            "--pod-iface-pattern",
+            "pod*",
+            "--resync-seconds",
+            "1",
+        ],
+        "serving /healthz",
+    );
+    let status = |path| {
+        get(&node, path)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Live, not in sync: the liveness probe leaves it be, readiness does not.
+    assert!(
+        within(5, || status("/livez").contains("200")),
+        "/livez: {}",
+        status("/livez")
+    );
+    assert!(status("/healthz").contains("503"), "{}", status("/healthz"));
+
+    // A pod created during the outage gets the programs.
+    let pod = lab.netns("pod");
+    lab.plug_pod(&node, &pod, "pod0", "10.244.1.2", "169.254.1.1");
+    let tc = |hook: &str| {
+        run(
+            "ip",
+            &[
+                "netns", "exec", &node, "tc", "filter", "show", "dev", "pod0", hook,
+            ],
+        )
+    };
+    assert!(
+        within(10, || tc("ingress").contains("from_pod")
+            && tc("egress").contains("to_pod")),
+        "pod0 got no filters: {} / {}",
+        tc("ingress"),
+        tc("egress")
+    );
+
+    // Another tool removes them: the next resync puts them back, and says so.
+    run(
+        "ip",
+        &[
+            "netns", "exec", &node, "tc", "filter", "del", "dev", "pod0", "ingress",
+        ],
+    );
+    assert!(!tc("ingress").contains("from_pod"));
+    assert!(
+        within(10, || tc("ingress").contains("from_pod")),
+        "the filter was not put back"
+    );
+    let metrics = get(&node, "/metrics");
+    assert!(
+        metrics.contains("ferry_tc_filters_restored_total 1"),
+        "{metrics}"
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert!(lab.agents_running(), "the agent exited");
+    assert!(status("/livez").contains("200"));
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}

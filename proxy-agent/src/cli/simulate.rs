@@ -136,7 +136,8 @@ pub fn simulate(
     };
     let icmp = out.len() > 23 && out[23] == 1;
     let (src, dst) = (read(26), read(30));
-    let (frontend, candidates) = candidates(&programs.state, &served.frontends, packet);
+    let (frontend, candidates) =
+        candidates(&programs.programmed.applied, &served.frontends, packet);
     Ok(Outcome {
         verdict: if icmp {
             "reject (ICMP port unreachable)".into()

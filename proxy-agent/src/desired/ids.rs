@@ -33,6 +33,11 @@ pub struct Ids {
     /// [`update`] needs to change some frontends without looking at the others.
     pub(super) programmed: HashMap<Frontend, Vec<u32>>,
     pub(super) users: HashMap<u32, u32>,
+    /// Ids that flows an earlier agent saw still name (conntrack, NAT and
+    /// affinity entries), though no map entry has them: never handed out, so
+    /// a live flow never follows an unrelated new backend or frontend.
+    reserved_backends: HashSet<u32>,
+    reserved_revnat: HashSet<u32>,
 }
 
 /// The highest frontend id: ids index the round-robin array, which has
@@ -81,13 +86,27 @@ impl Ids {
         ids
     }
 
+    /// Keeps `backends` and `frontends` (ids live flows name) from being
+    /// handed out, and starts the cursors after the highest of them.
+    pub fn reserve(&mut self, backends: &HashSet<u32>, frontends: &HashSet<u32>) {
+        let highest = |ids: &HashSet<u32>| ids.iter().copied().max().unwrap_or(0);
+        self.backend_cursor = self.backend_cursor.max(highest(backends));
+        self.revnat_cursor = self
+            .revnat_cursor
+            .max(highest(frontends).min(MAX_FRONTEND_ID));
+        self.reserved_backends.extend(backends);
+        self.reserved_revnat.extend(frontends);
+    }
+
     pub(super) fn backend(&mut self, endpoint: &Endpoint, protocol: Protocol) -> Option<u32> {
         let key = (endpoint.address, endpoint.port, protocol);
         if let Some(&id) = self.backends.get(&key) {
             return Some(id);
         }
-        let used = &self.backend_ids;
-        let id = next_free(&mut self.backend_cursor, u32::MAX, |id| used.contains(&id))?;
+        let (used, reserved) = (&self.backend_ids, &self.reserved_backends);
+        let id = next_free(&mut self.backend_cursor, u32::MAX, |id| {
+            used.contains(&id) || reserved.contains(&id)
+        })?;
         self.backends.insert(key, id);
         self.backend_ids.insert(id);
         Some(id)
@@ -97,9 +116,9 @@ impl Ids {
         if let Some(&id) = self.revnat.get(&frontend) {
             return Some(id);
         }
-        let used = &self.revnat_ids;
+        let (used, reserved) = (&self.revnat_ids, &self.reserved_revnat);
         let id = next_free(&mut self.revnat_cursor, MAX_FRONTEND_ID, |id| {
-            used.contains(&id)
+            used.contains(&id) || reserved.contains(&id)
         })?;
         self.revnat.insert(frontend, id);
         self.revnat_ids.insert(id);

@@ -54,11 +54,135 @@ pub enum Problem {
     #[error("{name}: {count} endpoints do not fit the {max} slots of one frontend")]
     TooManyEndpoints {
         name: String,
+        frontend: Frontend,
         count: usize,
         max: usize,
     },
     #[error("{name}: no free {what} id")]
-    IdsExhausted { name: String, what: &'static str },
+    IdsExhausted {
+        name: String,
+        frontend: Frontend,
+        what: &'static str,
+    },
+    #[error(
+        "{name}: frontend {frontend:?} not programmed: the {map} map is full ({capacity} entries)"
+    )]
+    MapFull {
+        name: String,
+        frontend: Frontend,
+        map: &'static str,
+        capacity: usize,
+    },
+    #[error("{name}: the change to frontend {frontend:?} does not fit the {map} map ({capacity} entries); it is served as it was")]
+    ChangeRefused {
+        name: String,
+        frontend: Frontend,
+        map: &'static str,
+        capacity: usize,
+    },
+}
+
+impl Problem {
+    /// The frontend it is about.
+    pub fn frontend(&self) -> Frontend {
+        match self {
+            Self::DuplicateFrontend { frontend, .. }
+            | Self::TooManyEndpoints { frontend, .. }
+            | Self::IdsExhausted { frontend, .. }
+            | Self::MapFull { frontend, .. }
+            | Self::ChangeRefused { frontend, .. } => *frontend,
+        }
+    }
+
+    /// A frontend left out (or left as it was) because a map had no room.
+    pub fn map_full(&self) -> bool {
+        matches!(self, Self::MapFull { .. } | Self::ChangeRefused { .. })
+    }
+}
+
+/// How many entries each map the agent programs holds at most (its
+/// `max_entries`), or, as `base` below, how many it holds outside a round's scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+    pub revnat: usize,
+    pub maglev: usize,
+    pub source_ranges: usize,
+}
+
+impl Default for Capacity {
+    /// The sizes the programs declare.
+    fn default() -> Self {
+        use proxy_common::capacity as c;
+        Self {
+            services: c::SERVICES as usize,
+            backends: c::BACKENDS as usize,
+            revnat: c::REVNAT as usize,
+            maglev: c::MAGLEV as usize,
+            source_ranges: c::SOURCE_RANGES as usize,
+        }
+    }
+}
+
+impl Capacity {
+    const NONE: Self = Self {
+        services: 0,
+        backends: 0,
+        revnat: 0,
+        maglev: 0,
+        source_ranges: 0,
+    };
+}
+
+/// The room a round programs into: the maps' capacity, what they hold
+/// outside the round's frontends, and which backend ids that is.
+struct Room<'a> {
+    capacity: &'a Capacity,
+    base: Capacity,
+    in_base: &'a dyn Fn(u32) -> bool,
+}
+
+impl Room<'_> {
+    /// The first map (name, capacity) that `state` plus `part` would overflow.
+    fn overflow(&self, state: &MapState, part: &MapState) -> Option<(&'static str, usize)> {
+        let new_backends = part
+            .backends
+            .keys()
+            .filter(|id| !state.backends.contains_key(id) && !(self.in_base)(**id))
+            .count();
+        let (c, b) = (self.capacity, &self.base);
+        [
+            (
+                proxy_common::map_names::SERVICES_V4,
+                b.services + state.services.len() + part.services.len(),
+                c.services,
+            ),
+            (
+                proxy_common::map_names::BACKENDS_V4,
+                b.backends + state.backends.len() + new_backends,
+                c.backends,
+            ),
+            (
+                proxy_common::map_names::REVNAT_V4,
+                b.revnat + state.revnat.len() + part.revnat.len(),
+                c.revnat,
+            ),
+            (
+                proxy_common::map_names::MAGLEV_V4,
+                b.maglev + state.maglev.len() + part.maglev.len(),
+                c.maglev,
+            ),
+            (
+                proxy_common::map_names::SOURCE_RANGES_V4,
+                b.source_ranges + state.source_ranges.len() + part.source_ranges.len(),
+                c.source_ranges,
+            ),
+        ]
+        .into_iter()
+        .find(|(_, wanted, max)| wanted > max)
+        .map(|(map, _, max)| (map, max))
+    }
 }
 
 /// Most backend slots one frontend can have (slots are numbered by a `u16`).
@@ -73,13 +197,39 @@ fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey4 {
     )
 }
 
-/// The map contents that serve `services`. A service that cannot be programmed is
-/// left out and reported; the others are unaffected.
+/// The map contents that serve `services`, in maps of the default capacity,
+/// from nothing. A service that cannot be programmed is left out and
+/// reported; the others are unaffected.
 pub fn map_state<S: Borrow<FrontendSpec>>(
     services: &[S],
     ids: &mut Ids,
 ) -> (MapState, Vec<Problem>) {
-    let (state, problems, programmed) = build(services, ids);
+    map_state_in(services, ids, &MapState::default(), &Capacity::default())
+}
+
+/// The map contents that serve `services` in maps of `capacity` that hold
+/// `applied` now. Frontends already served come first, so a new Service never
+/// pushes one out; one that does not fit is left out (or, if served, kept as
+/// it was) and reported.
+pub fn map_state_in<S: Borrow<FrontendSpec>>(
+    services: &[S],
+    ids: &mut Ids,
+    applied: &MapState,
+    capacity: &Capacity,
+) -> (MapState, Vec<Problem>) {
+    let previous_used = std::mem::take(&mut ids.programmed);
+    let room = Room {
+        capacity,
+        base: Capacity::NONE,
+        in_base: &|_| false,
+    };
+    let (state, problems, programmed) = build(
+        services,
+        ids,
+        (applied, previous_used),
+        MapState::default(),
+        &room,
+    );
     ids.users.clear();
     for id in programmed.values().flatten() {
         *ids.users.entry(*id).or_default() += 1;
@@ -89,45 +239,175 @@ pub fn map_state<S: Borrow<FrontendSpec>>(
     (state, problems)
 }
 
-/// The map contents of `services` alone, and the backend ids each programmed
-/// frontend uses.
+/// The map contents of `services` added to `state`, and the backend ids each
+/// programmed frontend uses. `previous` is what the maps hold for these
+/// frontends now, with the backend ids each used.
+///
+/// Room is handed out in three passes: every frontend already served keeps
+/// its room as it is; then each one's change takes the place of what it
+/// replaces if it fits (else it stays as it was); then new frontends, by
+/// name, while they fit. So neither a new Service nor another one's growth
+/// ever pushes out one already served.
 fn build<S: Borrow<FrontendSpec>>(
     services: &[S],
     ids: &mut Ids,
+    previous: (&MapState, HashMap<Frontend, Vec<u32>>),
+    state: MapState,
+    room: &Room<'_>,
 ) -> (MapState, Vec<Problem>, HashMap<Frontend, Vec<u32>>) {
-    let mut state = MapState::default();
+    let (previous, mut previous_used) = previous;
     let mut problems = Vec::new();
-    let mut programmed = HashMap::new();
     let mut owners: HashMap<Frontend, &str> = HashMap::new();
     let mut ordered: Vec<&FrontendSpec> = services.iter().map(Borrow::borrow).collect();
     // Deterministic ownership of a contested frontend: the first name wins.
     ordered.sort_by(|a, b| a.name.cmp(&b.name));
-    for service in ordered {
-        let frontend = service.frontend;
-        if let Some(owner) = owners.get(&frontend) {
+    ordered.retain(|service| match owners.get(&service.frontend) {
+        Some(owner) => {
             problems.push(Problem::DuplicateFrontend {
                 name: service.name.clone(),
                 owner: (*owner).to_string(),
-                frontend,
+                frontend: service.frontend,
             });
-            continue;
+            false
         }
-        match add_frontend(&mut state, service, ids) {
-            Ok(used) => {
-                owners.insert(frontend, &service.name);
-                programmed.insert(frontend, used);
+        None => {
+            owners.insert(service.frontend, &service.name);
+            true
+        }
+    });
+    let (served, new): (Vec<&FrontendSpec>, Vec<&FrontendSpec>) = ordered
+        .into_iter()
+        .partition(|s| previous.services.contains_key(&service_key(&s.frontend, 0)));
+
+    // What `state` starts with is used outside this round: held once.
+    let mut placed = Placed {
+        refs: state.backends.keys().map(|id| (*id, 1)).collect(),
+        state,
+        programmed: HashMap::new(),
+    };
+    let mut kept = HashMap::new();
+    for service in &served {
+        let used = previous_used.remove(&service.frontend).unwrap_or_default();
+        let old = entries_of(&service.frontend, previous, &used);
+        let used: Vec<u32> = old.backends.keys().copied().collect();
+        placed.place(service.frontend, old.clone(), used.clone());
+        kept.insert(service.frontend, (old, used));
+    }
+    for service in served {
+        let frontend = service.frontend;
+        let (old, old_used) = kept.remove(&frontend).unwrap_or_default();
+        placed.unplace(&frontend, &old);
+        let mut part = MapState::default();
+        let used = match add_frontend(&mut part, &placed.state, service, ids) {
+            Ok(used) => used,
+            Err(problem) => {
+                problems.push(problem);
+                continue;
             }
-            Err(problem) => problems.push(problem),
+        };
+        match room.overflow(&placed.state, &part) {
+            None => placed.place(frontend, part, used),
+            Some((map, capacity)) => {
+                placed.release(ids, &part, previous, room);
+                placed.place(frontend, old, old_used);
+                problems.push(Problem::ChangeRefused {
+                    name: service.name.clone(),
+                    frontend,
+                    map,
+                    capacity,
+                });
+            }
         }
     }
-    (state, problems, programmed)
+    for service in new {
+        let frontend = service.frontend;
+        let mut part = MapState::default();
+        let used = match add_frontend(&mut part, &placed.state, service, ids) {
+            Ok(used) => used,
+            Err(problem) => {
+                problems.push(problem);
+                continue;
+            }
+        };
+        match room.overflow(&placed.state, &part) {
+            None => placed.place(frontend, part, used),
+            Some((map, capacity)) => {
+                placed.release(ids, &part, previous, room);
+                ids.forget_revnat(&frontend);
+                problems.push(Problem::MapFull {
+                    name: service.name.clone(),
+                    frontend,
+                    map,
+                    capacity,
+                });
+            }
+        }
+    }
+    (placed.state, problems, placed.programmed)
 }
 
-/// Adds one frontend's entries to `state`: its reverse-NAT entry, slot 0, a
-/// slot and a backend per endpoint, the backends it keeps reachable, its Maglev
-/// table and source ranges. Returns the backend ids it uses.
+/// The entries a round has placed so far, and how many placed frontends use
+/// each backend id.
+struct Placed {
+    state: MapState,
+    refs: HashMap<u32, u32>,
+    programmed: HashMap<Frontend, Vec<u32>>,
+}
+
+impl Placed {
+    fn place(&mut self, frontend: Frontend, part: MapState, used: Vec<u32>) {
+        for id in &used {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+        self.state.merge(part);
+        self.programmed.insert(frontend, used);
+    }
+
+    /// Takes a placed frontend's entries (`part`) out again.
+    fn unplace(&mut self, frontend: &Frontend, part: &MapState) {
+        let used = self.programmed.remove(frontend).unwrap_or_default();
+        for key in part.services.keys() {
+            self.state.services.remove(key);
+        }
+        for key in part.maglev.keys() {
+            self.state.maglev.remove(key);
+        }
+        for range in &part.source_ranges {
+            self.state.source_ranges.remove(range);
+        }
+        for id in part.revnat.keys() {
+            self.state.revnat.remove(id);
+        }
+        for id in used {
+            let refs = self.refs.entry(id).or_default();
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.refs.remove(&id);
+                self.state.backends.remove(&id);
+            }
+        }
+    }
+
+    /// Forgets the backend ids just given to `part`, which did not fit.
+    fn release(&self, ids: &mut Ids, part: &MapState, previous: &MapState, room: &Room<'_>) {
+        for (id, b) in &part.backends {
+            if !self.state.backends.contains_key(id)
+                && !previous.backends.contains_key(id)
+                && !(room.in_base)(*id)
+            {
+                ids.forget_backend(*id, b);
+            }
+        }
+    }
+}
+
+/// Writes one frontend's entries into `part`: its reverse-NAT entry, slot 0,
+/// a slot and a backend per endpoint, the backends it keeps reachable (those
+/// not in `state` already), its Maglev table and source ranges. Returns the
+/// backend ids it uses.
 fn add_frontend(
-    state: &mut MapState,
+    part: &mut MapState,
+    state: &MapState,
     service: &FrontendSpec,
     ids: &mut Ids,
 ) -> Result<Vec<u32>, Problem> {
@@ -138,12 +418,14 @@ fn add_frontend(
     if endpoints.len() > MAX_SLOTS {
         return Err(Problem::TooManyEndpoints {
             name: service.name.clone(),
+            frontend,
             count: endpoints.len(),
             max: MAX_SLOTS,
         });
     }
     let exhausted = |what| Problem::IdsExhausted {
         name: service.name.clone(),
+        frontend,
         what,
     };
     let rev_nat_id = ids
@@ -154,7 +436,7 @@ fn add_frontend(
         .map(|endpoint| Some((ids.backend(endpoint, frontend.protocol)?, *endpoint)))
         .collect::<Option<_>>()
         .ok_or_else(|| exhausted("backend"))?;
-    state.revnat.insert(
+    part.revnat.insert(
         rev_nat_id,
         RevNat4 {
             addr_be: u32::from(frontend.address).to_be(),
@@ -162,12 +444,12 @@ fn add_frontend(
             _pad: 0,
         },
     );
-    let head = slot0(state, service, rev_nat_id, &slots);
-    state.services.insert(service_key(&frontend, 0), head);
+    let head = slot0(part, service, rev_nat_id, &slots);
+    part.services.insert(service_key(&frontend, 0), head);
     let mut used = Vec::with_capacity(slots.len() + service.reachable.len());
     for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
         used.push(id);
-        state.services.insert(
+        part.services.insert(
             service_key(&frontend, slot as u16 + 1),
             ServiceValue {
                 backend_id: id,
@@ -178,18 +460,18 @@ fn add_frontend(
                 _pad: 0,
             },
         );
-        state
-            .backends
+        part.backends
             .insert(id, backend_value(&endpoint, frontend.protocol));
     }
     // Backends no new connection goes to keep the ones they have: conntrack
     // finds them here.
     for endpoint in &service.reachable {
         if let Some(id) = ids.backend(endpoint, frontend.protocol) {
-            state
-                .backends
-                .entry(id)
-                .or_insert_with(|| backend_value(endpoint, frontend.protocol));
+            if !state.backends.contains_key(&id) {
+                part.backends
+                    .entry(id)
+                    .or_insert_with(|| backend_value(endpoint, frontend.protocol));
+            }
             used.push(id);
         }
     }
@@ -268,40 +550,62 @@ fn maglev_table(state: &mut MapState, rev_nat_id: u32, slots: &[(u32, Endpoint)]
         .unwrap_or(0) as u16
 }
 
-/// The writes that change only some frontends, in the order [`diff`] gives:
-/// `services` is what those frontends (and new ones) serve now, `gone` the
-/// frontends no longer served; every other frontend stays as `applied` holds
-/// it and is not looked at, so the cost follows the change, not the number of
-/// Services. `applied` and `ids` are updated as if the writes succeeded. The
-/// caller makes sure no frontend in `services` belongs to a Service outside
-/// them (contested frontends need [`map_state`], which sees every claimant).
+/// The writes that change only some frontends, in the order [`diff`] gives,
+/// for maps of `capacity` that hold `applied`: `services` is what those
+/// frontends (and new ones) serve now, `gone` the frontends no longer served;
+/// every other frontend stays as `applied` holds it and is not looked at, so
+/// the cost follows the change, not the number of Services. `ids` are updated
+/// as if the writes succeeded. The caller makes sure no frontend in
+/// `services` belongs to a Service outside them (contested frontends need
+/// [`map_state_in`], which sees every claimant).
 pub fn update(
     services: &[&FrontendSpec],
     gone: &[Frontend],
-    applied: &mut MapState,
+    applied: &MapState,
     ids: &mut Ids,
+    capacity: &Capacity,
 ) -> (Vec<MapOp>, Vec<Problem>) {
     let scope: BTreeSet<Frontend> = services
         .iter()
         .map(|s| s.frontend)
         .chain(gone.iter().copied())
         .collect();
-    let mut old = take_programmed(&scope, applied, ids);
+    let (mut old, old_used) = take_programmed(&scope, applied, ids);
 
-    let (mut new, problems, programmed) = build(services, ids);
+    // What stays outside the scope, and the backends the scope shares with
+    // it: those stay whatever these frontends do.
+    let outside = Capacity {
+        services: applied.services.len() - old.services.len(),
+        backends: applied.backends.len() - old.backends.len(),
+        revnat: applied.revnat.len() - old.revnat.len(),
+        maglev: applied.maglev.len() - old.maglev.len(),
+        source_ranges: applied.source_ranges.len() - old.source_ranges.len(),
+    };
+    let shared = MapState {
+        backends: old
+            .backends
+            .iter()
+            .filter(|(id, _)| ids.users.get(id).is_some_and(|u| *u > 0))
+            .map(|(id, b)| (*id, *b))
+            .collect(),
+        ..MapState::default()
+    };
+    let in_outside =
+        |id: u32| applied.backends.contains_key(&id) && !old.backends.contains_key(&id);
+    let room = Room {
+        capacity,
+        base: outside,
+        in_base: &in_outside,
+    };
+    let (new, problems, programmed) = build(services, ids, (&old, old_used), shared, &room);
     for (frontend, used) in programmed {
         for id in &used {
             *ids.users.entry(*id).or_default() += 1;
         }
         ids.programmed.insert(frontend, used);
     }
-    // Backends other frontends still use stay as they are; backends these
-    // frontends share with others are compared with what the maps hold.
-    for (&id, &b) in &old.backends {
-        if ids.users.get(&id).is_some_and(|u| *u > 0) {
-            new.backends.entry(id).or_insert(b);
-        }
-    }
+    // Entries these frontends take over from others are compared with what
+    // the maps hold.
     for id in new.backends.keys() {
         if let Some(&b) = applied.backends.get(id) {
             old.backends.entry(*id).or_insert(b);
@@ -313,21 +617,7 @@ pub fn update(
         }
     }
     let ops = diff(&new, &old);
-
-    for key in old.services.keys() {
-        applied.services.remove(key);
-    }
-    for key in old.maglev.keys() {
-        applied.maglev.remove(key);
-    }
-    for range in &old.source_ranges {
-        applied.source_ranges.remove(range);
-    }
-    for id in old.revnat.keys() {
-        applied.revnat.remove(id);
-    }
     for (id, b) in &old.backends {
-        applied.backends.remove(id);
         if !new.backends.contains_key(id) {
             ids.forget_backend(*id, b);
         }
@@ -337,57 +627,83 @@ pub fn update(
             ids.forget_revnat(frontend);
         }
     }
-    applied.services.extend(new.services);
-    applied.maglev.extend(new.maglev);
-    applied.source_ranges.extend(new.source_ranges);
-    applied.revnat.extend(new.revnat);
-    applied.backends.extend(new.backends);
     (ops, problems)
 }
 
-/// What `applied` holds for the frontends in `scope` (their slots, reverse-NAT
-/// entries, Maglev tables, source ranges and backends), with their backend ids
-/// released in `ids` until they are programmed again.
-fn take_programmed(scope: &BTreeSet<Frontend>, applied: &MapState, ids: &mut Ids) -> MapState {
+/// What `applied` holds for the frontends in `scope`, and the backend ids
+/// each used, released in `ids` until they are programmed again.
+fn take_programmed(
+    scope: &BTreeSet<Frontend>,
+    applied: &MapState,
+    ids: &mut Ids,
+) -> (MapState, HashMap<Frontend, Vec<u32>>) {
     let mut old = MapState::default();
+    let mut old_used = HashMap::new();
     for frontend in scope {
-        if let Some(&head) = applied.services.get(&service_key(frontend, 0)) {
-            for slot in 0..=head.count {
-                let key = service_key(frontend, slot);
-                if let Some(&value) = applied.services.get(&key) {
-                    old.services.insert(key, value);
-                }
-            }
-            let rev = head.rev_nat_id;
-            if let Some(&r) = applied.revnat.get(&rev) {
-                old.revnat.insert(rev, r);
-            }
-            let table = MaglevKey4 {
-                rev_nat_id: rev,
-                index: 0,
-            }..=MaglevKey4 {
-                rev_nat_id: rev,
-                index: u32::MAX,
-            };
-            old.maglev
-                .extend(applied.maglev.range(table).map(|(k, v)| (*k, *v)));
-            old.source_ranges.extend(
-                applied
-                    .source_ranges
-                    .iter()
-                    .filter(|(_, d)| u32::from_be(d.rev_nat_id_be) == rev),
-            );
-        }
-        for id in ids.programmed.remove(frontend).unwrap_or_default() {
-            if let Some(&b) = applied.backends.get(&id) {
-                old.backends.insert(id, b);
-            }
-            if let Some(users) = ids.users.get_mut(&id) {
+        let used = ids.programmed.remove(frontend).unwrap_or_default();
+        for id in &used {
+            if let Some(users) = ids.users.get_mut(id) {
                 *users = users.saturating_sub(1);
             }
         }
+        old.merge(entries_of(frontend, applied, &used));
+        old_used.insert(*frontend, used);
     }
-    old
+    (old, old_used)
+}
+
+/// What `applied` holds for one frontend: its slots, reverse-NAT entry,
+/// Maglev table, source ranges, and their backends and those of `used` (the
+/// backend ids it keeps reachable too).
+fn entries_of(frontend: &Frontend, applied: &MapState, used: &[u32]) -> MapState {
+    let mut entries = MapState::default();
+    if let Some(&head) = applied.services.get(&service_key(frontend, 0)) {
+        for slot in 0..=head.count {
+            let key = service_key(frontend, slot);
+            if let Some(&value) = applied.services.get(&key) {
+                entries.services.insert(key, value);
+            }
+        }
+        let rev = head.rev_nat_id;
+        if let Some(&r) = applied.revnat.get(&rev) {
+            entries.revnat.insert(rev, r);
+        }
+        entries.maglev.extend(
+            applied
+                .maglev
+                .range(maglev_table_keys(rev))
+                .map(|(k, v)| (*k, *v)),
+        );
+        entries.source_ranges.extend(
+            applied
+                .source_ranges
+                .iter()
+                .filter(|(_, d)| u32::from_be(d.rev_nat_id_be) == rev),
+        );
+    }
+    let referenced = entries
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot != 0)
+        .map(|(_, v)| v.backend_id)
+        .chain(entries.maglev.values().copied());
+    for id in used.iter().copied().chain(referenced) {
+        if let Some(&b) = applied.backends.get(&id) {
+            entries.backends.insert(id, b);
+        }
+    }
+    entries
+}
+
+/// Every key of one frontend's Maglev table.
+pub(super) fn maglev_table_keys(rev_nat_id: u32) -> std::ops::RangeInclusive<MaglevKey4> {
+    MaglevKey4 {
+        rev_nat_id,
+        index: 0,
+    }..=MaglevKey4 {
+        rev_nat_id,
+        index: u32::MAX,
+    }
 }
 
 fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
@@ -410,6 +726,31 @@ fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
 }
 
 impl MapState {
+    /// Adds `other`'s entries, replacing those with the same keys.
+    pub(super) fn merge(&mut self, other: MapState) {
+        self.services.extend(other.services);
+        self.backends.extend(other.backends);
+        self.revnat.extend(other.revnat);
+        self.source_ranges.extend(other.source_ranges);
+        self.maglev.extend(other.maglev);
+    }
+
+    /// What the maps hold after one more successful write.
+    pub fn apply(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutBackend(id, b) => drop(self.backends.insert(id, b)),
+            MapOp::PutRevNat(id, r) => drop(self.revnat.insert(id, r)),
+            MapOp::PutSourceRange(p, d) => drop(self.source_ranges.insert((p, d))),
+            MapOp::PutMaglev(k, v) => drop(self.maglev.insert(k, v)),
+            MapOp::PutService(k, v) => drop(self.services.insert(k, v)),
+            MapOp::DelService(k) => drop(self.services.remove(&k)),
+            MapOp::DelSourceRange(p, d) => drop(self.source_ranges.remove(&(p, d))),
+            MapOp::DelMaglev(k) => drop(self.maglev.remove(&k)),
+            MapOp::DelRevNat(id) => drop(self.revnat.remove(&id)),
+            MapOp::DelBackend(id) => drop(self.backends.remove(&id)),
+        }
+    }
+
     /// (frontend, backend) pairs new connections may go to: what affinity entries
     /// may still name.
     pub fn slot_pairs(&self) -> HashSet<(u32, u32)> {

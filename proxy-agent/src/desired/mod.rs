@@ -2,14 +2,17 @@
 //! slots and Maglev tables; the diff against what the maps hold; the plan for
 //! removing ended conntrack and NAT entries. Nothing here touches the kernel.
 
+pub mod apply;
 pub mod diff;
 pub mod dump;
 pub mod gc;
 pub mod ids;
 pub mod maglev;
 pub mod maps;
+pub mod round;
 
 pub use diff::diff;
 pub use dump::dump;
 pub use ids::{Ids, MAX_FRONTEND_ID};
-pub use maps::{map_state, update, MapOp, MapState, Problem, MAX_SLOTS};
+pub use maps::{map_state, map_state_in, update, Capacity, MapOp, MapState, Problem, MAX_SLOTS};
+pub use round::{Programmed, RoundReport};

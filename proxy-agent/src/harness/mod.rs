@@ -14,7 +14,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::StatCounter;
 
 use crate::{
-    desired::{self, Ids, MapState, Problem},
+    desired::{Capacity, Problem, Programmed},
     frontend::FrontendSpec,
     kernel::Dataplane,
 };
@@ -26,10 +26,9 @@ const HEADROOM: usize = 256;
 /// them.
 pub struct Programs {
     pub dp: Dataplane,
-    /// The ids the maps' entries were given, kept across [`Programs::serve`].
-    pub ids: Ids,
-    /// What the maps hold, as the agent's code computed it.
-    pub state: MapState,
+    /// What the maps hold and the ids their entries were given, kept across
+    /// [`Programs::serve`].
+    pub programmed: Programmed,
 }
 
 /// One run of a program.
@@ -59,57 +58,68 @@ pub enum Hook<'a> {
 impl Programs {
     /// The programs in maps of the default capacities, empty.
     pub fn load() -> Result<Self> {
-        Ok(Self::with(Dataplane::load_private()?))
+        Self::with(Dataplane::load_private()?)
     }
 
     /// The programs in maps sized for `frontends` frontends of `backends_each`
     /// backends each.
     pub fn load_sized(frontends: u32, backends_each: u32) -> Result<Self> {
-        Ok(Self::with(Dataplane::load_private_sized(
-            frontends,
-            backends_each,
-        )?))
+        Self::with(Dataplane::load_private_sized(frontends, backends_each)?)
+    }
+
+    /// The programs in maps of `capacity`, empty: for tests that fill them.
+    pub fn load_with_capacity(capacity: &Capacity) -> Result<Self> {
+        Self::with(Dataplane::load_private_with_capacity(capacity)?)
     }
 
     /// The same with another build of the programs (`object`: the bytes of
     /// an eBPF object file), for benches that time two builds in one run.
     pub fn load_sized_object(object: &[u8], frontends: u32, backends_each: u32) -> Result<Self> {
-        Ok(Self::with(Dataplane::load_private_sized_object(
+        Self::with(Dataplane::load_private_sized_object(
             object,
             frontends,
             backends_each,
-        )?))
+        )?)
     }
 
     /// Programs already loaded (pinned, for tests of what outlives the agent).
-    pub fn with(dp: Dataplane) -> Self {
-        Self {
+    pub fn with(dp: Dataplane) -> Result<Self> {
+        let capacity = dp.capacity()?;
+        Ok(Self {
             dp,
-            ids: Ids::default(),
-            state: MapState::default(),
-        }
+            programmed: Programmed {
+                capacity,
+                ..Programmed::default()
+            },
+        })
     }
 
-    /// Programs the maps for `frontends` as the agent would (desired state,
-    /// diff, ordered writes). Frontends that cannot be programmed are left out
-    /// and returned; the others are served.
+    /// Programs the maps for `frontends` as the agent's full round does.
+    /// Frontends that cannot be programmed are left out (or left as they
+    /// were) and returned; the others are served. Fails if a write failed.
     pub fn serve(&mut self, frontends: &[FrontendSpec]) -> Result<Vec<Problem>> {
-        let (wanted, problems) = desired::map_state(frontends, &mut self.ids);
-        self.dp
-            .apply(&desired::diff(&wanted, &self.state))
-            .context("programming the maps")?;
-        self.state = wanted;
-        Ok(problems)
+        let dp = &mut self.dp;
+        let report = self.programmed.full(frontends, |op| dp.write(op));
+        if let Some(failure) = report.outcome.failures.first() {
+            bail!(
+                "programming the maps: {} of {} writes failed, first {:?}: {}",
+                report.outcome.failures.len(),
+                report.writes,
+                failure.op,
+                failure.reason
+            );
+        }
+        Ok(report.problems)
     }
 
     /// [`Programs::serve`], checking that the maps held what the agent last
     /// wrote before, and hold what it wanted after.
     pub fn serve_checked(&mut self, frontends: &[FrontendSpec]) -> Result<Vec<Problem>> {
-        if self.dp.read_state()? != self.state {
+        if self.dp.read_state()? != self.programmed.applied {
             bail!("the maps do not hold what was last written");
         }
         let problems = self.serve(frontends)?;
-        if self.dp.read_state()? != self.state {
+        if self.dp.read_state()? != self.programmed.applied {
             bail!("the maps do not hold what was just written");
         }
         Ok(problems)

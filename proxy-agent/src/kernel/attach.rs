@@ -100,20 +100,21 @@ impl Dataplane {
     }
 
     /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's
-    /// host-side interface. The filters stay after this process exits; `cleanup`
-    /// removes them.
-    pub fn attach_pod_interface(&mut self, iface: &str) -> Result<()> {
-        self.attach_tc(iface, program_names::FROM_POD, TcAttachType::Ingress)?;
-        self.attach_tc(iface, program_names::TO_POD, TcAttachType::Egress)?;
-        info!(iface, "attached");
-        Ok(())
+    /// host-side interface, replacing Ferry's filters if they are there. The
+    /// filters stay after this process exits; `cleanup` removes them. Returns
+    /// whether a filter was missing (and is there now).
+    pub fn attach_pod_interface(&mut self, iface: &str) -> Result<bool> {
+        let ingress = self.attach_tc(iface, program_names::FROM_POD, TcAttachType::Ingress)?;
+        let egress = self.attach_tc(iface, program_names::TO_POD, TcAttachType::Egress)?;
+        debug!(iface, "attached");
+        Ok(ingress || egress)
     }
 
     /// Attaches one tc program. Ferry's filters sit at a fixed priority and
     /// handle, so a filter an earlier agent left there is replaced in one step,
     /// without a gap. Netlink filters, not tcx links: they work from 5.10 on and
-    /// outlive the agent.
-    fn attach_tc(&mut self, iface: &str, name: &str, attach_type: TcAttachType) -> Result<()> {
+    /// outlive the agent. Returns whether the filter was not there before.
+    fn attach_tc(&mut self, iface: &str, name: &str, attach_type: TcAttachType) -> Result<bool> {
         match qdisc_add_clsact(iface) {
             Ok(()) => {}
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -125,6 +126,7 @@ impl Dataplane {
             handle: TC_HANDLE,
             ..NlOptions::default()
         };
+        let mut created = true;
         let link_id = match program.attach_with_options(
             iface,
             attach_type,
@@ -134,6 +136,7 @@ impl Dataplane {
             Err(ProgramError::TcError(TcError::NetlinkError(e)))
                 if e.raw_os_error() == Some(libc::EEXIST) =>
             {
+                created = false;
                 let existing = SchedClassifierLink::attached(
                     iface,
                     attach_type,
@@ -149,7 +152,7 @@ impl Dataplane {
         let link = program.take_link(link_id)?;
         // Dropping the link would detach it; the filter must stay.
         std::mem::forget(link);
-        Ok(())
+        Ok(created)
     }
 }
 

@@ -2,6 +2,10 @@
 //! back, applying ordered writes, applying the garbage-collection plan, and
 //! the readers tests and tools use.
 
+use std::collections::HashSet;
+
+use aya::maps::{IterableMap, MapError};
+
 use super::*;
 
 impl Dataplane {
@@ -32,6 +36,26 @@ impl Dataplane {
             let _ = self.affinity.remove(key);
         }
         Ok(stale.len())
+    }
+
+    /// The backend and frontend ids that conntrack, NAT and affinity entries
+    /// name: what flows still follow, whatever the service maps hold.
+    pub fn live_ids(&self) -> Result<(HashSet<u32>, HashSet<u32>)> {
+        let (mut backends, mut frontends) = (HashSet::new(), HashSet::new());
+        for (_, v) in self.conntrack.iter().filter_map(Result::ok) {
+            backends.insert(v.backend_id);
+            frontends.insert(v.rev_nat_id);
+        }
+        for (_, v) in self.nat.iter().filter_map(Result::ok) {
+            frontends.insert(v.rev_nat_id);
+        }
+        for (k, v) in self.affinity.iter().filter_map(Result::ok) {
+            backends.insert(v.backend_id);
+            frontends.insert(k.rev_nat_id);
+        }
+        backends.remove(&0);
+        frontends.remove(&0);
+        Ok((backends, frontends))
     }
 
     /// Every affinity entry.
@@ -75,30 +99,52 @@ impl Dataplane {
         Ok(state)
     }
 
-    /// Applies map writes in order. Stops at the first failure (a full map, say),
-    /// leaving the maps consistent: every write before it was make-before-break.
-    pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
-        for op in ops {
-            debug!(?op, "map write");
-            match *op {
-                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
-                MapOp::PutRevNat(id, r) => self.revnat.insert(id, r, 0),
-                MapOp::PutService(k, v) => self.services.insert(k, v, 0),
-                MapOp::PutSourceRange(prefix, data) => {
-                    self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
-                }
-                MapOp::PutMaglev(key, backend_id) => self.maglev.insert(key, backend_id, 0),
-                MapOp::DelMaglev(key) => self.maglev.remove(&key),
-                MapOp::DelSourceRange(prefix, data) => {
-                    self.source_ranges.remove(&LpmKey::new(prefix, data))
-                }
-                MapOp::DelService(k) => self.services.remove(&k),
-                MapOp::DelRevNat(id) => self.revnat.remove(&id),
-                MapOp::DelBackend(id) => self.backends.remove(&id),
+    /// Writes one entry (see [`crate::desired::apply`] for the order and
+    /// what a failure skips). Removing an entry already gone succeeds.
+    pub fn write(&mut self, op: &MapOp) -> Result<()> {
+        debug!(?op, "map write");
+        let result = match *op {
+            MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            MapOp::PutRevNat(id, r) => self.revnat.insert(id, r, 0),
+            MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+            MapOp::PutSourceRange(prefix, data) => {
+                self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
             }
-            .with_context(|| format!("map write {op:?}"))?;
+            MapOp::PutMaglev(key, backend_id) => self.maglev.insert(key, backend_id, 0),
+            MapOp::DelMaglev(key) => self.maglev.remove(&key),
+            MapOp::DelSourceRange(prefix, data) => {
+                self.source_ranges.remove(&LpmKey::new(prefix, data))
+            }
+            MapOp::DelService(k) => self.services.remove(&k),
+            MapOp::DelRevNat(id) => self.revnat.remove(&id),
+            MapOp::DelBackend(id) => self.backends.remove(&id),
+        };
+        match result {
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) =>
+            {
+                bail!("the map is full ({})", e.call)
+            }
+            other => other.with_context(|| format!("map write {op:?}")),
         }
-        Ok(())
+    }
+
+    /// How many entries the maps the agent programs hold at most.
+    pub fn capacity(&self) -> Result<Capacity> {
+        fn max(map: &MapData) -> Result<usize> {
+            Ok(map.info()?.max_entries() as usize)
+        }
+        Ok(Capacity {
+            services: max(self.services.map())?,
+            backends: max(self.backends.map())?,
+            revnat: max(self.revnat.map())?,
+            maglev: max(self.maglev.map())?,
+            source_ranges: max(self.source_ranges.map())?,
+        })
     }
 
     /// Removes the conntrack and NAT entries whose flows ended, frees their

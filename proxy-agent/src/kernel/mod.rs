@@ -36,7 +36,7 @@ use proxy_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::desired::{gc, MapOp, MapState};
+use crate::desired::{gc, Capacity, MapOp, MapState};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
@@ -142,6 +142,19 @@ impl Dataplane {
     /// backends: for benchmarks at scales beyond the default capacities.
     pub fn load_private_sized(frontends: u32, backends_each: u32) -> Result<Self> {
         Self::load_private_sized_object(OBJECT, frontends, backends_each)
+    }
+
+    /// Private maps of `capacity`: for tests that fill them.
+    pub fn load_private_with_capacity(capacity: &Capacity) -> Result<Self> {
+        let entries = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::SERVICES_V4, entries(capacity.services))
+            .map_max_entries(map_names::BACKENDS_V4, entries(capacity.backends))
+            .map_max_entries(map_names::REVNAT_V4, entries(capacity.revnat))
+            .map_max_entries(map_names::MAGLEV_V4, entries(capacity.maglev))
+            .map_max_entries(map_names::SOURCE_RANGES_V4, entries(capacity.source_ranges));
+        Self::load_with(&mut loader)
     }
 
     /// `load_private_sized` with another build of the programs: `object` is

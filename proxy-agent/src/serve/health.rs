@@ -1,5 +1,7 @@
-//! `/healthz` and `/livez` as kube-proxy serves them on port 10256: 200 with a
-//! small JSON body while the dataplane is programmed and in sync, 503 otherwise;
+//! `/healthz` as kube-proxy serves it on port 10256: 200 with a small JSON
+//! body while the dataplane is programmed and in sync, 503 otherwise; `/livez`
+//! (the liveness probe's) 200 while the agent's loop goes round, in sync or
+//! not, so an API server outage never gets the agent restarted;
 //! `/metrics` with the agent's counters, and `/statusz` (the uplinks, their
 //! attach modes and why they were chosen; the API server and where its
 //! address came from).
@@ -30,10 +32,16 @@ pub struct Health {
     last_synced: Option<(Instant, jiff::Timestamp)>,
     /// Since when a change has been waiting to be programmed, if one is.
     pending_since: Option<Instant>,
+    /// When the agent's loop last went round (see [`HEARTBEAT`]).
+    last_beat: Option<Instant>,
 }
 
 /// A change older than this that is still not programmed makes the agent unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the loop says it is alive, and how long without that makes
+/// `/livez` fail: only a loop that stopped going round is worth a restart.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Counters served on `/metrics` in Prometheus' text format.
 #[derive(Debug, Default)]
@@ -44,6 +52,12 @@ pub struct Metrics {
     pub attach_errors: u64,
     pub services_skipped: u64,
     pub service_problems: u64,
+    /// Frontends refused (or kept as they were) because a map is full.
+    pub frontends_refused: u64,
+    /// Map writes that failed or were skipped behind a failed one.
+    pub map_write_failures: u64,
+    /// Pod interfaces whose tc filters were found gone and put back.
+    pub filters_restored: u64,
     pub frontends: u64,
     pub backends: u64,
     pub pod_interfaces: u64,
@@ -64,7 +78,7 @@ pub struct Metrics {
 
 impl Metrics {
     fn render(&self) -> String {
-        let rows: [(&str, &str, u64, &str); 11] = [
+        let rows: [(&str, &str, u64, &str); 14] = [
             (
                 "ferry_syncs_total",
                 "counter",
@@ -100,6 +114,24 @@ impl Metrics {
                 "gauge",
                 self.service_problems,
                 "Frontends that could not be programmed.",
+            ),
+            (
+                "ferry_frontends_refused_map_full",
+                "gauge",
+                self.frontends_refused,
+                "Frontends not programmed, or kept as they were, because a map is full (see /statusz).",
+            ),
+            (
+                "ferry_map_write_failures_total",
+                "counter",
+                self.map_write_failures,
+                "Map writes that failed, or were skipped behind a failed write of the same frontend.",
+            ),
+            (
+                "ferry_tc_filters_restored_total",
+                "counter",
+                self.filters_restored,
+                "Pod interfaces whose tc filters were found gone at a resync and put back.",
             ),
             (
                 "ferry_frontends",
@@ -179,6 +211,8 @@ pub struct Status {
     pub api_server: Option<(String, Origin)>,
     /// The socket hooks: mode, cgroup and refusal, or why they are not attached.
     pub socket_lb: serde_json::Value,
+    /// Frontends not programmed (or kept as they were), and why.
+    pub problems: std::collections::BTreeMap<crate::frontend::Frontend, crate::desired::Problem>,
 }
 
 impl Status {
@@ -200,7 +234,7 @@ impl Status {
             |(url, from)| serde_json::json!({"url": url, "from": from, "detail": from.to_string()}),
         );
         format!(
-            r#"{{"healthy": {}, "uplinks": [{}], "uplinkChoice": {}, "apiServer": {}, "socketLb": {}, "frontends": {}, "backends": {}, "podInterfaces": {}}}"#,
+            r#"{{"healthy": {}, "uplinks": [{}], "uplinkChoice": {}, "apiServer": {}, "socketLb": {}, "frontends": {}, "backends": {}, "podInterfaces": {}, "problems": {}}}"#,
             self.health.healthy(),
             uplinks.join(", "),
             serde_json::Value::from(choice),
@@ -208,8 +242,35 @@ impl Status {
             self.socket_lb,
             self.metrics.frontends,
             self.metrics.backends,
-            self.metrics.pod_interfaces
+            self.metrics.pod_interfaces,
+            serde_json::Value::from(
+                self.problems
+                    .values()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+            )
         )
+    }
+}
+
+impl Status {
+    /// Notes a round's problems: a full round's replace them all, a partial
+    /// round's those of the frontends it covered (`scope`).
+    pub fn note_problems(
+        &mut self,
+        scope: Option<&[crate::frontend::Frontend]>,
+        problems: &[crate::desired::Problem],
+    ) {
+        match scope {
+            None => self.problems.clear(),
+            Some(scope) => scope.iter().for_each(|f| drop(self.problems.remove(f))),
+        }
+        for problem in problems {
+            self.problems.insert(problem.frontend(), problem.clone());
+        }
+        self.metrics.service_problems = self.problems.len() as u64;
+        self.metrics.frontends_refused =
+            self.problems.values().filter(|p| p.map_full()).count() as u64;
     }
 }
 
@@ -223,6 +284,17 @@ impl Health {
 
     pub fn pending(&mut self) {
         self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    pub fn beat(&mut self) {
+        self.last_beat = Some(Instant::now());
+    }
+
+    /// The loop goes round: events are taken in, pods attached, flows
+    /// collected, whether or not the API server answers.
+    pub fn live(&self) -> bool {
+        self.last_beat
+            .is_some_and(|beat| beat.elapsed() < LIVENESS_TIMEOUT)
     }
 
     pub fn healthy(&self) -> bool {
@@ -275,7 +347,12 @@ pub async fn serve(addr: SocketAddr, health: Shared) -> Result<()> {
                 let (status, content_type, body) = match path {
                     "/healthz" | "/livez" => {
                         let h = &health.lock().unwrap().health;
-                        let status = if h.healthy() {
+                        let ok = if path == "/livez" {
+                            h.live()
+                        } else {
+                            h.healthy()
+                        };
+                        let status = if ok {
                             "200 OK"
                         } else {
                             "503 Service Unavailable"

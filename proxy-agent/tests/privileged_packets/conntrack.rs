@@ -53,7 +53,10 @@ fn conntrack_holds_both_directions_of_a_flow() {
         )
     );
     assert_eq!(fwd.1.backend_id, rev.1.backend_id);
-    assert_eq!(p.state.backends[&fwd.1.backend_id].addr_be, be(backend.0));
+    assert_eq!(
+        p.programmed.applied.backends[&fwd.1.backend_id].addr_be,
+        be(backend.0)
+    );
     assert!(fwd.1.last_seen_ns > 0);
 }
 
@@ -145,7 +148,8 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
         .unwrap();
     let id_of = |p: &Programs, addr: &str| {
-        *p.state
+        *p.programmed
+            .applied
             .backends
             .iter()
             .find(|(_, b)| b.addr_be == u32::from(ip(addr)).to_be() && b.port_be == 5353u16.to_be())
@@ -154,7 +158,8 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
     };
     let key = forward_key(&f);
     let rev_nat_id = *p
-        .state
+        .programmed
+        .applied
         .revnat
         .iter()
         .find(|(_, r)| r.port_be == 53u16.to_be() && r.addr_be == u32::from(ip(VIP)).to_be())

@@ -3,6 +3,7 @@
 //! holds the fixture; the tests are in one module per subject.
 
 mod conntrack;
+mod full_maps;
 mod rewrite;
 mod schedulers;
 #[path = "../support/mod.rs"]
@@ -109,14 +110,14 @@ impl Programs {
     fn with_ids(services: &[FrontendSpec], ids: Ids) -> Self {
         support::require_root();
         let mut p = Self(harness::Programs::load().expect("load the programs"));
-        p.ids = ids;
+        p.programmed.ids = ids;
         p.serve(services);
         p
     }
 
     /// The frontend id the agent gave `vip:port` (TCP).
     fn frontend_id(&self, vip: &str, port: u16) -> u32 {
-        self.state.services[&slot0(vip, port)].rev_nat_id
+        self.programmed.applied.services[&slot0(vip, port)].rev_nat_id
     }
 
     /// Programs the maps for `services`, as the agent would, and checks they
@@ -142,10 +143,10 @@ impl Programs {
     /// The backend the agent's own view says this flow hashes to.
     fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
         let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
-        let count = self.state.services[&key(0)].count;
+        let count = self.programmed.applied.services[&key(0)].count;
         let h = f.flow_hash();
-        let id = self.state.services[&key(hash::slot_for(h, count))].backend_id;
-        let b = self.state.backends[&id];
+        let id = self.programmed.applied.services[&key(hash::slot_for(h, count))].backend_id;
+        let b = self.programmed.applied.backends[&id];
         (b.addr(), b.port())
     }
 

@@ -104,18 +104,25 @@ fn schedule_once(p: &mut Programs, f: &Frame) -> Ipv4Addr {
 fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
     use proxy_agent::frontend::Scheduler;
     let mut p = Programs::new(&scheduled(Scheduler::Maglev));
-    assert!(!p.state.maglev.is_empty());
-    let size = p.state.maglev.len() as u32;
+    assert!(!p.programmed.applied.maglev.is_empty());
+    let size = p.programmed.applied.maglev.len() as u32;
     for port in 46000..46040 {
         let f = Frame::tcp(CLIENT, port, "10.96.0.70", 80);
         let h = f.flow_hash();
-        let rev_nat_id = p.state.maglev.keys().next().unwrap().rev_nat_id;
+        let rev_nat_id = p
+            .programmed
+            .applied
+            .maglev
+            .keys()
+            .next()
+            .unwrap()
+            .rev_nat_id;
         let key = proxy_common::MaglevKey4 {
             rev_nat_id,
             index: h % size,
         };
-        let id = p.state.maglev[&key];
-        let want = Ipv4Addr::from(u32::from_be(p.state.backends[&id].addr_be));
+        let id = p.programmed.applied.maglev[&key];
+        let want = Ipv4Addr::from(u32::from_be(p.programmed.applied.backends[&id].addr_be));
         assert_eq!(schedule_once(&mut p, &f), want, "port {port}");
         assert_eq!(
             schedule_once(&mut p, &f),

@@ -270,7 +270,7 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
     let (ns, ifindex) = fib::namespace(&mut lab);
     in_netns(&ns, move || {
         let mut h = harness::Programs::load().expect("load the programs");
-        h.ids = ids;
+        h.programmed.ids = ids;
         let problems = h.serve(&services()).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
         h.dp.set_config(settings::node_config(Some(ip(NODE)), (NAT_MIN, NAT_MAX)))

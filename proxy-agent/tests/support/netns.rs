@@ -85,6 +85,11 @@ impl Lab {
     /// Starts `proxy-agent` in `node`'s network namespace (keeping the machine's
     /// mounts, so it pins on the real bpffs) and waits until it says it is ready.
     pub fn start_agent(&mut self, node: &str, args: &[&str]) {
+        self.start_agent_until(node, args, "ready");
+    }
+
+    /// [`Lab::start_agent`], waiting for a log line holding `marker` instead.
+    pub fn start_agent_until(&mut self, node: &str, args: &[&str], marker: &'static str) {
         let mut child = ferry_netns::enter(node, env!("CARGO_BIN_EXE_proxy-agent"))
             .args(args)
             .arg("--pin-dir")
@@ -102,13 +107,20 @@ impl Lab {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("agent: {line}");
-                if line.contains("ready") {
+                if line.contains(marker) {
                     let _ = tx.send(());
                 }
             }
         });
         rx.recv_timeout(Duration::from_secs(20))
-            .expect("agent did not become ready in 20 s");
+            .unwrap_or_else(|_| panic!("the agent did not log {marker:?} in 20 s"));
+    }
+
+    /// Whether every agent started is still running.
+    pub fn agents_running(&mut self) -> bool {
+        self.agents
+            .iter_mut()
+            .all(|a| matches!(a.try_wait(), Ok(None)))
     }
 
     /// Runs `proxy-agent cleanup` in `node`.

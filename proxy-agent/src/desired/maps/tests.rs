@@ -2,7 +2,7 @@
 //! recompute, diff order, Maglev tables.
 
 use super::*;
-use crate::desired::{ids::next_free, MAX_FRONTEND_ID};
+use crate::desired::{ids::next_free, Programmed, MAX_FRONTEND_ID};
 
 fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> FrontendSpec {
     let frontend = Frontend {
@@ -19,20 +19,7 @@ fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> Fro
 
 /// What the maps hold after `ops`, as the dataplane would write them.
 fn applied_after(mut state: MapState, ops: &[MapOp]) -> MapState {
-    for op in ops {
-        match *op {
-            MapOp::PutBackend(id, b) => drop(state.backends.insert(id, b)),
-            MapOp::PutRevNat(id, r) => drop(state.revnat.insert(id, r)),
-            MapOp::PutSourceRange(p, d) => drop(state.source_ranges.insert((p, d))),
-            MapOp::PutMaglev(k, v) => drop(state.maglev.insert(k, v)),
-            MapOp::PutService(k, v) => drop(state.services.insert(k, v)),
-            MapOp::DelService(k) => drop(state.services.remove(&k)),
-            MapOp::DelSourceRange(p, d) => drop(state.source_ranges.remove(&(p, d))),
-            MapOp::DelMaglev(k) => drop(state.maglev.remove(&k)),
-            MapOp::DelRevNat(id) => drop(state.revnat.remove(&id)),
-            MapOp::DelBackend(id) => drop(state.backends.remove(&id)),
-        }
-    }
+    ops.iter().for_each(|op| state.apply(op));
     state
 }
 
@@ -54,12 +41,12 @@ fn update_of_some_frontends_ends_where_a_full_recompute_does() {
         &[([10, 0, 0, 2], 80), ([10, 0, 0, 4], 80)],
     );
     let d = svc("d", [10, 96, 0, 4], 80, &[([10, 0, 0, 5], 80)]);
-    let mut applied = before.clone();
-    let (ops, problems) = update(&[&b2, &d], &[c.frontend], &mut applied, &mut ids);
+    let capacity = Capacity::default();
+    let (ops, problems) = update(&[&b2, &d], &[c.frontend], &before, &mut ids, &capacity);
     assert!(problems.is_empty());
-    // The writes turn the old maps into the new ones...
-    assert_eq!(applied_after(before, &ops), applied);
-    // ...which are what a full recompute gives, a's shared backend kept.
+    // The writes turn the old maps into what a full recompute gives, a's
+    // shared backend kept.
+    let applied = applied_after(before, &ops);
     let (full, _) = map_state(&[&a, &b2, &d], &mut ids);
     assert_eq!(applied, full);
     assert!(!ops.iter().any(
@@ -73,9 +60,9 @@ fn update_of_some_frontends_ends_where_a_full_recompute_does() {
 fn update_forgets_the_ids_of_what_went() {
     let a = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 1], 80)]);
     let mut ids = Ids::default();
-    let (mut applied, _) = map_state(&[&a], &mut ids);
-    let (ops, _) = update(&[], &[a.frontend], &mut applied, &mut ids);
-    assert_eq!(applied, MapState::default());
+    let (applied, _) = map_state(&[&a], &mut ids);
+    let (ops, _) = update(&[], &[a.frontend], &applied, &mut ids, &Capacity::default());
+    assert_eq!(applied_after(applied, &ops), MapState::default());
     assert!(ops.iter().any(|op| matches!(op, MapOp::DelBackend(_))));
     assert!(ids.backends.is_empty() && ids.revnat.is_empty() && ids.users.is_empty());
 }
@@ -425,4 +412,251 @@ fn maglev_tables_fill_their_frontend_and_go_in_before_slot_0() {
         changed < size as usize / 6,
         "{changed} of {size} slots changed"
     );
+}
+
+/// Maps with a kernel's limits: a write that adds an entry to a full map
+/// fails, as BPF_MAP_UPDATE_ELEM does with E2BIG. After every write that
+/// lands, every frontend must be whole: its slots, their backends and its
+/// Maglev table there, so no packet ever finds a hole.
+struct Kernel {
+    maps: MapState,
+    capacity: Capacity,
+    writes: usize,
+}
+
+impl Kernel {
+    fn new(capacity: Capacity) -> Self {
+        Self {
+            maps: MapState::default(),
+            capacity,
+            writes: 0,
+        }
+    }
+
+    fn write(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        let c = &self.capacity;
+        let m = &self.maps;
+        let full = match op {
+            MapOp::PutService(k, _) => {
+                !m.services.contains_key(k) && m.services.len() >= c.services
+            }
+            MapOp::PutBackend(id, _) => {
+                !m.backends.contains_key(id) && m.backends.len() >= c.backends
+            }
+            MapOp::PutRevNat(id, _) => !m.revnat.contains_key(id) && m.revnat.len() >= c.revnat,
+            MapOp::PutMaglev(k, _) => !m.maglev.contains_key(k) && m.maglev.len() >= c.maglev,
+            MapOp::PutSourceRange(p, d) => {
+                !m.source_ranges.contains(&(*p, *d)) && m.source_ranges.len() >= c.source_ranges
+            }
+            _ => false,
+        };
+        if full {
+            anyhow::bail!("the map is full");
+        }
+        self.maps.apply(op);
+        self.writes += 1;
+        self.check_whole();
+        Ok(())
+    }
+
+    fn check_whole(&self) {
+        let m = &self.maps;
+        for (key, head) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+            assert!(
+                m.revnat.contains_key(&head.rev_nat_id),
+                "{key:?}: no reverse NAT"
+            );
+            for slot in 1..=head.count {
+                let value = m.services.get(&key.with_slot(slot));
+                let value = value.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
+                assert!(
+                    m.backends.contains_key(&value.backend_id),
+                    "{key:?}: slot {slot}'s backend missing"
+                );
+            }
+            if head.flags & svc_flags::SCHEDULER_MAGLEV != 0 && head.count > 0 {
+                let size = proxy_common::maglev::SIZES[head.maglev_size as usize];
+                for index in 0..size {
+                    let k = MaglevKey4 {
+                        rev_nat_id: head.rev_nat_id,
+                        index,
+                    };
+                    assert!(
+                        m.backends.contains_key(&m.maglev[&k]),
+                        "{key:?}: Maglev hole"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn small(services: usize) -> Capacity {
+    Capacity {
+        services,
+        ..Capacity::default()
+    }
+}
+
+fn endpoints(first: u8, count: u8) -> Vec<([u8; 4], u16)> {
+    (first..first + count)
+        .map(|i| ([10, 0, 0, i], 80))
+        .collect()
+}
+
+fn served_by(kernel: &Kernel, spec: &FrontendSpec) -> Vec<u32> {
+    let head = kernel.maps.services.get(&service_key(&spec.frontend, 0));
+    let Some(head) = head else { return Vec::new() };
+    (1..=head.count)
+        .map(|slot| kernel.maps.services[&service_key(&spec.frontend, slot)].backend_id)
+        .map(|id| u32::from_be(kernel.maps.backends[&id].addr_be))
+        .collect()
+}
+
+#[test]
+fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
+    // Three slots (slot 0 and two backends) per Service: two fit in eight.
+    let capacity = small(8);
+    let mut kernel = Kernel::new(capacity);
+    let mut programmed = Programmed {
+        capacity,
+        ..Programmed::default()
+    };
+    let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
+    let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
+    let c = svc("c", [10, 96, 0, 3], 80, &endpoints(5, 2));
+    let report = programmed.full(&[&a, &b, &c], |op| kernel.write(op));
+    assert!(report.complete(), "{:?}", report.outcome);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let refusal = report.problems[0].to_string();
+    assert!(
+        refusal.contains("c:") && refusal.contains("svc4_v2") && refusal.contains("8 entries"),
+        "{refusal}"
+    );
+    assert_eq!(served_by(&kernel, &a).len(), 2);
+    assert_eq!(served_by(&kernel, &b).len(), 2);
+    assert!(served_by(&kernel, &c).is_empty());
+    assert_eq!(kernel.maps, programmed.applied);
+
+    // b goes: its room is freed before c's entries go in, in the same round.
+    let report = programmed.partial(&[&c], &[b.frontend], |op| kernel.write(op));
+    assert!(
+        report.complete() && report.problems.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(served_by(&kernel, &c).len(), 2);
+    assert!(served_by(&kernel, &b).is_empty());
+    assert_eq!(kernel.maps, programmed.applied);
+    assert_eq!(kernel.maps.services.len(), 6);
+}
+
+#[test]
+fn a_new_service_never_pushes_out_one_already_served() {
+    let capacity = small(6);
+    let mut kernel = Kernel::new(capacity);
+    let mut programmed = Programmed {
+        capacity,
+        ..Programmed::default()
+    };
+    let y = svc("y", [10, 96, 0, 1], 80, &endpoints(1, 2));
+    let z = svc("z", [10, 96, 0, 2], 80, &endpoints(3, 2));
+    assert!(programmed
+        .full(&[&y, &z], |op| kernel.write(op))
+        .problems
+        .is_empty());
+    // "a" sorts first, but y and z were there before it.
+    let a = svc("a", [10, 96, 0, 3], 80, &endpoints(5, 1));
+    let report = programmed.full(&[&a, &y, &z], |op| kernel.write(op));
+    assert!(report.complete());
+    assert!(
+        matches!(&report.problems[..], [Problem::MapFull { name, .. }] if name == "a"),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(served_by(&kernel, &y).len(), 2);
+    assert_eq!(served_by(&kernel, &z).len(), 2);
+}
+
+#[test]
+fn a_served_frontend_that_outgrows_the_room_is_served_as_it_was() {
+    let capacity = small(7);
+    let mut kernel = Kernel::new(capacity);
+    let mut programmed = Programmed {
+        capacity,
+        ..Programmed::default()
+    };
+    let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
+    let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
+    assert!(programmed
+        .full(&[&a, &b], |op| kernel.write(op))
+        .problems
+        .is_empty());
+    let before = served_by(&kernel, &a);
+    // a scales up to four endpoints: five entries next to b's three.
+    let grown = svc("a", [10, 96, 0, 1], 80, &endpoints(10, 4));
+    for partial in [false, true] {
+        let report = if partial {
+            programmed.partial(&[&grown], &[], |op| kernel.write(op))
+        } else {
+            programmed.full(&[&grown, &b], |op| kernel.write(op))
+        };
+        assert!(report.complete(), "{:?}", report.outcome);
+        assert!(
+            matches!(&report.problems[..], [Problem::ChangeRefused { name, .. }] if name == "a"),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(served_by(&kernel, &a), before);
+        assert_eq!(served_by(&kernel, &b).len(), 2);
+        assert_eq!(kernel.maps, programmed.applied);
+    }
+    // Room again (b went): a gets its four.
+    let report = programmed.full(&[&grown], |op| kernel.write(op));
+    assert!(report.complete() && report.problems.is_empty());
+    assert_eq!(served_by(&kernel, &a).len(), 4);
+}
+
+#[test]
+fn a_write_that_fails_leaves_its_frontend_whole_and_the_rest_is_written() {
+    // The agent believes the maps are large; the kernel's are not: writes fail.
+    let mut kernel = Kernel::new(small(9));
+    let mut programmed = Programmed::default();
+    let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
+    let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
+    let mut m = svc("m", [10, 96, 0, 3], 53, &endpoints(5, 2));
+    m.scheduler = Some(Scheduler::Maglev);
+    assert!(programmed
+        .full(&[&a, &b, &m], |op| kernel.write(op))
+        .complete());
+    // b goes, a grows by four backends, c and d come: not all of it fits.
+    let a2 = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 6));
+    let c = svc("c", [10, 96, 0, 4], 80, &endpoints(20, 2));
+    let d = svc("d", [10, 96, 0, 5], 80, &endpoints(30, 2));
+    let report = programmed.full(&[&a2, &c, &d, &m], |op| kernel.write(op));
+    assert!(!report.complete());
+    assert!(!report.outcome.failed_frontends.is_empty());
+    // What landed is known exactly, removals included.
+    assert_eq!(kernel.maps, programmed.applied);
+    assert!(served_by(&kernel, &b).is_empty());
+    assert_eq!(served_by(&kernel, &m).len(), 2);
+    // a is whole: its old two backends, or its new six.
+    assert!([2, 6].contains(&served_by(&kernel, &a).len()));
+    // The next round, in bigger maps, writes the rest.
+    kernel.capacity = Capacity::default();
+    let report = programmed.full(&[&a2, &c, &d, &m], |op| kernel.write(op));
+    assert!(report.complete(), "{:?}", report.outcome);
+    assert_eq!(served_by(&kernel, &a).len(), 6);
+    assert_eq!(served_by(&kernel, &c).len(), 2);
+    assert_eq!(served_by(&kernel, &d).len(), 2);
+    assert_eq!(kernel.maps, programmed.applied);
+}
+
+#[test]
+fn ids_live_flows_name_are_not_handed_out() {
+    let mut ids = Ids::default();
+    ids.reserve(&HashSet::from([1, 2, 7]), &HashSet::from([3]));
+    let (state, _) = map_state(&[svc("s", [10, 96, 0, 1], 80, &endpoints(1, 2))], &mut ids);
+    let backend_ids: Vec<u32> = state.backends.keys().copied().collect();
+    assert_eq!(backend_ids, [8, 9]);
+    assert_eq!(state.revnat.keys().copied().collect::<Vec<_>>(), [4]);
 }

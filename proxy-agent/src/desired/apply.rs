@@ -1,0 +1,138 @@
+//! Carrying out an ordered list of writes ([`super::diff`]) when some of them
+//! fail, a full map say. Pure: the caller passes the function that writes one
+//! entry to the kernel.
+//!
+//! A failed write does not stop the round. It fails the frontend it belongs
+//! to: that frontend's remaining writes are skipped, so it stays as a prefix
+//! of its make-before-break sequence left it (its old slot 0 still names only
+//! slots and backends that exist), and so does every frontend whose new slots
+//! would name a backend that could not be written. Everything else, removals
+//! included, is still written, and `applied` follows exactly what landed.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::maps::{MapOp, MapState};
+
+/// What a round's writes came to.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Writes that landed.
+    pub written: usize,
+    /// Writes that failed or were skipped, with why.
+    pub failures: Vec<Failure>,
+    /// The frontends (reverse-NAT ids) left as they were, or half way.
+    pub failed_frontends: BTreeMap<u32, String>,
+}
+
+/// One write that did not land.
+#[derive(Debug)]
+pub struct Failure {
+    pub op: MapOp,
+    pub reason: String,
+}
+
+/// The frontend (reverse-NAT id) a write belongs to; backends belong to none.
+fn owner(op: &MapOp, applied: &MapState) -> Option<u32> {
+    match op {
+        MapOp::PutService(_, v) => Some(v.rev_nat_id),
+        MapOp::DelService(k) => applied.services.get(k).map(|v| v.rev_nat_id),
+        MapOp::PutMaglev(k, _) | MapOp::DelMaglev(k) => Some(k.rev_nat_id),
+        MapOp::PutSourceRange(_, d) | MapOp::DelSourceRange(_, d) => {
+            Some(u32::from_be(d.rev_nat_id_be))
+        }
+        MapOp::PutRevNat(id, _) | MapOp::DelRevNat(id) => Some(*id),
+        MapOp::PutBackend(..) | MapOp::DelBackend(_) => None,
+    }
+}
+
+/// Why `op` must not be written now, if it must not.
+fn missing(
+    op: &MapOp,
+    applied: &MapState,
+    referenced: &mut Option<HashSet<u32>>,
+) -> Option<String> {
+    match op {
+        MapOp::PutService(k, v) if k.slot != 0 && !applied.backends.contains_key(&v.backend_id) => {
+            Some(format!("its backend {} is not in the maps", v.backend_id))
+        }
+        MapOp::PutService(k, v) if k.slot == 0 && !applied.revnat.contains_key(&v.rev_nat_id) => {
+            Some(format!(
+                "its reverse-NAT entry {} is not in the maps",
+                v.rev_nat_id
+            ))
+        }
+        MapOp::PutMaglev(_, b) if !applied.backends.contains_key(b) => {
+            Some(format!("its backend {b} is not in the maps"))
+        }
+        MapOp::DelBackend(id) => {
+            let named = referenced.get_or_insert_with(|| {
+                applied
+                    .services
+                    .iter()
+                    .filter(|(k, _)| k.slot != 0)
+                    .map(|(_, v)| v.backend_id)
+                    .chain(applied.maglev.values().copied())
+                    .collect()
+            });
+            named
+                .contains(id)
+                .then(|| "a frontend left as it was still names it".to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Writes `ops` in order through `write`, updating `applied` with each write
+/// that lands (see the module comment for what a failure skips).
+pub fn run(
+    ops: &[MapOp],
+    applied: &mut MapState,
+    mut write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    // Backend ids named by slots and Maglev tables: built on the first
+    // backend removal after a failure, dropped when slots change.
+    let mut referenced: Option<HashSet<u32>> = None;
+    for op in ops {
+        let owner = owner(op, applied);
+        if let Some(reason) = owner.and_then(|rev| outcome.failed_frontends.get(&rev)) {
+            outcome.failures.push(Failure {
+                op: *op,
+                reason: format!("skipped: {reason}"),
+            });
+            continue;
+        }
+        // A backend the plan removes can still be named only after a failure
+        // (by a frontend left as it was): only then is that looked at.
+        let check = match op {
+            MapOp::DelBackend(_) if outcome.failures.is_empty() => None,
+            _ => missing(op, applied, &mut referenced),
+        };
+        let result = match check {
+            Some(reason) => Err(format!("not written: {reason}")),
+            None => write(op).map_err(|e| format!("{e:#}")),
+        };
+        match result {
+            Ok(()) => {
+                applied.apply(op);
+                outcome.written += 1;
+                if matches!(
+                    op,
+                    MapOp::PutService(..)
+                        | MapOp::DelService(_)
+                        | MapOp::PutMaglev(..)
+                        | MapOp::DelMaglev(_)
+                ) {
+                    referenced = None;
+                }
+            }
+            Err(reason) => {
+                if let Some(rev) = owner {
+                    outcome.failed_frontends.insert(rev, reason.clone());
+                }
+                outcome.failures.push(Failure { op: *op, reason });
+            }
+        }
+    }
+    outcome
+}

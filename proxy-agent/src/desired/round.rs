@@ -1,0 +1,97 @@
+//! One programming round, whole or for the frontends a change touched: the
+//! map contents wanted (within the maps' capacity), the ordered writes, and
+//! what of them landed. The agent and the test harness both program through
+//! it; the caller passes the function that writes one entry to the kernel.
+
+use std::borrow::Borrow;
+
+use super::{
+    apply::{self, Outcome},
+    diff,
+    maps::{map_state_in, update, Capacity, MapOp, MapState, Problem},
+    Ids,
+};
+use crate::frontend::{Frontend, FrontendSpec};
+
+/// What the maps hold and the ids their entries were given.
+#[derive(Debug, Default)]
+pub struct Programmed {
+    pub ids: Ids,
+    /// What the maps hold: every write that landed, none that did not.
+    pub applied: MapState,
+    /// The maps' sizes: frontends beyond them are refused, not written.
+    pub capacity: Capacity,
+}
+
+/// What one round did.
+#[derive(Debug, Default)]
+pub struct RoundReport {
+    /// Services not programmed (or left as they were), each with why.
+    pub problems: Vec<Problem>,
+    /// Writes the round wanted.
+    pub writes: usize,
+    /// What of them landed.
+    pub outcome: Outcome,
+}
+
+impl RoundReport {
+    /// Every write landed.
+    pub fn complete(&self) -> bool {
+        self.outcome.failures.is_empty()
+    }
+}
+
+impl Programmed {
+    /// Maps that hold `applied` (adopted from an earlier agent, say), of `capacity`.
+    pub fn adopt(applied: MapState, ids: Ids, capacity: Capacity) -> Self {
+        Self {
+            ids,
+            applied,
+            capacity,
+        }
+    }
+
+    /// Programs every frontend: the maps end up serving `frontends` and nothing else.
+    pub fn full<S: Borrow<FrontendSpec>>(
+        &mut self,
+        frontends: &[S],
+        write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+    ) -> RoundReport {
+        let (wanted, problems) =
+            map_state_in(frontends, &mut self.ids, &self.applied, &self.capacity);
+        let ops = diff(&wanted, &self.applied);
+        self.write(ops, problems, write)
+    }
+
+    /// Programs only `frontends` (what they serve now) and removes `gone`;
+    /// every other frontend stays as it is.
+    pub fn partial(
+        &mut self,
+        frontends: &[&FrontendSpec],
+        gone: &[Frontend],
+        write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+    ) -> RoundReport {
+        let (ops, problems) = update(
+            frontends,
+            gone,
+            &self.applied,
+            &mut self.ids,
+            &self.capacity,
+        );
+        self.write(ops, problems, write)
+    }
+
+    fn write(
+        &mut self,
+        ops: Vec<MapOp>,
+        problems: Vec<Problem>,
+        write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+    ) -> RoundReport {
+        let outcome = apply::run(&ops, &mut self.applied, write);
+        RoundReport {
+            problems,
+            writes: ops.len(),
+            outcome,
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Full maps: the frontends that do not fit are refused by name, everything
+//! else is served, and a removal makes room for them; a write the kernel
+//! refuses leaves its frontend whole and the rest is still written.
+
+use proxy_agent::desired::{Capacity, Problem};
+
+use super::*;
+
+fn web(name: &str, vip: &str) -> FrontendSpec {
+    service(
+        name,
+        vip,
+        80,
+        Protocol::Tcp,
+        &[(BACKEND_A, 8080), (BACKEND_B, 8080)],
+    )
+}
+
+/// Maps whose services map holds `slots` entries.
+fn small(slots: usize) -> Programs {
+    support::require_root();
+    let capacity = Capacity {
+        services: slots,
+        ..Capacity::default()
+    };
+    Programs(harness::Programs::load_with_capacity(&capacity).expect("load the programs"))
+}
+
+/// `f` leaves the pod as it was sent: no frontend claims it.
+fn assert_untouched(p: &mut Programs, f: &Frame) {
+    let (verdict, out) = p.send_from_pod(f);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, f.bytes()));
+}
+
+#[test]
+fn a_full_map_refuses_by_name_and_a_removal_makes_room() {
+    // Slot 0 and two backend slots each: two Services fit in eight entries.
+    let mut p = small(8);
+    let (a, b, c) = (
+        web("a", "10.96.1.1"),
+        web("b", "10.96.1.2"),
+        web("c", "10.96.1.3"),
+    );
+    let problems =
+        p.0.serve_checked(&[a.clone(), b.clone(), c.clone()])
+            .unwrap();
+    assert!(
+        matches!(&problems[..], [Problem::MapFull { name, map: "svc4_v2", capacity: 8, .. }] if name == "c"),
+        "{problems:?}"
+    );
+    // One client port per frontend: the frontends share their backends.
+    let to = |vip: &str| {
+        let port = 40000 + u16::from(vip.rsplit('.').next().unwrap().parse::<u8>().unwrap());
+        Frame::tcp(CLIENT, port, vip, 80)
+    };
+    assert_dnat(&mut p, &to("10.96.1.1"));
+    assert_dnat(&mut p, &to("10.96.1.2"));
+    assert_untouched(&mut p, &to("10.96.1.3"));
+
+    // b goes: c is programmed in the same round, a never moves.
+    let a_backend = p.hashed_backend(&to("10.96.1.1"));
+    let problems = p.0.serve_checked(&[a.clone(), c.clone()]).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(assert_dnat(&mut p, &to("10.96.1.1")), a_backend);
+    assert_dnat(&mut p, &to("10.96.1.3"));
+    assert_untouched(&mut p, &to("10.96.1.2"));
+}
+
+#[test]
+fn a_write_the_kernel_refuses_leaves_its_frontend_whole() {
+    // The agent's code believes the maps large; the kernel's hold eight slots.
+    let mut p = small(8);
+    p.programmed.capacity = Capacity::default();
+    let (a, b) = (web("a", "10.96.1.1"), web("b", "10.96.1.2"));
+    p.serve(&[a.clone(), b.clone()]);
+    // b goes, c and d come: only one of them fits.
+    let (c, d) = (web("c", "10.96.1.3"), web("d", "10.96.1.4"));
+    let dp = &mut p.0.dp;
+    let report = p.0.programmed.full(&[&a, &c, &d], |op| dp.write(op));
+    assert!(!report.complete());
+    assert!(
+        report.outcome.failures[0].reason.contains("map is full"),
+        "{:?}",
+        report.outcome.failures
+    );
+    // What landed is what the agent believes: removals and all.
+    assert_eq!(p.dp.read_state().unwrap(), p.programmed.applied);
+    // One client port per frontend: the frontends share their backends.
+    let to = |vip: &str| {
+        let port = 40000 + u16::from(vip.rsplit('.').next().unwrap().parse::<u8>().unwrap());
+        Frame::tcp(CLIENT, port, vip, 80)
+    };
+    assert_dnat(&mut p, &to("10.96.1.1"));
+    assert_untouched(&mut p, &to("10.96.1.2"));
+    assert_dnat(&mut p, &to("10.96.1.3"));
+    // d is not served, and nothing of it is reachable.
+    assert_untouched(&mut p, &to("10.96.1.4"));
+}
