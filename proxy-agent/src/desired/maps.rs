@@ -293,10 +293,14 @@ fn build<S: Borrow<FrontendSpec>>(
         placed.place(service.frontend, old.clone(), used.clone());
         kept.insert(service.frontend, (old, used));
     }
-    for service in served {
+    let order = served.iter().map(|s| (*s, true));
+    for (service, was_served) in order.chain(new.iter().map(|s| (*s, false))) {
         let frontend = service.frontend;
-        let (old, old_used) = kept.remove(&frontend).unwrap_or_default();
-        placed.unplace(&frontend, &old);
+        let old = was_served.then(|| {
+            let (old, used) = kept.remove(&frontend).unwrap_or_default();
+            placed.unplace(&frontend, &old);
+            (old, used)
+        });
         let mut part = MapState::default();
         let used = match add_frontend(&mut part, &placed.state, service, ids) {
             Ok(used) => used,
@@ -305,43 +309,32 @@ fn build<S: Borrow<FrontendSpec>>(
                 continue;
             }
         };
-        match room.overflow(&placed.state, &part) {
-            None => placed.place(frontend, part, used),
-            Some((map, capacity)) => {
-                placed.release(ids, &part, previous, room);
+        let Some((map, capacity)) = room.overflow(&placed.state, &part) else {
+            placed.place(frontend, part, used);
+            continue;
+        };
+        placed.release(ids, &part, previous, room);
+        let name = service.name.clone();
+        problems.push(match old {
+            Some((old, old_used)) => {
                 placed.place(frontend, old, old_used);
-                problems.push(Problem::ChangeRefused {
-                    name: service.name.clone(),
+                Problem::ChangeRefused {
+                    name,
                     frontend,
                     map,
                     capacity,
-                });
+                }
             }
-        }
-    }
-    for service in new {
-        let frontend = service.frontend;
-        let mut part = MapState::default();
-        let used = match add_frontend(&mut part, &placed.state, service, ids) {
-            Ok(used) => used,
-            Err(problem) => {
-                problems.push(problem);
-                continue;
-            }
-        };
-        match room.overflow(&placed.state, &part) {
-            None => placed.place(frontend, part, used),
-            Some((map, capacity)) => {
-                placed.release(ids, &part, previous, room);
+            None => {
                 ids.forget_revnat(&frontend);
-                problems.push(Problem::MapFull {
-                    name: service.name.clone(),
+                Problem::MapFull {
+                    name,
                     frontend,
                     map,
                     capacity,
-                });
+                }
             }
-        }
+        });
     }
     (placed.state, problems, placed.programmed)
 }

@@ -498,6 +498,16 @@ fn small(services: usize) -> Capacity {
     }
 }
 
+/// Kernel maps with room for `services` slots, and the agent's view of them.
+fn programmed_in(services: usize) -> (Kernel, Programmed) {
+    let capacity = small(services);
+    let programmed = Programmed {
+        capacity,
+        ..Programmed::default()
+    };
+    (Kernel::new(capacity), programmed)
+}
+
 fn endpoints(first: u8, count: u8) -> Vec<([u8; 4], u16)> {
     (first..first + count)
         .map(|i| ([10, 0, 0, i], 80))
@@ -516,12 +526,7 @@ fn served_by(kernel: &Kernel, spec: &FrontendSpec) -> Vec<u32> {
 #[test]
 fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
     // Three slots (slot 0 and two backends) per Service: two fit in eight.
-    let capacity = small(8);
-    let mut kernel = Kernel::new(capacity);
-    let mut programmed = Programmed {
-        capacity,
-        ..Programmed::default()
-    };
+    let (mut kernel, mut programmed) = programmed_in(8);
     let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
     let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
     let c = svc("c", [10, 96, 0, 3], 80, &endpoints(5, 2));
@@ -552,12 +557,7 @@ fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
 
 #[test]
 fn a_new_service_never_pushes_out_one_already_served() {
-    let capacity = small(6);
-    let mut kernel = Kernel::new(capacity);
-    let mut programmed = Programmed {
-        capacity,
-        ..Programmed::default()
-    };
+    let (mut kernel, mut programmed) = programmed_in(6);
     let y = svc("y", [10, 96, 0, 1], 80, &endpoints(1, 2));
     let z = svc("z", [10, 96, 0, 2], 80, &endpoints(3, 2));
     assert!(programmed
@@ -579,12 +579,7 @@ fn a_new_service_never_pushes_out_one_already_served() {
 
 #[test]
 fn a_served_frontend_that_outgrows_the_room_is_served_as_it_was() {
-    let capacity = small(7);
-    let mut kernel = Kernel::new(capacity);
-    let mut programmed = Programmed {
-        capacity,
-        ..Programmed::default()
-    };
+    let (mut kernel, mut programmed) = programmed_in(7);
     let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
     let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
     assert!(programmed
