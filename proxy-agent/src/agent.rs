@@ -138,8 +138,11 @@ impl Watches {
 
 /// Runs until SIGTERM or SIGINT. Programs and maps stay in place afterwards.
 pub async fn run(config: Config) -> Result<()> {
-    let (mut agent, mut links) = Agent::start(config).await?;
-    let mut watches = Watches::start(&agent.config.source, &agent.status).await?;
+    // First what can be wrong with the configuration (a kubeconfig that
+    // cannot be read, say): nothing of the node is touched before it is right.
+    let status: Shared = Arc::default();
+    let mut watches = Watches::start(&config.source, &status).await?;
+    let (mut agent, mut links) = Agent::start(config, status).await?;
     let mut resync = tokio::time::interval(agent.config.resync_period);
     let mut gc = tokio::time::interval(agent.config.gc_period);
     let mut heartbeat = tokio::time::interval(health::HEARTBEAT);
@@ -200,7 +203,7 @@ impl Agent {
     /// Adopts the pinned maps (carrying older versions over), serves
     /// /healthz, attaches the uplinks (unless they wait for the Node) and the
     /// pod interfaces already there; returns the stream of link changes.
-    async fn start(config: Config) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
+    async fn start(config: Config, status: Shared) -> Result<(Self, UnboundedReceiver<LinkEvent>)> {
         // First: an agent already on these maps must not be overwritten.
         Dataplane::make_pin_dir(&config.pin_dir)?;
         let pin_lock = PinDirLock::take(&config.pin_dir, lock::LOCK_WAIT)?;
@@ -222,7 +225,6 @@ impl Agent {
         );
         let programmed = Programmed::adopt(applied, ids, dataplane.capacity()?);
 
-        let status: Shared = Arc::default();
         if let Some(addr) = config.healthz_addr {
             health::serve(addr, status.clone()).await?;
             info!(%addr, "serving /healthz, /livez and /metrics");

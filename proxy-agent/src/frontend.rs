@@ -30,6 +30,17 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
+impl std::fmt::Display for Frontend {
+    /// `10.96.0.10:53/UDP`, as the map dumps write frontends.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.protocol {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        };
+        write!(f, "{}:{}/{protocol}", self.address, self.port)
+    }
+}
+
 /// A backend serving a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub struct Endpoint {

@@ -217,6 +217,9 @@ async fn main() -> Result<()> {
             json,
         } => {
             let objects = simulate::read_manifests(&manifests)?;
+            for ignored in &objects.ignored {
+                eprintln!("left out: {ignored}");
+            }
             let outcome = simulate::simulate(&objects, &node, &packet, from, scheduler)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);

@@ -56,6 +56,11 @@ fn render(dir: &Path) -> String {
             endpoints(&f.reachable)
         );
     }
+    out.push_str("# ignored objects\n");
+    for ignored in &manifests.ignored {
+        let file = dir.display().to_string() + "/";
+        let _ = writeln!(out, "{}", ignored.replace(&file, ""));
+    }
     out.push_str("# skipped\n");
     for skip in &served.skipped {
         let _ = writeln!(out, "{skip}");

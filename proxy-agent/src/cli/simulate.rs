@@ -60,6 +60,9 @@ impl FromStr for PacketSpec {
             return Err(bad());
         }
         let dst = endpoint(words.next()).ok_or_else(bad)?;
+        if words.next().is_some() {
+            return Err(bad());
+        }
         Ok(Self { proto, src, dst })
     }
 }

@@ -45,7 +45,7 @@ pub enum MapOp {
 /// A service that could not be programmed; everything else still is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
-    #[error("{name}: frontend {frontend:?} is already served by {owner}")]
+    #[error("{name}: frontend {frontend} is already served by {owner}")]
     DuplicateFrontend {
         name: String,
         owner: String,
@@ -65,7 +65,7 @@ pub enum Problem {
         what: &'static str,
     },
     #[error(
-        "{name}: frontend {frontend:?} not programmed: the {map} map is full ({capacity} entries)"
+        "{name}: frontend {frontend} not programmed: the {map} map is full ({capacity} entries)"
     )]
     MapFull {
         name: String,
@@ -73,7 +73,7 @@ pub enum Problem {
         map: &'static str,
         capacity: usize,
     },
-    #[error("{name}: the change to frontend {frontend:?} does not fit the {map} map ({capacity} entries); it is served as it was")]
+    #[error("{name}: the change to frontend {frontend} does not fit the {map} map ({capacity} entries); it is served as it was")]
     ChangeRefused {
         name: String,
         frontend: Frontend,

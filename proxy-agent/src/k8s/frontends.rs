@@ -44,6 +44,14 @@ pub enum Skip {
     Protocol(String, String),
     #[error("{0}: invalid port {1}")]
     Port(String, i32),
+    #[error("{0}: invalid nodePort {1} (the port's other frontends are served)")]
+    NodePort(String, i32),
+    #[error("{0}: {1} entry {2:?} is not an IPv4 address (left out)")]
+    Address(String, &'static str, String),
+    #[error("{0}: EndpointSlice port {1} is invalid (its endpoints are left out of that port)")]
+    SlicePort(String, i32),
+    #[error("{0}: sessionAffinity timeoutSeconds {1} is outside 1-86400 (the default, {DEFAULT_AFFINITY_TIMEOUT} s, is used)")]
+    AffinityTimeout(String, i32),
     #[error("{0}: {1} (the agent's default scheduler is used)")]
     Scheduler(String, String),
     #[error("{0}: loadBalancerSourceRanges entry {1:?} is not an IPv4 range (left out; with no valid range left, no client reaches the LoadBalancer IPs)")]
@@ -179,6 +187,7 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
     let Some(view) = ServiceView::of(svc, node, out) else {
         return;
     };
+    report_slices(&view.key, service_slices, out);
     let Some(spec) = &svc.spec else { return };
     let mut local_endpoints = 0;
     for port in spec.ports.iter().flatten() {
@@ -189,14 +198,17 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
             ));
             continue;
         };
-        let Ok(frontend_port) = u16::try_from(port.port) else {
+        let Some(frontend_port) = valid_port(port.port) else {
             out.skipped.push(Skip::Port(view.key.clone(), port.port));
             continue;
         };
-        let node_port = port
-            .node_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0);
+        let node_port = match port.node_port {
+            None | Some(0) => None,
+            Some(p) => valid_port(p).or_else(|| {
+                out.skipped.push(Skip::NodePort(view.key.clone(), p));
+                None
+            }),
+        };
         let port = ServicePort {
             name: port.name.as_deref().unwrap_or(""),
             proto,
@@ -220,6 +232,48 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
             });
         }
     }
+}
+
+/// A port number the API allows (1-65535).
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|p| *p != 0)
+}
+
+/// Says what of a Service's IPv4 slices is left out: addresses that are not
+/// IPv4 (the first of an endpoint, the one kube-proxy uses) and invalid ports.
+fn report_slices(key: &str, slices: &[&Slice], out: &mut Frontends) {
+    for slice in slices {
+        for port in slice.ports.iter().filter_map(|p| p.port) {
+            if valid_port(port).is_none() {
+                out.skipped.push(Skip::SlicePort(key.to_string(), port));
+            }
+        }
+        for address in slice.endpoints.iter().filter_map(|e| e.addresses.first()) {
+            if address.parse::<Ipv4Addr>().is_err() {
+                let field = "EndpointSlice endpoint addresses";
+                out.skipped
+                    .push(Skip::Address(key.to_string(), field, address.clone()));
+            }
+        }
+    }
+}
+
+/// The IPv4 addresses of a list; the others are reported as `field`'s.
+fn ipv4_addresses<'a>(
+    list: impl Iterator<Item = &'a str>,
+    key: &str,
+    field: &'static str,
+    out: &mut Frontends,
+) -> Vec<Ipv4Addr> {
+    list.filter_map(|a| match a.parse() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            out.skipped
+                .push(Skip::Address(key.to_string(), field, a.to_string()));
+            None
+        }
+    })
+    .collect()
 }
 
 /// One port of a Service, as its frontends need it.
@@ -257,23 +311,25 @@ impl ServiceView {
         let vip = cluster_ip(svc, &key, out)?;
         let kind = spec.type_.as_deref().unwrap_or("ClusterIP").to_string();
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let external_ips: Vec<Ipv4Addr> = spec
-            .external_ips
-            .iter()
-            .flatten()
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
+        let external_ips = ipv4_addresses(
+            spec.external_ips.iter().flatten().map(String::as_str),
+            &key,
+            "externalIPs",
+            out,
+        );
         let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
             let ingress = svc
                 .status
                 .as_ref()
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref());
-            ingress
+            // An ingress with a hostname only (a DNS-named load balancer)
+            // has no address to serve.
+            let ips = ingress
                 .into_iter()
                 .flatten()
-                .filter_map(|i| i.ip.as_deref()?.parse().ok())
-                .collect()
+                .filter_map(|i| i.ip.as_deref());
+            ipv4_addresses(ips, &key, "status.loadBalancer.ingress ip", out)
         } else {
             Vec::new()
         };
@@ -290,12 +346,19 @@ impl ServiceView {
             zone: node.zone.clone(),
         };
         let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
+            let timeout = spec
+                .session_affinity_config
                 .as_ref()
                 .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(t @ 1..=86_400) => t as u32,
+                Some(t) => {
+                    out.skipped.push(Skip::AffinityTimeout(key.clone(), t));
+                    DEFAULT_AFFINITY_TIMEOUT
+                }
+            }
         });
         // A scheduler this agent does not know is reported and left to the default.
         let scheduler = match meta

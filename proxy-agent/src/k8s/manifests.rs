@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use k8s_openapi::api::core::v1::{Node, Service};
 use serde::Deserialize as _;
 
@@ -21,6 +21,9 @@ pub struct Manifests {
     pub services: Vec<Service>,
     pub slices: Vec<Slice>,
     pub nodes: Vec<Node>,
+    /// Objects left out, each named with why (as the agent's watches leave
+    /// out, and log, what they cannot read); everything else is read.
+    pub ignored: Vec<String>,
 }
 
 /// Collections nested deeper than this are refused before parsing: the YAML
@@ -45,39 +48,82 @@ pub fn read_manifests(dir: &Path) -> Result<Manifests> {
     paths.sort();
     for path in paths {
         let text = read_manifest(&path)?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_json::to_value(
-                serde_yaml::Value::deserialize(doc)
-                    .with_context(|| format!("parsing {}", path.display()))?,
-            )?;
+        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = match serde_yaml::Value::deserialize(doc) {
+                Ok(value) => serde_json::to_value(value)?,
+                Err(e) => {
+                    // Past a syntax error the rest of the file cannot be read.
+                    out.ignored.push(format!(
+                        "{} (document {}): not YAML: {e}",
+                        path.display(),
+                        index + 1
+                    ));
+                    break;
+                }
+            };
             if value.is_null() {
                 continue;
             }
-            let kind = value["kind"].as_str().unwrap_or_default().to_string();
-            let api = value["apiVersion"].as_str().unwrap_or_default().to_string();
-            let what = || format!("{kind} in {}", path.display());
-            match kind.as_str() {
-                "Service" => out
-                    .services
-                    .push(serde_json::from_value(value).with_context(what)?),
-                "Node" => out
-                    .nodes
-                    .push(serde_json::from_value(value).with_context(what)?),
-                "EndpointSlice" => {
-                    let version = if api.ends_with("v1beta1") {
-                        SliceVersion::V1beta1
-                    } else {
-                        SliceVersion::V1
-                    };
-                    out.slices
-                        .push(slices::parse_slice(version, value).with_context(what)?);
-                }
-                "List" => bail!("{}: unpack List objects into documents", path.display()),
-                _ => {}
+            if let Err(e) = out.add(value) {
+                out.ignored.push(format!(
+                    "{} (document {}): {e:#}",
+                    path.display(),
+                    index + 1
+                ));
             }
         }
     }
     Ok(out)
+}
+
+impl Manifests {
+    /// Adds one object; an error names it and says why it cannot be read.
+    fn add(&mut self, value: serde_json::Value) -> Result<()> {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let kind = text(&value["kind"]);
+        let api = text(&value["apiVersion"]);
+        let meta = &value["metadata"];
+        let what = format!(
+            "{kind} {}/{}",
+            text(&meta["namespace"]),
+            text(&meta["name"])
+        );
+        if kind.is_empty() {
+            bail!("not a Kubernetes object: no kind");
+        }
+        match kind.as_str() {
+            "Service" => {
+                let service: Service =
+                    serde_json::from_value(value).with_context(|| what.clone())?;
+                // As the API has one object of a name: a later document replaces it.
+                let key = |s: &Service| (s.metadata.namespace.clone(), s.metadata.name.clone());
+                if let Some(i) = self.services.iter().position(|s| key(s) == key(&service)) {
+                    self.ignored.push(format!(
+                        "{what}: replaced by a later document of the same name"
+                    ));
+                    self.services.remove(i);
+                }
+                self.services.push(service);
+            }
+            "Node" => self
+                .nodes
+                .push(serde_json::from_value(value).with_context(|| what.clone())?),
+            "EndpointSlice" => {
+                let version = if api.ends_with("v1beta1") {
+                    SliceVersion::V1beta1
+                } else {
+                    SliceVersion::V1
+                };
+                // The error says what in the slice is wrong.
+                let slice =
+                    slices::parse_slice(version, value).map_err(|e| anyhow!("{what}: {e}"))?;
+                self.slices.push(slice);
+            }
+            "List" => bail!("a List: unpack List objects into documents"),
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// A manifest file's text, once it is known to be one: a regular file (not a

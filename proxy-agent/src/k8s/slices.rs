@@ -157,6 +157,8 @@ pub enum SliceError {
     Malformed(#[from] serde_json::Error),
     #[error("EndpointSlice without the {SERVICE_NAME_LABEL} label")]
     NoService,
+    #[error("an FQDN EndpointSlice: names, not addresses a packet can be sent to")]
+    Fqdn,
 }
 
 /// Reads an EndpointSlice (the whole object as JSON) of the given version.
@@ -201,6 +203,9 @@ pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<S
             (s.metadata, s.address_type, s.ports, endpoints)
         }
     };
+    if address_type == "FQDN" {
+        return Err(SliceError::Fqdn);
+    }
     let name = meta
         .labels
         .get(SERVICE_NAME_LABEL)

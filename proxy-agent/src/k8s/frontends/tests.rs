@@ -656,3 +656,39 @@ fn scheduler_annotation_is_read_and_a_bad_one_reported() {
         None
     );
 }
+
+#[test]
+fn thousands_of_ports_are_each_a_frontend_and_a_bad_one_among_them_is_named() {
+    let mut ports: Vec<serde_json::Value> = (0..5000)
+        .map(|i| json!({"name": format!("p{i}"), "port": 10000 + i, "protocol": "TCP"}))
+        .collect();
+    ports.push(json!({"name": "bad", "port": 70000, "protocol": "TCP"}));
+    let service = svc(json!({
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": ports}
+    }));
+    let slice_ports: Vec<serde_json::Value> = (0..5000)
+        .map(|i| json!({"name": format!("p{i}"), "port": 20000 + i, "protocol": "TCP"}))
+        .collect();
+    let slice = parse_slice(
+        SliceVersion::V1,
+        json!({
+            "metadata": {"namespace": "default", "name": "web-1",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": slice_ports,
+            "endpoints": [{"addresses": ["10.244.1.5"]}],
+        }),
+    )
+    .unwrap();
+    let out = of_cluster(&[&service], &[&slice], &NodeInfo::default());
+    assert_eq!(out.frontends.len(), 5000);
+    assert_eq!(endpoints_of(&out.frontends, 14999), ["10.244.1.5:24999"]);
+    assert_eq!(
+        out.skipped
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["default/web: invalid port 70000"]
+    );
+}
