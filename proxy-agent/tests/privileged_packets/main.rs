@@ -4,6 +4,7 @@
 
 mod conntrack;
 mod full_maps;
+mod random_frames;
 mod rewrite;
 mod schedulers;
 #[path = "../support/mod.rs"]
