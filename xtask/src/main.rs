@@ -7,6 +7,8 @@ mod bench;
 mod build_ebpf;
 mod debian;
 mod demo;
+mod faults;
+mod fuzz;
 mod image;
 mod kube;
 mod lab;
@@ -69,6 +71,19 @@ enum Task {
         /// Run one part only: per-packet, control-plane (with memory) or vs-kube-proxy.
         #[arg(long)]
         only: Option<String>,
+    },
+    /// The fault suite: a lab of its own, a load through it, faults one after
+    /// another; results in bench/results/faults.md (not part of the tests).
+    Faults {
+        /// How long the API server stays down.
+        #[arg(long, default_value_t = 60)]
+        outage_seconds: u64,
+    },
+    /// The fuzz targets (fuzz/, cargo-fuzz on nightly), each for a bounded time.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// The packet tests on Debian's 5.10 and 6.1 kernels in VMs, and on this one.
     VmTest {
@@ -192,5 +207,9 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Task::VmTest { kernel } => vm::run(&kernel),
+        Task::Fuzz { seconds } => fuzz::run(std::time::Duration::from_secs(seconds)),
+        Task::Faults { outage_seconds } => {
+            faults::run(std::time::Duration::from_secs(outage_seconds))
+        }
     }
 }

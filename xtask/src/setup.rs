@@ -33,6 +33,7 @@ pub fn run() -> Result<()> {
     require_root("setup installs packages and mounts bpffs: run it as root")?;
     packages()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     // The lab's and the tests' API server, built once from Debian's source.
     crate::kube::ensure_built()?;
@@ -74,6 +75,25 @@ fn bpf_linker() -> Result<()> {
                 BPF_LINKER_VERSION,
             ])
             .args(["--no-default-features", "--features", "llvm-22"]),
+    )
+}
+
+/// cargo-fuzz, for the fuzz targets (`cargo xtask fuzz`).
+fn cargo_fuzz() -> Result<()> {
+    let version = crate::fuzz::CARGO_FUZZ_VERSION;
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version));
+    if present {
+        eprintln!("setup: cargo-fuzz {version} present");
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-fuzz {version}");
+    exec(
+        Command::new(env!("CARGO"))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["install", "cargo-fuzz", "--locked", "--version", version]),
     )
 }
 

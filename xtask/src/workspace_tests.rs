@@ -1,5 +1,6 @@
 //! `cargo xtask test`: set up, build the eBPF object, the agent and the
-//! images, and run every test of the workspace (unit, packet, netns, lab, image).
+//! images, run every test of the workspace (unit, packet, netns, lab, image),
+//! then each fuzz target for 30 s.
 
 use std::process::Command;
 
@@ -24,6 +25,10 @@ pub fn run(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"]);
     if !args.is_empty() {
         cmd.arg("--").args(args);
+        // A chosen subset of the tests: no fuzzing behind it.
+        return exec(&mut cmd);
     }
-    exec(&mut cmd)
+    exec(&mut cmd)?;
+    // A bounded run of each fuzz target (`cargo xtask fuzz` runs longer).
+    crate::fuzz::run(std::time::Duration::from_secs(30))
 }

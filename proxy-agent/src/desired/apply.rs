@@ -13,6 +13,51 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::maps::{MapOp, MapState};
 
+/// Checks that every frontend in `maps` is whole: its reverse-NAT entry, each
+/// of its slots and their backends, and its Maglev table there. What the
+/// writes of a round keep true after each one; a hole is a packet dropped.
+pub fn check_whole(maps: &MapState) -> Result<(), String> {
+    for (key, head) in maps.services.iter().filter(|(k, _)| k.slot == 0) {
+        if !maps.revnat.contains_key(&head.rev_nat_id) {
+            return Err(format!("{key:?}: no reverse-NAT entry"));
+        }
+        for slot in 1..=head.count {
+            let backend = maps
+                .services
+                .get(&key.with_slot(slot))
+                .map(|v| v.backend_id);
+            match backend {
+                None => return Err(format!("{key:?}: slot {slot} missing")),
+                Some(id) if !maps.backends.contains_key(&id) => {
+                    return Err(format!("{key:?}: slot {slot}'s backend {id} missing"))
+                }
+                Some(_) => {}
+            }
+        }
+        let scheduler = head.flags & proxy_common::svc_flags::SCHEDULER_MASK;
+        if scheduler == proxy_common::svc_flags::SCHEDULER_MAGLEV && head.count > 0 {
+            let size = proxy_common::maglev::SIZES
+                .get(usize::from(head.maglev_size))
+                .copied()
+                .unwrap_or(0);
+            for index in 0..size {
+                let key4 = proxy_common::MaglevKey4 {
+                    rev_nat_id: head.rev_nat_id,
+                    index,
+                };
+                if !maps
+                    .maglev
+                    .get(&key4)
+                    .is_some_and(|b| maps.backends.contains_key(b))
+                {
+                    return Err(format!("{key:?}: Maglev slot {index} names no backend"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What a round's writes came to.
 #[derive(Debug, Default)]
 pub struct Outcome {

@@ -719,10 +719,18 @@ fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
 }
 
 impl MapState {
-    /// Adds `other`'s entries, replacing those with the same keys.
+    /// Adds `other`'s entries, replacing those with the same keys; a backend
+    /// two frontends name (one pod in two Services) is active if either has
+    /// it active, whichever comes first, so the outcome does not depend on
+    /// the order frontends are placed in.
     pub(super) fn merge(&mut self, other: MapState) {
         self.services.extend(other.services);
-        self.backends.extend(other.backends);
+        for (id, backend) in other.backends {
+            let kept = self.backends.get(&id);
+            if kept.is_none_or(|b| b.state != backend_state::ACTIVE) {
+                self.backends.insert(id, backend);
+            }
+        }
         self.revnat.extend(other.revnat);
         self.source_ranges.extend(other.source_ranges);
         self.maglev.extend(other.maglev);

@@ -48,35 +48,47 @@ pub fn read_manifests(dir: &Path) -> Result<Manifests> {
     paths.sort();
     for path in paths {
         let text = read_manifest(&path)?;
-        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(value) => serde_json::to_value(value)?,
-                Err(e) => {
-                    // Past a syntax error the rest of the file cannot be read.
-                    out.ignored.push(format!(
-                        "{} (document {}): not YAML: {e}",
-                        path.display(),
-                        index + 1
-                    ));
-                    break;
-                }
-            };
-            if value.is_null() {
-                continue;
-            }
-            if let Err(e) = out.add(value) {
-                out.ignored.push(format!(
-                    "{} (document {}): {e:#}",
-                    path.display(),
-                    index + 1
-                ));
-            }
-        }
+        out.add_text(&path.display().to_string(), &text)?;
     }
     Ok(out)
 }
 
 impl Manifests {
+    /// Adds the objects of one manifest's text (`label`: its file, for
+    /// messages). Fails only for text that is no manifest at all (nested
+    /// too deep); an object that cannot be read is named in `ignored`.
+    pub fn add_text(&mut self, label: &str, text: &str) -> Result<()> {
+        let depth = flow_depth(text);
+        if depth > MAX_DEPTH {
+            bail!("{label}: collections nested {depth} deep, more than {MAX_DEPTH}: not a Kubernetes object");
+        }
+        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = match serde_yaml::Value::deserialize(doc) {
+                Ok(value) => serde_json::to_value(value),
+                Err(e) => {
+                    // Past a syntax error the rest of the text cannot be read.
+                    self.ignored
+                        .push(format!("{label} (document {}): not YAML: {e}", index + 1));
+                    break;
+                }
+            };
+            let value = match value {
+                Ok(value) if value.is_null() => continue,
+                Ok(value) => value,
+                Err(e) => {
+                    self.ignored
+                        .push(format!("{label} (document {}): {e}", index + 1));
+                    continue;
+                }
+            };
+            if let Err(e) = self.add(value) {
+                self.ignored
+                    .push(format!("{label} (document {}): {e:#}", index + 1));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds one object; an error names it and says why it cannot be read.
     fn add(&mut self, value: serde_json::Value) -> Result<()> {
         let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
@@ -128,7 +140,7 @@ impl Manifests {
 
 /// A manifest file's text, once it is known to be one: a regular file (not a
 /// FIFO, device or directory named like one, which would block or fail
-/// unnamed), of a sane size, without collections nested beyond `MAX_DEPTH`.
+/// unnamed), of a sane size.
 fn read_manifest(path: &Path) -> Result<String> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
@@ -146,16 +158,7 @@ fn read_manifest(path: &Path) -> Result<String> {
             MAX_FILE_BYTES >> 20
         );
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let depth = flow_depth(&text);
-    if depth > MAX_DEPTH {
-        bail!(
-            "{}: collections nested {depth} deep, more than {MAX_DEPTH}: not a Kubernetes object",
-            path.display()
-        );
-    }
-    Ok(text)
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// The deepest nesting of flow collections (`[`, `{`) in YAML or JSON

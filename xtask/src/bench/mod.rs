@@ -179,7 +179,7 @@ fn output(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-fn header(command: &str) -> Result<String> {
+pub(crate) fn header(command: &str) -> Result<String> {
     let cpu = fs::read_to_string("/proc/cpuinfo")?
         .lines()
         .find_map(|l| {

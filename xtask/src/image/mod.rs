@@ -169,6 +169,11 @@ fn executable(path: &str, binary: &Path) -> Result<oci::File> {
     })
 }
 
+/// The agent's static binary, the one its image holds (built if needed).
+pub fn agent_binary() -> Result<PathBuf> {
+    static_bin::build("proxy-agent", "proxy-agent")
+}
+
 /// The three images: the agent's from its recipe in deploy/, the lab's two
 /// here, from the static binaries.
 fn recipes(lab_pod_bin: &Path) -> Result<Vec<(&'static str, oci::Image)>> {

@@ -25,7 +25,7 @@ mod run;
 use std::{net::Ipv4Addr, path::PathBuf};
 
 pub use build::ensure_built;
-pub use run::{start, stop};
+pub use run::{halt, start, stop, Halted};
 
 /// The upstream version the binaries are built from.
 pub const VERSION: &str = "v1.20.2";

@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command},
     thread,
     time::{Duration, Instant},
@@ -376,4 +376,60 @@ fn started_for(pid: i32, dir: &Path) -> bool {
     let needle = dir.as_os_str().as_encoded_bytes();
     fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle))
+}
+
+/// One control-plane process stopped by [`halt`], with what starts it again
+/// as it was.
+pub struct Halted {
+    name: String,
+    netns: String,
+    argv: Vec<String>,
+    cgroup: Option<PathBuf>,
+    dir: PathBuf,
+}
+
+/// Stops `name` (one of the control plane's processes; SIGTERM, SIGKILL
+/// after 5 s) of the control plane in `state_dir`, running in `netns` and
+/// `cgroup`, for a fault test; [`Halted::resume`] starts it again.
+pub fn halt(state_dir: &Path, name: &str, netns: &str, cgroup: Option<&Path>) -> Result<Halted> {
+    let dir = state_dir.canonicalize()?;
+    let pid: i32 = fs::read_to_string(dir.join(format!("{name}.pid")))
+        .with_context(|| format!("no PID file of {name}"))?
+        .trim()
+        .parse()?;
+    if !(running(pid) && started_for(pid, &dir)) {
+        bail!("{name} (pid {pid}) is not running");
+    }
+    let argv: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))?
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    signal_group(pid, libc::SIGTERM);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while running(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    if running(pid) {
+        signal_group(pid, libc::SIGKILL);
+    }
+    eprintln!("control plane: {name} (pid {pid}) stopped");
+    Ok(Halted {
+        name: name.to_string(),
+        netns: netns.to_string(),
+        argv,
+        cgroup: cgroup.map(Path::to_path_buf),
+        dir,
+    })
+}
+
+impl Halted {
+    /// Starts the process again with the command line it had.
+    pub fn resume(self) -> Result<()> {
+        let (program, args) = self.argv.split_first().context("empty command line")?;
+        let mut cmd = in_netns(&self.netns, Path::new(program));
+        cmd.args(args);
+        spawn_logged(cmd, self.cgroup.as_deref(), &self.dir, &self.name)?;
+        Ok(())
+    }
 }

@@ -276,6 +276,17 @@ impl Lab {
         Ok(())
     }
 
+    /// Stops one control-plane process (`kube-apiserver`, `etcd`) for a
+    /// fault test; the value starts it again.
+    pub fn halt(&self, process: &str) -> Result<kube::Halted> {
+        kube::halt(
+            &self.control_plane_dir(),
+            process,
+            &self.ns("fabric"),
+            Some(&self.host_cgroup(CONTROL_PLANE)?),
+        )
+    }
+
     /// Removes everything the lab made. Safe to run on a lab that is half up or gone.
     pub fn down(&self) -> Result<()> {
         for node in NODES {

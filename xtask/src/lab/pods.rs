@@ -200,6 +200,22 @@ impl Lab {
             .map(|_| ())
     }
 
+    /// Kills the processes of a pod's containers with SIGKILL, as a crash
+    /// would; the kubelet then restarts them.
+    pub fn pod_kill(&self, name: &str, node: &str) -> Result<()> {
+        // Its containers, not the sandbox (whose loss would give the pod a
+        // new sandbox and address).
+        let filter = format!(
+            "labels.\"io.kubernetes.pod.name\"=={name},labels.\"io.cri-containerd.kind\"==container"
+        );
+        let ids = self.ctr(node, &["containers", "list", "--quiet", &filter])?;
+        for id in ids.lines().filter(|l| !l.trim().is_empty()) {
+            // A task already gone is fine.
+            let _ = self.ctr(node, &["tasks", "kill", "--signal", "SIGKILL", id.trim()]);
+        }
+        Ok(())
+    }
+
     /// Deletes a pod at once (grace period 0): the kubelet stops its
     /// containers and CNI removes its veth.
     pub fn pod_del(&self, name: &str) -> Result<()> {

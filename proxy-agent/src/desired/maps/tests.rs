@@ -460,33 +460,8 @@ impl Kernel {
     }
 
     fn check_whole(&self) {
-        let m = &self.maps;
-        for (key, head) in m.services.iter().filter(|(k, _)| k.slot == 0) {
-            assert!(
-                m.revnat.contains_key(&head.rev_nat_id),
-                "{key:?}: no reverse NAT"
-            );
-            for slot in 1..=head.count {
-                let value = m.services.get(&key.with_slot(slot));
-                let value = value.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
-                assert!(
-                    m.backends.contains_key(&value.backend_id),
-                    "{key:?}: slot {slot}'s backend missing"
-                );
-            }
-            if head.flags & svc_flags::SCHEDULER_MAGLEV != 0 && head.count > 0 {
-                let size = proxy_common::maglev::SIZES[head.maglev_size as usize];
-                for index in 0..size {
-                    let k = MaglevKey4 {
-                        rev_nat_id: head.rev_nat_id,
-                        index,
-                    };
-                    assert!(
-                        m.backends.contains_key(&m.maglev[&k]),
-                        "{key:?}: Maglev hole"
-                    );
-                }
-            }
+        if let Err(hole) = crate::desired::apply::check_whole(&self.maps) {
+            panic!("{hole}");
         }
     }
 }
