@@ -11,7 +11,10 @@ use std::net::Ipv4Addr;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use proxy_agent::{
-    desired::{apply::check_whole, Capacity, MapOp, MapState, Programmed},
+    desired::{
+        apply::{check_whole, overflows},
+        Capacity, MapOp, MapState, Programmed,
+    },
     frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
 };
 
@@ -99,22 +102,7 @@ impl Kernel {
                 anyhow::bail!("injected failure");
             }
         }
-        let (c, m) = (&self.capacity, &self.maps);
-        let full = match op {
-            MapOp::PutService(k, _) => {
-                !m.services.contains_key(k) && m.services.len() >= c.services
-            }
-            MapOp::PutBackend(id, _) => {
-                !m.backends.contains_key(id) && m.backends.len() >= c.backends
-            }
-            MapOp::PutRevNat(id, _) => !m.revnat.contains_key(id) && m.revnat.len() >= c.revnat,
-            MapOp::PutMaglev(k, _) => !m.maglev.contains_key(k) && m.maglev.len() >= c.maglev,
-            MapOp::PutSourceRange(p, d) => {
-                !m.source_ranges.contains(&(*p, *d)) && m.source_ranges.len() >= c.source_ranges
-            }
-            _ => false,
-        };
-        if full {
+        if overflows(op, &self.maps, &self.capacity) {
             anyhow::bail!("the map is full");
         }
         self.maps.apply(op);

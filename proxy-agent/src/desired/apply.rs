@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::maps::{MapOp, MapState};
+use super::maps::{Capacity, MapOp, MapState};
 
 /// Checks that every frontend in `maps` is whole: its reverse-NAT entry, each
 /// of its slots and their backends, and its Maglev table there. What the
@@ -56,6 +56,23 @@ pub fn check_whole(maps: &MapState) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether `op` adds an entry to a map of `capacity` that `maps` fill: what
+/// the kernel refuses (E2BIG, ENOSPC for the LPM trie). For the models of
+/// the kernel's maps that tests and fuzz targets write through.
+pub fn overflows(op: &MapOp, maps: &MapState, capacity: &Capacity) -> bool {
+    let (m, c) = (maps, capacity);
+    match op {
+        MapOp::PutService(k, _) => !m.services.contains_key(k) && m.services.len() >= c.services,
+        MapOp::PutBackend(id, _) => !m.backends.contains_key(id) && m.backends.len() >= c.backends,
+        MapOp::PutRevNat(id, _) => !m.revnat.contains_key(id) && m.revnat.len() >= c.revnat,
+        MapOp::PutMaglev(k, _) => !m.maglev.contains_key(k) && m.maglev.len() >= c.maglev,
+        MapOp::PutSourceRange(p, d) => {
+            !m.source_ranges.contains(&(*p, *d)) && m.source_ranges.len() >= c.source_ranges
+        }
+        _ => false,
+    }
 }
 
 /// What a round's writes came to.

@@ -470,7 +470,10 @@ impl World {
     /// node1's 61000-65535) need every NAT port about twice over.
     fn nat_port_stream(&self, _: Duration) -> Result<String> {
         thread::sleep(Duration::from_secs(200));
-        let map = self.lab.pin_dir("node1").join(proxy_common::map_names::NAT_V4);
+        let map = self
+            .lab
+            .pin_dir("node1")
+            .join(proxy_common::map_names::NAT_V4);
         let dump = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
             .arg(&map)

@@ -434,23 +434,7 @@ impl Kernel {
     }
 
     fn write(&mut self, op: &MapOp) -> anyhow::Result<()> {
-        let c = &self.capacity;
-        let m = &self.maps;
-        let full = match op {
-            MapOp::PutService(k, _) => {
-                !m.services.contains_key(k) && m.services.len() >= c.services
-            }
-            MapOp::PutBackend(id, _) => {
-                !m.backends.contains_key(id) && m.backends.len() >= c.backends
-            }
-            MapOp::PutRevNat(id, _) => !m.revnat.contains_key(id) && m.revnat.len() >= c.revnat,
-            MapOp::PutMaglev(k, _) => !m.maglev.contains_key(k) && m.maglev.len() >= c.maglev,
-            MapOp::PutSourceRange(p, d) => {
-                !m.source_ranges.contains(&(*p, *d)) && m.source_ranges.len() >= c.source_ranges
-            }
-            _ => false,
-        };
-        if full {
+        if crate::desired::apply::overflows(op, &self.maps, &self.capacity) {
             anyhow::bail!("the map is full");
         }
         self.maps.apply(op);
