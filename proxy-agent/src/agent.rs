@@ -451,21 +451,16 @@ impl Agent {
         self.attached
             .retain(|name, index| current.get(name) == Some(index));
         for (name, index) in current {
-            let known = self.attached.contains_key(&name);
+            if !self.attached.contains_key(&name) {
+                // Its link event was missed: attached as a new interface.
+                self.on_link(LinkEvent::Up { index, name });
+                continue;
+            }
             match self.dataplane.attach_pod_interface(&name) {
-                Ok(false) if known => {}
-                Ok(missing) => {
-                    let mut status = self.status.lock().unwrap();
-                    if known {
-                        status.metrics.filters_restored += 1;
-                        warn!(iface = name, "Ferry's tc filters were gone; put back");
-                    } else {
-                        info!(
-                            iface = name,
-                            missing, "attached (no link event was seen for it)"
-                        );
-                    }
-                    self.attached.insert(name, index);
+                Ok(false) => {}
+                Ok(true) => {
+                    self.status.lock().unwrap().metrics.filters_restored += 1;
+                    warn!(iface = name, "Ferry's tc filters were gone; put back");
                 }
                 Err(e) => {
                     self.attached.remove(&name);

@@ -251,9 +251,7 @@ impl Status {
             )
         )
     }
-}
 
-impl Status {
     /// Notes a round's problems: a full round's replace them all, a partial
     /// round's those of the frontends it covered (`scope`).
     pub fn note_problems(
