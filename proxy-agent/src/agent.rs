@@ -36,7 +36,7 @@ use crate::{
         ifaces::{self, LinkEvent},
         lock::{self, PinDirLock},
         migrate::Migration,
-        monotonic_ns, netinfo, Dataplane, SocketLb, UplinkMode,
+        monotonic_ns, netinfo, Dataplane, MapSizes, SocketLb, UplinkMode,
     },
     serve::{
         health::{self, HealthChecks, Shared},
@@ -88,6 +88,7 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     /// NodePorts answer on 127.0.0.1 too (through the socket hooks).
     pub node_port_loopback: bool,
+    pub map_sizes: MapSizes,
 }
 
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
@@ -207,7 +208,7 @@ impl Agent {
         // First: an agent already on these maps must not be overwritten.
         Dataplane::make_pin_dir(&config.pin_dir)?;
         let pin_lock = PinDirLock::take(&config.pin_dir, lock::LOCK_WAIT)?;
-        let mut dataplane = Dataplane::load_pinned(&config.pin_dir)?;
+        let mut dataplane = Dataplane::load_pinned(&config.pin_dir, &config.map_sizes)?;
         // Maps of an older layout: their entries go into the new maps before
         // the new programs replace the old ones (see `kernel::migrate`).
         let migration = Migration::begin(&mut dataplane, &config.pin_dir)?;

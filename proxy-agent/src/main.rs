@@ -12,10 +12,11 @@ use proxy_agent::{
     agent::{self, Source},
     cli::inspect,
     frontend::Scheduler,
-    kernel::{self, SocketLb, UplinkMode, DEFAULT_PIN_DIR},
+    kernel::{self, MapSizes, SocketLb, UplinkMode, DEFAULT_PIN_DIR},
     settings,
     uplink::UplinkRequest,
 };
+use proxy_common::capacity;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -153,6 +154,39 @@ struct RunArgs {
     /// default, as in kube-proxy's nftables mode).
     #[arg(long, env = "FERRY_NODEPORT_LOOPBACK")]
     nodeport_loopback: bool,
+    #[command(flatten)]
+    map_sizes: MapSizeArgs,
+}
+
+/// Map sizes, in entries. A map pinned with another size has its entries
+/// carried into a new map of this size when the agent starts.
+#[derive(Args)]
+struct MapSizeArgs {
+    /// Entries of the services map: one per frontend (Service IP, port and
+    /// protocol) and one per backend of each.
+    #[arg(long, env = "FERRY_MAP_SERVICES", default_value_t = capacity::SERVICES, value_parser = map_size())]
+    map_services: u32,
+    /// Backends (pod address, port and protocol) over every Service.
+    #[arg(long, env = "FERRY_MAP_BACKENDS", default_value_t = capacity::BACKENDS, value_parser = map_size())]
+    map_backends: u32,
+    /// Conntrack entries: two per flow; the least recently used go when it is
+    /// full.
+    #[arg(long, env = "FERRY_MAP_CONNTRACK", default_value_t = capacity::CONNTRACK, value_parser = map_size())]
+    map_conntrack: u32,
+    /// NAT entries: two per SNATed flow.
+    #[arg(long, env = "FERRY_MAP_NAT", default_value_t = capacity::NAT, value_parser = map_size())]
+    map_nat: u32,
+    /// ClientIP affinity entries: one per client and Service.
+    #[arg(long, env = "FERRY_MAP_AFFINITY", default_value_t = capacity::AFFINITY, value_parser = map_size())]
+    map_affinity: u32,
+    /// Maglev lookup slots over every Maglev Service.
+    #[arg(long, env = "FERRY_MAP_MAGLEV", default_value_t = capacity::MAGLEV, value_parser = map_size())]
+    map_maglev: u32,
+}
+
+/// Map sizes from 16 entries to 2^26.
+fn map_size() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(16..=(1 << 26))
 }
 
 #[tokio::main]
@@ -204,6 +238,14 @@ async fn main() -> Result<()> {
                 socket_lb: args.socket_lb,
                 cgroup_root: args.cgroup_root,
                 node_port_loopback: args.nodeport_loopback,
+                map_sizes: MapSizes {
+                    services: args.map_sizes.map_services,
+                    backends: args.map_sizes.map_backends,
+                    conntrack: args.map_sizes.map_conntrack,
+                    nat: args.map_sizes.map_nat,
+                    affinity: args.map_sizes.map_affinity,
+                    maglev: args.map_sizes.map_maglev,
+                },
             })
             .await
         }

@@ -69,6 +69,12 @@ fn bad_flag_values_are_refused_by_name_before_anything_is_touched() {
             "100 is not in 0..=10",
         ),
         (run(&["--resync-seconds", "soon"]), "'--resync-seconds"),
+        (run(&["--map-services", "0"]), "0 is not in 16..=67108864"),
+        (
+            run(&["--map-conntrack", "100000000"]),
+            "100000000 is not in 16..=67108864",
+        ),
+        (run(&["--map-nat", "lots"]), "'--map-nat"),
         (
             run(&["--kubeconfig", "/nonexistent/kubeconfig"]),
             "reading /nonexistent/kubeconfig",

@@ -13,7 +13,7 @@ use proxy_agent::{
     desired::{self, gc::Lifetimes, Ids, MapState},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     harness::{self, Hook},
-    kernel::{migrate::Migration, monotonic_ns, Dataplane},
+    kernel::{migrate::Migration, monotonic_ns, Dataplane, MapSizes},
     settings,
 };
 use proxy_common::{
@@ -330,7 +330,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
 
     // The new agent's start-up: load with today's maps pinned beside the
     // old ones (config_v1 did not change: it stands for the adopted one).
-    let mut dp = Dataplane::load_pinned(dir).expect("load the new programs");
+    let mut dp = Dataplane::load_pinned(dir, &Default::default()).expect("load the new programs");
     dp.set_config(settings::node_config(Some(ip(NODE)), NAT_PORTS))
         .unwrap();
     let migration = Migration::begin(&mut dp, dir).expect("first pass");
@@ -528,7 +528,7 @@ fn a_map_that_does_not_convert_is_named_and_the_others_are_carried() {
         .insert(key, old, 0)
         .unwrap();
 
-    let mut dp = Dataplane::load_pinned(&dir).expect("load the new programs");
+    let mut dp = Dataplane::load_pinned(&dir, &Default::default()).expect("load the new programs");
     let migration = Migration::begin(&mut dp, &dir).expect("first pass");
     let report = migration.finish(&mut dp, &Lifetimes::default());
     assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
@@ -539,6 +539,121 @@ fn a_map_that_does_not_convert_is_named_and_the_others_are_carried() {
     assert_eq!(dp.conntrack().unwrap(), [(key, previous::conntrack(old))]);
     assert!(!dir.join(previous::names::AFFINITY_V4).exists());
     assert!(!dir.join(previous::names::CONNTRACK_V4).exists());
+    drop(dp);
+    drop(lab);
+    assert!(!dir.exists());
+}
+
+/// Maps pinned with other sizes than the agent is asked for (a changed
+/// `--map-*` flag) are never reused as they are: the agent sets each aside,
+/// makes one of the new size and carries the entries into it. Entries that do
+/// not fit a smaller map are named; the ones that fit are carried.
+#[test]
+fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
+    support::require_root();
+    let lab = Lab::new("migsize");
+    let dir = lab.pin_dir.clone();
+    let flows: Vec<(CtKey4, proxy_common::CtValue4)> = (0..40u16)
+        .map(|i| {
+            let key = CtKey4 {
+                saddr_be: be(POD_CLIENT),
+                daddr_be: be(VIP),
+                sport_be: (40000 + i).to_be(),
+                dport_be: 80u16.to_be(),
+                proto: proto::TCP,
+                dir: ct_dir::FORWARD,
+                _pad: 0,
+            };
+            let value = proxy_common::CtValue4 {
+                backend_id: 1 + u32::from(i % 3),
+                rev_nat_id: 1,
+                last_seen_ns: monotonic_ns(),
+                ..Default::default()
+            };
+            (key, value)
+        })
+        .collect();
+    let backends: Vec<(u32, Backend4)> = (1..=20u32)
+        .map(|id| {
+            let backend = Backend4 {
+                addr_be: u32::from(Ipv4Addr::new(10, 244, 1, id as u8)).to_be(),
+                port_be: 8080u16.to_be(),
+                proto: proto::TCP,
+                ..Default::default()
+            };
+            (id, backend)
+        })
+        .collect();
+    // A statistics array of an agent that had fewer counters.
+    std::fs::create_dir_all(&dir).unwrap();
+    pins::create(&dir, map_names::STATS, "percpu_array", 4, 16, None);
+    {
+        let dp = Dataplane::load_pinned(&dir, &Default::default()).expect("load");
+        let mut ct = pins::hash::<CtKey4, proxy_common::CtValue4>(&dir, map_names::CONNTRACK_V4);
+        for (key, value) in &flows {
+            ct.insert(key, value, 0).unwrap();
+        }
+        let mut table = pins::hash::<u32, Backend4>(&dir, map_names::BACKENDS_V4);
+        for (id, backend) in &backends {
+            table.insert(id, backend, 0).unwrap();
+        }
+        drop(dp);
+    }
+    let max_entries = |name: &str| {
+        MapData::from_pin(dir.join(name))
+            .unwrap()
+            .info()
+            .unwrap()
+            .max_entries()
+    };
+    assert_eq!(
+        max_entries(map_names::CONNTRACK_V4),
+        proxy_common::capacity::CONNTRACK
+    );
+
+    // Conntrack grows room; the backends map shrinks below what it holds.
+    let sizes = MapSizes {
+        conntrack: 1024,
+        backends: 16,
+        ..Default::default()
+    };
+    let mut dp = Dataplane::load_pinned(&dir, &sizes).expect("load with new sizes");
+    let aside = |name: &str| dir.join(format!("{name}{}", previous::RESIZED_SUFFIX));
+    assert!(aside(map_names::CONNTRACK_V4).exists());
+    assert!(aside(map_names::BACKENDS_V4).exists());
+    assert!(
+        !aside(map_names::SERVICES_V4).exists(),
+        "its size did not change"
+    );
+    let migration = Migration::begin(&mut dp, &dir).expect("first pass");
+    let report = migration.finish(&mut dp, &Lifetimes::default());
+
+    assert_eq!(max_entries(map_names::CONNTRACK_V4), 1024);
+    assert_eq!(max_entries(map_names::BACKENDS_V4), 16);
+    let mut carried = dp.conntrack().unwrap();
+    carried.sort_by_key(|(k, _)| u16::from_be(k.sport_be));
+    assert_eq!(carried, flows, "every flow carried, as it was");
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    let (name, reason) = &report.failed[0];
+    assert_eq!(
+        *name,
+        format!("{}{}", map_names::BACKENDS_V4, previous::RESIZED_SUFFIX)
+    );
+    assert!(
+        reason.contains("4 entries not carried over (16 were)"),
+        "{reason}"
+    );
+    assert_eq!(dp.read_state().unwrap().backends.len(), 16);
+    assert!(!aside(map_names::CONNTRACK_V4).exists(), "the old pins go");
+    assert!(!aside(map_names::BACKENDS_V4).exists());
+    assert!(!aside(map_names::STATS).exists(), "counters start again");
+    assert_eq!(max_entries(map_names::STATS), proxy_common::stats::COUNT);
+
+    // Started again with the same sizes: nothing is set aside.
+    drop(dp);
+    let dp = Dataplane::load_pinned(&dir, &sizes).expect("load again");
+    assert!(!aside(map_names::CONNTRACK_V4).exists());
+    assert_eq!(dp.conntrack().unwrap().len(), flows.len());
     drop(dp);
     drop(lab);
     assert!(!dir.exists());

@@ -54,9 +54,16 @@ pub enum Pin {
     /// Another version of today's map `.0` (older than the previous one, or
     /// newer than this agent): its layout is unknown here.
     Unknown(&'static str),
+    /// Today's map `.0` pinned with another size, set aside (see
+    /// [`RESIZED_SUFFIX`]): its entries go into the map of the wanted size.
+    Resized(&'static str),
     /// Not a map of a known name (an XDP link's pin, say).
     Other,
 }
+
+/// What today's map `name` is renamed to (`name` and this suffix) while its
+/// entries move into a map of another size (bpffs refuses names with a dot).
+pub const RESIZED_SUFFIX: &str = "_resized";
 
 /// The name without its `_vN` suffix, and N.
 fn split_version(name: &str) -> Option<(&str, u32)> {
@@ -71,6 +78,12 @@ pub fn classify(name: &str) -> Pin {
     }
     if let Some((_, current)) = names::ALL.iter().find(|(previous, _)| *previous == name) {
         return Pin::Previous(current);
+    }
+    if let Some(current) = name
+        .strip_suffix(RESIZED_SUFFIX)
+        .and_then(|base| map_names::ALL.iter().find(|current| **current == base))
+    {
+        return Pin::Resized(current);
     }
     let Some((base, _)) = split_version(name) else {
         return Pin::Other;
@@ -270,6 +283,12 @@ mod tests {
         assert_eq!(classify("nat4_v4"), Pin::Unknown("nat4_v3"), "newer");
         assert_eq!(classify("backend4_v0"), Pin::Unknown("backend4_v1"));
         assert_eq!(classify("xdp_native_eth0"), Pin::Other);
+        assert_eq!(classify("ct4_v3_resized"), Pin::Resized("ct4_v3"));
+        assert_eq!(
+            classify("ct4_v2_resized"),
+            Pin::Other,
+            "only today's maps are resized"
+        );
         assert_eq!(classify("natport4_vx"), Pin::Other);
         assert_eq!(classify("other_v1"), Pin::Other);
     }

@@ -58,10 +58,14 @@ stats! {
     DropFib = 22 => "drop_fib",
     PassNoNeigh = 23 => "pass_no_neigh",
     FwdHairpin = 24 => "fwd_hairpin",
+    /// A TCP packet other than a SYN found no conntrack entry and started
+    /// one (scheduled as a new flow): its entry was evicted from a full
+    /// conntrack map, or its connection began before Ferry served it.
+    FwdNewMidFlow = 25 => "fwd_new_mid_flow",
 }
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 26;
 
 impl Stat {
     /// The counter's index in the stats array.
@@ -112,6 +116,7 @@ mod tests {
             "drop_fib",
             "pass_no_neigh",
             "fwd_hairpin",
+            "fwd_new_mid_flow",
         ];
         let now: [&str; COUNT as usize] = Stat::ALL.map(Stat::name);
         assert_eq!(now, names);

@@ -88,6 +88,12 @@ impl Flow {
         self.proto == proto::TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
+    /// A TCP packet other than a SYN: its connection was open before it.
+    #[inline(always)]
+    pub fn mid_flow(&self) -> bool {
+        self.proto == proto::TCP && self.tcp_flags & TCP_SYN == 0
+    }
+
     /// A FIN or an RST: one end closing the connection.
     #[inline(always)]
     pub fn fin_or_rst(&self) -> bool {

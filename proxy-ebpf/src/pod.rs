@@ -50,10 +50,10 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
         if client_port != flow.sport {
             ctx.rewrite(&flow, End::Source, flow.saddr, client_port)?;
         }
-        return Ok(Out::pass(if chosen.new {
-            Stat::FwdNew
-        } else {
-            Stat::FwdEstablished
+        return Ok(Out::pass(match (chosen.new, flow.mid_flow()) {
+            (true, false) => Stat::FwdNew,
+            (true, true) => Stat::FwdNewMidFlow,
+            (false, _) => Stat::FwdEstablished,
         }));
     }
     // A reply from this backend pod on a translated flow: give it the frontend's

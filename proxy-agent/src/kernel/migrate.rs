@@ -71,9 +71,10 @@ impl Migration {
             .collect();
         names.sort();
         for name in names {
-            let current = match previous::classify(&name) {
+            let (current, resized) = match previous::classify(&name) {
                 Pin::Current | Pin::Other => continue,
-                Pin::Previous(current) => current,
+                Pin::Previous(current) => (current, false),
+                Pin::Resized(current) => (current, true),
                 Pin::Unknown(current) => {
                     migration.fail(
                         &name,
@@ -88,14 +89,16 @@ impl Migration {
             };
             let path = pin_dir.join(&name);
             migration.pins.push(path.clone());
-            if current == map_names::ROUND_ROBIN {
-                info!(
-                    map = name,
-                    "not carried over: round-robin counters start again"
-                );
+            if current == map_names::ROUND_ROBIN || current == map_names::STATS {
+                info!(map = name, "not carried over: its counters start again");
                 continue;
             }
-            let mut carry = match open(&path, current) {
+            let opened = if resized {
+                open_resized(&path, current)
+            } else {
+                open(&path, current)
+            };
+            let mut carry = match opened {
                 Ok(carry) => carry,
                 Err(e) => {
                     migration.fail(&name, format!("{e:#}"));
@@ -284,6 +287,30 @@ where
         new,
         written: StdHashMap::new(),
     }))
+}
+
+/// Opens today's map `current` set aside at `path` because it has another
+/// size than the agent wants: its entries go over as they are.
+fn open_resized(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let old = Map::from_map_data(data)?;
+    match current {
+        map_names::SERVICES_V4 => hash(old, same::<ServiceKey4, ServiceValue>, |dp| {
+            &mut dp.services
+        }),
+        map_names::BACKENDS_V4 => hash(old, same::<u32, Backend4>, |dp| &mut dp.backends),
+        map_names::CONNTRACK_V4 => hash(old, same::<CtKey4, CtValue4>, |dp| &mut dp.conntrack),
+        map_names::NAT_V4 => hash(old, same::<CtKey4, Nat4>, |dp| &mut dp.nat),
+        map_names::AFFINITY_V4 => hash(old, same::<AffinityKey4, AffinityValue4>, |dp| {
+            &mut dp.affinity
+        }),
+        map_names::MAGLEV_V4 => hash(old, same::<MaglevKey4, u32>, |dp| &mut dp.maglev),
+        other => bail!("{other} is not resized"),
+    }
+}
+
+fn same<K, V>(key: K, value: V) -> (K, V) {
+    (key, value)
 }
 
 /// Opens the old map pinned at `path`, the previous version of `current`.

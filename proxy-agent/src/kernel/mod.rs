@@ -51,6 +51,85 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const TC_PRIORITY: u16 = 0x4652; // "FR"
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 
+/// The entries of the maps an operator sizes (`Default`: the built-in sizes,
+/// `proxy_common::capacity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// The services map: one entry per frontend and one per backend slot.
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub nat: u32,
+    pub affinity: u32,
+    /// Maglev slots over every Maglev frontend.
+    pub maglev: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            conntrack: capacity::CONNTRACK,
+            nat: capacity::NAT,
+            affinity: capacity::AFFINITY,
+            maglev: capacity::MAGLEV,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Every sized map's name and entries.
+    pub fn entries(&self) -> [(&'static str, u32); 6] {
+        [
+            (map_names::SERVICES_V4, self.services),
+            (map_names::BACKENDS_V4, self.backends),
+            (map_names::CONNTRACK_V4, self.conntrack),
+            (map_names::NAT_V4, self.nat),
+            (map_names::AFFINITY_V4, self.affinity),
+            (map_names::MAGLEV_V4, self.maglev),
+        ]
+    }
+}
+
+/// A map pinned with another size than `entries` asks for is never reused as
+/// it is (the kernel cannot resize a map): its pin is renamed to
+/// `name` and `previous::RESIZED_SUFFIX`, the loader makes a map of the new size, and
+/// [`migrate::Migration`] carries the old entries into it before the programs
+/// swap. A set-aside pin already there is what an interrupted resize left:
+/// its entries are the ones to carry, and the pin of the wrong size goes.
+fn set_aside_resized(pin_dir: &Path, entries: &[(&'static str, u32)]) -> Result<()> {
+    for &(name, wanted) in entries {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?
+            .info()?
+            .max_entries();
+        if pinned == wanted {
+            continue;
+        }
+        let aside = pin_dir.join(format!("{name}{}", proxy_common::previous::RESIZED_SUFFIX));
+        if aside.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            warn!(
+                map = name,
+                "an earlier resize was interrupted; carrying its entries again"
+            );
+        } else {
+            fs::rename(&path, &aside)
+                .with_context(|| format!("renaming {} to {}", path.display(), aside.display()))?;
+            info!(
+                map = name,
+                pinned, wanted, "map pinned with another size: its entries go into a new map"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -109,8 +188,12 @@ impl UplinkMode {
 impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`. Maps already
     /// pinned there are reused, so a restarted agent keeps every connection.
-    pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+    pub fn load_pinned(pin_dir: &Path, sizes: &MapSizes) -> Result<Self> {
         Self::make_pin_dir(pin_dir)?;
+        let entries = sizes.entries();
+        // The statistics array grows when a counter is added.
+        let stats = (map_names::STATS, proxy_common::stats::COUNT);
+        set_aside_resized(pin_dir, &[&entries[..], &[stats]].concat())?;
         let paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -118,6 +201,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        for (name, size) in entries {
+            loader.map_max_entries(name, size);
         }
         let mut dataplane = Self::load_with(&mut loader)?;
         dataplane.pin_dir = Some(pin_dir.to_path_buf());

@@ -60,6 +60,26 @@ fn conntrack_holds_both_directions_of_a_flow() {
     assert!(fwd.1.last_seen_ns > 0);
 }
 
+/// A connection whose entries went (evicted from a full conntrack map, say):
+/// its next packet is scheduled as a new flow, to the backend the flow hash
+/// picks again, and counted apart from new connections.
+#[test]
+fn a_connection_that_lost_its_entries_keeps_its_backend_and_is_counted() {
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40040, VIP, 80);
+    let first = assert_dnat(&mut p, &f);
+    assert_eq!(p.dp.flush_conntrack().unwrap(), 2);
+    let mut ack = f.clone();
+    ack.tcp_flags = 0x10;
+    assert_eq!(assert_dnat(&mut p, &ack), first, "the hash picks it again");
+    assert_eq!(p.dp.conntrack().unwrap().len(), 2, "both entries are back");
+    assert_eq!(
+        (p.stat("fwd_new"), p.stat("fwd_new_mid_flow")),
+        (1, 1),
+        "the SYN was new; the ACK found its entries gone"
+    );
+}
+
 #[test]
 fn repeated_packets_of_a_flow_are_established() {
     let mut p = Programs::new(&cluster());
