@@ -23,7 +23,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    desired::{gc::Lifetimes, Ids, Programmed},
+    desired::{self, gc::Lifetimes, Ids, MapState, Programmed},
     frontend::{Frontend, FrontendSpec, Scheduler, ServiceFile},
     k8s::{
         cache::{Changed, FrontendCache, Stores},
@@ -214,7 +214,8 @@ impl Agent {
         let migration = Migration::begin(&mut dataplane, &config.pin_dir)?;
         // Maps an earlier agent left are adopted: their ids stay, connections
         // go on, and ids that live flows still name are not handed out again.
-        let applied = dataplane.read_state()?;
+        let mut applied = dataplane.read_state()?;
+        remove_holes(&mut dataplane, &mut applied, &status);
         let mut ids = Ids::from_state(&applied);
         let (live_backends, live_frontends) = dataplane.live_ids()?;
         ids.reserve(&live_backends, &live_frontends);
@@ -565,6 +566,31 @@ impl Agent {
                 );
                 self.sync_at = Some(Instant::now() + self.retry);
                 self.retry = (self.retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Takes out of the maps every adopted frontend with a hole (a slot, backend
+/// or table entry missing), which no round of this agent leaves: only a map
+/// resized below what it held, whose entries did not all fit, or a write by
+/// another hand does. Such a frontend would drop some of its packets and,
+/// counted as served, keep its broken room; removed, the first round programs
+/// it whole where there is room, or refuses it by name.
+fn remove_holes(dataplane: &mut Dataplane, applied: &mut MapState, status: &Shared) {
+    for (head, hole) in desired::apply::holes(applied) {
+        warn!(
+            frontend = %format!("{}:{}", head.addr(), head.port()),
+            hole,
+            "an adopted frontend is not whole; removed until it is programmed again"
+        );
+        for op in desired::apply::removal(applied, &head) {
+            match dataplane.write(&op) {
+                Ok(()) => applied.apply(&op),
+                Err(e) => {
+                    status.lock().unwrap().metrics.map_write_failures += 1;
+                    warn!(error = format!("{e:#}"), ?op, "removing it");
+                }
             }
         }
     }

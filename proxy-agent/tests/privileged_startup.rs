@@ -459,3 +459,67 @@ fn with_the_api_server_down_the_agent_stays_live_attaches_pods_and_repairs_filte
     lab.teardown();
     lab.assert_gone();
 }
+
+/// A services map shrunk below what it holds (`--map-services`): the agent
+/// carries what fits into the smaller map, takes out the frontends left with a
+/// hole, and its first round fills the room with whole frontends and names
+/// the rest as refused. No frontend is left half there.
+#[test]
+fn a_services_map_shrunk_below_its_entries_keeps_only_whole_frontends() {
+    use proxy_agent::desired::{apply::check_whole, MapState};
+    let mut lab = Lab::new("shrink");
+    let node = lab.netns("node");
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.json");
+    // 20 frontends of 3 backends: 80 services-map entries.
+    let list: Vec<String> = (1..=20)
+        .map(|i| {
+            format!(
+                r#"{{"name": "s{i}", "address": "10.96.1.{i}", "port": 80, "protocol": "TCP",
+                    "endpoints": [{{"address": "10.244.1.{i}", "port": 8080}},
+                                  {{"address": "10.244.2.{i}", "port": 8080}},
+                                  {{"address": "10.244.3.{i}", "port": 8080}}]}}"#
+            )
+        })
+        .collect();
+    std::fs::write(
+        &services,
+        format!(r#"{{"services": [{}]}}"#, list.join(",")),
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "--services-file",
+        services.to_str().unwrap(),
+        "--uplink-iface",
+        "none",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+    ];
+    let pinned = proxy_common::pinned::Pinned::new(&lab.pin_dir);
+    lab.start_agent(&node, &args);
+    assert_eq!(pinned.services().unwrap().len(), 80);
+    lab.teardown_agents_only();
+
+    let mut small = args.to_vec();
+    small.extend(["--map-services", "32"]);
+    lab.start_agent(&node, &small);
+    let state = MapState {
+        services: pinned.services().unwrap().into_iter().collect(),
+        backends: pinned.backends().unwrap().into_iter().collect(),
+        revnat: pinned.revnat().unwrap().into_iter().collect(),
+        ..Default::default()
+    };
+    check_whole(&state).expect("every frontend in the maps is whole");
+    let heads = state.services.keys().filter(|k| k.slot == 0).count();
+    assert_eq!((state.services.len(), heads), (32, 8), "the room is used");
+    let metrics = get(&node, "/metrics");
+    assert!(
+        metrics.contains("\nferry_frontends_refused_map_full 12\n"),
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}

@@ -78,6 +78,14 @@ enum Task {
         /// How long the API server stays down.
         #[arg(long, default_value_t = 60)]
         outage_seconds: u64,
+        /// Only the faults whose name holds this (repeatable); the table then
+        /// goes to target/faults-selected.md, not bench/results.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Runs each chosen fault this many times (the table goes to
+        /// target/faults-selected.md unless it is 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        repeat: u64,
     },
     /// The fuzz targets (fuzz/, cargo-fuzz on nightly), each for a bounded time.
     Fuzz {
@@ -208,8 +216,16 @@ fn main() -> Result<()> {
         Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Task::VmTest { kernel } => vm::run(&kernel),
         Task::Fuzz { seconds } => fuzz::run(std::time::Duration::from_secs(seconds)),
-        Task::Faults { outage_seconds } => {
-            faults::run(std::time::Duration::from_secs(outage_seconds))
-        }
+        Task::Faults {
+            outage_seconds,
+            only,
+            repeat,
+        } => faults::run(
+            std::time::Duration::from_secs(outage_seconds),
+            &faults::Selection {
+                only,
+                repeat: repeat as usize,
+            },
+        ),
     }
 }

@@ -11,51 +11,90 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use proxy_common::{ServiceKey4, ServiceValue};
+
 use super::maps::{Capacity, MapOp, MapState};
 
 /// Checks that every frontend in `maps` is whole: its reverse-NAT entry, each
 /// of its slots and their backends, and its Maglev table there. What the
 /// writes of a round keep true after each one; a hole is a packet dropped.
 pub fn check_whole(maps: &MapState) -> Result<(), String> {
-    for (key, head) in maps.services.iter().filter(|(k, _)| k.slot == 0) {
-        if !maps.revnat.contains_key(&head.rev_nat_id) {
-            return Err(format!("{key:?}: no reverse-NAT entry"));
-        }
-        for slot in 1..=head.count {
-            let backend = maps
-                .services
-                .get(&key.with_slot(slot))
-                .map(|v| v.backend_id);
-            match backend {
-                None => return Err(format!("{key:?}: slot {slot} missing")),
-                Some(id) if !maps.backends.contains_key(&id) => {
-                    return Err(format!("{key:?}: slot {slot}'s backend {id} missing"))
-                }
-                Some(_) => {}
+    match holes(maps).into_iter().next() {
+        Some((key, hole)) => Err(format!("{key:?}: {hole}")),
+        None => Ok(()),
+    }
+}
+
+/// Every frontend of `maps` with a hole (see [`check_whole`]): its slot-0 key
+/// and the first hole found.
+pub fn holes(maps: &MapState) -> Vec<(ServiceKey4, String)> {
+    maps.services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .filter_map(|(key, head)| Some((*key, hole(maps, key, head)?)))
+        .collect()
+}
+
+fn hole(maps: &MapState, key: &ServiceKey4, head: &ServiceValue) -> Option<String> {
+    if !maps.revnat.contains_key(&head.rev_nat_id) {
+        return Some("no reverse-NAT entry".into());
+    }
+    for slot in 1..=head.count {
+        match maps
+            .services
+            .get(&key.with_slot(slot))
+            .map(|v| v.backend_id)
+        {
+            None => return Some(format!("slot {slot} missing")),
+            Some(id) if !maps.backends.contains_key(&id) => {
+                return Some(format!("slot {slot}'s backend {id} missing"))
             }
+            Some(_) => {}
         }
-        let scheduler = head.flags & proxy_common::svc_flags::SCHEDULER_MASK;
-        if scheduler == proxy_common::svc_flags::SCHEDULER_MAGLEV && head.count > 0 {
-            let size = proxy_common::maglev::SIZES
-                .get(usize::from(head.maglev_size))
-                .copied()
-                .unwrap_or(0);
-            for index in 0..size {
-                let key4 = proxy_common::MaglevKey4 {
-                    rev_nat_id: head.rev_nat_id,
-                    index,
-                };
-                if !maps
-                    .maglev
-                    .get(&key4)
-                    .is_some_and(|b| maps.backends.contains_key(b))
-                {
-                    return Err(format!("{key:?}: Maglev slot {index} names no backend"));
-                }
+    }
+    let scheduler = head.flags & proxy_common::svc_flags::SCHEDULER_MASK;
+    if scheduler == proxy_common::svc_flags::SCHEDULER_MAGLEV && head.count > 0 {
+        let size = proxy_common::maglev::SIZES
+            .get(usize::from(head.maglev_size))
+            .copied()
+            .unwrap_or(0);
+        for index in 0..size {
+            let key4 = proxy_common::MaglevKey4 {
+                rev_nat_id: head.rev_nat_id,
+                index,
+            };
+            if !maps
+                .maglev
+                .get(&key4)
+                .is_some_and(|b| maps.backends.contains_key(b))
+            {
+                return Some(format!("Maglev slot {index} names no backend"));
             }
         }
     }
-    Ok(())
+    None
+}
+
+/// The writes that take the frontend whose slot 0 is `head` out of `maps`:
+/// slot 0 first, so that no packet meets it half gone, then its slots and
+/// its Maglev table. Its backends and reverse-NAT entry stay for a round to
+/// reuse or remove.
+pub fn removal(maps: &MapState, head: &ServiceKey4) -> Vec<MapOp> {
+    let mut ops = vec![MapOp::DelService(*head)];
+    let Some(value) = maps.services.get(head) else {
+        return Vec::new();
+    };
+    ops.extend(
+        maps.services
+            .range(head.with_slot(1)..=head.with_slot(u16::MAX))
+            .map(|(k, _)| MapOp::DelService(*k)),
+    );
+    ops.extend(
+        maps.maglev
+            .range(super::maps::maglev_table_keys(value.rev_nat_id))
+            .map(|(k, _)| MapOp::DelMaglev(*k)),
+    );
+    ops
 }
 
 /// Whether `op` adds an entry to a map of `capacity` that `maps` fill: what

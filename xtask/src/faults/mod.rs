@@ -64,8 +64,24 @@ impl Drop for Down<'_> {
     }
 }
 
+/// Which faults run, and how often.
+pub struct Selection {
+    /// Only the faults whose name holds one of these (all when empty).
+    pub only: Vec<String>,
+    /// How many times each runs.
+    pub repeat: usize,
+}
+
+impl Selection {
+    /// The committed table holds one run of every fault; anything else is
+    /// written apart from it.
+    fn complete(&self) -> bool {
+        self.only.is_empty() && self.repeat == 1
+    }
+}
+
 /// Runs the suite; `outage` is how long the API server stays down.
-pub fn run(outage: Duration) -> Result<()> {
+pub fn run(outage: Duration, selection: &Selection) -> Result<()> {
     setup::run()?;
     let lab = Lab::new(LAB)?;
     if lab.state_dir().exists() || ferry_netns::exists(&lab.ns("fabric")) {
@@ -75,10 +91,14 @@ pub fn run(outage: Duration) -> Result<()> {
     let _down = Down(&lab);
     let world = World::prepare(Lab::new(LAB)?)?;
     let mut rows = Vec::new();
-    let faults: [(&str, Fault); 10] = [
+    let faults: [(&str, Fault); 14] = [
         (
             "agent killed (SIGKILL), restarted by the kubelet",
             World::kill_agent,
+        ),
+        (
+            "agent killed (SIGKILL) while it programs 300 new Services",
+            World::kill_mid_round,
         ),
         (
             "agent stopped while Services and endpoints change, then started",
@@ -107,10 +127,38 @@ pub fn run(outage: Duration) -> Result<()> {
             "NodePort connections to a remote backend for 200 s (about twice the NAT port range)",
             World::nat_port_stream,
         ),
+        (
+            "services map full: agents resized to 64 entries, then 30 Services more",
+            World::full_map,
+        ),
+        (
+            "NAT ports exhausted: node1's range narrowed to 64 ports, then widened again",
+            World::nat_exhaustion,
+        ),
+        (
+            "conntrack full: agents resized to 1024 entries, 100 idle connections held, 10,000 UDP flows",
+            World::conntrack_pressure,
+        ),
     ];
+    let chosen: Vec<(String, Fault)> = faults
+        .into_iter()
+        .map(|(name, fault)| {
+            let name = name.replace("the outage", &format!("{} s", outage.as_secs()));
+            (name, fault)
+        })
+        .filter(|(name, _)| {
+            selection.only.is_empty() || selection.only.iter().any(|o| name.contains(o.as_str()))
+        })
+        .collect();
+    if chosen.is_empty() {
+        bail!("no fault's name holds any of {:?}", selection.only);
+    }
     let mut failed = Vec::new();
-    for (name, fault) in faults {
-        let name = name.replace("the outage", &format!("{} s", outage.as_secs()));
+    let runs = chosen
+        .iter()
+        .flat_map(|f| std::iter::repeat_n(f, selection.repeat));
+    for (name, fault) in runs {
+        let name = name.clone();
         // A fault that could not be carried out is a row saying so; the
         // others still run. The table is written after each.
         let row = world
@@ -124,7 +172,7 @@ pub fn run(outage: Duration) -> Result<()> {
                 }
             });
         rows.push(row);
-        let path = write_results(&rows, outage)?;
+        let path = write_results(&rows, outage, selection)?;
         eprintln!("faults: {}", path.display());
     }
     if !failed.is_empty() {
@@ -479,21 +527,11 @@ impl World {
             .lab
             .pin_dir("node1")
             .join(proxy_common::map_names::NAT_V4);
-        let dump = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(&map)
-            .output()?;
-        let entries = serde_json::from_slice::<serde_json::Value>(&dump.stdout)
-            .ok()
-            .and_then(|v| v.as_array().map(Vec::len));
-        Ok(match entries {
-            Some(n) => format!(
+        Ok(match map_entries(&map) {
+            Ok(n) => format!(
                 "{n} NAT entries on node1 at the end (flows still open or in their close time)"
             ),
-            None => format!(
-                "NAT entries not counted: bpftool said {}",
-                String::from_utf8_lossy(&dump.stdout).trim()
-            ),
+            Err(e) => format!("NAT entries not counted: {e:#}"),
         })
     }
 
@@ -505,6 +543,355 @@ impl World {
         })?;
         Ok(start.elapsed())
     }
+
+    /// Creates 300 Services in one request and kills node1's agent while its
+    /// rounds write them (some of them in its maps, not all). The agent that
+    /// the kubelet starts adopts the half-written maps and finishes: node1's
+    /// maps end as node2's, whose agent was not killed.
+    fn kill_mid_round(&self, _: Duration) -> Result<String> {
+        const COUNT: usize = 300;
+        let lab = &self.lab;
+        let before = self.gauge("node1", "ferry_frontends")?;
+        let pid = lab.agent_pid("node1").context("no agent on node1")?;
+        let items: Vec<_> = (0..COUNT)
+            .map(|i| {
+                json!({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": format!("burst-{i}")},
+                       "spec": {"selector": {"app": "web"}, "ports": [
+                           {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}})
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let creating = {
+            let lab = Lab::new(LAB)?;
+            let list = list.to_string();
+            thread::spawn(move || lab.kubectl_stdin(&["apply", "-f", "-"], &list))
+        };
+        let mut in_maps = 0.0;
+        wait_for(Duration::from_secs(120), || {
+            in_maps = self.gauge("node1", "ferry_frontends")? - before;
+            Ok(in_maps >= 10.0)
+        })?;
+        signal(pid, libc::SIGKILL);
+        let killed_at = in_maps;
+        creating
+            .join()
+            .map_err(|_| anyhow::anyhow!("kubectl apply panicked"))??;
+        wait_for(Duration::from_secs(90), || {
+            Ok(lab.agent_pid("node1").is_some_and(|p| p != pid))
+        })?;
+        let wanted = before + COUNT as f64;
+        let counts = |node: &str| -> Result<Vec<usize>> {
+            [
+                proxy_common::map_names::SERVICES_V4,
+                proxy_common::map_names::BACKENDS_V4,
+                proxy_common::map_names::REVNAT_V4,
+            ]
+            .iter()
+            .map(|map| map_entries(&lab.pin_dir(node).join(map)))
+            .collect()
+        };
+        // Every Service in both nodes' maps, with its endpoints (they come in
+        // EndpointSlices after the Services): node2's agent was not killed.
+        let mut seen = (Vec::new(), Vec::new());
+        let converged = wait_for(Duration::from_secs(90), || {
+            if self.gauge("node1", "ferry_frontends")? != wanted
+                || self.gauge("node2", "ferry_frontends")? != wanted
+            {
+                return Ok(false);
+            }
+            seen = (counts("node1")?, counts("node2")?);
+            Ok(seen.0 == seen.1)
+        });
+        let names: Vec<String> = (0..COUNT).map(|i| format!("burst-{i}")).collect();
+        let mut args = vec!["delete", "service"];
+        args.extend(names.iter().map(String::as_str));
+        lab.kubectl(&args)?;
+        // The next fault starts from the Services before this one.
+        wait_for(Duration::from_secs(60), || {
+            Ok(self.gauge("node1", "ferry_frontends")? == before
+                && self.gauge("node2", "ferry_frontends")? == before)
+        })?;
+        let (node1, node2) = seen;
+        converged.with_context(|| {
+            format!(
+                "node1's maps (services, backends, reverse NAT: {node1:?} entries) \
+                 never matched node2's ({node2:?})"
+            )
+        })?;
+        Ok(format!(
+            "killed with {killed_at} of the {COUNT} in node1's maps; then node1's maps held \
+             {} services-map entries, {} backends and {} frontends, as node2's",
+            node1[0], node1[1], node1[2]
+        ))
+    }
+
+    /// Shrinks every agent's services map to 64 entries (a rolling update of
+    /// the DaemonSet: each agent carries its entries into a map of the new
+    /// size), then creates 30 Services more than fit. Those that do not fit
+    /// are refused, named in /metrics and /statusz; what was served stays
+    /// served. Deleting the ones that fit makes room: the refused ones are
+    /// programmed and answer. The agents go back to the default size.
+    fn full_map(&self, _: Duration) -> Result<String> {
+        const COUNT: usize = 30;
+        let lab = &self.lab;
+        lab.set_agent_args(&["--map-services".into(), "64".into()])?;
+        let items: Vec<_> = (0..COUNT)
+            .map(|i| {
+                json!({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": format!("fill-{i:02}")},
+                       "spec": {"selector": {"app": "web"}, "ports": [
+                           {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}})
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        lab.kubectl_stdin(&["apply", "-f", "-"], &list.to_string())?;
+        let (mut refused, mut counted) = (Vec::new(), 0.0);
+        wait_for(Duration::from_secs(60), || {
+            refused = self.refused("node1")?;
+            counted = self.gauge("node1", "ferry_frontends_refused_map_full")?;
+            Ok(!refused.is_empty() && counted == refused.len() as f64)
+        })
+        .with_context(|| {
+            format!(
+                "node1 refused {refused:?} for a full map (/statusz), \
+                 ferry_frontends_refused_map_full {counted}"
+            )
+        })?;
+        let log = fs::read_to_string(lab.agent_log("node1")?)?;
+        let first = &refused[0];
+        if !log.contains(&format!("default/{first}")) || !log.contains("map is full") {
+            bail!("node1's log does not name the refused Service {first}");
+        }
+        // Room: every Service that fit goes.
+        let fitted: Vec<String> = (0..COUNT)
+            .map(|i| format!("fill-{i:02}"))
+            .filter(|name| !refused.contains(name))
+            .collect();
+        let mut args = vec!["delete", "service"];
+        args.extend(fitted.iter().map(String::as_str));
+        lab.kubectl(&args)?;
+        wait_for(Duration::from_secs(60), || {
+            Ok(self.gauge("node1", "ferry_frontends_refused_map_full")? == 0.0)
+        })
+        .with_context(|| {
+            format!(
+                "node1 still refuses {:?} after the deletion",
+                self.refused("node1").unwrap_or_default()
+            )
+        })?;
+        let addr = SocketAddr::from((cluster_ip(lab, first)?, 80));
+        let answer = lab::tcp_ask(&self.client_ns, addr, Duration::from_secs(2))
+            .with_context(|| format!("{first}, refused before, once there was room"))?;
+        let mut args = vec!["delete", "service"];
+        args.extend(refused.iter().map(String::as_str));
+        lab.kubectl(&args)?;
+        lab.set_agent_args(&[])?;
+        Ok(format!(
+            "{} of the {COUNT} refused on node1 (ferry_frontends_refused_map_full, /statusz, \
+             the log); once the {} that fit were deleted, {first} answered ({})",
+            refused.len(),
+            fitted.len(),
+            answer.trim()
+        ))
+    }
+
+    /// Narrows every agent's NAT-port range to 64 ports while the NodePort
+    /// load needs hundreds (a new connection every 20 ms, each port held
+    /// through its close time): node1 drops the flows that find no port and
+    /// counts them per backend. Widening the range again ends the drops.
+    fn nat_exhaustion(&self, _: Duration) -> Result<String> {
+        let lab = &self.lab;
+        let drops = || -> Result<f64> {
+            Ok(lab::metric_sum(
+                &self.metrics("node1")?,
+                "ferry_nat_port_exhaustion_drops_total",
+            ))
+        };
+        lab.set_agent_args(&["--nat-ports".into(), "61000-61063".into()])?;
+        let mut dropped = 0.0;
+        wait_for(Duration::from_secs(60), || {
+            dropped = drops()?;
+            Ok(dropped > 0.0)
+        })?;
+        thread::sleep(Duration::from_secs(5));
+        let widened = Instant::now();
+        lab.set_agent_args(&[])?;
+        Ok(format!(
+            "node1 counted {dropped} drops in ferry_nat_port_exhaustion_drops_total within \
+             the first 10 s; the failures are the NodePort target's; the agents were back on \
+             the full range {:.1} s after the widening started",
+            widened.elapsed().as_secs_f64()
+        ))
+    }
+
+    /// Shrinks every agent's conntrack map to 1024 entries (512 flows) and
+    /// holds 100 TCP connections to the ClusterIP from the client pod, idle
+    /// between requests 2 s apart, while 10,000 UDP flows go through: the
+    /// least recently used entries, the idle connections' among them, are
+    /// evicted. A held connection's next packet finds no entry and is
+    /// scheduled again (counted as `fwd_new_mid_flow`); the flow hash picks
+    /// the backend it had, so the connection goes on. The agents go back to
+    /// the default size.
+    fn conntrack_pressure(&self, _: Duration) -> Result<String> {
+        const HELD: usize = 100;
+        const UDP_FLOWS: usize = 10_000;
+        const ROUNDS: usize = 15;
+        let lab = &self.lab;
+        lab.set_agent_args(&["--map-conntrack".into(), "1024".into()])?;
+        let mid_flow_before = self.stat("node1", "fwd_new_mid_flow")?;
+        let web = SocketAddr::from((cluster_ip(lab, "web")?, 80));
+        let dns = SocketAddr::from((cluster_ip(lab, "web")?, 53));
+        let burst = ferry_netns::spawn_in(&self.client_ns, move || {
+            let mut answered = 0;
+            for _ in 0..UDP_FLOWS {
+                let asked = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    s.send_to(b"who?", dns)?;
+                    s.recv(&mut [0u8; 256])
+                });
+                answered += usize::from(asked.is_ok());
+                thread::sleep(Duration::from_millis(2));
+            }
+            answered
+        })?;
+        let held = ferry_netns::in_netns(&self.client_ns, move || hold(web, HELD, ROUNDS))??;
+        let udp_answered = burst
+            .join()
+            .map_err(|_| anyhow::anyhow!("the UDP burst panicked"))??;
+        let mid_flow = self.stat("node1", "fwd_new_mid_flow")? - mid_flow_before;
+        lab.set_agent_args(&[])?;
+        if mid_flow == 0 {
+            bail!("no held connection's entries were evicted: the map was not under pressure");
+        }
+        Ok(format!(
+            "{} of {HELD} held connections answered all {ROUNDS} rounds from their first pod, \
+             {} answered from another pod, {} failed; node1 counted {mid_flow} packets in \
+             fwd_new_mid_flow (their entries evicted, the flow scheduled again); \
+             {udp_answered} of {UDP_FLOWS} UDP flows answered",
+            held.kept,
+            held.moved,
+            HELD - held.kept - held.moved,
+        ))
+    }
+
+    /// A datapath counter of `node` (`proxy-agent inspect stats`).
+    fn stat(&self, node: &str, name: &str) -> Result<u64> {
+        let out = run_out(
+            Command::new(image::agent_binary()?)
+                .args(["inspect", "stats", "--pin-dir"])
+                .arg(self.lab.pin_dir(node)),
+        )?;
+        out.lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+            })
+            .with_context(|| format!("no counter {name} in {node}'s stats:\n{out}"))
+    }
+
+    /// node1's or node2's /metrics, read from the fabric.
+    fn metrics(&self, node: &str) -> Result<String> {
+        let addr = SocketAddr::from((lab::node_addr(node)?, 10256));
+        ferry_netns::in_netns(&self.lab.ns("fabric"), move || {
+            lab::agent_get(addr, "/metrics")
+        })?
+    }
+
+    fn gauge(&self, node: &str, name: &str) -> Result<f64> {
+        lab::metric(&self.metrics(node)?, name)
+            .with_context(|| format!("no {name} in {node}'s /metrics"))
+    }
+
+    /// The Services the agent of `node` refused for a full map (/statusz).
+    fn refused(&self, node: &str) -> Result<Vec<String>> {
+        let addr = SocketAddr::from((lab::node_addr(node)?, 10256));
+        let status = ferry_netns::in_netns(&self.lab.ns("fabric"), move || {
+            lab::agent_get(addr, "/statusz")
+        })??;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        let mut names: Vec<String> = status["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let p = p.as_str()?;
+                p.contains("map is full").then(|| {
+                    p.split(':')
+                        .next()?
+                        .strip_prefix("default/")
+                        .map(String::from)
+                })?
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// What held connections saw.
+struct Held {
+    /// Connections answered every round by the pod that greeted them.
+    kept: usize,
+    /// Answers from another pod than the greeting's.
+    moved: usize,
+}
+
+/// Opens `count` TCP connections to `target`, then for `rounds` rounds two
+/// seconds apart asks on each and checks the pod that answers is the one
+/// that greeted it.
+fn hold(target: SocketAddr, count: usize, rounds: usize) -> Result<Held> {
+    use std::io::{BufRead, BufReader, Write as _};
+    let pod = |line: &str| line.split_whitespace().next().unwrap_or("").to_string();
+    let mut conns = Vec::new();
+    for _ in 0..count {
+        let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        conns.push((stream, reader, pod(&greeting), true));
+    }
+    let mut moved = 0;
+    for _ in 0..rounds {
+        thread::sleep(Duration::from_secs(2));
+        for (stream, reader, first, ok) in conns.iter_mut().filter(|c| c.3) {
+            let mut line = String::new();
+            let asked = stream
+                .write_all(b"again\n")
+                .and_then(|()| reader.read_line(&mut line));
+            match asked {
+                Ok(n) if n > 0 && pod(&line) == *first => {}
+                Ok(n) if n > 0 => {
+                    moved += 1;
+                    *ok = false;
+                }
+                _ => *ok = false,
+            }
+        }
+    }
+    Ok(Held {
+        kept: conns.iter().filter(|c| c.3).count(),
+        moved,
+    })
+}
+
+/// How many entries the pinned map at `path` holds.
+fn map_entries(path: &std::path::Path) -> Result<usize> {
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()?;
+    serde_json::from_slice::<serde_json::Value>(&dump.stdout)
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .with_context(|| {
+            format!(
+                "bpftool map dump {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&dump.stderr).trim()
+            )
+        })
 }
 
 fn apply_service(lab: &Lab, name: &str, spec: serde_json::Value) -> Result<()> {
@@ -545,12 +932,16 @@ fn run_out(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn write_results(rows: &[Row], outage: Duration) -> Result<PathBuf> {
+fn write_results(rows: &[Row], outage: Duration, selection: &Selection) -> Result<PathBuf> {
     let mut md = String::from("# Faults under load\n\n");
-    md.push_str(&crate::bench::header(&format!(
-        "cargo xtask faults --outage-seconds {}",
-        outage.as_secs()
-    ))?);
+    let mut command = format!("cargo xtask faults --outage-seconds {}", outage.as_secs());
+    for only in &selection.only {
+        let _ = write!(command, " --only '{only}'");
+    }
+    if selection.repeat != 1 {
+        let _ = write!(command, " --repeat {}", selection.repeat);
+    }
+    md.push_str(&crate::bench::header(&command)?);
     md.push_str(
         "\nThe lab (two nodes and the control-plane node, the DaemonSet under real\n\
          kubelets) with a client pod on node1 and the backends on node2. Through each\n\
@@ -586,7 +977,11 @@ fn write_results(rows: &[Row], outage: Duration) -> Result<PathBuf> {
             note.replace('|', "/")
         );
     }
-    let path = workspace_root().join("bench/results/faults.md");
+    let path = if selection.complete() {
+        workspace_root().join("bench/results/faults.md")
+    } else {
+        workspace_root().join("target/faults-selected.md")
+    };
     fs::write(&path, md)?;
     Ok(path)
 }

@@ -9,6 +9,8 @@
 
 use std::{
     fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -17,7 +19,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{Lab, FABRIC_GATEWAY};
+use super::{Lab, ALL_NODES, FABRIC_GATEWAY};
 
 const NAMESPACE: &str = "kube-system";
 const DAEMONSET: &str = "ferry";
@@ -138,22 +140,38 @@ impl Lab {
     /// so every node's agent restarts with them.
     pub fn start_agent(&self, node: &str, extra: &[String]) -> Result<()> {
         if !extra.is_empty() {
-            let mut args = vec!["run".to_string()];
-            args.extend_from_slice(extra);
-            let patch = json!([{"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": args}]);
-            self.kubectl(&[
-                "-n",
-                NAMESPACE,
-                "patch",
-                "daemonset",
-                DAEMONSET,
-                "--type=json",
-                "-p",
-                &patch.to_string(),
-            ])?;
+            self.patch_agent_args(extra)?;
         }
         self.kubectl(&["label", "node", node, &format!("{STOP_LABEL}-")])?;
         self.wait_agent_ready(node)
+    }
+
+    /// Gives every node's agent the flags `extra` (none: the defaults) through
+    /// the DaemonSet, as an operator would, and waits until each node runs a
+    /// Ready agent of the new template (a rolling update, node by node).
+    pub fn set_agent_args(&self, extra: &[String]) -> Result<()> {
+        self.patch_agent_args(extra)?;
+        for node in ALL_NODES {
+            self.wait_agent_ready(node)?;
+        }
+        Ok(())
+    }
+
+    fn patch_agent_args(&self, extra: &[String]) -> Result<()> {
+        let mut args = vec!["run".to_string()];
+        args.extend_from_slice(extra);
+        let patch = json!([{"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": args}]);
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "patch",
+            "daemonset",
+            DAEMONSET,
+            "--type=json",
+            "-p",
+            &patch.to_string(),
+        ])?;
+        Ok(())
     }
 
     /// Stops the agent of `node` (its programs and maps stay) and waits until
@@ -308,6 +326,45 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
         path.push(part);
     }
     path
+}
+
+/// The body of `GET path` from an agent's health server at `addr`
+/// (/metrics, /statusz, /healthz), from the calling thread's namespace.
+pub fn agent_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the agent at {addr}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
+}
+
+/// The value of the unlabelled metric `name` in a /metrics text.
+pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The sum of every sample of `name` (labelled or not) in a /metrics text.
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum()
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferry_netns as netns;
 
+pub use agents::{agent_get, metric, metric_sum};
 pub use pods::tcp_ask;
 
 use crate::{image, kube};

@@ -614,3 +614,61 @@ fn ids_live_flows_name_are_not_handed_out() {
     assert_eq!(backend_ids, [8, 9]);
     assert_eq!(state.revnat.keys().copied().collect::<Vec<_>>(), [4]);
 }
+
+/// Frontends with holes (a slot, or a Maglev entry, missing: what a map
+/// resized below its entries leaves) are found, and their removal takes slot
+/// 0 first and leaves every other frontend as it was.
+#[test]
+fn holes_are_found_and_removed_slot0_first() {
+    let a = svc(
+        "a",
+        [10, 96, 0, 1],
+        80,
+        &[([10, 0, 0, 1], 80), ([10, 0, 0, 2], 80)],
+    );
+    let b = svc("b", [10, 96, 0, 2], 80, &[([10, 0, 0, 2], 80)]);
+    let mut c = svc("c", [10, 96, 0, 3], 53, &[([10, 0, 0, 3], 53)]);
+    c.scheduler = Some(Scheduler::Maglev);
+    let (whole, _) = map_state(&[&a, &b, &c], &mut Ids::default());
+    assert!(crate::desired::apply::holes(&whole).is_empty());
+
+    let mut broken = whole.clone();
+    let a_head = service_key(&a.frontend, 0);
+    broken.services.remove(&a_head.with_slot(2));
+    let c_head = service_key(&c.frontend, 0);
+    let c_id = whole.services[&c_head].rev_nat_id;
+    let first_maglev = *broken
+        .maglev
+        .range(maglev_table_keys(c_id))
+        .next()
+        .unwrap()
+        .0;
+    broken.maglev.remove(&first_maglev);
+    let holes = crate::desired::apply::holes(&broken);
+    assert_eq!(
+        holes,
+        [
+            (a_head, "slot 2 missing".to_string()),
+            (c_head, "Maglev slot 0 names no backend".to_string())
+        ]
+    );
+
+    let mut after = broken.clone();
+    for (head, _) in &holes {
+        let ops = crate::desired::apply::removal(&after, head);
+        assert_eq!(ops[0], MapOp::DelService(*head), "slot 0 first");
+        ops.iter().for_each(|op| after.apply(op));
+    }
+    crate::desired::apply::check_whole(&after).unwrap();
+    let b_entries = |s: &MapState| {
+        s.services
+            .iter()
+            .filter(|(k, _)| k.addr_be == service_key(&b.frontend, 0).addr_be)
+            .map(|(k, v)| (*k, *v))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(b_entries(&after), b_entries(&whole), "b untouched");
+    assert_eq!(after.services.len(), b_entries(&whole).len());
+    assert!(after.maglev.is_empty());
+    assert_eq!(after.backends, whole.backends, "backends stay for a round");
+}

@@ -19,8 +19,7 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::Stdio,
     thread,
@@ -179,7 +178,7 @@ fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
         eprintln!("bench: first full syncs at {n} Services: {first_syncs:?}");
 
         let maps = Maps::open(&lab.pin_dir(NODE))?;
-        let scraped_before = scrape(metrics)?;
+        let scraped_before = lab::agent_get(metrics, "/metrics")?;
         let changes = Changes {
             rt: &rt,
             slices: &slices,
@@ -187,7 +186,7 @@ fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
             frontends: &frontends,
         };
         let (from_response, from_request, missed) = changes.run(n, plan.changes, &mut probes)?;
-        let scraped_after = scrape(metrics)?;
+        let scraped_after = lab::agent_get(metrics, "/metrics")?;
         let load = load_average()?;
         let (rss_kib, hwm_kib) = agent_memory(&lab)?;
         out.push(Scale {
@@ -387,35 +386,13 @@ async fn create_slices(api: &Api<DynamicObject>, range: std::ops::Range<usize>) 
     create_all(api, objects).await.map(drop)
 }
 
-/// GET /metrics from an agent.
-fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to the agent's metrics at {addr}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
-}
-
-fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(name)?
-            .strip_prefix(' ')
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 /// Waits until the agent serves every Service created so far with all its backends.
 fn wait_programmed(metrics: SocketAddr, services: usize) -> Result<()> {
     let started = Instant::now();
     loop {
-        let text = scrape(metrics).unwrap_or_default();
-        let frontends = gauge(&text, "ferry_frontends").unwrap_or(0.0);
-        let backends = gauge(&text, "ferry_backends").unwrap_or(0.0);
+        let text = lab::agent_get(metrics, "/metrics").unwrap_or_default();
+        let frontends = lab::metric(&text, "ferry_frontends").unwrap_or(0.0);
+        let backends = lab::metric(&text, "ferry_backends").unwrap_or(0.0);
         if frontends >= services as f64 && backends >= (services * ENDPOINTS_PER_SERVICE) as f64 {
             eprintln!(
                 "bench: the agent serves {frontends} frontends, {backends} backends ({:.1} s after creation)",
@@ -462,7 +439,7 @@ fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64,
             .with_context(|| format!("no timestamp in {line:?}"))?;
         Ok(stamp.duration_since(started).as_secs_f64())
     };
-    let rounds = AgentHistogram::parse(&scrape(metrics)?, SYNC_ROUND);
+    let rounds = AgentHistogram::parse(&lab::agent_get(metrics, "/metrics")?, SYNC_ROUND);
     Ok((
         at("ready: maps in sync")?,
         at("adopted pinned maps")?,
