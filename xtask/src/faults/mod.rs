@@ -555,18 +555,10 @@ impl World {
         let lab = &self.lab;
         let before = self.gauge("node1", "ferry_frontends")?;
         let pid = lab.agent_pid("node1").context("no agent on node1")?;
-        let items: Vec<_> = (0..COUNT)
-            .map(|i| {
-                json!({"apiVersion": "v1", "kind": "Service",
-                       "metadata": {"name": format!("burst-{i}")},
-                       "spec": {"selector": {"app": "web"}, "ports": [
-                           {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}})
-            })
-            .collect();
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let names: Vec<String> = (0..COUNT).map(|i| format!("burst-{i}")).collect();
         let creating = {
             let lab = Lab::new(LAB)?;
-            let list = list.to_string();
+            let list = web_services(&names);
             thread::spawn(move || lab.kubectl_stdin(&["apply", "-f", "-"], &list))
         };
         let mut in_maps = 0.0;
@@ -605,7 +597,6 @@ impl World {
             seen = (counts("node1")?, counts("node2")?);
             Ok(seen.0 == seen.1)
         });
-        let names: Vec<String> = (0..COUNT).map(|i| format!("burst-{i}")).collect();
         let mut args = vec!["delete", "service"];
         args.extend(names.iter().map(String::as_str));
         lab.kubectl(&args)?;
@@ -650,16 +641,8 @@ impl World {
         const COUNT: usize = FILL;
         let lab = &self.lab;
         lab.set_agent_args(&["--map-services".into(), "64".into()])?;
-        let items: Vec<_> = (0..COUNT)
-            .map(|i| {
-                json!({"apiVersion": "v1", "kind": "Service",
-                       "metadata": {"name": format!("fill-{i:02}")},
-                       "spec": {"selector": {"app": "web"}, "ports": [
-                           {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}})
-            })
-            .collect();
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
-        lab.kubectl_stdin(&["apply", "-f", "-"], &list.to_string())?;
+        let names: Vec<String> = (0..COUNT).map(|i| format!("fill-{i:02}")).collect();
+        lab.kubectl_stdin(&["apply", "-f", "-"], &web_services(&names))?;
         let (mut refused, mut counted) = (Vec::new(), 0.0);
         wait_for(Duration::from_secs(60), || {
             refused = self.refused("node1")?;
@@ -681,8 +664,8 @@ impl World {
             bail!("node1's log does not name the refused Service {first}");
         }
         // Room: every Service that fit goes.
-        let fitted: Vec<String> = (0..COUNT)
-            .map(|i| format!("fill-{i:02}"))
+        let fitted: Vec<String> = names
+            .into_iter()
             .filter(|name| !refused.contains(name))
             .collect();
         let mut args = vec!["delete", "service"];
@@ -755,6 +738,7 @@ impl World {
         let lab = &self.lab;
         lab.set_agent_args(&["--map-conntrack".into(), "1024".into()])?;
         let mid_flow_before = self.stat("node1", "fwd_new_mid_flow")?;
+        let insert_drops_before = self.stat("node1", "drop_ct_insert")?;
         let web = SocketAddr::from((cluster_ip(lab, "web")?, 80));
         let dns = SocketAddr::from((cluster_ip(lab, "web")?, 53));
         let burst = ferry_netns::spawn_in(&self.client_ns, move || {
@@ -775,6 +759,7 @@ impl World {
             .join()
             .map_err(|_| anyhow::anyhow!("the UDP burst panicked"))??;
         let mid_flow = self.stat("node1", "fwd_new_mid_flow")? - mid_flow_before;
+        let insert_drops = self.stat("node1", "drop_ct_insert")? - insert_drops_before;
         lab.set_agent_args(&[])?;
         if mid_flow == 0 {
             bail!("no held connection's entries were evicted: the map was not under pressure");
@@ -782,7 +767,8 @@ impl World {
         Ok(format!(
             "{} of {HELD} held connections answered all {ROUNDS} rounds from their first pod, \
              {} answered from another pod, {} failed; node1 counted {mid_flow} packets in \
-             fwd_new_mid_flow (their entries evicted, the flow scheduled again); \
+             fwd_new_mid_flow (their entries evicted, the flow scheduled again) and \
+             {insert_drops} in drop_ct_insert (the LRU had no entry to give); \
              {udp_answered} of {UDP_FLOWS} UDP flows answered",
             held.kept,
             held.moved,
@@ -891,6 +877,21 @@ fn hold(target: SocketAddr, count: usize, rounds: usize) -> Result<Held> {
         kept: conns.iter().filter(|c| c.3).count(),
         moved,
     })
+}
+
+/// A List of Services named `names`, each port 80 of the web pods: one
+/// `kubectl apply` makes them all.
+fn web_services(names: &[String]) -> String {
+    let items: Vec<_> = names
+        .iter()
+        .map(|name| {
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": name},
+                   "spec": {"selector": {"app": "web"}, "ports": [
+                       {"name": "http", "port": 80, "targetPort": "tcp", "protocol": "TCP"}]}})
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
 /// How many entries the pinned map at `path` holds.
