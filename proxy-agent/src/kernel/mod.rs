@@ -93,8 +93,8 @@ impl MapSizes {
 }
 
 /// A map pinned with another size than `entries` asks for is never reused as
-/// it is (the kernel cannot resize a map): its pin is renamed to
-/// `name` and `previous::RESIZED_SUFFIX`, the loader makes a map of the new size, and
+/// it is (the kernel cannot resize a map): its pin is renamed to `name` and
+/// `previous::RESIZED_SUFFIX`, the loader makes a map of the new size, and
 /// [`migrate::Migration`] carries the old entries into it before the programs
 /// swap. A set-aside pin already there is what an interrupted resize left:
 /// its entries are the ones to carry, and the pin of the wrong size goes.
@@ -186,8 +186,10 @@ impl UplinkMode {
 }
 
 impl Dataplane {
-    /// Loads the programs with their maps pinned under `pin_dir`. Maps already
-    /// pinned there are reused, so a restarted agent keeps every connection.
+    /// Loads the programs with their maps pinned under `pin_dir`, of `sizes`.
+    /// Maps already pinned there are reused, so a restarted agent keeps every
+    /// connection; one of another size is set aside for the migration to
+    /// carry over (see [`set_aside_resized`]).
     pub fn load_pinned(pin_dir: &Path, sizes: &MapSizes) -> Result<Self> {
         Self::make_pin_dir(pin_dir)?;
         let entries = sizes.entries();
