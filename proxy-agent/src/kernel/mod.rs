@@ -189,7 +189,7 @@ impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`, of `sizes`.
     /// Maps already pinned there are reused, so a restarted agent keeps every
     /// connection; one of another size is set aside for the migration to
-    /// carry over (see [`set_aside_resized`]).
+    /// carry over (see `set_aside_resized`).
     pub fn load_pinned(pin_dir: &Path, sizes: &MapSizes) -> Result<Self> {
         Self::make_pin_dir(pin_dir)?;
         let entries = sizes.entries();
