@@ -147,6 +147,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut resync = tokio::time::interval(agent.config.resync_period);
     let mut gc = tokio::time::interval(agent.config.gc_period);
     let mut heartbeat = tokio::time::interval(health::HEARTBEAT);
+    let mut carry = tokio::time::interval(CARRY_PERIOD);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -157,6 +158,7 @@ pub async fn run(config: Config) -> Result<()> {
             _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, &agent.status),
             _ = resync.tick() => agent.resync(),
             _ = heartbeat.tick() => agent.status.lock().unwrap().health.beat(),
+            _ = carry.tick(), if agent.migration.is_some() => agent.carry_flows(),
             _ = sleep_until(agent.sync_at.unwrap_or_else(Instant::now)), if agent.sync_at.is_some() => {
                 agent.round().await;
             }
@@ -259,6 +261,7 @@ impl Agent {
             agent.on_link(LinkEvent::Up { index, name });
         }
         agent.attach_sockets();
+        agent.carry_flows();
         if !uplink_pending {
             agent.attach_uplinks(&[])?;
         }
@@ -339,6 +342,14 @@ impl Agent {
         }
         self.finish_migration();
         Ok(())
+    }
+
+    /// Flows the old programs started since the migration's last pass go
+    /// into the new maps (see [`Migration::carry_flows`]).
+    fn carry_flows(&mut self) {
+        if let Some(migration) = &mut self.migration {
+            migration.carry_flows(&mut self.dataplane);
+        }
     }
 
     /// The migration's second pass, once every interface runs the new
@@ -750,6 +761,10 @@ enum Round<'a> {
 /// The first and the longest wait before a round whose writes did not all
 /// land is tried again.
 const RETRY_MIN: Duration = Duration::from_secs(1);
+/// How often flows go from an older agent's maps into the new ones while
+/// the uplinks still run the old programs (the Node is not read yet). A TCP
+/// handshake whose reply was missed then succeeds on its first retransmission.
+const CARRY_PERIOD: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Programs the maps: desired state (within the maps' capacity), diff against

@@ -12,6 +12,9 @@
 //!    its ids back from (`Ids::from_state`), as after a plain restart, and
 //!    what the new programs serve established flows from until the first round;
 //! 2. attaches the new programs: the swap;
+//!    Between 2 and 3, [`Migration::carry_flows`] copies what the old
+//!    programs still write while some interfaces run them: once the pod
+//!    interfaces are swapped and every second until the uplinks are;
 //! 3. [`Migration::finish`]: copies again the conntrack, NAT and affinity
 //!    entries the old programs made or changed between 1 and 2 (new flows, a
 //!    closing flow, a reused tuple), without overwriting an entry the new
@@ -129,12 +132,7 @@ impl Migration {
     /// a garbage collection (at `lifetimes`) rebuilds the NAT-port bitmaps
     /// from them before new flows need a port.
     pub fn finish(mut self, dp: &mut Dataplane, lifetimes: &gc::Lifetimes) -> Report {
-        for (name, mut carry) in std::mem::take(&mut self.flows) {
-            match carry.pass(dp) {
-                Ok(copied) => self.count(&name, copied),
-                Err(e) => self.fail(&name, format!("{e:#}")),
-            }
-        }
+        self.carry_flows(dp);
         for path in &self.pins {
             match fs::remove_file(path) {
                 Ok(()) => info!(pin = %path.display(), "old map unpinned"),
@@ -150,6 +148,22 @@ impl Migration {
             info!(map = name, entries = copied, "carried over");
         }
         self.report
+    }
+
+    /// A pass between the two: the conntrack, NAT and affinity entries the
+    /// old programs made since the last pass. Run once the pod interfaces
+    /// have the new programs, and then every second until the uplinks do:
+    /// a flow an old program started must find its entries in the new maps
+    /// when its reply meets a new program, or the reply leaves untranslated.
+    pub fn carry_flows(&mut self, dp: &mut Dataplane) {
+        let mut flows = std::mem::take(&mut self.flows);
+        for (name, carry) in &mut flows {
+            match carry.pass(dp) {
+                Ok(copied) => self.count(name, copied),
+                Err(e) => self.fail(name, format!("{e:#}")),
+            }
+        }
+        self.flows = flows;
     }
 
     fn count(&mut self, name: &str, copied: usize) {

@@ -93,7 +93,7 @@ pub fn run(outage: Duration, selection: &Selection) -> Result<()> {
     let _down = Down(&lab);
     let world = World::prepare(Lab::new(LAB)?)?;
     let mut rows = Vec::new();
-    let faults: [(&str, Fault); 14] = [
+    let faults: [(&str, Fault); 15] = [
         (
             "agent killed (SIGKILL), restarted by the kubelet",
             World::kill_agent,
@@ -128,6 +128,10 @@ pub fn run(outage: Duration, selection: &Selection) -> Result<()> {
         (
             "NodePort connections to a remote backend for 200 s (about twice the NAT port range)",
             World::nat_port_stream,
+        ),
+        (
+            "maps resized under load (a rolling update carries every flow into new maps), then back",
+            World::resize_under_load,
         ),
         (
             "services map full: agents resized to 64 entries, then 30 Services more",
@@ -773,6 +777,37 @@ impl World {
             held.kept,
             held.moved,
             HELD - held.kept - held.moved,
+        ))
+    }
+
+    /// The conntrack, NAT and affinity maps change size while the load runs:
+    /// each agent is replaced and the new one carries the old maps' entries
+    /// over (`kernel::migrate`) while the old programs still run, as in an
+    /// upgrade that changes a map's layout. Then back to the default sizes.
+    fn resize_under_load(&self, _: Duration) -> Result<String> {
+        let lab = &self.lab;
+        let sizes = [
+            "--map-conntrack",
+            "131072",
+            "--map-nat",
+            "65536",
+            "--map-affinity",
+            "32768",
+        ];
+        let started = Instant::now();
+        lab.set_agent_args(&sizes.map(String::from))?;
+        let resized = started.elapsed();
+        let entries = map_entries(
+            &lab.pin_dir("node1")
+                .join(proxy_common::map_names::CONNTRACK_V4),
+        )?;
+        lab.set_agent_args(&[])?;
+        Ok(format!(
+            "{} then back to the defaults by two rolling updates ({:.1} s and {:.1} s); \
+             node1's conntrack map held {entries} entries at the new size",
+            sizes.join(" "),
+            resized.as_secs_f64(),
+            (started.elapsed() - resized).as_secs_f64(),
         ))
     }
 
