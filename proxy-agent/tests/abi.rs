@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use aya_obj::{maps::Map, Object};
 use proxy_common::{
-    bench, map_names, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
-    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SockConfig, SockRevKey4, SourceRange4,
-    StatCounter,
+    bench, map_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
+    CtKey4, CtKey6, CtValue, MaglevKey, Nat4, NatPortKey4, RevNat4, RevNat6, ServiceKey4,
+    ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SourceRange4, StatCounter,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -98,7 +98,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         (
             map_names::CONNTRACK_V4,
             ct_key.clone(),
-            layout!(CtValue4 {
+            layout!(CtValue {
                 backend_id,
                 rev_nat_id,
                 flags,
@@ -138,7 +138,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 client_addr_be,
                 rev_nat_id
             }),
-            layout!(AffinityValue4 {
+            layout!(AffinityValue {
                 backend_id,
                 _pad,
                 last_used_ns
@@ -146,7 +146,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         ),
         (
             map_names::MAGLEV_V4,
-            layout!(MaglevKey4 { rev_nat_id, index }),
+            layout!(MaglevKey { rev_nat_id, index }),
             layout!(u32),
         ),
         (map_names::ROUND_ROBIN, layout!(u32), layout!(u32)),
@@ -188,6 +188,79 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 _pad
             }),
         ),
+        (
+            map_names::SERVICES_V6,
+            layout!(ServiceKey6 {
+                addr,
+                port_be,
+                proto,
+                scope,
+                slot,
+                _pad
+            }),
+            layout!(ServiceValue {
+                backend_id,
+                rev_nat_id,
+                count,
+                flags,
+                maglev_size,
+                _pad
+            }),
+        ),
+        (
+            map_names::BACKENDS_V6,
+            layout!(u32),
+            layout!(Backend6 {
+                addr,
+                port_be,
+                proto,
+                state,
+                flags,
+                _pad
+            }),
+        ),
+        (
+            map_names::REVNAT_V6,
+            layout!(u32),
+            layout!(RevNat6 {
+                addr,
+                port_be,
+                _pad
+            }),
+        ),
+        (
+            map_names::CONNTRACK_V6,
+            layout!(CtKey6 {
+                saddr,
+                daddr,
+                sport_be,
+                dport_be,
+                proto,
+                dir,
+                _pad
+            }),
+            layout!(CtValue {
+                backend_id,
+                rev_nat_id,
+                flags,
+                nat_port_be,
+                remap_port_be,
+                _pad,
+                last_seen_ns
+            }),
+        ),
+        (
+            map_names::AFFINITY_V6,
+            layout!(AffinityKey6 {
+                client_addr,
+                rev_nat_id
+            }),
+            layout!(AffinityValue {
+                backend_id,
+                _pad,
+                last_used_ns
+            }),
+        ),
     ]
 }
 
@@ -201,17 +274,22 @@ const SNAPSHOT: &str = "\
 svc4_v2: ServiceKey4 12 {addr_be@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 _pad@14}
 backend4_v1: u32 4 {} -> Backend4 12 {addr_be@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
 revnat4_v2: u32 4 {} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
-ct4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue4 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
+ct4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
 nat4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr_be@0 rev_nat_id@4 client_port_be@8 flags@10 _pad@12 last_seen_ns@16}
 natport4_v1: NatPortKey4 12 {backend_addr_be@0 backend_port_be@4 proto@6 _pad@7 index@8 _pad2@10} -> u64 8 {}
-affinity4_v2: AffinityKey4 8 {client_addr_be@0 rev_nat_id@4} -> AffinityValue4 16 {backend_id@0 _pad@4 last_used_ns@8}
-maglev4_v2: MaglevKey4 8 {rev_nat_id@0 index@4} -> u32 4 {}
+affinity4_v2: AffinityKey4 8 {client_addr_be@0 rev_nat_id@4} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
+maglev4_v2: MaglevKey 8 {rev_nat_id@0 index@4} -> u32 4 {}
 rr_v2: u32 4 {} -> u32 4 {}
 srcrange4_v2: lpm_trie::Key<SourceRange4> 12 {prefix_len@0 data@4 {rev_nat_id_be@0 addr_be@4}} -> u8 1 {}
 config_v1: u32 4 {} -> Config 8 {snat_addr_be@0 nat_port_min@4 nat_port_max@6}
 stats_v1: u32 4 {} -> StatCounter 16 {packets@0 bytes@8}
 sockrev4_v1: SockRevKey4 16 {cookie@0 addr_be@8 port_be@12 _pad@14} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
 sockcfg_v1: u32 4 {} -> SockConfig 16 {host_netns_cookie@0 flags@8 _pad@12}
+svc6_v1: ServiceKey6 24 {addr@0 port_be@16 proto@18 scope@19 slot@20 _pad@22} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 _pad@14}
+backend6_v1: u32 4 {} -> Backend6 24 {addr@0 port_be@16 proto@18 state@19 flags@20 _pad@21}
+revnat6_v1: u32 4 {} -> RevNat6 20 {addr@0 port_be@16 _pad@18}
+ct6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pad@38} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
+affinity6_v1: AffinityKey6 20 {client_addr@0 rev_nat_id@16} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

@@ -19,7 +19,7 @@ use proxy_agent::{
 use proxy_common::{
     ct_dir, hash, map_names, nat_ports, previous,
     program_names::{FROM_POD, TO_POD, UPLINK_TC},
-    proto, AffinityKey4, AffinityValue4, Backend4, CtKey4, NatPortKey4, RevNat4, ServiceKey4,
+    proto, AffinityKey4, AffinityValue, Backend4, CtKey4, NatPortKey4, RevNat4, ServiceKey4,
 };
 use support::{
     fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
@@ -109,7 +109,7 @@ fn frontend_id(state: &MapState, addr: &str, port: u16) -> u32 {
 
 /// The backend a new flow `f` hashes to (flow-hash scheduler).
 fn hashed_backend(state: &MapState, f: &Frame) -> u32 {
-    let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
+    let key = |slot| ServiceKey4::new(f.daddr4(), f.dport, f.proto, slot);
     let count = state.services[&key(0)].count;
     let h = f.flow_hash();
     state.services[&key(hash::slot_for(h, count))].backend_id
@@ -132,8 +132,8 @@ fn other_than(state: &MapState, choices: &[&str], not: u32) -> (u32, Ipv4Addr) {
 
 fn forward_key(f: &Frame) -> CtKey4 {
     CtKey4 {
-        saddr_be: u32::from(f.saddr).to_be(),
-        daddr_be: u32::from(f.daddr).to_be(),
+        saddr_be: u32::from(f.saddr4()).to_be(),
+        daddr_be: u32::from(f.daddr4()).to_be(),
         sport_be: f.sport.to_be(),
         dport_be: f.dport.to_be(),
         proto: f.proto,
@@ -146,7 +146,7 @@ fn forward_key(f: &Frame) -> CtKey4 {
 fn reply_key(f: &Frame, backend: Ipv4Addr) -> CtKey4 {
     CtKey4 {
         saddr_be: u32::from(backend).to_be(),
-        daddr_be: u32::from(f.saddr).to_be(),
+        daddr_be: u32::from(f.saddr4()).to_be(),
         sport_be: 8080u16.to_be(),
         dport_be: f.sport.to_be(),
         proto: f.proto,
@@ -319,7 +319,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
         rev_nat_id: u16::try_from(sticky_id).unwrap(),
         _pad: 0,
     };
-    let affinity = AffinityValue4 {
+    let affinity = AffinityValue {
         backend_id: affine,
         _pad: 0,
         last_used_ns: now,
@@ -333,7 +333,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
     let mut dp = Dataplane::load_pinned(dir, &Default::default()).expect("load the new programs");
     dp.set_config(settings::node_config(Some(ip(NODE)), NAT_PORTS))
         .unwrap();
-    let migration = Migration::begin(&mut dp, dir).expect("first pass");
+    let mut migration = Migration::begin(&mut dp, dir).expect("first pass");
     assert_eq!(
         migration
             .report
@@ -359,8 +359,20 @@ fn upgrade(dir: &Path, ifindex: u32) {
         0,
     )
     .unwrap();
-    let both = Frame::tcp(POD_CLIENT, 40003, VIP, 80);
+    // The pod interfaces are swapped, the uplinks not yet: a pass between
+    // the two carries the late flow, so that its reply, which meets a new
+    // program, finds it.
     let mut p = harness::Programs::with(dp).unwrap();
+    migration.carry_flows(&mut p.dp);
+    let ct_between: std::collections::HashMap<CtKey4, _> =
+        p.dp.conntrack().unwrap().into_iter().collect();
+    assert_eq!(ct_between[&forward_key(&late)].backend_id, kept);
+    assert_eq!(ct_between[&forward_key(&np)].last_seen_ns, now + 1);
+    // And after it, the old uplink programs still open flows.
+    let later = Frame::tcp(POD_CLIENT, 40004, VIP, 80);
+    ct.insert(forward_key(&later), old_ct(kept, web_id, 0, now), 0)
+        .unwrap();
+    let both = Frame::tcp(POD_CLIENT, 40003, VIP, 80);
     let (verdict, _) = send(&mut p, Hook::Tc(FROM_POD, None), &both);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     let new_programs_choice = hashed_backend(&state, &both);
@@ -377,8 +389,8 @@ fn upgrade(dir: &Path, ifindex: u32) {
     let carried: std::collections::BTreeMap<_, _> = report.carried.into_iter().collect();
     assert_eq!(
         carried["ct4_v2"],
-        3 + 2,
-        "three, then a late flow and a refresh"
+        3 + 2 + 1,
+        "three, then a late flow and a refresh, then a later flow"
     );
     assert_eq!(carried["nat4_v2"], 1);
     assert_eq!(carried["affinity4_v1"], 1);
@@ -398,6 +410,11 @@ fn upgrade(dir: &Path, ifindex: u32) {
         ct_now[&forward_key(&late)].backend_id,
         kept,
         "the late flow"
+    );
+    assert_eq!(
+        ct_now[&forward_key(&later)].backend_id,
+        kept,
+        "the later flow"
     );
     assert_eq!(
         ct_now[&forward_key(&both)].backend_id,
@@ -553,7 +570,7 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
     support::require_root();
     let lab = Lab::new("migsize");
     let dir = lab.pin_dir.clone();
-    let flows: Vec<(CtKey4, proxy_common::CtValue4)> = (0..40u16)
+    let flows: Vec<(CtKey4, proxy_common::CtValue)> = (0..40u16)
         .map(|i| {
             let key = CtKey4 {
                 saddr_be: be(POD_CLIENT),
@@ -564,7 +581,7 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
                 dir: ct_dir::FORWARD,
                 _pad: 0,
             };
-            let value = proxy_common::CtValue4 {
+            let value = proxy_common::CtValue {
                 backend_id: 1 + u32::from(i % 3),
                 rev_nat_id: 1,
                 last_seen_ns: monotonic_ns(),
@@ -589,7 +606,7 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
     pins::create(&dir, map_names::STATS, "percpu_array", 4, 16, None);
     {
         let dp = Dataplane::load_pinned(&dir, &Default::default()).expect("load");
-        let mut ct = pins::hash::<CtKey4, proxy_common::CtValue4>(&dir, map_names::CONNTRACK_V4);
+        let mut ct = pins::hash::<CtKey4, proxy_common::CtValue>(&dir, map_names::CONNTRACK_V4);
         for (key, value) in &flows {
             ct.insert(key, value, 0).unwrap();
         }

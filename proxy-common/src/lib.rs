@@ -51,8 +51,16 @@ pub mod map_names {
     pub const SOCK_REVNAT_V4: &str = "sockrev4_v1";
     /// The socket hooks' settings (index 0).
     pub const SOCK_CONFIG: &str = "sockcfg_v1";
+    /// IPv6 twins of the IPv4 maps above. The Maglev and round-robin maps
+    /// serve both families (they hold ids, no addresses): frontend and
+    /// backend ids are one space over both.
+    pub const SERVICES_V6: &str = "svc6_v1";
+    pub const BACKENDS_V6: &str = "backend6_v1";
+    pub const REVNAT_V6: &str = "revnat6_v1";
+    pub const CONNTRACK_V6: &str = "ct6_v1";
+    pub const AFFINITY_V6: &str = "affinity6_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 19] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -67,6 +75,11 @@ pub mod map_names {
         STATS,
         SOCK_REVNAT_V4,
         SOCK_CONFIG,
+        SERVICES_V6,
+        BACKENDS_V6,
+        REVNAT_V6,
+        CONNTRACK_V6,
+        AFFINITY_V6,
     ];
 }
 
@@ -137,6 +150,13 @@ pub mod capacity {
     /// Sockets the socket hooks translated, each with the backend it was
     /// sent to (least recently used evicted).
     pub const SOCK_REVNAT: u32 = 65_536;
+    /// The IPv6 maps, smaller until the agent programs IPv6 frontends (and
+    /// the map-size flags size them): about 10 MiB together.
+    pub const SERVICES_V6: u32 = 16_384;
+    pub const BACKENDS_V6: u32 = 16_384;
+    pub const REVNAT_V6: u32 = 16_384;
+    pub const CONNTRACK_V6: u32 = 65_536;
+    pub const AFFINITY_V6: u32 = 16_384;
 }
 
 /// IP protocol numbers used in keys.
@@ -188,11 +208,11 @@ pub mod svc_flags {
 /// Key of the Maglev map: one slot of one frontend's table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MaglevKey4 {
+pub struct MaglevKey {
     pub rev_nat_id: u32,
     pub index: u32,
 }
-const _: () = assert!(core::mem::size_of::<MaglevKey4>() == 8);
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
 
 /// Key of the affinity map: a client of a frontend (by reverse-NAT id).
 #[repr(C)]
@@ -206,12 +226,12 @@ const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
 /// Value of the affinity map: the backend and when a connection last used it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AffinityValue4 {
+pub struct AffinityValue {
     pub backend_id: u32,
     pub _pad: u32,
     pub last_used_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<AffinityValue4>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 
 /// Value of the services map. In slot 0, `count` and `flags` describe the
 /// service and `backend_id` is 0; in slot N, `backend_id` names the backend.
@@ -279,7 +299,7 @@ pub mod ct_dir {
     pub const NAT: u8 = 2;
 }
 
-/// Bits of [`CtValue4::flags`].
+/// Bits of [`CtValue::flags`].
 pub mod ct_flags {
     /// A pod reached itself through a frontend: the flow was SNATed to
     /// [`super::HAIRPIN_ADDR`] so its replies come back through the programs.
@@ -289,7 +309,7 @@ pub mod ct_flags {
 }
 
 /// The client ports a new flow may be given when its own is taken at its
-/// backend by another frontend's flow (see [`CtValue4::remap_port_be`]):
+/// backend by another frontend's flow (see [`CtValue::remap_port_be`]):
 /// above the kernel's default ephemeral range (32768-60999), where a client's
 /// own connections to the backend seldom are.
 pub mod remap_ports {
@@ -349,7 +369,7 @@ const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 /// Value of the conntrack map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtValue4 {
+pub struct CtValue {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub flags: u16,
@@ -365,7 +385,7 @@ pub struct CtValue4 {
     /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtValue4>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 
 /// Value of the NAT map, keyed by the [`CtKey4`] of a remote backend's reply as
 /// it arrives (backend -> node address : NAT port, direction `ct_dir::NAT`):
@@ -525,6 +545,74 @@ impl SourceRange4 {
     }
 }
 
+/// An IPv6 address as the maps hold it: its 16 bytes in network order.
+pub type Addr6 = [u8; 16];
+
+/// Key of the IPv6 services map: [`ServiceKey4`] with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 24);
+
+/// Value of the IPv6 backends map: [`Backend4`] with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend6 {
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub proto: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Backend6>() == 24);
+
+/// Value of the IPv6 reverse-NAT map: [`RevNat4`] with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat6 {
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<RevNat6>() == 20);
+
+/// Key of the IPv6 conntrack map: [`CtKey4`] with IPv6 addresses. Its
+/// value is [`CtValue`], as for IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+
+/// Key of the IPv6 affinity map: [`AffinityKey4`] with an IPv6 client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey6 {
+    pub client_addr: Addr6,
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey6>() == 20);
+
+/// The IPv6 hairpin source (see [`HAIRPIN_ADDR`]): 100::a9fe:2a01, in the
+/// discard-only prefix 100::/64 (RFC 6666), never a real peer, reached
+/// through a pod's default route like the IPv4 one.
+pub const HAIRPIN_ADDR6: Addr6 = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 169, 254, 42, 1];
+
 /// The node-wide settings the agent writes into the config array (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -582,7 +670,7 @@ const _: () = assert!(core::mem::size_of::<StatCounter>() == 16);
 /// once, so callers never build a key field by field.
 #[cfg(feature = "user")]
 mod user {
-    use core::net::Ipv4Addr;
+    use core::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 
@@ -608,6 +696,55 @@ mod user {
 
         pub const fn addr(&self) -> Ipv4Addr {
             Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl ServiceKey6 {
+        /// Slot `slot` of the frontend `addr:port` (protocol number `proto`),
+        /// for every client (scope 0).
+        pub const fn new(addr: Ipv6Addr, port: u16, proto: u8, slot: u16) -> Self {
+            Self {
+                addr: addr.octets(),
+                port_be: port.to_be(),
+                proto,
+                scope: 0,
+                slot,
+                _pad: 0,
+            }
+        }
+
+        /// The same frontend's slot `slot`.
+        #[must_use]
+        pub const fn with_slot(self, slot: u16) -> Self {
+            Self { slot, ..self }
+        }
+
+        pub const fn addr(&self) -> Ipv6Addr {
+            Ipv6Addr::from_octets(self.addr)
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl Backend6 {
+        pub const fn addr(&self) -> Ipv6Addr {
+            Ipv6Addr::from_octets(self.addr)
+        }
+
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl RevNat6 {
+        pub const fn addr(&self) -> Ipv6Addr {
+            Ipv6Addr::from_octets(self.addr)
         }
 
         pub const fn port(&self) -> u16 {
@@ -645,15 +782,20 @@ mod pod {
     unsafe impl aya::Pod for Backend4 {}
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for CtKey4 {}
-    unsafe impl aya::Pod for CtValue4 {}
+    unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for StatCounter {}
     unsafe impl aya::Pod for Nat4 {}
     unsafe impl aya::Pod for NatPortKey4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for SockRevKey4 {}
     unsafe impl aya::Pod for SockConfig {}
-    unsafe impl aya::Pod for MaglevKey4 {}
-    unsafe impl aya::Pod for AffinityValue4 {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for RevNat6 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
 }

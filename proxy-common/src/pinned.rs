@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 
 use crate::{
-    map_names, stats::Stat, AffinityKey4, AffinityValue4, Backend4, CtKey4, CtValue4, Nat4,
-    RevNat4, ServiceKey4, ServiceValue, StatCounter,
+    map_names, stats::Stat, AffinityKey4, AffinityValue, Backend4, CtKey4, CtValue, Nat4, RevNat4,
+    ServiceKey4, ServiceValue, StatCounter,
 };
 
 /// The maps pinned under one directory.
@@ -75,7 +75,7 @@ impl Pinned {
         self.hash(map_names::REVNAT_V4)
     }
 
-    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue4)>> {
+    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue)>> {
         self.hash(map_names::CONNTRACK_V4)
     }
 
@@ -83,7 +83,7 @@ impl Pinned {
         self.hash(map_names::NAT_V4)
     }
 
-    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue4)>> {
+    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue)>> {
         self.hash(map_names::AFFINITY_V4)
     }
 

@@ -183,8 +183,8 @@ pub const fn service(v: ServiceValue) -> crate::ServiceValue {
 }
 
 /// A `ct4_v2` value as a `ct4_v3` one.
-pub const fn conntrack(v: CtValue4) -> crate::CtValue4 {
-    crate::CtValue4 {
+pub const fn conntrack(v: CtValue4) -> crate::CtValue {
+    crate::CtValue {
         backend_id: v.backend_id,
         rev_nat_id: v.rev_nat_id as u32,
         flags: v.flags,
@@ -218,8 +218,8 @@ pub const fn affinity_key(k: AffinityKey4) -> crate::AffinityKey4 {
 }
 
 /// A `maglev4_v1` key as a `maglev4_v2` one.
-pub const fn maglev_key(k: MaglevKey4) -> crate::MaglevKey4 {
-    crate::MaglevKey4 {
+pub const fn maglev_key(k: MaglevKey4) -> crate::MaglevKey {
+    crate::MaglevKey {
         rev_nat_id: k.rev_nat_id as u32,
         index: k.index,
     }

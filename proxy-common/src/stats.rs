@@ -30,7 +30,7 @@ macro_rules! stats {
 }
 
 stats! {
-    PassNotIpv4 = 0 => "pass_not_ipv4",
+    PassNotIp = 0 => "pass_not_ip",
     PassNotTcpUdp = 1 => "pass_not_tcp_udp",
     PassFragment = 2 => "pass_fragment",
     PassNotService = 3 => "pass_not_service",
@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn indexes_and_names_unchanged() {
         let names: [&str; COUNT as usize] = [
-            "pass_not_ipv4",
+            "pass_not_ip",
             "pass_not_tcp_udp",
             "pass_fragment",
             "pass_not_service",

@@ -14,7 +14,8 @@ use proxy_common::{proto, stats::Stat};
 
 use crate::{
     csum,
-    flow::{Flow, Frame, ETH_LEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    family::Family,
+    flow::{Flow, Frame, ETH_LEN, IP_CSUM_OFF},
     verdict::Dropped,
 };
 
@@ -31,21 +32,29 @@ pub trait Packet: Frame {
     /// The interface the packet arrived on.
     fn ifindex(&self) -> u32;
     /// Rewrites one end of the flow to `addr:port` (network order), fixing the
-    /// IPv4 header checksum and the L4 checksum. A UDP checksum of zero (none)
+    /// IPv4 header checksum (IPv6 has none) and the L4 checksum, whose
+    /// pseudo-header covers the addresses. A UDP checksum of zero (none)
     /// stays zero; a computed zero becomes 0xffff.
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Dropped>;
+    fn rewrite<F: Family>(
+        &self,
+        flow: &Flow<F>,
+        end: End,
+        addr: F::Addr,
+        port: u16,
+    ) -> Result<(), Dropped>;
     /// Writes the Ethernet addresses.
     fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Dropped>;
 }
 
+/// The end's address and port now, and the offsets of both in the frame.
 #[inline(always)]
-fn offsets(flow: &Flow, end: End) -> (u32, u16, usize, usize) {
+fn offsets<F: Family>(flow: &Flow<F>, end: End) -> (F::Addr, u16, usize, usize) {
     match end {
-        End::Source => (flow.saddr, flow.sport, ETH_LEN + IP_SADDR_OFF, flow.l4_off),
+        End::Source => (flow.saddr, flow.sport, ETH_LEN + F::SADDR_OFF, flow.l4_off),
         End::Destination => (
             flow.daddr,
             flow.dport,
-            ETH_LEN + IP_DADDR_OFF,
+            ETH_LEN + F::DADDR_OFF,
             flow.l4_off + 2,
         ),
     }
@@ -91,7 +100,13 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Dropped> {
+    fn rewrite<F: Family>(
+        &self,
+        flow: &Flow<F>,
+        end: End,
+        addr: F::Addr,
+        port: u16,
+    ) -> Result<(), Dropped> {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
         let mangled = if flow.proto == proto::UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
@@ -101,20 +116,27 @@ impl Packet for TcContext {
         let csum_off = flow.l4_csum_off();
         let failed = |_| Dropped(Stat::DropRewrite);
         if old_addr != addr {
-            self.l4_csum_replace(
-                csum_off,
-                u64::from(old_addr),
-                u64::from(addr),
-                u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
-            )
-            .map_err(failed)?;
-            self.l3_csum_replace(
-                ETH_LEN + IP_CSUM_OFF,
-                u64::from(old_addr),
-                u64::from(addr),
-                4,
-            )
-            .map_err(failed)?;
+            for (old, new) in F::words(&old_addr).iter().zip(F::words(&addr)) {
+                if old == new {
+                    continue;
+                }
+                self.l4_csum_replace(
+                    csum_off,
+                    u64::from(*old),
+                    u64::from(*new),
+                    u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+                )
+                .map_err(failed)?;
+                if F::IP_CSUM {
+                    self.l3_csum_replace(
+                        ETH_LEN + IP_CSUM_OFF,
+                        u64::from(*old),
+                        u64::from(*new),
+                        4,
+                    )
+                    .map_err(failed)?;
+                }
+            }
             self.store(addr_off, &addr, 0).map_err(failed)?;
         }
         if old_port != port {
@@ -181,28 +203,43 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), Dropped> {
+    fn rewrite<F: Family>(
+        &self,
+        flow: &Flow<F>,
+        end: End,
+        addr: F::Addr,
+        port: u16,
+    ) -> Result<(), Dropped> {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
         let bad = Dropped(Stat::DropRewrite);
-        let ip_csum = xdp_ptr::<u16>(self, ETH_LEN + IP_CSUM_OFF).ok_or(bad)?;
-        let addr_ptr = xdp_ptr::<u32>(self, addr_off).ok_or(Dropped(Stat::DropRewrite))?;
+        let addr_ptr = xdp_ptr::<F::Addr>(self, addr_off).ok_or(bad)?;
         let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Dropped(Stat::DropRewrite))?;
         let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Dropped(Stat::DropRewrite))?;
+        let ip_csum = if F::IP_CSUM {
+            Some(xdp_ptr::<u16>(self, ETH_LEN + IP_CSUM_OFF).ok_or(Dropped(Stat::DropRewrite))?)
+        } else {
+            None
+        };
         // SAFETY: every pointer was bounds-checked against the frame above.
         unsafe {
-            ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old_addr, addr));
+            let old_l4 = l4_csum.read_unaligned();
+            let mut l4 = old_l4;
+            for (old, new) in F::words(&old_addr).iter().zip(F::words(&addr)) {
+                if let Some(ip_csum) = ip_csum {
+                    ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), *old, *new));
+                }
+                l4 = csum::replace4(l4, *old, *new);
+            }
             addr_ptr.write_unaligned(addr);
             port_ptr.write_unaligned(port);
-            let old = l4_csum.read_unaligned();
-            if flow.proto == proto::UDP && old == 0 {
+            if flow.proto == proto::UDP && old_l4 == 0 {
                 return Ok(());
             }
-            let mut new = csum::replace4(old, old_addr, addr);
-            new = csum::replace2(new, old_port, port);
-            if flow.proto == proto::UDP && new == 0 {
-                new = 0xffff;
+            l4 = csum::replace2(l4, old_port, port);
+            if flow.proto == proto::UDP && l4 == 0 {
+                l4 = 0xffff;
             }
-            l4_csum.write_unaligned(new);
+            l4_csum.write_unaligned(l4);
         }
         Ok(())
     }

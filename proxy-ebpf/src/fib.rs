@@ -9,11 +9,10 @@ use proxy_common::stats::Stat;
 
 use crate::{
     ctx::Packet,
+    family::Family,
     flow::Flow,
     verdict::{Action, Dropped, Out, Outcome},
 };
-
-const AF_INET: u8 = 2;
 
 /// Where the FIB says a packet goes.
 pub enum Hop {
@@ -28,23 +27,22 @@ pub enum Hop {
 }
 
 #[inline(always)]
-pub fn fib<C: Packet>(
+pub fn fib<C: Packet, F: Family>(
     ctx: &C,
-    flow: &Flow,
-    src: u32,
-    dst: u32,
+    flow: &Flow<F>,
+    src: F::Addr,
+    dst: F::Addr,
     sport: u16,
     dport: u16,
 ) -> Result<Hop, Dropped> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    params.family = F::AF;
     params.l4_protocol = flow.proto;
     params.sport = sport;
     params.dport = dport;
     params.ifindex = ctx.ifindex();
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    F::fib_addresses(&mut params, src, dst);
     // SAFETY: the helper reads and fills `params`, whose size we pass.
     let ret = unsafe {
         fib_lookup(

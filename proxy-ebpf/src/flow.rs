@@ -1,22 +1,28 @@
 //! A leaf of the program: the packet headers (from `network-types`), their
-//! offsets, TCP's flags, the IPv4 5-tuple (`Flow`) and the parser that finds
-//! it. The IPv4 header length comes from IHL, so options are handled. Reads
-//! frames through `Frame` only, so nothing here depends on the rest of the
-//! program.
+//! offsets, TCP's flags, the 5-tuple (`Flow`, IPv4 or IPv6) and the parser
+//! that finds it. The IPv4 header length comes from IHL, so options are
+//! handled; IPv6 extension headers are walked, a few at most. Reads frames
+//! through `Frame` only.
 
 use core::mem::offset_of;
 
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 use proxy_common::{proto, stats::Stat};
+
+use crate::family::{Addr6, Family, V4, V6};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 const ETH_TYPE_OFF: usize = offset_of!(EthHdr, ether_type);
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
 const IPV4_MIN_LEN: usize = Ipv4Hdr::LEN;
 /// Offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = offset_of!(Ipv4Hdr, check);
-pub const IP_SADDR_OFF: usize = offset_of!(Ipv4Hdr, src_addr);
-pub const IP_DADDR_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
 const TCP_MIN_LEN: usize = TcpHdr::LEN;
 const UDP_LEN: usize = UdpHdr::LEN;
 /// TCP's flags byte: the one before the window (`TcpHdr` holds it in a bitfield).
@@ -25,6 +31,19 @@ const _: () = assert!(TCP_FLAGS_OFF == 13);
 /// Both protocols put the source port first and the destination port second.
 const _: () = assert!(offset_of!(TcpHdr, source) == 0 && offset_of!(TcpHdr, dest) == 2);
 const _: () = assert!(offset_of!(UdpHdr, src) == 0 && offset_of!(UdpHdr, dst) == 2);
+
+/// IPv6 next-header values the parser walks past, or stops at.
+mod next_header {
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const DEST_OPTS: u8 = 60;
+}
+/// How many IPv6 extension headers the parser walks before giving up (and
+/// passing the packet untouched): RFC 8200's order puts at most hop-by-hop,
+/// destination options, routing and destination options again before a
+/// transport header that is not fragmented.
+const MAX_EXT_HEADERS: usize = 4;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -42,16 +61,18 @@ pub trait Frame {
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
 }
 
-/// An IPv4 TCP or UDP packet's flow. Addresses and ports are raw network-order values.
+/// A TCP or UDP packet's flow, IPv4 or IPv6 (`F`). Addresses and ports are
+/// raw network-order values.
 #[derive(Clone, Copy)]
-pub struct Flow {
-    /// Offset of the L4 header (Ethernet + IHL * 4).
+pub struct Flow<F: Family = V4> {
+    /// Offset of the L4 header (Ethernet + the IP header and its options or
+    /// extension headers).
     pub l4_off: usize,
-    /// Length of the IPv4 header in bytes.
+    /// Length of the IP header in bytes, options or extension headers included.
     pub ip_hdr_len: usize,
     pub proto: u8,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     /// Arrived on the node's uplink (from outside) rather than from a pod.
@@ -60,7 +81,7 @@ pub struct Flow {
     pub tcp_flags: u8,
 }
 
-impl Flow {
+impl<F: Family> Flow<F> {
     /// Length of the fixed L4 header, which the parser made sure is there.
     #[inline(always)]
     pub fn l4_min_len(&self) -> usize {
@@ -104,7 +125,9 @@ impl Flow {
 /// What parsing found in a packet.
 pub enum Parsed {
     /// An IPv4 TCP or UDP flow, for the programs to look at.
-    Flow(Flow),
+    V4(Flow<V4>),
+    /// An IPv6 one.
+    V6(Flow<V6>),
     /// No flow: the packet's outcome is decided already.
     Early(Early),
 }
@@ -112,26 +135,50 @@ pub enum Parsed {
 /// The outcome of a packet without a flow, with the stat it is counted under.
 #[derive(Clone, Copy)]
 pub enum Early {
-    /// Not ours to judge (not IPv4, not TCP or UDP, a fragment, a truncated
-    /// L4 header): passed untouched.
+    /// Not ours to judge (not IP, not TCP or UDP, a fragment, a truncated L4
+    /// header, IPv6 extension headers past the walk): passed untouched.
     Pass(Stat),
-    /// An IPv4 header the kernel would drop too.
+    /// An IP header the kernel would drop too.
     Drop(Stat),
 }
 
-/// Finds the flow of an IPv4 TCP/UDP packet.
+/// The IP version of a frame.
+pub enum Ip {
+    V4,
+    V6,
+}
+
+/// Which IP version a frame carries, from its Ethernet type.
 #[inline(always)]
-pub fn parse<F: Frame>(ctx: &F) -> Parsed {
+pub fn ip_version<C: Frame>(ctx: &C) -> Result<Ip, Early> {
     if !ctx.linear(ETH_LEN) {
-        return Parsed::Early(Early::Pass(Stat::PassNotIpv4));
+        return Err(Early::Pass(Stat::PassNotIp));
     }
     // SAFETY: `linear` checked that the Ethernet header lies inside the packet.
     let ether_type = u16::from_be(unsafe { *((ctx.data() + ETH_TYPE_OFF) as *const u16) });
-    if ether_type != ETH_P_IP {
-        return Parsed::Early(Early::Pass(Stat::PassNotIpv4));
+    match ether_type {
+        ETH_P_IP => Ok(Ip::V4),
+        ETH_P_IPV6 => Ok(Ip::V6),
+        _ => Err(Early::Pass(Stat::PassNotIp)),
     }
+}
+
+/// Finds the flow of an IPv4 or IPv6 TCP/UDP packet.
+#[inline(always)]
+pub fn parse<C: Frame>(ctx: &C) -> Parsed {
+    let parsed = match ip_version(ctx) {
+        Ok(Ip::V4) => parse4(ctx).map(Parsed::V4),
+        Ok(Ip::V6) => parse6(ctx).map(Parsed::V6),
+        Err(early) => Err(early),
+    };
+    parsed.unwrap_or_else(Parsed::Early)
+}
+
+/// The flow of a frame known to carry IPv4.
+#[inline(always)]
+pub fn parse4<C: Frame>(ctx: &C) -> Result<Flow<V4>, Early> {
     if !ctx.linear(ETH_LEN + IPV4_MIN_LEN) {
-        return Parsed::Early(Early::Drop(Stat::DropMalformedIp));
+        return Err(Early::Drop(Stat::DropMalformedIp));
     }
     // SAFETY: `linear` checked that the fixed IPv4 header lies inside the packet.
     let ip = unsafe { &*((ctx.data() + ETH_LEN) as *const Ipv4Hdr) };
@@ -142,25 +189,82 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
         || tot_len < ip_hdr_len
         || ETH_LEN + tot_len > ctx.len() as usize
     {
-        return Parsed::Early(Early::Drop(Stat::DropMalformedIp));
+        return Err(Early::Drop(Stat::DropMalformedIp));
     }
     // More-fragments flag or a fragment offset: no ports to match on.
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Parsed::Early(Early::Pass(Stat::PassFragment));
+        return Err(Early::Pass(Stat::PassFragment));
     }
-    let l4_min = match ip.proto {
-        p if p == proto::TCP => TCP_MIN_LEN,
-        p if p == proto::UDP => UDP_LEN,
-        _ => return Parsed::Early(Early::Pass(Stat::PassNotTcpUdp)),
-    };
-    let l4_proto = ip.proto;
     let (saddr, daddr) = (
         u32::from_ne_bytes(ip.src_addr),
         u32::from_ne_bytes(ip.dst_addr),
     );
+    l4(ctx, ip.proto, ip_hdr_len, tot_len, saddr, daddr)
+}
+
+/// The flow of a frame known to carry IPv6.
+#[inline(always)]
+pub fn parse6<C: Frame>(ctx: &C) -> Result<Flow<V6>, Early> {
+    if !ctx.linear(ETH_LEN + Ipv6Hdr::LEN) {
+        return Err(Early::Drop(Stat::DropMalformedIp));
+    }
+    // SAFETY: `linear` checked that the fixed IPv6 header lies inside the packet.
+    let ip = unsafe { &*((ctx.data() + ETH_LEN) as *const Ipv6Hdr) };
+    let tot_len = Ipv6Hdr::LEN + usize::from(ip.payload_len());
+    if ip.version() != 6 || ETH_LEN + tot_len > ctx.len() as usize {
+        return Err(Early::Drop(Stat::DropMalformedIp));
+    }
+    let (saddr, daddr): (Addr6, Addr6) = (
+        crate::family::words6(ip.src_addr),
+        crate::family::words6(ip.dst_addr),
+    );
+    let mut next = ip.next_hdr;
+    let mut ip_hdr_len = Ipv6Hdr::LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            next_header::HOP_BY_HOP | next_header::DEST_OPTS | next_header::ROUTING => {
+                // Next header, length in 8-octet units past the first 8,
+                // and (routing) its type and segments left.
+                let ext: [u8; 4] = ctx
+                    .read(ETH_LEN + ip_hdr_len)
+                    .ok_or(Early::Pass(Stat::PassTruncatedL4))?;
+                // A routing header with segments left: the destination is
+                // a waypoint, not the frontend the packet is for.
+                if next == next_header::ROUTING && ext[3] != 0 {
+                    return Err(Early::Pass(Stat::PassNotTcpUdp));
+                }
+                next = ext[0];
+                ip_hdr_len += (usize::from(ext[1]) + 1) * 8;
+            }
+            next_header::FRAGMENT => return Err(Early::Pass(Stat::PassFragment)),
+            _ => break,
+        }
+    }
+    if tot_len < ip_hdr_len {
+        return Err(Early::Pass(Stat::PassTruncatedL4));
+    }
+    l4(ctx, next, ip_hdr_len, tot_len, saddr, daddr)
+}
+
+/// The TCP or UDP header behind an IP header of `ip_hdr_len` bytes, in a
+/// packet of `tot_len` bytes past the Ethernet header.
+#[inline(always)]
+fn l4<C: Frame, F: Family>(
+    ctx: &C,
+    l4_proto: u8,
+    ip_hdr_len: usize,
+    tot_len: usize,
+    saddr: F::Addr,
+    daddr: F::Addr,
+) -> Result<Flow<F>, Early> {
+    let l4_min = match l4_proto {
+        p if p == proto::TCP => TCP_MIN_LEN,
+        p if p == proto::UDP => UDP_LEN,
+        _ => return Err(Early::Pass(Stat::PassNotTcpUdp)),
+    };
     let l4_off = ETH_LEN + ip_hdr_len;
     if ip_hdr_len + l4_min > tot_len {
-        return Parsed::Early(Early::Pass(Stat::PassTruncatedL4));
+        return Err(Early::Pass(Stat::PassTruncatedL4));
     }
     // One read: the ports (both protocols) and, for TCP, its flags byte.
     let head = if l4_proto == proto::TCP {
@@ -170,10 +274,10 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
         ctx.read::<[u8; 4]>(l4_off).map(|h| (h, 0))
     };
     let Some((ports, tcp_flags)) = head else {
-        return Parsed::Early(Early::Pass(Stat::PassTruncatedL4));
+        return Err(Early::Pass(Stat::PassTruncatedL4));
     };
     // The two ports as they sit on the wire: source first, then destination.
-    Parsed::Flow(Flow {
+    Ok(Flow {
         l4_off,
         ip_hdr_len,
         proto: l4_proto,

@@ -5,28 +5,26 @@
 //! a new flow one slot and one backend lookup). Never a walk over services or
 //! backends.
 
-use proxy_common::{backend_flags, Backend4, ServiceKey4, ServiceValue};
+use proxy_common::{backend_flags, ServiceValue};
 
 use crate::{
     ct::{self, State, Tracked},
+    family::{Backend, Family},
     flow::Flow,
-    keys,
-    maps::SERVICES,
     sched,
     verdict::Dropped,
 };
 
 /// The frontend a packet is addressed to, if any: its slot-0 key and header.
 #[inline(always)]
-pub fn frontend(flow: &Flow) -> Option<(ServiceKey4, ServiceValue)> {
-    let key = keys::service(flow.daddr, flow.dport, flow.proto, 0);
-    // SAFETY: the value is copied out at once; the agent may replace it later.
-    unsafe { SERVICES.get(&key) }.copied().map(|svc| (key, svc))
+pub fn frontend<F: Family>(flow: &Flow<F>) -> Option<(F::ServiceKey, ServiceValue)> {
+    let key = F::service_key(flow.daddr, flow.dport, flow.proto, 0);
+    F::service(&key).map(|svc| (key, svc))
 }
 
 /// The backend a packet of `flow` goes to.
-pub struct Chosen {
-    pub backend: Backend4,
+pub struct Chosen<F: Family> {
+    pub backend: F::Backend,
     /// The node port of a SNATed flow (0 until one is given).
     pub nat_port_be: u16,
     /// The client port the packet carries to the backend: the client's own,
@@ -36,15 +34,15 @@ pub struct Chosen {
     pub new: bool,
 }
 
-impl Chosen {
+impl<F: Family> Chosen<F> {
     #[inline(always)]
     pub fn local(&self) -> bool {
-        self.backend.flags & backend_flags::LOCAL != 0
+        self.backend.flags() & backend_flags::LOCAL != 0
     }
 
     /// The client reached itself: it must not see its own address as the peer.
     #[inline(always)]
-    pub fn hairpin(&self, flow: &Flow) -> bool {
+    pub fn hairpin(&self, flow: &Flow<F>) -> bool {
         ct::hairpin(flow, &self.backend)
     }
 }
@@ -54,7 +52,11 @@ impl Chosen {
 /// backend exists, else the scheduler's, recorded in conntrack (both
 /// directions where replies pass through this node).
 #[inline(always)]
-pub fn choose(flow: &Flow, key: ServiceKey4, svc: &ServiceValue) -> Result<Chosen, Dropped> {
+pub fn choose<F: Family>(
+    flow: &Flow<F>,
+    key: F::ServiceKey,
+    svc: &ServiceValue,
+) -> Result<Chosen<F>, Dropped> {
     let now = ct::now();
     match ct::lookup(flow, svc.rev_nat_id, now) {
         State::Established(known) | State::Reopened(known) => Ok(Chosen {

@@ -15,6 +15,7 @@ mod bench;
 mod csum;
 mod ct;
 mod ctx;
+mod family;
 mod fib;
 mod flow;
 mod keys;
@@ -63,7 +64,8 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let result = match uplink::uplink(&ctx, Hook::Tc) {
         Ok(out) if out.action == Action::Reject => match flow::parse(&ctx) {
-            Parsed::Flow(flow) => reject::port_unreachable(&ctx, &flow),
+            Parsed::V4(flow) => reject::port_unreachable(&ctx, &flow),
+            Parsed::V6(flow) => reject::port_unreachable(&ctx, &flow),
             Parsed::Early(early) => early.outcome(),
         },
         other => other,

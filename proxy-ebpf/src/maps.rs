@@ -10,9 +10,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    capacity, stats, AffinityKey4, AffinityValue4, Backend4, Config, CtKey4, CtValue4, MaglevKey4,
-    Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue, SockConfig, SockRevKey4, SourceRange4,
-    StatCounter,
+    capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config, CtKey4,
+    CtKey6, CtValue, MaglevKey, Nat4, NatPortKey4, RevNat4, RevNat6, ServiceKey4, ServiceKey6,
+    ServiceValue, SockConfig, SockRevKey4, SourceRange4, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -30,7 +30,7 @@ pub static REVNAT: HashMap<u32, RevNat4, { capacity::REVNAT as usize }> = HashMa
 
 /// Conntrack: both directions of every translated flow, least recently used evicted.
 #[btf_map(name = "ct4_v3")]
-pub static CONNTRACK: LruHashMap<CtKey4, CtValue4, { capacity::CONNTRACK as usize }> =
+pub static CONNTRACK: LruHashMap<CtKey4, CtValue, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
 
 /// SNAT: a remote backend's reply (to the node address and NAT port) -> the client.
@@ -49,13 +49,13 @@ pub static NAT_PORTS: HashMap<
 
 /// sessionAffinity ClientIP: (client, frontend) -> backend and last use.
 #[btf_map(name = "affinity4_v2")]
-pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue4, { capacity::AFFINITY as usize }> =
+pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
 /// Maglev tables: (frontend, slot) -> backend id, allocated as used.
 #[btf_map(name = "maglev4_v2")]
 pub static MAGLEV: HashMap<
-    MaglevKey4,
+    MaglevKey,
     u32,
     { capacity::MAGLEV as usize },
     { BPF_F_NO_PREALLOC as usize },
@@ -93,3 +93,26 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey4, RevNat4, { capacity::SOCK_REVNAT
 /// The socket hooks' settings (index 0), written by the agent.
 #[btf_map(name = "sockcfg_v1")]
 pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+/// IPv6 service frontends, as `SERVICES`.
+#[btf_map(name = "svc6_v1")]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue, { capacity::SERVICES_V6 as usize }> =
+    HashMap::new();
+
+/// IPv6 backends by id (ids are one space with the IPv4 ones).
+#[btf_map(name = "backend6_v1")]
+pub static BACKENDS6: HashMap<u32, Backend6, { capacity::BACKENDS_V6 as usize }> = HashMap::new();
+
+/// IPv6 reverse NAT: frontend id -> the address and port the client dialled.
+#[btf_map(name = "revnat6_v1")]
+pub static REVNAT6: HashMap<u32, RevNat6, { capacity::REVNAT_V6 as usize }> = HashMap::new();
+
+/// IPv6 conntrack, as `CONNTRACK`.
+#[btf_map(name = "ct6_v1")]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtValue, { capacity::CONNTRACK_V6 as usize }> =
+    LruHashMap::new();
+
+/// IPv6 sessionAffinity ClientIP, as `AFFINITY`.
+#[btf_map(name = "affinity6_v1")]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue, { capacity::AFFINITY_V6 as usize }> =
+    LruHashMap::new();

@@ -9,19 +9,39 @@ use proxy_common::{stats::Stat, svc_flags};
 use crate::{
     ct,
     ctx::{End, Packet},
+    family::{Endpoint, Family, V4, V6},
     fib::{fib, send},
-    flow::{self, Flow, Frame, Parsed},
-    lb,
-    maps::REVNAT,
-    reject,
+    flow::{self, Flow, Frame, Ip},
+    lb, reject,
     verdict::{Action, Dropped, Out, Outcome},
 };
 
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> Outcome {
-    let flow = match flow::parse(ctx) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Early(early) => return early.outcome(),
+    match flow::ip_version(ctx) {
+        Ok(Ip::V4) => from_pod_flow::<V4>(ctx),
+        Ok(Ip::V6) => from_pod_flow::<V6>(ctx),
+        Err(early) => early.outcome(),
+    }
+}
+
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext) -> Outcome {
+    match flow::ip_version(ctx) {
+        Ok(Ip::V4) => to_pod_flow::<V4>(ctx),
+        Ok(Ip::V6) => to_pod_flow::<V6>(ctx),
+        Err(early) => early.outcome(),
+    }
+}
+
+/// One function per family, not inlined: each has a stack frame of its
+/// own, where one function for both would hold both paths' (5.10 allows
+/// 512 bytes for the frames of a call chain together).
+#[inline(never)]
+fn from_pod_flow<F: Family>(ctx: &TcContext) -> Outcome {
+    let flow = match F::parse(ctx) {
+        Ok(flow) => flow,
+        Err(early) => return early.outcome(),
     };
     if let Some((key, svc)) = lb::frontend(&flow) {
         if svc.count == 0 {
@@ -37,14 +57,14 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
         ctx.rewrite(
             &flow,
             End::Destination,
-            chosen.backend.addr_be,
-            chosen.backend.port_be,
+            chosen.backend.addr(),
+            chosen.backend.port_be(),
         )?;
         let client_port = chosen.client_port_be;
         if chosen.hairpin(&flow) {
             // The pod reached itself: from its own address it would answer itself
             // directly. From the hairpin address, the answer comes back here.
-            ctx.rewrite(&flow, End::Source, ct::hairpin_addr(), client_port)?;
+            ctx.rewrite(&flow, End::Source, F::hairpin_addr(), client_port)?;
             return back_into_the_pod(ctx, Stat::FwdHairpin);
         }
         if client_port != flow.sport {
@@ -73,11 +93,11 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
     Ok(Out::pass(Stat::PassNotService))
 }
 
-#[inline(always)]
-pub fn to_pod(ctx: &TcContext) -> Outcome {
-    let flow = match flow::parse(ctx) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Early(early) => return early.outcome(),
+#[inline(never)]
+fn to_pod_flow<F: Family>(ctx: &TcContext) -> Outcome {
+    let flow = match F::parse(ctx) {
+        Ok(flow) => flow,
+        Err(early) => return early.outcome(),
     };
     if reverse_nat(ctx, &flow)?.is_some() {
         return Ok(Out::pass(Stat::RevNat));
@@ -90,14 +110,14 @@ pub fn to_pod(ctx: &TcContext) -> Outcome {
 /// for a hairpinned flow, to the client's own port for a remapped one).
 /// Returns the frontend, the client's port and whether it was a hairpin.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, u16, bool)>, Dropped> {
+fn reverse_nat<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+) -> Result<Option<(F::Addr, u16, u16, bool)>, Dropped> {
     let Some(reply) = ct::reply(flow) else {
         return Ok(None);
     };
-    // SAFETY: copied out at once.
-    let frontend = unsafe { REVNAT.get(&reply.rev_nat_id) }
-        .copied()
-        .ok_or(Dropped(Stat::DropNoRevnat))?;
+    let frontend = F::revnat(reply.rev_nat_id).ok_or(Dropped(Stat::DropNoRevnat))?;
     reply.refresh(ct::now());
     let hairpin = reply.hairpin;
     let client_port = if reply.remap_port_be != 0 {
@@ -110,10 +130,10 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<Option<(u32, u16, u16, bo
     } else if client_port != flow.dport {
         ctx.rewrite(flow, End::Destination, flow.daddr, client_port)?;
     }
-    ctx.rewrite(flow, End::Source, frontend.addr_be, frontend.port_be)?;
+    ctx.rewrite(flow, End::Source, frontend.addr(), frontend.port_be())?;
     Ok(Some((
-        frontend.addr_be,
-        frontend.port_be,
+        frontend.addr(),
+        frontend.port_be(),
         client_port,
         hairpin,
     )))

@@ -3,39 +3,35 @@
 //! client on the backend its last connection went to. The same for a packet
 //! (`Flow`) and a socket (`sock::Dial`): both are a [`Client`].
 
-use aya_ebpf::bindings::BPF_ANY;
 use proxy_common::{
-    hash::{flow_hash4, slot_for},
-    maglev,
-    stats::Stat,
-    svc_flags, AffinityKey4, AffinityValue4, Backend4, MaglevKey4, ServiceKey4, ServiceValue,
+    hash::slot_for, maglev, stats::Stat, svc_flags, AffinityValue, MaglevKey, ServiceValue,
 };
 
 use crate::{
+    family::Family,
     flow::Flow,
-    keys,
-    maps::{AFFINITY, BACKENDS, MAGLEV, ROUND_ROBIN, SERVICES},
+    maps::{MAGLEV, ROUND_ROBIN},
     verdict::Dropped,
 };
 
-/// What the schedulers and affinity know of a new flow.
-pub trait Client {
+/// What the schedulers and affinity know of a new flow of family `F`.
+pub trait Client<F: Family> {
     /// The client's identity for sessionAffinity and the source hash: its
     /// address (network order), or what stands for it.
-    fn client(&self) -> u32;
+    fn client(&self) -> F::Addr;
     /// A hash that differs from one flow of the client to the next.
     fn flow_hash(&self) -> u32;
 }
 
-impl Client for Flow {
+impl<F: Family> Client<F> for Flow<F> {
     #[inline(always)]
-    fn client(&self) -> u32 {
+    fn client(&self) -> F::Addr {
         self.saddr
     }
 
     #[inline(always)]
     fn flow_hash(&self) -> u32 {
-        flow_hash4(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+        F::flow_hash(self.saddr, self.daddr, self.sport, self.dport, self.proto)
     }
 }
 
@@ -43,31 +39,27 @@ impl Client for Flow {
 /// key, `svc` its header) goes to: the client's affinity backend if it has
 /// one, else the scheduler's pick. Records the client's affinity.
 #[inline(always)]
-pub fn pick(
-    flow: &impl Client,
-    key: ServiceKey4,
+pub fn pick<F: Family>(
+    flow: &impl Client<F>,
+    key: F::ServiceKey,
     svc: &ServiceValue,
     now: u64,
-) -> Result<(u32, Backend4), Dropped> {
+) -> Result<(u32, F::Backend), Dropped> {
     let (backend_id, backend) = match affinity_backend(flow, svc, now) {
         Some(kept) => kept,
         None => {
             let backend_id = schedule(flow, &key, svc)?;
-            // SAFETY: copied out at once.
-            let backend = unsafe { BACKENDS.get(&backend_id) }
-                .copied()
-                .ok_or(Dropped(Stat::DropNoBackendEntry))?;
+            let backend = F::backend(backend_id).ok_or(Dropped(Stat::DropNoBackendEntry))?;
             (backend_id, backend)
         }
     };
     if svc.flags & svc_flags::AFFINITY != 0 {
-        let used = AffinityValue4 {
+        let used = AffinityValue {
             backend_id,
             _pad: 0,
             last_used_ns: now,
         };
-        // Best effort: without the entry the next connection is hashed again.
-        let _ = AFFINITY.insert(&affinity_key(flow, svc), &used, u64::from(BPF_ANY));
+        F::set_affinity(&F::affinity_key(flow.client(), svc.rev_nat_id), &used);
     }
     Ok((backend_id, backend))
 }
@@ -94,13 +86,17 @@ fn maglev_size(index: u16) -> Option<u32> {
 
 /// The backend id the frontend's scheduler picks for a new flow.
 #[inline(always)]
-fn schedule(flow: &impl Client, key: &ServiceKey4, svc: &ServiceValue) -> Result<u32, Dropped> {
+fn schedule<F: Family>(
+    flow: &impl Client<F>,
+    key: &F::ServiceKey,
+    svc: &ServiceValue,
+) -> Result<u32, Dropped> {
     let flow_hash = || flow.flow_hash();
     let slot = match svc.flags & svc_flags::SCHEDULER_MASK {
         svc_flags::SCHEDULER_MAGLEV => {
             let size = maglev_size(svc.maglev_size).ok_or(Dropped(Stat::DropNoBackendEntry))?;
             let index = flow_hash().checked_rem(size).unwrap_or(0);
-            let slot = MaglevKey4 {
+            let slot = MaglevKey {
                 rev_nat_id: svc.rev_nat_id,
                 index,
             };
@@ -109,7 +105,7 @@ fn schedule(flow: &impl Client, key: &ServiceKey4, svc: &ServiceValue) -> Result
                 .copied()
                 .ok_or(Dropped(Stat::DropNoBackendEntry));
         }
-        svc_flags::SCHEDULER_SOURCE_HASH => slot_for(flow_hash4(flow.client(), 0, 0, 0, 0), svc.count),
+        svc_flags::SCHEDULER_SOURCE_HASH => slot_for(F::client_hash(flow.client()), svc.count),
         svc_flags::SCHEDULER_ROUND_ROBIN => {
             let counter = ROUND_ROBIN
                 .get_ptr_mut(svc.rev_nat_id)
@@ -124,38 +120,29 @@ fn schedule(flow: &impl Client, key: &ServiceKey4, svc: &ServiceValue) -> Result
         }
         _ => slot_for(flow_hash(), svc.count),
     };
-    let key = keys::service(key.addr_be, key.port_be, key.proto, slot);
-    // SAFETY: copied out at once.
-    unsafe { SERVICES.get(&key) }
-        .copied()
+    F::service(&F::with_slot(key, slot))
         .map(|slot| slot.backend_id)
         .ok_or(Dropped(Stat::DropNoBackendEntry))
-}
-
-#[inline(always)]
-fn affinity_key(flow: &impl Client, svc: &ServiceValue) -> AffinityKey4 {
-    AffinityKey4 {
-        client_addr_be: flow.client(),
-        rev_nat_id: svc.rev_nat_id,
-    }
 }
 
 /// sessionAffinity ClientIP: the backend this client's last connection to the
 /// frontend went to, if that was less than the timeout ago and it still exists
 /// (the agent removes entries for backends that left the frontend).
 #[inline(always)]
-fn affinity_backend(flow: &impl Client, svc: &ServiceValue, now: u64) -> Option<(u32, Backend4)> {
+fn affinity_backend<F: Family>(
+    flow: &impl Client<F>,
+    svc: &ServiceValue,
+    now: u64,
+) -> Option<(u32, F::Backend)> {
     if svc.flags & svc_flags::AFFINITY == 0 {
         return None;
     }
-    // SAFETY: copied out at once.
-    let kept = unsafe { AFFINITY.get(&affinity_key(flow, svc)) }.copied()?;
+    let kept = F::affinity(&F::affinity_key(flow.client(), svc.rev_nat_id))?;
     // Slot 0 holds the timeout (seconds) where slots hold backend ids.
     let timeout_ns = u64::from(svc.backend_id) * 1_000_000_000;
     if now.wrapping_sub(kept.last_used_ns) >= timeout_ns {
         return None;
     }
-    // SAFETY: copied out at once.
-    let backend = unsafe { BACKENDS.get(&kept.backend_id) }.copied()?;
+    let backend = F::backend(kept.backend_id)?;
     Some((kept.backend_id, backend))
 }

@@ -30,7 +30,9 @@ use proxy_common::{
 };
 
 use crate::{
-    ct, keys,
+    ct,
+    family::V4,
+    keys,
     maps::{SERVICES, SOCK_CONFIG, SOCK_REVNAT},
     sched::{self, Client},
 };
@@ -60,7 +62,7 @@ struct Dial {
     cookie: u64,
 }
 
-impl Client for Dial {
+impl Client<V4> for Dial {
     /// The namespace's cookie, not an address: the source address is not
     /// chosen yet at connect(). Cookies count up from 1, so they read as
     /// addresses in 0.0.0.0/8, which no packet comes from: a socket's
@@ -221,7 +223,7 @@ fn choose(
         });
     }
     let (_, backend) =
-        sched::pick(dial, key, svc, ct::now()).map_err(|_| Refusal::NoEndpoints)?;
+        sched::pick::<V4>(dial, key, svc, ct::now()).map_err(|_| Refusal::NoEndpoints)?;
     Ok((backend.addr_be, backend.port_be))
 }
 

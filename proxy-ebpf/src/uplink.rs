@@ -32,7 +32,9 @@ pub enum Hook {
 #[inline(always)]
 pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Outcome {
     let mut flow = match flow::parse(ctx) {
-        Parsed::Flow(flow) => flow,
+        Parsed::V4(flow) => flow,
+        // No IPv6 frontend is served on the uplink yet.
+        Parsed::V6(_) => return Ok(Out::pass(Stat::PassNotService)),
         Parsed::Early(early) => return early.outcome(),
     };
     flow.external = true;

@@ -5,8 +5,8 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use proxy_common::{
-    backend_flags, backend_state, ct_dir, ct_flags, pinned::Pinned, AffinityKey4, AffinityValue4,
-    Backend4, CtKey4, CtValue4, Nat4, RevNat4, ServiceKey4, ServiceValue,
+    backend_flags, backend_state, ct_dir, ct_flags, pinned::Pinned, AffinityKey4, AffinityValue,
+    Backend4, CtKey4, CtValue, Nat4, RevNat4, ServiceKey4, ServiceValue,
 };
 
 use crate::desired::dump::{self, protocol};
@@ -109,7 +109,7 @@ pub fn backends(pin_dir: &Path) -> Result<String> {
 }
 
 pub fn conntrack(pin_dir: &Path) -> Result<String> {
-    let rows: Vec<(CtKey4, CtValue4)> = Pinned::new(pin_dir).conntrack()?;
+    let rows: Vec<(CtKey4, CtValue)> = Pinned::new(pin_dir).conntrack()?;
     let mut out = format!(
         "{:<5} {:<7} {:<45} {:>8} {:>7} {}\n",
         "PROTO", "DIR", "TUPLE", "BACKEND", "REVNAT", "FLAGS"
@@ -182,7 +182,7 @@ pub fn conntrack(pin_dir: &Path) -> Result<String> {
 }
 
 pub fn affinity(pin_dir: &Path) -> Result<String> {
-    let rows: Vec<(AffinityKey4, AffinityValue4)> = Pinned::new(pin_dir).affinity()?;
+    let rows: Vec<(AffinityKey4, AffinityValue)> = Pinned::new(pin_dir).affinity()?;
     let mut out = format!(
         "{:<16} {:>7} {:>8} {}\n",
         "CLIENT", "REVNAT", "BACKEND", "LAST USED (ktime ns)"

@@ -59,7 +59,7 @@ fn hole(maps: &MapState, key: &ServiceKey4, head: &ServiceValue) -> Option<Strin
             .copied()
             .unwrap_or(0);
         for index in 0..size {
-            let key4 = proxy_common::MaglevKey4 {
+            let key4 = proxy_common::MaglevKey {
                 rev_nat_id: head.rev_nat_id,
                 index,
             };

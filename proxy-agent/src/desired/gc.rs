@@ -17,7 +17,7 @@ use std::{
 };
 
 use proxy_common::{
-    ct_dir, ct_flags, ct_lifetime, nat_ports, proto, CtKey4, CtValue4, Nat4, NatPortKey4, RevNat4,
+    ct_dir, ct_flags, ct_lifetime, nat_ports, proto, CtKey4, CtValue, Nat4, NatPortKey4, RevNat4,
 };
 
 /// A NAT entry younger than this is never taken for an orphan: its flow may
@@ -108,7 +108,7 @@ impl fmt::Display for NatBackend {
 /// What the maps held when the collection started.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub conntrack: Vec<(CtKey4, CtValue4)>,
+    pub conntrack: Vec<(CtKey4, CtValue)>,
     pub nat: Vec<(CtKey4, Nat4)>,
     pub nat_ports: Vec<(NatPortKey4, u64)>,
     pub revnat: BTreeMap<u32, RevNat4>,
@@ -262,7 +262,7 @@ mod tests {
     }
 
     /// A SNATed flow's forward conntrack entry and NAT entry.
-    type Flow = ((CtKey4, CtValue4), (CtKey4, Nat4));
+    type Flow = ((CtKey4, CtValue), (CtKey4, Nat4));
 
     /// A SNATed flow from CLIENT:`client_port` through the NodePort, holding
     /// `nat_port`.
@@ -276,7 +276,7 @@ mod tests {
             dir: ct_dir::FORWARD,
             _pad: 0,
         };
-        let ct = CtValue4 {
+        let ct = CtValue {
             backend_id: 1,
             rev_nat_id: 7,
             flags,

@@ -8,7 +8,7 @@ use std::{
 };
 
 use proxy_common::{
-    backend_flags, backend_state, svc_flags, Backend4, MaglevKey4, RevNat4, ServiceKey4,
+    backend_flags, backend_state, svc_flags, Backend4, MaglevKey, RevNat4, ServiceKey4,
     ServiceValue, SourceRange4,
 };
 
@@ -24,7 +24,7 @@ pub struct MapState {
     /// loadBalancerSourceRanges entries: (LPM prefix length, data).
     pub source_ranges: BTreeSet<(u32, SourceRange4)>,
     /// Maglev tables: (frontend, slot) -> backend id.
-    pub maglev: BTreeMap<MaglevKey4, u32>,
+    pub maglev: BTreeMap<MaglevKey, u32>,
 }
 
 /// One map write.
@@ -33,11 +33,11 @@ pub enum MapOp {
     PutBackend(u32, Backend4),
     PutRevNat(u32, RevNat4),
     PutSourceRange(u32, SourceRange4),
-    PutMaglev(MaglevKey4, u32),
+    PutMaglev(MaglevKey, u32),
     PutService(ServiceKey4, ServiceValue),
     DelService(ServiceKey4),
     DelSourceRange(u32, SourceRange4),
-    DelMaglev(MaglevKey4),
+    DelMaglev(MaglevKey),
     DelRevNat(u32),
     DelBackend(u32),
 }
@@ -531,7 +531,7 @@ fn maglev_table(state: &mut MapState, rev_nat_id: u32, slots: &[(u32, Endpoint)]
     let size = super::maglev::table_size(slots.len());
     let keys: Vec<u64> = slots.iter().map(|(id, _)| u64::from(*id)).collect();
     for (index, owner) in super::maglev::build(&keys, size).into_iter().enumerate() {
-        let key = MaglevKey4 {
+        let key = MaglevKey {
             rev_nat_id,
             index: index as u32,
         };
@@ -689,11 +689,11 @@ fn entries_of(frontend: &Frontend, applied: &MapState, used: &[u32]) -> MapState
 }
 
 /// Every key of one frontend's Maglev table.
-pub(super) fn maglev_table_keys(rev_nat_id: u32) -> std::ops::RangeInclusive<MaglevKey4> {
-    MaglevKey4 {
+pub(super) fn maglev_table_keys(rev_nat_id: u32) -> std::ops::RangeInclusive<MaglevKey> {
+    MaglevKey {
         rev_nat_id,
         index: 0,
-    }..=MaglevKey4 {
+    }..=MaglevKey {
         rev_nat_id,
         index: u32::MAX,
     }

@@ -1,9 +1,9 @@
-//! The one frame builder: Ethernet + IPv4 + TCP/UDP frames built from scratch
-//! with checksums computed in full (not incrementally), so an expected frame is
-//! independent of the code under test. `simulate`, the packet tests and the
-//! benches build their frames here.
+//! The one frame builder: Ethernet + IPv4 or IPv6 + TCP/UDP frames built
+//! from scratch with checksums computed in full (not incrementally), so an
+//! expected frame is independent of the code under test. `simulate`, the
+//! packet tests and the benches build their frames here.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -11,13 +11,20 @@ pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
+pub const ICMP6: u8 = 58;
+/// IPv6 extension headers the builder can put before the L4 header.
+pub const HOP_BY_HOP: u8 = 0;
+pub const ROUTING: u8 = 43;
+pub const FRAGMENT: u8 = 44;
+pub const DEST_OPTS: u8 = 60;
 
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    pub saddr: Ipv4Addr,
-    pub daddr: Ipv4Addr,
+    /// Both of one family: IPv4 or IPv6.
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
@@ -27,6 +34,12 @@ pub struct Frame {
     pub frag: u16,
     /// IPv4 options (length a multiple of 4).
     pub options: Vec<u8>,
+    /// IPv6 extension headers, in order, each 8 bytes: hop-by-hop and
+    /// destination options hold one PadN; a routing header has
+    /// `segments_left` segments left; a fragment header says offset 0, more
+    /// fragments.
+    pub ext6: Vec<u8>,
+    pub segments_left: u8,
     /// TCP flags (SYN = 0x02, ACK = 0x10, ...).
     pub tcp_flags: u8,
     pub seq: u32,
@@ -52,21 +65,27 @@ impl Frame {
     fn new(proto: u8, saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
         Self::of(
             proto,
-            saddr.parse().unwrap(),
+            saddr.parse::<IpAddr>().unwrap(),
             sport,
-            daddr.parse().unwrap(),
+            daddr.parse::<IpAddr>().unwrap(),
             dport,
         )
     }
 
     /// A frame of protocol `proto` (a TCP SYN, or a UDP datagram with no
-    /// payload) between the two endpoints.
-    pub fn of(proto: u8, saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Self {
+    /// payload) between the two endpoints, both IPv4 or both IPv6.
+    pub fn of(
+        proto: u8,
+        saddr: impl Into<IpAddr>,
+        sport: u16,
+        daddr: impl Into<IpAddr>,
+        dport: u16,
+    ) -> Self {
         Self {
             src_mac: CLIENT_MAC,
             dst_mac: NODE_MAC,
-            saddr,
-            daddr,
+            saddr: saddr.into(),
+            daddr: daddr.into(),
             proto,
             sport,
             dport,
@@ -74,6 +93,8 @@ impl Frame {
             id: 0x1234,
             frag: 0x4000, // DF
             options: Vec::new(),
+            ext6: Vec::new(),
+            segments_left: 0,
             tcp_flags: 0x02,
             seq: 1_000_000,
             ack: 0,
@@ -84,31 +105,51 @@ impl Frame {
     }
 
     /// The programs' flow hash of this frame's tuple (see
-    /// `proxy_common::hash::flow_hash4`): what picks its backend slot, NAT
-    /// port or remapped client port first.
+    /// `proxy_common::hash`): what picks its backend slot, NAT port or
+    /// remapped client port first.
     pub fn flow_hash(&self) -> u32 {
-        proxy_common::hash::flow_hash4(
-            u32::from(self.saddr).to_be(),
-            u32::from(self.daddr).to_be(),
-            self.sport.to_be(),
-            self.dport.to_be(),
-            self.proto,
-        )
+        let (sport, dport) = (self.sport.to_be(), self.dport.to_be());
+        match (self.saddr, self.daddr) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => proxy_common::hash::flow_hash4(
+                u32::from(s).to_be(),
+                u32::from(d).to_be(),
+                sport,
+                dport,
+                self.proto,
+            ),
+            (s, d) => {
+                proxy_common::hash::flow_hash6(words6(s), words6(d), sport, dport, self.proto)
+            }
+        }
+    }
+
+    /// The IPv4 source, for tests of IPv4 paths.
+    pub fn saddr4(&self) -> Ipv4Addr {
+        v4(self.saddr)
+    }
+
+    /// The IPv4 destination, for tests of IPv4 paths.
+    pub fn daddr4(&self) -> Ipv4Addr {
+        v4(self.daddr)
+    }
+
+    fn v6(&self) -> bool {
+        self.saddr.is_ipv6()
     }
 
     /// The same frame with a new destination.
-    pub fn with_dst(&self, daddr: Ipv4Addr, dport: u16) -> Self {
+    pub fn with_dst(&self, daddr: impl Into<IpAddr>, dport: u16) -> Self {
         Self {
-            daddr,
+            daddr: daddr.into(),
             dport,
             ..self.clone()
         }
     }
 
     /// The same frame with a new source.
-    pub fn with_src(&self, saddr: Ipv4Addr, sport: u16) -> Self {
+    pub fn with_src(&self, saddr: impl Into<IpAddr>, sport: u16) -> Self {
         Self {
-            saddr,
+            saddr: saddr.into(),
             sport,
             ..self.clone()
         }
@@ -161,11 +202,7 @@ impl Frame {
             _ => None,
         };
         if let Some(at) = csum_at {
-            let mut pseudo = Vec::new();
-            pseudo.extend(self.saddr.octets());
-            pseudo.extend(self.daddr.octets());
-            pseudo.extend([0, self.proto]);
-            pseudo.extend((l4.len() as u16).to_be_bytes());
+            let mut pseudo = pseudo_header(self.saddr, self.daddr, self.proto, l4.len());
             pseudo.extend(&l4);
             let mut sum = checksum(&pseudo);
             if sum == 0 && self.proto == UDP {
@@ -176,15 +213,37 @@ impl Frame {
         l4
     }
 
+    /// The IP header, IPv4 (with its options) or IPv6 (with its extension
+    /// headers), before an L4 header of `l4_len` bytes.
     pub fn ip_header(&self, l4_len: usize) -> Vec<u8> {
+        if let (IpAddr::V6(s), IpAddr::V6(d)) = (self.saddr, self.daddr) {
+            let mut ext = Vec::new();
+            let kinds: Vec<u8> = self.ext6.iter().copied().chain([self.proto]).collect();
+            for pair in kinds.windows(2) {
+                let (kind, next) = (pair[0], pair[1]);
+                ext.extend(match kind {
+                    ROUTING => [next, 0, 4, self.segments_left, 0, 0, 0, 0],
+                    FRAGMENT => [next, 0, 0, 1, 0, 0, 0x12, 0x34],
+                    _ => [next, 0, 1, 4, 0, 0, 0, 0],
+                });
+            }
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend(((ext.len() + l4_len) as u16).to_be_bytes());
+            ip.extend([kinds[0], self.ttl]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            ip.extend(ext);
+            return ip;
+        }
+        let (s, d) = (self.saddr4(), self.daddr4());
         let ihl = 5 + self.options.len() / 4;
         let mut ip = vec![(4 << 4) | ihl as u8, 0];
         ip.extend(((ihl * 4 + l4_len) as u16).to_be_bytes());
         ip.extend(self.id.to_be_bytes());
         ip.extend(self.frag.to_be_bytes());
         ip.extend([self.ttl, self.proto, 0, 0]);
-        ip.extend(self.saddr.octets());
-        ip.extend(self.daddr.octets());
+        ip.extend(s.octets());
+        ip.extend(d.octets());
         ip.extend(&self.options);
         let sum = checksum(&ip);
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
@@ -193,7 +252,8 @@ impl Frame {
 
     pub fn bytes(&self) -> Vec<u8> {
         let l4 = self.l4();
-        let mut out = ethernet(self.dst_mac, self.src_mac, 0x0800);
+        let ether_type = if self.v6() { 0x86dd } else { 0x0800 };
+        let mut out = ethernet(self.dst_mac, self.src_mac, ether_type);
         out.extend(self.ip_header(l4.len()));
         out.extend(l4);
         out.extend(&self.trailer);
@@ -209,6 +269,46 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> Vec<u8> {
     out
 }
 
+fn v4(addr: IpAddr) -> Ipv4Addr {
+    match addr {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} is not an IPv4 address"),
+    }
+}
+
+/// An IPv6 address as the programs hold it: four words loaded from network
+/// order. An IPv4 address here is a test's mistake.
+fn words6(addr: IpAddr) -> [u32; 4] {
+    let IpAddr::V6(a) = addr else {
+        panic!("{addr} is not an IPv6 address")
+    };
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The pseudo-header an L4 checksum covers (RFC 793, RFC 8200 8.1).
+fn pseudo_header(saddr: IpAddr, daddr: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    let mut pseudo = Vec::new();
+    match (saddr, daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend([0, proto]);
+            pseudo.extend((len as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend((len as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, proto]);
+        }
+        _ => panic!("{saddr} and {daddr} are of two families"),
+    }
+    pseudo
+}
+
 /// RFC 1071 checksum over `data`.
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
@@ -222,12 +322,34 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// The ICMP port unreachable a rejecting node sends back for `sent`: from the
-/// address the client dialled, quoting the IP header and the fixed L4 header.
+/// The ICMP (ICMPv6) port unreachable a rejecting node sends back for
+/// `sent`: from the address the client dialled, quoting the IP header
+/// (options and extension headers too) and the fixed L4 header.
 pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
     let original = sent.bytes();
-    let ihl = 20 + sent.options.len();
     let l4 = if sent.proto == TCP { 20 } else { 8 };
+    if sent.v6() {
+        let ip_len = 40 + 8 * sent.ext6.len();
+        let quote = &original[14..14 + (ip_len + l4).min(128)];
+        let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        icmp.extend(quote);
+        let mut pseudo = pseudo_header(sent.daddr, sent.saddr, ICMP6, icmp.len());
+        pseudo.extend(&icmp);
+        let sum = checksum(&pseudo);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let reply = Frame {
+            saddr: sent.daddr,
+            daddr: sent.saddr,
+            proto: ICMP6,
+            ext6: Vec::new(),
+            ..sent.clone()
+        };
+        let mut out = ethernet(sent.src_mac, sent.dst_mac, 0x86dd);
+        out.extend(reply.ip_header(icmp.len()));
+        out.extend(icmp);
+        return out;
+    }
+    let ihl = 20 + sent.options.len();
     let quote = &original[14..14 + ihl + l4];
     let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
     icmp.extend(quote);
@@ -236,8 +358,8 @@ pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
     let mut ip = vec![0x45, 0];
     ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
     ip.extend([0, 0, 0, 0, 64, ICMP, 0, 0]);
-    ip.extend(sent.daddr.octets());
-    ip.extend(sent.saddr.octets());
+    ip.extend(sent.daddr4().octets());
+    ip.extend(sent.saddr4().octets());
     let sum = checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let mut out = ethernet(sent.src_mac, sent.dst_mac, 0x0800);
@@ -246,8 +368,25 @@ pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
     out
 }
 
-/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a frame.
+/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a
+/// frame, or an IPv6 frame's TCP/UDP/ICMPv6 checksum (behind extension
+/// headers as this builder makes them).
 pub fn assert_checksums_valid(frame: &[u8]) {
+    if frame[12..14] == [0x86, 0xdd] {
+        let payload = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+        let (mut next, mut at) = (frame[20], 54);
+        while matches!(next, HOP_BY_HOP | ROUTING | DEST_OPTS) {
+            next = frame[at];
+            at += (usize::from(frame[at + 1]) + 1) * 8;
+        }
+        let l4 = &frame[at..54 + payload];
+        let src: [u8; 16] = frame[22..38].try_into().unwrap();
+        let dst: [u8; 16] = frame[38..54].try_into().unwrap();
+        let mut pseudo = pseudo_header(src.into(), dst.into(), next, l4.len());
+        pseudo.extend(l4);
+        assert_eq!(checksum(&pseudo), 0, "bad L4 checksum");
+        return;
+    }
     let ihl = usize::from(frame[14] & 0x0f) * 4;
     let ip = &frame[14..14 + ihl];
     assert_eq!(checksum(ip), 0, "bad IPv4 header checksum");

@@ -18,7 +18,7 @@ impl Dataplane {
     /// Removes affinity entries that name a backend their frontend no longer
     /// sends new connections to. Returns how many went.
     pub fn prune_affinity(&mut self, state: &MapState) -> Result<usize> {
-        let entries: Vec<(AffinityKey4, AffinityValue4)> =
+        let entries: Vec<(AffinityKey4, AffinityValue)> =
             self.affinity.iter().filter_map(Result::ok).collect();
         if entries.is_empty() {
             // The usual case: no sessionAffinity client. Skip the set of every
@@ -59,7 +59,7 @@ impl Dataplane {
     }
 
     /// Every affinity entry.
-    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue4)>> {
+    pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue)>> {
         Ok(self.affinity.iter().collect::<Result<_, _>>()?)
     }
 
@@ -211,7 +211,7 @@ impl Dataplane {
     }
 
     /// Writes one conntrack entry (for tests and repairs).
-    pub fn set_conntrack(&mut self, key: CtKey4, value: CtValue4) -> Result<()> {
+    pub fn set_conntrack(&mut self, key: CtKey4, value: CtValue) -> Result<()> {
         self.conntrack.insert(key, value, 0)?;
         Ok(())
     }
@@ -226,7 +226,7 @@ impl Dataplane {
     }
 
     /// Every conntrack entry.
-    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue4)>> {
+    pub fn conntrack(&self) -> Result<Vec<(CtKey4, CtValue)>> {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
 

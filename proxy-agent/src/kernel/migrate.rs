@@ -313,12 +313,12 @@ fn open_resized(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
             &mut dp.services
         }),
         map_names::BACKENDS_V4 => hash(old, same::<u32, Backend4>, |dp| &mut dp.backends),
-        map_names::CONNTRACK_V4 => hash(old, same::<CtKey4, CtValue4>, |dp| &mut dp.conntrack),
+        map_names::CONNTRACK_V4 => hash(old, same::<CtKey4, CtValue>, |dp| &mut dp.conntrack),
         map_names::NAT_V4 => hash(old, same::<CtKey4, Nat4>, |dp| &mut dp.nat),
-        map_names::AFFINITY_V4 => hash(old, same::<AffinityKey4, AffinityValue4>, |dp| {
+        map_names::AFFINITY_V4 => hash(old, same::<AffinityKey4, AffinityValue>, |dp| {
             &mut dp.affinity
         }),
-        map_names::MAGLEV_V4 => hash(old, same::<MaglevKey4, u32>, |dp| &mut dp.maglev),
+        map_names::MAGLEV_V4 => hash(old, same::<MaglevKey, u32>, |dp| &mut dp.maglev),
         other => bail!("{other} is not resized"),
     }
 }
@@ -350,7 +350,7 @@ fn open(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
         map_names::NAT_V4 => hash(old, |k: CtKey4, v| (k, previous::nat(v)), |dp| &mut dp.nat),
         map_names::AFFINITY_V4 => hash(
             old,
-            |k, v: AffinityValue4| (previous::affinity_key(k), v),
+            |k, v: AffinityValue| (previous::affinity_key(k), v),
             |dp| &mut dp.affinity,
         ),
         map_names::MAGLEV_V4 => hash(

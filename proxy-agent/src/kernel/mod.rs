@@ -30,9 +30,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    bench, capacity, map_names, nat_ports, program_names, AffinityKey4, AffinityValue4, Backend4,
-    Config, CtKey4, CtValue4, MaglevKey4, Nat4, NatPortKey4, RevNat4, ServiceKey4, ServiceValue,
-    SockConfig, SockRevKey4, SourceRange4, StatCounter,
+    bench, capacity, map_names, nat_ports, program_names, AffinityKey4, AffinityKey6,
+    AffinityValue, Backend4, Backend6, Config, CtKey4, CtKey6, CtValue, MaglevKey, Nat4,
+    NatPortKey4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
+    SourceRange4, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -79,7 +80,8 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
-    /// Every sized map's name and entries.
+    /// Every sized map's name and entries (the IPv6 maps keep their
+    /// built-in sizes for now: `capacity::SERVICES_V6` and the others).
     pub fn entries(&self) -> [(&'static str, u32); 6] {
         [
             (map_names::SERVICES_V4, self.services),
@@ -136,22 +138,32 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey4, ServiceValue>,
     backends: HashMap<MapData, u32, Backend4>,
     revnat: HashMap<MapData, u32, RevNat4>,
-    conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    conntrack: HashMap<MapData, CtKey4, CtValue>,
     nat: HashMap<MapData, CtKey4, Nat4>,
     nat_ports: HashMap<MapData, NatPortKey4, u64>,
-    affinity: HashMap<MapData, AffinityKey4, AffinityValue4>,
-    maglev: HashMap<MapData, MaglevKey4, u32>,
+    affinity: HashMap<MapData, AffinityKey4, AffinityValue>,
+    maglev: HashMap<MapData, MaglevKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, StatCounter>,
     sock_revnat: HashMap<MapData, SockRevKey4, RevNat4>,
     sock_config: Array<MapData, SockConfig>,
+    pub v6: Maps6,
     /// The socket hooks as loaded; None where the kernel refused them.
     sock_programs: Option<sock::SockPrograms>,
     /// Socket hooks attached without a pin directory: detached on drop.
     sock_links: Vec<FdLink>,
     /// Where maps (and XDP links) are pinned; None for private maps.
     pin_dir: Option<PathBuf>,
+}
+
+/// The IPv6 maps. The Maglev and round-robin maps serve both families.
+pub struct Maps6 {
+    pub services: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend6>,
+    pub revnat: HashMap<MapData, u32, RevNat6>,
+    pub conntrack: HashMap<MapData, CtKey6, CtValue>,
+    pub affinity: HashMap<MapData, AffinityKey6, AffinityValue>,
 }
 
 /// A timed run through a frame-restoring wrapper ([`Dataplane::run_wrapped`]).
@@ -446,6 +458,13 @@ impl Dataplane {
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
         let sock_revnat = HashMap::try_from(take(map_names::SOCK_REVNAT_V4)?)?;
         let sock_config = Array::try_from(take(map_names::SOCK_CONFIG)?)?;
+        let v6 = Maps6 {
+            services: HashMap::try_from(take(map_names::SERVICES_V6)?)?,
+            backends: HashMap::try_from(take(map_names::BACKENDS_V6)?)?,
+            revnat: HashMap::try_from(take(map_names::REVNAT_V6)?)?,
+            conntrack: HashMap::try_from(take(map_names::CONNTRACK_V6)?)?,
+            affinity: HashMap::try_from(take(map_names::AFFINITY_V6)?)?,
+        };
         Ok(Self {
             ebpf,
             services,
@@ -461,6 +480,7 @@ impl Dataplane {
             stats,
             sock_revnat,
             sock_config,
+            v6,
             sock_programs,
             sock_links: Vec::new(),
             pin_dir: None,

@@ -27,8 +27,8 @@ fn conntrack_holds_both_directions_of_a_flow() {
             fwd.0.proto
         ),
         (
-            be(f.saddr),
-            be(f.daddr),
+            be(f.saddr4()),
+            be(f.daddr4()),
             f.sport.to_be(),
             f.dport.to_be(),
             packet::TCP
@@ -47,7 +47,7 @@ fn conntrack_holds_both_directions_of_a_flow() {
         ),
         (
             be(backend.0),
-            be(f.saddr),
+            be(f.saddr4()),
             backend.1.to_be(),
             f.sport.to_be()
         )
@@ -186,7 +186,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         .unwrap()
         .0;
     let backend_b = id_of(&p, BACKEND_B);
-    let pinned = |last_seen_ns| proxy_common::CtValue4 {
+    let pinned = |last_seen_ns| proxy_common::CtValue {
         backend_id: backend_b,
         rev_nat_id,
         last_seen_ns,
@@ -214,12 +214,9 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
 fn flow_entries(
     p: &Programs,
     f: &Frame,
-) -> (
-    Option<proxy_common::CtValue4>,
-    Option<proxy_common::CtValue4>,
-) {
+) -> (Option<proxy_common::CtValue>, Option<proxy_common::CtValue>) {
     let entries = p.dp.conntrack().unwrap();
-    let client = (u32::from(f.saddr).to_be(), f.sport.to_be());
+    let client = (u32::from(f.saddr4()).to_be(), f.sport.to_be());
     let forward = entries
         .iter()
         .find(|(k, _)| k.dir == ct_dir::FORWARD && (k.saddr_be, k.sport_be) == client)
@@ -233,7 +230,7 @@ fn flow_entries(
 
 /// Leaves only `f`'s forward entry, as if the agent's expiry sweep had deleted
 /// the reply direction just as the tuple was reused.
-fn lose_reply_entry(p: &mut Programs, f: &Frame) -> proxy_common::CtValue4 {
+fn lose_reply_entry(p: &mut Programs, f: &Frame) -> proxy_common::CtValue {
     let (forward, _) = flow_entries(p, f);
     let forward = forward.expect("a forward entry");
     let key = forward_key(f);

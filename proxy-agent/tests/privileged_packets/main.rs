@@ -4,6 +4,7 @@
 
 mod conntrack;
 mod full_maps;
+mod ipv6;
 mod random_frames;
 mod rewrite;
 mod schedulers;
@@ -143,7 +144,7 @@ impl Programs {
 
     /// The backend the agent's own view says this flow hashes to.
     fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
-        let key = |slot| ServiceKey4::new(f.daddr, f.dport, f.proto, slot);
+        let key = |slot| ServiceKey4::new(f.daddr4(), f.dport, f.proto, slot);
         let count = self.programmed.applied.services[&key(0)].count;
         let h = f.flow_hash();
         let id = self.programmed.applied.services[&key(hash::slot_for(h, count))].backend_id;
@@ -183,9 +184,9 @@ fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(
         out,
-        reply.with_src(f.daddr, f.dport).bytes(),
+        reply.with_src(f.daddr4(), f.dport).bytes(),
         "reverse NAT to {}:{}",
-        f.daddr,
+        f.daddr4(),
         f.dport
     );
     packet::assert_checksums_valid(&out);
@@ -194,8 +195,8 @@ fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
 /// The conntrack key of `f`'s direction of its flow, as the client sent it.
 fn forward_key(f: &Frame) -> proxy_common::CtKey4 {
     proxy_common::CtKey4 {
-        saddr_be: u32::from(f.saddr).to_be(),
-        daddr_be: u32::from(f.daddr).to_be(),
+        saddr_be: u32::from(f.saddr4()).to_be(),
+        daddr_be: u32::from(f.daddr4()).to_be(),
         sport_be: f.sport.to_be(),
         dport_be: f.dport.to_be(),
         proto: f.proto,

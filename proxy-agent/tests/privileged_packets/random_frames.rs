@@ -171,9 +171,9 @@ fn model(frame: &[u8], flows: &[(Frame, (Ipv4Addr, u16))]) -> Expect {
     }
     for (sent, backend) in flows {
         let reply = (proto, saddr, sport, daddr, dport)
-            == (sent.proto, backend.0, backend.1, sent.saddr, sent.sport);
+            == (sent.proto, backend.0, backend.1, sent.saddr4(), sent.sport);
         if reply {
-            return Expect::ReverseNat(sent.daddr, sent.dport);
+            return Expect::ReverseNat(sent.daddr4(), sent.dport);
         }
     }
     Expect::Untouched
@@ -194,7 +194,7 @@ fn random_and_mutated_frames_are_rewritten_only_as_the_model_says() {
             let (sent, backend) = rng.pick(&flows).clone();
             let mut reply = sent.with_dst(backend.0, backend.1).reply();
             if rng.below(3) == 0 {
-                reply.saddr = ip("10.244.9.9");
+                reply.saddr = ip("10.244.9.9").into();
             }
             mutate(&mut rng, reply.bytes())
         } else {

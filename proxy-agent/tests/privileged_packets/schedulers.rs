@@ -117,7 +117,7 @@ fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
             .next()
             .unwrap()
             .rev_nat_id;
-        let key = proxy_common::MaglevKey4 {
+        let key = proxy_common::MaglevKey {
             rev_nat_id,
             index: h % size,
         };

@@ -119,7 +119,7 @@ fn arp_is_untouched() {
     arp.extend([10, 244, 1, 2, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
     assert_untouched(&mut p, FROM_POD, &arp, TC_ACT_UNSPEC);
     assert_untouched(&mut p, TO_POD, &arp, TC_ACT_UNSPEC);
-    assert_eq!(p.stat("pass_not_ipv4"), 2);
+    assert_eq!(p.stat("pass_not_ip"), 2);
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn bare_ethernet_header_is_untouched() {
     let frame = packet::ethernet(packet::NODE_MAC, packet::CLIENT_MAC, 0x0806);
     assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_UNSPEC);
     assert_untouched(&mut p, TO_POD, &frame, TC_ACT_UNSPEC);
-    assert_eq!(p.stat("pass_not_ipv4"), 2);
+    assert_eq!(p.stat("pass_not_ip"), 2);
 }
 
 #[test]

@@ -342,7 +342,7 @@ fn unresolved_next_hop_goes_to_the_tc_program_which_lets_the_kernel_resolve_it()
 fn reply_to_a_client_without_neighbour_entry_goes_to_tc() {
     with_programs(|p| {
         let mut f = from_outside(packet::TCP, 40007, NODE, 30090);
-        f.saddr = ip(FAR_CLIENT);
+        f.saddr = ip(FAR_CLIENT).into();
         p.xdp(&f.bytes());
         let mut reply = snated(&f, REMOTE_POD, 8080).reply();
         reply.src_mac = NODE2_MAC;
@@ -398,7 +398,7 @@ fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
         assert_eq!(verdict, XDP_TX, "{:?}", p.nonzero_stats());
         assert_eq!(out, snated(&allowed, REMOTE_POD, 8080).bytes());
         let mut outsider = from_outside(packet::TCP, 40012, LB_IP, 80);
-        outsider.saddr = ip("10.250.0.50");
+        outsider.saddr = ip("10.250.0.50").into();
         let bytes = outsider.bytes();
         assert_eq!(p.xdp(&bytes), (XDP_DROP, bytes));
         assert_eq!(p.stat("drop_source_range"), 1);

@@ -8,7 +8,7 @@ use super::*;
 fn load_balancer_source_ranges_drop_other_clients() {
     with_programs(|p| {
         let mut outsider = from_outside(packet::TCP, 40004, LB_IP, 80);
-        outsider.saddr = ip("10.250.0.50");
+        outsider.saddr = ip("10.250.0.50").into();
         let bytes = outsider.bytes();
         let (verdict, out) = p.xdp(&bytes);
         assert_eq!(verdict, XDP_DROP);

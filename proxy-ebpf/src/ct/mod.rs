@@ -13,16 +13,12 @@
 
 pub mod nat;
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use proxy_common::{
-    backend_flags, ct_dir, ct_flags, ct_lifetime, hash::flow_hash4, remap_ports, stats::Stat,
-    Backend4, CtKey4, CtValue4, HAIRPIN_ADDR,
-};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use proxy_common::{backend_flags, ct_dir, ct_flags, ct_lifetime, remap_ports, stats::Stat, CtValue};
 
 use crate::{
+    family::{Backend, Endpoint, Family},
     flow::Flow,
-    keys,
-    maps::{BACKENDS, CONNTRACK},
     verdict::Dropped,
 };
 
@@ -54,16 +50,10 @@ pub unsafe fn refresh(last_seen_ns: *mut u64, seen: u64, now: u64) {
     }
 }
 
-/// The hairpin source address as the programs hold addresses.
-#[inline(always)]
-pub fn hairpin_addr() -> u32 {
-    u32::from_ne_bytes(HAIRPIN_ADDR)
-}
-
 /// The conntrack key of `flow` as the packet carries it, in direction `dir`.
 #[inline(always)]
-pub fn key(flow: &Flow, dir: u8) -> CtKey4 {
-    keys::tuple(
+pub fn key<F: Family>(flow: &Flow<F>, dir: u8) -> F::CtKey {
+    F::tuple(
         flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto, dir,
     )
 }
@@ -71,22 +61,22 @@ pub fn key(flow: &Flow, dir: u8) -> CtKey4 {
 /// The client reached itself through `backend`: it must not see its own
 /// address as the peer.
 #[inline(always)]
-pub fn hairpin(flow: &Flow, backend: &Backend4) -> bool {
-    backend.addr_be == flow.saddr
+pub fn hairpin<F: Family>(flow: &Flow<F>, backend: &F::Backend) -> bool {
+    backend.addr() == flow.saddr
 }
 
 /// The conntrack key of a backend's replies to `flow`, whose client port
 /// the backend sees as `client_port_be`.
 #[inline(always)]
-fn reply_key(flow: &Flow, backend: &Backend4, client_port_be: u16) -> CtKey4 {
-    keys::tuple(
-        backend.addr_be,
+fn reply_key<F: Family>(flow: &Flow<F>, backend: &F::Backend, client_port_be: u16) -> F::CtKey {
+    F::tuple(
+        backend.addr(),
         if hairpin(flow, backend) {
-            hairpin_addr()
+            F::hairpin_addr()
         } else {
             flow.saddr
         },
-        backend.port_be,
+        backend.port_be(),
         client_port_be,
         flow.proto,
         ct_dir::REPLY,
@@ -95,9 +85,9 @@ fn reply_key(flow: &Flow, backend: &Backend4, client_port_be: u16) -> CtKey4 {
 
 /// A flow's backend as its conntrack entry names it.
 #[derive(Clone, Copy)]
-pub struct Tracked {
+pub struct Tracked<F: Family> {
     pub backend_id: u32,
-    pub backend: Backend4,
+    pub backend: F::Backend,
     /// The node port of a SNATed flow (0 until one is given).
     pub nat_port_be: u16,
     /// The client port the backend sees instead of the client's own (0: the
@@ -105,10 +95,10 @@ pub struct Tracked {
     pub remap_port_be: u16,
 }
 
-impl Tracked {
+impl<F: Family> Tracked<F> {
     /// The client port the backend sees for `flow`.
     #[inline(always)]
-    pub fn client_port_be(&self, flow: &Flow) -> u16 {
+    pub fn client_port_be(&self, flow: &Flow<F>) -> u16 {
         if self.remap_port_be != 0 {
             self.remap_port_be
         } else {
@@ -118,7 +108,7 @@ impl Tracked {
 }
 
 /// Where a packet's flow stands, for the frontend it is addressed to.
-pub enum State {
+pub enum State<F: Family> {
     /// No entry: the flow is new.
     New,
     /// An entry that outlived its lifetime, names a backend that is gone or a
@@ -126,18 +116,18 @@ pub enum State {
     Stale,
     /// A known flow, its backend still there (entries refreshed, and closing
     /// on a FIN or RST).
-    Established(Tracked),
+    Established(Tracked<F>),
     /// A SYN on the tuple of a connection that closed (ports get reused): the
     /// flow is open again, on the same backend.
-    Reopened(Tracked),
+    Reopened(Tracked<F>),
 }
 
 /// Looks `flow` up for the frontend with reverse-NAT id `rev_nat_id`, and
 /// applies the packet to its entries: a refresh when due (or on a SYN), a
 /// reopen on a SYN, closing on a FIN or RST.
 #[inline(always)]
-pub fn lookup(flow: &Flow, rev_nat_id: u32, now: u64) -> State {
-    let Some(entry) = CONNTRACK.get_ptr_mut(&key(flow, ct_dir::FORWARD)) else {
+pub fn lookup<F: Family>(flow: &Flow<F>, rev_nat_id: u32, now: u64) -> State<F> {
+    let Some(entry) = F::ct_ptr(&key(flow, ct_dir::FORWARD)) else {
         return State::New;
     };
     // SAFETY: conntrack values are plain data; a racing writer can at worst make
@@ -156,8 +146,7 @@ pub fn lookup(flow: &Flow, rev_nat_id: u32, now: u64) -> State {
     if !alive || entry_rev_nat_id != rev_nat_id {
         return State::Stale;
     }
-    // SAFETY: copied out at once.
-    let Some(backend) = unsafe { BACKENDS.get(&backend_id) }.copied() else {
+    let Some(backend) = F::backend(backend_id) else {
         return State::Stale;
     };
     let tracked = Tracked {
@@ -199,17 +188,17 @@ pub fn lookup(flow: &Flow, rev_nat_id: u32, now: u64) -> State {
 /// and so need a reply entry: a SNATed flow's replies come back to the node
 /// address instead (the NAT map).
 #[inline(always)]
-fn replies_here(flow: &Flow, backend: &Backend4) -> bool {
-    backend.flags & backend_flags::LOCAL != 0 || !flow.external
+fn replies_here<F: Family>(flow: &Flow<F>, backend: &F::Backend) -> bool {
+    backend.flags() & backend_flags::LOCAL != 0 || !flow.external
 }
 
 /// Writes the reply direction of `flow` to `tracked`'s backend, for reverse
 /// NAT, when its replies pass through this node. The one place a reply entry
 /// is built.
 #[inline(always)]
-fn write_reply(
-    flow: &Flow,
-    tracked: &Tracked,
+fn write_reply<F: Family>(
+    flow: &Flow<F>,
+    tracked: &Tracked<F>,
     rev_nat_id: u32,
     flags: u16,
     now: u64,
@@ -218,7 +207,7 @@ fn write_reply(
         return Ok(());
     }
     let hairpin = hairpin(flow, &tracked.backend);
-    let reply = CtValue4 {
+    let reply = CtValue {
         backend_id: tracked.backend_id,
         rev_nat_id,
         flags: flags | if hairpin { ct_flags::HAIRPIN } else { 0 },
@@ -229,22 +218,20 @@ fn write_reply(
             0
         },
         last_seen_ns: now,
-        ..CtValue4::default()
+        ..CtValue::default()
     };
-    CONNTRACK
-        .insert(
-            &reply_key(flow, &tracked.backend, tracked.client_port_be(flow)),
-            &reply,
-            u64::from(BPF_ANY),
-        )
-        .map_err(|_| Dropped(Stat::DropCtInsert))
+    F::ct_insert(
+        &reply_key(flow, &tracked.backend, tracked.client_port_be(flow)),
+        &reply,
+    )
+    .map_err(|_| Dropped(Stat::DropCtInsert))
 }
 
 /// Marks the reply direction of `flow` closing with its forward entry.
 #[inline(always)]
-fn close_reply(flow: &Flow, tracked: &Tracked) {
+fn close_reply<F: Family>(flow: &Flow<F>, tracked: &Tracked<F>) {
     let reply = reply_key(flow, &tracked.backend, tracked.client_port_be(flow));
-    if let Some(r) = CONNTRACK.get_ptr_mut(&reply) {
+    if let Some(r) = F::ct_ptr(&reply) {
         // SAFETY: plain data.
         unsafe { (*r).flags |= ct_flags::CLOSING };
     }
@@ -254,9 +241,9 @@ fn close_reply(flow: &Flow, tracked: &Tracked) {
 /// first so that no forward entry exists without it. A flow whose tuple at
 /// the backend is taken gets another client port first (`tracked` says it).
 #[inline(always)]
-pub fn create(
-    flow: &Flow,
-    tracked: &mut Tracked,
+pub fn create<F: Family>(
+    flow: &Flow<F>,
+    tracked: &mut Tracked<F>,
     rev_nat_id: u32,
     now: u64,
 ) -> Result<(), Dropped> {
@@ -264,16 +251,14 @@ pub fn create(
         tracked.remap_port_be = remap_port(flow, &tracked.backend, rev_nat_id, now)?;
     }
     write_reply(flow, tracked, rev_nat_id, 0, now)?;
-    let forward = CtValue4 {
+    let forward = CtValue {
         backend_id: tracked.backend_id,
         rev_nat_id,
         remap_port_be: tracked.remap_port_be,
         last_seen_ns: now,
-        ..CtValue4::default()
+        ..CtValue::default()
     };
-    CONNTRACK
-        .insert(&key(flow, ct_dir::FORWARD), &forward, u64::from(BPF_ANY))
-        .map_err(|_| Dropped(Stat::DropCtInsert))
+    F::ct_insert(&key(flow, ct_dir::FORWARD), &forward).map_err(|_| Dropped(Stat::DropCtInsert))
 }
 
 /// Whether the reply entry `entry` leaves the tuple free for a new flow of
@@ -281,7 +266,7 @@ pub fn create(
 /// its lifetime, or it is that same flow's (the same frontend, no remapped
 /// port: a tuple reused after its connection closed).
 #[inline(always)]
-fn free_for(entry: Option<&CtValue4>, proto: u8, rev_nat_id: u32, own: bool, now: u64) -> bool {
+fn free_for(entry: Option<&CtValue>, proto: u8, rev_nat_id: u32, own: bool, now: u64) -> bool {
     let Some(e) = entry else {
         return true;
     };
@@ -294,17 +279,20 @@ fn free_for(entry: Option<&CtValue4>, proto: u8, rev_nat_id: u32, own: bool, now
 /// that tuple at the backend; then the first free of a few ports hashed from
 /// the flow. None free: the flow is dropped (the client's SYN is sent again).
 #[inline(always)]
-fn remap_port(flow: &Flow, backend: &Backend4, rev_nat_id: u32, now: u64) -> Result<u16, Dropped> {
-    // SAFETY: copied out at once.
-    let own = unsafe { CONNTRACK.get(&reply_key(flow, backend, flow.sport)) }.copied();
+fn remap_port<F: Family>(
+    flow: &Flow<F>,
+    backend: &F::Backend,
+    rev_nat_id: u32,
+    now: u64,
+) -> Result<u16, Dropped> {
+    let own = F::ct_get(&reply_key(flow, backend, flow.sport));
     if free_for(own.as_ref(), flow.proto, rev_nat_id, true, now) {
         return Ok(0);
     }
-    let hash = flow_hash4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    let hash = F::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     for i in 0..remap_ports::TRIES {
         let port_be = remap_ports::nth(hash, i).to_be();
-        // SAFETY: copied out at once.
-        let taken = unsafe { CONNTRACK.get(&reply_key(flow, backend, port_be)) }.copied();
+        let taken = F::ct_get(&reply_key(flow, backend, port_be));
         if free_for(taken.as_ref(), flow.proto, rev_nat_id, false, now) {
             return Ok(port_be);
         }
@@ -314,8 +302,8 @@ fn remap_port(flow: &Flow, backend: &Backend4, rev_nat_id: u32, now: u64) -> Res
 
 /// Records the NAT port a SNATed flow got in its forward conntrack entry.
 #[inline(always)]
-pub fn remember_nat_port(flow: &Flow, nat_port_be: u16) {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key(flow, ct_dir::FORWARD)) {
+pub fn remember_nat_port<F: Family>(flow: &Flow<F>, nat_port_be: u16) {
+    if let Some(entry) = F::ct_ptr(&key(flow, ct_dir::FORWARD)) {
         // SAFETY: plain data.
         unsafe { (*entry).nat_port_be = nat_port_be };
     }
@@ -323,7 +311,7 @@ pub fn remember_nat_port(flow: &Flow, nat_port_be: u16) {
 
 /// A backend's reply on a flow conntrack knows, as its reply entry holds it.
 pub struct Reply {
-    entry: *mut CtValue4,
+    entry: *mut CtValue,
     pub rev_nat_id: u32,
     /// The client reached itself: the reply goes back into the same pod.
     pub hairpin: bool,
@@ -343,8 +331,8 @@ impl Reply {
 
 /// The reply entry of a packet from a backend, if conntrack knows its flow.
 #[inline(always)]
-pub fn reply(flow: &Flow) -> Option<Reply> {
-    let entry = CONNTRACK.get_ptr_mut(&key(flow, ct_dir::REPLY))?;
+pub fn reply<F: Family>(flow: &Flow<F>) -> Option<Reply> {
+    let entry = F::ct_ptr(&key(flow, ct_dir::REPLY))?;
     // SAFETY: plain data, read once.
     let (rev_nat_id, flags, remap_port_be, last_seen_ns) = unsafe {
         (

@@ -1,0 +1,256 @@
+//! IPv6 on the pod hooks, byte for byte: DNAT and reverse NAT for TCP and
+//! UDP, extension headers walked, fragments and waypoints left alone, a
+//! frontend without backends rejected with ICMPv6, hairpin. The agent does
+//! not program IPv6 frontends yet, so these tests write the IPv6 maps as it
+//! will: ids from the one space both families share.
+
+use std::net::Ipv6Addr;
+
+use proxy_common::{
+    proto::{TCP, UDP},
+    Backend6, CtKey6, RevNat6, ServiceKey6, ServiceValue, HAIRPIN_ADDR6,
+};
+
+use super::*;
+
+const CLIENT6: &str = "fd00:10:244:1::2";
+const VIP6: &str = "fd00:10:96::10";
+const EMPTY_VIP6: &str = "fd00:10:96::11";
+const BACKEND6_A: &str = "fd00:10:244:1::3";
+const BACKEND6_B: &str = "fd00:10:244:2::3";
+/// Ids far from the ones the IPv4 frontends get.
+const WEB_ID: u32 = 9_000;
+const DNS_ID: u32 = 9_001;
+const EMPTY_ID: u32 = 9_002;
+const BACKEND_IDS: u32 = 9_100;
+
+fn ip6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// Writes frontend `vip:port` (`proto`, id `rev_nat_id`) with `backends`
+/// (their ids from `BACKEND_IDS + 10 * rev_nat_id`, slot by slot).
+fn serve6(
+    p: &mut Programs,
+    vip: &str,
+    port: u16,
+    proto: u8,
+    rev_nat_id: u32,
+    backends: &[(&str, u16)],
+) {
+    let maps = &mut p.dp.v6;
+    let key = ServiceKey6::new(ip6(vip), port, proto, 0);
+    let header = ServiceValue {
+        rev_nat_id,
+        count: backends.len() as u16,
+        ..ServiceValue::default()
+    };
+    maps.services.insert(key, header, 0).unwrap();
+    let frontend = RevNat6 {
+        addr: ip6(vip).octets(),
+        port_be: port.to_be(),
+        _pad: 0,
+    };
+    maps.revnat.insert(rev_nat_id, frontend, 0).unwrap();
+    for (slot, (addr, port)) in backends.iter().enumerate() {
+        let id = backend_id(rev_nat_id, slot as u16 + 1);
+        let backend = Backend6 {
+            addr: ip6(addr).octets(),
+            port_be: port.to_be(),
+            proto,
+            ..Backend6::default()
+        };
+        maps.backends.insert(id, backend, 0).unwrap();
+        let slot_value = ServiceValue {
+            backend_id: id,
+            rev_nat_id,
+            ..ServiceValue::default()
+        };
+        maps.services
+            .insert(key.with_slot(slot as u16 + 1), slot_value, 0)
+            .unwrap();
+    }
+}
+
+fn backend_id(rev_nat_id: u32, slot: u16) -> u32 {
+    BACKEND_IDS + 10 * rev_nat_id + u32::from(slot)
+}
+
+/// The IPv4 cluster, and its IPv6 twin.
+fn dual_stack() -> Programs {
+    let mut p = Programs::new(&cluster());
+    let both = [(BACKEND6_A, 8080), (BACKEND6_B, 8080)];
+    serve6(&mut p, VIP6, 80, TCP, WEB_ID, &both);
+    let dns = [(BACKEND6_A, 5353), (BACKEND6_B, 5353)];
+    serve6(&mut p, VIP6, 53, UDP, DNS_ID, &dns);
+    serve6(&mut p, EMPTY_VIP6, 80, TCP, EMPTY_ID, &[]);
+    p
+}
+
+/// The backend `f` hashes to among `backends` (as `serve6` wrote them).
+fn hashed6(f: &Frame, backends: &[(&str, u16)]) -> (Ipv6Addr, u16) {
+    let slot = hash::slot_for(f.flow_hash(), backends.len() as u16);
+    let (addr, port) = backends[usize::from(slot - 1)];
+    (ip6(addr), port)
+}
+
+/// Sends `f` from the pod: DNATed to its hashed backend, then the
+/// backend's reply towards the pod: from the frontend again. Byte for byte.
+fn round_trip(p: &mut Programs, f: &Frame, backends: &[(&str, u16)]) -> (Ipv6Addr, u16) {
+    let backend = hashed6(f, backends);
+    let (verdict, out) = p.send_from_pod(f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let dnated = f.with_dst(backend.0, backend.1);
+    assert_eq!(out, dnated.bytes(), "DNAT to {backend:?}");
+    packet::assert_checksums_valid(&out);
+    let reply = dnated.reply();
+    let (verdict, out) = p.send_to_pod(&reply);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, reply.with_src(f.daddr, f.dport).bytes(), "reverse NAT");
+    packet::assert_checksums_valid(&out);
+    backend
+}
+
+fn conntrack6(p: &Programs) -> Vec<(CtKey6, proxy_common::CtValue)> {
+    p.dp.v6.conntrack.iter().map(Result::unwrap).collect()
+}
+
+const WEB: [(&str, u16); 2] = [(BACKEND6_A, 8080), (BACKEND6_B, 8080)];
+const DNS: [(&str, u16); 2] = [(BACKEND6_A, 5353), (BACKEND6_B, 5353)];
+
+#[test]
+fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
+    let mut p = dual_stack();
+    let f = Frame::tcp(CLIENT6, 40000, VIP6, 80);
+    let backend = round_trip(&mut p, &f, &WEB);
+    assert_eq!(p.stat("fwd_new"), 1);
+    assert_eq!(p.stat("rev_nat"), 1);
+    let entries = conntrack6(&p);
+    assert_eq!(entries.len(), 2, "forward and reply entries");
+    let forward = CtKey6 {
+        saddr: ip6(CLIENT6).octets(),
+        daddr: ip6(VIP6).octets(),
+        sport_be: 40000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: TCP,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    let (_, value) = entries
+        .iter()
+        .find(|(k, _)| *k == forward)
+        .expect("forward entry");
+    assert_eq!(value.rev_nat_id, WEB_ID);
+    let reply = CtKey6 {
+        saddr: backend.0.octets(),
+        daddr: ip6(CLIENT6).octets(),
+        sport_be: backend.1.to_be(),
+        dport_be: 40000u16.to_be(),
+        proto: TCP,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    assert!(entries.iter().any(|(k, _)| *k == reply), "reply entry");
+    assert!(
+        p.dp.conntrack().unwrap().is_empty(),
+        "nothing in IPv4's map"
+    );
+}
+
+#[test]
+fn an_established_ipv6_flow_keeps_its_backend() {
+    let mut p = dual_stack();
+    let f = Frame::tcp(CLIENT6, 40001, VIP6, 80);
+    let first = round_trip(&mut p, &f, &WEB);
+    let mut ack = f.clone();
+    ack.tcp_flags = 0x10;
+    ack.payload = b"GET / HTTP/1.1\r\n\r\n!".to_vec();
+    let (verdict, out) = p.send_from_pod(&ack);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, ack.with_dst(first.0, first.1).bytes());
+    assert_eq!(p.stat("fwd_established"), 1);
+}
+
+#[test]
+fn udp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
+    let mut p = dual_stack();
+    round_trip(&mut p, &Frame::udp(CLIENT6, 41000, VIP6, 53), &DNS);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_l4_header() {
+    let mut p = dual_stack();
+    let mut f = Frame::tcp(CLIENT6, 40002, VIP6, 80);
+    f.ext6 = vec![packet::HOP_BY_HOP, packet::DEST_OPTS, packet::ROUTING];
+    round_trip(&mut p, &f, &WEB);
+    let mut u = Frame::udp(CLIENT6, 41002, VIP6, 53);
+    u.ext6 = vec![packet::DEST_OPTS];
+    round_trip(&mut p, &u, &DNS);
+}
+
+#[test]
+fn ipv6_fragments_and_waypoints_are_untouched() {
+    let mut p = dual_stack();
+    let mut fragment = Frame::udp(CLIENT6, 41003, VIP6, 53);
+    fragment.ext6 = vec![packet::FRAGMENT];
+    assert_untouched(&mut p, FROM_POD, &fragment.bytes(), TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_fragment"), 1);
+    // A routing header with a segment left: the frontend is a waypoint,
+    // not the packet's destination.
+    let mut routed = Frame::tcp(CLIENT6, 40003, VIP6, 80);
+    routed.ext6 = vec![packet::ROUTING];
+    routed.segments_left = 1;
+    assert_untouched(&mut p, FROM_POD, &routed.bytes(), TC_ACT_UNSPEC);
+    // Past the walk's bound: five headers.
+    let mut deep = Frame::tcp(CLIENT6, 40004, VIP6, 80);
+    deep.ext6 = vec![packet::DEST_OPTS; 5];
+    assert_untouched(&mut p, FROM_POD, &deep.bytes(), TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_not_tcp_udp"), 2);
+    assert!(conntrack6(&p).is_empty());
+}
+
+#[test]
+fn an_ipv6_frontend_without_backends_is_rejected_with_icmpv6_port_unreachable() {
+    let mut p = dual_stack();
+    for f in [Frame::tcp(CLIENT6, 40005, EMPTY_VIP6, 80), {
+        let mut f = Frame::tcp(CLIENT6, 40006, EMPTY_VIP6, 80);
+        f.ext6 = vec![packet::HOP_BY_HOP];
+        f
+    }] {
+        let (verdict, out) = p.send_from_pod(&f);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out, packet::port_unreachable(&f));
+        packet::assert_checksums_valid(&out);
+    }
+    assert_eq!(p.stat("reject_no_backend"), 2);
+}
+
+#[test]
+fn an_ipv6_pod_that_reaches_itself_is_hairpinned() {
+    let mut p = dual_stack();
+    // The client is the backend the flow hashes to.
+    let f = (40010..)
+        .map(|port| Frame::tcp(BACKEND6_A, port, VIP6, 80))
+        .find(|f| hashed6(f, &WEB).0 == ip6(BACKEND6_A))
+        .unwrap();
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back out into the pod");
+    let hairpin = Ipv6Addr::from(HAIRPIN_ADDR6);
+    let mut to_itself = f.with_dst(ip6(BACKEND6_A), 8080).with_src(hairpin, f.sport);
+    (to_itself.src_mac, to_itself.dst_mac) = (f.dst_mac, f.src_mac);
+    assert_eq!(out, to_itself.bytes());
+    packet::assert_checksums_valid(&out);
+    assert_eq!(p.stat("fwd_hairpin"), 1);
+    // The pod answers the hairpin address; that comes back from the frontend.
+    let mut reply = to_itself.reply();
+    (reply.src_mac, reply.dst_mac) = (f.src_mac, f.dst_mac);
+    let (verdict, out) = p.send_from_pod(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut back = reply
+        .with_dst(ip6(BACKEND6_A), f.sport)
+        .with_src(ip6(VIP6), 80);
+    (back.src_mac, back.dst_mac) = (f.dst_mac, f.src_mac);
+    assert_eq!(out, back.bytes());
+    packet::assert_checksums_valid(&out);
+    assert_eq!(p.stat("rev_nat"), 1);
+}

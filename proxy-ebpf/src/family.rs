@@ -1,0 +1,406 @@
+//! The two address families, IPv4 and IPv6, as one trait: their addresses,
+//! their IP header's layout, their maps and the keys into them. The code of
+//! a path is written once, generic over [`Family`]; each program holds one
+//! copy of it per family, which the compiler makes.
+//!
+//! An IPv4 address is one 32-bit word, an IPv6 address four, each loaded as a
+//! native integer from network order (as the maps and the packet hold them).
+//! Frontend and backend ids are one space over both families, so the Maglev
+//! and round-robin maps (which hold ids only) serve both.
+
+use core::mem::{offset_of, transmute};
+
+use aya_ebpf::bindings::{bpf_fib_lookup, BPF_ANY};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+use proxy_common::{
+    hash::{flow_hash4, flow_hash6},
+    AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4, CtKey6, CtValue,
+    RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, HAIRPIN_ADDR, HAIRPIN_ADDR6,
+};
+
+use crate::{
+    flow::{self, Early, Flow, Frame},
+    keys,
+    maps::{
+        AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, REVNAT, REVNAT6,
+        SERVICES, SERVICES6,
+    },
+};
+
+/// An IPv6 address as the programs hold it: four words in network order.
+pub type Addr6 = [u32; 4];
+
+/// A backend or a frontend as a map value holds it: an address and a port.
+pub trait Endpoint<A>: Copy {
+    fn addr(&self) -> A;
+    fn port_be(&self) -> u16;
+}
+
+/// A backend map value.
+pub trait Backend<A>: Endpoint<A> {
+    /// Bits of `proxy_common::backend_flags`.
+    fn flags(&self) -> u8;
+}
+
+pub trait Family: Copy {
+    /// An address: `u32` or [`Addr6`].
+    type Addr: Copy + PartialEq;
+    type ServiceKey: Copy;
+    type Backend: Backend<Self::Addr>;
+    type RevNat: Endpoint<Self::Addr>;
+    type CtKey;
+    type AffinityKey;
+
+    /// Offsets of the source and destination addresses in the IP header.
+    const SADDR_OFF: usize;
+    const DADDR_OFF: usize;
+    /// The IP header has a checksum to fix when an address changes (IPv4).
+    const IP_CSUM: bool;
+    /// The address family's number (AF_INET, AF_INET6), for FIB lookups.
+    const AF: u8;
+
+    /// Writes a FIB lookup's source and destination.
+    fn fib_addresses(params: &mut bpf_fib_lookup, src: Self::Addr, dst: Self::Addr);
+
+    /// The address's 32-bit words, as the checksums cover them.
+    fn words(addr: &Self::Addr) -> &[u32];
+
+    /// The flow of a frame known to carry this family.
+    fn parse<C: Frame>(ctx: &C) -> Result<Flow<Self>, Early>;
+
+    /// Slot `slot` of the frontend `addr:port` (network order) and `proto`.
+    fn service_key(addr: Self::Addr, port_be: u16, proto: u8, slot: u16) -> Self::ServiceKey;
+    /// The same frontend's slot `slot`.
+    fn with_slot(key: &Self::ServiceKey, slot: u16) -> Self::ServiceKey;
+    fn service(key: &Self::ServiceKey) -> Option<ServiceValue>;
+    fn backend(id: u32) -> Option<Self::Backend>;
+    fn revnat(id: u32) -> Option<Self::RevNat>;
+
+    /// The conntrack key of one direction of a tuple (see `keys::tuple`).
+    fn tuple(
+        saddr: Self::Addr,
+        daddr: Self::Addr,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        dir: u8,
+    ) -> Self::CtKey;
+    fn ct_ptr(key: &Self::CtKey) -> Option<*mut CtValue>;
+    fn ct_get(key: &Self::CtKey) -> Option<CtValue>;
+    fn ct_insert(key: &Self::CtKey, value: &CtValue) -> Result<(), ()>;
+
+    fn affinity_key(client: Self::Addr, rev_nat_id: u32) -> Self::AffinityKey;
+    fn affinity(key: &Self::AffinityKey) -> Option<AffinityValue>;
+    fn set_affinity(key: &Self::AffinityKey, value: &AffinityValue);
+
+    /// The hash of a 5-tuple (`proxy_common::hash`).
+    fn flow_hash(saddr: Self::Addr, daddr: Self::Addr, sport: u16, dport: u16, proto: u8) -> u32;
+    /// The hash of a client address alone (the source-hash scheduler).
+    fn client_hash(addr: Self::Addr) -> u32;
+    /// The source a hairpinned flow gets.
+    fn hairpin_addr() -> Self::Addr;
+}
+
+#[derive(Clone, Copy)]
+pub struct V4;
+
+#[derive(Clone, Copy)]
+pub struct V6;
+
+impl Endpoint<u32> for Backend4 {
+    #[inline(always)]
+    fn addr(&self) -> u32 {
+        self.addr_be
+    }
+
+    #[inline(always)]
+    fn port_be(&self) -> u16 {
+        self.port_be
+    }
+}
+
+impl Backend<u32> for Backend4 {
+    #[inline(always)]
+    fn flags(&self) -> u8 {
+        self.flags
+    }
+}
+
+impl Endpoint<u32> for RevNat4 {
+    #[inline(always)]
+    fn addr(&self) -> u32 {
+        self.addr_be
+    }
+
+    #[inline(always)]
+    fn port_be(&self) -> u16 {
+        self.port_be
+    }
+}
+
+impl Endpoint<Addr6> for Backend6 {
+    #[inline(always)]
+    fn addr(&self) -> Addr6 {
+        words6(self.addr)
+    }
+
+    #[inline(always)]
+    fn port_be(&self) -> u16 {
+        self.port_be
+    }
+}
+
+impl Backend<Addr6> for Backend6 {
+    #[inline(always)]
+    fn flags(&self) -> u8 {
+        self.flags
+    }
+}
+
+impl Endpoint<Addr6> for RevNat6 {
+    #[inline(always)]
+    fn addr(&self) -> Addr6 {
+        words6(self.addr)
+    }
+
+    #[inline(always)]
+    fn port_be(&self) -> u16 {
+        self.port_be
+    }
+}
+
+/// An IPv6 address's bytes as the programs' words.
+#[inline(always)]
+pub fn words6(bytes: [u8; 16]) -> Addr6 {
+    // SAFETY: 16 bytes either way; any bit pattern is valid for both.
+    unsafe { transmute::<[u8; 16], Addr6>(bytes) }
+}
+
+impl Family for V4 {
+    type Addr = u32;
+    type ServiceKey = ServiceKey4;
+    type Backend = Backend4;
+    type RevNat = RevNat4;
+    type CtKey = CtKey4;
+    type AffinityKey = AffinityKey4;
+
+    const SADDR_OFF: usize = offset_of!(Ipv4Hdr, src_addr);
+    const DADDR_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
+    const IP_CSUM: bool = true;
+    const AF: u8 = 2;
+
+    #[inline(always)]
+    fn fib_addresses(params: &mut bpf_fib_lookup, src: u32, dst: u32) {
+        params.__bindgen_anon_3.ipv4_src = src;
+        params.__bindgen_anon_4.ipv4_dst = dst;
+    }
+
+    #[inline(always)]
+    fn words(addr: &u32) -> &[u32] {
+        core::slice::from_ref(addr)
+    }
+
+    #[inline(always)]
+    fn parse<C: Frame>(ctx: &C) -> Result<Flow<Self>, Early> {
+        flow::parse4(ctx)
+    }
+
+    #[inline(always)]
+    fn service_key(addr: u32, port_be: u16, proto: u8, slot: u16) -> ServiceKey4 {
+        keys::service(addr, port_be, proto, slot)
+    }
+
+    #[inline(always)]
+    fn with_slot(key: &ServiceKey4, slot: u16) -> ServiceKey4 {
+        keys::service(key.addr_be, key.port_be, key.proto, slot)
+    }
+
+    #[inline(always)]
+    fn service(key: &ServiceKey4) -> Option<ServiceValue> {
+        // SAFETY: copied out at once; the agent may replace it later.
+        unsafe { SERVICES.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend4> {
+        // SAFETY: copied out at once.
+        unsafe { BACKENDS.get(&id) }.copied()
+    }
+
+    #[inline(always)]
+    fn revnat(id: u32) -> Option<RevNat4> {
+        // SAFETY: copied out at once.
+        unsafe { REVNAT.get(&id) }.copied()
+    }
+
+    #[inline(always)]
+    fn tuple(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey4 {
+        keys::tuple(saddr, daddr, sport, dport, proto, dir)
+    }
+
+    #[inline(always)]
+    fn ct_ptr(key: &CtKey4) -> Option<*mut CtValue> {
+        CONNTRACK.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn ct_get(key: &CtKey4) -> Option<CtValue> {
+        // SAFETY: copied out at once.
+        unsafe { CONNTRACK.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn ct_insert(key: &CtKey4, value: &CtValue) -> Result<(), ()> {
+        CONNTRACK.insert(key, value, u64::from(BPF_ANY)).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn affinity_key(client: u32, rev_nat_id: u32) -> AffinityKey4 {
+        AffinityKey4 {
+            client_addr_be: client,
+            rev_nat_id,
+        }
+    }
+
+    #[inline(always)]
+    fn affinity(key: &AffinityKey4) -> Option<AffinityValue> {
+        // SAFETY: copied out at once.
+        unsafe { AFFINITY.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn set_affinity(key: &AffinityKey4, value: &AffinityValue) {
+        // Best effort: without the entry the next connection is hashed again.
+        let _ = AFFINITY.insert(key, value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        flow_hash4(saddr, daddr, sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn client_hash(addr: u32) -> u32 {
+        flow_hash4(addr, 0, 0, 0, 0)
+    }
+
+    #[inline(always)]
+    fn hairpin_addr() -> u32 {
+        u32::from_ne_bytes(HAIRPIN_ADDR)
+    }
+}
+
+impl Family for V6 {
+    type Addr = Addr6;
+    type ServiceKey = ServiceKey6;
+    type Backend = Backend6;
+    type RevNat = RevNat6;
+    type CtKey = CtKey6;
+    type AffinityKey = AffinityKey6;
+
+    const SADDR_OFF: usize = offset_of!(Ipv6Hdr, src_addr);
+    const DADDR_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
+    const IP_CSUM: bool = false;
+    const AF: u8 = 10;
+
+    #[inline(always)]
+    fn fib_addresses(params: &mut bpf_fib_lookup, src: Addr6, dst: Addr6) {
+        params.__bindgen_anon_3.ipv6_src = src;
+        params.__bindgen_anon_4.ipv6_dst = dst;
+    }
+
+    #[inline(always)]
+    fn words(addr: &Addr6) -> &[u32] {
+        addr
+    }
+
+    #[inline(always)]
+    fn parse<C: Frame>(ctx: &C) -> Result<Flow<Self>, Early> {
+        flow::parse6(ctx)
+    }
+
+    #[inline(always)]
+    fn service_key(addr: Addr6, port_be: u16, proto: u8, slot: u16) -> ServiceKey6 {
+        keys::service6(addr, port_be, proto, slot)
+    }
+
+    #[inline(always)]
+    fn with_slot(key: &ServiceKey6, slot: u16) -> ServiceKey6 {
+        ServiceKey6 { slot, ..*key }
+    }
+
+    #[inline(always)]
+    fn service(key: &ServiceKey6) -> Option<ServiceValue> {
+        // SAFETY: copied out at once; the agent may replace it later.
+        unsafe { SERVICES6.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend6> {
+        // SAFETY: copied out at once.
+        unsafe { BACKENDS6.get(&id) }.copied()
+    }
+
+    #[inline(always)]
+    fn revnat(id: u32) -> Option<RevNat6> {
+        // SAFETY: copied out at once.
+        unsafe { REVNAT6.get(&id) }.copied()
+    }
+
+    #[inline(always)]
+    fn tuple(saddr: Addr6, daddr: Addr6, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey6 {
+        keys::tuple6(saddr, daddr, sport, dport, proto, dir)
+    }
+
+    #[inline(always)]
+    fn ct_ptr(key: &CtKey6) -> Option<*mut CtValue> {
+        CONNTRACK6.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn ct_get(key: &CtKey6) -> Option<CtValue> {
+        // SAFETY: copied out at once.
+        unsafe { CONNTRACK6.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn ct_insert(key: &CtKey6, value: &CtValue) -> Result<(), ()> {
+        CONNTRACK6.insert(key, value, u64::from(BPF_ANY)).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn affinity_key(client: Addr6, rev_nat_id: u32) -> AffinityKey6 {
+        AffinityKey6 {
+            // SAFETY: 16 bytes either way.
+            client_addr: unsafe { transmute::<Addr6, [u8; 16]>(client) },
+            rev_nat_id,
+        }
+    }
+
+    #[inline(always)]
+    fn affinity(key: &AffinityKey6) -> Option<AffinityValue> {
+        // SAFETY: copied out at once.
+        unsafe { AFFINITY6.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn set_affinity(key: &AffinityKey6, value: &AffinityValue) {
+        // Best effort, as for IPv4.
+        let _ = AFFINITY6.insert(key, value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn flow_hash(saddr: Addr6, daddr: Addr6, sport: u16, dport: u16, proto: u8) -> u32 {
+        flow_hash6(saddr, daddr, sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn client_hash(addr: Addr6) -> u32 {
+        flow_hash6(addr, [0; 4], 0, 0, 0)
+    }
+
+    #[inline(always)]
+    fn hairpin_addr() -> Addr6 {
+        words6(HAIRPIN_ADDR6)
+    }
+}
