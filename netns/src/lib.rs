@@ -6,7 +6,14 @@
 //! Everything here acts inside namespaces named `ferry*`; nothing touches the
 //! machine's own namespace, routes, firewall or sysctls.
 
-use std::{fs::File, io, net::Ipv4Addr, os::fd::AsRawFd, process::Command, thread};
+use std::{
+    fs::File,
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::Command,
+    thread,
+};
 
 /// What every namespace made here starts with (`ferry-<lab>-...`,
 /// `ferry-t<pid>-...`, `ferry-bench-...`).
@@ -134,13 +141,16 @@ pub fn in_netns<T: Send + 'static>(
 
 /// How a pod is connected to its node: a veth with `eth0` in `pod_ns` and
 /// `host_if` in `node_ns`; the pod holds `addrs` as /32s and reaches
-/// everything through `gateway`, which the node's side answers as.
+/// everything through `gateway`, which the node's side answers as. A
+/// dual-stack pod also holds `addrs6` as /128s, reached through `gateway6`.
 pub struct PodLink<'a> {
     pub pod_ns: &'a str,
     pub node_ns: &'a str,
     pub host_if: &'a str,
     pub addrs: &'a [Ipv4Addr],
     pub gateway: Ipv4Addr,
+    pub addrs6: &'a [Ipv6Addr],
+    pub gateway6: Option<Ipv6Addr>,
     /// Whether the pod's `eth0` sends complete checksums, as a real wire
     /// carries them (see [`like_a_wire`]); the lab and the benches want that,
     /// the agent's privileged tests keep the veth's default.
@@ -181,6 +191,37 @@ pub fn wire_pod(link: &PodLink) -> io::Result<()> {
     for addr in link.addrs {
         let addr = format!("{addr}/32");
         ip(&["-n", node_ns, "route", "add", &addr, "dev", host_if])?;
+    }
+    if let Some(gw6) = link.gateway6 {
+        wire_pod6(link, &gw6.to_string())?;
+    }
+    Ok(())
+}
+
+/// The IPv6 half of [`wire_pod`]: addresses without duplicate detection (a
+/// tentative address cannot be used yet), the gateway on every pod link as
+/// for IPv4.
+fn wire_pod6(link: &PodLink, gw: &str) -> io::Result<()> {
+    let (pod_ns, node_ns, host_if) = (link.pod_ns, link.node_ns, link.host_if);
+    for addr in link.addrs6 {
+        let addr = format!("{addr}/128");
+        ip(&[
+            "-n", pod_ns, "-6", "addr", "add", &addr, "dev", "eth0", "nodad",
+        ])?;
+    }
+    ip(&[
+        "-n", pod_ns, "-6", "route", "add", gw, "dev", "eth0", "scope", "link",
+    ])?;
+    ip(&[
+        "-n", pod_ns, "-6", "route", "add", "default", "via", gw, "dev", "eth0",
+    ])?;
+    let gw128 = format!("{gw}/128");
+    ip(&[
+        "-n", node_ns, "-6", "addr", "add", &gw128, "dev", host_if, "nodad",
+    ])?;
+    for addr in link.addrs6 {
+        let addr = format!("{addr}/128");
+        ip(&["-n", node_ns, "-6", "route", "add", &addr, "dev", host_if])?;
     }
     Ok(())
 }

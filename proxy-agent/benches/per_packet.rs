@@ -62,7 +62,7 @@ fn service(i: u32) -> FrontendSpec {
     FrontendSpec::new(
         format!("svc-{i}"),
         Frontend {
-            address: vip,
+            address: vip.into(),
             port: 80,
             protocol: Protocol::Tcp,
         },
@@ -71,11 +71,19 @@ fn service(i: u32) -> FrontendSpec {
 }
 
 /// A TCP SYN from `src:sport` to `dst:80`, checksums complete.
+/// The IPv4 address of these IPv4 rows.
+fn v4(addr: std::net::IpAddr) -> Ipv4Addr {
+    match addr {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a}: the rows are IPv4"),
+    }
+}
+
 fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr) -> Vec<u8> {
     simulate::frame(&simulate::PacketSpec {
         proto: proxy_common::proto::TCP,
-        src: (src, sport),
-        dst: (dst, 80),
+        src: (src.into(), sport),
+        dst: (dst.into(), 80),
     })
 }
 
@@ -210,7 +218,7 @@ fn measure(
         &problems[..problems.len().min(3)]
     );
     // The Service in the middle of the address range.
-    let vip = list[(services / 2) as usize].frontend.address;
+    let vip = v4(list[(services / 2) as usize].frontend.address);
     let client = Ipv4Addr::new(10, 244, 1, 2);
     let opening = frame(client, 40000, vip);
     let established = as_ack(&opening);
@@ -289,7 +297,7 @@ fn measure(
 
     // A pod's packet already translated at connect(): to the middle
     // Service's first backend, untouched by from_pod.
-    let backend = list[(services / 2) as usize].endpoints[0].address;
+    let backend = v4(list[(services / 2) as usize].endpoints[0].address);
     let translated = as_ack(&frame(client, 40001, backend));
     let ns = (0..samples)
         .map(|_| {

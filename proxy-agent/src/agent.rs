@@ -802,13 +802,10 @@ fn sync(
         status.metrics.sync_errors += 1;
         status.metrics.map_write_failures += failures.len() as u64;
         for (rev, reason) in &report.outcome.failed_frontends {
-            let frontend = applied.revnat.get(rev).map(|r| {
-                format!(
-                    "{}:{}",
-                    Ipv4Addr::from(u32::from_be(r.addr_be)),
-                    u16::from_be(r.port_be)
-                )
-            });
+            let frontend = applied
+                .revnat
+                .get(rev)
+                .map(|r| std::net::SocketAddr::new(r.addr, r.port).to_string());
             warn!(id = rev, ?frontend, reason, "frontend left as it was");
         }
         anyhow::bail!(

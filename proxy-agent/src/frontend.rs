@@ -2,7 +2,11 @@
 //! endpoints that serve it, independent of where it came from (`k8s/`, or a
 //! services file). `desired/` turns these into map contents.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    str::FromStr,
+};
 
 use serde::Deserialize;
 
@@ -22,29 +26,31 @@ impl Protocol {
     }
 }
 
-/// An address and port clients dial.
+/// An address (IPv4 or IPv6) and port clients dial.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub struct Frontend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl std::fmt::Display for Frontend {
-    /// `10.96.0.10:53/UDP`, as the map dumps write frontends.
+    /// `10.96.0.10:53/UDP` or `[fd00::10]:53/UDP`, as the map dumps write
+    /// frontends.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let protocol = match self.protocol {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
         };
-        write!(f, "{}:{}/{protocol}", self.address, self.port)
+        let at = std::net::SocketAddr::new(self.address, self.port);
+        write!(f, "{at}/{protocol}")
     }
 }
 
-/// A backend serving a frontend.
+/// A backend serving a frontend (of the frontend's family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// Runs on this node: reached by DNAT alone from the uplink, never by SNAT.
     #[serde(default)]
@@ -167,9 +173,9 @@ pub struct FrontendSpec {
 
 impl Endpoint {
     /// A ready endpoint on another node.
-    pub const fn new(address: Ipv4Addr, port: u16) -> Self {
+    pub fn new(address: impl Into<IpAddr>, port: u16) -> Self {
         Self {
-            address,
+            address: address.into(),
             port,
             local: false,
             terminating: false,

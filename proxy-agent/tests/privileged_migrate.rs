@@ -10,7 +10,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::{lpm_trie::Key, LpmTrie, MapData};
 use proxy_agent::{
-    desired::{self, gc::Lifetimes, Ids, MapState},
+    desired::{self, gc::Lifetimes, Ids, MapState, ServiceKey},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     harness::{self, Hook},
     kernel::{migrate::Migration, monotonic_ns, Dataplane, MapSizes},
@@ -60,7 +60,7 @@ fn service(name: &str, vip: &str, port: u16, endpoints: &[(&str, bool)]) -> Fron
         })
         .collect();
     let frontend = Frontend {
-        address: ip(vip),
+        address: ip(vip).into(),
         port,
         protocol: Protocol::Tcp,
     };
@@ -104,12 +104,12 @@ fn backend_id(state: &MapState, addr: &str) -> u32 {
 
 /// The id `state` gives the TCP frontend `addr:port`.
 fn frontend_id(state: &MapState, addr: &str, port: u16) -> u32 {
-    state.services[&ServiceKey4::new(ip(addr), port, proto::TCP, 0)].rev_nat_id
+    state.services[&ServiceKey::new(ip(addr), port, proto::TCP, 0)].rev_nat_id
 }
 
 /// The backend a new flow `f` hashes to (flow-hash scheduler).
 fn hashed_backend(state: &MapState, f: &Frame) -> u32 {
-    let key = |slot| ServiceKey4::new(f.daddr4(), f.dport, f.proto, slot);
+    let key = |slot| ServiceKey::new(f.daddr, f.dport, f.proto, slot);
     let count = state.services[&key(0)].count;
     let h = f.flow_hash();
     state.services[&key(hash::slot_for(h, count))].backend_id
@@ -189,7 +189,7 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
     pins::create(dir, "nat4_v1", "lru_hash", 16, 16, None);
     let mut backends = pins::hash::<u32, Backend4>(dir, map_names::BACKENDS_V4);
     for (id, b) in &state.backends {
-        backends.insert(id, b, 0).unwrap();
+        backends.insert(id, b.kernel().v4().unwrap(), 0).unwrap();
     }
     let mut svc =
         pins::hash::<ServiceKey4, previous::ServiceValue>(dir, previous::names::SERVICES_V4);
@@ -201,11 +201,13 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
             flags: v.flags,
             maglev_size: v.maglev_size,
         };
-        svc.insert(k, old, 0).unwrap();
+        svc.insert(k.kernel().v4().unwrap(), old, 0).unwrap();
     }
     let mut revnat = pins::hash::<u16, RevNat4>(dir, previous::names::REVNAT_V4);
     for (id, r) in &state.revnat {
-        revnat.insert(u16::try_from(*id).unwrap(), r, 0).unwrap();
+        revnat
+            .insert(u16::try_from(*id).unwrap(), r.kernel().v4().unwrap(), 0)
+            .unwrap();
     }
     let mut maglev = pins::hash::<previous::MaglevKey4, u32>(dir, previous::names::MAGLEV_V4);
     for (k, backend) in &state.maglev {

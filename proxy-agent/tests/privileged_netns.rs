@@ -28,10 +28,16 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A backend pod's servers: each answers with its name and the client address it saw.
 fn serve(ns: &str, name: &'static str) {
-    let (tcp, udp) = in_netns(ns, || {
+    serve_on(ns, name, "0.0.0.0");
+}
+
+/// [`serve`] on the address `any` (`0.0.0.0`, or `::` for IPv6 too).
+fn serve_on(ns: &str, name: &'static str, any: &'static str) {
+    let (tcp, udp) = in_netns(ns, move || {
+        let at = |port: u16| SocketAddr::new(any.parse().unwrap(), port);
         (
-            TcpListener::bind("0.0.0.0:8080").unwrap(),
-            UdpSocket::bind("0.0.0.0:5353").unwrap(),
+            TcpListener::bind(at(8080)).unwrap(),
+            UdpSocket::bind(at(5353)).unwrap(),
         )
     });
     thread::spawn(move || {
@@ -325,6 +331,164 @@ fn clusterip_traffic_through_a_real_agent() {
         }
     }
     assert!(!lab.pin_dir.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}
+
+const CLIENT6: &str = "fd00:10:244:1::2";
+const BACKENDS6: [(&str, &str, &str); 2] = [
+    ("be1", "10.244.1.3", "fd00:10:244:1::3"),
+    ("be2", "10.244.1.4", "fd00:10:244:1::4"),
+];
+const GATEWAY6: &str = "fd00:10:244:1::1";
+const VIP6: &str = "fd00:10:96::10";
+const EMPTY_VIP6: &str = "fd00:10:96::11";
+
+/// Real TCP and UDP over IPv6 through a real agent: dual-stack pods, and a
+/// Service with a ClusterIP of each family.
+#[test]
+fn a_dual_stack_service_through_a_real_agent() {
+    let mut lab = Lab::new("ds");
+    let node = lab.netns("node");
+    let client = lab.netns("client");
+    lab.plug_dual_stack_pod(
+        &node,
+        &client,
+        "vc",
+        (CLIENT, GATEWAY),
+        Some((CLIENT6, GATEWAY6)),
+    );
+    for (i, (name, addr, addr6)) in BACKENDS6.iter().enumerate() {
+        let ns = lab.netns(name);
+        let host_if = format!("vb{i}");
+        lab.plug_dual_stack_pod(
+            &node,
+            &ns,
+            &host_if,
+            (addr, GATEWAY),
+            Some((addr6, GATEWAY6)),
+        );
+        serve_on(&ns, name, "::");
+    }
+    for forwarding in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        run("ip", &["netns", "exec", &node, "sysctl", "-qw", forwarding]);
+    }
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let endpoints = |port: u16, v6: bool| {
+        BACKENDS6
+            .iter()
+            .map(|(_, a, a6)| {
+                let a = if v6 { a6 } else { a };
+                format!(r#"{{"address": "{a}", "port": {port}}}"#)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let json = format!(
+        r#"{{"services": [
+            {{"name": "web", "address": "{VIP}", "port": 80, "protocol": "TCP", "endpoints": [{}]}},
+            {{"name": "web6", "address": "{VIP6}", "port": 80, "protocol": "TCP", "endpoints": [{}]}},
+            {{"name": "dns6", "address": "{VIP6}", "port": 53, "protocol": "UDP", "endpoints": [{}]}},
+            {{"name": "empty6", "address": "{EMPTY_VIP6}", "port": 80, "protocol": "TCP", "endpoints": []}}
+        ]}}"#,
+        endpoints(8080, false),
+        endpoints(8080, true),
+        endpoints(5353, true),
+    );
+    let services = dir.join("services.json");
+    std::fs::write(&services, json).unwrap();
+    lab.start_agent(
+        &node,
+        &[
+            "run",
+            "--services-file",
+            services.to_str().unwrap(),
+            "--pod-iface-pattern",
+            "vc,vb*",
+        ],
+    );
+
+    // 50 TCP connections to each ClusterIP: all answered, by both backends,
+    // each of which saw the client's own address of that family.
+    for (vip, client_addr) in [(VIP6, CLIENT6), (VIP, CLIENT)] {
+        let target = SocketAddr::new(vip.parse().unwrap(), 80);
+        let answers: Vec<String> = in_netns(&client, move || {
+            (0..50)
+                .map(|i| {
+                    let mut s = TcpStream::connect_timeout(&target, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("connection {i} to {target}: {e}"));
+                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    assert_eq!(s.peer_addr().unwrap(), target);
+                    let mut answer = String::new();
+                    s.read_to_string(&mut answer)
+                        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                    answer
+                })
+                .collect()
+        });
+        let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
+        for answer in &answers {
+            let (name, peer) = answer.trim().split_once(' ').expect("name and peer");
+            let peer: SocketAddr = peer.parse().unwrap();
+            let seen = match peer.ip() {
+                std::net::IpAddr::V6(a) => a.to_ipv4_mapped().map_or(a.into(), Into::into),
+                v4 => v4,
+            };
+            assert_eq!(seen.to_string(), client_addr, "the backend saw {peer}");
+            *by_backend.entry(name.to_string()).or_default() += 1;
+        }
+        eprintln!("{vip}: connections per backend: {by_backend:?}");
+        assert_eq!(by_backend.len(), 2, "both backends reached: {by_backend:?}");
+    }
+
+    // UDP over IPv6: the reply comes from the ClusterIP the client sent to.
+    let (from, answer) = in_netns(&client, || {
+        let sock = UdpSocket::bind("[::]:0").unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send_to(b"who?", format!("[{VIP6}]:53")).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
+        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    assert_eq!(from, format!("[{VIP6}]:53").parse::<SocketAddr>().unwrap());
+    assert!(
+        answer.contains(&format!(" [{CLIENT6}]:")),
+        "the backend saw the client: {answer}"
+    );
+
+    // A frontend without backends refuses at once (ICMPv6 port unreachable).
+    let refused = in_netns(&client, || {
+        TcpStream::connect_timeout(&format!("[{EMPTY_VIP6}]:80").parse().unwrap(), TIMEOUT)
+            .unwrap_err()
+    });
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+
+    // `inspect` writes IPv6 addresses as people do.
+    let inspect = |what: &str| {
+        run(
+            env!("CARGO_BIN_EXE_proxy-agent"),
+            &["inspect", what, "--pin-dir", lab.pin_dir.to_str().unwrap()],
+        )
+    };
+    let services = inspect("services");
+    for line in [
+        format!("[{VIP6}]:80/TCP"),
+        format!("[{VIP6}]:53/UDP"),
+        format!("[{EMPTY_VIP6}]:80/TCP"),
+        format!("{VIP}:80/TCP"),
+    ] {
+        assert!(services.contains(&line), "{line} missing from:\n{services}");
+    }
+    let conntrack = inspect("conntrack");
+    assert!(
+        conntrack.contains(&format!("[{CLIENT6}]:")) && conntrack.contains("forward"),
+        "{conntrack}"
+    );
+
+    lab.teardown_agents_only();
+    lab.cleanup_agent_state(&node);
     let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();

@@ -69,6 +69,6 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
             failures.push(format!("{name}: {}", problems.join("; ")));
         }
     }
-    assert!(ran >= 13, "only {ran} cases ran");
+    assert!(ran >= 17, "only {ran} cases ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

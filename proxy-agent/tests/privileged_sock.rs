@@ -47,7 +47,7 @@ fn spec(address: Ipv4Addr, port: u16, protocol: Protocol, backends: &[u16]) -> F
     FrontendSpec::new(
         format!("{address}:{port}"),
         Frontend {
-            address,
+            address: address.into(),
             port,
             protocol,
         },

@@ -506,9 +506,24 @@ fn a_services_map_shrunk_below_its_entries_keeps_only_whole_frontends() {
     small.extend(["--map-services", "32"]);
     lab.start_agent(&node, &small);
     let state = MapState {
-        services: pinned.services().unwrap().into_iter().collect(),
-        backends: pinned.backends().unwrap().into_iter().collect(),
-        revnat: pinned.revnat().unwrap().into_iter().collect(),
+        services: pinned
+            .services()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.into(), v))
+            .collect(),
+        backends: pinned
+            .backends()
+            .unwrap()
+            .into_iter()
+            .map(|(id, b)| (id, b.into()))
+            .collect(),
+        revnat: pinned
+            .revnat()
+            .unwrap()
+            .into_iter()
+            .map(|(id, r)| (id, r.into()))
+            .collect(),
         ..Default::default()
     };
     check_whole(&state).expect("every frontend in the maps is whole");

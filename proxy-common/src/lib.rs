@@ -150,11 +150,10 @@ pub mod capacity {
     /// Sockets the socket hooks translated, each with the backend it was
     /// sent to (least recently used evicted).
     pub const SOCK_REVNAT: u32 = 65_536;
-    /// The IPv6 maps, smaller until the agent programs IPv6 frontends (and
-    /// the map-size flags size them): about 10 MiB together.
-    pub const SERVICES_V6: u32 = 16_384;
-    pub const BACKENDS_V6: u32 = 16_384;
-    pub const REVNAT_V6: u32 = 16_384;
+    /// The IPv6 flow maps (least recently used evicted, allocated whole):
+    /// smaller than IPv4's until they get flags of their own, about 8 MiB
+    /// together. The IPv6 services, backends and reverse-NAT maps have the
+    /// IPv4 ones' sizes and are allocated as used.
     pub const CONNTRACK_V6: u32 = 65_536;
     pub const AFFINITY_V6: u32 = 16_384;
 }

@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 
 use crate::{
-    map_names, stats::Stat, AffinityKey4, AffinityValue, Backend4, CtKey4, CtValue, Nat4, RevNat4,
-    ServiceKey4, ServiceValue, StatCounter,
+    map_names, stats::Stat, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4,
+    CtKey6, CtValue, Nat4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, StatCounter,
 };
 
 /// The maps pinned under one directory.
@@ -85,6 +85,26 @@ impl Pinned {
 
     pub fn affinity(&self) -> Result<Vec<(AffinityKey4, AffinityValue)>> {
         self.hash(map_names::AFFINITY_V4)
+    }
+
+    pub fn services6(&self) -> Result<Vec<(ServiceKey6, ServiceValue)>> {
+        self.hash(map_names::SERVICES_V6)
+    }
+
+    pub fn backends6(&self) -> Result<Vec<(u32, Backend6)>> {
+        self.hash(map_names::BACKENDS_V6)
+    }
+
+    pub fn revnat6(&self) -> Result<Vec<(u32, RevNat6)>> {
+        self.hash(map_names::REVNAT_V6)
+    }
+
+    pub fn conntrack6(&self) -> Result<Vec<(CtKey6, CtValue)>> {
+        self.hash(map_names::CONNTRACK_V6)
+    }
+
+    pub fn affinity6(&self) -> Result<Vec<(AffinityKey6, AffinityValue)>> {
+        self.hash(map_names::AFFINITY_V6)
     }
 
     /// Every statistics counter, summed over the CPUs, by name.

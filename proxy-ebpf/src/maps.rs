@@ -94,18 +94,35 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey4, RevNat4, { capacity::SOCK_REVNAT
 #[btf_map(name = "sockcfg_v1")]
 pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
 
-/// IPv6 service frontends, as `SERVICES`.
+/// IPv6 service frontends, as `SERVICES`, of as many entries (the agent
+/// counts the entries of both families against one size). Allocated as
+/// used, so a node without IPv6 Services pays nothing for them; the same
+/// for the IPv6 backends and reverse NAT.
 #[btf_map(name = "svc6_v1")]
-pub static SERVICES6: HashMap<ServiceKey6, ServiceValue, { capacity::SERVICES_V6 as usize }> =
-    HashMap::new();
+pub static SERVICES6: HashMap<
+    ServiceKey6,
+    ServiceValue,
+    { capacity::SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// IPv6 backends by id (ids are one space with the IPv4 ones).
 #[btf_map(name = "backend6_v1")]
-pub static BACKENDS6: HashMap<u32, Backend6, { capacity::BACKENDS_V6 as usize }> = HashMap::new();
+pub static BACKENDS6: HashMap<
+    u32,
+    Backend6,
+    { capacity::BACKENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// IPv6 reverse NAT: frontend id -> the address and port the client dialled.
 #[btf_map(name = "revnat6_v1")]
-pub static REVNAT6: HashMap<u32, RevNat6, { capacity::REVNAT_V6 as usize }> = HashMap::new();
+pub static REVNAT6: HashMap<
+    u32,
+    RevNat6,
+    { capacity::REVNAT as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// IPv6 conntrack, as `CONNTRACK`.
 #[btf_map(name = "ct6_v1")]

@@ -2,16 +2,25 @@
 //! private maps filled by the real desired-state code from Kubernetes manifests,
 //! run one packet through BPF_PROG_TEST_RUN.
 
-use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    str::FromStr,
+};
 
 use anyhow::{bail, Result};
-use proxy_common::{program_names, proto, ServiceKey4};
+use proxy_common::{program_names, proto};
 
 pub use crate::k8s::manifests::{read_manifests, Manifests};
 use crate::{
-    desired::MapState,
+    desired::{MapState, ServiceKey},
     frontend::{FrontendSpec, Scheduler},
-    harness::{self, packet::Frame, Programs},
+    harness::{
+        self,
+        packet::{self, Frame},
+        Programs,
+    },
     settings,
 };
 
@@ -33,34 +42,40 @@ impl FromStr for Hook {
     }
 }
 
-/// `PROTO SRC:PORT -> DST:PORT`, e.g. `TCP 10.244.1.2:40000 -> 10.96.0.10:80`.
+/// `PROTO SRC:PORT -> DST:PORT`, e.g. `TCP 10.244.1.2:40000 -> 10.96.0.10:80`
+/// or `UDP [fd00::2]:40000 -> [fd00:96::10]:53`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketSpec {
     pub proto: u8,
-    pub src: (Ipv4Addr, u16),
-    pub dst: (Ipv4Addr, u16),
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
 }
 
 impl FromStr for PacketSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected 'TCP 10.244.1.2:40000 -> 10.96.0.10:80'");
+        let bad = || {
+            format!(
+                "{s:?}: expected 'TCP 10.244.1.2:40000 -> 10.96.0.10:80' \
+                 (or IPv6: 'UDP [fd00::2]:40000 -> [fd00:96::10]:53')"
+            )
+        };
         let mut words = s.split_whitespace();
         let proto = match words.next().map(str::to_ascii_uppercase).as_deref() {
             Some("TCP") => proto::TCP,
             Some("UDP") => proto::UDP,
             _ => return Err(bad()),
         };
-        let endpoint = |w: Option<&str>| -> Option<(Ipv4Addr, u16)> {
-            let (a, p) = w?.rsplit_once(':')?;
-            Some((a.parse().ok()?, p.parse().ok()?))
+        let endpoint = |w: Option<&str>| -> Option<(IpAddr, u16)> {
+            let at: SocketAddr = w?.parse().ok()?;
+            Some((at.ip(), at.port()))
         };
         let src = endpoint(words.next()).ok_or_else(bad)?;
         if words.next() != Some("->") {
             return Err(bad());
         }
         let dst = endpoint(words.next()).ok_or_else(bad)?;
-        if words.next().is_some() {
+        if words.next().is_some() || src.0.is_ipv6() != dst.0.is_ipv6() {
             return Err(bad());
         }
         Ok(Self { proto, src, dst })
@@ -125,34 +140,48 @@ pub fn simulate(
         other => return Ok(unknown(program, other, counter)),
     }
     .to_string();
-    let read = |at: usize| -> (Ipv4Addr, u16) {
-        if out.len() < 38 {
-            return (Ipv4Addr::UNSPECIFIED, 0);
-        }
-        let ihl = usize::from(out[14] & 0x0f) * 4;
-        let l4 = 14 + ihl;
-        let port_at = if at == 26 { l4 } else { l4 + 2 };
-        (
-            Ipv4Addr::new(out[at], out[at + 1], out[at + 2], out[at + 3]),
-            u16::from_be_bytes([out[port_at], out[port_at + 1]]),
-        )
-    };
-    let icmp = out.len() > 23 && out[23] == 1;
-    let (src, dst) = (read(26), read(30));
+    let (icmp, src, dst) = addresses(&out);
     let (frontend, candidates) =
         candidates(&programs.programmed.applied, &served.frontends, packet);
     Ok(Outcome {
-        verdict: if icmp {
+        verdict: if icmp && src.0.is_ipv6() {
+            "reject (ICMPv6 port unreachable)".into()
+        } else if icmp {
             "reject (ICMP port unreachable)".into()
         } else {
             verdict
         },
         counter,
-        src: format!("{}:{}", src.0, src.1),
-        dst: format!("{}:{}", dst.0, dst.1),
+        src: SocketAddr::new(src.0, src.1).to_string(),
+        dst: SocketAddr::new(dst.0, dst.1).to_string(),
         frontend,
         candidates,
     })
+}
+
+/// Whether the frame that came out is an ICMP (ICMPv6) error, and its source
+/// and destination (the ports of the L4 header right behind the IP header).
+fn addresses(out: &[u8]) -> (bool, (IpAddr, u16), (IpAddr, u16)) {
+    let none = (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+    let port = |at: usize| {
+        out.get(at..at + 2)
+            .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]))
+    };
+    if out.get(12..14) == Some(&[0x86, 0xdd]) && out.len() >= 54 {
+        let addr = |at: usize| {
+            let bytes: [u8; 16] = out[at..at + 16].try_into().unwrap();
+            IpAddr::from(bytes)
+        };
+        let icmp = out[20] == packet::ICMP6;
+        return (icmp, (addr(22), port(54)), (addr(38), port(56)));
+    }
+    if out.len() < 38 {
+        return (false, none, none);
+    }
+    let l4 = 14 + usize::from(out[14] & 0x0f) * 4;
+    let addr = |at: usize| IpAddr::from([out[at], out[at + 1], out[at + 2], out[at + 3]]);
+    let icmp = out[23] == packet::ICMP;
+    (icmp, (addr(26), port(l4)), (addr(30), port(l4 + 2)))
 }
 
 /// The frontend a packet to `packet`'s destination matches (by its name), and
@@ -162,7 +191,7 @@ fn candidates(
     frontends: &[FrontendSpec],
     packet: &PacketSpec,
 ) -> (Option<String>, Vec<String>) {
-    let key = ServiceKey4::new(packet.dst.0, packet.dst.1, packet.proto, 0);
+    let key = ServiceKey::new(packet.dst.0, packet.dst.1, packet.proto, 0);
     match map_state.services.get(&key) {
         None => (None, Vec::new()),
         Some(slot0) => {
@@ -170,7 +199,7 @@ fn candidates(
             for slot in 1..=slot0.count {
                 if let Some(v) = map_state.services.get(&key.with_slot(slot)) {
                     if let Some(b) = map_state.backends.get(&v.backend_id) {
-                        set.insert(format!("{}:{}", b.addr(), b.port()));
+                        set.insert(SocketAddr::new(b.addr, b.port).to_string());
                     }
                 }
             }

@@ -11,7 +11,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use proxy_common::{ServiceKey4, ServiceValue};
+use proxy_common::ServiceValue;
+
+use super::maps::ServiceKey;
 
 use super::maps::{Capacity, MapOp, MapState};
 
@@ -27,7 +29,7 @@ pub fn check_whole(maps: &MapState) -> Result<(), String> {
 
 /// Every frontend of `maps` with a hole (see [`check_whole`]): its slot-0 key
 /// and the first hole found.
-pub fn holes(maps: &MapState) -> Vec<(ServiceKey4, String)> {
+pub fn holes(maps: &MapState) -> Vec<(ServiceKey, String)> {
     maps.services
         .iter()
         .filter(|(k, _)| k.slot == 0)
@@ -35,7 +37,7 @@ pub fn holes(maps: &MapState) -> Vec<(ServiceKey4, String)> {
         .collect()
 }
 
-fn hole(maps: &MapState, key: &ServiceKey4, head: &ServiceValue) -> Option<String> {
+fn hole(maps: &MapState, key: &ServiceKey, head: &ServiceValue) -> Option<String> {
     if !maps.revnat.contains_key(&head.rev_nat_id) {
         return Some("no reverse-NAT entry".into());
     }
@@ -79,7 +81,7 @@ fn hole(maps: &MapState, key: &ServiceKey4, head: &ServiceValue) -> Option<Strin
 /// slot 0 first, so that no packet meets it half gone, then its slots and
 /// its Maglev table. Its backends and reverse-NAT entry stay for a round to
 /// reuse or remove.
-pub fn removal(maps: &MapState, head: &ServiceKey4) -> Vec<MapOp> {
+pub fn removal(maps: &MapState, head: &ServiceKey) -> Vec<MapOp> {
     let mut ops = vec![MapOp::DelService(*head)];
     let Some(value) = maps.services.get(head) else {
         return Vec::new();

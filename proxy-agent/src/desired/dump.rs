@@ -2,7 +2,7 @@
 //! the golden tests compare and what a person reads when a map looks wrong.
 //! Pure formatting; byte order is decoded here.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use proxy_common::{backend_flags, backend_state, proto, svc_flags, ServiceValue, SourceRange4};
 
@@ -55,13 +55,12 @@ fn flags(head: &ServiceValue) -> String {
 pub fn dump(state: &MapState) -> String {
     let mut out = String::new();
     let mut heads: Vec<_> = state.services.iter().filter(|(k, _)| k.slot == 0).collect();
-    heads.sort_by_key(|(k, _)| (k.addr(), k.port(), k.proto));
+    heads.sort_by_key(|(k, _)| **k);
     for (key, head) in heads {
         let _ = writeln!(
             out,
-            "frontend {}:{}/{} revnat={} backends={} flags={}",
-            key.addr(),
-            key.port(),
+            "frontend {}/{} revnat={} backends={} flags={}",
+            SocketAddr::new(key.addr, key.port),
             protocol(key.proto),
             head.rev_nat_id,
             head.count,
@@ -109,14 +108,13 @@ pub fn dump(state: &MapState) -> String {
         };
         let _ = writeln!(
             out,
-            "backend {id} {}:{}/{} {state}{local}",
-            b.addr(),
-            b.port(),
+            "backend {id} {}/{} {state}{local}",
+            SocketAddr::new(b.addr, b.port),
             protocol(b.proto)
         );
     }
     for (id, r) in &state.revnat {
-        let _ = writeln!(out, "revnat {id} {}:{}", r.addr(), r.port());
+        let _ = writeln!(out, "revnat {id} {}", SocketAddr::new(r.addr, r.port));
     }
     out
 }

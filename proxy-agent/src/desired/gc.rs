@@ -17,7 +17,8 @@ use std::{
 };
 
 use proxy_common::{
-    ct_dir, ct_flags, ct_lifetime, nat_ports, proto, CtKey4, CtValue, Nat4, NatPortKey4, RevNat4,
+    ct_dir, ct_flags, ct_lifetime, nat_ports, proto, CtKey4, CtKey6, CtValue, Nat4, NatPortKey4,
+    RevNat4,
 };
 
 /// A NAT entry younger than this is never taken for an orphan: its flow may
@@ -109,6 +110,8 @@ impl fmt::Display for NatBackend {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub conntrack: Vec<(CtKey4, CtValue)>,
+    /// IPv6 conntrack (no NAT: IPv6 flows are not SNATed).
+    pub conntrack6: Vec<(CtKey6, CtValue)>,
     pub nat: Vec<(CtKey4, Nat4)>,
     pub nat_ports: Vec<(NatPortKey4, u64)>,
     pub revnat: BTreeMap<u32, RevNat4>,
@@ -121,6 +124,7 @@ pub struct Snapshot {
 pub struct Plan {
     /// Conntrack entries that ended.
     pub conntrack: Vec<CtKey4>,
+    pub conntrack6: Vec<CtKey6>,
     /// NAT entries whose flow ended.
     pub nat: Vec<CtKey4>,
     /// NAT-port words to write (`Some`) or delete (`None`), with the value
@@ -158,6 +162,12 @@ pub fn plan(snapshot: &Snapshot, now_ns: u64, lifetimes: &Lifetimes) -> Plan {
             forward.insert(*key, value.nat_port_be);
         }
     }
+    plan.conntrack6 = snapshot
+        .conntrack6
+        .iter()
+        .filter(|(k, v)| lifetimes.expired(now_ns, k.proto, v.flags, v.last_seen_ns))
+        .map(|(k, _)| *k)
+        .collect();
     let grace = u64::try_from(ORPHAN_GRACE.as_nanos()).unwrap_or(u64::MAX);
     let mut held: BTreeMap<NatBackend, BTreeSet<u16>> = BTreeMap::new();
     for (key, value) in &snapshot.nat {
@@ -307,6 +317,7 @@ mod tests {
     fn snapshot(flows: &[Flow], range: u16) -> Snapshot {
         Snapshot {
             conntrack: flows.iter().map(|f| f.0).collect(),
+            conntrack6: Vec::new(),
             nat: flows.iter().map(|f| f.1).collect(),
             nat_ports: Vec::new(),
             revnat: BTreeMap::from([(
@@ -432,5 +443,35 @@ mod tests {
     #[test]
     fn backends_print_as_address_port_protocol() {
         assert_eq!(BACKEND.to_string(), "10.244.2.3:8080/TCP");
+    }
+
+    #[test]
+    fn ipv6_conntrack_entries_end_with_their_lifetime() {
+        let key = |sport: u16, proto| CtKey6 {
+            saddr: [0xfd; 16],
+            daddr: [0xfe; 16],
+            sport_be: sport.to_be(),
+            dport_be: 80u16.to_be(),
+            proto,
+            dir: ct_dir::FORWARD,
+            _pad: 0,
+        };
+        let seen = |flags, last_seen_ns| CtValue {
+            flags,
+            last_seen_ns,
+            ..CtValue::default()
+        };
+        let now = 100_000 * S;
+        let snapshot = Snapshot {
+            conntrack6: vec![
+                (key(1, UDP), seen(0, now - 61 * S)),
+                (key(2, UDP), seen(0, now - 59 * S)),
+                (key(3, TCP), seen(ct_flags::CLOSING, now - 11 * S)),
+                (key(4, TCP), seen(0, now - 11 * S)),
+            ],
+            ..Snapshot::default()
+        };
+        let plan = plan(&snapshot, now, &Lifetimes::default());
+        assert_eq!(plan.conntrack6, [key(1, UDP), key(3, TCP)]);
     }
 }

@@ -4,12 +4,12 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use proxy_common::{capacity, Backend4};
+use proxy_common::capacity;
 
-use super::maps::MapState;
+use super::maps::{Backend, MapState};
 use crate::frontend::{Endpoint, Frontend, Protocol};
 
 /// Allocates the ids that map entries refer to. Ids are handed out from a moving
@@ -20,7 +20,7 @@ use crate::frontend::{Endpoint, Frontend, Protocol};
 pub struct Ids {
     /// By address, port and protocol: a backend keeps its id while it changes
     /// from ready to terminating, so conntrack entries naming it stay valid.
-    pub(super) backends: HashMap<(Ipv4Addr, u16, Protocol), u32>,
+    pub(super) backends: HashMap<(IpAddr, u16, Protocol), u32>,
     /// The ids in `backends`, kept beside it so an allocation is O(1), not a
     /// walk over every backend.
     pub(super) backend_ids: HashSet<u32>,
@@ -58,12 +58,7 @@ impl Ids {
         let mut ids = Self::default();
         for (&id, b) in &state.backends {
             if let Some(protocol) = protocol_of(b.proto) {
-                let key = (
-                    u32::from_be(b.addr_be).into(),
-                    u16::from_be(b.port_be),
-                    protocol,
-                );
-                ids.backends.insert(key, id);
+                ids.backends.insert((b.addr, b.port, protocol), id);
                 ids.backend_ids.insert(id);
                 ids.backend_cursor = ids.backend_cursor.max(id);
             }
@@ -74,8 +69,8 @@ impl Ids {
             }
             if let Some(protocol) = protocol_of(key.proto) {
                 let frontend = Frontend {
-                    address: u32::from_be(key.addr_be).into(),
-                    port: u16::from_be(key.port_be),
+                    address: key.addr,
+                    port: key.port,
                     protocol,
                 };
                 ids.revnat.insert(frontend, value.rev_nat_id);
@@ -126,16 +121,12 @@ impl Ids {
     }
 
     /// Forgets a backend no frontend uses any more.
-    pub(super) fn forget_backend(&mut self, id: u32, value: &Backend4) {
+    pub(super) fn forget_backend(&mut self, id: u32, value: &Backend) {
         self.users.remove(&id);
         let Some(protocol) = protocol_of(value.proto) else {
             return;
         };
-        let key = (
-            u32::from_be(value.addr_be).into(),
-            u16::from_be(value.port_be),
-            protocol,
-        );
+        let key = (value.addr, value.port, protocol);
         if self.backends.get(&key) == Some(&id) {
             self.backends.remove(&key);
             self.backend_ids.remove(&id);

@@ -8,19 +8,22 @@ use std::{
 };
 
 use proxy_common::{
-    backend_flags, backend_state, svc_flags, Backend4, MaglevKey, RevNat4, ServiceKey4,
-    ServiceValue, SourceRange4,
+    backend_flags, backend_state, svc_flags, MaglevKey, ServiceValue, SourceRange4,
 };
 
+pub use super::entries::{Backend, RevNat, ServiceKey};
 use super::{diff::diff, ids::Ids};
 use crate::frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler};
 
-/// The contents of the service, backend, reverse-NAT and source-range maps.
+/// The contents of the service, backend, reverse-NAT and source-range maps,
+/// of both address families: an entry goes into its family's map. Ids are
+/// one space over both, and each capacity is checked against the entries of
+/// both together (each family's map has that many entries).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
-    pub services: BTreeMap<ServiceKey4, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend4>,
-    pub revnat: BTreeMap<u32, RevNat4>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub revnat: BTreeMap<u32, RevNat>,
     /// loadBalancerSourceRanges entries: (LPM prefix length, data).
     pub source_ranges: BTreeSet<(u32, SourceRange4)>,
     /// Maglev tables: (frontend, slot) -> backend id.
@@ -30,12 +33,12 @@ pub struct MapState {
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend(u32, Backend4),
-    PutRevNat(u32, RevNat4),
+    PutBackend(u32, Backend),
+    PutRevNat(u32, RevNat),
     PutSourceRange(u32, SourceRange4),
     PutMaglev(MaglevKey, u32),
-    PutService(ServiceKey4, ServiceValue),
-    DelService(ServiceKey4),
+    PutService(ServiceKey, ServiceValue),
+    DelService(ServiceKey),
     DelSourceRange(u32, SourceRange4),
     DelMaglev(MaglevKey),
     DelRevNat(u32),
@@ -188,8 +191,8 @@ impl Room<'_> {
 /// Most backend slots one frontend can have (slots are numbered by a `u16`).
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
-fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey4 {
-    ServiceKey4::new(
+fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(
         frontend.address,
         frontend.port,
         frontend.protocol.number(),
@@ -431,10 +434,9 @@ fn add_frontend(
         .ok_or_else(|| exhausted("backend"))?;
     part.revnat.insert(
         rev_nat_id,
-        RevNat4 {
-            addr_be: u32::from(frontend.address).to_be(),
-            port_be: frontend.port.to_be(),
-            _pad: 0,
+        RevNat {
+            addr: frontend.address,
+            port: frontend.port,
         },
     );
     let head = slot0(part, service, rev_nat_id, &slots);
@@ -699,10 +701,10 @@ pub(super) fn maglev_table_keys(rev_nat_id: u32) -> std::ops::RangeInclusive<Mag
     }
 }
 
-fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
-    Backend4 {
-        addr_be: u32::from(endpoint.address).to_be(),
-        port_be: endpoint.port.to_be(),
+fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend {
+    Backend {
+        addr: endpoint.address,
+        port: endpoint.port,
         proto: protocol.number(),
         state: if endpoint.terminating {
             backend_state::TERMINATING
@@ -714,7 +716,6 @@ fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend4 {
         } else {
             0
         },
-        _pad: [0; 3],
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod diff;
 pub mod dump;
+pub mod entries;
 pub mod gc;
 pub mod ids;
 pub mod maglev;
@@ -13,6 +14,7 @@ pub mod round;
 
 pub use diff::diff;
 pub use dump::dump;
+pub use entries::{Backend, RevNat, ServiceKey};
 pub use ids::{Ids, MAX_FRONTEND_ID};
 pub use maps::{map_state, map_state_in, update, Capacity, MapOp, MapState, Problem, MAX_SLOTS};
 pub use round::{Programmed, RoundReport};

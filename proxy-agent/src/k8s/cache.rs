@@ -84,7 +84,11 @@ impl FrontendCache {
         };
         if self.all || self.contested || self.node.as_ref() != Some(node) {
             let mut by_service: HashMap<&str, Vec<&Slice>> = HashMap::new();
-            for slice in stores.slices.values().filter(|s| s.address_type == "IPv4") {
+            let ip_slices = stores
+                .slices
+                .values()
+                .filter(|s| frontends::family_of(&s.address_type).is_some());
+            for slice in ip_slices {
                 by_service.entry(&slice.service).or_default().push(slice);
             }
             self.per_service = stores
@@ -123,7 +127,9 @@ impl FrontendCache {
                     let slices: Vec<&Slice> = stores
                         .slices
                         .values()
-                        .filter(|s| &s.service == key && s.address_type == "IPv4")
+                        .filter(|s| {
+                            &s.service == key && frontends::family_of(&s.address_type).is_some()
+                        })
                         .collect();
                     self.per_service.insert(key.clone(), compute(svc, &slices))
                 }

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use k8s_openapi::api::core::v1::Service;
@@ -38,15 +38,17 @@ pub enum Skip {
     Headless(String),
     #[error("{0}: handled by another proxy ({SERVICE_PROXY_NAME_LABEL})")]
     OtherProxy(String),
-    #[error("{0}: no IPv4 cluster IP")]
-    NoIpv4ClusterIp(String),
+    #[error("{0}: no valid cluster IP")]
+    NoClusterIp(String),
     #[error("{0}: protocol {1} is not supported")]
     Protocol(String, String),
     #[error("{0}: invalid port {1}")]
     Port(String, i32),
     #[error("{0}: invalid nodePort {1} (the port's other frontends are served)")]
     NodePort(String, i32),
-    #[error("{0}: {1} entry {2:?} is not an IPv4 address (left out)")]
+    /// The family is the EndpointSlice's, or for externalIPs and
+    /// LoadBalancer IPs one the Service has a cluster IP of.
+    #[error("{0}: {1} entry {2:?} is not an IP address of its family (left out)")]
     Address(String, &'static str, String),
     #[error("{0}: EndpointSlice port {1} is invalid (its endpoints are left out of that port)")]
     SlicePort(String, i32),
@@ -84,17 +86,22 @@ pub struct Frontends {
     pub skipped: Vec<Skip>,
 }
 
-/// Every endpoint of one Service port, from its slices (deduplicated by address),
-/// with what kube-proxy's categorisation needs to know of it.
+/// Every endpoint of one Service port of one family (`v6`), from its slices of
+/// that family (deduplicated by address), with what kube-proxy's
+/// categorisation needs to know of it.
 fn port_endpoints(
     slices: &[&Slice],
     port_name: &str,
     proto: Protocol,
     node: &NodeInfo,
+    v6: bool,
 ) -> (Vec<Endpoint>, Vec<EndpointInfo>) {
     let mut seen = BTreeSet::new();
     let (mut endpoints, mut infos) = (Vec::new(), Vec::new());
-    for slice in slices {
+    for slice in slices
+        .iter()
+        .filter(|s| family_of(&s.address_type) == Some(v6))
+    {
         let Some(target) = slice.ports.iter().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && protocol(p.protocol.as_deref()) == Some(proto)
@@ -113,7 +120,8 @@ fn port_endpoints(
             let Some(address) = ep
                 .addresses
                 .first()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .filter(|a| a.is_ipv6() == v6)
             else {
                 continue;
             };
@@ -153,7 +161,7 @@ fn port_endpoints(
 pub fn of_cluster(k8s: &[&Service], slices: &[&Slice], node: &NodeInfo) -> Frontends {
     let mut by_service: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
-        if slice.address_type == "IPv4" {
+        if family_of(&slice.address_type).is_some() {
             by_service
                 .entry(slice.service.as_str())
                 .or_default()
@@ -181,8 +189,18 @@ pub fn service_key(svc: &Service) -> String {
     )
 }
 
-/// What one Service adds to [`of_cluster`], given its IPv4 slices: the agent
-/// recomputes only the Services whose objects changed.
+/// Whether slices of `address_type` hold IPv6 addresses (`Some(true)`),
+/// IPv4 ones (`Some(false)`), or neither (FQDN, which kube-proxy ignores).
+pub fn family_of(address_type: &str) -> Option<bool> {
+    match address_type {
+        "IPv4" => Some(false),
+        "IPv6" => Some(true),
+        _ => None,
+    }
+}
+
+/// What one Service adds to [`of_cluster`], given its IPv4 and IPv6 slices:
+/// the agent recomputes only the Services whose objects changed.
 pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out: &mut Frontends) {
     let Some(view) = ServiceView::of(svc, node, out) else {
         return;
@@ -239,8 +257,9 @@ fn valid_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|p| *p != 0)
 }
 
-/// Says what of a Service's IPv4 slices is left out: addresses that are not
-/// IPv4 (the first of an endpoint, the one kube-proxy uses) and invalid ports.
+/// Says what of a Service's slices is left out: addresses that are not of
+/// the slice's family (the first of an endpoint, the one kube-proxy uses)
+/// and invalid ports.
 fn report_slices(key: &str, slices: &[&Slice], out: &mut Frontends) {
     for slice in slices {
         for port in slice.ports.iter().filter_map(|p| p.port) {
@@ -248,8 +267,9 @@ fn report_slices(key: &str, slices: &[&Slice], out: &mut Frontends) {
                 out.skipped.push(Skip::SlicePort(key.to_string(), port));
             }
         }
+        let v6 = family_of(&slice.address_type);
         for address in slice.endpoints.iter().filter_map(|e| e.addresses.first()) {
-            if address.parse::<Ipv4Addr>().is_err() {
+            if address.parse::<IpAddr>().ok().map(|a| a.is_ipv6()) != v6 {
                 let field = "EndpointSlice endpoint addresses";
                 out.skipped
                     .push(Skip::Address(key.to_string(), field, address.clone()));
@@ -258,16 +278,19 @@ fn report_slices(key: &str, slices: &[&Slice], out: &mut Frontends) {
     }
 }
 
-/// The IPv4 addresses of a list; the others are reported as `field`'s.
-fn ipv4_addresses<'a>(
+/// The IP addresses of a list of the families of `vips` (a family the
+/// Service has no cluster IP of is not served, as kube-proxy's proxier of
+/// that family skips the Service); the others are reported as `field`'s.
+fn ip_addresses<'a>(
     list: impl Iterator<Item = &'a str>,
+    vips: &[IpAddr],
     key: &str,
     field: &'static str,
     out: &mut Frontends,
-) -> Vec<Ipv4Addr> {
-    list.filter_map(|a| match a.parse() {
-        Ok(address) => Some(address),
-        Err(_) => {
+) -> Vec<IpAddr> {
+    list.filter_map(|a| match a.parse::<IpAddr>() {
+        Ok(address) if vips.iter().any(|v| v.is_ipv6() == address.is_ipv6()) => Some(address),
+        _ => {
             out.skipped
                 .push(Skip::Address(key.to_string(), field, a.to_string()));
             None
@@ -289,12 +312,13 @@ struct ServicePort<'a> {
 struct ServiceView {
     /// `namespace/name`.
     key: String,
-    vip: Ipv4Addr,
+    /// The cluster IPs: one per family the Service has (`spec.clusterIPs`).
+    vips: Vec<IpAddr>,
     /// `spec.type`, `ClusterIP` when unset.
     kind: String,
     external_local: bool,
-    external_ips: Vec<Ipv4Addr>,
-    lb_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<IpAddr>,
+    lb_ips: Vec<IpAddr>,
     source_ranges: Option<Vec<Cidr>>,
     policy: Policy,
     topology_node: topology::Node,
@@ -308,16 +332,17 @@ impl ServiceView {
         let meta = &svc.metadata;
         let key = service_key(svc);
         let spec = svc.spec.as_ref()?;
-        let vip = cluster_ip(svc, &key, out)?;
+        let vips = cluster_ips(svc, &key, out)?;
         let kind = spec.type_.as_deref().unwrap_or("ClusterIP").to_string();
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let external_ips = ipv4_addresses(
+        let external_ips = ip_addresses(
             spec.external_ips.iter().flatten().map(String::as_str),
+            &vips,
             &key,
             "externalIPs",
             out,
         );
-        let lb_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
+        let lb_ips: Vec<IpAddr> = if kind == "LoadBalancer" {
             let ingress = svc
                 .status
                 .as_ref()
@@ -329,7 +354,7 @@ impl ServiceView {
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.as_deref());
-            ipv4_addresses(ips, &key, "status.loadBalancer.ingress ip", out)
+            ip_addresses(ips, &vips, &key, "status.loadBalancer.ingress ip", out)
         } else {
             Vec::new()
         };
@@ -377,7 +402,7 @@ impl ServiceView {
         };
         Some(Self {
             key,
-            vip,
+            vips,
             kind,
             external_local,
             external_ips,
@@ -390,8 +415,10 @@ impl ServiceView {
         })
     }
 
-    /// The frontends of one port: its ClusterIP, node ports, externalIPs and
-    /// LoadBalancer IPs. Returns how many endpoints it has on this node.
+    /// The frontends of one port: its ClusterIPs, node ports, externalIPs
+    /// and LoadBalancer IPs, each served by the endpoints of its own family
+    /// (as kube-proxy runs one proxier per family). Returns how many
+    /// endpoints it has on this node.
     fn port_frontends(
         &self,
         port: &ServicePort<'_>,
@@ -399,9 +426,46 @@ impl ServiceView {
         node: &NodeInfo,
         out: &mut Frontends,
     ) -> usize {
+        let node_ports: Vec<IpAddr> = match (
+            matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
+            port.node_port,
+        ) {
+            (true, Some(_)) => node.node_port_addresses().map(IpAddr::from).collect(),
+            _ => Vec::new(),
+        };
+        let mut local_endpoints = 0;
+        for v6 in [false, true] {
+            let of_family = |list: &[IpAddr]| -> Vec<IpAddr> {
+                list.iter().copied().filter(|a| a.is_ipv6() == v6).collect()
+            };
+            let addresses = FamilyAddresses {
+                vips: of_family(&self.vips),
+                node_ports: of_family(&node_ports),
+                external_ips: of_family(&self.external_ips),
+                lb_ips: of_family(&self.lb_ips),
+            };
+            if addresses.is_empty() {
+                continue;
+            }
+            let (all, infos) = port_endpoints(service_slices, port.name, port.proto, node, v6);
+            let local = self.family_frontends(port, &addresses, &all, &infos, out);
+            local_endpoints = local_endpoints.max(local);
+        }
+        local_endpoints
+    }
+
+    /// The frontends of one port at the addresses of one family, served by
+    /// `all` (that family's endpoints, `infos` their conditions).
+    fn family_frontends(
+        &self,
+        port: &ServicePort<'_>,
+        addresses: &FamilyAddresses,
+        all: &[Endpoint],
+        infos: &[EndpointInfo],
+        out: &mut Frontends,
+    ) -> usize {
         let proto = port.proto;
-        let (all, infos) = port_endpoints(service_slices, port.name, proto, node);
-        let selection = topology::categorize(&infos, &self.policy, &self.topology_node);
+        let selection = topology::categorize(infos, &self.policy, &self.topology_node);
         let pick = |indexes: &[usize]| -> Vec<Endpoint> {
             let mut picked: Vec<Endpoint> = indexes.iter().map(|&i| all[i]).collect();
             picked.sort();
@@ -425,24 +489,35 @@ impl ServiceView {
         } else {
             format!("{}:{}", self.key, port.name)
         };
-        let frontend = |address: Ipv4Addr, port: u16| Frontend {
+        let frontend = |address: IpAddr, port: u16| Frontend {
             address,
             port,
             protocol: proto,
         };
-        out.frontends.push(FrontendSpec {
-            name: label.clone(),
-            frontend: frontend(self.vip, port.port),
-            endpoints: internal,
-            reachable: reachable.clone(),
-            local_only: self.policy.internal_local,
-            source_ranges: None,
-            affinity_timeout: self.affinity_timeout,
-            scheduler: self.scheduler,
-        });
+        for vip in &addresses.vips {
+            // The second family's ClusterIP is named by its address.
+            let name = if Some(vip) == self.vips.first() {
+                label.clone()
+            } else {
+                format!("{label} ({vip})")
+            };
+            out.frontends.push(FrontendSpec {
+                name,
+                frontend: frontend(*vip, port.port),
+                endpoints: internal.clone(),
+                reachable: reachable.clone(),
+                local_only: self.policy.internal_local,
+                source_ranges: None,
+                affinity_timeout: self.affinity_timeout,
+                scheduler: self.scheduler,
+            });
+        }
         let external =
-            |address: Ipv4Addr, port: u16, ranges: &Option<Vec<Cidr>>, what: &str| FrontendSpec {
-                name: format!("{label} ({what} {address}:{port})"),
+            |address: IpAddr, port: u16, ranges: &Option<Vec<Cidr>>, what: &str| FrontendSpec {
+                name: format!(
+                    "{label} ({what} {})",
+                    std::net::SocketAddr::new(address, port)
+                ),
                 frontend: frontend(address, port),
                 endpoints: external_endpoints.clone(),
                 reachable: reachable.clone(),
@@ -451,20 +526,17 @@ impl ServiceView {
                 affinity_timeout: self.affinity_timeout,
                 scheduler: self.scheduler,
             };
-        if let (true, Some(node_port)) = (
-            matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
-            port.node_port,
-        ) {
-            for address in node.node_port_addresses() {
+        if let Some(node_port) = port.node_port {
+            for address in &addresses.node_ports {
                 out.frontends
-                    .push(external(address, node_port, &None, "nodeport"));
+                    .push(external(*address, node_port, &None, "nodeport"));
             }
         }
-        for address in &self.external_ips {
+        for address in &addresses.external_ips {
             out.frontends
                 .push(external(*address, port.port, &None, "externalIP"));
         }
-        for address in &self.lb_ips {
+        for address in &addresses.lb_ips {
             out.frontends.push(external(
                 *address,
                 port.port,
@@ -476,9 +548,28 @@ impl ServiceView {
     }
 }
 
-/// The Service's IPv4 cluster IP; `None` (and why in `out.skipped`) for an
-/// ExternalName, headless, other-proxy or IPv6-only Service.
-fn cluster_ip(svc: &Service, key: &str, out: &mut Frontends) -> Option<Ipv4Addr> {
+/// A Service's addresses of one family.
+struct FamilyAddresses {
+    vips: Vec<IpAddr>,
+    node_ports: Vec<IpAddr>,
+    external_ips: Vec<IpAddr>,
+    lb_ips: Vec<IpAddr>,
+}
+
+impl FamilyAddresses {
+    fn is_empty(&self) -> bool {
+        self.vips.is_empty()
+            && self.node_ports.is_empty()
+            && self.external_ips.is_empty()
+            && self.lb_ips.is_empty()
+    }
+}
+
+/// The Service's cluster IPs, the first of each family (a dual-stack
+/// Service has one IPv4 and one IPv6); `None` (and why in `out.skipped`) for
+/// an ExternalName, headless or other-proxy Service, or one without a valid
+/// cluster IP.
+fn cluster_ips(svc: &Service, key: &str, out: &mut Frontends) -> Option<Vec<IpAddr>> {
     let spec = svc.spec.as_ref()?;
     let labels = svc.metadata.labels.as_ref();
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -498,13 +589,20 @@ fn cluster_ip(svc: &Service, key: &str, out: &mut Frontends) -> Option<Ipv4Addr>
         out.skipped.push(Skip::Headless(key.to_string()));
         return None;
     }
-    let vip = cluster_ips
+    let mut vips: Vec<IpAddr> = Vec::new();
+    for ip in cluster_ips
         .iter()
-        .find_map(|ip| ip.parse::<Ipv4Addr>().ok());
-    if vip.is_none() {
-        out.skipped.push(Skip::NoIpv4ClusterIp(key.to_string()));
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+    {
+        if !vips.iter().any(|v| v.is_ipv6() == ip.is_ipv6()) {
+            vips.push(ip);
+        }
     }
-    vip
+    if vips.is_empty() {
+        out.skipped.push(Skip::NoClusterIp(key.to_string()));
+        return None;
+    }
+    Some(vips)
 }
 
 /// loadBalancerSourceRanges. Listed ranges restrict the LoadBalancer IPs even

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use aya::maps::{IterableMap, MapError};
 
 use super::*;
+use crate::desired::entries::Family;
 
 impl Dataplane {
     /// Writes the node-wide settings.
@@ -20,22 +21,26 @@ impl Dataplane {
     pub fn prune_affinity(&mut self, state: &MapState) -> Result<usize> {
         let entries: Vec<(AffinityKey4, AffinityValue)> =
             self.affinity.iter().filter_map(Result::ok).collect();
-        if entries.is_empty() {
+        let entries6: Vec<(AffinityKey6, AffinityValue)> =
+            self.v6.affinity.iter().filter_map(Result::ok).collect();
+        if entries.is_empty() && entries6.is_empty() {
             // The usual case: no sessionAffinity client. Skip the set of every
             // (frontend, backend) pair, which costs a walk over all slots.
             return Ok(0);
         }
         let allowed = state.slot_pairs();
-        let stale: Vec<AffinityKey4> = entries
-            .into_iter()
-            .filter(|(k, v)| !allowed.contains(&(k.rev_nat_id, v.backend_id)))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale {
+        let stale = |id: u32, v: &AffinityValue| !allowed.contains(&(id, v.backend_id));
+        let mut pruned = 0;
+        for (key, _) in entries.iter().filter(|(k, v)| stale(k.rev_nat_id, v)) {
             // Gone already (LRU) is fine.
             let _ = self.affinity.remove(key);
+            pruned += 1;
         }
-        Ok(stale.len())
+        for (key, _) in entries6.iter().filter(|(k, v)| stale(k.rev_nat_id, v)) {
+            let _ = self.v6.affinity.remove(key);
+            pruned += 1;
+        }
+        Ok(pruned)
     }
 
     /// The backend and frontend ids that conntrack, NAT and affinity entries
@@ -50,6 +55,14 @@ impl Dataplane {
             frontends.insert(v.rev_nat_id);
         }
         for (k, v) in self.affinity.iter().filter_map(Result::ok) {
+            backends.insert(v.backend_id);
+            frontends.insert(k.rev_nat_id);
+        }
+        for (_, v) in self.v6.conntrack.iter().filter_map(Result::ok) {
+            backends.insert(v.backend_id);
+            frontends.insert(v.rev_nat_id);
+        }
+        for (k, v) in self.v6.affinity.iter().filter_map(Result::ok) {
             backends.insert(v.backend_id);
             frontends.insert(k.rev_nat_id);
         }
@@ -73,20 +86,32 @@ impl Dataplane {
         Ok(self.nat_ports.iter().collect::<Result<_, _>>()?)
     }
 
-    /// What the service, backend and reverse-NAT maps hold now.
+    /// What the service, backend and reverse-NAT maps of both families hold now.
     pub fn read_state(&self) -> Result<MapState> {
         let mut state = MapState::default();
         for entry in self.services.iter() {
             let (k, v) = entry?;
-            state.services.insert(k, v);
+            state.services.insert(k.into(), v);
+        }
+        for entry in self.v6.services.iter() {
+            let (k, v) = entry?;
+            state.services.insert(k.into(), v);
         }
         for entry in self.backends.iter() {
             let (k, v) = entry?;
-            state.backends.insert(k, v);
+            state.backends.insert(k, v.into());
+        }
+        for entry in self.v6.backends.iter() {
+            let (k, v) = entry?;
+            state.backends.insert(k, v.into());
         }
         for entry in self.revnat.iter() {
             let (k, v) = entry?;
-            state.revnat.insert(k, v);
+            state.revnat.insert(k, v.into());
+        }
+        for entry in self.v6.revnat.iter() {
+            let (k, v) = entry?;
+            state.revnat.insert(k, v.into());
         }
         for entry in self.maglev.iter() {
             let (k, v) = entry?;
@@ -104,9 +129,18 @@ impl Dataplane {
     pub fn write(&mut self, op: &MapOp) -> Result<()> {
         debug!(?op, "map write");
         let result = match *op {
-            MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
-            MapOp::PutRevNat(id, r) => self.revnat.insert(id, r, 0),
-            MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+            MapOp::PutBackend(id, b) => match b.kernel() {
+                Family::V4(b) => self.backends.insert(id, b, 0),
+                Family::V6(b) => self.v6.backends.insert(id, b, 0),
+            },
+            MapOp::PutRevNat(id, r) => match r.kernel() {
+                Family::V4(r) => self.revnat.insert(id, r, 0),
+                Family::V6(r) => self.v6.revnat.insert(id, r, 0),
+            },
+            MapOp::PutService(k, v) => match k.kernel() {
+                Family::V4(k) => self.services.insert(k, v, 0),
+                Family::V6(k) => self.v6.services.insert(k, v, 0),
+            },
             MapOp::PutSourceRange(prefix, data) => {
                 self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
             }
@@ -115,9 +149,13 @@ impl Dataplane {
             MapOp::DelSourceRange(prefix, data) => {
                 self.source_ranges.remove(&LpmKey::new(prefix, data))
             }
-            MapOp::DelService(k) => self.services.remove(&k),
-            MapOp::DelRevNat(id) => self.revnat.remove(&id),
-            MapOp::DelBackend(id) => self.backends.remove(&id),
+            MapOp::DelService(k) => match k.kernel() {
+                Family::V4(k) => self.services.remove(&k),
+                Family::V6(k) => self.v6.services.remove(&k),
+            },
+            // An id is of one family: the other map does not hold it.
+            MapOp::DelRevNat(id) => self.revnat.remove(&id).and(self.v6.revnat.remove(&id)),
+            MapOp::DelBackend(id) => self.backends.remove(&id).and(self.v6.backends.remove(&id)),
         };
         match result {
             Err(MapError::KeyNotFound) => Ok(()),
@@ -153,6 +191,7 @@ impl Dataplane {
     pub fn gc(&mut self, now_ns: u64, lifetimes: &gc::Lifetimes) -> Result<gc::Report> {
         let snapshot = gc::Snapshot {
             conntrack: self.conntrack.iter().filter_map(Result::ok).collect(),
+            conntrack6: self.v6.conntrack.iter().filter_map(Result::ok).collect(),
             nat: self.nat.iter().filter_map(Result::ok).collect(),
             nat_ports: self.nat_ports.iter().filter_map(Result::ok).collect(),
             revnat: self.revnat.iter().filter_map(Result::ok).collect(),
@@ -164,7 +203,7 @@ impl Dataplane {
         };
         let plan = gc::plan(&snapshot, now_ns, lifetimes);
         let mut report = gc::Report {
-            conntrack_entries: snapshot.conntrack.len(),
+            conntrack_entries: snapshot.conntrack.len() + snapshot.conntrack6.len(),
             nat_entries: snapshot.nat.len(),
             exhausted: plan.exhausted,
             held: plan.held,
@@ -177,6 +216,14 @@ impl Dataplane {
             let still = self.conntrack.get(key, 0);
             if still.is_ok_and(|v| lifetimes.expired(now_ns, key.proto, v.flags, v.last_seen_ns))
                 && self.conntrack.remove(key).is_ok()
+            {
+                report.conntrack_removed += 1;
+            }
+        }
+        for key in &plan.conntrack6 {
+            let still = self.v6.conntrack.get(key, 0);
+            if still.is_ok_and(|v| lifetimes.expired(now_ns, key.proto, v.flags, v.last_seen_ns))
+                && self.v6.conntrack.remove(key).is_ok()
             {
                 report.conntrack_removed += 1;
             }

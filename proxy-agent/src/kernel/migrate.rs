@@ -319,6 +319,10 @@ fn open_resized(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
             &mut dp.affinity
         }),
         map_names::MAGLEV_V4 => hash(old, same::<MaglevKey, u32>, |dp| &mut dp.maglev),
+        map_names::SERVICES_V6 => hash(old, same::<ServiceKey6, ServiceValue>, |dp| {
+            &mut dp.v6.services
+        }),
+        map_names::BACKENDS_V6 => hash(old, same::<u32, Backend6>, |dp| &mut dp.v6.backends),
         other => bail!("{other} is not resized"),
     }
 }

@@ -80,9 +80,10 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
-    /// Every sized map's name and entries (the IPv6 maps keep their
-    /// built-in sizes for now: `capacity::SERVICES_V6` and the others).
-    pub fn entries(&self) -> [(&'static str, u32); 6] {
+    /// Every sized map's name and entries. The IPv6 services and backends
+    /// maps have the IPv4 ones' sizes; the IPv6 flow maps keep theirs
+    /// (`capacity::CONNTRACK_V6`, `capacity::AFFINITY_V6`).
+    pub fn entries(&self) -> [(&'static str, u32); 8] {
         [
             (map_names::SERVICES_V4, self.services),
             (map_names::BACKENDS_V4, self.backends),
@@ -90,6 +91,8 @@ impl MapSizes {
             (map_names::NAT_V4, self.nat),
             (map_names::AFFINITY_V4, self.affinity),
             (map_names::MAGLEV_V4, self.maglev),
+            (map_names::SERVICES_V6, self.services),
+            (map_names::BACKENDS_V6, self.backends),
         ]
     }
 }
@@ -250,8 +253,11 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES_V4, entries(capacity.services))
+            .map_max_entries(map_names::SERVICES_V6, entries(capacity.services))
             .map_max_entries(map_names::BACKENDS_V4, entries(capacity.backends))
+            .map_max_entries(map_names::BACKENDS_V6, entries(capacity.backends))
             .map_max_entries(map_names::REVNAT_V4, entries(capacity.revnat))
+            .map_max_entries(map_names::REVNAT_V6, entries(capacity.revnat))
             .map_max_entries(map_names::MAGLEV_V4, entries(capacity.maglev))
             .map_max_entries(map_names::SOURCE_RANGES_V4, entries(capacity.source_ranges));
         Self::load_with(&mut loader)
@@ -274,7 +280,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES_V4, slots)
-            .map_max_entries(map_names::BACKENDS_V4, backends);
+            .map_max_entries(map_names::SERVICES_V6, slots)
+            .map_max_entries(map_names::BACKENDS_V4, backends)
+            .map_max_entries(map_names::BACKENDS_V6, backends);
         Self::load_object_with(&mut loader, object)
     }
 

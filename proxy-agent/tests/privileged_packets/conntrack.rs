@@ -54,8 +54,8 @@ fn conntrack_holds_both_directions_of_a_flow() {
     );
     assert_eq!(fwd.1.backend_id, rev.1.backend_id);
     assert_eq!(
-        p.programmed.applied.backends[&fwd.1.backend_id].addr_be,
-        be(backend.0)
+        p.programmed.applied.backends[&fwd.1.backend_id].addr,
+        backend.0
     );
     assert!(fwd.1.last_seen_ns > 0);
 }
@@ -104,7 +104,7 @@ fn flow_keeps_its_backend_after_its_slot_is_rewritten() {
         .unwrap();
     assert_dnat(&mut p, &f);
     let mut services = cluster();
-    services[0].endpoints[0].address = ip("10.244.1.9"); // sorts into A's slot
+    services[0].endpoints[0].address = ip("10.244.1.9").into(); // sorts into A's slot
     services.push(service(
         "keeps-a",
         "10.96.0.99",
@@ -172,7 +172,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
             .applied
             .backends
             .iter()
-            .find(|(_, b)| b.addr_be == u32::from(ip(addr)).to_be() && b.port_be == 5353u16.to_be())
+            .find(|(_, b)| b.addr == ip(addr) && b.port == 5353)
             .unwrap()
             .0
     };
@@ -182,7 +182,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         .applied
         .revnat
         .iter()
-        .find(|(_, r)| r.port_be == 53u16.to_be() && r.addr_be == u32::from(ip(VIP)).to_be())
+        .find(|(_, r)| r.port == 53 && r.addr == ip(VIP))
         .unwrap()
         .0;
     let backend_b = id_of(&p, BACKEND_B);

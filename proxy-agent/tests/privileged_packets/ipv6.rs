@@ -1,15 +1,11 @@
 //! IPv6 on the pod hooks, byte for byte: DNAT and reverse NAT for TCP and
 //! UDP, extension headers walked, fragments and waypoints left alone, a
-//! frontend without backends rejected with ICMPv6, hairpin. The agent does
-//! not program IPv6 frontends yet, so these tests write the IPv6 maps as it
-//! will: ids from the one space both families share.
+//! frontend without backends rejected with ICMPv6, hairpin. The maps are
+//! programmed as the agent programs them, IPv4 and IPv6 frontends together.
 
 use std::net::Ipv6Addr;
 
-use proxy_common::{
-    proto::{TCP, UDP},
-    Backend6, CtKey6, RevNat6, ServiceKey6, ServiceValue, HAIRPIN_ADDR6,
-};
+use proxy_common::{proto::TCP, CtKey6, HAIRPIN_ADDR6};
 
 use super::*;
 
@@ -18,86 +14,45 @@ const VIP6: &str = "fd00:10:96::10";
 const EMPTY_VIP6: &str = "fd00:10:96::11";
 const BACKEND6_A: &str = "fd00:10:244:1::3";
 const BACKEND6_B: &str = "fd00:10:244:2::3";
-/// Ids far from the ones the IPv4 frontends get.
-const WEB_ID: u32 = 9_000;
-const DNS_ID: u32 = 9_001;
-const EMPTY_ID: u32 = 9_002;
-const BACKEND_IDS: u32 = 9_100;
 
 fn ip6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
 }
 
-/// Writes frontend `vip:port` (`proto`, id `rev_nat_id`) with `backends`
-/// (their ids from `BACKEND_IDS + 10 * rev_nat_id`, slot by slot).
-fn serve6(
-    p: &mut Programs,
+fn service6(
+    name: &str,
     vip: &str,
     port: u16,
-    proto: u8,
-    rev_nat_id: u32,
-    backends: &[(&str, u16)],
-) {
-    let maps = &mut p.dp.v6;
-    let key = ServiceKey6::new(ip6(vip), port, proto, 0);
-    let header = ServiceValue {
-        rev_nat_id,
-        count: backends.len() as u16,
-        ..ServiceValue::default()
+    protocol: Protocol,
+    endpoints: &[(&str, u16)],
+) -> FrontendSpec {
+    let frontend = Frontend {
+        address: ip6(vip).into(),
+        port,
+        protocol,
     };
-    maps.services.insert(key, header, 0).unwrap();
-    let frontend = RevNat6 {
-        addr: ip6(vip).octets(),
-        port_be: port.to_be(),
-        _pad: 0,
-    };
-    maps.revnat.insert(rev_nat_id, frontend, 0).unwrap();
-    for (slot, (addr, port)) in backends.iter().enumerate() {
-        let id = backend_id(rev_nat_id, slot as u16 + 1);
-        let backend = Backend6 {
-            addr: ip6(addr).octets(),
-            port_be: port.to_be(),
-            proto,
-            ..Backend6::default()
-        };
-        maps.backends.insert(id, backend, 0).unwrap();
-        let slot_value = ServiceValue {
-            backend_id: id,
-            rev_nat_id,
-            ..ServiceValue::default()
-        };
-        maps.services
-            .insert(key.with_slot(slot as u16 + 1), slot_value, 0)
-            .unwrap();
-    }
-}
-
-fn backend_id(rev_nat_id: u32, slot: u16) -> u32 {
-    BACKEND_IDS + 10 * rev_nat_id + u32::from(slot)
+    let endpoints = endpoints
+        .iter()
+        .map(|(a, p)| Endpoint::new(ip6(a), *p))
+        .collect();
+    FrontendSpec::new(name, frontend, endpoints)
 }
 
 /// The IPv4 cluster, and its IPv6 twin.
 fn dual_stack() -> Programs {
-    let mut p = Programs::new(&cluster());
-    let both = [(BACKEND6_A, 8080), (BACKEND6_B, 8080)];
-    serve6(&mut p, VIP6, 80, TCP, WEB_ID, &both);
-    let dns = [(BACKEND6_A, 5353), (BACKEND6_B, 5353)];
-    serve6(&mut p, VIP6, 53, UDP, DNS_ID, &dns);
-    serve6(&mut p, EMPTY_VIP6, 80, TCP, EMPTY_ID, &[]);
-    p
-}
-
-/// The backend `f` hashes to among `backends` (as `serve6` wrote them).
-fn hashed6(f: &Frame, backends: &[(&str, u16)]) -> (Ipv6Addr, u16) {
-    let slot = hash::slot_for(f.flow_hash(), backends.len() as u16);
-    let (addr, port) = backends[usize::from(slot - 1)];
-    (ip6(addr), port)
+    let mut services = cluster();
+    services.extend([
+        service6("web6", VIP6, 80, Protocol::Tcp, &WEB),
+        service6("dns6", VIP6, 53, Protocol::Udp, &DNS),
+        service6("empty6", EMPTY_VIP6, 80, Protocol::Tcp, &[]),
+    ]);
+    Programs::new(&services)
 }
 
 /// Sends `f` from the pod: DNATed to its hashed backend, then the
 /// backend's reply towards the pod: from the frontend again. Byte for byte.
-fn round_trip(p: &mut Programs, f: &Frame, backends: &[(&str, u16)]) -> (Ipv6Addr, u16) {
-    let backend = hashed6(f, backends);
+fn round_trip(p: &mut Programs, f: &Frame) -> (std::net::IpAddr, u16) {
+    let backend = p.hashed(f);
     let (verdict, out) = p.send_from_pod(f);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     let dnated = f.with_dst(backend.0, backend.1);
@@ -122,7 +77,7 @@ const DNS: [(&str, u16); 2] = [(BACKEND6_A, 5353), (BACKEND6_B, 5353)];
 fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
     let mut p = dual_stack();
     let f = Frame::tcp(CLIENT6, 40000, VIP6, 80);
-    let backend = round_trip(&mut p, &f, &WEB);
+    let backend = round_trip(&mut p, &f);
     assert_eq!(p.stat("fwd_new"), 1);
     assert_eq!(p.stat("rev_nat"), 1);
     let entries = conntrack6(&p);
@@ -140,9 +95,16 @@ fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
         .iter()
         .find(|(k, _)| *k == forward)
         .expect("forward entry");
-    assert_eq!(value.rev_nat_id, WEB_ID);
+    let slot0 = ServiceKey::new(ip6(VIP6), 80, TCP, 0);
+    assert_eq!(
+        value.rev_nat_id,
+        p.programmed.applied.services[&slot0].rev_nat_id
+    );
+    let std::net::IpAddr::V6(backend_addr) = backend.0 else {
+        panic!("an IPv4 backend for an IPv6 frontend")
+    };
     let reply = CtKey6 {
-        saddr: backend.0.octets(),
+        saddr: backend_addr.octets(),
         daddr: ip6(CLIENT6).octets(),
         sport_be: backend.1.to_be(),
         dport_be: 40000u16.to_be(),
@@ -161,7 +123,7 @@ fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
 fn an_established_ipv6_flow_keeps_its_backend() {
     let mut p = dual_stack();
     let f = Frame::tcp(CLIENT6, 40001, VIP6, 80);
-    let first = round_trip(&mut p, &f, &WEB);
+    let first = round_trip(&mut p, &f);
     let mut ack = f.clone();
     ack.tcp_flags = 0x10;
     ack.payload = b"GET / HTTP/1.1\r\n\r\n!".to_vec();
@@ -174,7 +136,7 @@ fn an_established_ipv6_flow_keeps_its_backend() {
 #[test]
 fn udp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
     let mut p = dual_stack();
-    round_trip(&mut p, &Frame::udp(CLIENT6, 41000, VIP6, 53), &DNS);
+    round_trip(&mut p, &Frame::udp(CLIENT6, 41000, VIP6, 53));
 }
 
 #[test]
@@ -182,10 +144,10 @@ fn ipv6_extension_headers_are_walked_to_the_l4_header() {
     let mut p = dual_stack();
     let mut f = Frame::tcp(CLIENT6, 40002, VIP6, 80);
     f.ext6 = vec![packet::HOP_BY_HOP, packet::DEST_OPTS, packet::ROUTING];
-    round_trip(&mut p, &f, &WEB);
+    round_trip(&mut p, &f);
     let mut u = Frame::udp(CLIENT6, 41002, VIP6, 53);
     u.ext6 = vec![packet::DEST_OPTS];
-    round_trip(&mut p, &u, &DNS);
+    round_trip(&mut p, &u);
 }
 
 #[test]
@@ -231,7 +193,7 @@ fn an_ipv6_pod_that_reaches_itself_is_hairpinned() {
     // The client is the backend the flow hashes to.
     let f = (40010..)
         .map(|port| Frame::tcp(BACKEND6_A, port, VIP6, 80))
-        .find(|f| hashed6(f, &WEB).0 == ip6(BACKEND6_A))
+        .find(|f| p.hashed(f).0 == ip6(BACKEND6_A))
         .unwrap();
     let (verdict, out) = p.send_from_pod(&f);
     assert_eq!(verdict, TC_ACT_REDIRECT, "back out into the pod");

@@ -18,14 +18,14 @@ use std::{
 };
 
 use proxy_agent::{
-    desired::{Ids, MapState},
+    desired::{Ids, MapState, ServiceKey},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
     harness::{self, Hook},
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash,
     program_names::{FROM_POD, TO_POD},
-    proto, ServiceKey4, ServiceValue,
+    proto, ServiceValue,
 };
 use support::packet::{self, Frame};
 
@@ -43,6 +43,13 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
+fn v4(addr: std::net::IpAddr) -> Ipv4Addr {
+    match addr {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a}: an IPv4 test"),
+    }
+}
+
 fn service(
     name: &str,
     vip: &str,
@@ -51,7 +58,7 @@ fn service(
     endpoints: &[(&str, u16)],
 ) -> FrontendSpec {
     let frontend = Frontend {
-        address: ip(vip),
+        address: ip(vip).into(),
         port,
         protocol,
     };
@@ -144,12 +151,18 @@ impl Programs {
 
     /// The backend the agent's own view says this flow hashes to.
     fn hashed_backend(&self, f: &Frame) -> (Ipv4Addr, u16) {
-        let key = |slot| ServiceKey4::new(f.daddr4(), f.dport, f.proto, slot);
+        let (addr, port) = self.hashed(f);
+        (v4(addr), port)
+    }
+
+    /// The same for a flow of either family.
+    fn hashed(&self, f: &Frame) -> (std::net::IpAddr, u16) {
+        let key = |slot| ServiceKey::new(f.daddr, f.dport, f.proto, slot);
         let count = self.programmed.applied.services[&key(0)].count;
         let h = f.flow_hash();
         let id = self.programmed.applied.services[&key(hash::slot_for(h, count))].backend_id;
         let b = self.programmed.applied.backends[&id];
-        (b.addr(), b.port())
+        (b.addr, b.port)
     }
 
     fn stat(&self, name: &str) -> u64 {
@@ -206,8 +219,8 @@ fn forward_key(f: &Frame) -> proxy_common::CtKey4 {
 }
 
 /// The slot-0 key of the TCP frontend `vip:port`.
-fn slot0(vip: &str, port: u16) -> ServiceKey4 {
-    ServiceKey4::new(ip(vip), port, proto::TCP, 0)
+fn slot0(vip: &str, port: u16) -> ServiceKey {
+    ServiceKey::new(ip(vip), port, proto::TCP, 0)
 }
 
 /// Ids as an agent recovers them from maps in which the TCP frontends `taken`

@@ -72,7 +72,7 @@ fn affinity_to_a_departed_backend_is_dropped() {
     let mut remaining = sticky(10_800);
     remaining[0]
         .endpoints
-        .retain(|e| (e.address, e.port) != backend);
+        .retain(|e| (e.address, e.port) != (backend.0.into(), backend.1));
     p.serve(&remaining);
     let state = p.dp.read_state().unwrap();
     assert_eq!(p.dp.prune_affinity(&state).unwrap(), 1);
@@ -122,7 +122,7 @@ fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
             index: h % size,
         };
         let id = p.programmed.applied.maglev[&key];
-        let want = Ipv4Addr::from(u32::from_be(p.programmed.applied.backends[&id].addr_be));
+        let want = p.programmed.applied.backends[&id].addr;
         assert_eq!(schedule_once(&mut p, &f), want, "port {port}");
         assert_eq!(
             schedule_once(&mut p, &f),

@@ -29,7 +29,7 @@ use proxy_agent::{
 use proxy_common::{
     bench, ct_dir, ct_flags, nat_ports,
     program_names::{FROM_POD, UPLINK_TC, UPLINK_XDP},
-    ServiceKey4, ServiceValue,
+    ServiceValue,
 };
 use support::{
     fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
@@ -74,7 +74,7 @@ fn frontend(
     FrontendSpec::new(
         name,
         Frontend {
-            address: ip(addr),
+            address: ip(addr).into(),
             port,
             protocol,
         },

@@ -367,7 +367,8 @@ fn frontend_ids_past_16_bits_reach_the_nat_and_source_range_maps() {
     // Recovered from maps where a frontend holds 65535: every frontend of
     // these tests gets an id past 16 bits.
     let mut taken = MapState::default();
-    let slot0 = ServiceKey4::new(ip("10.96.0.1"), 80, proxy_common::proto::TCP, 0);
+    let slot0 =
+        proxy_agent::desired::ServiceKey::new(ip("10.96.0.1"), 80, proxy_common::proto::TCP, 0);
     let value = ServiceValue {
         rev_nat_id: 65_535,
         ..ServiceValue::default()

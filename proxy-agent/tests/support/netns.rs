@@ -69,13 +69,29 @@ impl Lab {
     /// in the pod with `addr`, `host_if` on the node, routed both ways with the
     /// node's gateway address `gw` on every pod link.
     pub fn plug_pod(&self, node: &str, pod: &str, host_if: &str, addr: &str, gw: &str) {
+        self.plug_dual_stack_pod(node, pod, host_if, (addr, gw), None);
+    }
+
+    /// [`Lab::plug_pod`] with an IPv6 address and gateway too (`v6`).
+    pub fn plug_dual_stack_pod(
+        &self,
+        node: &str,
+        pod: &str,
+        host_if: &str,
+        (addr, gw): (&str, &str),
+        v6: Option<(&str, &str)>,
+    ) {
         let parse = |a: &str| a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+        let parse6 = |a: &str| a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+        let addrs6: Vec<std::net::Ipv6Addr> = v6.iter().map(|(a, _)| parse6(a)).collect();
         ferry_netns::wire_pod(&ferry_netns::PodLink {
             pod_ns: pod,
             node_ns: node,
             host_if,
             addrs: &[parse(addr)],
             gateway: parse(gw),
+            addrs6: &addrs6,
+            gateway6: v6.map(|(_, gw)| parse6(gw)),
             // These tests have always kept the veth's checksum offload.
             full_checksums: false,
         })

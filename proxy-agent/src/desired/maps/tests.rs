@@ -12,7 +12,7 @@ fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> Fro
     };
     let endpoints = endpoints
         .iter()
-        .map(|(a, p)| Endpoint::new((*a).into(), *p))
+        .map(|(a, p)| Endpoint::new(std::net::Ipv4Addr::from(*a), *p))
         .collect();
     FrontendSpec::new(name, frontend, endpoints)
 }
@@ -51,7 +51,7 @@ fn update_of_some_frontends_ends_where_a_full_recompute_does() {
     assert_eq!(applied, full);
     assert!(!ops.iter().any(
         |op| matches!(op, MapOp::PutService(k, _) | MapOp::DelService(k)
-            if u32::from_be(k.addr_be) == u32::from_be_bytes([10, 96, 0, 1]))
+            if k.addr == std::net::Ipv4Addr::new(10, 96, 0, 1))
     ));
     assert!(applied.maglev.is_empty());
 }
@@ -89,8 +89,8 @@ fn slots_follow_sorted_unique_endpoints() {
     assert_eq!(state.services[&service_key(&s.frontend, 0)].count, 2);
     let slot1 = state.services[&service_key(&s.frontend, 1)].backend_id;
     assert_eq!(
-        state.backends[&slot1].addr_be,
-        u32::from_be_bytes([10, 0, 0, 2]).to_be()
+        state.backends[&slot1].addr,
+        std::net::Ipv4Addr::new(10, 0, 0, 2)
     );
     assert_eq!(state.revnat.len(), 1);
 }
@@ -155,7 +155,7 @@ fn ids_are_stable_and_not_reused_at_once() {
     let id_b = |s: &MapState| {
         *s.backends
             .iter()
-            .find(|(_, v)| v.addr_be == u32::from_be_bytes(b.0).to_be())
+            .find(|(_, v)| v.addr == std::net::Ipv4Addr::from(b.0))
             .unwrap()
             .0
     };
@@ -478,7 +478,10 @@ fn served_by(kernel: &Kernel, spec: &FrontendSpec) -> Vec<u32> {
     let Some(head) = head else { return Vec::new() };
     (1..=head.count)
         .map(|slot| kernel.maps.services[&service_key(&spec.frontend, slot)].backend_id)
-        .map(|id| u32::from_be(kernel.maps.backends[&id].addr_be))
+        .map(|id| match kernel.maps.backends[&id].addr {
+            std::net::IpAddr::V4(a) => u32::from(a),
+            std::net::IpAddr::V6(_) => unreachable!("IPv4 tests"),
+        })
         .collect()
 }
 
@@ -663,7 +666,7 @@ fn holes_are_found_and_removed_slot0_first() {
     let b_entries = |s: &MapState| {
         s.services
             .iter()
-            .filter(|(k, _)| k.addr_be == service_key(&b.frontend, 0).addr_be)
+            .filter(|(k, _)| k.addr == service_key(&b.frontend, 0).addr)
             .map(|(k, v)| (*k, *v))
             .collect::<Vec<_>>()
     };

@@ -1,6 +1,8 @@
 //! Unit tests of `k8s::frontends` and `k8s::slices`: kube-proxy's rules for
 //! turning Services and EndpointSlices into frontends.
 
+use std::net::Ipv4Addr;
+
 use serde_json::json;
 
 use super::*;
@@ -223,8 +225,8 @@ fn service_kinds_kube_proxy_skips_are_skipped() {
     let other = svc(json!({"metadata": {"namespace": "d", "name": "other",
             "labels": {"service.kubernetes.io/service-proxy-name": "someone-else"}},
             "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}}));
-    let v6only = svc(json!({"metadata": {"namespace": "d", "name": "v6"},
-            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}}));
+    let bogus = svc(json!({"metadata": {"namespace": "d", "name": "bogus"},
+            "spec": {"clusterIP": "10.96.0.300", "clusterIPs": ["10.96.0.300"], "ports": [{"port": 80}]}}));
     let sctp = svc(json!({"metadata": {"namespace": "d", "name": "sctp"},
             "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "SCTP"}, {"port": 81}]}}));
     let Frontends {
@@ -232,7 +234,7 @@ fn service_kinds_kube_proxy_skips_are_skipped() {
         skipped,
         ..
     } = of_cluster(
-        &[&external, &headless, &other, &v6only, &sctp],
+        &[&external, &headless, &other, &bogus, &sctp],
         &[],
         &NodeInfo::default(),
     );
@@ -242,7 +244,7 @@ fn service_kinds_kube_proxy_skips_are_skipped() {
             Skip::ExternalName("d/ext".into()),
             Skip::Headless("d/hl".into()),
             Skip::OtherProxy("d/other".into()),
-            Skip::NoIpv4ClusterIp("d/v6".into()),
+            Skip::NoClusterIp("d/bogus".into()),
             Skip::Protocol("d/sctp".into(), "SCTP".into()),
         ]
     );
@@ -254,14 +256,84 @@ fn service_kinds_kube_proxy_skips_are_skipped() {
     assert_eq!(out[0].frontend.port, 81);
 }
 
+fn slice_of(name: &str, address_type: &str, endpoints: serde_json::Value) -> Slice {
+    parse_slice(
+        SliceVersion::V1,
+        json!({
+            "metadata": {"namespace": "d", "name": name,
+                         "labels": {"kubernetes.io/service-name": "ds"}},
+            "addressType": address_type,
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }),
+    )
+    .unwrap()
+}
+
 #[test]
-fn dual_stack_service_uses_its_ipv4_cluster_ip() {
+fn a_dual_stack_service_is_served_on_both_cluster_ips_by_the_endpoints_of_each_family() {
     let s = svc(json!({"metadata": {"namespace": "d", "name": "ds"},
-            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.40"], "ports": [{"port": 80}]}}));
-    let out = of_cluster(&[&s], &[], &NodeInfo::default()).frontends;
+            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.40"],
+                     "externalIPs": ["192.0.2.7", "2001:db8::7"], "ports": [{"port": 80}]}}));
+    let v4 = slice_of(
+        "ds-v4",
+        "IPv4",
+        json!([{"addresses": ["10.244.1.3"], "conditions": {"ready": true}}]),
+    );
+    let v6 = slice_of(
+        "ds-v6",
+        "IPv6",
+        json!([{"addresses": ["fd00:10:244:1::3"], "conditions": {"ready": true}},
+               {"addresses": ["10.244.1.9"], "conditions": {"ready": true}}]),
+    );
+    let Frontends {
+        frontends: out,
+        skipped,
+        ..
+    } = of_cluster(&[&s], &[&v4, &v6], &NodeInfo::default());
+    let served: Vec<(String, String, Vec<String>)> = out
+        .iter()
+        .map(|f| {
+            let endpoints = f
+                .endpoints
+                .iter()
+                .map(|e| std::net::SocketAddr::new(e.address, e.port).to_string())
+                .collect();
+            (f.name.clone(), f.frontend.to_string(), endpoints)
+        })
+        .collect();
+    let row = |name: &str, frontend: &str, endpoint: &str| {
+        (
+            name.to_string(),
+            frontend.to_string(),
+            vec![endpoint.to_string()],
+        )
+    };
     assert_eq!(
-        out[0].frontend.address,
-        "10.96.0.40".parse::<Ipv4Addr>().unwrap()
+        served,
+        [
+            row("d/ds (10.96.0.40)", "10.96.0.40:80/TCP", "10.244.1.3:8080"),
+            row(
+                "d/ds (externalIP 192.0.2.7:80)",
+                "192.0.2.7:80/TCP",
+                "10.244.1.3:8080"
+            ),
+            row("d/ds", "[fd00::10]:80/TCP", "[fd00:10:244:1::3]:8080"),
+            row(
+                "d/ds (externalIP [2001:db8::7]:80)",
+                "[2001:db8::7]:80/TCP",
+                "[fd00:10:244:1::3]:8080"
+            ),
+        ]
+    );
+    // An IPv4 address in an IPv6 slice is reported and left out.
+    assert_eq!(
+        skipped,
+        [Skip::Address(
+            "d/ds".into(),
+            "EndpointSlice endpoint addresses",
+            "10.244.1.9".into()
+        )]
     );
 }
 
@@ -528,7 +600,7 @@ fn terminating_endpoints_keep_their_connections_while_ready_ones_take_new() {
     let slot0 = state
         .services
         .iter()
-        .find(|(k, _)| k.slot == 0 && u16::from_be(k.port_be) == 80)
+        .find(|(k, _)| k.slot == 0 && k.port == 80)
         .unwrap()
         .1;
     assert_eq!(slot0.count, 1);

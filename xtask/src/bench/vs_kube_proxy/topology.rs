@@ -87,6 +87,8 @@ impl Topology {
                 host_if,
                 addrs,
                 gateway,
+                addrs6: &[],
+                gateway6: None,
                 full_checksums: true,
             })?;
         }
