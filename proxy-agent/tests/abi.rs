@@ -11,7 +11,7 @@ use aya_obj::{maps::Map, Object};
 use proxy_common::{
     bench, map_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     CtKey4, CtKey6, CtValue, MaglevKey, Nat4, NatPortKey4, RevNat4, RevNat6, ServiceKey4,
-    ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SourceRange4, StatCounter,
+    ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SockRevKey6, SourceRange4, StatCounter,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -261,6 +261,20 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 last_used_ns
             }),
         ),
+        (
+            map_names::SOCK_REVNAT_V6,
+            layout!(SockRevKey6 {
+                cookie,
+                addr,
+                port_be,
+                _pad
+            }),
+            layout!(RevNat6 {
+                addr,
+                port_be,
+                _pad
+            }),
+        ),
     ]
 }
 
@@ -290,6 +304,7 @@ backend6_v1: u32 4 {} -> Backend6 24 {addr@0 port_be@16 proto@18 state@19 flags@
 revnat6_v1: u32 4 {} -> RevNat6 20 {addr@0 port_be@16 _pad@18}
 ct6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pad@38} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
 affinity6_v1: AffinityKey6 20 {client_addr@0 rev_nat_id@16} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
+sockrev6_v1: SockRevKey6 32 {cookie@0 addr@8 port_be@24 _pad@26} -> RevNat6 20 {addr@0 port_be@16 _pad@18}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

@@ -11,7 +11,7 @@ mod support;
 use std::{
     collections::HashMap,
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{Mutex, MutexGuard},
     thread,
     time::Duration,
@@ -164,6 +164,100 @@ fn connect_to_a_cluster_ip_spreads_over_backends_and_the_peer_is_the_cluster_ip(
         .filter(|(_, front)| front.addr_be == u32::from(VIP).to_be())
         .count();
     assert!(mine >= 100, "{mine} entries");
+}
+
+/// The IPv6 hooks: connect() to an IPv6 ClusterIP reaches a backend on ::1
+/// and getpeername() says the ClusterIP, an unconnected UDP reply comes from
+/// the ClusterIP, a frontend without endpoints refuses at connect().
+#[test]
+fn ipv6_sockets_are_translated_like_ipv4_ones() {
+    let mut programs = turn();
+    let mut lab = Lab::new("sock6");
+    let ns = lab.netns("host");
+    let vip: Ipv6Addr = "fd00:10:96::71".parse().unwrap();
+    let dns_vip: Ipv6Addr = "fd00:10:96::72".parse().unwrap();
+    let empty_vip: Ipv6Addr = "fd00:10:96::73".parse().unwrap();
+    let (ports, dns_port) = support::netns::in_netns(&ns, || {
+        let ports: Vec<u16> = (0..2u8)
+            .map(|i| {
+                let listener = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
+                let port = listener.local_addr().unwrap().port();
+                thread::spawn(move || {
+                    for mut conn in listener.incoming().map_while(Result::ok) {
+                        let _ = conn.write_all(&[i]);
+                    }
+                });
+                port
+            })
+            .collect();
+        let socket = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
+        let dns_port = socket.local_addr().unwrap().port();
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        });
+        (ports, dns_port)
+    });
+    let spec6 = |address: Ipv6Addr, port: u16, protocol, backends: &[u16]| {
+        FrontendSpec::new(
+            format!("[{address}]:{port}"),
+            Frontend {
+                address: address.into(),
+                port,
+                protocol,
+            },
+            backends
+                .iter()
+                .map(|p| Endpoint::new(Ipv6Addr::LOCALHOST, *p))
+                .collect(),
+        )
+    };
+    let _cgroup = attach(
+        &mut programs,
+        &ns,
+        &[
+            spec6(vip, 80, Protocol::Tcp, &ports),
+            spec6(dns_vip, 53, Protocol::Udp, &[dns_port]),
+            spec6(empty_vip, 80, Protocol::Tcp, &[]),
+        ],
+        serving_mode(),
+    );
+    let target = SocketAddr::from((vip, 80));
+    let answered = support::netns::in_netns(&ns, move || {
+        let mut answered: HashMap<u8, usize> = HashMap::new();
+        for _ in 0..50 {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                .expect("dial the IPv6 ClusterIP");
+            assert_eq!(conn.peer_addr().unwrap(), target, "getpeername");
+            let mut which = [0u8; 1];
+            conn.read_exact(&mut which).unwrap();
+            *answered.entry(which[0]).or_default() += 1;
+        }
+        answered
+    });
+    assert_eq!(answered.len(), 2, "both backends answer: {answered:?}");
+    let (reply, from) = support::netns::in_netns(&ns, move || {
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        socket.send_to(b"query", (dns_vip, 53)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = socket.recv_from(&mut buf).expect("the reply");
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(reply, b"query");
+    assert_eq!(from, SocketAddr::from((dns_vip, 53)), "recvfrom's source");
+    let refused = support::netns::in_netns(&ns, move || {
+        TcpStream::connect_timeout(&(empty_vip, 80).into(), Duration::from_secs(5)).unwrap_err()
+    });
+    let expected = match programs.as_ref().unwrap().dp.sock_programs() {
+        Some(SockPrograms::Errno) => ErrorKind::ConnectionRefused,
+        _ => ErrorKind::PermissionDenied,
+    };
+    assert_eq!(refused.kind(), expected, "{refused}");
 }
 
 #[test]
@@ -324,8 +418,8 @@ fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("cgroup_"))
         .count();
     assert_eq!(
-        links, 4,
-        "one pinned link per hook, none added by the restart"
+        links, 8,
+        "one pinned link per hook (four per family), none added by the restart"
     );
     // Cleanup unpins the links: the hooks go with them. bpffs drops its
     // reference after an RCU grace period, so the detach follows the unlink

@@ -59,8 +59,9 @@ pub mod map_names {
     pub const REVNAT_V6: &str = "revnat6_v1";
     pub const CONNTRACK_V6: &str = "ct6_v1";
     pub const AFFINITY_V6: &str = "affinity6_v1";
+    pub const SOCK_REVNAT_V6: &str = "sockrev6_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -80,6 +81,7 @@ pub mod map_names {
         REVNAT_V6,
         CONNTRACK_V6,
         AFFINITY_V6,
+        SOCK_REVNAT_V6,
     ];
 }
 
@@ -105,6 +107,13 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: a translated socket's peer is the frontend.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// The same six for IPv6 sockets.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    pub const SOCK_CONNECT6_COMPAT: &str = "sock_connect6_compat";
+    pub const SOCK_SENDMSG6_COMPAT: &str = "sock_sendmsg6_compat";
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
 }
 
 /// The frame-restoring wrappers the benchmarks time programs through (see
@@ -636,6 +645,17 @@ pub struct SockRevKey4 {
 }
 const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
 
+/// [`SockRevKey4`] for IPv6 sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey6>() == 32);
+
 /// Settings of the socket hooks (index 0 of their config map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -797,4 +817,5 @@ mod pod {
     unsafe impl aya::Pod for RevNat6 {}
     unsafe impl aya::Pod for CtKey6 {}
     unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for SockRevKey6 {}
 }

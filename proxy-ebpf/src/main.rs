@@ -35,6 +35,7 @@ use aya_ebpf::{
 
 use crate::{
     ctx::Packet,
+    family::{V4, V6},
     flow::{Frame, Parsed},
     sock::Errno,
     uplink::Hook,
@@ -75,32 +76,62 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx, Errno::Set)
+    sock::connect::<V4>(&ctx, Errno::Set)
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4_compat(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx, Errno::Eperm)
+    sock::connect::<V4>(&ctx, Errno::Eperm)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg4(&ctx, Errno::Set)
+    sock::sendmsg::<V4>(&ctx, Errno::Set)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4_compat(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg4(&ctx, Errno::Eperm)
+    sock::sendmsg::<V4>(&ctx, Errno::Eperm)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse4(&ctx)
+    sock::reverse::<V4>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse4(&ctx)
+    sock::reverse::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V6>(&ctx, Errno::Set)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6_compat(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V6>(&ctx, Errno::Eperm)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<V6>(&ctx, Errno::Set)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6_compat(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<V6>(&ctx, Errno::Eperm)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<V6>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<V6>(&ctx)
 }
 
 /// Returns XDP_PASS and nothing else: the floor the benchmarks measure the

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config, CtKey4,
     CtKey6, CtValue, MaglevKey, Nat4, NatPortKey4, RevNat4, RevNat6, ServiceKey4, ServiceKey6,
-    ServiceValue, SockConfig, SockRevKey4, SourceRange4, StatCounter,
+    ServiceValue, SockConfig, SockRevKey4, SockRevKey6, SourceRange4, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -132,4 +132,9 @@ pub static CONNTRACK6: LruHashMap<CtKey6, CtValue, { capacity::CONNTRACK_V6 as u
 /// IPv6 sessionAffinity ClientIP, as `AFFINITY`.
 #[btf_map(name = "affinity6_v1")]
 pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue, { capacity::AFFINITY_V6 as usize }> =
+    LruHashMap::new();
+
+/// The socket hooks' reverse translation for IPv6 sockets, as `SOCK_REVNAT`.
+#[btf_map(name = "sockrev6_v1")]
+pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, RevNat6, { capacity::SOCK_REVNAT as usize }> =
     LruHashMap::new();

@@ -5,10 +5,13 @@
 //! choice (`sched`: schedulers, sessionAffinity; the agent's slots already
 //! hold what traffic policies, topology and terminating fallback leave).
 //!
-//! - `connect4`: TCP and connected UDP, once per connect().
-//! - `sendmsg4`: unconnected UDP, per datagram.
-//! - `recvmsg4`: a datagram from a backend reads as from the frontend.
-//! - `getpeername4`: the peer of a translated socket is the frontend.
+//! - `connect4`/`connect6`: TCP and connected UDP, once per connect().
+//! - `sendmsg4`/`sendmsg6`: unconnected UDP, per datagram.
+//! - `recvmsg4`/`recvmsg6`: a datagram from a backend reads as from the frontend.
+//! - `getpeername4`/`getpeername6`: the peer of a translated socket is the frontend.
+//!
+//! One code for both families ([`SockFamily`]); an IPv6 socket dialling an
+//! IPv4-mapped address (`::ffff:10.96.0.10`) is not translated.
 //!
 //! What the hooks send to a backend never reaches the packet path as a
 //! frontend, so it is never translated twice; what they let through
@@ -26,14 +29,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use proxy_common::{
-    hash::flow_hash4, proto, sock_flags, svc_flags, RevNat4, ServiceValue, SockRevKey4,
+    proto, sock_flags, svc_flags, RevNat4, RevNat6, ServiceValue, SockRevKey4, SockRevKey6,
 };
 
 use crate::{
     ct,
-    family::V4,
-    keys,
-    maps::{SERVICES, SOCK_CONFIG, SOCK_REVNAT},
+    family::{Addr6, Endpoint, Family, V4, V6},
+    maps::{SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6},
     sched::{self, Client},
 };
 
@@ -41,7 +43,6 @@ use crate::{
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 
-const AF_INET: u32 = 2;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
@@ -52,23 +53,156 @@ pub enum Errno {
     Eperm,
 }
 
+/// A family as the socket hooks see it: where its address sits in the
+/// context, and its reverse-translation map.
+pub trait SockFamily: Family {
+    /// The destination the socket gives (network order).
+    fn read_addr(sa: *mut bpf_sock_addr) -> Self::Addr;
+    /// Puts `addr` in its place.
+    fn write_addr(sa: *mut bpf_sock_addr, addr: Self::Addr);
+    /// A namespace cookie as an address, for sessionAffinity: never a
+    /// packet's source (IPv4: in 0.0.0.0/8; IPv6: in ::/96).
+    fn client(cookie_be: u32) -> Self::Addr;
+    /// The reverse entry of socket `cookie` sent to `backend:port_be`.
+    fn remember(cookie: u64, backend: Self::Addr, port_be: u16, frontend: Self::Addr, fport: u16);
+    /// The frontend socket `cookie` dialled, if it was sent to `backend:port_be`.
+    fn recall(cookie: u64, backend: Self::Addr, port_be: u16) -> Option<(Self::Addr, u16)>;
+}
+
+impl SockFamily for V4 {
+    #[inline(always)]
+    fn read_addr(sa: *mut bpf_sock_addr) -> u32 {
+        // SAFETY: the context the kernel passed; a 32-bit load of its field.
+        unsafe { addr_of!((*sa).user_ip4).read_volatile() }
+    }
+
+    #[inline(always)]
+    fn write_addr(sa: *mut bpf_sock_addr, addr: u32) {
+        // SAFETY: a field these hooks may write, with a 32-bit store.
+        unsafe { addr_of_mut!((*sa).user_ip4).write_volatile(addr) }
+    }
+
+    #[inline(always)]
+    fn client(cookie_be: u32) -> u32 {
+        cookie_be
+    }
+
+    #[inline(always)]
+    fn remember(cookie: u64, backend: u32, port_be: u16, frontend: u32, fport: u16) {
+        let key = SockRevKey4 {
+            cookie,
+            addr_be: backend,
+            port_be,
+            _pad: 0,
+        };
+        let value = RevNat4 {
+            addr_be: frontend,
+            port_be: fport,
+            _pad: 0,
+        };
+        // Best effort: without it, getpeername shows the backend.
+        let _ = SOCK_REVNAT.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn recall(cookie: u64, backend: u32, port_be: u16) -> Option<(u32, u16)> {
+        let key = SockRevKey4 {
+            cookie,
+            addr_be: backend,
+            port_be,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        let frontend = unsafe { SOCK_REVNAT.get(&key) }.copied()?;
+        Some((frontend.addr(), frontend.port_be()))
+    }
+}
+
+impl SockFamily for V6 {
+    #[inline(always)]
+    fn read_addr(sa: *mut bpf_sock_addr) -> Addr6 {
+        // SAFETY: the context the kernel passed; 32-bit loads of its field,
+        // word by word (the verifier allows no wider access).
+        unsafe {
+            let words = addr_of!((*sa).user_ip6).cast::<u32>();
+            [
+                words.read_volatile(),
+                words.add(1).read_volatile(),
+                words.add(2).read_volatile(),
+                words.add(3).read_volatile(),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    fn write_addr(sa: *mut bpf_sock_addr, addr: Addr6) {
+        // SAFETY: a field these hooks may write, with 32-bit stores.
+        unsafe {
+            let words = addr_of_mut!((*sa).user_ip6).cast::<u32>();
+            words.write_volatile(addr[0]);
+            words.add(1).write_volatile(addr[1]);
+            words.add(2).write_volatile(addr[2]);
+            words.add(3).write_volatile(addr[3]);
+        }
+    }
+
+    #[inline(always)]
+    fn client(cookie_be: u32) -> Addr6 {
+        [0, 0, 0, cookie_be]
+    }
+
+    #[inline(always)]
+    fn remember(cookie: u64, backend: Addr6, port_be: u16, frontend: Addr6, fport: u16) {
+        let key = rev_key6(cookie, backend, port_be);
+        let value = RevNat6 {
+            addr: bytes6(frontend),
+            port_be: fport,
+            _pad: 0,
+        };
+        // Best effort, as for IPv4.
+        let _ = SOCK_REVNAT6.insert(&key, &value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn recall(cookie: u64, backend: Addr6, port_be: u16) -> Option<(Addr6, u16)> {
+        // SAFETY: copied out at once.
+        let frontend = unsafe { SOCK_REVNAT6.get(&rev_key6(cookie, backend, port_be)) }.copied()?;
+        Some((frontend.addr(), frontend.port_be()))
+    }
+}
+
+#[inline(always)]
+fn bytes6(addr: Addr6) -> [u8; 16] {
+    // SAFETY: 16 bytes either way.
+    unsafe { core::mem::transmute::<Addr6, [u8; 16]>(addr) }
+}
+
+#[inline(always)]
+fn rev_key6(cookie: u64, backend: Addr6, port_be: u16) -> SockRevKey6 {
+    SockRevKey6 {
+        cookie,
+        addr: bytes6(backend),
+        port_be,
+        _pad: [0; 6],
+    }
+}
+
 /// A socket dialling a frontend, as the schedulers see it.
-struct Dial {
+struct Dial<F: Family> {
     /// Stands for the client's address: its network namespace's cookie.
-    client: u32,
-    daddr: u32,
+    client: F::Addr,
+    daddr: F::Addr,
     dport: u16,
     proto: u8,
     cookie: u64,
 }
 
-impl Client<V4> for Dial {
+impl<F: SockFamily> Client<F> for Dial<F> {
     /// The namespace's cookie, not an address: the source address is not
-    /// chosen yet at connect(). Cookies count up from 1, so they read as
-    /// addresses in 0.0.0.0/8, which no packet comes from: a socket's
+    /// chosen yet at connect() (see [`SockFamily::client`]): a socket's
     /// affinity never meets a packet client's.
     #[inline(always)]
-    fn client(&self) -> u32 {
+    fn client(&self) -> F::Addr {
         self.client
     }
 
@@ -76,8 +210,8 @@ impl Client<V4> for Dial {
     /// socket, one backend; the next socket, another draw.
     #[inline(always)]
     fn flow_hash(&self) -> u32 {
-        flow_hash4(
-            self.cookie as u32,
+        F::flow_hash(
+            F::client(self.cookie as u32),
             self.daddr,
             (self.cookie >> 32) as u16,
             self.dport,
@@ -97,7 +231,7 @@ enum Refusal {
 
 /// connect(): TCP and connected UDP.
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext, errno: Errno) -> i32 {
+pub fn connect<F: SockFamily>(ctx: &SockAddrContext, errno: Errno) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context the kernel passed; 32-bit loads of its fields.
     let protocol = unsafe { addr_of!((*sa).protocol).read_volatile() };
@@ -106,43 +240,33 @@ pub fn connect4(ctx: &SockAddrContext, errno: Errno) -> i32 {
         17 => proto::UDP,
         _ => return ALLOW,
     };
-    dial(ctx, proto, errno)
+    dial::<F>(ctx, proto, errno)
 }
 
 /// sendmsg() with an address: unconnected UDP, per datagram.
 #[inline(always)]
-pub fn sendmsg4(ctx: &SockAddrContext, errno: Errno) -> i32 {
+pub fn sendmsg<F: SockFamily>(ctx: &SockAddrContext, errno: Errno) -> i32 {
     // The hook runs for UDP only (and for raw sockets, which it leaves alone).
-    // SAFETY: as in `connect4`.
+    // SAFETY: as in `connect`.
     let protocol = unsafe { addr_of!((*ctx.sock_addr).protocol).read_volatile() };
     if protocol != 17 {
         return ALLOW;
     }
-    dial(ctx, proto::UDP, errno)
+    dial::<F>(ctx, proto::UDP, errno)
 }
 
 /// recvmsg() and getpeername(): a backend this socket was sent to reads as
 /// the frontend it dialled. Always allowed (these hooks cannot refuse).
 #[inline(always)]
-pub fn reverse4(ctx: &SockAddrContext) -> i32 {
+pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: as in `connect4`.
-    let (addr_be, port) = unsafe {
-        (
-            addr_of!((*sa).user_ip4).read_volatile(),
-            addr_of!((*sa).user_port).read_volatile(),
-        )
-    };
-    let key = SockRevKey4 {
-        // SAFETY: a helper every sock_addr program may call.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr_be,
-        port_be: port as u16,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    if let Some(frontend) = unsafe { SOCK_REVNAT.get(&key) }.copied() {
-        write_addr(sa, frontend.addr_be, frontend.port_be);
+    let addr = F::read_addr(sa);
+    // SAFETY: as in `connect`.
+    let port = unsafe { addr_of!((*sa).user_port).read_volatile() };
+    // SAFETY: a helper every sock_addr program may call.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some((frontend, port_be)) = F::recall(cookie, addr, port as u16) {
+        write::<F>(sa, frontend, port_be);
     }
     ALLOW
 }
@@ -150,23 +274,22 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
 /// A socket of the node (or, when told, of any namespace) dialling a
 /// frontend gets the scheduler's backend in its place.
 #[inline(always)]
-fn dial(ctx: &SockAddrContext, proto: u8, errno: Errno) -> i32 {
+fn dial<F: SockFamily>(ctx: &SockAddrContext, proto: u8, errno: Errno) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: as in `connect4`.
-    let (family, daddr, port) = unsafe {
+    // SAFETY: as in `connect`.
+    let (family, port) = unsafe {
         (
             addr_of!((*sa).user_family).read_volatile(),
-            addr_of!((*sa).user_ip4).read_volatile(),
             addr_of!((*sa).user_port).read_volatile(),
         )
     };
-    if family != AF_INET {
+    if family != u32::from(F::AF) {
         return ALLOW;
     }
+    let daddr = F::read_addr(sa);
     let dport = port as u16;
-    let key = keys::service(daddr, dport, proto, 0);
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let key = F::service_key(daddr, dport, proto, 0);
+    let Some(svc) = F::service(&key) else {
         return ALLOW;
     };
     let Some(client) = node_client(ctx) else {
@@ -179,29 +302,17 @@ fn dial(ctx: &SockAddrContext, proto: u8, errno: Errno) -> i32 {
     }
     // SAFETY: a helper every sock_addr program may call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let dial = Dial {
-        client,
+    let dial = Dial::<F> {
+        client: F::client(client),
         daddr,
         dport,
         proto,
         cookie,
     };
     match choose(&dial, key, &svc) {
-        Ok((addr_be, port_be)) => {
-            let key = SockRevKey4 {
-                cookie,
-                addr_be,
-                port_be,
-                _pad: 0,
-            };
-            let frontend = RevNat4 {
-                addr_be: daddr,
-                port_be: dport,
-                _pad: 0,
-            };
-            // Best effort: without it, getpeername shows the backend.
-            let _ = SOCK_REVNAT.insert(&key, &frontend, u64::from(BPF_ANY));
-            write_addr(sa, addr_be, port_be);
+        Ok((addr, port_be)) => {
+            F::remember(cookie, addr, port_be, daddr, dport);
+            write::<F>(sa, addr, port_be);
             ALLOW
         }
         Err(refusal) => refuse(refusal, errno),
@@ -210,11 +321,11 @@ fn dial(ctx: &SockAddrContext, proto: u8, errno: Errno) -> i32 {
 
 /// The backend for `dial`: none when the frontend has no endpoint for it.
 #[inline(always)]
-fn choose(
-    dial: &Dial,
-    key: proxy_common::ServiceKey4,
+fn choose<F: SockFamily>(
+    dial: &Dial<F>,
+    key: F::ServiceKey,
     svc: &ServiceValue,
-) -> Result<(u32, u16), Refusal> {
+) -> Result<(F::Addr, u16), Refusal> {
     if svc.count == 0 {
         return Err(if svc.flags & svc_flags::LOCAL_ONLY != 0 {
             Refusal::NoLocalEndpoint
@@ -223,12 +334,13 @@ fn choose(
         });
     }
     let (_, backend) =
-        sched::pick::<V4>(dial, key, svc, ct::now()).map_err(|_| Refusal::NoEndpoints)?;
-    Ok((backend.addr_be, backend.port_be))
+        sched::pick::<F>(dial, key, svc, ct::now()).map_err(|_| Refusal::NoEndpoints)?;
+    Ok((backend.addr(), backend.port_be()))
 }
 
-/// The client identity of a socket the hooks serve: its namespace's cookie,
-/// if the namespace is the node's (or every namespace is served).
+/// The client identity of a socket the hooks serve: its namespace's cookie
+/// (network order, as an address would be), if the namespace is the node's
+/// (or every namespace is served).
 #[inline(always)]
 fn node_client(ctx: &SockAddrContext) -> Option<u32> {
     // SAFETY: a helper every sock_addr program may call (5.7).
@@ -262,11 +374,10 @@ fn refuse(refusal: Refusal, errno: Errno) -> i32 {
     REFUSE
 }
 
+/// Writes the address and port the socket goes to.
 #[inline(always)]
-fn write_addr(sa: *mut bpf_sock_addr, addr_be: u32, port_be: u16) {
-    // SAFETY: fields these hooks may write, with 32-bit stores.
-    unsafe {
-        addr_of_mut!((*sa).user_ip4).write_volatile(addr_be);
-        addr_of_mut!((*sa).user_port).write_volatile(u32::from(port_be));
-    }
+fn write<F: SockFamily>(sa: *mut bpf_sock_addr, addr: F::Addr, port_be: u16) {
+    F::write_addr(sa, addr);
+    // SAFETY: a field these hooks may write, with a 32-bit store.
+    unsafe { addr_of_mut!((*sa).user_port).write_volatile(u32::from(port_be)) };
 }

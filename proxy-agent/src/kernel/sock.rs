@@ -44,7 +44,7 @@ impl std::str::FromStr for SocketLb {
 }
 
 /// The hooks, each with the program that serves it: (pin name, program, fallback).
-const HOOKS: [(&str, &str, Option<&str>); 4] = [
+const HOOKS: [(&str, &str, Option<&str>); 8] = [
     (
         "cgroup_connect4",
         program_names::SOCK_CONNECT4,
@@ -59,6 +59,22 @@ const HOOKS: [(&str, &str, Option<&str>); 4] = [
     (
         "cgroup_getpeername4",
         program_names::SOCK_GETPEERNAME4,
+        None,
+    ),
+    (
+        "cgroup_connect6",
+        program_names::SOCK_CONNECT6,
+        Some(program_names::SOCK_CONNECT6_COMPAT),
+    ),
+    (
+        "cgroup_sendmsg6",
+        program_names::SOCK_SENDMSG6,
+        Some(program_names::SOCK_SENDMSG6_COMPAT),
+    ),
+    ("cgroup_recvmsg6", program_names::SOCK_RECVMSG6, None),
+    (
+        "cgroup_getpeername6",
+        program_names::SOCK_GETPEERNAME6,
         None,
     ),
 ];
