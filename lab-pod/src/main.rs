@@ -84,8 +84,10 @@ fn run(mode: Mode) -> std::io::Result<()> {
             Ok(())
         }
         Mode::Serve { name } => {
-            let tcp = TcpListener::bind(("0.0.0.0", TCP_PORT))?;
-            let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
+            // `::` takes IPv4 too (as IPv4-mapped addresses): one socket
+            // serves a dual-stack pod's two addresses.
+            let tcp = TcpListener::bind(("::", TCP_PORT))?;
+            let udp = UdpSocket::bind(("::", UDP_PORT))?;
             eprintln!("ferry-lab-pod: {name} serving TCP {TCP_PORT} and UDP {UDP_PORT}");
             server::serve(&name, tcp, udp)
         }

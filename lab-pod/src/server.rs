@@ -13,8 +13,10 @@ use std::{
     thread,
 };
 
-/// What the server says to `peer`.
+/// What the server says to `peer`: its IPv4 address as such, not as the
+/// IPv4-mapped IPv6 address a dual-stack socket sees.
 pub fn answer(name: &str, peer: SocketAddr) -> String {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     format!("{name} {peer}\n")
 }
 

@@ -17,6 +17,10 @@
 //! loop. Each wrapper's own cost, around a PASS-only program of its hook, is
 //! their floor. Every timed run's verdict and output frame are checked.
 //!
+//! `tc ... (IPv6)` rows time the same pod path for the Services' IPv6 twins
+//! (each Service has a ClusterIP of each family), unwrapped; the table after
+//! the rows gives IPv6/IPv4 per path and scale.
+//!
 //! With `--baseline OBJECT` (or `FERRY_BENCH_BASELINE=OBJECT`), another build
 //! of the programs (an eBPF object file, e.g. one built from an older commit)
 //! is timed beside the embedded one in the same run, scale by scale in the
@@ -26,7 +30,10 @@
 //! Usage (root): `cargo bench -p proxy-agent --bench per_packet -- [--quick]
 //! [--out FILE] [--scales 10,1000,...] [--baseline OBJECT [--ratio-out FILE]]`
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use proxy_agent::{
     cli::simulate,
@@ -70,6 +77,18 @@ fn service(i: u32) -> FrontendSpec {
     )
 }
 
+/// The IPv6 twin of [`service`]: `fd00:96::<i>`, its backends `fd00:128::<n>`.
+fn service6(i: u32) -> FrontendSpec {
+    let mut spec = service(i);
+    let v6 = |base: u128, n: u32| Ipv6Addr::from(base + u128::from(n));
+    spec.name.push_str("-v6");
+    spec.frontend.address = v6(0xfd00_0096 << 96, i).into();
+    for (b, endpoint) in spec.endpoints.iter_mut().enumerate() {
+        endpoint.address = v6(0xfd00_0128 << 96, i * BACKENDS_EACH + b as u32).into();
+    }
+    spec
+}
+
 /// A TCP SYN from `src:sport` to `dst:80`, checksums complete.
 /// The IPv4 address of these IPv4 rows.
 fn v4(addr: std::net::IpAddr) -> Ipv4Addr {
@@ -79,7 +98,7 @@ fn v4(addr: std::net::IpAddr) -> Ipv4Addr {
     }
 }
 
-fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr) -> Vec<u8> {
+fn frame(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>) -> Vec<u8> {
     simulate::frame(&simulate::PacketSpec {
         proto: proxy_common::proto::TCP,
         src: (src.into(), sport),
@@ -91,19 +110,20 @@ fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr) -> Vec<u8> {
 /// packets of an established flow. A SYN on a known tuple is a client opening
 /// a new connection on it, which rewrites the flow's entries.
 fn as_ack(syn: &[u8]) -> Vec<u8> {
-    const FLAGS: usize = 14 + 20 + 13;
-    const CHECKSUM: usize = 14 + 20 + 16;
+    // The TCP header behind an IPv4 header without options, or an IPv6 one.
+    let ip = if syn[12..14] == [0x86, 0xdd] { 40 } else { 20 };
+    let (flags, checksum) = (14 + ip + 13, 14 + ip + 16);
     let mut f = syn.to_vec();
-    let word = |f: &[u8]| u16::from_be_bytes([f[FLAGS - 1], f[FLAGS]]);
+    let word = |f: &[u8]| u16::from_be_bytes([f[flags - 1], f[flags]]);
     let old = word(&f);
-    f[FLAGS] = 0x10;
+    f[flags] = 0x10;
     let new = word(&f);
-    let sum = u16::from_be_bytes([f[CHECKSUM], f[CHECKSUM + 1]]);
+    let sum = u16::from_be_bytes([f[checksum], f[checksum + 1]]);
     let mut acc = u32::from(!sum) + u32::from(!old) + u32::from(new);
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    f[CHECKSUM..CHECKSUM + 2].copy_from_slice(&(!(acc as u16)).to_be_bytes());
+    f[checksum..checksum + 2].copy_from_slice(&(!(acc as u16)).to_be_bytes());
     f
 }
 
@@ -204,11 +224,18 @@ fn measure(
     wrapped_samples: usize,
     rows: &mut Vec<Row>,
 ) {
+    // The IPv6 twins only in runs of the embedded object alone: a baseline
+    // object may predate IPv6, and both sides of a comparison get the same maps.
+    let ipv6 = rows_of_ipv6(object);
     let mut list: Vec<FrontendSpec> = (0..services).map(service).collect();
+    if ipv6 {
+        list.extend((0..services).map(service6));
+    }
     settings::fill_defaults(&mut list, Scheduler::default());
+    let frontends = if ipv6 { 2 * services } else { services };
     let mut p = match object {
-        Some(object) => Programs::load_sized_object(object, services, BACKENDS_EACH),
-        None => Programs::load_sized(services, BACKENDS_EACH),
+        Some(object) => Programs::load_sized_object(object, frontends, BACKENDS_EACH),
+        None => Programs::load_sized(frontends, BACKENDS_EACH),
     }
     .expect("load");
     let problems = p.serve(&list).expect("fill the maps");
@@ -315,6 +342,47 @@ fn measure(
         "tc PASS only, wrapped (floor)",
         ns,
     ));
+    if ipv6 {
+        let vip6 = list[(services + services / 2) as usize].frontend.address;
+        measure_ipv6(&mut p, services, vip6, samples, rows);
+    }
+}
+
+/// Whether a run times the IPv6 rows too: the embedded object alone.
+fn rows_of_ipv6(object: Option<&[u8]>) -> bool {
+    object.is_none() && std::env::var_os("FERRY_BENCH_COMPARING").is_none()
+}
+
+/// The pod path's rows for an IPv6 ClusterIP (`vip6`): an established flow,
+/// and new flows.
+fn measure_ipv6(
+    p: &mut Programs,
+    services: u32,
+    vip6: IpAddr,
+    samples: usize,
+    rows: &mut Vec<Row>,
+) {
+    let client: Ipv6Addr = "fd00:10:244:1::2".parse().unwrap();
+    let opening = frame(client, 40000, vip6);
+    let established = as_ack(&opening);
+    run_once(p, Prog::Tc, &opening, TC_ACT_UNSPEC);
+    let est: Vec<u64> = (0..samples)
+        .map(|_| {
+            run_once(p, Prog::Tc, &established, TC_ACT_UNSPEC)
+                .0
+                .as_nanos() as u64
+        })
+        .collect();
+    let clients = u128::from("fd00:10:200::".parse::<Ipv6Addr>().unwrap());
+    let new: Vec<u64> = (0..samples)
+        .map(|i| {
+            let src = Ipv6Addr::from(clients + (i / 60_000) as u128);
+            let f = frame(src, 1024 + (i % 60_000) as u16, vip6);
+            run_once(p, Prog::Tc, &f, TC_ACT_UNSPEC).0.as_nanos() as u64
+        })
+        .collect();
+    rows.push(Row::new(services, "tc established (IPv6)", FLOOR, est));
+    rows.push(Row::new(services, "tc new flow (IPv6)", FLOOR, new));
 }
 
 /// Times the embedded object against `baseline` (another build's bytes) at
@@ -374,6 +442,8 @@ fn main() {
     let (samples, wrapped_samples) = if quick { (3_000, 30) } else { (20_000, 200) };
     let baseline = value("--baseline").or_else(|| std::env::var("FERRY_BENCH_BASELINE").ok());
     if let Some(path) = baseline {
+        // SAFETY: set before any thread starts.
+        unsafe { std::env::set_var("FERRY_BENCH_COMPARING", "1") };
         let object = std::fs::read(&path).unwrap_or_else(|e| panic!("--baseline {path}: {e}"));
         let table = compare(&object, &scales, samples, wrapped_samples);
         print!("{table}");
@@ -413,6 +483,19 @@ fn main() {
             r.p90,
             r.median as f64 / base(r.path) as f64,
             r.median as f64 / floor(r.services, r.floor) as f64,
+        ));
+    }
+    table.push_str(
+        "\n| Services | path | IPv6 median ns | IPv4 median ns | IPv6/IPv4 |\n|---:|---|---:|---:|---:|\n",
+    );
+    for r in rows.iter().filter(|r| r.path.ends_with(" (IPv6)")) {
+        let v4_path = r.path.trim_end_matches(" (IPv6)");
+        let v4 = floor(r.services, v4_path);
+        table.push_str(&format!(
+            "| {} | {v4_path} | {} | {v4} | {:.2} |\n",
+            r.services,
+            r.median,
+            r.median as f64 / v4 as f64
         ));
     }
     let data: String = rows

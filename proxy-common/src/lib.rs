@@ -160,11 +160,13 @@ pub mod capacity {
     /// sent to (least recently used evicted).
     pub const SOCK_REVNAT: u32 = 65_536;
     /// The IPv6 flow maps (least recently used evicted, allocated whole):
-    /// smaller than IPv4's until they get flags of their own, about 8 MiB
+    /// smaller than IPv4's until they get flags of their own, about 12 MiB
     /// together. The IPv6 services, backends and reverse-NAT maps have the
-    /// IPv4 ones' sizes and are allocated as used.
+    /// IPv4 ones' sizes and are allocated as used (their bucket arrays
+    /// whole: about 10 MiB).
     pub const CONNTRACK_V6: u32 = 65_536;
     pub const AFFINITY_V6: u32 = 16_384;
+    pub const SOCK_REVNAT_V6: u32 = 16_384;
 }
 
 /// IP protocol numbers used in keys.

@@ -136,5 +136,5 @@ pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue, { capacity::AFFINI
 
 /// The socket hooks' reverse translation for IPv6 sockets, as `SOCK_REVNAT`.
 #[btf_map(name = "sockrev6_v1")]
-pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, RevNat6, { capacity::SOCK_REVNAT as usize }> =
+pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, RevNat6, { capacity::SOCK_REVNAT_V6 as usize }> =
     LruHashMap::new();

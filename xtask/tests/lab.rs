@@ -6,7 +6,7 @@ mod support;
 
 use std::{
     io::{ErrorKind, Write},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -43,6 +43,69 @@ fn lab_services_through_real_agents() {
     let (from, answer) = udp_ask(&client, (vip, 53).into());
     assert_eq!(from, SocketAddr::from((vip, 53)));
     assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
+
+    eprintln!("== dual stack: a ClusterIP of each family, from pods on both nodes");
+    lab.apply_service(
+        "web-ds",
+        serde_json::json!({
+            "ipFamilyPolicy": "RequireDualStack",
+            "ipFamilies": ["IPv4", "IPv6"],
+            "selector": {"app": "web"},
+            "ports": [http(), {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"}],
+        }),
+    );
+    let vips: Vec<IpAddr> = lab
+        .kubectl(&[
+            "get",
+            "service",
+            "web-ds",
+            "-o",
+            "jsonpath={.spec.clusterIPs[*]}",
+        ])
+        .split_whitespace()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert!(
+        vips.len() == 2 && vips[0].is_ipv4() && vips[1].is_ipv6(),
+        "clusterIPs {vips:?}"
+    );
+    let backends: Vec<IpAddr> = ["web-1", "web-2"]
+        .iter()
+        .flat_map(|pod| lab.pod_ips(pod))
+        .collect();
+    assert_eq!(
+        backends.len(),
+        4,
+        "web-1 and web-2 with two addresses each: {backends:?}"
+    );
+    lab.wait_endpoints_ip("web-ds", &backends);
+    lab.xtask(&["pod", "add", "client2", "--node", "node2"]);
+    for (pod, ns) in [
+        ("client", client.clone()),
+        ("client2", lab.pod_ns("client2")),
+    ] {
+        let own = lab.pod_ips(pod);
+        for vip in &vips {
+            let answers = connect_many(&ns, (*vip, 80).into(), 50);
+            let by_pod = count(&answers);
+            eprintln!("   {pod} -> {vip}: {by_pod:?}");
+            assert_eq!(by_pod.keys().collect::<Vec<_>>(), ["web-1", "web-2"]);
+            let own = own.iter().find(|a| a.is_ipv6() == vip.is_ipv6()).unwrap();
+            for answer in answers.iter().flatten() {
+                let seen: SocketAddr = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+                assert_eq!(seen.ip(), *own, "a backend saw {seen}, not {pod}");
+            }
+        }
+    }
+    let (from, answer) = udp_ask(&client, (vips[1], 53).into());
+    assert_eq!(
+        from,
+        SocketAddr::from((vips[1], 53)),
+        "the UDP reply's source"
+    );
+    assert!(["web-1", "web-2"].contains(&pod_of(&answer)), "{answer}");
+    lab.kubectl(&["delete", "service", "web-ds"]);
+    lab.xtask(&["pod", "del", "client2"]);
 
     // The bounds below tell programming on the change (or at start) from the
     // 30 s resync; how fast it is, is the control-plane benchmark's to say.

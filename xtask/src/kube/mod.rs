@@ -52,6 +52,8 @@ pub struct ControlPlaneConfig {
     pub state_dir: PathBuf,
     /// The Service ClusterIP range, e.g. `10.96.0.0/16`.
     pub service_cidr: String,
+    /// The IPv6 one of a dual-stack cluster, e.g. `fd00:10:96::/112`.
+    pub service_cidr6: Option<String>,
     /// The nodes whose kubelets get credentials (`kubelet-<node>.kubeconfig`).
     pub nodes: Vec<String>,
 }

@@ -19,7 +19,11 @@ use super::{
 use crate::sys::{join_cgroup_on_exec, quiet, show, spawn_detached};
 
 /// The feature gate that makes v1.20 publish terminating endpoints.
-const TERMINATING_CONDITION: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
+/// Serving and terminating conditions on EndpointSlices (alpha in 1.20):
+/// what kube-proxy's terminating-endpoint fallback reads. Dual stack (alpha
+/// in 1.20): Services with a ClusterIP of each family and IPv6 slices.
+const FEATURE_GATES: &str =
+    "--feature-gates=EndpointSliceTerminatingCondition=true,IPv6DualStack=true";
 /// Ports are per network namespace, and the control plane has one of its own;
 /// etcd's are off its defaults (2379/2380) all the same, so that they can never
 /// be taken for a system etcd's.
@@ -106,7 +110,7 @@ fn launch(bins: &Binaries, cfg: &ControlPlaneConfig, dir: &Path) -> Result<Contr
             // and their token Secrets, DaemonSets (the agent's), and the
             // garbage collector that removes a deleted DaemonSet's pods.
             "--controllers=endpointslice,endpoint,serviceaccount,serviceaccount-token,daemonset,garbagecollector",
-            TERMINATING_CONDITION,
+            FEATURE_GATES,
             "--leader-elect=false",
             // Runs each controller as its own ServiceAccount (kube-system/
             // endpointslice-controller, ...) through TokenRequest: the bootstrap
@@ -179,11 +183,17 @@ fn start_apiserver(
             // Node: each kubelet may read and write what its own pods need.
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",
-            &format!("--service-cluster-ip-range={}", cfg.service_cidr),
+            &format!(
+                "--service-cluster-ip-range={}",
+                [Some(&cfg.service_cidr), cfg.service_cidr6.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             &format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-            // Serving and terminating conditions on EndpointSlices (alpha in
-            // 1.20): what kube-proxy's terminating-endpoint fallback reads.
-            TERMINATING_CONDITION,
+            FEATURE_GATES,
             "--profiling=false",
         ])
         .arg(arg("--token-auth-file", token_file))

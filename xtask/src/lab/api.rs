@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{node_index, Lab, FABRIC_GATEWAY};
+use super::{pod_cidrs, Lab, FABRIC_GATEWAY};
 use crate::sys::{output, output_with_input};
 
 impl Lab {
@@ -21,8 +21,8 @@ impl Lab {
     /// manager's node-ipam would: each node's is fixed here, and matches its
     /// CNI configuration.
     pub(super) fn set_pod_cidr(&self, node: &str) -> Result<()> {
-        let cidr = format!("10.244.{}.0/24", node_index(node)?);
-        let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
+        let cidrs = pod_cidrs(node)?;
+        let patch = json!({"spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs}});
         self.kubectl(&[
             "patch",
             "node",

@@ -34,7 +34,7 @@ mod pods;
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -56,6 +56,11 @@ pub const ALL_NODES: [&str; 3] = ["node1", "node2", CONTROL_PLANE];
 const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 100);
 const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The lab is dual stack: every node, pod and the external client has an
+/// address of each family, and Services may ask for a ClusterIP of each.
+const SERVICE_CIDR6: &str = "fd00:10:96::/112";
+const FABRIC_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, 1);
+const EXTERNAL_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, 0x100);
 /// Where the lab's LoadBalancer IPs and externalIPs come from: routed to node1.
 pub const VIRTUAL_IPS: &str = "192.0.2.0/24";
 /// Ports every lab pod serves, TCP and UDP alike.
@@ -79,6 +84,24 @@ pub fn node_addr(node: &str) -> Result<Ipv4Addr> {
     Ok(Ipv4Addr::new(10, 250, 0, 10 + node_index(node)?))
 }
 
+/// A node's IPv6 address on the fabric.
+pub fn node_addr6(node: &str) -> Result<Ipv6Addr> {
+    if node == CONTROL_PLANE {
+        return Ok(FABRIC_GATEWAY6);
+    }
+    let host = 0x10 + u16::from(node_index(node)?);
+    Ok(Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, host))
+}
+
+/// A node's pod CIDRs: `10.244.<index>.0/24` and `fd00:10:244:<index>::/64`.
+fn pod_cidrs(node: &str) -> Result<[String; 2]> {
+    let index = node_index(node)?;
+    Ok([
+        format!("10.244.{index}.0/24"),
+        format!("fd00:10:244:{index}::/64"),
+    ])
+}
+
 fn pod_gateway(node: &str) -> Result<Ipv4Addr> {
     Ok(Ipv4Addr::new(10, 244, node_index(node)?, 1))
 }
@@ -86,6 +109,13 @@ fn pod_gateway(node: &str) -> Result<Ipv4Addr> {
 fn ip(args: &[&str]) -> Result<()> {
     netns::ip(args)?;
     Ok(())
+}
+
+/// An IPv6 address on `dev` in `ns`, usable at once (no duplicate detection:
+/// the lab hands out every address itself).
+fn add_addr6(ns: &str, addr: Ipv6Addr, prefix: u8, dev: &str) -> Result<()> {
+    let addr = format!("{addr}/{prefix}");
+    ip(&["-n", ns, "-6", "addr", "add", &addr, "dev", dev, "nodad"])
 }
 
 /// One lab, by name: the prefix of all it creates.
@@ -183,6 +213,7 @@ impl Lab {
                 listen_addr: FABRIC_GATEWAY,
                 state_dir: self.control_plane_dir(),
                 service_cidr: SERVICE_CIDR.into(),
+                service_cidr6: Some(SERVICE_CIDR6.into()),
                 nodes: ALL_NODES.iter().map(|n| n.to_string()).collect(),
             },
         )?;
@@ -214,13 +245,14 @@ impl Lab {
         ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
         let gateway = format!("{FABRIC_GATEWAY}/24");
         ip(&["-n", &fabric, "addr", "add", &gateway, "dev", "br0"])?;
+        add_addr6(&fabric, FABRIC_GATEWAY6, 64, "br0")?;
         ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
-        let mut uplinks: Vec<(String, Ipv4Addr)> = NODES
+        let mut uplinks: Vec<(String, Ipv4Addr, Ipv6Addr)> = NODES
             .iter()
-            .map(|n| Ok((self.ns(n), node_addr(n)?)))
+            .map(|n| Ok((self.ns(n), node_addr(n)?, node_addr6(n)?)))
             .collect::<Result<_>>()?;
-        uplinks.push((self.ns("ext"), EXTERNAL_ADDR));
-        for (i, (ns, addr)) in uplinks.iter().enumerate() {
+        uplinks.push((self.ns("ext"), EXTERNAL_ADDR, EXTERNAL_ADDR6));
+        for (i, (ns, addr, addr6)) in uplinks.iter().enumerate() {
             let port = format!("p{i}");
             ip(&[
                 "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns",
@@ -236,6 +268,7 @@ impl Lab {
                 "dev",
                 "eth0",
             ])?;
+            add_addr6(ns, *addr6, 64, "eth0")?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             // A veth receives XDP_TX frames from its peer only with NAPI, which GRO turns on.
             netns::ethtool(&fabric, &["-K", &port, "gro", "on"])?;
@@ -256,22 +289,29 @@ impl Lab {
             let ns = self.ns(node);
             // Only inside the node's own namespace: it routes for its pods.
             netns::sysctl(&ns, "net.ipv4.ip_forward=1")?;
+            netns::sysctl(&ns, "net.ipv6.conf.all.forwarding=1")?;
         }
         // Each node reaches the others' pods (the control plane's, too: the
-        // API server calls webhooks in pods).
+        // API server calls webhooks in pods), over either family.
         for node in ALL_NODES {
             for other in NODES.iter().filter(|o| **o != node) {
-                let cidr = format!("10.244.{}.0/24", node_index(other)?);
-                let via = node_addr(other)?.to_string();
-                ip(&[
-                    "-n",
-                    &self.node_ns(node),
-                    "route",
-                    "add",
-                    &cidr,
-                    "via",
-                    &via,
-                ])?;
+                let [cidr, cidr6] = pod_cidrs(other)?;
+                let (via, via6) = (
+                    node_addr(other)?.to_string(),
+                    node_addr6(other)?.to_string(),
+                );
+                for (family, cidr, via) in [("-4", &cidr, &via), ("-6", &cidr6, &via6)] {
+                    ip(&[
+                        "-n",
+                        &self.node_ns(node),
+                        family,
+                        "route",
+                        "add",
+                        cidr,
+                        "via",
+                        via,
+                    ])?;
+                }
             }
         }
         Ok(())

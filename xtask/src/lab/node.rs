@@ -30,7 +30,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{node_addr, node_index, pod_gateway, Lab};
+use super::{node_addr, node_index, pod_cidrs, pod_gateway, Lab};
 use crate::{
     image, kube,
     sys::{join_cgroup_on_exec, live_pid, output, quiet, spawn_detached, stop_pid_file},
@@ -249,10 +249,10 @@ impl Lab {
     }
 
     /// Debian's `ptp` plugin: a veth per pod with the host side in the node's
-    /// namespace (as the lab's pods always had) and a /32 route to each pod;
-    /// `host-local` hands out the node's pod CIDR.
+    /// namespace (as the lab's pods always had) and a route to each pod;
+    /// `host-local` hands out an address of each of the node's pod CIDRs.
     fn write_cni_config(&self, node: &str) -> Result<()> {
-        let index = node_index(node)?;
+        let [cidr, cidr6] = pod_cidrs(node)?;
         let conf = json!({
             "cniVersion": "0.4.0",
             "name": "ferry-lab",
@@ -261,11 +261,11 @@ impl Lab {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{
-                        "subnet": format!("10.244.{index}.0/24"),
-                        "gateway": pod_gateway(node)?.to_string(),
-                    }]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": [
+                        [{"subnet": cidr, "gateway": pod_gateway(node)?.to_string()}],
+                        [{"subnet": cidr6}],
+                    ],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                 },
             }],
         });
@@ -490,6 +490,8 @@ fn kubelet_config(addr: Ipv4Addr, cgroup_root: &str, root: &Path) -> serde_json:
         "serializeImagePulls": false,
         "nodeStatusUpdateFrequency": "2s",
         "syncFrequency": "5s",
+        // Both pod addresses in the Pod's status (podIPs): alpha in 1.20.
+        "featureGates": {"IPv6DualStack": true},
     })
 }
 

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -280,11 +280,17 @@ impl Lab {
 
     /// Waits until the service's slices list exactly `addrs` as ready; returns when it saw that.
     pub fn wait_endpoints(&self, service: &str, addrs: &[Ipv4Addr]) -> Instant {
+        let addrs: Vec<IpAddr> = addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+        self.wait_endpoints_ip(service, &addrs)
+    }
+
+    /// [`Lab::wait_endpoints`] over the slices of both families.
+    pub fn wait_endpoints_ip(&self, service: &str, addrs: &[IpAddr]) -> Instant {
         let mut want = addrs.to_vec();
         want.sort();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut have: Vec<Ipv4Addr> = Vec::new();
+            let mut have: Vec<IpAddr> = Vec::new();
             for ep in self.slice_endpoints(service) {
                 if ep["conditions"]["ready"] == serde_json::Value::Bool(true) {
                     have.push(ep["addresses"][0].as_str().unwrap().parse().unwrap());
@@ -300,6 +306,12 @@ impl Lab {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A pod's addresses (`status.podIPs`): one of each family in this lab.
+    pub fn pod_ips(&self, pod: &str) -> Vec<IpAddr> {
+        let ips = self.kubectl(&["get", "pod", pod, "-o", "jsonpath={.status.podIPs[*].ip}"]);
+        ips.split_whitespace().map(|a| a.parse().unwrap()).collect()
     }
 }
 
@@ -341,7 +353,12 @@ pub fn http_get(ns: &str, target: SocketAddr, path: &'static str) -> String {
 /// reply came from, and what it said (a pod's answer).
 pub fn udp_ask(ns: &str, target: SocketAddr) -> (SocketAddr, String) {
     in_netns(ns, move || {
-        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let any = if target.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let sock = std::net::UdpSocket::bind(any).unwrap();
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
         sock.send_to(b"who?", target).unwrap();
         let mut buf = [0u8; 256];
