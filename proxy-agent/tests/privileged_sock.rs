@@ -11,7 +11,9 @@ mod support;
 use std::{
     collections::HashMap,
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+    },
     sync::{Mutex, MutexGuard},
     thread,
     time::Duration,
@@ -61,11 +63,16 @@ fn spec(address: Ipv4Addr, port: u16, protocol: Protocol, backends: &[u16]) -> F
 /// TCP listeners on 127.0.0.1 in `ns` that accept and answer each connection
 /// with their index; returns their ports.
 fn tcp_backends(ns: &str, count: usize) -> Vec<u16> {
+    tcp_backends_on(ns, Ipv4Addr::LOCALHOST.into(), count)
+}
+
+/// [`tcp_backends`] on the loopback address `lo` (127.0.0.1 or ::1).
+fn tcp_backends_on(ns: &str, lo: IpAddr, count: usize) -> Vec<u16> {
     let ns = ns.to_string();
     support::netns::in_netns(&ns, move || {
         (0..count)
             .map(|i| {
-                let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+                let listener = TcpListener::bind((lo, 0)).unwrap();
                 let port = listener.local_addr().unwrap().port();
                 thread::spawn(move || {
                     for mut conn in listener.incoming().map_while(Result::ok) {
@@ -80,8 +87,13 @@ fn tcp_backends(ns: &str, count: usize) -> Vec<u16> {
 
 /// A UDP server on 127.0.0.1 in `ns` that answers each datagram with its bytes.
 fn udp_echo(ns: &str) -> u16 {
-    support::netns::in_netns(ns, || {
-        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    udp_echo_on(ns, Ipv4Addr::LOCALHOST.into())
+}
+
+/// [`udp_echo`] on the loopback address `lo`.
+fn udp_echo_on(ns: &str, lo: IpAddr) -> u16 {
+    support::netns::in_netns(ns, move || {
+        let socket = UdpSocket::bind((lo, 0)).unwrap();
         let port = socket.local_addr().unwrap().port();
         thread::spawn(move || {
             let mut buf = [0u8; 64];
@@ -177,29 +189,8 @@ fn ipv6_sockets_are_translated_like_ipv4_ones() {
     let vip: Ipv6Addr = "fd00:10:96::71".parse().unwrap();
     let dns_vip: Ipv6Addr = "fd00:10:96::72".parse().unwrap();
     let empty_vip: Ipv6Addr = "fd00:10:96::73".parse().unwrap();
-    let (ports, dns_port) = support::netns::in_netns(&ns, || {
-        let ports: Vec<u16> = (0..2u8)
-            .map(|i| {
-                let listener = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
-                let port = listener.local_addr().unwrap().port();
-                thread::spawn(move || {
-                    for mut conn in listener.incoming().map_while(Result::ok) {
-                        let _ = conn.write_all(&[i]);
-                    }
-                });
-                port
-            })
-            .collect();
-        let socket = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
-        let dns_port = socket.local_addr().unwrap().port();
-        thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(&buf[..n], from);
-            }
-        });
-        (ports, dns_port)
-    });
+    let ports = tcp_backends_on(&ns, Ipv6Addr::LOCALHOST.into(), 2);
+    let dns_port = udp_echo_on(&ns, Ipv6Addr::LOCALHOST.into());
     let spec6 = |address: Ipv6Addr, port: u16, protocol, backends: &[u16]| {
         FrontendSpec::new(
             format!("[{address}]:{port}"),

@@ -19,32 +19,13 @@ fn ip6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
 }
 
-fn service6(
-    name: &str,
-    vip: &str,
-    port: u16,
-    protocol: Protocol,
-    endpoints: &[(&str, u16)],
-) -> FrontendSpec {
-    let frontend = Frontend {
-        address: ip6(vip).into(),
-        port,
-        protocol,
-    };
-    let endpoints = endpoints
-        .iter()
-        .map(|(a, p)| Endpoint::new(ip6(a), *p))
-        .collect();
-    FrontendSpec::new(name, frontend, endpoints)
-}
-
 /// The IPv4 cluster, and its IPv6 twin.
 fn dual_stack() -> Programs {
     let mut services = cluster();
     services.extend([
-        service6("web6", VIP6, 80, Protocol::Tcp, &WEB),
-        service6("dns6", VIP6, 53, Protocol::Udp, &DNS),
-        service6("empty6", EMPTY_VIP6, 80, Protocol::Tcp, &[]),
+        service("web6", VIP6, 80, Protocol::Tcp, &WEB),
+        service("dns6", VIP6, 53, Protocol::Udp, &DNS),
+        service("empty6", EMPTY_VIP6, 80, Protocol::Tcp, &[]),
     ]);
     Programs::new(&services)
 }

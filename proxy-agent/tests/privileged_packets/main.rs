@@ -50,6 +50,7 @@ fn v4(addr: std::net::IpAddr) -> Ipv4Addr {
     }
 }
 
+/// A frontend and its endpoints, IPv4 or IPv6 (as the addresses are written).
 fn service(
     name: &str,
     vip: &str,
@@ -57,8 +58,9 @@ fn service(
     protocol: Protocol,
     endpoints: &[(&str, u16)],
 ) -> FrontendSpec {
+    let addr = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
     let frontend = Frontend {
-        address: ip(vip).into(),
+        address: addr(vip),
         port,
         protocol,
     };
@@ -67,7 +69,7 @@ fn service(
         frontend,
         endpoints
             .iter()
-            .map(|(a, p)| Endpoint::new(ip(a), *p))
+            .map(|(a, p)| Endpoint::new(addr(a), *p))
             .collect(),
     )
 }
