@@ -74,6 +74,44 @@ fn echo(ns: &str, name: &'static str) {
     });
 }
 
+/// `n` TCP connections from `client` to `target`, each checked to report
+/// `target` as its peer: what each backend answered (name and the client
+/// address it saw).
+fn connect_n(client: &str, target: SocketAddr, n: usize) -> Vec<String> {
+    in_netns(client, move || {
+        (0..n)
+            .map(|i| {
+                let mut s = TcpStream::connect_timeout(&target, TIMEOUT)
+                    .unwrap_or_else(|e| panic!("connection {i} to {target}: {e}"));
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                assert_eq!(s.peer_addr().unwrap(), target);
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                answer
+            })
+            .collect()
+    })
+}
+
+/// One UDP datagram from `client` to `target`: where the reply came from
+/// and what it said.
+fn udp_ask(client: &str, target: SocketAddr) -> (SocketAddr, String) {
+    in_netns(client, move || {
+        let any = if target.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let sock = UdpSocket::bind(any).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send_to(b"who?", target).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
+        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
 /// Sends a line on `conn` and returns the line that answers it.
 fn ask(conn: &mut TcpStream) -> std::io::Result<String> {
     conn.write_all(b"who?\n")?;
@@ -165,21 +203,7 @@ fn clusterip_traffic_through_a_real_agent() {
 
     // 100 TCP connections to the ClusterIP: all answered, by both backends, and
     // each backend saw the client's own address.
-    let answers: Vec<String> = in_netns(&client, || {
-        (0..100)
-            .map(|i| {
-                let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-                let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)
-                    .unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
-                s.set_read_timeout(Some(TIMEOUT)).unwrap();
-                assert_eq!(s.peer_addr().unwrap(), vip);
-                let mut answer = String::new();
-                s.read_to_string(&mut answer)
-                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                answer
-            })
-            .collect()
-    });
+    let answers = connect_n(&client, format!("{VIP}:80").parse().unwrap(), 100);
     let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
     for answer in &answers {
         let (name, peer) = answer.trim().split_once(' ').expect("name and peer");
@@ -199,14 +223,7 @@ fn clusterip_traffic_through_a_real_agent() {
     assert_eq!(by_backend.len(), 2, "both backends reached: {by_backend:?}");
 
     // UDP: the reply comes from the ClusterIP the client sent to.
-    let (from, answer) = in_netns(&client, || {
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        sock.send_to(b"who?", format!("{VIP}:53")).unwrap();
-        let mut buf = [0u8; 256];
-        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
-        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
-    });
+    let (from, answer) = udp_ask(&client, format!("{VIP}:53").parse().unwrap());
     assert_eq!(from, format!("{VIP}:53").parse::<SocketAddr>().unwrap());
     assert!(
         BACKENDS.iter().any(|(n, _)| answer.starts_with(n)),
@@ -414,20 +431,7 @@ fn a_dual_stack_service_through_a_real_agent() {
     // each of which saw the client's own address of that family.
     for (vip, client_addr) in [(VIP6, CLIENT6), (VIP, CLIENT)] {
         let target = SocketAddr::new(vip.parse().unwrap(), 80);
-        let answers: Vec<String> = in_netns(&client, move || {
-            (0..50)
-                .map(|i| {
-                    let mut s = TcpStream::connect_timeout(&target, TIMEOUT)
-                        .unwrap_or_else(|e| panic!("connection {i} to {target}: {e}"));
-                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-                    assert_eq!(s.peer_addr().unwrap(), target);
-                    let mut answer = String::new();
-                    s.read_to_string(&mut answer)
-                        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                    answer
-                })
-                .collect()
-        });
+        let answers = connect_n(&client, target, 50);
         let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
         for answer in &answers {
             let (name, peer) = answer.trim().split_once(' ').expect("name and peer");
@@ -444,14 +448,7 @@ fn a_dual_stack_service_through_a_real_agent() {
     }
 
     // UDP over IPv6: the reply comes from the ClusterIP the client sent to.
-    let (from, answer) = in_netns(&client, || {
-        let sock = UdpSocket::bind("[::]:0").unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        sock.send_to(b"who?", format!("[{VIP6}]:53")).unwrap();
-        let mut buf = [0u8; 256];
-        let (n, from) = sock.recv_from(&mut buf).expect("UDP reply");
-        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
-    });
+    let (from, answer) = udp_ask(&client, format!("[{VIP6}]:53").parse().unwrap());
     assert_eq!(from, format!("[{VIP6}]:53").parse::<SocketAddr>().unwrap());
     assert!(
         answer.contains(&format!(" [{CLIENT6}]:")),
