@@ -589,21 +589,32 @@ impl Agent {
 /// counted as served, keep its broken room; removed, the first round programs
 /// it whole where there is room, or refuses it by name.
 fn remove_holes(dataplane: &mut Dataplane, applied: &mut MapState, status: &Shared) {
+    let mut write = |op: desired::MapOp, applied: &mut MapState| match dataplane.write(&op) {
+        Ok(()) => applied.apply(&op),
+        Err(e) => {
+            status.lock().unwrap().metrics.map_write_failures += 1;
+            warn!(error = format!("{e:#}"), ?op, "removing it");
+        }
+    };
     for (head, hole) in desired::apply::holes(applied) {
         warn!(
-            frontend = %format!("{}:{}", head.addr(), head.port()),
+            frontend = %std::net::SocketAddr::new(head.addr, head.port),
             hole,
             "an adopted frontend is not whole; removed until it is programmed again"
         );
         for op in desired::apply::removal(applied, &head) {
-            match dataplane.write(&op) {
-                Ok(()) => applied.apply(&op),
-                Err(e) => {
-                    status.lock().unwrap().metrics.map_write_failures += 1;
-                    warn!(error = format!("{e:#}"), ?op, "removing it");
-                }
-            }
+            write(op, applied);
         }
+    }
+    let orphans = desired::apply::orphan_slots(applied);
+    if !orphans.is_empty() {
+        warn!(
+            slots = orphans.len(),
+            "adopted service slots no frontend reaches are removed"
+        );
+    }
+    for slot in orphans {
+        write(desired::MapOp::DelService(slot), applied);
     }
 }
 

@@ -77,6 +77,25 @@ fn hole(maps: &MapState, key: &ServiceKey, head: &ServiceValue) -> Option<String
     None
 }
 
+/// Slots no frontend's slot 0 reaches: its slot 0 is gone, or counts fewer
+/// slots. What a services map shrunk below its entries leaves beside the
+/// frontends with holes. No packet reads them, but they hold room: left in
+/// place, a round's new entries would meet a full map before the round's
+/// own removals make room.
+pub fn orphan_slots(maps: &MapState) -> Vec<ServiceKey> {
+    maps.services
+        .keys()
+        .filter(|k| {
+            k.slot != 0
+                && maps
+                    .services
+                    .get(&k.with_slot(0))
+                    .is_none_or(|head| k.slot > head.count)
+        })
+        .copied()
+        .collect()
+}
+
 /// The writes that take the frontend whose slot 0 is `head` out of `maps`:
 /// slot 0 first, so that no packet meets it half gone, then its slots and
 /// its Maglev table. Its backends and reverse-NAT entry stay for a round to

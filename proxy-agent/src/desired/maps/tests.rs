@@ -674,4 +674,26 @@ fn holes_are_found_and_removed_slot0_first() {
     assert_eq!(after.services.len(), b_entries(&whole).len());
     assert!(after.maglev.is_empty());
     assert_eq!(after.backends, whole.backends, "backends stay for a round");
+
+    // Slots whose slot 0 is gone, or past its count, are orphans.
+    assert!(crate::desired::apply::orphan_slots(&whole).is_empty());
+    let mut orphaned = whole.clone();
+    orphaned.services.remove(&a_head);
+    let b_head = service_key(&b.frontend, 0);
+    let b_value = orphaned.services[&b_head];
+    orphaned.services.insert(
+        b_head,
+        ServiceValue {
+            count: 0,
+            ..b_value
+        },
+    );
+    assert_eq!(
+        crate::desired::apply::orphan_slots(&orphaned),
+        [
+            a_head.with_slot(1),
+            a_head.with_slot(2),
+            b_head.with_slot(1)
+        ]
+    );
 }
