@@ -47,12 +47,12 @@ struct Input {
 
 fn spec(s: &Service) -> FrontendSpec {
     let frontend = Frontend {
-        address: Ipv4Addr::new(10, 96, 0, s.id),
+        address: Ipv4Addr::new(10, 96, 0, s.id).into(),
         port: 80,
         protocol: if s.udp { Protocol::Udp } else { Protocol::Tcp },
     };
     let endpoint = |i: u8, terminating: bool| Endpoint {
-        address: Ipv4Addr::new(10, 244, 0, i % 16),
+        address: Ipv4Addr::new(10, 244, 0, i % 16).into(),
         port: 8080,
         // Where a pod runs is the same in every Service.
         local: (i % 16) % 3 == 0,
