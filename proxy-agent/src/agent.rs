@@ -181,7 +181,7 @@ struct Agent {
     status: Shared,
     health_checks: HealthChecks,
     /// The node settings last written.
-    node_config: proxy_common::Config,
+    node_config: settings::NodeConfig,
     /// Pod interfaces with the programs attached, by name: their index.
     attached: HashMap<String, u32>,
     stores: Stores,
@@ -245,7 +245,7 @@ impl Agent {
             retry: RETRY_MIN,
             status,
             health_checks: HealthChecks::default(),
-            node_config: proxy_common::Config::default(),
+            node_config: settings::NodeConfig::default(),
             attached: HashMap::new(),
             stores: Stores::default(),
             cache: FrontendCache::default(),
@@ -510,7 +510,11 @@ impl Agent {
             Source::Api { node_name, .. } => {
                 let mut node = self.stores.node(node_name);
                 node.node_port_loopback = self.config.node_port_loopback;
-                let wanted = settings::node_config(node.snat_address(), self.config.nat_ports);
+                let wanted = settings::node_config(
+                    node.snat_address(),
+                    node.snat_address6(),
+                    self.config.nat_ports,
+                );
                 program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
                 let changed = self
                     .cache
@@ -621,17 +625,23 @@ fn remove_holes(dataplane: &mut Dataplane, applied: &mut MapState, status: &Shar
 /// Writes the node settings when they differ from what was last written.
 fn program_node(
     dataplane: &mut Dataplane,
-    written: &mut proxy_common::Config,
-    wanted: proxy_common::Config,
+    written: &mut settings::NodeConfig,
+    wanted: settings::NodeConfig,
     node: &NodeInfo,
 ) {
     if wanted == *written {
         return;
     }
-    match dataplane.set_config(wanted) {
+    match dataplane.set_config(&wanted) {
         Ok(()) => {
             *written = wanted;
-            info!(snat = ?node.snat_address(), addresses = ?node.addresses, "node settings programmed");
+            info!(
+                snat = ?node.snat_address(),
+                snat6 = ?node.snat_address6(),
+                addresses = ?node.addresses,
+                addresses6 = ?node.addresses6,
+                "node settings programmed"
+            );
         }
         Err(e) => error!(error = format!("{e:#}"), "writing the node settings"),
     }

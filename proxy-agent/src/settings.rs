@@ -3,7 +3,7 @@
 //! default scheduler of frontends without one, and the node `Config` (SNAT
 //! address, NAT port range) the programs read.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, Result};
 
@@ -21,13 +21,30 @@ pub fn fill_defaults(frontends: &mut [FrontendSpec], scheduler: Scheduler) {
     }
 }
 
-/// The node settings: SNATed traffic leaves with `snat` (none: 0, no SNAT
-/// address known yet) and a port in `nat_ports`.
-pub fn node_config(snat: Option<Ipv4Addr>, nat_ports: (u16, u16)) -> proxy_common::Config {
-    proxy_common::Config {
-        snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
-        nat_port_min: nat_ports.0,
-        nat_port_max: nat_ports.1,
+/// The node settings the programs read, of both families.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub v4: proxy_common::Config,
+    pub v6: proxy_common::Config6,
+}
+
+/// The node settings: SNATed traffic leaves with `snat` or `snat6` (none:
+/// zeros, no SNAT address of that family known yet) and a port in
+/// `nat_ports`.
+pub fn node_config(
+    snat: Option<Ipv4Addr>,
+    snat6: Option<Ipv6Addr>,
+    nat_ports: (u16, u16),
+) -> NodeConfig {
+    NodeConfig {
+        v4: proxy_common::Config {
+            snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
+            nat_port_min: nat_ports.0,
+            nat_port_max: nat_ports.1,
+        },
+        v6: proxy_common::Config6 {
+            snat_addr: snat6.map_or([0; 16], |a| a.octets()),
+        },
     }
 }
 

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use aya_obj::{maps::Map, Object};
 use proxy_common::{
     bench, map_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
-    CtKey4, CtKey6, CtValue, MaglevKey, Nat4, NatPortKey4, RevNat4, RevNat6, ServiceKey4,
-    ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SockRevKey6, SourceRange4, StatCounter,
+    Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4,
+    RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SockRevKey6,
+    SourceRange4, SourceRange6, StatCounter,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -45,6 +46,24 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             core::mem::offset_of!(SourceRange4, addr_be)
         ),
     );
+    let lpm_key6 = (
+        "lpm_trie::Key<SourceRange6>",
+        4 + size_of::<SourceRange6>(),
+        format!(
+            "prefix_len@0 data@4 {{rev_nat_id_be@{} addr@{}}}",
+            core::mem::offset_of!(SourceRange6, rev_nat_id_be),
+            core::mem::offset_of!(SourceRange6, addr)
+        ),
+    );
+    let ct_key6 = layout!(CtKey6 {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        proto,
+        dir,
+        _pad
+    });
     let ct_key = layout!(CtKey4 {
         saddr_be,
         daddr_be,
@@ -275,6 +294,35 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 _pad
             }),
         ),
+        (
+            map_names::NAT_V6,
+            ct_key6.clone(),
+            layout!(Nat6 {
+                client_addr,
+                rev_nat_id,
+                client_port_be,
+                flags,
+                last_seen_ns
+            }),
+        ),
+        (
+            map_names::NAT_PORTS_V6,
+            layout!(NatPortKey6 {
+                backend_addr,
+                backend_port_be,
+                proto,
+                _pad,
+                index,
+                _pad2
+            }),
+            layout!(u64),
+        ),
+        (map_names::SOURCE_RANGES_V6, lpm_key6, layout!(u8)),
+        (
+            map_names::CONFIG_V6,
+            layout!(u32),
+            layout!(Config6 { snat_addr }),
+        ),
     ]
 }
 
@@ -305,6 +353,10 @@ revnat6_v1: u32 4 {} -> RevNat6 20 {addr@0 port_be@16 _pad@18}
 ct6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pad@38} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
 affinity6_v1: AffinityKey6 20 {client_addr@0 rev_nat_id@16} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
 sockrev6_v1: SockRevKey6 32 {cookie@0 addr@8 port_be@24 _pad@26} -> RevNat6 20 {addr@0 port_be@16 _pad@18}
+nat6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pad@38} -> Nat6 32 {client_addr@0 rev_nat_id@16 client_port_be@20 flags@22 last_seen_ns@24}
+natport6_v1: NatPortKey6 24 {backend_addr@0 backend_port_be@16 proto@18 _pad@19 index@20 _pad2@22} -> u64 8 {}
+srcrange6_v1: lpm_trie::Key<SourceRange6> 24 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
+config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

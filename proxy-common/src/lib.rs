@@ -60,8 +60,14 @@ pub mod map_names {
     pub const CONNTRACK_V6: &str = "ct6_v1";
     pub const AFFINITY_V6: &str = "affinity6_v1";
     pub const SOCK_REVNAT_V6: &str = "sockrev6_v1";
+    pub const NAT_V6: &str = "nat6_v1";
+    pub const NAT_PORTS_V6: &str = "natport6_v1";
+    pub const SOURCE_RANGES_V6: &str = "srcrange6_v1";
+    /// The node's IPv6 SNAT address (index 0); the NAT port range is in
+    /// [`CONFIG`], for both families.
+    pub const CONFIG_V6: &str = "config6_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 24] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -82,6 +88,10 @@ pub mod map_names {
         CONNTRACK_V6,
         AFFINITY_V6,
         SOCK_REVNAT_V6,
+        NAT_V6,
+        NAT_PORTS_V6,
+        SOURCE_RANGES_V6,
+        CONFIG_V6,
     ];
 }
 
@@ -167,6 +177,10 @@ pub mod capacity {
     pub const CONNTRACK_V6: u32 = 65_536;
     pub const AFFINITY_V6: u32 = 16_384;
     pub const SOCK_REVNAT_V6: u32 = 16_384;
+    /// IPv6 SNATed flows (least recently used evicted, allocated whole).
+    /// The IPv6 NAT-port words and source ranges take the IPv4 sizes,
+    /// allocated as used.
+    pub const NAT_V6: u32 = 32_768;
 }
 
 /// IP protocol numbers used in keys.
@@ -623,6 +637,60 @@ const _: () = assert!(core::mem::size_of::<AffinityKey6>() == 20);
 /// through a pod's default route like the IPv4 one.
 pub const HAIRPIN_ADDR6: Addr6 = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 169, 254, 42, 1];
 
+/// Value of the IPv6 NAT map ([`Nat4`] with an IPv6 client), keyed by the
+/// [`CtKey6`] of a remote backend's reply as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nat6 {
+    pub client_addr: Addr6,
+    pub rev_nat_id: u32,
+    pub client_port_be: u16,
+    pub flags: u16,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Nat6>() == 32);
+
+/// Key of the IPv6 NAT-port map: [`NatPortKey4`] with an IPv6 backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatPortKey6 {
+    pub backend_addr: Addr6,
+    pub backend_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub index: u16,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<NatPortKey6>() == 24);
+
+/// Data of an IPv6 source-ranges LPM trie key: [`SourceRange4`] with an
+/// IPv6 client address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRange6 {
+    pub rev_nat_id_be: u32,
+    pub addr: Addr6,
+}
+const _: () = assert!(core::mem::size_of::<SourceRange6>() == 20);
+
+impl SourceRange6 {
+    pub const ID_BITS: u32 = SourceRange4::ID_BITS;
+    pub const LOOKUP_PREFIX_LEN: u32 = 8 * core::mem::size_of::<Self>() as u32;
+
+    pub const fn prefix_len(addr_prefix: u8) -> u32 {
+        Self::ID_BITS + addr_prefix as u32
+    }
+}
+
+/// The IPv6 node settings (index 0 of their array): the source of SNATed
+/// IPv6 packets, all zero while the node has no IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config6 {
+    pub snat_addr: Addr6,
+}
+const _: () = assert!(core::mem::size_of::<Config6>() == 16);
+
 /// The node-wide settings the agent writes into the config array (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -820,4 +888,8 @@ mod pod {
     unsafe impl aya::Pod for CtKey6 {}
     unsafe impl aya::Pod for AffinityKey6 {}
     unsafe impl aya::Pod for SockRevKey6 {}
+    unsafe impl aya::Pod for Nat6 {}
+    unsafe impl aya::Pod for NatPortKey6 {}
+    unsafe impl aya::Pod for SourceRange6 {}
+    unsafe impl aya::Pod for Config6 {}
 }

@@ -10,9 +10,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config, CtKey4,
-    CtKey6, CtValue, MaglevKey, Nat4, NatPortKey4, RevNat4, RevNat6, ServiceKey4, ServiceKey6,
-    ServiceValue, SockConfig, SockRevKey4, SockRevKey6, SourceRange4, StatCounter,
+    capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
+    Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4,
+    RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SockRevKey6,
+    SourceRange4, SourceRange6, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -138,3 +139,29 @@ pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue, { capacity::AFFINI
 #[btf_map(name = "sockrev6_v1")]
 pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, RevNat6, { capacity::SOCK_REVNAT_V6 as usize }> =
     LruHashMap::new();
+
+/// IPv6 SNAT, as `NAT`.
+#[btf_map(name = "nat6_v1")]
+pub static NAT6: LruHashMap<CtKey6, Nat6, { capacity::NAT_V6 as usize }> = LruHashMap::new();
+
+/// IPv6 NAT-port bitmaps, as `NAT_PORTS`.
+#[btf_map(name = "natport6_v1")]
+pub static NAT_PORTS6: HashMap<
+    NatPortKey6,
+    u64,
+    { capacity::NAT_PORTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// IPv6 loadBalancerSourceRanges, as `SOURCE_RANGES`.
+#[btf_map(name = "srcrange6_v1")]
+pub static SOURCE_RANGES6: LpmTrie<
+    SourceRange6,
+    u8,
+    { capacity::SOURCE_RANGES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// The node's IPv6 settings (index 0), written by the agent.
+#[btf_map(name = "config6_v1")]
+pub static CONFIG6: Array<Config6, 1> = Array::new();

@@ -118,8 +118,9 @@ pub fn simulate(
     if let Some(p) = problems.first() {
         bail!("the manifests give a state Ferry cannot program: {p}");
     }
-    programs.dp.set_config(settings::node_config(
+    programs.dp.set_config(&settings::node_config(
         info.snat_address(),
+        info.snat_address6(),
         settings::DEFAULT_NAT_PORTS,
     ))?;
     let program = match hook {

@@ -12,13 +12,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::Ipv4Addr,
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
 use proxy_common::{
-    ct_dir, ct_flags, ct_lifetime, nat_ports, proto, CtKey4, CtKey6, CtValue, Nat4, NatPortKey4,
-    RevNat4,
+    ct_dir, ct_flags, ct_lifetime, nat_ports, proto, CtKey4, CtKey6, CtValue, Nat4, Nat6,
+    NatPortKey4, NatPortKey6, RevNat4, RevNat6,
 };
 
 /// A NAT entry younger than this is never taken for an orphan: its flow may
@@ -61,38 +62,9 @@ impl Lifetimes {
 /// A remote backend, as the NAT-port words name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NatBackend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
-}
-
-impl NatBackend {
-    fn of_word(key: &NatPortKey4) -> Self {
-        Self {
-            addr: Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
-            port: u16::from_be(key.backend_port_be),
-            proto: key.proto,
-        }
-    }
-
-    fn of_nat(key: &CtKey4) -> Self {
-        Self {
-            addr: Ipv4Addr::from(u32::from_be(key.saddr_be)),
-            port: u16::from_be(key.sport_be),
-            proto: key.proto,
-        }
-    }
-
-    fn word(&self, index: u16) -> NatPortKey4 {
-        NatPortKey4 {
-            backend_addr_be: u32::from(self.addr).to_be(),
-            backend_port_be: self.port.to_be(),
-            proto: self.proto,
-            _pad: 0,
-            index,
-            _pad2: 0,
-        }
-    }
 }
 
 impl fmt::Display for NatBackend {
@@ -102,39 +74,216 @@ impl fmt::Display for NatBackend {
             proto::UDP => "UDP",
             _ => "?",
         };
-        write!(f, "{}:{}/{proto}", self.addr, self.port)
+        write!(f, "{}/{proto}", SocketAddr::new(self.addr, self.port))
     }
 }
 
-/// What the maps held when the collection started.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub conntrack: Vec<(CtKey4, CtValue)>,
-    /// IPv6 conntrack (no NAT: IPv6 flows are not SNATed).
-    pub conntrack6: Vec<(CtKey6, CtValue)>,
-    pub nat: Vec<(CtKey4, Nat4)>,
-    pub nat_ports: Vec<(NatPortKey4, u64)>,
-    pub revnat: BTreeMap<u32, RevNat4>,
+/// The conntrack, NAT and NAT-port layouts of one address family, as the
+/// collection reads them.
+pub trait Family {
+    type CtKey: Copy + Eq + Hash + fmt::Debug;
+    type Nat: Copy + PartialEq + fmt::Debug;
+    type Word: Copy + Ord + fmt::Debug;
+    type RevNat: Copy + fmt::Debug;
+
+    fn proto(key: &Self::CtKey) -> u8;
+    fn dir(key: &Self::CtKey) -> u8;
+    /// A NAT key's node port (host order) and the backend it goes to.
+    fn nat_port(key: &Self::CtKey) -> (u16, NatBackend);
+    /// A NAT value's frontend (reverse-NAT id), flags and last-seen time.
+    fn nat_state(nat: &Self::Nat) -> (u32, u16, u64);
+    /// The forward conntrack key of the flow a NAT value belongs to.
+    fn forward(nat: &Self::Nat, frontend: &Self::RevNat, proto: u8) -> Self::CtKey;
+    fn word(backend: &NatBackend, index: u16) -> Self::Word;
+    fn word_of(word: &Self::Word) -> (NatBackend, u16);
+}
+
+/// IPv4's maps.
+#[derive(Debug)]
+pub struct V4;
+
+/// IPv6's maps.
+#[derive(Debug)]
+pub struct V6;
+
+impl Family for V4 {
+    type CtKey = CtKey4;
+    type Nat = Nat4;
+    type Word = NatPortKey4;
+    type RevNat = RevNat4;
+
+    fn proto(key: &CtKey4) -> u8 {
+        key.proto
+    }
+
+    fn dir(key: &CtKey4) -> u8 {
+        key.dir
+    }
+
+    fn nat_port(key: &CtKey4) -> (u16, NatBackend) {
+        let backend = NatBackend {
+            addr: Ipv4Addr::from(u32::from_be(key.saddr_be)).into(),
+            port: u16::from_be(key.sport_be),
+            proto: key.proto,
+        };
+        (u16::from_be(key.dport_be), backend)
+    }
+
+    fn nat_state(nat: &Nat4) -> (u32, u16, u64) {
+        (nat.rev_nat_id, nat.flags, nat.last_seen_ns)
+    }
+
+    fn forward(nat: &Nat4, frontend: &RevNat4, proto: u8) -> CtKey4 {
+        CtKey4 {
+            saddr_be: nat.client_addr_be,
+            daddr_be: frontend.addr_be,
+            sport_be: nat.client_port_be,
+            dport_be: frontend.port_be,
+            proto,
+            dir: ct_dir::FORWARD,
+            _pad: 0,
+        }
+    }
+
+    fn word(backend: &NatBackend, index: u16) -> NatPortKey4 {
+        let addr = match backend.addr {
+            IpAddr::V4(a) => u32::from(a).to_be(),
+            IpAddr::V6(_) => 0,
+        };
+        NatPortKey4 {
+            backend_addr_be: addr,
+            backend_port_be: backend.port.to_be(),
+            proto: backend.proto,
+            _pad: 0,
+            index,
+            _pad2: 0,
+        }
+    }
+
+    fn word_of(word: &NatPortKey4) -> (NatBackend, u16) {
+        let backend = NatBackend {
+            addr: Ipv4Addr::from(u32::from_be(word.backend_addr_be)).into(),
+            port: u16::from_be(word.backend_port_be),
+            proto: word.proto,
+        };
+        (backend, word.index)
+    }
+}
+
+impl Family for V6 {
+    type CtKey = CtKey6;
+    type Nat = Nat6;
+    type Word = NatPortKey6;
+    type RevNat = RevNat6;
+
+    fn proto(key: &CtKey6) -> u8 {
+        key.proto
+    }
+
+    fn dir(key: &CtKey6) -> u8 {
+        key.dir
+    }
+
+    fn nat_port(key: &CtKey6) -> (u16, NatBackend) {
+        let backend = NatBackend {
+            addr: Ipv6Addr::from(key.saddr).into(),
+            port: u16::from_be(key.sport_be),
+            proto: key.proto,
+        };
+        (u16::from_be(key.dport_be), backend)
+    }
+
+    fn nat_state(nat: &Nat6) -> (u32, u16, u64) {
+        (nat.rev_nat_id, nat.flags, nat.last_seen_ns)
+    }
+
+    fn forward(nat: &Nat6, frontend: &RevNat6, proto: u8) -> CtKey6 {
+        CtKey6 {
+            saddr: nat.client_addr,
+            daddr: frontend.addr,
+            sport_be: nat.client_port_be,
+            dport_be: frontend.port_be,
+            proto,
+            dir: ct_dir::FORWARD,
+            _pad: 0,
+        }
+    }
+
+    fn word(backend: &NatBackend, index: u16) -> NatPortKey6 {
+        let addr = match backend.addr {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => [0; 16],
+        };
+        NatPortKey6 {
+            backend_addr: addr,
+            backend_port_be: backend.port.to_be(),
+            proto: backend.proto,
+            _pad: 0,
+            index,
+            _pad2: 0,
+        }
+    }
+
+    fn word_of(word: &NatPortKey6) -> (NatBackend, u16) {
+        let backend = NatBackend {
+            addr: Ipv6Addr::from(word.backend_addr).into(),
+            port: u16::from_be(word.backend_port_be),
+            proto: word.proto,
+        };
+        (backend, word.index)
+    }
+}
+
+/// What one family's maps held when the collection started.
+#[derive(Debug)]
+pub struct Snapshot<F: Family> {
+    pub conntrack: Vec<(F::CtKey, CtValue)>,
+    pub nat: Vec<(F::CtKey, F::Nat)>,
+    pub nat_ports: Vec<(F::Word, u64)>,
+    pub revnat: BTreeMap<u32, F::RevNat>,
     /// The node's NAT port range (`None` while it has none).
     pub nat_range: Option<(u16, u16)>,
 }
 
-/// What to change.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+impl<F: Family> Default for Snapshot<F> {
+    fn default() -> Self {
+        Self {
+            conntrack: Vec::new(),
+            nat: Vec::new(),
+            nat_ports: Vec::new(),
+            revnat: BTreeMap::new(),
+            nat_range: None,
+        }
+    }
+}
+
+/// What to change in one family's maps.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan<F: Family> {
     /// Conntrack entries that ended.
-    pub conntrack: Vec<CtKey4>,
-    pub conntrack6: Vec<CtKey6>,
+    pub conntrack: Vec<F::CtKey>,
     /// NAT entries whose flow ended.
-    pub nat: Vec<CtKey4>,
+    pub nat: Vec<F::CtKey>,
     /// NAT-port words to write (`Some`) or delete (`None`), with the value
     /// the snapshot had (bits the programs set since are kept).
-    pub nat_ports: Vec<(NatPortKey4, u64, Option<u64>)>,
+    pub nat_ports: Vec<(F::Word, u64, Option<u64>)>,
     /// Per backend: new flows dropped for want of a port since the last
     /// collection (their counters are deleted).
     pub exhausted: Vec<(NatBackend, u64)>,
     /// Per backend: ports its remaining NAT entries hold.
     pub held: BTreeMap<NatBackend, u32>,
+}
+
+impl<F: Family> Default for Plan<F> {
+    fn default() -> Self {
+        Self {
+            conntrack: Vec::new(),
+            nat: Vec::new(),
+            nat_ports: Vec::new(),
+            exhausted: Vec::new(),
+            held: BTreeMap::new(),
+        }
+    }
 }
 
 /// What a collection did and saw.
@@ -152,48 +301,31 @@ pub struct Report {
 }
 
 /// Decides what goes at `now_ns` (the programs' clock).
-pub fn plan(snapshot: &Snapshot, now_ns: u64, lifetimes: &Lifetimes) -> Plan {
+pub fn plan<F: Family>(snapshot: &Snapshot<F>, now_ns: u64, lifetimes: &Lifetimes) -> Plan<F> {
     let mut plan = Plan::default();
-    let mut forward: HashMap<CtKey4, u16> = HashMap::new();
+    let mut forward: HashMap<F::CtKey, u16> = HashMap::new();
     for (key, value) in &snapshot.conntrack {
-        if lifetimes.expired(now_ns, key.proto, value.flags, value.last_seen_ns) {
+        if lifetimes.expired(now_ns, F::proto(key), value.flags, value.last_seen_ns) {
             plan.conntrack.push(*key);
-        } else if key.dir == ct_dir::FORWARD {
+        } else if F::dir(key) == ct_dir::FORWARD {
             forward.insert(*key, value.nat_port_be);
         }
     }
-    plan.conntrack6 = snapshot
-        .conntrack6
-        .iter()
-        .filter(|(k, v)| lifetimes.expired(now_ns, k.proto, v.flags, v.last_seen_ns))
-        .map(|(k, _)| *k)
-        .collect();
     let grace = u64::try_from(ORPHAN_GRACE.as_nanos()).unwrap_or(u64::MAX);
     let mut held: BTreeMap<NatBackend, BTreeSet<u16>> = BTreeMap::new();
     for (key, value) in &snapshot.nat {
-        let ended = lifetimes.expired(now_ns, key.proto, value.flags, value.last_seen_ns);
-        let orphan = now_ns.saturating_sub(value.last_seen_ns) > grace
-            && snapshot
-                .revnat
-                .get(&value.rev_nat_id)
-                .is_none_or(|frontend| {
-                    let flow = CtKey4 {
-                        saddr_be: value.client_addr_be,
-                        daddr_be: frontend.addr_be,
-                        sport_be: value.client_port_be,
-                        dport_be: frontend.port_be,
-                        proto: key.proto,
-                        dir: ct_dir::FORWARD,
-                        _pad: 0,
-                    };
-                    forward.get(&flow) != Some(&key.dport_be)
-                });
+        let (rev_nat_id, flags, last_seen) = F::nat_state(value);
+        let (port, backend) = F::nat_port(key);
+        let ended = lifetimes.expired(now_ns, F::proto(key), flags, last_seen);
+        let orphan = now_ns.saturating_sub(last_seen) > grace
+            && snapshot.revnat.get(&rev_nat_id).is_none_or(|frontend| {
+                let flow = F::forward(value, frontend, F::proto(key));
+                forward.get(&flow) != Some(&port.to_be())
+            });
         if ended || orphan {
             plan.nat.push(*key);
         } else {
-            held.entry(NatBackend::of_nat(key))
-                .or_default()
-                .insert(u16::from_be(key.dport_be));
+            held.entry(backend).or_default().insert(port);
         }
     }
     plan.held = held
@@ -202,7 +334,7 @@ pub fn plan(snapshot: &Snapshot, now_ns: u64, lifetimes: &Lifetimes) -> Plan {
         .collect();
 
     // The words the remaining entries call for, by backend.
-    let mut wanted: BTreeMap<NatPortKey4, u64> = BTreeMap::new();
+    let mut wanted: BTreeMap<F::Word, u64> = BTreeMap::new();
     if let Some((min, max)) = snapshot
         .nat_range
         .filter(|(min, max)| *min != 0 && min <= max)
@@ -220,21 +352,22 @@ pub fn plan(snapshot: &Snapshot, now_ns: u64, lifetimes: &Lifetimes) -> Plan {
             }
             let mut summaries: BTreeMap<u32, u64> = BTreeMap::new();
             for (w, bits) in &words {
-                wanted.insert(backend.word(*w as u16), *bits);
+                wanted.insert(F::word(backend, *w as u16), *bits);
                 let full = nat_ports::word_mask(size, *w);
                 if bits & full == full {
                     *summaries.entry(w / 64).or_default() |= 1 << (w % 64);
                 }
             }
             for (s, bits) in summaries {
-                wanted.insert(backend.word(nat_ports::SUMMARY + s as u16), bits);
+                wanted.insert(F::word(backend, nat_ports::SUMMARY + s as u16), bits);
             }
         }
     }
     for (key, value) in &snapshot.nat_ports {
-        if key.index == nat_ports::DROPS {
+        let (backend, index) = F::word_of(key);
+        if index == nat_ports::DROPS {
             if *value > 0 {
-                plan.exhausted.push((NatBackend::of_word(key), *value));
+                plan.exhausted.push((backend, *value));
             }
             plan.nat_ports.push((*key, *value, None));
             continue;
@@ -259,7 +392,7 @@ mod tests {
     const UDP: u8 = proto::UDP;
     const MIN: u16 = 62_000;
     const BACKEND: NatBackend = NatBackend {
-        addr: Ipv4Addr::new(10, 244, 2, 3),
+        addr: IpAddr::V4(Ipv4Addr::new(10, 244, 2, 3)),
         port: 8080,
         proto: TCP,
     };
@@ -294,8 +427,11 @@ mod tests {
             last_seen_ns: last_seen,
             ..Default::default()
         };
+        let IpAddr::V4(backend) = BACKEND.addr else {
+            unreachable!()
+        };
         let nat_key = CtKey4 {
-            saddr_be: be(BACKEND.addr),
+            saddr_be: be(backend),
             daddr_be: be(NODE),
             sport_be: BACKEND.port.to_be(),
             dport_be: nat_port.to_be(),
@@ -314,10 +450,9 @@ mod tests {
         ((forward, ct), (nat_key, nat))
     }
 
-    fn snapshot(flows: &[Flow], range: u16) -> Snapshot {
+    fn snapshot(flows: &[Flow], range: u16) -> Snapshot<V4> {
         Snapshot {
             conntrack: flows.iter().map(|f| f.0).collect(),
-            conntrack6: Vec::new(),
             nat: flows.iter().map(|f| f.1).collect(),
             nat_ports: Vec::new(),
             revnat: BTreeMap::from([(
@@ -332,7 +467,7 @@ mod tests {
         }
     }
 
-    fn words(plan: &Plan) -> BTreeMap<u16, Option<u64>> {
+    fn words(plan: &Plan<V4>) -> BTreeMap<u16, Option<u64>> {
         plan.nat_ports
             .iter()
             .map(|(k, _, v)| (k.index, *v))
@@ -406,10 +541,10 @@ mod tests {
             .collect();
         let mut snap = snapshot(&flows, 200);
         snap.nat_ports = vec![
-            (BACKEND.word(0), u64::MAX),
-            (BACKEND.word(1), 0b1010),
-            (BACKEND.word(nat_ports::SUMMARY), 0b11),
-            (BACKEND.word(nat_ports::DROPS), 12),
+            (V4::word(&BACKEND, 0), u64::MAX),
+            (V4::word(&BACKEND, 1), 0b1010),
+            (V4::word(&BACKEND, nat_ports::SUMMARY), 0b11),
+            (V4::word(&BACKEND, nat_ports::DROPS), 12),
         ];
         let plan = plan(&snap, now, &Lifetimes::default());
         assert_eq!(
@@ -462,8 +597,8 @@ mod tests {
             ..CtValue::default()
         };
         let now = 100_000 * S;
-        let snapshot = Snapshot {
-            conntrack6: vec![
+        let snapshot = Snapshot::<V6> {
+            conntrack: vec![
                 (key(1, UDP), seen(0, now - 61 * S)),
                 (key(2, UDP), seen(0, now - 59 * S)),
                 (key(3, TCP), seen(ct_flags::CLOSING, now - 11 * S)),
@@ -472,6 +607,67 @@ mod tests {
             ..Snapshot::default()
         };
         let plan = plan(&snapshot, now, &Lifetimes::default());
-        assert_eq!(plan.conntrack6, [key(1, UDP), key(3, TCP)]);
+        assert_eq!(plan.conntrack, [key(1, UDP), key(3, TCP)]);
+    }
+
+    #[test]
+    fn ipv6_nat_entries_hold_their_ports_until_their_flow_ends() {
+        let backend = NatBackend {
+            addr: "fd00:10:244:2::3".parse().unwrap(),
+            port: 8080,
+            proto: TCP,
+        };
+        let node: Ipv6Addr = "fd00:10:250::11".parse().unwrap();
+        let client: Ipv6Addr = "fd00:10:250::100".parse().unwrap();
+        let now = 100_000 * S;
+        let nat = |client_port: u16, nat_port: u16, last_seen| {
+            let IpAddr::V6(b) = backend.addr else {
+                unreachable!()
+            };
+            let key = CtKey6 {
+                saddr: b.octets(),
+                daddr: node.octets(),
+                sport_be: 8080u16.to_be(),
+                dport_be: nat_port.to_be(),
+                proto: TCP,
+                dir: ct_dir::NAT,
+                _pad: 0,
+            };
+            let value = Nat6 {
+                client_addr: client.octets(),
+                rev_nat_id: 7,
+                client_port_be: client_port.to_be(),
+                flags: 0,
+                last_seen_ns: last_seen,
+            };
+            (key, value)
+        };
+        let frontend = RevNat6 {
+            addr: node.octets(),
+            port_be: 30090u16.to_be(),
+            _pad: 0,
+        };
+        let live = nat(40_000, MIN, now - S);
+        let ended = nat(40_001, MIN + 1, now - 7 * 3_600 * S);
+        let forward = V6::forward(&live.1, &frontend, TCP);
+        let snapshot = Snapshot::<V6> {
+            conntrack: vec![(
+                forward,
+                CtValue {
+                    nat_port_be: MIN.to_be(),
+                    last_seen_ns: now - S,
+                    ..CtValue::default()
+                },
+            )],
+            nat: vec![live, ended],
+            nat_ports: vec![(V6::word(&backend, 0), 0b11)],
+            revnat: BTreeMap::from([(7, frontend)]),
+            nat_range: Some((MIN, MIN + 199)),
+        };
+        let plan = plan(&snapshot, now, &Lifetimes::default());
+        assert_eq!(plan.nat, [ended.0]);
+        assert_eq!(plan.held, BTreeMap::from([(backend, 1)]));
+        assert_eq!(plan.nat_ports, [(V6::word(&backend, 0), 0b11, Some(0b1))]);
+        assert_eq!(backend.to_string(), "[fd00:10:244:2::3]:8080/TCP");
     }
 }

@@ -430,7 +430,7 @@ impl ServiceView {
             matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
             port.node_port,
         ) {
-            (true, Some(_)) => node.node_port_addresses().map(IpAddr::from).collect(),
+            (true, Some(_)) => node.node_port_addresses().collect(),
             _ => Vec::new(),
         };
         let mut local_endpoints = 0;

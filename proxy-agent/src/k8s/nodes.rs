@@ -2,7 +2,7 @@
 //! addresses (NodePort frontends, the SNAT address) and its zone (topology
 //! hints); and its InternalIPs, from which the uplink is found.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -12,6 +12,9 @@ use k8s_openapi::api::core::v1::Node;
 pub struct NodeInfo {
     pub name: String,
     pub addresses: Vec<Ipv4Addr>,
+    /// Its IPv6 InternalIP and ExternalIP addresses (a dual-stack node's
+    /// kubelet reports both families, `--node-ip=<v4>,<v6>`).
+    pub addresses6: Vec<Ipv6Addr>,
     /// The `topology.kubernetes.io/zone` label, for topology hints.
     pub zone: Option<String>,
     /// NodePorts answer on 127.0.0.1 too, for the node's own clients
@@ -20,9 +23,10 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
-    /// From the Node object: its InternalIP and ExternalIP IPv4 addresses.
+    /// From the Node object: its InternalIP and ExternalIP addresses.
     pub fn from_node(name: &str, node: Option<&Node>) -> Self {
         let addresses = ipv4_addresses(node, &["InternalIP", "ExternalIP"]);
+        let addresses6 = addresses_of(node, &["InternalIP", "ExternalIP"]);
         let zone = node
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -30,20 +34,33 @@ impl NodeInfo {
         Self {
             name: name.to_string(),
             addresses,
+            addresses6,
             zone,
             node_port_loopback: false,
         }
     }
 
-    /// The addresses NodePorts answer on.
-    pub fn node_port_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    /// The addresses NodePorts answer on, of both families (the loopback
+    /// is IPv4's only, as with kube-proxy).
+    pub fn node_port_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         let loopback = self.node_port_loopback.then_some(Ipv4Addr::LOCALHOST);
-        self.addresses.iter().copied().chain(loopback)
+        let v4 = self
+            .addresses
+            .iter()
+            .copied()
+            .chain(loopback)
+            .map(IpAddr::from);
+        v4.chain(self.addresses6.iter().copied().map(IpAddr::from))
     }
 
     /// The address SNATed traffic leaves with: the first InternalIP.
     pub fn snat_address(&self) -> Option<Ipv4Addr> {
         self.addresses.first().copied()
+    }
+
+    /// The address SNATed IPv6 traffic leaves with: the first IPv6 one.
+    pub fn snat_address6(&self) -> Option<Ipv6Addr> {
+        self.addresses6.first().copied()
     }
 }
 
@@ -55,6 +72,12 @@ pub fn internal_ips(node: Option<&Node>) -> Vec<Ipv4Addr> {
 
 /// The Node's IPv4 addresses of the given types, in its order, each once.
 fn ipv4_addresses(node: Option<&Node>, types: &[&str]) -> Vec<Ipv4Addr> {
+    addresses_of(node, types)
+}
+
+/// The Node's addresses of one family (`A`) and of the given types, in its
+/// order, each once.
+fn addresses_of<A: std::str::FromStr + PartialEq>(node: Option<&Node>, types: &[&str]) -> Vec<A> {
     let mut addresses = Vec::new();
     for addr in node
         .and_then(|n| n.status.as_ref())
@@ -63,7 +86,7 @@ fn ipv4_addresses(node: Option<&Node>, types: &[&str]) -> Vec<Ipv4Addr> {
         .flatten()
     {
         if types.contains(&addr.type_.as_str()) {
-            if let Ok(ip) = addr.address.parse::<Ipv4Addr>() {
+            if let Ok(ip) = addr.address.parse::<A>() {
                 if !addresses.contains(&ip) {
                     addresses.push(ip);
                 }

@@ -10,9 +10,11 @@ use super::*;
 use crate::desired::entries::Family;
 
 impl Dataplane {
-    /// Writes the node-wide settings.
-    pub fn set_config(&mut self, config: Config) -> Result<()> {
-        self.config.set(0, config, 0)?;
+    /// Writes the node-wide settings: IPv4's with the NAT port range, and
+    /// IPv6's.
+    pub fn set_config(&mut self, config: &crate::settings::NodeConfig) -> Result<()> {
+        self.config.set(0, config.v4, 0)?;
+        self.v6.config.set(0, config.v6, 0)?;
         Ok(())
     }
 
@@ -187,73 +189,36 @@ impl Dataplane {
 
     /// Removes the conntrack and NAT entries whose flows ended, frees their
     /// NAT ports and takes the per-backend exhaustion counts (see [`gc`]), at
-    /// `now_ns` (the programs' clock, see [`monotonic_ns`]).
+    /// `now_ns` (the programs' clock, see [`monotonic_ns`]), for both families.
     pub fn gc(&mut self, now_ns: u64, lifetimes: &gc::Lifetimes) -> Result<gc::Report> {
-        let snapshot = gc::Snapshot {
-            conntrack: self.conntrack.iter().filter_map(Result::ok).collect(),
-            conntrack6: self.v6.conntrack.iter().filter_map(Result::ok).collect(),
-            nat: self.nat.iter().filter_map(Result::ok).collect(),
-            nat_ports: self.nat_ports.iter().filter_map(Result::ok).collect(),
-            revnat: self.revnat.iter().filter_map(Result::ok).collect(),
-            nat_range: self
-                .config
-                .get(&0, 0)
-                .ok()
-                .map(|c| (c.nat_port_min, c.nat_port_max)),
-        };
-        let plan = gc::plan(&snapshot, now_ns, lifetimes);
-        let mut report = gc::Report {
-            conntrack_entries: snapshot.conntrack.len() + snapshot.conntrack6.len(),
-            nat_entries: snapshot.nat.len(),
-            exhausted: plan.exhausted,
-            held: plan.held,
-            ..Default::default()
-        };
-        // The programs may have renewed an entry since the snapshot (a client
-        // reusing the tuple): only one still expired is deleted, read again
-        // just before. Deleting a renewed entry would cut its flow.
-        for key in &plan.conntrack {
-            let still = self.conntrack.get(key, 0);
-            if still.is_ok_and(|v| lifetimes.expired(now_ns, key.proto, v.flags, v.last_seen_ns))
-                && self.conntrack.remove(key).is_ok()
-            {
-                report.conntrack_removed += 1;
-            }
-        }
-        for key in &plan.conntrack6 {
-            let still = self.v6.conntrack.get(key, 0);
-            if still.is_ok_and(|v| lifetimes.expired(now_ns, key.proto, v.flags, v.last_seen_ns))
-                && self.v6.conntrack.remove(key).is_ok()
-            {
-                report.conntrack_removed += 1;
-            }
-        }
-        let before: std::collections::HashMap<CtKey4, Nat4> = snapshot.nat.into_iter().collect();
-        for key in &plan.nat {
-            // Unchanged since the snapshot: no packet of its flow came by.
-            if self.nat.get(key, 0).ok() == before.get(key).copied() && self.nat.remove(key).is_ok()
-            {
-                report.nat_removed += 1;
-            }
-        }
-        // Bits the programs set since the snapshot are kept: they belong to
-        // flows the snapshot did not see.
-        for (key, seen, wanted) in &plan.nat_ports {
-            let now = self.nat_ports.get(key, 0).unwrap_or(0);
-            let since = now & !seen;
-            let result = match wanted {
-                None if since == 0 || key.index == nat_ports::DROPS => self.nat_ports.remove(key),
-                None => self.nat_ports.insert(key, since, 0),
-                Some(bits) if bits | since == now => continue,
-                Some(bits) => self.nat_ports.insert(key, bits | since, 0),
-            };
-            // Gone already, or a full map: the next collection tries again.
-            if let Err(e) = result {
-                debug!(?key, error = %e, "NAT-port word");
-            }
-        }
-        report.conntrack_entries -= report.conntrack_removed;
-        report.nat_entries -= report.nat_removed;
+        let nat_range = self
+            .config
+            .get(&0, 0)
+            .ok()
+            .map(|c| (c.nat_port_min, c.nat_port_max));
+        let mut report = gc::Report::default();
+        let revnat = self.revnat.iter().filter_map(Result::ok).collect();
+        collect::<gc::V4>(
+            &mut self.conntrack,
+            &mut self.nat,
+            &mut self.nat_ports,
+            revnat,
+            nat_range,
+            now_ns,
+            lifetimes,
+            &mut report,
+        );
+        let revnat6 = self.v6.revnat.iter().filter_map(Result::ok).collect();
+        collect::<gc::V6>(
+            &mut self.v6.conntrack,
+            &mut self.v6.nat,
+            &mut self.v6.nat_ports,
+            revnat6,
+            nat_range,
+            now_ns,
+            lifetimes,
+            &mut report,
+        );
         Ok(report)
     }
 
@@ -281,4 +246,74 @@ impl Dataplane {
     pub fn stats(&self) -> Result<Vec<(&'static str, StatCounter)>> {
         proxy_common::pinned::sum_stats(&self.stats)
     }
+}
+
+/// One family's collection (see [`Dataplane::gc`]), added to `report`.
+#[allow(clippy::too_many_arguments)]
+fn collect<F: gc::Family>(
+    conntrack: &mut HashMap<MapData, F::CtKey, CtValue>,
+    nat: &mut HashMap<MapData, F::CtKey, F::Nat>,
+    nat_ports: &mut HashMap<MapData, F::Word, u64>,
+    revnat: std::collections::BTreeMap<u32, F::RevNat>,
+    nat_range: Option<(u16, u16)>,
+    now_ns: u64,
+    lifetimes: &gc::Lifetimes,
+    report: &mut gc::Report,
+) where
+    F::CtKey: aya::Pod,
+    F::Nat: aya::Pod,
+    F::Word: aya::Pod,
+{
+    let snapshot = gc::Snapshot::<F> {
+        conntrack: conntrack.iter().filter_map(Result::ok).collect(),
+        nat: nat.iter().filter_map(Result::ok).collect(),
+        nat_ports: nat_ports.iter().filter_map(Result::ok).collect(),
+        revnat,
+        nat_range,
+    };
+    let plan = gc::plan(&snapshot, now_ns, lifetimes);
+    let mut conntrack_removed = 0;
+    // The programs may have renewed an entry since the snapshot (a client
+    // reusing the tuple): only one still expired is deleted, read again
+    // just before. Deleting a renewed entry would cut its flow.
+    for key in &plan.conntrack {
+        let still = conntrack.get(key, 0);
+        if still.is_ok_and(|v| lifetimes.expired(now_ns, F::proto(key), v.flags, v.last_seen_ns))
+            && conntrack.remove(key).is_ok()
+        {
+            conntrack_removed += 1;
+        }
+    }
+    let before: std::collections::HashMap<F::CtKey, F::Nat> =
+        snapshot.nat.iter().copied().collect();
+    let mut nat_removed = 0;
+    for key in &plan.nat {
+        // Unchanged since the snapshot: no packet of its flow came by.
+        if nat.get(key, 0).ok() == before.get(key).copied() && nat.remove(key).is_ok() {
+            nat_removed += 1;
+        }
+    }
+    // Bits the programs set since the snapshot are kept: they belong to
+    // flows the snapshot did not see.
+    for (key, seen, wanted) in &plan.nat_ports {
+        let now = nat_ports.get(key, 0).unwrap_or(0);
+        let since = now & !seen;
+        let drops = F::word_of(key).1 == proxy_common::nat_ports::DROPS;
+        let result = match wanted {
+            None if since == 0 || drops => nat_ports.remove(key),
+            None => nat_ports.insert(key, since, 0),
+            Some(bits) if bits | since == now => continue,
+            Some(bits) => nat_ports.insert(key, bits | since, 0),
+        };
+        // Gone already, or a full map: the next collection tries again.
+        if let Err(e) = result {
+            debug!(?key, error = %e, "NAT-port word");
+        }
+    }
+    report.conntrack_removed += conntrack_removed;
+    report.nat_removed += nat_removed;
+    report.conntrack_entries += snapshot.conntrack.len() - conntrack_removed;
+    report.nat_entries += snapshot.nat.len() - nat_removed;
+    report.exhausted.extend(plan.exhausted);
+    report.held.extend(plan.held);
 }

@@ -30,10 +30,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    bench, capacity, map_names, nat_ports, program_names, AffinityKey4, AffinityKey6,
-    AffinityValue, Backend4, Backend6, Config, CtKey4, CtKey6, CtValue, MaglevKey, Nat4,
-    NatPortKey4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
-    SourceRange4, StatCounter,
+    bench, capacity, map_names, program_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4,
+    Backend6, Config, Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4,
+    NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
+    SourceRange4, SourceRange6, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -167,6 +167,10 @@ pub struct Maps6 {
     pub revnat: HashMap<MapData, u32, RevNat6>,
     pub conntrack: HashMap<MapData, CtKey6, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey6, AffinityValue>,
+    pub nat: HashMap<MapData, CtKey6, Nat6>,
+    pub nat_ports: HashMap<MapData, NatPortKey6, u64>,
+    pub source_ranges: LpmTrie<MapData, SourceRange6, u8>,
+    pub config: Array<MapData, Config6>,
 }
 
 /// A timed run through a frame-restoring wrapper ([`Dataplane::run_wrapped`]).
@@ -259,7 +263,8 @@ impl Dataplane {
             .map_max_entries(map_names::REVNAT_V4, entries(capacity.revnat))
             .map_max_entries(map_names::REVNAT_V6, entries(capacity.revnat))
             .map_max_entries(map_names::MAGLEV_V4, entries(capacity.maglev))
-            .map_max_entries(map_names::SOURCE_RANGES_V4, entries(capacity.source_ranges));
+            .map_max_entries(map_names::SOURCE_RANGES_V4, entries(capacity.source_ranges))
+            .map_max_entries(map_names::SOURCE_RANGES_V6, entries(capacity.source_ranges));
         Self::load_with(&mut loader)
     }
 
@@ -472,6 +477,10 @@ impl Dataplane {
             revnat: HashMap::try_from(take(map_names::REVNAT_V6)?)?,
             conntrack: HashMap::try_from(take(map_names::CONNTRACK_V6)?)?,
             affinity: HashMap::try_from(take(map_names::AFFINITY_V6)?)?,
+            nat: HashMap::try_from(take(map_names::NAT_V6)?)?,
+            nat_ports: HashMap::try_from(take(map_names::NAT_PORTS_V6)?)?,
+            source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES_V6)?)?,
+            config: Array::try_from(take(map_names::CONFIG_V6)?)?,
         };
         Ok(Self {
             ebpf,

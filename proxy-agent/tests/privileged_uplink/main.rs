@@ -273,8 +273,12 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
         h.programmed.ids = ids;
         let problems = h.serve(&services()).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
-        h.dp.set_config(settings::node_config(Some(ip(NODE)), (NAT_MIN, NAT_MAX)))
-            .unwrap();
+        h.dp.set_config(&settings::node_config(
+            Some(ip(NODE)),
+            None,
+            (NAT_MIN, NAT_MAX),
+        ))
+        .unwrap();
         f(&mut Programs { h, ifindex });
     });
     lab.teardown();

@@ -259,8 +259,9 @@ fn a_fin_or_rst_either_way_closes_the_nat_entry_and_the_flow() {
 fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
     with_programs(|p| {
         const RANGE: u16 = 200;
-        p.dp.set_config(settings::node_config(
+        p.dp.set_config(&settings::node_config(
             Some(ip(NODE)),
+            None,
             (62000, 62000 + RANGE - 1),
         ))
         .unwrap();

@@ -304,7 +304,13 @@ impl Lab {
                     self.containerd_socket(node).display()
                 ),
                 &format!("--hostname-override={node}"),
-                &format!("--node-ip={}", node_addr(node)?),
+                // Both families: the Node's IPv6 InternalIP is where Ferry
+                // serves IPv6 NodePorts and what IPv6 SNAT leaves with.
+                &format!(
+                    "--node-ip={},{}",
+                    node_addr(node)?,
+                    super::node_addr6(node)?
+                ),
                 // A label NodeRestriction lets a kubelet set on its own Node.
                 &format!(
                     "--node-labels=topology.kubernetes.io/zone=zone-{}",

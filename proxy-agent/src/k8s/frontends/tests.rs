@@ -341,6 +341,7 @@ fn node1() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
         addresses: vec!["10.250.0.11".parse().unwrap()],
+        addresses6: vec![],
         zone: None,
         node_port_loopback: false,
     }
@@ -498,6 +499,7 @@ fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
     let node2 = NodeInfo {
         name: "node2x".into(),
         addresses: vec!["10.250.0.12".parse().unwrap()],
+        addresses6: vec![],
         zone: None,
         node_port_loopback: false,
     };
@@ -536,6 +538,18 @@ fn node_addresses_come_from_the_node_status() {
     );
     assert_eq!(info.snat_address(), Some("10.250.0.11".parse().unwrap()));
     assert_eq!(NodeInfo::from_node("x", None).snat_address(), None);
+    // The IPv6 ones apart: IPv6 NodePorts answer there, IPv6 SNAT leaves
+    // with the first.
+    assert_eq!(
+        info.addresses6,
+        ["fd00::11".parse::<std::net::Ipv6Addr>().unwrap()]
+    );
+    assert_eq!(info.snat_address6(), info.addresses6.first().copied());
+    assert_eq!(
+        info.node_port_addresses().collect::<Vec<_>>(),
+        ["10.250.0.11", "198.51.100.11", "fd00::11"]
+            .map(|a| a.parse::<std::net::IpAddr>().unwrap())
+    );
     // The uplink is found from the InternalIPs alone.
     assert_eq!(
         crate::k8s::nodes::internal_ips(Some(&node)),
@@ -547,6 +561,7 @@ fn node_in_zone(zone: &str) -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
         addresses: vec![],
+        addresses6: vec![],
         zone: Some(zone.into()),
         node_port_loopback: false,
     }
@@ -625,6 +640,7 @@ fn internal_traffic_policy_local_without_a_local_endpoint_drops() {
     let elsewhere = NodeInfo {
         name: "node9".into(),
         addresses: vec![],
+        addresses6: vec![],
         zone: None,
         node_port_loopback: false,
     };
