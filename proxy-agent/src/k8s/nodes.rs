@@ -25,7 +25,7 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// From the Node object: its InternalIP and ExternalIP addresses.
     pub fn from_node(name: &str, node: Option<&Node>) -> Self {
-        let addresses = ipv4_addresses(node, &["InternalIP", "ExternalIP"]);
+        let addresses = addresses_of(node, &["InternalIP", "ExternalIP"]);
         let addresses6 = addresses_of(node, &["InternalIP", "ExternalIP"]);
         let zone = node
             .and_then(|n| n.metadata.labels.as_ref())
@@ -67,12 +67,7 @@ impl NodeInfo {
 /// The Node's IPv4 InternalIPs, in its order: the uplink is the interface
 /// holding one of them.
 pub fn internal_ips(node: Option<&Node>) -> Vec<Ipv4Addr> {
-    ipv4_addresses(node, &["InternalIP"])
-}
-
-/// The Node's IPv4 addresses of the given types, in its order, each once.
-fn ipv4_addresses(node: Option<&Node>, types: &[&str]) -> Vec<Ipv4Addr> {
-    addresses_of(node, types)
+    addresses_of(node, &["InternalIP"])
 }
 
 /// The Node's addresses of one family (`A`) and of the given types, in its
