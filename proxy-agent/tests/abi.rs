@@ -323,6 +323,15 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             layout!(u32),
             layout!(Config6 { snat_addr }),
         ),
+        // The programs' own per-CPU room (a bpf_fib_lookup, an IPv6 flow and
+        // its backend): no state, never read back, no type in proxy-common,
+        // so its size is the object's. Recorded all the same: a pinned map
+        // of another size cannot be reused under the same name.
+        (
+            map_names::SCRATCH,
+            layout!(u32),
+            ("Scratch", object_maps()[map_names::SCRATCH].1 as usize, String::new()),
+        ),
     ]
 }
 
@@ -357,6 +366,7 @@ nat6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pa
 natport6_v1: NatPortKey6 24 {backend_addr@0 backend_port_be@16 proto@18 _pad@19 index@20 _pad2@22} -> u64 8 {}
 srcrange6_v1: lpm_trie::Key<SourceRange6> 24 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
 config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
+scratch_v1: u32 4 {} -> Scratch 152 {}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

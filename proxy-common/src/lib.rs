@@ -66,8 +66,10 @@ pub mod map_names {
     /// The node's IPv6 SNAT address (index 0); the NAT port range is in
     /// [`CONFIG`], for both families.
     pub const CONFIG_V6: &str = "config6_v1";
+    /// Per-CPU room for what the programs' stacks have none for (no state).
+    pub const SCRATCH: &str = "scratch_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -92,6 +94,7 @@ pub mod map_names {
         NAT_PORTS_V6,
         SOURCE_RANGES_V6,
         CONFIG_V6,
+        SCRATCH,
     ];
 }
 
@@ -103,8 +106,12 @@ pub mod program_names {
     pub const TO_POD: &str = "to_pod";
     /// XDP on the node's uplink: traffic from outside the node.
     pub const UPLINK_XDP: &str = "uplink_xdp";
-    /// The same program for tc ingress on the uplink, where XDP cannot attach.
+    /// tc ingress on the uplink, IPv4: alone where XDP cannot attach, else
+    /// behind it for what XDP hands on.
     pub const UPLINK_TC: &str = "uplink_tc";
+    /// tc ingress on the uplink, IPv6, a filter beside `UPLINK_TC` (each
+    /// lets the other family's packets through untouched).
+    pub const UPLINK_TC6: &str = "uplink_tc6";
     /// cgroup connect4: TCP and connected UDP sockets dialling a frontend.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     /// cgroup sendmsg4: unconnected UDP datagrams to a frontend.

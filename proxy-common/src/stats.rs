@@ -62,10 +62,16 @@ stats! {
     /// one (scheduled as a new flow): its entry was evicted from a full
     /// conntrack map, or its connection began before Ferry served it.
     FwdNewMidFlow = 25 => "fwd_new_mid_flow",
+    /// An IPv6 packet XDP handed to the tc program behind it, which serves
+    /// the uplink's IPv6 frontends.
+    PassIpv6ToTc = 26 => "pass_ipv6_to_tc",
+    /// The per-CPU scratch slot could not be had (a per-CPU array always
+    /// has it: counted rather than assumed).
+    DropScratch = 27 => "drop_scratch",
 }
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 26;
+pub const COUNT: u32 = 28;
 
 impl Stat {
     /// The counter's index in the stats array.
@@ -117,6 +123,8 @@ mod tests {
             "pass_no_neigh",
             "fwd_hairpin",
             "fwd_new_mid_flow",
+            "pass_ipv6_to_tc",
+            "drop_scratch",
         ];
         let now: [&str; COUNT as usize] = Stat::ALL.map(Stat::name);
         assert_eq!(now, names);

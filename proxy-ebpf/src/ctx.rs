@@ -16,7 +16,8 @@ use crate::{
     csum,
     family::Family,
     flow::{Flow, Frame, ETH_LEN, IP_CSUM_OFF},
-    verdict::Dropped,
+    reject,
+    verdict::{Action, Dropped, Out, Outcome},
 };
 
 /// Which end of a flow a rewrite changes.
@@ -27,6 +28,9 @@ pub enum End {
 }
 
 pub trait Packet: Frame {
+    /// XDP, where the programs cannot have the kernel resolve a next hop
+    /// (they hand such packets on to tc instead).
+    const XDP: bool;
     /// The raw context pointer, for helpers that take either kind.
     fn raw(&self) -> *mut c_void;
     /// The interface the packet arrived on.
@@ -44,6 +48,9 @@ pub trait Packet: Frame {
     ) -> Result<(), Dropped>;
     /// Writes the Ethernet addresses.
     fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Dropped>;
+    /// Rejects `flow`'s packet with an ICMP (ICMPv6) port unreachable: tc
+    /// turns the packet into it, XDP hands the packet on to tc for that.
+    fn reject<F: Family>(&self, flow: &Flow<F>) -> Outcome;
 }
 
 /// The end's address and port now, and the offsets of both in the frame.
@@ -88,6 +95,8 @@ impl Frame for TcContext {
 }
 
 impl Packet for TcContext {
+    const XDP: bool = false;
+
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.skb.skb.cast()
@@ -155,6 +164,11 @@ impl Packet for TcContext {
         self.store(0, &macs, 0)
             .map_err(|_| Dropped(Stat::DropRewrite))
     }
+
+    #[inline(always)]
+    fn reject<F: Family>(&self, flow: &Flow<F>) -> Outcome {
+        reject::port_unreachable(self, flow)
+    }
 }
 
 /// A bounds-checked pointer into an XDP frame.
@@ -191,6 +205,8 @@ impl Frame for XdpContext {
 }
 
 impl Packet for XdpContext {
+    const XDP: bool = true;
+
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.ctx.cast()
@@ -253,5 +269,10 @@ impl Packet for XdpContext {
         // SAFETY: bounds-checked.
         unsafe { macs.write_unaligned(value) };
         Ok(())
+    }
+
+    #[inline(always)]
+    fn reject<F: Family>(&self, _flow: &Flow<F>) -> Outcome {
+        Ok(Out::new(Action::Reject, Stat::RejectNoBackend))
     }
 }

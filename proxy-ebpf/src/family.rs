@@ -10,20 +10,25 @@
 
 use core::mem::{offset_of, transmute};
 
-use aya_ebpf::bindings::{bpf_fib_lookup, BPF_ANY};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_ANY, BPF_NOEXIST},
+    maps::lpm_trie::Key as LpmKey,
+};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use proxy_common::{
     hash::{flow_hash4, flow_hash6},
-    AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4, CtKey6, CtValue,
-    RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, HAIRPIN_ADDR, HAIRPIN_ADDR6,
+    AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4, CtKey6, CtValue, Nat4,
+    Nat6, NatPortKey4, NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue,
+    SourceRange4, SourceRange6, HAIRPIN_ADDR, HAIRPIN_ADDR6,
 };
 
 use crate::{
     flow::{self, Early, Flow, Frame},
     keys,
     maps::{
-        AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, REVNAT, REVNAT6,
-        SERVICES, SERVICES6,
+        AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, NAT,
+        NAT6, NAT_PORTS, NAT_PORTS6, REVNAT, REVNAT6, SERVICES, SERVICES6, SOURCE_RANGES,
+        SOURCE_RANGES6,
     },
 };
 
@@ -42,6 +47,19 @@ pub trait Backend<A>: Endpoint<A> {
     fn flags(&self) -> u8;
 }
 
+/// A NAT map value: where a SNATed flow's replies go back to.
+pub trait NatValue<A>: Copy {
+    fn new(client: A, client_port_be: u16, rev_nat_id: u32, flags: u16, now: u64) -> Self;
+    fn client_addr(&self) -> A;
+    fn client_port_be(&self) -> u16;
+    fn rev_nat_id(&self) -> u32;
+    fn flags(&self) -> u16;
+    fn last_seen_ns(&self) -> u64;
+    /// The fields the programs change in place, in the map value `entry`.
+    fn flags_ptr(entry: *mut Self) -> *mut u16;
+    fn last_seen_ptr(entry: *mut Self) -> *mut u64;
+}
+
 pub trait Family: Copy {
     /// An address: `u32` or [`Addr6`].
     type Addr: Copy + PartialEq;
@@ -50,6 +68,8 @@ pub trait Family: Copy {
     type RevNat: Endpoint<Self::Addr>;
     type CtKey;
     type AffinityKey;
+    type Nat: NatValue<Self::Addr>;
+    type NatPortKey;
 
     /// Offsets of the source and destination addresses in the IP header.
     const SADDR_OFF: usize;
@@ -99,6 +119,121 @@ pub trait Family: Copy {
     fn client_hash(addr: Self::Addr) -> u32;
     /// The source a hairpinned flow gets.
     fn hairpin_addr() -> Self::Addr;
+
+    /// The node address SNATed flows leave with, if the agent wrote one.
+    fn snat_addr() -> Option<Self::Addr>;
+    fn nat_ptr(key: &Self::CtKey) -> Option<*mut Self::Nat>;
+    /// Inserts a NAT entry unless one is there; false if one was (or the
+    /// map is full).
+    fn nat_insert_new(key: &Self::CtKey, value: &Self::Nat) -> bool;
+    /// Word `index` of `backend`'s NAT-port words for `proto`.
+    fn nat_port_key(backend: &Self::Backend, proto: u8, index: u16) -> Self::NatPortKey;
+    fn nat_word_ptr(key: &Self::NatPortKey) -> Option<*mut u64>;
+    /// Writes a word (`flags`: BPF_ANY or BPF_NOEXIST); best effort.
+    fn set_nat_word(key: &Self::NatPortKey, value: u64, flags: u64);
+    /// Whether loadBalancerSourceRanges of frontend `rev_nat_id` let `client` in.
+    fn source_allowed(rev_nat_id: u32, client: Self::Addr) -> bool;
+}
+
+impl NatValue<u32> for Nat4 {
+    #[inline(always)]
+    fn new(client: u32, client_port_be: u16, rev_nat_id: u32, flags: u16, now: u64) -> Self {
+        Self {
+            client_addr_be: client,
+            rev_nat_id,
+            client_port_be,
+            flags,
+            _pad: 0,
+            last_seen_ns: now,
+        }
+    }
+
+    #[inline(always)]
+    fn client_addr(&self) -> u32 {
+        self.client_addr_be
+    }
+
+    #[inline(always)]
+    fn client_port_be(&self) -> u16 {
+        self.client_port_be
+    }
+
+    #[inline(always)]
+    fn rev_nat_id(&self) -> u32 {
+        self.rev_nat_id
+    }
+
+    #[inline(always)]
+    fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    #[inline(always)]
+    fn last_seen_ns(&self) -> u64 {
+        self.last_seen_ns
+    }
+
+    #[inline(always)]
+    fn flags_ptr(entry: *mut Self) -> *mut u16 {
+        // SAFETY: a field address, nothing read.
+        unsafe { &raw mut (*entry).flags }
+    }
+
+    #[inline(always)]
+    fn last_seen_ptr(entry: *mut Self) -> *mut u64 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*entry).last_seen_ns }
+    }
+}
+
+impl NatValue<Addr6> for Nat6 {
+    #[inline(always)]
+    fn new(client: Addr6, client_port_be: u16, rev_nat_id: u32, flags: u16, now: u64) -> Self {
+        Self {
+            client_addr: bytes6(client),
+            rev_nat_id,
+            client_port_be,
+            flags,
+            last_seen_ns: now,
+        }
+    }
+
+    #[inline(always)]
+    fn client_addr(&self) -> Addr6 {
+        words6(self.client_addr)
+    }
+
+    #[inline(always)]
+    fn client_port_be(&self) -> u16 {
+        self.client_port_be
+    }
+
+    #[inline(always)]
+    fn rev_nat_id(&self) -> u32 {
+        self.rev_nat_id
+    }
+
+    #[inline(always)]
+    fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    #[inline(always)]
+    fn last_seen_ns(&self) -> u64 {
+        self.last_seen_ns
+    }
+
+    #[inline(always)]
+    fn flags_ptr(entry: *mut Self) -> *mut u16 {
+        // SAFETY: a field address, nothing read.
+        unsafe { &raw mut (*entry).flags }
+    }
+
+    #[inline(always)]
+    fn last_seen_ptr(entry: *mut Self) -> *mut u64 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*entry).last_seen_ns }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -176,6 +311,13 @@ pub fn words6(bytes: [u8; 16]) -> Addr6 {
     unsafe { transmute::<[u8; 16], Addr6>(bytes) }
 }
 
+/// The programs' words of an IPv6 address as the maps' bytes.
+#[inline(always)]
+pub fn bytes6(words: Addr6) -> [u8; 16] {
+    // SAFETY: as for `words6`.
+    unsafe { transmute::<Addr6, [u8; 16]>(words) }
+}
+
 impl Family for V4 {
     type Addr = u32;
     type ServiceKey = ServiceKey4;
@@ -183,6 +325,8 @@ impl Family for V4 {
     type RevNat = RevNat4;
     type CtKey = CtKey4;
     type AffinityKey = AffinityKey4;
+    type Nat = Nat4;
+    type NatPortKey = NatPortKey4;
 
     const SADDR_OFF: usize = offset_of!(Ipv4Hdr, src_addr);
     const DADDR_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
@@ -288,6 +432,55 @@ impl Family for V4 {
     fn hairpin_addr() -> u32 {
         u32::from_ne_bytes(HAIRPIN_ADDR)
     }
+
+    #[inline(always)]
+    fn snat_addr() -> Option<u32> {
+        let addr = CONFIG.get(0).map_or(0, |c| c.snat_addr_be);
+        (addr != 0).then_some(addr)
+    }
+
+    #[inline(always)]
+    fn nat_ptr(key: &CtKey4) -> Option<*mut Nat4> {
+        NAT.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn nat_insert_new(key: &CtKey4, value: &Nat4) -> bool {
+        NAT.insert(key, value, u64::from(BPF_NOEXIST)).is_ok()
+    }
+
+    #[inline(always)]
+    fn nat_port_key(backend: &Backend4, proto: u8, index: u16) -> NatPortKey4 {
+        NatPortKey4 {
+            backend_addr_be: backend.addr_be,
+            backend_port_be: backend.port_be,
+            proto,
+            _pad: 0,
+            index,
+            _pad2: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn nat_word_ptr(key: &NatPortKey4) -> Option<*mut u64> {
+        NAT_PORTS.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn set_nat_word(key: &NatPortKey4, value: u64, flags: u64) {
+        let _ = NAT_PORTS.insert(key, &value, flags);
+    }
+
+    #[inline(always)]
+    fn source_allowed(rev_nat_id: u32, client: u32) -> bool {
+        let data = SourceRange4 {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr_be: client,
+        };
+        SOURCE_RANGES
+            .get(&LpmKey::new(SourceRange4::LOOKUP_PREFIX_LEN, data))
+            .is_some()
+    }
 }
 
 impl Family for V6 {
@@ -297,6 +490,8 @@ impl Family for V6 {
     type RevNat = RevNat6;
     type CtKey = CtKey6;
     type AffinityKey = AffinityKey6;
+    type Nat = Nat6;
+    type NatPortKey = NatPortKey6;
 
     const SADDR_OFF: usize = offset_of!(Ipv6Hdr, src_addr);
     const DADDR_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
@@ -371,8 +566,7 @@ impl Family for V6 {
     #[inline(always)]
     fn affinity_key(client: Addr6, rev_nat_id: u32) -> AffinityKey6 {
         AffinityKey6 {
-            // SAFETY: 16 bytes either way.
-            client_addr: unsafe { transmute::<Addr6, [u8; 16]>(client) },
+            client_addr: bytes6(client),
             rev_nat_id,
         }
     }
@@ -402,5 +596,54 @@ impl Family for V6 {
     #[inline(always)]
     fn hairpin_addr() -> Addr6 {
         words6(HAIRPIN_ADDR6)
+    }
+
+    #[inline(always)]
+    fn snat_addr() -> Option<Addr6> {
+        let addr = words6(CONFIG6.get(0).map_or([0; 16], |c| c.snat_addr));
+        (addr != [0; 4]).then_some(addr)
+    }
+
+    #[inline(always)]
+    fn nat_ptr(key: &CtKey6) -> Option<*mut Nat6> {
+        NAT6.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn nat_insert_new(key: &CtKey6, value: &Nat6) -> bool {
+        NAT6.insert(key, value, u64::from(BPF_NOEXIST)).is_ok()
+    }
+
+    #[inline(always)]
+    fn nat_port_key(backend: &Backend6, proto: u8, index: u16) -> NatPortKey6 {
+        NatPortKey6 {
+            backend_addr: backend.addr,
+            backend_port_be: backend.port_be,
+            proto,
+            _pad: 0,
+            index,
+            _pad2: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn nat_word_ptr(key: &NatPortKey6) -> Option<*mut u64> {
+        NAT_PORTS6.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn set_nat_word(key: &NatPortKey6, value: u64, flags: u64) {
+        let _ = NAT_PORTS6.insert(key, &value, flags);
+    }
+
+    #[inline(always)]
+    fn source_allowed(rev_nat_id: u32, client: Addr6) -> bool {
+        let data = SourceRange6 {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr: bytes6(client),
+        };
+        SOURCE_RANGES6
+            .get(&LpmKey::new(SourceRange6::LOOKUP_PREFIX_LEN, data))
+            .is_some()
     }
 }

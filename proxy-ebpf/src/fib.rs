@@ -11,6 +11,7 @@ use crate::{
     ctx::Packet,
     family::Family,
     flow::Flow,
+    maps::SCRATCH,
     verdict::{Action, Dropped, Out, Outcome},
 };
 
@@ -35,19 +36,22 @@ pub fn fib<C: Packet, F: Family>(
     sport: u16,
     dport: u16,
 ) -> Result<Hop, Dropped> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Dropped(Stat::DropScratch))?;
+    // SAFETY: our CPU's slot; its `fib` is not in use by anything else while we run.
+    let params = unsafe { &mut (*scratch).fib };
     // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *params = unsafe { core::mem::zeroed() };
     params.family = F::AF;
     params.l4_protocol = flow.proto;
     params.sport = sport;
     params.dport = dport;
     params.ifindex = ctx.ifindex();
-    F::fib_addresses(&mut params, src, dst);
+    F::fib_addresses(params, src, dst);
     // SAFETY: the helper reads and fills `params`, whose size we pass.
     let ret = unsafe {
         fib_lookup(
             ctx.raw(),
-            &raw mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )

@@ -122,16 +122,6 @@ impl<F: Family> Flow<F> {
     }
 }
 
-/// What parsing found in a packet.
-pub enum Parsed {
-    /// An IPv4 TCP or UDP flow, for the programs to look at.
-    V4(Flow<V4>),
-    /// An IPv6 one.
-    V6(Flow<V6>),
-    /// No flow: the packet's outcome is decided already.
-    Early(Early),
-}
-
 /// The outcome of a packet without a flow, with the stat it is counted under.
 #[derive(Clone, Copy)]
 pub enum Early {
@@ -161,17 +151,6 @@ pub fn ip_version<C: Frame>(ctx: &C) -> Result<Ip, Early> {
         ETH_P_IPV6 => Ok(Ip::V6),
         _ => Err(Early::Pass(Stat::PassNotIp)),
     }
-}
-
-/// Finds the flow of an IPv4 or IPv6 TCP/UDP packet.
-#[inline(always)]
-pub fn parse<C: Frame>(ctx: &C) -> Parsed {
-    let parsed = match ip_version(ctx) {
-        Ok(Ip::V4) => parse4(ctx).map(Parsed::V4),
-        Ok(Ip::V6) => parse6(ctx).map(Parsed::V6),
-        Err(early) => Err(early),
-    };
-    parsed.unwrap_or_else(Parsed::Early)
 }
 
 /// The flow of a frame known to carry IPv4.

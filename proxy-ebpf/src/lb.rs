@@ -58,28 +58,46 @@ pub fn choose<F: Family>(
     svc: &ServiceValue,
 ) -> Result<Chosen<F>, Dropped> {
     let now = ct::now();
-    match ct::lookup(flow, svc.rev_nat_id, now) {
-        State::Established(known) | State::Reopened(known) => Ok(Chosen {
+    match known(flow, svc.rev_nat_id, now) {
+        Some(chosen) => Ok(chosen),
+        None => open(flow, key, svc, now),
+    }
+}
+
+/// The backend of a flow conntrack knows, while that backend exists.
+#[inline(always)]
+pub fn known<F: Family>(flow: &Flow<F>, rev_nat_id: u32, now: u64) -> Option<Chosen<F>> {
+    match ct::lookup(flow, rev_nat_id, now) {
+        State::Established(known) | State::Reopened(known) => Some(Chosen {
             backend: known.backend,
             nat_port_be: known.nat_port_be,
             client_port_be: known.client_port_be(flow),
             new: false,
         }),
-        State::New | State::Stale => {
-            let (backend_id, backend) = sched::pick(flow, key, svc, now)?;
-            let mut tracked = Tracked {
-                backend_id,
-                backend,
-                nat_port_be: 0,
-                remap_port_be: 0,
-            };
-            ct::create(flow, &mut tracked, svc.rev_nat_id, now)?;
-            Ok(Chosen {
-                backend,
-                nat_port_be: 0,
-                client_port_be: tracked.client_port_be(flow),
-                new: true,
-            })
-        }
+        State::New | State::Stale => None,
     }
+}
+
+/// The scheduler's backend for a new flow, recorded in conntrack.
+#[inline(always)]
+pub fn open<F: Family>(
+    flow: &Flow<F>,
+    key: F::ServiceKey,
+    svc: &ServiceValue,
+    now: u64,
+) -> Result<Chosen<F>, Dropped> {
+    let (backend_id, backend) = sched::pick(flow, key, svc, now)?;
+    let mut tracked = Tracked {
+        backend_id,
+        backend,
+        nat_port_be: 0,
+        remap_port_be: 0,
+    };
+    ct::create(flow, &mut tracked, svc.rev_nat_id, now)?;
+    Ok(Chosen {
+        backend,
+        nat_port_be: 0,
+        client_port_be: tracked.client_port_be(flow),
+        new: true,
+    })
 }

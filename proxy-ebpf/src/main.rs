@@ -33,13 +33,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
+use proxy_common::stats::Stat;
+
 use crate::{
     ctx::Packet,
     family::{V4, V6},
-    flow::{Frame, Parsed},
+    flow::Frame,
     sock::Errno,
-    uplink::Hook,
-    verdict::Action,
+    verdict::Out,
 };
 
 #[classifier]
@@ -57,21 +58,32 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     let len = Frame::len(&ctx);
-    verdict::finish_xdp(len, uplink::uplink(&ctx, Hook::Xdp))
+    // IPv6 goes on to the stack, to `uplink_tc6`: its frames leave XDP's
+    // packet bounds no room within 512 bytes of stack.
+    let outcome = uplink::uplink4(&ctx).unwrap_or(Ok(Out::pass(Stat::PassIpv6ToTc)));
+    verdict::finish_xdp(len, outcome)
 }
 
+/// The uplink's first tc filter: IPv4 (and what is not IP). IPv6 goes on,
+/// uncounted, to `uplink_tc6` beside it, which counts it.
 #[classifier]
 pub fn uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let result = match uplink::uplink(&ctx, Hook::Tc) {
-        Ok(out) if out.action == Action::Reject => match flow::parse(&ctx) {
-            Parsed::V4(flow) => reject::port_unreachable(&ctx, &flow),
-            Parsed::V6(flow) => reject::port_unreachable(&ctx, &flow),
-            Parsed::Early(early) => early.outcome(),
-        },
-        other => other,
-    };
-    verdict::finish_tc(len, Packet::ifindex(&ctx), result)
+    match uplink::uplink4(&ctx) {
+        Some(outcome) => verdict::finish_tc(len, Packet::ifindex(&ctx), outcome),
+        None => verdict::TC_ACT_UNSPEC,
+    }
+}
+
+/// The uplink's second tc filter: IPv6, in a program of its own so that
+/// each family is verified within the kernel's instruction budget.
+#[classifier]
+pub fn uplink_tc6(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    match uplink::uplink6(&ctx) {
+        Some(outcome) => verdict::finish_tc(len, Packet::ifindex(&ctx), outcome),
+        None => verdict::TC_ACT_UNSPEC,
+    }
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -5,10 +5,11 @@
 //! proxy-agent/tests/abi.rs checks that the two agree.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
+use crate::{family::V6, flow::Flow, lb::Chosen};
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4,
@@ -165,3 +166,17 @@ pub static SOURCE_RANGES6: LpmTrie<
 /// The node's IPv6 settings (index 0), written by the agent.
 #[btf_map(name = "config6_v1")]
 pub static CONFIG6: Array<Config6, 1> = Array::new();
+
+/// Per-CPU room for what the IPv6 uplink path's stack has none for (5.10
+/// allows a call chain 512 bytes). A program's run is not interrupted on
+/// its CPU by another that uses it; nothing in it outlives the run.
+pub struct Scratch {
+    /// One FIB lookup's parameters.
+    pub fib: bpf_fib_lookup,
+    /// The IPv6 flow `uplink` serves, and its backend.
+    pub flow6: Flow<V6>,
+    pub chosen6: Chosen<V6>,
+}
+
+#[btf_map(name = "scratch_v1")]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();

@@ -10,128 +10,183 @@
 //! - A remote backend's reply to such a flow (to the node address and NAT port)
 //!   is translated back to the client and sent straight out again.
 
-use proxy_common::{stats::Stat, svc_flags, Config, SourceRange4};
+use proxy_common::{stats::Stat, svc_flags};
 
 use crate::{
-    ct::nat,
+    ct::{
+        self,
+        nat::{self, Snat},
+    },
     ctx::{End, Packet},
+    family::{Endpoint, Family, NatValue, V4, V6},
     fib::{fib, send, Hop},
-    flow::{self, Flow, Parsed},
-    lb,
-    maps::{CONFIG, REVNAT, SOURCE_RANGES},
-    verdict::{Action, Dropped, Out, Outcome},
+    flow::{self, Flow, Ip},
+    lb::{self, Chosen},
+    maps::SCRATCH,
+    verdict::{Dropped, Out, Outcome},
 };
 
-/// Which program runs the code: the next-hop handling differs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    Xdp,
-    Tc,
+/// A packet on the uplink's first tc filter (`uplink_tc`) or its XDP
+/// program: IPv4, or not IP at all. None for IPv6, which is `uplink6`'s.
+#[inline(always)]
+pub fn uplink4<C: Packet>(ctx: &C) -> Option<Outcome> {
+    match flow::ip_version(ctx) {
+        Ok(Ip::V4) => {
+            // SAFETY: plain data, for `uplink_flow` to fill.
+            let (mut flow, mut chosen) = unsafe { (core::mem::zeroed(), core::mem::zeroed()) };
+            Some(uplink_flow::<C, V4>(ctx, &mut flow, &mut chosen))
+        }
+        Ok(Ip::V6) => None,
+        Err(early) => Some(early.outcome()),
+    }
 }
 
+/// An IPv6 packet on the uplink's second tc filter (`uplink_tc6`): a
+/// program of its own, verified apart from the IPv4 one. None for anything
+/// else, which is `uplink4`'s.
 #[inline(always)]
-pub fn uplink<C: Packet>(ctx: &C, hook: Hook) -> Outcome {
-    let mut flow = match flow::parse(ctx) {
-        Parsed::V4(flow) => flow,
-        // No IPv6 frontend is served on the uplink yet.
-        Parsed::V6(_) => return Ok(Out::pass(Stat::PassNotService)),
-        Parsed::Early(early) => return early.outcome(),
-    };
-    flow.external = true;
-    let config: Config = CONFIG.get(0).copied().unwrap_or_default();
+pub fn uplink6<C: Packet>(ctx: &C) -> Option<Outcome> {
+    match flow::ip_version(ctx) {
+        Ok(Ip::V6) => Some(uplink_flow6::<C>(ctx)),
+        _ => None,
+    }
+}
 
-    if config.snat_addr_be != 0 && flow.daddr == config.snat_addr_be {
-        if let Some(out) = reverse_snat(ctx, &flow, hook)? {
-            return Ok(out);
+/// The IPv6 flow, its flow and backend in the per-CPU scratch map: both
+/// are large, and the stack (512 bytes on 5.10) holds the rest of the path.
+#[inline(never)]
+fn uplink_flow6<C: Packet>(ctx: &C) -> Outcome {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Dropped(Stat::DropScratch))?;
+    // SAFETY: our CPU's slot; its flow and backend are not in use by
+    // anything else while we run, and `uplink_flow` fills both before it
+    // reads them.
+    let (flow, chosen) = unsafe { (&mut (*scratch).flow6, &mut (*scratch).chosen6) };
+    uplink_flow::<C, V6>(ctx, flow, chosen)
+}
+
+/// The uplink path for one family. `flow` and `chosen` are filled here (in
+/// place, as IPv6's live in the scratch map). Every step is inline: out of
+/// line, each call is verified again for every path that reaches it (over a
+/// million instructions on 6.1 for IPv6), and XDP would lose the frame's
+/// bounds the compiler passes as plain values.
+#[inline(always)]
+fn uplink_flow<C: Packet, F: Family>(
+    ctx: &C,
+    flow: &mut Flow<F>,
+    chosen: &mut Chosen<F>,
+) -> Outcome {
+    match F::parse(ctx) {
+        Ok(parsed) => *flow = parsed,
+        Err(early) => return early.outcome(),
+    }
+    flow.external = true;
+    let snat = Snat::<F>::load();
+    if snat.as_ref().is_some_and(|snat| snat.addr == flow.daddr) {
+        // A reply on a NAT port, or else a NodePort on the node's address.
+        if let Some(entry) = nat::lookup(flow) {
+            return reverse_snat(ctx, flow, entry);
         }
     }
-
-    let Some((key, svc)) = lb::frontend(&flow) else {
+    let Some((_, svc)) = lb::frontend(flow) else {
         return Ok(Out::pass(Stat::PassNotService));
     };
-    if svc.flags & svc_flags::SOURCE_RANGES != 0 {
-        let data = SourceRange4 {
-            rev_nat_id_be: svc.rev_nat_id.to_be(),
-            addr_be: flow.saddr,
-        };
-        if SOURCE_RANGES
-            .get(&aya_ebpf::maps::lpm_trie::Key::new(
-                SourceRange4::LOOKUP_PREFIX_LEN,
-                data,
-            ))
-            .is_none()
-        {
-            return Err(Dropped(Stat::DropSourceRange));
-        }
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !F::source_allowed(svc.rev_nat_id, flow.saddr) {
+        return Err(Dropped(Stat::DropSourceRange));
     }
     if svc.count == 0 {
         if svc.flags & svc_flags::LOCAL_ONLY != 0 {
             return Err(Dropped(Stat::DropNoLocalBackend));
         }
-        return Ok(Out::new(Action::Reject, Stat::RejectNoBackend));
+        return ctx.reject(flow);
     }
-    let chosen = lb::choose(&flow, key, &svc)?;
-    let backend = chosen.backend;
-    if chosen.local() {
-        ctx.rewrite(&flow, End::Destination, backend.addr_be, backend.port_be)?;
-        let client_port = chosen.client_port_be;
-        if client_port != flow.sport {
-            ctx.rewrite(&flow, End::Source, flow.saddr, client_port)?;
+    match lb::known(flow, svc.rev_nat_id, ct::now()) {
+        Some(known) => *chosen = known,
+        None => {
+            let key = F::service_key(flow.daddr, flow.dport, flow.proto, 0);
+            *chosen = lb::open(flow, key, &svc, ct::now())?;
         }
-        return Ok(Out::pass(Stat::FwdLocal));
     }
-    if config.snat_addr_be == 0 {
-        // No node address known yet: cannot SNAT.
-        return Err(Dropped(Stat::DropNatPorts));
+    if chosen.local() {
+        return to_local(ctx, flow, chosen);
     }
-    let nat_port = nat::port(&flow, &config, &backend, chosen.nat_port_be, svc.rev_nat_id)?;
-    let hop = fib(
-        ctx,
-        &flow,
-        config.snat_addr_be,
-        backend.addr_be,
-        nat_port,
-        backend.port_be,
-    )?;
-    if hook == Hook::Xdp && matches!(hop, Hop::Unresolved { .. }) {
+    // No node address of this family known yet: cannot SNAT.
+    let snat = snat.ok_or(Dropped(Stat::DropNatPorts))?;
+    let kept = nat::kept(flow, &snat, &chosen.backend, chosen.nat_port_be, svc.rev_nat_id);
+    chosen.nat_port_be = match kept {
+        Some(port) => port,
+        None => {
+            let port = nat::allocate(flow, &snat, &chosen.backend, svc.rev_nat_id)?;
+            ct::remember_nat_port(flow, port);
+            port
+        }
+    };
+    to_remote(ctx, flow, chosen, &snat)
+}
+
+/// A packet to a backend on this node: DNAT, on to the stack (its replies
+/// are reverse-NATed on its veth).
+#[inline(always)]
+fn to_local<C: Packet, F: Family>(ctx: &C, flow: &Flow<F>, chosen: &Chosen<F>) -> Outcome {
+    let backend = chosen.backend;
+    ctx.rewrite(flow, End::Destination, backend.addr(), backend.port_be())?;
+    let client_port = chosen.client_port_be;
+    if client_port != flow.sport {
+        ctx.rewrite(flow, End::Source, flow.saddr, client_port)?;
+    }
+    Ok(Out::pass(Stat::FwdLocal))
+}
+
+/// A packet to a backend on another node, with its NAT port (in `chosen`):
+/// DNAT, and SNAT to the node's address, straight out to the next hop.
+#[inline(always)]
+fn to_remote<C: Packet, F: Family>(
+    ctx: &C,
+    flow: &Flow<F>,
+    chosen: &Chosen<F>,
+    snat: &Snat<F>,
+) -> Outcome {
+    let (snat, nat_port) = (snat.addr, chosen.nat_port_be);
+    let backend = chosen.backend;
+    let hop = fib(ctx, flow, snat, backend.addr(), nat_port, backend.port_be())?;
+    if C::XDP && matches!(hop, Hop::Unresolved { .. }) {
         // The tc program behind XDP finds the same conntrack and NAT entries and
         // lets the kernel resolve the next hop.
         return Ok(Out::pass(Stat::PassNoNeigh));
     }
-    ctx.rewrite(&flow, End::Destination, backend.addr_be, backend.port_be)?;
-    ctx.rewrite(&flow, End::Source, config.snat_addr_be, nat_port)?;
+    ctx.rewrite(flow, End::Destination, backend.addr(), backend.port_be())?;
+    ctx.rewrite(flow, End::Source, snat, nat_port)?;
     send(ctx, hop, Stat::FwdSnat)
 }
 
-/// A remote backend's reply to a SNATed flow: back to the client, from the
-/// frontend it dialled.
+/// A remote backend's reply to a SNATed flow (`entry`, its NAT entry): back
+/// to the client, from the frontend it dialled.
 #[inline(always)]
-fn reverse_snat<C: Packet>(ctx: &C, flow: &Flow, hook: Hook) -> Result<Option<Out>, Dropped> {
-    let Some((entry, nat)) = nat::lookup(flow) else {
-        return Ok(None);
-    };
-    // SAFETY: copied out at once.
-    let frontend = unsafe { REVNAT.get(&nat.rev_nat_id) }
-        .copied()
-        .ok_or(Dropped(Stat::DropNoRevnat))?;
+fn reverse_snat<C: Packet, F: Family>(
+    ctx: &C,
+    flow: &Flow<F>,
+    entry: *mut F::Nat,
+) -> Outcome {
+    // SAFETY: plain data, read once.
+    let nat = unsafe { *entry };
+    let frontend = F::revnat(nat.rev_nat_id()).ok_or(Dropped(Stat::DropNoRevnat))?;
     nat::on_reply(flow, entry, &nat, &frontend);
     let hop = fib(
         ctx,
         flow,
-        frontend.addr_be,
-        nat.client_addr_be,
-        frontend.port_be,
-        nat.client_port_be,
+        frontend.addr(),
+        nat.client_addr(),
+        frontend.port_be(),
+        nat.client_port_be(),
     )?;
-    if hook == Hook::Xdp && matches!(hop, Hop::Unresolved { .. }) {
-        return Ok(Some(Out::pass(Stat::PassNoNeigh)));
+    if C::XDP && matches!(hop, Hop::Unresolved { .. }) {
+        return Ok(Out::pass(Stat::PassNoNeigh));
     }
     ctx.rewrite(
         flow,
         End::Destination,
-        nat.client_addr_be,
-        nat.client_port_be,
+        nat.client_addr(),
+        nat.client_port_be(),
     )?;
-    ctx.rewrite(flow, End::Source, frontend.addr_be, frontend.port_be)?;
-    send(ctx, hop, Stat::RevSnat).map(Some)
+    ctx.rewrite(flow, End::Source, frontend.addr(), frontend.port_be())?;
+    send(ctx, hop, Stat::RevSnat)
 }

@@ -5,7 +5,7 @@
 mod support;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -15,6 +15,21 @@ use support::*;
 const EXT: &str = "10.250.0.100";
 const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
 const NODE2: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 12);
+const EXT6: &str = "fd00:10:250::100";
+const NODE1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, 0x11);
+const NODE2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, 0x12);
+
+/// Waits until `target` answers from `ns` (the agents programmed it).
+fn wait_served(ns: &str, target: SocketAddr) {
+    let wait = std::time::Instant::now();
+    while connect_many(ns, target, 1).pop().unwrap().is_err() {
+        assert!(
+            wait.elapsed() < Duration::from_secs(10),
+            "{target} was never served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
 fn refused_or_dropped(ns: &str, target: SocketAddr) -> bool {
     in_netns(ns, move || {
@@ -236,6 +251,61 @@ fn lab_traffic_from_outside_the_cluster() {
             );
         }
     }
+
+    eprintln!("== IPv6 NodePort from outside: backends on both nodes, the remote one by IPv6 SNAT");
+    let dual = |name: &str, app: &str, node_port: u16, local: bool| {
+        let mut spec = json!({
+            "type": "NodePort",
+            "ipFamilyPolicy": "RequireDualStack",
+            "ipFamilies": ["IPv4", "IPv6"],
+            "selector": {"app": app},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": 80,
+                    "targetPort": "tcp",
+                    "nodePort": node_port,
+                    "protocol": "TCP",
+                },
+            ],
+        });
+        if local {
+            spec["externalTrafficPolicy"] = json!("Local");
+        }
+        lab.apply_service(name, spec);
+    };
+    dual("web6", "web", 30085, false);
+    let web_ips: Vec<IpAddr> = ["web-1", "web-2"]
+        .iter()
+        .flat_map(|pod| lab.pod_ips(pod))
+        .collect();
+    lab.wait_endpoints_ip("web6", &web_ips);
+    for node in [NODE1_6, NODE2_6] {
+        let target = SocketAddr::from((node, 30085));
+        wait_served(&ext, target);
+        let by_pod = count(&connect_many(&ext, target, 100));
+        eprintln!("   {target}: {by_pod:?}");
+        assert_eq!(by_pod.values().sum::<usize>(), 100);
+        assert_eq!(by_pod.keys().collect::<Vec<_>>(), ["web-1", "web-2"]);
+    }
+
+    eprintln!("== externalTrafficPolicy=Local over IPv6: client address kept, node2 silent");
+    dual("loc6", "loc", 30095, true);
+    lab.wait_endpoints_ip("loc6", &lab.pod_ips("loc-1"));
+    let target = SocketAddr::from((NODE1_6, 30095));
+    wait_served(&ext, target);
+    for answer in connect_many(&ext, target, 20) {
+        let answer = answer.expect("node1 answers over IPv6");
+        assert_eq!(pod_of(&answer), "loc-1");
+        assert!(
+            answer.contains(&format!(" [{EXT6}]:")),
+            "the backend saw {answer}, not the external client"
+        );
+    }
+    assert!(
+        refused_or_dropped(&ext, (NODE2_6, 30095).into()),
+        "node2 has no local endpoint and must not answer over IPv6"
+    );
 
     eprintln!("== the agents report their uplink attach mode");
     let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");

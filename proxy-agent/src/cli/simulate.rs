@@ -123,11 +123,11 @@ pub fn simulate(
         info.snat_address6(),
         settings::DEFAULT_NAT_PORTS,
     ))?;
-    let program = match hook {
-        Hook::Pod => program_names::FROM_POD,
-        Hook::Uplink => program_names::UPLINK_TC,
+    let hook = match hook {
+        Hook::Pod => harness::Hook::Tc(program_names::FROM_POD, None),
+        Hook::Uplink => harness::Hook::UplinkTc(None),
     };
-    let run = programs.run(harness::Hook::Tc(program, None), &frame(packet))?;
+    let run = programs.run(hook, &frame(packet))?;
     let out = run.frame;
     let counter = programs
         .nonzero_stats()?
@@ -138,7 +138,7 @@ pub fn simulate(
         -1 | 0 => "pass",
         2 => "drop",
         7 => "redirect",
-        other => return Ok(unknown(program, other, counter)),
+        other => return Ok(unknown(&format!("{hook:?}"), other, counter)),
     }
     .to_string();
     let (icmp, src, dst) = addresses(&out);

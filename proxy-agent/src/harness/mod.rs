@@ -11,13 +11,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
-use proxy_common::StatCounter;
+use proxy_common::{program_names, StatCounter};
 
 use crate::{
     desired::{Capacity, Problem, Programmed},
     frontend::FrontendSpec,
     kernel::Dataplane,
 };
+
+/// tc: on to the next filter, or to the stack.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 
 /// Room a program may add to a frame (encapsulation, an ICMP error's quote).
 const HEADROOM: usize = 256;
@@ -48,6 +51,10 @@ pub enum Hook<'a> {
     /// A tc program by name, with an `__sk_buff` whose ifindex is this (the
     /// uplink programs look routes up from it), or none.
     Tc(&'a str, Option<u32>),
+    /// The uplink's tc ingress as the kernel runs it: `uplink_tc`, then
+    /// `uplink_tc6` with what the first let through (TC_ACT_UNSPEC), with
+    /// an `__sk_buff` naming this interface, or none.
+    UplinkTc(Option<u32>),
     /// The uplink XDP program, with an `xdp_md` naming this ingress device,
     /// or none (kernels before 5.15 refuse one: see the uplink packet tests).
     Xdp(Option<u32>),
@@ -127,7 +134,22 @@ impl Programs {
 
     /// Runs `frame` once through `hook`.
     pub fn run(&mut self, hook: Hook<'_>, frame: &[u8]) -> Result<Run> {
-        self.test_run(hook, frame, None)
+        let Hook::UplinkTc(ifindex) = hook else {
+            return self.test_run(hook, frame, None);
+        };
+        let first = self.test_run(Hook::Tc(program_names::UPLINK_TC, ifindex), frame, None)?;
+        if first.verdict != TC_ACT_UNSPEC {
+            return Ok(first);
+        }
+        let second = self.test_run(
+            Hook::Tc(program_names::UPLINK_TC6, ifindex),
+            &first.frame,
+            None,
+        )?;
+        Ok(Run {
+            duration: first.duration + second.duration,
+            ..second
+        })
     }
 
     /// Runs `frame` through `hook` `repeat` times in the kernel; the duration
@@ -169,6 +191,7 @@ impl Programs {
                 self.dp.xdp_program()?.test_run(opts)
             }
             Hook::PassOnly => self.dp.pass_only()?.test_run(opts),
+            Hook::UplinkTc(_) => bail!("the uplink's tc filters run one by one, not repeated"),
         }
         .context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);

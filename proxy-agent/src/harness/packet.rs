@@ -133,7 +133,7 @@ impl Frame {
         v4(self.daddr)
     }
 
-    fn v6(&self) -> bool {
+    pub fn v6(&self) -> bool {
         self.saddr.is_ipv6()
     }
 

@@ -17,8 +17,10 @@ impl Dataplane {
     /// driver has it, else generic) with the tc program behind it, or the tc
     /// program alone when XDP cannot attach. `wanted` limits the choice.
     pub fn attach_uplink(&mut self, iface: &str, wanted: Option<UplinkMode>) -> Result<UplinkMode> {
-        // The tc program runs in every mode: alone, or behind XDP for what XDP hands on.
+        // The tc programs run in every mode: alone, or behind XDP for what
+        // XDP hands on (IPv6 all of it).
         self.attach_tc(iface, program_names::UPLINK_TC, TcAttachType::Ingress)?;
+        self.attach_tc(iface, program_names::UPLINK_TC6, TcAttachType::Ingress)?;
         let tries: &[(UplinkMode, XdpMode)] = match wanted {
             Some(UplinkMode::Tc) => &[],
             Some(UplinkMode::Native) => &[(UplinkMode::Native, XdpMode::Driver)],
@@ -120,10 +122,11 @@ impl Dataplane {
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("adding clsact to {iface}")),
         }
+        let handle = tc_handle(name);
         let program = self.program(name)?;
         let options = NlOptions {
             priority: TC_PRIORITY,
-            handle: TC_HANDLE,
+            handle,
             ..NlOptions::default()
         };
         let mut created = true;
@@ -141,7 +144,7 @@ impl Dataplane {
                     iface,
                     attach_type,
                     TC_PRIORITY,
-                    TC_HANDLE,
+                    handle,
                     None,
                 )?;
                 program.attach_to_link(existing)
@@ -153,6 +156,16 @@ impl Dataplane {
         // Dropping the link would detach it; the filter must stay.
         std::mem::forget(link);
         Ok(created)
+    }
+}
+
+/// The handle of program `name`'s filter: the uplink's two tc programs sit
+/// side by side on one hook, at Ferry's priority.
+fn tc_handle(name: &str) -> TcHandle {
+    if name == program_names::UPLINK_TC6 {
+        TC_HANDLE_UPLINK6
+    } else {
+        TC_HANDLE
     }
 }
 

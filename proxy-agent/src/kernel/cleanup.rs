@@ -24,6 +24,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
             (program_names::FROM_POD, TcAttachType::Ingress),
             (program_names::TO_POD, TcAttachType::Egress),
             (program_names::UPLINK_TC, TcAttachType::Ingress),
+            (program_names::UPLINK_TC6, TcAttachType::Ingress),
         ] {
             if detach(&iface, attach_type, name)? {
                 removed

@@ -51,6 +51,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// so a restarted agent replaces its own filters in place.
 const TC_PRIORITY: u16 = 0x4652; // "FR"
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+/// `uplink_tc6`, beside `uplink_tc` on the uplink's ingress.
+const TC_HANDLE_UPLINK6: TcHandle = TcHandle::new(0, 2);
 
 /// The entries of the maps an operator sizes (`Default`: the built-in sizes,
 /// `proxy_common::capacity`).
@@ -432,6 +434,7 @@ impl Dataplane {
             program_names::FROM_POD,
             program_names::TO_POD,
             program_names::UPLINK_TC,
+            program_names::UPLINK_TC6,
         ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)

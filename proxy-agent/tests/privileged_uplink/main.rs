@@ -5,6 +5,7 @@
 //! in the expected frames is known. This file holds the fixture; the tests
 //! are in one module per subject.
 
+mod ipv6;
 mod snat;
 #[path = "../support/mod.rs"]
 mod support;
@@ -13,7 +14,7 @@ mod verdicts;
 use std::{
     fs::File,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     ops::{Deref, DerefMut},
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -28,11 +29,11 @@ use proxy_agent::{
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, nat_ports,
-    program_names::{FROM_POD, UPLINK_TC, UPLINK_XDP},
+    program_names::{FROM_POD, UPLINK_XDP},
     ServiceValue,
 };
 use support::{
-    fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
+    fib::{self, CLIENT, CLIENT6, CLIENT_MAC, NODE, NODE2_MAC, NODE6, NODE_MAC},
     netns::{in_netns, Lab},
     packet::{self, Frame},
 };
@@ -43,6 +44,7 @@ const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
 
 const FAR_CLIENT: &str = "10.250.0.200"; // no neighbour entry
 const LOCAL_POD: &str = "10.244.1.3";
@@ -53,7 +55,15 @@ const LB_IP: &str = "203.0.113.5";
 const NAT_MIN: u16 = settings::DEFAULT_NAT_PORTS.0;
 const NAT_MAX: u16 = settings::DEFAULT_NAT_PORTS.1;
 
+const LOCAL_POD6: &str = "fd00:10:244:1::3";
+const REMOTE_POD6: &str = "fd00:10:244:2::3";
+const LB_IP6: &str = "2001:db8::5";
+
 fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn ip6(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -68,13 +78,13 @@ fn frontend(
         .iter()
         .map(|(a, p, local)| Endpoint {
             local: *local,
-            ..Endpoint::new(ip(a), *p)
+            ..Endpoint::new(ip6(a), *p)
         })
         .collect();
     FrontendSpec::new(
         name,
         Frontend {
-            address: ip(addr).into(),
+            address: ip6(addr),
             port,
             protocol,
         },
@@ -104,7 +114,43 @@ fn services() -> Vec<FrontendSpec> {
     lb_closed.source_ranges = Some(Vec::new());
     let mut local_none = frontend("etp-local-none", NODE, 30082, Protocol::Tcp, &[]);
     local_none.local_only = true;
+    // IPv6 twins: NodePorts on the node's IPv6 address, and a LoadBalancer
+    // whose ranges are all IPv4 (no IPv6 client is in them).
+    let mut lb6 = frontend(
+        "lb6",
+        LB_IP6,
+        80,
+        Protocol::Tcp,
+        &[(REMOTE_POD6, 8080, false)],
+    );
+    lb6.source_ranges = Some(vec!["10.250.0.96/28".parse().unwrap()]);
+    let mut local_none6 = frontend("etp-local-none6", NODE6, 30082, Protocol::Tcp, &[]);
+    local_none6.local_only = true;
     vec![
+        frontend(
+            "np-local6",
+            NODE6,
+            30080,
+            Protocol::Tcp,
+            &[(LOCAL_POD6, 8080, true)],
+        ),
+        frontend(
+            "np-remote6",
+            NODE6,
+            30090,
+            Protocol::Tcp,
+            &[(REMOTE_POD6, 8080, false)],
+        ),
+        frontend(
+            "np-remote6-udp",
+            NODE6,
+            30053,
+            Protocol::Udp,
+            &[(REMOTE_POD6, 5353, false)],
+        ),
+        frontend("np-empty6", NODE6, 30070, Protocol::Tcp, &[]),
+        lb6,
+        local_none6,
         frontend(
             "np-local",
             NODE,
@@ -240,7 +286,7 @@ impl Programs {
     fn tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let run = self
             .h
-            .run(Hook::Tc(UPLINK_TC, Some(self.ifindex)), frame)
+            .run(Hook::UplinkTc(Some(self.ifindex)), frame)
             .expect("tc test run");
         (run.verdict, run.frame)
     }
@@ -275,7 +321,7 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
         assert!(problems.is_empty(), "{problems:?}");
         h.dp.set_config(&settings::node_config(
             Some(ip(NODE)),
-            None,
+            NODE6.parse().ok(),
             (NAT_MIN, NAT_MAX),
         ))
         .unwrap();
@@ -285,10 +331,11 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
 }
 
 fn from_outside(proto: u8, sport: u16, daddr: &str, dport: u16) -> Frame {
+    let client = if daddr.contains(':') { CLIENT6 } else { CLIENT };
     let mut f = if proto == packet::TCP {
-        Frame::tcp(CLIENT, sport, daddr, dport)
+        Frame::tcp(client, sport, daddr, dport)
     } else {
-        Frame::udp(CLIENT, sport, daddr, dport)
+        Frame::udp(client, sport, daddr, dport)
     };
     f.src_mac = CLIENT_MAC;
     f.dst_mac = NODE_MAC;
@@ -301,11 +348,13 @@ fn nat_port(f: &Frame) -> u16 {
     NAT_MIN + (h % u32::from(NAT_MAX - NAT_MIN + 1)) as u16
 }
 
-/// What leaves towards node2 for a SNATed flow.
+/// What leaves towards node2 for a SNATed flow (from the node's address of
+/// the flow's family).
 fn snated(f: &Frame, backend: &str, backend_port: u16) -> Frame {
+    let node = if f.v6() { NODE6 } else { NODE };
     let mut out = f
-        .with_dst(ip(backend), backend_port)
-        .with_src(ip(NODE), nat_port(f));
+        .with_dst(ip6(backend), backend_port)
+        .with_src(ip6(node), nat_port(f));
     out.dst_mac = NODE2_MAC;
     out.src_mac = NODE_MAC;
     out
