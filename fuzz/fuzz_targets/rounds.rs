@@ -77,10 +77,7 @@ fn spec(s: &Service) -> FrontendSpec {
     spec.affinity_timeout = s.affinity.map(u32::from);
     spec.source_ranges = s.ranges.as_ref().map(|r| {
         r.iter()
-            .map(|(a, p)| Cidr {
-                address: Ipv4Addr::new(192, 0, 2, *a),
-                prefix: p % 33,
-            })
+            .filter_map(|(a, p)| Cidr::new(Ipv4Addr::new(192, 0, 2, *a).into(), p % 33))
             .collect()
     });
     spec

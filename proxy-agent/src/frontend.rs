@@ -4,7 +4,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
 
@@ -94,33 +94,49 @@ impl std::str::FromStr for Scheduler {
     }
 }
 
-/// An IPv4 prefix, written `10.0.0.0/8`.
+/// An address prefix of either family, written `10.0.0.0/8` or
+/// `fd00::/8` (a bare address is the whole address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
-    pub address: Ipv4Addr,
+    /// The network part only (host bits zero), as the kernel's LPM tries
+    /// compare it.
+    pub address: IpAddr,
     pub prefix: u8,
+}
+
+impl Cidr {
+    /// The prefix of `prefix` bits holding `address`; `None` when `prefix`
+    /// is longer than the address.
+    pub fn new(address: IpAddr, prefix: u8) -> Option<Self> {
+        let address = match address {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32u32.checked_sub(prefix.into())?);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask.unwrap_or(0)))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128u32.checked_sub(prefix.into())?);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask.unwrap_or(0)))
+            }
+        };
+        Some(Self { address, prefix })
+    }
 }
 
 impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
-        let address: Ipv4Addr = addr.trim().parse().map_err(|e| format!("{s}: {e}"))?;
-        let prefix: u8 = prefix.trim().parse().map_err(|e| format!("{s}: {e}"))?;
-        if prefix > 32 {
-            return Err(format!("{s}: prefix longer than 32"));
-        }
-        // Keep only the network part, as the kernel's LPM trie compares it.
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
         };
-        Ok(Self {
-            address: (u32::from(address) & mask).into(),
-            prefix,
-        })
+        let address: IpAddr = addr.trim().parse().map_err(|e| format!("{s}: {e}"))?;
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = match prefix {
+            Some(p) => p.trim().parse().map_err(|e| format!("{s}: {e}"))?,
+            None => bits,
+        };
+        Self::new(address, prefix).ok_or_else(|| format!("{s}: prefix longer than {bits}"))
     }
 }
 
@@ -159,8 +175,10 @@ pub struct FrontendSpec {
     #[serde(default)]
     pub local_only: bool,
     /// loadBalancerSourceRanges: `None` lets every client through; `Some`
-    /// only the clients in these ranges, and none when it is empty (a Service
-    /// whose ranges are all invalid or of the other family fails closed).
+    /// only the clients in the ranges of the frontend's family, and none when
+    /// there is no such range (the Kubernetes layer fills in `None` for a
+    /// family the Service lists no range of, `Some(vec![])` when it lists
+    /// only invalid ones: see `k8s::frontends`).
     #[serde(default)]
     pub source_ranges: Option<Vec<Cidr>>,
     /// sessionAffinity ClientIP: how long (seconds) a client sticks to its backend.
@@ -204,4 +222,30 @@ impl FrontendSpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ServiceFile {
     pub services: Vec<FrontendSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_of_both_families_keep_their_network_part() {
+        let cases = [
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("10.1.2.3", "10.1.2.3/32"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("fd00:10:250::1:2/112", "fd00:10:250::1:0/112"),
+            ("fd00:10:250::1:2/96", "fd00:10:250::/96"),
+            ("fd00::1", "fd00::1/128"),
+            ("2001:db8:ffff::/33", "2001:db8:8000::/33"),
+            ("::/0", "::/0"),
+        ];
+        for (written, network) in cases {
+            let cidr: Cidr = written.parse().unwrap();
+            assert_eq!(cidr.to_string(), network, "{written}");
+        }
+        for bad in ["10.0.0.0/33", "fd00::/129", "nonsense", "10.0.0.0/x", "/8"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
 }

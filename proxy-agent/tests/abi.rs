@@ -330,7 +330,11 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         (
             map_names::SCRATCH,
             layout!(u32),
-            ("Scratch", object_maps()[map_names::SCRATCH].1 as usize, String::new()),
+            (
+                "Scratch",
+                object_maps()[map_names::SCRATCH].1 as usize,
+                String::new(),
+            ),
         ),
     ]
 }

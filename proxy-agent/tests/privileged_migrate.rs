@@ -220,7 +220,8 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
     }
     let mut ranges: LpmTrie<MapData, previous::SourceRange4, u8> =
         LpmTrie::try_from(pins::open(dir, previous::names::SOURCE_RANGES_V4)).unwrap();
-    for (prefix, data) in &state.source_ranges {
+    for range in &state.source_ranges {
+        let (prefix, data) = range.kernel().v4().unwrap();
         let old = previous::SourceRange4 {
             rev_nat_id_be: u16::try_from(u32::from_be(data.rev_nat_id_be))
                 .unwrap()
@@ -228,7 +229,7 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
             _pad: 0,
             addr_be: data.addr_be,
         };
-        ranges.insert(&Key::new(*prefix, old), 1, 0).unwrap();
+        ranges.insert(&Key::new(prefix, old), 1, 0).unwrap();
     }
 }
 

@@ -280,6 +280,10 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
     assert!(!xdp("int0"), "no XDP elsewhere");
     let pod_filters = tc(&["filter", "show", "dev", "int0", "ingress"]);
     assert!(pod_filters.contains("from_pod"), "{pod_filters}");
+    let uplink_filters = tc(&["filter", "show", "dev", "def0", "ingress"]);
+    for program in ["uplink_tc ", "uplink_tc6"] {
+        assert!(uplink_filters.contains(program), "{uplink_filters}");
+    }
 
     // The XDP link outlives the agent (pinned), and cleanup removes it.
     lab.teardown_agents_only();

@@ -395,7 +395,9 @@ impl Family for V4 {
 
     #[inline(always)]
     fn ct_insert(key: &CtKey4, value: &CtValue) -> Result<(), ()> {
-        CONNTRACK.insert(key, value, u64::from(BPF_ANY)).map_err(|_| ())
+        CONNTRACK
+            .insert(key, value, u64::from(BPF_ANY))
+            .map_err(|_| ())
     }
 
     #[inline(always)]
@@ -560,7 +562,9 @@ impl Family for V6 {
 
     #[inline(always)]
     fn ct_insert(key: &CtKey6, value: &CtValue) -> Result<(), ()> {
-        CONNTRACK6.insert(key, value, u64::from(BPF_ANY)).map_err(|_| ())
+        CONNTRACK6
+            .insert(key, value, u64::from(BPF_ANY))
+            .map_err(|_| ())
     }
 
     #[inline(always)]

@@ -4,12 +4,12 @@
 //! here again beside its `proxy_common::map_names` constant:
 //! proxy-agent/tests/abi.rs checks that the two agree.
 
+use crate::{family::V6, flow::Flow, lb::Chosen};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use crate::{family::V6, flow::Flow, lb::Chosen};
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4,

@@ -145,7 +145,7 @@ fn reply6(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32]) -> Outcome {
     hdr[18..20].copy_from_slice(&payload.to_be_bytes());
     hdr[20] = NEXT_ICMP6;
     hdr[21] = 64; // hop limit
-    // The pseudo-header's part of the ICMPv6 checksum (RFC 8200, 8.1).
+                  // The pseudo-header's part of the ICMPv6 checksum (RFC 8200, 8.1).
     let mut sum = 0u64;
     for (i, (s, d)) in src.iter().zip(dst).enumerate().take(4) {
         hdr[22 + 4 * i..26 + 4 * i].copy_from_slice(&s.to_ne_bytes());

@@ -111,7 +111,13 @@ fn uplink_flow<C: Packet, F: Family>(
     }
     // No node address of this family known yet: cannot SNAT.
     let snat = snat.ok_or(Dropped(Stat::DropNatPorts))?;
-    let kept = nat::kept(flow, &snat, &chosen.backend, chosen.nat_port_be, svc.rev_nat_id);
+    let kept = nat::kept(
+        flow,
+        &snat,
+        &chosen.backend,
+        chosen.nat_port_be,
+        svc.rev_nat_id,
+    );
     chosen.nat_port_be = match kept {
         Some(port) => port,
         None => {
@@ -161,11 +167,7 @@ fn to_remote<C: Packet, F: Family>(
 /// A remote backend's reply to a SNATed flow (`entry`, its NAT entry): back
 /// to the client, from the frontend it dialled.
 #[inline(always)]
-fn reverse_snat<C: Packet, F: Family>(
-    ctx: &C,
-    flow: &Flow<F>,
-    entry: *mut F::Nat,
-) -> Outcome {
+fn reverse_snat<C: Packet, F: Family>(ctx: &C, flow: &Flow<F>, entry: *mut F::Nat) -> Outcome {
     // SAFETY: plain data, read once.
     let nat = unsafe { *entry };
     let frontend = F::revnat(nat.rev_nat_id()).ok_or(Dropped(Stat::DropNoRevnat))?;

@@ -128,8 +128,8 @@ pub fn overflows(op: &MapOp, maps: &MapState, capacity: &Capacity) -> bool {
         MapOp::PutBackend(id, _) => !m.backends.contains_key(id) && m.backends.len() >= c.backends,
         MapOp::PutRevNat(id, _) => !m.revnat.contains_key(id) && m.revnat.len() >= c.revnat,
         MapOp::PutMaglev(k, _) => !m.maglev.contains_key(k) && m.maglev.len() >= c.maglev,
-        MapOp::PutSourceRange(p, d) => {
-            !m.source_ranges.contains(&(*p, *d)) && m.source_ranges.len() >= c.source_ranges
+        MapOp::PutSourceRange(r) => {
+            !m.source_ranges.contains(r) && m.source_ranges.len() >= c.source_ranges
         }
         _ => false,
     }
@@ -159,9 +159,7 @@ fn owner(op: &MapOp, applied: &MapState) -> Option<u32> {
         MapOp::PutService(_, v) => Some(v.rev_nat_id),
         MapOp::DelService(k) => applied.services.get(k).map(|v| v.rev_nat_id),
         MapOp::PutMaglev(k, _) | MapOp::DelMaglev(k) => Some(k.rev_nat_id),
-        MapOp::PutSourceRange(_, d) | MapOp::DelSourceRange(_, d) => {
-            Some(u32::from_be(d.rev_nat_id_be))
-        }
+        MapOp::PutSourceRange(r) | MapOp::DelSourceRange(r) => Some(r.rev_nat_id),
         MapOp::PutRevNat(id, _) | MapOp::DelRevNat(id) => Some(*id),
         MapOp::PutBackend(..) | MapOp::DelBackend(_) => None,
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::maps::{maglev_table_keys, MapOp, MapState};
+use super::maps::{maglev_table_keys, MapOp, MapState, SourceRange};
 
 /// The writes that turn `actual` into `desired`, make before break.
 ///
@@ -42,11 +42,10 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
                 .map(|(k, _)| MapOp::DelMaglev(*k)),
         );
     }
-    let gone_range =
-        |d: &proxy_common::SourceRange4| gone_revs.contains(&u32::from_be(d.rev_nat_id_be));
-    for (prefix, data) in actual.source_ranges.difference(&desired.source_ranges) {
-        if gone_range(data) {
-            ops.push(MapOp::DelSourceRange(*prefix, *data));
+    let gone_range = |r: &SourceRange| gone_revs.contains(&r.rev_nat_id);
+    for range in actual.source_ranges.difference(&desired.source_ranges) {
+        if gone_range(range) {
+            ops.push(MapOp::DelSourceRange(*range));
         }
     }
     for rev in &gone_revs {
@@ -92,7 +91,7 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
     // Source ranges before the flag that enforces them, so a new LoadBalancer
     // frontend never drops its allowed clients.
     for range in desired.source_ranges.difference(&actual.source_ranges) {
-        ops.push(MapOp::PutSourceRange(range.0, range.1));
+        ops.push(MapOp::PutSourceRange(*range));
     }
     for (k, v) in &desired.maglev {
         if actual.maglev.get(k) != Some(v) {
@@ -125,8 +124,8 @@ pub fn diff(desired: &MapState, actual: &MapState) -> Vec<MapOp> {
         }
     }
     for range in actual.source_ranges.difference(&desired.source_ranges) {
-        if !gone_range(&range.1) {
-            ops.push(MapOp::DelSourceRange(range.0, range.1));
+        if !gone_range(range) {
+            ops.push(MapOp::DelSourceRange(*range));
         }
     }
     for &id in actual.revnat.keys() {

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
-use proxy_common::{backend_flags, backend_state, proto, svc_flags, ServiceValue, SourceRange4};
+use proxy_common::{backend_flags, backend_state, proto, svc_flags, ServiceValue};
 
 use super::maps::MapState;
 
@@ -84,14 +84,9 @@ pub fn dump(state: &MapState) -> String {
             let share: Vec<String> = share.iter().map(|(id, n)| format!("{id}:{n}")).collect();
             let _ = writeln!(out, "  maglev: {}", share.join(" "));
         }
-        for (prefix, range) in &state.source_ranges {
-            if u32::from_be(range.rev_nat_id_be) == head.rev_nat_id {
-                let _ = writeln!(
-                    out,
-                    "  source range {}/{}",
-                    std::net::Ipv4Addr::from(u32::from_be(range.addr_be)),
-                    prefix - SourceRange4::ID_BITS
-                );
+        for range in &state.source_ranges {
+            if range.rev_nat_id == head.rev_nat_id {
+                let _ = writeln!(out, "  source range {}", range.range);
             }
         }
     }

@@ -1,11 +1,15 @@
-//! The entries of the service, backend and reverse-NAT maps as the agent
-//! plans them: one type for both address families. The kernel has a map of
+//! The entries of the service, backend, reverse-NAT and source-range maps
+//! as the agent plans them: one type for both address families. The kernel has a map of
 //! each per family (`svc4_v2` and `svc6_v1`, ...); `kernel/` writes an entry
 //! into the map of its address's family, through the conversions here.
 
 use std::net::IpAddr;
 
-use proxy_common::{Backend4, Backend6, RevNat4, RevNat6, ServiceKey4, ServiceKey6};
+use proxy_common::{
+    Backend4, Backend6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, SourceRange4, SourceRange6,
+};
+
+use crate::frontend::Cidr;
 
 /// A key of the services map: slot `slot` of frontend `addr:port`/`proto`
 /// (slot 0 describes the frontend, slots 1.. name its backends). Ordered by
@@ -234,5 +238,66 @@ mod tests {
         assert_eq!(RevNat::from(k), r);
         // One frontend's slots are a range, whatever the family.
         assert!(v4 < v6 && v4.with_slot(0) < v4 && v4 < v4.with_slot(3));
+    }
+}
+
+/// An entry of the source-ranges maps: clients in `range` may reach the
+/// LoadBalancer frontend `rev_nat_id` (whose address is of `range`'s family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub rev_nat_id: u32,
+    pub range: Cidr,
+}
+
+impl SourceRange {
+    /// The LPM trie key: its prefix length and data.
+    pub fn kernel(&self) -> Family<(u32, SourceRange4), (u32, SourceRange6)> {
+        let rev_nat_id_be = self.rev_nat_id.to_be();
+        match self.range.address {
+            IpAddr::V4(a) => Family::V4((
+                SourceRange4::prefix_len(self.range.prefix),
+                SourceRange4 {
+                    rev_nat_id_be,
+                    addr_be: u32::from(a).to_be(),
+                },
+            )),
+            IpAddr::V6(a) => Family::V6((
+                SourceRange6::prefix_len(self.range.prefix),
+                SourceRange6 {
+                    rev_nat_id_be,
+                    addr: a.octets(),
+                },
+            )),
+        }
+    }
+
+    /// An entry read back from the kernel (`None` for a prefix length no
+    /// entry the agent writes has).
+    fn read(rev_nat_id_be: u32, addr: IpAddr, prefix_len: u32, id_bits: u32) -> Option<Self> {
+        let prefix = u8::try_from(prefix_len.checked_sub(id_bits)?).ok()?;
+        Some(Self {
+            rev_nat_id: u32::from_be(rev_nat_id_be),
+            range: Cidr::new(addr, prefix)?,
+        })
+    }
+
+    pub fn from_v4(prefix_len: u32, d: SourceRange4) -> Option<Self> {
+        let addr = std::net::Ipv4Addr::from(u32::from_be(d.addr_be));
+        Self::read(
+            d.rev_nat_id_be,
+            addr.into(),
+            prefix_len,
+            SourceRange4::ID_BITS,
+        )
+    }
+
+    pub fn from_v6(prefix_len: u32, d: SourceRange6) -> Option<Self> {
+        let addr = std::net::Ipv6Addr::from(d.addr);
+        Self::read(
+            d.rev_nat_id_be,
+            addr.into(),
+            prefix_len,
+            SourceRange6::ID_BITS,
+        )
     }
 }

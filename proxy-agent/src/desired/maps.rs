@@ -7,11 +7,9 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
 };
 
-use proxy_common::{
-    backend_flags, backend_state, svc_flags, MaglevKey, ServiceValue, SourceRange4,
-};
+use proxy_common::{backend_flags, backend_state, svc_flags, MaglevKey, ServiceValue};
 
-pub use super::entries::{Backend, RevNat, ServiceKey};
+pub use super::entries::{Backend, RevNat, ServiceKey, SourceRange};
 use super::{diff::diff, ids::Ids};
 use crate::frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler};
 
@@ -24,8 +22,8 @@ pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub revnat: BTreeMap<u32, RevNat>,
-    /// loadBalancerSourceRanges entries: (LPM prefix length, data).
-    pub source_ranges: BTreeSet<(u32, SourceRange4)>,
+    /// loadBalancerSourceRanges entries.
+    pub source_ranges: BTreeSet<SourceRange>,
     /// Maglev tables: (frontend, slot) -> backend id.
     pub maglev: BTreeMap<MaglevKey, u32>,
 }
@@ -35,11 +33,11 @@ pub struct MapState {
 pub enum MapOp {
     PutBackend(u32, Backend),
     PutRevNat(u32, RevNat),
-    PutSourceRange(u32, SourceRange4),
+    PutSourceRange(SourceRange),
     PutMaglev(MaglevKey, u32),
     PutService(ServiceKey, ServiceValue),
     DelService(ServiceKey),
-    DelSourceRange(u32, SourceRange4),
+    DelSourceRange(SourceRange),
     DelMaglev(MaglevKey),
     DelRevNat(u32),
     DelBackend(u32),
@@ -507,14 +505,13 @@ fn slot0(
     if let Some(ranges) = &service.source_ranges {
         // No range at all: the flag alone, which no client matches.
         flags |= svc_flags::SOURCE_RANGES;
-        for range in ranges {
-            let data = SourceRange4 {
-                rev_nat_id_be: rev_nat_id.to_be(),
-                addr_be: u32::from(range.address).to_be(),
-            };
-            state
-                .source_ranges
-                .insert((SourceRange4::prefix_len(range.prefix), data));
+        // A range of the other family matches none of the frontend's clients.
+        let family = service.frontend.address.is_ipv4();
+        for range in ranges.iter().filter(|r| r.address.is_ipv4() == family) {
+            state.source_ranges.insert(SourceRange {
+                rev_nat_id,
+                range: *range,
+            });
         }
     }
     ServiceValue {
@@ -669,12 +666,9 @@ fn entries_of(frontend: &Frontend, applied: &MapState, used: &[u32]) -> MapState
                 .range(maglev_table_keys(rev))
                 .map(|(k, v)| (*k, *v)),
         );
-        entries.source_ranges.extend(
-            applied
-                .source_ranges
-                .iter()
-                .filter(|(_, d)| u32::from_be(d.rev_nat_id_be) == rev),
-        );
+        entries
+            .source_ranges
+            .extend(applied.source_ranges.iter().filter(|r| r.rev_nat_id == rev));
     }
     let referenced = entries
         .services
@@ -742,11 +736,11 @@ impl MapState {
         match *op {
             MapOp::PutBackend(id, b) => drop(self.backends.insert(id, b)),
             MapOp::PutRevNat(id, r) => drop(self.revnat.insert(id, r)),
-            MapOp::PutSourceRange(p, d) => drop(self.source_ranges.insert((p, d))),
+            MapOp::PutSourceRange(r) => drop(self.source_ranges.insert(r)),
             MapOp::PutMaglev(k, v) => drop(self.maglev.insert(k, v)),
             MapOp::PutService(k, v) => drop(self.services.insert(k, v)),
             MapOp::DelService(k) => drop(self.services.remove(&k)),
-            MapOp::DelSourceRange(p, d) => drop(self.source_ranges.remove(&(p, d))),
+            MapOp::DelSourceRange(r) => drop(self.source_ranges.remove(&r)),
             MapOp::DelMaglev(k) => drop(self.maglev.remove(&k)),
             MapOp::DelRevNat(id) => drop(self.revnat.remove(&id)),
             MapOp::DelBackend(id) => drop(self.backends.remove(&id)),

@@ -56,7 +56,7 @@ pub enum Skip {
     AffinityTimeout(String, i32),
     #[error("{0}: {1} (the agent's default scheduler is used)")]
     Scheduler(String, String),
-    #[error("{0}: loadBalancerSourceRanges entry {1:?} is not an IPv4 range (left out; with no valid range left, no client reaches the LoadBalancer IPs)")]
+    #[error("{0}: loadBalancerSourceRanges entry {1:?} is not an IP range (left out; a LoadBalancer IP with no valid range of its family left is reached by no client)")]
     SourceRange(String, String),
 }
 
@@ -319,7 +319,7 @@ struct ServiceView {
     external_local: bool,
     external_ips: Vec<IpAddr>,
     lb_ips: Vec<IpAddr>,
-    source_ranges: Option<Vec<Cidr>>,
+    source_ranges: Option<SourceRanges>,
     policy: Policy,
     topology_node: topology::Node,
     affinity_timeout: Option<u32>,
@@ -537,12 +537,12 @@ impl ServiceView {
                 .push(external(*address, port.port, &None, "externalIP"));
         }
         for address in &addresses.lb_ips {
-            out.frontends.push(external(
-                *address,
-                port.port,
-                &self.source_ranges,
-                "loadbalancer",
-            ));
+            let ranges = self
+                .source_ranges
+                .as_ref()
+                .and_then(|r| r.of_family(*address));
+            out.frontends
+                .push(external(*address, port.port, &ranges, "loadbalancer"));
         }
         local_endpoints
     }
@@ -605,28 +605,53 @@ fn cluster_ips(svc: &Service, key: &str, out: &mut Frontends) -> Option<Vec<IpAd
     Some(vips)
 }
 
-/// loadBalancerSourceRanges. Listed ranges restrict the LoadBalancer IPs even
-/// when none of them is a valid IPv4 range: then no client gets through (fail
-/// closed).
+/// A Service's loadBalancerSourceRanges, of both families.
+struct SourceRanges {
+    valid: Vec<Cidr>,
+    /// Some entry was not a range: it may have been meant for either family.
+    invalid: bool,
+}
+
+impl SourceRanges {
+    /// The ranges that restrict LoadBalancer IP `address`, as
+    /// `FrontendSpec::source_ranges` holds them: those of its family. A
+    /// family the Service lists no range of is open to every client, as
+    /// kube-proxy has it, unless an entry was invalid: then no client of
+    /// that family gets through (fail closed).
+    fn of_family(&self, address: IpAddr) -> Option<Vec<Cidr>> {
+        let ranges: Vec<Cidr> = self
+            .valid
+            .iter()
+            .filter(|r| r.address.is_ipv4() == address.is_ipv4())
+            .copied()
+            .collect();
+        (!ranges.is_empty() || self.invalid).then_some(ranges)
+    }
+}
+
+/// loadBalancerSourceRanges; `None` when the Service lists none. Invalid
+/// entries are left out (and reported in `out.skipped`).
 fn source_ranges(
     ranges: Option<&Vec<String>>,
     key: &str,
     out: &mut Frontends,
-) -> Option<Vec<Cidr>> {
+) -> Option<SourceRanges> {
     let ranges = ranges.filter(|ranges| !ranges.is_empty())?;
-    Some(
-        ranges
-            .iter()
-            .filter_map(|r| match r.trim().parse() {
-                Ok(cidr) => Some(cidr),
-                Err(_) => {
-                    out.skipped
-                        .push(Skip::SourceRange(key.to_string(), r.clone()));
-                    None
-                }
-            })
-            .collect(),
-    )
+    let mut parsed = SourceRanges {
+        valid: Vec::new(),
+        invalid: false,
+    };
+    for range in ranges {
+        match range.trim().parse() {
+            Ok(cidr) => parsed.valid.push(cidr),
+            Err(_) => {
+                parsed.invalid = true;
+                out.skipped
+                    .push(Skip::SourceRange(key.to_string(), range.clone()));
+            }
+        }
+    }
+    Some(parsed)
 }
 
 #[cfg(test)]

@@ -140,13 +140,8 @@ impl Dataplane {
                 if e.raw_os_error() == Some(libc::EEXIST) =>
             {
                 created = false;
-                let existing = SchedClassifierLink::attached(
-                    iface,
-                    attach_type,
-                    TC_PRIORITY,
-                    handle,
-                    None,
-                )?;
+                let existing =
+                    SchedClassifierLink::attached(iface, attach_type, TC_PRIORITY, handle, None)?;
                 program.attach_to_link(existing)
             }
             Err(e) => Err(e),

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use aya::maps::{IterableMap, MapError};
 
 use super::*;
-use crate::desired::entries::Family;
+use crate::desired::{entries::Family, SourceRange};
 
 impl Dataplane {
     /// Writes the node-wide settings: IPv4's with the NAT port range, and
@@ -121,7 +121,15 @@ impl Dataplane {
         }
         for entry in self.source_ranges.iter() {
             let (k, _) = entry?;
-            state.source_ranges.insert((k.prefix_len(), k.data()));
+            state
+                .source_ranges
+                .extend(SourceRange::from_v4(k.prefix_len(), k.data()));
+        }
+        for entry in self.v6.source_ranges.iter() {
+            let (k, _) = entry?;
+            state
+                .source_ranges
+                .extend(SourceRange::from_v6(k.prefix_len(), k.data()));
         }
         Ok(state)
     }
@@ -143,14 +151,24 @@ impl Dataplane {
                 Family::V4(k) => self.services.insert(k, v, 0),
                 Family::V6(k) => self.v6.services.insert(k, v, 0),
             },
-            MapOp::PutSourceRange(prefix, data) => {
-                self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
-            }
+            MapOp::PutSourceRange(r) => match r.kernel() {
+                Family::V4((prefix, data)) => {
+                    self.source_ranges.insert(&LpmKey::new(prefix, data), 1, 0)
+                }
+                Family::V6((prefix, data)) => {
+                    self.v6
+                        .source_ranges
+                        .insert(&LpmKey::new(prefix, data), 1, 0)
+                }
+            },
             MapOp::PutMaglev(key, backend_id) => self.maglev.insert(key, backend_id, 0),
             MapOp::DelMaglev(key) => self.maglev.remove(&key),
-            MapOp::DelSourceRange(prefix, data) => {
-                self.source_ranges.remove(&LpmKey::new(prefix, data))
-            }
+            MapOp::DelSourceRange(r) => match r.kernel() {
+                Family::V4((prefix, data)) => self.source_ranges.remove(&LpmKey::new(prefix, data)),
+                Family::V6((prefix, data)) => {
+                    self.v6.source_ranges.remove(&LpmKey::new(prefix, data))
+                }
+            },
             MapOp::DelService(k) => match k.kernel() {
                 Family::V4(k) => self.services.remove(&k),
                 Family::V6(k) => self.v6.services.remove(&k),

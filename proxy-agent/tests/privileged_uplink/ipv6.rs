@@ -105,10 +105,22 @@ fn ipv6_local_policy_without_a_local_endpoint_drops() {
 #[test]
 fn ipv6_clients_outside_a_load_balancers_ranges_are_dropped() {
     with_programs(|p| {
-        // Its ranges are IPv4's only: no IPv6 client is in them.
-        let bytes = from_outside(packet::TCP, 41006, LB_IP6, 80).bytes();
+        let mut outsider = from_outside(packet::TCP, 41006, LB_IP6, 80);
+        outsider.saddr = ip6("fd00:10:250::50");
+        let bytes = outsider.bytes();
         assert_eq!(p.tc(&bytes), (TC_ACT_SHOT, bytes));
         assert_eq!(p.stat("drop_source_range"), 1);
         assert!(p.dp.v6.nat.iter().next().is_none());
+    });
+}
+
+#[test]
+fn ipv6_clients_in_a_load_balancers_ranges_reach_its_backend() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 41007, LB_IP6, 80);
+        let (verdict, out) = p.tc(&f.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{:?}", p.nonzero_stats());
+        assert_eq!(out, snated(&f, REMOTE_POD6, 8080).bytes());
+        assert_eq!(p.stat("drop_source_range"), 0);
     });
 }

@@ -115,7 +115,7 @@ fn services() -> Vec<FrontendSpec> {
     let mut local_none = frontend("etp-local-none", NODE, 30082, Protocol::Tcp, &[]);
     local_none.local_only = true;
     // IPv6 twins: NodePorts on the node's IPv6 address, and a LoadBalancer
-    // whose ranges are all IPv4 (no IPv6 client is in them).
+    // with ranges of both families (CLIENT6 is in the IPv6 one).
     let mut lb6 = frontend(
         "lb6",
         LB_IP6,
@@ -123,7 +123,10 @@ fn services() -> Vec<FrontendSpec> {
         Protocol::Tcp,
         &[(REMOTE_POD6, 8080, false)],
     );
-    lb6.source_ranges = Some(vec!["10.250.0.96/28".parse().unwrap()]);
+    lb6.source_ranges = Some(vec![
+        "10.250.0.96/28".parse().unwrap(),
+        "fd00:10:250::100/120".parse().unwrap(),
+    ]);
     let mut local_none6 = frontend("etp-local-none6", NODE6, 30082, Protocol::Tcp, &[]);
     local_none6.local_only = true;
     vec![

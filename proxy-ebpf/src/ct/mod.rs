@@ -14,7 +14,9 @@
 pub mod nat;
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{backend_flags, ct_dir, ct_flags, ct_lifetime, remap_ports, stats::Stat, CtValue};
+use proxy_common::{
+    backend_flags, ct_dir, ct_flags, ct_lifetime, remap_ports, stats::Stat, CtValue,
+};
 
 use crate::{
     family::{Backend, Endpoint, Family},

@@ -44,9 +44,9 @@ impl<F: Family> Snat<F> {
     #[inline(always)]
     pub fn load() -> Option<Self> {
         let addr = F::snat_addr()?;
-        let range = CONFIG.get(0).map_or(Range::EMPTY, |c| {
-            Range::new(c.nat_port_min, c.nat_port_max)
-        });
+        let range = CONFIG
+            .get(0)
+            .map_or(Range::EMPTY, |c| Range::new(c.nat_port_min, c.nat_port_max));
         Some(Self { addr, range })
     }
 
@@ -132,7 +132,10 @@ fn set_bits<F: Family>(key: &F::NatPortKey, bits: u64) -> u64 {
 #[inline(always)]
 fn mark<F: Family>(backend: &F::Backend, proto: u8, range: Range, offset: u32) {
     let w = offset / 64;
-    let now = set_bits::<F>(&F::nat_port_key(backend, proto, w as u16), 1 << (offset % 64));
+    let now = set_bits::<F>(
+        &F::nat_port_key(backend, proto, w as u16),
+        1 << (offset % 64),
+    );
     let full = nat_ports::word_mask(range.size, w);
     if now & full == full {
         set_bits::<F>(
@@ -187,13 +190,7 @@ fn find_free<F: Family>(
 /// A flow's NAT entry as it starts.
 #[inline(always)]
 fn entry<F: Family>(flow: &Flow<F>, rev_nat_id: u32, now: u64) -> F::Nat {
-    F::Nat::new(
-        flow.saddr,
-        flow.sport,
-        rev_nat_id,
-        next_flags(flow, 0),
-        now,
-    )
+    F::Nat::new(flow.saddr, flow.sport, rev_nat_id, next_flags(flow, 0), now)
 }
 
 /// The flags of a flow's entries after one of its packets.

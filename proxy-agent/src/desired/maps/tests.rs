@@ -1,8 +1,10 @@
 //! Unit tests of the desired map state: slots, ids, update against a full
 //! recompute, diff order, Maglev tables.
 
+use proxy_common::{SourceRange4, SourceRange6};
+
 use super::*;
-use crate::desired::{ids::next_free, Programmed, MAX_FRONTEND_ID};
+use crate::desired::{entries::Family, ids::next_free, Programmed, MAX_FRONTEND_ID};
 
 fn svc(name: &str, vip: [u8; 4], port: u16, endpoints: &[([u8; 4], u16)]) -> FrontendSpec {
     let frontend = Frontend {
@@ -239,7 +241,7 @@ fn local_backends_policy_and_source_ranges_reach_the_maps() {
         rev_nat_id_be: slot0.rev_nat_id.to_be(),
         addr_be: u32::from_be_bytes([198, 51, 100, 0]).to_be(),
     };
-    assert_eq!(state.source_ranges, BTreeSet::from([(56, range)]));
+    assert_eq!(kernel_ranges(&state), BTreeSet::from([(56, range)]));
     // The ranges go in before the frontend that enforces them, and out after.
     let ops = diff(&state, &MapState::default());
     let put_range = position(&ops, |op| matches!(op, MapOp::PutSourceRange(..)));
@@ -252,6 +254,40 @@ fn local_backends_policy_and_source_ranges_reach_the_maps() {
     let del_range = position(&ops, |op| matches!(op, MapOp::DelSourceRange(..)));
     let del_slot0 = position(&ops, |op| matches!(op, MapOp::DelService(k) if k.slot == 0));
     assert!(del_slot0 < del_range, "{ops:?}");
+}
+
+/// The IPv4 source-range trie's keys (prefix length, data) for `state`.
+fn kernel_ranges(state: &MapState) -> BTreeSet<(u32, SourceRange4)> {
+    state
+        .source_ranges
+        .iter()
+        .filter_map(|r| r.kernel().v4())
+        .collect()
+}
+
+#[test]
+fn an_ipv6_frontend_gets_its_familys_ranges_in_the_ipv6_trie() {
+    let mut ids = Ids::default();
+    let mut s = svc("lb6", [192, 0, 2, 10], 80, &[([10, 0, 0, 2], 80)]);
+    s.frontend.address = "2001:db8::5".parse().unwrap();
+    s.endpoints[0].address = "fd00:10:244:1::3".parse().unwrap();
+    s.source_ranges = Some(vec![
+        "198.51.100.0/24".parse().unwrap(),
+        "fd00:10:250::100/120".parse().unwrap(),
+    ]);
+    let (state, _) = map_state(std::slice::from_ref(&s), &mut ids);
+    let id = state.services[&service_key(&s.frontend, 0)].rev_nat_id;
+    let ranges: Vec<_> = state.source_ranges.iter().collect();
+    assert_eq!(ranges.len(), 1, "the IPv4 range matches no IPv6 client");
+    let Family::V6((prefix, data)) = ranges[0].kernel() else {
+        panic!("{ranges:?} is not IPv6")
+    };
+    assert_eq!(prefix, 32 + 120);
+    assert_eq!(data.rev_nat_id_be, id.to_be());
+    let want: std::net::Ipv6Addr = "fd00:10:250::100".parse().unwrap();
+    assert_eq!(data.addr, want.octets());
+    assert_eq!(SourceRange::from_v6(prefix, data).as_ref(), Some(ranges[0]));
+    assert_eq!(SourceRange6::LOOKUP_PREFIX_LEN, 32 + 128);
 }
 
 #[test]
@@ -334,7 +370,7 @@ fn source_ranges_match_the_whole_wide_id_then_the_address_prefix() {
         addr_be: u32::from_be_bytes(addr).to_be(),
     };
     assert_eq!(
-        state.source_ranges,
+        kernel_ranges(&state),
         BTreeSet::from([(32 + 24, key([198, 51, 100, 0])), (32, key([0, 0, 0, 0]))])
     );
     // Big endian, the id's high half leads the key: where id 65537 differs

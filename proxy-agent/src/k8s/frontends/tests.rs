@@ -441,7 +441,7 @@ fn nodeport_on_loopback_only_when_asked() {
 }
 
 #[test]
-fn source_ranges_without_a_valid_ipv4_range_fail_closed() {
+fn source_ranges_with_an_invalid_entry_and_no_valid_range_of_the_family_fail_closed() {
     let slice = two_node_slice();
     let mut service = lb_service("Cluster");
     service.spec.as_mut().unwrap().load_balancer_source_ranges =
@@ -453,8 +453,8 @@ fn source_ranges_without_a_valid_ipv4_range_fail_closed() {
         "restricted to no client, not open to all"
     );
     let skipped: Vec<String> = out.skipped.iter().map(ToString::to_string).collect();
-    assert_eq!(skipped.len(), 2, "{skipped:?}");
-    assert!(skipped[1].contains("\"10.0.0.0/33\""), "{skipped:?}");
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].contains("\"10.0.0.0/33\""), "{skipped:?}");
     // A valid range among invalid ones is kept; an empty list restricts nothing.
     service.spec.as_mut().unwrap().load_balancer_source_ranges =
         Some(vec!["bogus".into(), " 198.51.100.0/24".into()]);
@@ -466,6 +466,49 @@ fn source_ranges_without_a_valid_ipv4_range_fail_closed() {
     service.spec.as_mut().unwrap().load_balancer_source_ranges = Some(Vec::new());
     let out = of_cluster(&[&service], &[&slice], &node1());
     assert_eq!(frontend_of(&out, "203.0.113.5", 80).source_ranges, None);
+}
+
+#[test]
+fn each_load_balancer_ip_gets_the_source_ranges_of_its_family() {
+    let lb = |ranges: &[&str]| {
+        svc(json!({"metadata": {"namespace": "d", "name": "ds"},
+            "spec": {"type": "LoadBalancer", "clusterIPs": ["10.96.0.40", "fd00::10"],
+                     "loadBalancerSourceRanges": ranges,
+                     "ports": [{"port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}, {"ip": "2001:db8::5"}]}}}))
+    };
+    let ranges_of = |ranges: &[&str]| {
+        let out = of_cluster(&[&lb(ranges)], &[], &NodeInfo::default());
+        let of = |address: &str| {
+            frontend_of(&out, address, 80)
+                .source_ranges
+                .as_ref()
+                .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        (of("203.0.113.5"), of("2001:db8::5"))
+    };
+    let some = |r: &[&str]| Some(r.iter().map(ToString::to_string).collect::<Vec<_>>());
+    assert_eq!(
+        ranges_of(&["198.51.100.0/24", "2001:db8:1::/48", "fd00::7"]),
+        (
+            some(&["198.51.100.0/24"]),
+            some(&["2001:db8:1::/48", "fd00::7/128"])
+        )
+    );
+    // Ranges of one family leave the other open, as kube-proxy has it...
+    assert_eq!(
+        ranges_of(&["198.51.100.0/24"]),
+        (some(&["198.51.100.0/24"]), None)
+    );
+    assert_eq!(
+        ranges_of(&["2001:db8:1::/48"]),
+        (None, some(&["2001:db8:1::/48"]))
+    );
+    // ...unless an entry was invalid: it might have been meant for either.
+    assert_eq!(
+        ranges_of(&["198.51.100.0/24", "2001:db8:1::/129"]),
+        (some(&["198.51.100.0/24"]), some(&[]))
+    );
 }
 
 #[test]
