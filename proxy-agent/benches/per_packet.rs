@@ -17,9 +17,11 @@
 //! loop. Each wrapper's own cost, around a PASS-only program of its hook, is
 //! their floor. Every timed run's verdict and output frame are checked.
 //!
-//! `tc ... (IPv6)` rows time the same pod path for the Services' IPv6 twins
-//! (each Service has a ClusterIP of each family), unwrapped; the table after
-//! the rows gives IPv6/IPv4 per path and scale.
+//! `... (IPv6)` rows time the pod path and the uplink's tc path (which
+//! serves IPv6 from outside: XDP hands it on) for the Services' IPv6 twins
+//! (each Service has a ClusterIP of each family), unwrapped, beside the same
+//! paths' IPv4 rows; the table after the rows gives IPv6/IPv4 per path and
+//! scale.
 //!
 //! With `--baseline OBJECT` (or `FERRY_BENCH_BASELINE=OBJECT`), another build
 //! of the programs (an eBPF object file, e.g. one built from an older commit)
@@ -131,6 +133,9 @@ fn as_ack(syn: &[u8]) -> Vec<u8> {
 enum Prog {
     Tc,
     Xdp,
+    /// The uplink's tc filters, `uplink_tc` then `uplink_tc6` on what the
+    /// first lets through, as the kernel runs them.
+    UplinkTc,
     Floor,
 }
 
@@ -140,6 +145,7 @@ fn run_once(p: &mut Programs, prog: Prog, input: &[u8], want: u32) -> (Duration,
     let hook = match prog {
         Prog::Tc => Hook::Tc(FROM_POD, None),
         Prog::Xdp => Hook::Xdp(None),
+        Prog::UplinkTc => Hook::UplinkTc(None),
         Prog::Floor => Hook::PassOnly,
     };
     let run = p.run(hook, input).expect("BPF_PROG_TEST_RUN");
@@ -250,10 +256,22 @@ fn measure(
     let opening = frame(client, 40000, vip);
     let established = as_ack(&opening);
     let mut once = Vec::new();
-    for (prog, path_new, path_est, pass) in [
+    let mut paths = vec![
         (Prog::Tc, "tc new flow", "tc established", TC_ACT_UNSPEC),
         (Prog::Xdp, "xdp new flow", "xdp established", XDP_PASS),
-    ] {
+    ];
+    if ipv6 {
+        // The uplink's tc path, which serves IPv6 from outside (XDP hands it
+        // on): its IPv4 rows, for the IPv6 ones to be compared with. A
+        // baseline object may have no second uplink filter.
+        paths.push((
+            Prog::UplinkTc,
+            "uplink tc new flow",
+            "uplink tc established",
+            TC_ACT_UNSPEC,
+        ));
+    }
+    for (prog, path_new, path_est, pass) in paths {
         // Established: one flow, opened by a SYN; what follows are its ACKs.
         run_once(&mut p, prog, &opening, pass);
         once.push(run_once(&mut p, prog, &established, pass).1);
@@ -264,7 +282,8 @@ fn measure(
         // by either program: each takes its clients from a range of its own.
         let clients = match prog {
             Prog::Tc => Ipv4Addr::new(10, 200, 0, 0),
-            _ => Ipv4Addr::new(10, 201, 0, 0),
+            Prog::Xdp => Ipv4Addr::new(10, 201, 0, 0),
+            _ => Ipv4Addr::new(10, 202, 0, 0),
         };
         let new: Vec<u64> = (0..samples)
             .map(|i| {
@@ -353,8 +372,8 @@ fn rows_of_ipv6(object: Option<&[u8]>) -> bool {
     object.is_none() && std::env::var_os("FERRY_BENCH_COMPARING").is_none()
 }
 
-/// The pod path's rows for an IPv6 ClusterIP (`vip6`): an established flow,
-/// and new flows.
+/// The rows for an IPv6 ClusterIP (`vip6`), from a pod and from outside
+/// through the uplink's tc filters: an established flow, and new flows.
 fn measure_ipv6(
     p: &mut Programs,
     services: u32,
@@ -362,27 +381,40 @@ fn measure_ipv6(
     samples: usize,
     rows: &mut Vec<Row>,
 ) {
-    let client: Ipv6Addr = "fd00:10:244:1::2".parse().unwrap();
-    let opening = frame(client, 40000, vip6);
-    let established = as_ack(&opening);
-    run_once(p, Prog::Tc, &opening, TC_ACT_UNSPEC);
-    let est: Vec<u64> = (0..samples)
-        .map(|_| {
-            run_once(p, Prog::Tc, &established, TC_ACT_UNSPEC)
-                .0
-                .as_nanos() as u64
-        })
-        .collect();
-    let clients = u128::from("fd00:10:200::".parse::<Ipv6Addr>().unwrap());
-    let new: Vec<u64> = (0..samples)
-        .map(|i| {
-            let src = Ipv6Addr::from(clients + (i / 60_000) as u128);
-            let f = frame(src, 1024 + (i % 60_000) as u16, vip6);
-            run_once(p, Prog::Tc, &f, TC_ACT_UNSPEC).0.as_nanos() as u64
-        })
-        .collect();
-    rows.push(Row::new(services, "tc established (IPv6)", FLOOR, est));
-    rows.push(Row::new(services, "tc new flow (IPv6)", FLOOR, new));
+    for (prog, client, clients, path_est, path_new) in [
+        (
+            Prog::Tc,
+            "fd00:10:244:1::2",
+            "fd00:10:200::",
+            "tc established (IPv6)",
+            "tc new flow (IPv6)",
+        ),
+        (
+            Prog::UplinkTc,
+            "fd00:10:250::100",
+            "fd00:10:202::",
+            "uplink tc established (IPv6)",
+            "uplink tc new flow (IPv6)",
+        ),
+    ] {
+        let client: Ipv6Addr = client.parse().unwrap();
+        let opening = frame(client, 40000, vip6);
+        let established = as_ack(&opening);
+        run_once(p, prog, &opening, TC_ACT_UNSPEC);
+        let est: Vec<u64> = (0..samples)
+            .map(|_| run_once(p, prog, &established, TC_ACT_UNSPEC).0.as_nanos() as u64)
+            .collect();
+        let clients = u128::from(clients.parse::<Ipv6Addr>().unwrap());
+        let new: Vec<u64> = (0..samples)
+            .map(|i| {
+                let src = Ipv6Addr::from(clients + (i / 60_000) as u128);
+                let f = frame(src, 1024 + (i % 60_000) as u16, vip6);
+                run_once(p, prog, &f, TC_ACT_UNSPEC).0.as_nanos() as u64
+            })
+            .collect();
+        rows.push(Row::new(services, path_est, FLOOR, est));
+        rows.push(Row::new(services, path_new, FLOOR, new));
+    }
 }
 
 /// Times the embedded object against `baseline` (another build's bytes) at

@@ -124,3 +124,146 @@ fn ipv6_clients_in_a_load_balancers_ranges_reach_its_backend() {
         assert_eq!(p.stat("drop_source_range"), 0);
     });
 }
+
+/// A client port's IPv6 NAT entry: its NAT port and flags.
+fn nat6_of(p: &Programs, client_port: u16) -> Option<(u16, u16)> {
+    p.dp.v6
+        .nat
+        .iter()
+        .map(Result::unwrap)
+        .find(|(_, v)| v.client_port_be == client_port.to_be())
+        .map(|(k, v)| (u16::from_be(k.dport_be), v.flags))
+}
+
+/// The NAT port a SNATed IPv6 frame leaves with (its TCP or UDP source port).
+fn sent_port6(out: &[u8]) -> u16 {
+    u16::from_be_bytes([out[14 + 40], out[14 + 41]])
+}
+
+#[test]
+fn ipv6_external_ip_and_load_balancer_ip_are_served() {
+    with_programs(|p| {
+        for (daddr, sport) in [(EXTERNAL_IP6, 41010), (LB_IP6, 41011)] {
+            let f = from_outside(packet::TCP, sport, daddr, 80);
+            let (verdict, out) = p.tc(&f.bytes());
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{daddr}: {:?}", p.nonzero_stats());
+            assert_eq!(out, snated(&f, REMOTE_POD6, 8080).bytes(), "{daddr}");
+            packet::assert_checksums_valid(&out);
+            // The reply leaves from the address the client dialled.
+            let mut reply = snated(&f, REMOTE_POD6, 8080).reply();
+            (reply.src_mac, reply.dst_mac) = (NODE2_MAC, NODE_MAC);
+            let (verdict, out) = p.tc(&reply.bytes());
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            let mut back = reply.with_dst(ip6(CLIENT6), sport).with_src(ip6(daddr), 80);
+            (back.dst_mac, back.src_mac) = (CLIENT_MAC, NODE_MAC);
+            assert_eq!(out, back.bytes(), "{daddr}");
+        }
+        assert_eq!((p.stat("fwd_snat"), p.stat("rev_snat")), (2, 2));
+    });
+}
+
+#[test]
+fn ipv6_traffic_for_the_node_itself_is_untouched() {
+    with_programs(|p| {
+        for f in [
+            from_outside(packet::TCP, 41012, NODE6, 22),
+            from_outside(packet::UDP, 41012, NODE6, 61000),
+        ] {
+            let bytes = f.bytes();
+            assert_eq!(p.xdp(&bytes), (XDP_PASS, bytes.clone()));
+            assert_eq!(p.tc(&bytes), (TC_ACT_UNSPEC, bytes));
+        }
+        assert!(p.dp.v6.conntrack.iter().next().is_none());
+        assert!(p.dp.v6.nat.iter().next().is_none());
+    });
+}
+
+#[test]
+fn an_ipv6_fin_or_rst_closes_the_nat_entry_and_a_collection_frees_its_port() {
+    with_programs(|p| {
+        for (port, flags) in [(41020, 0x11), (41021, 0x04)] {
+            let f = from_outside(packet::TCP, port, NODE6, 30090);
+            assert_eq!(p.tc(&f.bytes()).0, TC_ACT_REDIRECT);
+            assert_eq!(nat6_of(p, port), Some((nat_port(&f), 0)), "open");
+            let mut close = f.clone();
+            close.tcp_flags = flags;
+            let (verdict, out) = p.tc(&close.bytes());
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            assert_eq!(out, snated(&close, REMOTE_POD6, 8080).bytes());
+            assert_eq!(nat6_of(p, port), Some((nat_port(&f), ct_flags::CLOSING)));
+        }
+        let open = from_outside(packet::TCP, 41022, NODE6, 30090);
+        assert_eq!(p.tc(&open.bytes()).0, TC_ACT_REDIRECT);
+        // After the close timeout the collection removes the closed flows'
+        // entries and frees their ports; the open one stays.
+        let later = proxy_agent::kernel::monotonic_ns() + 11_000_000_000;
+        let report = p.dp.gc(later, &Lifetimes::default()).unwrap();
+        assert_eq!(report.nat_removed, 2, "{report:?}");
+        assert_eq!(nat6_of(p, 41020), None);
+        assert_eq!(nat6_of(p, 41021), None);
+        assert_eq!(nat6_of(p, 41022), Some((nat_port(&open), 0)));
+        let held: u32 =
+            p.dp.v6
+                .nat_ports
+                .iter()
+                .map(Result::unwrap)
+                .filter(|(k, _)| k.index < nat_ports::WORDS)
+                .map(|(_, w)| w.count_ones())
+                .sum();
+        assert_eq!(held, 1, "only the open flow's port is marked held");
+    });
+}
+
+#[test]
+fn ipv6_flows_past_the_nat_port_range_are_dropped_until_one_ends() {
+    with_programs(|p| {
+        // A range of 100 ports, 101 flows: every port given once, then none.
+        const RANGE: u16 = 100;
+        p.dp.set_config(&settings::node_config(
+            None,
+            NODE6.parse().ok(),
+            (62000, 62000 + RANGE - 1),
+        ))
+        .unwrap();
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..RANGE {
+            let f = from_outside(packet::TCP, 43000 + i, NODE6, 30090);
+            let (verdict, out) = p.tc(&f.bytes());
+            assert_eq!(
+                verdict,
+                TC_ACT_REDIRECT,
+                "flow {i}: {:?}",
+                p.nonzero_stats()
+            );
+            let port = sent_port6(&out);
+            let mut expected = f
+                .with_dst(ip6(REMOTE_POD6), 8080)
+                .with_src(ip6(NODE6), port);
+            (expected.dst_mac, expected.src_mac) = (NODE2_MAC, NODE_MAC);
+            assert_eq!(out, expected.bytes(), "flow {i}");
+            assert!((62000..62000 + RANGE).contains(&port), "{port}");
+            assert!(ports.insert(port), "port {port} given twice");
+        }
+        assert_eq!(p.dp.v6.nat.iter().count(), usize::from(RANGE));
+        let extra = from_outside(packet::TCP, 43500, NODE6, 30090);
+        assert_eq!(p.tc(&extra.bytes()).0, TC_ACT_SHOT);
+        assert_eq!(p.stat("drop_nat_ports"), 1);
+        // One flow resets; once collected, its port serves the next new flow.
+        let mut rst = from_outside(packet::TCP, 43007, NODE6, 30090);
+        rst.tcp_flags = 0x04;
+        assert_eq!(p.tc(&rst.bytes()).0, TC_ACT_REDIRECT);
+        let freed = nat6_of(p, 43007).unwrap().0;
+        let later = proxy_agent::kernel::monotonic_ns() + 11_000_000_000;
+        let report = p.dp.gc(later, &Lifetimes::default()).unwrap();
+        assert_eq!(report.nat_removed, 1);
+        assert_eq!(
+            report.exhausted.first().map(|(b, n)| (b.to_string(), *n)),
+            Some((format!("[{REMOTE_POD6}]:8080/TCP"), 1)),
+            "counted by backend"
+        );
+        let next = from_outside(packet::TCP, 43501, NODE6, 30090);
+        let (verdict, out) = p.tc(&next.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{:?}", p.nonzero_stats());
+        assert_eq!(sent_port6(&out), freed);
+    });
+}

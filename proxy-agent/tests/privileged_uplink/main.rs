@@ -58,6 +58,7 @@ const NAT_MAX: u16 = settings::DEFAULT_NAT_PORTS.1;
 const LOCAL_POD6: &str = "fd00:10:244:1::3";
 const REMOTE_POD6: &str = "fd00:10:244:2::3";
 const LB_IP6: &str = "2001:db8::5";
+const EXTERNAL_IP6: &str = "2001:db8::7";
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -152,6 +153,13 @@ fn services() -> Vec<FrontendSpec> {
             &[(REMOTE_POD6, 5353, false)],
         ),
         frontend("np-empty6", NODE6, 30070, Protocol::Tcp, &[]),
+        frontend(
+            "ext-ip6",
+            EXTERNAL_IP6,
+            80,
+            Protocol::Tcp,
+            &[(REMOTE_POD6, 8080, false)],
+        ),
         lb6,
         local_none6,
         frontend(

@@ -52,22 +52,7 @@ pub fn namespace(lab: &mut Lab) -> (String, u32) {
         ],
     );
     for (addr, mac_addr) in [(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &mac(mac_addr),
-                "dev",
-                "up0",
-                "nud",
-                "permanent",
-            ],
-        );
+        neighbour(&ns, addr, mac_addr);
     }
     run(
         "ip",
@@ -110,22 +95,7 @@ pub fn namespace(lab: &mut Lab) -> (String, u32) {
         ],
     );
     for (addr, mac_addr) in [(NODE2_6, NODE2_MAC), (CLIENT6, CLIENT_MAC)] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &mac(mac_addr),
-                "dev",
-                "up0",
-                "nud",
-                "permanent",
-            ],
-        );
+        neighbour(&ns, addr, mac_addr);
     }
     run(
         "ip",
@@ -167,4 +137,25 @@ pub fn mac(m: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// `addr` a static neighbour on `up0` at `mac_addr`.
+fn neighbour(ns: &str, addr: &str, mac_addr: [u8; 6]) {
+    let mac = mac(mac_addr);
+    run(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ],
+    );
 }
