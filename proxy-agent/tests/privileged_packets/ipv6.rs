@@ -1,6 +1,7 @@
 //! IPv6 on the pod hooks, byte for byte: DNAT and reverse NAT for TCP and
 //! UDP, extension headers walked, fragments and waypoints left alone, a
-//! frontend without backends rejected with ICMPv6, hairpin. The maps are
+//! frontend without backends rejected with ICMPv6, hairpin, what is no
+//! frontend's, backend changes, the Local policy, conntrack lifetimes. The maps are
 //! programmed as the agent programs them, IPv4 and IPv6 frontends together.
 
 use std::net::Ipv6Addr;
@@ -21,13 +22,7 @@ fn ip6(s: &str) -> Ipv6Addr {
 
 /// The IPv4 cluster, and its IPv6 twin.
 fn dual_stack() -> Programs {
-    let mut services = cluster();
-    services.extend([
-        service("web6", VIP6, 80, Protocol::Tcp, &WEB),
-        service("dns6", VIP6, 53, Protocol::Udp, &DNS),
-        service("empty6", EMPTY_VIP6, 80, Protocol::Tcp, &[]),
-    ]);
-    Programs::new(&services)
+    Programs::new(&dual_stack_services(|_| {}))
 }
 
 /// Sends `f` from the pod: DNATed to its hashed backend, then the
@@ -196,4 +191,131 @@ fn an_ipv6_pod_that_reaches_itself_is_hairpinned() {
     assert_eq!(out, back.bytes());
     packet::assert_checksums_valid(&out);
     assert_eq!(p.stat("rev_nat"), 1);
+}
+
+/// The IPv4 cluster and its IPv6 twin, `web6` changed by `change`.
+fn dual_stack_services(change: impl FnOnce(&mut FrontendSpec)) -> Vec<FrontendSpec> {
+    let mut services = cluster();
+    let mut web6 = service("web6", VIP6, 80, Protocol::Tcp, &WEB);
+    change(&mut web6);
+    services.extend([
+        web6,
+        service("dns6", VIP6, 53, Protocol::Udp, &DNS),
+        service("empty6", EMPTY_VIP6, 80, Protocol::Tcp, &[]),
+    ]);
+    services
+}
+
+#[test]
+fn ipv6_packets_to_no_frontend_are_untouched() {
+    let mut p = dual_stack();
+    for f in [
+        // Not a Service address; a Service address on another port, and
+        // with another protocol.
+        Frame::tcp(CLIENT6, 40100, BACKEND6_B, 8080),
+        Frame::tcp(CLIENT6, 40101, VIP6, 443),
+        Frame::udp(CLIENT6, 40102, VIP6, 80),
+        Frame::tcp(CLIENT6, 40103, VIP6, 53),
+    ] {
+        assert_untouched(&mut p, FROM_POD, &f.bytes(), TC_ACT_UNSPEC);
+    }
+    assert_eq!(p.stat("pass_not_service"), 4);
+    assert!(conntrack6(&p).is_empty());
+}
+
+#[test]
+fn an_ipv6_frontend_served_no_more_passes_and_its_flows_replies_are_dropped() {
+    let mut p = dual_stack();
+    let f = Frame::tcp(CLIENT6, 40110, VIP6, 80);
+    let backend = round_trip(&mut p, &f);
+    // web6 goes: its frontend passes new packets, and a reply of the flow
+    // it had has no frontend to come from.
+    let mut without = dual_stack_services(|_| {});
+    without.retain(|s| s.name != "web6");
+    p.serve(&without);
+    let next = Frame::tcp(CLIENT6, 40111, VIP6, 80);
+    assert_untouched(&mut p, FROM_POD, &next.bytes(), TC_ACT_UNSPEC);
+    let reply = f.with_dst(backend.0, backend.1).reply();
+    assert_untouched(&mut p, TO_POD, &reply.bytes(), TC_ACT_SHOT);
+    assert_eq!(p.stat("drop_no_revnat"), 1);
+}
+
+#[test]
+fn an_ipv6_reply_without_conntrack_is_untouched() {
+    let mut p = dual_stack();
+    let stray = Frame::tcp(BACKEND6_A, 8080, CLIENT6, 40120);
+    assert_untouched(&mut p, TO_POD, &stray.bytes(), TC_ACT_UNSPEC);
+}
+
+#[test]
+fn an_ipv6_flow_moves_when_its_backend_is_removed() {
+    let mut p = dual_stack();
+    let f = (40200..40300)
+        .map(|port| Frame::tcp(CLIENT6, port, VIP6, 80))
+        .find(|f| p.hashed(f).0 == ip6(BACKEND6_A))
+        .unwrap();
+    round_trip(&mut p, &f);
+    p.serve(&dual_stack_services(|web6| {
+        web6.endpoints.remove(0);
+    }));
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, f.with_dst(ip6(BACKEND6_B), 8080).bytes());
+}
+
+#[test]
+fn new_ipv6_flows_spread_over_all_backends() {
+    let mut p = dual_stack();
+    let mut on_a = 0;
+    for port in 42000..42064 {
+        if round_trip(&mut p, &Frame::tcp(CLIENT6, port, VIP6, 80)).0 == ip6(BACKEND6_A) {
+            on_a += 1;
+        }
+    }
+    assert!((16..=48).contains(&on_a), "{on_a} of 64 flows on backend A");
+}
+
+#[test]
+fn an_ipv6_local_policy_without_a_local_endpoint_drops_instead_of_rejecting() {
+    let mut services = dual_stack_services(|_| {});
+    let mut itp = service("itp-local6", "fd00:10:96::80", 80, Protocol::Tcp, &[]);
+    itp.local_only = true;
+    services.push(itp);
+    let mut p = Programs::new(&services);
+    let frame = Frame::tcp(CLIENT6, 40130, "fd00:10:96::80", 80).bytes();
+    assert_untouched(&mut p, FROM_POD, &frame, TC_ACT_SHOT);
+    assert_eq!(p.stat("drop_no_local_backend"), 1);
+    assert_eq!(p.stat("reject_no_backend"), 0);
+}
+
+#[test]
+fn ipv6_conntrack_entries_expire_by_protocol_and_tcp_state() {
+    let mut p = dual_stack();
+    let open = Frame::tcp(CLIENT6, 40140, VIP6, 80);
+    let mut closing = Frame::tcp(CLIENT6, 40141, VIP6, 80);
+    let udp = Frame::udp(CLIENT6, 40142, VIP6, 53);
+    for f in [&open, &closing, &udp] {
+        p.send_from_pod(f);
+    }
+    closing.tcp_flags = 0x04; // RST
+    p.send_from_pod(&closing);
+    let forward = |p: &Programs| {
+        let mut ports: Vec<u16> = conntrack6(p)
+            .iter()
+            .filter(|(k, _)| k.dir == ct_dir::FORWARD)
+            .map(|(k, _)| u16::from_be(k.sport_be))
+            .collect();
+        ports.sort();
+        ports
+    };
+    assert_eq!(forward(&p), [40140, 40141, 40142]);
+    let now = proxy_agent::kernel::monotonic_ns();
+    let s = 1_000_000_000u64;
+    // 11 s on: the reset connection is gone (both directions); 61 s on,
+    // the UDP flow too; the open TCP connection stays.
+    let removed = p.dp.gc(now + 11 * s, &Default::default()).unwrap();
+    assert_eq!(removed.conntrack_removed, 2, "{removed:?}");
+    assert_eq!(forward(&p), [40140, 40142]);
+    p.dp.gc(now + 61 * s, &Default::default()).unwrap();
+    assert_eq!(forward(&p), [40140]);
 }
