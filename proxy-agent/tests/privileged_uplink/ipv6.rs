@@ -267,3 +267,39 @@ fn ipv6_flows_past_the_nat_port_range_are_dropped_until_one_ends() {
         assert_eq!(sent_port6(&out), freed);
     });
 }
+
+#[test]
+fn an_ipv6_next_hop_without_a_neighbour_entry_is_left_to_the_kernel() {
+    with_programs(|p| {
+        let f = from_outside(packet::TCP, 41030, NODE6, 30099);
+        let (verdict, out) = p.tc(&f.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "bpf_redirect_neigh");
+        let mut expected = f
+            .with_dst(ip6(UNRESOLVED_POD6), 8080)
+            .with_src(ip6(NODE6), nat_port(&f));
+        (expected.src_mac, expected.dst_mac) = (f.src_mac, f.dst_mac);
+        assert_eq!(
+            out,
+            expected.bytes(),
+            "translated; the kernel fills in the MACs"
+        );
+        assert_eq!(p.dp.v6.nat.iter().count(), 1);
+    });
+}
+
+#[test]
+fn an_ipv6_reply_to_a_client_without_a_neighbour_entry_is_left_to_the_kernel() {
+    with_programs(|p| {
+        let mut f = from_outside(packet::TCP, 41031, NODE6, 30090);
+        f.saddr = ip6("fd00:10:250::200");
+        assert_eq!(p.tc(&f.bytes()).0, TC_ACT_REDIRECT);
+        let mut reply = snated(&f, REMOTE_POD6, 8080).reply();
+        (reply.src_mac, reply.dst_mac) = (NODE2_MAC, NODE_MAC);
+        let (verdict, out) = p.tc(&reply.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let back = reply
+            .with_dst(ip6("fd00:10:250::200"), 41031)
+            .with_src(ip6(NODE6), 30090);
+        assert_eq!(out, back.bytes(), "translated; the MACs are the kernel's");
+    });
+}

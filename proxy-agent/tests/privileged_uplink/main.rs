@@ -57,6 +57,7 @@ const NAT_MAX: u16 = settings::DEFAULT_NAT_PORTS.1;
 
 const LOCAL_POD6: &str = "fd00:10:244:1::3";
 const REMOTE_POD6: &str = "fd00:10:244:2::3";
+const UNRESOLVED_POD6: &str = "fd00:10:244:3::3"; // routed via a next hop without a neighbour entry
 const LB_IP6: &str = "2001:db8::5";
 const EXTERNAL_IP6: &str = "2001:db8::7";
 
@@ -151,6 +152,13 @@ fn services() -> Vec<FrontendSpec> {
             30053,
             Protocol::Udp,
             &[(REMOTE_POD6, 5353, false)],
+        ),
+        frontend(
+            "np-unresolved6",
+            NODE6,
+            30099,
+            Protocol::Tcp,
+            &[(UNRESOLVED_POD6, 8080, false)],
         ),
         frontend("np-empty6", NODE6, 30070, Protocol::Tcp, &[]),
         frontend(

@@ -2,7 +2,8 @@
 //! programs' FIB lookups use: the node's uplink `up0` (10.250.0.11/24), node2
 //! and an outside client as static neighbours, node2's pod CIDR routed through
 //! it, and 10.244.3.0/24 through a next hop without a neighbour entry; and
-//! the same in IPv6 (fd00:10:250::11/64, node2's pods fd00:10:244:2::/64).
+//! the same in IPv6 (fd00:10:250::11/64, node2's pods fd00:10:244:2::/64,
+//! fd00:10:244:3::/64 through a next hop without a neighbour entry).
 
 use super::netns::{run, Lab};
 
@@ -120,6 +121,19 @@ pub fn namespace(lab: &mut Lab) -> (String, u32) {
             "10.244.3.0/24",
             "via",
             "10.250.0.13",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "-6",
+            "route",
+            "add",
+            "fd00:10:244:3::/64",
+            "via",
+            "fd00:10:250::13",
         ],
     );
     let index = run(
