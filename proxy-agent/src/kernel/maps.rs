@@ -246,13 +246,17 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Removes every conntrack entry.
+    /// Removes every conntrack entry of both families; returns how many.
     pub fn flush_conntrack(&mut self) -> Result<usize> {
         let keys: Vec<CtKey4> = self.conntrack.keys().collect::<Result<_, _>>()?;
         for key in &keys {
             let _ = self.conntrack.remove(key);
         }
-        Ok(keys.len())
+        let keys6: Vec<CtKey6> = self.v6.conntrack.keys().collect::<Result<_, _>>()?;
+        for key in &keys6 {
+            let _ = self.v6.conntrack.remove(key);
+        }
+        Ok(keys.len() + keys6.len())
     }
 
     /// Every conntrack entry.

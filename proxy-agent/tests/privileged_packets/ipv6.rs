@@ -6,6 +6,7 @@
 
 use std::net::Ipv6Addr;
 
+use proxy_agent::frontend::Scheduler;
 use proxy_common::{proto::TCP, CtKey6, HAIRPIN_ADDR6};
 
 use super::*;
@@ -318,4 +319,76 @@ fn ipv6_conntrack_entries_expire_by_protocol_and_tcp_state() {
     assert_eq!(forward(&p), [40140, 40142]);
     p.dp.gc(now + 61 * s, &Default::default()).unwrap();
     assert_eq!(forward(&p), [40140]);
+}
+
+/// An IPv6 ClusterIP of five backends, new flows by `scheduler`, clients
+/// sticking to their backend for `affinity` seconds if given.
+fn scheduled6(scheduler: Scheduler, affinity: Option<u32>) -> Programs {
+    let backends: Vec<(String, u16)> = (1..=5)
+        .map(|i| (format!("fd00:10:244:5::{i}"), 8080))
+        .collect();
+    let refs: Vec<(&str, u16)> = backends.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+    let mut s = service("sched6", "fd00:10:96::70", 80, Protocol::Tcp, &refs);
+    s.scheduler = Some(scheduler);
+    s.affinity_timeout = affinity;
+    Programs::new(&[s])
+}
+
+/// The backend a new IPv6 flow to `fd00:10:96::70` got, its conntrack
+/// entries removed afterwards so that the same flow is scheduled afresh.
+fn schedule6_once(p: &mut Programs, client: &str, sport: u16) -> std::net::IpAddr {
+    let f = Frame::tcp(client, sport, "fd00:10:96::70", 80);
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let dst: [u8; 16] = out[14 + 24..14 + 40].try_into().unwrap();
+    let backend = std::net::IpAddr::from(dst);
+    assert_eq!(out, f.with_dst(backend, 8080).bytes());
+    p.dp.flush_conntrack().unwrap();
+    backend
+}
+
+#[test]
+fn ipv6_maglev_picks_the_table_slot_of_the_flow_hash() {
+    let mut p = scheduled6(Scheduler::Maglev, None);
+    let maglev = p.programmed.applied.maglev.clone();
+    let size = maglev.len() as u32;
+    let rev_nat_id = maglev.keys().next().unwrap().rev_nat_id;
+    for port in 46000..46040 {
+        let f = Frame::tcp(CLIENT6, port, "fd00:10:96::70", 80);
+        let index = f.flow_hash() % size;
+        let id = maglev[&proxy_common::MaglevKey { rev_nat_id, index }];
+        let want = p.programmed.applied.backends[&id].addr;
+        assert_eq!(schedule6_once(&mut p, CLIENT6, port), want, "port {port}");
+        assert_eq!(schedule6_once(&mut p, CLIENT6, port), want, "same flow");
+    }
+}
+
+#[test]
+fn ipv6_source_hash_sends_every_flow_of_a_client_to_one_backend() {
+    let mut p = scheduled6(Scheduler::SourceHash, None);
+    let first = schedule6_once(&mut p, CLIENT6, 47000);
+    for port in 47001..47050 {
+        assert_eq!(schedule6_once(&mut p, CLIENT6, port), first);
+    }
+    let others: std::collections::BTreeSet<_> = (1..=40)
+        .map(|i| schedule6_once(&mut p, &format!("fd00:10:244:9::{i}"), 47000))
+        .collect();
+    assert!(others.len() > 1, "different clients spread: {others:?}");
+}
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_one_backend_across_source_ports() {
+    let mut p = scheduled6(Scheduler::FlowHash, Some(10_800));
+    let first = schedule6_once(&mut p, CLIENT6, 43000);
+    let mut by_hash = std::collections::BTreeSet::new();
+    for port in 43001..43101 {
+        let f = Frame::tcp(CLIENT6, port, "fd00:10:96::70", 80);
+        by_hash.insert(p.hashed(&f));
+        assert_eq!(schedule6_once(&mut p, CLIENT6, port), first, "port {port}");
+    }
+    assert!(
+        by_hash.len() > 1,
+        "without affinity these flows would have spread"
+    );
+    assert_eq!(p.dp.v6.affinity.iter().count(), 1, "one client, one entry");
 }
