@@ -1,6 +1,8 @@
-//! The uplink hook: traffic entering the node from outside. XDP where the
-//! driver allows, the same code on tc ingress otherwise (and behind XDP for the
-//! packets XDP hands on: next hop not resolved yet, or a reject to build).
+//! The uplink hook: traffic entering the node from outside. IPv4 on XDP where
+//! the driver allows, the same code on tc ingress otherwise (and behind XDP
+//! for the packets XDP hands on: next hop not resolved yet, or a reject to
+//! build). IPv6 on a second tc filter of its own (XDP hands it on): each
+//! family is a program the verifier walks apart.
 //!
 //! - A packet to a frontend (NodePort on a node address, externalIP, LoadBalancer
 //!   IP, or a routed ClusterIP) gets a backend. A backend on this node: DNAT, on
