@@ -64,8 +64,9 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     verdict::finish_xdp(len, outcome)
 }
 
-/// The uplink's first tc filter: IPv4 (and what is not IP). IPv6 goes on,
-/// uncounted, to `uplink_tc6` beside it, which counts it.
+/// One of the uplink's two tc filters (the kernel runs both, in either
+/// order, until one gives a verdict): IPv4, and what is not IP. IPv6 goes
+/// on, uncounted, to `uplink_tc6`, which counts it.
 #[classifier]
 pub fn uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
@@ -75,7 +76,7 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     }
 }
 
-/// The uplink's second tc filter: IPv6, in a program of its own so that
+/// The uplink's other tc filter: IPv6, in a program of its own so that
 /// each family is verified within the kernel's instruction budget.
 #[classifier]
 pub fn uplink_tc6(ctx: TcContext) -> i32 {

@@ -28,7 +28,7 @@ use crate::{
     verdict::{Dropped, Out, Outcome},
 };
 
-/// A packet on the uplink's first tc filter (`uplink_tc`) or its XDP
+/// A packet on the uplink's IPv4 tc filter (`uplink_tc`) or its XDP
 /// program: IPv4, or not IP at all. None for IPv6, which is `uplink6`'s.
 #[inline(always)]
 pub fn uplink4<C: Packet>(ctx: &C) -> Option<Outcome> {
@@ -43,7 +43,7 @@ pub fn uplink4<C: Packet>(ctx: &C) -> Option<Outcome> {
     }
 }
 
-/// An IPv6 packet on the uplink's second tc filter (`uplink_tc6`): a
+/// An IPv6 packet on the uplink's IPv6 tc filter (`uplink_tc6`): a
 /// program of its own, verified apart from the IPv4 one. None for anything
 /// else, which is `uplink4`'s.
 #[inline(always)]
