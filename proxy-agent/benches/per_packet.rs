@@ -133,8 +133,8 @@ fn as_ack(syn: &[u8]) -> Vec<u8> {
 enum Prog {
     Tc,
     Xdp,
-    /// The uplink's tc filters, `uplink_tc` then `uplink_tc6` on what the
-    /// first lets through, as the kernel runs them.
+    /// The uplink's two tc filters, the second on what the first lets
+    /// through, as the kernel runs them (in either order: same work).
     UplinkTc,
     Floor,
 }

@@ -51,9 +51,10 @@ pub enum Hook<'a> {
     /// A tc program by name, with an `__sk_buff` whose ifindex is this (the
     /// uplink programs look routes up from it), or none.
     Tc(&'a str, Option<u32>),
-    /// The uplink's tc ingress as the kernel runs it: `uplink_tc`, then
-    /// `uplink_tc6` with what the first let through (TC_ACT_UNSPEC), with
-    /// an `__sk_buff` naming this interface, or none.
+    /// The uplink's tc ingress: `uplink_tc`, then `uplink_tc6` with what
+    /// the first let through (TC_ACT_UNSPEC), with an `__sk_buff` naming this
+    /// interface, or none. The kernel may run them the other way round; each
+    /// takes one family and lets the other through, so the outcome is the same.
     UplinkTc(Option<u32>),
     /// The uplink XDP program, with an `xdp_md` naming this ingress device,
     /// or none (kernels before 5.15 refuse one: see the uplink packet tests).

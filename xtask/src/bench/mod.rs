@@ -148,9 +148,9 @@ fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
          `new flow` misses conntrack, `established` hits it (an ACK of a flow a SYN\n\
          opened). `tc translated at connect` is a pod's packet that the socket hooks\n\
          (`--socket-lb all`) translated at connect(): to a backend's address, which\n\
-         `from_pod` passes unchanged. `uplink tc` is the uplink's tc filters as the\n\
-         kernel runs them (`uplink_tc`, then `uplink_tc6` on what the first lets\n\
-         through): the path of IPv6 from outside, which XDP hands on. Rows marked\n\
+         `from_pod` passes unchanged. `uplink tc` is the uplink's two tc filters as\n\
+         the kernel runs them (`uplink_tc` and `uplink_tc6`, each on what the other\n\
+         lets through): the path of IPv6 from outside, which XDP hands on. Rows marked\n\
          `(IPv6)` take the Services' IPv6 ClusterIPs (each Service has one of each\n\
          family); the second table puts each beside its IPv4 row. The floor is an XDP\n\
          program that only returns PASS, measured the same way.\n\n\
