@@ -155,7 +155,7 @@ fn source_hash_sends_every_flow_of_a_client_to_one_backend() {
 }
 
 /// Round-robin counters are per CPU: one CPU, one counter.
-fn pin_to_cpu0() {
+pub(super) fn pin_to_cpu0() {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);

@@ -1,15 +1,20 @@
 //! IPv6 on the pod hooks, byte for byte: DNAT and reverse NAT for TCP and
-//! UDP, extension headers walked, fragments and waypoints left alone, a
-//! frontend without backends rejected with ICMPv6, hairpin, what is no
-//! frontend's, backend changes, the Local policy, conntrack lifetimes. The maps are
-//! programmed as the agent programs them, IPv4 and IPv6 frontends together.
+//! UDP, extension headers walked, fragments and waypoints left alone,
+//! malformed headers, a frontend without backends rejected with ICMPv6,
+//! hairpin, what is no frontend's, the Local policy, frontend ids past 16
+//! bits, the counters; conntrack, the schedulers and full maps in the
+//! modules below. The maps are programmed as the agent programs them, IPv4
+//! and IPv6 frontends together.
 
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
-use proxy_agent::frontend::Scheduler;
 use proxy_common::{proto::TCP, CtKey6, HAIRPIN_ADDR6};
 
 use super::*;
+
+mod conntrack;
+mod full_maps;
+mod schedulers;
 
 const CLIENT6: &str = "fd00:10:244:1::2";
 const VIP6: &str = "fd00:10:96::10";
@@ -26,20 +31,36 @@ fn dual_stack() -> Programs {
     Programs::new(&dual_stack_services(|_| {}))
 }
 
-/// Sends `f` from the pod: DNATed to its hashed backend, then the
-/// backend's reply towards the pod: from the frontend again. Byte for byte.
-fn round_trip(p: &mut Programs, f: &Frame) -> (std::net::IpAddr, u16) {
+/// Sends `f` from the pod and asserts it comes out DNATed to its hashed
+/// backend, byte for byte. Returns the backend.
+fn assert_dnat6(p: &mut Programs, f: &Frame) -> (IpAddr, u16) {
     let backend = p.hashed(f);
     let (verdict, out) = p.send_from_pod(f);
     assert_eq!(verdict, TC_ACT_UNSPEC);
-    let dnated = f.with_dst(backend.0, backend.1);
-    assert_eq!(out, dnated.bytes(), "DNAT to {backend:?}");
+    assert_eq!(
+        out,
+        f.with_dst(backend.0, backend.1).bytes(),
+        "DNAT to {backend:?}"
+    );
     packet::assert_checksums_valid(&out);
-    let reply = dnated.reply();
+    backend
+}
+
+/// Sends the backend's reply to `f` towards the pod and asserts it comes
+/// from the frontend again, byte for byte.
+fn assert_reverse_nat6(p: &mut Programs, f: &Frame, backend: (IpAddr, u16)) {
+    let reply = f.with_dst(backend.0, backend.1).reply();
     let (verdict, out) = p.send_to_pod(&reply);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(out, reply.with_src(f.daddr, f.dport).bytes(), "reverse NAT");
     packet::assert_checksums_valid(&out);
+}
+
+/// Sends `f` from the pod: DNATed to its hashed backend, then the
+/// backend's reply towards the pod: from the frontend again. Byte for byte.
+fn round_trip(p: &mut Programs, f: &Frame) -> (IpAddr, u16) {
+    let backend = assert_dnat6(p, f);
+    assert_reverse_nat6(p, f, backend);
     backend
 }
 
@@ -77,7 +98,7 @@ fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
         value.rev_nat_id,
         p.programmed.applied.services[&slot0].rev_nat_id
     );
-    let std::net::IpAddr::V6(backend_addr) = backend.0 else {
+    let IpAddr::V6(backend_addr) = backend.0 else {
         panic!("an IPv4 backend for an IPv6 frontend")
     };
     let reply = CtKey6 {
@@ -94,20 +115,6 @@ fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
         p.dp.conntrack().unwrap().is_empty(),
         "nothing in IPv4's map"
     );
-}
-
-#[test]
-fn an_established_ipv6_flow_keeps_its_backend() {
-    let mut p = dual_stack();
-    let f = Frame::tcp(CLIENT6, 40001, VIP6, 80);
-    let first = round_trip(&mut p, &f);
-    let mut ack = f.clone();
-    ack.tcp_flags = 0x10;
-    ack.payload = b"GET / HTTP/1.1\r\n\r\n!".to_vec();
-    let (verdict, out) = p.send_from_pod(&ack);
-    assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(out, ack.with_dst(first.0, first.1).bytes());
-    assert_eq!(p.stat("fwd_established"), 1);
 }
 
 #[test]
@@ -203,6 +210,7 @@ fn dual_stack_services(change: impl FnOnce(&mut FrontendSpec)) -> Vec<FrontendSp
         web6,
         service("dns6", VIP6, 53, Protocol::Udp, &DNS),
         service("empty6", EMPTY_VIP6, 80, Protocol::Tcp, &[]),
+        service("empty6-udp", EMPTY_VIP6, 53, Protocol::Udp, &[]),
     ]);
     services
 }
@@ -249,34 +257,6 @@ fn an_ipv6_reply_without_conntrack_is_untouched() {
 }
 
 #[test]
-fn an_ipv6_flow_moves_when_its_backend_is_removed() {
-    let mut p = dual_stack();
-    let f = (40200..40300)
-        .map(|port| Frame::tcp(CLIENT6, port, VIP6, 80))
-        .find(|f| p.hashed(f).0 == ip6(BACKEND6_A))
-        .unwrap();
-    round_trip(&mut p, &f);
-    p.serve(&dual_stack_services(|web6| {
-        web6.endpoints.remove(0);
-    }));
-    let (verdict, out) = p.send_from_pod(&f);
-    assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(out, f.with_dst(ip6(BACKEND6_B), 8080).bytes());
-}
-
-#[test]
-fn new_ipv6_flows_spread_over_all_backends() {
-    let mut p = dual_stack();
-    let mut on_a = 0;
-    for port in 42000..42064 {
-        if round_trip(&mut p, &Frame::tcp(CLIENT6, port, VIP6, 80)).0 == ip6(BACKEND6_A) {
-            on_a += 1;
-        }
-    }
-    assert!((16..=48).contains(&on_a), "{on_a} of 64 flows on backend A");
-}
-
-#[test]
 fn an_ipv6_local_policy_without_a_local_endpoint_drops_instead_of_rejecting() {
     let mut services = dual_stack_services(|_| {});
     let mut itp = service("itp-local6", "fd00:10:96::80", 80, Protocol::Tcp, &[]);
@@ -290,105 +270,126 @@ fn an_ipv6_local_policy_without_a_local_endpoint_drops_instead_of_rejecting() {
 }
 
 #[test]
-fn ipv6_conntrack_entries_expire_by_protocol_and_tcp_state() {
+fn udp_to_an_ipv6_frontend_without_backends_is_rejected_with_icmpv6_port_unreachable() {
     let mut p = dual_stack();
-    let open = Frame::tcp(CLIENT6, 40140, VIP6, 80);
-    let mut closing = Frame::tcp(CLIENT6, 40141, VIP6, 80);
-    let udp = Frame::udp(CLIENT6, 40142, VIP6, 53);
-    for f in [&open, &closing, &udp] {
+    let mut f = Frame::udp(CLIENT6, 41040, EMPTY_VIP6, 53);
+    f.payload = vec![0x42; 300];
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, packet::port_unreachable(&f));
+    packet::assert_checksums_valid(&out);
+    assert_eq!(p.stat("reject_no_backend"), 1);
+}
+
+#[test]
+fn an_ipv6_tcp_segment_with_odd_payload_is_dnated() {
+    let mut p = dual_stack();
+    let mut f = Frame::tcp(CLIENT6, 40150, VIP6, 80);
+    f.tcp_flags = 0x18;
+    f.ack = 99;
+    f.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n!".to_vec();
+    assert_dnat6(&mut p, &f);
+}
+
+#[test]
+fn ethernet_padding_after_an_ipv6_packet_is_kept() {
+    let mut p = dual_stack();
+    let mut f = Frame::udp(CLIENT6, 41150, VIP6, 53);
+    f.payload = vec![7];
+    f.trailer = vec![0xee; 6];
+    assert_dnat6(&mut p, &f);
+}
+
+#[test]
+fn icmpv6_to_an_ipv6_clusterip_is_untouched() {
+    let mut p = dual_stack();
+    let mut f = Frame::tcp(CLIENT6, 0, VIP6, 0);
+    f.proto = 58; // ICMPv6: an echo request
+    f.payload = vec![128, 0, 0, 0, 0, 1, 0, 1];
+    assert_untouched(&mut p, FROM_POD, &f.bytes(), TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_not_tcp_udp"), 1);
+}
+
+#[test]
+fn malformed_ipv6_headers_are_dropped_and_a_truncated_tcp_header_passes() {
+    let mut p = dual_stack();
+    let frame = Frame::tcp(CLIENT6, 40160, VIP6, 80).bytes();
+    // A payload length past the frame's end.
+    let mut long = frame.clone();
+    long[18..20].copy_from_slice(&200u16.to_be_bytes());
+    assert_untouched(&mut p, FROM_POD, &long, TC_ACT_SHOT);
+    // Another IP version under IPv6's EtherType.
+    let mut version = frame.clone();
+    version[14] = 0x45;
+    assert_untouched(&mut p, FROM_POD, &version, TC_ACT_SHOT);
+    assert_eq!(p.stat("drop_malformed_ip"), 2);
+    // A TCP header of 12 bytes: no flags to read, nothing to rewrite.
+    let mut short = frame.clone();
+    short.truncate(14 + 40 + 12);
+    short[18..20].copy_from_slice(&12u16.to_be_bytes());
+    assert_untouched(&mut p, FROM_POD, &short, TC_ACT_UNSPEC);
+    assert_eq!(p.stat("pass_truncated_l4"), 1);
+    assert!(conntrack6(&p).is_empty());
+}
+
+#[test]
+fn every_ipv6_packet_is_counted_once_with_its_bytes() {
+    let mut p = dual_stack();
+    let frames = [
+        Frame::tcp(CLIENT6, 40170, VIP6, 80),
+        Frame::tcp(CLIENT6, 40170, BACKEND6_B, 80),
+        Frame::udp(CLIENT6, 40170, EMPTY_VIP6, 53),
+    ];
+    let mut bytes = 0;
+    for f in &frames {
+        bytes += f.bytes().len() as u64;
         p.send_from_pod(f);
     }
-    closing.tcp_flags = 0x04; // RST
-    p.send_from_pod(&closing);
-    let forward = |p: &Programs| {
-        let mut ports: Vec<u16> = conntrack6(p)
-            .iter()
-            .filter(|(k, _)| k.dir == ct_dir::FORWARD)
-            .map(|(k, _)| u16::from_be(k.sport_be))
-            .collect();
-        ports.sort();
-        ports
-    };
-    assert_eq!(forward(&p), [40140, 40141, 40142]);
-    let now = proxy_agent::kernel::monotonic_ns();
-    let s = 1_000_000_000u64;
-    // 11 s on: the reset connection is gone (both directions); 61 s on,
-    // the UDP flow too; the open TCP connection stays.
-    let removed = p.dp.gc(now + 11 * s, &Default::default()).unwrap();
-    assert_eq!(removed.conntrack_removed, 2, "{removed:?}");
-    assert_eq!(forward(&p), [40140, 40142]);
-    p.dp.gc(now + 61 * s, &Default::default()).unwrap();
-    assert_eq!(forward(&p), [40140]);
-}
-
-/// An IPv6 ClusterIP of five backends, new flows by `scheduler`, clients
-/// sticking to their backend for `affinity` seconds if given.
-fn scheduled6(scheduler: Scheduler, affinity: Option<u32>) -> Programs {
-    let backends: Vec<(String, u16)> = (1..=5)
-        .map(|i| (format!("fd00:10:244:5::{i}"), 8080))
-        .collect();
-    let refs: Vec<(&str, u16)> = backends.iter().map(|(a, p)| (a.as_str(), *p)).collect();
-    let mut s = service("sched6", "fd00:10:96::70", 80, Protocol::Tcp, &refs);
-    s.scheduler = Some(scheduler);
-    s.affinity_timeout = affinity;
-    Programs::new(&[s])
-}
-
-/// The backend a new IPv6 flow to `fd00:10:96::70` got, its conntrack
-/// entries removed afterwards so that the same flow is scheduled afresh.
-fn schedule6_once(p: &mut Programs, client: &str, sport: u16) -> std::net::IpAddr {
-    let f = Frame::tcp(client, sport, "fd00:10:96::70", 80);
-    let (verdict, out) = p.send_from_pod(&f);
-    assert_eq!(verdict, TC_ACT_UNSPEC);
-    let dst: [u8; 16] = out[14 + 24..14 + 40].try_into().unwrap();
-    let backend = std::net::IpAddr::from(dst);
-    assert_eq!(out, f.with_dst(backend, 8080).bytes());
-    p.dp.flush_conntrack().unwrap();
-    backend
-}
-
-#[test]
-fn ipv6_maglev_picks_the_table_slot_of_the_flow_hash() {
-    let mut p = scheduled6(Scheduler::Maglev, None);
-    let maglev = p.programmed.applied.maglev.clone();
-    let size = maglev.len() as u32;
-    let rev_nat_id = maglev.keys().next().unwrap().rev_nat_id;
-    for port in 46000..46040 {
-        let f = Frame::tcp(CLIENT6, port, "fd00:10:96::70", 80);
-        let index = f.flow_hash() % size;
-        let id = maglev[&proxy_common::MaglevKey { rev_nat_id, index }];
-        let want = p.programmed.applied.backends[&id].addr;
-        assert_eq!(schedule6_once(&mut p, CLIENT6, port), want, "port {port}");
-        assert_eq!(schedule6_once(&mut p, CLIENT6, port), want, "same flow");
-    }
-}
-
-#[test]
-fn ipv6_source_hash_sends_every_flow_of_a_client_to_one_backend() {
-    let mut p = scheduled6(Scheduler::SourceHash, None);
-    let first = schedule6_once(&mut p, CLIENT6, 47000);
-    for port in 47001..47050 {
-        assert_eq!(schedule6_once(&mut p, CLIENT6, port), first);
-    }
-    let others: std::collections::BTreeSet<_> = (1..=40)
-        .map(|i| schedule6_once(&mut p, &format!("fd00:10:244:9::{i}"), 47000))
-        .collect();
-    assert!(others.len() > 1, "different clients spread: {others:?}");
-}
-
-#[test]
-fn ipv6_session_affinity_keeps_a_client_on_one_backend_across_source_ports() {
-    let mut p = scheduled6(Scheduler::FlowHash, Some(10_800));
-    let first = schedule6_once(&mut p, CLIENT6, 43000);
-    let mut by_hash = std::collections::BTreeSet::new();
-    for port in 43001..43101 {
-        let f = Frame::tcp(CLIENT6, port, "fd00:10:96::70", 80);
-        by_hash.insert(p.hashed(&f));
-        assert_eq!(schedule6_once(&mut p, CLIENT6, port), first, "port {port}");
-    }
-    assert!(
-        by_hash.len() > 1,
-        "without affinity these flows would have spread"
+    let stats = p.dp.stats().unwrap();
+    let total: (u64, u64) = stats
+        .iter()
+        .fold((0, 0), |t, (_, c)| (t.0 + c.packets, t.1 + c.bytes));
+    assert_eq!(total, (3, bytes));
+    assert_eq!(
+        (
+            p.stat("fwd_new"),
+            p.stat("pass_not_service"),
+            p.stat("reject_no_backend")
+        ),
+        (1, 1, 1)
     );
-    assert_eq!(p.dp.v6.affinity.iter().count(), 1, "one client, one entry");
+}
+
+#[test]
+fn an_ipv6_frontend_id_past_16_bits_is_reverse_nated_to_its_own_frontend() {
+    // web6 keeps id 5; "a-wide6" sorts first among the new frontends and
+    // gets 65541, which a 16-bit id would have made into web6's 5.
+    let wide_vip = "fd00:10:96::90";
+    let mut services = dual_stack_services(|_| {});
+    services.push(service(
+        "a-wide6",
+        wide_vip,
+        443,
+        Protocol::Tcp,
+        &[(BACKEND6_A, 8443), (BACKEND6_B, 8443)],
+    ));
+    let slot0 = |vip: &str, port| ServiceKey::new(ip6(vip), port, TCP, 0);
+    let mut found = MapState::default();
+    for (key, rev_nat_id) in [(slot0(VIP6, 80), 5), (slot0("fd00:10:96::99", 80), 65_540)] {
+        let value = ServiceValue {
+            rev_nat_id,
+            ..ServiceValue::default()
+        };
+        found.services.insert(key, value);
+    }
+    let mut p = Programs::with_ids(&services, Ids::from_state(&found));
+    let id = |p: &Programs, vip, port| p.programmed.applied.services[&slot0(vip, port)].rev_nat_id;
+    assert_eq!((id(&p, VIP6, 80), id(&p, wide_vip, 443)), (5, 65_541));
+    let f = Frame::tcp(CLIENT6, 40180, wide_vip, 443);
+    round_trip(&mut p, &f);
+    assert!(conntrack6(&p).iter().all(|(_, v)| v.rev_nat_id == 65_541));
+    // And web6, with the id the wide one would have collided with, is itself.
+    let g = Frame::tcp(CLIENT6, 40181, VIP6, 80);
+    round_trip(&mut p, &g);
+    assert_eq!(p.stat("rev_nat"), 2);
 }
