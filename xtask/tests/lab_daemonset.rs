@@ -45,15 +45,35 @@ struct Held {
     pod: String,
 }
 
-fn connect(target: &Target) -> std::io::Result<(TcpStream, String)> {
+/// A connection to `target` from `port` (0: one the kernel picks), and the
+/// pod that answered.
+fn connect_from(target: &Target, port: u16) -> std::io::Result<(TcpStream, String)> {
     let addr = target.addr;
     in_netns(&target.ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.connect_timeout(&addr.into(), TIMEOUT)?;
+        let mut s = TcpStream::from(s);
         s.set_read_timeout(Some(TIMEOUT))?;
         let pod = pod_of(&read_line(&mut s)?).to_string();
         Ok((s, pod))
     })
 }
+
+fn connect(target: &Target) -> std::io::Result<(TcpStream, String)> {
+    connect_from(target, 0)
+}
+
+/// The client port of the first held connection; the others follow. Below
+/// the kernel's ephemeral range (32768-60999), so that no new connection of
+/// the load takes a held one's port: the previous release predates 6899793
+/// and, while its programs still serve during the upgrade, a new connection
+/// to the other ClusterIP of the same pods from a held connection's port
+/// that lands on the same backend takes that connection's reply entry, and
+/// the client resets it (seen in CI: two held ClientIP-affinity connections
+/// reset). This release gives such a flow a second port; the lab test
+/// `lab_service_semantics` shows that with two sockets on one port.
+const HELD_PORTS: u16 = 21_000;
 
 /// Until `stop`: every held connection asks and must get its pod's answer,
 /// and a new connection to each target must be answered (by the affine pod
@@ -186,9 +206,11 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
     let (_, affine) = connect(&targets[2]).expect("connect to the affinity Service");
     targets[2].affine = Some(affine);
     let mut held = Vec::new();
+    let mut port = HELD_PORTS;
     for (i, t) in targets.iter().enumerate() {
         for _ in 0..HELD_PER_TARGET {
-            let (stream, pod) = connect(t).unwrap_or_else(|e| panic!("{}: {e}", t.what));
+            let (stream, pod) = connect_from(t, port).unwrap_or_else(|e| panic!("{}: {e}", t.what));
+            port += 1;
             held.push(Held {
                 target: i,
                 stream,
