@@ -131,6 +131,24 @@ fn services() -> Vec<FrontendSpec> {
     ]);
     let mut local_none6 = frontend("etp-local-none6", NODE6, 30082, Protocol::Tcp, &[]);
     local_none6.local_only = true;
+    let mut local_only6 = frontend(
+        "etp-local6",
+        NODE6,
+        30081,
+        Protocol::Tcp,
+        &[(LOCAL_POD6, 8080, true)],
+    );
+    local_only6.local_only = true;
+    // Its only range is IPv4 (CLIENT's), which no IPv6 client matches: it
+    // fails closed.
+    let mut lb_closed6 = frontend(
+        "lb-closed6",
+        LB_IP6,
+        81,
+        Protocol::Tcp,
+        &[(REMOTE_POD6, 8080, false)],
+    );
+    lb_closed6.source_ranges = Some(vec!["10.250.0.96/28".parse().unwrap()]);
     vec![
         frontend(
             "np-local6",
@@ -169,6 +187,8 @@ fn services() -> Vec<FrontendSpec> {
             &[(REMOTE_POD6, 8080, false)],
         ),
         lb6,
+        lb_closed6,
+        local_only6,
         local_none6,
         frontend(
             "np-local",
