@@ -149,9 +149,12 @@ pub mod bench {
     /// The program arrays whose slot 0 the wrappers tail-call.
     pub const XDP_TARGET_MAP: &str = "bench_xdp_prog";
     pub const TC_TARGET_MAP: &str = "bench_tc_prog";
-    /// The length of the frame a wrapper restores: Ethernet, IPv4 and TCP
-    /// headers without options or payload (a SYN or a bare ACK).
-    pub const FRAME_LEN: usize = 54;
+    /// The lengths of the frames a wrapper restores: Ethernet, IP and TCP
+    /// headers without options or payload (a SYN or a bare ACK), over IPv4
+    /// or IPv6. The frame map's value holds the longer; a wrapper restores
+    /// as many bytes as the frame under test has.
+    pub const FRAME_LEN4: usize = 54;
+    pub const FRAME_LEN6: usize = 74;
 }
 
 /// Capacities of the maps. The agent can override them at load time.

@@ -308,18 +308,22 @@ impl Dataplane {
 
     /// Runs the XDP or tc program `target` `repeat` times through its
     /// frame-restoring wrapper (see `proxy_common::bench`): every run starts
-    /// from `frame`, which must be `bench::FRAME_LEN` bytes, and takes the path
+    /// from `frame`, which must be `bench::FRAME_LEN4` or `FRAME_LEN6`
+    /// bytes (headers only, IPv4 or IPv6), and takes the path
     /// that frame takes. Returns the last run's verdict and frame, and the
     /// kernel's mean time per run, the wrapper's own cost included.
     pub fn run_wrapped(&mut self, target: &str, frame: &[u8], repeat: u32) -> Result<WrappedRun> {
-        let restored: [u8; bench::FRAME_LEN] = frame.try_into().with_context(|| {
-            format!(
-                "the wrappers restore {} bytes, the frame has {}",
-                bench::FRAME_LEN,
+        if ![bench::FRAME_LEN4, bench::FRAME_LEN6].contains(&frame.len()) {
+            bail!(
+                "the wrappers restore {} or {} bytes, the frame has {}",
+                bench::FRAME_LEN4,
+                bench::FRAME_LEN6,
                 frame.len()
-            )
-        })?;
-        let mut frames: Array<&mut MapData, [u8; bench::FRAME_LEN]> =
+            );
+        }
+        let mut restored = [0u8; bench::FRAME_LEN6];
+        restored[..frame.len()].copy_from_slice(frame);
+        let mut frames: Array<&mut MapData, [u8; bench::FRAME_LEN6]> =
             Array::try_from(self.map(bench::FRAME_MAP)?)?;
         frames.set(0, restored, 0)?;
         let program = self.load_on_demand(target)?;

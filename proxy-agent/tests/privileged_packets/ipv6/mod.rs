@@ -393,3 +393,27 @@ fn an_ipv6_frontend_id_past_16_bits_is_reverse_nated_to_its_own_frontend() {
     round_trip(&mut p, &g);
     assert_eq!(p.stat("rev_nat"), 2);
 }
+
+#[test]
+fn a_wrapped_ipv6_run_takes_the_real_path_every_time() {
+    // The benchmarks time programs N runs at a time through a wrapper that
+    // restores the frame before each run: every run must be the established
+    // DNAT, and the last leave what a single run leaves.
+    let mut p = dual_stack();
+    let f = Frame::tcp(CLIENT6, 40700, VIP6, 80);
+    let backend = assert_dnat6(&mut p, &f);
+    let mut ack = f.clone();
+    ack.tcp_flags = 0x10;
+    let run = p.dp.run_wrapped(FROM_POD, &ack.bytes(), 100).unwrap();
+    assert_eq!(run.verdict, TC_ACT_UNSPEC);
+    assert_eq!(run.frame, ack.with_dst(backend.0, backend.1).bytes());
+    assert_eq!(p.stat("fwd_established"), 100, "each run found the Service");
+    let run =
+        p.dp.run_wrapped(bench::PASS_ONLY_TC, &f.bytes(), 100)
+            .unwrap();
+    assert_eq!((run.verdict, run.frame), (TC_ACT_UNSPEC, f.bytes()));
+    // Headers without payload only.
+    let mut longer = f.clone();
+    longer.payload = vec![1];
+    assert!(p.dp.run_wrapped(FROM_POD, &longer.bytes(), 1).is_err());
+}
