@@ -19,8 +19,8 @@
 //!
 //! `... (IPv6)` rows time the pod path and the uplink's tc path (which
 //! serves IPv6 from outside: XDP hands it on) for the Services' IPv6 twins
-//! (each Service has a ClusterIP of each family), unwrapped, beside the same
-//! paths' IPv4 rows; the table after the rows gives IPv6/IPv4 per path and
+//! (each Service has a ClusterIP of each family), beside the same paths'
+//! IPv4 rows, the pod path's established flow wrapped too; the table after the rows gives IPv6/IPv4 per path and
 //! scale.
 //!
 //! With `--baseline OBJECT` (or `FERRY_BENCH_BASELINE=OBJECT`), another build
@@ -363,7 +363,7 @@ fn measure(
     ));
     if ipv6 {
         let vip6 = list[(services + services / 2) as usize].frontend.address;
-        measure_ipv6(&mut p, services, vip6, samples, rows);
+        measure_ipv6(&mut p, services, vip6, samples, wrapped_samples, rows);
     }
 }
 
@@ -379,6 +379,7 @@ fn measure_ipv6(
     services: u32,
     vip6: IpAddr,
     samples: usize,
+    wrapped_samples: usize,
     rows: &mut Vec<Row>,
 ) {
     for (prog, client, clients, path_est, path_new) in [
@@ -401,9 +402,20 @@ fn measure_ipv6(
         let opening = frame(client, 40000, vip6);
         let established = as_ack(&opening);
         run_once(p, prog, &opening, TC_ACT_UNSPEC);
+        let (_, once) = run_once(p, prog, &established, TC_ACT_UNSPEC);
         let est: Vec<u64> = (0..samples)
             .map(|_| run_once(p, prog, &established, TC_ACT_UNSPEC).0.as_nanos() as u64)
             .collect();
+        if prog == Prog::Tc {
+            let want = (TC_ACT_UNSPEC, once.as_slice());
+            let ns = wrapped(p, FROM_POD, &established, want, wrapped_samples);
+            rows.push(Row::new(
+                services,
+                "tc established, wrapped (IPv6)",
+                "tc PASS only, wrapped (floor)",
+                ns,
+            ));
+        }
         let clients = u128::from(clients.parse::<Ipv6Addr>().unwrap());
         let new: Vec<u64> = (0..samples)
             .map(|i| {
