@@ -251,6 +251,73 @@ fn ipv6_sockets_are_translated_like_ipv4_ones() {
     assert_eq!(refused.kind(), expected, "{refused}");
 }
 
+/// A dual-stack program's IPv6 socket dialling an IPv4 ClusterIP as an
+/// IPv4-mapped address (`::ffff:10.96.7.1`): connect() reaches an IPv4
+/// backend and getpeername() says the mapped ClusterIP, an unconnected UDP
+/// reply comes from the mapped ClusterIP, a frontend without endpoints
+/// refuses; the reverse entries are IPv4's.
+#[test]
+fn an_ipv6_socket_dialling_an_ipv4_mapped_cluster_ip_is_translated() {
+    let mut programs = turn();
+    let mut lab = Lab::new("sockmap");
+    let ns = lab.netns("host");
+    let ports = tcp_backends(&ns, 2);
+    let dns_port = udp_echo(&ns);
+    let _cgroup = attach(
+        &mut programs,
+        &ns,
+        &[
+            spec(VIP, 80, Protocol::Tcp, &ports),
+            spec(DNS_VIP, 53, Protocol::Udp, &[dns_port]),
+            spec(EMPTY_VIP, 80, Protocol::Tcp, &[]),
+        ],
+        serving_mode(),
+    );
+    let target = SocketAddr::from((VIP.to_ipv6_mapped(), 80));
+    let answered = support::netns::in_netns(&ns, move || {
+        let mut answered: HashMap<u8, usize> = HashMap::new();
+        for _ in 0..50 {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                .expect("dial the mapped ClusterIP");
+            assert_eq!(conn.peer_addr().unwrap(), target, "getpeername");
+            let mut which = [0u8; 1];
+            conn.read_exact(&mut which).unwrap();
+            *answered.entry(which[0]).or_default() += 1;
+        }
+        answered
+    });
+    assert_eq!(answered.len(), 2, "both backends answer: {answered:?}");
+    let dns = SocketAddr::from((DNS_VIP.to_ipv6_mapped(), 53));
+    let (reply, from) = support::netns::in_netns(&ns, move || {
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        socket.send_to(b"query", dns).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = socket.recv_from(&mut buf).expect("the reply");
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(reply, b"query");
+    assert_eq!(from, dns, "recvfrom's source");
+    let empty = SocketAddr::from((EMPTY_VIP.to_ipv6_mapped(), 80));
+    let refused = support::netns::in_netns(&ns, move || {
+        TcpStream::connect_timeout(&empty, Duration::from_secs(5)).unwrap_err()
+    });
+    let programs = programs.as_ref().unwrap();
+    let expected = match programs.dp.sock_programs() {
+        Some(SockPrograms::Errno) => ErrorKind::ConnectionRefused,
+        _ => ErrorKind::PermissionDenied,
+    };
+    assert_eq!(refused.kind(), expected, "{refused}");
+    let entries = programs.dp.sock_revnat().unwrap();
+    let mine = entries
+        .iter()
+        .filter(|(_, front)| front.addr_be == u32::from(VIP).to_be())
+        .count();
+    assert!(mine >= 50, "{mine} IPv4 reverse entries");
+}
+
 #[test]
 fn an_unconnected_udp_reply_comes_from_the_cluster_ip() {
     let mut programs = turn();

@@ -10,8 +10,12 @@
 //! - `recvmsg4`/`recvmsg6`: a datagram from a backend reads as from the frontend.
 //! - `getpeername4`/`getpeername6`: the peer of a translated socket is the frontend.
 //!
-//! One code for both families ([`SockFamily`]); an IPv6 socket dialling an
-//! IPv4-mapped address (`::ffff:10.96.0.10`) is not translated.
+//! One code for both families ([`SockFamily`]). An IPv6 socket dialling an
+//! IPv4-mapped address (`::ffff:10.96.0.10`, as dual-stack programs do for
+//! IPv4 destinations) sends IPv4 packets: it is served from the IPv4 maps and
+//! gets an IPv4-mapped backend; its reverse entry is IPv4's. The kernel runs
+//! `connect6` for it (never `connect4`), `sendmsg4` for its unconnected
+//! datagrams, and `recvmsg6`/`getpeername6` with mapped addresses.
 //!
 //! What the hooks send to a backend never reaches the packet path as a
 //! frontend, so it is never translated twice; what they let through
@@ -67,7 +71,14 @@ pub trait SockFamily: Family {
     fn remember(cookie: u64, backend: Self::Addr, port_be: u16, frontend: Self::Addr, fport: u16);
     /// The frontend socket `cookie` dialled, if it was sent to `backend:port_be`.
     fn recall(cookie: u64, backend: Self::Addr, port_be: u16) -> Option<(Self::Addr, u16)>;
+    /// The IPv4 address an IPv4-mapped one carries (never for IPv4 itself).
+    fn mapped4(addr: Self::Addr) -> Option<u32>;
+    /// An IPv4 address as this family's socket gives it.
+    fn embed4(addr: u32) -> Self::Addr;
 }
+
+/// `::ffff:0:0/96`'s third word, as the words of an [`Addr6`] hold it.
+const MAPPED4_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl SockFamily for V4 {
     #[inline(always)]
@@ -115,6 +126,16 @@ impl SockFamily for V4 {
         // SAFETY: copied out at once.
         let frontend = unsafe { SOCK_REVNAT.get(&key) }.copied()?;
         Some((frontend.addr(), frontend.port_be()))
+    }
+
+    #[inline(always)]
+    fn mapped4(_: u32) -> Option<u32> {
+        None
+    }
+
+    #[inline(always)]
+    fn embed4(addr: u32) -> u32 {
+        addr
     }
 }
 
@@ -168,6 +189,16 @@ impl SockFamily for V6 {
         // SAFETY: copied out at once.
         let frontend = unsafe { SOCK_REVNAT6.get(&rev_key6(cookie, backend, port_be)) }.copied()?;
         Some((frontend.addr(), frontend.port_be()))
+    }
+
+    #[inline(always)]
+    fn mapped4(addr: Addr6) -> Option<u32> {
+        (addr[0] == 0 && addr[1] == 0 && addr[2] == MAPPED4_WORD).then_some(addr[3])
+    }
+
+    #[inline(always)]
+    fn embed4(addr: u32) -> Addr6 {
+        [0, 0, MAPPED4_WORD, addr]
     }
 }
 
@@ -265,7 +296,11 @@ pub fn reverse<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     let port = unsafe { addr_of!((*sa).user_port).read_volatile() };
     // SAFETY: a helper every sock_addr program may call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some((frontend, port_be)) = F::recall(cookie, addr, port as u16) {
+    let frontend = match F::mapped4(addr) {
+        Some(addr4) => V4::recall(cookie, addr4, port as u16).map(|(a, p)| (F::embed4(a), p)),
+        None => F::recall(cookie, addr, port as u16),
+    };
+    if let Some((frontend, port_be)) = frontend {
         write::<F>(sa, frontend, port_be);
     }
     ALLOW
@@ -288,17 +323,42 @@ fn dial<F: SockFamily>(ctx: &SockAddrContext, proto: u8, errno: Errno) -> i32 {
     }
     let daddr = F::read_addr(sa);
     let dport = port as u16;
+    match F::mapped4(daddr) {
+        // IPv4 packets: the IPv4 frontend, a backend written back mapped.
+        Some(daddr4) => match translate::<V4>(ctx, daddr4, dport, proto) {
+            Ok(Some((addr, port_be))) => write::<F>(sa, F::embed4(addr), port_be),
+            Ok(None) => {}
+            Err(refusal) => return refuse(refusal, errno),
+        },
+        None => match translate::<F>(ctx, daddr, dport, proto) {
+            Ok(Some((addr, port_be))) => write::<F>(sa, addr, port_be),
+            Ok(None) => {}
+            Err(refusal) => return refuse(refusal, errno),
+        },
+    }
+    ALLOW
+}
+
+/// The backend a socket dialling `daddr:dport` goes to, its reverse entry
+/// remembered; None when the hooks leave the dial alone.
+#[inline(always)]
+fn translate<F: SockFamily>(
+    ctx: &SockAddrContext,
+    daddr: F::Addr,
+    dport: u16,
+    proto: u8,
+) -> Result<Option<(F::Addr, u16)>, Refusal> {
     let key = F::service_key(daddr, dport, proto, 0);
     let Some(svc) = F::service(&key) else {
-        return ALLOW;
+        return Ok(None);
     };
     let Some(client) = node_client(ctx) else {
-        return ALLOW;
+        return Ok(None);
     };
     // The node is not one of the clients loadBalancerSourceRanges name: its
     // connection goes out to the load balancer, which applies them.
     if svc.flags & svc_flags::SOURCE_RANGES != 0 {
-        return ALLOW;
+        return Ok(None);
     }
     // SAFETY: a helper every sock_addr program may call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -309,14 +369,9 @@ fn dial<F: SockFamily>(ctx: &SockAddrContext, proto: u8, errno: Errno) -> i32 {
         proto,
         cookie,
     };
-    match choose(&dial, key, &svc) {
-        Ok((addr, port_be)) => {
-            F::remember(cookie, addr, port_be, daddr, dport);
-            write::<F>(sa, addr, port_be);
-            ALLOW
-        }
-        Err(refusal) => refuse(refusal, errno),
-    }
+    let (addr, port_be) = choose(&dial, key, &svc)?;
+    F::remember(cookie, addr, port_be, daddr, dport);
+    Ok(Some((addr, port_be)))
 }
 
 /// The backend for `dial`: none when the frontend has no endpoint for it.
