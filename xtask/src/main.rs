@@ -65,7 +65,7 @@ enum Task {
     Demo,
     /// Benchmarks; results and plots under bench/results/ (not part of the tests).
     Bench {
-        /// A smaller run (a few minutes).
+        /// A smaller run (a few minutes), its results under target/bench-quick/.
         #[arg(long)]
         quick: bool,
         /// Run one part only: per-packet, control-plane (with memory) or vs-kube-proxy.

@@ -1,6 +1,8 @@
 //! `cargo xtask bench [--quick] [--only PART]`: the benchmarks, with their
 //! results (a table and a plot each) written under bench/results/ with the
-//! machine, kernel, commit and command in the header.
+//! machine, kernel, commit and command in the header. A quick run's results
+//! go to target/bench-quick/ instead: they are a check that the benchmarks
+//! run, not figures to commit, and must not overwrite the full run's.
 
 mod kube_proxy_rules;
 mod vs_kube_proxy;
@@ -29,7 +31,11 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     crate::setup::run()?;
     debian::install("bench", &["gnuplot-nox", "iptables", "nftables"])?;
     build_ebpf::run()?;
-    let results = workspace_root().join("bench/results");
+    let results = workspace_root().join(if quick {
+        "target/bench-quick"
+    } else {
+        "bench/results"
+    });
     fs::create_dir_all(&results)?;
     let mut command = String::from("cargo xtask bench");
     if quick {
