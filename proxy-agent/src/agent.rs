@@ -508,6 +508,13 @@ impl Agent {
                 return;
             }
             Source::Api { node_name, .. } => {
+                let leaving = self.stores.node_leaving();
+                if self.status.lock().unwrap().health.set_node_leaving(leaving) {
+                    match leaving {
+                        Some(why) => warn!(why, "/healthz says 503 (nodeEligible: false)"),
+                        None => info!("/healthz says 200 again (nodeEligible: true)"),
+                    }
+                }
                 let mut node = self.stores.node(node_name);
                 node.node_port_loopback = self.config.node_port_loopback;
                 let wanted = settings::node_config(

@@ -1,6 +1,7 @@
 //! Lab tests of traffic from outside the cluster: NodePort on both nodes,
 //! externalTrafficPolicy=Local with its health check, externalIPs, LoadBalancer
-//! IPs with source ranges, through real agents and a real API server.
+//! IPs with source ranges, the agent's /healthz following its Node's
+//! eligibility, through real agents and a real API server.
 
 mod support;
 
@@ -152,6 +153,34 @@ fn lab_traffic_from_outside_the_cluster() {
     let unhealthy = http_get(&ext, (NODE2, 30100).into(), "/healthz");
     assert!(unhealthy.starts_with("HTTP/1.1 503"), "{unhealthy}");
     assert!(unhealthy.contains(r#""localEndpoints": 0"#), "{unhealthy}");
+
+    eprintln!("== node2 marked for removal by the cluster autoscaler: its /healthz says 503 until the taint goes");
+    let taint = "ToBeDeletedByClusterAutoscaler=1764700000:NoSchedule";
+    lab.kubectl(&["taint", "nodes", "node2", taint]);
+    let healthz = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = http_get(&ext, (NODE2, 10256).into(), "/healthz");
+            if answer.starts_with(want) {
+                break answer;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node2's /healthz is not {want}: {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let leaving = healthz("HTTP/1.1 503");
+    assert!(leaving.contains(r#""nodeEligible": false"#), "{leaving}");
+    let live = http_get(&ext, (NODE2, 10256).into(), "/livez");
+    assert!(
+        live.starts_with("HTTP/1.1 200"),
+        "a leaving node's agent is alive: {live}"
+    );
+    lab.kubectl(&["taint", "nodes", "node2", "ToBeDeletedByClusterAutoscaler-"]);
+    let back = healthz("HTTP/1.1 200");
+    assert!(back.contains(r#""nodeEligible": true"#), "{back}");
 
     eprintln!("== LoadBalancer ingress IP set through the status subresource");
     let wait = std::time::Instant::now();

@@ -37,6 +37,12 @@ impl Stores {
         NodeInfo::from_node(name, self.node.values().next().map(AsRef::as_ref))
     }
 
+    /// Why this node should get no new traffic from load balancers (see
+    /// [`nodes::leaving`]).
+    pub fn node_leaving(&self) -> Option<&'static str> {
+        nodes::leaving(self.node.values().next().map(AsRef::as_ref))
+    }
+
     /// The watched Node's IPv4 InternalIPs.
     pub fn internal_ips(&self) -> Vec<std::net::Ipv4Addr> {
         nodes::internal_ips(self.node.values().next().map(AsRef::as_ref))

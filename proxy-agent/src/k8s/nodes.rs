@@ -64,6 +64,27 @@ impl NodeInfo {
     }
 }
 
+/// The taint the cluster autoscaler puts on a Node it is about to remove.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Why this node should get no new traffic from load balancers, if it
+/// should not: kube-proxy's `nodeEligible` rule, which `/healthz` follows
+/// (503 while the Node is being deleted or the autoscaler has marked it for
+/// removal), so that an externalTrafficPolicy=Cluster load balancer drains
+/// it before it goes. A Node not (yet) read is eligible.
+pub fn leaving(node: Option<&Node>) -> Option<&'static str> {
+    let node = node?;
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("the Node is being deleted");
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    tainted.then_some("the Node has the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint")
+}
+
 /// The Node's IPv4 InternalIPs, in its order: the uplink is the interface
 /// holding one of them.
 pub fn internal_ips(node: Option<&Node>) -> Vec<Ipv4Addr> {
@@ -89,4 +110,42 @@ fn addresses_of<A: std::str::FromStr + PartialEq>(node: Option<&Node>, types: &[
         }
     }
     addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{NodeSpec, Taint},
+        apimachinery::pkg::apis::meta::v1::Time,
+    };
+
+    use super::*;
+
+    fn tainted(key: &str) -> Node {
+        Node {
+            spec: Some(NodeSpec {
+                taints: Some(vec![Taint {
+                    key: key.into(),
+                    effect: "NoSchedule".into(),
+                    ..Taint::default()
+                }]),
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_marked_for_removal_is_leaving() {
+        assert_eq!(leaving(None), None, "not read yet");
+        assert_eq!(leaving(Some(&Node::default())), None);
+        assert_eq!(
+            leaving(Some(&tainted("node.kubernetes.io/unschedulable"))),
+            None
+        );
+        assert!(leaving(Some(&tainted(TO_BE_DELETED_TAINT))).is_some());
+        let mut deleted = Node::default();
+        deleted.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert_eq!(leaving(Some(&deleted)), Some("the Node is being deleted"));
+    }
 }

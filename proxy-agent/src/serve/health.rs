@@ -1,5 +1,7 @@
 //! `/healthz` as kube-proxy serves it on port 10256: 200 with a small JSON
-//! body while the dataplane is programmed and in sync, 503 otherwise; `/livez`
+//! body while the dataplane is programmed and in sync and the Node is not
+//! leaving (`nodeEligible`: not being deleted, no ToBeDeletedByClusterAutoscaler
+//! taint), 503 otherwise; `/livez`
 //! (the liveness probe's) 200 while the agent's loop goes round, in sync or
 //! not, so an API server outage never gets the agent restarted;
 //! `/metrics` with the agent's counters, and `/statusz` (the uplinks, their
@@ -34,6 +36,9 @@ pub struct Health {
     pending_since: Option<Instant>,
     /// When the agent's loop last went round (see [`HEARTBEAT`]).
     last_beat: Option<Instant>,
+    /// Why the node should get no new traffic (`nodeEligible: false`), if
+    /// it should not (see `k8s::nodes::leaving`).
+    node_leaving: Option<&'static str>,
 }
 
 /// A change older than this that is still not programmed makes the agent unhealthy.
@@ -302,14 +307,27 @@ impl Health {
                 .is_none_or(|since| since.elapsed() < HEALTH_TIMEOUT)
     }
 
+    /// Notes whether the node is leaving; returns whether that changed.
+    pub fn set_node_leaving(&mut self, leaving: Option<&'static str>) -> bool {
+        std::mem::replace(&mut self.node_leaving, leaving) != leaving
+    }
+
+    /// `/healthz`, as kube-proxy's: in sync, and the node eligible for new
+    /// traffic. `/livez` ignores eligibility (a leaving node's agent is
+    /// alive), as kube-proxy's does.
+    fn serving(&self) -> bool {
+        self.healthy() && self.node_leaving.is_none()
+    }
+
     fn body(&self) -> String {
         let last = self
             .last_synced
             .map(|(_, t)| t.to_string())
             .unwrap_or_default();
         format!(
-            r#"{{"lastUpdated": "{last}","currentTime": "{}", "nodeEligible": true}}"#,
-            jiff::Timestamp::now()
+            r#"{{"lastUpdated": "{last}","currentTime": "{}", "nodeEligible": {}}}"#,
+            jiff::Timestamp::now(),
+            self.node_leaving.is_none()
         )
     }
 }
@@ -348,7 +366,7 @@ pub async fn serve(addr: SocketAddr, health: Shared) -> Result<()> {
                         let ok = if path == "/livez" {
                             h.live()
                         } else {
-                            h.healthy()
+                            h.serving()
                         };
                         let status = if ok {
                             "200 OK"
@@ -503,6 +521,22 @@ mod tests {
             text.contains("# TYPE ferry_maps_not_carried_total counter\nferry_maps_not_carried_total{map=\"nat4_v1\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn healthz_fails_while_the_node_is_leaving_and_livez_does_not() {
+        let mut health = Health::default();
+        health.synced();
+        health.beat();
+        assert!(health.serving() && health.live());
+        assert!(health.body().contains(r#""nodeEligible": true"#));
+        assert!(health.set_node_leaving(Some("the Node is being deleted")));
+        assert!(!health.set_node_leaving(Some("the Node is being deleted")));
+        assert!(!health.serving(), "503: load balancers drain the node");
+        assert!(health.healthy() && health.live(), "in sync and alive");
+        assert!(health.body().contains(r#""nodeEligible": false"#));
+        assert!(health.set_node_leaving(None));
+        assert!(health.serving());
     }
 
     #[test]
