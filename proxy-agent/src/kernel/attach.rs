@@ -4,13 +4,17 @@
 use super::*;
 
 impl Dataplane {
-    /// The uplink XDP program.
+    /// The uplink XDP program, loaded (verified) if it was not yet.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
-        Ok(self
+        let program: &mut Xdp = self
             .ebpf
             .program_mut(program_names::UPLINK_XDP)
             .context("no uplink_xdp program")?
-            .try_into()?)
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().context("the verifier rejected uplink_xdp")?;
+        }
+        Ok(program)
     }
 
     /// Attaches the uplink programs to the node's uplink: XDP (native if the
@@ -92,13 +96,20 @@ impl Dataplane {
         Ok(UplinkMode::Tc)
     }
 
-    /// One of the loaded programs, by name (see `proxy_common::program_names`).
+    /// One of the tc programs, by name (see `proxy_common::program_names`),
+    /// loaded (verified) if it was not yet.
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
-        Ok(self
+        let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?
-            .try_into()?)
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        Ok(program)
     }
 
     /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's

@@ -229,6 +229,7 @@ impl Dataplane {
             loader.map_max_entries(name, size);
         }
         let mut dataplane = Self::load_with(&mut loader)?;
+        dataplane.load_packet_programs()?;
         dataplane.pin_dir = Some(pin_dir.to_path_buf());
         Ok(dataplane)
     }
@@ -242,7 +243,11 @@ impl Dataplane {
     }
 
     /// Loads the programs with private maps that vanish with this value: for
-    /// packet tests and simulations that must not touch a running agent's state.
+    /// packet tests and simulations that must not touch a running agent's
+    /// state. The packet programs go through the verifier when first run or
+    /// attached (see [`Dataplane::program`]): a test of the pod path does not
+    /// wait for the uplink's, which take the verifier twenty times as long.
+    /// [`Dataplane::load_packet_programs`] loads them all at once.
     pub fn load_private() -> Result<Self> {
         Self::load_with(&mut EbpfLoader::new())
     }
@@ -431,28 +436,24 @@ impl Dataplane {
         Self::load_object_with(loader, OBJECT)
     }
 
-    fn load_object_with(loader: &mut EbpfLoader<'_>, object: &[u8]) -> Result<Self> {
-        Self::raise_memlock_limit();
-        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    /// Loads every packet program (the agent does at start, so that a
+    /// verifier's refusal stops it there, not at the first interface).
+    pub fn load_packet_programs(&mut self) -> Result<()> {
         for name in [
             program_names::FROM_POD,
             program_names::TO_POD,
             program_names::UPLINK_TC,
             program_names::UPLINK_TC6,
         ] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
+            self.program(name)?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::UPLINK_XDP)
-            .context("program uplink_xdp missing from the object")?
-            .try_into()?;
-        xdp.load().context("the verifier rejected uplink_xdp")?;
+        self.xdp_program()?;
+        Ok(())
+    }
+
+    fn load_object_with(loader: &mut EbpfLoader<'_>, object: &[u8]) -> Result<Self> {
+        Self::raise_memlock_limit();
+        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         // A kernel without them still gets every packet path.
         let sock_programs = match Self::load_sock_programs(&mut ebpf) {
             Ok(loaded) => Some(loaded),

@@ -95,6 +95,18 @@ fn cluster() -> Vec<FrontendSpec> {
     ]
 }
 
+/// Every packet program through this kernel's verifier. The harness loads
+/// a program when a test first runs it; this test (the first listed, which
+/// the kernel matrix runs as its probe) loads them all, so that a program the
+/// kernel refuses is told apart from a failing test.
+#[test]
+fn all_programs_pass_the_verifier() {
+    support::require_root();
+    let mut p = harness::Programs::load().expect("load the programs");
+    p.dp.load_packet_programs()
+        .expect("the kernel's verifier takes every packet program");
+}
+
 /// The shared harness, with what these tests ask of it on top.
 struct Programs(harness::Programs);
 
