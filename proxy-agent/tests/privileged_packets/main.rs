@@ -13,7 +13,7 @@ mod support;
 mod verdicts;
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     ops::{Deref, DerefMut},
 };
 
@@ -43,10 +43,10 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-fn v4(addr: std::net::IpAddr) -> Ipv4Addr {
+fn v4(addr: IpAddr) -> Ipv4Addr {
     match addr {
-        std::net::IpAddr::V4(a) => a,
-        std::net::IpAddr::V6(a) => panic!("{a}: an IPv4 test"),
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a}: an IPv4 test"),
     }
 }
 
@@ -58,7 +58,7 @@ fn service(
     protocol: Protocol,
     endpoints: &[(&str, u16)],
 ) -> FrontendSpec {
-    let addr = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+    let addr = |a: &str| a.parse::<IpAddr>().unwrap();
     let frontend = Frontend {
         address: addr(vip),
         port,
@@ -170,7 +170,7 @@ impl Programs {
     }
 
     /// The same for a flow of either family.
-    fn hashed(&self, f: &Frame) -> (std::net::IpAddr, u16) {
+    fn hashed(&self, f: &Frame) -> (IpAddr, u16) {
         let key = |slot| ServiceKey::new(f.daddr, f.dport, f.proto, slot);
         let count = self.programmed.applied.services[&key(0)].count;
         let h = f.flow_hash();
@@ -189,9 +189,9 @@ impl Programs {
 }
 
 /// Sends `f` from the pod and asserts it comes out DNATed to its hashed backend,
-/// byte for byte. Returns the backend.
-fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
-    let backend = p.hashed_backend(f);
+/// byte for byte. Returns the backend. Either family.
+fn assert_dnat_ip(p: &mut Programs, f: &Frame) -> (IpAddr, u16) {
+    let backend = p.hashed(f);
     let (verdict, out) = p.send_from_pod(f);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(
@@ -204,19 +204,30 @@ fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
 }
 
 /// Sends the backend's reply to `f` towards the pod and asserts the source is
-/// the frontend again, byte for byte.
-fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
+/// the frontend again, byte for byte. Either family.
+fn assert_reverse_nat_ip(p: &mut Programs, f: &Frame, backend: (IpAddr, u16)) {
     let reply = f.with_dst(backend.0, backend.1).reply();
     let (verdict, out) = p.send_to_pod(&reply);
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(
         out,
-        reply.with_src(f.daddr4(), f.dport).bytes(),
+        reply.with_src(f.daddr, f.dport).bytes(),
         "reverse NAT to {}:{}",
-        f.daddr4(),
+        f.daddr,
         f.dport
     );
     packet::assert_checksums_valid(&out);
+}
+
+/// [`assert_dnat_ip`] for an IPv4 flow.
+fn assert_dnat(p: &mut Programs, f: &Frame) -> (Ipv4Addr, u16) {
+    let (addr, port) = assert_dnat_ip(p, f);
+    (v4(addr), port)
+}
+
+/// [`assert_reverse_nat_ip`] for an IPv4 flow.
+fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
+    assert_reverse_nat_ip(p, f, (backend.0.into(), backend.1));
 }
 
 /// The conntrack key of `f`'s direction of its flow, as the client sent it.

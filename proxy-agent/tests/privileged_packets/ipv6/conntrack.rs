@@ -134,11 +134,15 @@ fn ipv6_conntrack_entries_expire_by_protocol_and_tcp_state() {
 fn an_ipv6_connection_that_lost_its_entries_keeps_its_backend_and_is_counted() {
     let mut p = dual_stack();
     let f = Frame::tcp(CLIENT6, 40400, VIP6, 80);
-    let first = assert_dnat6(&mut p, &f);
+    let first = assert_dnat_ip(&mut p, &f);
     assert_eq!(p.dp.flush_conntrack().unwrap(), 2);
     let mut ack = f.clone();
     ack.tcp_flags = 0x10;
-    assert_eq!(assert_dnat6(&mut p, &ack), first, "the hash picks it again");
+    assert_eq!(
+        assert_dnat_ip(&mut p, &ack),
+        first,
+        "the hash picks it again"
+    );
     assert_eq!(conntrack6(&p).len(), 2, "both entries are back");
     assert_eq!(
         (p.stat("fwd_new"), p.stat("fwd_new_mid_flow")),
@@ -157,7 +161,7 @@ fn an_ipv6_flow_keeps_its_backend_after_its_slot_is_rewritten() {
         .map(|port| Frame::tcp(CLIENT6, port, VIP6, 80))
         .find(|f| p.hashed(f).0 == ip6(BACKEND6_A))
         .unwrap();
-    assert_dnat6(&mut p, &f);
+    assert_dnat_ip(&mut p, &f);
     let c = "fd00:10:244:1::9"; // sorts into A's slot
     let mut services = dual_stack_services(|web6| web6.endpoints[0].address = ip6(c).into());
     services.push(service(
@@ -178,7 +182,7 @@ fn an_ipv6_flow_keeps_its_backend_after_its_slot_is_rewritten() {
         .map(|port| Frame::tcp(CLIENT6, port, VIP6, 80))
         .find(|g| p.hashed(g).0 == ip6(c))
         .unwrap();
-    assert_eq!(assert_dnat6(&mut p, &g).0, ip6(c));
+    assert_eq!(assert_dnat_ip(&mut p, &g).0, ip6(c));
 }
 
 #[test]
@@ -234,28 +238,32 @@ fn an_expired_ipv6_conntrack_entry_no_longer_pins_its_flow() {
 fn a_new_ipv6_connection_on_a_closing_tuple_opens_it_again_with_its_reply_direction() {
     let mut p = dual_stack();
     let f = Frame::tcp(CLIENT6, 40720, VIP6, 80);
-    let backend = assert_dnat6(&mut p, &f);
+    let backend = assert_dnat_ip(&mut p, &f);
     let mut rst = f.clone();
     rst.tcp_flags = 0x04;
-    assert_eq!(assert_dnat6(&mut p, &rst), backend);
+    assert_eq!(assert_dnat_ip(&mut p, &rst), backend);
     let closing = lose_reply_entry6(&mut p, &f);
     assert_ne!(closing.flags & ct_flags::CLOSING, 0);
     // The client reuses the port: a SYN on the closing tuple.
-    assert_eq!(assert_dnat6(&mut p, &f), backend, "the entry still pins it");
+    assert_eq!(
+        assert_dnat_ip(&mut p, &f),
+        backend,
+        "the entry still pins it"
+    );
     let (forward, reply) = flow_entries6(&p, &f);
     assert_eq!(forward.unwrap().flags & ct_flags::CLOSING, 0, "open again");
     let reply = reply.expect("the SYN wrote the reply direction again");
     assert_eq!(reply.backend_id, closing.backend_id);
     assert_eq!(reply.flags & ct_flags::CLOSING, 0);
     // Without it the SYN-ACK would reach the client from the backend's address.
-    assert_reverse_nat6(&mut p, &f, backend);
+    assert_reverse_nat_ip(&mut p, &f, backend);
 }
 
 #[test]
 fn an_ipv6_udp_flow_that_lost_its_reply_entry_gets_it_back_within_a_second() {
     let mut p = dual_stack();
     let f = Frame::udp(CLIENT6, 41500, VIP6, 53);
-    let backend = assert_dnat6(&mut p, &f);
+    let backend = assert_dnat_ip(&mut p, &f);
     let mut forward = lose_reply_entry6(&mut p, &f);
     // Last refreshed over a second ago (entries are refreshed once a second).
     forward.last_seen_ns -= 2_000_000_000;
@@ -263,9 +271,9 @@ fn an_ipv6_udp_flow_that_lost_its_reply_entry_gets_it_back_within_a_second() {
         .conntrack
         .insert(forward_key6(&f), forward, 0)
         .unwrap();
-    assert_eq!(assert_dnat6(&mut p, &f), backend);
+    assert_eq!(assert_dnat_ip(&mut p, &f), backend);
     assert!(flow_entries6(&p, &f).1.is_some(), "the reply entry is back");
-    assert_reverse_nat6(&mut p, &f, backend);
+    assert_reverse_nat_ip(&mut p, &f, backend);
 }
 
 /// The dual-stack cluster with two more IPv6 frontends, `fd00:10:96::61`
@@ -285,7 +293,7 @@ fn one_ipv6_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
     let mut p = two_frontends_of(BACKEND6_B);
     let backend = (IpAddr::from(ip6(BACKEND6_B)), 8080);
     let first = Frame::tcp(CLIENT6, 40730, "fd00:10:96::61", 80);
-    assert_eq!(assert_dnat6(&mut p, &first), backend);
+    assert_eq!(assert_dnat_ip(&mut p, &first), backend);
 
     let second = Frame::tcp(CLIENT6, 40730, "fd00:10:96::62", 80);
     let port = remap_ports::nth(second.flow_hash(), 0);
@@ -298,7 +306,7 @@ fn one_ipv6_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
     packet::assert_checksums_valid(&out);
 
     // Each flow's replies go back from its own frontend, to the client's own port.
-    assert_reverse_nat6(&mut p, &first, backend);
+    assert_reverse_nat_ip(&mut p, &first, backend);
     let reply = remapped.reply();
     let (verdict, out) = p.send_to_pod(&reply);
     assert_eq!(verdict, TC_ACT_UNSPEC);
@@ -320,8 +328,8 @@ fn one_ipv6_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
     assert_eq!(p.send_from_pod(&ack).1, remapped_ack.bytes());
     let mut ack = first.clone();
     ack.tcp_flags = 0x10;
-    assert_eq!(assert_dnat6(&mut p, &ack), backend);
-    assert_reverse_nat6(&mut p, &first, backend);
+    assert_eq!(assert_dnat_ip(&mut p, &ack), backend);
+    assert_reverse_nat_ip(&mut p, &first, backend);
     assert_eq!((p.stat("fwd_new"), p.stat("fwd_established")), (2, 2));
 
     // Its closing marks the remapped reply entry, which the agent then collects.
@@ -352,14 +360,14 @@ fn an_ipv6_flow_that_finds_its_own_reply_entry_keeps_its_port() {
     // tuple at the backend: that is no other flow's, so the port stays.
     let mut p = two_frontends_of(BACKEND6_B);
     let f = Frame::tcp(CLIENT6, 40740, "fd00:10:96::61", 80);
-    assert_dnat6(&mut p, &f);
+    assert_dnat_ip(&mut p, &f);
     let entries = conntrack6(&p);
     p.dp.flush_conntrack().unwrap();
     for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::REPLY) {
         p.dp.v6.conntrack.insert(*key, *value, 0).unwrap();
     }
-    assert_dnat6(&mut p, &f);
-    assert_reverse_nat6(&mut p, &f, (ip6(BACKEND6_B).into(), 8080));
+    assert_dnat_ip(&mut p, &f);
+    assert_reverse_nat_ip(&mut p, &f, (ip6(BACKEND6_B).into(), 8080));
     assert_eq!(p.stat("fwd_new"), 2);
 }
 

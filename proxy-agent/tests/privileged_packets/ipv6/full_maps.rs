@@ -37,14 +37,14 @@ fn a_full_map_refuses_ipv6_frontends_by_name_and_a_removal_makes_room() {
         "{problems:?}"
     );
     let to = |vip: &str, port| Frame::tcp(CLIENT6, port, vip, 80);
-    assert_dnat6(&mut p, &to("fd00:10:96:1::2", 40190));
+    assert_dnat_ip(&mut p, &to("fd00:10:96:1::2", 40190));
     let unserved = to("fd00:10:96:1::3", 40191);
     assert_untouched(&mut p, FROM_POD, &unserved.bytes(), TC_ACT_UNSPEC);
 
     // b goes: c is programmed in the same round.
     let problems = p.0.serve_checked(&[a.clone(), c.clone()]).unwrap();
     assert!(problems.is_empty(), "{problems:?}");
-    assert_dnat6(&mut p, &to("fd00:10:96:1::3", 40192));
+    assert_dnat_ip(&mut p, &to("fd00:10:96:1::3", 40192));
     let gone = to("fd00:10:96:1::2", 40193);
     assert_untouched(&mut p, FROM_POD, &gone.bytes(), TC_ACT_UNSPEC);
     assert_eq!(p.dp.read_state().unwrap(), p.programmed.applied);

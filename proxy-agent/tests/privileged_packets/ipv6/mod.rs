@@ -31,36 +31,11 @@ fn dual_stack() -> Programs {
     Programs::new(&dual_stack_services(|_| {}))
 }
 
-/// Sends `f` from the pod and asserts it comes out DNATed to its hashed
-/// backend, byte for byte. Returns the backend.
-fn assert_dnat6(p: &mut Programs, f: &Frame) -> (IpAddr, u16) {
-    let backend = p.hashed(f);
-    let (verdict, out) = p.send_from_pod(f);
-    assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(
-        out,
-        f.with_dst(backend.0, backend.1).bytes(),
-        "DNAT to {backend:?}"
-    );
-    packet::assert_checksums_valid(&out);
-    backend
-}
-
-/// Sends the backend's reply to `f` towards the pod and asserts it comes
-/// from the frontend again, byte for byte.
-fn assert_reverse_nat6(p: &mut Programs, f: &Frame, backend: (IpAddr, u16)) {
-    let reply = f.with_dst(backend.0, backend.1).reply();
-    let (verdict, out) = p.send_to_pod(&reply);
-    assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(out, reply.with_src(f.daddr, f.dport).bytes(), "reverse NAT");
-    packet::assert_checksums_valid(&out);
-}
-
 /// Sends `f` from the pod: DNATed to its hashed backend, then the
 /// backend's reply towards the pod: from the frontend again. Byte for byte.
 fn round_trip(p: &mut Programs, f: &Frame) -> (IpAddr, u16) {
-    let backend = assert_dnat6(p, f);
-    assert_reverse_nat6(p, f, backend);
+    let backend = assert_dnat_ip(p, f);
+    assert_reverse_nat_ip(p, f, backend);
     backend
 }
 
@@ -288,7 +263,7 @@ fn an_ipv6_tcp_segment_with_odd_payload_is_dnated() {
     f.tcp_flags = 0x18;
     f.ack = 99;
     f.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n!".to_vec();
-    assert_dnat6(&mut p, &f);
+    assert_dnat_ip(&mut p, &f);
 }
 
 #[test]
@@ -297,7 +272,7 @@ fn ethernet_padding_after_an_ipv6_packet_is_kept() {
     let mut f = Frame::udp(CLIENT6, 41150, VIP6, 53);
     f.payload = vec![7];
     f.trailer = vec![0xee; 6];
-    assert_dnat6(&mut p, &f);
+    assert_dnat_ip(&mut p, &f);
 }
 
 #[test]
@@ -401,7 +376,7 @@ fn a_wrapped_ipv6_run_takes_the_real_path_every_time() {
     // DNAT, and the last leave what a single run leaves.
     let mut p = dual_stack();
     let f = Frame::tcp(CLIENT6, 40700, VIP6, 80);
-    let backend = assert_dnat6(&mut p, &f);
+    let backend = assert_dnat_ip(&mut p, &f);
     let mut ack = f.clone();
     ack.tcp_flags = 0x10;
     let run = p.dp.run_wrapped(FROM_POD, &ack.bytes(), 100).unwrap();
