@@ -145,8 +145,19 @@ struct Room<'a> {
 }
 
 impl Room<'_> {
-    /// The first map (name, capacity) that `state` plus `part` would overflow.
-    fn overflow(&self, state: &MapState, part: &MapState) -> Option<(&'static str, usize)> {
+    /// The first map (name, capacity) that `state` plus `part` would
+    /// overflow. A map's capacity counts both families' entries together;
+    /// the name is that of `frontend`'s family (Maglev tables hold ids only,
+    /// one map for both).
+    fn overflow(
+        &self,
+        state: &MapState,
+        part: &MapState,
+        frontend: &Frontend,
+    ) -> Option<(&'static str, usize)> {
+        use proxy_common::map_names as names;
+        let v6 = frontend.address.is_ipv6();
+        let of_family = |v4, v6_name| if v6 { v6_name } else { v4 };
         let new_backends = part
             .backends
             .keys()
@@ -155,27 +166,27 @@ impl Room<'_> {
         let (c, b) = (self.capacity, &self.base);
         [
             (
-                proxy_common::map_names::SERVICES_V4,
+                of_family(names::SERVICES_V4, names::SERVICES_V6),
                 b.services + state.services.len() + part.services.len(),
                 c.services,
             ),
             (
-                proxy_common::map_names::BACKENDS_V4,
+                of_family(names::BACKENDS_V4, names::BACKENDS_V6),
                 b.backends + state.backends.len() + new_backends,
                 c.backends,
             ),
             (
-                proxy_common::map_names::REVNAT_V4,
+                of_family(names::REVNAT_V4, names::REVNAT_V6),
                 b.revnat + state.revnat.len() + part.revnat.len(),
                 c.revnat,
             ),
             (
-                proxy_common::map_names::MAGLEV_V4,
+                names::MAGLEV_V4,
                 b.maglev + state.maglev.len() + part.maglev.len(),
                 c.maglev,
             ),
             (
-                proxy_common::map_names::SOURCE_RANGES_V4,
+                of_family(names::SOURCE_RANGES_V4, names::SOURCE_RANGES_V6),
                 b.source_ranges + state.source_ranges.len() + part.source_ranges.len(),
                 c.source_ranges,
             ),
@@ -310,7 +321,7 @@ fn build<S: Borrow<FrontendSpec>>(
                 continue;
             }
         };
-        let Some((map, capacity)) = room.overflow(&placed.state, &part) else {
+        let Some((map, capacity)) = room.overflow(&placed.state, &part, &frontend) else {
             placed.place(frontend, part, used);
             continue;
         };

@@ -33,7 +33,7 @@ fn a_full_map_refuses_ipv6_frontends_by_name_and_a_removal_makes_room() {
         p.0.serve_checked(&[a.clone(), b.clone(), c.clone()])
             .unwrap();
     assert!(
-        matches!(&problems[..], [Problem::MapFull { name, capacity: 8, .. }] if name == "c"),
+        matches!(&problems[..], [Problem::MapFull { name, map: "svc6_v1", capacity: 8, .. }] if name == "c"),
         "{problems:?}"
     );
     let to = |vip: &str, port| Frame::tcp(CLIENT6, port, vip, 80);
