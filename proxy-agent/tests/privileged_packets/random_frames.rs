@@ -143,8 +143,13 @@ fn mutate(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
         6 if bytes.len() > 13 => bytes[12..14].copy_from_slice(&[0x86, 0xdd]),
         _ => {}
     }
-    // BPF_PROG_TEST_RUN also refuses an IPv4 frame shorter than an IPv4
-    // header and an IPv6 one shorter than an IPv6 header: padded with zeros.
+    pad_for_test_run(bytes)
+}
+
+/// BPF_PROG_TEST_RUN refuses an IPv4 frame shorter than an IPv4 header and
+/// an IPv6 one shorter than an IPv6 header: `bytes` padded with zeros to
+/// its EtherType's least.
+pub(super) fn pad_for_test_run(mut bytes: Vec<u8>) -> Vec<u8> {
     let least = match bytes[12..14] {
         [0x08, 0x00] => 34,
         [0x86, 0xdd] => 54,

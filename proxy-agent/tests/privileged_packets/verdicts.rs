@@ -234,13 +234,22 @@ fn reply_after_its_frontend_is_gone_is_dropped() {
 #[test]
 fn every_packet_is_counted_once_with_its_bytes() {
     let mut p = Programs::new(&cluster());
-    let frames = [
-        Frame::tcp(CLIENT, 40095, VIP, 80),
-        Frame::tcp(CLIENT, 40095, BACKEND_B, 80),
-        Frame::udp(CLIENT, 40095, EMPTY_VIP, 53),
-    ];
+    assert_counted_once(
+        &mut p,
+        &[
+            Frame::tcp(CLIENT, 40095, VIP, 80),
+            Frame::tcp(CLIENT, 40095, BACKEND_B, 80),
+            Frame::udp(CLIENT, 40095, EMPTY_VIP, 53),
+        ],
+    );
+}
+
+/// Sends `frames` (to a frontend, to no frontend, to a frontend without
+/// backends) from the pod and checks that the counters hold each packet
+/// once, with its bytes, under its verdict.
+pub(super) fn assert_counted_once(p: &mut Programs, frames: &[Frame; 3]) {
     let mut bytes = 0;
-    for f in &frames {
+    for f in frames {
         bytes += f.bytes().len() as u64;
         p.send_from_pod(f);
     }

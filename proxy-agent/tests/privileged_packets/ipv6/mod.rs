@@ -311,28 +311,13 @@ fn malformed_ipv6_headers_are_dropped_and_a_truncated_tcp_header_passes() {
 #[test]
 fn every_ipv6_packet_is_counted_once_with_its_bytes() {
     let mut p = dual_stack();
-    let frames = [
-        Frame::tcp(CLIENT6, 40170, VIP6, 80),
-        Frame::tcp(CLIENT6, 40170, BACKEND6_B, 80),
-        Frame::udp(CLIENT6, 40170, EMPTY_VIP6, 53),
-    ];
-    let mut bytes = 0;
-    for f in &frames {
-        bytes += f.bytes().len() as u64;
-        p.send_from_pod(f);
-    }
-    let stats = p.dp.stats().unwrap();
-    let total: (u64, u64) = stats
-        .iter()
-        .fold((0, 0), |t, (_, c)| (t.0 + c.packets, t.1 + c.bytes));
-    assert_eq!(total, (3, bytes));
-    assert_eq!(
-        (
-            p.stat("fwd_new"),
-            p.stat("pass_not_service"),
-            p.stat("reject_no_backend")
-        ),
-        (1, 1, 1)
+    crate::verdicts::assert_counted_once(
+        &mut p,
+        &[
+            Frame::tcp(CLIENT6, 40170, VIP6, 80),
+            Frame::tcp(CLIENT6, 40170, BACKEND6_B, 80),
+            Frame::udp(CLIENT6, 40170, EMPTY_VIP6, 53),
+        ],
     );
 }
 

@@ -8,7 +8,7 @@
 //! translated), and every frame rewritten from one whose checksum was valid
 //! has a valid checksum. The twin of `random_frames.rs`.
 
-use crate::random_frames::Rng;
+use crate::random_frames::{pad_for_test_run, Rng};
 
 use super::*;
 
@@ -139,15 +139,7 @@ fn mutate(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
         7 if bytes.len() > 55 => bytes[55] = rng.next() as u8,
         _ => {}
     }
-    let least = match bytes[12..14] {
-        [0x08, 0x00] => 34,
-        [0x86, 0xdd] => 54,
-        _ => 14,
-    };
-    if bytes.len() < least {
-        bytes.resize(least, 0);
-    }
-    bytes
+    pad_for_test_run(bytes)
 }
 
 /// What the model says must happen to a frame.
