@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use aya_obj::{maps::Map, Object};
 use proxy_common::{
     bench, map_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
-    Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4,
-    RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SockRevKey6,
-    SourceRange4, SourceRange6, StatCounter,
+    Config6, CtKey4, CtKey6, CtValue, FragKey4, FragPorts, MaglevKey, Nat4, Nat6, NatPortKey4,
+    NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
+    SockRevKey6, SourceRange4, SourceRange6, StatCounter,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -336,6 +336,17 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 String::new(),
             ),
         ),
+        (
+            map_names::FRAGMENTS_V4,
+            layout!(FragKey4 {
+                saddr_be,
+                daddr_be,
+                id_be,
+                proto,
+                _pad
+            }),
+            layout!(FragPorts { sport_be, dport_be }),
+        ),
     ]
 }
 
@@ -371,6 +382,7 @@ natport6_v1: NatPortKey6 24 {backend_addr@0 backend_port_be@16 proto@18 _pad@19 
 srcrange6_v1: lpm_trie::Key<SourceRange6> 24 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
 config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
 scratch_v1: u32 4 {} -> Scratch 152 {}
+frag4_v1: FragKey4 12 {saddr_be@0 daddr_be@4 id_be@8 proto@10 _pad@11} -> FragPorts 4 {sport_be@0 dport_be@2}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

@@ -68,8 +68,11 @@ pub mod map_names {
     pub const CONFIG_V6: &str = "config6_v1";
     /// Per-CPU room for what the programs' stacks have none for (no state).
     pub const SCRATCH: &str = "scratch_v1";
+    /// IPv4 fragmented datagrams: the ports of each, from its first
+    /// fragment, for the later ones (which carry none).
+    pub const FRAGMENTS_V4: &str = "frag4_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -95,6 +98,7 @@ pub mod map_names {
         SOURCE_RANGES_V6,
         CONFIG_V6,
         SCRATCH,
+        FRAGMENTS_V4,
     ];
 }
 
@@ -191,6 +195,9 @@ pub mod capacity {
     /// The IPv6 NAT-port words and source ranges take the IPv4 sizes,
     /// allocated as used.
     pub const NAT_V6: u32 = 32_768;
+    /// IPv4 datagrams in fragments at once (least recently used evicted,
+    /// allocated whole: under 1 MiB), as Cilium's default.
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// IP protocol numbers used in keys.
@@ -713,6 +720,28 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
+/// Key of the IPv4 fragments map: one datagram, as RFC 791 identifies it
+/// (source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey4 {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey4>() == 12);
+
+/// A fragmented datagram's ports, from its first fragment (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
+
 /// Key of the socket reverse-translation map: a socket (its cookie) and the
 /// backend the socket hooks sent it to.
 #[repr(C)]
@@ -887,6 +916,8 @@ mod pod {
     unsafe impl aya::Pod for NatPortKey4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for SockRevKey4 {}
+    unsafe impl aya::Pod for FragKey4 {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for SockConfig {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for AffinityValue {}

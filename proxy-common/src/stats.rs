@@ -68,10 +68,14 @@ stats! {
     /// The per-CPU scratch slot could not be had (a per-CPU array always
     /// has it: counted rather than assumed).
     DropScratch = 27 => "drop_scratch",
+    /// An ICMP (ICMPv6) error about a translated flow (a backend's side of
+    /// a DNATed flow, or a SNATed flow's node port), translated back for
+    /// its client: outer and quoted headers (see the programs' `icmp`).
+    RevNatIcmp = 28 => "rev_nat_icmp",
 }
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 29;
 
 impl Stat {
     /// The counter's index in the stats array.
@@ -125,6 +129,7 @@ mod tests {
             "fwd_new_mid_flow",
             "pass_ipv6_to_tc",
             "drop_scratch",
+            "rev_nat_icmp",
         ];
         let now: [&str; COUNT as usize] = Stat::ALL.map(Stat::name);
         assert_eq!(now, names);

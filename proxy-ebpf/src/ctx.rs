@@ -15,7 +15,7 @@ use proxy_common::{proto, stats::Stat};
 use crate::{
     csum,
     family::Family,
-    flow::{Flow, Frame, ETH_LEN, IP_CSUM_OFF},
+    flow::{self, Flow, Frame, ETH_LEN, IP_CSUM_OFF},
     reject,
     verdict::{Action, Dropped, Out, Outcome},
 };
@@ -38,7 +38,9 @@ pub trait Packet: Frame {
     /// Rewrites one end of the flow to `addr:port` (network order), fixing the
     /// IPv4 header checksum (IPv6 has none) and the L4 checksum, whose
     /// pseudo-header covers the addresses. A UDP checksum of zero (none)
-    /// stays zero; a computed zero becomes 0xffff.
+    /// stays zero; a computed zero becomes 0xffff. A later fragment has
+    /// only its address rewritten: its L4 header (ports and checksum, over
+    /// the whole datagram) is in the first fragment.
     fn rewrite<F: Family>(
         &self,
         flow: &Flow<F>,
@@ -46,6 +48,9 @@ pub trait Packet: Frame {
         addr: F::Addr,
         port: u16,
     ) -> Result<(), Dropped>;
+    /// Writes `value` at `offset`, as it is: the caller keeps the checksums
+    /// that cover it right (see `icmp`).
+    fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), Dropped>;
     /// Writes the Ethernet addresses.
     fn set_macs(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Dropped>;
     /// Rejects `flow`'s packet with an ICMP (ICMPv6) port unreachable: tc
@@ -117,6 +122,7 @@ impl Packet for TcContext {
         port: u16,
     ) -> Result<(), Dropped> {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
+        let l4 = !flow::later_fragment::<_, F>(self);
         let mangled = if flow.proto == proto::UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
         } else {
@@ -129,13 +135,15 @@ impl Packet for TcContext {
                 if old == new {
                     continue;
                 }
-                self.l4_csum_replace(
-                    csum_off,
-                    u64::from(*old),
-                    u64::from(*new),
-                    u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
-                )
-                .map_err(failed)?;
+                if l4 {
+                    self.l4_csum_replace(
+                        csum_off,
+                        u64::from(*old),
+                        u64::from(*new),
+                        u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+                    )
+                    .map_err(failed)?;
+                }
                 if F::IP_CSUM {
                     self.l3_csum_replace(
                         ETH_LEN + IP_CSUM_OFF,
@@ -148,12 +156,18 @@ impl Packet for TcContext {
             }
             self.store(addr_off, &addr, 0).map_err(failed)?;
         }
-        if old_port != port {
+        if old_port != port && l4 {
             self.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled | 2)
                 .map_err(failed)?;
             self.store(port_off, &port, 0).map_err(failed)?;
         }
         Ok(())
+    }
+
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), Dropped> {
+        self.store(offset, value, 0)
+            .map_err(|_| Dropped(Stat::DropRewrite))
     }
 
     #[inline(always)]
@@ -169,6 +183,32 @@ impl Packet for TcContext {
     fn reject<F: Family>(&self, flow: &Flow<F>) -> Outcome {
         reject::port_unreachable(self, flow)
     }
+}
+
+/// A later fragment's address rewrite in an XDP frame: the address and the
+/// IPv4 header checksum, nothing of an L4 header it does not have.
+#[inline(always)]
+fn rewrite_fragment<F: Family>(
+    ctx: &XdpContext,
+    addr_ptr: *mut F::Addr,
+    old: F::Addr,
+    new: F::Addr,
+) -> Result<(), Dropped> {
+    if F::IP_CSUM {
+        let ip_csum =
+            xdp_ptr::<u16>(ctx, ETH_LEN + IP_CSUM_OFF).ok_or(Dropped(Stat::DropRewrite))?;
+        // SAFETY: bounds-checked.
+        unsafe {
+            let mut check = ip_csum.read_unaligned();
+            for (o, n) in F::words(&old).iter().zip(F::words(&new)) {
+                check = csum::replace4(check, *o, *n);
+            }
+            ip_csum.write_unaligned(check);
+        }
+    }
+    // SAFETY: bounds-checked by the caller.
+    unsafe { addr_ptr.write_unaligned(new) };
+    Ok(())
 }
 
 /// A bounds-checked pointer into an XDP frame.
@@ -229,6 +269,9 @@ impl Packet for XdpContext {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
         let bad = Dropped(Stat::DropRewrite);
         let addr_ptr = xdp_ptr::<F::Addr>(self, addr_off).ok_or(bad)?;
+        if flow::later_fragment::<_, F>(self) {
+            return rewrite_fragment::<F>(self, addr_ptr, old_addr, addr);
+        }
         let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Dropped(Stat::DropRewrite))?;
         let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Dropped(Stat::DropRewrite))?;
         let ip_csum = if F::IP_CSUM {
@@ -257,6 +300,14 @@ impl Packet for XdpContext {
             }
             l4_csum.write_unaligned(l4);
         }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), Dropped> {
+        let at = xdp_ptr::<T>(self, offset).ok_or(Dropped(Stat::DropRewrite))?;
+        // SAFETY: bounds-checked.
+        unsafe { at.write_unaligned(*value) };
         Ok(())
     }
 

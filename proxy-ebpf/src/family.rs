@@ -78,6 +78,8 @@ pub trait Family: Copy {
     const IP_CSUM: bool;
     /// The address family's number (AF_INET, AF_INET6), for FIB lookups.
     const AF: u8;
+    /// The family's ICMP protocol number (ICMP, ICMPv6).
+    const ICMP: u8;
 
     /// Writes a FIB lookup's source and destination.
     fn fib_addresses(params: &mut bpf_fib_lookup, src: Self::Addr, dst: Self::Addr);
@@ -332,6 +334,7 @@ impl Family for V4 {
     const DADDR_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
     const IP_CSUM: bool = true;
     const AF: u8 = 2;
+    const ICMP: u8 = 1;
 
     #[inline(always)]
     fn fib_addresses(params: &mut bpf_fib_lookup, src: u32, dst: u32) {
@@ -499,6 +502,7 @@ impl Family for V6 {
     const DADDR_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
     const IP_CSUM: bool = false;
     const AF: u8 = 10;
+    const ICMP: u8 = 58;
 
     #[inline(always)]
     fn fib_addresses(params: &mut bpf_fib_lookup, src: Addr6, dst: Addr6) {

@@ -10,7 +10,6 @@ use proxy_common::stats::Stat;
 use crate::{
     ctx::Packet,
     family::Family,
-    flow::Flow,
     maps::SCRATCH,
     verdict::{Action, Dropped, Out, Outcome},
 };
@@ -30,7 +29,7 @@ pub enum Hop {
 #[inline(always)]
 pub fn fib<C: Packet, F: Family>(
     ctx: &C,
-    flow: &Flow<F>,
+    proto: u8,
     src: F::Addr,
     dst: F::Addr,
     sport: u16,
@@ -42,7 +41,7 @@ pub fn fib<C: Packet, F: Family>(
     // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
     *params = unsafe { core::mem::zeroed() };
     params.family = F::AF;
-    params.l4_protocol = flow.proto;
+    params.l4_protocol = proto;
     params.sport = sport;
     params.dport = dport;
     params.ifindex = ctx.ifindex();

@@ -1,7 +1,8 @@
 //! A leaf of the program: the packet headers (from `network-types`), their
 //! offsets, TCP's flags, the 5-tuple (`Flow`, IPv4 or IPv6) and the parser
 //! that finds it. The IPv4 header length comes from IHL, so options are
-//! handled; IPv6 extension headers are walked, a few at most. Reads frames
+//! handled, and an IPv4 fragment gets its datagram's ports (`frag`); IPv6
+//! extension headers are walked, a few at most. Reads frames
 //! through `Frame` only.
 
 use core::mem::offset_of;
@@ -14,7 +15,10 @@ use network_types::{
 };
 use proxy_common::{proto, stats::Stat};
 
-use crate::family::{Addr6, Family, V4, V6};
+use crate::{
+    family::{Addr6, Family, V4, V6},
+    frag,
+};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 const ETH_TYPE_OFF: usize = offset_of!(EthHdr, ether_type);
@@ -23,6 +27,7 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const IPV4_MIN_LEN: usize = Ipv4Hdr::LEN;
 /// Offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = offset_of!(Ipv4Hdr, check);
+const IPV4_FRAG_OFF: usize = offset_of!(Ipv4Hdr, frags);
 const TCP_MIN_LEN: usize = TcpHdr::LEN;
 const UDP_LEN: usize = UdpHdr::LEN;
 /// TCP's flags byte: the one before the window (`TcpHdr` holds it in a bitfield).
@@ -77,7 +82,7 @@ pub struct Flow<F: Family = V4> {
     pub dport: u16,
     /// Arrived on the node's uplink (from outside) rather than from a pod.
     pub external: bool,
-    /// TCP's flags byte (0 for UDP).
+    /// TCP's flags byte (0 for UDP, and for a later fragment).
     pub tcp_flags: u8,
 }
 
@@ -130,6 +135,10 @@ pub enum Early {
     Pass(Stat),
     /// An IP header the kernel would drop too.
     Drop(Stat),
+    /// An ICMP (ICMPv6) message, its header at this offset: an error about a
+    /// translated flow is translated back (`icmp`), anything else passes
+    /// untouched as not TCP or UDP.
+    Icmp(usize),
 }
 
 /// The IP version of a frame.
@@ -170,15 +179,49 @@ pub fn parse4<C: Frame>(ctx: &C) -> Result<Flow<V4>, Early> {
     {
         return Err(Early::Drop(Stat::DropMalformedIp));
     }
-    // More-fragments flag or a fragment offset: no ports to match on.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(Early::Pass(Stat::PassFragment));
-    }
     let (saddr, daddr) = (
         u32::from_ne_bytes(ip.src_addr),
         u32::from_ne_bytes(ip.dst_addr),
     );
-    l4(ctx, ip.proto, ip_hdr_len, tot_len, saddr, daddr)
+    let frags = u16::from_be_bytes(ip.frags);
+    let datagram = frag::datagram(saddr, daddr, ip.id, ip.proto);
+    if frags & frag::OFFSET != 0 {
+        // A later fragment: its datagram's ports, if its first fragment
+        // came this way.
+        let Some(ports) = frag::ports(&datagram) else {
+            return Err(Early::Pass(Stat::PassFragment));
+        };
+        return Ok(Flow {
+            l4_off: ETH_LEN + ip_hdr_len,
+            ip_hdr_len,
+            proto: ip.proto,
+            saddr,
+            daddr,
+            sport: ports.sport_be,
+            dport: ports.dport_be,
+            external: false,
+            tcp_flags: 0,
+        });
+    }
+    let flow = l4(ctx, ip.proto, ip_hdr_len, tot_len, saddr, daddr)?;
+    if frags & frag::MORE != 0 {
+        frag::remember(&datagram, flow.sport, flow.dport);
+    }
+    Ok(flow)
+}
+
+/// Whether a frame of family `F` is an IPv4 fragment after the first: its
+/// flow has its datagram's ports (`frag`), and it has no L4 header to
+/// rewrite (its ports and checksum are in the first fragment). Read from
+/// the frame where a rewrite needs it rather than carried in `Flow`: as a
+/// flag there, the verifier would walk each path twice, once for later
+/// fragments and once for everything else.
+#[inline(always)]
+pub fn later_fragment<C: Frame, F: Family>(ctx: &C) -> bool {
+    F::IP_CSUM
+        && ctx
+            .read::<[u8; 2]>(ETH_LEN + IPV4_FRAG_OFF)
+            .is_some_and(|f| u16::from_be_bytes(f) & frag::OFFSET != 0)
 }
 
 /// The flow of a frame known to carry IPv6.
@@ -236,12 +279,13 @@ fn l4<C: Frame, F: Family>(
     saddr: F::Addr,
     daddr: F::Addr,
 ) -> Result<Flow<F>, Early> {
+    let l4_off = ETH_LEN + ip_hdr_len;
     let l4_min = match l4_proto {
         p if p == proto::TCP => TCP_MIN_LEN,
         p if p == proto::UDP => UDP_LEN,
+        p if p == F::ICMP => return Err(Early::Icmp(l4_off)),
         _ => return Err(Early::Pass(Stat::PassNotTcpUdp)),
     };
-    let l4_off = ETH_LEN + ip_hdr_len;
     if ip_hdr_len + l4_min > tot_len {
         return Err(Early::Pass(Stat::PassTruncatedL4));
     }

@@ -18,6 +18,8 @@ mod ctx;
 mod family;
 mod fib;
 mod flow;
+mod frag;
+mod icmp;
 mod keys;
 mod lb;
 mod maps;

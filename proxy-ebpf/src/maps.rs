@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
-    Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4,
-    RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4, SockRevKey6,
-    SourceRange4, SourceRange6, StatCounter,
+    Config6, CtKey4, CtKey6, CtValue, FragKey4, FragPorts, MaglevKey, Nat4, Nat6, NatPortKey4,
+    NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
+    SockRevKey6, SourceRange4, SourceRange6, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -76,6 +76,13 @@ pub static SOURCE_RANGES: LpmTrie<
     { capacity::SOURCE_RANGES as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = LpmTrie::new();
+
+/// IPv4 fragmented datagrams: (source, destination, id, protocol) -> the
+/// ports from the first fragment, for the later ones. Least recently used
+/// evicted.
+#[btf_map(name = "frag4_v1")]
+pub static FRAGMENTS: LruHashMap<FragKey4, FragPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
 
 /// Node-wide settings (index 0), written by the agent.
 #[btf_map(name = "config_v1")]

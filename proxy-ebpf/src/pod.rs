@@ -1,7 +1,8 @@
 //! The pod hooks, on each pod's host-side veth. `from_pod` (tc ingress: what the
 //! pod sends) DNATs packets to service frontends and reverse-NATs a local
 //! backend's replies; `to_pod` (tc egress: what the pod receives) reverse-NATs
-//! replies that reach a client pod unchanged.
+//! replies that reach a client pod unchanged. ICMP errors about translated
+//! flows are translated back on both (`icmp`).
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{stats::Stat, svc_flags};
@@ -11,16 +12,16 @@ use crate::{
     ctx::{End, Packet},
     family::{Endpoint, Family, V4, V6},
     fib::{fib, send},
-    flow::{self, Flow, Frame, Ip},
-    lb, reject,
+    flow::{self, Early, Flow, Frame, Ip},
+    icmp, lb, reject,
     verdict::{Action, Dropped, Out, Outcome},
 };
 
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> Outcome {
     match flow::ip_version(ctx) {
-        Ok(Ip::V4) => from_pod_flow::<V4>(ctx),
-        Ok(Ip::V6) => from_pod_flow::<V6>(ctx),
+        Ok(Ip::V4) => then_icmp(ctx, from_pod_flow::<V4>, icmp_from_pod::<V4>),
+        Ok(Ip::V6) => then_icmp(ctx, from_pod_flow::<V6>, icmp_from_pod::<V6>),
         Err(early) => early.outcome(),
     }
 }
@@ -28,19 +29,42 @@ pub fn from_pod(ctx: &TcContext) -> Outcome {
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> Outcome {
     match flow::ip_version(ctx) {
-        Ok(Ip::V4) => to_pod_flow::<V4>(ctx),
-        Ok(Ip::V6) => to_pod_flow::<V6>(ctx),
+        Ok(Ip::V4) => then_icmp(ctx, to_pod_flow::<V4>, icmp_to_pod::<V4>),
+        Ok(Ip::V6) => then_icmp(ctx, to_pod_flow::<V6>, icmp_to_pod::<V6>),
         Err(early) => early.outcome(),
     }
 }
 
+/// Runs a family's `path`, then, if it found an ICMP message (and wrote its
+/// offset to `icmp_at`), the `icmp` path: one after the other, so that their
+/// stack frames are never held at once (5.10 allows 512 bytes for the
+/// frames of a call chain together).
+#[inline(always)]
+fn then_icmp(
+    ctx: &TcContext,
+    path: fn(&TcContext, &mut usize) -> Outcome,
+    icmp: fn(&TcContext, usize) -> Outcome,
+) -> Outcome {
+    let mut icmp_at = 0;
+    let outcome = path(ctx, &mut icmp_at);
+    if icmp_at != 0 {
+        return icmp(ctx, icmp_at);
+    }
+    outcome
+}
+
 /// One function per family, not inlined: each has a stack frame of its
 /// own, where one function for both would hold both paths' (5.10 allows
-/// 512 bytes for the frames of a call chain together).
+/// 512 bytes for the frames of a call chain together). An ICMP message is
+/// left to the ICMP path (`then_icmp`).
 #[inline(never)]
-fn from_pod_flow<F: Family>(ctx: &TcContext) -> Outcome {
+fn from_pod_flow<F: Family>(ctx: &TcContext, icmp_at: &mut usize) -> Outcome {
     let flow = match F::parse(ctx) {
         Ok(flow) => flow,
+        Err(Early::Icmp(icmp_off)) => {
+            *icmp_at = icmp_off;
+            return Ok(Out::pass(Stat::PassNotTcpUdp));
+        }
         Err(early) => return early.outcome(),
     };
     if let Some((key, svc)) = lb::frontend(&flow) {
@@ -85,7 +109,7 @@ fn from_pod_flow<F: Family>(ctx: &TcContext) -> Outcome {
             // Back into the pod that is both client and backend.
             return back_into_the_pod(ctx, Stat::RevNat);
         }
-        return match fib(ctx, &flow, addr, flow.daddr, port, client_port) {
+        return match fib::<_, F>(ctx, flow.proto, addr, flow.daddr, port, client_port) {
             Ok(hop) => send(ctx, hop, Stat::RevNat),
             Err(_) => Ok(Out::pass(Stat::RevNat)),
         };
@@ -94,15 +118,47 @@ fn from_pod_flow<F: Family>(ctx: &TcContext) -> Outcome {
 }
 
 #[inline(never)]
-fn to_pod_flow<F: Family>(ctx: &TcContext) -> Outcome {
+fn to_pod_flow<F: Family>(ctx: &TcContext, icmp_at: &mut usize) -> Outcome {
     let flow = match F::parse(ctx) {
         Ok(flow) => flow,
+        Err(Early::Icmp(icmp_off)) => {
+            *icmp_at = icmp_off;
+            return Ok(Out::pass(Stat::PassNotTcpUdp));
+        }
         Err(early) => return early.outcome(),
     };
     if reverse_nat(ctx, &flow)?.is_some() {
         return Ok(Out::pass(Stat::RevNat));
     }
     Ok(Out::pass(Stat::PassNoConntrack))
+}
+
+/// An ICMP error a backend pod (or its own stack) sent about a translated
+/// flow: translated back (see `icmp`) and sent on to the client as a reply
+/// is. Any other ICMP passes untouched.
+#[inline(never)]
+fn icmp_from_pod<F: Family>(ctx: &TcContext, icmp_off: usize) -> Outcome {
+    let Some(back) = icmp::reverse_nat::<_, F>(ctx, icmp_off)? else {
+        return Ok(Out::pass(Stat::PassNotTcpUdp));
+    };
+    if back.hairpin {
+        return back_into_the_pod(ctx, Stat::RevNatIcmp);
+    }
+    match fib::<_, F>(ctx, F::ICMP, back.frontend, back.client, 0, 0) {
+        Ok(hop) => send(ctx, hop, Stat::RevNatIcmp),
+        Err(_) => Ok(Out::pass(Stat::RevNatIcmp)),
+    }
+}
+
+/// An ICMP error reaching a client pod about a translated flow whose
+/// backend is elsewhere (from that backend, a router on the way, or this
+/// node's own stack): translated back. Any other ICMP passes untouched.
+#[inline(never)]
+fn icmp_to_pod<F: Family>(ctx: &TcContext, icmp_off: usize) -> Outcome {
+    match icmp::reverse_nat::<_, F>(ctx, icmp_off)? {
+        Some(_) => Ok(Out::pass(Stat::RevNatIcmp)),
+        None => Ok(Out::pass(Stat::PassNotTcpUdp)),
+    }
 }
 
 /// Rewrites the source of a backend's reply to the frontend the client dialled,

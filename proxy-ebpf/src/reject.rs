@@ -12,7 +12,7 @@ use proxy_common::stats::Stat;
 use crate::{
     csum,
     family::Family,
-    flow::{Flow, ETH_LEN},
+    flow::{self, Flow, ETH_LEN},
     verdict::{Action, Dropped, Out, Outcome},
 };
 
@@ -29,9 +29,14 @@ const NEXT_ICMP6: u8 = 58;
 
 /// Turns the packet into an ICMP destination-unreachable (port) from the
 /// frontend to the client and sends it back out of the interface it came in
-/// on.
+/// on. A later fragment is dropped instead.
 #[inline(always)]
 pub fn port_unreachable<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> Outcome {
+    // The rest of a datagram whose first fragment was rejected: dropped,
+    // counted with it (the client has its error already).
+    if flow::later_fragment::<_, F>(ctx) {
+        return Err(Dropped(Stat::RejectNoBackend));
+    }
     // The quote is the IP header and the fixed L4 header: at least the 8 bytes
     // RFC 792 asks for (RFC 1812 and 4443 allow more), and never shorter than
     // a packet with an offloaded checksum may be cut (past its TCP checksum

@@ -10,7 +10,8 @@
 //!   another node: DNAT and SNAT to this node's address with a NAT port, straight
 //!   back out with next-hop MACs from the FIB.
 //! - A remote backend's reply to such a flow (to the node address and NAT port)
-//!   is translated back to the client and sent straight out again.
+//!   is translated back to the client and sent straight out again, and so is
+//!   an ICMP error about it (see `icmp`).
 
 use proxy_common::{stats::Stat, svc_flags};
 
@@ -22,7 +23,8 @@ use crate::{
     ctx::{End, Packet},
     family::{Endpoint, Family, NatValue, V4, V6},
     fib::{fib, send, Hop},
-    flow::{self, Flow, Ip},
+    flow::{self, Early, Flow, Ip},
+    icmp,
     lb::{self, Chosen},
     maps::SCRATCH,
     verdict::{Dropped, Out, Outcome},
@@ -30,13 +32,19 @@ use crate::{
 
 /// A packet on the uplink's IPv4 tc filter (`uplink_tc`) or its XDP
 /// program: IPv4, or not IP at all. None for IPv6, which is `uplink6`'s.
+/// The whole IPv4 path is inline, its ICMP path too.
 #[inline(always)]
 pub fn uplink4<C: Packet>(ctx: &C) -> Option<Outcome> {
     match flow::ip_version(ctx) {
         Ok(Ip::V4) => {
             // SAFETY: plain data, for `uplink_flow` to fill.
             let (mut flow, mut chosen) = unsafe { (core::mem::zeroed(), core::mem::zeroed()) };
-            Some(uplink_flow::<C, V4>(ctx, &mut flow, &mut chosen))
+            let mut icmp_at = 0;
+            let outcome = uplink_flow::<C, V4>(ctx, &mut flow, &mut chosen, &mut icmp_at);
+            if icmp_at != 0 {
+                return Some(icmp_error::<C, V4>(ctx, icmp_at));
+            }
+            Some(outcome)
         }
         Ok(Ip::V6) => None,
         Err(early) => Some(early.outcome()),
@@ -45,11 +53,21 @@ pub fn uplink4<C: Packet>(ctx: &C) -> Option<Outcome> {
 
 /// An IPv6 packet on the uplink's IPv6 tc filter (`uplink_tc6`): a
 /// program of its own, verified apart from the IPv4 one. None for anything
-/// else, which is `uplink4`'s.
+/// else, which is `uplink4`'s. The IPv6 path is a function of its own
+/// (`uplink_flow6`), and so is its ICMP path, run after it returns: 5.10
+/// allows 512 bytes for the frames of a call chain together, and the two
+/// would not fit in one.
 #[inline(always)]
 pub fn uplink6<C: Packet>(ctx: &C) -> Option<Outcome> {
     match flow::ip_version(ctx) {
-        Ok(Ip::V6) => Some(uplink_flow6::<C>(ctx)),
+        Ok(Ip::V6) => {
+            let mut icmp_at = 0;
+            let outcome = uplink_flow6::<C>(ctx, &mut icmp_at);
+            if icmp_at != 0 {
+                return Some(icmp_error6::<C>(ctx, icmp_at));
+            }
+            Some(outcome)
+        }
         _ => None,
     }
 }
@@ -57,17 +75,23 @@ pub fn uplink6<C: Packet>(ctx: &C) -> Option<Outcome> {
 /// The IPv6 flow, its flow and backend in the per-CPU scratch map: both
 /// are large, and the stack (512 bytes on 5.10) holds the rest of the path.
 #[inline(never)]
-fn uplink_flow6<C: Packet>(ctx: &C) -> Outcome {
+fn uplink_flow6<C: Packet>(ctx: &C, icmp_at: &mut usize) -> Outcome {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(Dropped(Stat::DropScratch))?;
     // SAFETY: our CPU's slot; its flow and backend are not in use by
     // anything else while we run, and `uplink_flow` fills both before it
     // reads them.
     let (flow, chosen) = unsafe { (&mut (*scratch).flow6, &mut (*scratch).chosen6) };
-    uplink_flow::<C, V6>(ctx, flow, chosen)
+    uplink_flow::<C, V6>(ctx, flow, chosen, icmp_at)
+}
+
+#[inline(never)]
+fn icmp_error6<C: Packet>(ctx: &C, icmp_off: usize) -> Outcome {
+    icmp_error::<C, V6>(ctx, icmp_off)
 }
 
 /// The uplink path for one family. `flow` and `chosen` are filled here (in
-/// place, as IPv6's live in the scratch map). Every step is inline: out of
+/// place, as IPv6's live in the scratch map). An ICMP message is left to
+/// the caller (its offset in `icmp_at`), for `icmp_error`. Every step is inline: out of
 /// line, each call is verified again for every path that reaches it (over a
 /// million instructions on 6.1 for IPv6), and XDP would lose the frame's
 /// bounds the compiler passes as plain values.
@@ -76,9 +100,14 @@ fn uplink_flow<C: Packet, F: Family>(
     ctx: &C,
     flow: &mut Flow<F>,
     chosen: &mut Chosen<F>,
+    icmp_at: &mut usize,
 ) -> Outcome {
     match F::parse(ctx) {
         Ok(parsed) => *flow = parsed,
+        Err(Early::Icmp(icmp_off)) => {
+            *icmp_at = icmp_off;
+            return Ok(Out::pass(Stat::PassNotTcpUdp));
+        }
         Err(early) => return early.outcome(),
     }
     flow.external = true;
@@ -155,7 +184,14 @@ fn to_remote<C: Packet, F: Family>(
 ) -> Outcome {
     let (snat, nat_port) = (snat.addr, chosen.nat_port_be);
     let backend = chosen.backend;
-    let hop = fib(ctx, flow, snat, backend.addr(), nat_port, backend.port_be())?;
+    let hop = fib::<_, F>(
+        ctx,
+        flow.proto,
+        snat,
+        backend.addr(),
+        nat_port,
+        backend.port_be(),
+    )?;
     if C::XDP && matches!(hop, Hop::Unresolved { .. }) {
         // The tc program behind XDP finds the same conntrack and NAT entries and
         // lets the kernel resolve the next hop.
@@ -174,9 +210,9 @@ fn reverse_snat<C: Packet, F: Family>(ctx: &C, flow: &Flow<F>, entry: *mut F::Na
     let nat = unsafe { *entry };
     let frontend = F::revnat(nat.rev_nat_id()).ok_or(Dropped(Stat::DropNoRevnat))?;
     nat::on_reply(flow, entry, &nat, &frontend);
-    let hop = fib(
+    let hop = fib::<_, F>(
         ctx,
-        flow,
+        flow.proto,
         frontend.addr(),
         nat.client_addr(),
         frontend.port_be(),
@@ -193,4 +229,42 @@ fn reverse_snat<C: Packet, F: Family>(ctx: &C, flow: &Flow<F>, entry: *mut F::Na
     )?;
     ctx.rewrite(flow, End::Source, frontend.addr(), frontend.port_be())?;
     send(ctx, hop, Stat::RevSnat)
+}
+
+/// An ICMP error to the node's address about a SNATed flow (its quote: a
+/// packet the node sent from a NAT port to a remote backend): translated
+/// back for the client, from the frontend it dialled, and sent straight
+/// out as the flow's replies are. Any other ICMP passes untouched (an error
+/// for a pod reaches its veth, where `to_pod` translates it).
+#[inline(always)]
+fn icmp_error<C: Packet, F: Family>(ctx: &C, icmp_off: usize) -> Outcome {
+    let untouched = Ok(Out::pass(Stat::PassNotTcpUdp));
+    let Some(snat) = Snat::<F>::load() else {
+        return untouched;
+    };
+    let Some(q) = icmp::quote::<C, F>(ctx, icmp_off) else {
+        return untouched;
+    };
+    if q.inner.saddr != snat.addr {
+        return untouched;
+    }
+    let Some(entry) = nat::lookup(&q.answer()) else {
+        return untouched;
+    };
+    // SAFETY: plain data, read once.
+    let nat = unsafe { *entry };
+    let frontend = F::revnat(nat.rev_nat_id()).ok_or(Dropped(Stat::DropNoRevnat))?;
+    let hop = fib::<_, F>(ctx, F::ICMP, frontend.addr(), nat.client_addr(), 0, 0)?;
+    if C::XDP && matches!(hop, Hop::Unresolved { .. }) {
+        return Ok(Out::pass(Stat::PassNoNeigh));
+    }
+    icmp::translate(
+        ctx,
+        &q,
+        nat.client_addr(),
+        nat.client_port_be(),
+        frontend.addr(),
+        frontend.port_be(),
+    )?;
+    send(ctx, hop, Stat::RevNatIcmp)
 }

@@ -71,6 +71,7 @@ impl Early {
         match self {
             Early::Pass(stat) => Ok(Out::pass(stat)),
             Early::Drop(stat) => Err(Dropped(stat)),
+            Early::Icmp(_) => Ok(Out::pass(Stat::PassNotTcpUdp)),
         }
     }
 }

@@ -1,12 +1,14 @@
-//! The one frame builder: Ethernet + IPv4 or IPv6 + TCP/UDP frames built
-//! from scratch with checksums computed in full (not incrementally), so an
-//! expected frame is independent of the code under test. `simulate`, the
-//! packet tests and the benches build their frames here.
+//! The one frame builder: Ethernet + IPv4 or IPv6 + TCP/UDP frames, their
+//! fragments and ICMP errors about them, built from scratch with checksums
+//! computed in full (not incrementally), so an expected frame is independent
+//! of the code under test. `simulate`, the packet tests and the benches
+//! build their frames here.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ETH_LEN: usize = 14;
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -364,6 +366,101 @@ pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let mut out = ethernet(sent.src_mac, sent.dst_mac, 0x0800);
     out.extend(ip);
+    out.extend(icmp);
+    out
+}
+
+/// `f`'s IPv4 datagram cut into fragments of `size` bytes of its payload
+/// each (a multiple of 8; the last takes the rest), as the sender's stack or
+/// a router cuts it: each fragment with its own IPv4 header (the
+/// more-fragments flag and its offset), checksums computed in full over the
+/// whole datagram.
+pub fn fragments(f: &Frame, size: usize) -> Vec<Vec<u8>> {
+    assert!(
+        size.is_multiple_of(8) && !f.v6(),
+        "IPv4 fragments of a multiple of 8 bytes"
+    );
+    let l4 = f.l4();
+    l4.chunks(size)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let more = (i + 1) * size < l4.len();
+            let part = Frame {
+                frag: if more { 0x2000 } else { 0 } | (i * size / 8) as u16,
+                ..f.clone()
+            };
+            let mut out = ethernet(f.dst_mac, f.src_mac, 0x0800);
+            out.extend(part.ip_header(chunk.len()));
+            out.extend(chunk);
+            out
+        })
+        .collect()
+}
+
+/// An ICMP (ICMPv6) error about a packet, as routers and hosts send them.
+#[derive(Clone, Copy, Debug)]
+pub enum IcmpError {
+    /// Fragmentation needed (ICMPv6: packet too big), with the next hop's MTU.
+    TooBig(u16),
+    PortUnreachable,
+    /// Time (hop limit) exceeded in transit.
+    TimeExceeded,
+}
+
+impl IcmpError {
+    /// The ICMP header: type, code, checksum (zero here) and the four bytes
+    /// after it.
+    fn header(self, v6: bool) -> [u8; 8] {
+        let [hi, lo] = match self {
+            Self::TooBig(mtu) => mtu.to_be_bytes(),
+            _ => [0, 0],
+        };
+        let (kind, code) = match (self, v6) {
+            (Self::TooBig(_), false) => (3, 4),
+            (Self::TooBig(_), true) => (2, 0),
+            (Self::PortUnreachable, false) => (3, 3),
+            (Self::PortUnreachable, true) => (1, 4),
+            (Self::TimeExceeded, false) => (11, 0),
+            (Self::TimeExceeded, true) => (3, 0),
+        };
+        [kind, code, 0, 0, 0, 0, hi, lo]
+    }
+}
+
+/// The ICMP (ICMPv6) `error` from `from` to `to` about `about`, as that
+/// packet was where the error arose, quoting at most `quote` bytes of its
+/// IP packet. Sent back the way `about` came (its MACs swapped), with the
+/// outer header's id and TTL those of `about`; checksums in full.
+pub fn icmp_error(
+    error: IcmpError,
+    from: IpAddr,
+    to: IpAddr,
+    about: &Frame,
+    quote: usize,
+) -> Vec<u8> {
+    let original = about.bytes();
+    let ip_len = original.len() - ETH_LEN - about.trailer.len();
+    let mut icmp = error.header(about.v6()).to_vec();
+    icmp.extend(&original[ETH_LEN..ETH_LEN + ip_len.min(quote)]);
+    let sum = if about.v6() {
+        let mut pseudo = pseudo_header(from, to, ICMP6, icmp.len());
+        pseudo.extend(&icmp);
+        checksum(&pseudo)
+    } else {
+        checksum(&icmp)
+    };
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let outer = Frame {
+        saddr: from,
+        daddr: to,
+        proto: if about.v6() { ICMP6 } else { ICMP },
+        options: Vec::new(),
+        ext6: Vec::new(),
+        ..about.clone()
+    };
+    let ether_type = if about.v6() { 0x86dd } else { 0x0800 };
+    let mut out = ethernet(about.src_mac, about.dst_mac, ether_type);
+    out.extend(outer.ip_header(icmp.len()));
     out.extend(icmp);
     out
 }

@@ -3,7 +3,9 @@
 //! holds the fixture; the tests are in one module per subject.
 
 mod conntrack;
+mod fragments;
 mod full_maps;
+mod icmp;
 mod ipv6;
 mod random_frames;
 mod rewrite;

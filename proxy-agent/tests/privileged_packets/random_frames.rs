@@ -1,9 +1,13 @@
 //! Random and mutated frames (short, a bad IHL or total length, options,
 //! fragments, flipped bytes, random bytes) through `from_pod` and `to_pod`,
 //! each compared with a small reference model of what must happen: a frame
-//! is rewritten only if it is a whole, unfragmented TCP or UDP packet to a
-//! frontend (or the reply of a flow the programs translated), and every frame
-//! rewritten from one whose checksums were valid has valid checksums.
+//! is rewritten only if it is a TCP or UDP packet (or a first fragment) to a
+//! frontend, or the reply of a flow the programs translated, or a later
+//! fragment of such a datagram whose first fragment passed (its addresses
+//! only); and every frame rewritten from one whose checksums were valid has
+//! valid checksums.
+
+use std::collections::HashMap;
 
 use super::*;
 
@@ -37,10 +41,69 @@ enum Expect {
     Rejected,
     /// The reply of a translated flow: its source back to the frontend.
     ReverseNat(Ipv4Addr, u16),
+    /// A later fragment of a datagram to a frontend: its destination (to
+    /// one of these backends) and the IPv4 checksum rewritten, nothing else.
+    FragmentTo(Vec<Ipv4Addr>),
+    /// A later fragment of a reply: its source (back to this frontend) and
+    /// the IPv4 checksum rewritten, nothing else.
+    FragmentFrom(Ipv4Addr),
+    /// A later fragment of a datagram to a frontend without backends.
+    Dropped,
 }
 
-/// The fields of a whole, unfragmented IPv4 TCP or UDP packet; None for
-/// anything else.
+/// The datagram of an IPv4 fragment: (source, destination, id, protocol).
+type Datagram = (Ipv4Addr, Ipv4Addr, u16, u8);
+
+/// The datagram of a later IPv4 fragment (one with an offset) whose header
+/// is sound; None for anything else.
+fn later_fragment(frame: &[u8]) -> Option<Datagram> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let frag = u16::from_be_bytes([frame[20], frame[21]]);
+    if ihl < 20 || total < ihl || 14 + total > frame.len() || frag & 0x1fff == 0 {
+        return None;
+    }
+    let ip = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    Some((
+        ip(26),
+        ip(30),
+        u16::from_be_bytes([frame[18], frame[19]]),
+        frame[23],
+    ))
+}
+
+/// The first fragment's datagram, for a whole packet with more fragments.
+fn first_fragment(frame: &[u8]) -> Option<Datagram> {
+    let (proto, saddr, _, daddr, _) = whole_packet(frame)?;
+    let frag = u16::from_be_bytes([frame[20], frame[21]]);
+    (frag & 0x2000 != 0).then(|| {
+        (
+            saddr,
+            daddr,
+            u16::from_be_bytes([frame[18], frame[19]]),
+            proto,
+        )
+    })
+}
+
+/// Whether `out` is `frame` with only the IPv4 checksum and the address at
+/// `at` changed, to one of `addrs`, the checksum valid if it was.
+fn only_address_changed(frame: &[u8], out: &[u8], at: usize, addrs: &[Ipv4Addr]) -> bool {
+    let ip = Ipv4Addr::new(out[at], out[at + 1], out[at + 2], out[at + 3]);
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let valid = |f: &[u8]| packet::checksum(&f[14..14 + ihl]) == 0;
+    out.len() == frame.len()
+        && addrs.contains(&ip)
+        && (0..frame.len())
+            .all(|i| frame[i] == out[i] || (24..26).contains(&i) || (at..at + 4).contains(&i))
+        && (!valid(frame) || valid(out))
+}
+
+/// The fields of a whole IPv4 TCP or UDP packet, or of a first fragment
+/// (which holds the L4 header); None for anything else.
 fn whole_packet(frame: &[u8]) -> Option<(u8, Ipv4Addr, u16, Ipv4Addr, u16)> {
     if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
         return None;
@@ -54,7 +117,7 @@ fn whole_packet(frame: &[u8]) -> Option<(u8, Ipv4Addr, u16, Ipv4Addr, u16)> {
         17 => 8,
         _ => return None,
     };
-    if ihl < 20 || total < ihl + l4_len || 14 + total > frame.len() || frag & 0x3fff != 0 {
+    if ihl < 20 || total < ihl + l4_len || 14 + total > frame.len() || frag & 0x1fff != 0 {
         return None;
     }
     let ip = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
@@ -161,22 +224,41 @@ pub(super) fn pad_for_test_run(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
-fn model(frame: &[u8], flows: &[(Frame, (Ipv4Addr, u16))]) -> Expect {
-    let Some((proto, saddr, sport, daddr, dport)) = whole_packet(frame) else {
-        return Expect::Untouched;
+/// What must happen to `frame`, given the flows translated so far and the
+/// ports of the datagrams whose first fragment passed.
+fn model(
+    frame: &[u8],
+    flows: &[(Frame, (Ipv4Addr, u16))],
+    datagrams: &HashMap<Datagram, (u16, u16)>,
+) -> Expect {
+    let later = later_fragment(frame);
+    let (proto, saddr, sport, daddr, dport) = match (whole_packet(frame), later) {
+        (Some(fields), _) => fields,
+        (None, Some(datagram)) => match datagrams.get(&datagram) {
+            Some(&(sport, dport)) => (datagram.3, datagram.0, sport, datagram.1, dport),
+            None => return Expect::Untouched,
+        },
+        (None, None) => return Expect::Untouched,
     };
     let backends = match (daddr.to_string().as_str(), dport, proto) {
         (VIP, 80, proto::TCP) => vec![(ip(BACKEND_A), 8080), (ip(BACKEND_B), 8080)],
         (VIP, 53, proto::UDP) => vec![(ip(BACKEND_A), 5353), (ip(BACKEND_B), 5353)],
+        (EMPTY_VIP, 80, proto::TCP) if later.is_some() => return Expect::Dropped,
         (EMPTY_VIP, 80, proto::TCP) => return Expect::Rejected,
         _ => Vec::new(),
     };
     if !backends.is_empty() {
+        if later.is_some() {
+            return Expect::FragmentTo(backends.iter().map(|b| b.0).collect());
+        }
         return Expect::Translated(backends);
     }
     for (sent, backend) in flows {
         let reply = (proto, saddr, sport, daddr, dport)
             == (sent.proto, backend.0, backend.1, sent.saddr4(), sent.sport);
+        if reply && later.is_some() {
+            return Expect::FragmentFrom(sent.daddr4());
+        }
         if reply {
             return Expect::ReverseNat(sent.daddr4(), sent.dport);
         }
@@ -189,7 +271,9 @@ fn random_and_mutated_frames_are_rewritten_only_as_the_model_says() {
     let mut p = Programs::new(&cluster());
     let mut rng = Rng(0x5eed_f00d_cafe_beef);
     let mut flows: Vec<(Frame, (Ipv4Addr, u16))> = Vec::new();
+    let mut datagrams = HashMap::new();
     let mut failures = Vec::new();
+    let mut later_fragments = 0;
     let (mut rewritten, mut untouched) = (0, 0);
     for i in 0..20000u16 {
         let sport = 10000 + i;
@@ -207,7 +291,13 @@ fn random_and_mutated_frames_are_rewritten_only_as_the_model_says() {
             mutate(&mut rng, bytes)
         };
         let program = if to_pod { TO_POD } else { FROM_POD };
-        let expect = model(&frame, &flows);
+        let expect = model(&frame, &flows, &datagrams);
+        if matches!(
+            expect,
+            Expect::FragmentTo(_) | Expect::FragmentFrom(_) | Expect::Dropped
+        ) {
+            later_fragments += 1;
+        }
         let (verdict, out) = p.run(program, &frame);
         let valid_in = whole_packet(&frame).is_some() && checksums_valid(&frame);
         let fields = whole_packet(&out);
@@ -229,7 +319,20 @@ fn random_and_mutated_frames_are_rewritten_only_as_the_model_says() {
             Expect::ReverseNat(vip, vport) => fields.is_some_and(|(_, s, sp, _, _)| {
                 (s, sp) == (*vip, *vport) && (!valid_in || checksums_valid(&out))
             }),
+            Expect::FragmentTo(backends) => {
+                verdict == TC_ACT_UNSPEC && only_address_changed(&frame, &out, 30, backends)
+            }
+            Expect::FragmentFrom(vip) => {
+                verdict == TC_ACT_UNSPEC && only_address_changed(&frame, &out, 26, &[*vip])
+            }
+            Expect::Dropped => verdict == TC_ACT_SHOT && out == frame,
         };
+        // A first fragment the programs parsed leaves its ports for the
+        // rest of its datagram.
+        if let Some(datagram) = first_fragment(&frame) {
+            let (_, _, sport, _, dport) = whole_packet(&frame).unwrap();
+            datagrams.insert(datagram, (sport, dport));
+        }
         if out == frame {
             untouched += 1;
         } else {
@@ -249,9 +352,11 @@ fn random_and_mutated_frames_are_rewritten_only_as_the_model_says() {
             flows.push((sent, (d, dp)));
         }
     }
-    eprintln!("{rewritten} frames rewritten, {untouched} untouched");
+    eprintln!(
+        "{rewritten} frames rewritten, {untouched} untouched; {later_fragments} later fragments of a datagram whose first passed"
+    );
     assert!(
-        rewritten > 2500 && untouched > 2500,
+        rewritten > 2500 && untouched > 2500 && later_fragments > 100,
         "the mix is too one-sided"
     );
     assert!(

@@ -180,19 +180,6 @@ fn ip_version_other_than_four_is_dropped() {
 }
 
 #[test]
-fn fragments_are_untouched() {
-    let mut p = Programs::new(&cluster());
-    let mut first = Frame::udp(CLIENT, 41070, VIP, 53);
-    first.frag = 0x2000; // more fragments
-    assert_untouched(&mut p, FROM_POD, &first.bytes(), TC_ACT_UNSPEC);
-    let mut later = Frame::udp(CLIENT, 41070, VIP, 53);
-    later.frag = 0x0010; // offset 128 bytes
-    assert_untouched(&mut p, FROM_POD, &later.bytes(), TC_ACT_UNSPEC);
-    assert_eq!(p.stat("pass_fragment"), 2);
-    assert_eq!(p.conntrack_len(), 0);
-}
-
-#[test]
 fn truncated_tcp_header_is_untouched() {
     let mut p = Programs::new(&cluster());
     let f = Frame::tcp(CLIENT, 40071, VIP, 80);

@@ -1,10 +1,12 @@
 //! Packet tests of the uplink programs (XDP and its tc twin) with
 //! BPF_PROG_TEST_RUN: NodePort, externalIP and LoadBalancer traffic, SNAT to
-//! remote backends with next-hop MACs from the FIB, and the replies. The FIB is
-//! a network namespace of the test's own, with static neighbours, so every MAC
-//! in the expected frames is known. This file holds the fixture; the tests
-//! are in one module per subject.
+//! remote backends with next-hop MACs from the FIB, the replies, fragments,
+//! and ICMP errors about SNATed flows. The FIB is a network namespace of the test's
+//! own, with static neighbours, so every MAC in the expected frames is known.
+//! This file holds the fixture; the tests are in one module per subject.
 
+mod fragments;
+mod icmp;
 mod ipv6;
 mod snat;
 #[path = "../support/mod.rs"]

@@ -2,9 +2,10 @@
 //! UDP, extension headers walked, fragments and waypoints left alone,
 //! malformed headers, a frontend without backends rejected with ICMPv6,
 //! hairpin, what is no frontend's, the Local policy, frontend ids past 16
-//! bits, the counters, a wrapped run; conntrack, the schedulers, full maps
-//! and random frames in the modules below. The maps are programmed as the
-//! agent programs them, IPv4 and IPv6 frontends together.
+//! bits, the counters, a wrapped run; conntrack, ICMPv6 errors, the
+//! schedulers, full maps and random frames in the modules below. The maps
+//! are programmed as the agent programs them, IPv4 and IPv6 frontends
+//! together.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -14,6 +15,7 @@ use super::*;
 
 mod conntrack;
 mod full_maps;
+mod icmp;
 mod random_frames;
 mod schedulers;
 
