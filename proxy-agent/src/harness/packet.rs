@@ -157,6 +157,27 @@ impl Frame {
         }
     }
 
+    /// The next segment of this SYN's connection: PSH and ACK, with `len`
+    /// bytes of data.
+    pub fn segment(&self, len: usize) -> Self {
+        Self {
+            tcp_flags: 0x18,
+            seq: self.seq.wrapping_add(1),
+            ack: 7_000_001,
+            ..self.with_payload(len)
+        }
+    }
+
+    /// The same frame with `len` bytes of payload (a pattern), and DF clear,
+    /// so that it may be cut into fragments (see [`fragments`]).
+    pub fn with_payload(&self, len: usize) -> Self {
+        Self {
+            payload: (0..len).map(|i| (i * 7) as u8).collect(),
+            frag: 0,
+            ..self.clone()
+        }
+    }
+
     /// The reply a server would send to this frame, with the addresses swapped.
     pub fn reply(&self) -> Self {
         Self {

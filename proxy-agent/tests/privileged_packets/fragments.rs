@@ -6,13 +6,6 @@
 
 use super::*;
 
-/// The datagram `f` with a payload of `len` bytes.
-fn datagram(mut f: Frame, len: usize) -> Frame {
-    f.payload = (0..len).map(|i| (i * 7) as u8).collect();
-    f.frag = 0; // DF off: it may be cut
-    f
-}
-
 fn send_all(p: &mut Programs, program: &str, fragments: &[Vec<u8>]) -> Vec<(u32, Vec<u8>)> {
     fragments.iter().map(|f| p.run(program, f)).collect()
 }
@@ -20,7 +13,7 @@ fn send_all(p: &mut Programs, program: &str, fragments: &[Vec<u8>]) -> Vec<(u32,
 #[test]
 fn a_fragmented_udp_datagram_and_its_fragmented_answer_are_translated_in_every_fragment() {
     let mut p = Programs::new(&cluster());
-    let query = datagram(Frame::udp(CLIENT, 42000, VIP, 53), 3000);
+    let query = Frame::udp(CLIENT, 42000, VIP, 53).with_payload(3000);
     let backend = p.hashed_backend(&query);
     let sent = packet::fragments(&query, 1480);
     assert_eq!(sent.len(), 3);
@@ -34,7 +27,10 @@ fn a_fragmented_udp_datagram_and_its_fragmented_answer_are_translated_in_every_f
 
     // The backend's 6 KB answer, cut by its stack: from the frontend in
     // every fragment.
-    let answer = datagram(query.with_dst(backend.0, backend.1).reply(), 6000);
+    let answer = query
+        .with_dst(backend.0, backend.1)
+        .reply()
+        .with_payload(6000);
     let sent = packet::fragments(&answer, 1480);
     assert_eq!(sent.len(), 5);
     let expected = packet::fragments(&answer.with_src(ip(VIP), 53), 1480);
@@ -50,8 +46,7 @@ fn a_fragmented_tcp_segment_is_translated_in_every_fragment() {
     let mut p = Programs::new(&cluster());
     let syn = Frame::tcp(CLIENT, 42001, VIP, 80);
     let backend = assert_dnat(&mut p, &syn);
-    let mut segment = datagram(syn.clone(), 2000);
-    segment.tcp_flags = 0x18;
+    let segment = syn.segment(2000);
     let sent = packet::fragments(&segment, 1024);
     let expected = packet::fragments(&segment.with_dst(backend.0, backend.1), 1024);
     for (i, (verdict, out)) in send_all(&mut p, FROM_POD, &sent).into_iter().enumerate() {
@@ -63,7 +58,7 @@ fn a_fragmented_tcp_segment_is_translated_in_every_fragment() {
 #[test]
 fn a_later_fragment_before_its_first_passes_untouched() {
     let mut p = Programs::new(&cluster());
-    let query = datagram(Frame::udp(CLIENT, 42002, VIP, 53), 3000);
+    let query = Frame::udp(CLIENT, 42002, VIP, 53).with_payload(3000);
     let sent = packet::fragments(&query, 1480);
     assert_untouched(&mut p, FROM_POD, &sent[1], TC_ACT_UNSPEC);
     assert_eq!(p.stat("pass_fragment"), 1);
@@ -83,7 +78,7 @@ fn a_later_fragment_before_its_first_passes_untouched() {
 #[test]
 fn fragments_of_a_datagram_to_no_frontend_are_untouched() {
     let mut p = Programs::new(&cluster());
-    let direct = datagram(Frame::udp(CLIENT, 42003, BACKEND_B, 5353), 3000);
+    let direct = Frame::udp(CLIENT, 42003, BACKEND_B, 5353).with_payload(3000);
     for fragment in packet::fragments(&direct, 1480) {
         assert_untouched(&mut p, FROM_POD, &fragment, TC_ACT_UNSPEC);
     }
@@ -93,7 +88,7 @@ fn fragments_of_a_datagram_to_no_frontend_are_untouched() {
 #[test]
 fn the_rest_of_a_rejected_datagram_is_dropped() {
     let mut p = Programs::new(&cluster());
-    let query = datagram(Frame::udp(CLIENT, 42004, EMPTY_VIP, 53), 3000);
+    let query = Frame::udp(CLIENT, 42004, EMPTY_VIP, 53).with_payload(3000);
     let sent = packet::fragments(&query, 1480);
     let (verdict, out) = p.run(FROM_POD, &sent[0]);
     assert_eq!(verdict, TC_ACT_REDIRECT, "the first: a port unreachable");

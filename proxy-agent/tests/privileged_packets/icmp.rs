@@ -24,23 +24,28 @@ pub(crate) fn open(p: &mut Programs, f: &Frame) -> Frame {
     f.with_dst(backend.0, backend.1)
 }
 
-/// A TCP segment of the open connection `syn`, with `len` bytes of data.
-pub(crate) fn segment(syn: &Frame, len: usize) -> Frame {
-    let mut f = syn.clone();
-    f.tcp_flags = 0x18; // PSH, ACK
-    f.seq = syn.seq + 1;
-    f.ack = 7_000_001;
-    f.payload = (0..len).map(|i| i as u8).collect();
-    f
-}
-
-/// Sends `error` towards the client pod (`to_pod`) and asserts it comes out
-/// as `expected`, counted as a translated error.
-pub(crate) fn assert_translated_to_pod(p: &mut Programs, error: &[u8], expected: &[u8]) {
+/// Opens `sent`'s flow from the client pod; then `from` (the backend when
+/// None) sends the client `error` about it as the backend got it, quoting
+/// `quote` bytes. Asserts that the client pod gets the error from the
+/// frontend, about the packet it sent, checksums in full, counted once.
+/// Either family.
+pub(crate) fn assert_error_translated(
+    p: &mut Programs,
+    sent: &Frame,
+    error: IcmpError,
+    from: Option<&str>,
+    quote: usize,
+) {
+    let at_backend = open(p, sent);
+    let from = from.map_or(at_backend.daddr, addr);
+    let arrived = packet::icmp_error(error, from, sent.saddr, &at_backend, quote);
+    // From the frontend, as netfilter sends it, about the client's own
+    // packet: its L4 checksum, where quoted, is the client's again.
+    let expected = packet::icmp_error(error, sent.daddr, sent.saddr, sent, quote);
     let before = p.stat("rev_nat_icmp");
-    let (verdict, out) = p.run(TO_POD, error);
+    let (verdict, out) = p.run(TO_POD, &arrived);
     assert_eq!(verdict, TC_ACT_UNSPEC);
-    assert_eq!(out, expected, "the error as the client must see it");
+    assert_eq!(out, expected, "the {error:?} as the client must see it");
     packet::assert_checksums_valid(&out);
     assert_eq!(p.stat("rev_nat_icmp"), before + 1);
 }
@@ -50,47 +55,21 @@ fn frag_needed_from_a_router_on_the_way_to_the_backend_reaches_the_client_about_
     let mut p = Programs::new(&cluster());
     let syn = Frame::tcp(CLIENT, 40900, VIP, 80);
     open(&mut p, &syn);
-    let data = segment(&syn, 1400);
-    let at_backend = open(&mut p, &data);
-    let error = packet::icmp_error(
-        IcmpError::TooBig(1300),
-        addr(ROUTER),
-        addr(CLIENT),
-        &at_backend,
-        QUOTE_576,
-    );
-    // From the frontend, as netfilter sends it, about the client's own
-    // segment: its TCP checksum (in the quote) is the client's again.
-    let expected = packet::icmp_error(
-        IcmpError::TooBig(1300),
-        addr(VIP),
-        addr(CLIENT),
+    let data = syn.segment(1400);
+    assert_error_translated(
+        &mut p,
         &data,
+        IcmpError::TooBig(1300),
+        Some(ROUTER),
         QUOTE_576,
     );
-    assert_translated_to_pod(&mut p, &error, &expected);
 }
 
 #[test]
 fn port_unreachable_from_a_udp_backend_reaches_the_client_about_the_frontend() {
     let mut p = Programs::new(&cluster());
     let query = Frame::udp(CLIENT, 41900, VIP, 53);
-    let at_backend = open(&mut p, &query);
-    let error = packet::icmp_error(
-        IcmpError::PortUnreachable,
-        at_backend.daddr,
-        addr(CLIENT),
-        &at_backend,
-        QUOTE_576,
-    );
-    let expected = packet::icmp_error(
-        IcmpError::PortUnreachable,
-        addr(VIP),
-        addr(CLIENT),
-        &query,
-        QUOTE_576,
-    );
-    assert_translated_to_pod(&mut p, &error, &expected);
+    assert_error_translated(&mut p, &query, IcmpError::PortUnreachable, None, QUOTE_576);
 }
 
 #[test]
@@ -99,23 +78,7 @@ fn time_exceeded_quoting_only_eight_bytes_of_tcp_translates_the_ports() {
     // the TCP checksum, which stays as it was.
     let mut p = Programs::new(&cluster());
     let syn = Frame::tcp(CLIENT, 40901, VIP, 80);
-    let at_backend = open(&mut p, &syn);
-    let short = 20 + 8;
-    let error = packet::icmp_error(
-        IcmpError::TimeExceeded,
-        addr(ROUTER),
-        addr(CLIENT),
-        &at_backend,
-        short,
-    );
-    let expected = packet::icmp_error(
-        IcmpError::TimeExceeded,
-        addr(VIP),
-        addr(CLIENT),
-        &syn,
-        short,
-    );
-    assert_translated_to_pod(&mut p, &error, &expected);
+    assert_error_translated(&mut p, &syn, IcmpError::TimeExceeded, Some(ROUTER), 20 + 8);
 }
 
 #[test]
@@ -123,22 +86,7 @@ fn an_error_about_a_udp_datagram_without_checksum_keeps_it_zero() {
     let mut p = Programs::new(&cluster());
     let mut query = Frame::udp(CLIENT, 41901, VIP, 53);
     query.udp_no_csum = true;
-    let at_backend = open(&mut p, &query);
-    let error = packet::icmp_error(
-        IcmpError::PortUnreachable,
-        at_backend.daddr,
-        addr(CLIENT),
-        &at_backend,
-        QUOTE_576,
-    );
-    let expected = packet::icmp_error(
-        IcmpError::PortUnreachable,
-        addr(VIP),
-        addr(CLIENT),
-        &query,
-        QUOTE_576,
-    );
-    assert_translated_to_pod(&mut p, &error, &expected);
+    assert_error_translated(&mut p, &query, IcmpError::PortUnreachable, None, QUOTE_576);
 }
 
 #[test]
@@ -146,22 +94,7 @@ fn an_error_quoting_ip_options_is_translated() {
     let mut p = Programs::new(&cluster());
     let mut query = Frame::udp(CLIENT, 41902, VIP, 53);
     query.options = vec![0x01, 0x01, 0x01, 0x00]; // NOPs, end of options
-    let at_backend = open(&mut p, &query);
-    let error = packet::icmp_error(
-        IcmpError::PortUnreachable,
-        at_backend.daddr,
-        addr(CLIENT),
-        &at_backend,
-        QUOTE_576,
-    );
-    let expected = packet::icmp_error(
-        IcmpError::PortUnreachable,
-        addr(VIP),
-        addr(CLIENT),
-        &query,
-        QUOTE_576,
-    );
-    assert_translated_to_pod(&mut p, &error, &expected);
+    assert_error_translated(&mut p, &query, IcmpError::PortUnreachable, None, QUOTE_576);
 }
 
 #[test]

@@ -4,16 +4,10 @@
 
 use super::*;
 
-fn datagram(mut f: Frame, len: usize) -> Frame {
-    f.payload = (0..len).map(|i| (i * 7) as u8).collect();
-    f.frag = 0;
-    f
-}
-
 #[test]
 fn a_fragmented_datagram_to_a_nodeport_and_its_answer_are_translated_in_every_fragment() {
     with_programs(|p| {
-        let query = datagram(from_outside(packet::UDP, 42100, NODE, 30053), 3000);
+        let query = from_outside(packet::UDP, 42100, NODE, 30053).with_payload(3000);
         let sent = packet::fragments(&query, 1480);
         let at_backend = snated(&query, REMOTE_POD, 5353);
         let expected = packet::fragments(&at_backend, 1480);
@@ -22,7 +16,7 @@ fn a_fragmented_datagram_to_a_nodeport_and_its_answer_are_translated_in_every_fr
             assert_eq!(verdict, XDP_TX, "fragment {i}: {:?}", p.nonzero_stats());
             assert_eq!(out, expected[i], "fragment {i} SNATed towards node2");
         }
-        let mut answer = datagram(at_backend.reply(), 6000);
+        let mut answer = at_backend.reply().with_payload(6000);
         (answer.src_mac, answer.dst_mac) = (NODE2_MAC, NODE_MAC);
         let mut back = answer.with_dst(ip(CLIENT), 42100).with_src(ip(NODE), 30053);
         (back.src_mac, back.dst_mac) = (NODE_MAC, CLIENT_MAC);

@@ -15,22 +15,12 @@ fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// A TCP segment of `syn`'s connection with `len` bytes of data.
-fn segment(syn: &Frame, len: usize) -> Frame {
-    let mut f = syn.clone();
-    f.tcp_flags = 0x18; // PSH, ACK
-    f.seq = syn.seq + 1;
-    f.ack = 7_000_001;
-    f.payload = (0..len).map(|i| i as u8).collect();
-    f
-}
-
 #[test]
 fn frag_needed_about_a_snated_flow_reaches_the_client_from_the_nodeport() {
     with_programs(|p| {
         let syn = from_outside(packet::TCP, 40950, NODE, 30090);
         assert_eq!(p.xdp(&syn.bytes()).0, XDP_TX, "{:?}", p.nonzero_stats());
-        let data = segment(&syn, 1400);
+        let data = syn.segment(1400);
         let (verdict, sent) = p.xdp(&data.bytes());
         assert_eq!(verdict, XDP_TX);
         let at_backend = snated(&data, REMOTE_POD, 8080);
@@ -113,7 +103,7 @@ fn packet_too_big_about_an_ipv6_snated_flow_reaches_the_client_from_the_nodeport
             "{:?}",
             p.nonzero_stats()
         );
-        let data = segment(&syn, 1400);
+        let data = syn.segment(1400);
         let at_backend = snated(&data, REMOTE_POD6, 8080);
         assert_eq!(p.tc(&data.bytes()), (TC_ACT_REDIRECT, at_backend.bytes()));
         let quote = 1280 - 40 - 8;
