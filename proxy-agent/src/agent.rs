@@ -332,6 +332,12 @@ impl Agent {
             info!(interfaces = ?choice.interfaces, reason = %choice.reason, "uplink chosen");
         }
         self.status.lock().unwrap().uplink_choice = Some(choice.clone());
+        // Flows the old programs started since the last pass must be in the
+        // new maps before the new programs see their replies on the uplink:
+        // a SNATed flow's reply that misses its NAT entry goes to the stack,
+        // which resets the connection. The pass before the swap leaves only
+        // the flows of the few milliseconds until `finish_migration`.
+        self.carry_flows();
         for iface in &choice.interfaces {
             let mode = self
                 .dataplane
