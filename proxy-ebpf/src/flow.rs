@@ -130,8 +130,9 @@ impl<F: Family> Flow<F> {
 /// The outcome of a packet without a flow, with the stat it is counted under.
 #[derive(Clone, Copy)]
 pub enum Early {
-    /// Not ours to judge (not IP, not TCP or UDP, a fragment, a truncated L4
-    /// header, IPv6 extension headers past the walk): passed untouched.
+    /// Not ours to judge (not IP, not TCP or UDP, an IPv6 fragment or an
+    /// IPv4 one whose first fragment has not passed, a truncated L4 header,
+    /// IPv6 extension headers past the walk): passed untouched.
     Pass(Stat),
     /// An IP header the kernel would drop too.
     Drop(Stat),

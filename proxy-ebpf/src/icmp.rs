@@ -16,8 +16,7 @@
 use proxy_common::{proto, stats::Stat};
 
 use crate::{
-    csum,
-    ct::{self},
+    csum, ct,
     ctx::Packet,
     family::{Endpoint, Family, V4, V6},
     flow::{Flow, Frame, ETH_LEN, IP_CSUM_OFF},
