@@ -219,10 +219,13 @@ pub fn parse4<C: Frame>(ctx: &C) -> Result<Flow<V4>, Early> {
 /// fragments and once for everything else.
 #[inline(always)]
 pub fn later_fragment<C: Frame, F: Family>(ctx: &C) -> bool {
-    F::IP_CSUM
-        && ctx
-            .read::<[u8; 2]>(ETH_LEN + IPV4_FRAG_OFF)
-            .is_some_and(|f| u16::from_be_bytes(f) & frag::OFFSET != 0)
+    if !F::IP_CSUM || !ctx.linear(ETH_LEN + IPV4_MIN_LEN) {
+        return false;
+    }
+    // SAFETY: `linear` checked that the fixed IPv4 header lies inside the
+    // packet. Direct access: on tc, `read` would be a helper call per rewrite.
+    let frags = unsafe { *((ctx.data() + ETH_LEN + IPV4_FRAG_OFF) as *const [u8; 2]) };
+    u16::from_be_bytes(frags) & frag::OFFSET != 0
 }
 
 /// The flow of a frame known to carry IPv6.
