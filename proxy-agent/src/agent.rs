@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
     sync::Arc,
@@ -28,7 +28,7 @@ use crate::{
     k8s::{
         cache::{Changed, FrontendCache, Stores},
         client,
-        nodes::NodeInfo,
+        nodes::{NodeInfo, NodePortAddresses},
         slices::{Slice, SliceVersion},
         watch::{self, Store},
     },
@@ -72,6 +72,8 @@ pub struct Config {
     pub uplink_mode: Option<UplinkMode>,
     /// Node ports SNATed flows get (keep them out of the node's ephemeral range).
     pub nat_ports: (u16, u16),
+    /// New flows into these that no frontend serves are refused.
+    pub service_cidrs: proxy_common::ServiceCidrs,
     /// The scheduler of Services without a `ferry.dev/scheduler` annotation.
     pub scheduler: Scheduler,
     pub resync_period: Duration,
@@ -88,6 +90,8 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     /// NodePorts answer on 127.0.0.1 too (through the socket hooks).
     pub node_port_loopback: bool,
+    /// `--nodeport-addresses`: None answers on every Node address.
+    pub node_port_addresses: Option<NodePortAddresses>,
     pub map_sizes: MapSizes,
 }
 
@@ -523,10 +527,16 @@ impl Agent {
                 }
                 let mut node = self.stores.node(node_name);
                 node.node_port_loopback = self.config.node_port_loopback;
+                node.node_port_only = self
+                    .config
+                    .node_port_addresses
+                    .as_ref()
+                    .map(|chosen| chosen.choose(&node, &node_addresses(chosen)));
                 let wanted = settings::node_config(
                     node.snat_address(),
                     node.snat_address6(),
                     self.config.nat_ports,
+                    self.config.service_cidrs,
                 );
                 program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
                 let changed = self
@@ -658,6 +668,23 @@ fn program_node(
         }
         Err(e) => error!(error = format!("{e:#}"), "writing the node settings"),
     }
+}
+
+/// The addresses of the node's interfaces, where `--nodeport-addresses`
+/// names ranges of them (read each round: an address added later is
+/// picked up); none for `primary`, which reads the Node alone. Unreadable:
+/// logged, and no NodePort answers until a round reads them.
+fn node_addresses(chosen: &NodePortAddresses) -> Vec<IpAddr> {
+    if *chosen == NodePortAddresses::Primary {
+        return Vec::new();
+    }
+    crate::kernel::netinfo::addresses().unwrap_or_else(|e| {
+        warn!(
+            error = format!("{e:#}"),
+            "reading the node's addresses for --nodeport-addresses"
+        );
+        Vec::new()
+    })
 }
 
 fn report_skipped(cache: &FrontendCache, status: &Shared) {

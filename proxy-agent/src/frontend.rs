@@ -120,6 +120,11 @@ impl Cidr {
         };
         Some(Self { address, prefix })
     }
+
+    /// Whether `address` lies in the prefix (never across families).
+    pub fn contains(&self, address: IpAddr) -> bool {
+        Self::new(address, self.prefix).is_some_and(|net| net.address == self.address)
+    }
 }
 
 impl FromStr for Cidr {
@@ -174,6 +179,11 @@ pub struct FrontendSpec {
     /// node's only, and without one traffic is dropped rather than rejected.
     #[serde(default)]
     pub local_only: bool,
+    /// An external frontend under externalTrafficPolicy=Local: the endpoints
+    /// clients inside the cluster (this node's pods, the node itself) go to
+    /// past the policy, as kube-proxy sends them. Empty elsewhere.
+    #[serde(default)]
+    pub cluster_endpoints: Vec<Endpoint>,
     /// loadBalancerSourceRanges: `None` lets every client through; `Some`
     /// only the clients in the ranges of the frontend's family, and none when
     /// there is no such range (the Kubernetes layer fills in `None` for a
@@ -211,6 +221,7 @@ impl FrontendSpec {
             endpoints,
             reachable: Vec::new(),
             local_only: false,
+            cluster_endpoints: Vec::new(),
             source_ranges: None,
             affinity_timeout: None,
             scheduler: None,

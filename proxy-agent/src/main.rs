@@ -11,7 +11,8 @@ use proxy_agent::cli::simulate;
 use proxy_agent::{
     agent::{self, Source},
     cli::inspect,
-    frontend::Scheduler,
+    frontend::{Cidr, Scheduler},
+    k8s::nodes::NodePortAddresses,
     kernel::{self, MapSizes, SocketLb, UplinkMode, DEFAULT_PIN_DIR},
     settings,
     uplink::UplinkRequest,
@@ -53,6 +54,9 @@ enum Command {
         from: simulate::Hook,
         #[arg(long, env = "FERRY_SCHEDULER", default_value = "flow-hash")]
         scheduler: Scheduler,
+        /// The service CIDRs, as `run --service-cidr` takes them.
+        #[arg(long = "service-cidr", value_delimiter = ',')]
+        service_cidrs: Vec<Cidr>,
         #[arg(long)]
         json: bool,
     },
@@ -154,6 +158,27 @@ struct RunArgs {
     /// default, as in kube-proxy's nftables mode).
     #[arg(long, env = "FERRY_NODEPORT_LOOPBACK")]
     nodeport_loopback: bool,
+    /// The cluster's service CIDRs (comma-separated, up to 4 of each
+    /// family; the API server's --service-cluster-ip-range). A new
+    /// connection to an address in them that no Service serves (an
+    /// unallocated ClusterIP, or a port its ClusterIP does not serve) is
+    /// refused at once instead of leaving for the default route.
+    #[arg(
+        long = "service-cidr",
+        env = "FERRY_SERVICE_CIDR",
+        value_delimiter = ','
+    )]
+    service_cidrs: Vec<Cidr>,
+    /// Which node addresses NodePorts answer on, as kube-proxy's flag:
+    /// `primary` (the Node's first InternalIP of each family), or ranges
+    /// (comma-separated): every address of the node's interfaces in one.
+    /// Unset: each InternalIP and ExternalIP of the Node.
+    #[arg(
+        long = "nodeport-addresses",
+        env = "FERRY_NODEPORT_ADDRESSES",
+        value_delimiter = ','
+    )]
+    nodeport_addresses: Vec<String>,
     #[command(flatten)]
     map_sizes: MapSizeArgs,
 }
@@ -214,6 +239,8 @@ async fn main() -> Result<()> {
                 addr => Some(addr.parse::<SocketAddr>()?),
             };
             let nat_ports = settings::parse_nat_ports(&args.nat_ports)?;
+            let service_cidrs = settings::service_cidrs(&args.service_cidrs)?;
+            let node_port_addresses = NodePortAddresses::parse(&args.nodeport_addresses)?;
             let uplink_mode = match args.uplink_mode.as_str() {
                 "native" => Some(UplinkMode::Native),
                 "generic" => Some(UplinkMode::Generic),
@@ -224,6 +251,7 @@ async fn main() -> Result<()> {
                 uplink: UplinkRequest::from_flag(&args.uplink_ifaces)?,
                 uplink_mode,
                 nat_ports,
+                service_cidrs,
                 scheduler: args.scheduler,
                 source,
                 pin_dir: args.pin_dir,
@@ -238,6 +266,7 @@ async fn main() -> Result<()> {
                 socket_lb: args.socket_lb,
                 cgroup_root: args.cgroup_root,
                 node_port_loopback: args.nodeport_loopback,
+                node_port_addresses,
                 map_sizes: MapSizes {
                     services: args.map_sizes.map_services,
                     backends: args.map_sizes.map_backends,
@@ -256,13 +285,15 @@ async fn main() -> Result<()> {
             packet,
             from,
             scheduler,
+            service_cidrs,
             json,
         } => {
             let objects = simulate::read_manifests(&manifests)?;
             for ignored in &objects.ignored {
                 eprintln!("left out: {ignored}");
             }
-            let outcome = simulate::simulate(&objects, &node, &packet, from, scheduler)?;
+            let cidrs = settings::service_cidrs(&service_cidrs)?;
+            let outcome = simulate::simulate(&objects, &node, &packet, from, scheduler, cidrs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {

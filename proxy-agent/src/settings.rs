@@ -3,11 +3,12 @@
 //! default scheduler of frontends without one, and the node `Config` (SNAT
 //! address, NAT port range) the programs read.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, Result};
+use proxy_common::{capacity, Net4, Net6, ServiceCidrs};
 
-use crate::frontend::{FrontendSpec, Scheduler};
+use crate::frontend::{Cidr, FrontendSpec, Scheduler};
 
 /// Node ports SNATed flows get unless told otherwise: above Linux's default
 /// ephemeral range (32768-60999), so they never meet the node's own sockets.
@@ -26,17 +27,21 @@ pub fn fill_defaults(frontends: &mut [FrontendSpec], scheduler: Scheduler) {
 pub struct NodeConfig {
     pub v4: proxy_common::Config,
     pub v6: proxy_common::Config6,
+    pub service_cidrs: ServiceCidrs,
 }
 
 /// The node settings: SNATed traffic leaves with `snat` or `snat6` (none:
 /// zeros, no SNAT address of that family known yet) and a port in
-/// `nat_ports`.
+/// `nat_ports`; new flows into `service_cidrs` that no frontend serves are
+/// refused.
 pub fn node_config(
     snat: Option<Ipv4Addr>,
     snat6: Option<Ipv6Addr>,
     nat_ports: (u16, u16),
+    service_cidrs: ServiceCidrs,
 ) -> NodeConfig {
     NodeConfig {
+        service_cidrs,
         v4: proxy_common::Config {
             snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
             nat_port_min: nat_ports.0,
@@ -46,6 +51,45 @@ pub fn node_config(
             snat_addr: snat6.map_or([0; 16], |a| a.octets()),
         },
     }
+}
+
+/// The service CIDRs (`--service-cidr`) as the programs hold them: at most
+/// `capacity::SERVICE_CIDRS` of each family.
+pub fn service_cidrs(cidrs: &[Cidr]) -> Result<ServiceCidrs> {
+    let mut out = ServiceCidrs::default();
+    for cidr in cidrs {
+        let full = || {
+            anyhow!(
+                "--service-cidr {cidr}: at most {} ranges of each family",
+                capacity::SERVICE_CIDRS
+            )
+        };
+        match cidr.address {
+            IpAddr::V4(addr) => {
+                let net = out.v4.get_mut(out.count4 as usize).ok_or_else(full)?;
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(cidr.prefix))
+                    .unwrap_or(0);
+                *net = Net4 {
+                    addr_be: u32::from(addr).to_be(),
+                    mask_be: mask.to_be(),
+                };
+                out.count4 += 1;
+            }
+            IpAddr::V6(addr) => {
+                let net = out.v6.get_mut(out.count6 as usize).ok_or_else(full)?;
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(cidr.prefix))
+                    .unwrap_or(0);
+                *net = Net6 {
+                    addr: addr.octets(),
+                    mask: mask.to_be_bytes(),
+                };
+                out.count6 += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Reads a NAT port range written `MIN-MAX` (as `--nat-ports` takes it).
@@ -59,6 +103,31 @@ pub fn parse_nat_ports(text: &str) -> Result<(u16, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_cidrs_become_masks_of_each_family() {
+        let cidrs: Vec<Cidr> = ["10.96.0.0/12", "fd00:10:96::/112", "192.0.2.7"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let got = service_cidrs(&cidrs).unwrap();
+        assert_eq!((got.count4, got.count6), (2, 1));
+        assert_eq!(
+            got.v4[0].addr_be,
+            u32::from(Ipv4Addr::new(10, 96, 0, 0)).to_be()
+        );
+        assert_eq!(got.v4[0].mask_be, 0xfff0_0000u32.to_be());
+        assert_eq!(got.v4[1].mask_be, u32::MAX);
+        assert_eq!(got.v6[0].mask[..14], [0xff; 14]);
+        assert_eq!(got.v6[0].mask[14..], [0, 0]);
+        let all: Vec<Cidr> = vec!["0.0.0.0/0".parse().unwrap()];
+        assert_eq!(service_cidrs(&all).unwrap().v4[0].mask_be, 0);
+        let five: Vec<Cidr> = (0..5)
+            .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+            .collect();
+        assert!(service_cidrs(&five).is_err());
+        assert!(service_cidrs(&five[..4]).is_ok());
+    }
 
     #[test]
     fn nat_ports_parse_as_the_flag_documents() {

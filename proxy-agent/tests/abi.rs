@@ -11,8 +11,8 @@ use aya_obj::{maps::Map, Object};
 use proxy_common::{
     bench, map_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     Config6, CtKey4, CtKey6, CtValue, FragKey4, FragPorts, MaglevKey, Nat4, Nat6, NatPortKey4,
-    NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
-    SockRevKey6, SourceRange4, SourceRange6, StatCounter,
+    NatPortKey6, RevNat4, RevNat6, ServiceCidrs, ServiceKey4, ServiceKey6, ServiceValue,
+    SockConfig, SockRevKey4, SockRevKey6, SourceRange4, SourceRange6, StatCounter,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -90,7 +90,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 count,
                 flags,
                 maglev_size,
-                _pad
+                cluster_count
             }),
         ),
         (
@@ -223,7 +223,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 count,
                 flags,
                 maglev_size,
-                _pad
+                cluster_count
             }),
         ),
         (
@@ -347,6 +347,16 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             }),
             layout!(FragPorts { sport_be, dport_be }),
         ),
+        (
+            map_names::SERVICE_CIDRS,
+            layout!(u32),
+            layout!(ServiceCidrs {
+                count4,
+                count6,
+                v4,
+                v6
+            }),
+        ),
     ]
 }
 
@@ -357,7 +367,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
 /// release has the version before it, see `proxy_common::previous`) may
 /// still change, as no node holds maps of it.
 const SNAPSHOT: &str = "\
-svc4_v2: ServiceKey4 12 {addr_be@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 _pad@14}
+svc4_v2: ServiceKey4 12 {addr_be@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 cluster_count@14}
 backend4_v1: u32 4 {} -> Backend4 12 {addr_be@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
 revnat4_v2: u32 4 {} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
 ct4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
@@ -371,7 +381,7 @@ config_v1: u32 4 {} -> Config 8 {snat_addr_be@0 nat_port_min@4 nat_port_max@6}
 stats_v1: u32 4 {} -> StatCounter 16 {packets@0 bytes@8}
 sockrev4_v1: SockRevKey4 16 {cookie@0 addr_be@8 port_be@12 _pad@14} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
 sockcfg_v1: u32 4 {} -> SockConfig 16 {host_netns_cookie@0 flags@8 _pad@12}
-svc6_v1: ServiceKey6 24 {addr@0 port_be@16 proto@18 scope@19 slot@20 _pad@22} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 _pad@14}
+svc6_v1: ServiceKey6 24 {addr@0 port_be@16 proto@18 scope@19 slot@20 _pad@22} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 cluster_count@14}
 backend6_v1: u32 4 {} -> Backend6 24 {addr@0 port_be@16 proto@18 state@19 flags@20 _pad@21}
 revnat6_v1: u32 4 {} -> RevNat6 20 {addr@0 port_be@16 _pad@18}
 ct6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pad@38} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
@@ -383,6 +393,7 @@ srcrange6_v1: lpm_trie::Key<SourceRange6> 24 {prefix_len@0 data@4 {rev_nat_id_be
 config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
 scratch_v1: u32 4 {} -> Scratch 152 {}
 frag4_v1: FragKey4 12 {saddr_be@0 daddr_be@4 id_be@8 proto@10 _pad@11} -> FragPorts 4 {sport_be@0 dport_be@2}
+svccidr_v1: u32 4 {} -> ServiceCidrs 168 {count4@0 count6@4 v4@8 v6@40}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

@@ -55,6 +55,9 @@ fn render(dir: &Path) -> String {
             endpoints(&f.endpoints),
             endpoints(&f.reachable)
         );
+        if !f.cluster_endpoints.is_empty() {
+            let _ = writeln!(out, "  in-cluster: [{}]", endpoints(&f.cluster_endpoints));
+        }
     }
     out.push_str("# ignored objects\n");
     for ignored in &manifests.ignored {

@@ -334,8 +334,13 @@ fn upgrade(dir: &Path, ifindex: u32) {
     // The new agent's start-up: load with today's maps pinned beside the
     // old ones (config_v1 did not change: it stands for the adopted one).
     let mut dp = Dataplane::load_pinned(dir, &Default::default()).expect("load the new programs");
-    dp.set_config(&settings::node_config(Some(ip(NODE)), None, NAT_PORTS))
-        .unwrap();
+    dp.set_config(&settings::node_config(
+        Some(ip(NODE)),
+        None,
+        NAT_PORTS,
+        Default::default(),
+    ))
+    .unwrap();
     let mut migration = Migration::begin(&mut dp, dir).expect("first pass");
     assert_eq!(
         migration

@@ -25,7 +25,15 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
             .args(["simulate", "--manifests"])
             .arg(&dir)
             .args([
-                "--node", "node1", "--from", hook, "--packet", packet, "--json",
+                "--node",
+                "node1",
+                "--from",
+                hook,
+                "--packet",
+                packet,
+                "--service-cidr",
+                "172.30.0.0/16,fd00:30::/112",
+                "--json",
             ])
             .output()
             .unwrap();

@@ -20,13 +20,14 @@ use std::{
 };
 
 use proxy_agent::{
-    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol},
     harness::Programs,
     kernel::{
         self,
         sock::{own_netns_cookie, SockPrograms},
         Dataplane, SocketLb,
     },
+    settings,
 };
 use support::{cgroup::Cgroup, netns::Lab};
 
@@ -44,6 +45,8 @@ const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 2);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 3);
 const LOCAL_ONLY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 4);
 const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 5);
+/// A LoadBalancer IP under externalTrafficPolicy=Local.
+const ETP_LOCAL_LB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 
 fn spec(address: Ipv4Addr, port: u16, protocol: Protocol, backends: &[u16]) -> FrontendSpec {
     FrontendSpec::new(
@@ -351,6 +354,12 @@ fn a_frontend_without_endpoints_refuses_at_connect() {
     let ns = lab.netns("host");
     let mut local_only = spec(LOCAL_ONLY_VIP, 80, Protocol::Tcp, &[]);
     local_only.local_only = true;
+    // externalTrafficPolicy=Local without an endpoint on this node: the
+    // node's own sockets go to the cluster's endpoints, as with kube-proxy.
+    let mut etp_local = spec(ETP_LOCAL_LB, 80, Protocol::Tcp, &[]);
+    etp_local.local_only = true;
+    etp_local.cluster_endpoints =
+        spec(ETP_LOCAL_LB, 80, Protocol::Tcp, &tcp_backends(&ns, 1)).endpoints;
     let _cgroup = attach(
         &mut programs,
         &ns,
@@ -358,15 +367,39 @@ fn a_frontend_without_endpoints_refuses_at_connect() {
             spec(EMPTY_VIP, 80, Protocol::Tcp, &[]),
             spec(EMPTY_VIP, 80, Protocol::Udp, &[]),
             local_only,
+            etp_local,
         ],
         serving_mode(),
     );
+    let (which, peer) = dial(&ns, SocketAddrV4::new(ETP_LOCAL_LB, 80)).expect("served");
+    assert_eq!((which, peer), (0, SocketAddr::from((ETP_LOCAL_LB, 80))));
     let (refused, eperm) = match programs.as_ref().unwrap().dp.sock_programs().unwrap() {
         SockPrograms::Errno => (libc::ECONNREFUSED, libc::EHOSTUNREACH),
         SockPrograms::Eperm => (libc::EPERM, libc::EPERM),
     };
     let err = dial(&ns, SocketAddrV4::new(EMPTY_VIP, 80)).expect_err("no endpoints");
     assert_eq!(err.raw_os_error(), Some(refused), "{err}");
+    // An address of the service CIDRs that no frontend serves: an
+    // unallocated ClusterIP, or a port its ClusterIP does not serve.
+    let mut with_cidrs = |cidrs: &[&str]| {
+        let cidrs: Vec<Cidr> = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        let config = settings::node_config(
+            None,
+            None,
+            settings::DEFAULT_NAT_PORTS,
+            settings::service_cidrs(&cidrs).unwrap(),
+        );
+        programs.as_mut().unwrap().dp.set_config(&config).unwrap();
+    };
+    with_cidrs(&["10.96.7.0/24"]);
+    for unserved in [
+        SocketAddrV4::new(Ipv4Addr::new(10, 96, 7, 99), 80),
+        SocketAddrV4::new(EMPTY_VIP, 81),
+    ] {
+        let err = dial(&ns, unserved).expect_err("not a Service");
+        assert_eq!(err.raw_os_error(), Some(refused), "{unserved}: {err}");
+    }
+    with_cidrs(&[]);
     // internalTrafficPolicy=Local without an endpoint on this node.
     let err = dial(&ns, SocketAddrV4::new(LOCAL_ONLY_VIP, 80)).expect_err("no local endpoint");
     assert_eq!(err.raw_os_error(), Some(eperm), "{err}");

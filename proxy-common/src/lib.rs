@@ -71,8 +71,10 @@ pub mod map_names {
     /// IPv4 fragmented datagrams: the ports of each, from its first
     /// fragment, for the later ones (which carry none).
     pub const FRAGMENTS_V4: &str = "frag4_v1";
+    /// The node's service CIDRs, of both families (index 0).
+    pub const SERVICE_CIDRS: &str = "svccidr_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -99,6 +101,7 @@ pub mod map_names {
         CONFIG_V6,
         SCRATCH,
         FRAGMENTS_V4,
+        SERVICE_CIDRS,
     ];
 }
 
@@ -198,6 +201,9 @@ pub mod capacity {
     /// IPv4 datagrams in fragments at once (least recently used evicted,
     /// allocated whole: under 1 MiB), as Cilium's default.
     pub const FRAGMENTS: u32 = 8_192;
+    /// Service CIDRs of each family (kube-proxy's `--service-cluster-ip-range`
+    /// takes one per family).
+    pub const SERVICE_CIDRS: usize = 4;
 }
 
 /// IP protocol numbers used in keys.
@@ -287,9 +293,24 @@ pub struct ServiceValue {
     /// Slot 0 of a Maglev frontend: its table size, as an index into
     /// [`maglev::SIZES`]; 0 elsewhere.
     pub maglev_size: u16,
-    pub _pad: u16,
+    /// Slot 0 of an external frontend under externalTrafficPolicy=Local:
+    /// how many slots after its `count` local ones (`count + 1 ..= count +
+    /// cluster_count`) hold the Service's cluster-wide endpoints, where
+    /// clients inside the cluster (this node's pods and its own processes)
+    /// go past the policy, as kube-proxy sends them. 0 everywhere else.
+    /// The field was padding (always 0) before, and 0 keeps its meaning, so
+    /// the map kept its name.
+    pub cluster_count: u16,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+impl ServiceValue {
+    /// Slot 0's count of the slots after it: the frontend's own, then those
+    /// for clients inside the cluster.
+    pub const fn slots(&self) -> u16 {
+        self.count.saturating_add(self.cluster_count)
+    }
+}
 
 /// Backend states.
 pub mod backend_state {
@@ -720,6 +741,38 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
+/// An IPv4 network: the address and the mask (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net4 {
+    pub addr_be: u32,
+    pub mask_be: u32,
+}
+
+/// An IPv6 network: the address and the mask.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net6 {
+    pub addr: Addr6,
+    pub mask: Addr6,
+}
+
+/// The node's service CIDRs (index 0 of their array): the ranges ClusterIPs
+/// are allocated from. A new flow to an address in one of them that no
+/// frontend serves (an unallocated ClusterIP, or a port a ClusterIP does
+/// not serve) is refused at once, as kube-proxy's nftables mode refuses
+/// the ports. None configured: such flows pass as any other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCidrs {
+    /// How many of `v4` and of `v6` are in use.
+    pub count4: u32,
+    pub count6: u32,
+    pub v4: [Net4; capacity::SERVICE_CIDRS],
+    pub v6: [Net6; capacity::SERVICE_CIDRS],
+}
+const _: () = assert!(core::mem::size_of::<ServiceCidrs>() == 168);
+
 /// Key of the IPv4 fragments map: one datagram, as RFC 791 identifies it
 /// (source, destination, protocol and identification).
 #[repr(C)]
@@ -933,4 +986,5 @@ mod pod {
     unsafe impl aya::Pod for NatPortKey6 {}
     unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for Config6 {}
+    unsafe impl aya::Pod for ServiceCidrs {}
 }

@@ -178,7 +178,7 @@ pub const fn service(v: ServiceValue) -> crate::ServiceValue {
         count: v.count,
         flags: v.flags,
         maglev_size: v.maglev_size,
-        _pad: 0,
+        cluster_count: 0,
     }
 }
 
@@ -355,7 +355,7 @@ mod tests {
                 count: 3,
                 flags: crate::svc_flags::AFFINITY | crate::svc_flags::SCHEDULER_ROUND_ROBIN,
                 maglev_size: 2,
-                _pad: 0,
+                cluster_count: 0,
             }
         );
     }

@@ -72,10 +72,14 @@ stats! {
     /// a DNATed flow, or a SNATed flow's node port), translated back for
     /// its client: outer and quoted headers (see the programs' `icmp`).
     RevNatIcmp = 28 => "rev_nat_icmp",
+    /// A new flow (TCP SYN, or UDP) to an address in the node's service
+    /// CIDRs that no frontend serves: an unallocated ClusterIP, or a port
+    /// its ClusterIP does not serve. Refused with an ICMP port unreachable.
+    RejectNoService = 29 => "reject_no_service",
 }
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 29;
+pub const COUNT: u32 = 30;
 
 impl Stat {
     /// The counter's index in the stats array.
@@ -130,6 +134,7 @@ mod tests {
             "pass_ipv6_to_tc",
             "drop_scratch",
             "rev_nat_icmp",
+            "reject_no_service",
         ];
         let now: [&str; COUNT as usize] = Stat::ALL.map(Stat::name);
         assert_eq!(now, names);

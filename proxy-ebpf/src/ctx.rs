@@ -181,7 +181,7 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn reject<F: Family>(&self, flow: &Flow<F>) -> Outcome {
-        reject::port_unreachable(self, flow)
+        reject::port_unreachable(self, flow, Stat::RejectNoBackend)
     }
 }
 

@@ -27,8 +27,8 @@ use crate::{
     keys,
     maps::{
         AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, NAT,
-        NAT6, NAT_PORTS, NAT_PORTS6, REVNAT, REVNAT6, SERVICES, SERVICES6, SOURCE_RANGES,
-        SOURCE_RANGES6,
+        NAT6, NAT_PORTS, NAT_PORTS6, REVNAT, REVNAT6, SERVICES, SERVICES6, SERVICE_CIDRS,
+        SOURCE_RANGES, SOURCE_RANGES6,
     },
 };
 
@@ -121,6 +121,9 @@ pub trait Family: Copy {
     fn client_hash(addr: Self::Addr) -> u32;
     /// The source a hairpinned flow gets.
     fn hairpin_addr() -> Self::Addr;
+    /// Whether `addr` lies in one of the node's service CIDRs (none unless
+    /// the agent was given some).
+    fn in_service_cidr(addr: Self::Addr) -> bool;
 
     /// The node address SNATed flows leave with, if the agent wrote one.
     fn snat_addr() -> Option<Self::Addr>;
@@ -439,6 +442,20 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn in_service_cidr(addr: u32) -> bool {
+        let Some(cidrs) = SERVICE_CIDRS.get(0) else {
+            return false;
+        };
+        let count = cidrs.count4 as usize;
+        for (i, net) in cidrs.v4.iter().enumerate() {
+            if i < count && addr & net.mask_be == net.addr_be {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[inline(always)]
     fn snat_addr() -> Option<u32> {
         let addr = CONFIG.get(0).map_or(0, |c| c.snat_addr_be);
         (addr != 0).then_some(addr)
@@ -604,6 +621,21 @@ impl Family for V6 {
     #[inline(always)]
     fn hairpin_addr() -> Addr6 {
         words6(HAIRPIN_ADDR6)
+    }
+
+    #[inline(always)]
+    fn in_service_cidr(addr: Addr6) -> bool {
+        let Some(cidrs) = SERVICE_CIDRS.get(0) else {
+            return false;
+        };
+        let count = cidrs.count6 as usize;
+        for (i, net) in cidrs.v6.iter().enumerate() {
+            let (base, mask) = (words6(net.addr), words6(net.mask));
+            if i < count && (0..4).all(|w| addr[w] & mask[w] == base[w]) {
+                return true;
+            }
+        }
+        false
     }
 
     #[inline(always)]

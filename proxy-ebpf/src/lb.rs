@@ -5,7 +5,7 @@
 //! a new flow one slot and one backend lookup). Never a walk over services or
 //! backends.
 
-use proxy_common::{backend_flags, ServiceValue};
+use proxy_common::{backend_flags, svc_flags, ServiceValue};
 
 use crate::{
     ct::{self, State, Tracked},
@@ -20,6 +20,33 @@ use crate::{
 pub fn frontend<F: Family>(flow: &Flow<F>) -> Option<(F::ServiceKey, ServiceValue)> {
     let key = F::service_key(flow.daddr, flow.dport, flow.proto, 0);
     F::service(&key).map(|svc| (key, svc))
+}
+
+/// The frontend as a client inside the cluster sees it: a pod on this node,
+/// or one of the node's own processes. An external frontend under
+/// externalTrafficPolicy=Local sends those to the Service's cluster-wide
+/// endpoints, in the slots after its local ones, as kube-proxy does: to
+/// them it is as if they had gone out to the load balancer and come back
+/// in. Returns the header to schedule with (those slots, without the Local
+/// policy, and without Maglev, whose table covers the local slots) and how
+/// many slots come before them.
+#[inline(always)]
+pub fn for_cluster_client(svc: ServiceValue) -> (ServiceValue, u16) {
+    if svc.cluster_count == 0 {
+        return (svc, 0);
+    }
+    let mut flags = svc.flags & !svc_flags::LOCAL_ONLY;
+    if flags & svc_flags::SCHEDULER_MASK == svc_flags::SCHEDULER_MAGLEV {
+        flags &= !svc_flags::SCHEDULER_MASK;
+    }
+    let view = ServiceValue {
+        count: svc.cluster_count,
+        cluster_count: 0,
+        flags,
+        maglev_size: 0,
+        ..svc
+    };
+    (view, svc.count)
 }
 
 /// The backend a packet of `flow` goes to.
@@ -48,19 +75,21 @@ impl<F: Family> Chosen<F> {
 }
 
 /// Picks the backend for a packet to a frontend with backends (`key` is its
-/// slot-0 key, `svc` its header): the one its conntrack entry names while that
-/// backend exists, else the scheduler's, recorded in conntrack (both
-/// directions where replies pass through this node).
+/// slot-0 key, `svc` its header, whose slots come after `skip` others): the
+/// one its conntrack entry names while that backend exists, else the
+/// scheduler's, recorded in conntrack (both directions where replies pass
+/// through this node).
 #[inline(always)]
 pub fn choose<F: Family>(
     flow: &Flow<F>,
     key: F::ServiceKey,
     svc: &ServiceValue,
+    skip: u16,
 ) -> Result<Chosen<F>, Dropped> {
     let now = ct::now();
     match known(flow, svc.rev_nat_id, now) {
         Some(chosen) => Ok(chosen),
-        None => open(flow, key, svc, now),
+        None => open(flow, key, svc, skip, now),
     }
 }
 
@@ -84,9 +113,10 @@ pub fn open<F: Family>(
     flow: &Flow<F>,
     key: F::ServiceKey,
     svc: &ServiceValue,
+    skip: u16,
     now: u64,
 ) -> Result<Chosen<F>, Dropped> {
-    let (backend_id, backend) = sched::pick(flow, key, svc, now)?;
+    let (backend_id, backend) = sched::pick(flow, key, svc, skip, now)?;
     let mut tracked = Tracked {
         backend_id,
         backend,

@@ -13,8 +13,8 @@ use aya_ebpf::{
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     Config6, CtKey4, CtKey6, CtValue, FragKey4, FragPorts, MaglevKey, Nat4, Nat6, NatPortKey4,
-    NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
-    SockRevKey6, SourceRange4, SourceRange6, StatCounter,
+    NatPortKey6, RevNat4, RevNat6, ServiceCidrs, ServiceKey4, ServiceKey6, ServiceValue,
+    SockConfig, SockRevKey4, SockRevKey6, SourceRange4, SourceRange6, StatCounter,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -76,6 +76,10 @@ pub static SOURCE_RANGES: LpmTrie<
     { capacity::SOURCE_RANGES as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = LpmTrie::new();
+
+/// The node's service CIDRs, both families (index 0), written by the agent.
+#[btf_map(name = "svccidr_v1")]
+pub static SERVICE_CIDRS: Array<ServiceCidrs, 1> = Array::new();
 
 /// IPv4 fragmented datagrams: (source, destination, id, protocol) -> the
 /// ports from the first fragment, for the later ones. Least recently used

@@ -5,7 +5,7 @@
 //! flows are translated back on both (`icmp`).
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{stats::Stat, svc_flags};
+use proxy_common::{proto, stats::Stat, svc_flags};
 
 use crate::{
     ct,
@@ -68,6 +68,7 @@ fn from_pod_flow<F: Family>(ctx: &TcContext, icmp_at: &mut usize) -> Outcome {
         Err(early) => return early.outcome(),
     };
     if let Some((key, svc)) = lb::frontend(&flow) {
+        let (svc, skip) = lb::for_cluster_client(svc);
         if svc.count == 0 {
             // internalTrafficPolicy=Local without an endpoint on this node: the
             // Service has endpoints, just none for this client. Dropped, as by
@@ -75,9 +76,9 @@ fn from_pod_flow<F: Family>(ctx: &TcContext, icmp_at: &mut usize) -> Outcome {
             if svc.flags & svc_flags::LOCAL_ONLY != 0 {
                 return Err(Dropped(Stat::DropNoLocalBackend));
             }
-            return reject::port_unreachable(ctx, &flow);
+            return reject::port_unreachable(ctx, &flow, Stat::RejectNoBackend);
         }
-        let chosen = lb::choose(&flow, key, &svc)?;
+        let chosen = lb::choose(&flow, key, &svc, skip)?;
         ctx.rewrite(
             &flow,
             End::Destination,
@@ -113,6 +114,14 @@ fn from_pod_flow<F: Family>(ctx: &TcContext, icmp_at: &mut usize) -> Outcome {
             Ok(hop) => send(ctx, hop, Stat::RevNat),
             Err(_) => Ok(Out::pass(Stat::RevNat)),
         };
+    }
+    // A new flow into the service CIDRs that no frontend serves: an
+    // unallocated ClusterIP (a deleted Service's, say) or a port its
+    // ClusterIP does not serve. Refused at once, where it would otherwise
+    // leave for the default route and time out. Packets of flows that
+    // began before (a Service deleted under them) pass as before.
+    if (flow.syn() || flow.proto == proto::UDP) && F::in_service_cidr(flow.daddr) {
+        return reject::port_unreachable(ctx, &flow, Stat::RejectNoService);
     }
     Ok(Out::pass(Stat::PassNotService))
 }

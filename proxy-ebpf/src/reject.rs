@@ -29,13 +29,13 @@ const NEXT_ICMP6: u8 = 58;
 
 /// Turns the packet into an ICMP destination-unreachable (port) from the
 /// frontend to the client and sends it back out of the interface it came in
-/// on. A later fragment is dropped instead.
+/// on, counted as `stat`. A later fragment is dropped instead.
 #[inline(always)]
-pub fn port_unreachable<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> Outcome {
+pub fn port_unreachable<F: Family>(ctx: &TcContext, flow: &Flow<F>, stat: Stat) -> Outcome {
     // The rest of a datagram whose first fragment was rejected: dropped,
     // counted with it (the client has its error already).
     if flow::later_fragment::<_, F>(ctx) {
-        return Err(Dropped(Stat::RejectNoBackend));
+        return Err(Dropped(stat));
     }
     // The quote is the IP header and the fixed L4 header: at least the 8 bytes
     // RFC 792 asks for (RFC 1812 and 4443 allow more), and never shorter than
@@ -44,9 +44,9 @@ pub fn port_unreachable<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> Outcome {
     let quoted = flow.ip_hdr_len + flow.l4_min_len();
     let (src, dst) = (F::words(&flow.daddr), F::words(&flow.saddr));
     if F::IP_CSUM {
-        reply4(ctx, quoted, src, dst)
+        reply4(ctx, quoted, src, dst, stat)
     } else {
-        reply6(ctx, quoted.min(MAX_QUOTE6), src, dst)
+        reply6(ctx, quoted.min(MAX_QUOTE6), src, dst, stat)
     }
 }
 
@@ -104,7 +104,7 @@ fn checksum<const MAX: usize>(
 }
 
 #[inline(always)]
-fn reply4(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32]) -> Outcome {
+fn reply4(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32], stat: Stat) -> Outcome {
     let macs = make_room(ctx, quoted, IP_LEN + ICMP_LEN)?;
     let mut hdr = [0u8; ETH_LEN + IP_LEN + ICMP_LEN];
     ethernet(&mut hdr, &macs, [0x08, 0x00]);
@@ -136,11 +136,11 @@ fn reply4(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32]) -> Outcome {
         (ICMP_LEN + quoted) / 4,
         ETH_LEN + IP_LEN + 2,
     )?;
-    Ok(Out::new(Action::Tx, Stat::RejectNoBackend))
+    Ok(Out::new(Action::Tx, stat))
 }
 
 #[inline(always)]
-fn reply6(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32]) -> Outcome {
+fn reply6(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32], stat: Stat) -> Outcome {
     let macs = make_room(ctx, quoted, IP6_LEN + ICMP_LEN)?;
     let mut hdr = [0u8; ETH_LEN + IP6_LEN + ICMP_LEN];
     ethernet(&mut hdr, &macs, [0x86, 0xdd]);
@@ -171,5 +171,5 @@ fn reply6(ctx: &TcContext, quoted: usize, src: &[u32], dst: &[u32]) -> Outcome {
         (ICMP_LEN + quoted) / 4,
         ETH_LEN + IP6_LEN + 2,
     )?;
-    Ok(Out::new(Action::Tx, Stat::RejectNoBackend))
+    Ok(Out::new(Action::Tx, stat))
 }

@@ -36,19 +36,21 @@ impl<F: Family> Client<F> for Flow<F> {
 }
 
 /// The backend a new flow of `flow` to the frontend (`key` is its slot-0
-/// key, `svc` its header) goes to: the client's affinity backend if it has
-/// one, else the scheduler's pick. Records the client's affinity.
+/// key, `svc` its header, whose slots come after `skip` others: see
+/// `lb::for_cluster_client`) goes to: the client's affinity backend if it
+/// has one, else the scheduler's pick. Records the client's affinity.
 #[inline(always)]
 pub fn pick<F: Family>(
     flow: &impl Client<F>,
     key: F::ServiceKey,
     svc: &ServiceValue,
+    skip: u16,
     now: u64,
 ) -> Result<(u32, F::Backend), Dropped> {
     let (backend_id, backend) = match affinity_backend(flow, svc, now) {
         Some(kept) => kept,
         None => {
-            let backend_id = schedule(flow, &key, svc)?;
+            let backend_id = schedule(flow, &key, svc, skip)?;
             let backend = F::backend(backend_id).ok_or(Dropped(Stat::DropNoBackendEntry))?;
             (backend_id, backend)
         }
@@ -90,6 +92,7 @@ fn schedule<F: Family>(
     flow: &impl Client<F>,
     key: &F::ServiceKey,
     svc: &ServiceValue,
+    skip: u16,
 ) -> Result<u32, Dropped> {
     let flow_hash = || flow.flow_hash();
     let slot = match svc.flags & svc_flags::SCHEDULER_MASK {
@@ -120,7 +123,7 @@ fn schedule<F: Family>(
         }
         _ => slot_for(flow_hash(), svc.count),
     };
-    F::service(&F::with_slot(key, slot))
+    F::service(&F::with_slot(key, skip.wrapping_add(slot)))
         .map(|slot| slot.backend_id)
         .ok_or(Dropped(Stat::DropNoBackendEntry))
 }

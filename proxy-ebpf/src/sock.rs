@@ -39,6 +39,7 @@ use proxy_common::{
 use crate::{
     ct,
     family::{Addr6, Endpoint, Family, V4, V6},
+    lb,
     maps::{SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6},
     sched::{self, Client},
 };
@@ -254,7 +255,9 @@ impl<F: SockFamily> Client<F> for Dial<F> {
 /// Why a dial is refused.
 #[derive(Clone, Copy)]
 enum Refusal {
-    /// The frontend has no endpoint at all (the packet path rejects).
+    /// No endpoint to go to: the frontend has none, or no frontend serves
+    /// this port of an address in the service CIDRs (the packet path
+    /// rejects both).
     NoEndpoints,
     /// internalTrafficPolicy=Local and none on this node (the packet path drops).
     NoLocalEndpoint,
@@ -350,8 +353,14 @@ fn translate<F: SockFamily>(
 ) -> Result<Option<(F::Addr, u16)>, Refusal> {
     let key = F::service_key(daddr, dport, proto, 0);
     let Some(svc) = F::service(&key) else {
+        // No frontend at an address of the service CIDRs: an unallocated
+        // ClusterIP, or a port its ClusterIP does not serve.
+        if F::in_service_cidr(daddr) && node_client(ctx).is_some() {
+            return Err(Refusal::NoEndpoints);
+        }
         return Ok(None);
     };
+    let (svc, skip) = lb::for_cluster_client(svc);
     let Some(client) = node_client(ctx) else {
         return Ok(None);
     };
@@ -369,7 +378,7 @@ fn translate<F: SockFamily>(
         proto,
         cookie,
     };
-    let (addr, port_be) = choose(&dial, key, &svc)?;
+    let (addr, port_be) = choose(&dial, key, &svc, skip)?;
     F::remember(cookie, addr, port_be, daddr, dport);
     Ok(Some((addr, port_be)))
 }
@@ -380,6 +389,7 @@ fn choose<F: SockFamily>(
     dial: &Dial<F>,
     key: F::ServiceKey,
     svc: &ServiceValue,
+    skip: u16,
 ) -> Result<(F::Addr, u16), Refusal> {
     if svc.count == 0 {
         return Err(if svc.flags & svc_flags::LOCAL_ONLY != 0 {
@@ -389,7 +399,7 @@ fn choose<F: SockFamily>(
         });
     }
     let (_, backend) =
-        sched::pick::<F>(dial, key, svc, ct::now()).map_err(|_| Refusal::NoEndpoints)?;
+        sched::pick::<F>(dial, key, svc, skip, ct::now()).map_err(|_| Refusal::NoEndpoints)?;
     Ok((backend.addr(), backend.port_be()))
 }
 

@@ -134,7 +134,7 @@ fn uplink_flow<C: Packet, F: Family>(
         Some(known) => *chosen = known,
         None => {
             let key = F::service_key(flow.daddr, flow.dport, flow.proto, 0);
-            *chosen = lb::open(flow, key, &svc, ct::now())?;
+            *chosen = lb::open(flow, key, &svc, 0, ct::now())?;
         }
     }
     if chosen.local() {

@@ -145,6 +145,14 @@ fn lab_traffic_from_outside_the_cluster() {
         refused_or_dropped(&ext, (NODE2, 30090).into()),
         "node2 has no local endpoint and must not answer"
     );
+    eprintln!("== ...but a pod on node2 dialling its own node's NodePort is served by the cluster's endpoints");
+    lab.xtask(&["pod", "add", "client2", "--node", "node2"]);
+    for answer in connect_many(&lab.pod_ns("client2"), (NODE2, 30090).into(), 10) {
+        assert_eq!(
+            pod_of(&answer.expect("a pod is served past the policy")),
+            "loc-1"
+        );
+    }
 
     eprintln!("== healthCheckNodePort: 200 where an endpoint is local, 503 elsewhere");
     let healthy = http_get(&ext, (NODE1, 30100).into(), "/healthz");

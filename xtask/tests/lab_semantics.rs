@@ -1,6 +1,7 @@
 //! Lab tests of Service semantics: session affinity, internalTrafficPolicy,
-//! terminating endpoints, UDP clients moving on when their backend goes, and
-//! one client port dialling two Services that one backend serves.
+//! terminating endpoints, UDP clients moving on when their backend goes,
+//! one client port dialling two Services that one backend serves, and
+//! connections refused at once where no Service is in the service CIDR.
 
 mod support;
 
@@ -199,6 +200,35 @@ fn lab_service_semantics() {
         second.port() >= 61_000,
         "the second flow reaches the backend from another port: {second}"
     );
+
+    eprintln!(
+        "== a deleted Service's ClusterIP, and a port a live one does not serve, refuse at once"
+    );
+    let gone = lab.cluster_ip("spread");
+    lab.kubectl(&["delete", "service", "spread"]);
+    let dial = |target: SocketAddr| {
+        let started = Instant::now();
+        let result = in_netns(&client, move || {
+            TcpStream::connect_timeout(&target, Duration::from_secs(5)).map(drop)
+        });
+        (result.map_err(|e| e.kind()), started.elapsed())
+    };
+    // The agent sees the deletion within moments; until then the
+    // ClusterIP still answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (refused, took) = loop {
+        let (result, took) = dial((gone, 80).into());
+        if result.is_err() || Instant::now() > deadline {
+            break (result, took);
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(refused, Err(ErrorKind::ConnectionRefused), "{gone}:80");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    let (refused, took) = dial((lab.cluster_ip("sticky"), 81).into());
+    assert_eq!(refused, Err(ErrorKind::ConnectionRefused), "sticky:81");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    assert!(lab.agent_counter("node1", Stat::RejectNoService.index()) >= 2);
 }
 
 const CLIENT_PORT: u16 = 40_999;

@@ -110,6 +110,7 @@ pub fn simulate(
     packet: &PacketSpec,
     hook: Hook,
     scheduler: Scheduler,
+    service_cidrs: proxy_common::ServiceCidrs,
 ) -> Result<Outcome> {
     let info = manifests.node(node);
     let served = manifests.frontends(&info, scheduler);
@@ -122,7 +123,9 @@ pub fn simulate(
         info.snat_address(),
         info.snat_address6(),
         settings::DEFAULT_NAT_PORTS,
+        service_cidrs,
     ))?;
+    let from_pod = matches!(hook, Hook::Pod);
     let hook = match hook {
         Hook::Pod => harness::Hook::Tc(program_names::FROM_POD, None),
         Hook::Uplink => harness::Hook::UplinkTc(None),
@@ -142,8 +145,12 @@ pub fn simulate(
     }
     .to_string();
     let (icmp, src, dst) = addresses(&out);
-    let (frontend, candidates) =
-        candidates(&programs.programmed.applied, &served.frontends, packet);
+    let (frontend, candidates) = candidates(
+        &programs.programmed.applied,
+        &served.frontends,
+        packet,
+        from_pod,
+    );
     Ok(Outcome {
         verdict: if icmp && src.0.is_ipv6() {
             "reject (ICMPv6 port unreachable)".into()
@@ -186,18 +193,25 @@ fn addresses(out: &[u8]) -> (bool, (IpAddr, u16), (IpAddr, u16)) {
 }
 
 /// The frontend a packet to `packet`'s destination matches (by its name), and
-/// the backends it could go to.
+/// the backends it could go to: from a pod (`from_pod`), those for clients
+/// inside the cluster.
 fn candidates(
     map_state: &MapState,
     frontends: &[FrontendSpec],
     packet: &PacketSpec,
+    from_pod: bool,
 ) -> (Option<String>, Vec<String>) {
     let key = ServiceKey::new(packet.dst.0, packet.dst.1, packet.proto, 0);
     match map_state.services.get(&key) {
         None => (None, Vec::new()),
         Some(slot0) => {
             let mut set = BTreeSet::new();
-            for slot in 1..=slot0.count {
+            let slots = if from_pod && slot0.cluster_count != 0 {
+                slot0.count + 1..=slot0.slots()
+            } else {
+                1..=slot0.count
+            };
+            for slot in slots {
                 if let Some(v) = map_state.services.get(&key.with_slot(slot)) {
                     if let Some(b) = map_state.backends.get(&v.backend_id) {
                         set.insert(SocketAddr::new(b.addr, b.port).to_string());

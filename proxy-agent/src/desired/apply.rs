@@ -41,7 +41,7 @@ fn hole(maps: &MapState, key: &ServiceKey, head: &ServiceValue) -> Option<String
     if !maps.revnat.contains_key(&head.rev_nat_id) {
         return Some("no reverse-NAT entry".into());
     }
-    for slot in 1..=head.count {
+    for slot in 1..=head.slots() {
         match maps
             .services
             .get(&key.with_slot(slot))
@@ -90,7 +90,7 @@ pub fn orphan_slots(maps: &MapState) -> Vec<ServiceKey> {
                 && maps
                     .services
                     .get(&k.with_slot(0))
-                    .is_none_or(|head| k.slot > head.count)
+                    .is_none_or(|head| k.slot > head.slots())
         })
         .copied()
         .collect()

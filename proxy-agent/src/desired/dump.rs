@@ -18,11 +18,14 @@ pub fn protocol(number: u8) -> &'static str {
 }
 
 /// The policy flags of a frontend's slot 0 by name (`local-only`,
-/// `source-ranges`, `affinity Ns`), as `inspect` prints them.
+/// `in-cluster N`, `source-ranges`, `affinity Ns`), as `inspect` prints them.
 pub fn policy_flags(head: &ServiceValue) -> Vec<String> {
     let mut out = Vec::new();
     if head.flags & svc_flags::LOCAL_ONLY != 0 {
         out.push("local-only".to_string());
+    }
+    if head.cluster_count != 0 {
+        out.push(format!("in-cluster {}", head.cluster_count));
     }
     if head.flags & svc_flags::SOURCE_RANGES != 0 {
         out.push("source-ranges".to_string());
@@ -66,10 +69,15 @@ pub fn dump(state: &MapState) -> String {
             head.count,
             flags(head)
         );
-        for slot in 1..=head.count {
+        for slot in 1..=head.slots() {
+            let whose = if slot > head.count {
+                " (in-cluster)"
+            } else {
+                ""
+            };
             let _ = match state.services.get(&key.with_slot(slot)) {
-                Some(v) => writeln!(out, "  slot {slot}: backend {}", v.backend_id),
-                None => writeln!(out, "  slot {slot}: missing"),
+                Some(v) => writeln!(out, "  slot {slot}{whose}: backend {}", v.backend_id),
+                None => writeln!(out, "  slot {slot}{whose}: missing"),
             };
         }
         let mut share: BTreeMap<u32, usize> = BTreeMap::new();

@@ -417,14 +417,19 @@ fn add_frontend(
     ids: &mut Ids,
 ) -> Result<Vec<u32>, Problem> {
     let frontend = service.frontend;
-    let mut endpoints = service.endpoints.clone();
-    endpoints.sort();
-    endpoints.dedup();
-    if endpoints.len() > MAX_SLOTS {
+    let sorted = |endpoints: &[Endpoint]| {
+        let mut endpoints = endpoints.to_vec();
+        endpoints.sort();
+        endpoints.dedup();
+        endpoints
+    };
+    let endpoints = sorted(&service.endpoints);
+    let in_cluster = sorted(&service.cluster_endpoints);
+    if endpoints.len() + in_cluster.len() > MAX_SLOTS {
         return Err(Problem::TooManyEndpoints {
             name: service.name.clone(),
             frontend,
-            count: endpoints.len(),
+            count: endpoints.len() + in_cluster.len(),
             max: MAX_SLOTS,
         });
     }
@@ -436,11 +441,15 @@ fn add_frontend(
     let rev_nat_id = ids
         .revnat(frontend)
         .ok_or_else(|| exhausted("reverse NAT"))?;
-    let slots: Vec<(u32, Endpoint)> = endpoints
-        .iter()
-        .map(|endpoint| Some((ids.backend(endpoint, frontend.protocol)?, *endpoint)))
-        .collect::<Option<_>>()
-        .ok_or_else(|| exhausted("backend"))?;
+    let mut with_ids = |endpoints: &[Endpoint]| -> Result<Vec<(u32, Endpoint)>, Problem> {
+        endpoints
+            .iter()
+            .map(|endpoint| Some((ids.backend(endpoint, frontend.protocol)?, *endpoint)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| exhausted("backend"))
+    };
+    let slots = with_ids(&endpoints)?;
+    let in_cluster = with_ids(&in_cluster)?;
     part.revnat.insert(
         rev_nat_id,
         RevNat {
@@ -448,10 +457,14 @@ fn add_frontend(
             port: frontend.port,
         },
     );
-    let head = slot0(part, service, rev_nat_id, &slots);
+    let head = ServiceValue {
+        cluster_count: in_cluster.len() as u16,
+        ..slot0(part, service, rev_nat_id, &slots)
+    };
     part.services.insert(service_key(&frontend, 0), head);
-    let mut used = Vec::with_capacity(slots.len() + service.reachable.len());
-    for (slot, (id, endpoint)) in slots.into_iter().enumerate() {
+    let mut used = Vec::with_capacity(slots.len() + in_cluster.len() + service.reachable.len());
+    // The frontend's own slots, then those for clients inside the cluster.
+    for (slot, (id, endpoint)) in slots.into_iter().chain(in_cluster).enumerate() {
         used.push(id);
         part.services.insert(
             service_key(&frontend, slot as u16 + 1),
@@ -461,7 +474,7 @@ fn add_frontend(
                 count: 0,
                 flags: 0,
                 maglev_size: 0,
-                _pad: 0,
+                cluster_count: 0,
             },
         );
         part.backends
@@ -531,7 +544,7 @@ fn slot0(
         count: slots.len() as u16,
         flags,
         maglev_size,
-        _pad: 0,
+        cluster_count: 0,
     }
 }
 
@@ -661,7 +674,7 @@ fn take_programmed(
 fn entries_of(frontend: &Frontend, applied: &MapState, used: &[u32]) -> MapState {
     let mut entries = MapState::default();
     if let Some(&head) = applied.services.get(&service_key(frontend, 0)) {
-        for slot in 0..=head.count {
+        for slot in 0..=head.slots() {
             let key = service_key(frontend, slot);
             if let Some(&value) = applied.services.get(&key) {
                 entries.services.insert(key, value);

@@ -349,10 +349,15 @@ impl ServiceView {
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref());
             // An ingress with a hostname only (a DNS-named load balancer)
-            // has no address to serve.
+            // has no address to serve. One with `ipMode: Proxy` is a load
+            // balancer that proxies (its packets reach the node from the
+            // load balancer's own address, not the IP's): traffic to the
+            // IP must go to it, and is not short-circuited here, as
+            // kube-proxy leaves it.
             let ips = ingress
                 .into_iter()
                 .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
                 .filter_map(|i| i.ip.as_deref());
             ip_addresses(ips, &vips, &key, "status.loadBalancer.ingress ip", out)
         } else {
@@ -430,7 +435,7 @@ impl ServiceView {
             matches!(self.kind.as_str(), "NodePort" | "LoadBalancer"),
             port.node_port,
         ) {
-            (true, Some(_)) => node.node_port_addresses().collect(),
+            (true, Some(_)) => node.node_port_addresses(),
             _ => Vec::new(),
         };
         let mut local_endpoints = 0;
@@ -473,6 +478,14 @@ impl ServiceView {
         };
         let internal = pick(selection.for_internal(&self.policy));
         let external_endpoints = pick(selection.for_external(&self.policy));
+        // Under externalTrafficPolicy=Local, clients inside the cluster
+        // dialling an external address go to the Cluster endpoints, as if
+        // they had gone out to the load balancer and come back in.
+        let in_cluster = if self.external_local {
+            pick(selection.cluster.as_deref().unwrap_or_default())
+        } else {
+            Vec::new()
+        };
         // Every endpoint still serving keeps the connections it has, as
         // conntrack keeps them under kube-proxy: terminating ones, and those
         // the policy or the topology leave out of new connections.
@@ -507,6 +520,7 @@ impl ServiceView {
                 endpoints: internal.clone(),
                 reachable: reachable.clone(),
                 local_only: self.policy.internal_local,
+                cluster_endpoints: Vec::new(),
                 source_ranges: None,
                 affinity_timeout: self.affinity_timeout,
                 scheduler: self.scheduler,
@@ -522,6 +536,7 @@ impl ServiceView {
                 endpoints: external_endpoints.clone(),
                 reachable: reachable.clone(),
                 local_only: self.external_local,
+                cluster_endpoints: in_cluster.clone(),
                 source_ranges: ranges.clone(),
                 affinity_timeout: self.affinity_timeout,
                 scheduler: self.scheduler,

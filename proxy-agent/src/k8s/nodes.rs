@@ -4,7 +4,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use anyhow::{bail, Result};
 use k8s_openapi::api::core::v1::Node;
+
+use crate::frontend::Cidr;
 
 /// What this node knows of itself: its name (for endpoint locality) and its
 /// addresses (NodePort frontends listen on each).
@@ -20,6 +23,59 @@ pub struct NodeInfo {
     /// NodePorts answer on 127.0.0.1 too, for the node's own clients
     /// (`--nodeport-loopback`; the socket hooks serve them).
     pub node_port_loopback: bool,
+    /// The addresses NodePorts answer on, where `--nodeport-addresses`
+    /// chose them (see [`NodePortAddresses`]); `None`: every one of
+    /// `addresses` and `addresses6`.
+    pub node_port_only: Option<Vec<IpAddr>>,
+}
+
+/// kube-proxy's `--nodeport-addresses`: which of the node's addresses
+/// NodePorts answer on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's primary address of each family: its first InternalIP (else
+    /// ExternalIP), as kube-proxy's nftables mode has by default.
+    Primary,
+    /// Every address of the node's interfaces in one of these ranges.
+    Cidrs(Vec<Cidr>),
+}
+
+impl NodePortAddresses {
+    /// From the flag's values: `primary`, or ranges. None when unset.
+    pub fn parse(values: &[String]) -> Result<Option<Self>> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        if values.iter().any(|v| v.trim() == "primary") {
+            if values.len() > 1 {
+                bail!("--nodeport-addresses: `primary` stands alone, without ranges");
+            }
+            return Ok(Some(Self::Primary));
+        }
+        let cidrs = values
+            .iter()
+            .map(|v| v.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
+        Ok(Some(Self::Cidrs(cidrs)))
+    }
+
+    /// The addresses NodePorts answer on for `node`, whose interfaces hold
+    /// `local` (read only for ranges).
+    pub fn choose(&self, node: &NodeInfo, local: &[IpAddr]) -> Vec<IpAddr> {
+        match self {
+            Self::Primary => {
+                let v4 = node.addresses.first().copied().map(IpAddr::from);
+                let v6 = node.addresses6.first().copied().map(IpAddr::from);
+                v4.into_iter().chain(v6).collect()
+            }
+            Self::Cidrs(cidrs) => local
+                .iter()
+                .copied()
+                .filter(|a| !a.is_loopback() && cidrs.iter().any(|c| c.contains(*a)))
+                .collect(),
+        }
+    }
 }
 
 impl NodeInfo {
@@ -37,20 +93,28 @@ impl NodeInfo {
             addresses6,
             zone,
             node_port_loopback: false,
+            node_port_only: None,
         }
     }
 
     /// The addresses NodePorts answer on, of both families (the loopback
     /// is IPv4's only, as with kube-proxy).
-    pub fn node_port_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        let loopback = self.node_port_loopback.then_some(Ipv4Addr::LOCALHOST);
-        let v4 = self
-            .addresses
-            .iter()
-            .copied()
-            .chain(loopback)
-            .map(IpAddr::from);
-        v4.chain(self.addresses6.iter().copied().map(IpAddr::from))
+    pub fn node_port_addresses(&self) -> Vec<IpAddr> {
+        let loopback = self
+            .node_port_loopback
+            .then_some(IpAddr::from(Ipv4Addr::LOCALHOST));
+        let mut out: Vec<IpAddr> = match &self.node_port_only {
+            Some(only) => only.clone(),
+            None => self
+                .addresses
+                .iter()
+                .copied()
+                .map(IpAddr::from)
+                .chain(self.addresses6.iter().copied().map(IpAddr::from))
+                .collect(),
+        };
+        out.extend(loopback);
+        out
     }
 
     /// The address SNATed traffic leaves with: the first InternalIP.
@@ -91,17 +155,16 @@ pub fn internal_ips(node: Option<&Node>) -> Vec<Ipv4Addr> {
     addresses_of(node, &["InternalIP"])
 }
 
-/// The Node's addresses of one family (`A`) and of the given types, in its
-/// order, each once.
+/// The Node's addresses of one family (`A`) and of the given types, in the
+/// types' order and then in its own, each once.
 fn addresses_of<A: std::str::FromStr + PartialEq>(node: Option<&Node>, types: &[&str]) -> Vec<A> {
     let mut addresses = Vec::new();
-    for addr in node
+    let listed = node
         .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        if types.contains(&addr.type_.as_str()) {
+        .and_then(|s| s.addresses.as_ref());
+    // By type first (InternalIPs before ExternalIPs), then in the Node's order.
+    for kind in types {
+        for addr in listed.into_iter().flatten().filter(|a| a.type_ == *kind) {
             if let Ok(ip) = addr.address.parse::<A>() {
                 if !addresses.contains(&ip) {
                     addresses.push(ip);
@@ -120,6 +183,79 @@ mod tests {
     };
 
     use super::*;
+
+    fn with_addresses(addresses: &[(&str, &str)]) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "status": {"addresses": addresses
+                .iter()
+                .map(|(kind, a)| serde_json::json!({"type": kind, "address": a}))
+                .collect::<Vec<_>>()},
+        }))
+        .unwrap()
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn internal_ips_come_before_external_ones() {
+        let node = with_addresses(&[
+            ("ExternalIP", "198.51.100.11"),
+            ("Hostname", "n"),
+            ("InternalIP", "10.250.0.11"),
+            ("InternalIP", "fd00::11"),
+        ]);
+        let info = NodeInfo::from_node("n", Some(&node));
+        assert_eq!(info.snat_address(), Some(Ipv4Addr::new(10, 250, 0, 11)));
+        assert_eq!(
+            info.node_port_addresses(),
+            ips(&["10.250.0.11", "198.51.100.11", "fd00::11"])
+        );
+    }
+
+    #[test]
+    fn nodeport_addresses_follow_kube_proxys_flag() {
+        let node = with_addresses(&[
+            ("ExternalIP", "198.51.100.11"),
+            ("InternalIP", "10.250.0.11"),
+            ("InternalIP", "10.250.1.11"),
+            ("InternalIP", "fd00::11"),
+        ]);
+        let mut info = NodeInfo::from_node("n", Some(&node));
+        let parse = |v: &[&str]| {
+            NodePortAddresses::parse(&v.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert!(parse(&["primary", "10.0.0.0/8"]).is_err());
+        assert!(parse(&["10.0.0.0/33"]).is_err());
+        let primary = parse(&["primary"]).unwrap().unwrap();
+        assert_eq!(
+            primary.choose(&info, &[]),
+            ips(&["10.250.0.11", "fd00::11"])
+        );
+        // Ranges pick the interfaces' addresses, of either family, never a
+        // loopback one.
+        let ranges = parse(&["10.250.1.0/24", "fd00::/64", "127.0.0.0/8"])
+            .unwrap()
+            .unwrap();
+        let local = ips(&[
+            "127.0.0.1",
+            "10.250.0.11",
+            "10.250.1.11",
+            "10.250.1.12",
+            "fd00::11",
+            "fe80::1",
+        ]);
+        let chosen = ranges.choose(&info, &local);
+        assert_eq!(chosen, ips(&["10.250.1.11", "10.250.1.12", "fd00::11"]));
+        info.node_port_only = Some(chosen.clone());
+        info.node_port_loopback = true;
+        let mut with_loopback = chosen;
+        with_loopback.push("127.0.0.1".parse().unwrap());
+        assert_eq!(info.node_port_addresses(), with_loopback);
+    }
 
     fn tainted(key: &str) -> Node {
         Node {

@@ -15,6 +15,7 @@ impl Dataplane {
     pub fn set_config(&mut self, config: &crate::settings::NodeConfig) -> Result<()> {
         self.config.set(0, config.v4, 0)?;
         self.v6.config.set(0, config.v6, 0)?;
+        self.service_cidrs.set(0, config.service_cidrs, 0)?;
         Ok(())
     }
 

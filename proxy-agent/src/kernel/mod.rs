@@ -32,8 +32,8 @@ use aya::{
 use proxy_common::{
     bench, capacity, map_names, program_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4,
     Backend6, Config, Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4,
-    NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SockConfig, SockRevKey4,
-    SourceRange4, SourceRange6, StatCounter,
+    NatPortKey6, RevNat4, RevNat6, ServiceCidrs, ServiceKey4, ServiceKey6, ServiceValue,
+    SockConfig, SockRevKey4, SourceRange4, SourceRange6, StatCounter,
 };
 use tracing::{debug, info, warn};
 
@@ -150,6 +150,7 @@ pub struct Dataplane {
     maglev: HashMap<MapData, MaglevKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     config: Array<MapData, Config>,
+    service_cidrs: Array<MapData, ServiceCidrs>,
     stats: PerCpuArray<MapData, StatCounter>,
     sock_revnat: HashMap<MapData, SockRevKey4, RevNat4>,
     sock_config: Array<MapData, SockConfig>,
@@ -476,6 +477,7 @@ impl Dataplane {
         let maglev = HashMap::try_from(take(map_names::MAGLEV_V4)?)?;
         let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
         let config = Array::try_from(take(map_names::CONFIG)?)?;
+        let service_cidrs = Array::try_from(take(map_names::SERVICE_CIDRS)?)?;
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
         let sock_revnat = HashMap::try_from(take(map_names::SOCK_REVNAT_V4)?)?;
         let sock_config = Array::try_from(take(map_names::SOCK_CONFIG)?)?;
@@ -502,6 +504,7 @@ impl Dataplane {
             maglev,
             source_ranges,
             config,
+            service_cidrs,
             stats,
             sock_revnat,
             sock_config,

@@ -1,8 +1,14 @@
-//! What the uplink choice (`crate::uplink`) reads from the calling thread's
-//! network namespace: each interface with its IPv4 addresses (getifaddrs) and
-//! the default route's interface (`/proc/thread-self/net/route`).
+//! What the agent reads from the calling thread's network namespace: each
+//! interface with its IPv4 addresses (getifaddrs) and the default route's
+//! interface (`/proc/thread-self/net/route`), for the uplink choice
+//! (`crate::uplink`); every address of either family, for
+//! `--nodeport-addresses`.
 
-use std::{ffi::CStr, io, net::Ipv4Addr};
+use std::{
+    ffi::CStr,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result};
 
@@ -10,11 +16,42 @@ use crate::uplink::Interface;
 
 /// Every interface with its IPv4 addresses, in the order the kernel lists them.
 pub fn interfaces() -> Result<Vec<Interface>> {
+    let mut out: Vec<Interface> = Vec::new();
+    for (name, loopback, address) in if_addresses()? {
+        let index = match out.iter().position(|i| i.name == name) {
+            Some(index) => index,
+            None => {
+                out.push(Interface {
+                    name,
+                    addresses: Vec::new(),
+                    loopback,
+                });
+                out.len() - 1
+            }
+        };
+        if let Some(IpAddr::V4(address)) = address {
+            out[index].addresses.push(address);
+        }
+    }
+    Ok(out)
+}
+
+/// Every address of either family the namespace's interfaces hold.
+pub fn addresses() -> Result<Vec<IpAddr>> {
+    Ok(if_addresses()?
+        .into_iter()
+        .filter_map(|(_, _, address)| address)
+        .collect())
+}
+
+/// getifaddrs' list: each entry's interface name, whether it is a loopback,
+/// and its address if IPv4 or IPv6.
+fn if_addresses() -> Result<Vec<(String, bool, Option<IpAddr>)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
         return Err(io::Error::last_os_error()).context("listing interface addresses");
     }
-    let mut out: Vec<Interface> = Vec::new();
+    let mut out = Vec::new();
     let mut cursor = list;
     while !cursor.is_null() {
         let entry = unsafe { &*cursor };
@@ -22,24 +59,26 @@ pub fn interfaces() -> Result<Vec<Interface>> {
         let name = unsafe { CStr::from_ptr(entry.ifa_name) }
             .to_string_lossy()
             .into_owned();
-        let address = (!entry.ifa_addr.is_null()
-            && i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET)
-            .then(|| {
-                let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
-                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
-            });
-        let index = match out.iter().position(|i| i.name == name) {
-            Some(index) => index,
-            None => {
-                out.push(Interface {
-                    name,
-                    addresses: Vec::new(),
-                    loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
-                });
-                out.len() - 1
-            }
+        let family = if entry.ifa_addr.is_null() {
+            0
+        } else {
+            i32::from(unsafe { (*entry.ifa_addr).sa_family })
         };
-        out[index].addresses.extend(address);
+        let address = match family {
+            libc::AF_INET => {
+                let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+                Some(IpAddr::from(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))))
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in6>() };
+                Some(IpAddr::from(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        };
+        let loopback = entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
+        out.push((name, loopback, address));
     }
     unsafe { libc::freeifaddrs(list) };
     Ok(out)

@@ -21,8 +21,9 @@ use std::{
 
 use proxy_agent::{
     desired::{Ids, MapState, ServiceKey},
-    frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
+    frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol},
     harness::{self, Hook},
+    settings,
 };
 use proxy_common::{
     bench, ct_dir, ct_flags, hash,

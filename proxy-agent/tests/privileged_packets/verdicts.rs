@@ -298,3 +298,82 @@ fn local_traffic_policy_without_a_local_endpoint_drops_instead_of_rejecting() {
     assert_eq!(p.stat("drop_no_local_backend"), 1);
     assert_eq!(p.stat("reject_no_backend"), 0);
 }
+
+#[test]
+fn external_traffic_policy_local_sends_pods_to_the_cluster_endpoints() {
+    // A NodePort under externalTrafficPolicy=Local with no endpoint on this
+    // node, and one with an endpoint here (BACKEND_A): a pod dialling either
+    // is served from the cluster's endpoints, as kube-proxy short-circuits
+    // it ("pod traffic for external destinations").
+    let mut services = cluster();
+    let mut none_here = service("etp-local-none", "10.250.0.11", 30082, Protocol::Tcp, &[]);
+    none_here.local_only = true;
+    none_here.cluster_endpoints = vec![Endpoint::new(ip(BACKEND_B), 8080)];
+    let mut one_here = service(
+        "etp-local",
+        "10.250.0.11",
+        30081,
+        Protocol::Tcp,
+        &[(BACKEND_A, 8080)],
+    );
+    one_here.local_only = true;
+    one_here.scheduler = Some(proxy_agent::frontend::Scheduler::Maglev);
+    one_here.cluster_endpoints = vec![Endpoint::new(ip(BACKEND_B), 8080)];
+    services.extend([none_here, one_here]);
+    let mut p = Programs::new(&services);
+    for dport in [30082, 30081] {
+        // Ports of their own: the same tuple to the same backend would be remapped.
+        let f = Frame::tcp(CLIENT, dport + 10000, "10.250.0.11", dport);
+        let (verdict, out) = p.send_from_pod(&f);
+        assert_eq!(verdict, TC_ACT_UNSPEC);
+        assert_eq!(
+            out,
+            f.with_dst(ip(BACKEND_B), 8080).bytes(),
+            "NodePort {dport}"
+        );
+        assert_reverse_nat(&mut p, &f, (ip(BACKEND_B), 8080));
+    }
+    assert_eq!(p.stat("drop_no_local_backend"), 0);
+    assert_eq!(p.stat("fwd_new"), 2);
+}
+
+#[test]
+fn new_flows_into_the_service_cidrs_that_no_frontend_serves_are_refused() {
+    let mut p = Programs::new(&cluster());
+    let cidrs: Vec<Cidr> = vec![
+        "10.96.0.0/16".parse().unwrap(),
+        "fd00:10:96::/112".parse().unwrap(),
+    ];
+    p.dp.set_config(&settings::node_config(
+        None,
+        None,
+        settings::DEFAULT_NAT_PORTS,
+        settings::service_cidrs(&cidrs).unwrap(),
+    ))
+    .unwrap();
+    for f in [
+        // An unallocated ClusterIP (a deleted Service's), TCP and UDP.
+        Frame::tcp(CLIENT, 40100, "10.96.0.99", 80),
+        Frame::udp(CLIENT, 40101, "10.96.0.99", 53),
+        // A port the ClusterIP does not serve.
+        Frame::tcp(CLIENT, 40102, VIP, 81),
+        // IPv6.
+        Frame::tcp("fd00:10:244:1::2", 40103, "fd00:10:96::99", 80),
+    ] {
+        let (verdict, out) = p.send_from_pod(&f);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{f:?}");
+        assert_eq!(out, packet::port_unreachable(&f), "{f:?}");
+        packet::assert_checksums_valid(&out);
+    }
+    assert_eq!(p.stat("reject_no_service"), 4);
+    // A segment of a connection that began before (its Service deleted
+    // under it) passes as before; so does anything outside the ranges.
+    let established = Frame::tcp(CLIENT, 40104, "10.96.0.99", 80).segment(10);
+    assert_untouched(&mut p, FROM_POD, &established.bytes(), TC_ACT_UNSPEC);
+    let outside = Frame::tcp(CLIENT, 40105, "10.97.0.1", 80);
+    assert_untouched(&mut p, FROM_POD, &outside.bytes(), TC_ACT_UNSPEC);
+    // A live frontend still works.
+    assert_dnat(&mut p, &Frame::tcp(CLIENT, 40106, VIP, 80));
+    assert_eq!(p.stat("reject_no_service"), 4);
+    assert_eq!(p.stat("reject_no_backend"), 0);
+}

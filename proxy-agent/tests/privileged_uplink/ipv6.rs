@@ -364,6 +364,7 @@ fn ipv6_flows_past_the_nat_port_range_are_dropped_until_one_ends() {
             None,
             NODE6.parse().ok(),
             (62000, 62000 + RANGE - 1),
+            Default::default(),
         ))
         .unwrap();
         let mut ports = std::collections::BTreeSet::new();

@@ -118,6 +118,8 @@ fn services() -> Vec<FrontendSpec> {
     lb_closed.source_ranges = Some(Vec::new());
     let mut local_none = frontend("etp-local-none", NODE, 30082, Protocol::Tcp, &[]);
     local_none.local_only = true;
+    // For clients inside the cluster only: never for one from outside.
+    local_none.cluster_endpoints = vec![Endpoint::new(ip(REMOTE_POD), 8080)];
     // IPv6 twins: NodePorts on the node's IPv6 address, and a LoadBalancer
     // with ranges of both families (CLIENT6 is in the IPv6 one).
     let mut lb6 = frontend(
@@ -364,6 +366,7 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
             Some(ip(NODE)),
             NODE6.parse().ok(),
             (NAT_MIN, NAT_MAX),
+            Default::default(),
         ))
         .unwrap();
         f(&mut Programs { h, ifindex });

@@ -263,6 +263,7 @@ fn a_new_flow_finds_the_last_free_port_and_exhaustion_recovers_as_flows_end() {
             Some(ip(NODE)),
             None,
             (62000, 62000 + RANGE - 1),
+            Default::default(),
         ))
         .unwrap();
         let send = |p: &mut Programs, client_port: u16| {

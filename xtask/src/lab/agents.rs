@@ -80,6 +80,8 @@ impl Lab {
                 "literals": [
                     format!("k8sServiceHost={FABRIC_GATEWAY}"),
                     "k8sServicePort=6443".to_string(),
+                    // New connections to unallocated ClusterIPs are refused.
+                    format!("serviceCIDR={},{}", super::SERVICE_CIDR, super::SERVICE_CIDR6),
                 ],
             }],
         }))

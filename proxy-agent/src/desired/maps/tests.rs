@@ -256,6 +256,55 @@ fn local_backends_policy_and_source_ranges_reach_the_maps() {
     assert!(del_slot0 < del_range, "{ops:?}");
 }
 
+#[test]
+fn in_cluster_endpoints_follow_the_local_ones_and_an_update_keeps_them() {
+    let mut ids = Ids::default();
+    let mut s = svc("np", [10, 250, 0, 11], 30080, &[([10, 0, 0, 2], 80)]);
+    s.endpoints[0].local = true;
+    s.local_only = true;
+    s.scheduler = Some(Scheduler::Maglev);
+    s.cluster_endpoints = vec![
+        Endpoint::new(std::net::Ipv4Addr::new(10, 0, 1, 2), 80),
+        s.endpoints[0],
+    ];
+    let (state, problems) = map_state(std::slice::from_ref(&s), &mut ids);
+    assert!(problems.is_empty());
+    let head = state.services[&service_key(&s.frontend, 0)];
+    assert_eq!((head.count, head.cluster_count, head.slots()), (1, 2, 3));
+    let backend_at = |slot| {
+        let id = state.services[&service_key(&s.frontend, slot)].backend_id;
+        state.backends[&id].addr.to_string()
+    };
+    // Local first, then the cluster's, each sorted: the local endpoint
+    // keeps one backend id in both.
+    assert_eq!(
+        [backend_at(1), backend_at(2), backend_at(3)],
+        ["10.0.0.2", "10.0.0.2", "10.0.1.2"]
+    );
+    assert_eq!(state.backends.len(), 2);
+    assert!(crate::desired::apply::orphan_slots(&state).is_empty());
+    assert!(crate::desired::apply::holes(&state).is_empty());
+    // The Maglev table covers the local slots only.
+    assert!(state
+        .maglev
+        .values()
+        .all(|id| { state.backends[id].addr == std::net::IpAddr::from([10, 0, 0, 2]) }));
+    // A change to the cluster's endpoints alone reaches the maps, and
+    // leaves them as a recompute would.
+    let mut s2 = s.clone();
+    s2.cluster_endpoints.pop();
+    let (ops, problems) = update(&[&s2], &[], &state, &mut ids, &Capacity::default());
+    assert!(problems.is_empty());
+    let applied = applied_after(state, &ops);
+    let (full, _) = map_state(std::slice::from_ref(&s2), &mut ids);
+    assert_eq!(applied, full);
+    assert_eq!(
+        applied.services[&service_key(&s.frontend, 0)].cluster_count,
+        1
+    );
+    assert!(!applied.services.contains_key(&service_key(&s.frontend, 3)));
+}
+
 /// The IPv4 source-range trie's keys (prefix length, data) for `state`.
 fn kernel_ranges(state: &MapState) -> BTreeSet<(u32, SourceRange4)> {
     state

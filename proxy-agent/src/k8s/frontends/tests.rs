@@ -344,6 +344,7 @@ fn node1() -> NodeInfo {
         addresses6: vec![],
         zone: None,
         node_port_loopback: false,
+        node_port_only: None,
     }
 }
 
@@ -373,6 +374,32 @@ fn frontend_of<'a>(out: &'a Frontends, address: &str, port: u16) -> &'a Frontend
         .iter()
         .find(|s| s.frontend.address.to_string() == address && s.frontend.port == port)
         .unwrap_or_else(|| panic!("no frontend {address}:{port} in {:?}", out.frontends))
+}
+
+#[test]
+fn an_ingress_ip_in_proxy_mode_is_left_to_its_load_balancer() {
+    let service = svc(json!({
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                 "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [
+            {"ip": "203.0.113.5", "ipMode": "Proxy"},
+            {"ip": "203.0.113.6", "ipMode": "VIP"},
+            {"ip": "203.0.113.7"},
+        ]}}
+    }));
+    let out = of_cluster(&[&service], &[&two_node_slice()], &node1());
+    let served = |address: &str| {
+        out.frontends
+            .iter()
+            .any(|f| f.frontend.address.to_string() == address)
+    };
+    assert!(!served("203.0.113.5"), "Proxy: the load balancer's");
+    assert!(
+        served("203.0.113.6") && served("203.0.113.7"),
+        "VIP, and unset"
+    );
+    assert!(served("10.96.0.10") && served("10.250.0.11"));
 }
 
 #[test]
@@ -524,12 +551,23 @@ fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
         assert!(f.local_only, "{addr}");
         assert_eq!(f.endpoints.len(), 1, "{addr}: only node1's endpoint");
         assert_eq!(f.endpoints[0].address.to_string(), "10.244.1.3");
+        assert_eq!(
+            f.cluster_endpoints,
+            cluster_ip_endpoints(&out),
+            "{addr}: clients inside the cluster go past the policy"
+        );
     }
     let cluster_ip = frontend_of(&out, "10.96.0.10", 80);
     assert!(
         !cluster_ip.local_only && cluster_ip.endpoints.len() == 2,
         "ClusterIP traffic is not external"
     );
+    assert!(cluster_ip.cluster_endpoints.is_empty());
+    // Under the Cluster policy, every client gets the same endpoints.
+    let cluster = of_cluster(&[&lb_service("Cluster")], &[&slice], &node1());
+    assert!(frontend_of(&cluster, "10.250.0.11", 30080)
+        .cluster_endpoints
+        .is_empty());
     assert_eq!(
         out.health_checks,
         [HealthCheck {
@@ -545,15 +583,25 @@ fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
         addresses6: vec![],
         zone: None,
         node_port_loopback: false,
+        node_port_only: None,
     };
     let other = of_cluster(&[&lb_service("Local")], &[&slice], &node2);
     assert_eq!(
         other.health_checks[0].local_endpoints, 0,
         "a node without endpoints reports 0 (503)"
     );
-    assert!(frontend_of(&other, "10.250.0.12", 30080)
-        .endpoints
-        .is_empty());
+    let no_local = frontend_of(&other, "10.250.0.12", 30080);
+    assert!(no_local.endpoints.is_empty());
+    assert_eq!(
+        no_local.cluster_endpoints.len(),
+        2,
+        "a pod on a node without an endpoint is still served"
+    );
+}
+
+/// The endpoints of the ClusterIP 10.96.0.10:80 in `out`.
+fn cluster_ip_endpoints(out: &Frontends) -> Vec<Endpoint> {
+    frontend_of(out, "10.96.0.10", 80).endpoints.clone()
 }
 
 #[test]
@@ -589,7 +637,7 @@ fn node_addresses_come_from_the_node_status() {
     );
     assert_eq!(info.snat_address6(), info.addresses6.first().copied());
     assert_eq!(
-        info.node_port_addresses().collect::<Vec<_>>(),
+        info.node_port_addresses(),
         ["10.250.0.11", "198.51.100.11", "fd00::11"]
             .map(|a| a.parse::<std::net::IpAddr>().unwrap())
     );
@@ -607,6 +655,7 @@ fn node_in_zone(zone: &str) -> NodeInfo {
         addresses6: vec![],
         zone: Some(zone.into()),
         node_port_loopback: false,
+        node_port_only: None,
     }
 }
 
@@ -686,6 +735,7 @@ fn internal_traffic_policy_local_without_a_local_endpoint_drops() {
         addresses6: vec![],
         zone: None,
         node_port_loopback: false,
+        node_port_only: None,
     };
     let out = of_cluster(&[&svc], &[&slice], &elsewhere);
     let f = frontend_of(&out, "10.96.0.10", 80);
