@@ -10,12 +10,18 @@ use super::*;
 use crate::desired::{entries::Family, SourceRange};
 
 impl Dataplane {
-    /// Writes the node-wide settings: IPv4's with the NAT port range, and
-    /// IPv6's.
+    /// Writes the node-wide settings: IPv4's with the NAT port range,
+    /// IPv6's, and the service CIDRs.
     pub fn set_config(&mut self, config: &crate::settings::NodeConfig) -> Result<()> {
         self.config.set(0, config.v4, 0)?;
         self.v6.config.set(0, config.v6, 0)?;
-        self.service_cidrs.set(0, config.service_cidrs, 0)?;
+        match &mut self.service_cidrs {
+            Some(map) => map.set(0, config.service_cidrs, 0)?,
+            None if config.service_cidrs != ServiceCidrs::default() => {
+                anyhow::bail!("this object has no {} map", map_names::SERVICE_CIDRS)
+            }
+            None => {}
+        }
         Ok(())
     }
 

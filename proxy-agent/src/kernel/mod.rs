@@ -150,7 +150,8 @@ pub struct Dataplane {
     maglev: HashMap<MapData, MaglevKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     config: Array<MapData, Config>,
-    service_cidrs: Array<MapData, ServiceCidrs>,
+    /// None in an object older than the map (a benchmark's baseline).
+    service_cidrs: Option<Array<MapData, ServiceCidrs>>,
     stats: PerCpuArray<MapData, StatCounter>,
     sock_revnat: HashMap<MapData, SockRevKey4, RevNat4>,
     sock_config: Array<MapData, SockConfig>,
@@ -463,6 +464,10 @@ impl Dataplane {
                 None
             }
         };
+        let service_cidrs = match ebpf.take_map(map_names::SERVICE_CIDRS) {
+            Some(map) => Some(Array::try_from(map)?),
+            None => None,
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the object"))
@@ -477,7 +482,6 @@ impl Dataplane {
         let maglev = HashMap::try_from(take(map_names::MAGLEV_V4)?)?;
         let source_ranges = LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?;
         let config = Array::try_from(take(map_names::CONFIG)?)?;
-        let service_cidrs = Array::try_from(take(map_names::SERVICE_CIDRS)?)?;
         let stats = PerCpuArray::try_from(take(map_names::STATS)?)?;
         let sock_revnat = HashMap::try_from(take(map_names::SOCK_REVNAT_V4)?)?;
         let sock_config = Array::try_from(take(map_names::SOCK_CONFIG)?)?;
