@@ -1,7 +1,7 @@
 //! The one place that fills what the objects leave open and builds the node
 //! settings, for the agent, `simulate`, the tests and the benches alike: the
-//! default scheduler of frontends without one, and the node `Config` (SNAT
-//! address, NAT port range) the programs read.
+//! default scheduler of frontends without one, and the node settings (SNAT
+//! address, NAT port range, service CIDRs) the programs read.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
