@@ -15,6 +15,7 @@ use serde::Deserialize;
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -22,6 +23,7 @@ impl Protocol {
         match self {
             Self::Tcp => proxy_common::proto::TCP,
             Self::Udp => proxy_common::proto::UDP,
+            Self::Sctp => proxy_common::proto::SCTP,
         }
     }
 }
@@ -41,6 +43,7 @@ impl std::fmt::Display for Frontend {
         let protocol = match self.protocol {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         };
         let at = std::net::SocketAddr::new(self.address, self.port);
         write!(f, "{at}/{protocol}")

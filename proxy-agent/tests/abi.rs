@@ -357,6 +357,17 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 v6
             }),
         ),
+        // As `SCRATCH`: the ports an SCTP packet arrived with, the
+        // programs' own.
+        (
+            map_names::SCTP_ARRIVED,
+            layout!(u32),
+            (
+                "Ports",
+                object_maps()[map_names::SCTP_ARRIVED].1 as usize,
+                String::new(),
+            ),
+        ),
     ]
 }
 
@@ -394,6 +405,7 @@ config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
 scratch_v1: u32 4 {} -> Scratch 152 {}
 frag4_v1: FragKey4 12 {saddr_be@0 daddr_be@4 id_be@8 proto@10 _pad@11} -> FragPorts 4 {sport_be@0 dport_be@2}
 svccidr_v1: u32 4 {} -> ServiceCidrs 168 {count4@0 count6@4 v4@8 v6@40}
+sctp_v1: u32 4 {} -> Ports 16 {}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

@@ -94,7 +94,7 @@ fn bad_flag_values_are_refused_by_name_before_anything_is_touched() {
     };
     let packets = [
         "",
-        "SCTP 10.0.0.2:1 -> 10.96.0.1:80",
+        "ICMP 10.0.0.2:1 -> 10.96.0.1:80",
         "TCP 10.0.0.2:99999 -> 10.96.0.1:80",
         "TCP a:b -> c:d",
         "TCP 10.0.0.2:1 10.96.0.1:80",

@@ -11,6 +11,7 @@
 
 #[cfg(feature = "user")]
 pub mod cgroup;
+pub mod crc32c;
 pub mod hash;
 #[cfg(feature = "user")]
 pub mod pinned;
@@ -73,8 +74,11 @@ pub mod map_names {
     pub const FRAGMENTS_V4: &str = "frag4_v1";
     /// The node's service CIDRs, of both families (index 0).
     pub const SERVICE_CIDRS: &str = "svccidr_v1";
+    /// Per-CPU: an SCTP packet's ports as it arrived, for its checksum (no
+    /// state).
+    pub const SCTP_ARRIVED: &str = "sctp_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -102,6 +106,7 @@ pub mod map_names {
         SCRATCH,
         FRAGMENTS_V4,
         SERVICE_CIDRS,
+        SCTP_ARRIVED,
     ];
 }
 
@@ -210,6 +215,7 @@ pub mod capacity {
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
 }
 
 /// Key of the services map. Slot 0 describes the service (its [`ServiceValue`]
@@ -393,14 +399,23 @@ pub mod ct_lifetime {
     pub const TCP_SECS: u64 = 21_600;
     pub const TCP_CLOSING_SECS: u64 = 10;
     pub const UDP_SECS: u64 = 60;
+    /// An SCTP association: netfilter's lifetime for an established one.
+    /// Its endpoints send heartbeats every 30 s by default, so an idle
+    /// association stays.
+    pub const SCTP_SECS: u64 = 210;
 
-    /// The lifetime, in nanoseconds, of an entry of `proto` with conntrack `flags`.
+    /// The lifetime, in nanoseconds, of an entry of `proto` with conntrack
+    /// `flags`. An SCTP association closing (ABORT, SHUTDOWN COMPLETE) gets
+    /// TCP's closing lifetime.
     #[inline(always)]
     pub const fn nanos(proto: u8, flags: u16) -> u64 {
-        let secs = if proto != super::proto::TCP {
+        let connected = proto == super::proto::TCP || proto == super::proto::SCTP;
+        let secs = if !connected {
             UDP_SECS
         } else if flags & super::ct_flags::CLOSING != 0 {
             TCP_CLOSING_SECS
+        } else if proto == super::proto::SCTP {
+            SCTP_SECS
         } else {
             TCP_SECS
         };

@@ -76,10 +76,14 @@ stats! {
     /// CIDRs that no frontend serves: an unallocated ClusterIP, or a port
     /// its ClusterIP does not serve. Refused with an ICMP port unreachable.
     RejectNoService = 29 => "reject_no_service",
+    /// An SCTP packet XDP handed to the tc program behind it, which serves
+    /// SCTP on the uplink (its checksum's fix would not fit XDP's program
+    /// within the verifier's budget).
+    PassSctpToTc = 30 => "pass_sctp_to_tc",
 }
 
 /// Number of counters (the size of the stats array).
-pub const COUNT: u32 = 30;
+pub const COUNT: u32 = 31;
 
 impl Stat {
     /// The counter's index in the stats array.
@@ -135,6 +139,7 @@ mod tests {
             "drop_scratch",
             "rev_nat_icmp",
             "reject_no_service",
+            "pass_sctp_to_tc",
         ];
         let now: [&str; COUNT as usize] = Stat::ALL.map(Stat::name);
         assert_eq!(now, names);

@@ -3,6 +3,10 @@
 //! serves tc (sk_buff) and XDP (xdp_md) alike. Only the rewrite differs: tc uses
 //! the checksum helpers (which also handle offloaded checksums); XDP frames are
 //! plain bytes, rewritten with incremental checksum arithmetic (RFC 1624).
+//!
+//! SCTP's checksum, a CRC32c over its packet, does not cover the addresses,
+//! and cannot be updated port by port at a low cost: a rewrite leaves it,
+//! and `sctp` fixes it once, for all of a packet's rewrites, at the end.
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -28,19 +32,17 @@ pub enum End {
 }
 
 pub trait Packet: Frame {
-    /// XDP, where the programs cannot have the kernel resolve a next hop
-    /// (they hand such packets on to tc instead).
-    const XDP: bool;
     /// The raw context pointer, for helpers that take either kind.
     fn raw(&self) -> *mut c_void;
     /// The interface the packet arrived on.
     fn ifindex(&self) -> u32;
     /// Rewrites one end of the flow to `addr:port` (network order), fixing the
     /// IPv4 header checksum (IPv6 has none) and the L4 checksum, whose
-    /// pseudo-header covers the addresses. A UDP checksum of zero (none)
-    /// stays zero; a computed zero becomes 0xffff. A later fragment has
-    /// only its address rewritten: its L4 header (ports and checksum, over
-    /// the whole datagram) is in the first fragment.
+    /// pseudo-header covers the addresses (SCTP's is left to `sctp`). A
+    /// UDP checksum of zero (none) stays zero; a computed zero becomes
+    /// 0xffff. A later fragment has only its address rewritten: its L4
+    /// header (ports and checksum, over the whole datagram) is in the first
+    /// fragment.
     fn rewrite<F: Family>(
         &self,
         flow: &Flow<F>,
@@ -73,6 +75,7 @@ fn offsets<F: Family>(flow: &Flow<F>, end: End) -> (F::Addr, u16, usize, usize) 
 }
 
 impl Frame for TcContext {
+    const XDP: bool = false;
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)
@@ -100,8 +103,6 @@ impl Frame for TcContext {
 }
 
 impl Packet for TcContext {
-    const XDP: bool = false;
-
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.skb.skb.cast()
@@ -123,6 +124,7 @@ impl Packet for TcContext {
     ) -> Result<(), Dropped> {
         let (old_addr, old_port, addr_off, port_off) = offsets(flow, end);
         let l4 = !flow::later_fragment::<_, F>(self);
+        let sctp = flow.proto == proto::SCTP;
         let mangled = if flow.proto == proto::UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
         } else {
@@ -135,7 +137,7 @@ impl Packet for TcContext {
                 if old == new {
                     continue;
                 }
-                if l4 {
+                if l4 && !sctp {
                     self.l4_csum_replace(
                         csum_off,
                         u64::from(*old),
@@ -157,8 +159,10 @@ impl Packet for TcContext {
             self.store(addr_off, &addr, 0).map_err(failed)?;
         }
         if old_port != port && l4 {
-            self.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled | 2)
-                .map_err(failed)?;
+            if !sctp {
+                self.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled | 2)
+                    .map_err(failed)?;
+            }
             self.store(port_off, &port, 0).map_err(failed)?;
         }
         Ok(())
@@ -185,10 +189,11 @@ impl Packet for TcContext {
     }
 }
 
-/// A later fragment's address rewrite in an XDP frame: the address and the
-/// IPv4 header checksum, nothing of an L4 header it does not have.
+/// An address rewrite in an XDP frame with no L4 checksum over it: the
+/// address and the IPv4 header checksum. A later fragment has no L4 header;
+/// SCTP's checksum does not cover addresses.
 #[inline(always)]
-fn rewrite_fragment<F: Family>(
+fn rewrite_address<F: Family>(
     ctx: &XdpContext,
     addr_ptr: *mut F::Addr,
     old: F::Addr,
@@ -222,6 +227,7 @@ fn xdp_ptr<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 }
 
 impl Frame for XdpContext {
+    const XDP: bool = true;
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)
@@ -245,8 +251,6 @@ impl Frame for XdpContext {
 }
 
 impl Packet for XdpContext {
-    const XDP: bool = true;
-
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.ctx.cast()
@@ -270,9 +274,17 @@ impl Packet for XdpContext {
         let bad = Dropped(Stat::DropRewrite);
         let addr_ptr = xdp_ptr::<F::Addr>(self, addr_off).ok_or(bad)?;
         if flow::later_fragment::<_, F>(self) {
-            return rewrite_fragment::<F>(self, addr_ptr, old_addr, addr);
+            return rewrite_address::<F>(self, addr_ptr, old_addr, addr);
         }
         let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Dropped(Stat::DropRewrite))?;
+        if flow.proto == proto::SCTP {
+            if old_addr != addr {
+                rewrite_address::<F>(self, addr_ptr, old_addr, addr)?;
+            }
+            // SAFETY: bounds-checked.
+            unsafe { port_ptr.write_unaligned(port) };
+            return Ok(());
+        }
         let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Dropped(Stat::DropRewrite))?;
         let ip_csum = if F::IP_CSUM {
             Some(xdp_ptr::<u16>(self, ETH_LEN + IP_CSUM_OFF).ok_or(Dropped(Stat::DropRewrite))?)

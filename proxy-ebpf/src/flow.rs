@@ -1,9 +1,16 @@
 //! A leaf of the program: the packet headers (from `network-types`), their
-//! offsets, TCP's flags, the 5-tuple (`Flow`, IPv4 or IPv6) and the parser
-//! that finds it. The IPv4 header length comes from IHL, so options are
-//! handled, and an IPv4 fragment gets its datagram's ports (`frag`); IPv6
-//! extension headers are walked, a few at most. Reads frames
-//! through `Frame` only.
+//! offsets, TCP's flags, the 5-tuple (`Flow`, IPv4 or IPv6, of TCP, UDP or
+//! SCTP) and the parser that finds it. The IPv4 header length comes from
+//! IHL, so options are handled, and an IPv4 fragment gets its datagram's
+//! ports (`frag`); IPv6 extension headers are walked, a few at most. Reads
+//! frames through `Frame` only.
+//!
+//! SCTP is tracked as TCP is, by what its packet's first chunk stands for
+//! in TCP's flags (`sctp_flags`). A fragmented SCTP packet passes untouched
+//! (`pass_fragment`): SCTP cuts its messages to the path MTU itself, and
+//! its checksum, over the whole packet, could not be fixed from one
+//! fragment after a port change (`sctp`). So does SCTP behind IPv6
+//! extension headers.
 
 use core::mem::offset_of;
 
@@ -30,6 +37,19 @@ pub const IP_CSUM_OFF: usize = offset_of!(Ipv4Hdr, check);
 const IPV4_FRAG_OFF: usize = offset_of!(Ipv4Hdr, frags);
 const TCP_MIN_LEN: usize = TcpHdr::LEN;
 const UDP_LEN: usize = UdpHdr::LEN;
+/// SCTP's common header (ports, verification tag, CRC32c), and with the
+/// first chunk's header (type, flags, length) the least an SCTP packet has.
+const SCTP_HDR_LEN: usize = 12;
+const SCTP_MIN_LEN: usize = SCTP_HDR_LEN + 4;
+/// Offset of SCTP's CRC32c in its common header.
+pub const SCTP_CSUM_OFF: usize = 8;
+/// SCTP chunk types (RFC 9260) that open and close an association.
+mod chunk {
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+    pub const ABORT: u8 = 6;
+    pub const SHUTDOWN_COMPLETE: u8 = 14;
+}
 /// TCP's flags byte: the one before the window (`TcpHdr` holds it in a bitfield).
 const TCP_FLAGS_OFF: usize = offset_of!(TcpHdr, window) - 1;
 const _: () = assert!(TCP_FLAGS_OFF == 13);
@@ -58,6 +78,9 @@ pub const TCP_ACK: u8 = 0x10;
 /// Read access to a frame: what parsing needs from a program context
 /// (`ctx::Packet` adds the rest for tc and XDP).
 pub trait Frame {
+    /// XDP, where the programs cannot have the kernel resolve a next hop
+    /// (they hand such packets on to tc instead), nor serve SCTP.
+    const XDP: bool;
     fn data(&self) -> usize;
     fn len(&self) -> u32;
     /// Makes the first `len` bytes readable by direct access if the packet has them.
@@ -66,8 +89,8 @@ pub trait Frame {
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
 }
 
-/// A TCP or UDP packet's flow, IPv4 or IPv6 (`F`). Addresses and ports are
-/// raw network-order values.
+/// A TCP, UDP or SCTP packet's flow, IPv4 or IPv6 (`F`). Addresses and
+/// ports are raw network-order values.
 #[derive(Clone, Copy)]
 pub struct Flow<F: Family = V4> {
     /// Offset of the L4 header (Ethernet + the IP header and its options or
@@ -82,7 +105,8 @@ pub struct Flow<F: Family = V4> {
     pub dport: u16,
     /// Arrived on the node's uplink (from outside) rather than from a pod.
     pub external: bool,
-    /// TCP's flags byte (0 for UDP, and for a later fragment).
+    /// TCP's flags byte; for SCTP, the flags its first chunk stands for
+    /// (`sctp_flags`); 0 for UDP, and for a later fragment.
     pub tcp_flags: u8,
 }
 
@@ -90,10 +114,10 @@ impl<F: Family> Flow<F> {
     /// Length of the fixed L4 header, which the parser made sure is there.
     #[inline(always)]
     pub fn l4_min_len(&self) -> usize {
-        if self.proto == proto::TCP {
-            TCP_MIN_LEN
-        } else {
-            UDP_LEN
+        match self.proto {
+            proto::TCP => TCP_MIN_LEN,
+            proto::SCTP => SCTP_MIN_LEN,
+            _ => UDP_LEN,
         }
     }
 
@@ -101,26 +125,35 @@ impl<F: Family> Flow<F> {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off
-            + if self.proto == proto::TCP {
-                offset_of!(TcpHdr, check)
-            } else {
-                offset_of!(UdpHdr, check)
+            + match self.proto {
+                proto::TCP => offset_of!(TcpHdr, check),
+                proto::SCTP => SCTP_CSUM_OFF,
+                _ => offset_of!(UdpHdr, check),
             }
     }
 
-    /// A TCP SYN without ACK: a client opening a connection.
+    /// TCP or SCTP: a protocol with connections, opened and closed.
+    #[inline(always)]
+    pub fn connected(&self) -> bool {
+        self.proto == proto::TCP || self.proto == proto::SCTP
+    }
+
+    /// A TCP SYN without ACK (an SCTP INIT): a client opening a connection.
+    /// (UDP's flags are 0: no protocol test needed.)
     #[inline(always)]
     pub fn syn(&self) -> bool {
-        self.proto == proto::TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// A TCP packet other than a SYN: its connection was open before it.
+    /// A TCP or SCTP packet other than a SYN (an INIT): its connection was
+    /// open before it.
     #[inline(always)]
     pub fn mid_flow(&self) -> bool {
-        self.proto == proto::TCP && self.tcp_flags & TCP_SYN == 0
+        self.connected() && self.tcp_flags & TCP_SYN == 0
     }
 
-    /// A FIN or an RST: one end closing the connection.
+    /// A FIN or an RST (an SCTP ABORT or SHUTDOWN COMPLETE): one end
+    /// closing the connection.
     #[inline(always)]
     pub fn fin_or_rst(&self) -> bool {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
@@ -130,8 +163,9 @@ impl<F: Family> Flow<F> {
 /// The outcome of a packet without a flow, with the stat it is counted under.
 #[derive(Clone, Copy)]
 pub enum Early {
-    /// Not ours to judge (not IP, not TCP or UDP, an IPv6 fragment or an
-    /// IPv4 one whose first fragment has not passed, a truncated L4 header,
+    /// Not ours to judge (not IP, not TCP, UDP or SCTP, an IPv6 fragment,
+    /// an IPv4 one whose first fragment has not passed or of SCTP, a
+    /// truncated L4 header,
     /// IPv6 extension headers past the walk): passed untouched.
     Pass(Stat),
     /// An IP header the kernel would drop too.
@@ -185,6 +219,9 @@ pub fn parse4<C: Frame>(ctx: &C) -> Result<Flow<V4>, Early> {
         u32::from_ne_bytes(ip.dst_addr),
     );
     let frags = u16::from_be_bytes(ip.frags);
+    if ip.proto == proto::SCTP && frags & (frag::OFFSET | frag::MORE) != 0 {
+        return Err(Early::Pass(Stat::PassFragment));
+    }
     let datagram = frag::datagram(saddr, daddr, ip.id, ip.proto);
     if frags & frag::OFFSET != 0 {
         // A later fragment: its datagram's ports, if its first fragment
@@ -269,11 +306,15 @@ pub fn parse6<C: Frame>(ctx: &C) -> Result<Flow<V6>, Early> {
     if tot_len < ip_hdr_len {
         return Err(Early::Pass(Stat::PassTruncatedL4));
     }
+    // SCTP behind extension headers: `sctp` could not fix its checksum.
+    if next == proto::SCTP && ip_hdr_len != Ipv6Hdr::LEN {
+        return Err(Early::Pass(Stat::PassNotTcpUdp));
+    }
     l4(ctx, next, ip_hdr_len, tot_len, saddr, daddr)
 }
 
-/// The TCP or UDP header behind an IP header of `ip_hdr_len` bytes, in a
-/// packet of `tot_len` bytes past the Ethernet header.
+/// The TCP, UDP or SCTP header behind an IP header of `ip_hdr_len` bytes,
+/// in a packet of `tot_len` bytes past the Ethernet header.
 #[inline(always)]
 fn l4<C: Frame, F: Family>(
     ctx: &C,
@@ -287,18 +328,24 @@ fn l4<C: Frame, F: Family>(
     let l4_min = match l4_proto {
         p if p == proto::TCP => TCP_MIN_LEN,
         p if p == proto::UDP => UDP_LEN,
+        p if p == proto::SCTP && C::XDP => return Err(Early::Pass(Stat::PassSctpToTc)),
+        p if p == proto::SCTP => SCTP_MIN_LEN,
         p if p == F::ICMP => return Err(Early::Icmp(l4_off)),
         _ => return Err(Early::Pass(Stat::PassNotTcpUdp)),
     };
     if ip_hdr_len + l4_min > tot_len {
         return Err(Early::Pass(Stat::PassTruncatedL4));
     }
-    // One read: the ports (both protocols) and, for TCP, its flags byte.
-    let head = if l4_proto == proto::TCP {
-        ctx.read::<[u8; TCP_FLAGS_OFF + 1]>(l4_off)
-            .map(|h| ([h[0], h[1], h[2], h[3]], h[TCP_FLAGS_OFF]))
-    } else {
-        ctx.read::<[u8; 4]>(l4_off).map(|h| (h, 0))
+    // One read: the ports (all three protocols) and TCP's flags byte, or
+    // SCTP's first chunk type.
+    let head = match l4_proto {
+        proto::TCP => ctx
+            .read::<[u8; TCP_FLAGS_OFF + 1]>(l4_off)
+            .map(|h| ([h[0], h[1], h[2], h[3]], h[TCP_FLAGS_OFF])),
+        proto::SCTP => ctx
+            .read::<[u8; SCTP_HDR_LEN + 1]>(l4_off)
+            .map(|h| ([h[0], h[1], h[2], h[3]], sctp_flags(h[SCTP_HDR_LEN]))),
+        _ => ctx.read::<[u8; 4]>(l4_off).map(|h| (h, 0)),
     };
     let Some((ports, tcp_flags)) = head else {
         return Err(Early::Pass(Stat::PassTruncatedL4));
@@ -315,4 +362,43 @@ fn l4<C: Frame, F: Family>(
         external: false,
         tcp_flags,
     })
+}
+
+/// What an SCTP packet's first chunk stands for in TCP's flags, for
+/// conntrack: an INIT opens an association (a SYN), an INIT ACK answers it
+/// (a SYN-ACK), an ABORT or a SHUTDOWN COMPLETE ends it (an RST, a FIN);
+/// any other chunk belongs to an open association (an ACK). INIT, INIT ACK
+/// and SHUTDOWN COMPLETE travel alone (RFC 9260, 6.10); an ABORT bundled
+/// behind data is missed, and its entries then age out.
+///
+/// Looked up in two words of flags, a byte per chunk type, rather than
+/// matched: each arm of a match would be a path of its own, with its own
+/// constant flags, for the verifier to walk through the rest of the program.
+#[inline(always)]
+fn sctp_flags(first_chunk: u8) -> u8 {
+    const fn table(first: u8) -> u64 {
+        let mut word = 0u64;
+        let mut i = 0;
+        while i < 8 {
+            let flags = match first + i {
+                chunk::INIT => TCP_SYN,
+                chunk::INIT_ACK => TCP_SYN | TCP_ACK,
+                chunk::ABORT => TCP_RST | TCP_ACK,
+                chunk::SHUTDOWN_COMPLETE => TCP_FIN | TCP_ACK,
+                _ => TCP_ACK,
+            };
+            word |= (flags as u64) << (i * 8);
+            i += 1;
+        }
+        word
+    }
+    const LOW: u64 = table(0);
+    const HIGH: u64 = table(8);
+    let chunk = u64::from(first_chunk);
+    // Types 16 and up are all ACKs: a mask, not a branch.
+    let known = (chunk >> 4 == 0) as u64;
+    let word = if chunk & 8 == 0 { LOW } else { HIGH };
+    let flags = (word >> ((chunk & 7) * 8)) as u8;
+    // `known` is 0 or 1: the table's flags, or an ACK.
+    (flags & (known as u8).wrapping_neg()) | (TCP_ACK & !(known as u8).wrapping_neg())
 }

@@ -11,7 +11,10 @@
 //! them), and the outer packet, from the frontend to the client, with the
 //! ICMP checksum kept right over all of it. An error about a flow conntrack
 //! does not know, an ICMP message that is not an error, or a quote that is
-//! not TCP or UDP (or, in IPv6, that has extension headers) pass untouched.
+//! not TCP, UDP or SCTP (or, in IPv6, that has extension headers) pass
+//! untouched. A quoted SCTP packet's CRC32c is left as it is, as netfilter
+//! leaves it: a quote seldom holds the whole packet it covers, and the
+//! client's stack finds its association by addresses, ports and tag.
 
 use proxy_common::{proto, stats::Stat};
 
@@ -55,8 +58,8 @@ pub struct Quote<F: Family> {
     /// The quoted packet's tuple; its `l4_off` is its L4 header's offset in
     /// this frame.
     pub inner: Flow<F>,
-    /// The quoted L4 checksum's offset; 0 when the quote stops short of it
-    /// or the datagram has none (UDP over IPv4).
+    /// The quoted L4 checksum's offset; 0 when the quote stops short of it,
+    /// the datagram has none (UDP over IPv4) or it is SCTP's.
     l4_csum_off: usize,
 }
 
@@ -75,8 +78,8 @@ impl<F: Family> Quote<F> {
     }
 }
 
-/// The error whose ICMP header is at `icmp_off`, and the TCP or UDP packet
-/// it quotes. None for anything else.
+/// The error whose ICMP header is at `icmp_off`, and the TCP, UDP or SCTP
+/// packet it quotes. None for anything else.
 #[inline(always)]
 pub fn quote<C: Frame, F: Family>(ctx: &C, icmp_off: usize) -> Option<Quote<F>> {
     // Type, code and checksum: one read of four bytes (a one-byte read of
@@ -102,8 +105,9 @@ pub fn quote<C: Frame, F: Family>(ctx: &C, icmp_off: usize) -> Option<Quote<F>> 
         (head[IPV6_NEXT_OFF], IPV6_HDR_LEN)
     };
     let csum_off = match l4_proto {
-        p if p == proto::TCP => TCP_CSUM_OFF,
-        p if p == proto::UDP => UDP_CSUM_OFF,
+        p if p == proto::TCP => Some(TCP_CSUM_OFF),
+        p if p == proto::UDP => Some(UDP_CSUM_OFF),
+        p if p == proto::SCTP => None,
         _ => return None,
     };
     if ip_hdr_len < 20 {
@@ -117,9 +121,10 @@ pub fn quote<C: Frame, F: Family>(ctx: &C, icmp_off: usize) -> Option<Quote<F>> 
     let addrs: [F::Addr; 2] = ctx.read(ip_off + F::SADDR_OFF)?;
     let l4_off = ip_off + ip_hdr_len;
     let ports: [u8; 4] = ctx.read(l4_off)?;
-    let l4_csum_off = match ctx.read::<u16>(l4_off + csum_off) {
-        Some(0) if l4_proto == proto::UDP => 0,
-        Some(_) => l4_off + csum_off,
+    let l4_csum_off = match csum_off.and_then(|off| ctx.read::<u16>(l4_off + off).map(|c| (off, c)))
+    {
+        Some((_, 0)) if l4_proto == proto::UDP => 0,
+        Some((off, _)) => l4_off + off,
         None => 0,
     };
     Some(Quote {

@@ -26,6 +26,7 @@ mod maps;
 mod pod;
 mod reject;
 mod sched;
+mod sctp;
 mod sock;
 mod uplink;
 mod verdict;
@@ -48,13 +49,19 @@ use crate::{
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    verdict::finish_tc(len, Packet::ifindex(&ctx), pod::from_pod(&ctx))
+    sctp::arrived(&ctx);
+    let code = verdict::finish_tc(len, Packet::ifindex(&ctx), pod::from_pod(&ctx));
+    sctp::fix(&ctx);
+    code
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    verdict::finish_tc(len, Packet::ifindex(&ctx), pod::to_pod(&ctx))
+    sctp::arrived(&ctx);
+    let code = verdict::finish_tc(len, Packet::ifindex(&ctx), pod::to_pod(&ctx));
+    sctp::fix(&ctx);
+    code
 }
 
 #[xdp]
@@ -62,6 +69,7 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     let len = Frame::len(&ctx);
     // IPv6 goes on to the stack, to `uplink_tc6`: its frames leave XDP's
     // packet bounds no room within 512 bytes of stack.
+    // So does SCTP (see `sctp`).
     let outcome = uplink::uplink4(&ctx).unwrap_or(Ok(Out::pass(Stat::PassIpv6ToTc)));
     verdict::finish_xdp(len, outcome)
 }
@@ -72,8 +80,13 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn uplink_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
+    sctp::arrived(&ctx);
     match uplink::uplink4(&ctx) {
-        Some(outcome) => verdict::finish_tc(len, Packet::ifindex(&ctx), outcome),
+        Some(outcome) => {
+            let code = verdict::finish_tc(len, Packet::ifindex(&ctx), outcome);
+            sctp::fix(&ctx);
+            code
+        }
         None => verdict::TC_ACT_UNSPEC,
     }
 }
@@ -83,8 +96,13 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_tc6(ctx: TcContext) -> i32 {
     let len = ctx.len();
+    sctp::arrived(&ctx);
     match uplink::uplink6(&ctx) {
-        Some(outcome) => verdict::finish_tc(len, Packet::ifindex(&ctx), outcome),
+        Some(outcome) => {
+            let code = verdict::finish_tc(len, Packet::ifindex(&ctx), outcome);
+            sctp::fix(&ctx);
+            code
+        }
         None => verdict::TC_ACT_UNSPEC,
     }
 }

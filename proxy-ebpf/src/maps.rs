@@ -191,3 +191,8 @@ pub struct Scratch {
 
 #[btf_map(name = "scratch_v1")]
 pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// Per-CPU: the ports of the SCTP packet a program is running for, as it
+/// arrived (see `sctp`). Nothing in it outlives the run.
+#[btf_map(name = "sctp_v1")]
+pub static ARRIVED: PerCpuArray<crate::sctp::Ports, 1> = PerCpuArray::new();

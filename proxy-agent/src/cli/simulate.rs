@@ -64,6 +64,7 @@ impl FromStr for PacketSpec {
         let proto = match words.next().map(str::to_ascii_uppercase).as_deref() {
             Some("TCP") => proto::TCP,
             Some("UDP") => proto::UDP,
+            Some("SCTP") => proto::SCTP,
             _ => return Err(bad()),
         };
         let endpoint = |w: Option<&str>| -> Option<(IpAddr, u16)> {

@@ -13,6 +13,7 @@ pub fn protocol(number: u8) -> &'static str {
     match number {
         proto::TCP => "TCP",
         proto::UDP => "UDP",
+        proto::SCTP => "SCTP",
         _ => "?",
     }
 }

@@ -46,7 +46,8 @@ impl Lifetimes {
     /// The lifetime of an entry of `proto` with conntrack `flags`, in ns.
     pub fn nanos(&self, proto: u8, flags: u16) -> u64 {
         let programs = ct_lifetime::nanos(proto, flags);
-        if proto == proxy_common::proto::TCP && flags & ct_flags::CLOSING != 0 {
+        let connected = proto == proxy_common::proto::TCP || proto == proxy_common::proto::SCTP;
+        if connected && flags & ct_flags::CLOSING != 0 {
             programs.min(u64::try_from(self.tcp_closing.as_nanos()).unwrap_or(u64::MAX))
         } else {
             programs
@@ -72,6 +73,7 @@ impl fmt::Display for NatBackend {
         let proto = match self.proto {
             proto::TCP => "TCP",
             proto::UDP => "UDP",
+            proto::SCTP => "SCTP",
             _ => "?",
         };
         write!(f, "{}/{proto}", SocketAddr::new(self.addr, self.port))

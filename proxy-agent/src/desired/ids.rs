@@ -48,6 +48,7 @@ fn protocol_of(number: u8) -> Option<Protocol> {
     match number {
         proxy_common::proto::TCP => Some(Protocol::Tcp),
         proxy_common::proto::UDP => Some(Protocol::Udp),
+        proxy_common::proto::SCTP => Some(Protocol::Sctp),
         _ => None,
     }
 }

@@ -1,7 +1,8 @@
-//! The one frame builder: Ethernet + IPv4 or IPv6 + TCP/UDP frames, their
-//! fragments and ICMP errors about them, built from scratch with checksums
-//! computed in full (not incrementally), so an expected frame is independent
-//! of the code under test. `simulate`, the packet tests and the benches
+//! The one frame builder: Ethernet + IPv4 or IPv6 + TCP/UDP/SCTP frames,
+//! their fragments and ICMP errors about them, built from scratch with
+//! checksums computed in full (not incrementally; SCTP's CRC32c over the
+//! whole packet), so an expected frame is independent of the code under
+//! test. `simulate`, the packet tests and the benches
 //! build their frames here.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -12,6 +13,15 @@ const ETH_LEN: usize = 14;
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
+pub const SCTP: u8 = 132;
+/// SCTP chunk types (RFC 9260) the builder writes.
+pub mod chunk {
+    pub const DATA: u8 = 0;
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+    pub const ABORT: u8 = 6;
+    pub const SHUTDOWN_COMPLETE: u8 = 14;
+}
 pub const ICMP: u8 = 1;
 pub const ICMP6: u8 = 58;
 /// IPv6 extension headers the builder can put before the L4 header.
@@ -47,8 +57,11 @@ pub struct Frame {
     pub seq: u32,
     pub ack: u32,
     pub payload: Vec<u8>,
-    /// UDP only: send no checksum (zero), as UDP over IPv4 allows.
+    /// UDP only: send no checksum (zero), as UDP over IPv4 allows. SCTP:
+    /// a zero CRC32c field, as a stack leaves it for the device to fill.
     pub udp_no_csum: bool,
+    /// SCTP only: the one chunk's type (its value is the payload).
+    pub chunk: u8,
     /// Bytes after the IP packet (Ethernet padding).
     pub trailer: Vec<u8>,
 }
@@ -61,6 +74,17 @@ impl Frame {
     pub fn udp(saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
         let mut f = Self::new(UDP, saddr, sport, daddr, dport);
         f.payload = b"ferry?".to_vec();
+        f
+    }
+
+    /// An SCTP INIT (its chunk's value: tag, window, streams, TSN).
+    pub fn sctp(saddr: &str, sport: u16, daddr: &str, dport: u16) -> Self {
+        let mut f = Self::new(SCTP, saddr, sport, daddr, dport);
+        f.chunk = chunk::INIT;
+        f.payload = [
+            0x0a, 0x0b, 0x0c, 0x0d, 0, 1, 0, 0, 0, 10, 0, 10, 0x11, 0x22, 0x33, 0x44,
+        ]
+        .to_vec();
         f
     }
 
@@ -102,6 +126,8 @@ impl Frame {
             ack: 0,
             payload: Vec::new(),
             udp_no_csum: false,
+            // SCTP's first packet, as a SYN is TCP's.
+            chunk: chunk::INIT,
             trailer: Vec::new(),
         }
     }
@@ -190,6 +216,11 @@ impl Frame {
             tcp_flags: 0x12,
             ack: self.seq.wrapping_add(1),
             seq: 7_000_000,
+            chunk: if self.chunk == chunk::INIT {
+                chunk::INIT_ACK
+            } else {
+                self.chunk
+            },
             payload: if self.proto == UDP {
                 b"answer".to_vec()
             } else {
@@ -215,6 +246,21 @@ impl Frame {
             UDP => {
                 l4.extend(((8 + self.payload.len()) as u16).to_be_bytes());
                 l4.extend([0, 0]);
+            }
+            SCTP => {
+                // Verification tag, CRC32c (below), then one chunk: type,
+                // flags, length (header and value), value padded to 4.
+                l4.extend(0x5ca1_ab1eu32.to_be_bytes());
+                l4.extend([0; 4]);
+                l4.extend([self.chunk, 0]);
+                l4.extend(((4 + self.payload.len()) as u16).to_be_bytes());
+                l4.extend(&self.payload);
+                l4.resize(l4.len().next_multiple_of(4), 0);
+                if !self.udp_no_csum {
+                    let crc = proxy_common::crc32c::checksum(&l4);
+                    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+                }
+                return l4;
             }
             _ => {}
         }
@@ -350,7 +396,11 @@ pub fn checksum(data: &[u8]) -> u16 {
 /// (options and extension headers too) and the fixed L4 header.
 pub fn port_unreachable(sent: &Frame) -> Vec<u8> {
     let original = sent.bytes();
-    let l4 = if sent.proto == TCP { 20 } else { 8 };
+    let l4 = match sent.proto {
+        TCP => 20,
+        SCTP => 16,
+        _ => 8,
+    };
     if sent.v6() {
         let ip_len = 40 + 8 * sent.ext6.len();
         let quote = &original[14..14 + (ip_len + l4).min(128)];
@@ -489,6 +539,19 @@ pub fn icmp_error(
 /// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a
 /// frame, or an IPv6 frame's TCP/UDP/ICMPv6 checksum (behind extension
 /// headers as this builder makes them).
+/// An SCTP packet's CRC32c: over the packet with the field zeroed (a zero
+/// field is one left for the device to fill).
+fn assert_sctp_checksum(l4: &[u8]) {
+    let field = [l4[8], l4[9], l4[10], l4[11]];
+    if field == [0; 4] {
+        return;
+    }
+    let mut zeroed = l4.to_vec();
+    zeroed[8..12].copy_from_slice(&[0; 4]);
+    let crc = proxy_common::crc32c::checksum(&zeroed);
+    assert_eq!(field, crc.to_le_bytes(), "bad SCTP checksum");
+}
+
 pub fn assert_checksums_valid(frame: &[u8]) {
     if frame[12..14] == [0x86, 0xdd] {
         let payload = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
@@ -498,6 +561,10 @@ pub fn assert_checksums_valid(frame: &[u8]) {
             at += (usize::from(frame[at + 1]) + 1) * 8;
         }
         let l4 = &frame[at..54 + payload];
+        if next == SCTP {
+            assert_sctp_checksum(l4);
+            return;
+        }
         let src: [u8; 16] = frame[22..38].try_into().unwrap();
         let dst: [u8; 16] = frame[38..54].try_into().unwrap();
         let mut pseudo = pseudo_header(src.into(), dst.into(), next, l4.len());
@@ -511,6 +578,10 @@ pub fn assert_checksums_valid(frame: &[u8]) {
     let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
     let l4 = &frame[14 + ihl..14 + total];
     let proto = frame[23];
+    if proto == SCTP {
+        assert_sctp_checksum(l4);
+        return;
+    }
     if proto == ICMP {
         assert_eq!(checksum(l4), 0, "bad ICMP checksum");
         return;

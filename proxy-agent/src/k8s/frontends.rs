@@ -64,6 +64,7 @@ fn protocol(name: Option<&str>) -> Option<Protocol> {
     match name.unwrap_or("TCP") {
         "TCP" => Some(Protocol::Tcp),
         "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
         _ => None,
     }
 }

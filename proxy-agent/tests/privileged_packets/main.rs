@@ -10,6 +10,7 @@ mod ipv6;
 mod random_frames;
 mod rewrite;
 mod schedulers;
+mod sctp;
 #[path = "../support/mod.rs"]
 mod support;
 mod verdicts;

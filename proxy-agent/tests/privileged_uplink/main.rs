@@ -234,6 +234,15 @@ fn services() -> Vec<FrontendSpec> {
         lb_closed,
         local_only,
         local_none,
+        // SCTP to a remote backend on another port: SNAT and DNAT both
+        // change a port, and the CRC32c with them.
+        frontend(
+            "np-sctp",
+            NODE,
+            30132,
+            Protocol::Sctp,
+            &[(REMOTE_POD, 3868, false)],
+        ),
     ]
 }
 
@@ -376,10 +385,10 @@ fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'stat
 
 fn from_outside(proto: u8, sport: u16, daddr: &str, dport: u16) -> Frame {
     let client = if daddr.contains(':') { CLIENT6 } else { CLIENT };
-    let mut f = if proto == packet::TCP {
-        Frame::tcp(client, sport, daddr, dport)
-    } else {
-        Frame::udp(client, sport, daddr, dport)
+    let mut f = match proto {
+        packet::TCP => Frame::tcp(client, sport, daddr, dport),
+        packet::SCTP => Frame::sctp(client, sport, daddr, dport),
+        _ => Frame::udp(client, sport, daddr, dport),
     };
     f.src_mac = CLIENT_MAC;
     f.dst_mac = NODE_MAC;

@@ -227,14 +227,16 @@ fn service_kinds_kube_proxy_skips_are_skipped() {
             "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}}));
     let bogus = svc(json!({"metadata": {"namespace": "d", "name": "bogus"},
             "spec": {"clusterIP": "10.96.0.300", "clusterIPs": ["10.96.0.300"], "ports": [{"port": 80}]}}));
-    let sctp = svc(json!({"metadata": {"namespace": "d", "name": "sctp"},
-            "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "SCTP"}, {"port": 81}]}}));
+    // A protocol this API version does not have: the port is skipped, the
+    // Service's other ports serve. SCTP serves.
+    let odd = svc(json!({"metadata": {"namespace": "d", "name": "odd"},
+            "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "DCCP"}, {"port": 81}, {"port": 82, "protocol": "SCTP"}]}}));
     let Frontends {
         frontends: out,
         skipped,
         ..
     } = of_cluster(
-        &[&external, &headless, &other, &bogus, &sctp],
+        &[&external, &headless, &other, &bogus, &odd],
         &[],
         &NodeInfo::default(),
     );
@@ -245,15 +247,18 @@ fn service_kinds_kube_proxy_skips_are_skipped() {
             Skip::Headless("d/hl".into()),
             Skip::OtherProxy("d/other".into()),
             Skip::NoClusterIp("d/bogus".into()),
-            Skip::Protocol("d/sctp".into(), "SCTP".into()),
+            Skip::Protocol("d/odd".into(), "DCCP".into()),
         ]
     );
+    let served: Vec<_> = out
+        .iter()
+        .map(|f| (f.frontend.port, f.frontend.protocol))
+        .collect();
     assert_eq!(
-        out.len(),
-        1,
-        "the TCP port of the SCTP service still serves"
+        served,
+        [(81, Protocol::Tcp), (82, Protocol::Sctp)],
+        "the Service's TCP and SCTP ports serve"
     );
-    assert_eq!(out[0].frontend.port, 81);
 }
 
 fn slice_of(name: &str, address_type: &str, endpoints: serde_json::Value) -> Slice {
