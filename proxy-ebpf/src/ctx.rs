@@ -5,7 +5,7 @@
 //! plain bytes, rewritten with incremental checksum arithmetic (RFC 1624).
 //!
 //! SCTP's checksum, a CRC32c over its packet, does not cover the addresses,
-//! and cannot be updated port by port at a low cost: a rewrite leaves it,
+//! and cannot be updated port by port at a low cost: tc's rewrite leaves it,
 //! and `sctp` fixes it once, for all of a packet's rewrites, at the end.
 
 use core::{ffi::c_void, mem::size_of};
@@ -189,11 +189,11 @@ impl Packet for TcContext {
     }
 }
 
-/// An address rewrite in an XDP frame with no L4 checksum over it: the
-/// address and the IPv4 header checksum. A later fragment has no L4 header;
-/// SCTP's checksum does not cover addresses.
+/// A later fragment's address rewrite in an XDP frame: the address and the
+/// IPv4 header checksum, nothing of an L4 header it does not have. (XDP
+/// never rewrites SCTP: it hands SCTP to tc, see `sctp`.)
 #[inline(always)]
-fn rewrite_address<F: Family>(
+fn rewrite_fragment<F: Family>(
     ctx: &XdpContext,
     addr_ptr: *mut F::Addr,
     old: F::Addr,
@@ -274,17 +274,9 @@ impl Packet for XdpContext {
         let bad = Dropped(Stat::DropRewrite);
         let addr_ptr = xdp_ptr::<F::Addr>(self, addr_off).ok_or(bad)?;
         if flow::later_fragment::<_, F>(self) {
-            return rewrite_address::<F>(self, addr_ptr, old_addr, addr);
+            return rewrite_fragment::<F>(self, addr_ptr, old_addr, addr);
         }
         let port_ptr = xdp_ptr::<u16>(self, port_off).ok_or(Dropped(Stat::DropRewrite))?;
-        if flow.proto == proto::SCTP {
-            if old_addr != addr {
-                rewrite_address::<F>(self, addr_ptr, old_addr, addr)?;
-            }
-            // SAFETY: bounds-checked.
-            unsafe { port_ptr.write_unaligned(port) };
-            return Ok(());
-        }
         let l4_csum = xdp_ptr::<u16>(self, flow.l4_csum_off()).ok_or(Dropped(Stat::DropRewrite))?;
         let ip_csum = if F::IP_CSUM {
             Some(xdp_ptr::<u16>(self, ETH_LEN + IP_CSUM_OFF).ok_or(Dropped(Stat::DropRewrite))?)

@@ -2,14 +2,14 @@
 //! addresses), which a port rewrite changes by an amount that depends on
 //! the packet's length (`proxy_common::crc32c`): some hundred instructions
 //! where a TCP port costs a few. So the paths rewrite SCTP ports and leave
-//! the checksum, and each program fixes it once, at its end, from the ports
+//! the checksum, and each tc program fixes it once, at its end (XDP hands
+//! SCTP on to tc: its program has no room for this), from the ports
 //! the packet arrived with (`arrived`) and those it leaves with (`fix`):
 //! one fix for all of a packet's rewrites, and one place the verifier
 //! walks it.
 
-use proxy_common::{crc32c, proto};
-
 use aya_ebpf::programs::TcContext;
+use proxy_common::{crc32c, proto};
 
 use crate::{
     ctx::Packet,
@@ -107,9 +107,9 @@ pub fn fix(ctx: &TcContext) {
     let Some(after) = find(ctx) else {
         return;
     };
-    // SAFETY: this CPU's slot, which `arrived` wrote for this packet (the
-    // same `find` saw an SCTP packet then).
-    let Some(before) = ARRIVED.get(0).map(|slot| unsafe { *slot }) else {
+    // This CPU's slot, which `arrived` wrote for this packet (the same
+    // `find` saw an SCTP packet then).
+    let Some(before) = ARRIVED.get(0).copied() else {
         return;
     };
     if after.l4_off != before.l4_off || after.ports == before.ports {
