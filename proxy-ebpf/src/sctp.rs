@@ -8,7 +8,10 @@
 //! one fix for all of a packet's rewrites, and one place the verifier
 //! walks it.
 
+use core::mem::offset_of;
+
 use aya_ebpf::programs::TcContext;
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use proxy_common::{crc32c, proto};
 
 use crate::{
@@ -19,12 +22,12 @@ use crate::{
 
 /// The fixed IPv4 and IPv6 headers' lengths, and where in them the
 /// protocol (next header) and the length fields are.
-const IPV4_LEN: usize = 20;
-const IPV4_TOT_LEN_OFF: usize = 2;
-const IPV4_PROTO_OFF: usize = 9;
-const IPV6_LEN: usize = 40;
-const IPV6_PAYLOAD_LEN_OFF: usize = 4;
-const IPV6_NEXT_OFF: usize = 6;
+const IPV4_LEN: usize = Ipv4Hdr::LEN;
+const IPV4_TOT_LEN_OFF: usize = offset_of!(Ipv4Hdr, tot_len);
+const IPV4_PROTO_OFF: usize = offset_of!(Ipv4Hdr, proto);
+const IPV6_LEN: usize = Ipv6Hdr::LEN;
+const IPV6_PAYLOAD_LEN_OFF: usize = offset_of!(Ipv6Hdr, payload_len);
+const IPV6_NEXT_OFF: usize = offset_of!(Ipv6Hdr, next_hdr);
 
 /// An SCTP packet's ports as they are at a moment, where they sit, and the
 /// length its checksum covers.
