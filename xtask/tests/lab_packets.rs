@@ -1,21 +1,21 @@
 //! Lab tests of the packets around a Service's flows that kube-proxy gets
 //! right through netfilter: ICMP errors about translated flows (path-MTU
-//! discovery through a ClusterIP), and datagrams in fragments.
+//! discovery through a ClusterIP), datagrams in fragments, and SCTP.
 
 mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     process::Command,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
-use proxy_common::stats::Stat;
+use proxy_common::{ct_flags, map_names, stats::Stat};
 use serde_json::json;
-use support::*;
+use support::{sctp, *};
 
 /// The bulk server's port in its pod (the lab pods' own server greets and
 /// waits; this one counts what it is sent).
@@ -29,6 +29,9 @@ const SMALL_MTU: u32 = 1280;
 const BIG_UDP_PORT: u16 = 9053;
 const QUERY: usize = 3000;
 const ANSWER: usize = 6000;
+/// The SCTP Service's port (Diameter's), and its backend's own.
+const SCTP_PORT: u16 = 3868;
+const SCTP_TARGET_PORT: u16 = 9868;
 
 /// Answers one datagram on `BIG_UDP_PORT` inside `ns` with `ANSWER` bytes
 /// that start with the size of the query. Returns once it listens.
@@ -108,6 +111,7 @@ fn lab_icmp_errors_and_fragments_through_a_cluster_ip() {
     let client = lab.pod_ns("client");
     path_mtu_discovery(&lab, &client);
     udp_datagrams_in_fragments(&lab, &client);
+    sctp_echo(&lab, &client);
 }
 
 /// A TCP transfer through a ClusterIP across a link of a smaller MTU.
@@ -203,4 +207,131 @@ fn udp_datagrams_in_fragments(lab: &Lab, client: &str) {
     assert!(answer.starts_with(format!("{QUERY}\n").as_bytes()));
     let untouched = lab.agent_counter("node1", Stat::PassFragment.index()) - fragments_before;
     assert_eq!(untouched, 0, "no fragment went on untranslated");
+}
+
+/// Node1's conntrack entries of SCTP flows: (direction, flags) of each.
+fn sctp_flows(lab: &Lab) -> Vec<(u64, u64)> {
+    lab.pinned_entries("node1", map_names::CONNTRACK_V4)
+        .iter()
+        .filter(|e| e["formatted"]["key"]["proto"].as_u64() == Some(sctp::IPPROTO_SCTP as u64))
+        .map(|e| {
+            (
+                e["formatted"]["key"]["dir"].as_u64().unwrap(),
+                e["formatted"]["value"]["flags"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// An SCTP association through a ClusterIP whose port differs from its
+/// backend's: every packet's CRC32c right after the port change, the
+/// answers from the ClusterIP, and the flow closed by its shutdown.
+fn sctp_echo(lab: &Lab, client: &str) {
+    let backend = lab.pod_add("sctp-1", "node2", "sctp");
+    lab.apply_service(
+        "sctp",
+        json!({
+            "selector": {"app": "sctp"},
+            "ports": [{"name": "diameter", "port": SCTP_PORT, "targetPort": SCTP_TARGET_PORT, "protocol": "SCTP"}],
+        }),
+    );
+    lab.wait_endpoints("sctp", &[backend]);
+    let vip = lab.cluster_ip("sctp");
+    let client_addr = lab_pod_addr(&lab.xtask(&["status"]), "client");
+
+    eprintln!("== an SCTP association from a pod on node1 to {vip}:{SCTP_PORT}, served on node2 at {backend}:{SCTP_TARGET_PORT}");
+    // Both ends are raw sockets (the host kernel may lack SCTP): they check
+    // each packet's CRC32c, which a kernel would use to drop it silently.
+    let (listening, ready) = mpsc::channel();
+    let server = thread::spawn({
+        let ns = lab.pod_ns("sctp-1");
+        move || {
+            in_netns(&ns, move || {
+                let ep = sctp::Endpoint::bind(SCTP_TARGET_PORT);
+                listening.send(()).unwrap();
+                sctp::serve_echo(ep)
+            })
+        }
+    });
+    ready.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Messages from one byte to one whose echo, bundled after a SACK, fills
+    // a 1500-byte packet (IP 20, common header 12, SACK 16, DATA header 16
+    // bytes), so the CRC is fixed over lengths of every size class. A
+    // larger one would go in IP fragments, which the programs pass
+    // untranslated: SCTP stacks cut messages to the path MTU themselves.
+    let messages: Vec<Vec<u8>> = [1usize, 3, 64, 333, 1000, 1436]
+        .iter()
+        .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
+        .collect();
+    let (established, at_rest) = mpsc::channel();
+    let (go_on, resume) = mpsc::channel::<()>();
+    let client_thread = thread::spawn({
+        let ns = client.to_string();
+        let messages = messages.clone();
+        move || {
+            in_netns(&ns, move || {
+                let ep = sctp::Endpoint::bind(38_680);
+                sctp::echo(
+                    ep,
+                    SocketAddrV4::new(vip, SCTP_PORT),
+                    &messages,
+                    move || {
+                        established.send(()).unwrap();
+                        resume.recv().unwrap();
+                    },
+                )
+            })
+        }
+    });
+    at_rest
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the association is established and every message echoed");
+    let open = sctp_flows(lab);
+    eprintln!("   established: conntrack holds (dir, flags) {open:?}");
+    go_on.send(()).unwrap();
+    let echoed = client_thread.join().expect("the client's association");
+    let served = server.join().expect("the server's association");
+    eprintln!(
+        "   the client heard {} answers from {}; the server served {} messages to {}",
+        echoed.answers.len(),
+        echoed.from,
+        served.messages,
+        served.client
+    );
+    assert_eq!(
+        echoed.from,
+        SocketAddrV4::new(vip, SCTP_PORT),
+        "answered by the ClusterIP"
+    );
+    assert_eq!(echoed.answers, messages, "every message echoed whole");
+    assert_eq!(
+        served.client,
+        SocketAddrV4::new(client_addr, 38_680),
+        "the client's own address"
+    );
+    assert_eq!(
+        echoed.bad_crcs,
+        vec![],
+        "packets to the client with a wrong CRC32c"
+    );
+    assert_eq!(
+        served.bad_crcs,
+        vec![],
+        "packets to the backend with a wrong CRC32c"
+    );
+    assert_eq!(
+        open.iter()
+            .filter(|(_, flags)| flags & u64::from(ct_flags::CLOSING) == 0)
+            .count(),
+        2,
+        "an open flow's forward and reply entries: {open:?}"
+    );
+    let closed = sctp_flows(lab);
+    eprintln!("   after SHUTDOWN COMPLETE: {closed:?}");
+    assert!(
+        closed
+            .iter()
+            .all(|(_, flags)| flags & u64::from(ct_flags::CLOSING) != 0),
+        "the shutdown closed the flow: {closed:?}"
+    );
 }

@@ -2,6 +2,8 @@
 //! when dropped, and clients that run inside the lab's namespaces.
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
+pub mod sctp;
+
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
