@@ -18,7 +18,7 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
     {
         let cols: Vec<&str> = line.split('|').map(str::trim).collect();
-        let [name, hook, packet, verdict, out_dst, backends] = cols[..] else {
+        let [name, hook, packet, verdict, out, backends, next_hop] = cols[..] else {
             panic!("bad case line: {line}")
         };
         let output = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
@@ -44,6 +44,7 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
         );
         let got: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         ran += 1;
+        let mut problems = Vec::new();
         let got_verdict = got["verdict"].as_str().unwrap();
         let got_backends: Vec<&str> = got["candidates"]
             .as_array()
@@ -56,7 +57,6 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
         } else {
             backends.split(',').collect()
         };
-        let mut problems = Vec::new();
         if !got_verdict.starts_with(verdict) {
             problems.push(format!("verdict {got_verdict}, want {verdict}"));
         }
@@ -64,6 +64,28 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
             problems.push(format!("backends {got_backends:?}, want {want_backends:?}"));
         }
         let got_dst = got["dst"].as_str().unwrap();
+        let got_src = got["src"].as_str().unwrap();
+        // `SRC -> DST`: the source too, its port `*` where a NAT port is
+        // chosen.
+        let out_dst = match out.split_once(" -> ") {
+            Some((src, dst)) => {
+                let matches = match src.strip_suffix(":*") {
+                    Some(addr) => got_src
+                        .rsplit_once(':')
+                        .is_some_and(|(a, port)| a == addr && port != "1000"),
+                    None => got_src == src,
+                };
+                if !matches {
+                    problems.push(format!("sent from {got_src}, want {src}"));
+                }
+                dst
+            }
+            None => out,
+        };
+        let got_hop = got["next_hop"].as_str().unwrap_or("-");
+        if !got_hop.starts_with(next_hop) {
+            problems.push(format!("next hop {got_hop}, want {next_hop}"));
+        }
         if out_dst == "*" {
             // Any of the backends, by the flow hash.
             if !want_backends.contains(&got_dst) {
@@ -72,11 +94,11 @@ fn simulate_answers_kube_proxys_packet_flow_cases() {
         } else if out_dst != "-" && got_dst != out_dst {
             problems.push(format!("sent to {got_dst}, want {out_dst}"));
         }
-        eprintln!("{name:<36} {got_verdict:<34} -> {got_dst}");
+        eprintln!("{name:<36} {got_verdict:<34} {got_src} -> {got_dst} {got_hop}");
         if !problems.is_empty() {
             failures.push(format!("{name}: {}", problems.join("; ")));
         }
     }
-    assert!(ran >= 17, "only {ran} cases ran");
+    assert!(ran >= 27, "only {ran} cases ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

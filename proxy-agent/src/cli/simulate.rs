@@ -1,6 +1,9 @@
 //! `proxy-agent simulate`: where does this packet go? The real programs, in
 //! private maps filled by the real desired-state code from Kubernetes manifests,
-//! run one packet through BPF_PROG_TEST_RUN.
+//! run one packet through BPF_PROG_TEST_RUN, in a network namespace of their
+//! own whose routes are the node's as the manifests' Nodes give them (each
+//! other Node's pod CIDRs through its InternalIP), so a packet to a backend
+//! on another node is shown leaving with its SNAT.
 
 use std::{
     collections::BTreeSet,
@@ -21,6 +24,8 @@ use crate::{
         packet::{self, Frame},
         Programs,
     },
+    k8s::nodes,
+    kernel::fib_model::{self, Route},
     settings,
 };
 
@@ -103,6 +108,53 @@ pub struct Outcome {
     pub frontend: Option<String>,
     /// The backends a packet to that frontend could go to.
     pub candidates: Vec<String>,
+    /// For a packet sent on to another node: the next hop, and the Node
+    /// whose pod CIDR routed it there.
+    pub next_hop: Option<String>,
+    /// Routes of the model the kernel refused (the model goes without).
+    pub notes: Vec<String>,
+}
+
+/// The node's routes as the manifests give them: its own addresses, and
+/// each other Node's pod CIDRs through that Node's InternalIP of the family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRoutes {
+    pub addresses: Vec<IpAddr>,
+    /// Each route, with the Node it leads to.
+    pub routes: Vec<(Route, String)>,
+}
+
+impl NodeRoutes {
+    pub fn of(manifests: &Manifests, node: &str) -> Self {
+        let info = manifests.node(node);
+        let mut addresses: Vec<IpAddr> = info.addresses.iter().map(|&a| a.into()).collect();
+        addresses.extend(info.addresses6.iter().map(|&a| IpAddr::from(a)));
+        let mut routes = Vec::new();
+        for other in &manifests.nodes {
+            let name = other.metadata.name.clone().unwrap_or_default();
+            if name == node {
+                continue;
+            }
+            let internal = nodes::internal_addresses(other);
+            for dst in nodes::pod_cidrs(other) {
+                let via = internal
+                    .iter()
+                    .find(|a| a.is_ipv6() == dst.address.is_ipv6());
+                if let Some(&via) = via {
+                    routes.push((Route { dst, via }, name.clone()));
+                }
+            }
+        }
+        Self { addresses, routes }
+    }
+
+    /// The route `dst` takes (the longest prefix holding it), and its Node.
+    pub fn route(&self, dst: IpAddr) -> Option<&(Route, String)> {
+        self.routes
+            .iter()
+            .filter(|(r, _)| r.dst.contains(dst))
+            .max_by_key(|(r, _)| r.dst.prefix)
+    }
 }
 
 pub fn simulate(
@@ -110,6 +162,41 @@ pub fn simulate(
     node: &str,
     packet: &PacketSpec,
     hook: Hook,
+    scheduler: Scheduler,
+    service_cidrs: proxy_common::ServiceCidrs,
+) -> Result<Outcome> {
+    let routes = NodeRoutes::of(manifests, node);
+    let fib: Vec<Route> = routes.routes.iter().map(|(r, _)| r.clone()).collect();
+    fib_model::in_new_netns(|| {
+        let (uplink, notes) = fib_model::build(&routes.addresses, &fib)?;
+        let mut outcome = run(
+            manifests,
+            node,
+            packet,
+            hook,
+            uplink,
+            scheduler,
+            service_cidrs,
+        )?;
+        if outcome.verdict == "redirect" {
+            if let Ok(dst) = outcome.dst.parse::<SocketAddr>() {
+                outcome.next_hop = routes
+                    .route(dst.ip())
+                    .map(|(r, node)| format!("{} ({node}), out of the uplink", r.via));
+            }
+        }
+        outcome.notes = notes;
+        Ok(outcome)
+    })
+}
+
+/// [`simulate`] inside the model namespace, whose uplink is `uplink`.
+fn run(
+    manifests: &Manifests,
+    node: &str,
+    packet: &PacketSpec,
+    hook: Hook,
+    uplink: u32,
     scheduler: Scheduler,
     service_cidrs: proxy_common::ServiceCidrs,
 ) -> Result<Outcome> {
@@ -129,7 +216,7 @@ pub fn simulate(
     let from_pod = matches!(hook, Hook::Pod);
     let hook = match hook {
         Hook::Pod => harness::Hook::Tc(program_names::FROM_POD, None),
-        Hook::Uplink => harness::Hook::UplinkTc(None),
+        Hook::Uplink => harness::Hook::UplinkTc(Some(uplink)),
     };
     let run = programs.run(hook, &frame(packet))?;
     let out = run.frame;
@@ -165,6 +252,8 @@ pub fn simulate(
         dst: SocketAddr::new(dst.0, dst.1).to_string(),
         frontend,
         candidates,
+        next_hop: None,
+        notes: Vec::new(),
     })
 }
 
@@ -236,6 +325,8 @@ fn unknown(program: &str, code: i32, counter: String) -> Outcome {
         dst: String::new(),
         frontend: None,
         candidates: Vec::new(),
+        next_hop: None,
+        notes: Vec::new(),
     }
 }
 
@@ -245,6 +336,14 @@ impl Outcome {
         let _ = writeln!(s, "verdict:    {}", self.verdict);
         let _ = writeln!(s, "counter:    {}", self.counter);
         let _ = writeln!(s, "packet out: {} -> {}", self.src, self.dst);
+        if let Some(hop) = &self.next_hop {
+            let _ = writeln!(s, "next hop:   {hop}");
+        } else if self.counter == "drop_fib" {
+            let _ = writeln!(
+                s,
+                "next hop:   none (no Node in the manifests has a pod CIDR holding the backend)"
+            );
+        }
         match &self.frontend {
             Some(f) => {
                 let _ = writeln!(s, "frontend:   {f}");
@@ -262,6 +361,62 @@ impl Outcome {
                 let _ = writeln!(s, "frontend:   none (not a Service address)");
             }
         }
+        for note in &self.notes {
+            let _ = writeln!(s, "note:       route not modelled: {note}");
+        }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: a}
+spec: {podCIDRs: [10.1.0.0/24, 'fd00:1::/64']}
+status: {addresses: [{type: InternalIP, address: 192.0.2.1}, {type: InternalIP, address: '2001:db8::1'}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: b}
+spec: {podCIDR: 10.2.0.0/16}
+status: {addresses: [{type: ExternalIP, address: 198.51.100.2}, {type: InternalIP, address: 192.0.2.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: c}
+spec: {podCIDRs: [10.2.3.0/24, 'fd00:3::/64']}
+status: {addresses: [{type: InternalIP, address: 192.0.2.3}]}
+";
+
+    #[test]
+    fn other_nodes_pod_cidrs_route_through_their_internal_ip_of_the_family() {
+        let mut m = Manifests::default();
+        m.add_text("nodes", NODES).unwrap();
+        let routes = NodeRoutes::of(&m, "a");
+        assert_eq!(
+            routes.addresses,
+            ["192.0.2.1", "2001:db8::1"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        let listed: Vec<String> = routes
+            .routes
+            .iter()
+            .map(|(r, n)| format!("{} via {} ({n})", r.dst, r.via))
+            .collect();
+        // c's IPv6 pod CIDR has no IPv6 address to go through.
+        assert_eq!(
+            listed,
+            [
+                "10.2.0.0/16 via 192.0.2.2 (b)",
+                "10.2.3.0/24 via 192.0.2.3 (c)"
+            ]
+        );
+        let via = |dst: &str| routes.route(dst.parse().unwrap()).map(|(_, n)| n.as_str());
+        assert_eq!(via("10.2.3.9"), Some("c"), "the longest prefix");
+        assert_eq!(via("10.2.4.9"), Some("b"));
+        assert_eq!(via("10.1.0.9"), None, "a's own pods are not routed out");
     }
 }

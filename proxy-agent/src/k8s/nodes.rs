@@ -157,6 +157,24 @@ pub fn internal_ips(node: Option<&Node>) -> Vec<Ipv4Addr> {
 
 /// The Node's addresses of one family (`A`) and of the given types, in the
 /// types' order and then in its own, each once.
+/// A Node's InternalIP addresses of both families, in the Node's order.
+pub fn internal_addresses(node: &Node) -> Vec<IpAddr> {
+    addresses_of(Some(node), &["InternalIP"])
+}
+
+/// A Node's pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`): what the
+/// cluster routes to it. Unparsable entries are left out.
+pub fn pod_cidrs(node: &Node) -> Vec<Cidr> {
+    let Some(spec) = node.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed = match &spec.pod_cidrs {
+        Some(list) if !list.is_empty() => list.clone(),
+        _ => spec.pod_cidr.iter().cloned().collect(),
+    };
+    listed.iter().filter_map(|c| c.parse().ok()).collect()
+}
+
 fn addresses_of<A: std::str::FromStr + PartialEq>(node: Option<&Node>, types: &[&str]) -> Vec<A> {
     let mut addresses = Vec::new();
     let listed = node

@@ -576,6 +576,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
     Ok(st.f_type)
 }
 
+pub mod fib_model;
 pub mod ifaces;
 pub mod lock;
 pub mod migrate;
