@@ -4,7 +4,7 @@
 //! resync that repairs drift, and the garbage collection of ended flows.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
@@ -36,7 +36,7 @@ use crate::{
         ifaces::{self, LinkEvent},
         lock::{self, PinDirLock},
         migrate::Migration,
-        monotonic_ns, netinfo, Dataplane, MapSizes, SocketLb, UplinkMode,
+        monotonic_ns, netinfo, rtnl, Dataplane, MapSizes, SocketLb, UplinkMode,
     },
     serve::{
         health::{self, HealthChecks, Shared},
@@ -188,6 +188,9 @@ struct Agent {
     node_config: settings::NodeConfig,
     /// Pod interfaces with the programs attached, by name: their index.
     attached: HashMap<String, u32>,
+    /// Local endpoints last found behind an interface without the pod
+    /// programs, with its name: each is warned about once.
+    unattached: HashSet<(IpAddr, String)>,
     stores: Stores,
     cache: FrontendCache,
     /// The next round diffs every frontend against the maps (the first one
@@ -251,6 +254,7 @@ impl Agent {
             health_checks: HealthChecks::default(),
             node_config: settings::NodeConfig::default(),
             attached: HashMap::new(),
+            unattached: HashSet::new(),
             stores: Stores::default(),
             cache: FrontendCache::default(),
             full_next: true,
@@ -443,6 +447,7 @@ impl Agent {
     /// interfaces there now (see [`Agent::reconcile_interfaces`]).
     fn resync(&mut self) {
         self.reconcile_interfaces();
+        self.check_local_endpoints();
         match self.dataplane.read_state() {
             // Only drift needs a full round: at 10k Services one costs
             // hundreds of milliseconds, and changes wait behind it.
@@ -455,6 +460,62 @@ impl Agent {
             Err(e) => error!(error = %e, "reading the maps for resync"),
         }
         self.sync_at = Some(Instant::now());
+    }
+
+    /// Warns (once each) about the endpoints on this node whose pods the
+    /// pod programs do not see, because the kernel routes them through an
+    /// interface no glob matched: their connections to Services go
+    /// untranslated, which nothing else would show.
+    fn check_local_endpoints(&mut self) {
+        let mut local: Vec<IpAddr> = self
+            .programmed
+            .applied
+            .backends
+            .values()
+            .filter(|b| b.flags & proxy_common::backend_flags::LOCAL != 0)
+            .map(|b| b.addr)
+            .collect();
+        local.sort_unstable();
+        local.dedup();
+        let found = (|| -> Result<Vec<(IpAddr, String)>> {
+            if local.is_empty() {
+                return Ok(Vec::new());
+            }
+            let links = rtnl::links()?;
+            let mut socket = rtnl::Rtnl::open()?;
+            let mut routes = Vec::with_capacity(local.len());
+            for addr in local {
+                routes.push((addr, rtnl::route_to(&mut socket, addr)?));
+            }
+            Ok(ifaces::unattached(&routes, &links, &self.attached))
+        })();
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                return warn!(
+                    error = format!("{e:#}"),
+                    "checking the local endpoints' routes"
+                )
+            }
+        };
+        for (addr, iface) in &found {
+            if !self.unattached.contains(&(*addr, iface.clone())) {
+                warn!(
+                    endpoint = %addr,
+                    iface,
+                    patterns = self.config.pod_iface_patterns.join(","),
+                    "an endpoint on this node is routed through an interface without the pod programs: \
+                     its pod's connections to Services are not translated; add the interface's name \
+                     to --pod-iface-pattern"
+                );
+            }
+        }
+        self.status
+            .lock()
+            .unwrap()
+            .metrics
+            .local_endpoints_unattached = found.len() as u64;
+        self.unattached = found.into_iter().collect();
     }
 
     /// Puts Ferry's filters back on every pod interface there now: where

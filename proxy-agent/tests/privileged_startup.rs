@@ -542,3 +542,50 @@ fn a_services_map_shrunk_below_its_entries_keeps_only_whole_frontends() {
     lab.teardown();
     lab.assert_gone();
 }
+
+/// A pod behind an interface no `--pod-iface-pattern` glob matches (another
+/// CNI's names): the agent names the endpoint and the interface, and counts
+/// it, while the pod behind a matching interface is not named.
+#[test]
+fn an_endpoint_behind_an_interface_without_the_programs_is_named() {
+    let mut lab = Lab::new("una");
+    let node = lab.netns("node");
+    let served = lab.netns("pa");
+    let missed = lab.netns("pb");
+    lab.plug_pod(&node, &served, "pod0", "10.244.1.2", "169.254.1.1");
+    lab.plug_pod(&node, &missed, "eni3", "10.244.1.3", "169.254.1.1");
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.json");
+    std::fs::write(
+        &services,
+        r#"{"services": [{"name": "web", "address": "10.96.0.10", "port": 80, "protocol": "TCP",
+            "endpoints": [{"address": "10.244.1.2", "port": 8080, "local": true},
+                          {"address": "10.244.1.3", "port": 8080, "local": true}]}]}"#,
+    )
+    .unwrap();
+    lab.start_agent_until(
+        &node,
+        &[
+            "run",
+            "--services-file",
+            services.to_str().unwrap(),
+            "--uplink-iface",
+            "none",
+            "--pod-iface-pattern",
+            "pod*",
+            "--resync-seconds",
+            "1",
+        ],
+        r#"endpoint=10.244.1.3 iface="eni3""#,
+    );
+    let metrics = get(&node, "/metrics");
+    assert!(
+        metrics.contains("\nferry_local_endpoints_unattached 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nferry_pod_interfaces 1\n"), "{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}

@@ -1,10 +1,14 @@
 //! Which interfaces get the pod programs: names matching the configured globs,
-//! found at start and then followed through rtnetlink link events.
+//! found at start and then followed through rtnetlink link events; and the
+//! local endpoints the kernel reaches through an interface without them
+//! (a CNI whose names no glob matches), which the agent warns about.
 
-use std::{ffi::CStr, io, mem::size_of, thread};
+use std::{collections::HashMap, io, mem::size_of, net::IpAddr, thread};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
+
+use super::rtnl::{self, Link, RouteTo, RTM_NEWLINK};
 
 /// A link appeared (or changed) or went away.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,35 +33,50 @@ pub fn matches_any(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| glob_match(p, name))
 }
 
-/// Interfaces present now, as (index, name).
-pub fn current() -> Result<Vec<(u32, String)>> {
-    let list = unsafe { libc::if_nameindex() };
-    if list.is_null() {
-        return Err(io::Error::last_os_error()).context("listing interfaces");
-    }
-    let mut out = Vec::new();
-    let mut cursor = list;
-    unsafe {
-        while (*cursor).if_index != 0 {
-            out.push((
-                (*cursor).if_index,
-                CStr::from_ptr((*cursor).if_name)
-                    .to_string_lossy()
-                    .into_owned(),
-            ));
-            cursor = cursor.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    Ok(out)
+/// The local endpoints (with the route the kernel takes to each) whose pods
+/// the pod programs do not see: routed out of an interface that has none
+/// attached, and that is no bridge with an attached port (a bridge CNI's
+/// veths are its ports). Each with that interface's name. The node's own
+/// addresses (hostNetwork endpoints) are not pods behind an interface.
+pub fn unattached(
+    routes: &[(IpAddr, RouteTo)],
+    links: &[Link],
+    attached: &HashMap<String, u32>,
+) -> Vec<(IpAddr, String)> {
+    let served = |oif: u32| {
+        attached.values().any(|&i| i == oif)
+            || links
+                .iter()
+                .any(|l| l.master == Some(oif) && attached.get(&l.name) == Some(&l.index))
+    };
+    let name = |oif: u32| {
+        links
+            .iter()
+            .find(|l| l.index == oif)
+            .map_or_else(|| format!("ifindex {oif}"), |l| l.name.clone())
+    };
+    routes
+        .iter()
+        .filter_map(|&(addr, route)| match route {
+            RouteTo::Local => None,
+            RouteTo::Unreachable => Some((addr, "no route".to_string())),
+            RouteTo::Interface(oif) if served(oif) => None,
+            RouteTo::Interface(oif) => Some((addr, name(oif))),
+        })
+        .collect()
 }
 
-const RTM_NEWLINK: u16 = 16;
+/// Interfaces present now, as (index, name).
+pub fn current() -> Result<Vec<(u32, String)>> {
+    Ok(rtnl::links()?
+        .into_iter()
+        .map(|link| (link.index, link.name))
+        .collect())
+}
+
 const RTM_DELLINK: u16 = 17;
 const RTMGRP_LINK: u32 = 1;
-const IFLA_IFNAME: u16 = 3;
 const NLMSG_HDR: usize = 16;
-const IFINFOMSG: usize = 16;
 
 /// Subscribes to link events of this network namespace. A thread reads the
 /// netlink socket and forwards events; it ends when the receiver is dropped.
@@ -133,28 +152,13 @@ pub fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
             break;
         }
         let msg = &buf[NLMSG_HDR..len];
-        if (kind == RTM_NEWLINK || kind == RTM_DELLINK) && msg.len() >= IFINFOMSG {
-            let index = i32::from_ne_bytes(msg[4..8].try_into().unwrap()) as u32;
-            let mut attrs = &msg[IFINFOMSG..];
-            while attrs.len() >= 4 {
-                let alen = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-                let atype = u16::from_ne_bytes([attrs[2], attrs[3]]);
-                if alen < 4 || alen > attrs.len() {
-                    break;
-                }
-                if atype == IFLA_IFNAME {
-                    let raw = &attrs[4..alen];
-                    let name =
-                        String::from_utf8_lossy(raw.split(|b| *b == 0).next().unwrap_or(raw))
-                            .into_owned();
-                    events.push(if kind == RTM_NEWLINK {
-                        LinkEvent::Up { index, name }
-                    } else {
-                        LinkEvent::Gone { index, name }
-                    });
-                    break;
-                }
-                attrs = &attrs[alen.next_multiple_of(4).min(attrs.len())..];
+        if kind == RTM_NEWLINK || kind == RTM_DELLINK {
+            if let Some(rtnl::Link { index, name, .. }) = rtnl::link_of(msg) {
+                events.push(if kind == RTM_NEWLINK {
+                    LinkEvent::Up { index, name }
+                } else {
+                    LinkEvent::Gone { index, name }
+                });
             }
         }
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
@@ -165,6 +169,7 @@ pub fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::rtnl::{IFINFOMSG, IFLA_IFNAME};
 
     #[test]
     fn globs() {
@@ -196,6 +201,41 @@ mod tests {
         msg.extend([0u8; 10]);
         msg.extend(body);
         msg
+    }
+
+    #[test]
+    fn endpoints_behind_interfaces_without_the_programs_are_named() {
+        let link = |index, name: &str, master| Link {
+            index,
+            name: name.into(),
+            master,
+        };
+        let links = [
+            link(2, "eth0", None),
+            link(3, "veth1", None),
+            link(4, "cni0", None),
+            link(5, "vethb", Some(4)),
+            link(6, "eni7", None),
+            link(7, "br1", None),
+        ];
+        let attached: HashMap<String, u32> = [("veth1".into(), 3), ("vethb".into(), 5)].into();
+        let addr = |last: u8| IpAddr::from([10, 0, 0, last]);
+        let routes = [
+            (addr(1), RouteTo::Interface(3)), // a routed veth with the programs
+            (addr(2), RouteTo::Interface(4)), // behind a bridge with an attached port
+            (addr(3), RouteTo::Interface(6)), // another CNI's name
+            (addr(4), RouteTo::Local),        // hostNetwork
+            (addr(5), RouteTo::Unreachable),
+            (addr(6), RouteTo::Interface(7)), // a bridge without attached ports
+        ];
+        assert_eq!(
+            unattached(&routes, &links, &attached),
+            [
+                (addr(3), "eni7".to_string()),
+                (addr(5), "no route".to_string()),
+                (addr(6), "br1".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -581,6 +581,7 @@ pub mod ifaces;
 pub mod lock;
 pub mod migrate;
 pub mod netinfo;
+pub mod rtnl;
 pub mod sock;
 
 mod attach;

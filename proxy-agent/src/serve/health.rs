@@ -66,6 +66,9 @@ pub struct Metrics {
     pub frontends: u64,
     pub backends: u64,
     pub pod_interfaces: u64,
+    /// Endpoints on this node that the kernel reaches through an interface
+    /// without the pod programs (see `kernel::ifaces::unattached`).
+    pub local_endpoints_unattached: u64,
     /// Entries in the conntrack and NAT maps after the last garbage collection.
     pub conntrack_entries: u64,
     pub nat_entries: u64,
@@ -83,7 +86,7 @@ pub struct Metrics {
 
 impl Metrics {
     fn render(&self) -> String {
-        let rows: [(&str, &str, u64, &str); 14] = [
+        let rows: [(&str, &str, u64, &str); 15] = [
             (
                 "ferry_syncs_total",
                 "counter",
@@ -155,6 +158,12 @@ impl Metrics {
                 "gauge",
                 self.pod_interfaces,
                 "Pod interfaces with the programs attached.",
+            ),
+            (
+                "ferry_local_endpoints_unattached",
+                "gauge",
+                self.local_endpoints_unattached,
+                "Endpoints on this node routed through an interface without the pod programs: their pods' connections to Services are not translated (extend --pod-iface-pattern).",
             ),
             (
                 "ferry_conntrack_entries",
