@@ -4,7 +4,7 @@
 //! resync that repairs drift, and the garbage collection of ended flows.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
@@ -186,8 +186,8 @@ struct Agent {
     health_checks: HealthChecks,
     /// The node settings last written.
     node_config: settings::NodeConfig,
-    /// Pod interfaces with the programs attached, by name: their index.
-    attached: HashMap<String, u32>,
+    /// Links, routes and the pod interfaces attached.
+    ifaces: ifaces::Interfaces,
     /// Local endpoints last found behind an interface without the pod
     /// programs, with its name: each is warned about once.
     unattached: HashSet<(IpAddr, String)>,
@@ -253,7 +253,7 @@ impl Agent {
             status,
             health_checks: HealthChecks::default(),
             node_config: settings::NodeConfig::default(),
-            attached: HashMap::new(),
+            ifaces: ifaces::Interfaces::default(),
             unattached: HashSet::new(),
             stores: Stores::default(),
             cache: FrontendCache::default(),
@@ -265,9 +265,8 @@ impl Agent {
             migration: Some(migration),
             _pin_lock: pin_lock,
         };
-        for (index, name) in ifaces::current()? {
-            agent.on_link(LinkEvent::Up { index, name });
-        }
+        agent.ifaces.replace(rtnl::links()?, rtnl::routes()?);
+        agent.attach_pod_interfaces();
         agent.attach_sockets();
         agent.carry_flows();
         if !uplink_pending {
@@ -340,6 +339,7 @@ impl Agent {
             info!(interfaces = ?choice.interfaces, reason = %choice.reason, "uplink chosen");
         }
         self.status.lock().unwrap().uplink_choice = Some(choice.clone());
+        self.ifaces.uplinks = choice.interfaces.clone();
         // Flows the old programs started since the last pass must be in the
         // new maps before the new programs see their replies on the uplink:
         // a SNATed flow's reply that misses its NAT entry goes to the stack,
@@ -433,13 +433,33 @@ impl Agent {
     }
 
     fn on_link(&mut self, event: LinkEvent) {
-        on_link(
-            &mut self.dataplane,
-            &mut self.attached,
-            &self.config,
-            &self.status,
-            event,
-        );
+        if event == LinkEvent::Lost {
+            warn!("link and route events were lost; reading them afresh");
+            return self.reconcile_interfaces();
+        }
+        if let Some(name) = self.ifaces.apply(event) {
+            info!(iface = name, "pod interface gone");
+        }
+        self.attach_pod_interfaces();
+    }
+
+    /// Attaches the pod programs to each pod interface that lacks them (see
+    /// [`ifaces`]).
+    fn attach_pod_interfaces(&mut self) {
+        for (index, name, reason) in self.ifaces.to_attach(&self.config.pod_iface_patterns) {
+            match self.dataplane.attach_pod_interface(&name) {
+                Ok(_) => {
+                    info!(iface = name, because = reason.name(), "attached");
+                    self.ifaces.attached.insert(name, index);
+                }
+                Err(e) => {
+                    self.ifaces.failed.insert(index);
+                    self.status.lock().unwrap().metrics.attach_errors += 1;
+                    warn!(iface = name, error = format!("{e:#}"), "attaching failed");
+                }
+            }
+        }
+        self.status.lock().unwrap().metrics.pod_interfaces = self.ifaces.attached.len() as u64;
     }
 
     /// Whatever the maps hold now is the truth to diff against: this repairs
@@ -481,13 +501,21 @@ impl Agent {
             if local.is_empty() {
                 return Ok(Vec::new());
             }
-            let links = rtnl::links()?;
             let mut socket = rtnl::Rtnl::open()?;
             let mut routes = Vec::with_capacity(local.len());
             for addr in local {
                 routes.push((addr, rtnl::route_to(&mut socket, addr)?));
             }
-            Ok(ifaces::unattached(&routes, &links, &self.attached))
+            self.ifaces.endpoint_routes = routes
+                .iter()
+                .filter_map(|(_, r)| match r {
+                    rtnl::RouteTo::Interface(oif) => Some(*oif),
+                    _ => None,
+                })
+                .collect();
+            self.attach_pod_interfaces();
+            let links: Vec<rtnl::Link> = self.ifaces.links.values().cloned().collect();
+            Ok(ifaces::unattached(&routes, &links, &self.ifaces.attached))
         })();
         let found = match found {
             Ok(found) => found,
@@ -522,24 +550,17 @@ impl Agent {
     /// another tool removed them (or the clsact qdisc), where an attach failed
     /// half way, and on interfaces whose link event was missed.
     fn reconcile_interfaces(&mut self) {
-        let current = match ifaces::current() {
-            Ok(current) => current,
-            Err(e) => return warn!(error = format!("{e:#}"), "listing interfaces"),
-        };
-        let patterns = &self.config.pod_iface_patterns;
-        let current: HashMap<String, u32> = current
-            .into_iter()
-            .filter(|(_, name)| ifaces::matches_any(patterns, name))
-            .map(|(index, name)| (name, index))
+        match rtnl::links().and_then(|links| Ok((links, rtnl::routes()?))) {
+            Ok((links, routes)) => self.ifaces.replace(links, routes),
+            Err(e) => return warn!(error = format!("{e:#}"), "reading links and routes"),
+        }
+        let attached: Vec<(String, u32)> = self
+            .ifaces
+            .attached
+            .iter()
+            .map(|(name, index)| (name.clone(), *index))
             .collect();
-        self.attached
-            .retain(|name, index| current.get(name) == Some(index));
-        for (name, index) in current {
-            if !self.attached.contains_key(&name) {
-                // Its link event was missed: attached as a new interface.
-                self.on_link(LinkEvent::Up { index, name });
-                continue;
-            }
+        for (name, index) in attached {
             match self.dataplane.attach_pod_interface(&name) {
                 Ok(false) => {}
                 Ok(true) => {
@@ -547,13 +568,16 @@ impl Agent {
                     warn!(iface = name, "Ferry's tc filters were gone; put back");
                 }
                 Err(e) => {
-                    self.attached.remove(&name);
+                    self.ifaces.attached.remove(&name);
+                    self.ifaces.failed.insert(index);
                     self.status.lock().unwrap().metrics.attach_errors += 1;
                     warn!(iface = name, error = format!("{e:#}"), "attaching failed");
                 }
             }
         }
-        self.status.lock().unwrap().metrics.pod_interfaces = self.attached.len() as u64;
+        // Interfaces whose events were missed, and those whose attach
+        // failed before.
+        self.attach_pod_interfaces();
     }
 
     /// One programming round: the frontends that changed (or all of them)
@@ -587,6 +611,10 @@ impl Agent {
                     }
                 }
                 let mut node = self.stores.node(node_name);
+                if node.pod_cidrs != self.ifaces.pod_cidrs {
+                    self.ifaces.pod_cidrs = node.pod_cidrs.clone();
+                    self.attach_pod_interfaces();
+                }
                 node.node_port_loopback = self.config.node_port_loopback;
                 node.node_port_only = self
                     .config
@@ -953,38 +981,4 @@ fn sync(
         Err(e) => warn!(error = format!("{e:#}"), "pruning affinity"),
     }
     Ok(())
-}
-
-fn on_link(
-    dataplane: &mut Dataplane,
-    attached: &mut HashMap<String, u32>,
-    config: &Config,
-    status: &Shared,
-    event: LinkEvent,
-) {
-    match event {
-        LinkEvent::Up { index, name } => {
-            if !ifaces::matches_any(&config.pod_iface_patterns, &name)
-                || attached.get(&name) == Some(&index)
-            {
-                return;
-            }
-            match dataplane.attach_pod_interface(&name) {
-                Ok(_) => {
-                    info!(iface = name, "attached");
-                    attached.insert(name, index);
-                }
-                Err(e) => {
-                    status.lock().unwrap().metrics.attach_errors += 1;
-                    warn!(iface = name, error = format!("{e:#}"), "attaching failed");
-                }
-            }
-        }
-        LinkEvent::Gone { name, .. } => {
-            if attached.remove(&name).is_some() {
-                info!(iface = name, "pod interface gone");
-            }
-        }
-    }
-    status.lock().unwrap().metrics.pod_interfaces = attached.len() as u64;
 }

@@ -543,17 +543,39 @@ fn a_services_map_shrunk_below_its_entries_keeps_only_whole_frontends() {
     lab.assert_gone();
 }
 
-/// A pod behind an interface no `--pod-iface-pattern` glob matches (another
-/// CNI's names): the agent names the endpoint and the interface, and counts
-/// it, while the pod behind a matching interface is not named.
+/// Pods behind interfaces no `--pod-iface-pattern` glob matches (another
+/// CNI's names) still get the pod programs, found by routes: a veth with a
+/// route to one pod address (a routed CNI's), and the ports of a bridge the
+/// route to a local endpoint leads to (a bridge CNI's), client pods
+/// included. An endpoint behind an interface that cannot take them (a
+/// bridge without ports) is named in the log and counted.
 #[test]
-fn an_endpoint_behind_an_interface_without_the_programs_is_named() {
+fn pod_interfaces_are_found_by_routes_whatever_their_names() {
     let mut lab = Lab::new("una");
     let node = lab.netns("node");
-    let served = lab.netns("pa");
-    let missed = lab.netns("pb");
-    lab.plug_pod(&node, &served, "pod0", "10.244.1.2", "169.254.1.1");
-    lab.plug_pod(&node, &missed, "eni3", "10.244.1.3", "169.254.1.1");
+    let by_name = lab.netns("pa");
+    let routed = lab.netns("pb");
+    lab.plug_pod(&node, &by_name, "pod0", "10.244.1.2", "169.254.1.1");
+    lab.plug_pod(&node, &routed, "eni3", "10.244.1.3", "169.254.1.1");
+    // A bridge CNI: the bridge holds the gateway and routes the subnet;
+    // the pods' veths are its ports.
+    let ip = |args: &[&str]| {
+        let mut all = vec!["-n", node.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    };
+    ip(&["link", "add", "brp", "type", "bridge"]);
+    ip(&["addr", "add", "10.244.2.1/24", "dev", "brp"]);
+    ip(&["link", "set", "brp", "up"]);
+    for (port, pod_end) in [("tapa", "tapa-pod"), ("tapb", "tapb-pod")] {
+        ip(&["link", "add", port, "type", "veth", "peer", "name", pod_end]);
+        ip(&["link", "set", port, "master", "brp", "up"]);
+    }
+    // A bridge with a route but no ports: nothing there can take the
+    // programs.
+    ip(&["link", "add", "brq", "type", "bridge"]);
+    ip(&["addr", "add", "10.244.3.1/24", "dev", "brq"]);
+    ip(&["link", "set", "brq", "up"]);
     let dir = std::env::temp_dir().join(&lab.prefix);
     std::fs::create_dir_all(&dir).unwrap();
     let services = dir.join("services.json");
@@ -561,7 +583,9 @@ fn an_endpoint_behind_an_interface_without_the_programs_is_named() {
         &services,
         r#"{"services": [{"name": "web", "address": "10.96.0.10", "port": 80, "protocol": "TCP",
             "endpoints": [{"address": "10.244.1.2", "port": 8080, "local": true},
-                          {"address": "10.244.1.3", "port": 8080, "local": true}]}]}"#,
+                          {"address": "10.244.1.3", "port": 8080, "local": true},
+                          {"address": "10.244.2.5", "port": 8080, "local": true},
+                          {"address": "10.244.3.9", "port": 8080, "local": true}]}]}"#,
     )
     .unwrap();
     lab.start_agent_until(
@@ -577,14 +601,30 @@ fn an_endpoint_behind_an_interface_without_the_programs_is_named() {
             "--resync-seconds",
             "1",
         ],
-        r#"endpoint=10.244.1.3 iface="eni3""#,
+        r#"endpoint=10.244.3.9 iface="brq""#,
     );
+    let filters = |iface: &str| {
+        run(
+            "ip",
+            &["netns", "exec", &node, "tc", "filter", "show", "dev", iface, "ingress"],
+        )
+    };
+    for iface in ["pod0", "eni3", "tapa", "tapb"] {
+        assert!(
+            within(5, || filters(iface).contains("from_pod")),
+            "{iface} has no pod programs: {}",
+            filters(iface)
+        );
+    }
+    for iface in ["brp", "brq"] {
+        assert!(!filters(iface).contains("from_pod"), "{iface}: a bridge itself");
+    }
     let metrics = get(&node, "/metrics");
     assert!(
         metrics.contains("\nferry_local_endpoints_unattached 1\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("\nferry_pod_interfaces 1\n"), "{metrics}");
+    assert!(metrics.contains("\nferry_pod_interfaces 4\n"), "{metrics}");
     let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();

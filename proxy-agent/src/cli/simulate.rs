@@ -25,7 +25,7 @@ use crate::{
         Programs,
     },
     k8s::nodes,
-    kernel::fib_model::{self, Route},
+    kernel::fib_model::{self, GatewayRoute},
     settings,
 };
 
@@ -121,7 +121,7 @@ pub struct Outcome {
 pub struct NodeRoutes {
     pub addresses: Vec<IpAddr>,
     /// Each route, with the Node it leads to.
-    pub routes: Vec<(Route, String)>,
+    pub routes: Vec<(GatewayRoute, String)>,
 }
 
 impl NodeRoutes {
@@ -141,7 +141,7 @@ impl NodeRoutes {
                     .iter()
                     .find(|a| a.is_ipv6() == dst.address.is_ipv6());
                 if let Some(&via) = via {
-                    routes.push((Route { dst, via }, name.clone()));
+                    routes.push((GatewayRoute { dst, via }, name.clone()));
                 }
             }
         }
@@ -149,7 +149,7 @@ impl NodeRoutes {
     }
 
     /// The route `dst` takes (the longest prefix holding it), and its Node.
-    pub fn route(&self, dst: IpAddr) -> Option<&(Route, String)> {
+    pub fn route(&self, dst: IpAddr) -> Option<&(GatewayRoute, String)> {
         self.routes
             .iter()
             .filter(|(r, _)| r.dst.contains(dst))
@@ -166,7 +166,7 @@ pub fn simulate(
     service_cidrs: proxy_common::ServiceCidrs,
 ) -> Result<Outcome> {
     let routes = NodeRoutes::of(manifests, node);
-    let fib: Vec<Route> = routes.routes.iter().map(|(r, _)| r.clone()).collect();
+    let fib: Vec<GatewayRoute> = routes.routes.iter().map(|(r, _)| r.clone()).collect();
     fib_model::in_new_netns(|| {
         let (uplink, notes) = fib_model::build(&routes.addresses, &fib)?;
         let mut outcome = run(

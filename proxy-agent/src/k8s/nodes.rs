@@ -18,6 +18,9 @@ pub struct NodeInfo {
     /// Its IPv6 InternalIP and ExternalIP addresses (a dual-stack node's
     /// kubelet reports both families, `--node-ip=<v4>,<v6>`).
     pub addresses6: Vec<Ipv6Addr>,
+    /// Its pod CIDRs (`spec.podCIDRs`): routes into them mark pod
+    /// interfaces (see `kernel::ifaces`).
+    pub pod_cidrs: Vec<Cidr>,
     /// The `topology.kubernetes.io/zone` label, for topology hints.
     pub zone: Option<String>,
     /// NodePorts answer on 127.0.0.1 too, for the node's own clients
@@ -91,6 +94,7 @@ impl NodeInfo {
             name: name.to_string(),
             addresses,
             addresses6,
+            pod_cidrs: node.map(pod_cidrs).unwrap_or_default(),
             zone,
             node_port_loopback: false,
             node_port_only: None,

@@ -18,7 +18,10 @@ pub struct Removed {
 /// under `pin_dir` (then the directory itself).
 pub fn cleanup(pin_dir: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
-    for (index, iface) in super::ifaces::current()? {
+    for super::rtnl::Link {
+        index, name: iface, ..
+    } in super::rtnl::links()?
+    {
         let before = removed.filters.len();
         for (name, attach_type) in [
             (program_names::FROM_POD, TcAttachType::Ingress),

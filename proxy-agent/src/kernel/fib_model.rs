@@ -16,8 +16,9 @@ use std::{io, net::IpAddr};
 use anyhow::{bail, Context, Result};
 
 use super::rtnl::{
-    attr, c_string, nest, Rtnl, IFLA_IFNAME, NLM_F_CREATE, NLM_F_EXCL, RTA_DST, RTA_OIF,
-    RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE,
+    attr, c_string, nest, Rtnl, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, NLM_F_CREATE,
+    NLM_F_EXCL, RTA_DST, RTA_OIF, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTN_UNICAST,
+    RT_TABLE_MAIN,
 };
 use crate::frontend::Cidr;
 
@@ -26,7 +27,7 @@ const PEER: &str = "uplink1";
 
 /// A route of the model: `dst` through `via` on the uplink.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
+pub struct GatewayRoute {
     pub dst: Cidr,
     pub via: IpAddr,
 }
@@ -52,7 +53,7 @@ pub fn in_new_netns<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> 
 /// [`in_new_netns`]): returns the uplink's ifindex, and one line per route
 /// the kernel refused (two Nodes claiming one pod CIDR, say), which the
 /// model goes without.
-pub fn build(addresses: &[IpAddr], routes: &[Route]) -> Result<(u32, Vec<String>)> {
+pub fn build(addresses: &[IpAddr], routes: &[GatewayRoute]) -> Result<(u32, Vec<String>)> {
     // Forwarding first: devices created after take it as their default,
     // and the FIB lookup refuses to route for a device that does not
     // forward. No IPv6 in this kernel: the IPv4 model still stands.
@@ -91,17 +92,13 @@ fn if_index(name: &str) -> Result<u32> {
     }
 }
 
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_F_NODAD: u8 = 0x02;
 const RTA_GATEWAY: u16 = 5;
-const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_STATIC: u8 = 4;
-const RTN_UNICAST: u8 = 1;
 const RTNH_F_ONLINK: u32 = 4;
 const CREATE: u16 = NLM_F_CREATE | NLM_F_EXCL;
 
@@ -139,7 +136,7 @@ fn add_address(rtnl: &mut Rtnl, index: u32, addr: IpAddr) -> Result<()> {
     Ok(())
 }
 
-fn add_route(rtnl: &mut Rtnl, index: u32, route: &Route) -> Result<()> {
+fn add_route(rtnl: &mut Rtnl, index: u32, route: &GatewayRoute) -> Result<()> {
     let (family, dst, _, _) = family_of(route.dst.address);
     let (via_family, via, _, _) = family_of(route.via);
     if via_family != family {

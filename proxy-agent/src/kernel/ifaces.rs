@@ -1,20 +1,121 @@
-//! Which interfaces get the pod programs: names matching the configured globs,
-//! found at start and then followed through rtnetlink link events; and the
-//! local endpoints the kernel reaches through an interface without them
-//! (a CNI whose names no glob matches), which the agent warns about.
+//! Which interfaces get the pod programs, and the events that change it.
+//!
+//! An interface is a pod interface when its name matches one of the
+//! configured globs, or, whatever the CNI names it, when the kernel routes
+//! this node's pods through it: a route of the main table into one of the
+//! Node's pod CIDRs (a bridge CNI's subnet, a routed CNI's per-pod routes),
+//! a route to one address out of a veth (routed CNIs whose pod addresses lie
+//! outside the Node's pod CIDRs, as cloud VPC CNIs'), or the route to an
+//! endpoint on this node. Such an interface that is a bridge passes the
+//! role to its ports (a bridge CNI's veths). The uplinks and loopback never
+//! are. Local endpoints still routed through an interface without the
+//! programs are named, for the agent to warn about.
 
-use std::{collections::HashMap, io, mem::size_of, net::IpAddr, thread};
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    mem::size_of,
+    net::IpAddr,
+    thread,
+};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use super::rtnl::{self, Link, RouteTo, RTM_NEWLINK};
+use super::rtnl::{self, Link, Route, RouteTo, RTM_DELROUTE, RTM_NEWLINK, RTM_NEWROUTE};
+use crate::frontend::Cidr;
 
-/// A link appeared (or changed) or went away.
+/// A change of the namespace's links or routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Up { index: u32, name: String },
-    Gone { index: u32, name: String },
+    /// A link appeared or changed.
+    Up(Link),
+    Gone {
+        index: u32,
+        name: String,
+    },
+    Route(Route),
+    RouteGone(Route),
+    /// Events were lost: the agent reads links and routes afresh.
+    Lost,
+}
+
+/// Why an interface gets the pod programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Its name matches a `--pod-iface-pattern` glob.
+    Pattern,
+    /// The kernel routes this node's pods through it.
+    PodRoute,
+    /// It is a port of a bridge the kernel routes this node's pods through.
+    BridgePort,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pattern => "its name matches --pod-iface-pattern",
+            Self::PodRoute => "it routes this node's pods",
+            Self::BridgePort => "it is a port of a bridge that routes this node's pods",
+        }
+    }
+}
+
+/// What decides which interfaces are pod interfaces, besides the links and
+/// routes themselves.
+#[derive(Clone, Copy, Debug)]
+pub struct Selection<'a> {
+    pub patterns: &'a [String],
+    /// Never pod interfaces.
+    pub uplinks: &'a [String],
+    /// The Node's pod CIDRs.
+    pub pod_cidrs: &'a [Cidr],
+    /// Interfaces the kernel routes an endpoint on this node through.
+    pub endpoint_routes: &'a HashSet<u32>,
+}
+
+/// Whether `outer` holds every address of `inner` (same family).
+fn covers(outer: &Cidr, inner: &Cidr) -> bool {
+    inner.prefix >= outer.prefix && outer.contains(inner.address)
+}
+
+/// The pod interfaces among `links`, with why each is one.
+pub fn pod_interfaces(
+    links: &HashMap<u32, Link>,
+    routes: &HashSet<Route>,
+    selection: &Selection<'_>,
+) -> Vec<(u32, String, Reason)> {
+    let host_route = |r: &Route| r.dst.prefix == if r.dst.address.is_ipv4() { 32 } else { 128 };
+    let veth = |index: u32| links.get(&index).and_then(|l| l.kind.as_deref()) == Some("veth");
+    let routing: HashSet<u32> = routes
+        .iter()
+        .filter(|r| {
+            selection.pod_cidrs.iter().any(|c| covers(c, &r.dst)) || (host_route(r) && veth(r.oif))
+        })
+        .map(|r| r.oif)
+        .chain(selection.endpoint_routes.iter().copied())
+        .collect();
+    let routing_bridge = |index: Option<u32>| {
+        index.is_some_and(|i| routing.contains(&i) && links.get(&i).is_some_and(Link::is_bridge))
+    };
+    let mut out: Vec<(u32, String, Reason)> = links
+        .values()
+        .filter(|l| l.name != "lo" && !selection.uplinks.contains(&l.name))
+        .filter_map(|l| {
+            let reason = if matches_any(selection.patterns, &l.name) {
+                Reason::Pattern
+            } else if routing.contains(&l.index) && !l.is_bridge() {
+                Reason::PodRoute
+            } else if routing_bridge(l.master) {
+                Reason::BridgePort
+            } else {
+                return None;
+            };
+            Some((l.index, l.name.clone(), reason))
+        })
+        .collect();
+    out.sort_unstable_by_key(|(index, ..)| *index);
+    out
 }
 
 /// Glob matching with `*` (any run of characters), as in `--pod-iface-pattern 'veth*'`.
@@ -31,6 +132,85 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 
 pub fn matches_any(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| glob_match(p, name))
+}
+
+/// The agent's view of the namespace's links and routes, what decides the
+/// pod interfaces beyond them, and the interfaces it attached.
+#[derive(Debug, Default)]
+pub struct Interfaces {
+    pub links: HashMap<u32, Link>,
+    pub routes: HashSet<Route>,
+    /// Interfaces the kernel routes an endpoint on this node through.
+    pub endpoint_routes: HashSet<u32>,
+    /// The Node's pod CIDRs.
+    pub pod_cidrs: Vec<Cidr>,
+    pub uplinks: Vec<String>,
+    /// Pod interfaces with the programs attached, by name: their index.
+    pub attached: HashMap<String, u32>,
+    /// Interfaces whose attach failed since the last resync: not tried again
+    /// on every event.
+    pub failed: HashSet<u32>,
+}
+
+impl Interfaces {
+    /// Follows one event (not [`LinkEvent::Lost`]); returns the name of an
+    /// attached interface that went.
+    pub fn apply(&mut self, event: LinkEvent) -> Option<String> {
+        match event {
+            LinkEvent::Up(link) => {
+                self.links.insert(link.index, link);
+            }
+            LinkEvent::Gone { index, name } => {
+                self.links.remove(&index);
+                // The kernel drops the link's routes without an event.
+                self.routes.retain(|r| r.oif != index);
+                self.endpoint_routes.remove(&index);
+                self.failed.remove(&index);
+                if self.attached.get(&name) == Some(&index) {
+                    self.attached.remove(&name);
+                    return Some(name);
+                }
+            }
+            LinkEvent::Route(route) => {
+                self.routes.insert(route);
+            }
+            LinkEvent::RouteGone(route) => {
+                self.routes.remove(&route);
+            }
+            LinkEvent::Lost => {}
+        }
+        None
+    }
+
+    /// Takes the links and routes read afresh; forgets attached interfaces
+    /// that are gone (or came back under another index) and past failures.
+    pub fn replace(&mut self, links: Vec<Link>, routes: Vec<Route>) {
+        self.links = links.into_iter().map(|l| (l.index, l)).collect();
+        self.routes = routes.into_iter().collect();
+        let links = &self.links;
+        self.attached
+            .retain(|name, index| links.get(index).is_some_and(|l| l.name == *name));
+        self.endpoint_routes
+            .retain(|index| links.contains_key(index));
+        self.failed.clear();
+    }
+
+    /// The pod interfaces not attached yet (nor failed since the last
+    /// resync), with why each is one.
+    pub fn to_attach(&self, patterns: &[String]) -> Vec<(u32, String, Reason)> {
+        let selection = Selection {
+            patterns,
+            uplinks: &self.uplinks,
+            pod_cidrs: &self.pod_cidrs,
+            endpoint_routes: &self.endpoint_routes,
+        };
+        pod_interfaces(&self.links, &self.routes, &selection)
+            .into_iter()
+            .filter(|(index, name, _)| {
+                self.attached.get(name) != Some(index) && !self.failed.contains(index)
+            })
+            .collect()
+    }
 }
 
 /// The local endpoints (with the route the kernel takes to each) whose pods
@@ -66,20 +246,15 @@ pub fn unattached(
         .collect()
 }
 
-/// Interfaces present now, as (index, name).
-pub fn current() -> Result<Vec<(u32, String)>> {
-    Ok(rtnl::links()?
-        .into_iter()
-        .map(|link| (link.index, link.name))
-        .collect())
-}
-
 const RTM_DELLINK: u16 = 17;
 const RTMGRP_LINK: u32 = 1;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
 const NLMSG_HDR: usize = 16;
 
-/// Subscribes to link events of this network namespace. A thread reads the
-/// netlink socket and forwards events; it ends when the receiver is dropped.
+/// Subscribes to link and route events of this network namespace. A thread
+/// reads the netlink socket and forwards events; it ends when the receiver
+/// is dropped.
 pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
     let fd = unsafe {
         libc::socket(
@@ -93,7 +268,7 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
     }
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = RTMGRP_LINK;
+    addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
     let ret = unsafe {
         libc::bind(
             fd,
@@ -118,12 +293,10 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
                     if err.kind() == io::ErrorKind::Interrupted {
                         continue;
                     }
-                    // ENOBUFS: events were lost. Report every current link again.
+                    // ENOBUFS: events were lost.
                     if err.raw_os_error() == Some(libc::ENOBUFS) {
-                        for (index, name) in current().unwrap_or_default() {
-                            if tx.send(LinkEvent::Up { index, name }).is_err() {
-                                break;
-                            }
+                        if tx.send(LinkEvent::Lost).is_err() {
+                            break;
                         }
                         continue;
                     }
@@ -142,7 +315,7 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
     Ok(rx)
 }
 
-/// Parses a buffer of rtnetlink messages into link events.
+/// Parses a buffer of rtnetlink messages into link and route events.
 pub fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
     let mut events = Vec::new();
     while buf.len() >= NLMSG_HDR {
@@ -152,15 +325,17 @@ pub fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
             break;
         }
         let msg = &buf[NLMSG_HDR..len];
-        if kind == RTM_NEWLINK || kind == RTM_DELLINK {
-            if let Some(rtnl::Link { index, name, .. }) = rtnl::link_of(msg) {
-                events.push(if kind == RTM_NEWLINK {
-                    LinkEvent::Up { index, name }
-                } else {
-                    LinkEvent::Gone { index, name }
-                });
-            }
-        }
+        let event = match kind {
+            RTM_NEWLINK => rtnl::link_of(msg).map(LinkEvent::Up),
+            RTM_DELLINK => rtnl::link_of(msg).map(|l| LinkEvent::Gone {
+                index: l.index,
+                name: l.name,
+            }),
+            RTM_NEWROUTE => rtnl::route_of(msg).map(LinkEvent::Route),
+            RTM_DELROUTE => rtnl::route_of(msg).map(LinkEvent::RouteGone),
+            _ => None,
+        };
+        events.extend(event);
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
     }
     events
@@ -203,13 +378,104 @@ mod tests {
         msg
     }
 
-    #[test]
-    fn endpoints_behind_interfaces_without_the_programs_are_named() {
-        let link = |index, name: &str, master| Link {
+    fn link(index: u32, name: &str, master: Option<u32>) -> Link {
+        Link {
             index,
             name: name.into(),
             master,
+            kind: None,
+        }
+    }
+
+    fn veth(index: u32, name: &str) -> Link {
+        Link {
+            kind: Some("veth".into()),
+            ..link(index, name, None)
+        }
+    }
+
+    fn bridge(index: u32, name: &str) -> Link {
+        Link {
+            kind: Some("bridge".into()),
+            ..link(index, name, None)
+        }
+    }
+
+    #[test]
+    fn pod_interfaces_by_name_by_route_and_by_bridge() {
+        let links: HashMap<u32, Link> = [
+            link(1, "lo", None),
+            link(2, "eth0", None),
+            link(3, "veth1", None),   // a glob matches
+            link(4, "eni4", None),    // per-pod route into the pod CIDR
+            bridge(5, "cni0"),        // the pod CIDR's route
+            link(6, "tap6", Some(5)), // its ports
+            link(7, "tap7", Some(5)),
+            link(8, "azv8", None),  // an endpoint's route, outside the pod CIDR
+            link(9, "tunl0", None), // other nodes' pod CIDR
+            link(10, "docker0", None), // another prefix
+            bridge(11, "br-ext"),   // a bridge routing nothing of ours
+            link(12, "tap12", Some(11)),
+            veth(13, "eni13"), // a cloud CNI's veth: a host route, no pod CIDR
+            veth(14, "tun14"), // a veth with only a subnet route
+        ]
+        .into_iter()
+        .map(|l| (l.index, l))
+        .collect();
+        let route = |dst: &str, oif| Route {
+            dst: dst.parse().unwrap(),
+            oif,
         };
+        let routes: HashSet<Route> = [
+            route("0.0.0.0/0", 2),
+            route("10.244.1.7/32", 4),
+            route("10.244.1.0/24", 5),
+            route("10.244.2.0/24", 9),
+            route("10.244.0.0/16", 2), // wider than the pod CIDR: not ours alone
+            route("172.17.0.0/16", 10),
+            route("192.168.5.0/24", 11),
+            route("10.0.7.23/32", 13),
+            route("10.9.0.0/24", 14),
+            route("10.0.7.1/32", 2), // a host route out of a device that is no veth
+        ]
+        .into();
+        let endpoint_routes: HashSet<u32> = [8].into();
+        let patterns = ["veth*".to_string()];
+        let selection = Selection {
+            patterns: &patterns,
+            uplinks: &["eth0".to_string()],
+            pod_cidrs: &["10.244.1.0/24".parse().unwrap()],
+            endpoint_routes: &endpoint_routes,
+        };
+        let chosen: Vec<(String, Reason)> = pod_interfaces(&links, &routes, &selection)
+            .into_iter()
+            .map(|(_, name, reason)| (name, reason))
+            .collect();
+        assert_eq!(
+            chosen,
+            [
+                ("veth1".to_string(), Reason::Pattern),
+                ("eni4".to_string(), Reason::PodRoute),
+                ("tap6".to_string(), Reason::BridgePort),
+                ("tap7".to_string(), Reason::BridgePort),
+                ("azv8".to_string(), Reason::PodRoute),
+                ("eni13".to_string(), Reason::PodRoute),
+            ]
+        );
+        // An uplink is never one, whatever routes through it or its name.
+        let selection = Selection {
+            uplinks: &["veth1".to_string(), "eni4".to_string()],
+            ..selection
+        };
+        let names: Vec<String> = pod_interfaces(&links, &routes, &selection)
+            .into_iter()
+            .map(|(_, name, _)| name)
+            .collect();
+        assert_eq!(names, ["tap6", "tap7", "azv8", "eni13"]);
+    }
+
+    #[test]
+    fn endpoints_behind_interfaces_without_the_programs_are_named() {
         let links = [
             link(2, "eth0", None),
             link(3, "veth1", None),
@@ -249,10 +515,12 @@ mod tests {
         assert_eq!(
             parse(&buf),
             [
-                LinkEvent::Up {
+                LinkEvent::Up(Link {
                     index: 7,
-                    name: "vethab".into()
-                },
+                    name: "vethab".into(),
+                    master: None,
+                    kind: None,
+                }),
                 LinkEvent::Gone {
                     index: 3,
                     name: "fp-x".into()

@@ -1,6 +1,8 @@
 //! rtnetlink requests of the calling thread's network namespace, written
-//! directly (the agent's image has no `ip`): the links with their bridge
-//! masters, the route to one address, and what `fib_model` creates.
+//! directly (the agent's image has no `ip`): the links with their kinds and
+//! bridge masters, the routes out of each, the route to one address, and
+//! what `fib_model` creates. The messages the link and route events carry
+//! are read here too.
 
 use std::{
     io,
@@ -9,6 +11,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+use crate::frontend::Cidr;
 
 const NLMSG_HDR: usize = 16;
 const NLMSG_ERROR: u16 = 2;
@@ -22,13 +26,19 @@ pub const RTM_NEWLINK: u16 = 16;
 pub const RTM_GETLINK: u16 = 18;
 pub const RTM_NEWADDR: u16 = 20;
 pub const RTM_NEWROUTE: u16 = 24;
+pub const RTM_DELROUTE: u16 = 25;
 pub const RTM_GETROUTE: u16 = 26;
 pub const IFINFOMSG: usize = 16;
 pub const RTMSG: usize = 12;
 pub const IFLA_IFNAME: u16 = 3;
 pub const IFLA_MASTER: u16 = 10;
+pub const IFLA_LINKINFO: u16 = 18;
+pub const IFLA_INFO_KIND: u16 = 1;
 pub const RTA_DST: u16 = 1;
 pub const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+pub const RT_TABLE_MAIN: u8 = 254;
+pub const RTN_UNICAST: u8 = 1;
 /// `rtm_type` of a route to one of the node's own addresses.
 const RTN_LOCAL: u8 = 2;
 
@@ -171,12 +181,25 @@ fn u32_of(value: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(value.get(..4)?.try_into().ok()?))
 }
 
-/// A network interface: its index, name and bridge (or bond) master.
+/// A network interface: its index, name, bridge (or bond) master and kind
+/// (`veth`, `bridge`, ...; none for a physical device).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,
     pub master: Option<u32>,
+    pub kind: Option<String>,
+}
+
+impl Link {
+    pub fn is_bridge(&self) -> bool {
+        self.kind.as_deref() == Some("bridge")
+    }
+}
+
+fn string_of(value: &[u8]) -> String {
+    let raw = value.split(|b| *b == 0).next().unwrap_or(value);
+    String::from_utf8_lossy(raw).into_owned()
 }
 
 /// An RTM_NEWLINK message as a [`Link`] (None without a name).
@@ -184,13 +207,17 @@ pub fn link_of(msg: &[u8]) -> Option<Link> {
     let index = u32_of(msg.get(4..8)?)?;
     let mut name = None;
     let mut master = None;
-    for (kind, value) in attributes(msg, IFINFOMSG) {
-        match kind {
-            IFLA_IFNAME => {
-                let raw = value.split(|b| *b == 0).next().unwrap_or(value);
-                name = Some(String::from_utf8_lossy(raw).into_owned());
-            }
+    let mut kind = None;
+    for (attr, value) in attributes(msg, IFINFOMSG) {
+        match attr {
+            IFLA_IFNAME => name = Some(string_of(value)),
             IFLA_MASTER => master = u32_of(value).filter(|m| *m != 0),
+            IFLA_LINKINFO => {
+                kind = attributes(value, 0)
+                    .into_iter()
+                    .find(|(a, _)| *a == IFLA_INFO_KIND)
+                    .map(|(_, v)| string_of(v));
+            }
             _ => {}
         }
     }
@@ -198,7 +225,59 @@ pub fn link_of(msg: &[u8]) -> Option<Link> {
         index,
         name: name?,
         master,
+        kind,
     })
+}
+
+/// A unicast route of the main table out of an interface (`ip route`'s
+/// `dst dev oif`, with or without a gateway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub dst: Cidr,
+    pub oif: u32,
+}
+
+/// An RTM_NEWROUTE (or RTM_DELROUTE) message as a [`Route`]: None for other
+/// tables and types, and routes without one outgoing interface.
+pub fn route_of(msg: &[u8]) -> Option<Route> {
+    if msg.len() < RTMSG || msg[7] != RTN_UNICAST {
+        return None;
+    }
+    let (family, prefix) = (i32::from(msg[0]), msg[1]);
+    let mut table = u32::from(msg[4]);
+    let mut dst = None;
+    let mut oif = None;
+    for (attr, value) in attributes(msg, RTMSG) {
+        match attr {
+            RTA_DST => dst = Some(value),
+            RTA_OIF => oif = u32_of(value),
+            RTA_TABLE => table = u32_of(value)?,
+            _ => {}
+        }
+    }
+    if table != u32::from(RT_TABLE_MAIN) {
+        return None;
+    }
+    let address = match (family, dst) {
+        (libc::AF_INET, None) => IpAddr::from([0u8; 4]),
+        (libc::AF_INET6, None) => IpAddr::from([0u8; 16]),
+        (libc::AF_INET, Some(d)) => IpAddr::from(<[u8; 4]>::try_from(d).ok()?),
+        (libc::AF_INET6, Some(d)) => IpAddr::from(<[u8; 16]>::try_from(d).ok()?),
+        _ => return None,
+    };
+    Some(Route {
+        dst: Cidr::new(address, prefix)?,
+        oif: oif?,
+    })
+}
+
+/// Every unicast route of the main table, of both families.
+pub fn routes() -> Result<Vec<Route>> {
+    let mut rtnl = Rtnl::open()?;
+    let answers = rtnl
+        .request(RTM_GETROUTE, NLM_F_DUMP, &[0u8; RTMSG])
+        .context("listing routes")?;
+    Ok(answers.iter().filter_map(|m| route_of(m)).collect())
 }
 
 /// Every interface of this network namespace.
@@ -277,14 +356,77 @@ mod tests {
         msg[4..8].copy_from_slice(&7u32.to_ne_bytes());
         attr(&mut msg, IFLA_IFNAME, &c_string("veth9"));
         attr(&mut msg, IFLA_MASTER, &3u32.to_ne_bytes());
+        nest(&mut msg, IFLA_LINKINFO, |i| {
+            attr(i, IFLA_INFO_KIND, b"veth")
+        });
         assert_eq!(
             link_of(&msg),
             Some(Link {
                 index: 7,
                 name: "veth9".into(),
-                master: Some(3)
+                master: Some(3),
+                kind: Some("veth".into()),
             })
         );
         assert_eq!(link_of(&msg[..IFINFOMSG]), None, "no name");
+    }
+
+    fn route(family: u8, prefix: u8, table: u8, kind: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut msg = vec![family, prefix, 0, 0, table, 4, 0, kind, 0, 0, 0, 0];
+        for (a, v) in attrs {
+            attr(&mut msg, *a, v);
+        }
+        msg
+    }
+
+    #[test]
+    fn route_messages_give_main_table_unicast_routes_with_an_interface() {
+        let oif = 5u32.to_ne_bytes();
+        let v4 = libc::AF_INET as u8;
+        let pod = route(
+            v4,
+            32,
+            RT_TABLE_MAIN,
+            RTN_UNICAST,
+            &[(RTA_DST, &[10, 244, 1, 5]), (RTA_OIF, &oif)],
+        );
+        assert_eq!(
+            route_of(&pod),
+            Some(Route {
+                dst: "10.244.1.5/32".parse().unwrap(),
+                oif: 5
+            })
+        );
+        let default = route(v4, 0, RT_TABLE_MAIN, RTN_UNICAST, &[(RTA_OIF, &oif)]);
+        assert_eq!(
+            route_of(&default).unwrap().dst,
+            "0.0.0.0/0".parse().unwrap()
+        );
+        let v6 = route(
+            libc::AF_INET6 as u8,
+            64,
+            0,
+            RTN_UNICAST,
+            &[
+                (RTA_TABLE, &254u32.to_ne_bytes()),
+                (RTA_DST, &[0xfd; 16]),
+                (RTA_OIF, &oif),
+            ],
+        );
+        assert_eq!(
+            route_of(&v6).unwrap().dst.prefix,
+            64,
+            "the table from RTA_TABLE"
+        );
+        let local_table = route(
+            v4,
+            32,
+            255,
+            RTN_LOCAL,
+            &[(RTA_DST, &[10, 0, 0, 1]), (RTA_OIF, &oif)],
+        );
+        assert_eq!(route_of(&local_table), None);
+        let blackhole = route(v4, 24, RT_TABLE_MAIN, 6, &[(RTA_DST, &[10, 9, 9, 0])]);
+        assert_eq!(route_of(&blackhole), None);
     }
 }

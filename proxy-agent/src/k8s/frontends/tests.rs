@@ -347,6 +347,8 @@ fn node1() -> NodeInfo {
         name: "node1".into(),
         addresses: vec!["10.250.0.11".parse().unwrap()],
         addresses6: vec![],
+        pod_cidrs: Vec::new(),
+
         zone: None,
         node_port_loopback: false,
         node_port_only: None,
@@ -586,6 +588,8 @@ fn external_traffic_policy_local_serves_local_endpoints_and_a_health_check() {
         name: "node2x".into(),
         addresses: vec!["10.250.0.12".parse().unwrap()],
         addresses6: vec![],
+        pod_cidrs: Vec::new(),
+
         zone: None,
         node_port_loopback: false,
         node_port_only: None,
@@ -658,6 +662,8 @@ fn node_in_zone(zone: &str) -> NodeInfo {
         name: "node1".into(),
         addresses: vec![],
         addresses6: vec![],
+        pod_cidrs: Vec::new(),
+
         zone: Some(zone.into()),
         node_port_loopback: false,
         node_port_only: None,
@@ -738,6 +744,8 @@ fn internal_traffic_policy_local_without_a_local_endpoint_drops() {
         name: "node9".into(),
         addresses: vec![],
         addresses6: vec![],
+        pod_cidrs: Vec::new(),
+
         zone: None,
         node_port_loopback: false,
         node_port_only: None,
