@@ -606,7 +606,9 @@ fn pod_interfaces_are_found_by_routes_whatever_their_names() {
     let filters = |iface: &str| {
         run(
             "ip",
-            &["netns", "exec", &node, "tc", "filter", "show", "dev", iface, "ingress"],
+            &[
+                "netns", "exec", &node, "tc", "filter", "show", "dev", iface, "ingress",
+            ],
         )
     };
     for iface in ["pod0", "eni3", "tapa", "tapb"] {
@@ -617,7 +619,10 @@ fn pod_interfaces_are_found_by_routes_whatever_their_names() {
         );
     }
     for iface in ["brp", "brq"] {
-        assert!(!filters(iface).contains("from_pod"), "{iface}: a bridge itself");
+        assert!(
+            !filters(iface).contains("from_pod"),
+            "{iface}: a bridge itself"
+        );
     }
     let metrics = get(&node, "/metrics");
     assert!(
