@@ -2,7 +2,9 @@
 //! pod sends) DNATs packets to service frontends and reverse-NATs a local
 //! backend's replies; `to_pod` (tc egress: what the pod receives) reverse-NATs
 //! replies that reach a client pod unchanged. ICMP errors about translated
-//! flows are translated back on both (`icmp`).
+//! flows are translated back on both (`icmp`). `to_pod` also sits on the
+//! uplink's egress, for the replies of hostNetwork backends (the node's own
+//! stack) to clients from outside, which leave through no pod's veth.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{proto, stats::Stat, svc_flags};

@@ -6,7 +6,13 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    io::{ErrorKind, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread,
     time::Duration,
 };
 
@@ -344,10 +350,96 @@ fn lab_traffic_from_outside_the_cluster() {
         "node2 has no local endpoint and must not answer over IPv6"
     );
 
+    host_network_backend(&lab, &ext);
+
     eprintln!("== the agents report their uplink attach mode");
     let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
     assert!(
         status.contains(r#""interface": "eth0", "mode": "generic""#),
         "{status}"
     );
+}
+
+/// A hostNetwork backend's port on node1 (a process of the node itself).
+const HOST_PORT: u16 = 9100;
+const HOST_NODE_PORT: u16 = 30091;
+
+/// Answers every connection to `NODE1:HOST_PORT` in node1's own namespace
+/// with `host-node1 <client>` until `stop` is set.
+fn host_server(ns: String, stop: Arc<AtomicBool>) -> thread::JoinHandle<usize> {
+    let (listening, ready) = mpsc::channel();
+    let server = thread::spawn(move || {
+        in_netns(&ns, move || {
+            let listener = TcpListener::bind((NODE1, HOST_PORT)).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            listening.send(()).unwrap();
+            let mut served = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        let _ = writeln!(conn, "host-node1 {peer}");
+                        served += 1;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("host server: {e}"),
+                }
+            }
+            served
+        })
+    });
+    ready
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the host server listens");
+    server
+}
+
+/// A NodePort whose backend is node1 itself (a hostNetwork pod's
+/// endpoint): its answers leave through node1's uplink, not a pod's veth,
+/// and must still come from the NodePort.
+fn host_network_backend(lab: &Lab, ext: &str) {
+    eprintln!("== a hostNetwork backend on node1 behind NodePort {HOST_NODE_PORT}, from outside through both nodes");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = host_server(lab.node_ns("node1"), stop.clone());
+    lab.apply_service(
+        "hostnet",
+        json!({
+            "type": "NodePort",
+            "ports": [{"name": "http", "port": 80, "targetPort": HOST_PORT, "nodePort": HOST_NODE_PORT, "protocol": "TCP"}],
+        }),
+    );
+    // No selector: the slice a hostNetwork pod's would be, by hand (the
+    // lab's API server serves slices as v1beta1, the node in `topology`).
+    lab.apply(&json!({
+        "apiVersion": "discovery.k8s.io/v1beta1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "hostnet-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "hostnet"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": HOST_PORT, "protocol": "TCP"}],
+        "endpoints": [{
+            "addresses": [NODE1.to_string()],
+            "topology": {"kubernetes.io/hostname": "node1"},
+            "conditions": {"ready": true},
+        }],
+    }));
+    lab.wait_endpoints("hostnet", &[NODE1]);
+    for node in [NODE2, NODE1] {
+        wait_served(ext, (node, HOST_NODE_PORT).into());
+        let answers = connect_many(ext, (node, HOST_NODE_PORT).into(), 20);
+        let by_pod = count(&answers);
+        eprintln!("   through {node}: {by_pod:?}");
+        assert_eq!(
+            by_pod.get("host-node1"),
+            Some(&20),
+            "through {node}: {answers:?}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    lab.kubectl(&["delete", "service", "hostnet"]);
 }

@@ -20,11 +20,16 @@ impl Dataplane {
     /// Attaches the uplink programs to the node's uplink: XDP (native if the
     /// driver has it, else generic) with the tc program behind it, or the tc
     /// program alone when XDP cannot attach. `wanted` limits the choice.
+    /// `to_pod` goes on the uplink's egress: the node's own stack answers
+    /// for hostNetwork backends, and those answers to clients from outside
+    /// leave there, to be given their frontend's address as a pod's are on
+    /// its veth.
     pub fn attach_uplink(&mut self, iface: &str, wanted: Option<UplinkMode>) -> Result<UplinkMode> {
         // The tc programs run in every mode: alone, or behind XDP for what
         // XDP hands on (IPv6 all of it).
         self.attach_tc(iface, program_names::UPLINK_TC, TcAttachType::Ingress)?;
         self.attach_tc(iface, program_names::UPLINK_TC6, TcAttachType::Ingress)?;
+        self.attach_tc(iface, program_names::TO_POD, TcAttachType::Egress)?;
         let tries: &[(UplinkMode, XdpMode)] = match wanted {
             Some(UplinkMode::Tc) => &[],
             Some(UplinkMode::Native) => &[(UplinkMode::Native, XdpMode::Driver)],
