@@ -14,8 +14,8 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    mem::size_of,
     net::IpAddr,
+    os::fd::AsRawFd,
     thread,
 };
 
@@ -256,38 +256,19 @@ const NLMSG_HDR: usize = 16;
 /// reads the netlink socket and forwards events; it ends when the receiver
 /// is dropped.
 pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
-    }
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
-    let ret = unsafe {
-        libc::bind(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if ret != 0 {
-        let err = io::Error::last_os_error();
-        unsafe { libc::close(fd) };
-        return Err(err).context("subscribing to link events");
-    }
+    let socket = rtnl::subscribe(RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        .context("subscribing to link and route events")?;
     let (tx, rx) = mpsc::unbounded_channel();
     thread::Builder::new()
         .name("link-events".into())
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                // SAFETY: `buf` is valid for its length; the socket lives as
+                // long as this thread.
+                let n = unsafe {
+                    libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
                 if n < 0 {
                     let err = io::Error::last_os_error();
                     if err.kind() == io::ErrorKind::Interrupted {
@@ -305,12 +286,10 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
                 }
                 for event in parse(&buf[..n as usize]) {
                     if tx.send(event).is_err() {
-                        unsafe { libc::close(fd) };
                         return;
                     }
                 }
             }
-            unsafe { libc::close(fd) };
         })?;
     Ok(rx)
 }

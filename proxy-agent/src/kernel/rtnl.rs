@@ -48,22 +48,57 @@ pub struct Rtnl {
     seq: u32,
 }
 
+/// An rtnetlink socket of the calling thread's namespace.
+fn socket() -> Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
+    }
+    // SAFETY: a descriptor we own from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An rtnetlink socket that receives the events of multicast `groups`
+/// (`RTMGRP_*`).
+pub fn subscribe(groups: u32) -> Result<OwnedFd> {
+    let fd = socket()?;
+    // SAFETY: an all-zero sockaddr_nl is valid.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = groups;
+    // SAFETY: `addr` is valid for the length given.
+    let ret = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error()).context("subscribing to rtnetlink events");
+    }
+    Ok(fd)
+}
+
+/// The OS error code behind an error of a [`Rtnl::request`], if any.
+pub fn os_error(e: &anyhow::Error) -> Option<i32> {
+    e.downcast_ref::<io::Error>()
+        .and_then(io::Error::raw_os_error)
+}
+
 impl Rtnl {
     pub fn open() -> Result<Self> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
-        }
-        // SAFETY: a descriptor we own from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, seq: 0 })
+        Ok(Self {
+            fd: socket()?,
+            seq: 0,
+        })
     }
 
     /// Sends one request (`body`: the family header and its attributes) and
@@ -106,7 +141,11 @@ impl Rtnl {
             let n =
                 unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
-                return Err(io::Error::last_os_error()).context("rtnetlink receive");
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err).context("rtnetlink receive");
             }
             let mut rest = &buf[..n as usize];
             while rest.len() >= NLMSG_HDR {
@@ -312,10 +351,7 @@ pub fn route_to(rtnl: &mut Rtnl, addr: IpAddr) -> Result<RouteTo> {
     let answers = match rtnl.request(RTM_GETROUTE, 0, &body) {
         Ok(answers) => answers,
         Err(e) => {
-            let unreachable = e
-                .downcast_ref::<io::Error>()
-                .and_then(io::Error::raw_os_error);
-            if matches!(unreachable, Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) {
+            if matches!(os_error(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) {
                 return Ok(RouteTo::Unreachable);
             }
             return Err(e).with_context(|| format!("the route to {addr}"));
