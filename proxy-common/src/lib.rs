@@ -218,6 +218,21 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
+/// SCTP chunk types (RFC 9260 section 3.2): conntrack reads the first
+/// chunk's, the tests' SCTP peers speak them.
+pub mod sctp_chunk {
+    pub const DATA: u8 = 0;
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+    pub const SACK: u8 = 3;
+    pub const ABORT: u8 = 6;
+    pub const SHUTDOWN: u8 = 7;
+    pub const SHUTDOWN_ACK: u8 = 8;
+    pub const COOKIE_ECHO: u8 = 10;
+    pub const COOKIE_ACK: u8 = 11;
+    pub const SHUTDOWN_COMPLETE: u8 = 14;
+}
+
 /// Key of the services map. Slot 0 describes the service (its [`ServiceValue`]
 /// holds the backend count and flags); slots `1..=count` each name one backend.
 #[repr(C)]

@@ -20,7 +20,7 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use proxy_common::{proto, stats::Stat};
+use proxy_common::{proto, sctp_chunk as chunk, stats::Stat};
 
 use crate::{
     family::{Addr6, Family, V4, V6},
@@ -43,13 +43,6 @@ const SCTP_HDR_LEN: usize = 12;
 const SCTP_MIN_LEN: usize = SCTP_HDR_LEN + 4;
 /// Offset of SCTP's CRC32c in its common header.
 pub const SCTP_CSUM_OFF: usize = 8;
-/// SCTP chunk types (RFC 9260) that open and close an association.
-mod chunk {
-    pub const INIT: u8 = 1;
-    pub const INIT_ACK: u8 = 2;
-    pub const ABORT: u8 = 6;
-    pub const SHUTDOWN_COMPLETE: u8 = 14;
-}
 /// TCP's flags byte: the one before the window (`TcpHdr` holds it in a bitfield).
 const TCP_FLAGS_OFF: usize = offset_of!(TcpHdr, window) - 1;
 const _: () = assert!(TCP_FLAGS_OFF == 13);

@@ -14,14 +14,8 @@ const ETH_LEN: usize = 14;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const SCTP: u8 = 132;
-/// SCTP chunk types (RFC 9260) the builder writes.
-pub mod chunk {
-    pub const DATA: u8 = 0;
-    pub const INIT: u8 = 1;
-    pub const INIT_ACK: u8 = 2;
-    pub const ABORT: u8 = 6;
-    pub const SHUTDOWN_COMPLETE: u8 = 14;
-}
+/// SCTP chunk types, for the builder's `chunk`.
+pub use proxy_common::sctp_chunk as chunk;
 pub const ICMP: u8 = 1;
 pub const ICMP6: u8 = 58;
 /// IPv6 extension headers the builder can put before the L4 header.

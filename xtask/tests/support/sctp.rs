@@ -18,19 +18,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub const IPPROTO_SCTP: i32 = 132;
 
-/// Chunk types (RFC 9260 section 3.2).
-pub mod chunk {
-    pub const DATA: u8 = 0;
-    pub const INIT: u8 = 1;
-    pub const INIT_ACK: u8 = 2;
-    pub const SACK: u8 = 3;
-    pub const ABORT: u8 = 6;
-    pub const SHUTDOWN: u8 = 7;
-    pub const SHUTDOWN_ACK: u8 = 8;
-    pub const COOKIE_ECHO: u8 = 10;
-    pub const COOKIE_ACK: u8 = 11;
-    pub const SHUTDOWN_COMPLETE: u8 = 14;
-}
+use proxy_common::sctp_chunk as chunk;
 
 /// The State Cookie parameter of an INIT ACK.
 const STATE_COOKIE: u16 = 7;
