@@ -482,10 +482,12 @@ impl Agent {
         self.sync_at = Some(Instant::now());
     }
 
-    /// Warns (once each) about the endpoints on this node whose pods the
-    /// pod programs do not see, because the kernel routes them through an
-    /// interface no glob matched: their connections to Services go
-    /// untranslated, which nothing else would show.
+    /// Asks the kernel for the route to every endpoint on this node: the
+    /// interfaces they lead through become pod interfaces (see [`ifaces`]).
+    /// An endpoint still behind an interface without the pod programs (a
+    /// bridge without ports, an uplink) is warned about once and counted:
+    /// its pod's connections to Services go untranslated, which nothing
+    /// else would show.
     fn check_local_endpoints(&mut self) {
         let mut local: Vec<IpAddr> = self
             .programmed
