@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -39,8 +39,9 @@ use crate::{
         monotonic_ns, netinfo, rtnl, Dataplane, MapSizes, SocketLb, UplinkMode,
     },
     serve::{
-        health::{self, HealthChecks, Shared},
+        health::{self, HealthChecks, Shared, Status},
         latency::{self, Triggers},
+        metrics,
     },
     settings,
     uplink::{self, UplinkRequest},
@@ -65,6 +66,7 @@ pub struct Config {
     /// Globs of host-side pod interface names to attach to.
     pub pod_iface_patterns: Vec<String>,
     pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     /// The node's uplinks (XDP, or tc, for traffic from outside): named, off,
     /// or found from the Node's InternalIP or the default route.
     pub uplink: UplinkRequest,
@@ -145,7 +147,12 @@ impl Watches {
 pub async fn run(config: Config) -> Result<()> {
     // First what can be wrong with the configuration (a kubeconfig that
     // cannot be read, say): nothing of the node is touched before it is right.
-    let status: Shared = Arc::default();
+    // kube-proxy's rule: twice the sync period.
+    let health_timeout = 2 * config.resync_period;
+    let status: Shared = Arc::new(Mutex::new(Status::new(
+        Some(config.pin_dir.clone()),
+        health_timeout,
+    )));
     let mut watches = Watches::start(&config.source, &status).await?;
     let (mut agent, mut links) = Agent::start(config, status).await?;
     let mut resync = tokio::time::interval(agent.config.resync_period);
@@ -197,6 +204,10 @@ struct Agent {
     /// diffs against the maps an earlier agent left).
     full_next: bool,
     triggers: Triggers,
+    /// Services whose spec, or whose endpoints, changed since the last
+    /// round (kube-proxy's pending-changes metrics).
+    service_changes: HashSet<String>,
+    endpoint_changes: HashSet<String>,
     /// When the next round runs, if a change waits.
     sync_at: Option<Instant>,
     ready: bool,
@@ -234,11 +245,16 @@ impl Agent {
             flows_naming = live_backends.len(),
             "adopted pinned maps"
         );
-        let programmed = Programmed::adopt(applied, ids, dataplane.capacity()?);
+        let capacity = dataplane.capacity()?;
+        note_capacity(&status, &capacity, &config.map_sizes);
+        let programmed = Programmed::adopt(applied, ids, capacity);
 
+        health::serve(config.healthz_addr, config.metrics_addr, status.clone()).await?;
         if let Some(addr) = config.healthz_addr {
-            health::serve(addr, status.clone()).await?;
-            info!(%addr, "serving /healthz, /livez and /metrics");
+            info!(%addr, "serving /healthz and /livez");
+        }
+        if let Some(addr) = config.metrics_addr {
+            info!(%addr, "serving /metrics and /statusz");
         }
 
         // Found from the Node's InternalIP once the Node is read; otherwise now.
@@ -259,6 +275,8 @@ impl Agent {
             cache: FrontendCache::default(),
             full_next: true,
             triggers: Triggers::new(jiff::Timestamp::now()),
+            service_changes: HashSet::new(),
+            endpoint_changes: HashSet::new(),
             sync_at: None,
             ready: false,
             uplink_pending,
@@ -301,7 +319,7 @@ impl Agent {
             })
         };
         let status = attached.unwrap_or_else(|e| {
-            self.status.lock().unwrap().metrics.attach_errors += 1;
+            self.status.lock().unwrap().metrics.attach_errors.inc();
             error!(
                 error = format!("{e:#}"),
                 "the socket hooks are not attached: the node's own connections to Services are not served"
@@ -353,6 +371,12 @@ impl Agent {
                 .with_context(|| format!("attaching the uplink program to {iface}"))?;
             let mut status = self.status.lock().unwrap();
             status.uplinks.push((iface.clone(), mode.name()));
+            let labels = vec![("interface", iface.clone()), ("mode", mode.name().into())];
+            status
+                .metrics
+                .uplink_attach_mode
+                .get_or_create(&labels)
+                .set(1);
         }
         self.finish_migration();
         Ok(())
@@ -374,16 +398,23 @@ impl Agent {
             return;
         };
         let report = migration.finish(&mut self.dataplane, &self.config.lifetimes);
-        let mut status = self.status.lock().unwrap();
+        let status = self.status.lock().unwrap();
         for (map, _) in report.failed {
-            *status.metrics.maps_not_carried.entry(map).or_default() += 1;
+            status
+                .metrics
+                .maps_not_carried
+                .get_or_create(&metrics::label("map", map))
+                .inc();
         }
     }
 
     /// A change waits: programmed after `sync_delay`, with whatever else comes
     /// meanwhile.
     fn changed(&mut self) {
-        self.status.lock().unwrap().health.pending();
+        let mut status = self.status.lock().unwrap();
+        status.health.pending();
+        status.metrics.queued();
+        drop(status);
         let delay = self.config.sync_delay;
         self.sync_at.get_or_insert_with(|| Instant::now() + delay);
     }
@@ -393,15 +424,28 @@ impl Agent {
             Ok(event) => event,
             Err(e) => return watch_error(&self.status, "services", &e),
         };
-        match &event {
+        self.watch_answered("services");
+        let key = match &event {
             watcher::Event::Apply(svc)
             | watcher::Event::InitApply(svc)
             | watcher::Event::Delete(svc) => {
                 self.cache.touch(watch::key_of(svc));
+                Some(watch::key_of(svc).to_string())
             }
-            watcher::Event::Init | watcher::Event::InitDone => self.cache.all = true,
-        }
+            watcher::Event::Init | watcher::Event::InitDone => {
+                self.cache.all = true;
+                None
+            }
+        };
         if self.stores.services.apply(event, watch::keep) {
+            if let Some(key) = key {
+                self.service_changes.insert(key);
+                let metrics = &self.status.lock().unwrap().metrics;
+                metrics.service_changes.inc();
+                metrics
+                    .service_changes_pending
+                    .set(self.service_changes.len() as i64);
+            }
             self.changed();
         }
     }
@@ -415,8 +459,19 @@ impl Agent {
             Ok(event) => event,
             Err(e) => return watch_error(&self.status, "endpointslices", &e),
         };
+        self.watch_answered("endpointslices");
         let store = &mut self.stores.slices;
-        if on_slice(store, &mut self.triggers, &mut self.cache, event, version) {
+        let (changed, service) =
+            on_slice(store, &mut self.triggers, &mut self.cache, event, version);
+        if let Some(service) = service.filter(|_| changed) {
+            self.endpoint_changes.insert(service);
+            let metrics = &self.status.lock().unwrap().metrics;
+            metrics.endpoint_changes.inc();
+            metrics
+                .endpoint_changes_pending
+                .set(self.endpoint_changes.len() as i64);
+        }
+        if changed {
             self.changed();
         }
     }
@@ -424,11 +479,21 @@ impl Agent {
     fn on_node(&mut self, event: watcher::Result<watcher::Event<Node>>) {
         match event {
             Ok(event) => {
+                self.watch_answered("node");
                 if self.stores.node.apply(event, watch::keep) {
                     self.changed();
                 }
             }
             Err(e) => watch_error(&self.status, "node", &e),
+        }
+    }
+
+    /// A watch delivered an event: if it had been failing, what it missed
+    /// is programmed now, and `/healthz` says 200 again after that round.
+    fn watch_answered(&mut self, kind: &'static str) {
+        if self.status.lock().unwrap().health.watch_answered(kind) {
+            info!(kind, "the watch answers again");
+            self.changed();
         }
     }
 
@@ -454,12 +519,17 @@ impl Agent {
                 }
                 Err(e) => {
                     self.ifaces.failed.insert(index);
-                    self.status.lock().unwrap().metrics.attach_errors += 1;
+                    self.status.lock().unwrap().metrics.attach_errors.inc();
                     warn!(iface = name, error = format!("{e:#}"), "attaching failed");
                 }
             }
         }
-        self.status.lock().unwrap().metrics.pod_interfaces = self.ifaces.attached.len() as u64;
+        self.status
+            .lock()
+            .unwrap()
+            .metrics
+            .pod_interfaces
+            .set(self.ifaces.attached.len() as i64);
     }
 
     /// Whatever the maps hold now is the truth to diff against: this repairs
@@ -544,7 +614,8 @@ impl Agent {
             .lock()
             .unwrap()
             .metrics
-            .local_endpoints_unattached = found.len() as u64;
+            .local_endpoints_unattached
+            .set(found.len() as i64);
         self.unattached = found.into_iter().collect();
     }
 
@@ -566,13 +637,13 @@ impl Agent {
             match self.dataplane.attach_pod_interface(&name) {
                 Ok(false) => {}
                 Ok(true) => {
-                    self.status.lock().unwrap().metrics.filters_restored += 1;
+                    self.status.lock().unwrap().metrics.filters_restored.inc();
                     warn!(iface = name, "Ferry's tc filters were gone; put back");
                 }
                 Err(e) => {
                     self.ifaces.attached.remove(&name);
                     self.ifaces.failed.insert(index);
-                    self.status.lock().unwrap().metrics.attach_errors += 1;
+                    self.status.lock().unwrap().metrics.attach_errors.inc();
                     warn!(iface = name, error = format!("{e:#}"), "attaching failed");
                 }
             }
@@ -591,7 +662,7 @@ impl Agent {
         if self.uplink_pending && self.stores.ready() {
             let node_addresses = self.stores.internal_ips();
             if let Err(e) = self.attach_uplinks(&node_addresses) {
-                self.status.lock().unwrap().metrics.attach_errors += 1;
+                self.status.lock().unwrap().metrics.attach_errors.inc();
                 error!(
                     error = format!("{e:#}"),
                     "no traffic from outside is served"
@@ -656,6 +727,7 @@ impl Agent {
                 }
             },
         };
+        let full = matches!(work, Round::Full(_));
         let result = sync(
             &mut self.dataplane,
             work,
@@ -665,17 +737,27 @@ impl Agent {
         // After a failure, and while frontends wait for room in a full map
         // (a removal anywhere may make it), every frontend is looked at.
         self.full_next =
-            result.is_err() || self.status.lock().unwrap().metrics.frontends_refused > 0;
+            result.is_err() || self.status.lock().unwrap().metrics.frontends_refused.get() > 0;
         if result.is_ok() {
             // Every slice change seen so far is in the maps now.
             let latencies = self.triggers.programmed(jiff::Timestamp::now());
-            let metrics = &mut self.status.lock().unwrap().metrics;
-            metrics
-                .sync_duration
-                .observe(started.elapsed().as_secs_f64());
+            self.service_changes.clear();
+            self.endpoint_changes.clear();
+            let metrics = &self.status.lock().unwrap().metrics;
+            metrics.synced(full, started.elapsed());
             latencies
                 .into_iter()
                 .for_each(|l| metrics.network_programming.observe(l));
+            let no_local = self.cache.no_local_endpoints();
+            for (policy, count) in [
+                ("internal", no_local.internal),
+                ("external", no_local.external),
+            ] {
+                metrics
+                    .no_local_endpoints
+                    .get_or_create(&metrics::label("traffic_policy", policy))
+                    .set(count as i64);
+            }
         }
         match result {
             Ok(()) if !self.ready => {
@@ -710,7 +792,7 @@ fn remove_holes(dataplane: &mut Dataplane, applied: &mut MapState, status: &Shar
     let mut write = |op: desired::MapOp, applied: &mut MapState| match dataplane.write(&op) {
         Ok(()) => applied.apply(&op),
         Err(e) => {
-            status.lock().unwrap().metrics.map_write_failures += 1;
+            status.lock().unwrap().metrics.map_write_failures.inc();
             warn!(error = format!("{e:#}"), ?op, "removing it");
         }
     };
@@ -778,22 +860,48 @@ fn node_addresses(chosen: &NodePortAddresses) -> Vec<IpAddr> {
     })
 }
 
+/// Each map's size, for the metrics.
+fn note_capacity(status: &Shared, capacity: &desired::Capacity, sizes: &MapSizes) {
+    let metrics = &status.lock().unwrap().metrics;
+    for (map, size) in [
+        ("services", capacity.services),
+        ("backends", capacity.backends),
+        ("revnat", capacity.revnat),
+        ("maglev", capacity.maglev),
+        ("source_ranges", capacity.source_ranges),
+        ("conntrack", sizes.conntrack as usize),
+        ("nat", sizes.nat as usize),
+        ("affinity", sizes.affinity as usize),
+    ] {
+        metrics
+            .map_capacity
+            .get_or_create(&metrics::label("map", map))
+            .set(size as i64);
+    }
+}
+
 fn report_skipped(cache: &FrontendCache, status: &Shared) {
-    status.lock().unwrap().metrics.services_skipped = cache.skipped().count() as u64;
+    status
+        .lock()
+        .unwrap()
+        .metrics
+        .services_skipped
+        .set(cache.skipped().count() as i64);
     for skip in cache.skipped() {
         debug!(%skip, "not proxied");
     }
 }
 
 /// Applies one EndpointSlice event to the store and notes its trigger time
-/// for the network programming latency. Returns whether the store changed.
+/// for the network programming latency. Returns whether the store changed,
+/// and the Service of the slice.
 fn on_slice(
     store: &mut Store<Slice>,
     triggers: &mut Triggers,
     cache: &mut FrontendCache,
     event: watcher::Event<DynamicObject>,
     version: SliceVersion,
-) -> bool {
+) -> (bool, Option<String>) {
     let (key, trigger, deleted) = match &event {
         watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => (
             watch::key_of(obj),
@@ -803,7 +911,7 @@ fn on_slice(
         watcher::Event::Delete(obj) => (watch::key_of(obj), None, true),
         watcher::Event::Init | watcher::Event::InitDone => {
             cache.all = true;
-            return store.apply(event, watch::convert_slice(version));
+            return (store.apply(event, watch::convert_slice(version)), None);
         }
     };
     // During a relist the store still serves the previous list: compare with that.
@@ -818,14 +926,18 @@ fn on_slice(
     for slice in [&before, &after].into_iter().flatten() {
         cache.touch(slice.service.as_str());
     }
-    if let Some(service) = after.as_ref().or(before.as_ref()).map(|s| &s.service) {
+    let service = after
+        .as_ref()
+        .or(before.as_ref())
+        .map(|s| s.service.clone());
+    if let Some(service) = &service {
         if deleted {
             triggers.deleted(service);
         } else {
             triggers.updated(service, trigger, before != after);
         }
     }
-    changed
+    (changed, service)
 }
 
 /// The frontends of a services file, with the default scheduler filled in.
@@ -883,18 +995,54 @@ fn collect_garbage(dataplane: &mut Dataplane, config: &Config, status: &Shared) 
     }
     let mut status = status.lock().unwrap();
     let metrics = &mut status.metrics;
-    metrics.conntrack_entries = report.conntrack_entries as u64;
-    metrics.nat_entries = report.nat_entries as u64;
+    metrics
+        .conntrack_entries
+        .set(report.conntrack_entries as i64);
+    metrics.nat_entries.set(report.nat_entries as i64);
+    for (map, family, entries) in &report.entries {
+        let labels = vec![("map", map.to_string()), ("family", family.to_string())];
+        metrics
+            .map_entries
+            .get_or_create(&labels)
+            .set(*entries as i64);
+    }
+    metrics.conntrack_flows.clear();
+    for (state, flows) in &report.flows {
+        let labels = vec![
+            ("protocol", state.protocol().to_string()),
+            ("state", state.state().to_string()),
+        ];
+        metrics
+            .conntrack_flows
+            .get_or_create(&labels)
+            .set(*flows as i64);
+    }
+    metrics
+        .nat_ports_in_use
+        .set(report.held.values().map(|&n| i64::from(n)).sum());
+    metrics.nat_ports_in_use_max.set(
+        report
+            .held
+            .values()
+            .map(|&n| i64::from(n))
+            .max()
+            .unwrap_or(0),
+    );
+    metrics
+        .nat_ports_per_backend
+        .set(i64::from(max) - i64::from(min) + 1);
     for (backend, dropped) in report.exhausted {
-        *metrics
+        metrics
             .nat_port_exhaustion
-            .entry(backend.to_string())
-            .or_default() += dropped;
+            .get_or_create(&metrics::label("backend", backend))
+            .inc_by(dropped);
     }
 }
 
-fn watch_error(status: &Shared, kind: &str, e: &watcher::Error) {
-    status.lock().unwrap().metrics.watch_errors += 1;
+fn watch_error(status: &Shared, kind: &'static str, e: &watcher::Error) {
+    let mut status = status.lock().unwrap();
+    status.metrics.watch_errors.inc();
+    status.health.watch_failed(kind);
     warn!(kind, error = %e, "watch failed; retrying with backoff");
 }
 
@@ -945,14 +1093,25 @@ fn sync(
     }
     let applied = &programmed.applied;
     let mut status = status.lock().unwrap();
-    status.metrics.syncs += 1;
+    status.metrics.syncs.inc();
     status.note_problems(scope.as_deref(), &report.problems);
-    status.metrics.frontends = applied.revnat.len() as u64;
-    status.metrics.backends = applied.backends.len() as u64;
+    status.metrics.frontends.set(applied.revnat.len() as i64);
+    for (map, family, entries) in applied.fill() {
+        let labels = vec![("map", map.to_string()), ("family", family.to_string())];
+        status
+            .metrics
+            .map_entries
+            .get_or_create(&labels)
+            .set(entries as i64);
+    }
+    status.metrics.backends.set(applied.backends.len() as i64);
     let failures = &report.outcome.failures;
     if let Some(first) = failures.first() {
-        status.metrics.sync_errors += 1;
-        status.metrics.map_write_failures += failures.len() as u64;
+        status.metrics.sync_errors.inc();
+        status
+            .metrics
+            .map_write_failures
+            .inc_by(failures.len() as u64);
         for (rev, reason) in &report.outcome.failed_frontends {
             let frontend = applied
                 .revnat

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 #[cfg(feature = "harness")]
 use proxy_agent::cli::simulate;
@@ -102,13 +102,20 @@ struct RunArgs {
         default_value = "veth*,cali*,lxc*"
     )]
     pod_iface_patterns: Vec<String>,
-    /// Address of /healthz, /livez and /metrics ("off" to disable).
+    /// Address of /healthz and /livez ("off" to disable).
     #[arg(
         long,
         env = "FERRY_HEALTHZ_BIND_ADDRESS",
         default_value = "0.0.0.0:10256"
     )]
     healthz_bind_address: String,
+    /// Address of /metrics and /statusz ("off" to disable).
+    #[arg(
+        long,
+        env = "FERRY_METRICS_BIND_ADDRESS",
+        default_value = "0.0.0.0:10249"
+    )]
+    metrics_bind_address: String,
     /// The node's uplink interfaces (comma-separated): XDP for NodePort,
     /// externalIPs and LoadBalancer IPs. Unset: the interface holding the
     /// Node's InternalIP, else the default route's. `none`: no north-south
@@ -234,10 +241,17 @@ async fn main() -> Result<()> {
                 },
                 (None, None) => unreachable!("clap requires one of them"),
             };
-            let healthz_addr = match args.healthz_bind_address.as_str() {
-                "off" => None,
-                addr => Some(addr.parse::<SocketAddr>()?),
+            let bind = |flag: &str, value: &str| -> Result<Option<SocketAddr>> {
+                match value {
+                    "off" => Ok(None),
+                    addr => addr
+                        .parse()
+                        .map(Some)
+                        .with_context(|| format!("--{flag} {addr:?}: not an address:port or off")),
+                }
             };
+            let healthz_addr = bind("healthz-bind-address", &args.healthz_bind_address)?;
+            let metrics_addr = bind("metrics-bind-address", &args.metrics_bind_address)?;
             let nat_ports = settings::parse_nat_ports(&args.nat_ports)?;
             let service_cidrs = settings::service_cidrs(&args.service_cidrs)?;
             let node_port_addresses = NodePortAddresses::parse(&args.nodeport_addresses)?;
@@ -257,6 +271,7 @@ async fn main() -> Result<()> {
                 pin_dir: args.pin_dir,
                 pod_iface_patterns: args.pod_iface_patterns,
                 healthz_addr,
+                metrics_addr,
                 resync_period: Duration::from_secs(args.resync_seconds.max(1)),
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
                 gc_period: Duration::from_secs(args.conntrack_gc_seconds),

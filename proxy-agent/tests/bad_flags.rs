@@ -62,7 +62,11 @@ fn bad_flag_values_are_refused_by_name_before_anything_is_touched() {
         ),
         (
             run(&["--healthz-bind-address", "nonsense"]),
-            "socket address",
+            "--healthz-bind-address \"nonsense\": not an address:port or off",
+        ),
+        (
+            run(&["--metrics-bind-address", "10249"]),
+            "--metrics-bind-address \"10249\": not an address:port or off",
         ),
         (
             run(&["--conntrack-tcp-close-seconds", "100"]),

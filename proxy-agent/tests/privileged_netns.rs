@@ -620,7 +620,7 @@ fn held_connections_keep_their_backend_across_an_upgrade() {
         assert_eq!(&again, backend, "connection {i} changed backend");
     }
     let metrics = in_netns(&node, || {
-        let mut s = TcpStream::connect("127.0.0.1:10256").unwrap();
+        let mut s = TcpStream::connect("127.0.0.1:10249").unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut answer = String::new();

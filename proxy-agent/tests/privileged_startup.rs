@@ -89,6 +89,8 @@ fn the_agent_dials_the_api_server_the_configmap_names() {
             "node1",
             "--healthz-bind-address",
             "off",
+            "--metrics-bind-address",
+            "off",
         ])
         .args(["--pod-iface-pattern", "none-here*"])
         .arg("--pin-dir")
@@ -219,9 +221,15 @@ fn the_uplink_is_the_interface_holding_the_nodes_internal_ip() {
 }
 
 /// GET `path` from the agent's health port inside `ns`.
+/// GETs `path` from the agent in `ns`: /healthz and /livez on the healthz
+/// port, the rest on the metrics port.
 fn get(ns: &str, path: &'static str) -> String {
+    let port = match path {
+        "/healthz" | "/livez" => 10256,
+        _ => 10249,
+    };
     in_netns(ns, move || {
-        let mut s = TcpStream::connect("127.0.0.1:10256").unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
@@ -330,6 +338,8 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start() {
         "--uplink-iface",
         "none",
         "--healthz-bind-address",
+        "off",
+        "--metrics-bind-address",
         "off",
     ];
     lab.start_agent(&node, &args);

@@ -264,7 +264,7 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
         pod_ready.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
+    let status = http_get(&ext, (NODE1, 10249).into(), "/statusz");
     let body: serde_json::Value =
         serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
     assert_eq!(

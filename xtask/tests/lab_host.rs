@@ -123,7 +123,7 @@ fn the_node_s_own_connections_reach_services() {
 
     eprintln!("== /statusz names the hooks' mode and node1's cgroup");
     let ext = format!("{}-ext", lab.name);
-    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
+    let status = http_get(&ext, (NODE1, 10249).into(), "/statusz");
     let body: serde_json::Value =
         serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
     assert_eq!(body["socketLb"]["mode"], "all", "{body:#}");

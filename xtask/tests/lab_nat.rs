@@ -131,7 +131,7 @@ fn lab_nodeport_to_a_remote_backend_outlasts_its_nat_port_range_many_times() {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    let metrics = http_get(&ext, (NODE1, 10256).into(), "/metrics");
+    let metrics = http_get(&ext, (NODE1, 10249).into(), "/metrics");
     assert!(metrics.contains("\nferry_nat_entries 0\n"), "{metrics}");
     assert!(
         !metrics.contains("ferry_nat_port_exhaustion_drops_total{"),

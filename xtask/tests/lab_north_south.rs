@@ -353,7 +353,7 @@ fn lab_traffic_from_outside_the_cluster() {
     host_network_backend(&lab, &ext);
 
     eprintln!("== the agents report their uplink attach mode");
-    let status = http_get(&ext, (NODE1, 10256).into(), "/statusz");
+    let status = http_get(&ext, (NODE1, 10249).into(), "/statusz");
     assert!(
         status.contains(r#""interface": "eth0", "mode": "generic""#),
         "{status}"

@@ -87,6 +87,8 @@ pub trait Family {
     type Nat: Copy + PartialEq + fmt::Debug;
     type Word: Copy + Ord + fmt::Debug;
     type RevNat: Copy + fmt::Debug;
+    /// The family's name in metrics.
+    const NAME: &'static str;
 
     fn proto(key: &Self::CtKey) -> u8;
     fn dir(key: &Self::CtKey) -> u8;
@@ -113,6 +115,7 @@ impl Family for V4 {
     type Nat = Nat4;
     type Word = NatPortKey4;
     type RevNat = RevNat4;
+    const NAME: &'static str = "ipv4";
 
     fn proto(key: &CtKey4) -> u8 {
         key.proto
@@ -177,6 +180,7 @@ impl Family for V6 {
     type Nat = Nat6;
     type Word = NatPortKey6;
     type RevNat = RevNat6;
+    const NAME: &'static str = "ipv6";
 
     fn proto(key: &CtKey6) -> u8 {
         key.proto
@@ -274,6 +278,35 @@ pub struct Plan<F: Family> {
     pub exhausted: Vec<(NatBackend, u64)>,
     /// Per backend: ports its remaining NAT entries hold.
     pub held: BTreeMap<NatBackend, u32>,
+    /// The flows that remain (their forward entries), by [`FlowState`].
+    pub flows: BTreeMap<FlowState, usize>,
+}
+
+/// What a metric says of a flow: its protocol and whether it is closing
+/// (a TCP FIN or RST, an SCTP ABORT or SHUTDOWN COMPLETE went by).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowState {
+    pub proto: u8,
+    pub closing: bool,
+}
+
+impl FlowState {
+    pub fn protocol(&self) -> &'static str {
+        match self.proto {
+            6 => "tcp",
+            17 => "udp",
+            132 => "sctp",
+            _ => "other",
+        }
+    }
+
+    pub fn state(&self) -> &'static str {
+        if self.closing {
+            "closing"
+        } else {
+            "open"
+        }
+    }
 }
 
 impl<F: Family> Default for Plan<F> {
@@ -284,6 +317,7 @@ impl<F: Family> Default for Plan<F> {
             nat_ports: Vec::new(),
             exhausted: Vec::new(),
             held: BTreeMap::new(),
+            flows: BTreeMap::new(),
         }
     }
 }
@@ -300,6 +334,10 @@ pub struct Report {
     pub exhausted: Vec<(NatBackend, u64)>,
     /// See [`Plan::held`].
     pub held: BTreeMap<NatBackend, u32>,
+    /// See [`Plan::flows`]; both families.
+    pub flows: BTreeMap<FlowState, usize>,
+    /// Entries left, by map (conntrack, nat) and family.
+    pub entries: Vec<(&'static str, &'static str, usize)>,
 }
 
 /// Decides what goes at `now_ns` (the programs' clock).
@@ -311,6 +349,11 @@ pub fn plan<F: Family>(snapshot: &Snapshot<F>, now_ns: u64, lifetimes: &Lifetime
             plan.conntrack.push(*key);
         } else if F::dir(key) == ct_dir::FORWARD {
             forward.insert(*key, value.nat_port_be);
+            let state = FlowState {
+                proto: F::proto(key),
+                closing: value.flags & ct_flags::CLOSING != 0,
+            };
+            *plan.flows.entry(state).or_default() += 1;
         }
     }
     let grace = u64::try_from(ORPHAN_GRACE.as_nanos()).unwrap_or(u64::MAX);

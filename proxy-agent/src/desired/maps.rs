@@ -5,6 +5,7 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
 };
 
 use proxy_common::{backend_flags, backend_state, svc_flags, MaglevKey, ServiceValue};
@@ -738,6 +739,32 @@ fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend {
 }
 
 impl MapState {
+    /// Entries by map and family (`ipv4`, `ipv6`; Maglev's table serves
+    /// both), for the metrics.
+    pub fn fill(&self) -> Vec<(&'static str, &'static str, usize)> {
+        fn split(addrs: impl Iterator<Item = IpAddr>) -> [usize; 2] {
+            addrs.fold([0, 0], |[v4, v6], a| match a.is_ipv6() {
+                false => [v4 + 1, v6],
+                true => [v4, v6 + 1],
+            })
+        }
+        let maps = [
+            ("services", split(self.services.keys().map(|k| k.addr))),
+            ("backends", split(self.backends.values().map(|b| b.addr))),
+            ("revnat", split(self.revnat.values().map(|r| r.addr))),
+            (
+                "source_ranges",
+                split(self.source_ranges.iter().map(|r| r.range.address)),
+            ),
+        ];
+        let mut out: Vec<_> = maps
+            .into_iter()
+            .flat_map(|(map, [v4, v6])| [(map, "ipv4", v4), (map, "ipv6", v6)])
+            .collect();
+        out.push(("maglev", "both", self.maglev.len()));
+        out
+    }
+
     /// Adds `other`'s entries, replacing those with the same keys; a backend
     /// two frontends name (one pod in two Services) is active if either has
     /// it active, whichever comes first, so the outcome does not depend on

@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Node, Service};
 
 use super::{
-    frontends::{self, Frontends, HealthCheck, Skip},
+    frontends::{self, Frontends, HealthCheck, NoLocalEndpoints, Skip},
     nodes::{self, NodeInfo},
     slices::Slice,
     watch::Store,
@@ -179,6 +179,16 @@ impl FrontendCache {
 
     pub fn skipped(&self) -> impl Iterator<Item = &Skip> {
         self.per_service.values().flat_map(|d| &d.skipped)
+    }
+
+    /// Service ports with a Local traffic policy and no local endpoint.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        self.per_service
+            .values()
+            .fold(NoLocalEndpoints::default(), |sum, d| NoLocalEndpoints {
+                internal: sum.internal + d.no_local_endpoints.internal,
+                external: sum.external + d.no_local_endpoints.external,
+            })
     }
 
     pub fn health_checks(&self) -> Vec<HealthCheck> {

@@ -85,6 +85,16 @@ pub struct Frontends {
     pub frontends: Vec<FrontendSpec>,
     pub health_checks: Vec<HealthCheck>,
     pub skipped: Vec<Skip>,
+    /// Service ports (of each family) with a Local traffic policy and no
+    /// endpoint on this node: internal (ClusterIPs) and external, as
+    /// kube-proxy counts them for its metric.
+    pub no_local_endpoints: NoLocalEndpoints,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    pub internal: usize,
+    pub external: usize,
 }
 
 /// Every endpoint of one Service port of one family (`v6`), from its slices of
@@ -479,6 +489,19 @@ impl ServiceView {
         };
         let internal = pick(selection.for_internal(&self.policy));
         let external_endpoints = pick(selection.for_external(&self.policy));
+        // Counted as kube-proxy's proxier of this family counts them: the
+        // Service is of the family when it has a ClusterIP of it.
+        if !addresses.vips.is_empty() {
+            let no_local = &mut out.no_local_endpoints;
+            if self.policy.internal_local && internal.is_empty() {
+                no_local.internal += 1;
+            }
+            let external =
+                addresses.node_ports.len() + addresses.external_ips.len() + addresses.lb_ips.len();
+            if self.external_local && external_endpoints.is_empty() && external > 0 {
+                no_local.external += 1;
+            }
+        }
         // Under externalTrafficPolicy=Local, clients inside the cluster
         // dialling an external address go to the Cluster endpoints, as if
         // they had gone out to the load balancer and come back in.

@@ -341,8 +341,15 @@ fn collect<F: gc::Family>(
     }
     report.conntrack_removed += conntrack_removed;
     report.nat_removed += nat_removed;
-    report.conntrack_entries += snapshot.conntrack.len() - conntrack_removed;
-    report.nat_entries += snapshot.nat.len() - nat_removed;
+    let conntrack_left = snapshot.conntrack.len() - conntrack_removed;
+    let nat_left = snapshot.nat.len() - nat_removed;
+    report.conntrack_entries += conntrack_left;
+    report.nat_entries += nat_left;
+    report.entries.push(("conntrack", F::NAME, conntrack_left));
+    report.entries.push(("nat", F::NAME, nat_left));
     report.exhausted.extend(plan.exhausted);
     report.held.extend(plan.held);
+    for (state, flows) in plan.flows {
+        *report.flows.entry(state).or_default() += flows;
+    }
 }

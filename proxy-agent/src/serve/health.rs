@@ -1,34 +1,35 @@
 //! `/healthz` as kube-proxy serves it on port 10256: 200 with a small JSON
 //! body while the dataplane is programmed and in sync and the Node is not
 //! leaving (`nodeEligible`: not being deleted, no ToBeDeletedByClusterAutoscaler
-//! taint), 503 otherwise; `/livez`
-//! (the liveness probe's) 200 while the agent's loop goes round, in sync or
-//! not, so an API server outage never gets the agent restarted;
-//! `/metrics` with the agent's counters, and `/statusz` (the uplinks, their
-//! attach modes and why they were chosen; the API server and where its
+//! taint), 503 otherwise; `/livez` (the liveness probe's) 200 while the
+//! agent's loop goes round, in sync or not, so an API server outage never
+//! gets the agent restarted; `/readyz` 200 once the first programming round
+//! is done (the readiness probe's). On the metrics address (10249, as kube-proxy's):
+//! `/metrics` (see [`crate::serve::metrics`]) and `/statusz` (the uplinks,
+//! their attach modes and why they were chosen; the API server and where its
 //! address came from).
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
-use tracing::warn;
+use anyhow::Result;
+use tokio::net::TcpListener;
 
 use crate::{
     k8s::client::Origin,
-    serve::latency::{Histogram, ProgrammingBuckets, SyncBuckets},
+    serve::{
+        http::{self, Reply},
+        metrics::{self, Metrics},
+    },
     uplink::Choice,
 };
 
 /// What the health endpoints report on, updated by the sync loop.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     /// When the maps last matched the API server's state.
     last_synced: Option<(Instant, jiff::Timestamp)>,
@@ -39,184 +40,36 @@ pub struct Health {
     /// Why the node should get no new traffic (`nodeEligible: false`), if
     /// it should not (see `k8s::nodes::leaving`).
     node_leaving: Option<&'static str>,
+    /// Since when each failing watch (by kind) has failed: while one does,
+    /// the maps may be missing changes the agent cannot see.
+    watches_failing: BTreeMap<&'static str, Instant>,
+    /// How long a change may wait, or a watch fail, before `/healthz` says
+    /// 503 (kube-proxy's: twice the sync period; see [`Health::new`]).
+    timeout: Duration,
 }
 
-/// A change older than this that is still not programmed makes the agent unhealthy.
+impl Default for Health {
+    fn default() -> Self {
+        Self::new(HEALTH_TIMEOUT)
+    }
+}
+
+/// By default, a change older than this that is still not programmed (or a
+/// watch failing this long) makes the agent unhealthy: twice the default
+/// resync period, as kube-proxy's is twice its sync period.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the loop says it is alive, and how long without that makes
 /// `/livez` fail: only a loop that stopped going round is worth a restart.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Counters served on `/metrics` in Prometheus' text format.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub syncs: u64,
-    pub sync_errors: u64,
-    pub watch_errors: u64,
-    pub attach_errors: u64,
-    pub services_skipped: u64,
-    pub service_problems: u64,
-    /// Frontends refused (or kept as they were) because a map is full.
-    pub frontends_refused: u64,
-    /// Map writes that failed or were skipped behind a failed one.
-    pub map_write_failures: u64,
-    /// Pod interfaces whose tc filters were found gone and put back.
-    pub filters_restored: u64,
-    pub frontends: u64,
-    pub backends: u64,
-    pub pod_interfaces: u64,
-    /// Endpoints on this node that the kernel reaches through an interface
-    /// without the pod programs (see `kernel::ifaces::unattached`).
-    pub local_endpoints_unattached: u64,
-    /// Entries in the conntrack and NAT maps after the last garbage collection.
-    pub conntrack_entries: u64,
-    pub nat_entries: u64,
-    /// New flows dropped because every NAT port towards the backend was held,
-    /// by backend (`address:port/protocol`).
-    pub nat_port_exhaustion: std::collections::BTreeMap<String, u64>,
-    /// Pinned maps of an older agent not (or not wholly) carried over at
-    /// start, by name.
-    pub maps_not_carried: std::collections::BTreeMap<String, u64>,
-    /// From each EndpointSlice change's trigger time to its programming.
-    pub network_programming: Histogram<ProgrammingBuckets>,
-    /// How long each successful programming round took.
-    pub sync_duration: Histogram<SyncBuckets>,
-}
-
-impl Metrics {
-    fn render(&self) -> String {
-        let rows: [(&str, &str, u64, &str); 15] = [
-            (
-                "ferry_syncs_total",
-                "counter",
-                self.syncs,
-                "Map programming rounds.",
-            ),
-            (
-                "ferry_sync_errors_total",
-                "counter",
-                self.sync_errors,
-                "Programming rounds that failed.",
-            ),
-            (
-                "ferry_watch_errors_total",
-                "counter",
-                self.watch_errors,
-                "API watch failures (retried).",
-            ),
-            (
-                "ferry_attach_errors_total",
-                "counter",
-                self.attach_errors,
-                "Pod interfaces the programs could not attach to.",
-            ),
-            (
-                "ferry_services_skipped",
-                "gauge",
-                self.services_skipped,
-                "Services or ports not proxied (headless, ExternalName, ...).",
-            ),
-            (
-                "ferry_service_problems",
-                "gauge",
-                self.service_problems,
-                "Frontends that could not be programmed.",
-            ),
-            (
-                "ferry_frontends_refused_map_full",
-                "gauge",
-                self.frontends_refused,
-                "Frontends not programmed, or kept as they were, because a map is full (see /statusz).",
-            ),
-            (
-                "ferry_map_write_failures_total",
-                "counter",
-                self.map_write_failures,
-                "Map writes that failed, or were skipped behind a failed write of the same frontend.",
-            ),
-            (
-                "ferry_tc_filters_restored_total",
-                "counter",
-                self.filters_restored,
-                "Pod interfaces whose tc filters were found gone at a resync and put back.",
-            ),
-            (
-                "ferry_frontends",
-                "gauge",
-                self.frontends,
-                "Frontends in the maps.",
-            ),
-            (
-                "ferry_backends",
-                "gauge",
-                self.backends,
-                "Backends in the maps.",
-            ),
-            (
-                "ferry_pod_interfaces",
-                "gauge",
-                self.pod_interfaces,
-                "Pod interfaces with the programs attached.",
-            ),
-            (
-                "ferry_local_endpoints_unattached",
-                "gauge",
-                self.local_endpoints_unattached,
-                "Endpoints on this node routed through an interface without the pod programs: their pods' connections to Services are not translated (extend --pod-iface-pattern).",
-            ),
-            (
-                "ferry_conntrack_entries",
-                "gauge",
-                self.conntrack_entries,
-                "Conntrack entries (both directions of each flow) after the last garbage collection.",
-            ),
-            (
-                "ferry_nat_entries",
-                "gauge",
-                self.nat_entries,
-                "NAT entries (one per flow SNATed to a remote backend) after the last garbage collection.",
-            ),
-        ];
-        let mut out: String = rows
-            .iter()
-            .map(|(name, kind, value, help)| {
-                format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
-            })
-            .collect();
-        let name = "ferry_nat_port_exhaustion_drops_total";
-        out.push_str(&format!(
-            "# HELP {name} New flows dropped because every NAT port towards the backend was held.\n# TYPE {name} counter\n"
-        ));
-        for (backend, dropped) in &self.nat_port_exhaustion {
-            out.push_str(&format!("{name}{{backend=\"{backend}\"}} {dropped}\n"));
-        }
-        let name = "ferry_maps_not_carried_total";
-        out.push_str(&format!(
-            "# HELP {name} Pinned maps of an older agent whose entries were not (or not all) carried over at start.\n# TYPE {name} counter\n"
-        ));
-        for (map, count) in &self.maps_not_carried {
-            out.push_str(&format!("{name}{{map=\"{map}\"}} {count}\n"));
-        }
-        // kube-proxy's name, so the SIG Scalability SLI queries and dashboards
-        // written for kube-proxy work unchanged against Ferry.
-        out.push_str(&self.network_programming.render(
-            "kubeproxy_network_programming_duration_seconds",
-            "In Cluster Network Programming Latency in seconds",
-        ));
-        out.push_str(&self.sync_duration.render(
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds",
-        ));
-        out
-    }
-}
-
 /// Everything the HTTP endpoints report.
 #[derive(Debug, Default)]
 pub struct Status {
     pub health: Health,
-    pub metrics: Metrics,
+    /// Shared with the metrics server, which renders them without this
+    /// lock: a scrape reads the kernel's maps, and the loop must not wait.
+    pub metrics: Arc<Metrics>,
     /// How the uplink program is attached, per interface.
     pub uplinks: Vec<(String, &'static str)>,
     /// Which uplinks were chosen and why (none yet: the Node is still to be read).
@@ -230,6 +83,16 @@ pub struct Status {
 }
 
 impl Status {
+    /// The status of an agent on the maps pinned in `pin_dir`, whose
+    /// `/healthz` allows changes and watch failures `health_timeout`.
+    pub fn new(pin_dir: Option<std::path::PathBuf>, health_timeout: Duration) -> Self {
+        Self {
+            health: Health::new(health_timeout),
+            metrics: Arc::new(Metrics::new(pin_dir)),
+            ..Self::default()
+        }
+    }
+
     /// `/statusz`: what this agent runs, as JSON.
     fn render(&self) -> String {
         let uplinks: Vec<String> = self
@@ -254,9 +117,9 @@ impl Status {
             serde_json::Value::from(choice),
             serde_json::Value::from(api_server),
             self.socket_lb,
-            self.metrics.frontends,
-            self.metrics.backends,
-            self.metrics.pod_interfaces,
+            self.metrics.frontends.get(),
+            self.metrics.backends.get(),
+            self.metrics.pod_interfaces.get(),
             serde_json::Value::from(
                 self.problems
                     .values()
@@ -280,15 +143,29 @@ impl Status {
         for problem in problems {
             self.problems.insert(problem.frontend(), problem.clone());
         }
-        self.metrics.service_problems = self.problems.len() as u64;
-        self.metrics.frontends_refused =
-            self.problems.values().filter(|p| p.map_full()).count() as u64;
+        self.metrics
+            .service_problems
+            .set(self.problems.len() as i64);
+        self.metrics
+            .frontends_refused
+            .set(self.problems.values().filter(|p| p.map_full()).count() as i64);
     }
 }
 
 pub type Shared = Arc<Mutex<Status>>;
 
 impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            last_synced: None,
+            pending_since: None,
+            last_beat: None,
+            node_leaving: None,
+            watches_failing: BTreeMap::new(),
+            timeout,
+        }
+    }
+
     pub fn synced(&mut self) {
         self.last_synced = Some((Instant::now(), jiff::Timestamp::now()));
         self.pending_since = None;
@@ -309,11 +186,35 @@ impl Health {
             .is_some_and(|beat| beat.elapsed() < LIVENESS_TIMEOUT)
     }
 
-    pub fn healthy(&self) -> bool {
+    /// The first programming round is done: the agent serves the cluster's
+    /// Services (`/readyz`, the readiness probe's), and stays ready after.
+    pub fn ready(&self) -> bool {
         self.last_synced.is_some()
-            && self
-                .pending_since
-                .is_none_or(|since| since.elapsed() < HEALTH_TIMEOUT)
+    }
+
+    /// The watch of `kind` failed (it is retried).
+    pub fn watch_failed(&mut self, kind: &'static str) {
+        self.watches_failing
+            .entry(kind)
+            .or_insert_with(Instant::now);
+    }
+
+    /// The watch of `kind` delivered an event; returns whether it had been
+    /// failing (what it missed meanwhile is to be programmed).
+    pub fn watch_answered(&mut self, kind: &'static str) -> bool {
+        self.watches_failing.remove(kind).is_some()
+    }
+
+    /// Programmed, with no change waiting and no watch failing for longer
+    /// than the timeout. As in kube-proxy, a change is allowed the timeout
+    /// to be programmed; unlike it, a watch that cannot reach the API
+    /// server counts as such a change: after the timeout the node's view
+    /// of the cluster is stale, and a load balancer should know.
+    pub fn healthy(&self) -> bool {
+        let fresh = |since: &Instant| since.elapsed() < self.timeout;
+        self.last_synced.is_some()
+            && self.pending_since.as_ref().is_none_or(fresh)
+            && self.watches_failing.values().all(fresh)
     }
 
     /// Notes whether the node is leaving; returns whether that changed.
@@ -341,80 +242,45 @@ impl Health {
     }
 }
 
-/// Serves the endpoints in a background task.
-pub async fn serve(addr: SocketAddr, health: Shared) -> Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the health server to {addr}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
+/// Serves `/healthz`, `/livez` and `/readyz` on `healthz` and `/metrics` and
+/// `/statusz` on `metrics`, in background tasks.
+pub async fn serve(
+    healthz: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    status: Shared,
+) -> Result<()> {
+    if let Some(addr) = healthz {
+        let status = status.clone();
+        http::listen(addr, move |path| {
+            let status = status.lock().unwrap();
+            let (health, counter) = match path {
+                "/healthz" => (status.health.serving(), &status.metrics.healthz),
+                "/livez" => (status.health.live(), &status.metrics.livez),
+                "/readyz" => {
+                    let ready = status.health.ready();
+                    return Reply::json(ready, format!(r#"{{"ready": {ready}}}"#));
+                }
+                _ => return Reply::not_found(),
             };
-            let health = health.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                let mut len = 0;
-                while len < buf.len() {
-                    match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[len..]))
-                        .await
-                    {
-                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                        Ok(Ok(n)) => len += n,
-                    }
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let request = String::from_utf8_lossy(&buf[..len]);
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let path = path.split('?').next().unwrap_or(path);
-                let (status, content_type, body) = match path {
-                    "/healthz" | "/livez" => {
-                        let h = &health.lock().unwrap().health;
-                        let ok = if path == "/livez" {
-                            h.live()
-                        } else {
-                            h.serving()
-                        };
-                        let status = if ok {
-                            "200 OK"
-                        } else {
-                            "503 Service Unavailable"
-                        };
-                        (status, "application/json", h.body())
-                    }
-                    "/metrics" => {
-                        let status = health.lock().unwrap();
-                        let mut body = status.metrics.render();
-                        for (iface, mode) in &status.uplinks {
-                            body.push_str(&format!(
-                                "ferry_uplink_attach_mode{{interface=\"{iface}\",mode=\"{mode}\"}} 1\n"
-                            ));
-                        }
-                        ("200 OK", "text/plain; version=0.0.4", body)
-                    }
-                    "/statusz" => (
-                        "200 OK",
-                        "application/json",
-                        health.lock().unwrap().render(),
-                    ),
-                    _ => (
-                        "404 Not Found",
-                        "text/plain",
-                        "404 page not found\n".to_string(),
-                    ),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                if let Err(e) = conn.write_all(response.as_bytes()).await {
-                    warn!(error = %e, "health response");
-                }
-            });
-        }
-    });
+            let reply = Reply::json(health, status.health.body());
+            counter
+                .get_or_create(&metrics::label("code", reply.status.as_u16()))
+                .inc();
+            reply
+        })
+        .await?;
+    }
+    if let Some(addr) = metrics {
+        http::listen(addr, move |path| match path {
+            "/metrics" => {
+                let metrics = status.lock().unwrap().metrics.clone();
+                Reply::ok(metrics::CONTENT_TYPE, metrics.render())
+            }
+            "/statusz" => Reply::ok("application/json", status.lock().unwrap().render()),
+            _ => Reply::not_found(),
+        })
+        .await?;
+    }
     Ok(())
 }
 
@@ -456,7 +322,7 @@ impl HealthChecks {
             match TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], check.port))).await {
                 Ok(listener) => {
                     let shared = Arc::new(Mutex::new(check.clone()));
-                    let task = tokio::spawn(serve_health_check(listener, shared.clone()));
+                    let task = http::serve(listener, health_check(shared.clone()));
                     self.servers.insert(check.port, (shared, task));
                 }
                 Err(e) => failures.push((check.port, e)),
@@ -466,71 +332,26 @@ impl HealthChecks {
     }
 }
 
-async fn serve_health_check(
-    listener: TcpListener,
+/// A healthCheckNodePort's answer, at any path: 200 while the node has a
+/// local endpoint of the Service, 503 otherwise, with kube-proxy's body.
+fn health_check(
     check: Arc<Mutex<crate::k8s::frontends::HealthCheck>>,
-) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let check = check.lock().unwrap().clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
-            let status = if check.local_endpoints > 0 {
-                "200 OK"
-            } else {
-                "503 Service Unavailable"
-            };
-            let body = format!(
+) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
+    move |_| {
+        let check = check.lock().unwrap();
+        Reply::json(
+            check.local_endpoints > 0,
+            format!(
                 r#"{{"service": {{"namespace": "{}", "name": "{}"}}, "localEndpoints": {}, "serviceProxyHealthy": true}}"#,
                 check.namespace, check.name, check.local_endpoints
-            );
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(response.as_bytes()).await;
-        });
+            ),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nat_port_exhaustion_is_counted_per_backend() {
-        let mut metrics = Metrics::default();
-        let text = metrics.render();
-        assert!(text.contains("# TYPE ferry_nat_port_exhaustion_drops_total counter\n"));
-        assert!(!text.contains("ferry_nat_port_exhaustion_drops_total{"));
-        metrics
-            .nat_port_exhaustion
-            .insert("10.244.2.3:8080/TCP".into(), 7);
-        metrics.nat_entries = 3;
-        let text = metrics.render();
-        assert!(
-            text.contains(
-                "ferry_nat_port_exhaustion_drops_total{backend=\"10.244.2.3:8080/TCP\"} 7\n"
-            ),
-            "{text}"
-        );
-        assert!(text.contains("\nferry_nat_entries 3\n"), "{text}");
-    }
-
-    #[test]
-    fn maps_not_carried_over_are_named() {
-        let mut metrics = Metrics::default();
-        assert!(!metrics.render().contains("ferry_maps_not_carried_total{"));
-        metrics.maps_not_carried.insert("nat4_v1".into(), 1);
-        let text = metrics.render();
-        assert!(
-            text.contains("# TYPE ferry_maps_not_carried_total counter\nferry_maps_not_carried_total{map=\"nat4_v1\"} 1\n"),
-            "{text}"
-        );
-    }
 
     #[test]
     fn healthz_fails_while_the_node_is_leaving_and_livez_does_not() {
@@ -545,6 +366,25 @@ mod tests {
         assert!(health.healthy() && health.live(), "in sync and alive");
         assert!(health.body().contains(r#""nodeEligible": false"#));
         assert!(health.set_node_leaving(None));
+        assert!(health.serving());
+    }
+
+    #[test]
+    fn healthz_fails_when_a_watch_fails_longer_than_the_timeout() {
+        let mut health = Health::new(Duration::from_millis(50));
+        health.synced();
+        health.watch_failed("services");
+        assert!(health.serving(), "a failure is allowed the timeout");
+        std::thread::sleep(Duration::from_millis(60));
+        health.watch_failed("services");
+        assert!(!health.serving(), "the first failure counts, not the last");
+        assert!(!health.watch_answered("endpointslices"));
+        assert!(health.watch_answered("services"));
+        assert!(health.serving());
+        health.pending();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!health.serving(), "a change not programmed in time");
+        health.synced();
         assert!(health.serving());
     }
 

@@ -4,10 +4,7 @@
 //! change that caused it happened) to the moment this node's maps hold the
 //! change. Pure: the agent feeds it slice events and the end of each sync.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    marker::PhantomData,
-};
+use std::collections::{BTreeMap, HashMap};
 
 use jiff::Timestamp;
 
@@ -68,87 +65,24 @@ impl Triggers {
     }
 }
 
-/// The bucket bounds (seconds) of one histogram.
-pub trait Buckets {
-    fn bounds() -> Vec<f64>;
-}
-
-/// Network programming latency: kube-proxy's bounds with finer ones below its
-/// smallest, 0.25 s: Ferry's goal is a p99 under 100 ms, which kube-proxy's
-/// buckets cannot tell from 250 ms. Its bounds are kept as they are (its
-/// leading 0 too), so queries and dashboards written for kube-proxy read the
-/// same values.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProgrammingBuckets;
-
-impl Buckets for ProgrammingBuckets {
-    fn bounds() -> Vec<f64> {
-        let mut bounds = vec![0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
-        bounds.extend([0.25, 0.5]);
-        bounds.extend((1..=59).map(f64::from));
-        bounds.extend((0..12).map(|i| f64::from(60 + 5 * i)));
-        bounds.extend((0..7).map(|i| f64::from(120 + 30 * i)));
-        bounds
-    }
+/// Network programming latency buckets (seconds): kube-proxy's bounds with
+/// finer ones below its smallest, 0.25 s: Ferry's goal is a p99 under
+/// 100 ms, which kube-proxy's buckets cannot tell from 250 ms. Its bounds are
+/// kept as they are (its leading 0 too), so queries and dashboards written
+/// for kube-proxy read the same values.
+pub fn programming_buckets() -> Vec<f64> {
+    let mut bounds = vec![0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
+    bounds.extend([0.25, 0.5]);
+    bounds.extend((1..=59).map(f64::from));
+    bounds.extend((0..12).map(|i| f64::from(60 + 5 * i)));
+    bounds.extend((0..7).map(|i| f64::from(120 + 30 * i)));
+    bounds
 }
 
 /// One programming round: kube-proxy's `sync_proxy_rules_duration_seconds`
 /// bounds, 1 ms doubling to 16 s, fine enough for Ferry as they are.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SyncBuckets;
-
-impl Buckets for SyncBuckets {
-    fn bounds() -> Vec<f64> {
-        (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
-    }
-}
-
-/// A Prometheus histogram (cumulative buckets, sum and count).
-#[derive(Debug, Clone)]
-pub struct Histogram<B> {
-    bounds: Vec<f64>,
-    /// Observations per bucket (not cumulative); the last one is +Inf.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-    buckets: PhantomData<B>,
-}
-
-impl<B: Buckets> Default for Histogram<B> {
-    fn default() -> Self {
-        let bounds = B::bounds();
-        Self {
-            counts: vec![0; bounds.len() + 1],
-            bounds,
-            sum: 0.0,
-            count: 0,
-            buckets: PhantomData,
-        }
-    }
-}
-
-impl<B> Histogram<B> {
-    pub fn observe(&mut self, value: f64) {
-        let bucket = self.bounds.partition_point(|b| *b < value);
-        self.counts[bucket] += 1;
-        self.sum += value;
-        self.count += 1;
-    }
-
-    /// The histogram in Prometheus' text format.
-    pub fn render(&self, name: &str, help: &str) -> String {
-        let mut out = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
-        let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            cumulative += count;
-            out.push_str(&format!("{name}_bucket{{le=\"{bound}\"}} {cumulative}\n"));
-        }
-        out.push_str(&format!(
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n",
-            self.count, self.sum, self.count
-        ));
-        out
-    }
+pub fn sync_buckets() -> Vec<f64> {
+    (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
 }
 
 #[cfg(test)]
@@ -212,7 +146,7 @@ mod tests {
 
     #[test]
     fn programming_buckets_refine_kube_proxys_below_a_quarter_second_and_keep_the_rest() {
-        let bounds = ProgrammingBuckets::bounds();
+        let bounds = programming_buckets();
         assert!(bounds.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(
             &bounds[..8],
@@ -225,27 +159,9 @@ mod tests {
 
     #[test]
     fn sync_buckets_are_kube_proxys_one_millisecond_doubling() {
-        let bounds = SyncBuckets::bounds();
+        let bounds = sync_buckets();
         assert_eq!(bounds.len(), 15);
         assert_eq!(bounds[0], 0.001);
         assert_eq!(bounds[14], 16.384);
-    }
-
-    #[test]
-    fn histogram_renders_cumulative_buckets_sum_and_count() {
-        let mut h = Histogram::<ProgrammingBuckets>::default();
-        h.observe(0.003);
-        h.observe(0.1);
-        h.observe(400.0);
-        let text = h.render("m", "help");
-        assert!(text.contains("# TYPE m histogram\n"));
-        assert!(text.contains("m_bucket{le=\"0.0025\"} 0\n"));
-        assert!(text.contains("m_bucket{le=\"0.005\"} 1\n"));
-        // A value on a bound falls in that bucket (le: less or equal).
-        assert!(text.contains("m_bucket{le=\"0.1\"} 2\n"));
-        assert!(text.contains("m_bucket{le=\"300\"} 2\n"));
-        assert!(text.contains("m_bucket{le=\"+Inf\"} 3\n"));
-        assert!(text.contains("m_sum 400.103\n"));
-        assert!(text.contains("m_count 3\n"));
     }
 }

@@ -489,6 +489,8 @@ impl World {
             "none",
             "--healthz-bind-address",
             "off",
+            "--metrics-bind-address",
+            "off",
         ])
         .arg("--services-file")
         .arg(&empty)
@@ -828,7 +830,7 @@ impl World {
 
     /// node1's or node2's /metrics, read from the fabric.
     fn metrics(&self, node: &str) -> Result<String> {
-        let addr = SocketAddr::from((lab::node_addr(node)?, 10256));
+        let addr = SocketAddr::from((lab::node_addr(node)?, 10249));
         ferry_netns::in_netns(&self.lab.ns("fabric"), move || {
             lab::agent_get(addr, "/metrics")
         })?
@@ -843,7 +845,7 @@ impl World {
     /// new ones not programmed, and ones whose change (their endpoints,
     /// which come after the Service) did not fit, served as they were.
     fn refused(&self, node: &str) -> Result<Vec<String>> {
-        let addr = SocketAddr::from((lab::node_addr(node)?, 10256));
+        let addr = SocketAddr::from((lab::node_addr(node)?, 10249));
         let status = ferry_netns::in_netns(&self.lab.ns("fabric"), move || {
             lab::agent_get(addr, "/statusz")
         })??;

@@ -886,3 +886,39 @@ fn thousands_of_ports_are_each_a_frontend_and_a_bad_one_among_them_is_named() {
         ["default/web: invalid port 70000"]
     );
 }
+
+#[test]
+fn service_ports_with_a_local_policy_and_no_local_endpoint_are_counted_as_kube_proxy_does() {
+    let remote_only = slice_v1(
+        "web-1",
+        json!([{"addresses": ["10.244.2.3"], "nodeName": "node2"}]),
+    );
+    // The node has an IPv6 address too: the IPv4 Service is counted once.
+    let mut node = node1();
+    node.addresses6 = vec!["fd00::11".parse().unwrap()];
+    let out = of_cluster(&[&lb_service("Local")], &[&remote_only], &node);
+    assert_eq!(
+        out.no_local_endpoints,
+        NoLocalEndpoints {
+            internal: 0,
+            external: 1
+        }
+    );
+    let out = of_cluster(&[&lb_service("Local")], &[&two_node_slice()], &node);
+    assert_eq!(out.no_local_endpoints, NoLocalEndpoints::default());
+    let out = of_cluster(&[&lb_service("Cluster")], &[&remote_only], &node);
+    assert_eq!(out.no_local_endpoints, NoLocalEndpoints::default());
+    let internal = svc(json!({
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    }));
+    let out = of_cluster(&[&internal], &[&remote_only], &node);
+    assert_eq!(
+        out.no_local_endpoints,
+        NoLocalEndpoints {
+            internal: 1,
+            external: 0
+        }
+    );
+}

@@ -153,7 +153,7 @@ fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
             "endpointslices",
         ),
     );
-    let metrics = SocketAddr::from((lab::node_addr(NODE)?, 10256));
+    let metrics = SocketAddr::from((lab::node_addr(NODE)?, 10249));
     let mut frontends: Vec<Ipv4Addr> = Vec::new();
     let mut probes = 0u32;
     let mut out = Vec::new();

@@ -124,6 +124,8 @@ impl Topology {
                 "fp-*",
                 "--healthz-bind-address",
                 "off",
+                "--metrics-bind-address",
+                "off",
             ])
             .arg("--pin-dir")
             .arg(&self.pin_dir)
