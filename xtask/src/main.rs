@@ -129,6 +129,14 @@ enum LabCommand {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
+    /// Stop or start one control-plane process (kube-apiserver, etcd), as
+    /// an outage would: `control-plane stop kube-apiserver`.
+    ControlPlane {
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+        #[arg(value_parser = ["kube-apiserver", "etcd"])]
+        process: String,
+    },
     /// Import an image archive into every node's containerd.
     LoadImage { archive: std::path::PathBuf },
     /// Give a LoadBalancer Service an ingress IP (status subresource), like a cloud would.
@@ -194,6 +202,10 @@ fn lab_command(lab: &lab::Lab, command: LabCommand) -> Result<()> {
         } => match action.as_str() {
             "stop" => lab.stop_agent(&node),
             _ => lab.start_agent(&node, &agent_args),
+        },
+        LabCommand::ControlPlane { action, process } => match action.as_str() {
+            "stop" => lab.halt_saved(&process),
+            _ => lab.resume_saved(&process),
         },
         LabCommand::LoadImage { archive } => lab.load_image(&archive),
         LabCommand::LbIp { service, ip } => lab.set_load_balancer_ip(&service, ip),

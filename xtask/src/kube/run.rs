@@ -434,6 +434,42 @@ pub fn halt(state_dir: &Path, name: &str, netns: &str, cgroup: Option<&Path>) ->
 }
 
 impl Halted {
+    /// Keeps what starts the process again in the state directory, for a
+    /// later command ([`Halted::load`]).
+    pub fn save(&self) -> Result<()> {
+        let saved = serde_json::json!({
+            "name": self.name,
+            "netns": self.netns,
+            "argv": self.argv,
+            "cgroup": self.cgroup,
+        });
+        fs::write(
+            self.dir.join(format!("{}.halted", self.name)),
+            saved.to_string(),
+        )?;
+        Ok(())
+    }
+
+    /// What [`Halted::save`] kept of `name` in `state_dir`; removed, so
+    /// that the process is started once.
+    pub fn load(state_dir: &Path, name: &str) -> Result<Self> {
+        let dir = state_dir.canonicalize()?;
+        let path = dir.join(format!("{name}.halted"));
+        let saved: serde_json::Value = serde_json::from_slice(
+            &fs::read(&path)
+                .with_context(|| format!("{name} was not stopped by `control-plane stop`"))?,
+        )?;
+        fs::remove_file(&path)?;
+        let text = |key: &str| saved[key].as_str().map(str::to_string);
+        Ok(Self {
+            name: name.to_string(),
+            netns: text("netns").context("no netns")?,
+            argv: serde_json::from_value(saved["argv"].clone())?,
+            cgroup: text("cgroup").map(PathBuf::from),
+            dir,
+        })
+    }
+
     /// Starts the process again with the command line it had.
     pub fn resume(self) -> Result<()> {
         let (program, args) = self.argv.split_first().context("empty command line")?;

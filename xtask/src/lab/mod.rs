@@ -328,6 +328,16 @@ impl Lab {
         )
     }
 
+    /// Stops `process` of the control plane until [`Lab::resume_saved`]
+    /// (another command): `lab control-plane stop kube-apiserver`.
+    pub fn halt_saved(&self, process: &str) -> Result<()> {
+        self.halt(process)?.save()
+    }
+
+    pub fn resume_saved(&self, process: &str) -> Result<()> {
+        kube::Halted::load(&self.control_plane_dir(), process)?.resume()
+    }
+
     /// Removes everything the lab made. Safe to run on a lab that is half up or gone.
     pub fn down(&self) -> Result<()> {
         for node in NODES {

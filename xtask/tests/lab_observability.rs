@@ -1,0 +1,255 @@
+//! Lab test of what an operator sees: kube-proxy's metrics on :10249 moved
+//! by real traffic and real API changes, and `/healthz` as kube-proxy's
+//! rules make it, through an API server outage.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use support::*;
+
+const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
+/// node1's agent resyncs every 2 s here: `/healthz` allows a change, or a
+/// failing watch, twice that (kube-proxy's rule: twice the sync period).
+const RESYNC_SECONDS: u64 = 2;
+const CONNECTIONS: usize = 40;
+
+/// Every sample of a /metrics text, by series (`name{labels}`).
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn scrape(ext: &str) -> BTreeMap<String, f64> {
+    let answer = http_get(ext, (NODE1, 10249).into(), "/metrics");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    samples(&answer)
+}
+
+fn get(metrics: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *metrics
+        .get(series)
+        .unwrap_or_else(|| panic!("no {series} in node1's /metrics"))
+}
+
+/// The metric names a dashboard's queries read.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for prefix in ["ferry_", "kubeproxy_"] {
+        for (at, _) in text.match_indices(prefix) {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    names
+}
+
+/// The HTTP status code of node1's `path` on the healthz port.
+fn status(ext: &str, path: &'static str) -> u16 {
+    let answer = http_get(ext, (NODE1, 10256).into(), path);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{answer}"))
+}
+
+/// Waits until node1's /healthz answers `code`; returns how long that took.
+fn wait_healthz(ext: &str, code: u16, within: Duration) -> Duration {
+    let start = Instant::now();
+    while status(ext, "/healthz") != code {
+        assert!(
+            start.elapsed() < within,
+            "node1's /healthz did not say {code} within {within:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn lab_metrics_and_health_as_kube_proxy_serves_them() {
+    let lab = Lab::up();
+    let ext = format!("{}-ext", lab.name);
+    lab.xtask(&["agent", "stop", "node1"]);
+    lab.xtask(&[
+        "agent",
+        "start",
+        "node1",
+        "--",
+        "--resync-seconds",
+        &RESYNC_SECONDS.to_string(),
+        "--conntrack-gc-seconds",
+        "1",
+    ]);
+    wait_healthz(&ext, 200, Duration::from_secs(60));
+    let before = scrape(&ext);
+
+    eprintln!("== a Service and its pods, made after node1's agent started");
+    let client = lab.pod_ns("client");
+    lab.xtask(&["pod", "add", "client", "--node", "node1"]);
+    let web1 = lab.pod_add("obs-1", "node1", "obs");
+    let web2 = lab.pod_add("obs-2", "node2", "obs");
+    let vip = lab.service("obs", "obs");
+    lab.wait_endpoints("obs", &[web1, web2]);
+    // externalTrafficPolicy Local with its one endpoint on node2: node1 has
+    // no local endpoint of it.
+    let remote = lab.pod_add("obs-remote", "node2", "obs-remote");
+    lab.apply_service(
+        "obs-remote",
+        json!({
+            "type": "NodePort",
+            "externalTrafficPolicy": "Local",
+            "selector": {"app": "obs-remote"},
+            "ports": [http()],
+        }),
+    );
+    lab.wait_endpoints("obs-remote", &[remote]);
+
+    eprintln!("== {CONNECTIONS} TCP connections from a pod on node1 to {vip}:80");
+    let answers = connect_many(&client, (vip, 80).into(), CONNECTIONS);
+    assert_eq!(count(&answers).values().sum::<usize>(), CONNECTIONS);
+    // The next programming round and garbage collection have run.
+    thread::sleep(Duration::from_secs(RESYNC_SECONDS + 2));
+    status(&ext, "/healthz");
+    let after = scrape(&ext);
+    let moved = |series: &str| get(&after, series) - before.get(series).copied().unwrap_or(0.0);
+
+    let rounds = moved("kubeproxy_sync_proxy_rules_duration_seconds_count");
+    let full = moved("kubeproxy_sync_full_proxy_rules_duration_seconds_count");
+    let partial = moved("kubeproxy_sync_partial_proxy_rules_duration_seconds_count");
+    eprintln!("   programming rounds: {rounds} ({full} full, {partial} partial)");
+    assert!(
+        partial >= 1.0,
+        "the new Services were programmed in partial rounds"
+    );
+    assert_eq!(rounds, full + partial);
+    let last = get(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+    let queued = get(
+        &after,
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    eprintln!(
+        "   last sync {:.1} s ago, last queued {:.1} s ago",
+        now - last,
+        now - queued
+    );
+    assert!(now - last < 30.0 && now - last >= 0.0, "{last}");
+    assert!(queued <= last + 1.0 && now - queued < 300.0, "{queued}");
+    let service_changes = moved("kubeproxy_sync_proxy_rules_service_changes_total");
+    let endpoint_changes = moved("kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    eprintln!("   changes: {service_changes} of Services, {endpoint_changes} of endpoints");
+    assert!(service_changes >= 2.0, "two Services were made");
+    assert!(endpoint_changes >= 2.0, "two Services' endpoints were");
+    assert_eq!(
+        get(&after, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+        0.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending"
+        ),
+        0.0
+    );
+    let programmed = moved("kubeproxy_network_programming_duration_seconds_count");
+    eprintln!("   network programming latencies observed: {programmed}");
+    assert!(programmed >= 1.0);
+    assert_eq!(
+        get(
+            &after,
+            r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"}"#
+        ),
+        1.0,
+        "obs-remote has no endpoint on node1"
+    );
+    assert!(get(&after, r#"kubeproxy_proxy_healthz_total{code="200"}"#) >= 1.0);
+
+    let new = moved(r#"ferry_datapath_packets_total{verdict="fwd_new"}"#);
+    let established = moved(r#"ferry_datapath_packets_total{verdict="fwd_established"}"#);
+    let reverse = moved(r#"ferry_datapath_packets_total{verdict="rev_nat"}"#);
+    eprintln!("   datapath: fwd_new {new}, fwd_established {established}, rev_nat {reverse}");
+    // Each connection: a SYN, then at least its ACK and FIN; answers back.
+    assert!(new >= CONNECTIONS as f64, "{new}");
+    assert!(established >= 2.0 * CONNECTIONS as f64, "{established}");
+    assert!(reverse >= 2.0 * CONNECTIONS as f64, "{reverse}");
+    assert!(moved(r#"ferry_datapath_bytes_total{verdict="fwd_new"}"#) >= 60.0 * new);
+    let frontends = get(&after, "ferry_frontends");
+    let services = get(&after, r#"ferry_map_entries{map="services",family="ipv4"}"#);
+    let capacity = get(&after, r#"ferry_map_capacity_entries{map="services"}"#);
+    eprintln!("   {frontends} frontends; services map {services} of {capacity} entries");
+    assert!(frontends >= 4.0 && services > frontends && capacity >= services);
+    let flows: f64 = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("ferry_conntrack_flows{"))
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!(
+        "   conntrack: {} entries, {flows} flows",
+        get(&after, "ferry_conntrack_entries")
+    );
+    assert!(flows >= 1.0 && get(&after, "ferry_conntrack_entries") >= 2.0 * flows);
+    assert!(
+        after
+            .keys()
+            .any(|k| k.starts_with("ferry_uplink_attach_mode{")),
+        "{after:?}"
+    );
+
+    eprintln!("== every metric the Grafana dashboard reads is served");
+    let dashboard = include_str!("../../deploy/monitoring/grafana-dashboard.json");
+    let served: std::collections::BTreeSet<&str> =
+        after.keys().map(|k| k.split('{').next().unwrap()).collect();
+    // Series that appear once what they count happens.
+    let when_it_happens = ["ferry_nat_port_exhaustion_drops_total"];
+    let read = metric_names(dashboard);
+    for name in &read {
+        assert!(
+            served.contains(name.as_str()) || when_it_happens.contains(&name.as_str()),
+            "the dashboard reads {name}, which node1 does not serve"
+        );
+    }
+    eprintln!("   {} metrics, all served", read.len());
+
+    eprintln!(
+        "== the API server stops: /healthz says 503 after {} s, /livez stays 200",
+        2 * RESYNC_SECONDS
+    );
+    // From the moment it is told to stop: it closes its watches at once.
+    let stopped = Instant::now();
+    lab.xtask(&["control-plane", "stop", "kube-apiserver"]);
+    wait_healthz(&ext, 503, Duration::from_secs(60));
+    let went = stopped.elapsed();
+    eprintln!("   503 {:.1} s after the stop", went.as_secs_f64());
+    assert!(went >= Duration::from_secs(2 * RESYNC_SECONDS), "{went:?}");
+    assert_eq!(status(&ext, "/livez"), 200);
+    // Still serving what it had.
+    let answers = connect_many(&client, (vip, 80).into(), 5);
+    assert_eq!(count(&answers).values().sum::<usize>(), 5);
+
+    eprintln!("== it starts again: 200 after the watches relist and the maps are programmed");
+    lab.xtask(&["control-plane", "start", "kube-apiserver"]);
+    let back = wait_healthz(&ext, 200, Duration::from_secs(90));
+    eprintln!("   200 again {:.1} s after the start", back.as_secs_f64());
+    let metrics = scrape(&ext);
+    assert!(get(&metrics, "ferry_watch_errors_total") >= 1.0);
+    assert!(get(&metrics, r#"kubeproxy_proxy_healthz_total{code="503"}"#) >= 1.0);
+}
