@@ -41,7 +41,7 @@ use crate::{
     serve::{
         health::{self, HealthChecks, Shared, Status},
         latency::{self, Triggers},
-        metrics,
+        metrics, traffic,
     },
     settings,
     uplink::{self, UplinkRequest},
@@ -67,6 +67,10 @@ pub struct Config {
     pub pod_iface_patterns: Vec<String>,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Per-backend traffic series beside the per-Service ones.
+    pub metrics_per_backend: bool,
+    /// The programs count packets and bytes per (frontend, backend) pair.
+    pub traffic_counters: bool,
     /// The node's uplinks (XDP, or tc, for traffic from outside): named, off,
     /// or found from the Node's InternalIP or the default route.
     pub uplink: UplinkRequest,
@@ -153,6 +157,14 @@ pub async fn run(config: Config) -> Result<()> {
         Some(config.pin_dir.clone()),
         health_timeout,
     )));
+    status
+        .lock()
+        .unwrap()
+        .metrics
+        .traffic
+        .lock()
+        .unwrap()
+        .per_backend = config.metrics_per_backend;
     let mut watches = Watches::start(&config.source, &status).await?;
     let (mut agent, mut links) = Agent::start(config, status).await?;
     let mut resync = tokio::time::interval(agent.config.resync_period);
@@ -166,7 +178,7 @@ pub async fn run(config: Config) -> Result<()> {
             Some((event, version)) = watches.slices.next() => agent.on_slice(event, version),
             Some(event) = watches.nodes.next() => agent.on_node(event),
             Some(event) = links.recv() => agent.on_link(event),
-            _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, &agent.status),
+            _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, &agent.programmed.applied, &agent.status),
             _ = resync.tick() => agent.resync(),
             _ = heartbeat.tick() => agent.status.lock().unwrap().health.beat(),
             _ = carry.tick(), if agent.migration.is_some() => agent.carry_flows(),
@@ -228,7 +240,8 @@ impl Agent {
         // First: an agent already on these maps must not be overwritten.
         Dataplane::make_pin_dir(&config.pin_dir)?;
         let pin_lock = PinDirLock::take(&config.pin_dir, lock::LOCK_WAIT)?;
-        let mut dataplane = Dataplane::load_pinned(&config.pin_dir, &config.map_sizes)?;
+        let mut dataplane =
+            Dataplane::load_pinned(&config.pin_dir, &config.map_sizes, config.traffic_counters)?;
         // Maps of an older layout: their entries go into the new maps before
         // the new programs replace the old ones (see `kernel::migrate`).
         let migration = Migration::begin(&mut dataplane, &config.pin_dir)?;
@@ -968,7 +981,13 @@ async fn discover(client: Client) -> SliceVersion {
 
 /// Removes the conntrack and NAT entries of ended flows (freeing their NAT
 /// ports), and says which backends ran out of NAT ports since the last time.
-fn collect_garbage(dataplane: &mut Dataplane, config: &Config, status: &Shared) {
+fn collect_garbage(
+    dataplane: &mut Dataplane,
+    config: &Config,
+    applied: &MapState,
+    status: &Shared,
+) {
+    prune_traffic(dataplane, applied, status);
     let report = match dataplane.gc(monotonic_ns(), &config.lifetimes) {
         Ok(report) => report,
         Err(e) => {
@@ -1039,6 +1058,45 @@ fn collect_garbage(dataplane: &mut Dataplane, config: &Config, status: &Shared) 
     }
 }
 
+/// Names the traffic counters' frontend ids (and backend ids, when
+/// per-backend series are served) after a round.
+fn name_traffic(frontends: &[&FrontendSpec], programmed: &Programmed, status: &Shared) {
+    let book = status.lock().unwrap().metrics.traffic.clone();
+    let mut book = book.lock().unwrap();
+    for spec in frontends {
+        if let Some(id) = programmed.ids.frontend_id(&spec.frontend) {
+            book.name_frontend(id, traffic::service_of(&spec.name));
+        }
+    }
+    if book.per_backend {
+        for (id, b) in &programmed.applied.backends {
+            let protocol = match b.proto {
+                proxy_common::proto::UDP => "UDP",
+                proxy_common::proto::SCTP => "SCTP",
+                _ => "TCP",
+            };
+            let at = std::net::SocketAddr::new(b.addr, b.port);
+            book.name_backend(*id, &format!("{at}/{protocol}"));
+        }
+    }
+}
+
+/// Removes the traffic counters of pairs gone from the maps, keeping
+/// their counts in the totals.
+fn prune_traffic(dataplane: &mut Dataplane, applied: &MapState, status: &Shared) {
+    match dataplane.prune_traffic(applied) {
+        Ok(gone) => {
+            let book = status.lock().unwrap().metrics.traffic.clone();
+            book.lock().unwrap().retire(
+                &gone,
+                |id| applied.revnat.contains_key(&id),
+                |id| applied.backends.contains_key(&id),
+            );
+        }
+        Err(e) => warn!(error = format!("{e:#}"), "pruning the traffic counters"),
+    }
+}
+
 fn watch_error(status: &Shared, kind: &'static str, e: &watcher::Error) {
     let mut status = status.lock().unwrap();
     status.metrics.watch_errors.inc();
@@ -1077,17 +1135,19 @@ fn sync(
     status: &Shared,
 ) -> Result<()> {
     let write = |op: &_| dataplane.write(op);
-    let (report, scope) = match round {
-        Round::Full(frontends) => (programmed.full(&frontends, write), None),
+    let (report, scope, frontends) = match round {
+        Round::Full(frontends) => (programmed.full(&frontends, write), None, frontends),
         Round::Partial { frontends, gone } => {
             let scope: Vec<Frontend> = frontends
                 .iter()
                 .map(|f| f.frontend)
                 .chain(gone.iter().copied())
                 .collect();
-            (programmed.partial(&frontends, &gone, write), Some(scope))
+            let report = programmed.partial(&frontends, &gone, write);
+            (report, Some(scope), frontends)
         }
     };
+    name_traffic(&frontends, programmed, status);
     for problem in &report.problems {
         warn!(%problem, "service not programmed");
     }

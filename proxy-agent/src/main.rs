@@ -116,6 +116,16 @@ struct RunArgs {
         default_value = "0.0.0.0:10249"
     )]
     metrics_bind_address: String,
+    /// Serve packets and bytes per backend too (ferry_backend_*), beside
+    /// the per-Service series: one series per backend this node sends to.
+    #[arg(long, env = "FERRY_METRICS_PER_BACKEND")]
+    metrics_per_backend: bool,
+    /// Count packets and bytes per Service (and backend) in the programs
+    /// (`ferry_service_*`): on, 25 to 55 ns more per translated packet
+    /// here (bench/results/per_packet_traffic.md); off, the verifier leaves
+    /// the counting out of the programs at load, and it costs nothing.
+    #[arg(long, env = "FERRY_TRAFFIC_COUNTERS", default_value_t = false, action = clap::ArgAction::Set)]
+    traffic_counters: bool,
     /// The node's uplink interfaces (comma-separated): XDP for NodePort,
     /// externalIPs and LoadBalancer IPs. Unset: the interface holding the
     /// Node's InternalIP, else the default route's. `none`: no north-south
@@ -272,6 +282,8 @@ async fn main() -> Result<()> {
                 pod_iface_patterns: args.pod_iface_patterns,
                 healthz_addr,
                 metrics_addr,
+                metrics_per_backend: args.metrics_per_backend,
+                traffic_counters: args.traffic_counters,
                 resync_period: Duration::from_secs(args.resync_seconds.max(1)),
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
                 gc_period: Duration::from_secs(args.conntrack_gc_seconds),

@@ -12,7 +12,8 @@ use proxy_common::{
     bench, map_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     Config6, CtKey4, CtKey6, CtValue, FragKey4, FragPorts, MaglevKey, Nat4, Nat6, NatPortKey4,
     NatPortKey6, RevNat4, RevNat6, ServiceCidrs, ServiceKey4, ServiceKey6, ServiceValue,
-    SockConfig, SockRevKey4, SockRevKey6, SourceRange4, SourceRange6, StatCounter,
+    SockConfig, SockRevKey4, SockRevKey6, SourceRange4, SourceRange6, StatCounter, Traffic,
+    TrafficKey,
 };
 
 /// The object the agent embeds (see build.rs).
@@ -135,7 +136,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 rev_nat_id,
                 client_port_be,
                 flags,
-                _pad,
+                backend_id,
                 last_seen_ns
             }),
         ),
@@ -368,6 +369,19 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 String::new(),
             ),
         ),
+        (
+            map_names::TRAFFIC,
+            layout!(TrafficKey {
+                rev_nat_id,
+                backend_id
+            }),
+            layout!(Traffic {
+                to_backend_packets,
+                to_backend_bytes,
+                to_client_packets,
+                to_client_bytes
+            }),
+        ),
     ]
 }
 
@@ -382,7 +396,7 @@ svc4_v2: ServiceKey4 12 {addr_be@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> 
 backend4_v1: u32 4 {} -> Backend4 12 {addr_be@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
 revnat4_v2: u32 4 {} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
 ct4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
-nat4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr_be@0 rev_nat_id@4 client_port_be@8 flags@10 _pad@12 last_seen_ns@16}
+nat4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr_be@0 rev_nat_id@4 client_port_be@8 flags@10 backend_id@12 last_seen_ns@16}
 natport4_v1: NatPortKey4 12 {backend_addr_be@0 backend_port_be@4 proto@6 _pad@7 index@8 _pad2@10} -> u64 8 {}
 affinity4_v2: AffinityKey4 8 {client_addr_be@0 rev_nat_id@4} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
 maglev4_v2: MaglevKey 8 {rev_nat_id@0 index@4} -> u32 4 {}
@@ -402,10 +416,11 @@ nat6_v1: CtKey6 40 {saddr@0 daddr@16 sport_be@32 dport_be@34 proto@36 dir@37 _pa
 natport6_v1: NatPortKey6 24 {backend_addr@0 backend_port_be@16 proto@18 _pad@19 index@20 _pad2@22} -> u64 8 {}
 srcrange6_v1: lpm_trie::Key<SourceRange6> 24 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
 config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
-scratch_v1: u32 4 {} -> Scratch 152 {}
+scratch_v1: u32 4 {} -> Scratch 160 {}
 frag4_v1: FragKey4 12 {saddr_be@0 daddr_be@4 id_be@8 proto@10 _pad@11} -> FragPorts 4 {sport_be@0 dport_be@2}
 svccidr_v1: u32 4 {} -> ServiceCidrs 168 {count4@0 count6@4 v4@8 v6@40}
 sctp_v1: u32 4 {} -> Ports 16 {}
+traffic_v1: TrafficKey 8 {rev_nat_id@0 backend_id@4} -> Traffic 32 {to_backend_packets@0 to_backend_bytes@8 to_client_packets@16 to_client_bytes@24}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

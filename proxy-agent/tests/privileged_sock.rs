@@ -481,9 +481,10 @@ fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
         let frontends = frontends.to_vec();
         support::netns::in_netns(&ns, move || {
             // As the agent starts: the maps it finds pinned are what it serves from.
-            let mut programs =
-                Programs::with(Dataplane::load_pinned(&pin_dir, &Default::default()).unwrap())
-                    .unwrap();
+            let mut programs = Programs::with(
+                Dataplane::load_pinned(&pin_dir, &Default::default(), true).unwrap(),
+            )
+            .unwrap();
             programs.programmed.applied = programs.dp.read_state().unwrap();
             programs.programmed.ids =
                 proxy_agent::desired::Ids::from_state(&programs.programmed.applied);

@@ -77,8 +77,11 @@ pub mod map_names {
     /// Per-CPU: an SCTP packet's ports as it arrived, for its checksum (no
     /// state).
     pub const SCTP_ARRIVED: &str = "sctp_v1";
+    /// Per-CPU packets and bytes of each (frontend, backend) pair, both
+    /// ways: what `/metrics` counts per Service and per backend.
+    pub const TRAFFIC: &str = "traffic_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -107,6 +110,7 @@ pub mod map_names {
         FRAGMENTS_V4,
         SERVICE_CIDRS,
         SCTP_ARRIVED,
+        TRAFFIC,
     ];
 }
 
@@ -209,6 +213,9 @@ pub mod capacity {
     /// Service CIDRs of each family (kube-proxy's `--service-cluster-ip-range`
     /// takes one per family).
     pub const SERVICE_CIDRS: usize = 4;
+    /// (frontend, backend) pairs with traffic counters (allocated as used,
+    /// each with a value per CPU): as many as the services map has slots.
+    pub const TRAFFIC: u32 = SERVICES;
 }
 
 /// IP protocol numbers used in keys.
@@ -493,7 +500,9 @@ pub struct Nat4 {
     pub client_port_be: u16,
     /// Bits of [`ct_flags`]: `CLOSING` once a FIN or RST went by either way.
     pub flags: u16,
-    pub _pad: u32,
+    /// The backend the flow goes to, for the traffic counters of its
+    /// replies (0 in entries an agent before it wrote).
+    pub backend_id: u32,
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Nat4>() == 24);
@@ -877,6 +886,31 @@ pub struct StatCounter {
 }
 const _: () = assert!(core::mem::size_of::<StatCounter>() == 16);
 
+/// Key of the traffic counters: a frontend (reverse-NAT id) and a backend
+/// id. A remote backend's replies to an IPv6 flow the uplink SNATed come
+/// with backend id 0 (its NAT entry has no room for the id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrafficKey {
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<TrafficKey>() == 8);
+
+/// One CPU's packets and bytes of a (frontend, backend) pair: to the
+/// backend (the client's packets, after DNAT) and back to the client (the
+/// backend's, after reverse NAT). Bytes as the packet arrived at the hook,
+/// Ethernet header included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_backend_packets: u64,
+    pub to_backend_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Traffic>() == 32);
+
 /// Constructors and decoders for userspace: the byte-order conversions written
 /// once, so callers never build a key field by field.
 #[cfg(feature = "user")]
@@ -1017,4 +1051,6 @@ mod pod {
     unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for Config6 {}
     unsafe impl aya::Pod for ServiceCidrs {}
+    unsafe impl aya::Pod for TrafficKey {}
+    unsafe impl aya::Pod for Traffic {}
 }

@@ -12,11 +12,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 
 use crate::{
     map_names, stats::Stat, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4,
     CtKey6, CtValue, Nat4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, StatCounter,
+    Traffic, TrafficKey,
 };
 
 /// The maps pinned under one directory.
@@ -113,6 +114,36 @@ impl Pinned {
             PerCpuArray::try_from(self.open(map_names::STATS)?)?;
         sum_stats(&map)
     }
+}
+
+impl Pinned {
+    /// Every (frontend, backend) pair's traffic, summed over the CPUs.
+    pub fn traffic(&self) -> Result<Vec<(TrafficKey, Traffic)>> {
+        let map: PerCpuHashMap<MapData, TrafficKey, Traffic> =
+            PerCpuHashMap::try_from(self.open(map_names::TRAFFIC)?)?;
+        sum_traffic(&map)
+    }
+}
+
+/// The traffic counters of `map`, summed over the CPUs. An entry removed
+/// while it is read is left out.
+pub fn sum_traffic(
+    map: &PerCpuHashMap<MapData, TrafficKey, Traffic>,
+) -> Result<Vec<(TrafficKey, Traffic)>> {
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, per_cpu)| {
+            let mut sum = Traffic::default();
+            for t in per_cpu.iter() {
+                sum.to_backend_packets += t.to_backend_packets;
+                sum.to_backend_bytes += t.to_backend_bytes;
+                sum.to_client_packets += t.to_client_packets;
+                sum.to_client_bytes += t.to_client_bytes;
+            }
+            (key, sum)
+        })
+        .collect())
 }
 
 /// The statistics counters of `map`, summed over the CPUs, by name.

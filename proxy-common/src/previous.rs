@@ -204,7 +204,7 @@ pub const fn nat(v: Nat4) -> crate::Nat4 {
         rev_nat_id: v.rev_nat_id,
         client_port_be: v.client_port_be,
         flags: 0,
-        _pad: 0,
+        backend_id: 0,
         last_seen_ns: v.last_seen_ns,
     }
 }

@@ -53,11 +53,15 @@ pub trait NatValue<A>: Copy {
     fn client_addr(&self) -> A;
     fn client_port_be(&self) -> u16;
     fn rev_nat_id(&self) -> u32;
+    /// The backend, for the traffic counters (0 where the entry has no room).
+    fn backend_id(&self) -> u32;
     fn flags(&self) -> u16;
     fn last_seen_ns(&self) -> u64;
     /// The fields the programs change in place, in the map value `entry`.
     fn flags_ptr(entry: *mut Self) -> *mut u16;
     fn last_seen_ptr(entry: *mut Self) -> *mut u64;
+    /// Names the flow's backend in the map value `entry`, where there is room.
+    fn set_backend_id(entry: *mut Self, backend_id: u32);
 }
 
 pub trait Family: Copy {
@@ -148,7 +152,7 @@ impl NatValue<u32> for Nat4 {
             rev_nat_id,
             client_port_be,
             flags,
-            _pad: 0,
+            backend_id: 0,
             last_seen_ns: now,
         }
     }
@@ -166,6 +170,11 @@ impl NatValue<u32> for Nat4 {
     #[inline(always)]
     fn rev_nat_id(&self) -> u32 {
         self.rev_nat_id
+    }
+
+    #[inline(always)]
+    fn backend_id(&self) -> u32 {
+        self.backend_id
     }
 
     #[inline(always)]
@@ -188,6 +197,12 @@ impl NatValue<u32> for Nat4 {
     fn last_seen_ptr(entry: *mut Self) -> *mut u64 {
         // SAFETY: as above.
         unsafe { &raw mut (*entry).last_seen_ns }
+    }
+
+    #[inline(always)]
+    fn set_backend_id(entry: *mut Self, backend_id: u32) {
+        // SAFETY: a map value's field.
+        unsafe { (*entry).backend_id = backend_id };
     }
 }
 
@@ -219,6 +234,11 @@ impl NatValue<Addr6> for Nat6 {
     }
 
     #[inline(always)]
+    fn backend_id(&self) -> u32 {
+        0
+    }
+
+    #[inline(always)]
     fn flags(&self) -> u16 {
         self.flags
     }
@@ -239,6 +259,10 @@ impl NatValue<Addr6> for Nat6 {
         // SAFETY: as above.
         unsafe { &raw mut (*entry).last_seen_ns }
     }
+
+    /// No room in `nat6_v1`: its replies are counted under backend id 0.
+    #[inline(always)]
+    fn set_backend_id(_: *mut Self, _: u32) {}
 }
 
 #[derive(Clone, Copy)]

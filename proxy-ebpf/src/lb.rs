@@ -51,6 +51,9 @@ pub fn for_cluster_client(svc: ServiceValue) -> (ServiceValue, u16) {
 
 /// The backend a packet of `flow` goes to.
 pub struct Chosen<F: Family> {
+    /// The frontend (set by the uplink path, for the traffic counters).
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
     pub backend: F::Backend,
     /// The node port of a SNATed flow (0 until one is given).
     pub nat_port_be: u16,
@@ -98,6 +101,8 @@ pub fn choose<F: Family>(
 pub fn known<F: Family>(flow: &Flow<F>, rev_nat_id: u32, now: u64) -> Option<Chosen<F>> {
     match ct::lookup(flow, rev_nat_id, now) {
         State::Established(known) | State::Reopened(known) => Some(Chosen {
+            rev_nat_id,
+            backend_id: known.backend_id,
             backend: known.backend,
             nat_port_be: known.nat_port_be,
             client_port_be: known.client_port_be(flow),
@@ -125,6 +130,8 @@ pub fn open<F: Family>(
     };
     ct::create(flow, &mut tracked, svc.rev_nat_id, now)?;
     Ok(Chosen {
+        rev_nat_id: svc.rev_nat_id,
+        backend_id,
         backend,
         nat_port_be: 0,
         client_port_be: tracked.client_port_be(flow),

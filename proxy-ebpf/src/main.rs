@@ -28,6 +28,7 @@ mod reject;
 mod sched;
 mod sctp;
 mod sock;
+mod traffic;
 mod uplink;
 mod verdict;
 

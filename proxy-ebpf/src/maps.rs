@@ -7,14 +7,15 @@
 use crate::{family::V6, flow::Flow, lb::Chosen};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use proxy_common::{
     capacity, stats, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, Config,
     Config6, CtKey4, CtKey6, CtValue, FragKey4, FragPorts, MaglevKey, Nat4, Nat6, NatPortKey4,
     NatPortKey6, RevNat4, RevNat6, ServiceCidrs, ServiceKey4, ServiceKey6, ServiceValue,
-    SockConfig, SockRevKey4, SockRevKey6, SourceRange4, SourceRange6, StatCounter,
+    SockConfig, SockRevKey4, SockRevKey6, SourceRange4, SourceRange6, StatCounter, Traffic,
+    TrafficKey,
 };
 
 /// Service frontends: (address, port, protocol, scope, slot) -> slot 0 header or backend id.
@@ -95,6 +96,16 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// Per-CPU counters by verdict and drop reason (indexed by proxy_common::stats::Stat).
 #[btf_map(name = "stats_v1")]
 pub static STATS: PerCpuArray<StatCounter, { stats::COUNT as usize }> = PerCpuArray::new();
+
+/// Packets and bytes of each (frontend, backend) pair, per CPU, allocated
+/// as used (see `traffic`).
+#[btf_map(name = "traffic_v1")]
+pub static TRAFFIC: PerCpuHashMap<
+    TrafficKey,
+    Traffic,
+    { capacity::TRAFFIC as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// The socket hooks' reverse translation: (socket cookie, backend) -> the
 /// frontend the socket dialled, for getpeername and replies to unconnected

@@ -16,6 +16,7 @@ use crate::{
     fib::{fib, send},
     flow::{self, Early, Flow, Frame, Ip},
     icmp, lb, reject,
+    traffic::{self, Way},
     verdict::{Action, Dropped, Out, Outcome},
 };
 
@@ -81,6 +82,7 @@ fn from_pod_flow<F: Family>(ctx: &TcContext, icmp_at: &mut usize) -> Outcome {
             return reject::port_unreachable(ctx, &flow, Stat::RejectNoBackend);
         }
         let chosen = lb::choose(&flow, key, &svc, skip)?;
+        traffic::count(svc.rev_nat_id, chosen.backend_id, Way::ToBackend, ctx.len());
         ctx.rewrite(
             &flow,
             End::Destination,
@@ -186,6 +188,7 @@ fn reverse_nat<F: Family>(
     };
     let frontend = F::revnat(reply.rev_nat_id).ok_or(Dropped(Stat::DropNoRevnat))?;
     reply.refresh(ct::now());
+    traffic::count(reply.rev_nat_id, reply.backend_id, Way::ToClient, ctx.len());
     let hairpin = reply.hairpin;
     let client_port = if reply.remap_port_be != 0 {
         reply.remap_port_be

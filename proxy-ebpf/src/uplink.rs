@@ -27,6 +27,7 @@ use crate::{
     icmp,
     lb::{self, Chosen},
     maps::SCRATCH,
+    traffic::{self, Way},
     verdict::{Dropped, Out, Outcome},
 };
 
@@ -44,6 +45,7 @@ pub fn uplink4<C: Packet>(ctx: &C) -> Option<Outcome> {
             if icmp_at != 0 {
                 return Some(icmp_error::<C, V4>(ctx, icmp_at));
             }
+            count(ctx.len(), &outcome, &chosen);
             Some(outcome)
         }
         Ok(Ip::V6) => None,
@@ -81,7 +83,24 @@ fn uplink_flow6<C: Packet>(ctx: &C, icmp_at: &mut usize) -> Outcome {
     // anything else while we run, and `uplink_flow` fills both before it
     // reads them.
     let (flow, chosen) = unsafe { (&mut (*scratch).flow6, &mut (*scratch).chosen6) };
-    uplink_flow::<C, V6>(ctx, flow, chosen, icmp_at)
+    let outcome = uplink_flow::<C, V6>(ctx, flow, chosen, icmp_at);
+    count(ctx.len(), &outcome, chosen);
+    outcome
+}
+
+/// Counts a packet the uplink translated (see `traffic`), with the pair
+/// `uplink_flow` left in `chosen`: once, after the path, where the count's
+/// branches cost the verifier little. In the middle of the path each of
+/// them would double the paths it walks after (past uplink_tc's limit of
+/// a million instructions). A packet XDP hands to tc is counted by tc.
+#[inline(always)]
+fn count<F: Family>(len: u32, outcome: &Outcome, chosen: &Chosen<F>) {
+    let way = match outcome {
+        Ok(out) if out.stat == Stat::FwdLocal || out.stat == Stat::FwdSnat => Way::ToBackend,
+        Ok(out) if out.stat == Stat::RevSnat => Way::ToClient,
+        _ => return,
+    };
+    traffic::count(chosen.rev_nat_id, chosen.backend_id, way, len);
 }
 
 #[inline(never)]
@@ -115,7 +134,7 @@ fn uplink_flow<C: Packet, F: Family>(
     if snat.as_ref().is_some_and(|snat| snat.addr == flow.daddr) {
         // A reply on a NAT port, or else a NodePort on the node's address.
         if let Some(entry) = nat::lookup(flow) {
-            return reverse_snat(ctx, flow, entry);
+            return reverse_snat(ctx, flow, entry, chosen);
         }
     }
     let Some((_, svc)) = lb::frontend(flow) else {
@@ -154,6 +173,7 @@ fn uplink_flow<C: Packet, F: Family>(
         None => {
             let port = nat::allocate(flow, &snat, &chosen.backend, svc.rev_nat_id)?;
             ct::remember_nat_port(flow, port);
+            nat::name_backend(flow, &snat, &chosen.backend, port, chosen.backend_id);
             port
         }
     };
@@ -205,9 +225,16 @@ fn to_remote<C: Packet, F: Family>(
 /// A remote backend's reply to a SNATed flow (`entry`, its NAT entry): back
 /// to the client, from the frontend it dialled.
 #[inline(always)]
-fn reverse_snat<C: Packet, F: Family>(ctx: &C, flow: &Flow<F>, entry: *mut F::Nat) -> Outcome {
+fn reverse_snat<C: Packet, F: Family>(
+    ctx: &C,
+    flow: &Flow<F>,
+    entry: *mut F::Nat,
+    chosen: &mut Chosen<F>,
+) -> Outcome {
     // SAFETY: plain data, read once.
     let nat = unsafe { *entry };
+    chosen.rev_nat_id = nat.rev_nat_id();
+    chosen.backend_id = nat.backend_id();
     let frontend = F::revnat(nat.rev_nat_id()).ok_or(Dropped(Stat::DropNoRevnat))?;
     nat::on_reply(flow, entry, &nat, &frontend);
     let hop = fib::<_, F>(

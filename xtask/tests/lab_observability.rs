@@ -6,7 +6,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     thread,
     time::{Duration, Instant},
 };
@@ -19,6 +19,8 @@ const NODE1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
 /// failing watch, twice that (kube-proxy's rule: twice the sync period).
 const RESYNC_SECONDS: u64 = 2;
 const CONNECTIONS: usize = 40;
+const DATAGRAMS: usize = 50;
+const PAYLOAD: usize = 1000;
 
 /// Every sample of a /metrics text, by series (`name{labels}`).
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -95,6 +97,8 @@ fn lab_metrics_and_health_as_kube_proxy_serves_them() {
         &RESYNC_SECONDS.to_string(),
         "--conntrack-gc-seconds",
         "1",
+        "--traffic-counters",
+        "true",
     ]);
     wait_healthz(&ext, 200, Duration::from_secs(60));
     let before = scrape(&ext);
@@ -212,6 +216,94 @@ fn lab_metrics_and_health_as_kube_proxy_serves_them() {
             .keys()
             .any(|k| k.starts_with("ferry_uplink_attach_mode{")),
         "{after:?}"
+    );
+
+    eprintln!(
+        "== {DATAGRAMS} UDP datagrams of {PAYLOAD} bytes to a Service of their own: its counters say what was sent"
+    );
+    let udp_vip = lab.service("obs-udp", "obs");
+    lab.wait_endpoints("obs-udp", &[web1, web2]);
+    let answered = in_netns(&client, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut answered = 0;
+        let mut buf = [0u8; 2048];
+        for _ in 0..DATAGRAMS {
+            socket
+                .send_to(&[b'u'; PAYLOAD], SocketAddr::from((udp_vip, 53)))
+                .unwrap();
+            if socket.recv_from(&mut buf).is_ok() {
+                answered += 1;
+            }
+        }
+        answered
+    });
+    let metrics = scrape(&ext);
+    let service = |direction: &str, unit: &str| {
+        get(
+            &metrics,
+            &format!(
+                r#"ferry_service_{unit}_total{{service="default/obs-udp",direction="{direction}"}}"#
+            ),
+        )
+    };
+    // Each datagram as it left the pod: Ethernet, IPv4 and UDP headers
+    // and the payload. Nothing else goes to this Service: the count is
+    // exact (no tolerance needed).
+    let frame = (14 + 20 + 8 + PAYLOAD) as f64;
+    eprintln!(
+        "   to_backend {} packets, {} bytes; to_client {} packets ({answered} answers heard)",
+        service("to_backend", "packets"),
+        service("to_backend", "bytes"),
+        service("to_client", "packets")
+    );
+    assert_eq!(service("to_backend", "packets"), DATAGRAMS as f64);
+    assert_eq!(service("to_backend", "bytes"), DATAGRAMS as f64 * frame);
+    assert_eq!(service("to_client", "packets"), answered as f64);
+    assert!(
+        answered >= DATAGRAMS - 2,
+        "{answered} of {DATAGRAMS} answered"
+    );
+    let web_bytes = |m: &BTreeMap<String, f64>| {
+        get(
+            m,
+            r#"ferry_service_bytes_total{service="default/obs",direction="to_backend"}"#,
+        )
+    };
+    assert!(web_bytes(&metrics) >= 60.0 * 3.0 * CONNECTIONS as f64);
+
+    eprintln!("== a backend goes: its counters leave the map, the Service's totals stay");
+    let pairs_before = lab.pinned_entries("node1", "traffic_v1").len();
+    lab.xtask(&["pod", "del", "obs-2"]);
+    lab.wait_endpoints("obs", &[web1]);
+    lab.wait_endpoints("obs-udp", &[web1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pairs_after = loop {
+        let pairs = lab.pinned_entries("node1", "traffic_v1").len();
+        if pairs < pairs_before {
+            break pairs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pairs} traffic pairs 30 s after a backend left ({pairs_before} before)"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let later = scrape(&ext);
+    eprintln!(
+        "   {pairs_before} pairs, then {pairs_after}; default/obs to_backend bytes {} then {}",
+        web_bytes(&metrics),
+        web_bytes(&later)
+    );
+    assert!(web_bytes(&later) >= web_bytes(&metrics));
+    assert_eq!(
+        get(
+            &later,
+            r#"ferry_service_bytes_total{service="default/obs-udp",direction="to_backend"}"#
+        ),
+        DATAGRAMS as f64 * frame
     );
 
     eprintln!("== every metric the Grafana dashboard reads is served");

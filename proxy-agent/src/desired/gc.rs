@@ -489,7 +489,7 @@ mod tests {
             rev_nat_id: 7,
             client_port_be: client_port.to_be(),
             flags,
-            _pad: 0,
+            backend_id: 0,
             last_seen_ns: last_seen,
         };
         ((forward, ct), (nat_key, nat))

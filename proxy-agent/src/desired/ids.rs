@@ -54,6 +54,11 @@ fn protocol_of(number: u8) -> Option<Protocol> {
 }
 
 impl Ids {
+    /// The id of a programmed frontend.
+    pub fn frontend_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.revnat.get(frontend).copied()
+    }
+
     /// Recovers the ids in use from maps an earlier agent filled.
     pub fn from_state(state: &MapState) -> Self {
         let mut ids = Self::default();

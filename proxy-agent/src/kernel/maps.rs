@@ -25,6 +25,37 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Every (frontend, backend) pair's traffic, summed over the CPUs.
+    pub fn traffic(&self) -> Result<Vec<(TrafficKey, Traffic)>> {
+        match &self.traffic {
+            Some(map) => proxy_common::pinned::sum_traffic(map),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes the traffic counters of pairs whose frontend or backend is
+    /// gone from `state`; returns them with their last counts. Backend id 0
+    /// (a reply whose backend the programs did not know) goes with its
+    /// frontend.
+    pub fn prune_traffic(&mut self, state: &MapState) -> Result<Vec<(TrafficKey, Traffic)>> {
+        let pairs = self.traffic()?;
+        let Some(map) = &mut self.traffic else {
+            return Ok(Vec::new());
+        };
+        let gone: Vec<(TrafficKey, Traffic)> = pairs
+            .into_iter()
+            .filter(|(k, _)| {
+                !state.revnat.contains_key(&k.rev_nat_id)
+                    || (k.backend_id != 0 && !state.backends.contains_key(&k.backend_id))
+            })
+            .collect();
+        // Gone already (removed by another hand) is fine.
+        for (key, _) in &gone {
+            let _ = map.remove(key);
+        }
+        Ok(gone)
+    }
+
     /// Removes affinity entries that name a backend their frontend no longer
     /// sends new connections to. Returns how many went.
     pub fn prune_affinity(&mut self, state: &MapState) -> Result<usize> {

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, ProgramArray,
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -33,7 +33,7 @@ use proxy_common::{
     bench, capacity, map_names, program_names, AffinityKey4, AffinityKey6, AffinityValue, Backend4,
     Backend6, Config, Config6, CtKey4, CtKey6, CtValue, MaglevKey, Nat4, Nat6, NatPortKey4,
     NatPortKey6, RevNat4, RevNat6, ServiceCidrs, ServiceKey4, ServiceKey6, ServiceValue,
-    SockConfig, SockRevKey4, SourceRange4, SourceRange6, StatCounter,
+    SockConfig, SockRevKey4, SourceRange4, SourceRange6, StatCounter, Traffic, TrafficKey,
 };
 use tracing::{debug, info, warn};
 
@@ -153,6 +153,8 @@ pub struct Dataplane {
     /// None in an object older than the map (a benchmark's baseline).
     service_cidrs: Option<Array<MapData, ServiceCidrs>>,
     stats: PerCpuArray<MapData, StatCounter>,
+    /// None in an object older than the map (a benchmark's baseline).
+    traffic: Option<PerCpuHashMap<MapData, TrafficKey, Traffic>>,
     sock_revnat: HashMap<MapData, SockRevKey4, RevNat4>,
     sock_config: Array<MapData, SockConfig>,
     pub v6: Maps6,
@@ -212,8 +214,9 @@ impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`, of `sizes`.
     /// Maps already pinned there are reused, so a restarted agent keeps every
     /// connection; one of another size is set aside for the migration to
-    /// carry over (see `set_aside_resized`).
-    pub fn load_pinned(pin_dir: &Path, sizes: &MapSizes) -> Result<Self> {
+    /// carry over (see `set_aside_resized`). `traffic_counters` off leaves
+    /// the per-pair counting out of the programs (see `--traffic-counters`).
+    pub fn load_pinned(pin_dir: &Path, sizes: &MapSizes, traffic_counters: bool) -> Result<Self> {
         Self::make_pin_dir(pin_dir)?;
         let entries = sizes.entries();
         // The statistics array grows when a counter is added.
@@ -230,6 +233,9 @@ impl Dataplane {
         for (name, size) in entries {
             loader.map_max_entries(name, size);
         }
+        // An object without it (older) counts nothing anyway.
+        let counting = u8::from(traffic_counters);
+        loader.override_global(TRAFFIC_COUNTERS, &counting, false);
         let mut dataplane = Self::load_with(&mut loader)?;
         dataplane.load_packet_programs()?;
         dataplane.pin_dir = Some(pin_dir.to_path_buf());
@@ -468,6 +474,10 @@ impl Dataplane {
             Some(map) => Some(Array::try_from(map)?),
             None => None,
         };
+        let traffic = match ebpf.take_map(map_names::TRAFFIC) {
+            Some(map) => Some(PerCpuHashMap::try_from(map)?),
+            None => None,
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the object"))
@@ -510,6 +520,7 @@ impl Dataplane {
             config,
             service_cidrs,
             stats,
+            traffic,
             sock_revnat,
             sock_config,
             v6,
@@ -519,6 +530,9 @@ impl Dataplane {
         })
     }
 }
+
+/// The programs' load-time switch of the traffic counters.
+const TRAFFIC_COUNTERS: &str = "TRAFFIC_COUNTERS";
 
 /// The clock the programs stamp entries with (bpf_ktime_get_ns: CLOCK_MONOTONIC).
 pub fn monotonic_ns() -> u64 {

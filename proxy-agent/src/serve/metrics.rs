@@ -7,7 +7,7 @@
 
 use std::{
     path::PathBuf,
-    sync::atomic::AtomicU64,
+    sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -23,7 +23,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::serve::latency;
+use crate::serve::{
+    latency,
+    traffic::{Book, TrafficCollector},
+};
 
 /// A metric's labels: names from the code, values from a bounded set.
 pub type Labels = Vec<(&'static str, String)>;
@@ -103,6 +106,8 @@ pub struct Metrics {
     pub map_capacity: Family<Labels, Gauge>,
     /// The uplinks, by `interface` and attach `mode`.
     pub uplink_attach_mode: Family<Labels, Gauge>,
+    /// What the traffic counters' ids stand for (see [`crate::serve::traffic`]).
+    pub traffic: Arc<Mutex<Book>>,
 }
 
 impl Default for Metrics {
@@ -155,6 +160,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             uplink_attach_mode: Family::default(),
+            traffic: Arc::default(),
         };
         let r = &mut m.registry;
         // kube-proxy's, with its help texts.
@@ -346,7 +352,13 @@ impl Metrics {
             m.uplink_attach_mode.clone(),
         );
         if let Some(pin_dir) = pin_dir {
-            f.register_collector(Box::new(Datapath { pin_dir }));
+            f.register_collector(Box::new(Datapath {
+                pin_dir: pin_dir.clone(),
+            }));
+            f.register_collector(Box::new(TrafficCollector {
+                pin_dir,
+                book: m.traffic.clone(),
+            }));
         }
         m
     }

@@ -5,3 +5,4 @@ pub mod health;
 pub mod http;
 pub mod latency;
 pub mod metrics;
+pub mod traffic;

@@ -13,6 +13,7 @@ mod schedulers;
 mod sctp;
 #[path = "../support/mod.rs"]
 mod support;
+mod traffic;
 mod verdicts;
 
 use std::{

@@ -138,6 +138,25 @@ fn remote_backends_reply_is_translated_back_to_the_client() {
         );
         packet::assert_checksums_valid(&out);
         assert_eq!(p.stat("rev_snat"), 1);
+        // Both ways counted under the flow's frontend and backend: the NAT
+        // entry names the backend for its replies.
+        let traffic = p.dp.traffic().unwrap();
+        assert_eq!(traffic.len(), 1, "{traffic:?}");
+        let (pair, counts) = traffic[0];
+        let backend = p.programmed.applied.backends[&pair.backend_id];
+        assert_eq!(
+            (backend.addr, backend.port),
+            (IpAddr::from(ip(REMOTE_POD)), 8080)
+        );
+        assert_eq!(
+            counts,
+            proxy_common::Traffic {
+                to_backend_packets: 1,
+                to_backend_bytes: f.bytes().len() as u64,
+                to_client_packets: 1,
+                to_client_bytes: reply.bytes().len() as u64,
+            }
+        );
     });
 }
 

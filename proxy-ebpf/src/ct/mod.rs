@@ -315,6 +315,7 @@ pub fn remember_nat_port<F: Family>(flow: &Flow<F>, nat_port_be: u16) {
 pub struct Reply {
     entry: *mut CtValue,
     pub rev_nat_id: u32,
+    pub backend_id: u32,
     /// The client reached itself: the reply goes back into the same pod.
     pub hairpin: bool,
     /// The client's own port, where the flow's was remapped (else 0).
@@ -336,9 +337,10 @@ impl Reply {
 pub fn reply<F: Family>(flow: &Flow<F>) -> Option<Reply> {
     let entry = F::ct_ptr(&key(flow, ct_dir::REPLY))?;
     // SAFETY: plain data, read once.
-    let (rev_nat_id, flags, remap_port_be, last_seen_ns) = unsafe {
+    let (rev_nat_id, backend_id, flags, remap_port_be, last_seen_ns) = unsafe {
         (
             (*entry).rev_nat_id,
+            (*entry).backend_id,
             (*entry).flags,
             (*entry).remap_port_be,
             (*entry).last_seen_ns,
@@ -347,6 +349,7 @@ pub fn reply<F: Family>(flow: &Flow<F>) -> Option<Reply> {
     Some(Reply {
         entry,
         rev_nat_id,
+        backend_id,
         hairpin: flags & ct_flags::HAIRPIN != 0,
         remap_port_be,
         last_seen_ns,
