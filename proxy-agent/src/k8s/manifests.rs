@@ -62,8 +62,8 @@ impl Manifests {
         if depth > MAX_DEPTH {
             bail!("{label}: collections nested {depth} deep, more than {MAX_DEPTH}: not a Kubernetes object");
         }
-        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = match serde_yaml::Value::deserialize(doc) {
+        for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let value = match serde_yaml_ng::Value::deserialize(doc) {
                 Ok(value) => serde_json::to_value(value),
                 Err(e) => {
                     // Past a syntax error the rest of the text cannot be read.
