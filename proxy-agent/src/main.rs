@@ -62,8 +62,12 @@ enum Command {
     },
     /// Print the pinned maps as tables.
     Inspect {
-        #[arg(value_parser = ["services", "backends", "conntrack", "affinity", "stats"])]
+        #[arg(value_parser = inspect::KINDS)]
         what: String,
+        /// One JSON array of objects (keyed by the table's columns) instead
+        /// of a table.
+        #[arg(long)]
+        json: bool,
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
@@ -328,15 +332,17 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Inspect { what, pin_dir } => {
-            let table = match what.as_str() {
-                "services" => inspect::services(&pin_dir)?,
-                "backends" => inspect::backends(&pin_dir)?,
-                "conntrack" => inspect::conntrack(&pin_dir)?,
-                "affinity" => inspect::affinity(&pin_dir)?,
-                _ => inspect::stats(&pin_dir)?,
-            };
-            print!("{table}");
+        Command::Inspect {
+            what,
+            json,
+            pin_dir,
+        } => {
+            let table = inspect::table(&what, &pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&table.json())?);
+            } else {
+                print!("{}", table.text());
+            }
             Ok(())
         }
         Command::Cleanup { pin_dir, wait } => {

@@ -286,6 +286,43 @@ fn clusterip_traffic_through_a_real_agent() {
         count >= 101,
         "100 TCP connections and a UDP exchange were new flows: {fwd_new}"
     );
+    // Every other table reads too, and each as JSON, with the frontend
+    // ids written as the addresses they stand for.
+    for what in proxy_agent::cli::inspect::KINDS {
+        let json = run(
+            env!("CARGO_BIN_EXE_proxy-agent"),
+            &[
+                "inspect",
+                what,
+                "--json",
+                "--pin-dir",
+                lab.pin_dir.to_str().unwrap(),
+            ],
+        );
+        let rows: serde_json::Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{what}: {e}: {json}"));
+        assert!(rows.is_array(), "{what}: {json}");
+    }
+    let frontends = inspect("frontends");
+    assert!(frontends.contains(&format!("{VIP}:80")), "{frontends}");
+    let conntrack = run(
+        env!("CARGO_BIN_EXE_proxy-agent"),
+        &[
+            "inspect",
+            "conntrack",
+            "--json",
+            "--pin-dir",
+            lab.pin_dir.to_str().unwrap(),
+        ],
+    );
+    let rows: serde_json::Value = serde_json::from_str(&conntrack).unwrap();
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["frontend"] == format!("{VIP}:80") && r["dir"] == "forward"),
+        "{conntrack}"
+    );
 
     // The pinned maps carry BTF: bpftool prints their fields by name.
     let dump = run(

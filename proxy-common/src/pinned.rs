@@ -12,12 +12,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 
 use crate::{
     map_names, stats::Stat, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4,
-    CtKey6, CtValue, Nat4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, StatCounter,
-    Traffic, TrafficKey,
+    CtKey6, CtValue, Nat4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SourceRange4,
+    SourceRange6, StatCounter, Traffic, TrafficKey,
 };
 
 /// The maps pinned under one directory.
@@ -117,6 +117,27 @@ impl Pinned {
 }
 
 impl Pinned {
+    /// loadBalancerSourceRanges entries: each range's prefix length and key.
+    pub fn source_ranges(&self) -> Result<Vec<(u32, SourceRange4)>> {
+        let trie: LpmTrie<MapData, SourceRange4, u8> =
+            LpmTrie::try_from(self.open(map_names::SOURCE_RANGES_V4)?)?;
+        Ok(trie
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, _)| (k.prefix_len(), k.data()))
+            .collect())
+    }
+
+    pub fn source_ranges6(&self) -> Result<Vec<(u32, SourceRange6)>> {
+        let trie: LpmTrie<MapData, SourceRange6, u8> =
+            LpmTrie::try_from(self.open(map_names::SOURCE_RANGES_V6)?)?;
+        Ok(trie
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, _)| (k.prefix_len(), k.data()))
+            .collect())
+    }
+
     /// Every (frontend, backend) pair's traffic, summed over the CPUs.
     pub fn traffic(&self) -> Result<Vec<(TrafficKey, Traffic)>> {
         let map: PerCpuHashMap<MapData, TrafficKey, Traffic> =
