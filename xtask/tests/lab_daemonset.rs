@@ -182,7 +182,7 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
     let line = String::from_utf8_lossy(&built.stdout).into_owned();
     let (previous, archive) = line.trim().split_once('\t').unwrap();
     lab.xtask(&["load-image", archive]);
-    let current = set_agent_image(&lab, previous);
+    let current = set_agent_image(&lab, previous, "/healthz");
     let mut targets = vec![
         Target {
             what: "ClusterIP",
@@ -221,7 +221,7 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
 
     eprintln!("== a rolling update to this release, under load: the older NAT map is carried over");
     under_load("upgrade", &targets, &mut held, || {
-        set_agent_image(&lab, &current);
+        set_agent_image(&lab, &current, "/readyz");
     });
 
     eprintln!("== a rolling restart of the DaemonSet, under load");
@@ -273,10 +273,12 @@ fn lab_daemonset_restarts_keep_connections_and_a_rebooted_node_comes_back() {
     );
 }
 
-/// Rolls the DaemonSet to `image` and waits until every node runs it; returns
-/// the image it ran before. The previous release finds no uplink by itself,
-/// so the uplink is named (for both).
-fn set_agent_image(lab: &Lab, image: &str) -> String {
+/// Rolls the DaemonSet to `image`, its readiness probe on `ready` (the
+/// previous release has no `/readyz`: its pods are ready on `/healthz`), and
+/// waits until every node runs it; returns the image it ran before. The
+/// previous release finds no uplink by itself, so the uplink is named (for
+/// both).
+fn set_agent_image(lab: &Lab, image: &str, ready: &str) -> String {
     let before = lab.kubectl(&[
         "-n",
         "kube-system",
@@ -289,6 +291,7 @@ fn set_agent_image(lab: &Lab, image: &str) -> String {
         "name": "agent",
         "image": image,
         "env": [{"name": "FERRY_UPLINK_IFACE", "value": "eth0", "valueFrom": null}],
+        "readinessProbe": {"httpGet": {"path": ready}},
     }]}}}});
     lab.kubectl(&[
         "-n",
