@@ -140,6 +140,14 @@ pub trait Family: Copy {
     fn nat_word_ptr(key: &Self::NatPortKey) -> Option<*mut u64>;
     /// Writes a word (`flags`: BPF_ANY or BPF_NOEXIST); best effort.
     fn set_nat_word(key: &Self::NatPortKey, value: u64, flags: u64);
+    /// A free NAT port's offset towards `backend` as its bitmaps show it
+    /// (see `nat::find_free`), in a range of `size` ports.
+    fn find_free_port(
+        backend: &Self::Backend,
+        proto: u8,
+        size: u32,
+        start_word: u32,
+    ) -> Option<u32>;
     /// Whether loadBalancerSourceRanges of frontend `rev_nat_id` let `client` in.
     fn source_allowed(rev_nat_id: u32, client: Self::Addr) -> bool;
 }
@@ -513,6 +521,17 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn find_free_port(backend: &Backend4, proto: u8, size: u32, start_word: u32) -> Option<u32> {
+        let found = ferry_find_free_port4(
+            backend.addr_be,
+            u32::from(backend.port_be) | u32::from(proto) << 16,
+            size,
+            start_word,
+        );
+        (found != u32::MAX).then_some(found)
+    }
+
+    #[inline(always)]
     fn set_nat_word(key: &NatPortKey4, value: u64, flags: u64) {
         let _ = NAT_PORTS.insert(key, &value, flags);
     }
@@ -696,6 +715,11 @@ impl Family for V6 {
     }
 
     #[inline(always)]
+    fn find_free_port(backend: &Backend6, proto: u8, size: u32, start_word: u32) -> Option<u32> {
+        crate::ct::nat::find_free::<V6>(backend, proto, size, start_word)
+    }
+
+    #[inline(always)]
     fn set_nat_word(key: &NatPortKey6, value: u64, flags: u64) {
         let _ = NAT_PORTS6.insert(key, &value, flags);
     }
@@ -710,4 +734,28 @@ impl Family for V6 {
             .get(&LpmKey::new(SourceRange6::LOOKUP_PREFIX_LEN, data))
             .is_some()
     }
+}
+
+/// [`Family::find_free_port`] for IPv4: a global function, which the
+/// verifier walks once with unknown arguments, not once in every path of
+/// uplink_tc that gives a flow a NAT port (its loop cost uplink_tc most of
+/// its million instructions on 5.10 and 6.1). Arguments are plain numbers,
+/// as 5.10 requires of global functions; u32::MAX is none.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn ferry_find_free_port4(
+    backend_addr_be: u32,
+    port_be_and_proto: u32,
+    size: u32,
+    start_word: u32,
+) -> u32 {
+    let backend = Backend4 {
+        addr_be: backend_addr_be,
+        port_be: port_be_and_proto as u16,
+        proto: (port_be_and_proto >> 16) as u8,
+        state: 0,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    crate::ct::nat::find_free::<V4>(&backend, backend.proto, size, start_word).unwrap_or(u32::MAX)
 }

@@ -91,8 +91,8 @@ fn uplink_flow6<C: Packet>(ctx: &C, icmp_at: &mut usize) -> Outcome {
 /// Counts a packet the uplink translated (see `traffic`), with the pair
 /// `uplink_flow` left in `chosen`: once, after the path, where the count's
 /// branches cost the verifier little. In the middle of the path each of
-/// them would double the paths it walks after (past uplink_tc's limit of
-/// a million instructions). A packet XDP hands to tc is counted by tc.
+/// them would double the paths it walks after. A packet XDP hands to tc is
+/// counted by tc.
 #[inline(always)]
 fn count<F: Family>(len: u32, outcome: &Outcome, chosen: &Chosen<F>) {
     let way = match outcome {

@@ -19,6 +19,12 @@ use crate::sys::{exec, workspace_root};
 
 const TARGET: &str = "bpfel-unknown-none";
 
+/// Functions of the programs that the linker keeps global: the verifier
+/// walks a global function once, on its own, instead of in every path that
+/// calls it (see `ferry_find_free_port4` in proxy-ebpf). Without the export
+/// the linker makes every function static.
+const GLOBAL_FUNCTIONS: &[&str] = &["ferry_find_free_port4"];
+
 /// Where the object lands; proxy-agent's build script embeds it from there.
 pub fn object_path() -> PathBuf {
     workspace_root()
@@ -101,8 +107,15 @@ pub fn run() -> Result<PathBuf> {
         cmd.env_remove(var);
     }
     cmd.current_dir(root.join("proxy-ebpf"))
-        // BTF for the maps (named fields in bpftool) and for line info in verifier logs.
-        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+        // BTF for the maps (named fields in bpftool) and for line info in
+        // verifier logs; the global functions exported, so that they stay global.
+        .env(
+            "RUSTFLAGS",
+            format!(
+                "-C debuginfo=2 -C link-arg=--btf -C link-arg=--export={}",
+                GLOBAL_FUNCTIONS.join(",")
+            ),
+        )
         .args([
             "build",
             "--release",

@@ -146,15 +146,17 @@ fn mark<F: Family>(backend: &F::Backend, proto: u8, range: Range, offset: u32) {
 }
 
 /// A free port's offset as the bitmaps show it: from the summary word of
-/// `start_word` on, the first word not full, and its first free bit.
+/// `start_word` on, the first word not full, and its first free bit. Called
+/// through `Family::find_free_port`, which for IPv4 makes it a function the
+/// verifier walks once.
 #[inline(always)]
-fn find_free<F: Family>(
+pub fn find_free<F: Family>(
     backend: &F::Backend,
     proto: u8,
-    range: Range,
+    size: u32,
     start_word: u32,
 ) -> Option<u32> {
-    let words = nat_ports::words(range.size);
+    let words = nat_ports::words(size);
     let summaries = words.div_ceil(64);
     let first = start_word / 64;
     let mut i = 0;
@@ -174,7 +176,7 @@ fn find_free<F: Family>(
             };
             let w = s * 64 + nat_ports::lowest_bit(if near != 0 { near } else { open });
             let free = !word::<F>(&F::nat_port_key(backend, proto, w as u16))
-                & nat_ports::word_mask(range.size, w);
+                & nat_ports::word_mask(size, w);
             if free != 0 {
                 return Some(w * 64 + nat_ports::lowest_bit(free));
             }
@@ -263,7 +265,7 @@ pub fn allocate<F: Family>(
     }
     let mut i = 0;
     while i < SEARCHES {
-        let Some(offset) = find_free::<F>(backend, flow.proto, range, start / 64) else {
+        let Some(offset) = F::find_free_port(backend, flow.proto, range.size, start / 64) else {
             break;
         };
         if take(snat, backend, range, offset, &value, flow.proto) {
