@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// Logs what the verifier walked for a program it took.
+fn log_verified(name: &str, info: Option<aya::programs::ProgramInfo>) {
+    let instructions = info.and_then(|i| i.verified_instruction_count());
+    debug!(program = name, ?instructions, "verified");
+}
+
 impl Dataplane {
     /// The uplink XDP program, loaded (verified) if it was not yet.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
@@ -13,6 +19,7 @@ impl Dataplane {
             .try_into()?;
         if program.fd().is_err() {
             program.load().context("the verifier rejected uplink_xdp")?;
+            log_verified(program_names::UPLINK_XDP, program.info().ok());
         }
         Ok(program)
     }
@@ -113,8 +120,28 @@ impl Dataplane {
             program
                 .load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
+            log_verified(name, program.info().ok());
         }
         Ok(program)
+    }
+
+    /// The instructions the verifier walked for each packet program, as
+    /// the kernel reports them (from 5.16; None before), against its limit
+    /// of a million: how close a program is to being refused.
+    pub fn verified_instructions(&mut self) -> Result<Vec<(&'static str, Option<u32>)>> {
+        let mut counts = Vec::new();
+        for name in [
+            program_names::FROM_POD,
+            program_names::TO_POD,
+            program_names::UPLINK_TC,
+            program_names::UPLINK_TC6,
+        ] {
+            let info = self.program(name)?.info()?;
+            counts.push((name, info.verified_instruction_count()));
+        }
+        let info = self.xdp_program()?.info()?;
+        counts.push((program_names::UPLINK_XDP, info.verified_instruction_count()));
+        Ok(counts)
     }
 
     /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's

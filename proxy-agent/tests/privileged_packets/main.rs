@@ -110,6 +110,13 @@ fn all_programs_pass_the_verifier() {
     let mut p = harness::Programs::load().expect("load the programs");
     p.dp.load_packet_programs()
         .expect("the kernel's verifier takes every packet program");
+    // The margin to the verifier's limit, in the kernel matrix's log.
+    for (name, count) in p.dp.verified_instructions().expect("program info") {
+        match count {
+            Some(n) => println!("{name}: {n} instructions verified (limit 1000000)"),
+            None => println!("{name}: this kernel does not report what it verified"),
+        }
+    }
 }
 
 /// The shared harness, with what these tests ask of it on top.

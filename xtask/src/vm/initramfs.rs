@@ -255,7 +255,7 @@ ip link set lo up
 export RUST_BACKTRACE=0
 cd /ferry
 echo "{MARK}begin probe"
-./{first} --exact '{probe}' --test-threads=1 >/tmp/probe.log 2>&1
+./{first} --exact '{probe}' --test-threads=1 --nocapture >/tmp/probe.log 2>&1
 rc=$?
 cat /tmp/probe.log
 echo "{MARK}end probe $rc"

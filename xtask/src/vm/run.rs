@@ -184,7 +184,7 @@ pub(super) fn run_host(
     step(
         "probe",
         &binaries[0],
-        &["--exact", probe, "--test-threads=1"],
+        &["--exact", probe, "--test-threads=1", "--nocapture"],
         &mut transcript,
     )?;
     let (programs, _) = read_outcome(&transcript.lines);
