@@ -52,6 +52,10 @@ const BACKENDS_EACH: u32 = 10;
 /// Runs per wrapped sample.
 const WRAPPED_REPEAT: u32 = 10_000;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
+const TC_ACT_SHOT: u32 = 2;
+/// A Service whose traffic stays on the node (internalTrafficPolicy Local)
+/// and that has no endpoint there: a pod's packet to it is dropped.
+const DROP_VIP: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 1);
 const XDP_PASS: u32 = 2;
 const FLOOR: &str = "xdp PASS only (floor)";
 
@@ -237,8 +241,19 @@ fn measure(
     if ipv6 {
         list.extend((0..services).map(service6));
     }
+    let mut local_only = FrontendSpec::new(
+        "drop",
+        Frontend {
+            address: DROP_VIP.into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        Vec::new(),
+    );
+    local_only.local_only = true;
+    list.push(local_only);
     settings::fill_defaults(&mut list, Scheduler::default());
-    let frontends = if ipv6 { 2 * services } else { services };
+    let frontends = list.len() as u32;
     let mut p = match object {
         Some(object) => Programs::load_sized_object(object, frontends, BACKENDS_EACH),
         None => Programs::load_sized(frontends, BACKENDS_EACH),
@@ -303,6 +318,39 @@ fn measure(
         })
         .collect();
     rows.push(Row::new(services, FLOOR, FLOOR, floor));
+
+    // A dropped packet, without a monitor and (in an object that reports
+    // drops) with one reading, which drains its buffers between samples:
+    // what a report costs.
+    let dropping = frame(client, 40001, DROP_VIP);
+    let drop = |p: &mut Programs| run_once(p, Prog::Tc, &dropping, TC_ACT_SHOT).0.as_nanos() as u64;
+    let dropped: Vec<u64> = (0..samples).map(|_| drop(&mut p)).collect();
+    rows.push(Row::new(services, "tc drop", FLOOR, dropped));
+    if let Ok(mut monitor) = p.dp.monitor() {
+        let mut reports = 0;
+        let mut read = |monitor: &mut proxy_agent::kernel::monitor::Monitor| {
+            let lost = monitor
+                .poll(Duration::ZERO, |_| reports += 1)
+                .expect("read the reports");
+            assert_eq!(lost, 0, "reports lost");
+        };
+        let reported: Vec<u64> = (0..samples)
+            .map(|i| {
+                if i % 64 == 0 {
+                    read(&mut monitor);
+                }
+                drop(&mut p)
+            })
+            .collect();
+        read(&mut monitor);
+        assert_eq!(reports, samples, "one report per drop");
+        rows.push(Row::new(
+            services,
+            "tc drop, monitor reading",
+            "tc drop",
+            reported,
+        ));
+    }
 
     // The same established flow through the wrappers, which must leave what
     // one run left; the PASS-only programs leave the frame as it was.
@@ -454,6 +502,11 @@ fn compare(baseline: &[u8], scales: &[u32], samples: usize, wrapped_samples: usi
         let half = new.len() / 2;
         for r in &new[..half] {
             let (o, m) = (mean(&old, r.path), mean(&new, r.path));
+            if o.is_nan() {
+                // A path the old object does not have.
+                table.push_str(&format!("| {n} | {} | - | {m:.0} | - |\n", r.path));
+                continue;
+            }
             table.push_str(&format!(
                 "| {n} | {} | {o:.0} | {m:.0} | {:.3} |\n",
                 r.path,

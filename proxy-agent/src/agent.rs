@@ -1155,6 +1155,12 @@ fn sync(
     let mut status = status.lock().unwrap();
     status.metrics.syncs.inc();
     status.note_problems(scope.as_deref(), &report.problems);
+    status.note_services(
+        scope.as_deref(),
+        frontends
+            .iter()
+            .map(|f| (f.frontend, traffic::service_of(&f.name).into())),
+    );
     status.metrics.frontends.set(applied.revnat.len() as i64);
     for (map, family, entries) in applied.fill() {
         let labels = vec![("map", map.to_string()), ("family", family.to_string())];

@@ -1,4 +1,4 @@
-//! The `proxy-agent` binary: its command line (run, simulate, inspect,
+//! The `proxy-agent` binary: its command line (run, simulate, inspect, monitor,
 //! cleanup), handed to the library's stages; every flag also an environment
 //! variable.
 
@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use proxy_agent::cli::simulate;
 use proxy_agent::{
     agent::{self, Source},
-    cli::inspect,
+    cli::{inspect, monitor},
     frontend::{Cidr, Scheduler},
     k8s::nodes::NodePortAddresses,
     kernel::{self, MapSizes, SocketLb, UplinkMode, DEFAULT_PIN_DIR},
@@ -68,6 +68,35 @@ enum Command {
         /// of a table.
         #[arg(long)]
         json: bool,
+        #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Drops and rejects as the programs make them, one line each (reason,
+    /// program, interface, the client's flow), read from the perf buffers of
+    /// a running agent's programs. The programs report only while a monitor
+    /// reads; one monitor at a time.
+    Monitor {
+        /// drop, reject or all.
+        #[arg(long = "type", value_parser = monitor::KINDS, default_value = "all")]
+        kind: String,
+        /// Only this verdict (e.g. drop_source_range, reject_no_backend).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only flows from or to this address (a client's, a frontend's).
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// Only flows to this Service's frontends (namespace/name).
+        #[arg(long)]
+        service: Option<String>,
+        /// The agent's metrics address, whose /frontends names the Services.
+        #[arg(long, env = "FERRY_AGENT", default_value = "127.0.0.1:10249")]
+        agent: SocketAddr,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Stop after this many reports.
+        #[arg(long)]
+        count: Option<u64>,
         #[arg(long, env = "FERRY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
@@ -344,6 +373,27 @@ async fn main() -> Result<()> {
                 print!("{}", table.text());
             }
             Ok(())
+        }
+        Command::Monitor {
+            kind,
+            reason,
+            address,
+            service,
+            agent,
+            seconds,
+            count,
+            pin_dir,
+        } => {
+            let filter = monitor::Filter {
+                kind: Some(kind),
+                reason,
+                address,
+                service,
+            };
+            tokio::task::spawn_blocking(move || {
+                monitor::run(&pin_dir, agent, &filter, seconds, count)
+            })
+            .await?
         }
         Command::Cleanup { pin_dir, wait } => {
             let removed = kernel::cleanup(&pin_dir)?;

@@ -382,6 +382,10 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 to_client_bytes
             }),
         ),
+        // Perf buffers by CPU (a buffer's file descriptor each); the
+        // reports' own layout is `MonitorEvent`'s.
+        (map_names::EVENTS, layout!(u32), layout!(u32)),
+        (map_names::MONITOR, layout!(u32), layout!(u64)),
     ]
 }
 
@@ -421,6 +425,8 @@ frag4_v1: FragKey4 12 {saddr_be@0 daddr_be@4 id_be@8 proto@10 _pad@11} -> FragPo
 svccidr_v1: u32 4 {} -> ServiceCidrs 168 {count4@0 count6@4 v4@8 v6@40}
 sctp_v1: u32 4 {} -> Ports 16 {}
 traffic_v1: TrafficKey 8 {rev_nat_id@0 backend_id@4} -> Traffic 32 {to_backend_packets@0 to_backend_bytes@8 to_client_packets@16 to_client_bytes@24}
+events_v1: u32 4 {} -> u32 4 {}
+monitor_v1: u32 4 {} -> u64 8 {}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

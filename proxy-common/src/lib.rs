@@ -80,8 +80,15 @@ pub mod map_names {
     /// Per-CPU packets and bytes of each (frontend, backend) pair, both
     /// ways: what `/metrics` counts per Service and per backend.
     pub const TRAFFIC: &str = "traffic_v1";
+    /// Perf buffers, one per CPU, that `proxy-agent monitor` opens: the
+    /// programs report drops and rejects there while a monitor holds
+    /// [`MONITOR`]'s lease.
+    pub const EVENTS: &str = "events_v1";
+    /// One u64: until when (CLOCK_MONOTONIC ns) a monitor is reading
+    /// [`EVENTS`]; 0 or past, the programs report nothing.
+    pub const MONITOR: &str = "monitor_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 31] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -111,6 +118,8 @@ pub mod map_names {
         SERVICE_CIDRS,
         SCTP_ARRIVED,
         TRAFFIC,
+        EVENTS,
+        MONITOR,
     ];
 }
 
@@ -895,6 +904,46 @@ pub struct Traffic {
     pub to_client_bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<Traffic>() == 32);
+
+/// What the programs report of a packet they dropped or rejected while a
+/// monitor reads (see [`map_names::EVENTS`]): this header, then the first
+/// `captured` bytes of the packet as it was when the verdict fell (a tc
+/// reject: the ICMP error it became, which quotes the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// The verdict's [`stats::Stat`] index.
+    pub stat: u32,
+    /// The interface the packet arrived on.
+    pub ifindex: u32,
+    /// The packet's length.
+    pub len: u32,
+    /// Which program: an index into [`monitor::PROGRAMS`].
+    pub program: u32,
+}
+const _: () = assert!(core::mem::size_of::<MonitorEvent>() == 16);
+
+/// The monitor's event stream.
+pub mod monitor {
+    /// Packet bytes reported with an event, at most: Ethernet, IPv6 with
+    /// room for extension headers, and the L4 ports (of an ICMP error's
+    /// quoted packet too).
+    pub const CAPTURE: u32 = 128;
+    /// [`super::MonitorEvent::program`]'s values: indexes into [`PROGRAMS`].
+    pub const FROM_POD: u32 = 0;
+    pub const TO_POD: u32 = 1;
+    pub const UPLINK_XDP: u32 = 2;
+    pub const UPLINK_TC: u32 = 3;
+    pub const UPLINK_TC6: u32 = 4;
+    /// The programs' names, by their index in events.
+    pub const PROGRAMS: [&str; 5] = [
+        super::program_names::FROM_POD,
+        super::program_names::TO_POD,
+        super::program_names::UPLINK_XDP,
+        super::program_names::UPLINK_TC,
+        super::program_names::UPLINK_TC6,
+    ];
+}
 
 /// Constructors and decoders for userspace: the byte-order conversions written
 /// once, so callers never build a key field by field.

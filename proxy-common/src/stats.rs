@@ -91,6 +91,12 @@ impl Stat {
     pub const fn index(self) -> u32 {
         self as u32
     }
+
+    /// A reject: the packet turned into an ICMP error to its client.
+    #[inline(always)]
+    pub const fn is_reject(self) -> bool {
+        matches!(self, Stat::RejectNoBackend | Stat::RejectNoService)
+    }
 }
 
 #[cfg(test)]
@@ -106,6 +112,18 @@ mod tests {
 
     /// The indexes and names as they were before the enum: a pinned `stats_v1`
     /// array and every reader of it depend on them.
+    #[test]
+    fn rejects_are_the_reject_counters() {
+        for stat in Stat::ALL {
+            assert_eq!(
+                stat.is_reject(),
+                stat.name().starts_with("reject_"),
+                "{}",
+                stat.name()
+            );
+        }
+    }
+
     #[test]
     fn indexes_and_names_unchanged() {
         let names: [&str; COUNT as usize] = [

@@ -23,6 +23,7 @@ mod icmp;
 mod keys;
 mod lb;
 mod maps;
+mod monitor;
 mod pod;
 mod reject;
 mod sched;
@@ -37,10 +38,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
-use proxy_common::stats::Stat;
+use proxy_common::{monitor as program, stats::Stat};
 
 use crate::{
-    ctx::Packet,
     family::{V4, V6},
     flow::Frame,
     sock::Errno,
@@ -51,7 +51,7 @@ use crate::{
 pub fn from_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
     sctp::arrived(&ctx);
-    let code = verdict::finish_tc(len, Packet::ifindex(&ctx), pod::from_pod(&ctx));
+    let code = verdict::finish_tc(&ctx, program::FROM_POD, len, pod::from_pod(&ctx));
     sctp::fix(&ctx);
     code
 }
@@ -60,7 +60,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 pub fn to_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
     sctp::arrived(&ctx);
-    let code = verdict::finish_tc(len, Packet::ifindex(&ctx), pod::to_pod(&ctx));
+    let code = verdict::finish_tc(&ctx, program::TO_POD, len, pod::to_pod(&ctx));
     sctp::fix(&ctx);
     code
 }
@@ -72,7 +72,7 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     // packet bounds no room within 512 bytes of stack.
     // So does SCTP (see `sctp`).
     let outcome = uplink::uplink4(&ctx).unwrap_or(Ok(Out::pass(Stat::PassIpv6ToTc)));
-    verdict::finish_xdp(len, outcome)
+    verdict::finish_xdp(&ctx, len, outcome)
 }
 
 /// One of the uplink's two tc filters (the kernel runs both, in either
@@ -84,7 +84,7 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     sctp::arrived(&ctx);
     match uplink::uplink4(&ctx) {
         Some(outcome) => {
-            let code = verdict::finish_tc(len, Packet::ifindex(&ctx), outcome);
+            let code = verdict::finish_tc(&ctx, program::UPLINK_TC, len, outcome);
             sctp::fix(&ctx);
             code
         }
@@ -100,7 +100,7 @@ pub fn uplink_tc6(ctx: TcContext) -> i32 {
     sctp::arrived(&ctx);
     match uplink::uplink6(&ctx) {
         Some(outcome) => {
-            let code = verdict::finish_tc(len, Packet::ifindex(&ctx), outcome);
+            let code = verdict::finish_tc(&ctx, program::UPLINK_TC6, len, outcome);
             sctp::fix(&ctx);
             code
         }

@@ -7,7 +7,7 @@
 use crate::{family::V6, flow::Flow, lb::Chosen};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, PerfEventArray},
     macros::btf_map,
 };
 use proxy_common::{
@@ -106,6 +106,14 @@ pub static TRAFFIC: PerCpuHashMap<
     { capacity::TRAFFIC as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
+
+/// Perf buffers of `proxy-agent monitor`, one per CPU (see `monitor`).
+#[btf_map(name = "events_v1")]
+pub static EVENTS: PerfEventArray = PerfEventArray::new();
+
+/// Until when (CLOCK_MONOTONIC ns) a monitor reads `EVENTS` (see `monitor`).
+#[btf_map(name = "monitor_v1")]
+pub static MONITOR: Array<u64, 1> = Array::new();
 
 /// The socket hooks' reverse translation: (socket cookie, backend) -> the
 /// frontend the socket dialled, for getpeername and replies to unconnected

@@ -5,10 +5,11 @@
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::{TcContext, XdpContext},
 };
-use proxy_common::{stats::Stat, StatCounter};
+use proxy_common::{monitor as program, stats::Stat, StatCounter};
 
-use crate::{flow::Early, maps::STATS};
+use crate::{ctx::Packet, flow::Early, maps::STATS, monitor};
 
 /// tc: let the packet continue, to the next filter if there is one, else to the stack.
 pub const TC_ACT_UNSPEC: i32 = -1;
@@ -88,17 +89,22 @@ fn count(len: u32, stat: Stat) {
     }
 }
 
-/// tc: counts the packet (with `len`, its length as it arrived) and returns the action.
+/// tc: counts the packet (with `len`, its length as it arrived), reports a
+/// drop or reject to a monitor, and returns the action. `program`: which
+/// one, as `proxy_common::monitor` numbers them.
 #[inline(always)]
-pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Outcome) -> i32 {
+pub fn finish_tc(ctx: &TcContext, program: u32, len: u32, result: Outcome) -> i32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
+            if out.stat.is_reject() {
+                monitor::report(ctx, program, out.stat);
+            }
             // SAFETY: plain helper calls.
             unsafe {
                 match out.action {
                     Action::Pass | Action::Reject => TC_ACT_UNSPEC,
-                    Action::Tx => bpf_redirect(ingress_ifindex, 0) as i32,
+                    Action::Tx => bpf_redirect(Packet::ifindex(ctx), 0) as i32,
                     Action::Redirect => bpf_redirect(out.ifindex, 0) as i32,
                     Action::RedirectNeigh => {
                         bpf_redirect_neigh(out.ifindex, core::ptr::null_mut(), 0, 0) as i32
@@ -108,14 +114,16 @@ pub fn finish_tc(len: u32, ingress_ifindex: u32, result: Outcome) -> i32 {
         }
         Err(Dropped(stat)) => {
             count(len, stat);
+            monitor::report(ctx, program, stat);
             TC_ACT_SHOT as i32
         }
     }
 }
 
-/// XDP: the same for an XDP program.
+/// XDP: the same for `uplink_xdp`. A reject is tc's to report: XDP hands
+/// the packet on to it.
 #[inline(always)]
-pub fn finish_xdp(len: u32, result: Outcome) -> u32 {
+pub fn finish_xdp(ctx: &XdpContext, len: u32, result: Outcome) -> u32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
@@ -128,6 +136,7 @@ pub fn finish_xdp(len: u32, result: Outcome) -> u32 {
         }
         Err(Dropped(stat)) => {
             count(len, stat);
+            monitor::report(ctx, program::UPLINK_XDP, stat);
             xdp_action::XDP_DROP
         }
     }

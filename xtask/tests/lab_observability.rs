@@ -1,12 +1,16 @@
 //! Lab test of what an operator sees: kube-proxy's metrics on :10249 moved
 //! by real traffic and real API changes, and `/healthz` as kube-proxy's
-//! rules make it, through an API server outage.
+//! rules make it, through an API server outage; `proxy-agent monitor` naming
+//! drops and rejects as they happen.
 
 mod support;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -81,6 +85,74 @@ fn wait_healthz(ext: &str, code: u16, within: Duration) -> Duration {
         thread::sleep(Duration::from_millis(100));
     }
     start.elapsed()
+}
+
+/// `proxy-agent monitor` as an operator runs it on a node: in the node's
+/// network namespace, on its agent's pinned maps, naming Services through
+/// the agent's metrics address there. Killed when dropped.
+struct Monitor {
+    child: Child,
+    lines: mpsc::Receiver<(Instant, String)>,
+}
+
+impl Monitor {
+    fn start(lab: &Lab, node: &str) -> Self {
+        let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-unknown-linux-gnu/release/proxy-agent");
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.node_ns(node)))
+            .arg(&agent)
+            .args(["monitor", "--seconds", "120", "--pin-dir"])
+            .arg(format!("/sys/fs/bpf/{}/{node}", lab.name))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("proxy-agent monitor");
+        // Reading once it says so on stderr.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        while !said.contains("reading drops") {
+            said.clear();
+            let n = stderr.read_line(&mut said).unwrap();
+            assert!(n > 0, "monitor exited: {:?}", child.wait());
+            eprint!("   {said}");
+        }
+        thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("   {line}");
+            }
+        });
+        let (tx, lines) = mpsc::channel();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line that names `reason`, and when it came.
+    fn line_with(&mut self, reason: &str) -> (Instant, String) {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, line)) if line.contains(reason) => return (at, line),
+                Ok(_) => {}
+                Err(e) => panic!("no {reason} line from the monitor: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
@@ -320,6 +392,69 @@ fn lab_metrics_and_health_as_kube_proxy_serves_them() {
         );
     }
     eprintln!("   {} metrics, all served", read.len());
+
+    eprintln!("== proxy-agent monitor on node1 names drops and rejects as they happen");
+    let monweb = lab.pod_add("mon-web", "node2", "monweb");
+    lab.apply_service(
+        "fw",
+        json!({
+            "type": "LoadBalancer",
+            "loadBalancerSourceRanges": ["10.250.0.128/25"],
+            "selector": {"app": "monweb"},
+            "ports": [http()],
+        }),
+    );
+    lab.wait_endpoints("fw", &[monweb]);
+    lab.xtask(&["lb-ip", "fw", "192.0.2.40"]);
+    let lb: SocketAddr = (Ipv4Addr::new(192, 0, 2, 40), 80).into();
+    let empty = lab.service("empty", "nobody");
+    // Programmed once a connection is refused (the reject's ICMP error).
+    let refused = |ns: &str| {
+        let target: SocketAddr = (empty, 80).into();
+        in_netns(ns, move || {
+            TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        })
+    };
+    let wait = Instant::now();
+    while !refused(&client) {
+        assert!(
+            wait.elapsed() < Duration::from_secs(20),
+            "{empty} never rejected"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    thread::sleep(Duration::from_secs(1));
+    let mut monitor = Monitor::start(&lab, "node1");
+    let sent = Instant::now();
+    let outside = in_netns(&ext, move || {
+        TcpStream::connect_timeout(&lb, Duration::from_millis(300)).is_err()
+    });
+    assert!(outside, "a client outside the source ranges got through");
+    let (after, line) = monitor.line_with("drop_source_range");
+    eprintln!(
+        "   {:.2} s after the SYN: {line}",
+        (after - sent).as_secs_f64()
+    );
+    assert!(after - sent < Duration::from_secs(1), "{line}");
+    assert!(
+        line.contains("uplink_xdp") || line.contains("uplink_tc"),
+        "{line}"
+    );
+    assert!(line.contains(&format!("-> {lb}")), "{line}");
+    assert!(line.ends_with("service default/fw"), "{line}");
+    let sent = Instant::now();
+    assert!(refused(&client));
+    let (after, line) = monitor.line_with("reject_no_backend");
+    eprintln!(
+        "   {:.2} s after the SYN: {line}",
+        (after - sent).as_secs_f64()
+    );
+    assert!(after - sent < Duration::from_secs(1), "{line}");
+    assert!(line.contains("from_pod"), "{line}");
+    assert!(line.contains(&format!("-> {empty}:80")), "{line}");
+    assert!(line.ends_with("service default/empty"), "{line}");
+    drop(monitor);
 
     eprintln!(
         "== the API server stops: /healthz says 503 after {} s, /livez stays 200",

@@ -1,6 +1,7 @@
-//! Operator commands beside `run`: `simulate` (where does this packet go?) and
-//! `inspect` (the pinned maps as tables).
+//! Operator commands beside `run`: `simulate` (where does this packet go?),
+//! `inspect` (the pinned maps as tables) and `monitor` (drops as they happen).
 
 pub mod inspect;
+pub mod monitor;
 #[cfg(feature = "harness")]
 pub mod simulate;

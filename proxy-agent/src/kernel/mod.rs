@@ -594,6 +594,7 @@ pub mod fib_model;
 pub mod ifaces;
 pub mod lock;
 pub mod migrate;
+pub mod monitor;
 pub mod netinfo;
 pub mod rtnl;
 pub mod sock;

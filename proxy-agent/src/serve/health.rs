@@ -80,6 +80,9 @@ pub struct Status {
     pub socket_lb: serde_json::Value,
     /// Frontends not programmed (or kept as they were), and why.
     pub problems: std::collections::BTreeMap<crate::frontend::Frontend, crate::desired::Problem>,
+    /// The Service of each frontend (`namespace/name`), served on
+    /// `/frontends` for `proxy-agent monitor` to name what it reports.
+    pub services: std::collections::BTreeMap<crate::frontend::Frontend, Arc<str>>,
 }
 
 impl Status {
@@ -149,6 +152,29 @@ impl Status {
         self.metrics
             .frontends_refused
             .set(self.problems.values().filter(|p| p.map_full()).count() as i64);
+    }
+
+    /// Names the frontends of a round (`scope` as in `note_problems`).
+    pub fn note_services(
+        &mut self,
+        scope: Option<&[crate::frontend::Frontend]>,
+        named: impl IntoIterator<Item = (crate::frontend::Frontend, Arc<str>)>,
+    ) {
+        match scope {
+            None => self.services.clear(),
+            Some(scope) => scope.iter().for_each(|f| drop(self.services.remove(f))),
+        }
+        self.services.extend(named);
+    }
+
+    /// `/frontends`: `{"10.96.0.10:80/TCP": "default/web", ...}`.
+    fn render_services(&self) -> String {
+        let services: serde_json::Map<String, serde_json::Value> = self
+            .services
+            .iter()
+            .map(|(f, s)| (f.to_string(), serde_json::Value::from(&**s)))
+            .collect();
+        serde_json::Value::Object(services).to_string()
     }
 }
 
@@ -277,6 +303,7 @@ pub async fn serve(
                 Reply::ok(metrics::CONTENT_TYPE, metrics.render())
             }
             "/statusz" => Reply::ok("application/json", status.lock().unwrap().render()),
+            "/frontends" => Reply::ok("application/json", status.lock().unwrap().render_services()),
             _ => Reply::not_found(),
         })
         .await?;

@@ -4,13 +4,16 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::{
-    body::Bytes, header, server::conn::http1, service::service_fn, Method, Request, Response,
-    StatusCode,
+    body::Bytes, client, header, server::conn::http1, service::service_fn, Method, Request,
+    Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tracing::debug;
 
 /// What a handler answers.
@@ -126,6 +129,29 @@ fn respond<B>(request: &Request<B>, handler: &dyn Fn(&str) -> Reply) -> Response
     response
 }
 
+/// GETs `path` from the HTTP server at `addr`: the body of a 200 answer,
+/// within `timeout`.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
+    let request = async {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut sender, connection) = client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let connection = tokio::spawn(connection);
+        let request = Request::get(path)
+            .header(header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        connection.abort();
+        anyhow::ensure!(status == StatusCode::OK, "{status}");
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))?
+        .with_context(|| format!("GET http://{addr}{path}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +181,25 @@ mod tests {
         let c = ask("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").await;
         assert!(c.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{c}");
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn get_reads_a_200_body_and_refuses_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = serve(listener, |path| match path {
+            "/a" => Reply::ok("application/json", "{}".into()),
+            _ => Reply::not_found(),
+        });
+        let wait = Duration::from_secs(2);
+        assert_eq!(get(addr, "/a", wait).await.unwrap(), "{}");
+        let missing = get(addr, "/b", wait).await.unwrap_err();
+        assert!(format!("{missing:#}").contains("404"), "{missing:#}");
+        task.abort();
+        // Nothing listens there any more.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(get(gone, "/a", wait).await.is_err());
     }
 }

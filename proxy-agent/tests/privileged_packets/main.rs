@@ -7,6 +7,7 @@ mod fragments;
 mod full_maps;
 mod icmp;
 mod ipv6;
+mod monitor;
 mod random_frames;
 mod rewrite;
 mod schedulers;

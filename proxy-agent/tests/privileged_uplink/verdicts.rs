@@ -103,3 +103,26 @@ fn a_wrapped_xdp_run_takes_the_real_path_every_time() {
         assert_eq!((run.verdict, run.frame), (XDP_PASS, f.bytes()));
     });
 }
+
+#[test]
+fn a_source_range_drop_in_xdp_is_reported_to_a_monitor() {
+    with_programs(|p| {
+        let mut monitor = p.dp.monitor().unwrap();
+        let mut outsider = from_outside(packet::TCP, 40104, LB_IP, 80);
+        outsider.saddr = ip("10.250.0.50").into();
+        let bytes = outsider.bytes();
+        let (verdict, _) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_DROP);
+        let got = support::monitor::reports(&mut monitor, 2, std::time::Duration::from_secs(1));
+        assert_eq!(got.len(), 1, "one report of the one drop");
+        let report = proxy_agent::cli::monitor::decode(&got[0]).unwrap();
+        assert_eq!(report.stat, proxy_common::stats::Stat::DropSourceRange);
+        assert_eq!(report.program, "uplink_xdp");
+        assert_eq!(report.len as usize, bytes.len());
+        let header = std::mem::size_of::<proxy_common::MonitorEvent>();
+        assert_eq!(&got[0][header..header + bytes.len()], &bytes[..]);
+        let flow = report.flow.unwrap();
+        assert_eq!(flow.client, "10.250.0.50:40104".parse().unwrap());
+        assert_eq!(flow.server, format!("{LB_IP}:80").parse().unwrap());
+    });
+}

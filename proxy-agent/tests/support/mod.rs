@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod fib;
+pub mod monitor;
 pub mod netns;
 pub mod pins;
 #[allow(unused_imports, reason = "only the packet test binaries build frames")]

@@ -1,0 +1,57 @@
+//! What `proxy-agent monitor` reads of the pod path: a report of each
+//! reject while a monitor's lease lasts, with the packet as the verdict
+//! left it, none of a forwarded packet, and none once the lease ran out.
+
+use std::time::Duration;
+
+use proxy_agent::cli::monitor::decode;
+use proxy_common::{monitor::CAPTURE, stats::Stat};
+use support::monitor::reports;
+
+use super::*;
+
+#[test]
+fn a_reject_is_reported_with_its_error_while_a_monitor_reads_and_not_after() {
+    let mut p = Programs::new(&cluster());
+    let mut monitor = p.dp.monitor().unwrap();
+    let f = Frame::tcp(CLIENT, 40140, EMPTY_VIP, 80);
+    let (verdict, out) = p.send_from_pod(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let got = reports(&mut monitor, 2, Duration::from_secs(1));
+    assert_eq!(got.len(), 1, "one report of the one reject");
+    let report = decode(&got[0]).unwrap();
+    assert_eq!(report.stat, Stat::RejectNoBackend);
+    assert_eq!(report.program, "from_pod");
+    assert_eq!(report.len as usize, out.len());
+    let captured = out.len().min(CAPTURE as usize);
+    let header = std::mem::size_of::<proxy_common::MonitorEvent>();
+    assert_eq!(
+        &got[0][header..header + captured],
+        &out[..captured],
+        "the packet's bytes as the verdict left it: the ICMP error"
+    );
+    let flow = report.flow.unwrap();
+    assert_eq!(flow.client, format!("{CLIENT}:40140").parse().unwrap());
+    assert_eq!(flow.server, format!("{EMPTY_VIP}:80").parse().unwrap());
+    assert!(flow.quoted);
+
+    let (verdict, _) = p.send_from_pod(&Frame::tcp(CLIENT, 40141, VIP, 80));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert!(
+        reports(&mut monitor, 1, Duration::from_millis(200)).is_empty(),
+        "a forwarded packet is not reported"
+    );
+
+    // A monitor that stopped reading: its lease (2 s) runs out, and the
+    // programs stop reporting.
+    std::thread::sleep(Duration::from_millis(2200));
+    p.send_from_pod(&f);
+    assert!(
+        reports(&mut monitor, 1, Duration::from_millis(200)).is_empty(),
+        "nothing reported once the lease ran out"
+    );
+    // Reading again renews it.
+    p.send_from_pod(&f);
+    assert_eq!(reports(&mut monitor, 1, Duration::from_secs(1)).len(), 1);
+    assert_eq!(p.stat("reject_no_backend"), 3, "each reject counted");
+}

@@ -1,0 +1,39 @@
+//! Drops and rejects as they happen, for `proxy-agent monitor`: the verdict,
+//! the interface, and the packet's first bytes, through a perf buffer per
+//! CPU. Only while a monitor holds the lease in `MONITOR` (it renews it
+//! while it reads): otherwise a drop costs one array read more, and a
+//! packet that is not dropped nothing at all. A perf event array, not a ring
+//! buffer: its output helper appends the packet's bytes itself, for tc and
+//! XDP alike, where a ring buffer would need a copy loop the verifier walks
+//! in every path that drops.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, EbpfContext};
+use proxy_common::{monitor::CAPTURE, stats::Stat, MonitorEvent};
+
+use crate::{
+    ctx::Packet,
+    maps::{EVENTS, MONITOR},
+};
+
+/// Reports a packet `program` (a `proxy_common::monitor` index) gave
+/// verdict `stat`, if a monitor reads.
+#[inline(always)]
+pub fn report<C: EbpfContext + Packet>(ctx: &C, program: u32, stat: Stat) {
+    let until = match MONITOR.get(0) {
+        Some(until) => *until,
+        None => return,
+    };
+    // SAFETY: a helper without arguments.
+    if until == 0 || unsafe { bpf_ktime_get_ns() } >= until {
+        return;
+    }
+    let len = ctx.len();
+    let event = MonitorEvent {
+        stat: stat.index(),
+        ifindex: ctx.ifindex(),
+        len,
+        program,
+    };
+    // The helper appends this many of the packet's bytes to the event.
+    EVENTS.output(ctx, &event, len.min(CAPTURE));
+}
