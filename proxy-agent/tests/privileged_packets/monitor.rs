@@ -13,6 +13,9 @@ use super::*;
 #[test]
 fn a_reject_is_reported_with_its_error_while_a_monitor_reads_and_not_after() {
     let mut p = Programs::new(&cluster());
+    // Verified first: on a slow kernel (the matrix's emulated VMs) that
+    // takes longer than the lease the monitor takes now.
+    p.dp.program(FROM_POD).unwrap();
     let mut monitor = p.dp.monitor().unwrap();
     let f = Frame::tcp(CLIENT, 40140, EMPTY_VIP, 80);
     let (verdict, out) = p.send_from_pod(&f);
