@@ -110,8 +110,6 @@ mod tests {
         }
     }
 
-    /// The indexes and names as they were before the enum: a pinned `stats_v1`
-    /// array and every reader of it depend on them.
     #[test]
     fn rejects_are_the_reject_counters() {
         for stat in Stat::ALL {
@@ -124,6 +122,8 @@ mod tests {
         }
     }
 
+    /// The indexes and names as they were before the enum: a pinned `stats_v1`
+    /// array and every reader of it depend on them.
     #[test]
     fn indexes_and_names_unchanged() {
         let names: [&str; COUNT as usize] = [

@@ -1,8 +1,9 @@
 //! Drops and rejects as they happen, for `proxy-agent monitor`: the verdict,
 //! the interface, and the packet's first bytes, through a perf buffer per
 //! CPU. Only while a monitor holds the lease in `MONITOR` (it renews it
-//! while it reads): otherwise a drop costs one array read more, and a
-//! packet that is not dropped nothing at all. A perf event array, not a ring
+//! while it reads): otherwise a drop or reject costs a call and one array
+//! read more, and any other packet one comparison (is it a reject?). A
+//! perf event array, not a ring
 //! buffer: its output helper appends the packet's bytes itself, for tc and
 //! XDP alike, where a ring buffer would need a copy loop the verifier walks
 //! in every path that drops.

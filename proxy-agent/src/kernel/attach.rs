@@ -125,25 +125,6 @@ impl Dataplane {
         Ok(program)
     }
 
-    /// The instructions the verifier walked for each packet program, as
-    /// the kernel reports them (from 5.16; None before), against its limit
-    /// of a million: how close a program is to being refused.
-    pub fn verified_instructions(&mut self) -> Result<Vec<(&'static str, Option<u32>)>> {
-        let mut counts = Vec::new();
-        for name in [
-            program_names::FROM_POD,
-            program_names::TO_POD,
-            program_names::UPLINK_TC,
-            program_names::UPLINK_TC6,
-        ] {
-            let info = self.program(name)?.info()?;
-            counts.push((name, info.verified_instruction_count()));
-        }
-        let info = self.xdp_program()?.info()?;
-        counts.push((program_names::UPLINK_XDP, info.verified_instruction_count()));
-        Ok(counts)
-    }
-
     /// Attaches `from_pod` to tc ingress and `to_pod` to tc egress of a pod's
     /// host-side interface, replacing Ferry's filters if they are there. The
     /// filters stay after this process exits; `cleanup` removes them. Returns

@@ -446,17 +446,23 @@ impl Dataplane {
 
     /// Loads every packet program (the agent does at start, so that a
     /// verifier's refusal stops it there, not at the first interface).
-    pub fn load_packet_programs(&mut self) -> Result<()> {
+    /// Returns the instructions the verifier walked for each, as the kernel
+    /// reports them (from 5.16; None before), against its limit of a
+    /// million: how close a program is to being refused.
+    pub fn load_packet_programs(&mut self) -> Result<Vec<(&'static str, Option<u32>)>> {
+        let mut counts = Vec::new();
         for name in [
             program_names::FROM_POD,
             program_names::TO_POD,
             program_names::UPLINK_TC,
             program_names::UPLINK_TC6,
         ] {
-            self.program(name)?;
+            let info = self.program(name)?.info()?;
+            counts.push((name, info.verified_instruction_count()));
         }
-        self.xdp_program()?;
-        Ok(())
+        let info = self.xdp_program()?.info()?;
+        counts.push((program_names::UPLINK_XDP, info.verified_instruction_count()));
+        Ok(counts)
     }
 
     fn load_object_with(loader: &mut EbpfLoader<'_>, object: &[u8]) -> Result<Self> {
