@@ -33,6 +33,7 @@ use crate::{
         watch::{self, Store},
     },
     kernel::{
+        diag,
         ifaces::{self, LinkEvent},
         lock::{self, PinDirLock},
         migrate::Migration,
@@ -71,6 +72,8 @@ pub struct Config {
     pub metrics_per_backend: bool,
     /// The programs count packets and bytes per (frontend, backend) pair.
     pub traffic_counters: bool,
+    /// The most detailed level the programs log at.
+    pub bpf_log_level: diag::LogLevel,
     /// The node's uplinks (XDP, or tc, for traffic from outside): named, off,
     /// or found from the Node's InternalIP or the default route.
     pub uplink: UplinkRequest,
@@ -240,8 +243,15 @@ impl Agent {
         // First: an agent already on these maps must not be overwritten.
         Dataplane::make_pin_dir(&config.pin_dir)?;
         let pin_lock = PinDirLock::take(&config.pin_dir, lock::LOCK_WAIT)?;
-        let mut dataplane =
-            Dataplane::load_pinned(&config.pin_dir, &config.map_sizes, config.traffic_counters)?;
+        let mut dataplane = Dataplane::load_pinned(
+            &config.pin_dir,
+            &config.map_sizes,
+            config.traffic_counters,
+            config.bpf_log_level,
+        )?;
+        if let Some(logs) = dataplane.logs(Box::new(diag::ToTracing)) {
+            logs.forward();
+        }
         // Maps of an older layout: their entries go into the new maps before
         // the new programs replace the old ones (see `kernel::migrate`).
         let migration = Migration::begin(&mut dataplane, &config.pin_dir)?;

@@ -159,6 +159,12 @@ struct RunArgs {
     /// the counting out of the programs at load, and it costs nothing.
     #[arg(long, env = "FERRY_TRAFFIC_COUNTERS", default_value_t = false, action = clap::ArgAction::Set)]
     traffic_counters: bool,
+    /// The most detailed level of the programs' own log lines (rare paths:
+    /// the error of a helper that failed), which reach this log with
+    /// target `ebpf`: off, error, warn, info, debug or trace. Fixed at
+    /// load: the verifier leaves out the lines of more detailed levels.
+    #[arg(long, env = "FERRY_BPF_LOG_LEVEL", default_value = "warn")]
+    bpf_log_level: kernel::diag::LogLevel,
     /// The node's uplink interfaces (comma-separated): XDP for NodePort,
     /// externalIPs and LoadBalancer IPs. Unset: the interface holding the
     /// Node's InternalIP, else the default route's. `none`: no north-south
@@ -317,6 +323,7 @@ async fn main() -> Result<()> {
                 metrics_addr,
                 metrics_per_backend: args.metrics_per_backend,
                 traffic_counters: args.traffic_counters,
+                bpf_log_level: args.bpf_log_level,
                 resync_period: Duration::from_secs(args.resync_seconds.max(1)),
                 sync_delay: Duration::from_millis(args.sync_delay_ms),
                 gc_period: Duration::from_secs(args.conntrack_gc_seconds),

@@ -386,6 +386,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         // reports' own layout is `MonitorEvent`'s.
         (map_names::EVENTS, layout!(u32), layout!(u32)),
         (map_names::MONITOR, layout!(u32), layout!(u64)),
+        (map_names::DIAG, layout!(u32), layout!(i64)),
     ]
 }
 
@@ -427,6 +428,7 @@ sctp_v1: u32 4 {} -> Ports 16 {}
 traffic_v1: TrafficKey 8 {rev_nat_id@0 backend_id@4} -> Traffic 32 {to_backend_packets@0 to_backend_bytes@8 to_client_packets@16 to_client_bytes@24}
 events_v1: u32 4 {} -> u32 4 {}
 monitor_v1: u32 4 {} -> u64 8 {}
+diag_v1: u32 4 {} -> i64 8 {}
 ";
 
 fn line(name: &str, key: &Layout, value: &Layout) -> String {

@@ -333,8 +333,13 @@ fn upgrade(dir: &Path, ifindex: u32) {
 
     // The new agent's start-up: load with today's maps pinned beside the
     // old ones (config_v1 did not change: it stands for the adopted one).
-    let mut dp =
-        Dataplane::load_pinned(dir, &Default::default(), true).expect("load the new programs");
+    let mut dp = Dataplane::load_pinned(
+        dir,
+        &Default::default(),
+        true,
+        proxy_agent::kernel::diag::LogLevel::ALL,
+    )
+    .expect("load the new programs");
     dp.set_config(&settings::node_config(
         Some(ip(NODE)),
         None,
@@ -554,8 +559,13 @@ fn a_map_that_does_not_convert_is_named_and_the_others_are_carried() {
         .insert(key, old, 0)
         .unwrap();
 
-    let mut dp =
-        Dataplane::load_pinned(&dir, &Default::default(), true).expect("load the new programs");
+    let mut dp = Dataplane::load_pinned(
+        &dir,
+        &Default::default(),
+        true,
+        proxy_agent::kernel::diag::LogLevel::ALL,
+    )
+    .expect("load the new programs");
     let migration = Migration::begin(&mut dp, &dir).expect("first pass");
     let report = migration.finish(&mut dp, &Lifetimes::default());
     assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
@@ -615,7 +625,13 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
     std::fs::create_dir_all(&dir).unwrap();
     pins::create(&dir, map_names::STATS, "percpu_array", 4, 16, None);
     {
-        let dp = Dataplane::load_pinned(&dir, &Default::default(), true).expect("load");
+        let dp = Dataplane::load_pinned(
+            &dir,
+            &Default::default(),
+            true,
+            proxy_agent::kernel::diag::LogLevel::ALL,
+        )
+        .expect("load");
         let mut ct = pins::hash::<CtKey4, proxy_common::CtValue>(&dir, map_names::CONNTRACK_V4);
         for (key, value) in &flows {
             ct.insert(key, value, 0).unwrap();
@@ -644,7 +660,9 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
         backends: 16,
         ..Default::default()
     };
-    let mut dp = Dataplane::load_pinned(&dir, &sizes, true).expect("load with new sizes");
+    let mut dp =
+        Dataplane::load_pinned(&dir, &sizes, true, proxy_agent::kernel::diag::LogLevel::ALL)
+            .expect("load with new sizes");
     let aside = |name: &str| dir.join(format!("{name}{}", previous::RESIZED_SUFFIX));
     assert!(aside(map_names::CONNTRACK_V4).exists());
     assert!(aside(map_names::BACKENDS_V4).exists());
@@ -678,7 +696,8 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
 
     // Started again with the same sizes: nothing is set aside.
     drop(dp);
-    let dp = Dataplane::load_pinned(&dir, &sizes, true).expect("load again");
+    let dp = Dataplane::load_pinned(&dir, &sizes, true, proxy_agent::kernel::diag::LogLevel::ALL)
+        .expect("load again");
     assert!(!aside(map_names::CONNTRACK_V4).exists());
     assert_eq!(dp.conntrack().unwrap().len(), flows.len());
     drop(dp);

@@ -482,7 +482,13 @@ fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
         support::netns::in_netns(&ns, move || {
             // As the agent starts: the maps it finds pinned are what it serves from.
             let mut programs = Programs::with(
-                Dataplane::load_pinned(&pin_dir, &Default::default(), true).unwrap(),
+                Dataplane::load_pinned(
+                    &pin_dir,
+                    &Default::default(),
+                    true,
+                    proxy_agent::kernel::diag::LogLevel::ALL,
+                )
+                .unwrap(),
             )
             .unwrap();
             programs.programmed.applied = programs.dp.read_state().unwrap();

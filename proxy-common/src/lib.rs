@@ -87,8 +87,11 @@ pub mod map_names {
     /// One u64: until when (CLOCK_MONOTONIC ns) a monitor is reading
     /// [`EVENTS`]; 0 or past, the programs report nothing.
     pub const MONITOR: &str = "monitor_v1";
+    /// Per CPU, the error code of the last helper that failed on a rare
+    /// path, for the programs' log line (the programs' own).
+    pub const DIAG: &str = "diag_v1";
     /// Every map the programs define; the agent pins each of them.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 32] = [
         SERVICES_V4,
         BACKENDS_V4,
         REVNAT_V4,
@@ -120,6 +123,7 @@ pub mod map_names {
         TRAFFIC,
         EVENTS,
         MONITOR,
+        DIAG,
     ];
 }
 

@@ -113,7 +113,8 @@ pub trait Family: Copy {
     ) -> Self::CtKey;
     fn ct_ptr(key: &Self::CtKey) -> Option<*mut CtValue>;
     fn ct_get(key: &Self::CtKey) -> Option<CtValue>;
-    fn ct_insert(key: &Self::CtKey, value: &CtValue) -> Result<(), ()>;
+    /// Err: the helper's error code.
+    fn ct_insert(key: &Self::CtKey, value: &CtValue) -> Result<(), i32>;
 
     fn affinity_key(client: Self::Addr, rev_nat_id: u32) -> Self::AffinityKey;
     fn affinity(key: &Self::AffinityKey) -> Option<AffinityValue>;
@@ -432,10 +433,8 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn ct_insert(key: &CtKey4, value: &CtValue) -> Result<(), ()> {
-        CONNTRACK
-            .insert(key, value, u64::from(BPF_ANY))
-            .map_err(|_| ())
+    fn ct_insert(key: &CtKey4, value: &CtValue) -> Result<(), i32> {
+        CONNTRACK.insert(key, value, u64::from(BPF_ANY))
     }
 
     #[inline(always)]
@@ -625,10 +624,8 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn ct_insert(key: &CtKey6, value: &CtValue) -> Result<(), ()> {
-        CONNTRACK6
-            .insert(key, value, u64::from(BPF_ANY))
-            .map_err(|_| ())
+    fn ct_insert(key: &CtKey6, value: &CtValue) -> Result<(), i32> {
+        CONNTRACK6.insert(key, value, u64::from(BPF_ANY))
     }
 
     #[inline(always)]

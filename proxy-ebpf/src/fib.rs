@@ -9,6 +9,7 @@ use proxy_common::stats::Stat;
 
 use crate::{
     ctx::Packet,
+    diag,
     family::Family,
     maps::SCRATCH,
     verdict::{Action, Dropped, Out, Outcome},
@@ -64,7 +65,10 @@ pub fn fib<C: Packet, F: Family>(
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Unresolved {
             ifindex: params.ifindex,
         }),
-        _ => Err(Dropped(Stat::DropFib)),
+        _ => {
+            diag::record(ret);
+            Err(Dropped(Stat::DropFib))
+        }
     }
 }
 

@@ -15,6 +15,7 @@ mod bench;
 mod csum;
 mod ct;
 mod ctx;
+mod diag;
 mod family;
 mod fib;
 mod flow;

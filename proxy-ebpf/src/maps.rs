@@ -107,6 +107,11 @@ pub static TRAFFIC: PerCpuHashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
 
+/// The error code of the last helper that failed on a rare path, per CPU,
+/// for the log line the programs' exit writes (see `diag`).
+#[btf_map(name = "diag_v1")]
+pub static DIAG: PerCpuArray<i64, 1> = PerCpuArray::new();
+
 /// Perf buffers of `proxy-agent monitor`, one per CPU (see `monitor`).
 #[btf_map(name = "events_v1")]
 pub static EVENTS: PerfEventArray = PerfEventArray::new();

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{monitor as program, stats::Stat, StatCounter};
 
-use crate::{ctx::Packet, flow::Early, maps::STATS, monitor};
+use crate::{ctx::Packet, diag, flow::Early, maps::STATS, monitor};
 
 /// tc: let the packet continue, to the next filter if there is one, else to the stack.
 pub const TC_ACT_UNSPEC: i32 = -1;
@@ -115,6 +115,7 @@ pub fn finish_tc(ctx: &TcContext, program: u32, len: u32, result: Outcome) -> i3
         Err(Dropped(stat)) => {
             count(len, stat);
             monitor::report(ctx, program, stat);
+            diag::log_drop(stat);
             TC_ACT_SHOT as i32
         }
     }
@@ -137,6 +138,7 @@ pub fn finish_xdp(ctx: &XdpContext, len: u32, result: Outcome) -> u32 {
         Err(Dropped(stat)) => {
             count(len, stat);
             monitor::report(ctx, program::UPLINK_XDP, stat);
+            diag::log_drop(stat);
             xdp_action::XDP_DROP
         }
     }

@@ -23,7 +23,7 @@ const TARGET: &str = "bpfel-unknown-none";
 /// walks a global function once, on its own, instead of in every path that
 /// calls it (see `ferry_find_free_port4` in proxy-ebpf). Without the export
 /// the linker makes every function static.
-const GLOBAL_FUNCTIONS: &[&str] = &["ferry_find_free_port4"];
+const GLOBAL_FUNCTIONS: &[&str] = &["ferry_find_free_port4", "ferry_log_drop"];
 
 /// Where the object lands; proxy-agent's build script embeds it from there.
 pub fn object_path() -> PathBuf {

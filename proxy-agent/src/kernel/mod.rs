@@ -215,8 +215,14 @@ impl Dataplane {
     /// Maps already pinned there are reused, so a restarted agent keeps every
     /// connection; one of another size is set aside for the migration to
     /// carry over (see `set_aside_resized`). `traffic_counters` off leaves
-    /// the per-pair counting out of the programs (see `--traffic-counters`).
-    pub fn load_pinned(pin_dir: &Path, sizes: &MapSizes, traffic_counters: bool) -> Result<Self> {
+    /// the per-pair counting out of the programs (see `--traffic-counters`);
+    /// `log_level` leaves out their log lines of more detailed levels.
+    pub fn load_pinned(
+        pin_dir: &Path,
+        sizes: &MapSizes,
+        traffic_counters: bool,
+        log_level: diag::LogLevel,
+    ) -> Result<Self> {
         Self::make_pin_dir(pin_dir)?;
         let entries = sizes.entries();
         // The statistics array grows when a counter is added.
@@ -236,6 +242,8 @@ impl Dataplane {
         // An object without it (older) counts nothing anyway.
         let counting = u8::from(traffic_counters);
         loader.override_global(TRAFFIC_COUNTERS, &counting, false);
+        let level = log_level.value();
+        loader.override_global(aya_log::LEVEL, &level, false);
         let mut dataplane = Self::load_with(&mut loader)?;
         dataplane.load_packet_programs()?;
         dataplane.pin_dir = Some(pin_dir.to_path_buf());
@@ -596,6 +604,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
     Ok(st.f_type)
 }
 
+pub mod diag;
 pub mod fib_model;
 pub mod ifaces;
 pub mod lock;

@@ -53,8 +53,13 @@ fn translated_packets_are_counted_by_frontend_backend_and_way() {
 fn counting_switched_off_at_load_counts_nothing() {
     support::require_root();
     let lab = support::netns::Lab::new("trafficoff");
-    let dp = proxy_agent::kernel::Dataplane::load_pinned(&lab.pin_dir, &Default::default(), false)
-        .expect("load the programs");
+    let dp = proxy_agent::kernel::Dataplane::load_pinned(
+        &lab.pin_dir,
+        &Default::default(),
+        false,
+        proxy_agent::kernel::diag::LogLevel::ALL,
+    )
+    .expect("load the programs");
     let mut p = Programs(harness::Programs::with(dp).unwrap());
     p.serve(&cluster());
     let f = Frame::tcp(CLIENT, 40200, VIP, 80);

@@ -129,3 +129,52 @@ fn a_source_range_drop_in_xdp_is_reported_to_a_monitor() {
         assert_eq!(flow.server, format!("{LB_IP}:80").parse().unwrap());
     });
 }
+
+/// The programs' log (aya-log) as `diag` writes it: what a drop's verdict
+/// counter cannot tell, such as what the FIB lookup answered.
+#[test]
+fn a_backend_the_fib_cannot_reach_is_dropped_and_the_lookups_answer_logged() {
+    with_programs(|p| {
+        let mut list = services();
+        list.push(frontend(
+            "nowhere",
+            LB_IP,
+            82,
+            Protocol::Tcp,
+            &[("10.99.0.3", 8080, false)],
+        ));
+        assert!(p.h.serve(&list).unwrap().is_empty());
+        let bytes = from_outside(packet::TCP, 40105, LB_IP, 82).bytes();
+        let (verdict, _) = p.xdp(&bytes);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(p.stat("drop_fib"), 1);
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut logs =
+            p.dp.logs(Box::new(Capture(lines.clone())))
+                .expect("the programs' log");
+        logs.flush();
+        let lines = lines.lock().unwrap().clone();
+        // No route to 10.99.0.3 here: BPF_FIB_LKUP_RET_NOT_FWDED (4).
+        assert_eq!(
+            lines,
+            ["WARN drop_fib: the FIB lookup returned 4"],
+            "one line, at warn"
+        );
+    });
+}
+
+/// Log records as `LEVEL text` lines.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let line = format!("{} {}", record.level(), record.args());
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn flush(&self) {}
+}

@@ -19,6 +19,7 @@ use proxy_common::{
 };
 
 use crate::{
+    diag,
     family::{Backend, Endpoint, Family},
     flow::Flow,
     verdict::Dropped,
@@ -226,7 +227,14 @@ fn write_reply<F: Family>(
         &reply_key(flow, &tracked.backend, tracked.client_port_be(flow)),
         &reply,
     )
-    .map_err(|_| Dropped(Stat::DropCtInsert))
+    .map_err(insert_failed)
+}
+
+/// A conntrack entry the kernel would not take: its error, for the log.
+#[inline(always)]
+fn insert_failed(error: i32) -> Dropped {
+    diag::record(i64::from(error));
+    Dropped(Stat::DropCtInsert)
 }
 
 /// Marks the reply direction of `flow` closing with its forward entry.
@@ -260,7 +268,7 @@ pub fn create<F: Family>(
         last_seen_ns: now,
         ..CtValue::default()
     };
-    F::ct_insert(&key(flow, ct_dir::FORWARD), &forward).map_err(|_| Dropped(Stat::DropCtInsert))
+    F::ct_insert(&key(flow, ct_dir::FORWARD), &forward).map_err(insert_failed)
 }
 
 /// Whether the reply entry `entry` leaves the tuple free for a new flow of
