@@ -9,17 +9,21 @@
 //! pod CIDR of the other nodes through that node's address (on-link, so no
 //! subnet needs to be known). Next hops have no neighbour entries: tc sends
 //! such a packet with `bpf_redirect_neigh`, which is what the verdict shows.
-//! Requests go over rtnetlink directly: the agent's image has no `ip`.
+//! Requests go over rtnetlink (`rtnl`): the agent's image has no `ip`.
 
 use std::{io, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 
-use super::rtnl::{
-    attr, c_string, nest, Rtnl, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, NLM_F_CREATE,
-    NLM_F_EXCL, RTA_DST, RTA_OIF, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTN_UNICAST,
-    RT_TABLE_MAIN,
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType},
+    RouteNetlinkMessage,
 };
+
+use super::rtnl::{route_address, Rtnl};
 use crate::frontend::Cidr;
 
 pub const UPLINK: &str = "uplink0";
@@ -92,88 +96,68 @@ fn if_index(name: &str) -> Result<u32> {
     }
 }
 
-const IFLA_INFO_DATA: u16 = 2;
-const VETH_INFO_PEER: u16 = 1;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const IFA_F_NODAD: u8 = 0x02;
-const RTA_GATEWAY: u16 = 5;
-const RTPROT_STATIC: u8 = 4;
-const RTNH_F_ONLINK: u32 = 4;
 const CREATE: u16 = NLM_F_CREATE | NLM_F_EXCL;
+
+/// A link message naming a device.
+fn named(name: &str) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.into()));
+    msg
+}
 
 /// Creates a veth pair and sets both ends up: two steps, as some kernels
 /// refuse a veth created up (ENOTCONN).
 fn add_veth(rtnl: &mut Rtnl, name: &str, peer: &str) -> Result<()> {
-    let mut body = ifinfomsg(0, 0);
-    attr(&mut body, IFLA_IFNAME, &c_string(name));
-    nest(&mut body, IFLA_LINKINFO, |info| {
-        attr(info, IFLA_INFO_KIND, b"veth");
-        nest(info, IFLA_INFO_DATA, |data| {
-            nest(data, VETH_INFO_PEER, |p| {
-                p.extend_from_slice(&ifinfomsg(0, 0));
-                attr(p, IFLA_IFNAME, &c_string(peer));
-            });
-        });
-    });
-    rtnl.request(RTM_NEWLINK, CREATE, &body)
+    let mut pair = named(name);
+    pair.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(named(peer)))),
+    ]));
+    rtnl.request(RouteNetlinkMessage::NewLink(pair), CREATE)
         .with_context(|| format!("creating the veth pair {name}/{peer}"))?;
     for end in [name, peer] {
-        let up = libc::IFF_UP as u32;
-        rtnl.request(RTM_NEWLINK, 0, &ifinfomsg(if_index(end)?, up))
+        let mut up = LinkMessage::default();
+        up.header.index = if_index(end)?;
+        up.header.flags = LinkFlags::Up;
+        up.header.change_mask = LinkFlags::Up;
+        rtnl.request(RouteNetlinkMessage::NewLink(up), 0)
             .with_context(|| format!("setting {end} up"))?;
     }
     Ok(())
 }
 
 fn add_address(rtnl: &mut Rtnl, index: u32, addr: IpAddr) -> Result<()> {
-    let (family, bytes, prefix, flags) = family_of(addr);
-    let mut body = vec![family, prefix, flags, 0];
-    body.extend_from_slice(&index.to_ne_bytes());
-    attr(&mut body, IFA_LOCAL, &bytes);
-    attr(&mut body, IFA_ADDRESS, &bytes);
-    rtnl.request(RTM_NEWADDR, CREATE, &body)?;
+    let (family, prefix, _) = route_address(addr);
+    let mut msg = AddressMessage::default();
+    msg.header.family = family;
+    msg.header.prefix_len = prefix;
+    msg.header.index = index;
+    if addr.is_ipv6() {
+        // No duplicate address detection: usable at once.
+        msg.header.flags = AddressHeaderFlags::Nodad;
+    }
+    msg.attributes.push(AddressAttribute::Local(addr));
+    msg.attributes.push(AddressAttribute::Address(addr));
+    rtnl.request(RouteNetlinkMessage::NewAddress(msg), CREATE)?;
     Ok(())
 }
 
 fn add_route(rtnl: &mut Rtnl, index: u32, route: &GatewayRoute) -> Result<()> {
-    let (family, dst, _, _) = family_of(route.dst.address);
-    let (via_family, via, _, _) = family_of(route.via);
+    let (family, _, dst) = route_address(route.dst.address);
+    let (via_family, _, via) = route_address(route.via);
     if via_family != family {
         bail!("the next hop is of the other family");
     }
-    let mut body = vec![
-        family,
-        route.dst.prefix,
-        0,
-        0,
-        RT_TABLE_MAIN,
-        RTPROT_STATIC,
-        0, // RT_SCOPE_UNIVERSE
-        RTN_UNICAST,
-    ];
-    body.extend_from_slice(&RTNH_F_ONLINK.to_ne_bytes());
-    attr(&mut body, RTA_DST, &dst);
-    attr(&mut body, RTA_GATEWAY, &via);
-    attr(&mut body, RTA_OIF, &index.to_ne_bytes());
-    rtnl.request(RTM_NEWROUTE, CREATE, &body)?;
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family;
+    msg.header.destination_prefix_length = route.dst.prefix;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Static;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.flags = RouteFlags::Onlink;
+    msg.attributes.push(RouteAttribute::Destination(dst));
+    msg.attributes.push(RouteAttribute::Gateway(via));
+    msg.attributes.push(RouteAttribute::Oif(index));
+    rtnl.request(RouteNetlinkMessage::NewRoute(msg), CREATE)?;
     Ok(())
-}
-/// An ifinfomsg for device `index` (0: one to create) that sets `flags`
-/// (and changes only those).
-fn ifinfomsg(index: u32, flags: u32) -> Vec<u8> {
-    let mut m = vec![0u8; 4]; // family, pad, type
-    m.extend_from_slice(&index.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m
-}
-
-/// Family, address bytes, the host prefix length and the ifaddrmsg flags
-/// (no duplicate address detection: usable at once).
-fn family_of(addr: IpAddr) -> (u8, Vec<u8>, u8, u8) {
-    match addr {
-        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec(), 32, 0),
-        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec(), 128, IFA_F_NODAD),
-    }
 }

@@ -13,16 +13,17 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io,
     net::IpAddr,
-    os::fd::AsRawFd,
     thread,
 };
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use super::rtnl::{self, Link, Route, RouteTo, RTM_DELROUTE, RTM_NEWLINK, RTM_NEWROUTE};
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::RouteNetlinkMessage;
+
+use super::rtnl::{self, Link, Route, RouteTo};
 use crate::frontend::Cidr;
 
 /// A change of the namespace's links or routes.
@@ -246,11 +247,9 @@ pub fn unattached(
         .collect()
 }
 
-const RTM_DELLINK: u16 = 17;
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
-const NLMSG_HDR: usize = 16;
 
 /// Subscribes to link and route events of this network namespace. A thread
 /// reads the netlink socket and forwards events; it ends when the receiver
@@ -262,18 +261,9 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
     thread::Builder::new()
         .name("link-events".into())
         .spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = Vec::with_capacity(64 * 1024);
             loop {
-                // SAFETY: `buf` is valid for its length; the socket lives as
-                // long as this thread.
-                let n = unsafe {
-                    libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-                };
-                if n < 0 {
-                    let err = io::Error::last_os_error();
-                    if err.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
+                if let Err(err) = rtnl::receive(&socket, &mut buf) {
                     // ENOBUFS: events were lost.
                     if err.raw_os_error() == Some(libc::ENOBUFS) {
                         if tx.send(LinkEvent::Lost).is_err() {
@@ -284,7 +274,7 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
                     tracing::error!(error = %err, "link events stopped");
                     break;
                 }
-                for event in parse(&buf[..n as usize]) {
+                for event in parse(&buf) {
                     if tx.send(event).is_err() {
                         return;
                     }
@@ -294,36 +284,33 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<LinkEvent>> {
     Ok(rx)
 }
 
-/// Parses a buffer of rtnetlink messages into link and route events.
-pub fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
-    let mut events = Vec::new();
-    while buf.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().unwrap());
-        if len < NLMSG_HDR || len > buf.len() {
-            break;
-        }
-        let msg = &buf[NLMSG_HDR..len];
-        let event = match kind {
-            RTM_NEWLINK => rtnl::link_of(msg).map(LinkEvent::Up),
-            RTM_DELLINK => rtnl::link_of(msg).map(|l| LinkEvent::Gone {
+/// Parses a datagram of rtnetlink messages into link and route events.
+pub fn parse(buf: &[u8]) -> Vec<LinkEvent> {
+    rtnl::messages(buf)
+        .into_iter()
+        .filter_map(|message| match message.payload {
+            NetlinkPayload::InnerMessage(inner) => Some(inner),
+            _ => None,
+        })
+        .filter_map(|inner| match inner {
+            RouteNetlinkMessage::NewLink(l) => rtnl::link_of(&l).map(LinkEvent::Up),
+            RouteNetlinkMessage::DelLink(l) => rtnl::link_of(&l).map(|l| LinkEvent::Gone {
                 index: l.index,
                 name: l.name,
             }),
-            RTM_NEWROUTE => rtnl::route_of(msg).map(LinkEvent::Route),
-            RTM_DELROUTE => rtnl::route_of(msg).map(LinkEvent::RouteGone),
+            RouteNetlinkMessage::NewRoute(r) => rtnl::route_of(&r).map(LinkEvent::Route),
+            RouteNetlinkMessage::DelRoute(r) => rtnl::route_of(&r).map(LinkEvent::RouteGone),
             _ => None,
-        };
-        events.extend(event);
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-    }
-    events
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::rtnl::{IFINFOMSG, IFLA_IFNAME};
+    use netlink_packet_route::address::AddressMessage;
+
+    use crate::kernel::rtnl::tests::{framed, link_message};
 
     #[test]
     fn globs() {
@@ -333,28 +320,6 @@ mod tests {
         assert!(!glob_match("veth*", "eth0"));
         assert!(!glob_match("cali", "cali0"));
         assert!(matches_any(&["cali*".into(), "fp-*".into()], "fp-web-1"));
-    }
-
-    fn message(kind: u16, index: i32, name: &str) -> Vec<u8> {
-        let mut attr = Vec::new();
-        let alen = 4 + name.len() + 1;
-        attr.extend((alen as u16).to_ne_bytes());
-        attr.extend(IFLA_IFNAME.to_ne_bytes());
-        attr.extend(name.as_bytes());
-        attr.push(0);
-        attr.resize(alen.next_multiple_of(4), 0);
-        let mut info = vec![0u8; IFINFOMSG];
-        info[4..8].copy_from_slice(&index.to_ne_bytes());
-        // An attribute before the name, as the kernel sends (IFLA_MTU = 4).
-        let mut mtu = vec![8, 0, 4, 0];
-        mtu.extend(1500u32.to_ne_bytes());
-        let body: Vec<u8> = [info, mtu, attr].concat();
-        let mut msg = Vec::new();
-        msg.extend(((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
-        msg.extend(kind.to_ne_bytes());
-        msg.extend([0u8; 10]);
-        msg.extend(body);
-        msg
     }
 
     fn link(index: u32, name: &str, master: Option<u32>) -> Link {
@@ -486,9 +451,11 @@ mod tests {
     #[test]
     fn parses_new_and_deleted_links() {
         let buf = [
-            message(RTM_NEWLINK, 7, "vethab"),
-            message(RTM_DELLINK, 3, "fp-x"),
-            message(20, 1, "addr"),
+            framed(RouteNetlinkMessage::NewLink(link_message(
+                7, "vethab", None,
+            ))),
+            framed(RouteNetlinkMessage::DelLink(link_message(3, "fp-x", None))),
+            framed(RouteNetlinkMessage::NewAddress(AddressMessage::default())),
         ]
         .concat();
         assert_eq!(

@@ -1,90 +1,44 @@
-//! rtnetlink requests of the calling thread's network namespace, written
-//! directly (the agent's image has no `ip`): the links with their kinds and
-//! bridge masters, the routes out of each, the route to one address, and
-//! what `fib_model` creates. The messages the link and route events carry
-//! are read here too.
+//! rtnetlink requests of the calling thread's network namespace (the
+//! agent's image has no `ip`): the links with their kinds and bridge
+//! masters, the routes out of each, the route to one address, and what
+//! `fib_model` and `clsact` send. The messages are netlink-packet-route's
+//! typed ones, over netlink-sys's blocking socket; this module turns them
+//! into what the agent keeps ([`Link`], [`Route`], [`RouteTo`]), and reads
+//! the link and route events too.
 
-use std::{
-    io,
-    net::IpAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::{io, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkInfo, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::frontend::Cidr;
 
-const NLMSG_HDR: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_DUMP: u16 = 0x300;
-pub const NLM_F_EXCL: u16 = 0x200;
-pub const NLM_F_CREATE: u16 = 0x400;
-pub const RTM_NEWLINK: u16 = 16;
-pub const RTM_GETLINK: u16 = 18;
-pub const RTM_NEWADDR: u16 = 20;
-pub const RTM_NEWROUTE: u16 = 24;
-pub const RTM_DELROUTE: u16 = 25;
-pub const RTM_GETROUTE: u16 = 26;
-pub const IFINFOMSG: usize = 16;
-pub const RTMSG: usize = 12;
-pub const IFLA_IFNAME: u16 = 3;
-pub const IFLA_MASTER: u16 = 10;
-pub const IFLA_LINKINFO: u16 = 18;
-pub const IFLA_INFO_KIND: u16 = 1;
-pub const RTA_DST: u16 = 1;
-pub const RTA_OIF: u16 = 4;
-const RTA_TABLE: u16 = 15;
-pub const RT_TABLE_MAIN: u8 = 254;
-pub const RTN_UNICAST: u8 = 1;
-/// `rtm_type` of a route to one of the node's own addresses.
-const RTN_LOCAL: u8 = 2;
+/// Room for one datagram of a dump (the kernel sends up to a page's worth
+/// of messages at a time, or 32 KiB with large pages).
+const RECV_BUF: usize = 64 * 1024;
 
 /// An rtnetlink socket that sends one request at a time.
 pub struct Rtnl {
-    fd: OwnedFd,
+    socket: Socket,
     seq: u32,
-}
-
-/// An rtnetlink socket of the calling thread's namespace.
-fn socket() -> Result<OwnedFd> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
-    }
-    // SAFETY: a descriptor we own from here on.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// An rtnetlink socket that receives the events of multicast `groups`
 /// (`RTMGRP_*`).
-pub fn subscribe(groups: u32) -> Result<OwnedFd> {
-    let fd = socket()?;
-    // SAFETY: an all-zero sockaddr_nl is valid.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = groups;
-    // SAFETY: `addr` is valid for the length given.
-    let ret = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error()).context("subscribing to rtnetlink events");
-    }
-    Ok(fd)
+pub fn subscribe(groups: u32) -> Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+    socket
+        .bind(&SocketAddr::new(0, groups))
+        .context("subscribing to rtnetlink events")?;
+    Ok(socket)
 }
 
 /// The OS error code behind an error of a [`Rtnl::request`], if any.
@@ -93,131 +47,91 @@ pub fn os_error(e: &anyhow::Error) -> Option<i32> {
         .and_then(io::Error::raw_os_error)
 }
 
-impl Rtnl {
-    pub fn open() -> Result<Self> {
-        Ok(Self {
-            fd: socket()?,
-            seq: 0,
-        })
-    }
-
-    /// Sends one request (`body`: the family header and its attributes) and
-    /// returns the messages that answer it (their payloads, after the
-    /// netlink header): a dump's, until it is done; otherwise whatever
-    /// comes before the kernel's acknowledgement, which an error replaces.
-    pub fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.seq += 1;
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
-        let mut msg = Vec::with_capacity(NLMSG_HDR + body.len());
-        msg.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&flags.to_ne_bytes());
-        msg.extend_from_slice(&self.seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(body);
-        // To the kernel: port id 0.
-        // SAFETY: an all-zero sockaddr_nl is valid.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: `msg` and `kernel` are valid for the lengths given.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&raw const kernel).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error()).context("rtnetlink send");
-        }
-        let mut answers = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: `buf` is valid for its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err).context("rtnetlink receive");
-            }
-            let mut rest = &buf[..n as usize];
-            while rest.len() >= NLMSG_HDR {
-                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
-                if len < NLMSG_HDR || len > rest.len() {
-                    bail!("a malformed rtnetlink reply");
-                }
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
-                let payload = &rest[NLMSG_HDR..len];
-                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-                if seq != self.seq {
-                    continue;
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(answers),
-                    NLMSG_ERROR if payload.len() >= 4 => {
-                        let errno = -i32::from_ne_bytes(payload[0..4].try_into().unwrap());
-                        return match errno {
-                            0 => Ok(answers),
-                            e => Err(io::Error::from_raw_os_error(e).into()),
-                        };
-                    }
-                    _ => answers.push(payload.to_vec()),
-                }
-            }
+/// Reads one datagram of `socket` into `buf` (cleared first), retrying
+/// when a signal interrupts the wait.
+pub fn receive(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<()> {
+    loop {
+        buf.clear();
+        match socket.recv(buf, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(drop),
         }
     }
 }
 
-/// Appends one attribute, padded.
-pub fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    buf.extend_from_slice(&(4 + value.len() as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-/// Appends an attribute that holds the attributes `fill` writes.
-pub fn nest(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    fill(&mut inner);
-    attr(buf, kind, &inner);
-}
-
-pub fn c_string(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-/// The attributes of a message whose family header is `header` bytes long:
-/// (type, value), nesting flags masked off.
-pub fn attributes(msg: &[u8], header: usize) -> Vec<(u16, &[u8])> {
+/// The messages of one datagram, in order: a message that does not parse
+/// ends the list (the rest of the datagram cannot be framed without it).
+pub fn messages(mut buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
     let mut out = Vec::new();
-    let mut rest = msg.get(header..).unwrap_or_default();
-    while rest.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
-        if len < 4 || len > rest.len() {
+    while !buf.is_empty() {
+        let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf) else {
+            break;
+        };
+        let len = message.header.length as usize;
+        if len == 0 {
             break;
         }
-        out.push((
-            u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff,
-            &rest[4..len],
-        ));
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        out.push(message);
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
     }
     out
 }
 
-fn u32_of(value: &[u8]) -> Option<u32> {
-    Some(u32::from_ne_bytes(value.get(..4)?.try_into().ok()?))
+impl Rtnl {
+    pub fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        socket.bind_auto().context("binding an rtnetlink socket")?;
+        Ok(Self { socket, seq: 0 })
+    }
+
+    /// Sends one request (with `flags` beside NLM_F_REQUEST) and returns the
+    /// messages that answer it: a dump's, until it is done; otherwise
+    /// whatever comes before the kernel's acknowledgement, which an error
+    /// replaces (as an `io::Error`, see [`os_error`]).
+    pub fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.seq += 1;
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
+        header.sequence_number = self.seq;
+        let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket
+            .send_to(&bytes, &SocketAddr::new(0, 0), 0)
+            .context("rtnetlink send")?;
+
+        let mut answers = Vec::new();
+        let mut buf = Vec::with_capacity(RECV_BUF);
+        loop {
+            receive(&self.socket, &mut buf).context("rtnetlink receive")?;
+            let got = messages(&buf);
+            if got.is_empty() {
+                bail!("a malformed rtnetlink reply");
+            }
+            for reply in got {
+                if reply.header.sequence_number != self.seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Done(_) => return Ok(answers),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(answers),
+                            Some(_) => Err(e.to_io().into()),
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(inner) => answers.push(inner),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// A network interface: its index, name, bridge (or bond) master and kind
@@ -236,32 +150,26 @@ impl Link {
     }
 }
 
-fn string_of(value: &[u8]) -> String {
-    let raw = value.split(|b| *b == 0).next().unwrap_or(value);
-    String::from_utf8_lossy(raw).into_owned()
-}
-
-/// An RTM_NEWLINK message as a [`Link`] (None without a name).
-pub fn link_of(msg: &[u8]) -> Option<Link> {
-    let index = u32_of(msg.get(4..8)?)?;
+/// A link message as a [`Link`] (None without a name).
+pub fn link_of(msg: &LinkMessage) -> Option<Link> {
     let mut name = None;
     let mut master = None;
     let mut kind = None;
-    for (attr, value) in attributes(msg, IFINFOMSG) {
+    for attr in &msg.attributes {
         match attr {
-            IFLA_IFNAME => name = Some(string_of(value)),
-            IFLA_MASTER => master = u32_of(value).filter(|m| *m != 0),
-            IFLA_LINKINFO => {
-                kind = attributes(value, 0)
-                    .into_iter()
-                    .find(|(a, _)| *a == IFLA_INFO_KIND)
-                    .map(|(_, v)| string_of(v));
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Controller(m) => master = Some(*m).filter(|m| *m != 0),
+            LinkAttribute::LinkInfo(infos) => {
+                kind = infos.iter().find_map(|info| match info {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
             }
             _ => {}
         }
     }
     Some(Link {
-        index,
+        index: msg.header.index,
         name: name?,
         master,
         kind,
@@ -276,36 +184,35 @@ pub struct Route {
     pub oif: u32,
 }
 
-/// An RTM_NEWROUTE (or RTM_DELROUTE) message as a [`Route`]: None for other
-/// tables and types, and routes without one outgoing interface.
-pub fn route_of(msg: &[u8]) -> Option<Route> {
-    if msg.len() < RTMSG || msg[7] != RTN_UNICAST {
+/// A route message as a [`Route`]: None for other tables and types, and
+/// routes without one outgoing interface.
+pub fn route_of(msg: &RouteMessage) -> Option<Route> {
+    if msg.header.kind != RouteType::Unicast {
         return None;
     }
-    let (family, prefix) = (i32::from(msg[0]), msg[1]);
-    let mut table = u32::from(msg[4]);
+    let mut table = u32::from(msg.header.table);
     let mut dst = None;
     let mut oif = None;
-    for (attr, value) in attributes(msg, RTMSG) {
+    for attr in &msg.attributes {
         match attr {
-            RTA_DST => dst = Some(value),
-            RTA_OIF => oif = u32_of(value),
-            RTA_TABLE => table = u32_of(value)?,
+            RouteAttribute::Destination(d) => dst = Some(d),
+            RouteAttribute::Oif(o) => oif = Some(*o),
+            RouteAttribute::Table(t) => table = *t,
             _ => {}
         }
     }
-    if table != u32::from(RT_TABLE_MAIN) {
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
         return None;
     }
-    let address = match (family, dst) {
-        (libc::AF_INET, None) => IpAddr::from([0u8; 4]),
-        (libc::AF_INET6, None) => IpAddr::from([0u8; 16]),
-        (libc::AF_INET, Some(d)) => IpAddr::from(<[u8; 4]>::try_from(d).ok()?),
-        (libc::AF_INET6, Some(d)) => IpAddr::from(<[u8; 16]>::try_from(d).ok()?),
+    let address = match (msg.header.address_family, dst) {
+        (AddressFamily::Inet, None) => IpAddr::from([0u8; 4]),
+        (AddressFamily::Inet6, None) => IpAddr::from([0u8; 16]),
+        (AddressFamily::Inet, Some(RouteAddress::Inet(a))) => IpAddr::V4(*a),
+        (AddressFamily::Inet6, Some(RouteAddress::Inet6(a))) => IpAddr::V6(*a),
         _ => return None,
     };
     Some(Route {
-        dst: Cidr::new(address, prefix)?,
+        dst: Cidr::new(address, msg.header.destination_prefix_length)?,
         oif: oif?,
     })
 }
@@ -314,18 +221,36 @@ pub fn route_of(msg: &[u8]) -> Option<Route> {
 pub fn routes() -> Result<Vec<Route>> {
     let mut rtnl = Rtnl::open()?;
     let answers = rtnl
-        .request(RTM_GETROUTE, NLM_F_DUMP, &[0u8; RTMSG])
+        .request(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            NLM_F_DUMP,
+        )
         .context("listing routes")?;
-    Ok(answers.iter().filter_map(|m| route_of(m)).collect())
+    Ok(answers
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => route_of(r),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Every interface of this network namespace.
 pub fn links() -> Result<Vec<Link>> {
     let mut rtnl = Rtnl::open()?;
     let answers = rtnl
-        .request(RTM_GETLINK, NLM_F_DUMP, &[0u8; IFINFOMSG])
+        .request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )
         .context("listing interfaces")?;
-    Ok(answers.iter().filter_map(|m| link_of(m)).collect())
+    Ok(answers
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => link_of(l),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Where the kernel sends a packet to one address.
@@ -339,16 +264,22 @@ pub enum RouteTo {
     Unreachable,
 }
 
+/// The family, host prefix length and route address of `addr`.
+pub fn route_address(addr: IpAddr) -> (AddressFamily, u8, RouteAddress) {
+    match addr {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    }
+}
+
 /// The route the kernel takes to `addr` (`ip route get`).
 pub fn route_to(rtnl: &mut Rtnl, addr: IpAddr) -> Result<RouteTo> {
-    let (family, bytes, bits) = match addr {
-        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec(), 32),
-        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec(), 128),
-    };
-    let mut body = vec![family, bits, 0, 0, 0, 0, 0, 0];
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    attr(&mut body, RTA_DST, &bytes);
-    let answers = match rtnl.request(RTM_GETROUTE, 0, &body) {
+    let (family, bits, dst) = route_address(addr);
+    let mut query = RouteMessage::default();
+    query.header.address_family = family;
+    query.header.destination_prefix_length = bits;
+    query.attributes.push(RouteAttribute::Destination(dst));
+    let answers = match rtnl.request(RouteNetlinkMessage::GetRoute(query), 0) {
         Ok(answers) => answers,
         Err(e) => {
             if matches!(os_error(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) {
@@ -357,46 +288,74 @@ pub fn route_to(rtnl: &mut Rtnl, addr: IpAddr) -> Result<RouteTo> {
             return Err(e).with_context(|| format!("the route to {addr}"));
         }
     };
-    let Some(route) = answers.first().filter(|m| m.len() >= RTMSG) else {
+    let Some(RouteNetlinkMessage::NewRoute(route)) = answers.first() else {
         return Ok(RouteTo::Unreachable);
     };
-    if route[7] == RTN_LOCAL {
+    if route.header.kind == RouteType::Local {
         return Ok(RouteTo::Local);
     }
-    Ok(attributes(route, RTMSG)
-        .into_iter()
-        .find(|(kind, _)| *kind == RTA_OIF)
-        .and_then(|(_, v)| u32_of(v))
-        .map_or(RouteTo::Unreachable, RouteTo::Interface))
+    Ok(route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Oif(oif) => Some(RouteTo::Interface(*oif)),
+            _ => None,
+        })
+        .unwrap_or(RouteTo::Unreachable))
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
+    use netlink_packet_route::link::InfoKind;
+
     use super::*;
 
-    #[test]
-    fn attributes_are_padded_and_nested_lengths_cover_their_content() {
-        let mut buf = Vec::new();
-        attr(&mut buf, IFLA_IFNAME, &c_string("uplink0"));
-        assert_eq!(buf.len(), 12, "4 header + 8 name bytes");
-        assert_eq!(u16::from_ne_bytes([buf[0], buf[1]]), 12);
-        let mut nested = Vec::new();
-        nest(&mut nested, 18, |i| attr(i, 1, b"veth"));
-        assert_eq!(u16::from_ne_bytes([nested[0], nested[1]]), 12);
-        assert_eq!(&nested[8..12], b"veth");
+    /// `inner` as the kernel would send it: framed, in bytes.
+    pub fn framed(inner: RouteNetlinkMessage) -> Vec<u8> {
+        let mut message = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::InnerMessage(inner),
+        );
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        bytes
+    }
+
+    /// A link message, with a kind if any.
+    pub fn link_message(index: u32, name: &str, kind: Option<InfoKind>) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        // An attribute before the name, as the kernel sends.
+        msg.attributes.push(LinkAttribute::Mtu(1500));
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        if let Some(kind) = kind {
+            msg.attributes
+                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+        }
+        msg
+    }
+
+    /// One framed message, parsed back as the events' reader parses it.
+    fn round_trip(inner: RouteNetlinkMessage) -> RouteNetlinkMessage {
+        let mut parsed = messages(&framed(inner));
+        assert_eq!(parsed.len(), 1);
+        match parsed.remove(0).payload {
+            NetlinkPayload::InnerMessage(inner) => inner,
+            other => panic!("not a route message: {other:?}"),
+        }
     }
 
     #[test]
-    fn a_link_message_gives_its_index_name_and_master() {
-        let mut msg = vec![0u8; IFINFOMSG];
-        msg[4..8].copy_from_slice(&7u32.to_ne_bytes());
-        attr(&mut msg, IFLA_IFNAME, &c_string("veth9"));
-        attr(&mut msg, IFLA_MASTER, &3u32.to_ne_bytes());
-        nest(&mut msg, IFLA_LINKINFO, |i| {
-            attr(i, IFLA_INFO_KIND, b"veth")
-        });
+    fn a_link_message_gives_its_index_name_kind_and_master() {
+        let mut msg = link_message(7, "veth9", Some(InfoKind::Veth));
+        msg.attributes.push(LinkAttribute::Controller(3));
+        let RouteNetlinkMessage::NewLink(parsed) = round_trip(RouteNetlinkMessage::NewLink(msg))
+        else {
+            panic!("not a link");
+        };
         assert_eq!(
-            link_of(&msg),
+            link_of(&parsed),
             Some(Link {
                 index: 7,
                 name: "veth9".into(),
@@ -404,27 +363,42 @@ mod tests {
                 kind: Some("veth".into()),
             })
         );
-        assert_eq!(link_of(&msg[..IFINFOMSG]), None, "no name");
+        let mut nameless = LinkMessage::default();
+        nameless.header.index = 7;
+        assert_eq!(link_of(&nameless), None, "no name");
     }
 
-    fn route(family: u8, prefix: u8, table: u8, kind: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
-        let mut msg = vec![family, prefix, 0, 0, table, 4, 0, kind, 0, 0, 0, 0];
-        for (a, v) in attrs {
-            attr(&mut msg, *a, v);
-        }
-        msg
+    fn route(
+        family: AddressFamily,
+        prefix: u8,
+        table: u8,
+        kind: RouteType,
+        attributes: Vec<RouteAttribute>,
+    ) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family;
+        msg.header.destination_prefix_length = prefix;
+        msg.header.table = table;
+        msg.header.kind = kind;
+        msg.attributes = attributes;
+        let RouteNetlinkMessage::NewRoute(parsed) = round_trip(RouteNetlinkMessage::NewRoute(msg))
+        else {
+            panic!("not a route");
+        };
+        parsed
     }
 
     #[test]
     fn route_messages_give_main_table_unicast_routes_with_an_interface() {
-        let oif = 5u32.to_ne_bytes();
-        let v4 = libc::AF_INET as u8;
+        let main = RouteHeader::RT_TABLE_MAIN;
+        let v4 = AddressFamily::Inet;
+        let to = |a: [u8; 4]| RouteAttribute::Destination(RouteAddress::Inet(a.into()));
         let pod = route(
             v4,
             32,
-            RT_TABLE_MAIN,
-            RTN_UNICAST,
-            &[(RTA_DST, &[10, 244, 1, 5]), (RTA_OIF, &oif)],
+            main,
+            RouteType::Unicast,
+            vec![to([10, 244, 1, 5]), RouteAttribute::Oif(5)],
         );
         assert_eq!(
             route_of(&pod),
@@ -433,20 +407,26 @@ mod tests {
                 oif: 5
             })
         );
-        let default = route(v4, 0, RT_TABLE_MAIN, RTN_UNICAST, &[(RTA_OIF, &oif)]);
+        let default = route(
+            v4,
+            0,
+            main,
+            RouteType::Unicast,
+            vec![RouteAttribute::Oif(5)],
+        );
         assert_eq!(
             route_of(&default).unwrap().dst,
             "0.0.0.0/0".parse().unwrap()
         );
         let v6 = route(
-            libc::AF_INET6 as u8,
+            AddressFamily::Inet6,
             64,
             0,
-            RTN_UNICAST,
-            &[
-                (RTA_TABLE, &254u32.to_ne_bytes()),
-                (RTA_DST, &[0xfd; 16]),
-                (RTA_OIF, &oif),
+            RouteType::Unicast,
+            vec![
+                RouteAttribute::Table(254),
+                RouteAttribute::Destination(RouteAddress::Inet6([0xfd; 16].into())),
+                RouteAttribute::Oif(5),
             ],
         );
         assert_eq!(
@@ -458,11 +438,28 @@ mod tests {
             v4,
             32,
             255,
-            RTN_LOCAL,
-            &[(RTA_DST, &[10, 0, 0, 1]), (RTA_OIF, &oif)],
+            RouteType::Local,
+            vec![to([10, 0, 0, 1]), RouteAttribute::Oif(5)],
         );
         assert_eq!(route_of(&local_table), None);
-        let blackhole = route(v4, 24, RT_TABLE_MAIN, 6, &[(RTA_DST, &[10, 9, 9, 0])]);
+        let blackhole = route(v4, 24, main, RouteType::BlackHole, vec![to([10, 9, 9, 0])]);
         assert_eq!(route_of(&blackhole), None);
+        let no_oif = route(v4, 24, main, RouteType::Unicast, vec![to([10, 9, 9, 0])]);
+        assert_eq!(route_of(&no_oif), None, "no outgoing interface");
+    }
+
+    #[test]
+    fn a_datagram_of_several_messages_parses_in_order_and_a_truncated_one_stops() {
+        let buf = [
+            framed(RouteNetlinkMessage::NewLink(link_message(1, "a", None))),
+            framed(RouteNetlinkMessage::DelLink(link_message(2, "b", None))),
+        ]
+        .concat();
+        let kinds: Vec<u16> = messages(&buf)
+            .iter()
+            .map(|m| m.header.message_type)
+            .collect();
+        assert_eq!(kinds, [16, 17], "RTM_NEWLINK, RTM_DELLINK");
+        assert!(messages(&buf[..10]).is_empty());
     }
 }
