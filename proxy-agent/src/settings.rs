@@ -43,7 +43,7 @@ pub fn node_config(
     NodeConfig {
         service_cidrs,
         v4: proxy_common::Config {
-            snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
+            snat_addr: snat.map_or(proxy_common::Ip4::default(), proxy_common::Ip4::from),
             nat_port_min: nat_ports.0,
             nat_port_max: nat_ports.1,
         },
@@ -71,8 +71,8 @@ pub fn service_cidrs(cidrs: &[Cidr]) -> Result<ServiceCidrs> {
                     .checked_shl(32 - u32::from(cidr.prefix))
                     .unwrap_or(0);
                 *net = Net4 {
-                    addr_be: u32::from(addr).to_be(),
-                    mask_be: mask.to_be(),
+                    addr: addr.into(),
+                    mask: Ipv4Addr::from(mask).into(),
                 };
                 out.count4 += 1;
             }
@@ -112,16 +112,13 @@ mod tests {
             .collect();
         let got = service_cidrs(&cidrs).unwrap();
         assert_eq!((got.count4, got.count6), (2, 1));
-        assert_eq!(
-            got.v4[0].addr_be,
-            u32::from(Ipv4Addr::new(10, 96, 0, 0)).to_be()
-        );
-        assert_eq!(got.v4[0].mask_be, 0xfff0_0000u32.to_be());
-        assert_eq!(got.v4[1].mask_be, u32::MAX);
+        assert_eq!(got.v4[0].addr, Ipv4Addr::new(10, 96, 0, 0).into());
+        assert_eq!(got.v4[0].mask.addr(), Ipv4Addr::new(255, 240, 0, 0));
+        assert_eq!(got.v4[1].mask.octets, [255; 4]);
         assert_eq!(got.v6[0].mask[..14], [0xff; 14]);
         assert_eq!(got.v6[0].mask[14..], [0, 0]);
         let all: Vec<Cidr> = vec!["0.0.0.0/0".parse().unwrap()];
-        assert_eq!(service_cidrs(&all).unwrap().v4[0].mask_be, 0);
+        assert_eq!(service_cidrs(&all).unwrap().v4[0].mask.octets, [0; 4]);
         let five: Vec<Cidr> = (0..5)
             .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
             .collect();

@@ -42,9 +42,9 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         "lpm_trie::Key<SourceRange4>",
         4 + size_of::<SourceRange4>(),
         format!(
-            "prefix_len@0 data@4 {{rev_nat_id_be@{} addr_be@{}}}",
+            "prefix_len@0 data@4 {{rev_nat_id_be@{} addr@{}}}",
             core::mem::offset_of!(SourceRange4, rev_nat_id_be),
-            core::mem::offset_of!(SourceRange4, addr_be)
+            core::mem::offset_of!(SourceRange4, addr)
         ),
     );
     let lpm_key6 = (
@@ -66,8 +66,8 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         _pad
     });
     let ct_key = layout!(CtKey4 {
-        saddr_be,
-        daddr_be,
+        saddr,
+        daddr,
         sport_be,
         dport_be,
         proto,
@@ -78,7 +78,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         (
             map_names::SERVICES_V4,
             layout!(ServiceKey4 {
-                addr_be,
+                addr,
                 port_be,
                 proto,
                 scope,
@@ -98,7 +98,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             map_names::BACKENDS_V4,
             layout!(u32),
             layout!(Backend4 {
-                addr_be,
+                addr,
                 port_be,
                 proto,
                 state,
@@ -110,7 +110,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             map_names::REVNAT_V4,
             layout!(u32),
             layout!(RevNat4 {
-                addr_be,
+                addr,
                 port_be,
                 _pad
             }),
@@ -132,7 +132,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             map_names::NAT_V4,
             ct_key,
             layout!(Nat4 {
-                client_addr_be,
+                client_addr,
                 rev_nat_id,
                 client_port_be,
                 flags,
@@ -143,7 +143,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         (
             map_names::NAT_PORTS_V4,
             layout!(NatPortKey4 {
-                backend_addr_be,
+                backend_addr,
                 backend_port_be,
                 proto,
                 _pad,
@@ -155,7 +155,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         (
             map_names::AFFINITY_V4,
             layout!(AffinityKey4 {
-                client_addr_be,
+                client_addr,
                 rev_nat_id
             }),
             layout!(AffinityValue {
@@ -175,7 +175,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             map_names::CONFIG,
             layout!(u32),
             layout!(Config {
-                snat_addr_be,
+                snat_addr,
                 nat_port_min,
                 nat_port_max
             }),
@@ -189,12 +189,12 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
             map_names::SOCK_REVNAT_V4,
             layout!(SockRevKey4 {
                 cookie,
-                addr_be,
+                addr,
                 port_be,
                 _pad
             }),
             layout!(RevNat4 {
-                addr_be,
+                addr,
                 port_be,
                 _pad
             }),
@@ -340,8 +340,8 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
         (
             map_names::FRAGMENTS_V4,
             layout!(FragKey4 {
-                saddr_be,
-                daddr_be,
+                saddr,
+                daddr,
                 id_be,
                 proto,
                 _pad
@@ -397,19 +397,19 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
 /// release has the version before it, see `proxy_common::previous`) may
 /// still change, as no node holds maps of it.
 const SNAPSHOT: &str = "\
-svc4_v2: ServiceKey4 12 {addr_be@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 cluster_count@14}
-backend4_v1: u32 4 {} -> Backend4 12 {addr_be@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
-revnat4_v2: u32 4 {} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
-ct4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
-nat4_v3: CtKey4 16 {saddr_be@0 daddr_be@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr_be@0 rev_nat_id@4 client_port_be@8 flags@10 backend_id@12 last_seen_ns@16}
-natport4_v1: NatPortKey4 12 {backend_addr_be@0 backend_port_be@4 proto@6 _pad@7 index@8 _pad2@10} -> u64 8 {}
-affinity4_v2: AffinityKey4 8 {client_addr_be@0 rev_nat_id@4} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
+svc4_v2: ServiceKey4 12 {addr@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 cluster_count@14}
+backend4_v1: u32 4 {} -> Backend4 12 {addr@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
+revnat4_v2: u32 4 {} -> RevNat4 8 {addr@0 port_be@4 _pad@6}
+ct4_v3: CtKey4 16 {saddr@0 daddr@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
+nat4_v3: CtKey4 16 {saddr@0 daddr@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr@0 rev_nat_id@4 client_port_be@8 flags@10 backend_id@12 last_seen_ns@16}
+natport4_v1: NatPortKey4 12 {backend_addr@0 backend_port_be@4 proto@6 _pad@7 index@8 _pad2@10} -> u64 8 {}
+affinity4_v2: AffinityKey4 8 {client_addr@0 rev_nat_id@4} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
 maglev4_v2: MaglevKey 8 {rev_nat_id@0 index@4} -> u32 4 {}
 rr_v2: u32 4 {} -> u32 4 {}
-srcrange4_v2: lpm_trie::Key<SourceRange4> 12 {prefix_len@0 data@4 {rev_nat_id_be@0 addr_be@4}} -> u8 1 {}
-config_v1: u32 4 {} -> Config 8 {snat_addr_be@0 nat_port_min@4 nat_port_max@6}
+srcrange4_v2: lpm_trie::Key<SourceRange4> 12 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
+config_v1: u32 4 {} -> Config 8 {snat_addr@0 nat_port_min@4 nat_port_max@6}
 stats_v1: u32 4 {} -> StatCounter 16 {packets@0 bytes@8}
-sockrev4_v1: SockRevKey4 16 {cookie@0 addr_be@8 port_be@12 _pad@14} -> RevNat4 8 {addr_be@0 port_be@4 _pad@6}
+sockrev4_v1: SockRevKey4 16 {cookie@0 addr@8 port_be@12 _pad@14} -> RevNat4 8 {addr@0 port_be@4 _pad@6}
 sockcfg_v1: u32 4 {} -> SockConfig 16 {host_netns_cookie@0 flags@8 _pad@12}
 svc6_v1: ServiceKey6 24 {addr@0 port_be@16 proto@18 scope@19 slot@20 _pad@22} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 cluster_count@14}
 backend6_v1: u32 4 {} -> Backend6 24 {addr@0 port_be@16 proto@18 state@19 flags@20 _pad@21}
@@ -422,7 +422,7 @@ natport6_v1: NatPortKey6 24 {backend_addr@0 backend_port_be@16 proto@18 _pad@19 
 srcrange6_v1: lpm_trie::Key<SourceRange6> 24 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
 config6_v1: u32 4 {} -> Config6 16 {snat_addr@0}
 scratch_v1: u32 4 {} -> Scratch 160 {}
-frag4_v1: FragKey4 12 {saddr_be@0 daddr_be@4 id_be@8 proto@10 _pad@11} -> FragPorts 4 {sport_be@0 dport_be@2}
+frag4_v1: FragKey4 12 {saddr@0 daddr@4 id_be@8 proto@10 _pad@11} -> FragPorts 4 {sport_be@0 dport_be@2}
 svccidr_v1: u32 4 {} -> ServiceCidrs 168 {count4@0 count6@4 v4@8 v6@40}
 sctp_v1: u32 4 {} -> Ports 16 {}
 traffic_v1: TrafficKey 8 {rev_nat_id@0 backend_id@4} -> Traffic 32 {to_backend_packets@0 to_backend_bytes@8 to_client_packets@16 to_client_bytes@24}

@@ -19,7 +19,7 @@ use proxy_agent::{
 use proxy_common::{
     ct_dir, hash, map_names, nat_ports, previous,
     program_names::{FROM_POD, TO_POD, UPLINK_TC},
-    proto, AffinityKey4, AffinityValue, Backend4, CtKey4, NatPortKey4, RevNat4, ServiceKey4,
+    proto, AffinityKey4, AffinityValue, Backend4, CtKey4, Ip4, NatPortKey4, RevNat4, ServiceKey4,
 };
 use support::{
     fib::{self, CLIENT, CLIENT_MAC, NODE, NODE2_MAC, NODE_MAC},
@@ -47,8 +47,8 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-fn be(s: &str) -> u32 {
-    u32::from(ip(s)).to_be()
+fn be(s: &str) -> Ip4 {
+    Ip4::new(ip(s))
 }
 
 fn service(name: &str, vip: &str, port: u16, endpoints: &[(&str, bool)]) -> FrontendSpec {
@@ -132,8 +132,8 @@ fn other_than(state: &MapState, choices: &[&str], not: u32) -> (u32, Ipv4Addr) {
 
 fn forward_key(f: &Frame) -> CtKey4 {
     CtKey4 {
-        saddr_be: u32::from(f.saddr4()).to_be(),
-        daddr_be: u32::from(f.daddr4()).to_be(),
+        saddr: Ip4::new(f.saddr4()),
+        daddr: Ip4::new(f.daddr4()),
         sport_be: f.sport.to_be(),
         dport_be: f.dport.to_be(),
         proto: f.proto,
@@ -145,8 +145,8 @@ fn forward_key(f: &Frame) -> CtKey4 {
 /// The reply direction's key of `f`, answered by `backend:8080`.
 fn reply_key(f: &Frame, backend: Ipv4Addr) -> CtKey4 {
     CtKey4 {
-        saddr_be: u32::from(backend).to_be(),
-        daddr_be: u32::from(f.saddr4()).to_be(),
+        saddr: Ip4::new(backend),
+        daddr: Ip4::new(f.saddr4()),
         sport_be: 8080u16.to_be(),
         dport_be: f.sport.to_be(),
         proto: f.proto,
@@ -227,7 +227,7 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
                 .unwrap()
                 .to_be(),
             _pad: 0,
-            addr_be: data.addr_be,
+            addr_be: data.addr.raw(),
         };
         ranges.insert(&Key::new(prefix, old), 1, 0).unwrap();
     }
@@ -289,8 +289,8 @@ fn upgrade(dir: &Path, ifindex: u32) {
     ct.insert(forward_key(&np), old_ct(remote, np_id, nat_port, now), 0)
         .unwrap();
     let nat_key = CtKey4 {
-        saddr_be: be(REMOTE_POD),
-        daddr_be: be(NODE),
+        saddr: be(REMOTE_POD),
+        daddr: be(NODE),
         sport_be: 8080u16.to_be(),
         dport_be: nat_port.to_be(),
         proto: proto::TCP,
@@ -298,7 +298,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
         _pad: 0,
     };
     let old_nat = previous::Nat4 {
-        client_addr_be: be(CLIENT),
+        client_addr_be: be(CLIENT).raw(),
         rev_nat_id: np_id,
         client_port_be: 40001u16.to_be(),
         _pad: [0; 3],
@@ -318,7 +318,7 @@ fn upgrade(dir: &Path, ifindex: u32) {
         hashed_backend(&state, &next),
     );
     let old_affinity_key = previous::AffinityKey4 {
-        client_addr_be: be(POD_CLIENT),
+        client_addr_be: be(POD_CLIENT).raw(),
         rev_nat_id: u16::try_from(sticky_id).unwrap(),
         _pad: 0,
     };
@@ -443,14 +443,14 @@ fn upgrade(dir: &Path, ifindex: u32) {
     );
     assert_eq!(p.dp.nat().unwrap(), [(nat_key, previous::nat(old_nat))]);
     let affinity_key = AffinityKey4 {
-        client_addr_be: be(POD_CLIENT),
+        client_addr: be(POD_CLIENT),
         rev_nat_id: sticky_id,
     };
     assert_eq!(p.dp.affinity().unwrap(), [(affinity_key, affinity)]);
     // natport4_v1 came after nat4_v2: the bitmap is rebuilt from the NAT entry.
     let offset = nat_port - NAT_PORTS.0;
     let word = NatPortKey4 {
-        backend_addr_be: be(REMOTE_POD),
+        backend_addr: be(REMOTE_POD),
         backend_port_be: 8080u16.to_be(),
         proto: proto::TCP,
         _pad: 0,
@@ -546,8 +546,8 @@ fn a_map_that_does_not_convert_is_named_and_the_others_are_carried() {
         None,
     );
     let key = CtKey4 {
-        saddr_be: be(POD_CLIENT),
-        daddr_be: be(VIP),
+        saddr: be(POD_CLIENT),
+        daddr: be(VIP),
         sport_be: 40000u16.to_be(),
         dport_be: 80u16.to_be(),
         proto: proto::TCP,
@@ -593,8 +593,8 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
     let flows: Vec<(CtKey4, proxy_common::CtValue)> = (0..40u16)
         .map(|i| {
             let key = CtKey4 {
-                saddr_be: be(POD_CLIENT),
-                daddr_be: be(VIP),
+                saddr: be(POD_CLIENT),
+                daddr: be(VIP),
                 sport_be: (40000 + i).to_be(),
                 dport_be: 80u16.to_be(),
                 proto: proto::TCP,
@@ -613,7 +613,7 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
     let backends: Vec<(u32, Backend4)> = (1..=20u32)
         .map(|id| {
             let backend = Backend4 {
-                addr_be: u32::from(Ipv4Addr::new(10, 244, 1, id as u8)).to_be(),
+                addr: Ip4::new(Ipv4Addr::new(10, 244, 1, id as u8)),
                 port_be: 8080u16.to_be(),
                 proto: proto::TCP,
                 ..Default::default()

@@ -339,7 +339,7 @@ fn clusterip_traffic_through_a_real_agent() {
         ],
     );
     for field in [
-        "\"addr_be\"",
+        "\"addr\"",
         "\"port_be\"",
         "\"slot\"",
         "\"backend_id\"",
@@ -351,6 +351,17 @@ fn clusterip_traffic_through_a_real_agent() {
             "{field} missing from the services map dump:\n{dump}"
         );
     }
+    // Addresses as their four bytes, not as one large number.
+    let entries: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let vip: Vec<u8> = VIP.parse::<std::net::Ipv4Addr>().unwrap().octets().into();
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["key"]["addr"]["octets"] == serde_json::json!(vip)),
+        "the frontend's address as its four bytes:\n{dump}"
+    );
 
     // The agent leaves its programs and maps in place when it stops; cleanup
     // removes every filter and pinned map.

@@ -176,7 +176,7 @@ fn connect_to_a_cluster_ip_spreads_over_backends_and_the_peer_is_the_cluster_ip(
     let entries = programs.as_ref().unwrap().dp.sock_revnat().unwrap();
     let mine = entries
         .iter()
-        .filter(|(_, front)| front.addr_be == u32::from(VIP).to_be())
+        .filter(|(_, front)| front.addr == proxy_common::Ip4::new(VIP))
         .count();
     assert!(mine >= 100, "{mine} entries");
 }
@@ -316,7 +316,7 @@ fn an_ipv6_socket_dialling_an_ipv4_mapped_cluster_ip_is_translated() {
     let entries = programs.dp.sock_revnat().unwrap();
     let mine = entries
         .iter()
-        .filter(|(_, front)| front.addr_be == u32::from(VIP).to_be())
+        .filter(|(_, front)| front.addr == proxy_common::Ip4::new(VIP))
         .count();
     assert!(mine >= 50, "{mine} IPv4 reverse entries");
 }

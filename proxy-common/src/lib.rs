@@ -2,8 +2,9 @@
 //!
 //! Every key and value is `#[repr(C)]` with explicit padding and a size assert, so
 //! the kernel side, the agent and `bpftool` (through BTF) all agree on one layout.
-//! Addresses and ports are stored in network byte order; fields that hold them end
-//! in `_be`. Any change to a layout must bump the `_vN` suffix of the map's name so
+//! Addresses and ports are stored in network byte order. Addresses are byte
+//! arrays ([`Ip4`], [`Addr6`]), so that `bpftool map dump` shows their bytes;
+//! other fields that hold network-order numbers end in `_be`. Any change to a layout must bump the `_vN` suffix of the map's name so
 //! that a new agent never reads an old pinned map with the wrong layout, and
 //! move the old layout to [`previous`], so that the agent carries the old
 //! map's entries over.
@@ -258,7 +259,7 @@ pub mod sctp_chunk {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey4 {
-    pub addr_be: u32,
+    pub addr: Ip4,
     pub port_be: u16,
     pub proto: u8,
     /// 0: every client; reserved for traffic-policy views of the same frontend.
@@ -306,7 +307,7 @@ const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey4 {
-    pub client_addr_be: u32,
+    pub client_addr: Ip4,
     pub rev_nat_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
@@ -369,7 +370,7 @@ pub mod backend_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend4 {
-    pub addr_be: u32,
+    pub addr: Ip4,
     pub port_be: u16,
     pub proto: u8,
     /// One of [`backend_state`].
@@ -386,7 +387,7 @@ const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNat4 {
-    pub addr_be: u32,
+    pub addr: Ip4,
     pub port_be: u16,
     pub _pad: u16,
 }
@@ -467,8 +468,8 @@ pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey4 {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    pub saddr: Ip4,
+    pub daddr: Ip4,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
@@ -507,7 +508,7 @@ const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Nat4 {
-    pub client_addr_be: u32,
+    pub client_addr: Ip4,
     /// The frontend the client dialled (reverse-NAT id).
     pub rev_nat_id: u32,
     pub client_port_be: u16,
@@ -531,7 +532,7 @@ const _: () = assert!(core::mem::size_of::<Nat4>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NatPortKey4 {
-    pub backend_addr_be: u32,
+    pub backend_addr: Ip4,
     pub backend_port_be: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -628,7 +629,7 @@ pub mod nat_ports {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRange4 {
     pub rev_nat_id_be: u32,
-    pub addr_be: u32,
+    pub addr: Ip4,
 }
 const _: () = assert!(core::mem::size_of::<SourceRange4>() == 8);
 
@@ -646,6 +647,42 @@ impl SourceRange4 {
 
 /// An IPv6 address as the maps hold it: its 16 bytes in network order.
 pub type Addr6 = [u8; 16];
+
+/// An IPv4 address as the maps hold it: its four bytes in network order. A
+/// byte array rather than a `u32`, so that BTF (and `bpftool map dump` with
+/// it) shows the four bytes; aligned as a `u32`, so that the programs still
+/// load, store and compare it in one instruction ([`Ip4::raw`] and
+/// [`Ip4::from_raw`] convert for free).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ip4 {
+    pub octets: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Ip4>() == 4 && core::mem::align_of::<Ip4>() == 4);
+
+impl Ip4 {
+    /// The address whose four bytes, read as a native `u32`, are `raw`
+    /// (what a packet's address field reads as).
+    #[inline(always)]
+    pub const fn from_raw(raw: u32) -> Self {
+        Self {
+            octets: raw.to_ne_bytes(),
+        }
+    }
+
+    /// The four bytes read as a native `u32` (the inverse of [`Ip4::from_raw`]).
+    #[inline(always)]
+    pub const fn raw(self) -> u32 {
+        u32::from_ne_bytes(self.octets)
+    }
+}
+
+impl core::fmt::Debug for Ip4 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d] = self.octets;
+        write!(f, "{a}.{b}.{c}.{d}")
+    }
+}
 
 /// Key of the IPv6 services map: [`ServiceKey4`] with an IPv6 address.
 #[repr(C)]
@@ -771,7 +808,7 @@ const _: () = assert!(core::mem::size_of::<Config6>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// The node's address: the source of SNATed packets to remote backends.
-    pub snat_addr_be: u32,
+    pub snat_addr: Ip4,
     /// Ports handed to SNATed flows: `nat_port_min..=nat_port_max` (host order).
     pub nat_port_min: u16,
     pub nat_port_max: u16,
@@ -782,8 +819,8 @@ const _: () = assert!(core::mem::size_of::<Config>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Net4 {
-    pub addr_be: u32,
-    pub mask_be: u32,
+    pub addr: Ip4,
+    pub mask: Ip4,
 }
 
 /// An IPv6 network: the address and the mask.
@@ -815,8 +852,8 @@ const _: () = assert!(core::mem::size_of::<ServiceCidrs>() == 168);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragKey4 {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    pub saddr: Ip4,
+    pub daddr: Ip4,
     pub id_be: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -838,7 +875,7 @@ const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockRevKey4 {
     pub cookie: u64,
-    pub addr_be: u32,
+    pub addr: Ip4,
     pub port_be: u16,
     pub _pad: u16,
 }
@@ -957,12 +994,36 @@ mod user {
 
     use super::*;
 
+    impl Ip4 {
+        pub const fn new(addr: Ipv4Addr) -> Self {
+            Self {
+                octets: addr.octets(),
+            }
+        }
+
+        pub const fn addr(self) -> Ipv4Addr {
+            Ipv4Addr::from_octets(self.octets)
+        }
+    }
+
+    impl From<Ipv4Addr> for Ip4 {
+        fn from(addr: Ipv4Addr) -> Self {
+            Self::new(addr)
+        }
+    }
+
+    impl From<Ip4> for Ipv4Addr {
+        fn from(addr: Ip4) -> Self {
+            addr.addr()
+        }
+    }
+
     impl ServiceKey4 {
         /// Slot `slot` of the frontend `addr:port` (protocol number `proto`),
         /// for every client (scope 0).
         pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
             Self {
-                addr_be: u32::from_be_bytes(addr.octets()).to_be(),
+                addr: Ip4::new(addr),
                 port_be: port.to_be(),
                 proto,
                 scope: 0,
@@ -978,7 +1039,7 @@ mod user {
         }
 
         pub const fn addr(&self) -> Ipv4Addr {
-            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+            self.addr.addr()
         }
 
         pub const fn port(&self) -> u16 {
@@ -1037,7 +1098,7 @@ mod user {
 
     impl Backend4 {
         pub const fn addr(&self) -> Ipv4Addr {
-            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+            self.addr.addr()
         }
 
         pub const fn port(&self) -> u16 {
@@ -1047,7 +1108,7 @@ mod user {
 
     impl RevNat4 {
         pub const fn addr(&self) -> Ipv4Addr {
-            Ipv4Addr::from_bits(u32::from_be(self.addr_be))
+            self.addr.addr()
         }
 
         pub const fn port(&self) -> u16 {

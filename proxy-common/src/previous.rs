@@ -200,7 +200,7 @@ pub const fn conntrack(v: CtValue4) -> crate::CtValue {
 /// which the agent's garbage collection follows.
 pub const fn nat(v: Nat4) -> crate::Nat4 {
     crate::Nat4 {
-        client_addr_be: v.client_addr_be,
+        client_addr: crate::Ip4::from_raw(v.client_addr_be),
         rev_nat_id: v.rev_nat_id,
         client_port_be: v.client_port_be,
         flags: 0,
@@ -212,7 +212,7 @@ pub const fn nat(v: Nat4) -> crate::Nat4 {
 /// An `affinity4_v1` key as an `affinity4_v2` one.
 pub const fn affinity_key(k: AffinityKey4) -> crate::AffinityKey4 {
     crate::AffinityKey4 {
-        client_addr_be: k.client_addr_be,
+        client_addr: crate::Ip4::from_raw(k.client_addr_be),
         rev_nat_id: k.rev_nat_id as u32,
     }
 }
@@ -229,7 +229,7 @@ pub const fn maglev_key(k: MaglevKey4) -> crate::MaglevKey {
 pub const fn source_range(k: SourceRange4) -> crate::SourceRange4 {
     crate::SourceRange4 {
         rev_nat_id_be: (u16::from_be(k.rev_nat_id_be) as u32).to_be(),
-        addr_be: k.addr_be,
+        addr: crate::Ip4::from_raw(k.addr_be),
     }
 }
 
@@ -335,7 +335,7 @@ mod tests {
         };
         let new = nat(old);
         assert_eq!(
-            (new.client_addr_be, new.rev_nat_id, new.client_port_be),
+            (new.client_addr.raw(), new.rev_nat_id, new.client_port_be),
             (old.client_addr_be, 70_000, old.client_port_be)
         );
         assert_eq!((new.flags, new.last_seen_ns), (0, 99));
@@ -368,7 +368,7 @@ mod tests {
             rev_nat_id: 65_535,
             _pad: 0,
         });
-        assert_eq!((key.client_addr_be, key.rev_nat_id), (client, 65_535));
+        assert_eq!((key.client_addr.raw(), key.rev_nat_id), (client, 65_535));
         let key = maglev_key(MaglevKey4 {
             rev_nat_id: 300,
             _pad: 0,

@@ -42,7 +42,11 @@ pub extern "C" fn ferry_log_drop(stat: u32, code: i64) -> u32 {
     if stat == Stat::DropFib.index() {
         aya_log_ebpf::warn!((), "drop_fib: the FIB lookup returned {}", code);
     } else {
-        aya_log_ebpf::warn!((), "drop_ct_insert: conntrack insert failed, error {}", code);
+        aya_log_ebpf::warn!(
+            (),
+            "drop_ct_insert: conntrack insert failed, error {}",
+            code
+        );
     }
     0
 }

@@ -17,8 +17,8 @@ use aya_ebpf::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use proxy_common::{
     hash::{flow_hash4, flow_hash6},
-    AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4, CtKey6, CtValue, Nat4,
-    Nat6, NatPortKey4, NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue,
+    AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4, CtKey6, CtValue, Ip4,
+    Nat4, Nat6, NatPortKey4, NatPortKey6, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue,
     SourceRange4, SourceRange6, HAIRPIN_ADDR, HAIRPIN_ADDR6,
 };
 
@@ -157,7 +157,7 @@ impl NatValue<u32> for Nat4 {
     #[inline(always)]
     fn new(client: u32, client_port_be: u16, rev_nat_id: u32, flags: u16, now: u64) -> Self {
         Self {
-            client_addr_be: client,
+            client_addr: Ip4::from_raw(client),
             rev_nat_id,
             client_port_be,
             flags,
@@ -168,7 +168,7 @@ impl NatValue<u32> for Nat4 {
 
     #[inline(always)]
     fn client_addr(&self) -> u32 {
-        self.client_addr_be
+        self.client_addr.raw()
     }
 
     #[inline(always)]
@@ -283,7 +283,7 @@ pub struct V6;
 impl Endpoint<u32> for Backend4 {
     #[inline(always)]
     fn addr(&self) -> u32 {
-        self.addr_be
+        self.addr.raw()
     }
 
     #[inline(always)]
@@ -302,7 +302,7 @@ impl Backend<u32> for Backend4 {
 impl Endpoint<u32> for RevNat4 {
     #[inline(always)]
     fn addr(&self) -> u32 {
-        self.addr_be
+        self.addr.raw()
     }
 
     #[inline(always)]
@@ -395,7 +395,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn with_slot(key: &ServiceKey4, slot: u16) -> ServiceKey4 {
-        keys::service(key.addr_be, key.port_be, key.proto, slot)
+        keys::service(key.addr.raw(), key.port_be, key.proto, slot)
     }
 
     #[inline(always)]
@@ -440,7 +440,7 @@ impl Family for V4 {
     #[inline(always)]
     fn affinity_key(client: u32, rev_nat_id: u32) -> AffinityKey4 {
         AffinityKey4 {
-            client_addr_be: client,
+            client_addr: Ip4::from_raw(client),
             rev_nat_id,
         }
     }
@@ -479,7 +479,7 @@ impl Family for V4 {
         };
         let count = cidrs.count4 as usize;
         for (i, net) in cidrs.v4.iter().enumerate() {
-            if i < count && addr & net.mask_be == net.addr_be {
+            if i < count && addr & net.mask.raw() == net.addr.raw() {
                 return true;
             }
         }
@@ -488,7 +488,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn snat_addr() -> Option<u32> {
-        let addr = CONFIG.get(0).map_or(0, |c| c.snat_addr_be);
+        let addr = CONFIG.get(0).map_or(0, |c| c.snat_addr.raw());
         (addr != 0).then_some(addr)
     }
 
@@ -505,7 +505,7 @@ impl Family for V4 {
     #[inline(always)]
     fn nat_port_key(backend: &Backend4, proto: u8, index: u16) -> NatPortKey4 {
         NatPortKey4 {
-            backend_addr_be: backend.addr_be,
+            backend_addr: backend.addr,
             backend_port_be: backend.port_be,
             proto,
             _pad: 0,
@@ -522,7 +522,7 @@ impl Family for V4 {
     #[inline(always)]
     fn find_free_port(backend: &Backend4, proto: u8, size: u32, start_word: u32) -> Option<u32> {
         let found = ferry_find_free_port4(
-            backend.addr_be,
+            backend.addr.raw(),
             u32::from(backend.port_be) | u32::from(proto) << 16,
             size,
             start_word,
@@ -539,7 +539,7 @@ impl Family for V4 {
     fn source_allowed(rev_nat_id: u32, client: u32) -> bool {
         let data = SourceRange4 {
             rev_nat_id_be: rev_nat_id.to_be(),
-            addr_be: client,
+            addr: Ip4::from_raw(client),
         };
         SOURCE_RANGES
             .get(&LpmKey::new(SourceRange4::LOOKUP_PREFIX_LEN, data))
@@ -741,13 +741,13 @@ impl Family for V6 {
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn ferry_find_free_port4(
-    backend_addr_be: u32,
+    backend_addr: u32,
     port_be_and_proto: u32,
     size: u32,
     start_word: u32,
 ) -> u32 {
     let backend = Backend4 {
-        addr_be: backend_addr_be,
+        addr: Ip4::from_raw(backend_addr),
         port_be: port_be_and_proto as u16,
         proto: (port_be_and_proto >> 16) as u8,
         state: 0,

@@ -11,7 +11,7 @@
 //! (`pass_fragment`): that datagram is lost, and the sender's retry (a DNS
 //! client's, for one) gets through when its fragments come in order.
 
-use proxy_common::{FragKey4, FragPorts};
+use proxy_common::{FragKey4, FragPorts, Ip4};
 
 use crate::maps::FRAGMENTS;
 
@@ -21,10 +21,10 @@ pub const MORE: u16 = 0x2000;
 
 /// The fragments-map key of a datagram.
 #[inline(always)]
-pub fn datagram(saddr_be: u32, daddr_be: u32, id: [u8; 2], proto: u8) -> FragKey4 {
+pub fn datagram(saddr: u32, daddr: u32, id: [u8; 2], proto: u8) -> FragKey4 {
     FragKey4 {
-        saddr_be,
-        daddr_be,
+        saddr: Ip4::from_raw(saddr),
+        daddr: Ip4::from_raw(daddr),
         id_be: u16::from_ne_bytes(id),
         proto,
         _pad: 0,

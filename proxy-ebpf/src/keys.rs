@@ -17,7 +17,7 @@ use crate::family::Addr6;
 
 const _: () = assert!(cfg!(target_endian = "little"));
 const _: () = assert!(
-    offset_of!(CtKey4, daddr_be) == 4
+    offset_of!(CtKey4, daddr) == 4
         && offset_of!(CtKey4, sport_be) == 8
         && offset_of!(CtKey4, dport_be) == 10
         && offset_of!(CtKey4, proto) == 12
@@ -64,9 +64,9 @@ pub fn tuple(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, dir: u8)
 /// The services-map key of frontend `addr:port` (network order) and
 /// `proto`, slot `slot` (0: its header), for every client (scope 0).
 #[inline(always)]
-pub fn service(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> ServiceKey4 {
+pub fn service(addr: u32, port_be: u16, proto: u8, slot: u16) -> ServiceKey4 {
     let words = [
-        addr_be,
+        addr,
         u32::from(port_be) | u32::from(proto) << 16,
         u32::from(slot),
     ];

@@ -33,7 +33,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use proxy_common::{
-    proto, sock_flags, svc_flags, RevNat4, RevNat6, ServiceValue, SockRevKey4, SockRevKey6,
+    proto, sock_flags, svc_flags, Ip4, RevNat4, RevNat6, ServiceValue, SockRevKey4, SockRevKey6,
 };
 
 use crate::{
@@ -103,12 +103,12 @@ impl SockFamily for V4 {
     fn remember(cookie: u64, backend: u32, port_be: u16, frontend: u32, fport: u16) {
         let key = SockRevKey4 {
             cookie,
-            addr_be: backend,
+            addr: Ip4::from_raw(backend),
             port_be,
             _pad: 0,
         };
         let value = RevNat4 {
-            addr_be: frontend,
+            addr: Ip4::from_raw(frontend),
             port_be: fport,
             _pad: 0,
         };
@@ -120,7 +120,7 @@ impl SockFamily for V4 {
     fn recall(cookie: u64, backend: u32, port_be: u16) -> Option<(u32, u16)> {
         let key = SockRevKey4 {
             cookie,
-            addr_be: backend,
+            addr: Ip4::from_raw(backend),
             port_be,
             _pad: 0,
         };

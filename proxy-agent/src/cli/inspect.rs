@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -121,10 +121,6 @@ pub fn table(kind: &str, pin_dir: &Path) -> Result<Table> {
         "stats" => stats(&pinned),
         other => anyhow::bail!("no table {other:?}: one of {}", KINDS.join(", ")),
     }
-}
-
-fn addr(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from_be(be))
 }
 
 /// `addr:port`, or `[addr]:port` for IPv6, as people write them.
@@ -272,8 +268,8 @@ impl Tuple {
         Self {
             proto: k.proto,
             dir: k.dir,
-            src: SocketAddr::new(addr(k.saddr_be).into(), u16::from_be(k.sport_be)),
-            dst: SocketAddr::new(addr(k.daddr_be).into(), u16::from_be(k.dport_be)),
+            src: SocketAddr::new(k.saddr.addr().into(), u16::from_be(k.sport_be)),
+            dst: SocketAddr::new(k.daddr.addr().into(), u16::from_be(k.dport_be)),
         }
     }
 
@@ -353,10 +349,7 @@ fn nat(pinned: &Pinned) -> Result<Table> {
             protocol(t.proto).into(),
             format!("{} -> {}", t.src, t.dst),
             t.dst.port().to_string(),
-            at(
-                addr(v.client_addr_be).into(),
-                u16::from_be(v.client_port_be),
-            ),
+            at(v.client_addr.addr().into(), u16::from_be(v.client_port_be)),
             maps.frontend(v.rev_nat_id),
             maps.backend(v.backend_id),
             closing(v.flags).into(),
@@ -387,7 +380,7 @@ fn affinity(pinned: &Pinned) -> Result<Table> {
     let v6: Vec<(AffinityKey6, AffinityValue)> = pinned.affinity6()?;
     let rows = v4
         .iter()
-        .map(|(k, v)| (IpAddr::from(addr(k.client_addr_be)), k.rev_nat_id, v))
+        .map(|(k, v)| (IpAddr::from(k.client_addr.addr()), k.rev_nat_id, v))
         .chain(
             v6.iter()
                 .map(|(k, v)| (Ipv6Addr::from(k.client_addr).into(), k.rev_nat_id, v)),

@@ -127,7 +127,7 @@ impl Backend {
     pub fn kernel(&self) -> Family<Backend4, Backend6> {
         match self.addr {
             IpAddr::V4(a) => Family::V4(Backend4 {
-                addr_be: u32::from(a).to_be(),
+                addr: a.into(),
                 port_be: self.port.to_be(),
                 proto: self.proto,
                 state: self.state,
@@ -174,7 +174,7 @@ impl RevNat {
     pub fn kernel(&self) -> Family<RevNat4, RevNat6> {
         match self.addr {
             IpAddr::V4(a) => Family::V4(RevNat4 {
-                addr_be: u32::from(a).to_be(),
+                addr: a.into(),
                 port_be: self.port.to_be(),
                 _pad: 0,
             }),
@@ -258,7 +258,7 @@ impl SourceRange {
                 SourceRange4::prefix_len(self.range.prefix),
                 SourceRange4 {
                     rev_nat_id_be,
-                    addr_be: u32::from(a).to_be(),
+                    addr: a.into(),
                 },
             )),
             IpAddr::V6(a) => Family::V6((
@@ -282,7 +282,7 @@ impl SourceRange {
     }
 
     pub fn from_v4(prefix_len: u32, d: SourceRange4) -> Option<Self> {
-        let addr = std::net::Ipv4Addr::from(u32::from_be(d.addr_be));
+        let addr = d.addr.addr();
         Self::read(
             d.rev_nat_id_be,
             addr.into(),

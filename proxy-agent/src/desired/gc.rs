@@ -13,7 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     hash::Hash,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
@@ -127,7 +127,7 @@ impl Family for V4 {
 
     fn nat_port(key: &CtKey4) -> (u16, NatBackend) {
         let backend = NatBackend {
-            addr: Ipv4Addr::from(u32::from_be(key.saddr_be)).into(),
+            addr: key.saddr.addr().into(),
             port: u16::from_be(key.sport_be),
             proto: key.proto,
         };
@@ -140,8 +140,8 @@ impl Family for V4 {
 
     fn forward(nat: &Nat4, frontend: &RevNat4, proto: u8) -> CtKey4 {
         CtKey4 {
-            saddr_be: nat.client_addr_be,
-            daddr_be: frontend.addr_be,
+            saddr: nat.client_addr,
+            daddr: frontend.addr,
             sport_be: nat.client_port_be,
             dport_be: frontend.port_be,
             proto,
@@ -152,11 +152,11 @@ impl Family for V4 {
 
     fn word(backend: &NatBackend, index: u16) -> NatPortKey4 {
         let addr = match backend.addr {
-            IpAddr::V4(a) => u32::from(a).to_be(),
-            IpAddr::V6(_) => 0,
+            IpAddr::V4(a) => a.into(),
+            IpAddr::V6(_) => proxy_common::Ip4::default(),
         };
         NatPortKey4 {
-            backend_addr_be: addr,
+            backend_addr: addr,
             backend_port_be: backend.port.to_be(),
             proto: backend.proto,
             _pad: 0,
@@ -167,7 +167,7 @@ impl Family for V4 {
 
     fn word_of(word: &NatPortKey4) -> (NatBackend, u16) {
         let backend = NatBackend {
-            addr: Ipv4Addr::from(u32::from_be(word.backend_addr_be)).into(),
+            addr: word.backend_addr.addr().into(),
             port: u16::from_be(word.backend_port_be),
             proto: word.proto,
         };
@@ -430,6 +430,10 @@ pub fn plan<F: Family>(snapshot: &Snapshot<F>, now_ns: u64, lifetimes: &Lifetime
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use proxy_common::Ip4;
+
     use super::*;
 
     const S: u64 = 1_000_000_000;
@@ -445,8 +449,8 @@ mod tests {
     const NODE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
     const NODE_PORT: u16 = 30090;
 
-    fn be(a: Ipv4Addr) -> u32 {
-        u32::from(a).to_be()
+    fn be(a: Ipv4Addr) -> Ip4 {
+        a.into()
     }
 
     /// A SNATed flow's forward conntrack entry and NAT entry.
@@ -456,8 +460,8 @@ mod tests {
     /// `nat_port`.
     fn flow(client_port: u16, nat_port: u16, flags: u16, last_seen: u64) -> Flow {
         let forward = CtKey4 {
-            saddr_be: be(CLIENT),
-            daddr_be: be(NODE),
+            saddr: be(CLIENT),
+            daddr: be(NODE),
             sport_be: client_port.to_be(),
             dport_be: NODE_PORT.to_be(),
             proto: TCP,
@@ -476,8 +480,8 @@ mod tests {
             unreachable!()
         };
         let nat_key = CtKey4 {
-            saddr_be: be(backend),
-            daddr_be: be(NODE),
+            saddr: be(backend),
+            daddr: be(NODE),
             sport_be: BACKEND.port.to_be(),
             dport_be: nat_port.to_be(),
             proto: TCP,
@@ -485,7 +489,7 @@ mod tests {
             _pad: 0,
         };
         let nat = Nat4 {
-            client_addr_be: be(CLIENT),
+            client_addr: be(CLIENT),
             rev_nat_id: 7,
             client_port_be: client_port.to_be(),
             flags,
@@ -503,7 +507,7 @@ mod tests {
             revnat: BTreeMap::from([(
                 7,
                 RevNat4 {
-                    addr_be: be(NODE),
+                    addr: be(NODE),
                     port_be: NODE_PORT.to_be(),
                     _pad: 0,
                 },

@@ -13,15 +13,15 @@ fn conntrack_holds_both_directions_of_a_flow() {
     let backend = assert_dnat(&mut p, &f);
     let entries = p.dp.conntrack().unwrap();
     assert_eq!(entries.len(), 2);
-    let be = |a: Ipv4Addr| u32::from(a).to_be();
+    let be = |a: Ipv4Addr| proxy_common::Ip4::new(a);
     let fwd = entries
         .iter()
         .find(|(k, _)| k.dir == ct_dir::FORWARD)
         .expect("forward entry");
     assert_eq!(
         (
-            fwd.0.saddr_be,
-            fwd.0.daddr_be,
+            fwd.0.saddr,
+            fwd.0.daddr,
             fwd.0.sport_be,
             fwd.0.dport_be,
             fwd.0.proto
@@ -39,12 +39,7 @@ fn conntrack_holds_both_directions_of_a_flow() {
         .find(|(k, _)| k.dir == ct_dir::REPLY)
         .expect("reply entry");
     assert_eq!(
-        (
-            rev.0.saddr_be,
-            rev.0.daddr_be,
-            rev.0.sport_be,
-            rev.0.dport_be
-        ),
+        (rev.0.saddr, rev.0.daddr, rev.0.sport_be, rev.0.dport_be),
         (
             be(backend.0),
             be(f.saddr4()),
@@ -216,14 +211,14 @@ fn flow_entries(
     f: &Frame,
 ) -> (Option<proxy_common::CtValue>, Option<proxy_common::CtValue>) {
     let entries = p.dp.conntrack().unwrap();
-    let client = (u32::from(f.saddr4()).to_be(), f.sport.to_be());
+    let client = (proxy_common::Ip4::new(f.saddr4()), f.sport.to_be());
     let forward = entries
         .iter()
-        .find(|(k, _)| k.dir == ct_dir::FORWARD && (k.saddr_be, k.sport_be) == client)
+        .find(|(k, _)| k.dir == ct_dir::FORWARD && (k.saddr, k.sport_be) == client)
         .map(|(_, v)| *v);
     let reply = entries
         .iter()
-        .find(|(k, _)| k.dir == ct_dir::REPLY && (k.daddr_be, k.dport_be) == client)
+        .find(|(k, _)| k.dir == ct_dir::REPLY && (k.daddr, k.dport_be) == client)
         .map(|(_, v)| *v);
     (forward, reply)
 }

@@ -247,8 +247,8 @@ fn assert_reverse_nat(p: &mut Programs, f: &Frame, backend: (Ipv4Addr, u16)) {
 /// The conntrack key of `f`'s direction of its flow, as the client sent it.
 fn forward_key(f: &Frame) -> proxy_common::CtKey4 {
     proxy_common::CtKey4 {
-        saddr_be: u32::from(f.saddr4()).to_be(),
-        daddr_be: u32::from(f.daddr4()).to_be(),
+        saddr: proxy_common::Ip4::new(f.saddr4()),
+        daddr: proxy_common::Ip4::new(f.daddr4()),
         sport_be: f.sport.to_be(),
         dport_be: f.dport.to_be(),
         proto: f.proto,

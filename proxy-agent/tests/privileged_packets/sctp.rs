@@ -39,16 +39,16 @@ fn sctp_cluster() -> Vec<FrontendSpec> {
 /// The SCTP conntrack entries of the flow from `f`'s client port.
 fn entries(p: &Programs, f: &Frame) -> (proxy_common::CtValue, proxy_common::CtValue) {
     let all = p.dp.conntrack().unwrap();
-    let client = (u32::from(f.saddr4()).to_be(), f.sport.to_be());
+    let client = (proxy_common::Ip4::new(f.saddr4()), f.sport.to_be());
     let find = |dir: u8| {
         all.iter()
             .find(|(k, _)| {
                 k.proto == proto::SCTP
                     && k.dir == dir
                     && if dir == ct_dir::FORWARD {
-                        (k.saddr_be, k.sport_be) == client
+                        (k.saddr, k.sport_be) == client
                     } else {
-                        (k.daddr_be, k.dport_be) == client
+                        (k.daddr, k.dport_be) == client
                     }
             })
             .map(|(_, v)| *v)

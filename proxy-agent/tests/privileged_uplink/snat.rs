@@ -87,24 +87,18 @@ fn nodeport_to_a_remote_backend_is_snated_and_sent_back_out_with_fib_macs() {
         assert_eq!(nat.len(), 1);
         let (key, value) = nat[0];
         assert_eq!(
+            (key.saddr, key.daddr, key.sport_be, key.dport_be, key.dir),
             (
-                key.saddr_be,
-                key.daddr_be,
-                key.sport_be,
-                key.dport_be,
-                key.dir
-            ),
-            (
-                u32::from(ip(REMOTE_POD)).to_be(),
-                u32::from(ip(NODE)).to_be(),
+                proxy_common::Ip4::new(ip(REMOTE_POD)),
+                proxy_common::Ip4::new(ip(NODE)),
                 8080u16.to_be(),
                 nat_port(&f).to_be(),
                 ct_dir::NAT
             )
         );
         assert_eq!(
-            (value.client_addr_be, value.client_port_be),
-            (u32::from(ip(CLIENT)).to_be(), 40001u16.to_be())
+            (value.client_addr, value.client_port_be),
+            (proxy_common::Ip4::new(ip(CLIENT)), 40001u16.to_be())
         );
         // Later packets of the flow keep their NAT port.
         let mut ack = f.clone();

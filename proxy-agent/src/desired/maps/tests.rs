@@ -239,7 +239,9 @@ fn local_backends_policy_and_source_ranges_reach_the_maps() {
     assert_eq!(backend.flags, backend_flags::LOCAL);
     let range = SourceRange4 {
         rev_nat_id_be: slot0.rev_nat_id.to_be(),
-        addr_be: u32::from_be_bytes([198, 51, 100, 0]).to_be(),
+        addr: proxy_common::Ip4 {
+            octets: [198, 51, 100, 0],
+        },
     };
     assert_eq!(kernel_ranges(&state), BTreeSet::from([(56, range)]));
     // The ranges go in before the frontend that enforces them, and out after.
@@ -416,7 +418,7 @@ fn source_ranges_match_the_whole_wide_id_then_the_address_prefix() {
     assert_eq!(id, 65_537);
     let key = |addr: [u8; 4]| SourceRange4 {
         rev_nat_id_be: id.to_be(),
-        addr_be: u32::from_be_bytes(addr).to_be(),
+        addr: proxy_common::Ip4 { octets: addr },
     };
     assert_eq!(
         kernel_ranges(&state),

@@ -484,7 +484,6 @@ impl Maps {
         let Ok(head) = self.services.get(&key(0), 0) else {
             return Ok(false);
         };
-        let wanted = u32::from(address).to_be();
         for slot in 1..=head.count {
             let Ok(value) = self.services.get(&key(slot), 0) else {
                 continue;
@@ -492,7 +491,7 @@ impl Maps {
             if self
                 .backends
                 .get(&value.backend_id, 0)
-                .is_ok_and(|b| b.addr_be == wanted)
+                .is_ok_and(|b| b.addr() == address)
             {
                 return Ok(true);
             }
