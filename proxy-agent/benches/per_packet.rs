@@ -326,23 +326,26 @@ fn measure(
     let drop = |p: &mut Programs| run_once(p, Prog::Tc, &dropping, TC_ACT_SHOT).0.as_nanos() as u64;
     let dropped: Vec<u64> = (0..samples).map(|_| drop(&mut p)).collect();
     rows.push(Row::new(services, "tc drop", FLOOR, dropped));
-    if let Ok(mut monitor) = p.dp.monitor() {
-        let mut reports = 0;
-        let mut read = |monitor: &mut proxy_agent::kernel::monitor::Monitor| {
+    if let Ok(mut monitor) = p.dp.monitor(false) {
+        // Drains the buffers: how many reports they held.
+        let read = |monitor: &mut proxy_agent::kernel::monitor::Monitor| -> usize {
+            let mut n = 0;
             let lost = monitor
-                .poll(Duration::ZERO, |_| reports += 1)
+                .poll(Duration::ZERO, |_| n += 1)
                 .expect("read the reports");
             assert_eq!(lost, 0, "reports lost");
+            n
         };
+        let mut reports = 0;
         let reported: Vec<u64> = (0..samples)
             .map(|i| {
                 if i % 64 == 0 {
-                    read(&mut monitor);
+                    reports += read(&mut monitor);
                 }
                 drop(&mut p)
             })
             .collect();
-        read(&mut monitor);
+        reports += read(&mut monitor);
         assert_eq!(reports, samples, "one report per drop");
         rows.push(Row::new(
             services,
@@ -350,6 +353,31 @@ fn measure(
             "tc drop",
             reported,
         ));
+
+        // The established flow while the monitor asks for traces: a report
+        // of every packet (an object without traces reports none).
+        monitor.set_traces(true).expect("ask for traces");
+        reports = 0;
+        let traced: Vec<u64> = (0..samples)
+            .map(|i| {
+                if i % 64 == 0 {
+                    reports += read(&mut monitor);
+                }
+                run_once(&mut p, Prog::Tc, &established, TC_ACT_UNSPEC)
+                    .0
+                    .as_nanos() as u64
+            })
+            .collect();
+        reports += read(&mut monitor);
+        if reports > 0 {
+            assert_eq!(reports, samples, "one report per translated packet");
+            rows.push(Row::new(
+                services,
+                "tc established, monitor tracing",
+                "tc established",
+                traced,
+            ));
+        }
     }
 
     // The same established flow through the wrappers, which must leave what

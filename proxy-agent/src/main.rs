@@ -73,12 +73,14 @@ enum Command {
     },
     /// Drops and rejects as the programs make them, one line each (reason,
     /// program, interface, the client's flow), read from the perf buffers of
-    /// a running agent's programs. The programs report only while a monitor
-    /// reads; one monitor at a time.
+    /// a running agent's programs; with `--type trace`, every packet they
+    /// translate too. The programs report only while a monitor reads; one
+    /// monitor at a time.
     Monitor {
-        /// drop, reject or all.
-        #[arg(long = "type", value_parser = monitor::KINDS, default_value = "all")]
-        kind: String,
+        /// drop, reject, trace (every packet translated, a report each:
+        /// costly on a busy node) or all; comma-separated.
+        #[arg(long = "type", value_parser = monitor::KINDS, value_delimiter = ',', default_value = "drop,reject")]
+        kinds: Vec<String>,
         /// Only this verdict (e.g. drop_source_range, reject_no_backend).
         #[arg(long)]
         reason: Option<String>,
@@ -382,7 +384,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Monitor {
-            kind,
+            kinds,
             reason,
             address,
             service,
@@ -392,7 +394,7 @@ async fn main() -> Result<()> {
             pin_dir,
         } => {
             let filter = monitor::Filter {
-                kind: Some(kind),
+                kinds,
                 reason,
                 address,
                 service,

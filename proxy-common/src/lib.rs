@@ -86,7 +86,8 @@ pub mod map_names {
     /// [`MONITOR`]'s lease.
     pub const EVENTS: &str = "events_v1";
     /// One u64: until when (CLOCK_MONOTONIC ns) a monitor is reading
-    /// [`EVENTS`]; 0 or past, the programs report nothing.
+    /// [`EVENTS`]; 0 or past, the programs report nothing. Bit 0 asks for
+    /// traces too ([`crate::monitor::TRACE`]).
     pub const MONITOR: &str = "monitor_v1";
     /// Per CPU, the error code of the last helper that failed on a rare
     /// path, for the programs' log line (the programs' own).
@@ -970,6 +971,11 @@ pub mod monitor {
     /// room for extension headers, and the L4 ports (of an ICMP error's
     /// quoted packet too).
     pub const CAPTURE: u32 = 128;
+    /// Bit 0 of the lease in [`super::map_names::MONITOR`]: the monitor
+    /// also asks for traces, a report of every packet the programs
+    /// translate ([`super::stats::Stat::is_translation`]). The rest of the
+    /// lease is its deadline.
+    pub const TRACE: u64 = 1;
     /// [`super::MonitorEvent::program`]'s values: indexes into [`PROGRAMS`].
     pub const FROM_POD: u32 = 0;
     pub const TO_POD: u32 = 1;

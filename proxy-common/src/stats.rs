@@ -97,11 +97,41 @@ impl Stat {
     pub const fn is_reject(self) -> bool {
         matches!(self, Stat::RejectNoBackend | Stat::RejectNoService)
     }
+
+    /// A packet the programs translated and sent on (the `fwd_` and `rev_`
+    /// verdicts): what a monitor that asks for traces is shown.
+    #[inline(always)]
+    pub const fn is_translation(self) -> bool {
+        matches!(
+            self,
+            Stat::FwdNew
+                | Stat::FwdEstablished
+                | Stat::FwdNewMidFlow
+                | Stat::FwdLocal
+                | Stat::FwdSnat
+                | Stat::FwdHairpin
+                | Stat::RevNat
+                | Stat::RevSnat
+                | Stat::RevNatIcmp
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn translations_are_the_fwd_and_rev_verdicts() {
+        for stat in Stat::ALL {
+            let name = stat.name();
+            assert_eq!(
+                stat.is_translation(),
+                name.starts_with("fwd_") || name.starts_with("rev_"),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn every_index_once_in_order() {

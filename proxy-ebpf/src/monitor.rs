@@ -1,20 +1,32 @@
-//! Drops and rejects as they happen, for `proxy-agent monitor`: the verdict,
-//! the interface, and the packet's first bytes, through a perf buffer per
-//! CPU. Only while a monitor holds the lease in `MONITOR` (it renews it
-//! while it reads): otherwise a drop or reject costs a call and one array
-//! read more, and any other packet one comparison (is it a reject?). A
-//! perf event array, not a ring
-//! buffer: its output helper appends the packet's bytes itself, for tc and
-//! XDP alike, where a ring buffer would need a copy loop the verifier walks
-//! in every path that drops.
+//! Drops, rejects and (when asked) traces as they happen, for `proxy-agent
+//! monitor`: the verdict, the interface, and the packet's first bytes,
+//! through a perf buffer per CPU. Only while a monitor holds the lease in
+//! `MONITOR` (it renews it while it reads): otherwise a drop or reject
+//! costs a call and one array read more, a translated packet one
+//! comparison and one array read (does the lease ask for traces?), any
+//! other packet one comparison. A perf event array, not a ring buffer: its
+//! output helper appends the packet's bytes itself, for tc and XDP alike,
+//! where a ring buffer would need a copy loop the verifier walks in every
+//! path that drops.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, EbpfContext};
-use proxy_common::{monitor::CAPTURE, stats::Stat, MonitorEvent};
+use proxy_common::{
+    monitor::{CAPTURE, TRACE},
+    stats::Stat,
+    MonitorEvent,
+};
 
 use crate::{
     ctx::Packet,
     maps::{EVENTS, MONITOR},
 };
+
+/// Whether a monitor asked for traces (its lease may have run out since:
+/// `report` checks).
+#[inline(always)]
+pub fn tracing() -> bool {
+    MONITOR.get(0).is_some_and(|until| until & TRACE != 0)
+}
 
 /// Reports a packet `program` (a `proxy_common::monitor` index) gave
 /// verdict `stat`, if a monitor reads. A function of its own, so that the

@@ -90,14 +90,15 @@ fn count(len: u32, stat: Stat) {
 }
 
 /// tc: counts the packet (with `len`, its length as it arrived), reports a
-/// drop or reject to a monitor, and returns the action. `program`: which
+/// drop or reject to a monitor (and a translated packet to one that asks
+/// for traces), and returns the action. `program`: which
 /// one, as `proxy_common::monitor` numbers them.
 #[inline(always)]
 pub fn finish_tc(ctx: &TcContext, program: u32, len: u32, result: Outcome) -> i32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
-            if out.stat.is_reject() {
+            if out.stat.is_reject() || (out.stat.is_translation() && monitor::tracing()) {
                 monitor::report(ctx, program, out.stat);
             }
             // SAFETY: plain helper calls.
@@ -128,6 +129,9 @@ pub fn finish_xdp(ctx: &XdpContext, len: u32, result: Outcome) -> u32 {
     match result {
         Ok(out) => {
             count(len, out.stat);
+            if out.stat.is_translation() && monitor::tracing() {
+                monitor::report(ctx, program::UPLINK_XDP, out.stat);
+            }
             match out.action {
                 Action::Pass | Action::Reject | Action::RedirectNeigh => xdp_action::XDP_PASS,
                 Action::Tx => xdp_action::XDP_TX,

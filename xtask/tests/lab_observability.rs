@@ -96,7 +96,8 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn start(lab: &Lab, node: &str) -> Self {
+    /// `extra`: more of the monitor's flags (`--type trace`).
+    fn start(lab: &Lab, node: &str, extra: &[&str]) -> Self {
         let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../target/x86_64-unknown-linux-gnu/release/proxy-agent");
         let mut child = Command::new("nsenter")
@@ -104,6 +105,7 @@ impl Monitor {
             .arg(&agent)
             .args(["monitor", "--seconds", "120", "--pin-dir"])
             .arg(format!("/sys/fs/bpf/{}/{node}", lab.name))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -111,7 +113,7 @@ impl Monitor {
         // Reading once it says so on stderr.
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut said = String::new();
-        while !said.contains("reading drops") {
+        while !said.contains("monitor: reading") {
             said.clear();
             let n = stderr.read_line(&mut said).unwrap();
             assert!(n > 0, "monitor exited: {:?}", child.wait());
@@ -425,7 +427,7 @@ fn lab_metrics_and_health_as_kube_proxy_serves_them() {
         thread::sleep(Duration::from_millis(200));
     }
     thread::sleep(Duration::from_secs(1));
-    let mut monitor = Monitor::start(&lab, "node1");
+    let mut monitor = Monitor::start(&lab, "node1", &[]);
     let sent = Instant::now();
     let outside = in_netns(&ext, move || {
         TcpStream::connect_timeout(&lb, Duration::from_millis(300)).is_err()
@@ -455,6 +457,26 @@ fn lab_metrics_and_health_as_kube_proxy_serves_them() {
     assert!(line.contains(&format!("-> {empty}:80")), "{line}");
     assert!(line.ends_with("service default/empty"), "{line}");
     drop(monitor);
+
+    eprintln!("== with --type trace: each packet translated, with its frontend and Service");
+    let mut tracer = Monitor::start(&lab, "node1", &["--type", "trace"]);
+    let fw: SocketAddr = (lab.cluster_ip("fw"), 80).into();
+    let answers = connect_many(&client, fw, 1);
+    assert_eq!(count(&answers).get("mon-web"), Some(&1), "{answers:?}");
+    let (_, line) = tracer.line_with("fwd_new");
+    eprintln!("   {line}");
+    assert!(line.contains("from_pod"), "{line}");
+    assert!(line.contains(&format!("-> {monweb}:")), "DNATed: {line}");
+    assert!(line.contains(&format!("frontend {fw}")), "{line}");
+    assert!(line.ends_with("service default/fw"), "{line}");
+    let (_, line) = tracer.line_with("rev_nat");
+    eprintln!("   {line}");
+    assert!(
+        line.contains(&format!("TCP {fw} -> ")),
+        "from the frontend: {line}"
+    );
+    assert!(line.ends_with("service default/fw"), "{line}");
+    drop(tracer);
 
     eprintln!(
         "== the API server stops: /healthz says 503 after {} s, /livez stays 200",

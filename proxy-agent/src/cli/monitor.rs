@@ -1,8 +1,9 @@
-//! `proxy-agent monitor`: drops and rejects as the programs report them
-//! (see `kernel::monitor`), one line each: when, why, which program and
-//! interface, the flow as the client sent it (a reject's ICMP error is read
-//! for the packet it quotes) and the Service of its frontend, as the agent
-//! names it on `/frontends`. Filters by kind, reason, address and Service.
+//! `proxy-agent monitor`: drops, rejects and (asked for) traces as the
+//! programs report them (see `kernel::monitor`), one line each: when, why,
+//! which program and interface, the packet's flow (a reject's ICMP error is
+//! read for the packet it quotes; a trace's packet is as the program sent
+//! it on, translated) and the Service of its frontend, as the agent names
+//! it on `/frontends`. Filters by kind, reason, address and Service.
 
 use std::{
     collections::HashMap,
@@ -13,7 +14,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use proxy_common::{monitor::PROGRAMS, proto, stats::Stat, MonitorEvent};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use proxy_common::{
+    ct_dir, map_names, monitor::PROGRAMS, pinned::Pinned, proto, stats::Stat, CtKey4, CtKey6,
+    CtValue, Ip4, MonitorEvent, Nat4, Nat6, RevNat4, RevNat6,
+};
 
 use crate::{kernel::monitor::Monitor, serve::http};
 
@@ -28,12 +33,16 @@ pub struct Report {
     /// None when the bytes are not a TCP, UDP or SCTP packet over IP (or an
     /// ICMP error quoting one).
     pub flow: Option<Flow>,
+    /// A forward trace's frontend (its packet left with the backend's
+    /// address), from the flow's conntrack entry.
+    pub frontend: Option<SocketAddr>,
     /// The Service (`namespace/name`) whose frontend the flow is to, when
     /// the agent named it.
     pub service: Option<String>,
 }
 
-/// A flow as its client sent it.
+/// A packet's flow: its source and destination, or (`quoted`) those of the
+/// client's packet an ICMP error quotes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub proto: u8,
@@ -70,6 +79,7 @@ pub fn decode(sample: &[u8]) -> Option<Report> {
         ifindex,
         len,
         flow,
+        frontend: None,
         service: None,
     })
 }
@@ -122,8 +132,8 @@ fn ip6(ip: &[u8], quoted: bool) -> Option<Flow> {
 /// Which reports `monitor` prints.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
-    /// `drop`, `reject` or `all` (None: all).
-    pub kind: Option<String>,
+    /// Of [`KINDS`] (none: drops and rejects).
+    pub kinds: Vec<String>,
     /// A verdict's name (`drop_source_range`, `reject_no_backend`, ...).
     pub reason: Option<String>,
     /// The client's or the server's address.
@@ -132,8 +142,19 @@ pub struct Filter {
     pub service: Option<String>,
 }
 
-/// The kinds `--type` takes.
-pub const KINDS: [&str; 3] = ["drop", "reject", "all"];
+/// The kinds `--type` takes: `all` is the other three.
+pub const KINDS: [&str; 4] = ["drop", "reject", "trace", "all"];
+
+/// A report's kind, of [`KINDS`].
+fn kind(stat: Stat) -> &'static str {
+    if stat.is_reject() {
+        "reject"
+    } else if stat.is_translation() {
+        "trace"
+    } else {
+        "drop"
+    }
+}
 
 impl Filter {
     /// Refuses a reason no verdict has.
@@ -154,18 +175,26 @@ impl Filter {
         Ok(())
     }
 
+    /// Whether the monitor asks the programs for traces: a report of every
+    /// packet they translate, which costs each of them a perf event.
+    pub fn traces(&self) -> bool {
+        self.kinds.iter().any(|k| k == "trace" || k == "all")
+    }
+
     pub fn admits(&self, report: &Report) -> bool {
         let name = report.stat.name();
-        let kind = match self.kind.as_deref() {
-            Some("drop") => name.starts_with("drop_"),
-            Some("reject") => name.starts_with("reject_"),
-            _ => true,
+        let kind = kind(report.stat);
+        let kind = if self.kinds.is_empty() {
+            kind != "trace"
+        } else {
+            self.kinds.iter().any(|k| k == kind || k == "all")
         };
         let reason = self.reason.as_deref().is_none_or(|r| r == name);
         let address = self.address.is_none_or(|a| {
             report
                 .flow
                 .is_some_and(|f| f.client.ip() == a || f.server.ip() == a)
+                || report.frontend.is_some_and(|f| f.ip() == a)
         });
         let service = self
             .service
@@ -209,6 +238,9 @@ impl fmt::Display for Report {
             ),
             None => write!(f, "  (not a TCP, UDP or SCTP packet)"),
         }?;
+        if let Some(frontend) = self.frontend {
+            write!(f, "  frontend {frontend}")?;
+        }
         match &self.service {
             Some(service) => write!(f, "  service {service}"),
             None => Ok(()),
@@ -263,8 +295,8 @@ impl Names {
         }
     }
 
-    fn service(&mut self, flow: &Flow) -> Option<String> {
-        let frontend = format!("{}/{}", flow.server, protocol(flow.proto));
+    fn service(&mut self, frontend: SocketAddr, proto: u8) -> Option<String> {
+        let frontend = format!("{frontend}/{}", protocol(proto));
         if !self.services.contains_key(&frontend)
             && self.read.is_none_or(|at| at.elapsed() >= NAMES_AGAIN)
         {
@@ -272,6 +304,93 @@ impl Names {
         }
         self.services.get(&frontend).cloned()
     }
+}
+
+/// The frontends translated flows were to, read from the agent's pinned
+/// conntrack maps: a forward trace's packet left with its backend's
+/// address, and the flow's reply entry (or, SNATed, its NAT entry) names
+/// the frontend by id.
+struct Frontends {
+    ct4: BpfHashMap<MapData, CtKey4, CtValue>,
+    nat4: BpfHashMap<MapData, CtKey4, Nat4>,
+    revnat4: BpfHashMap<MapData, u32, RevNat4>,
+    ct6: BpfHashMap<MapData, CtKey6, CtValue>,
+    nat6: BpfHashMap<MapData, CtKey6, Nat6>,
+    revnat6: BpfHashMap<MapData, u32, RevNat6>,
+}
+
+impl Frontends {
+    fn pinned(pin_dir: &Path) -> Result<Self> {
+        let pinned = Pinned::new(pin_dir);
+        Ok(Self {
+            ct4: pinned.hash_map(map_names::CONNTRACK_V4)?,
+            nat4: pinned.hash_map(map_names::NAT_V4)?,
+            revnat4: pinned.hash_map(map_names::REVNAT_V4)?,
+            ct6: pinned.hash_map(map_names::CONNTRACK_V6)?,
+            nat6: pinned.hash_map(map_names::NAT_V6)?,
+            revnat6: pinned.hash_map(map_names::REVNAT_V6)?,
+        })
+    }
+
+    /// The frontend of the translated packet `flow` (source and
+    /// destination as it left for the backend), if its entries are there.
+    fn of(&self, flow: &Flow) -> Option<SocketAddr> {
+        let (src, dst) = (flow.client, flow.server);
+        // The backend's replies come back as dst -> src: on a NAT port
+        // (dir NAT) when the flow was SNATed, else as conntrack's reply.
+        let sport_be = dst.port().to_be();
+        let dport_be = src.port().to_be();
+        match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let key = |dir| CtKey4 {
+                    saddr: Ip4::new(d),
+                    daddr: Ip4::new(s),
+                    sport_be,
+                    dport_be,
+                    proto: flow.proto,
+                    dir,
+                    _pad: 0,
+                };
+                let id = match self.nat4.get(&key(ct_dir::NAT), 0) {
+                    Ok(nat) => nat.rev_nat_id,
+                    Err(_) => self.ct4.get(&key(ct_dir::REPLY), 0).ok()?.rev_nat_id,
+                };
+                let front = self.revnat4.get(&id, 0).ok()?;
+                Some(SocketAddr::new(front.addr().into(), front.port()))
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let key = |dir| CtKey6 {
+                    saddr: d.octets(),
+                    daddr: s.octets(),
+                    sport_be,
+                    dport_be,
+                    proto: flow.proto,
+                    dir,
+                    _pad: 0,
+                };
+                let id = match self.nat6.get(&key(ct_dir::NAT), 0) {
+                    Ok(nat) => nat.rev_nat_id,
+                    Err(_) => self.ct6.get(&key(ct_dir::REPLY), 0).ok()?.rev_nat_id,
+                };
+                let front = self.revnat6.get(&id, 0).ok()?;
+                Some(SocketAddr::new(front.addr().into(), front.port()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The frontend a report's flow was to: a drop's or reject's destination,
+/// a reverse-translated packet's source, a forward trace's from conntrack.
+fn frontend_of(report: &Report, frontends: Option<&Frontends>) -> Option<SocketAddr> {
+    let flow = report.flow?;
+    if !report.stat.is_translation() {
+        return Some(flow.server);
+    }
+    if report.stat.name().starts_with("rev_") {
+        return Some(flow.client);
+    }
+    frontends?.of(&flow)
 }
 
 /// Prints reports through the maps pinned under `pin_dir` until `seconds`
@@ -286,12 +405,27 @@ pub fn run(
     count: Option<u64>,
 ) -> Result<()> {
     filter.check()?;
-    let mut monitor = Monitor::pinned(pin_dir)?;
+    let traces = filter.traces();
+    let mut monitor = Monitor::pinned(pin_dir, traces)?;
+    let frontends = if traces {
+        Frontends::pinned(pin_dir)
+            .inspect_err(|e| eprintln!("monitor: traces without their frontends ({e:#})"))
+            .ok()
+    } else {
+        None
+    };
     let mut names = Names::new(agent);
     let start = Instant::now();
     let end = seconds.map(|s| start + Duration::from_secs(s));
     let mut printed = 0u64;
-    eprintln!("monitor: reading drops and rejects (Ctrl-C stops)");
+    eprintln!(
+        "monitor: reading {} (Ctrl-C stops)",
+        if traces {
+            "translated packets too"
+        } else {
+            "drops and rejects"
+        }
+    );
     loop {
         if end.is_some_and(|end| Instant::now() >= end) || count.is_some_and(|c| printed >= c) {
             return Ok(());
@@ -308,7 +442,13 @@ pub fn run(
             if count.is_some_and(|c| printed >= c) {
                 break;
             }
-            report.service = report.flow.and_then(|f| names.service(&f));
+            let frontend = frontend_of(&report, frontends.as_ref());
+            if report.stat.is_translation() && !report.stat.name().starts_with("rev_") {
+                report.frontend = frontend;
+            }
+            report.service = frontend
+                .zip(report.flow)
+                .and_then(|(front, flow)| names.service(front, flow.proto));
             if filter.admits(&report) {
                 println!("{:>9.3}s {report}", start.elapsed().as_secs_f64());
                 printed += 1;
@@ -417,13 +557,19 @@ mod tests {
         packet.extend(tcp4([10, 0, 0, 1], [10, 96, 0, 10], 40000, 80));
         let drop = decode(&sample(Stat::DropSourceRange, 2, &packet)).unwrap();
         let reject = decode(&sample(Stat::RejectNoBackend, 0, &packet)).unwrap();
+        let trace = decode(&sample(Stat::FwdNew, 0, &packet)).unwrap();
         let only = |kind: &str| Filter {
-            kind: Some(kind.into()),
+            kinds: vec![kind.into()],
             ..Filter::default()
         };
         assert!(only("drop").admits(&drop) && !only("drop").admits(&reject));
         assert!(only("reject").admits(&reject) && !only("reject").admits(&drop));
-        assert!(only("all").admits(&drop) && Filter::default().admits(&reject));
+        assert!(only("trace").admits(&trace) && !only("trace").admits(&drop));
+        assert!(only("all").admits(&drop) && only("all").admits(&trace));
+        let default = Filter::default();
+        assert!(default.admits(&drop) && default.admits(&reject) && !default.admits(&trace));
+        assert!(!default.traces() && only("trace").traces() && only("all").traces());
+        assert!(!only("drop").traces());
         let reason = Filter {
             reason: Some("reject_no_backend".into()),
             ..Filter::default()

@@ -1,6 +1,7 @@
-//! The reading end of the programs' drop reports (proxy-ebpf's `monitor`):
-//! a perf buffer per CPU in the events map, and the lease in the monitor
-//! map that makes the programs report while it lasts. The lease is renewed
+//! The reading end of the programs' reports (proxy-ebpf's `monitor`): a
+//! perf buffer per CPU in the events map, and the lease in the monitor map
+//! that makes the programs report drops and rejects while it lasts, and
+//! every packet they translate too when it asks for traces. The lease is renewed
 //! while the monitor reads and cleared when it stops; a monitor killed
 //! without either leaves a lease that runs out by itself, and its buffers
 //! leave the events map when its file descriptor closes.
@@ -16,7 +17,7 @@ use aya::maps::{
     perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
     Array, Map, MapData,
 };
-use proxy_common::map_names;
+use proxy_common::{map_names, monitor::TRACE};
 
 use super::{monotonic_ns, Dataplane};
 
@@ -29,14 +30,17 @@ const PAGES: usize = 16;
 pub struct Monitor {
     lease: Array<MapData, u64>,
     renewed_ns: u64,
+    /// The lease asks for traces.
+    trace: bool,
     buffers: Vec<PerfEventArrayBuffer<MapData>>,
     /// Kept open: closing it takes the buffers out of the map.
     _events: PerfEventArray<MapData>,
 }
 
 impl Monitor {
-    /// Reads through the maps a running agent pinned under `pin_dir`.
-    pub fn pinned(pin_dir: &Path) -> Result<Self> {
+    /// Reads through the maps a running agent pinned under `pin_dir`;
+    /// `trace`: traces too.
+    pub fn pinned(pin_dir: &Path, trace: bool) -> Result<Self> {
         let open = |name: &str| -> Result<Map> {
             let path = pin_dir.join(name);
             let data = MapData::from_pin(&path).with_context(|| {
@@ -47,10 +51,10 @@ impl Monitor {
             })?;
             Ok(Map::from_map_data(data)?)
         };
-        Self::new(open(map_names::EVENTS)?, open(map_names::MONITOR)?)
+        Self::new(open(map_names::EVENTS)?, open(map_names::MONITOR)?, trace)
     }
 
-    fn new(events: Map, lease: Map) -> Result<Self> {
+    fn new(events: Map, lease: Map, trace: bool) -> Result<Self> {
         let mut events = PerfEventArray::try_from(events)?;
         let lease = Array::try_from(lease)?;
         let cpus =
@@ -66,6 +70,7 @@ impl Monitor {
         let mut monitor = Self {
             lease,
             renewed_ns: 0,
+            trace,
             buffers,
             _events: events,
         };
@@ -73,9 +78,20 @@ impl Monitor {
         Ok(monitor)
     }
 
+    /// Asks for traces too (`true`) or stops asking, at once.
+    pub fn set_traces(&mut self, trace: bool) -> Result<()> {
+        self.trace = trace;
+        self.renew()
+    }
+
     fn renew(&mut self) -> Result<()> {
         let now = monotonic_ns();
         let until = now + u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX);
+        let until = if self.trace {
+            until | TRACE
+        } else {
+            until & !TRACE
+        };
         self.lease
             .set(0, until, 0)
             .context("writing the monitor's lease")?;
@@ -139,9 +155,10 @@ impl Drop for Monitor {
 }
 
 impl Dataplane {
-    /// A monitor of these programs' reports (private maps: for tests).
-    /// Takes the maps: one monitor per loaded object.
-    pub fn monitor(&mut self) -> Result<Monitor> {
+    /// A monitor of these programs' reports (private maps: for tests),
+    /// with traces if `trace`. Takes the maps: one monitor per loaded
+    /// object.
+    pub fn monitor(&mut self, trace: bool) -> Result<Monitor> {
         let mut take = |name: &str| {
             self.ebpf
                 .take_map(name)
@@ -149,6 +166,6 @@ impl Dataplane {
         };
         let events = take(map_names::EVENTS)?;
         let lease = take(map_names::MONITOR)?;
-        Monitor::new(events, lease)
+        Monitor::new(events, lease, trace)
     }
 }

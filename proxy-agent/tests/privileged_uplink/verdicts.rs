@@ -110,7 +110,7 @@ fn a_source_range_drop_in_xdp_is_reported_to_a_monitor() {
         // Verified first: on a slow kernel (the matrix's emulated VMs) that
         // takes longer than the lease the monitor takes now.
         p.dp.xdp_program().unwrap();
-        let mut monitor = p.dp.monitor().unwrap();
+        let mut monitor = p.dp.monitor(false).unwrap();
         let mut outsider = from_outside(packet::TCP, 40104, LB_IP, 80);
         outsider.saddr = ip("10.250.0.50").into();
         let bytes = outsider.bytes();
@@ -127,6 +127,29 @@ fn a_source_range_drop_in_xdp_is_reported_to_a_monitor() {
         let flow = report.flow.unwrap();
         assert_eq!(flow.client, "10.250.0.50:40104".parse().unwrap());
         assert_eq!(flow.server, format!("{LB_IP}:80").parse().unwrap());
+    });
+}
+
+#[test]
+fn a_tracing_monitor_sees_xdp_translate_a_nodeport_packet() {
+    with_programs(|p| {
+        p.dp.xdp_program().unwrap();
+        let mut monitor = p.dp.monitor(true).unwrap();
+        let f = from_outside(packet::TCP, 40106, NODE, 30080);
+        let (verdict, out) = p.xdp(&f.bytes());
+        assert_eq!(verdict, XDP_PASS);
+        assert_ne!(out, f.bytes(), "DNATed to the local backend");
+        let got = support::monitor::reports(&mut monitor, 2, std::time::Duration::from_secs(1));
+        assert_eq!(got.len(), 1, "one report of the one translated packet");
+        let report = proxy_agent::cli::monitor::decode(&got[0]).unwrap();
+        assert_eq!(report.stat, proxy_common::stats::Stat::FwdLocal);
+        assert_eq!(report.program, "uplink_xdp");
+        let header = std::mem::size_of::<proxy_common::MonitorEvent>();
+        assert_eq!(
+            &got[0][header..header + out.len()],
+            &out[..],
+            "as XDP sent it on"
+        );
     });
 }
 
