@@ -242,7 +242,8 @@ struct RunArgs {
 }
 
 /// Map sizes, in entries. A map pinned with another size has its entries
-/// carried into a new map of this size when the agent starts.
+/// carried into a new map of this size when the agent starts. The defaults
+/// take about 57 MiB of kernel memory.
 #[derive(Args)]
 struct MapSizeArgs {
     /// Entries of the services map: one per frontend (Service IP, port and
@@ -252,19 +253,73 @@ struct MapSizeArgs {
     /// Backends (pod address, port and protocol) over every Service.
     #[arg(long, env = "FERRY_MAP_BACKENDS", default_value_t = capacity::BACKENDS, value_parser = map_size())]
     map_backends: u32,
+    /// Frontends (Service IP, port and protocol): the reverse-NAT maps'
+    /// entries and the round-robin counters'.
+    #[arg(long, env = "FERRY_MAP_FRONTENDS", default_value_t = capacity::REVNAT, value_parser = map_size())]
+    map_frontends: u32,
     /// Conntrack entries: two per flow; the least recently used go when it is
-    /// full.
-    #[arg(long, env = "FERRY_MAP_CONNTRACK", default_value_t = capacity::CONNTRACK, value_parser = map_size())]
-    map_conntrack: u32,
-    /// NAT entries: two per SNATed flow.
-    #[arg(long, env = "FERRY_MAP_NAT", default_value_t = capacity::NAT, value_parser = map_size())]
-    map_nat: u32,
-    /// ClientIP affinity entries: one per client and Service.
-    #[arg(long, env = "FERRY_MAP_AFFINITY", default_value_t = capacity::AFFINITY, value_parser = map_size())]
-    map_affinity: u32,
+    /// full. IPv6's map has a quarter as many. [default: 131072, or from
+    /// --map-dynamic-size-ratio]
+    #[arg(long, env = "FERRY_MAP_CONNTRACK", value_parser = map_size())]
+    map_conntrack: Option<u32>,
+    /// NAT entries: two per SNATed flow. IPv6's map has a quarter as many.
+    /// [default: 65536, or from --map-dynamic-size-ratio]
+    #[arg(long, env = "FERRY_MAP_NAT", value_parser = map_size())]
+    map_nat: Option<u32>,
+    /// ClientIP affinity entries: one per client and Service. IPv6's map has
+    /// a quarter as many. [default: 16384, or from --map-dynamic-size-ratio]
+    #[arg(long, env = "FERRY_MAP_AFFINITY", value_parser = map_size())]
+    map_affinity: Option<u32>,
+    /// The share of the node's memory (0 to 1) the flow maps (conntrack,
+    /// NAT, affinity, both families) take together, as Cilium's
+    /// bpf-map-dynamic-size-ratio: those without a flag of their own are
+    /// scaled from their defaults to fit it. 0: the defaults.
+    #[arg(long, env = "FERRY_MAP_DYNAMIC_SIZE_RATIO", default_value_t = 0.0)]
+    map_dynamic_size_ratio: f64,
     /// Maglev lookup slots over every Maglev Service.
     #[arg(long, env = "FERRY_MAP_MAGLEV", default_value_t = capacity::MAGLEV, value_parser = map_size())]
     map_maglev: u32,
+}
+
+impl MapSizeArgs {
+    /// The sizes the flags ask for, the flow maps' from the node's memory
+    /// with a ratio.
+    fn sizes(&self) -> Result<MapSizes> {
+        let ratio = self.map_dynamic_size_ratio;
+        let memory = if ratio > 0.0 {
+            kernel::sizes::node_memory()?
+        } else {
+            0
+        };
+        let sizes = MapSizes {
+            services: self.map_services,
+            backends: self.map_backends,
+            frontends: self.map_frontends,
+            maglev: self.map_maglev,
+            ..MapSizes::default()
+        }
+        .with_flows(
+            kernel::sizes::FlowFlags {
+                conntrack: self.map_conntrack,
+                nat: self.map_nat,
+                affinity: self.map_affinity,
+            },
+            ratio,
+            memory,
+        )?;
+        if ratio > 0.0 {
+            info!(
+                ratio,
+                memory_mib = memory >> 20,
+                conntrack = sizes.conntrack,
+                nat = sizes.nat,
+                affinity = sizes.affinity,
+                flow_maps_mib = sizes.flow_bytes() >> 20,
+                "flow maps sized from the node's memory"
+            );
+        }
+        Ok(sizes)
+    }
 }
 
 /// Map sizes from 16 entries to 2^26.
@@ -336,14 +391,7 @@ async fn main() -> Result<()> {
                 cgroup_root: args.cgroup_root,
                 node_port_loopback: args.nodeport_loopback,
                 node_port_addresses,
-                map_sizes: MapSizes {
-                    services: args.map_sizes.map_services,
-                    backends: args.map_sizes.map_backends,
-                    conntrack: args.map_sizes.map_conntrack,
-                    nat: args.map_sizes.map_nat,
-                    affinity: args.map_sizes.map_affinity,
-                    maglev: args.map_sizes.map_maglev,
-                },
+                map_sizes: args.map_sizes.sizes()?,
             })
             .await
         }

@@ -405,7 +405,7 @@ nat4_v3: CtKey4 16 {saddr@0 daddr@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@
 natport4_v1: NatPortKey4 12 {backend_addr@0 backend_port_be@4 proto@6 _pad@7 index@8 _pad2@10} -> u64 8 {}
 affinity4_v2: AffinityKey4 8 {client_addr@0 rev_nat_id@4} -> AffinityValue 16 {backend_id@0 _pad@4 last_used_ns@8}
 maglev4_v2: MaglevKey 8 {rev_nat_id@0 index@4} -> u32 4 {}
-rr_v2: u32 4 {} -> u32 4 {}
+rr_v3: u32 4 {} -> u32 4 {}
 srcrange4_v2: lpm_trie::Key<SourceRange4> 12 {prefix_len@0 data@4 {rev_nat_id_be@0 addr@4}} -> u8 1 {}
 config_v1: u32 4 {} -> Config 8 {snat_addr@0 nat_port_min@4 nat_port_max@6}
 stats_v1: u32 4 {} -> StatCounter 16 {packets@0 bytes@8}

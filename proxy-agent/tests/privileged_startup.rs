@@ -644,3 +644,94 @@ fn pod_interfaces_are_found_by_routes_whatever_their_names() {
     lab.teardown();
     lab.assert_gone();
 }
+
+/// What an agent with the default map sizes pins, in kernel memory (bpftool's
+/// `bytes_memlock`, the maps' own memory on 6.x): at most 64 MiB. And
+/// `--map-dynamic-size-ratio` sizes the flow maps from the node's memory.
+#[test]
+fn default_maps_take_at_most_64_mib_and_a_ratio_sizes_the_flow_maps() {
+    let mut lab = Lab::new("mem");
+    let node = lab.netns("node");
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.json");
+    std::fs::write(&services, r#"{"services": []}"#).unwrap();
+    let args = [
+        "run",
+        "--services-file",
+        services.to_str().unwrap(),
+        "--uplink-iface",
+        "none",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+    ];
+    let memory = |pin_dir: &std::path::Path| -> Vec<(String, u64, u64)> {
+        proxy_common::map_names::ALL
+            .iter()
+            .map(|name| {
+                let out = std::process::Command::new("bpftool")
+                    .args(["map", "show", "pinned"])
+                    .arg(pin_dir.join(name))
+                    .arg("-j")
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{name}: {out:?}");
+                let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                (
+                    name.to_string(),
+                    map["bytes_memlock"].as_u64().unwrap(),
+                    map["max_entries"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    lab.start_agent(&node, &args);
+    let maps = memory(&lab.pin_dir);
+    let total: u64 = maps.iter().map(|m| m.1).sum();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let allowed = 64 << 20;
+    let table: Vec<String> = maps
+        .iter()
+        .map(|(name, bytes, entries)| format!("{name}: {entries} entries, {} KiB", bytes >> 10))
+        .collect();
+    eprintln!(
+        "default maps: {:.1} MiB on {cpus} CPUs\n{}",
+        total as f64 / (1 << 20) as f64,
+        table.join("\n")
+    );
+    assert!(total <= allowed, "{total} bytes: {table:#?}");
+    lab.teardown_agents_only();
+
+    // 1/1000 of the node's memory for the flow maps: conntrack, NAT and
+    // affinity are sized to it; a flag keeps its own size.
+    let mut ratio = args.to_vec();
+    ratio.extend(["--map-dynamic-size-ratio", "0.001", "--map-nat", "4096"]);
+    lab.start_agent(&node, &ratio);
+    let maps = memory(&lab.pin_dir);
+    let entries = |name: &str| maps.iter().find(|m| m.0 == name).unwrap().2;
+    let node_memory = proxy_agent::kernel::sizes::node_memory().unwrap();
+    let want = proxy_agent::kernel::MapSizes::default()
+        .with_flows(
+            proxy_agent::kernel::sizes::FlowFlags {
+                nat: Some(4096),
+                ..Default::default()
+            },
+            0.001,
+            node_memory,
+        )
+        .unwrap();
+    use proxy_common::map_names as names;
+    assert_eq!(entries(names::CONNTRACK_V4), u64::from(want.conntrack));
+    assert_eq!(entries(names::CONNTRACK_V6), u64::from(want.conntrack / 4));
+    assert_eq!(entries(names::AFFINITY_V4), u64::from(want.affinity));
+    assert_eq!(entries(names::NAT_V4), 4096, "the flag's size");
+    assert_ne!(
+        want.conntrack,
+        proxy_common::capacity::CONNTRACK,
+        "the ratio changed it"
+    );
+    lab.teardown_agents_only();
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.teardown();
+    lab.assert_gone();
+}

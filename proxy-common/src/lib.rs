@@ -45,7 +45,7 @@ pub mod map_names {
     pub const MAGLEV_V4: &str = "maglev4_v2";
     /// Its layout is unchanged since v1, but it is indexed by frontend id and
     /// v1 had room for 16-bit ids only: a reused v1 would miss every wider id.
-    pub const ROUND_ROBIN: &str = "rr_v2";
+    pub const ROUND_ROBIN: &str = "rr_v3";
     pub const SOURCE_RANGES_V4: &str = "srcrange4_v2";
     pub const CONFIG: &str = "config_v1";
     pub const STATS: &str = "stats_v1";
@@ -188,40 +188,51 @@ pub mod bench {
     pub const FRAME_LEN6: usize = 74;
 }
 
-/// Capacities of the maps. The agent can override them at load time.
+/// The maps' default capacities, chosen for a typical node: about 57 MiB of
+/// kernel memory for every map together, whatever the node's CPUs (the
+/// per-CPU maps that are allocated whole hold a few KiB per CPU). The
+/// agent sizes most of them at load time
+/// (`--map-*`, and `--map-dynamic-size-ratio` for the flow maps); the
+/// programs declare these.
 pub mod capacity {
-    pub const SERVICES: u32 = 262_144;
-    pub const BACKENDS: u32 = 131_072;
-    /// Frontend (reverse-NAT) ids run from 1 to `REVNAT - 1`: they also index
-    /// the round-robin array, which has `REVNAT` slots. As many as the services
-    /// map has slots, so that ids never run out before the slots do (every
-    /// frontend takes at least its slot 0).
-    pub const REVNAT: u32 = 262_144;
-    pub const CONNTRACK: u32 = 524_288;
-    pub const NAT: u32 = 262_144;
+    /// Frontend slots and backend slots (one per frontend, one per backend
+    /// of each): about 6,000 Services of 10 backends.
+    pub const SERVICES: u32 = 65_536;
+    pub const BACKENDS: u32 = 32_768;
+    /// Frontend (reverse-NAT) ids run from 1 to `REVNAT - 1`
+    /// (`--map-frontends`): the reverse-NAT maps' entries, and the
+    /// round-robin counters' (allocated as used).
+    pub const REVNAT: u32 = 65_536;
+    /// Two entries per flow: 65,536 flows.
+    pub const CONNTRACK: u32 = 131_072;
+    /// Two entries per SNATed flow.
+    pub const NAT: u32 = 65_536;
     /// Words of NAT-port bitmaps (allocated as used): a remote backend with
     /// flows holds one word per 64 ports of the NAT range it touched, its
-    /// summary words and its exhaustion counter.
-    pub const NAT_PORTS: u32 = 262_144;
-    pub const AFFINITY: u32 = 131_072;
-    /// Maglev slots over every Maglev frontend (allocated as used).
-    pub const MAGLEV: u32 = 4_194_304;
+    /// summary words and its exhaustion counter. As many as the NAT map
+    /// has entries.
+    pub const NAT_PORTS: u32 = NAT;
+    pub const AFFINITY: u32 = 16_384;
+    /// Maglev slots over every Maglev frontend (allocated as used, its
+    /// bucket array whole: 4 MiB): about 250 Maglev Services of 10
+    /// backends (1,021 slots each).
+    pub const MAGLEV: u32 = 262_144;
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Sockets the socket hooks translated, each with the backend it was
     /// sent to (least recently used evicted).
-    pub const SOCK_REVNAT: u32 = 65_536;
+    pub const SOCK_REVNAT: u32 = 32_768;
     /// The IPv6 flow maps (least recently used evicted, allocated whole):
-    /// smaller than IPv4's until they get flags of their own, about 12 MiB
-    /// together. The IPv6 services, backends and reverse-NAT maps have the
-    /// IPv4 ones' sizes and are allocated as used (their bucket arrays
-    /// whole: about 10 MiB).
-    pub const CONNTRACK_V6: u32 = 65_536;
-    pub const AFFINITY_V6: u32 = 16_384;
+    /// a quarter of IPv4's, sized with them. The IPv6 services, backends
+    /// and reverse-NAT maps have the IPv4 ones' sizes and are allocated as
+    /// used (their bucket arrays whole).
+    pub const CONNTRACK_V6: u32 = CONNTRACK / 4;
+    pub const AFFINITY_V6: u32 = AFFINITY / 4;
+    /// Not sized by the agent.
     pub const SOCK_REVNAT_V6: u32 = 16_384;
     /// IPv6 SNATed flows (least recently used evicted, allocated whole).
     /// The IPv6 NAT-port words and source ranges take the IPv4 sizes,
     /// allocated as used.
-    pub const NAT_V6: u32 = 32_768;
+    pub const NAT_V6: u32 = NAT / 4;
     /// IPv4 datagrams in fragments at once (least recently used evicted,
     /// allocated whole: under 1 MiB), as Cilium's default.
     pub const FRAGMENTS: u32 = 8_192;

@@ -10,8 +10,9 @@
 //! agent) is not carried over.
 //!
 //! Maps with no older version in the history: `backend4_v1`, `natport4_v1`,
-//! `config_v1` and `stats_v1` (adopted as they are). `rr_v1` had today's
-//! layout; its round-robin counters are not worth carrying over.
+//! `config_v1` and `stats_v1` (adopted as they are). `rr_v2` was a per-CPU
+//! array (every frontend id's counters allocated on every CPU); its
+//! round-robin counters are not worth carrying over.
 //!
 //! Every conversion is total: the previous layouts differ from today's only
 //! by a frontend id 16 bits wide where it is 32 bits now (v1 and ct4_v2, see
@@ -28,7 +29,7 @@ pub mod names {
     pub const NAT_V4: &str = "nat4_v2";
     pub const AFFINITY_V4: &str = "affinity4_v1";
     pub const MAGLEV_V4: &str = "maglev4_v1";
-    pub const ROUND_ROBIN: &str = "rr_v1";
+    pub const ROUND_ROBIN: &str = "rr_v2";
     pub const SOURCE_RANGES_V4: &str = "srcrange4_v1";
 
     /// (previous name, today's name).

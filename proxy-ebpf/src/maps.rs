@@ -65,9 +65,16 @@ pub static MAGLEV: HashMap<
 > = HashMap::new();
 
 /// Round robin: a counter per frontend (reverse-NAT id) and per CPU, so no two
-/// CPUs ever race on one counter.
-#[btf_map(name = "rr_v2")]
-pub static ROUND_ROBIN: PerCpuArray<u32, { capacity::REVNAT as usize }> = PerCpuArray::new();
+/// CPUs ever race on one counter. Allocated as used: only round-robin
+/// frontends have counters (a per-CPU array would hold every id's on every
+/// CPU: 0.5 MiB per CPU at the default size).
+#[btf_map(name = "rr_v3")]
+pub static ROUND_ROBIN: PerCpuHashMap<
+    u32,
+    u32,
+    { capacity::REVNAT as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// loadBalancerSourceRanges: (frontend, client prefix) -> allowed.
 #[btf_map(name = "srcrange4_v2")]

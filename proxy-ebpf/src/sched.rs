@@ -3,6 +3,7 @@
 //! client on the backend its last connection went to. The same for a packet
 //! (`Flow`) and a socket (`sock::Dial`): both are a [`Client`].
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     hash::slot_for, maglev, stats::Stat, svc_flags, AffinityValue, MaglevKey, ServiceValue,
 };
@@ -110,9 +111,17 @@ fn schedule<F: Family>(
         }
         svc_flags::SCHEDULER_SOURCE_HASH => slot_for(F::client_hash(flow.client()), svc.count),
         svc_flags::SCHEDULER_ROUND_ROBIN => {
-            let counter = ROUND_ROBIN
-                .get_ptr_mut(svc.rev_nat_id)
-                .ok_or(Dropped(Stat::DropNoBackendEntry))?;
+            // A frontend's first round-robin flow on this CPU makes its
+            // counter (BPF_NOEXIST: one another CPU made meanwhile stays).
+            let counter = match ROUND_ROBIN.get_ptr_mut(&svc.rev_nat_id) {
+                Some(counter) => counter,
+                None => {
+                    let _ = ROUND_ROBIN.insert(&svc.rev_nat_id, &0, u64::from(BPF_NOEXIST));
+                    ROUND_ROBIN
+                        .get_ptr_mut(&svc.rev_nat_id)
+                        .ok_or(Dropped(Stat::DropNoBackendEntry))?
+                }
+            };
             // SAFETY: a per-CPU slot, touched by this CPU only.
             let turn = unsafe {
                 let turn = *counter;

@@ -38,10 +38,13 @@ pub struct Ids {
     /// a live flow never follows an unrelated new backend or frontend.
     reserved_backends: HashSet<u32>,
     reserved_revnat: HashSet<u32>,
+    /// The highest frontend id (None: [`MAX_FRONTEND_ID`]).
+    max_frontend_id: Option<u32>,
 }
 
-/// The highest frontend id: ids index the round-robin array, which has
-/// `capacity::REVNAT` slots.
+/// The highest frontend id with the maps' default sizes: ids key the
+/// reverse-NAT and round-robin maps, which hold `capacity::REVNAT` unless
+/// `--map-frontends` says otherwise.
 pub const MAX_FRONTEND_ID: u32 = capacity::REVNAT - 1;
 
 fn protocol_of(number: u8) -> Option<Protocol> {
@@ -87,6 +90,16 @@ impl Ids {
         ids
     }
 
+    /// Hands out frontend ids up to `max` (one less than the reverse-NAT
+    /// map's entries), not [`MAX_FRONTEND_ID`].
+    pub fn limit_frontend_ids(&mut self, max: u32) {
+        self.max_frontend_id = Some(max.max(1));
+    }
+
+    fn max_frontend_id(&self) -> u32 {
+        self.max_frontend_id.unwrap_or(MAX_FRONTEND_ID)
+    }
+
     /// Keeps `backends` and `frontends` (ids live flows name) from being
     /// handed out, and starts the cursors after the highest of them.
     pub fn reserve(&mut self, backends: &HashSet<u32>, frontends: &HashSet<u32>) {
@@ -94,7 +107,7 @@ impl Ids {
         self.backend_cursor = self.backend_cursor.max(highest(backends));
         self.revnat_cursor = self
             .revnat_cursor
-            .max(highest(frontends).min(MAX_FRONTEND_ID));
+            .max(highest(frontends).min(self.max_frontend_id()));
         self.reserved_backends.extend(backends);
         self.reserved_revnat.extend(frontends);
     }
@@ -117,8 +130,9 @@ impl Ids {
         if let Some(&id) = self.revnat.get(&frontend) {
             return Some(id);
         }
+        let max = self.max_frontend_id();
         let (used, reserved) = (&self.revnat_ids, &self.reserved_revnat);
-        let id = next_free(&mut self.revnat_cursor, MAX_FRONTEND_ID, |id| {
+        let id = next_free(&mut self.revnat_cursor, max, |id| {
             used.contains(&id) || reserved.contains(&id)
         })?;
         self.revnat.insert(frontend, id);

@@ -43,7 +43,14 @@ impl RoundReport {
 
 impl Programmed {
     /// Maps that hold `applied` (adopted from an earlier agent, say), of `capacity`.
-    pub fn adopt(applied: MapState, ids: Ids, capacity: Capacity) -> Self {
+    pub fn adopt(applied: MapState, mut ids: Ids, capacity: Capacity) -> Self {
+        // Frontend ids stay below the reverse-NAT map's size, as the
+        // round-robin map's.
+        ids.limit_frontend_ids(
+            u32::try_from(capacity.revnat)
+                .unwrap_or(u32::MAX)
+                .saturating_sub(1),
+        );
         Self {
             ids,
             applied,

@@ -92,7 +92,7 @@ impl Migration {
             };
             let path = pin_dir.join(&name);
             migration.pins.push(path.clone());
-            if current == map_names::ROUND_ROBIN || current == map_names::STATS {
+            if [map_names::ROUND_ROBIN, map_names::STATS, map_names::TRAFFIC].contains(&current) {
                 info!(map = name, "not carried over: its counters start again");
                 continue;
             }
@@ -119,6 +119,9 @@ impl Migration {
                 map_names::CONNTRACK_V4,
                 map_names::NAT_V4,
                 map_names::AFFINITY_V4,
+                map_names::CONNTRACK_V6,
+                map_names::NAT_V6,
+                map_names::AFFINITY_V6,
             ];
             if flows.contains(&current) {
                 migration.flows.push((name, carry));
@@ -323,6 +326,18 @@ fn open_resized(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
             &mut dp.v6.services
         }),
         map_names::BACKENDS_V6 => hash(old, same::<u32, Backend6>, |dp| &mut dp.v6.backends),
+        map_names::REVNAT_V4 => hash(old, same::<u32, RevNat4>, |dp| &mut dp.revnat),
+        map_names::REVNAT_V6 => hash(old, same::<u32, RevNat6>, |dp| &mut dp.v6.revnat),
+        map_names::CONNTRACK_V6 => hash(old, same::<CtKey6, CtValue>, |dp| &mut dp.v6.conntrack),
+        map_names::NAT_V6 => hash(old, same::<CtKey6, Nat6>, |dp| &mut dp.v6.nat),
+        map_names::AFFINITY_V6 => hash(old, same::<AffinityKey6, AffinityValue>, |dp| {
+            &mut dp.v6.affinity
+        }),
+        map_names::NAT_PORTS_V4 => hash(old, same::<NatPortKey4, u64>, |dp| &mut dp.nat_ports),
+        map_names::NAT_PORTS_V6 => hash(old, same::<NatPortKey6, u64>, |dp| &mut dp.v6.nat_ports),
+        map_names::SOCK_REVNAT_V4 => {
+            hash(old, same::<SockRevKey4, RevNat4>, |dp| &mut dp.sock_revnat)
+        }
         other => bail!("{other} is not resized"),
     }
 }

@@ -54,51 +54,6 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 /// `uplink_tc6`, beside `uplink_tc` on the uplink's ingress.
 const TC_HANDLE_UPLINK6: TcHandle = TcHandle::new(0, 2);
 
-/// The entries of the maps an operator sizes (`Default`: the built-in sizes,
-/// `proxy_common::capacity`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    /// The services map: one entry per frontend and one per backend slot.
-    pub services: u32,
-    pub backends: u32,
-    pub conntrack: u32,
-    pub nat: u32,
-    pub affinity: u32,
-    /// Maglev slots over every Maglev frontend.
-    pub maglev: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            services: capacity::SERVICES,
-            backends: capacity::BACKENDS,
-            conntrack: capacity::CONNTRACK,
-            nat: capacity::NAT,
-            affinity: capacity::AFFINITY,
-            maglev: capacity::MAGLEV,
-        }
-    }
-}
-
-impl MapSizes {
-    /// Every sized map's name and entries. The IPv6 services and backends
-    /// maps have the IPv4 ones' sizes; the IPv6 flow maps keep theirs
-    /// (`capacity::CONNTRACK_V6`, `capacity::AFFINITY_V6`).
-    pub fn entries(&self) -> [(&'static str, u32); 8] {
-        [
-            (map_names::SERVICES_V4, self.services),
-            (map_names::BACKENDS_V4, self.backends),
-            (map_names::CONNTRACK_V4, self.conntrack),
-            (map_names::NAT_V4, self.nat),
-            (map_names::AFFINITY_V4, self.affinity),
-            (map_names::MAGLEV_V4, self.maglev),
-            (map_names::SERVICES_V6, self.services),
-            (map_names::BACKENDS_V6, self.backends),
-        ]
-    }
-}
-
 /// A map pinned with another size than `entries` asks for is never reused as
 /// it is (the kernel cannot resize a map): its pin is renamed to `name` and
 /// `previous::RESIZED_SUFFIX`, the loader makes a map of the new size, and
@@ -285,6 +240,7 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS_V6, entries(capacity.backends))
             .map_max_entries(map_names::REVNAT_V4, entries(capacity.revnat))
             .map_max_entries(map_names::REVNAT_V6, entries(capacity.revnat))
+            .map_max_entries(map_names::ROUND_ROBIN, entries(capacity.revnat))
             .map_max_entries(map_names::MAGLEV_V4, entries(capacity.maglev))
             .map_max_entries(map_names::SOURCE_RANGES_V4, entries(capacity.source_ranges))
             .map_max_entries(map_names::SOURCE_RANGES_V6, entries(capacity.source_ranges));
@@ -305,12 +261,17 @@ impl Dataplane {
         let backends = frontends
             .saturating_mul(backends_each)
             .max(capacity::BACKENDS);
+        // A frontend id each.
+        let ids = frontends.saturating_add(1).max(capacity::REVNAT);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES_V4, slots)
             .map_max_entries(map_names::SERVICES_V6, slots)
             .map_max_entries(map_names::BACKENDS_V4, backends)
-            .map_max_entries(map_names::BACKENDS_V6, backends);
+            .map_max_entries(map_names::BACKENDS_V6, backends)
+            .map_max_entries(map_names::REVNAT_V4, ids)
+            .map_max_entries(map_names::REVNAT_V6, ids)
+            .map_max_entries(map_names::ROUND_ROBIN, ids);
         Self::load_object_with(&mut loader, object)
     }
 
@@ -606,6 +567,8 @@ fn fs_magic(path: &Path) -> Result<i64> {
 
 pub mod diag;
 pub mod fib_model;
+pub mod sizes;
+pub use sizes::MapSizes;
 pub mod ifaces;
 pub mod lock;
 pub mod migrate;

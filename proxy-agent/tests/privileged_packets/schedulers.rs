@@ -190,7 +190,7 @@ fn round_robin_takes_the_backends_in_turn() {
 fn round_robin_counts_for_the_highest_frontend_id_too() {
     use proxy_agent::{desired::MAX_FRONTEND_ID, frontend::Scheduler};
     pin_to_cpu0();
-    // Its counter is the last slot of the round-robin array.
+    // Its counter is keyed by the highest id the agent hands out.
     let ids = ids_taken(&[("10.96.0.99", 80, MAX_FRONTEND_ID - 1)]);
     let mut p = Programs::with_ids(&scheduled(Scheduler::RoundRobin), ids);
     assert_eq!(p.frontend_id("10.96.0.70", 80), MAX_FRONTEND_ID);

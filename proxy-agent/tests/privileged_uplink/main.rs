@@ -363,11 +363,17 @@ fn with_programs(f: impl FnOnce(&mut Programs) + Send + 'static) {
 }
 
 /// The same, with frontend ids handed out by `ids`.
-fn with_programs_numbered(ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'static) {
+fn with_programs_numbered(mut ids: Ids, f: impl FnOnce(&mut Programs) + Send + 'static) {
     let mut lab = Lab::new("up");
     let (ns, ifindex) = fib::namespace(&mut lab);
     in_netns(&ns, move || {
-        let mut h = harness::Programs::load().expect("load the programs");
+        // Room for frontend ids past 16 bits, as with --map-frontends 262144.
+        let capacity = proxy_agent::desired::Capacity {
+            revnat: 1 << 18,
+            ..Default::default()
+        };
+        let mut h = harness::Programs::load_with_capacity(&capacity).expect("load the programs");
+        ids.limit_frontend_ids((1 << 18) - 1);
         h.programmed.ids = ids;
         let problems = h.serve(&services()).unwrap();
         assert!(problems.is_empty(), "{problems:?}");

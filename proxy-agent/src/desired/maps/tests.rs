@@ -362,10 +362,31 @@ fn frontends(first: u32, n: u32) -> Vec<FrontendSpec> {
         .collect()
 }
 
+/// Ids and maps for more frontends than the default sizes hold (as with
+/// `--map-services` and `--map-frontends` of 262,144).
+fn wide_ids() -> (Ids, Capacity) {
+    let mut ids = Ids::default();
+    ids.limit_frontend_ids(262_143);
+    let capacity = Capacity {
+        services: 262_144,
+        revnat: 262_144,
+        ..Capacity::default()
+    };
+    (ids, capacity)
+}
+
+fn map_state_wide(
+    services: &[FrontendSpec],
+    ids: &mut Ids,
+    capacity: &Capacity,
+) -> (MapState, Vec<Problem>) {
+    map_state_in(services, ids, &MapState::default(), capacity)
+}
+
 #[test]
 fn frontend_ids_go_past_16_bits() {
-    let mut ids = Ids::default();
-    let (state, problems) = map_state(&frontends(0, 70_000), &mut ids);
+    let (mut ids, capacity) = wide_ids();
+    let (state, problems) = map_state_wide(&frontends(0, 70_000), &mut ids, &capacity);
     assert!(problems.is_empty(), "{:?}", &problems[..1]);
     assert_eq!(state.revnat.len(), 70_000, "one id per frontend");
     let slot0_ids: HashSet<u32> = state.services.values().map(|v| v.rev_nat_id).collect();
@@ -376,7 +397,7 @@ fn frontend_ids_go_past_16_bits() {
     // second batch continues where the first stopped.
     let mut more = frontends(0, 70_000);
     more.extend(frontends(70_000, 10));
-    let (state, _) = map_state(&more, &mut ids);
+    let (state, _) = map_state_wide(&more, &mut ids, &capacity);
     assert_eq!(
         state.revnat.keys().last().copied(),
         Some(highest + 10),
@@ -404,7 +425,7 @@ fn frontend_ids_stay_inside_the_round_robin_array() {
 
 #[test]
 fn source_ranges_match_the_whole_wide_id_then_the_address_prefix() {
-    let mut ids = Ids::default();
+    let (mut ids, capacity) = wide_ids();
     let mut services = frontends(0, 65_536);
     // Last by name, so its id comes after the 65536 others.
     let mut wide = svc("~wide", [192, 0, 2, 10], 80, &[]);
@@ -413,7 +434,7 @@ fn source_ranges_match_the_whole_wide_id_then_the_address_prefix() {
         "0.0.0.0/0".parse().unwrap(),
     ]);
     services.push(wide.clone());
-    let (state, _) = map_state(&services, &mut ids);
+    let (state, _) = map_state_wide(&services, &mut ids, &capacity);
     let id = state.services[&service_key(&wide.frontend, 0)].rev_nat_id;
     assert_eq!(id, 65_537);
     let key = |addr: [u8; 4]| SourceRange4 {

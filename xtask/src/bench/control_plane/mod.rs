@@ -133,8 +133,35 @@ pub fn run(quick: bool, results: &Path, command: &str) -> Result<()> {
     Ok(())
 }
 
+/// The agent's map sizes for the plan's largest scale, as an operator of
+/// such a cluster would set them (the defaults hold about 6,000 Services of
+/// 10 endpoints): each Service's frontend and endpoints, with room for the
+/// cluster's own Services.
+fn map_flags(plan: &Plan) -> Vec<String> {
+    let services = plan.scales.iter().copied().max().unwrap_or(0) + 1024;
+    let flag = |name: &str, entries: usize, default: u32| {
+        let entries = u32::try_from(entries).unwrap_or(u32::MAX).max(default);
+        [format!("--map-{name}"), entries.to_string()]
+    };
+    [
+        flag(
+            "services",
+            services * (1 + ENDPOINTS_PER_SERVICE),
+            proxy_common::capacity::SERVICES,
+        ),
+        flag(
+            "backends",
+            services * ENDPOINTS_PER_SERVICE,
+            proxy_common::capacity::BACKENDS,
+        ),
+        flag("frontends", services, proxy_common::capacity::REVNAT),
+    ]
+    .concat()
+}
+
 fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
     let lab = Lab::new(LAB)?;
+    lab.set_agent_args(&map_flags(plan))?;
     lab.stop_agent("node2")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
