@@ -640,6 +640,15 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
         for (id, backend) in &backends {
             table.insert(id, backend, 0).unwrap();
         }
+        let mut revnat = pins::hash::<u32, RevNat4>(&dir, map_names::REVNAT_V4);
+        for id in 1..=5u32 {
+            let frontend = RevNat4 {
+                addr: be(VIP),
+                port_be: (80 + id as u16).to_be(),
+                _pad: 0,
+            };
+            revnat.insert(id, frontend, 0).unwrap();
+        }
         drop(dp);
     }
     let max_entries = |name: &str| {
@@ -654,10 +663,12 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
         proxy_common::capacity::CONNTRACK
     );
 
-    // Conntrack grows room; the backends map shrinks below what it holds.
+    // Conntrack grows room; the backends map shrinks below what it holds;
+    // the reverse-NAT maps follow --map-frontends, IPv6 conntrack IPv4's.
     let sizes = MapSizes {
         conntrack: 1024,
         backends: 16,
+        frontends: 64,
         ..Default::default()
     };
     let mut dp =
@@ -674,7 +685,15 @@ fn maps_pinned_with_another_size_are_carried_into_maps_of_the_new_size() {
     let report = migration.finish(&mut dp, &Lifetimes::default());
 
     assert_eq!(max_entries(map_names::CONNTRACK_V4), 1024);
+    assert_eq!(max_entries(map_names::CONNTRACK_V6), 256);
     assert_eq!(max_entries(map_names::BACKENDS_V4), 16);
+    assert_eq!(max_entries(map_names::REVNAT_V4), 64);
+    assert_eq!(max_entries(map_names::ROUND_ROBIN), 64);
+    assert_eq!(
+        dp.read_state().unwrap().revnat.len(),
+        5,
+        "every frontend carried"
+    );
     let mut carried = dp.conntrack().unwrap();
     carried.sort_by_key(|(k, _)| u16::from_be(k.sport_be));
     assert_eq!(carried, flows, "every flow carried, as it was");
