@@ -6,7 +6,10 @@ use std::collections::HashSet;
 
 use aya::maps::{IterableMap, MapError};
 
-use super::*;
+use super::{
+    batch::{self, Reading},
+    *,
+};
 use crate::desired::{entries::Family, SourceRange};
 
 impl Dataplane {
@@ -126,35 +129,35 @@ impl Dataplane {
         Ok(self.nat_ports.iter().collect::<Result<_, _>>()?)
     }
 
-    /// What the service, backend and reverse-NAT maps of both families hold now.
+    /// What the service, backend and reverse-NAT maps of both families hold
+    /// now, the hash maps read in batches.
     pub fn read_state(&self) -> Result<MapState> {
+        self.read_state_by(Reading::Batched)
+    }
+
+    /// [`Dataplane::read_state`], its hash maps read as `reading` says (the
+    /// map-read benchmark compares the two).
+    pub fn read_state_by(&self, reading: Reading) -> Result<MapState> {
         let mut state = MapState::default();
-        for entry in self.services.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.services, reading)? {
             state.services.insert(k.into(), v);
         }
-        for entry in self.v6.services.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.v6.services, reading)? {
             state.services.insert(k.into(), v);
         }
-        for entry in self.backends.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.backends, reading)? {
             state.backends.insert(k, v.into());
         }
-        for entry in self.v6.backends.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.v6.backends, reading)? {
             state.backends.insert(k, v.into());
         }
-        for entry in self.revnat.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.revnat, reading)? {
             state.revnat.insert(k, v.into());
         }
-        for entry in self.v6.revnat.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.v6.revnat, reading)? {
             state.revnat.insert(k, v.into());
         }
-        for entry in self.maglev.iter() {
-            let (k, v) = entry?;
+        for (k, v) in batch::entries(&self.maglev, reading)? {
             state.maglev.insert(k, v);
         }
         for entry in self.source_ranges.iter() {

@@ -565,6 +565,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
     Ok(st.f_type)
 }
 
+pub mod batch;
 pub mod diag;
 pub mod fib_model;
 pub mod sizes;

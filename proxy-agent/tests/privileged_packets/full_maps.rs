@@ -96,3 +96,40 @@ fn a_write_the_kernel_refuses_leaves_its_frontend_whole() {
     // d is not served, and nothing of it is reachable.
     assert_untouched(&mut p, &to("10.96.1.4"));
 }
+
+/// The resync's read of the maps in batches (`BPF_MAP_LOOKUP_BATCH`) finds
+/// what a read one entry at a time finds, over more entries than one batch
+/// holds, Maglev tables and IPv6 included.
+#[test]
+fn a_batched_read_of_the_maps_is_the_one_by_one_read() {
+    use proxy_agent::kernel::batch::Reading;
+    support::require_root();
+    let mut p = Programs(harness::Programs::load_sized(1_000, 10).expect("load the programs"));
+    let mut services: Vec<FrontendSpec> = (0..1_000u32)
+        .map(|i| {
+            let vip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+            let backends: Vec<(String, u16)> = (0..10u32)
+                .map(|b| (format!("10.244.{}.{}", i / 25, (i % 25) * 10 + b + 1), 8080))
+                .collect();
+            let endpoints: Vec<(&str, u16)> = backends
+                .iter()
+                .map(|(a, port)| (a.as_str(), *port))
+                .collect();
+            service(&format!("s{i}"), &vip, 80, Protocol::Tcp, &endpoints)
+        })
+        .collect();
+    services[7].scheduler = Some(proxy_agent::frontend::Scheduler::Maglev);
+    services.push(service(
+        "six",
+        "fd00:10:96::99",
+        80,
+        Protocol::Tcp,
+        &[("fd00:10:244::5", 8080)],
+    ));
+    p.serve(&services);
+    let batched = p.dp.read_state_by(Reading::Batched).unwrap();
+    let one_by_one = p.dp.read_state_by(Reading::OneByOne).unwrap();
+    assert_eq!(batched.services.len(), 1_000 * 11 + 2);
+    assert!(batched.maglev.len() > 100, "a Maglev table");
+    assert_eq!(batched, one_by_one);
+}

@@ -20,7 +20,7 @@ mod control_plane;
 mod memory;
 
 /// The parts, in the order a full run takes them.
-pub const PARTS: [&str; 3] = ["per-packet", "control-plane", "vs-kube-proxy"];
+pub const PARTS: [&str; 4] = ["per-packet", "map-reads", "control-plane", "vs-kube-proxy"];
 
 pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     if let Some(part) = only {
@@ -48,6 +48,9 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let wanted = |part: &str| only.is_none_or(|o| o == part);
     if wanted("per-packet") {
         per_packet(quick, &results, &command)?;
+    }
+    if wanted("map-reads") {
+        map_reads(quick, &results, &command)?;
     }
     if wanted("control-plane") {
         // Also the memory part: it is measured on the control plane's lab.
@@ -124,6 +127,39 @@ fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {
         ],
     )?;
     eprintln!("bench: {}", results.join("vs_kube_proxy.md").display());
+    Ok(())
+}
+
+/// The resync's read of the maps, batched against one entry at a time.
+fn map_reads(quick: bool, results: &Path, command: &str) -> Result<()> {
+    let table = results.join("map_reads.md.part");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root()).args([
+        "bench",
+        "-p",
+        "proxy-agent",
+        "--bench",
+        "map_reads",
+        "--",
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    exec(cmd.arg("--out").arg(&table))?;
+    let md = format!(
+        "# The resync's read of the maps\n\n{}\n\
+         `Dataplane::read_state` (what the agent reads back every `--resync-seconds`):\n\
+         the services, backends, reverse-NAT and Maglev hash maps of both families, in\n\
+         batches (`BPF_MAP_LOOKUP_BATCH`) against one entry at a time (two system calls\n\
+         each), alternating in one run; medians. Each Service has 10 backends and an\n\
+         IPv4 and an IPv6 ClusterIP. The times include building the agent's view of\n\
+         the state from the entries.\n\n{}",
+        header(command)?,
+        fs::read_to_string(&table)?
+    );
+    fs::remove_file(&table)?;
+    fs::write(results.join("map_reads.md"), md)?;
+    eprintln!("bench: {}", results.join("map_reads.md").display());
     Ok(())
 }
 

@@ -1,0 +1,130 @@
+//! Whole hash maps read in batches (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6): a
+//! system call per few thousand entries, where aya's iterator makes two per
+//! entry (next key, then lookup). The resync reads the services, backends,
+//! reverse-NAT and Maglev maps this way every `--resync-seconds`. A kernel
+//! or map type that refuses batches (LPM tries have none) is read one entry
+//! at a time, as before.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsFd, AsRawFd},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, IterableMap, MapData},
+    Pod,
+};
+
+/// `BPF_MAP_LOOKUP_BATCH` (include/uapi/linux/bpf.h).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries asked for per call at first; a bucket with more (ENOSPC) makes
+/// the next call ask for more.
+const FIRST_CHUNK: usize = 4096;
+
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// How a whole map is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// In batches where the kernel has them, else one entry at a time.
+    Batched,
+    /// One entry at a time (two system calls each): the fallback, and the
+    /// benchmark's baseline.
+    OneByOne,
+}
+
+/// Every entry of `map`, read as `reading` says.
+pub fn entries<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    reading: Reading,
+) -> Result<Vec<(K, V)>> {
+    if reading == Reading::Batched {
+        if let Some(entries) = lookup_batch(map.map()).context("reading a map in batches")? {
+            return Ok(entries);
+        }
+    }
+    Ok(map.iter().collect::<Result<_, _>>()?)
+}
+
+/// The whole map in batches; None if the kernel refuses them for it.
+fn lookup_batch<K: Pod, V: Pod>(map: &MapData) -> io::Result<Option<Vec<(K, V)>>> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
+    let mut out = Vec::new();
+    let mut chunk = FIRST_CHUNK;
+    // The position the kernel hands back (a bucket index for hash maps).
+    let mut position = [0u8; 8];
+    let mut next = [0u8; 8];
+    let mut first = true;
+    loop {
+        let mut keys = vec![0u8; chunk * key_size];
+        let mut values = vec![0u8; chunk * value_size];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { position.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).unwrap_or(u32::MAX),
+            map_fd: u32::try_from(fd).unwrap_or(u32::MAX),
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at buffers of `count` keys and values, and
+        // at two 8-byte positions, all alive across the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let error = (ret < 0).then(io::Error::last_os_error);
+        let errno = error.as_ref().and_then(io::Error::raw_os_error);
+        match errno {
+            None | Some(libc::ENOENT) => {}
+            // A bucket holds more entries than asked for: ask for more.
+            Some(libc::ENOSPC) => {
+                chunk *= 2;
+                continue;
+            }
+            // No batches for this kernel or map type.
+            Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if first => return Ok(None),
+            Some(_) => return Err(error.unwrap_or_else(io::Error::last_os_error)),
+        }
+        let got = attr.count as usize;
+        for i in 0..got {
+            // SAFETY: the kernel wrote `got` keys and values of these sizes;
+            // both types are plain data.
+            let (key, value) = unsafe {
+                (
+                    keys.as_ptr().add(i * key_size).cast::<K>().read_unaligned(),
+                    values
+                        .as_ptr()
+                        .add(i * value_size)
+                        .cast::<V>()
+                        .read_unaligned(),
+                )
+            };
+            out.push((key, value));
+        }
+        if errno == Some(libc::ENOENT) {
+            return Ok(Some(out));
+        }
+        position = next;
+        first = false;
+    }
+}
