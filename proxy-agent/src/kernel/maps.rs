@@ -327,10 +327,16 @@ fn collect<F: gc::Family>(
     F::Nat: aya::Pod,
     F::Word: aya::Pod,
 {
+    // In batches, as the resync reads; one entry at a time if that fails
+    // (an entry the programs change meanwhile is read again next time).
+    fn read<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
+        batch::entries(map, Reading::Batched)
+            .unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
+    }
     let snapshot = gc::Snapshot::<F> {
-        conntrack: conntrack.iter().filter_map(Result::ok).collect(),
-        nat: nat.iter().filter_map(Result::ok).collect(),
-        nat_ports: nat_ports.iter().filter_map(Result::ok).collect(),
+        conntrack: read(conntrack).into_iter().collect(),
+        nat: read(nat).into_iter().collect(),
+        nat_ports: read(nat_ports).into_iter().collect(),
         revnat,
         nat_range,
     };
