@@ -86,7 +86,7 @@ fn main() {
             .collect();
         settings::fill_defaults(&mut list, Scheduler::default());
         let frontends = list.len() as u32;
-        let mut p = Programs::load_sized(frontends, BACKENDS_EACH).expect("load");
+        let mut p = Programs::load_sized(frontends, BACKENDS_EACH, 0).expect("load");
         let problems = p.serve(&list).expect("fill the maps");
         assert!(
             problems.is_empty(),

@@ -143,6 +143,11 @@ enum Prog {
     Floor,
 }
 
+/// Flows of the random-order rows: 10 per Service, at most a million.
+fn spread_flows(services: u32) -> u32 {
+    services.saturating_mul(10).min(1_000_000)
+}
+
 /// One run of a program on `input`; checks the verdict, returns the kernel's
 /// time and the frame that came out.
 fn run_once(p: &mut Programs, prog: Prog, input: &[u8], want: u32) -> (Duration, Vec<u8>) {
@@ -254,9 +259,12 @@ fn measure(
     list.push(local_only);
     settings::fill_defaults(&mut list, Scheduler::default());
     let frontends = list.len() as u32;
+    // The random-order rows' flows (both programs'), the new-flow rows'
+    // (both), and room to spare.
+    let flows = 2 * spread_flows(services) + 4 * samples as u32 + 65_536;
     let mut p = match object {
-        Some(object) => Programs::load_sized_object(object, frontends, BACKENDS_EACH),
-        None => Programs::load_sized(frontends, BACKENDS_EACH),
+        Some(object) => Programs::load_sized_object(object, frontends, BACKENDS_EACH, flows),
+        None => Programs::load_sized(frontends, BACKENDS_EACH, flows),
     }
     .expect("load");
     let problems = p.serve(&list).expect("fill the maps");
@@ -310,6 +318,46 @@ fn measure(
         rows.push(Row::new(services, path_est, FLOOR, est));
         rows.push(Row::new(services, path_new, FLOOR, new));
     }
+    // Established flows spread over every Service, visited in random order:
+    // cache and TLB misses in the maps, where the rows above time one flow
+    // whose entries stay hot.
+    for (prog, path, pass, clients) in [
+        (Prog::Tc, "tc established, random flow", TC_ACT_UNSPEC, 10u8),
+        (Prog::Xdp, "xdp established, random flow", XDP_PASS, 11),
+    ] {
+        let flows = spread_flows(services);
+        let acks: Vec<Vec<u8>> = (0..flows)
+            .map(|i| {
+                let vip = v4(list[(i % services) as usize].frontend.address);
+                let src = Ipv4Addr::new(10, 210 + clients, (i >> 16) as u8, (i >> 8) as u8);
+                let syn = frame(src, 1024 + (i & 0xff) as u16, vip);
+                run_once(&mut p, prog, &syn, pass);
+                as_ack(&syn)
+            })
+            .collect();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(services);
+        let random: Vec<u64> = (0..samples)
+            .map(|_| {
+                // xorshift64: the same visits in every run.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let ack = &acks[(state % u64::from(flows)) as usize];
+                run_once(&mut p, prog, ack, pass).0.as_nanos() as u64
+            })
+            .collect();
+        rows.push(Row::new(
+            services,
+            path,
+            if prog == Prog::Tc {
+                "tc established"
+            } else {
+                "xdp established"
+            },
+            random,
+        ));
+    }
+
     let floor: Vec<u64> = (0..samples)
         .map(|_| {
             run_once(&mut p, Prog::Floor, &established, XDP_PASS)

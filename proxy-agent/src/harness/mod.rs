@@ -70,9 +70,13 @@ impl Programs {
     }
 
     /// The programs in maps sized for `frontends` frontends of `backends_each`
-    /// backends each.
-    pub fn load_sized(frontends: u32, backends_each: u32) -> Result<Self> {
-        Self::with(Dataplane::load_private_sized(frontends, backends_each)?)
+    /// backends each, and `flows` IPv4 flows.
+    pub fn load_sized(frontends: u32, backends_each: u32, flows: u32) -> Result<Self> {
+        Self::with(Dataplane::load_private_sized(
+            frontends,
+            backends_each,
+            flows,
+        )?)
     }
 
     /// The programs in maps of `capacity`, empty: for tests that fill them.
@@ -82,11 +86,17 @@ impl Programs {
 
     /// The same with another build of the programs (`object`: the bytes of
     /// an eBPF object file), for benches that time two builds in one run.
-    pub fn load_sized_object(object: &[u8], frontends: u32, backends_each: u32) -> Result<Self> {
+    pub fn load_sized_object(
+        object: &[u8],
+        frontends: u32,
+        backends_each: u32,
+        flows: u32,
+    ) -> Result<Self> {
         Self::with(Dataplane::load_private_sized_object(
             object,
             frontends,
             backends_each,
+            flows,
         )?)
     }
 

@@ -224,9 +224,10 @@ impl Dataplane {
     }
 
     /// Private maps with room for `frontends` frontends of `backends_each`
-    /// backends: for benchmarks at scales beyond the default capacities.
-    pub fn load_private_sized(frontends: u32, backends_each: u32) -> Result<Self> {
-        Self::load_private_sized_object(OBJECT, frontends, backends_each)
+    /// backends and `flows` flows: for benchmarks at scales beyond the
+    /// default capacities.
+    pub fn load_private_sized(frontends: u32, backends_each: u32, flows: u32) -> Result<Self> {
+        Self::load_private_sized_object(OBJECT, frontends, backends_each, flows)
     }
 
     /// Private maps of `capacity`: for tests that fill them.
@@ -254,6 +255,7 @@ impl Dataplane {
         object: &[u8],
         frontends: u32,
         backends_each: u32,
+        flows: u32,
     ) -> Result<Self> {
         let slots = frontends
             .saturating_mul(backends_each + 1)
@@ -263,6 +265,8 @@ impl Dataplane {
             .max(capacity::BACKENDS);
         // A frontend id each.
         let ids = frontends.saturating_add(1).max(capacity::REVNAT);
+        // Two entries per flow.
+        let conntrack = flows.saturating_mul(2).max(capacity::CONNTRACK);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES_V4, slots)
@@ -271,7 +275,8 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS_V6, backends)
             .map_max_entries(map_names::REVNAT_V4, ids)
             .map_max_entries(map_names::REVNAT_V6, ids)
-            .map_max_entries(map_names::ROUND_ROBIN, ids);
+            .map_max_entries(map_names::ROUND_ROBIN, ids)
+            .map_max_entries(map_names::CONNTRACK_V4, conntrack);
         Self::load_object_with(&mut loader, object)
     }
 

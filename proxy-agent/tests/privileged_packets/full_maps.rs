@@ -104,7 +104,7 @@ fn a_write_the_kernel_refuses_leaves_its_frontend_whole() {
 fn a_batched_read_of_the_maps_is_the_one_by_one_read() {
     use proxy_agent::kernel::batch::Reading;
     support::require_root();
-    let mut p = Programs(harness::Programs::load_sized(1_000, 10).expect("load the programs"));
+    let mut p = Programs(harness::Programs::load_sized(1_000, 10, 0).expect("load the programs"));
     let mut services: Vec<FrontendSpec> = (0..1_000u32)
         .map(|i| {
             let vip = format!("10.96.{}.{}", i / 250, i % 250 + 1);

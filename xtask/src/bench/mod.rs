@@ -195,7 +195,11 @@ fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
          lets through): the path of IPv6 from outside, which XDP hands on. Rows marked\n\
          `(IPv6)` take the Services' IPv6 ClusterIPs (each Service has one of each\n\
          family); the second table puts each beside its IPv4 row. The floor is an XDP\n\
-         program that only returns PASS, measured the same way.\n\n\
+         program that only returns PASS, measured the same way. `established, random\n\
+         flow` rows time ACKs of 10 flows per Service (at most a million) spread over\n\
+         every Service, opened first, each sample one of them picked at random: cache\n\
+         and TLB misses included. Their `vs floor` column is against the same program's\n\
+         `established` row (one flow, hot).\n\n\
          Rows marked `wrapped` time the established flow in a warm loop: each sample\n\
          is one BPF_PROG_TEST_RUN with repeat 10000 through a frame-restoring wrapper,\n\
          which writes the original frame back and tail-calls the program before each\n\
