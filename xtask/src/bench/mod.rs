@@ -130,22 +130,21 @@ fn vs_kube_proxy(quick: bool, results: &Path, command: &str) -> Result<()> {
     Ok(())
 }
 
-/// The resync's read of the maps, batched against one entry at a time.
-fn map_reads(quick: bool, results: &Path, command: &str) -> Result<()> {
-    let table = results.join("map_reads.md.part");
+/// Runs proxy-agent's bench `name`, its table to `table`.
+fn cargo_bench(name: &str, quick: bool, table: &Path) -> Result<()> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(workspace_root()).args([
-        "bench",
-        "-p",
-        "proxy-agent",
-        "--bench",
-        "map_reads",
-        "--",
-    ]);
+    cmd.current_dir(workspace_root())
+        .args(["bench", "-p", "proxy-agent", "--bench", name, "--"]);
     if quick {
         cmd.arg("--quick");
     }
-    exec(cmd.arg("--out").arg(&table))?;
+    exec(cmd.arg("--out").arg(table))
+}
+
+/// The resync's read of the maps, batched against one entry at a time.
+fn map_reads(quick: bool, results: &Path, command: &str) -> Result<()> {
+    let table = results.join("map_reads.md.part");
+    cargo_bench("map_reads", quick, &table)?;
     let md = format!(
         "# The resync's read of the maps\n\n{}\n\
          `Dataplane::read_state` (what the agent reads back every `--resync-seconds`):\n\
@@ -165,19 +164,7 @@ fn map_reads(quick: bool, results: &Path, command: &str) -> Result<()> {
 
 fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
     let table = results.join("per_packet.md.part");
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(workspace_root()).args([
-        "bench",
-        "-p",
-        "proxy-agent",
-        "--bench",
-        "per_packet",
-        "--",
-    ]);
-    if quick {
-        cmd.arg("--quick");
-    }
-    exec(cmd.arg("--out").arg(&table))?;
+    cargo_bench("per_packet", quick, &table)?;
 
     let header = header(command)?;
     let body = fs::read_to_string(&table)?;
