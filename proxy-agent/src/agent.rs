@@ -460,7 +460,7 @@ impl Agent {
                 None
             }
         };
-        if self.stores.services.apply(event, watch::keep) {
+        if self.stores.services.apply(event, watch::keep_service) {
             if let Some(key) = key {
                 self.service_changes.insert(key);
                 let metrics = &self.status.lock().unwrap().metrics;

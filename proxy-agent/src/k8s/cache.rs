@@ -7,11 +7,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 
 use super::{
     frontends::{self, Frontends, HealthCheck, NoLocalEndpoints, Skip},
     nodes::{self, NodeInfo},
+    services::ServiceInfo,
     slices::Slice,
     watch::Store,
 };
@@ -23,7 +24,7 @@ use crate::{
 /// The API objects the desired state is computed from.
 #[derive(Default)]
 pub struct Stores {
-    pub services: Store<Arc<Service>>,
+    pub services: Store<Arc<ServiceInfo>>,
     pub slices: Store<Slice>,
     pub node: Store<Arc<Node>>,
 }
@@ -82,10 +83,13 @@ impl FrontendCache {
     }
 
     pub fn refresh(&mut self, stores: &Stores, node: &NodeInfo, scheduler: Scheduler) -> Changed {
-        let compute = |svc: &Service, slices: &[&Slice]| {
+        let compute = |svc: &ServiceInfo, slices: &[&Slice]| {
             let mut out = Frontends::default();
             frontends::of_service(svc, slices, node, &mut out);
             settings::fill_defaults(&mut out.frontends, scheduler);
+            // Kept until the Service changes: without the room the vectors
+            // grew into (a one-frontend Service held room for four).
+            out.shrink_to_fit();
             out
         };
         if self.all || self.contested || self.node.as_ref() != Some(node) {
@@ -101,7 +105,7 @@ impl FrontendCache {
                 .services
                 .values()
                 .map(|svc| {
-                    let key = frontends::service_key(svc);
+                    let key = svc.key.clone();
                     let slices = by_service.get(key.as_str()).map_or(&[][..], Vec::as_slice);
                     let desired = compute(svc, slices);
                     (key, desired)
@@ -203,6 +207,7 @@ impl FrontendCache {
 mod tests {
     use serde_json::json;
 
+    use k8s_openapi::api::core::v1::Service;
     use kube::runtime::watcher;
 
     use super::*;
@@ -218,13 +223,17 @@ mod tests {
 
     fn stores(services: &[Service]) -> Stores {
         let mut stores = Stores::default();
-        stores.services.apply(watcher::Event::Init, watch::keep);
+        stores
+            .services
+            .apply(watcher::Event::Init, watch::keep_service);
         for svc in services {
             stores
                 .services
-                .apply(watcher::Event::InitApply(svc.clone()), watch::keep);
+                .apply(watcher::Event::InitApply(svc.clone()), watch::keep_service);
         }
-        stores.services.apply(watcher::Event::InitDone, watch::keep);
+        stores
+            .services
+            .apply(watcher::Event::InitDone, watch::keep_service);
         stores
     }
 
@@ -250,7 +259,7 @@ mod tests {
         // b moves to another cluster IP; a is untouched.
         s.services.apply(
             watcher::Event::Apply(service("b", "10.96.0.3")),
-            watch::keep,
+            watch::keep_service,
         );
         cache.touch("default/b");
         let Changed::Services(keys, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
@@ -263,7 +272,7 @@ mod tests {
         // A Service going takes its frontends with it.
         s.services.apply(
             watcher::Event::Delete(service("a", "10.96.0.1")),
-            watch::keep,
+            watch::keep_service,
         );
         cache.touch("default/a");
         let Changed::Services(_, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
@@ -281,7 +290,7 @@ mod tests {
         cache.refresh(&s, &node, Scheduler::FlowHash);
         s.services.apply(
             watcher::Event::Apply(service("b", "10.96.0.1")),
-            watch::keep,
+            watch::keep_service,
         );
         cache.touch("default/b");
         assert!(matches!(
@@ -291,7 +300,7 @@ mod tests {
         // Resolved: one more full round finds no claimant left, then partial again.
         s.services.apply(
             watcher::Event::Apply(service("b", "10.96.0.2")),
-            watch::keep,
+            watch::keep_service,
         );
         cache.touch("default/b");
         assert!(matches!(

@@ -12,7 +12,8 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::{
     nodes::NodeInfo,
-    slices::Slice,
+    services::ServiceInfo,
+    slices::{Address, Slice},
     topology::{self, EndpointInfo, Policy},
 };
 use crate::frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler};
@@ -91,6 +92,20 @@ pub struct Frontends {
     pub no_local_endpoints: NoLocalEndpoints,
 }
 
+impl Frontends {
+    /// Gives back the room the vectors grew into.
+    pub fn shrink_to_fit(&mut self) {
+        for spec in &mut self.frontends {
+            spec.endpoints.shrink_to_fit();
+            spec.reachable.shrink_to_fit();
+            spec.cluster_endpoints.shrink_to_fit();
+        }
+        self.frontends.shrink_to_fit();
+        self.health_checks.shrink_to_fit();
+        self.skipped.shrink_to_fit();
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NoLocalEndpoints {
     pub internal: usize,
@@ -129,9 +144,9 @@ fn port_endpoints(
         for ep in &slice.endpoints {
             // kube-proxy uses the first address of an endpoint only.
             let Some(address) = ep
-                .addresses
-                .first()
-                .and_then(|a| a.parse::<IpAddr>().ok())
+                .address
+                .as_ref()
+                .and_then(Address::ip)
                 .filter(|a| a.is_ipv6() == v6)
             else {
                 continue;
@@ -141,8 +156,10 @@ fn port_endpoints(
             }
             let mut info = EndpointInfo::from_conditions(ep.ready, ep.serving, ep.terminating);
             info.node_name = ep.node_name.clone();
-            info.zone_hints = ep.hint_zones.iter().cloned().collect();
-            info.node_hints = ep.hint_nodes.iter().cloned().collect();
+            if let Some(hints) = &ep.hints {
+                info.zone_hints = hints.zones.iter().cloned().collect();
+                info.node_hints = hints.nodes.iter().cloned().collect();
+            }
             let local =
                 !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
             endpoints.push(Endpoint {
@@ -181,23 +198,14 @@ pub fn of_cluster(k8s: &[&Service], slices: &[&Slice], node: &NodeInfo) -> Front
     }
     let mut out = Frontends::default();
     for svc in k8s {
-        let key = service_key(svc);
+        let svc = ServiceInfo::from((*svc).clone());
         let service_slices = by_service
-            .get(key.as_str())
+            .get(svc.key.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
-        of_service(svc, service_slices, node, &mut out);
+        of_service(&svc, service_slices, node, &mut out);
     }
     out
-}
-
-/// `namespace/name` of a Service: what its slices' service label names.
-pub fn service_key(svc: &Service) -> String {
-    format!(
-        "{}/{}",
-        svc.metadata.namespace.as_deref().unwrap_or(""),
-        svc.metadata.name.as_deref().unwrap_or("")
-    )
 }
 
 /// Whether slices of `address_type` hold IPv6 addresses (`Some(true)`),
@@ -212,18 +220,23 @@ pub fn family_of(address_type: &str) -> Option<bool> {
 
 /// What one Service adds to [`of_cluster`], given its IPv4 and IPv6 slices:
 /// the agent recomputes only the Services whose objects changed.
-pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out: &mut Frontends) {
+pub fn of_service(
+    svc: &ServiceInfo,
+    service_slices: &[&Slice],
+    node: &NodeInfo,
+    out: &mut Frontends,
+) {
     let Some(view) = ServiceView::of(svc, node, out) else {
         return;
     };
     report_slices(&view.key, service_slices, out);
     let Some(spec) = &svc.spec else { return };
     let mut local_endpoints = 0;
-    for port in spec.ports.iter().flatten() {
+    for port in &spec.ports {
         let Some(proto) = protocol(port.protocol.as_deref()) else {
             out.skipped.push(Skip::Protocol(
                 view.key.clone(),
-                port.protocol.clone().unwrap_or_default(),
+                port.protocol.as_deref().unwrap_or_default().to_string(),
             ));
             continue;
         };
@@ -253,10 +266,11 @@ pub fn of_service(svc: &Service, service_slices: &[&Slice], node: &NodeInfo, out
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
         {
+            let (namespace, name) = svc.namespace_and_name();
             out.health_checks.push(HealthCheck {
                 port,
-                namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-                name: svc.metadata.name.clone().unwrap_or_default(),
+                namespace: namespace.to_string(),
+                name: name.to_string(),
                 local_endpoints,
             });
         }
@@ -279,11 +293,11 @@ fn report_slices(key: &str, slices: &[&Slice], out: &mut Frontends) {
             }
         }
         let v6 = family_of(&slice.address_type);
-        for address in slice.endpoints.iter().filter_map(|e| e.addresses.first()) {
-            if address.parse::<IpAddr>().ok().map(|a| a.is_ipv6()) != v6 {
+        for address in slice.endpoints.iter().filter_map(|e| e.address.as_ref()) {
+            if address.ip().map(|a| a.is_ipv6()) != v6 {
                 let field = "EndpointSlice endpoint addresses";
                 out.skipped
-                    .push(Skip::Address(key.to_string(), field, address.clone()));
+                    .push(Skip::Address(key.to_string(), field, address.to_string()));
             }
         }
     }
@@ -339,35 +353,29 @@ struct ServiceView {
 
 impl ServiceView {
     /// `None` (and the reason in `out.skipped`) for a Service not proxied.
-    fn of(svc: &Service, node: &NodeInfo, out: &mut Frontends) -> Option<Self> {
-        let meta = &svc.metadata;
-        let key = service_key(svc);
+    fn of(svc: &ServiceInfo, node: &NodeInfo, out: &mut Frontends) -> Option<Self> {
+        let key = svc.key.clone();
         let spec = svc.spec.as_ref()?;
         let vips = cluster_ips(svc, &key, out)?;
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP").to_string();
+        let kind = spec.kind.as_deref().unwrap_or("ClusterIP").to_string();
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let external_ips = ip_addresses(
-            spec.external_ips.iter().flatten().map(String::as_str),
+            spec.external_ips.iter().map(AsRef::as_ref),
             &vips,
             &key,
             "externalIPs",
             out,
         );
         let lb_ips: Vec<IpAddr> = if kind == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
             // An ingress with a hostname only (a DNS-named load balancer)
             // has no address to serve. One with `ipMode: Proxy` is a load
             // balancer that proxies (its packets reach the node from the
             // load balancer's own address, not the IP's): traffic to the
             // IP must go to it, and is not short-circuited here, as
             // kube-proxy leaves it.
-            let ips = ingress
-                .into_iter()
-                .flatten()
+            let ips = svc
+                .ingress
+                .iter()
                 .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
                 .filter_map(|i| i.ip.as_deref());
             ip_addresses(ips, &vips, &key, "status.loadBalancer.ingress ip", out)
@@ -387,12 +395,7 @@ impl ServiceView {
             zone: node.zone.clone(),
         };
         let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            let timeout = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            match timeout {
+            match spec.affinity_timeout {
                 None => DEFAULT_AFFINITY_TIMEOUT,
                 Some(t @ 1..=86_400) => t as u32,
                 Some(t) => {
@@ -402,11 +405,7 @@ impl ServiceView {
             }
         });
         // A scheduler this agent does not know is reported and left to the default.
-        let scheduler = match meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SCHEDULER_ANNOTATION))
-        {
+        let scheduler = match svc.scheduler.as_deref() {
             None => None,
             Some(name) => match name.parse::<Scheduler>() {
                 Ok(s) => Some(s),
@@ -608,23 +607,18 @@ impl FamilyAddresses {
 /// Service has one IPv4 and one IPv6); `None` (and why in `out.skipped`) for
 /// an ExternalName, headless or other-proxy Service, or one without a valid
 /// cluster IP.
-fn cluster_ips(svc: &Service, key: &str, out: &mut Frontends) -> Option<Vec<IpAddr>> {
+fn cluster_ips(svc: &ServiceInfo, key: &str, out: &mut Frontends) -> Option<Vec<IpAddr>> {
     let spec = svc.spec.as_ref()?;
-    let labels = svc.metadata.labels.as_ref();
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if spec.kind.as_deref() == Some("ExternalName") {
         out.skipped.push(Skip::ExternalName(key.to_string()));
         return None;
     }
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+    if svc.other_proxy {
         out.skipped.push(Skip::OtherProxy(key.to_string()));
         return None;
     }
-    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => Vec::new(),
-    };
-    if cluster_ips.contains(&"None") || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+    let cluster_ips: Vec<&str> = spec.cluster_ips.iter().map(AsRef::as_ref).collect();
+    if cluster_ips.contains(&"None") || svc.headless_label {
         out.skipped.push(Skip::Headless(key.to_string()));
         return None;
     }

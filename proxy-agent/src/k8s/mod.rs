@@ -7,6 +7,7 @@ pub mod client;
 pub mod frontends;
 pub mod manifests;
 pub mod nodes;
+pub mod services;
 pub mod slices;
 pub mod topology;
 pub mod watch;

@@ -22,7 +22,7 @@
 //! The unit tests re-express that file's `TestCategorizeEndpoints` table, one test
 //! per upstream case, named after it.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 /// One endpoint of a Service port, as categorizing needs it.
 ///
@@ -34,11 +34,11 @@ pub struct EndpointInfo {
     pub serving: bool,
     pub terminating: bool,
     /// The endpoint's `nodeName`; it is local when this equals [`Node::name`].
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     /// `hints.forZones[].name`; empty means the endpoint has no zone hint.
-    pub zone_hints: BTreeSet<String>,
+    pub zone_hints: BTreeSet<Arc<str>>,
     /// `hints.forNodes[].name`; empty means the endpoint has no node hint.
-    pub node_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<Arc<str>>,
 }
 
 impl EndpointInfo {
@@ -243,7 +243,7 @@ fn topology_mode(endpoints: &[EndpointInfo], policy: &Policy, node: &Node) -> To
         any_ready = true;
         if ep.node_hints.is_empty() {
             all_node_hinted = false;
-        } else if ep.node_hints.contains(&node.name) {
+        } else if ep.node_hints.contains(node.name.as_str()) {
             hinted_for_node = true;
         }
         if ep.zone_hints.is_empty() {
@@ -268,7 +268,7 @@ fn topology_mode(endpoints: &[EndpointInfo], policy: &Policy, node: &Node) -> To
 fn available(ep: &EndpointInfo, mode: TopologyMode, node: &Node) -> bool {
     match mode {
         TopologyMode::Any => true,
-        TopologyMode::PreferSameNode => ep.node_hints.contains(&node.name),
+        TopologyMode::PreferSameNode => ep.node_hints.contains(node.name.as_str()),
         TopologyMode::PreferSameZone => ep.zone_hints.contains(node.zone.as_deref().unwrap_or("")),
     }
 }

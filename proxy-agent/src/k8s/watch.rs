@@ -15,7 +15,10 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use super::slices::{self, Slice, SliceVersion};
+use super::{
+    services::ServiceInfo,
+    slices::{self, Slice, SliceVersion},
+};
 
 /// Objects by `namespace/name`, replaced whole on every (re)list.
 #[derive(Debug)]
@@ -195,6 +198,12 @@ pub fn convert_slice(version: SliceVersion) -> impl Fn(DynamicObject) -> Option<
             }
         }
     }
+}
+
+/// What the store keeps of a Service: the fields proxying reads (a third of
+/// the object's size).
+pub fn keep_service(svc: Service) -> Option<Arc<ServiceInfo>> {
+    Some(Arc::new(ServiceInfo::from(svc)))
 }
 
 /// Wraps objects in `Arc` for cheap snapshots, without their managedFields:

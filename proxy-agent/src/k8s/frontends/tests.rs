@@ -1,7 +1,7 @@
 //! Unit tests of `k8s::frontends` and `k8s::slices`: kube-proxy's rules for
 //! turning Services and EndpointSlices into frontends.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use serde_json::json;
 
@@ -189,7 +189,9 @@ fn v1_and_v1beta1_slices_give_the_same_model() {
     .unwrap();
     assert_eq!(v1, beta);
     assert_eq!(v1.endpoints[0].zone.as_deref(), Some("a"));
-    assert_eq!(v1.endpoints[0].hint_zones, ["a"]);
+    let hints = v1.endpoints[0].hints.as_deref().expect("hints");
+    assert_eq!(hints.zones.iter().map(|z| &**z).collect::<Vec<_>>(), ["a"]);
+    assert!(hints.nodes.is_empty());
     // Before nodeName existed, v1beta1 carried the node in topology.
     let old = parse_slice(
         SliceVersion::V1beta1,
@@ -200,6 +202,37 @@ fn v1_and_v1beta1_slices_give_the_same_model() {
     )
     .unwrap();
     assert_eq!(old.endpoints[0].node_name.as_deref(), Some("node1"));
+}
+
+#[test]
+fn a_slice_keeps_each_endpoints_first_address_and_shares_node_names() {
+    let slice = slice_v1(
+        "web-1",
+        json!([{"addresses": ["10.244.1.3", "10.244.1.99"], "nodeName": "node-shared"},
+               {"addresses": ["not-an-ip"], "nodeName": "node-shared", "zone": "z1"},
+               {"addresses": []}]),
+    );
+    let [a, b, c] = &slice.endpoints[..] else {
+        panic!("three endpoints: {slice:?}")
+    };
+    assert_eq!(
+        a.address.as_ref().and_then(Address::ip),
+        Some("10.244.1.3".parse().unwrap())
+    );
+    assert_eq!(
+        b.address.as_ref().map(ToString::to_string).as_deref(),
+        Some("not-an-ip")
+    );
+    assert_eq!(b.address.as_ref().and_then(Address::ip), None);
+    assert_eq!(c.address, None);
+    assert!(a.hints.is_none(), "no hints, nothing allocated");
+    let (Some(na), Some(nb)) = (&a.node_name, &b.node_name) else {
+        panic!("node names")
+    };
+    assert!(
+        Arc::ptr_eq(na, nb),
+        "one copy of a node name for every endpoint"
+    );
 }
 
 #[test]

@@ -39,11 +39,11 @@ impl Ep {
         self
     }
     fn zones(mut self, zones: &[&str]) -> Self {
-        self.info.zone_hints = zones.iter().map(|z| (*z).to_string()).collect();
+        self.info.zone_hints = zones.iter().map(|z| (*z).into()).collect();
         self
     }
     fn nodes(mut self, nodes: &[&str]) -> Self {
-        self.info.node_hints = nodes.iter().map(|n| (*n).to_string()).collect();
+        self.info.node_hints = nodes.iter().map(|n| (*n).into()).collect();
         self
     }
 }
@@ -78,7 +78,7 @@ impl Case {
             .endpoints
             .iter()
             .map(|e| EndpointInfo {
-                node_name: e.local.then(|| node.name.clone()),
+                node_name: e.local.then(|| node.name.as_str().into()),
                 ..e.info.clone()
             })
             .collect();

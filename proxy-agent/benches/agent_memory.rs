@@ -1,0 +1,225 @@
+//! The agent's heap per Service, stage by stage: what the watch stores keep
+//! of each Service and EndpointSlice, the frontends computed from them, and
+//! what a programming round keeps (the map contents and ids) and needs at
+//! its peak. Bytes are counted by the allocator, so the figures repeat
+//! exactly from run to run, whatever else the machine does.
+//!
+//! `cargo bench -p proxy-agent --bench agent_memory [-- --services N]...`
+//!
+//! The objects are those of `cargo xtask bench`'s control-plane part, as the
+//! API server returns them: a Service without selector with one port, one
+//! EndpointSlice of 10 ready endpoints on another node.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use kube::{api::DynamicObject, runtime::watcher::Event};
+use proxy_agent::{
+    desired::{Capacity, Programmed},
+    frontend::Scheduler,
+    k8s::{
+        cache::{FrontendCache, Stores},
+        nodes::NodeInfo,
+        slices::SliceVersion,
+        watch,
+    },
+};
+use serde_json::json;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            let live = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed)
+                + (new_size - layout.size());
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        } else {
+            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const ENDPOINTS_PER_SERVICE: usize = 10;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// A Service as the API server returns the control-plane bench's.
+fn service(i: usize) -> k8s_openapi::api::core::v1::Service {
+    let ip = format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 0xff, i & 0xff);
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {
+            "name": format!("bench-{i:05}"), "namespace": "default",
+            "uid": format!("5f1c7f8e-0a4b-4d8e-9b3a-{i:012}"),
+            "resourceVersion": format!("{}", 100_000 + i),
+            "creationTimestamp": "2026-12-04T10:00:00Z",
+        },
+        "spec": {
+            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            "clusterIP": ip, "clusterIPs": [ip], "type": "ClusterIP",
+            "sessionAffinity": "None", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+        },
+        "status": {"loadBalancer": {}},
+    }))
+    .unwrap()
+}
+
+/// Its EndpointSlice (v1beta1, as the bench writes them).
+fn slice(i: usize) -> DynamicObject {
+    let base =
+        u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS_PER_SERVICE) as u32;
+    let endpoints: Vec<_> = (0..ENDPOINTS_PER_SERVICE)
+        .map(|j| {
+            json!({"addresses": [std::net::Ipv4Addr::from(base + j as u32).to_string()],
+                   "conditions": {"ready": true},
+                   "topology": {"kubernetes.io/hostname": "node2"}})
+        })
+        .collect();
+    let name = format!("bench-{i:05}");
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": name, "namespace": "default",
+            "uid": format!("7a2d9c1e-3b4f-4a6d-8e2f-{i:012}"),
+            "resourceVersion": format!("{}", 200_000 + i),
+            "creationTimestamp": "2026-12-04T10:00:00Z",
+            "labels": {"kubernetes.io/service-name": name,
+                       "endpointslice.kubernetes.io/managed-by": "bench.ferry.dev"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-04T10:00:00.123456Z"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+/// Heap bytes per Service, kept and at the peak, of one stage.
+struct Stage {
+    name: &'static str,
+    kept: usize,
+    peak: usize,
+}
+
+fn measure(services: usize) -> Vec<Stage> {
+    let mut stages = Vec::new();
+    let mut stage = |name, before: usize, peak: usize| {
+        stages.push(Stage {
+            name,
+            kept: (live() - before) / services,
+            peak: (peak - before) / services,
+        })
+    };
+
+    let mut stores = Stores::default();
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    stores.services.apply(Event::Init, watch::keep_service);
+    for i in 0..services {
+        stores
+            .services
+            .apply(Event::InitApply(service(i)), watch::keep_service);
+    }
+    stores.services.apply(Event::InitDone, watch::keep_service);
+    stage("Services (store)", before, PEAK.load(Ordering::Relaxed));
+
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    let convert = watch::convert_slice(SliceVersion::V1beta1);
+    stores.slices.apply(Event::Init, &convert);
+    for i in 0..services {
+        stores.slices.apply(Event::InitApply(slice(i)), &convert);
+    }
+    stores.slices.apply(Event::InitDone, &convert);
+    stage(
+        "EndpointSlices (store)",
+        before,
+        PEAK.load(Ordering::Relaxed),
+    );
+
+    let node = NodeInfo::from_node("node1", None);
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    let mut cache = FrontendCache::default();
+    cache.refresh(&stores, &node, Scheduler::default());
+    stage("frontends (cache)", before, PEAK.load(Ordering::Relaxed));
+
+    let frontends: Vec<_> = cache.frontends().collect();
+    let capacity = Capacity {
+        services: services * (1 + ENDPOINTS_PER_SERVICE) + 1024,
+        backends: services * ENDPOINTS_PER_SERVICE + 1024,
+        revnat: services + 1024,
+        ..Capacity::default()
+    };
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    let mut programmed = Programmed::adopt(Default::default(), Default::default(), capacity);
+    let report = programmed.full(&frontends, |_| Ok(()));
+    assert!(report.problems.is_empty() && report.complete());
+    drop(report);
+    stage(
+        "programmed (maps, ids)",
+        before,
+        PEAK.load(Ordering::Relaxed),
+    );
+
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    let report = programmed.full(&frontends, |_| Ok(()));
+    assert_eq!(report.writes, 0);
+    drop(report);
+    stage(
+        "a full round, nothing changed",
+        before,
+        PEAK.load(Ordering::Relaxed),
+    );
+    drop(frontends);
+    stages
+}
+
+fn main() {
+    let mut scales = vec![10_000, 100_000];
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--services") {
+        scales = args[at + 1..]
+            .iter()
+            .map_while(|a| a.parse().ok())
+            .collect();
+    }
+    for services in scales {
+        let stages = measure(services);
+        println!(
+            "{services} Services, {ENDPOINTS_PER_SERVICE} endpoints each: heap bytes per Service"
+        );
+        println!("| stage | kept | peak |");
+        println!("|---|---:|---:|");
+        for s in &stages {
+            println!("| {} | {} | {} |", s.name, s.kept, s.peak);
+        }
+        let kept: usize = stages.iter().map(|s| s.kept).sum();
+        println!("| all kept | {kept} | |\n");
+    }
+}

@@ -1,0 +1,174 @@
+//! Services as the agent keeps them: only the fields proxying reads. A
+//! `k8s_openapi` Service takes about 1.2 KB in memory even without its
+//! managedFields (most of it the room for fields proxying never reads); this
+//! takes about a third of that, which at 100k Services is some 80 MiB of the
+//! agent's memory. Pure: `frontends.rs` reads it, the watch fills it.
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::frontends::{HEADLESS_LABEL, SCHEDULER_ANNOTATION, SERVICE_PROXY_NAME_LABEL};
+
+/// What the agent keeps of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `namespace/name`: what its slices' service label names.
+    pub key: String,
+    /// Labelled `service.kubernetes.io/service-proxy-name` (another proxy's).
+    pub other_proxy: bool,
+    /// Labelled `service.kubernetes.io/headless`.
+    pub headless_label: bool,
+    /// The `ferry.dev/scheduler` annotation.
+    pub scheduler: Option<Box<str>>,
+    /// `None` for a Service without a spec.
+    pub spec: Option<Spec>,
+    /// `status.loadBalancer.ingress`.
+    pub ingress: Vec<Ingress>,
+}
+
+/// The spec fields proxying reads, as written (checked where they are read).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spec {
+    /// `type`.
+    pub kind: Option<Box<str>>,
+    /// `clusterIPs`, or `clusterIP` where that list is empty.
+    pub cluster_ips: Vec<Box<str>>,
+    pub external_ips: Vec<Box<str>>,
+    pub external_traffic_policy: Option<Box<str>>,
+    pub internal_traffic_policy: Option<Box<str>>,
+    pub load_balancer_source_ranges: Option<Vec<String>>,
+    pub ports: Vec<Port>,
+    pub health_check_node_port: Option<i32>,
+    pub session_affinity: Option<Box<str>>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Port {
+    pub name: Option<Box<str>>,
+    pub protocol: Option<Box<str>>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+/// One `status.loadBalancer.ingress` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ingress {
+    pub ip: Option<Box<str>>,
+    pub ip_mode: Option<Box<str>>,
+}
+
+fn boxed(s: Option<String>) -> Option<Box<str>> {
+    s.map(String::into_boxed_str)
+}
+
+fn all_boxed(list: Option<Vec<String>>) -> Vec<Box<str>> {
+    list.into_iter()
+        .flatten()
+        .map(String::into_boxed_str)
+        .collect()
+}
+
+impl From<Service> for ServiceInfo {
+    fn from(svc: Service) -> Self {
+        let meta = svc.metadata;
+        let label = |name: &str| meta.labels.as_ref().is_some_and(|l| l.contains_key(name));
+        let spec = svc.spec.map(|spec| {
+            let cluster_ips = match (spec.cluster_ips, spec.cluster_ip) {
+                (Some(ips), _) if !ips.is_empty() => all_boxed(Some(ips)),
+                (_, ip) => all_boxed(ip.map(|ip| vec![ip])),
+            };
+            Spec {
+                kind: boxed(spec.type_),
+                cluster_ips,
+                external_ips: all_boxed(spec.external_ips),
+                external_traffic_policy: boxed(spec.external_traffic_policy),
+                internal_traffic_policy: boxed(spec.internal_traffic_policy),
+                load_balancer_source_ranges: spec.load_balancer_source_ranges,
+                ports: spec
+                    .ports
+                    .into_iter()
+                    .flatten()
+                    .map(|p| Port {
+                        name: boxed(p.name),
+                        protocol: boxed(p.protocol),
+                        port: p.port,
+                        node_port: p.node_port,
+                    })
+                    .collect(),
+                health_check_node_port: spec.health_check_node_port,
+                session_affinity: boxed(spec.session_affinity),
+                affinity_timeout: spec
+                    .session_affinity_config
+                    .and_then(|c| c.client_ip)
+                    .and_then(|c| c.timeout_seconds),
+            }
+        });
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .into_iter()
+            .flatten()
+            .map(|i| Ingress {
+                ip: boxed(i.ip),
+                ip_mode: boxed(i.ip_mode),
+            })
+            .collect();
+        Self {
+            key: format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or(""),
+                meta.name.as_deref().unwrap_or("")
+            ),
+            other_proxy: label(SERVICE_PROXY_NAME_LABEL),
+            headless_label: label(HEADLESS_LABEL),
+            scheduler: meta
+                .annotations
+                .and_then(|mut a| a.remove(SCHEDULER_ANNOTATION))
+                .map(String::into_boxed_str),
+            spec,
+            ingress,
+        }
+    }
+}
+
+impl ServiceInfo {
+    /// The namespace and name (`key` split).
+    pub fn namespace_and_name(&self) -> (&str, &str) {
+        self.key.split_once('/').unwrap_or(("", &self.key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn keeps_what_proxying_reads_and_nothing_else() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "web", "uid": "u-1", "resourceVersion": "7",
+                         "labels": {HEADLESS_LABEL: "", "app": "web"},
+                         "annotations": {SCHEDULER_ANNOTATION: "maglev", "note": "x"}},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
+                     "sessionAffinity": "ClientIP",
+                     "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "Proxy"}]}}
+        }))
+        .unwrap();
+        let info = ServiceInfo::from(svc);
+        assert_eq!(info.key, "shop/web");
+        assert_eq!(info.namespace_and_name(), ("shop", "web"));
+        assert!(info.headless_label && !info.other_proxy);
+        assert_eq!(info.scheduler.as_deref(), Some("maglev"));
+        let spec = info.spec.as_ref().unwrap();
+        // clusterIPs unset: the single clusterIP stands in.
+        assert_eq!(spec.cluster_ips, vec![Box::from("10.96.0.10")]);
+        assert_eq!(spec.ports[0].node_port, Some(30080));
+        assert_eq!(spec.affinity_timeout, Some(60));
+        assert_eq!(info.ingress[0].ip_mode.as_deref(), Some("Proxy"));
+    }
+}
