@@ -67,7 +67,10 @@ impl Programmed {
         let (wanted, problems) =
             map_state_in(frontends, &mut self.ids, &self.applied, &self.capacity);
         let ops = diff(&wanted, &self.applied);
-        self.write(ops, problems, write)
+        drop(wanted);
+        let report = self.write(ops, problems, write);
+        self.applied.compact();
+        report
     }
 
     /// Programs only `frontends` (what they serve now) and removes `gone`;
