@@ -190,8 +190,8 @@ pub fn report(results: &Path, header: &str, samples: &[Sample]) -> Result<()> {
     let last = samples.last().unwrap_or(first);
     let _ = writeln!(
         md,
-        "\nAgent RSS at {} Services: {:.1} MiB (goal: under 150 MiB; peak during the\n\
-         first list {:.1} MiB).\n\n![memory](memory.png)",
+        "\nAgent RSS at {} Services: {:.1} MiB (its peak, during the first list and\n\
+         round: {:.1} MiB; the goals are in control_plane.md).\n\n![memory](memory.png)",
         last.services,
         last.rss_kib as f64 / 1024.0,
         last.hwm_kib as f64 / 1024.0,

@@ -60,8 +60,8 @@ pub(super) fn report(results: &Path, header: &str, scales: &[Scale]) -> Result<(
     latency_table(&mut md, scales);
     first_sync_table(&mut md, scales);
     creation_table(&mut md, scales);
-    if let Some(last) = scales.last() {
-        goals(&mut md, last);
+    for scale in scales {
+        goals(&mut md, scale);
     }
     md.push_str("\n![programming latency](control_plane.png)\n");
     fs::write(results.join("control_plane.md"), md)?;
@@ -165,24 +165,38 @@ fn creation_table(md: &mut String, scales: &[Scale]) {
     }
 }
 
-/// The design's goals at the largest scale, met or missed.
-fn goals(md: &mut String, last: &Scale) {
-    let p99 = percentile(&sorted(&last.from_response), 0.99);
+/// The goals set for a scale (the design's at 10k Services, the scale
+/// issue's at 100k): first full sync (s) and agent RSS (MiB); programming p99
+/// under 100 ms at both.
+fn goals_at(services: usize) -> Option<(f64, f64)> {
+    match services {
+        10_000 => Some((2.0, 150.0)),
+        100_000 => Some((10.0, 400.0)),
+        _ => None,
+    }
+}
+
+/// The goals at a scale that has some, met or missed.
+fn goals(md: &mut String, scale: &Scale) {
+    let Some((sync_goal, rss_goal)) = goals_at(scale.services) else {
+        return;
+    };
+    let p99 = percentile(&sorted(&scale.from_response), 0.99);
     let sync = percentile(
-        &sorted(&last.first_syncs.iter().map(|f| f.0).collect::<Vec<_>>()),
+        &sorted(&scale.first_syncs.iter().map(|f| f.0).collect::<Vec<_>>()),
         0.5,
     );
-    let rss = last.memory.rss_kib as f64 / 1024.0;
+    let rss = scale.memory.rss_kib as f64 / 1024.0;
     let _ = write!(
         md,
         "\n## Goals at {} Services\n\n\
          - programming p99 under 100 ms: {p99:.1} ms, {}\n\
-         - first full sync under 2 s: {sync:.2} s, {}\n\
-         - agent RSS under 150 MiB: {rss:.1} MiB, {}\n",
-        last.services,
+         - first full sync under {sync_goal} s: {sync:.2} s, {}\n\
+         - agent RSS under {rss_goal} MiB: {rss:.1} MiB, {}\n",
+        scale.services,
         goal(p99 < 100.0),
-        goal(sync < 2.0),
-        goal(rss < 150.0),
+        goal(sync < sync_goal),
+        goal(rss < rss_goal),
     );
 }
 
