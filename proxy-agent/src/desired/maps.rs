@@ -32,8 +32,8 @@ pub struct MapState {
 impl MapState {
     /// Rebuilds the tables with full nodes. Entries written one at a time in
     /// key order (a round's new ids) leave each node of a B-tree half empty;
-    /// rebuilt from their sorted order they take about half the memory: at
-    /// 100k Services, about 60 MiB of the agent's.
+    /// rebuilt from their sorted order they fill them (the agent_memory
+    /// bench: the whole programmed state 2041 -> 1470 bytes per Service).
     pub fn compact(&mut self) {
         fn rebuild<K: Ord, V>(map: &mut BTreeMap<K, V>) {
             *map = std::mem::take(map).into_iter().collect();
