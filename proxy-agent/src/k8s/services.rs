@@ -147,7 +147,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_what_proxying_reads_and_nothing_else() {
+    fn keeps_the_fields_proxying_reads() {
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"namespace": "shop", "name": "web", "uid": "u-1", "resourceVersion": "7",
                          "labels": {HEADLESS_LABEL: "", "app": "web"},

@@ -1,6 +1,7 @@
 //! EndpointSlices as the agent reads them: `discovery.k8s.io/v1` or `v1beta1`
 //! (API servers before 1.21 serve only the latter), both into one [`Slice`].
-//! Pure: parsing only, the watch is in `watch.rs`.
+//! Parsing only, the watch is in `watch.rs`; the one shared state is the
+//! process-wide set of node and zone names endpoints point at ([`intern`]).
 
 use std::{
     collections::{BTreeMap, HashSet},
