@@ -17,6 +17,16 @@
 //! loop. Each wrapper's own cost, around a PASS-only program of its hook, is
 //! their floor. Every timed run's verdict and output frame are checked.
 //!
+//! `xdp new flow, wrapped` times new flows the same way: the fresh wrapper
+//! gives each run's SYN a source of its own, and conntrack is emptied before
+//! each sample. `xdp conntrack insert alone, wrapped` is one conntrack
+//! insert of a new key and nothing else (`bench_ct_insert`): the step no new
+//! flow can skip, beside the paths. The `both CPUs` rows time the same on
+//! two CPUs at once (a pinned thread each, samples started together): the
+//! established rows one flow from both, the new-flow rows each CPU's own
+//! flows. A table after the rows puts each path net of its floor beside the
+//! established flow, and both CPUs beside one.
+//!
 //! `... (IPv6)` rows time the pod path and the uplink's tc path (which
 //! serves IPv6 from outside: XDP hands it on) for the Services' IPv6 twins
 //! (each Service has a ClusterIP of each family), beside the same paths'
@@ -41,10 +51,11 @@ use proxy_agent::{
     cli::simulate,
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     harness::{Hook, Programs},
+    kernel::{Tuples, WrappedRun},
     settings,
 };
 use proxy_common::{
-    bench::{PASS_ONLY_TC, PASS_ONLY_XDP},
+    bench::{CT_INSERT, PASS_ONLY_TC, PASS_ONLY_XDP, WRAPPER_XDP_FRESH},
     program_names::{FROM_POD, UPLINK_XDP},
 };
 
@@ -190,13 +201,105 @@ fn wrapped(
     (0..samples)
         .map(|_| {
             let run =
-                p.dp.run_wrapped(program, input, WRAPPED_REPEAT)
+                p.dp.run_wrapped(program, input, WRAPPED_REPEAT, Tuples::Same)
                     .expect("wrapped BPF_PROG_TEST_RUN");
             assert_eq!(run.verdict, want.0, "{program}: unexpected verdict");
             assert_eq!(run.frame, want.1, "{program}: unexpected frame");
             run.per_run.as_nanos() as u64
         })
         .collect()
+}
+
+/// Samples of `WRAPPED_REPEAT` runs of the XDP `program` on `frame`
+/// through its wrapper (`tuples`: fresh ones, every run a new flow), each
+/// sample from an empty conntrack (emptied before it, not timed): new
+/// entries go into a table with room, as the established rows find it (a
+/// full LRU table evicts at every insert). Checks the last run's verdict
+/// (XDP_PASS) and its frame (`frame_ok`).
+fn from_empty_conntrack(
+    p: &mut Programs,
+    program: &str,
+    frame: &[u8],
+    tuples: Tuples,
+    samples: usize,
+    frame_ok: impl Fn(&[u8]) -> bool,
+) -> Vec<u64> {
+    (0..samples)
+        .map(|_| {
+            p.dp.flush_conntrack().expect("empty conntrack");
+            let run =
+                p.dp.run_wrapped(program, frame, WRAPPED_REPEAT, tuples)
+                    .expect("wrapped BPF_PROG_TEST_RUN");
+            assert_eq!(run.verdict, XDP_PASS, "{program}: unexpected verdict");
+            assert!(frame_ok(&run.frame), "{program}: unexpected frame");
+            run.per_run.as_nanos() as u64
+        })
+        .collect()
+}
+
+/// Samples of `WRAPPED_REPEAT` runs of the XDP `program` on `frame`
+/// through its wrapper on two CPUs at once (a thread pinned to each, the
+/// samples started together): what contention on the shared maps costs.
+/// With `empty_conntrack`, conntrack is emptied before each pair of samples,
+/// as `from_empty_conntrack` does. Both CPUs' samples together; each run
+/// checked by `run_ok`. None on a machine of one CPU.
+fn on_both_cpus(
+    p: &mut Programs,
+    program: &str,
+    frame: &[u8],
+    tuples: Tuples,
+    empty_conntrack: bool,
+    samples: usize,
+    run_ok: impl Fn(&WrappedRun) -> bool + Sync,
+) -> Option<Vec<u64>> {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return None;
+    }
+    let conntrack = std::sync::Mutex::new(p.dp.conntrack_handle().expect("conntrack"));
+    let wrapped =
+        p.dp.wrap(program, frame, tuples)
+            .expect("set the wrapper up");
+    let barrier = std::sync::Barrier::new(2);
+    let per_cpu = |cpu: usize| {
+        pin_to(cpu);
+        (0..samples)
+            .map(|_| {
+                if empty_conntrack {
+                    barrier.wait();
+                    if cpu == 0 {
+                        let mut ct = conntrack.lock().unwrap();
+                        let keys: Vec<_> = ct.keys().map(|k| k.expect("key")).collect();
+                        for key in keys {
+                            let _ = ct.remove(&key);
+                        }
+                    }
+                }
+                barrier.wait();
+                let run = wrapped.run(WRAPPED_REPEAT).expect("wrapped run");
+                assert!(run_ok(&run), "{program} on CPU {cpu}: unexpected run");
+                run.per_run.as_nanos() as u64
+            })
+            .collect::<Vec<u64>>()
+    };
+    Some(std::thread::scope(|s| {
+        let threads = [s.spawn(|| per_cpu(0)), s.spawn(|| per_cpu(1))];
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("a CPU's thread"))
+            .collect()
+    }))
+}
+
+/// Pins the calling thread to `cpu`: BPF_PROG_TEST_RUN runs the program on
+/// the CPU of its caller.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; the calls fill and pass it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "pin to CPU {cpu}");
+    }
 }
 
 /// Median and spread (p10, p90) in nanoseconds.
@@ -465,6 +568,122 @@ fn measure(
     let path = "xdp PASS only, repeated without wrapper";
     rows.push(Row::new(services, path, path, ns));
 
+    // New flows in the same warm loop: the fresh wrapper gives each run's
+    // SYN a source of its own (an object from before it has none). Beside
+    // them, one conntrack insert alone: what a new flow cannot do without.
+    if p.dp.has_program(WRAPPER_XDP_FRESH) {
+        let first = services / 2 * BACKENDS_EACH;
+        let backends = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + first;
+        let to_backend = |out: &[u8]| {
+            let dst = u32::from_be_bytes(out[30..34].try_into().unwrap());
+            (backends..backends + BACKENDS_EACH).contains(&dst)
+                && out[36..38] == 8080u16.to_be_bytes()
+        };
+        let ns = from_empty_conntrack(
+            &mut p,
+            UPLINK_XDP,
+            &opening,
+            Tuples::Fresh,
+            wrapped_samples,
+            to_backend,
+        );
+        let fresh_floor = "xdp PASS only, fresh, wrapped (floor)";
+        rows.push(Row::new(services, "xdp new flow, wrapped", fresh_floor, ns));
+        let unchanged = |out: &[u8]| out.len() == opening.len() && out[..26] == opening[..26];
+        let ns = from_empty_conntrack(
+            &mut p,
+            PASS_ONLY_XDP,
+            &opening,
+            Tuples::Fresh,
+            wrapped_samples,
+            unchanged,
+        );
+        rows.push(Row::new(services, fresh_floor, fresh_floor, ns));
+        let ns = from_empty_conntrack(
+            &mut p,
+            CT_INSERT,
+            &established,
+            Tuples::Same,
+            wrapped_samples,
+            |out| out == established.as_slice(),
+        );
+        rows.push(Row::new(
+            services,
+            "xdp conntrack insert alone, wrapped",
+            "xdp PASS only, wrapped (floor)",
+            ns,
+        ));
+
+        // The same on both CPUs at once: one established flow, and new
+        // flows and inserts (each CPU's its own), beside their floors.
+        let pass = |frame_ok: &dyn Fn(&[u8]) -> bool, run: &WrappedRun| {
+            run.verdict == XDP_PASS && frame_ok(&run.frame)
+        };
+        let xdp_once = once[1].clone();
+        let same = |out: &[u8]| out == xdp_once.as_slice();
+        let left_alone = |out: &[u8]| out == established.as_slice();
+        for (program, frame, tuples, empty, path, floor_path, frame_ok) in [
+            (
+                UPLINK_XDP,
+                &established,
+                Tuples::Same,
+                false,
+                "xdp established, wrapped, both CPUs",
+                "xdp PASS only, wrapped, both CPUs (floor)",
+                &same as &(dyn Fn(&[u8]) -> bool + Sync),
+            ),
+            (
+                PASS_ONLY_XDP,
+                &established,
+                Tuples::Same,
+                false,
+                "xdp PASS only, wrapped, both CPUs (floor)",
+                "xdp PASS only, wrapped, both CPUs (floor)",
+                &left_alone,
+            ),
+            (
+                UPLINK_XDP,
+                &opening,
+                Tuples::Fresh,
+                true,
+                "xdp new flow, wrapped, both CPUs",
+                "xdp PASS only, fresh, wrapped, both CPUs (floor)",
+                &to_backend,
+            ),
+            (
+                PASS_ONLY_XDP,
+                &opening,
+                Tuples::Fresh,
+                true,
+                "xdp PASS only, fresh, wrapped, both CPUs (floor)",
+                "xdp PASS only, fresh, wrapped, both CPUs (floor)",
+                &unchanged,
+            ),
+            (
+                CT_INSERT,
+                &established,
+                Tuples::Same,
+                true,
+                "xdp conntrack insert alone, wrapped, both CPUs",
+                "xdp PASS only, wrapped, both CPUs (floor)",
+                &left_alone,
+            ),
+        ] {
+            let ns = on_both_cpus(
+                &mut p,
+                program,
+                frame,
+                tuples,
+                empty,
+                wrapped_samples,
+                |run| pass(frame_ok, run),
+            );
+            if let Some(ns) = ns {
+                rows.push(Row::new(services, path, floor_path, ns));
+            }
+        }
+    }
+
     // A pod's packet already translated at connect(): to the middle
     // Service's first backend, untouched by from_pod.
     let backend = v4(list[(services / 2) as usize].endpoints[0].address);
@@ -670,6 +889,57 @@ fn main() {
             r.median,
             r.median as f64 / v4 as f64
         ));
+    }
+    table.push_str(
+        "\n| Services | xdp new flow, net ns | xdp established, net ns | new/established | one conntrack insert, net ns | insert/established |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for &n in &scales {
+        let net = |path: &str, floor_path: &str| {
+            let at = |path: &str| rows.iter().find(|r| r.services == n && r.path == path);
+            Some(at(path)?.median as f64 - at(floor_path)?.median as f64)
+        };
+        let floor = "xdp PASS only, wrapped (floor)";
+        let (Some(new), Some(est), Some(insert)) = (
+            net(
+                "xdp new flow, wrapped",
+                "xdp PASS only, fresh, wrapped (floor)",
+            ),
+            net("xdp established, wrapped", floor),
+            net("xdp conntrack insert alone, wrapped", floor),
+        ) else {
+            continue;
+        };
+        table.push_str(&format!(
+            "| {n} | {new:.0} | {est:.0} | {:.2} | {insert:.0} | {:.2} |\n",
+            new / est,
+            insert / est
+        ));
+    }
+    table.push_str(
+        "\n| Services | path, wrapped | one CPU, net ns | both CPUs at once, net ns | both/one |\n|---:|---|---:|---:|---:|\n",
+    );
+    for &n in &scales {
+        let net = |path: &str| {
+            let at = |path: &str| rows.iter().find(|r| r.services == n && r.path == path);
+            let row = at(path)?;
+            Some(row.median as f64 - at(row.floor)?.median as f64)
+        };
+        for path in [
+            "xdp established",
+            "xdp new flow",
+            "xdp conntrack insert alone",
+        ] {
+            let (Some(one), Some(both)) = (
+                net(&format!("{path}, wrapped")),
+                net(&format!("{path}, wrapped, both CPUs")),
+            ) else {
+                continue;
+            };
+            table.push_str(&format!(
+                "| {n} | {path} | {one:.0} | {both:.0} | {:.2} |\n",
+                both / one
+            ));
+        }
     }
     let data: String = rows
         .iter()

@@ -171,6 +171,11 @@ pub mod bench {
     pub const WRAPPER_XDP: &str = "bench_xdp";
     /// The wrapper around a tc program under test.
     pub const WRAPPER_TC: &str = "bench_tc";
+    /// The XDP wrapper that gives each run's IPv4 frame a new source
+    /// (address and port): every run a new flow.
+    pub const WRAPPER_XDP_FRESH: &str = "bench_xdp_fresh";
+    /// An XDP program that only inserts a new conntrack entry.
+    pub const CT_INSERT: &str = "bench_ct_insert";
     /// The XDP floor: a program that only returns XDP_PASS.
     pub const PASS_ONLY_XDP: &str = "pass_only";
     /// The tc floor: a program that only returns TC_ACT_UNSPEC.

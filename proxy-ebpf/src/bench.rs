@@ -10,11 +10,17 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
-    btf_maps::{Array, ProgramArray},
+    btf_maps::{Array, PerCpuArray, ProgramArray},
+    helpers::bpf_get_smp_processor_id,
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::bench::{FRAME_LEN4, FRAME_LEN6};
+use proxy_common::{
+    bench::{FRAME_LEN4, FRAME_LEN6},
+    ct_dir, proto, CtKey4, CtValue, Ip4,
+};
+
+use crate::{ct, maps::CONNTRACK};
 
 /// The frame every run starts from, written by the benchmark: an IPv4
 /// frame in its first `FRAME_LEN4` bytes, or an IPv6 one.
@@ -36,8 +42,49 @@ static XDP_TARGET: ProgramArray<1> = ProgramArray::new();
 #[btf_map(name = "bench_tc_prog")]
 static TC_TARGET: ProgramArray<1> = ProgramArray::new();
 
+/// Each CPU's runs of `bench_xdp_fresh` and `bench_ct_insert` so far: with
+/// the CPU's number, each run's new flow or key is one of its own, on
+/// either CPU of a run on both.
+#[btf_map(name = "bench_seq")]
+static SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+/// The next number of this CPU's runs, and the CPU's number.
+#[inline(always)]
+fn next_run() -> Option<(u32, u8)> {
+    let seq = SEQ.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of the map's value; one program at a time runs
+    // on a CPU.
+    let n = unsafe {
+        *seq = (*seq).wrapping_add(1);
+        *seq
+    };
+    // SAFETY: plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    Some((n, cpu as u8))
+}
+
+/// Where an IPv4 frame (Ethernet, a 20-byte IP header, then TCP or UDP)
+/// carries the last two bytes of its source address, and its source port.
+const SADDR_LOW_OFF4: usize = 14 + 12 + 2;
+const SPORT_OFF4: usize = 14 + 20;
+
 #[xdp]
 pub fn bench_xdp(ctx: XdpContext) -> u32 {
+    restore_xdp(&ctx, false)
+}
+
+/// `bench_xdp` for new flows: each run's IPv4 frame gets a source never
+/// seen before (the CPU's number and the run's in the last two bytes of its
+/// source address and in its source port), so that every run opens a flow. The
+/// checksums are left as they were: nothing on the path checks them. An
+/// IPv6 frame is restored as `bench_xdp` restores it.
+#[xdp]
+pub fn bench_xdp_fresh(ctx: XdpContext) -> u32 {
+    restore_xdp(&ctx, true)
+}
+
+#[inline(always)]
+fn restore_xdp(ctx: &XdpContext, fresh: bool) -> u32 {
     let Some(frame) = FRAME.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -50,18 +97,62 @@ pub fn bench_xdp(ctx: XdpContext) -> u32 {
     } else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: the packet has `len` bytes (checked above); the map value
-    // FRAME_LEN6, at least as many.
+    // SAFETY: the packet has `len` bytes (checked above), at least
+    // FRAME_LEN4, past both source offsets; the map value FRAME_LEN6 bytes.
     unsafe {
         if len == FRAME_LEN6 {
             core::ptr::copy_nonoverlapping(frame.as_ptr(), start as *mut u8, FRAME_LEN6);
         } else {
             core::ptr::copy_nonoverlapping(frame.as_ptr(), start as *mut u8, FRAME_LEN4);
+            if fresh {
+                let Some((n, cpu)) = next_run() else {
+                    return xdp_action::XDP_ABORTED;
+                };
+                let [_, high, port @ ..] = n.to_be_bytes();
+                let at = start as *mut u8;
+                *at.add(SADDR_LOW_OFF4) = cpu;
+                *at.add(SADDR_LOW_OFF4 + 1) = high;
+                core::ptr::copy_nonoverlapping(port.as_ptr(), at.add(SPORT_OFF4), 2);
+            }
         }
-        XDP_TARGET.tail_call(&ctx, 0);
+        XDP_TARGET.tail_call(ctx, 0);
     }
     // Only reached when the tail call failed: no program in slot 0.
     xdp_action::XDP_ABORTED
+}
+
+/// One conntrack insert of a key never seen before, and nothing else: the
+/// cost of the step a new flow cannot do without, against the whole paths.
+/// Its keys (from 100.0.0.0/8, the CPU's number and the run's in the
+/// address and source port) are no packet's. Timed through `bench_xdp` like the paths, so that the same
+/// floor applies.
+#[xdp]
+pub fn bench_ct_insert(_ctx: XdpContext) -> u32 {
+    let Some((n, cpu)) = next_run() else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let [a, b, c, d] = n.to_be_bytes();
+    let key = CtKey4 {
+        saddr: Ip4 {
+            octets: [100, cpu, c, d],
+        },
+        daddr: Ip4 {
+            octets: [10, 96, 0, 1],
+        },
+        sport_be: u16::from_ne_bytes([a, b]),
+        dport_be: 80u16.to_be(),
+        proto: proto::TCP,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    let value = CtValue {
+        last_seen_ns: ct::now(),
+        ..CtValue::default()
+    };
+    match CONNTRACK.insert(&key, &value, 0) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_ABORTED,
+    }
 }
 
 #[classifier]

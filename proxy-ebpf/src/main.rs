@@ -6,8 +6,9 @@
 //!   (NodePort, externalIPs, LoadBalancer IPs, SNAT to remote backends).
 //! - `sock_*`: cgroup socket hooks, the node's own connections to Services
 //!   (see `sock`).
-//! - `pass_only` / `pass_only_tc`, `bench_xdp` / `bench_tc`: for the
-//!   benchmarks only, never attached (floors, and frame-restoring wrappers).
+//! - `pass_only` / `pass_only_tc`, `bench_xdp` / `bench_xdp_fresh` /
+//!   `bench_tc`: for the benchmarks only, never attached (floors, and
+//!   frame-restoring wrappers).
 #![no_std]
 #![no_main]
 

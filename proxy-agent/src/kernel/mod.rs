@@ -144,6 +144,47 @@ pub struct WrappedRun {
     pub per_run: Duration,
 }
 
+/// A wrapper set up for one program and frame ([`Dataplane::wrap`]).
+pub struct Wrapped<'a> {
+    wrapper: &'a Program,
+    target: String,
+    frame: Vec<u8>,
+}
+
+impl Wrapped<'_> {
+    /// `repeat` runs, as [`Dataplane::run_wrapped`] times them.
+    pub fn run(&self, repeat: u32) -> Result<WrappedRun> {
+        let mut out = vec![0u8; self.frame.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(&self.frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = match self.wrapper {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => bail!("the wrapper is neither XDP nor tc"),
+        }
+        .with_context(|| format!("test run of {} through its wrapper", self.target))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(WrappedRun {
+            verdict: result.return_value,
+            frame: out,
+            per_run: result.duration,
+        })
+    }
+}
+
+/// The flows of a wrapped run ([`Dataplane::run_wrapped`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tuples {
+    /// Every run the frame as given: after the first, an established flow.
+    Same,
+    /// Every run a new source address and port (XDP, IPv4): a new flow each.
+    Fresh,
+}
+
 /// How the uplink program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UplinkMode {
@@ -280,6 +321,11 @@ impl Dataplane {
         Self::load_object_with(&mut loader, object)
     }
 
+    /// Whether the object has a program of that name (an older build may not).
+    pub fn has_program(&self, name: &str) -> bool {
+        self.ebpf.program(name).is_some()
+    }
+
     /// The `pass_only` XDP program (loaded on first use): the benchmarks' floor.
     pub fn pass_only(&mut self) -> Result<&mut Xdp> {
         let program: &mut Xdp = self
@@ -297,9 +343,23 @@ impl Dataplane {
     /// frame-restoring wrapper (see `proxy_common::bench`): every run starts
     /// from `frame`, which must be `bench::FRAME_LEN4` or `FRAME_LEN6`
     /// bytes (headers only, IPv4 or IPv6), and takes the path
-    /// that frame takes. Returns the last run's verdict and frame, and the
-    /// kernel's mean time per run, the wrapper's own cost included.
-    pub fn run_wrapped(&mut self, target: &str, frame: &[u8], repeat: u32) -> Result<WrappedRun> {
+    /// that frame takes, or with [`Tuples::Fresh`] (XDP, IPv4) the path of
+    /// that frame from a source never seen. Returns the last run's verdict
+    /// and frame, and the kernel's mean time per run, the wrapper's own
+    /// cost included.
+    pub fn run_wrapped(
+        &mut self,
+        target: &str,
+        frame: &[u8],
+        repeat: u32,
+        tuples: Tuples,
+    ) -> Result<WrappedRun> {
+        self.wrap(target, frame, tuples)?.run(repeat)
+    }
+
+    /// Sets the wrapper up for `target`, `frame` and `tuples` (see
+    /// [`Dataplane::run_wrapped`]): the result runs it, from any thread.
+    pub fn wrap(&mut self, target: &str, frame: &[u8], tuples: Tuples) -> Result<Wrapped<'_>> {
         if ![bench::FRAME_LEN4, bench::FRAME_LEN6].contains(&frame.len()) {
             bail!(
                 "the wrappers restore {} or {} bytes, the frame has {}",
@@ -314,32 +374,35 @@ impl Dataplane {
             Array::try_from(self.map(bench::FRAME_MAP)?)?;
         frames.set(0, restored, 0)?;
         let program = self.load_on_demand(target)?;
-        let (wrapper, targets) = if matches!(program, Program::Xdp(_)) {
-            (bench::WRAPPER_XDP, bench::XDP_TARGET_MAP)
-        } else {
-            (bench::WRAPPER_TC, bench::TC_TARGET_MAP)
+        let xdp = matches!(program, Program::Xdp(_));
+        let (wrapper, targets) = match tuples {
+            Tuples::Same if xdp => (bench::WRAPPER_XDP, bench::XDP_TARGET_MAP),
+            Tuples::Same => (bench::WRAPPER_TC, bench::TC_TARGET_MAP),
+            Tuples::Fresh if xdp && frame.len() == bench::FRAME_LEN4 => {
+                (bench::WRAPPER_XDP_FRESH, bench::XDP_TARGET_MAP)
+            }
+            Tuples::Fresh => bail!("fresh tuples: XDP and IPv4 frames only"),
         };
         let fd = program.fd()?.try_clone()?;
         ProgramArray::try_from(self.map(targets)?)?.set(0, &fd, 0)?;
-        let mut out = vec![0u8; frame.len() + 64];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
+        self.load_on_demand(wrapper)?;
+        let Some(wrapper) = self.ebpf.program(wrapper) else {
+            bail!("no program {wrapper}");
         };
-        let result = match self.load_on_demand(wrapper)? {
-            Program::Xdp(p) => p.test_run(opts),
-            Program::SchedClassifier(p) => p.test_run(opts),
-            _ => bail!("{wrapper} is neither XDP nor tc"),
-        }
-        .with_context(|| format!("test run of {target} through {wrapper}"))?;
-        out.truncate(result.data_size_out as usize);
-        Ok(WrappedRun {
-            verdict: result.return_value,
-            frame: out,
-            per_run: result.duration,
+        Ok(Wrapped {
+            wrapper,
+            target: target.to_string(),
+            frame: frame.to_vec(),
         })
+    }
+
+    /// A handle of its own on the IPv4 conntrack map, for emptying it
+    /// between runs of a [`Wrapped`] (which holds the dataplane).
+    pub fn conntrack_handle(&self) -> Result<aya::maps::HashMap<MapData, CtKey4, CtValue>> {
+        let id = aya::maps::IterableMap::map(&self.conntrack).info()?.id();
+        Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            MapData::from_id(id)?,
+        ))?)
     }
 
     /// The program `name`, an XDP or tc one, loaded if it was not yet.

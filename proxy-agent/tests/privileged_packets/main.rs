@@ -26,6 +26,7 @@ use proxy_agent::{
     desired::{Ids, MapState, ServiceKey},
     frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol},
     harness::{self, Hook},
+    kernel::Tuples,
     settings,
 };
 use proxy_common::{

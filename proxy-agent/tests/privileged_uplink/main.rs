@@ -27,6 +27,7 @@ use proxy_agent::{
     desired::{Ids, MapState},
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol},
     harness::{self, Hook},
+    kernel::Tuples,
     settings,
 };
 use proxy_common::{

@@ -94,13 +94,51 @@ fn a_wrapped_xdp_run_takes_the_real_path_every_time() {
         f.tcp_flags = 0x10;
         let (verdict, once) = p.xdp(&f.bytes());
         assert_eq!(verdict, XDP_PASS);
-        let run = p.dp.run_wrapped(UPLINK_XDP, &f.bytes(), 100).unwrap();
+        let run =
+            p.dp.run_wrapped(UPLINK_XDP, &f.bytes(), 100, Tuples::Same)
+                .unwrap();
         assert_eq!((run.verdict, run.frame), (XDP_PASS, once));
         assert_eq!(p.stat("fwd_local"), 102, "each run found the NodePort");
         let run =
-            p.dp.run_wrapped(bench::PASS_ONLY_XDP, &f.bytes(), 100)
+            p.dp.run_wrapped(bench::PASS_ONLY_XDP, &f.bytes(), 100, Tuples::Same)
                 .unwrap();
         assert_eq!((run.verdict, run.frame), (XDP_PASS, f.bytes()));
+    });
+}
+
+#[test]
+fn a_fresh_wrapped_xdp_run_opens_a_new_flow_every_time() {
+    // As the benchmark times new flows: each run's SYN from a source of its
+    // own, each a new flow to a local backend (forward and reply entries).
+    with_programs(|p| {
+        let syn = from_outside(packet::TCP, 40021, NODE, 30080).bytes();
+        let run =
+            p.dp.run_wrapped(UPLINK_XDP, &syn, 100, Tuples::Fresh)
+                .unwrap();
+        assert_eq!(run.verdict, XDP_PASS);
+        assert_eq!(p.stat("fwd_local"), 100, "each run found the NodePort");
+        let ct = p.dp.conntrack().unwrap();
+        let forward = ct.iter().filter(|(k, _)| k.dir == ct_dir::FORWARD);
+        let sources: std::collections::HashSet<(Ipv4Addr, u16)> = forward
+            .map(|(k, _)| (k.saddr.into(), u16::from_be(k.sport_be)))
+            .collect();
+        assert_eq!(sources.len(), 100, "a new source every run");
+        assert_eq!(ct.len(), 200, "a reply entry beside each");
+        // The last run's frame went to a backend, from its fresh source.
+        assert_eq!(&run.frame[30..34], &ip(LOCAL_POD).octets());
+        assert_ne!(&run.frame[26..30], &syn[26..30]);
+        // IPv6 and tc have no fresh wrapper: refused, not run the same.
+        assert!(p.dp.run_wrapped(FROM_POD, &syn, 1, Tuples::Fresh).is_err());
+        // What the benchmark sets beside it: one new conntrack entry a run,
+        // of no packet's tuple, and the frame left alone.
+        p.dp.flush_conntrack().unwrap();
+        let run =
+            p.dp.run_wrapped(bench::CT_INSERT, &syn, 100, Tuples::Same)
+                .unwrap();
+        assert_eq!((run.verdict, run.frame), (XDP_PASS, syn));
+        let ct = p.dp.conntrack().unwrap();
+        assert_eq!(ct.len(), 100);
+        assert!(ct.iter().all(|(k, _)| k.saddr.octets[0] == 100));
     });
 }
 

@@ -367,16 +367,21 @@ fn a_wrapped_ipv6_run_takes_the_real_path_every_time() {
     let backend = assert_dnat_ip(&mut p, &f);
     let mut ack = f.clone();
     ack.tcp_flags = 0x10;
-    let run = p.dp.run_wrapped(FROM_POD, &ack.bytes(), 100).unwrap();
+    let run =
+        p.dp.run_wrapped(FROM_POD, &ack.bytes(), 100, Tuples::Same)
+            .unwrap();
     assert_eq!(run.verdict, TC_ACT_UNSPEC);
     assert_eq!(run.frame, ack.with_dst(backend.0, backend.1).bytes());
     assert_eq!(p.stat("fwd_established"), 100, "each run found the Service");
     let run =
-        p.dp.run_wrapped(bench::PASS_ONLY_TC, &f.bytes(), 100)
+        p.dp.run_wrapped(bench::PASS_ONLY_TC, &f.bytes(), 100, Tuples::Same)
             .unwrap();
     assert_eq!((run.verdict, run.frame), (TC_ACT_UNSPEC, f.bytes()));
     // Headers without payload only.
     let mut longer = f.clone();
     longer.payload = vec![1];
-    assert!(p.dp.run_wrapped(FROM_POD, &longer.bytes(), 1).is_err());
+    assert!(p
+        .dp
+        .run_wrapped(FROM_POD, &longer.bytes(), 1, Tuples::Same)
+        .is_err());
 }
