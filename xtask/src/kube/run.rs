@@ -158,6 +158,13 @@ fn start_etcd(bins: &Binaries, netns: &str, cgroup: Option<&Path>, dir: &Path) -
         // A throwaway cluster: losing it on a crash is fine, and fsync on every
         // write would make the tests wait on the disk.
         "--unsafe-no-fsync",
+        // The API server rewrites its whole ClusterIP bitmap (16 KiB for a /15)
+        // at every Service it creates, and compacts etcd's history only every
+        // 5 minutes: creating Services at full speed (about 100 a second here)
+        // fills the default 2 GiB quota between two compactions. (etcd's own
+        // auto-compaction by revision count cut the agents' paginated relists
+        // short: "continue parameter is too old".)
+        "--quota-backend-bytes=8589934592",
     ])
     .arg(arg("--data-dir", &dir.join("etcd")));
     spawn_logged(etcd, cgroup, dir, "etcd")

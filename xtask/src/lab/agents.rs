@@ -159,6 +159,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets the agent container's memory limit (a Kubernetes quantity, e.g.
+    /// `2Gi`) in the DaemonSet, as an operator sizing it for a large cluster
+    /// would: the agents restart with it (`set_agent_args` waits for them).
+    pub fn set_agent_memory_limit(&self, limit: &str) -> Result<()> {
+        let patch = json!([{
+            "op": "replace",
+            "path": "/spec/template/spec/containers/0/resources/limits/memory",
+            "value": limit,
+        }]);
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "patch",
+            "daemonset",
+            DAEMONSET,
+            "--type=json",
+            "-p",
+            &patch.to_string(),
+        ])?;
+        Ok(())
+    }
+
     fn patch_agent_args(&self, extra: &[String]) -> Result<()> {
         let mut args = vec!["run".to_string()];
         args.extend_from_slice(extra);

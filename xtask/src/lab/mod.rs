@@ -55,7 +55,9 @@ pub const CONTROL_PLANE: &str = "control-plane";
 pub const ALL_NODES: [&str; 3] = ["node1", "node2", CONTROL_PLANE];
 const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 100);
-const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// A /15: 131070 ClusterIPs, room for the control-plane bench's 100k Services
+/// (a /16 holds 65534).
+const SERVICE_CIDR: &str = "10.96.0.0/15";
 /// The lab is dual stack: every node, pod and the external client has an
 /// address of each family, and Services may ask for a ClusterIP of each.
 const SERVICE_CIDR6: &str = "fd00:10:96::/112";
