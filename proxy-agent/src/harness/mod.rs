@@ -102,13 +102,12 @@ impl Programs {
 
     /// Programs already loaded (pinned, for tests of what outlives the agent).
     pub fn with(dp: Dataplane) -> Result<Self> {
+        // Empty maps of the sizes loaded, frontend ids below the reverse-NAT
+        // map's size, as the agent's.
         let capacity = dp.capacity()?;
         Ok(Self {
             dp,
-            programmed: Programmed {
-                capacity,
-                ..Programmed::default()
-            },
+            programmed: Programmed::adopt(Default::default(), Default::default(), capacity),
         })
     }
 
