@@ -163,28 +163,23 @@ impl Lab {
     /// `2Gi`) in the DaemonSet, as an operator sizing it for a large cluster
     /// would: the agents restart with it (`set_agent_args` waits for them).
     pub fn set_agent_memory_limit(&self, limit: &str) -> Result<()> {
-        let patch = json!([{
-            "op": "replace",
-            "path": "/spec/template/spec/containers/0/resources/limits/memory",
-            "value": limit,
-        }]);
-        self.kubectl(&[
-            "-n",
-            NAMESPACE,
-            "patch",
-            "daemonset",
-            DAEMONSET,
-            "--type=json",
-            "-p",
-            &patch.to_string(),
-        ])?;
-        Ok(())
+        self.replace_in_agent_container("resources/limits/memory", json!(limit))
     }
 
     fn patch_agent_args(&self, extra: &[String]) -> Result<()> {
         let mut args = vec!["run".to_string()];
         args.extend_from_slice(extra);
-        let patch = json!([{"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": args}]);
+        self.replace_in_agent_container("args", json!(args))
+    }
+
+    /// Replaces `field` (a JSON pointer below the agent's container) in the
+    /// DaemonSet's pod template.
+    fn replace_in_agent_container(&self, field: &str, value: serde_json::Value) -> Result<()> {
+        let patch = json!([{
+            "op": "replace",
+            "path": format!("/spec/template/spec/containers/0/{field}"),
+            "value": value,
+        }]);
         self.kubectl(&[
             "-n",
             NAMESPACE,
