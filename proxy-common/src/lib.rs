@@ -174,6 +174,9 @@ pub mod bench {
     /// The XDP wrapper that gives each run's IPv4 frame a new source
     /// (address and port): every run a new flow.
     pub const WRAPPER_XDP_FRESH: &str = "bench_xdp_fresh";
+    /// Each CPU's count of runs of the fresh wrapper and of `CT_INSERT`,
+    /// whose number each new source (or key) carries.
+    pub const SEQ_MAP: &str = "bench_seq";
     /// An XDP program that only inserts a new conntrack entry.
     pub const CT_INSERT: &str = "bench_ct_insert";
     /// The XDP floor: a program that only returns XDP_PASS.
