@@ -51,7 +51,7 @@ use proxy_agent::{
     cli::simulate,
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     harness::{Hook, Programs},
-    kernel::{Tuples, WrappedRun},
+    kernel::{remove_all, Tuples, WrappedRun},
     settings,
 };
 use proxy_common::{
@@ -267,11 +267,7 @@ fn on_both_cpus(
                 if empty_conntrack {
                     barrier.wait();
                     if cpu == 0 {
-                        let mut ct = conntrack.lock().unwrap();
-                        let keys: Vec<_> = ct.keys().map(|k| k.expect("key")).collect();
-                        for key in keys {
-                            let _ = ct.remove(&key);
-                        }
+                        remove_all(&mut conntrack.lock().unwrap()).expect("empty conntrack");
                     }
                 }
                 barrier.wait();

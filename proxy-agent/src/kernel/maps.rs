@@ -289,15 +289,7 @@ impl Dataplane {
 
     /// Removes every conntrack entry of both families; returns how many.
     pub fn flush_conntrack(&mut self) -> Result<usize> {
-        let keys: Vec<CtKey4> = self.conntrack.keys().collect::<Result<_, _>>()?;
-        for key in &keys {
-            let _ = self.conntrack.remove(key);
-        }
-        let keys6: Vec<CtKey6> = self.v6.conntrack.keys().collect::<Result<_, _>>()?;
-        for key in &keys6 {
-            let _ = self.v6.conntrack.remove(key);
-        }
-        Ok(keys.len() + keys6.len())
+        Ok(remove_all(&mut self.conntrack)? + remove_all(&mut self.v6.conntrack)?)
     }
 
     /// Every conntrack entry.
@@ -392,4 +384,16 @@ fn collect<F: gc::Family>(
     for (state, flows) in plan.flows {
         *report.flows.entry(state).or_default() += flows;
     }
+}
+
+/// Removes every entry of `map` (one by one: entries a program adds
+/// meanwhile may stay); returns how many were there.
+pub fn remove_all<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+) -> Result<usize> {
+    let keys: Vec<K> = map.keys().collect::<Result<_, _>>()?;
+    for key in &keys {
+        let _ = map.remove(key);
+    }
+    Ok(keys.len())
 }

@@ -650,6 +650,7 @@ mod attach;
 mod cleanup;
 mod clsact;
 mod maps;
+pub use maps::remove_all;
 
 pub use cleanup::{cleanup, Removed};
 pub use sock::SocketLb;

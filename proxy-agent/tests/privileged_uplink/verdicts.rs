@@ -124,9 +124,19 @@ fn a_fresh_wrapped_xdp_run_opens_a_new_flow_every_time() {
             .collect();
         assert_eq!(sources.len(), 100, "a new source every run");
         assert_eq!(ct.len(), 200, "a reply entry beside each");
-        // The last run's frame went to a backend, from its fresh source.
-        assert_eq!(&run.frame[30..34], &ip(LOCAL_POD).octets());
-        assert_ne!(&run.frame[26..30], &syn[26..30]);
+        // The last run's frame: the SYN's own translation (DNAT to the
+        // backend, checksums updated for it alone), from the source the
+        // wrapper wrote: the CPU's number, then the run's (the 100th, in the
+        // address's last byte and the port). The checksums still sum the
+        // SYN's own source: nothing on the path reads them.
+        let (verdict, mut want) = p.xdp(&syn);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(&want[30..34], &ip(LOCAL_POD).octets());
+        let cpu = run.frame[28];
+        assert!(usize::from(cpu) < std::thread::available_parallelism().unwrap().get());
+        want[28..30].copy_from_slice(&[cpu, 0]);
+        want[34..36].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(run.frame, want);
         // IPv6 and tc have no fresh wrapper: refused, not run the same.
         assert!(p.dp.run_wrapped(FROM_POD, &syn, 1, Tuples::Fresh).is_err());
         // What the benchmark sets beside it: one new conntrack entry a run,
