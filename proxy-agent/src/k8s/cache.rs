@@ -132,14 +132,14 @@ impl FrontendCache {
         for key in &keys {
             let old = match stores.services.get(key) {
                 Some(svc) => {
-                    // A scan, not an index: a few microseconds per thousand slices,
-                    // and nothing to keep consistent across relists.
+                    // Through the store's index: a scan of every slice per
+                    // changed Service made each round cost O(changed x
+                    // slices), which at 100k Services left the agent behind
+                    // its watch.
                     let slices: Vec<&Slice> = stores
                         .slices
-                        .values()
-                        .filter(|s| {
-                            &s.service == key && frontends::family_of(&s.address_type).is_some()
-                        })
+                        .in_group(key)
+                        .filter(|s| frontends::family_of(&s.address_type).is_some())
                         .collect();
                     self.per_service.insert(key.clone(), compute(svc, &slices))
                 }

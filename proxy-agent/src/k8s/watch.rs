@@ -20,10 +20,29 @@ use super::{
     slices::{self, Slice, SliceVersion},
 };
 
-/// Objects by `namespace/name`, replaced whole on every (re)list.
+/// What a store also finds its objects by, besides their key: the Service
+/// an EndpointSlice belongs to. Other kinds have no group.
+pub trait Grouped {
+    fn group(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl Grouped for Slice {
+    fn group(&self) -> Option<&str> {
+        Some(&self.service)
+    }
+}
+
+/// Services and the Node.
+impl<T> Grouped for Arc<T> {}
+
+/// Objects by `namespace/name`, replaced whole on every (re)list, and the
+/// keys of each group's objects (a Vec: a Service has one slice or a few).
 #[derive(Debug)]
 pub struct Store<T> {
     items: HashMap<String, T>,
+    groups: HashMap<String, Vec<String>>,
     relisting: Option<HashMap<String, T>>,
     ready: bool,
 }
@@ -32,13 +51,14 @@ impl<T> Default for Store<T> {
     fn default() -> Self {
         Self {
             items: HashMap::new(),
+            groups: HashMap::new(),
             relisting: None,
             ready: false,
         }
     }
 }
 
-impl<T> Store<T> {
+impl<T: Grouped> Store<T> {
     /// True once the first full list has arrived.
     pub fn ready(&self) -> bool {
         self.ready
@@ -55,6 +75,50 @@ impl<T> Store<T> {
 
     pub fn len(&self) -> usize {
         self.items.len()
+    }
+
+    /// The objects of `group` (a Service's slices), found without a scan.
+    pub fn in_group<'a>(&'a self, group: &str) -> impl Iterator<Item = &'a T> + 'a {
+        self.groups
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.items.get(key))
+    }
+
+    fn insert(&mut self, key: String, value: T) {
+        let group = value.group().map(str::to_string);
+        let old = self.items.insert(key.clone(), value);
+        if let Some(old) = &old {
+            if old.group() == group.as_deref() {
+                return;
+            }
+            Self::ungroup(&mut self.groups, &key, old);
+        }
+        if let Some(group) = group {
+            self.groups.entry(group).or_default().push(key);
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.items.remove(key) {
+            Some(old) => {
+                Self::ungroup(&mut self.groups, key, &old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn ungroup(groups: &mut HashMap<String, Vec<String>>, key: &str, old: &T) {
+        if let Some(group) = old.group() {
+            if let Some(keys) = groups.get_mut(group) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    groups.remove(group);
+                }
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,6 +147,15 @@ impl<T> Store<T> {
             }
             watcher::Event::InitDone => {
                 if let Some(list) = self.relisting.take() {
+                    self.groups.clear();
+                    for (key, value) in &list {
+                        if let Some(group) = value.group() {
+                            self.groups
+                                .entry(group.to_string())
+                                .or_default()
+                                .push(key.clone());
+                        }
+                    }
                     self.items = list;
                 }
                 self.ready = true;
@@ -91,12 +164,14 @@ impl<T> Store<T> {
             watcher::Event::Apply(obj) => {
                 let key = key_of(&obj);
                 match convert(obj) {
-                    Some(value) => self.items.insert(key, value),
-                    None => self.items.remove(&key),
+                    Some(value) => self.insert(key, value),
+                    None => {
+                        self.remove(&key);
+                    }
                 };
                 true
             }
-            watcher::Event::Delete(obj) => self.items.remove(&key_of(&obj)).is_some(),
+            watcher::Event::Delete(obj) => self.remove(&key_of(&obj)),
         }
     }
 }
@@ -212,4 +287,70 @@ pub fn keep_service(svc: Service) -> Option<Arc<ServiceInfo>> {
 pub fn keep<K: Resource>(mut obj: K) -> Option<Arc<K>> {
     obj.meta_mut().managed_fields = None;
     Some(Arc::new(obj))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    use super::*;
+
+    /// The object `default/<name>` of an event.
+    fn event_of(name: &str) -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "default", "name": name}
+        }))
+        .unwrap()
+    }
+
+    /// A conversion to a slice of Service `default/<service>` (`None`: an
+    /// object that cannot be read).
+    fn of(service: Option<&str>) -> impl FnOnce(ConfigMap) -> Option<Slice> + '_ {
+        move |_| {
+            service.map(|s| Slice {
+                service: format!("default/{s}"),
+                address_type: "IPv4".into(),
+                ports: Vec::new(),
+                endpoints: Vec::new(),
+            })
+        }
+    }
+
+    fn group_sizes(store: &Store<Slice>) -> Vec<(&'static str, usize)> {
+        ["a", "b", "c"]
+            .into_iter()
+            .map(|s| (s, store.in_group(&format!("default/{s}")).count()))
+            .collect()
+    }
+
+    #[test]
+    fn a_store_finds_a_services_slices_through_every_kind_of_event() {
+        let mut store = Store::<Slice>::default();
+        store.apply(watcher::Event::Init, of(None));
+        for (name, service) in [("s1", "a"), ("s2", "a"), ("s3", "b")] {
+            store.apply(watcher::Event::InitApply(event_of(name)), of(Some(service)));
+        }
+        // Nothing is found before the list is done.
+        assert_eq!(group_sizes(&store), [("a", 0), ("b", 0), ("c", 0)]);
+        store.apply(watcher::Event::InitDone, of(None));
+        assert_eq!(group_sizes(&store), [("a", 2), ("b", 1), ("c", 0)]);
+
+        // A slice that moves to another Service, one that stays.
+        store.apply(watcher::Event::Apply(event_of("s2")), of(Some("b")));
+        store.apply(watcher::Event::Apply(event_of("s1")), of(Some("a")));
+        assert_eq!(group_sizes(&store), [("a", 1), ("b", 2), ("c", 0)]);
+
+        // Deleted, and replaced by one that cannot be read.
+        store.apply(watcher::Event::Delete(event_of("s1")), of(None));
+        store.apply(watcher::Event::Apply(event_of("s3")), of(None));
+        assert_eq!(group_sizes(&store), [("a", 0), ("b", 1), ("c", 0)]);
+        assert!(!store.groups.contains_key("default/a"));
+
+        // A relist replaces every group.
+        store.apply(watcher::Event::Init, of(None));
+        store.apply(watcher::Event::InitApply(event_of("s9")), of(Some("c")));
+        store.apply(watcher::Event::InitDone, of(None));
+        assert_eq!(group_sizes(&store), [("a", 0), ("b", 0), ("c", 1)]);
+        assert_eq!(store.len(), 1);
+    }
 }
