@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -742,8 +742,20 @@ impl Agent {
                 }
             }
             Source::File(path) => match read_file(path, self.config.scheduler) {
-                Ok(frontends) => {
-                    file_frontends = frontends;
+                Ok(file) => {
+                    let node = NodeInfo {
+                        addresses: file.node_addresses.iter().filter_map(v4).collect(),
+                        addresses6: file.node_addresses.iter().filter_map(v6).collect(),
+                        ..NodeInfo::default()
+                    };
+                    let wanted = settings::node_config(
+                        node.snat_address(),
+                        node.snat_address6(),
+                        self.config.nat_ports,
+                        self.config.service_cidrs,
+                    );
+                    program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
+                    file_frontends = file.services;
                     Round::Full(file_frontends.iter().collect())
                 }
                 Err(e) => {
@@ -965,15 +977,28 @@ fn on_slice(
     (changed, service)
 }
 
-/// The frontends of a services file, with the default scheduler filled in.
-fn read_file(path: &PathBuf, scheduler: Scheduler) -> Result<Vec<FrontendSpec>> {
+/// A services file, with the default scheduler filled in.
+fn read_file(path: &PathBuf, scheduler: Scheduler) -> Result<ServiceFile> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: ServiceFile =
+    let mut file: ServiceFile =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let mut frontends = file.services;
-    settings::fill_defaults(&mut frontends, scheduler);
-    Ok(frontends)
+    settings::fill_defaults(&mut file.services, scheduler);
+    Ok(file)
+}
+
+fn v4(address: &IpAddr) -> Option<Ipv4Addr> {
+    match address {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn v6(address: &IpAddr) -> Option<Ipv6Addr> {
+    match address {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    }
 }
 
 /// Finds the EndpointSlice version, retrying while the API server is unreachable.

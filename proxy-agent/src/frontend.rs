@@ -236,6 +236,12 @@ impl FrontendSpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ServiceFile {
     pub services: Vec<FrontendSpec>,
+    /// The node's addresses, as a Node's InternalIPs would give them: flows
+    /// from the uplink to endpoints on other nodes are SNATed to the first
+    /// of their family. Without one of a family, such flows of that family
+    /// cannot be SNATed, and are dropped.
+    #[serde(default)]
+    pub node_addresses: Vec<IpAddr>,
 }
 
 #[cfg(test)]
@@ -261,5 +267,25 @@ mod tests {
         for bad in ["10.0.0.0/33", "fd00::/129", "nonsense", "10.0.0.0/x", "/8"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_services_file_may_name_the_node_addresses() {
+        let with: ServiceFile = serde_json::from_str(
+            r#"{"services": [{"name": "np", "address": "172.30.1.1", "port": 30080,
+                "protocol": "UDP", "endpoints": [{"address": "10.244.2.10", "port": 8080}]}],
+                "node_addresses": ["172.30.1.1", "fd00::1"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            with.node_addresses,
+            [
+                "172.30.1.1".parse::<IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
+        assert!(!with.services[0].endpoints[0].local);
+        let without: ServiceFile = serde_json::from_str(r#"{"services": []}"#).unwrap();
+        assert!(without.node_addresses.is_empty());
     }
 }

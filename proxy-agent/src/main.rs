@@ -123,7 +123,9 @@ struct RunArgs {
     #[arg(long, env = "FERRY_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Serve the services in this JSON file instead of watching an API server:
-    /// {"services": [{"name", "address", "port", "protocol", "endpoints": [{"address", "port"}]}]}
+    /// {"services": [{"name", "address", "port", "protocol", "endpoints": [{"address", "port"}]}],
+    /// "node_addresses": [...]} (the node's addresses: flows to remote
+    /// endpoints are SNATed to the first of their family).
     #[arg(long, env = "FERRY_SERVICES_FILE", conflicts_with_all = ["kubeconfig", "node_name"])]
     services_file: Option<PathBuf>,
     /// bpffs directory for the pinned maps.
