@@ -491,6 +491,8 @@ fn object_map_names_are_the_constants() {
         bench::XDP_TARGET_MAP,
         bench::TC_TARGET_MAP,
         bench::SEQ_MAP,
+        bench::GEN_MAP,
+        bench::SINK_MAP,
     ];
     let mut expected: Vec<&str> = map_names::ALL.iter().chain(&bench_maps).copied().collect();
     expected.sort_unstable();

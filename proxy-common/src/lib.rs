@@ -194,6 +194,46 @@ pub mod bench {
     /// as many bytes as the frame under test has.
     pub const FRAME_LEN4: usize = 54;
     pub const FRAME_LEN6: usize = 74;
+
+    /// The NodePort throughput benchmark's traffic generator: an XDP program
+    /// run in live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`), which writes
+    /// the IPv4 frame of `FRAME_MAP` (its first `FRAME_LEN4` bytes) over each
+    /// frame, spreads the frames over `GenConfig::flows` source ports and
+    /// sends them out of `GenConfig::ifindex`.
+    pub const GENERATOR: &str = "bench_gen";
+    /// The benchmark's receiver: counts each IPv4 UDP frame (`SinkCounts`)
+    /// and drops every frame.
+    pub const SINK: &str = "bench_sink";
+    /// The generator's and the receiver's settings (`GenConfig`, index 0).
+    pub const GEN_MAP: &str = "bench_gen_cfg";
+    /// The receiver's counts, per CPU (`SinkCounts`, index 0).
+    pub const SINK_MAP: &str = "bench_sink_cnt";
+
+    /// What the benchmark tells the generator and the receiver.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct GenConfig {
+        /// The interface the generator's frames leave by.
+        pub ifindex: u32,
+        /// How many flows the frames spread over: source ports from the
+        /// frame's own upwards (0 and 1: one flow).
+        pub flows: u32,
+        /// The destination a frame must arrive with at the receiver to count
+        /// as `SinkCounts::expected` (the backend, after translation).
+        pub expect_daddr: [u8; 4],
+        pub expect_dport_be: u16,
+        pub _pad: u16,
+    }
+
+    /// The receiver's counts.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SinkCounts {
+        /// IPv4 UDP frames to `GenConfig::expect_daddr` and `expect_dport_be`.
+        pub expected: u64,
+        /// Other IPv4 UDP frames (not ARP, not IPv6: the kernel's own).
+        pub other: u64,
+    }
 }
 
 /// The maps' default capacities, chosen for a typical node: about 57 MiB of
@@ -1147,6 +1187,8 @@ mod pod {
     use super::*;
     // SAFETY: each type is repr(C), has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for ServiceKey4 {}
+    unsafe impl aya::Pod for bench::GenConfig {}
+    unsafe impl aya::Pod for bench::SinkCounts {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend4 {}
     unsafe impl aya::Pod for RevNat4 {}

@@ -11,12 +11,12 @@
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     btf_maps::{Array, PerCpuArray, ProgramArray},
-    helpers::bpf_get_smp_processor_id,
+    helpers::{bpf_get_smp_processor_id, bpf_redirect},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    bench::{FRAME_LEN4, FRAME_LEN6},
+    bench::{GenConfig, SinkCounts, FRAME_LEN4, FRAME_LEN6},
     ct_dir, proto, CtKey4, CtValue, Ip4,
 };
 
@@ -42,7 +42,7 @@ static XDP_TARGET: ProgramArray<1> = ProgramArray::new();
 #[btf_map(name = "bench_tc_prog")]
 static TC_TARGET: ProgramArray<1> = ProgramArray::new();
 
-/// Each CPU's runs of `bench_xdp_fresh` and `bench_ct_insert` so far: with
+/// Each CPU's runs of `bench_xdp_fresh`, `bench_ct_insert` and `bench_gen` so far: with
 /// the CPU's number, each run's new flow or key is one of its own, on
 /// either CPU of a run on both.
 #[btf_map(name = "bench_seq")]
@@ -153,6 +153,81 @@ pub fn bench_ct_insert(_ctx: XdpContext) -> u32 {
         Ok(()) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_ABORTED,
     }
+}
+
+/// The throughput benchmark's settings, written by the benchmark.
+#[btf_map(name = "bench_gen_cfg")]
+static GEN: Array<GenConfig, 1> = Array::new();
+
+/// What the throughput benchmark's receiver has counted, per CPU.
+#[btf_map(name = "bench_sink_cnt")]
+static SINK: PerCpuArray<SinkCounts, 1> = PerCpuArray::new();
+
+/// The traffic generator, run in live-frames mode: the kernel hands it
+/// frames of a page pool that it recycles, holding whatever the last trip
+/// left in them (a translated frame comes back translated), so each run
+/// writes the whole IPv4 frame again, gives it the source port of its flow
+/// and sends it out of the interface of `bench_gen_cfg`.
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    let (Some(frame), Some(config)) = (FRAME.get(0), GEN.get(0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let start = ctx.data();
+    if start + FRAME_LEN4 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let at = start as *mut u8;
+    // SAFETY: the packet has FRAME_LEN4 bytes (checked above), past the
+    // source port; the map value FRAME_LEN6 >= FRAME_LEN4 bytes.
+    unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), at, FRAME_LEN4) };
+    if config.flows > 1 {
+        let Some((n, _)) = next_run() else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let flow = n.checked_rem(config.flows).unwrap_or(0) as u16;
+        let sport = u16::from_be_bytes([frame[SPORT_OFF4], frame[SPORT_OFF4 + 1]]);
+        // SAFETY: as above: the source port lies within FRAME_LEN4.
+        unsafe {
+            let port = sport.wrapping_add(flow).to_be_bytes();
+            core::ptr::copy_nonoverlapping(port.as_ptr(), at.add(SPORT_OFF4), 2);
+        }
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(config.ifindex, 0) as u32 }
+}
+
+/// The throughput benchmark's receiver: counts each IPv4 UDP frame, as one
+/// of the expected translation (to the address and port of `bench_gen_cfg`)
+/// or as another, and drops every frame.
+#[xdp]
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    let (Some(config), Some(counts)) = (GEN.get(0), SINK.get_ptr_mut(0)) else {
+        return xdp_action::XDP_DROP;
+    };
+    let start = ctx.data();
+    // Ethernet, a 20-byte IPv4 header, then the UDP ports.
+    if start + 14 + 20 + 4 > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the 38 bytes read lie in the packet (checked above).
+    let byte = |off: usize| unsafe { *((start + off) as *const u8) };
+    let udp4 = byte(12) == 0x08 && byte(13) == 0x00 && byte(14) == 0x45 && byte(23) == proto::UDP;
+    if !udp4 {
+        // The kernel's own chatter (ARP, IPv6 neighbour discovery).
+        return xdp_action::XDP_DROP;
+    }
+    let expected = [byte(30), byte(31), byte(32), byte(33)] == config.expect_daddr
+        && u16::from_ne_bytes([byte(36), byte(37)]) == config.expect_dport_be;
+    // SAFETY: this CPU's slot; one program at a time runs on a CPU.
+    unsafe {
+        if expected {
+            (*counts).expected += 1;
+        } else {
+            (*counts).other += 1;
+        }
+    }
+    xdp_action::XDP_DROP
 }
 
 #[classifier]

@@ -7,8 +7,11 @@
 //! - `sock_*`: cgroup socket hooks, the node's own connections to Services
 //!   (see `sock`).
 //! - `pass_only` / `pass_only_tc`, `bench_xdp` / `bench_xdp_fresh` /
-//!   `bench_tc`: for the benchmarks only, never attached (floors, and
-//!   frame-restoring wrappers).
+//!   `bench_tc` / `bench_ct_insert`: for the per-packet benchmarks only,
+//!   never attached (floors, and frame-restoring wrappers).
+//! - `bench_gen` / `bench_sink`: the throughput benchmark's traffic
+//!   generator (run in live-frames mode) and receiver, attached only to
+//!   the benchmark's own interfaces.
 #![no_std]
 #![no_main]
 

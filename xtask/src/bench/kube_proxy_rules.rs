@@ -1,4 +1,4 @@
-//! The rule sets kube-proxy writes for ClusterIP Services, in its iptables mode
+//! The rule sets kube-proxy writes for ClusterIP and NodePort Services, in its iptables mode
 //! (`iptables-restore` input) and its nftables mode (`nft -f` input), so that the
 //! benchmarks can load them into a namespace and compare Ferry with them on the
 //! same traffic. The shapes follow kube-proxy's own expected-output tests
@@ -6,7 +6,9 @@
 //! Service port in KUBE-SERVICES, a KUBE-SVC chain choosing an endpoint with
 //! `statistic --mode random`, a KUBE-SEP chain per endpoint with the DNAT; and in
 //! nftables one verdict map from (address, protocol, port) to a per-Service chain
-//! choosing an endpoint chain with `numgen random`. Pure text: no I/O here.
+//! choosing an endpoint chain with `numgen random`. A NodePort adds an
+//! external chain (KUBE-EXT; nftables `external-`) that marks the packet for
+//! masquerading and goes on to the Service's chain. Pure text: no I/O here.
 
 use std::{fmt::Write, net::Ipv4Addr};
 
@@ -16,18 +18,37 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The service network (nftables mode drops traffic to unallocated ClusterIPs).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
-/// One Service with one TCP port, as the rule generators see it.
+/// A service port's protocol, as the rules name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// One Service with one port, as the rule generators see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// `namespace/name:port-name`, as kube-proxy names a service port.
     pub name: String,
     pub vip: Ipv4Addr,
     pub port: u16,
+    pub protocol: Protocol,
+    /// The port's NodePort, if it has one.
+    pub node_port: Option<u16>,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
-/// `count` Services `bench/svc-N:http` on 10.96.0.0/16 (from 10.96.0.1), port 80,
-/// each with the given endpoints.
+/// `count` Services `bench/svc-N:http` on 10.96.0.0/16 (from 10.96.0.1), TCP
+/// port 80, each with the given endpoints.
 pub fn services(count: u32, endpoints: &[(Ipv4Addr, u16)]) -> Vec<ServicePort> {
     assert!(count < 65_000, "the service network holds fewer addresses");
     (0..count)
@@ -35,6 +56,8 @@ pub fn services(count: u32, endpoints: &[(Ipv4Addr, u16)]) -> Vec<ServicePort> {
             name: format!("bench/svc-{i}:http"),
             vip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i),
             port: 80,
+            protocol: Protocol::Tcp,
+            node_port: None,
             endpoints: endpoints.to_vec(),
         })
         .collect()
@@ -55,25 +78,55 @@ fn chain_id(key: &str) -> String {
 }
 
 fn svc_chain(svc: &ServicePort) -> String {
-    format!("KUBE-SVC-{}", chain_id(&format!("{}tcp", svc.name)))
+    format!(
+        "KUBE-SVC-{}",
+        chain_id(&format!("{}{}", svc.name, svc.protocol.name()))
+    )
+}
+
+/// A NodePort's chain: kube-proxy gives it the service chain's hash.
+fn ext_chain(svc: &ServicePort) -> String {
+    format!(
+        "KUBE-EXT-{}",
+        chain_id(&format!("{}{}", svc.name, svc.protocol.name()))
+    )
 }
 
 fn sep_chain(svc: &ServicePort, ep: (Ipv4Addr, u16)) -> String {
     format!(
         "KUBE-SEP-{}",
-        chain_id(&format!("{}tcp{}:{}", svc.name, ep.0, ep.1))
+        chain_id(&format!(
+            "{}{}{}:{}",
+            svc.name,
+            svc.protocol.name(),
+            ep.0,
+            ep.1
+        ))
     )
 }
 
 /// The KUBE-SVC and KUBE-SEP chains of one Service, their declarations and rules.
 fn iptables_service(svc: &ServicePort, chains: &mut String, rules: &mut String) {
     let svc_chain = svc_chain(svc);
-    let (vip, port, name) = (svc.vip, svc.port, &svc.name);
+    let (vip, port, name, p) = (svc.vip, svc.port, &svc.name, svc.protocol.name());
     let _ = writeln!(chains, ":{svc_chain} - [0:0]");
     let _ = writeln!(
         rules,
-        "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {vip} --dport {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ"
+        "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {vip} --dport {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ"
     );
+    if let Some(node_port) = svc.node_port {
+        let ext = ext_chain(svc);
+        let _ = writeln!(chains, ":{ext} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-NODEPORTS -m comment --comment {name} -m {p} -p {p} --dport {node_port} -j {ext}"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(rules, "-A {ext} -j {svc_chain}");
+    }
     let n = svc.endpoints.len();
     for (i, &ep) in svc.endpoints.iter().enumerate() {
         let sep = sep_chain(svc, ep);
@@ -98,15 +151,16 @@ fn iptables_service(svc: &ServicePort, chains: &mut String, rules: &mut String) 
         );
         let _ = writeln!(
             rules,
-            "-A {sep} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination {}:{}",
+            "-A {sep} -m comment --comment {name} -m {p} -p {p} -j DNAT --to-destination {}:{}",
             ep.0, ep.1
         );
     }
 }
 
 fn iptables_service_jump(svc: &ServicePort) -> String {
+    let p = svc.protocol.name();
     format!(
-        "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {} --dport {} -j {}\n",
+        "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {} --dport {} -j {}\n",
         svc.name,
         svc.vip,
         svc.port,
@@ -259,12 +313,18 @@ add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dpor
 /// `namespace/name/tcp/port-name`, kube-proxy's nftables name of a service port.
 fn nft_port_name(svc: &ServicePort) -> String {
     let (ns_name, port) = svc.name.split_once(':').unwrap_or((&svc.name, ""));
-    format!("{ns_name}/tcp/{port}")
+    format!("{ns_name}/{}/{port}", svc.protocol.name())
 }
 
 fn nft_service_chain(svc: &ServicePort) -> String {
     let name = nft_port_name(svc);
     format!("service-{}-{name}", &chain_id(&name)[..8])
+}
+
+/// A NodePort's chain: the service chain's name base behind another prefix.
+fn nft_external_chain(svc: &ServicePort) -> String {
+    let name = nft_port_name(svc);
+    format!("external-{}-{name}", &chain_id(&name)[..8])
 }
 
 fn nft_endpoint_chain(svc: &ServicePort, ep: (Ipv4Addr, u16)) -> String {
@@ -305,14 +365,20 @@ fn nft_endpoint(svc: &ServicePort, ep: (Ipv4Addr, u16), out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "add rule ip kube-proxy {chain} meta l4proto tcp dnat to {}:{}",
-        ep.0, ep.1
+        "add rule ip kube-proxy {chain} meta l4proto {} dnat to {}:{}",
+        svc.protocol.name(),
+        ep.0,
+        ep.1
     );
 }
 
-/// The whole rule set for `nft -f` into a namespace without a kube-proxy table.
-pub fn nft_full(services: &[ServicePort]) -> String {
+/// The whole rule set for `nft -f` into a namespace without a kube-proxy table;
+/// NodePorts answer on `node_ips` (kube-proxy's `--nodeport-addresses`).
+pub fn nft_full(services: &[ServicePort], node_ips: &[Ipv4Addr]) -> String {
     let mut out = NFT_BASE.replace("SERVICE_CIDR", SERVICE_CIDR);
+    for ip in node_ips {
+        let _ = writeln!(out, "add element ip kube-proxy nodeport-ips {{ {ip} }}");
+    }
     for svc in services {
         // Endpoint chains first: the service chain's verdict map names them.
         for &ep in &svc.endpoints {
@@ -327,11 +393,30 @@ pub fn nft_full(services: &[ServicePort]) -> String {
         );
         let _ = writeln!(
             out,
-            "add element ip kube-proxy service-ips {{ {} . tcp . {} : goto {} }}",
+            "add element ip kube-proxy service-ips {{ {} . {} . {} : goto {} }}",
             svc.vip,
+            svc.protocol.name(),
             svc.port,
             nft_service_chain(svc)
         );
+        if let Some(node_port) = svc.node_port {
+            let external = nft_external_chain(svc);
+            let _ = writeln!(out, "add chain ip kube-proxy {external}");
+            let _ = writeln!(
+                out,
+                "add rule ip kube-proxy {external} jump mark-for-masquerade"
+            );
+            let _ = writeln!(
+                out,
+                "add rule ip kube-proxy {external} goto {}",
+                nft_service_chain(svc)
+            );
+            let _ = writeln!(
+                out,
+                "add element ip kube-proxy service-nodeports {{ {} . {node_port} : goto {external} }}",
+                svc.protocol.name()
+            );
+        }
     }
     out
 }
@@ -454,7 +539,7 @@ mod tests {
     #[test]
     fn nft_rules_are_kube_proxys() {
         let s = &services(1, &two_endpoints())[0];
-        let text = nft_full(std::slice::from_ref(s));
+        let text = nft_full(std::slice::from_ref(s), &[]);
         let chain = nft_service_chain(s);
         let ep0 = nft_endpoint_chain(s, s.endpoints[0]);
         let ep1 = nft_endpoint_chain(s, s.endpoints[1]);
@@ -476,6 +561,64 @@ mod tests {
             text.find(&format!("add chain ip kube-proxy {ep0}"))
                 .unwrap()
                 < first_use
+        );
+    }
+
+    fn udp_node_port() -> ServicePort {
+        ServicePort {
+            name: "bench/np:dns".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 9),
+            port: 53,
+            protocol: Protocol::Udp,
+            node_port: Some(30053),
+            endpoints: two_endpoints(),
+        }
+    }
+
+    #[test]
+    fn iptables_node_port_goes_through_its_external_chain() {
+        let s = udp_node_port();
+        let text = iptables_full(std::slice::from_ref(&s));
+        let (svc, ext) = (svc_chain(&s), ext_chain(&s));
+        assert_eq!(svc["KUBE-SVC-".len()..], ext["KUBE-EXT-".len()..]);
+        for line in [
+            format!(":{ext} - [0:0]"),
+            format!("-A KUBE-NODEPORTS -m comment --comment bench/np:dns -m udp -p udp --dport 30053 -j {ext}"),
+            format!("-A {ext} -m comment --comment \"masquerade traffic for bench/np:dns external destinations\" -j KUBE-MARK-MASQ"),
+            format!("-A {ext} -j {svc}"),
+            format!("-A KUBE-SERVICES -m comment --comment \"bench/np:dns cluster IP\" -m udp -p udp -d 10.96.0.9 --dport 53 -j {svc}"),
+            format!("-A {} -m comment --comment bench/np:dns -m udp -p udp -j DNAT --to-destination 10.244.2.11:8080", sep_chain(&s, s.endpoints[1])),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing: {line}\n{text}");
+        }
+        assert!(!text.contains("-p tcp -j DNAT"));
+    }
+
+    #[test]
+    fn nft_node_port_is_an_element_of_the_node_port_map() {
+        let s = udp_node_port();
+        let text = nft_full(std::slice::from_ref(&s), &[Ipv4Addr::new(172, 30, 1, 1)]);
+        let (chain, external) = (nft_service_chain(&s), nft_external_chain(&s));
+        assert!(external.starts_with("external-") && external.ends_with("-bench/np/udp/dns"));
+        for line in [
+            "add element ip kube-proxy nodeport-ips { 172.30.1.1 }".to_string(),
+            format!("add chain ip kube-proxy {external}"),
+            format!("add rule ip kube-proxy {external} jump mark-for-masquerade"),
+            format!("add rule ip kube-proxy {external} goto {chain}"),
+            format!(
+                "add element ip kube-proxy service-nodeports {{ udp . 30053 : goto {external} }}"
+            ),
+            format!(
+                "add element ip kube-proxy service-ips {{ 10.96.0.9 . udp . 53 : goto {chain} }}"
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing: {line}\n{text}");
+        }
+        // The service chain exists before the external chain names it.
+        assert!(
+            text.find(&format!("add chain ip kube-proxy {chain}"))
+                .unwrap()
+                < text.find(&format!("goto {chain}")).unwrap()
         );
     }
 

@@ -5,6 +5,7 @@
 //! run, not figures to commit, and must not overwrite the full run's.
 
 mod kube_proxy_rules;
+mod nodeport_throughput;
 mod vs_kube_proxy;
 
 use std::{collections::BTreeMap, fs, path::Path, process::Command};
@@ -20,7 +21,13 @@ mod control_plane;
 mod memory;
 
 /// The parts, in the order a full run takes them.
-pub const PARTS: [&str; 4] = ["per-packet", "map-reads", "control-plane", "vs-kube-proxy"];
+pub const PARTS: [&str; 5] = [
+    "per-packet",
+    "map-reads",
+    "control-plane",
+    "vs-kube-proxy",
+    "nodeport-throughput",
+];
 
 pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     if let Some(part) = only {
@@ -59,6 +66,43 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     if wanted("vs-kube-proxy") {
         vs_kube_proxy(quick, &results, &command)?;
     }
+    if wanted("nodeport-throughput") {
+        nodeport_throughput(quick, &results, &command)?;
+    }
+    Ok(())
+}
+
+/// NodePort forwarding on one core: Ferry's XDP path against kube-proxy's
+/// rule sets, with the generator's own ceiling.
+fn nodeport_throughput(quick: bool, results: &Path, command: &str) -> Result<()> {
+    let agent = release_agent()?;
+    let settings = nodeport_throughput::Settings::new(quick);
+    vs_kube_proxy::clean_leftovers();
+    let scratch = std::env::temp_dir().join("ferry-bench-np");
+    fs::create_dir_all(&scratch)?;
+    let rows =
+        nodeport_throughput::measure(&settings, &build_ebpf::object_path(), &agent, &scratch);
+    vs_kube_proxy::clean_leftovers();
+    let _ = fs::remove_dir_all(&scratch);
+    let rows = rows?;
+    let md = format!(
+        "# NodePort forwarding throughput on one core\n\n{}\n{}\n{}\n\
+         ![NodePort forwarding, frames a second](nodeport_throughput.png)\n",
+        header(command)?,
+        nodeport_throughput::DESCRIPTION,
+        nodeport_throughput::render(&rows, &settings),
+    );
+    fs::write(results.join("nodeport_throughput.md"), md)?;
+    plot_bars(
+        &results.join("nodeport_throughput.png"),
+        "NodePort forwarding on one core (median of the rounds)",
+        "million frames a second",
+        &nodeport_throughput::bars(&rows),
+    )?;
+    eprintln!(
+        "bench: {}",
+        results.join("nodeport_throughput.md").display()
+    );
     Ok(())
 }
 
@@ -366,6 +410,27 @@ fn plot_lines(png: &Path, panels: &[Panel]) -> Result<()> {
     }
     script.push_str("unset multiplot\n");
     fs::write(&dat, data)?;
+    let plotted = gnuplot(&script);
+    let _ = fs::remove_file(&dat);
+    plotted
+}
+
+/// A bar chart of `bars` (label, value) into `png`.
+fn plot_bars(png: &Path, title: &str, ylabel: &str, bars: &[(String, f64)]) -> Result<()> {
+    let dat = png.with_extension("dat");
+    let data: String = bars
+        .iter()
+        .map(|(label, value)| format!("\"{label}\" {value}\n"))
+        .collect();
+    fs::write(&dat, data)?;
+    let script = format!(
+        "set terminal png size 900,520 noenhanced\nset output '{}'\nset title '{title}'\n\
+         set ylabel '{ylabel}'\nset yrange [0:*]\nset grid ytics\nset style fill solid 0.6\n\
+         set boxwidth 0.6\nset xtics rotate by -20\nunset key\n\
+         plot '{}' using 0:2:xtic(1) with boxes, '' using 0:2:(sprintf('%.2f', $2)) with labels offset 0,1\n",
+        png.display(),
+        dat.display()
+    );
     let plotted = gnuplot(&script);
     let _ = fs::remove_file(&dat);
     plotted

@@ -217,7 +217,7 @@ fn in_ns(ns: &str, program: &str) -> Command {
 }
 
 /// Runs `cmd` with `input` on stdin; fails with its stderr.
-fn run_with_input(cmd: &mut Command, input: &str) -> Result<Duration> {
+pub(super) fn run_with_input(cmd: &mut Command, input: &str) -> Result<Duration> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -287,7 +287,7 @@ pub fn traffic(settings: &Settings, agent_bin: &Path, scratch: &Path) -> Result<
                 )?,
                 Some((program, full_args, _)) => {
                     let text = match mode {
-                        Mode::Nftables => rules::nft_full(&services),
+                        Mode::Nftables => rules::nft_full(&services, &[]),
                         _ => rules::iptables_full(&services),
                     };
                     run_with_input(in_ns(topo.node(), program).args(full_args), &text)?;
@@ -363,7 +363,7 @@ pub fn rule_loading(settings: &Settings) -> Result<Vec<LoadRow>> {
             };
             let (full_text, forward, backward) = match mode {
                 Mode::Nftables => (
-                    rules::nft_full(&services),
+                    rules::nft_full(&services, &[]),
                     rules::nft_one_service_change(before, &after),
                     rules::nft_one_service_change(&after, before),
                 ),
@@ -569,8 +569,8 @@ mod tests {
         let ipt = count_rules(Mode::IptablesLegacy, &rules::iptables_full(&services));
         let base = count_rules(Mode::IptablesLegacy, &rules::iptables_full(&[]));
         assert_eq!(ipt - base, 2 * (1 + 1 + 10 + 20));
-        let nft = count_rules(Mode::Nftables, &rules::nft_full(&services));
-        let nft_base = count_rules(Mode::Nftables, &rules::nft_full(&[]));
+        let nft = count_rules(Mode::Nftables, &rules::nft_full(&services, &[]));
+        let nft_base = count_rules(Mode::Nftables, &rules::nft_full(&[], &[]));
         // Per Service: 2 service rules, 2 per endpoint, 2 map elements.
         assert_eq!(nft - nft_base, 2 * (2 + 20 + 2));
     }
