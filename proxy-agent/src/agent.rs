@@ -719,13 +719,12 @@ impl Agent {
                     .node_port_addresses
                     .as_ref()
                     .map(|chosen| chosen.choose(&node, &node_addresses(chosen)));
-                let wanted = settings::node_config(
-                    node.snat_address(),
-                    node.snat_address6(),
-                    self.config.nat_ports,
-                    self.config.service_cidrs,
+                program_node(
+                    &mut self.dataplane,
+                    &mut self.node_config,
+                    &node,
+                    &self.config,
                 );
-                program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
                 let changed = self
                     .cache
                     .refresh(&self.stores, &node, self.config.scheduler);
@@ -748,13 +747,12 @@ impl Agent {
                         addresses6: file.node_addresses.iter().filter_map(v6).collect(),
                         ..NodeInfo::default()
                     };
-                    let wanted = settings::node_config(
-                        node.snat_address(),
-                        node.snat_address6(),
-                        self.config.nat_ports,
-                        self.config.service_cidrs,
+                    program_node(
+                        &mut self.dataplane,
+                        &mut self.node_config,
+                        &node,
+                        &self.config,
                     );
-                    program_node(&mut self.dataplane, &mut self.node_config, wanted, &node);
                     file_frontends = file.services;
                     Round::Full(file_frontends.iter().collect())
                 }
@@ -855,13 +853,20 @@ fn remove_holes(dataplane: &mut Dataplane, applied: &mut MapState, status: &Shar
     }
 }
 
-/// Writes the node settings when they differ from what was last written.
+/// Writes the node settings (from `node`'s addresses and the flags) when
+/// they differ from what was last written.
 fn program_node(
     dataplane: &mut Dataplane,
     written: &mut settings::NodeConfig,
-    wanted: settings::NodeConfig,
     node: &NodeInfo,
+    config: &Config,
 ) {
+    let wanted = settings::node_config(
+        node.snat_address(),
+        node.snat_address6(),
+        config.nat_ports,
+        config.service_cidrs,
+    );
     if wanted == *written {
         return;
     }

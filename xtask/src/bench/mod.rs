@@ -4,6 +4,7 @@
 //! go to target/bench-quick/ instead: they are a check that the benchmarks
 //! run, not figures to commit, and must not overwrite the full run's.
 
+mod file_agent;
 mod kube_proxy_rules;
 mod nodeport_throughput;
 mod vs_kube_proxy;

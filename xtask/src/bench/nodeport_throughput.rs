@@ -8,7 +8,6 @@ use std::{
     net::Ipv4Addr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -24,7 +23,10 @@ use proxy_common::bench::{
     GenConfig, SinkCounts, FRAME_LEN4, FRAME_LEN6, FRAME_MAP, GENERATOR, GEN_MAP, SINK, SINK_MAP,
 };
 
-use super::kube_proxy_rules::{self as rules, Protocol, ServicePort};
+use super::{
+    file_agent::{self, FileAgent},
+    kube_proxy_rules::{self as rules, Protocol, ServicePort},
+};
 
 /// How the figures are made, written above the results.
 pub const DESCRIPTION: &str = "\
@@ -395,7 +397,7 @@ struct Topology {
     /// gen, node, sink.
     namespaces: [String; 3],
     gen_ifindex: u32,
-    agent: Option<Child>,
+    agent: Option<FileAgent>,
     agent_pins: PathBuf,
 }
 
@@ -521,83 +523,35 @@ impl Topology {
         agent_bin: &Path,
         scratch: &Path,
     ) -> Result<()> {
-        let frontends: Vec<serde_json::Value> = services
-            .iter()
-            .flat_map(|s| {
-                let endpoints: Vec<serde_json::Value> = s
-                    .endpoints
-                    .iter()
-                    .map(|(a, p)| serde_json::json!({"address": a.to_string(), "port": p}))
-                    .collect();
-                let protocol = s.protocol.name().to_uppercase();
-                let cluster_ip = serde_json::json!({
-                    "name": s.name, "address": s.vip.to_string(), "port": s.port,
-                    "protocol": protocol, "endpoints": endpoints,
-                });
-                let node_port = s.node_port.map(|port| {
-                    serde_json::json!({
-                        "name": s.name, "address": NODE_ADDR.to_string(), "port": port,
-                        "protocol": protocol, "endpoints": endpoints,
-                    })
-                });
-                std::iter::once(cluster_ip).chain(node_port)
-            })
-            .collect();
         let file = scratch.join("nodeport-services.json");
-        fs::write(
+        let json = file_agent::services_file(services, &[NODE_ADDR], false);
+        fs::write(&file, serde_json::to_vec(&json)?)?;
+        let args = [
+            "--uplink-iface",
+            "up0",
+            "--uplink-mode",
+            "native",
+            "--pod-iface-pattern",
+            "none-such*",
+            "--socket-lb",
+            "off",
+        ]
+        .map(Into::into);
+        self.agent = Some(FileAgent::start(
+            self.node(),
+            agent_bin,
             &file,
-            serde_json::to_vec(&serde_json::json!({
-                "services": frontends,
-                "node_addresses": [NODE_ADDR.to_string()],
-            }))?,
-        )?;
-        let log = file.with_extension("log");
-        let child = netns::enter(self.node(), agent_bin)
-            .args([
-                "run",
-                "--uplink-iface",
-                "up0",
-                "--uplink-mode",
-                "native",
-                "--pod-iface-pattern",
-                "none-such*",
-                "--socket-lb",
-                "off",
-                "--healthz-bind-address",
-                "off",
-                "--metrics-bind-address",
-                "off",
-            ])
-            .arg("--pin-dir")
-            .arg(&self.agent_pins)
-            .arg("--services-file")
-            .arg(&file)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting the agent")?;
-        self.agent = Some(child);
+            &self.agent_pins,
+            &args,
+        )?);
         Ok(())
-    }
-
-    /// Whether the agent, if any, has exited (with its log).
-    fn agent_exited(&mut self, scratch: &Path) -> Option<String> {
-        let status = self.agent.as_mut()?.try_wait().ok()??;
-        let log = fs::read_to_string(scratch.join("nodeport-services.log")).unwrap_or_default();
-        Some(format!("the agent exited ({status}): {log}"))
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-            let _ = agent.wait();
-        }
-        let _ = fs::remove_dir_all(&self.agent_pins);
+        // Stopped first, its pins removed.
+        self.agent.take();
         for ns in &self.namespaces {
             let _ = netns::delete(ns);
         }
@@ -645,7 +599,7 @@ pub fn measure(
             if probe.delivered == probe.sent {
                 break;
             }
-            if let Some(exit) = topo.agent_exited(scratch) {
+            if let Some(exit) = topo.agent.as_mut().and_then(FileAgent::exited) {
                 bail!("{exit}");
             }
             if Instant::now() > deadline {

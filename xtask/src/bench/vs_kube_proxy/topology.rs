@@ -8,7 +8,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -20,6 +19,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ferry_netns as netns;
 
+use super::super::file_agent::FileAgent;
 use super::{
     backends, Connections, ServicePort, BACKEND_GATEWAY, BACKEND_PORT, CLIENT_ADDR, CLIENT_GATEWAY,
     PIN_DIR, PREFIX,
@@ -35,7 +35,7 @@ pub(super) struct Topology {
     /// For socket load balancing: the cgroup the agent's hooks attach to,
     /// which the load generator joins for its turn.
     cgroup: Option<PathBuf>,
-    agent: Option<Child>,
+    agent: Option<FileAgent>,
     stop: Arc<AtomicBool>,
     server: Option<thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -104,41 +104,17 @@ impl Topology {
         services: &[ServicePort],
         file: &Path,
     ) -> Result<()> {
-        let json = serde_json::json!({
-            "services": services.iter().map(|s| serde_json::json!({
-                "name": s.name,
-                "address": s.vip.to_string(),
-                "port": s.port,
-                "protocol": "TCP",
-                "endpoints": s.endpoints.iter().map(|(a, p)| serde_json::json!({
-                    "address": a.to_string(), "port": p, "local": true,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        });
+        let json = super::super::file_agent::services_file(services, &[], true);
         fs::write(file, serde_json::to_vec(&json)?)?;
-        let log = file.with_extension("log");
-        let child = netns::enter(self.node(), agent_bin)
-            .args([
-                "run",
-                "--pod-iface-pattern",
-                "fp-*",
-                "--healthz-bind-address",
-                "off",
-                "--metrics-bind-address",
-                "off",
-            ])
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(self.socket_lb_args())
-            .arg("--services-file")
-            .arg(file)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting the agent")?;
-        self.agent = Some(child);
+        let mut args: Vec<std::ffi::OsString> = vec!["--pod-iface-pattern".into(), "fp-*".into()];
+        args.extend(self.socket_lb_args());
+        self.agent = Some(FileAgent::start(
+            self.node(),
+            agent_bin,
+            file,
+            &self.pin_dir,
+            &args,
+        )?);
         let target = SocketAddr::from((services[0].vip, services[0].port));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -149,15 +125,8 @@ impl Topology {
             if served {
                 return Ok(());
             }
-            if let Some(status) = self
-                .agent
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "the agent exited ({status}): {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
+            if let Some(exit) = self.agent.as_mut().and_then(FileAgent::exited) {
+                bail!("{exit}");
             }
             if Instant::now() > deadline {
                 bail!("Ferry did not serve {target} within 60 s");
@@ -207,14 +176,8 @@ pub(super) fn remove_cgroups() {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(mut agent) = self.agent.take() {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-            let _ = agent.wait();
-            // The agent leaves its maps and hooks pinned (so that a restart
-            // keeps connections); this one is gone for good.
-            let _ = fs::remove_dir_all(&self.pin_dir);
-        }
+        // Stopped first, its pins removed.
+        self.agent.take();
         if let Some(cgroup) = &self.cgroup {
             let _ = fs::remove_dir(cgroup);
         }
