@@ -4,6 +4,10 @@
 //! its peak. Bytes are counted by the allocator, so the figures repeat
 //! exactly from run to run, whatever else the machine does.
 //!
+//! Last, beside the bytes, the time of a partial round for one changed
+//! Service at each scale, against the scan of every slice that the round
+//! did before its store kept an index of each Service's slices.
+//!
 //! `cargo bench -p proxy-agent --bench agent_memory [-- --services N]...`
 //!
 //! The objects are those of `cargo xtask bench`'s control-plane part, as the
@@ -13,6 +17,7 @@
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
 };
 
 use kube::{api::DynamicObject, runtime::watcher::Event};
@@ -20,7 +25,7 @@ use proxy_agent::{
     desired::{Capacity, Programmed},
     frontend::Scheduler,
     k8s::{
-        cache::{FrontendCache, Stores},
+        cache::{Changed, FrontendCache, Stores},
         nodes::NodeInfo,
         slices::SliceVersion,
         watch,
@@ -124,7 +129,41 @@ struct Stage {
     peak: usize,
 }
 
-fn measure(services: usize) -> Vec<Stage> {
+/// Medians over 200 changed Services, one at a time: a partial round's
+/// refresh, and a scan of every slice for the Service's own.
+struct PartialRound {
+    refresh: Duration,
+    scan: Duration,
+}
+
+fn time_partial_rounds(
+    stores: &Stores,
+    cache: &mut FrontendCache,
+    node: &NodeInfo,
+    services: usize,
+) -> PartialRound {
+    let (mut refresh, mut scan) = (Vec::new(), Vec::new());
+    for n in 0..200 {
+        let key = format!("default/bench-{:05}", (n * 7919) % services);
+        let started = Instant::now();
+        let found = stores.slices.values().filter(|s| s.service == key).count();
+        scan.push(started.elapsed());
+        assert_eq!(found, 1);
+        cache.touch(key.clone());
+        let started = Instant::now();
+        let changed = cache.refresh(stores, node, Scheduler::default());
+        refresh.push(started.elapsed());
+        assert!(matches!(changed, Changed::Services(keys, _) if keys == [key]));
+    }
+    refresh.sort();
+    scan.sort();
+    PartialRound {
+        refresh: refresh[refresh.len() / 2],
+        scan: scan[scan.len() / 2],
+    }
+}
+
+fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     let mut stages = Vec::new();
     let mut stage = |name, before: usize, peak: usize| {
         stages.push(Stage {
@@ -197,7 +236,8 @@ fn measure(services: usize) -> Vec<Stage> {
         PEAK.load(Ordering::Relaxed),
     );
     drop(frontends);
-    stages
+    let partial = time_partial_rounds(&stores, &mut cache, &node, services);
+    (stages, partial)
 }
 
 fn main() {
@@ -209,8 +249,10 @@ fn main() {
             .map_while(|a| a.parse().ok())
             .collect();
     }
+    let mut rounds = Vec::new();
     for services in scales {
-        let stages = measure(services);
+        let (stages, partial) = measure(services);
+        rounds.push((services, partial));
         println!(
             "{services} Services, {ENDPOINTS_PER_SERVICE} endpoints each: heap bytes per Service"
         );
@@ -221,5 +263,17 @@ fn main() {
         }
         let kept: usize = stages.iter().map(|s| s.kept).sum();
         println!("| all kept | {kept} | |\n");
+    }
+    println!("A partial round for one changed Service (medians of 200, µs)");
+    println!("| Services | refresh (index) | scan of every slice | scan / refresh |");
+    println!("|---:|---:|---:|---:|");
+    for (services, p) in rounds {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "| {services} | {:.1} | {:.1} | {:.1} |",
+            us(p.refresh),
+            us(p.scan),
+            us(p.scan) / us(p.refresh)
+        );
     }
 }
