@@ -77,19 +77,19 @@ fn chain_id(key: &str) -> String {
         .collect()
 }
 
-fn svc_chain(svc: &ServicePort) -> String {
-    format!(
-        "KUBE-SVC-{}",
-        chain_id(&format!("{}{}", svc.name, svc.protocol.name()))
-    )
+/// A Service port's chain in `table` (`SVC`, or `EXT` for its NodePort):
+/// kube-proxy names both with the same hash of the port.
+fn service_chain(table: &str, svc: &ServicePort) -> String {
+    let id = chain_id(&format!("{}{}", svc.name, svc.protocol.name()));
+    format!("KUBE-{table}-{id}")
 }
 
-/// A NodePort's chain: kube-proxy gives it the service chain's hash.
+fn svc_chain(svc: &ServicePort) -> String {
+    service_chain("SVC", svc)
+}
+
 fn ext_chain(svc: &ServicePort) -> String {
-    format!(
-        "KUBE-EXT-{}",
-        chain_id(&format!("{}{}", svc.name, svc.protocol.name()))
-    )
+    service_chain("EXT", svc)
 }
 
 fn sep_chain(svc: &ServicePort, ep: (Ipv4Addr, u16)) -> String {
@@ -316,15 +316,19 @@ fn nft_port_name(svc: &ServicePort) -> String {
     format!("{ns_name}/{}/{port}", svc.protocol.name())
 }
 
-fn nft_service_chain(svc: &ServicePort) -> String {
+/// A Service port's chain behind `prefix` (`service`, or `external` for
+/// its NodePort): kube-proxy names both from the same base.
+fn nft_chain(prefix: &str, svc: &ServicePort) -> String {
     let name = nft_port_name(svc);
-    format!("service-{}-{name}", &chain_id(&name)[..8])
+    format!("{prefix}-{}-{name}", &chain_id(&name)[..8])
 }
 
-/// A NodePort's chain: the service chain's name base behind another prefix.
+fn nft_service_chain(svc: &ServicePort) -> String {
+    nft_chain("service", svc)
+}
+
 fn nft_external_chain(svc: &ServicePort) -> String {
-    let name = nft_port_name(svc);
-    format!("external-{}-{name}", &chain_id(&name)[..8])
+    nft_chain("external", svc)
 }
 
 fn nft_endpoint_chain(svc: &ServicePort, ep: (Ipv4Addr, u16)) -> String {
