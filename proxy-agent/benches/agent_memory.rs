@@ -5,8 +5,10 @@
 //! exactly from run to run, whatever else the machine does.
 //!
 //! Last, beside the bytes, the time of a partial round for one changed
-//! Service at each scale, against the scan of every slice that the round
-//! did before its store kept an index of each Service's slices.
+//! Service at each scale: its refresh against the scan of every slice that
+//! the round did before its store kept an index of each Service's slices,
+//! and its programming against the count of every map entry by family that
+//! each round did before it kept the counts.
 //!
 //! `cargo bench -p proxy-agent --bench agent_memory [-- --services N]...`
 //!
@@ -22,7 +24,7 @@ use std::{
 
 use kube::{api::DynamicObject, runtime::watcher::Event};
 use proxy_agent::{
-    desired::{Capacity, Programmed},
+    desired::{Capacity, Fill, Programmed},
     frontend::Scheduler,
     k8s::{
         cache::{Changed, FrontendCache, Stores},
@@ -130,19 +132,28 @@ struct Stage {
 }
 
 /// Medians over 200 changed Services, one at a time: a partial round's
-/// refresh, and a scan of every slice for the Service's own.
+/// refresh, and a scan of every slice for the Service's own; its
+/// programming, and a count of every map entry.
 struct PartialRound {
     refresh: Duration,
     scan: Duration,
+    program: Duration,
+    count: Duration,
 }
 
 fn time_partial_rounds(
     stores: &Stores,
     cache: &mut FrontendCache,
+    programmed: &mut Programmed,
     node: &NodeInfo,
     services: usize,
 ) -> PartialRound {
-    let (mut refresh, mut scan) = (Vec::new(), Vec::new());
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut refresh, mut scan, mut program, mut count) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for n in 0..200 {
         let key = format!("default/bench-{:05}", (n * 7919) % services);
         let started = Instant::now();
@@ -153,13 +164,24 @@ fn time_partial_rounds(
         let started = Instant::now();
         let changed = cache.refresh(stores, node, Scheduler::default());
         refresh.push(started.elapsed());
-        assert!(matches!(changed, Changed::Services(keys, _) if keys == [key]));
+        let Changed::Services(keys, gone) = changed else {
+            panic!("a whole refresh for one Service");
+        };
+        assert_eq!(keys, [key]);
+        let started = Instant::now();
+        let report = programmed.partial(&cache.frontends_of(&keys), &gone, |_| Ok(()));
+        program.push(started.elapsed());
+        assert!(report.problems.is_empty() && report.complete());
+        let started = Instant::now();
+        let counted = Fill::of(programmed.applied());
+        count.push(started.elapsed());
+        assert_eq!(counted, programmed.fill());
     }
-    refresh.sort();
-    scan.sort();
     PartialRound {
-        refresh: refresh[refresh.len() / 2],
-        scan: scan[scan.len() / 2],
+        refresh: median(refresh),
+        scan: median(scan),
+        program: median(program),
+        count: median(count),
     }
 }
 
@@ -236,7 +258,7 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
         PEAK.load(Ordering::Relaxed),
     );
     drop(frontends);
-    let partial = time_partial_rounds(&stores, &mut cache, &node, services);
+    let partial = time_partial_rounds(&stores, &mut cache, &mut programmed, &node, services);
     (stages, partial)
 }
 
@@ -265,15 +287,18 @@ fn main() {
         println!("| all kept | {kept} | |\n");
     }
     println!("A partial round for one changed Service (medians of 200, µs)");
-    println!("| Services | refresh (index) | scan of every slice | scan / refresh |");
-    println!("|---:|---:|---:|---:|");
+    println!("| Services | refresh (index) | scan of every slice | scan / refresh | programming (counts kept) | count of every entry | count / programming |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for (services, p) in rounds {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "| {services} | {:.1} | {:.1} | {:.1} |",
+            "| {services} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             us(p.refresh),
             us(p.scan),
-            us(p.scan) / us(p.refresh)
+            us(p.scan) / us(p.refresh),
+            us(p.program),
+            us(p.count),
+            us(p.count) / us(p.program)
         );
     }
 }

@@ -181,7 +181,7 @@ pub async fn run(config: Config) -> Result<()> {
             Some((event, version)) = watches.slices.next() => agent.on_slice(event, version),
             Some(event) = watches.nodes.next() => agent.on_node(event),
             Some(event) = links.recv() => agent.on_link(event),
-            _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, &agent.programmed.applied, &agent.status),
+            _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, agent.programmed.applied(), &agent.status),
             _ = resync.tick() => agent.resync(),
             _ = heartbeat.tick() => agent.status.lock().unwrap().health.beat(),
             _ = carry.tick(), if agent.migration.is_some() => agent.carry_flows(),
@@ -564,9 +564,9 @@ impl Agent {
         match self.dataplane.read_state() {
             // Only drift needs a full round: at 10k Services one costs
             // hundreds of milliseconds, and changes wait behind it.
-            Ok(actual) if actual != self.programmed.applied => {
+            Ok(actual) if actual != *self.programmed.applied() => {
                 warn!("the maps differ from what the agent wrote; repairing");
-                self.programmed.applied = actual;
+                self.programmed.replace_applied(actual);
                 self.full_next = true;
             }
             Ok(_) => {}
@@ -586,7 +586,7 @@ impl Agent {
     fn check_local_endpoints(&mut self) {
         let mut local: Vec<IpAddr> = self
             .programmed
-            .applied
+            .applied()
             .backends
             .values()
             .filter(|b| b.flags & proxy_common::backend_flags::LOCAL != 0)
@@ -799,7 +799,7 @@ impl Agent {
                 self.ready = true;
                 self.retry = RETRY_MIN;
                 info!(
-                    frontends = self.programmed.applied.revnat.len(),
+                    frontends = self.programmed.applied().revnat.len(),
                     "ready: maps in sync"
                 );
             }
@@ -1111,7 +1111,7 @@ fn name_traffic(frontends: &[&FrontendSpec], programmed: &Programmed, status: &S
         }
     }
     if book.per_backend {
-        for (id, b) in &programmed.applied.backends {
+        for (id, b) in &programmed.applied().backends {
             let protocol = match b.proto {
                 proxy_common::proto::UDP => "UDP",
                 proxy_common::proto::SCTP => "SCTP",
@@ -1193,7 +1193,7 @@ fn sync(
     for problem in &report.problems {
         warn!(%problem, "service not programmed");
     }
-    let applied = &programmed.applied;
+    let applied = programmed.applied();
     let mut status = status.lock().unwrap();
     status.metrics.syncs.inc();
     status.note_problems(scope.as_deref(), &report.problems);
@@ -1204,7 +1204,7 @@ fn sync(
             .map(|f| (f.frontend, traffic::service_of(&f.name).into())),
     );
     status.metrics.frontends.set(applied.revnat.len() as i64);
-    for (map, family, entries) in applied.fill() {
+    for (map, family, entries) in programmed.fill().rows() {
         let labels = vec![("map", map.to_string()), ("family", family.to_string())];
         status
             .metrics

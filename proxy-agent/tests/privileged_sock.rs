@@ -491,9 +491,11 @@ fn pinned_hooks_outlive_the_agent_and_the_next_one_takes_them_over() {
                 .unwrap(),
             )
             .unwrap();
-            programs.programmed.applied = programs.dp.read_state().unwrap();
+            programs
+                .programmed
+                .replace_applied(programs.dp.read_state().unwrap());
             programs.programmed.ids =
-                proxy_agent::desired::Ids::from_state(&programs.programmed.applied);
+                proxy_agent::desired::Ids::from_state(programs.programmed.applied());
             programs.serve(&frontends).unwrap();
             programs.dp.attach_sockets(&path, serving_mode()).unwrap();
         })

@@ -234,7 +234,7 @@ fn run(
     .to_string();
     let (icmp, src, dst) = addresses(&out);
     let (frontend, candidates) = candidates(
-        &programs.programmed.applied,
+        programs.programmed.applied(),
         &served.frontends,
         packet,
         from_pod,

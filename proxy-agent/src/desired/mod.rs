@@ -16,5 +16,7 @@ pub use diff::diff;
 pub use dump::dump;
 pub use entries::{Backend, RevNat, ServiceKey, SourceRange};
 pub use ids::{Ids, MAX_FRONTEND_ID};
-pub use maps::{map_state, map_state_in, update, Capacity, MapOp, MapState, Problem, MAX_SLOTS};
+pub use maps::{
+    map_state, map_state_in, update, Capacity, Fill, MapOp, MapState, Problem, MAX_SLOTS,
+};
 pub use round::{Programmed, RoundReport};

@@ -8,7 +8,7 @@ use std::borrow::Borrow;
 use super::{
     apply::{self, Outcome},
     diff,
-    maps::{map_state_in, update, Capacity, MapOp, MapState, Problem},
+    maps::{map_state_in, update, Capacity, Fill, MapOp, MapState, Problem},
     Ids,
 };
 use crate::frontend::{Frontend, FrontendSpec};
@@ -18,7 +18,9 @@ use crate::frontend::{Frontend, FrontendSpec};
 pub struct Programmed {
     pub ids: Ids,
     /// What the maps hold: every write that landed, none that did not.
-    pub applied: MapState,
+    applied: MapState,
+    /// `applied`'s entries counted by map and family.
+    fill: Fill,
     /// The maps' sizes: frontends beyond them are refused, not written.
     pub capacity: Capacity,
 }
@@ -53,9 +55,26 @@ impl Programmed {
         );
         Self {
             ids,
+            fill: Fill::of(&applied),
             applied,
             capacity,
         }
+    }
+
+    /// What the maps hold: every write that landed, none that did not.
+    pub fn applied(&self) -> &MapState {
+        &self.applied
+    }
+
+    /// The entries of [`Self::applied`] by map and family.
+    pub fn fill(&self) -> Fill {
+        self.fill
+    }
+
+    /// Takes `actual` (read back from the maps) as what they hold.
+    pub fn replace_applied(&mut self, actual: MapState) {
+        self.fill = Fill::of(&actual);
+        self.applied = actual;
     }
 
     /// Programs every frontend: the maps end up serving `frontends` and nothing else.
@@ -68,8 +87,9 @@ impl Programmed {
             map_state_in(frontends, &mut self.ids, &self.applied, &self.capacity);
         let ops = diff(&wanted, &self.applied);
         drop(wanted);
-        let report = self.write(ops, problems, write);
+        let report = self.write(&ops, problems, write);
         self.applied.compact();
+        self.fill = Fill::of(&self.applied);
         report
     }
 
@@ -88,16 +108,22 @@ impl Programmed {
             &mut self.ids,
             &self.capacity,
         );
-        self.write(ops, problems, write)
+        // At every key the round writes, what the maps held before and
+        // after (a write that did not land leaves its key as it was).
+        let before = Fill::entries_at(&self.applied, &ops);
+        let report = self.write(&ops, problems, write);
+        let after = Fill::entries_at(&self.applied, &ops);
+        self.fill = self.fill.replaced(&before, &after);
+        report
     }
 
     fn write(
         &mut self,
-        ops: Vec<MapOp>,
+        ops: &[MapOp],
         problems: Vec<Problem>,
         write: impl FnMut(&MapOp) -> anyhow::Result<()>,
     ) -> RoundReport {
-        let outcome = apply::run(&ops, &mut self.applied, write);
+        let outcome = apply::run(ops, &mut self.applied, write);
         RoundReport {
             problems,
             writes: ops.len(),

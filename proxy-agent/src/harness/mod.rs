@@ -132,11 +132,11 @@ impl Programs {
     /// [`Programs::serve`], checking that the maps held what the agent last
     /// wrote before, and hold what it wanted after.
     pub fn serve_checked(&mut self, frontends: &[FrontendSpec]) -> Result<Vec<Problem>> {
-        if self.dp.read_state()? != self.programmed.applied {
+        if self.dp.read_state()? != *self.programmed.applied() {
             bail!("the maps do not hold what was last written");
         }
         let problems = self.serve(frontends)?;
-        if self.dp.read_state()? != self.programmed.applied {
+        if self.dp.read_state()? != *self.programmed.applied() {
             bail!("the maps do not hold what was just written");
         }
         Ok(problems)

@@ -49,7 +49,7 @@ fn conntrack_holds_both_directions_of_a_flow() {
     );
     assert_eq!(fwd.1.backend_id, rev.1.backend_id);
     assert_eq!(
-        p.programmed.applied.backends[&fwd.1.backend_id].addr,
+        p.programmed.applied().backends[&fwd.1.backend_id].addr,
         backend.0
     );
     assert!(fwd.1.last_seen_ns > 0);
@@ -164,7 +164,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         .unwrap();
     let id_of = |p: &Programs, addr: &str| {
         *p.programmed
-            .applied
+            .applied()
             .backends
             .iter()
             .find(|(_, b)| b.addr == ip(addr) && b.port == 5353)
@@ -174,7 +174,7 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
     let key = forward_key(&f);
     let rev_nat_id = *p
         .programmed
-        .applied
+        .applied()
         .revnat
         .iter()
         .find(|(_, r)| r.port == 53 && r.addr == ip(VIP))

@@ -84,7 +84,7 @@ fn a_write_the_kernel_refuses_leaves_its_frontend_whole() {
         report.outcome.failures
     );
     // What landed is what the agent believes: removals and all.
-    assert_eq!(p.dp.read_state().unwrap(), p.programmed.applied);
+    assert_eq!(p.dp.read_state().unwrap(), *p.programmed.applied());
     // One client port per frontend: the frontends share their backends.
     let to = |vip: &str| {
         let port = 40000 + u16::from(vip.rsplit('.').next().unwrap().parse::<u8>().unwrap());

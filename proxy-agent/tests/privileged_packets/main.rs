@@ -155,7 +155,7 @@ impl Programs {
 
     /// The frontend id the agent gave `vip:port` (TCP).
     fn frontend_id(&self, vip: &str, port: u16) -> u32 {
-        self.programmed.applied.services[&slot0(vip, port)].rev_nat_id
+        self.programmed.applied().services[&slot0(vip, port)].rev_nat_id
     }
 
     /// Programs the maps for `services`, as the agent would, and checks they
@@ -187,10 +187,10 @@ impl Programs {
     /// The same for a flow of either family.
     fn hashed(&self, f: &Frame) -> (IpAddr, u16) {
         let key = |slot| ServiceKey::new(f.daddr, f.dport, f.proto, slot);
-        let count = self.programmed.applied.services[&key(0)].count;
+        let count = self.programmed.applied().services[&key(0)].count;
         let h = f.flow_hash();
-        let id = self.programmed.applied.services[&key(hash::slot_for(h, count))].backend_id;
-        let b = self.programmed.applied.backends[&id];
+        let id = self.programmed.applied().services[&key(hash::slot_for(h, count))].backend_id;
+        let b = self.programmed.applied().backends[&id];
         (b.addr, b.port)
     }
 

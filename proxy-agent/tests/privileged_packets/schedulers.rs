@@ -104,14 +104,14 @@ fn schedule_once(p: &mut Programs, f: &Frame) -> Ipv4Addr {
 fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
     use proxy_agent::frontend::Scheduler;
     let mut p = Programs::new(&scheduled(Scheduler::Maglev));
-    assert!(!p.programmed.applied.maglev.is_empty());
-    let size = p.programmed.applied.maglev.len() as u32;
+    assert!(!p.programmed.applied().maglev.is_empty());
+    let size = p.programmed.applied().maglev.len() as u32;
     for port in 46000..46040 {
         let f = Frame::tcp(CLIENT, port, "10.96.0.70", 80);
         let h = f.flow_hash();
         let rev_nat_id = p
             .programmed
-            .applied
+            .applied()
             .maglev
             .keys()
             .next()
@@ -121,8 +121,8 @@ fn maglev_picks_the_table_slot_of_the_flow_hash_and_is_stable_per_flow() {
             rev_nat_id,
             index: h % size,
         };
-        let id = p.programmed.applied.maglev[&key];
-        let want = p.programmed.applied.backends[&id].addr;
+        let id = p.programmed.applied().maglev[&key];
+        let want = p.programmed.applied().backends[&id].addr;
         assert_eq!(schedule_once(&mut p, &f), want, "port {port}");
         assert_eq!(
             schedule_once(&mut p, &f),

@@ -23,7 +23,7 @@ fn translated_packets_are_counted_by_frontend_backend_and_way() {
 
     let backend_id = *p
         .programmed
-        .applied
+        .applied()
         .backends
         .iter()
         .find(|(_, b)| b.addr == IpAddr::from(backend.0) && b.port == backend.1)

@@ -137,7 +137,7 @@ fn remote_backends_reply_is_translated_back_to_the_client() {
         let traffic = p.dp.traffic().unwrap();
         assert_eq!(traffic.len(), 1, "{traffic:?}");
         let (pair, counts) = traffic[0];
-        let backend = p.programmed.applied.backends[&pair.backend_id];
+        let backend = p.programmed.applied().backends[&pair.backend_id];
         assert_eq!(
             (backend.addr, backend.port),
             (IpAddr::from(ip(REMOTE_POD)), 8080)

@@ -568,10 +568,7 @@ fn small(services: usize) -> Capacity {
 /// Kernel maps with room for `services` slots, and the agent's view of them.
 fn programmed_in(services: usize) -> (Kernel, Programmed) {
     let capacity = small(services);
-    let programmed = Programmed {
-        capacity,
-        ..Programmed::default()
-    };
+    let programmed = Programmed::adopt(MapState::default(), Ids::default(), capacity);
     (Kernel::new(capacity), programmed)
 }
 
@@ -611,7 +608,7 @@ fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
     assert_eq!(served_by(&kernel, &a).len(), 2);
     assert_eq!(served_by(&kernel, &b).len(), 2);
     assert!(served_by(&kernel, &c).is_empty());
-    assert_eq!(kernel.maps, programmed.applied);
+    assert_eq!(kernel.maps, *programmed.applied());
 
     // b goes: its room is freed before c's entries go in, in the same round.
     let report = programmed.partial(&[&c], &[b.frontend], |op| kernel.write(op));
@@ -621,7 +618,7 @@ fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
     );
     assert_eq!(served_by(&kernel, &c).len(), 2);
     assert!(served_by(&kernel, &b).is_empty());
-    assert_eq!(kernel.maps, programmed.applied);
+    assert_eq!(kernel.maps, *programmed.applied());
     assert_eq!(kernel.maps.services.len(), 6);
 }
 
@@ -673,7 +670,7 @@ fn a_served_frontend_that_outgrows_the_room_is_served_as_it_was() {
         );
         assert_eq!(served_by(&kernel, &a), before);
         assert_eq!(served_by(&kernel, &b).len(), 2);
-        assert_eq!(kernel.maps, programmed.applied);
+        assert_eq!(kernel.maps, *programmed.applied());
     }
     // Room again (b went): a gets its four.
     let report = programmed.full(&[&grown], |op| kernel.write(op));
@@ -701,7 +698,7 @@ fn a_write_that_fails_leaves_its_frontend_whole_and_the_rest_is_written() {
     assert!(!report.complete());
     assert!(!report.outcome.failed_frontends.is_empty());
     // What landed is known exactly, removals included.
-    assert_eq!(kernel.maps, programmed.applied);
+    assert_eq!(kernel.maps, *programmed.applied());
     assert!(served_by(&kernel, &b).is_empty());
     assert_eq!(served_by(&kernel, &m).len(), 2);
     // a is whole: its old two backends, or its new six.
@@ -713,7 +710,51 @@ fn a_write_that_fails_leaves_its_frontend_whole_and_the_rest_is_written() {
     assert_eq!(served_by(&kernel, &a).len(), 6);
     assert_eq!(served_by(&kernel, &c).len(), 2);
     assert_eq!(served_by(&kernel, &d).len(), 2);
-    assert_eq!(kernel.maps, programmed.applied);
+    assert_eq!(kernel.maps, *programmed.applied());
+}
+
+#[test]
+fn a_partial_round_keeps_the_counts_by_family_that_counting_again_finds() {
+    // Nine slots: one round below does not fit, and in one the kernel's
+    // writes fail.
+    let (mut kernel, mut programmed) = programmed_in(9);
+    let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
+    let mut m = svc("m", [10, 96, 0, 2], 53, &endpoints(2, 2));
+    m.scheduler = Some(Scheduler::Maglev);
+    m.source_ranges = Some(vec!["198.51.100.0/24".parse().unwrap()]);
+    let mut v6 = svc("v6", [0; 4], 80, &[]);
+    v6.frontend.address = "fd00:96::1".parse().unwrap();
+    let backend: std::net::Ipv6Addr = "fd00:10::1".parse().unwrap();
+    v6.endpoints = vec![Endpoint::new(backend, 80)];
+    v6.source_ranges = Some(vec!["fd00:1::/64".parse().unwrap()]);
+    let b = svc("b", [10, 96, 0, 3], 80, &endpoints(7, 3));
+    let a1 = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 1));
+    let rounds: [(&[&FrontendSpec], &[Frontend]); 5] = [
+        (&[&a, &m], &[]),
+        // The kernel's maps are smaller than the agent thinks: writes fail.
+        (&[&v6], &[]),
+        // Does not fit: refused, nothing written.
+        (&[&b], &[]),
+        (&[], &[a.frontend]),
+        (&[&v6, &a1], &[m.frontend]),
+    ];
+    for (i, (frontends, gone)) in rounds.into_iter().enumerate() {
+        kernel.capacity = small(if i == 1 { 6 } else { 9 });
+        let report = programmed.partial(frontends, gone, |op| kernel.write(op));
+        assert_eq!(report.complete(), i != 1, "round {i}: {report:?}");
+        assert_eq!(report.problems.is_empty(), i != 2, "round {i}: {report:?}");
+        assert_eq!(
+            programmed.fill(),
+            Fill::of(programmed.applied()),
+            "round {i}"
+        );
+        assert_eq!(kernel.maps, *programmed.applied(), "round {i}");
+    }
+    let rows = programmed.fill().rows();
+    assert!(rows.contains(&("services", "ipv6", 2)), "{rows:?}");
+    assert!(rows.contains(&("source_ranges", "ipv6", 1)), "{rows:?}");
+    assert!(rows.contains(&("backends", "ipv4", 1)), "{rows:?}");
+    assert!(rows.contains(&("maglev", "both", 0)), "{rows:?}");
 }
 
 #[test]

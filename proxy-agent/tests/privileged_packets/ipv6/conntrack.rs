@@ -195,7 +195,7 @@ fn an_expired_ipv6_conntrack_entry_no_longer_pins_its_flow() {
         .unwrap();
     let backend_b = *p
         .programmed
-        .applied
+        .applied()
         .backends
         .iter()
         .find(|(_, b)| b.addr == ip6(BACKEND6_B) && b.port == 5353)
@@ -203,7 +203,7 @@ fn an_expired_ipv6_conntrack_entry_no_longer_pins_its_flow() {
         .0;
     let rev_nat_id = *p
         .programmed
-        .applied
+        .applied()
         .revnat
         .iter()
         .find(|(_, r)| r.addr == ip6(VIP6) && r.port == 53)

@@ -47,5 +47,5 @@ fn a_full_map_refuses_ipv6_frontends_by_name_and_a_removal_makes_room() {
     assert_dnat_ip(&mut p, &to("fd00:10:96:1::3", 40192));
     let gone = to("fd00:10:96:1::2", 40193);
     assert_untouched(&mut p, FROM_POD, &gone.bytes(), TC_ACT_UNSPEC);
-    assert_eq!(p.dp.read_state().unwrap(), p.programmed.applied);
+    assert_eq!(p.dp.read_state().unwrap(), *p.programmed.applied());
 }

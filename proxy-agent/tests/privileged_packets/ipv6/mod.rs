@@ -74,7 +74,7 @@ fn tcp_to_an_ipv6_clusterip_is_dnated_and_its_reply_reverse_nated() {
     let slot0 = ServiceKey::new(ip6(VIP6), 80, TCP, 0);
     assert_eq!(
         value.rev_nat_id,
-        p.programmed.applied.services[&slot0].rev_nat_id
+        p.programmed.applied().services[&slot0].rev_nat_id
     );
     let IpAddr::V6(backend_addr) = backend.0 else {
         panic!("an IPv4 backend for an IPv6 frontend")
@@ -346,7 +346,8 @@ fn an_ipv6_frontend_id_past_16_bits_is_reverse_nated_to_its_own_frontend() {
         found.services.insert(key, value);
     }
     let mut p = Programs::with_ids(&services, Ids::from_state(&found));
-    let id = |p: &Programs, vip, port| p.programmed.applied.services[&slot0(vip, port)].rev_nat_id;
+    let id =
+        |p: &Programs, vip, port| p.programmed.applied().services[&slot0(vip, port)].rev_nat_id;
     assert_eq!((id(&p, VIP6, 80), id(&p, wide_vip, 443)), (5, 65_541));
     let f = Frame::tcp(CLIENT6, 40180, wide_vip, 443);
     round_trip(&mut p, &f);

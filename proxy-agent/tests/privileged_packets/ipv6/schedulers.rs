@@ -41,14 +41,14 @@ fn schedule6_once(p: &mut Programs, client: &str, sport: u16) -> IpAddr {
 #[test]
 fn ipv6_maglev_picks_the_table_slot_of_the_flow_hash() {
     let mut p = scheduled6(Scheduler::Maglev, None);
-    let maglev = p.programmed.applied.maglev.clone();
+    let maglev = p.programmed.applied().maglev.clone();
     let size = maglev.len() as u32;
     let rev_nat_id = maglev.keys().next().unwrap().rev_nat_id;
     for port in 46000..46040 {
         let f = Frame::tcp(CLIENT6, port, SCHED6, 80);
         let index = f.flow_hash() % size;
         let id = maglev[&proxy_common::MaglevKey { rev_nat_id, index }];
-        let want = p.programmed.applied.backends[&id].addr;
+        let want = p.programmed.applied().backends[&id].addr;
         assert_eq!(schedule6_once(&mut p, CLIENT6, port), want, "port {port}");
         assert_eq!(schedule6_once(&mut p, CLIENT6, port), want, "same flow");
     }
