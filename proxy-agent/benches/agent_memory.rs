@@ -4,6 +4,11 @@
 //! its peak. Bytes are counted by the allocator, so the figures repeat
 //! exactly from run to run, whatever else the machine does.
 //!
+//! Then the first list of every slice as the API server sends it: the
+//! time and the peak heap of parsing it into the watch's objects and
+//! reading those into the store's slices, against parsing it into generic
+//! objects (JSON trees), as the agent did before.
+//!
 //! Last, beside the bytes, the time of a partial round for one changed
 //! Service at each scale: its refresh against the scan of every slice that
 //! the round did before its store kept an index of each Service's slices,
@@ -22,14 +27,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kube::{api::DynamicObject, runtime::watcher::Event};
+use kube::{api::DynamicObject, core::ObjectList, runtime::watcher::Event};
 use proxy_agent::{
     desired::{Capacity, Fill, Programmed},
     frontend::Scheduler,
     k8s::{
         cache::{Changed, FrontendCache, Stores},
         nodes::NodeInfo,
-        slices::SliceVersion,
+        slices::{SliceObject, SliceVersion},
         watch,
     },
 };
@@ -94,8 +99,9 @@ fn service(i: usize) -> k8s_openapi::api::core::v1::Service {
     .unwrap()
 }
 
-/// Its EndpointSlice (v1beta1, as the bench writes them).
-fn slice(i: usize) -> DynamicObject {
+/// Its EndpointSlice (v1beta1, as the bench writes them, with the
+/// managedFields the API server adds).
+fn slice(i: usize) -> serde_json::Value {
     let base =
         u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS_PER_SERVICE) as u32;
     let endpoints: Vec<_> = (0..ENDPOINTS_PER_SERVICE)
@@ -106,7 +112,7 @@ fn slice(i: usize) -> DynamicObject {
         })
         .collect();
     let name = format!("bench-{i:05}");
-    serde_json::from_value(json!({
+    json!({
         "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
         "metadata": {
             "name": name, "namespace": "default",
@@ -116,12 +122,66 @@ fn slice(i: usize) -> DynamicObject {
             "labels": {"kubernetes.io/service-name": name,
                        "endpointslice.kubernetes.io/managed-by": "bench.ferry.dev"},
             "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-04T10:00:00.123456Z"},
+            "managedFields": [{
+                "manager": "control-plane", "operation": "Update",
+                "apiVersion": "discovery.k8s.io/v1beta1", "time": "2026-12-04T10:00:00Z",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:addressType": {}, "f:endpoints": {}, "f:ports": {},
+                             "f:metadata": {"f:annotations": {".": {}, "f:endpoints.kubernetes.io/last-change-trigger-time": {}},
+                                            "f:labels": {".": {}, "f:endpointslice.kubernetes.io/managed-by": {}, "f:kubernetes.io/service-name": {}}}},
+            }],
         },
         "addressType": "IPv4",
         "ports": [{"port": 8080, "protocol": "TCP"}],
         "endpoints": endpoints,
+    })
+}
+
+/// The first list of every slice, parsed and read, two ways: per slice,
+/// the time and the peak heap above the list's body.
+struct FirstList {
+    body_bytes: usize,
+    generic: (Duration, usize),
+    watched: (Duration, usize),
+}
+
+fn time_first_list(services: usize) -> FirstList {
+    let items: Vec<_> = (0..services).map(slice).collect();
+    let body = serde_json::to_vec(&json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSliceList",
+        "metadata": {"resourceVersion": "300000"}, "items": items,
     }))
-    .unwrap()
+    .unwrap();
+    drop(items);
+    let measure = |read: &dyn Fn(&[u8]) -> usize| {
+        let before = live();
+        PEAK.store(before, Ordering::Relaxed);
+        let started = Instant::now();
+        assert_eq!(read(&body), services);
+        let took = started.elapsed();
+        (
+            took / services as u32,
+            (PEAK.load(Ordering::Relaxed) - before) / services,
+        )
+    };
+    // Before: kube parsed each slice into a generic object, a JSON tree.
+    let generic = measure(&|body| {
+        let list: ObjectList<DynamicObject> = serde_json::from_slice(body).unwrap();
+        list.items.len()
+    });
+    // Now: the watch's objects, each read into the store's slice.
+    let watched = measure(&|body| {
+        let list: ObjectList<SliceObject> = serde_json::from_slice(body).unwrap();
+        list.items
+            .into_iter()
+            .filter_map(|o| o.read(SliceVersion::V1beta1).ok())
+            .count()
+    });
+    FirstList {
+        body_bytes: body.len() / services,
+        generic,
+        watched,
+    }
 }
 
 /// Heap bytes per Service, kept and at the peak, of one stage.
@@ -212,7 +272,8 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     let convert = watch::convert_slice(SliceVersion::V1beta1);
     stores.slices.apply(Event::Init, &convert);
     for i in 0..services {
-        stores.slices.apply(Event::InitApply(slice(i)), &convert);
+        let object: SliceObject = serde_json::from_value(slice(i)).unwrap();
+        stores.slices.apply(Event::InitApply(object), &convert);
     }
     stores.slices.apply(Event::InitDone, &convert);
     stage(
@@ -271,10 +332,11 @@ fn main() {
             .map_while(|a| a.parse().ok())
             .collect();
     }
-    let mut rounds = Vec::new();
+    let (mut rounds, mut lists) = (Vec::new(), Vec::new());
     for services in scales {
         let (stages, partial) = measure(services);
         rounds.push((services, partial));
+        lists.push((services, time_first_list(services)));
         println!(
             "{services} Services, {ENDPOINTS_PER_SERVICE} endpoints each: heap bytes per Service"
         );
@@ -286,6 +348,22 @@ fn main() {
         let kept: usize = stages.iter().map(|s| s.kept).sum();
         println!("| all kept | {kept} | |\n");
     }
+    println!("The first list of every EndpointSlice, parsed and read (per slice: µs, and peak heap bytes above the body)");
+    println!("| Services | body bytes | generic objects | peak | watch objects, read | peak | time generic / watch | peak generic / watch |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (services, l) in lists {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let ((gt, gp), (wt, wp)) = (l.generic, l.watched);
+        println!(
+            "| {services} | {} | {:.2} | {gp} | {:.2} | {wp} | {:.1} | {:.1} |",
+            l.body_bytes,
+            us(gt),
+            us(wt),
+            us(gt) / us(wt),
+            gp as f64 / wp as f64
+        );
+    }
+    println!();
     println!("A partial round for one changed Service (medians of 200, µs)");
     println!("| Services | refresh (index) | scan of every slice | scan / refresh | programming (counts kept) | count of every entry | count / programming |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");

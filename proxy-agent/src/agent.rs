@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result};
 use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::{api::DynamicObject, runtime::watcher, Client};
+use kube::{runtime::watcher, Client};
 use tokio::{
     sync::mpsc::UnboundedReceiver,
     time::{sleep_until, Instant},
@@ -29,7 +29,7 @@ use crate::{
         cache::{Changed, FrontendCache, Stores},
         client,
         nodes::{NodeInfo, NodePortAddresses},
-        slices::{Slice, SliceVersion},
+        slices::{Slice, SliceObject, SliceVersion},
         watch::{self, Store},
     },
     kernel::{
@@ -107,7 +107,7 @@ pub struct Config {
 type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
 /// EndpointSlice events, each with the API version it was read in.
 type SliceEvents = Pin<
-    Box<dyn Stream<Item = (watcher::Result<watcher::Event<DynamicObject>>, SliceVersion)> + Send>,
+    Box<dyn Stream<Item = (watcher::Result<watcher::Event<SliceObject>>, SliceVersion)> + Send>,
 >;
 
 /// The API watches, or streams that never yield when services come from a file.
@@ -475,7 +475,7 @@ impl Agent {
 
     fn on_slice(
         &mut self,
-        event: watcher::Result<watcher::Event<DynamicObject>>,
+        event: watcher::Result<watcher::Event<SliceObject>>,
         version: SliceVersion,
     ) {
         let event = match event {
@@ -941,7 +941,7 @@ fn on_slice(
     store: &mut Store<Slice>,
     triggers: &mut Triggers,
     cache: &mut FrontendCache,
-    event: watcher::Event<DynamicObject>,
+    event: watcher::Event<SliceObject>,
     version: SliceVersion,
 ) -> (bool, Option<String>) {
     let (key, trigger, deleted) = match &event {

@@ -4,13 +4,20 @@
 //! process-wide set of node and zone names endpoints point at ([`intern`]).
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashSet},
     fmt,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
 
-use serde::Deserialize;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{
+    api::ApiResource,
+    core::{DynamicResourceScope, Resource},
+};
+use serde::{de::DeserializeOwned, Deserialize};
+use serde_json::value::RawValue;
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -128,29 +135,9 @@ struct Conditions {
     terminating: Option<bool>,
 }
 
-#[derive(Deserialize, Default)]
-struct ObjectMeta {
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
 /// The parts of a `discovery.k8s.io/v1` EndpointSlice that proxying needs.
 mod v1 {
     use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct EndpointSlice {
-        #[serde(default)]
-        pub metadata: ObjectMeta,
-        pub address_type: String,
-        #[serde(default)]
-        pub ports: Option<Vec<SlicePort>>,
-        #[serde(default)]
-        pub endpoints: Vec<Endpoint>,
-    }
 
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -182,18 +169,6 @@ mod v1 {
 /// node and zone live in `topology`; `nodeName` exists from 1.20.
 mod v1beta1 {
     use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct EndpointSlice {
-        #[serde(default)]
-        pub metadata: ObjectMeta,
-        pub address_type: String,
-        #[serde(default)]
-        pub ports: Option<Vec<SlicePort>>,
-        #[serde(default)]
-        pub endpoints: Vec<Endpoint>,
-    }
 
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -250,13 +225,93 @@ pub enum SliceError {
     Fqdn,
 }
 
-/// Reads an EndpointSlice (the whole object as JSON) of the given version.
-pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<Slice, SliceError> {
-    let (meta, address_type, ports, mut endpoints): (_, _, _, Vec<SliceEndpoint>) = match version {
-        SliceVersion::V1 => {
-            let s: v1::EndpointSlice = serde_json::from_value(object)?;
-            let endpoints = s
-                .endpoints
+/// An EndpointSlice as the watch receives it: the metadata the agent reads,
+/// and the fields it serves from as the JSON text they came in. Only
+/// [`SliceObject::read`] parses that text, one slice at a time, so that:
+/// - a slice the agent cannot read is left out alone (a field of an
+///   unexpected type would otherwise fail the whole list, every slice of the
+///   cluster, on every retry);
+/// - no JSON tree of every slice is built on the way (a generic object costs
+///   seconds and hundreds of MiB at 100k slices; `cargo bench -p proxy-agent
+///   --bench agent_memory` times both).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceObject {
+    #[serde(default, deserialize_with = "read_meta")]
+    pub metadata: ObjectMeta,
+    address_type: Option<Box<RawValue>>,
+    ports: Option<Box<RawValue>>,
+    endpoints: Option<Box<RawValue>>,
+}
+
+/// What the agent reads of a slice's metadata: its key and resource version
+/// (for the watch), its Service label and its trigger-time annotation. The
+/// rest (managedFields above all) is skipped, not parsed.
+fn read_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Read {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let read = Read::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: read.name,
+        namespace: read.namespace,
+        resource_version: read.resource_version,
+        labels: read.labels,
+        annotations: read.annotations,
+        ..ObjectMeta::default()
+    })
+}
+
+impl Resource for SliceObject {
+    type DynamicType = ApiResource;
+    type Scope = DynamicResourceScope;
+
+    fn kind(dt: &ApiResource) -> Cow<'_, str> {
+        dt.kind.as_str().into()
+    }
+    fn group(dt: &ApiResource) -> Cow<'_, str> {
+        dt.group.as_str().into()
+    }
+    fn version(dt: &ApiResource) -> Cow<'_, str> {
+        dt.version.as_str().into()
+    }
+    fn api_version(dt: &ApiResource) -> Cow<'_, str> {
+        dt.api_version.as_str().into()
+    }
+    fn plural(dt: &ApiResource) -> Cow<'_, str> {
+        dt.plural.as_str().into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl SliceObject {
+    /// Reads the slice as the given API version has it.
+    pub fn read(self, version: SliceVersion) -> Result<Slice, SliceError> {
+        fn field<T: DeserializeOwned>(
+            raw: &Option<Box<RawValue>>,
+        ) -> serde_json::Result<Option<T>> {
+            raw.as_deref()
+                .map(|r| serde_json::from_str(r.get()))
+                .transpose()
+        }
+        let address_type: String = field(&self.address_type)?
+            .ok_or_else(|| serde::de::Error::missing_field("addressType"))
+            .map_err(SliceError::Malformed)?;
+        let ports: Option<Vec<SlicePort>> = field(&self.ports)?;
+        let mut endpoints: Vec<SliceEndpoint> = match version {
+            SliceVersion::V1 => field::<Vec<v1::Endpoint>>(&self.endpoints)?
+                .unwrap_or_default()
                 .into_iter()
                 .map(|e| SliceEndpoint {
                     address: first_address(e.addresses),
@@ -267,13 +322,9 @@ pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<S
                     zone: e.zone.map(intern),
                     hints: hints(e.hints),
                 })
-                .collect();
-            (s.metadata, s.address_type, s.ports, endpoints)
-        }
-        SliceVersion::V1beta1 => {
-            let s: v1beta1::EndpointSlice = serde_json::from_value(object)?;
-            let endpoints = s
-                .endpoints
+                .collect(),
+            SliceVersion::V1beta1 => field::<Vec<v1beta1::Endpoint>>(&self.endpoints)?
+                .unwrap_or_default()
                 .into_iter()
                 .map(|mut e| SliceEndpoint {
                     address: first_address(e.addresses),
@@ -287,25 +338,100 @@ pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<S
                     zone: e.topology.remove("topology.kubernetes.io/zone").map(intern),
                     hints: hints(e.hints),
                 })
-                .collect();
-            (s.metadata, s.address_type, s.ports, endpoints)
+                .collect(),
+        };
+        // Collected in place, the endpoints would keep the allocation of the
+        // larger parsed ones (half as large again), for as long as the store
+        // keeps the slice; the ports, the room a list of unknown length grew
+        // into.
+        endpoints.shrink_to_fit();
+        let mut ports = ports.unwrap_or_default();
+        ports.shrink_to_fit();
+        if address_type == "FQDN" {
+            return Err(SliceError::Fqdn);
         }
-    };
-    // Collected in place, the endpoints would keep the allocation of the
-    // larger parsed ones (half as large again), for as long as the store
-    // keeps the slice.
-    endpoints.shrink_to_fit();
-    if address_type == "FQDN" {
-        return Err(SliceError::Fqdn);
+        let meta = self.metadata;
+        let name = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .ok_or(SliceError::NoService)?;
+        Ok(Slice {
+            service: format!("{}/{name}", meta.namespace.as_deref().unwrap_or_default()),
+            address_type,
+            ports,
+            endpoints,
+        })
     }
-    let name = meta
-        .labels
-        .get(SERVICE_NAME_LABEL)
-        .ok_or(SliceError::NoService)?;
-    Ok(Slice {
-        service: format!("{}/{name}", meta.namespace.unwrap_or_default()),
-        address_type,
-        ports: ports.unwrap_or_default(),
-        endpoints,
-    })
+}
+
+/// Reads an EndpointSlice (the whole object as JSON) of the given version.
+pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<Slice, SliceError> {
+    SliceObject::deserialize(object)?.read(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::{ObjectList, WatchEvent};
+
+    use super::*;
+
+    /// A v1 slice of `web` with `endpoints`, as the API server writes it.
+    fn slice(name: &str, endpoints: &str) -> String {
+        format!(
+            r#"{{"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+                "metadata": {{"name": "{name}", "namespace": "default", "resourceVersion": "7",
+                  "labels": {{"kubernetes.io/service-name": "web"}},
+                  "annotations": {{"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-05T10:00:00Z"}},
+                  "managedFields": [{{"manager": "kcm", "fieldsType": "FieldsV1", "fieldsV1": {{"f:endpoints": {{}}}}}}]}},
+                "addressType": "IPv4", "ports": [{{"port": 8080, "protocol": "TCP"}}],
+                "endpoints": {endpoints}}}"#
+        )
+    }
+
+    #[test]
+    fn a_slice_that_cannot_be_read_is_left_out_alone_not_its_list() {
+        let good = slice(
+            "web-a",
+            r#"[{"addresses": ["10.0.0.1"], "nodeName": "n1"}]"#,
+        );
+        let bad = slice("web-b", r#"[{"addresses": "10.0.0.2"}]"#);
+        let list =
+            format!(r#"{{"metadata": {{"resourceVersion": "9"}}, "items": [{good}, {bad}]}}"#);
+        let list: ObjectList<SliceObject> = serde_json::from_str(&list).unwrap();
+        let [a, b] = <[SliceObject; 2]>::try_from(list.items).unwrap();
+        let a = a.read(SliceVersion::V1).unwrap();
+        assert_eq!(a.service, "default/web");
+        assert_eq!(a.endpoints.len(), 1);
+        assert_eq!(a.endpoints[0].node_name.as_deref(), Some("n1"));
+        assert!(matches!(
+            b.read(SliceVersion::V1),
+            Err(SliceError::Malformed(e)) if e.to_string().contains("expected a sequence")
+        ));
+        // So does a watch event's.
+        let event = format!(r#"{{"type": "MODIFIED", "object": {bad}}}"#);
+        let event: WatchEvent<SliceObject> = serde_json::from_str(&event).unwrap();
+        let WatchEvent::Modified(object) = event else {
+            panic!("a MODIFIED event");
+        };
+        assert!(object.read(SliceVersion::V1).is_err());
+    }
+
+    #[test]
+    fn a_watched_slice_keeps_the_metadata_the_agent_reads_and_no_more() {
+        let object: SliceObject = serde_json::from_str(&slice("web-a", "[]")).unwrap();
+        let meta = &object.metadata;
+        assert_eq!(meta.name.as_deref(), Some("web-a"));
+        assert_eq!(meta.namespace.as_deref(), Some("default"));
+        assert_eq!(meta.resource_version.as_deref(), Some("7"));
+        assert_eq!(meta.labels.as_ref().unwrap()[SERVICE_NAME_LABEL], "web");
+        assert!(
+            meta.annotations.as_ref().unwrap()[crate::serve::latency::TRIGGER_TIME_ANNOTATION]
+                .starts_with("2026-12-05")
+        );
+        assert_eq!(meta.managed_fields, None);
+        let slice = object.read(SliceVersion::V1).unwrap();
+        assert!(slice.endpoints.is_empty());
+        assert_eq!(slice.ports.len(), 1);
+    }
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    api::{ApiResource, GroupVersionKind},
     runtime::{watcher, WatchStreamExt},
     Api, Client, Resource, ResourceExt,
 };
@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::{
     services::ServiceInfo,
-    slices::{self, Slice, SliceVersion},
+    slices::{Slice, SliceObject, SliceVersion},
 };
 
 /// What a store also finds its objects by, besides their key: the Service
@@ -240,11 +240,11 @@ pub fn node(
 pub fn slices(
     client: &Client,
     version: SliceVersion,
-) -> impl Stream<Item = watcher::Result<watcher::Event<DynamicObject>>> + Send {
+) -> impl Stream<Item = watcher::Result<watcher::Event<SliceObject>>> + Send {
     let gvk = GroupVersionKind::gvk("discovery.k8s.io", version.api_version(), "EndpointSlice");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
     watcher(
-        Api::<DynamicObject>::all_with(client.clone(), &resource),
+        Api::<SliceObject>::all_with(client.clone(), &resource),
         config(),
     )
     .default_backoff()
@@ -253,19 +253,10 @@ pub fn slices(
 
 /// Converts a watched EndpointSlice; a slice that cannot be read is logged and
 /// left out (its service keeps its other slices).
-pub fn convert_slice(version: SliceVersion) -> impl Fn(DynamicObject) -> Option<Slice> {
-    move |mut obj| {
+pub fn convert_slice(version: SliceVersion) -> impl Fn(SliceObject) -> Option<Slice> {
+    move |obj| {
         let key = key_of(&obj);
-        // Not copied into the JSON value below only to be dropped.
-        obj.metadata.managed_fields = None;
-        let value = match serde_json::to_value(&obj) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(slice = %key, error = %e, "cannot serialize EndpointSlice");
-                return None;
-            }
-        };
-        match slices::parse_slice(version, value) {
+        match obj.read(version) {
             Ok(slice) => Some(slice),
             Err(e) => {
                 warn!(slice = %key, error = %e, "EndpointSlice ignored");
