@@ -7,7 +7,8 @@
 //! Only node1's agent runs: node2's would compete for the same cores. At each
 //! scale this measures
 //! - the first full sync: node1's agent started on empty maps, until it logs
-//!   that its maps are in sync (timestamps from its own log);
+//!   that its maps are in sync (timestamps from its own log); beside it, the
+//!   API server's part: the same two lists, fetched and not parsed;
 //! - programming latency: one endpoint address of one slice changed at a time,
 //!   from the API server's response to the new address being in a slot of that
 //!   Service in node1's pinned maps, polled every 0.5 ms;
@@ -27,7 +28,9 @@ use std::{
 };
 
 use ::kube::{
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    api::{
+        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    },
     config::{KubeConfigOptions, Kubeconfig},
     Api, Client,
 };
@@ -97,6 +100,9 @@ struct Scale {
     /// Agent start -> maps in sync, of which loading the programs and the
     /// first programming round (s).
     first_syncs: Vec<(f64, f64, f64)>,
+    /// The agent's two first lists, fetched at once by this client without
+    /// parsing them (s): what the API server takes to send them.
+    lists: Vec<f64>,
     /// Per change, ms: API response -> maps, and request sent -> maps.
     from_response: Vec<f64>,
     from_request: Vec<f64>,
@@ -183,7 +189,7 @@ fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
         &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Service")),
     );
     let slices = Api::<DynamicObject>::namespaced_with(
-        client,
+        client.clone(),
         NAMESPACE,
         &ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
@@ -213,6 +219,10 @@ fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
             wait_programmed(metrics, n)?;
         }
         eprintln!("bench: first full syncs at {n} Services: {first_syncs:?}");
+        let lists = (0..3)
+            .map(|_| rt.block_on(time_lists(&client)))
+            .collect::<Result<Vec<f64>>>()?;
+        eprintln!("bench: the lists alone at {n} Services: {lists:?}");
 
         let maps = Maps::open(&lab.pin_dir(NODE))?;
         let scraped_before = lab::agent_get(metrics, "/metrics")?;
@@ -231,6 +241,7 @@ fn measure(plan: &Plan, agent: &Path) -> Result<Vec<Scale>> {
             created: 2 * (n - before),
             create_seconds,
             first_syncs,
+            lists,
             from_response,
             from_request,
             missed,
@@ -482,6 +493,30 @@ fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64,
         at("adopted pinned maps")?,
         rounds.sum,
     ))
+}
+
+/// Fetches every Service and EndpointSlice at once, as the agent's first
+/// lists ask for them (resourceVersion 0: from the API server's cache; its
+/// page size, which such a list ignores), reading the bodies without parsing
+/// them. Seconds.
+async fn time_lists(client: &Client) -> Result<f64> {
+    let params = ListParams::default().match_any().limit(500);
+    let list = |path: &str| -> Result<_> {
+        let request = ::kube::core::Request::new(path).list(&params)?;
+        Ok(client.request_text(request))
+    };
+    let started = Instant::now();
+    let services = list("/api/v1/services")?;
+    let slices = list("/apis/discovery.k8s.io/v1beta1/endpointslices")?;
+    let (services, slices) = futures::join!(services, slices);
+    let took = started.elapsed().as_secs_f64();
+    for (what, body) in [("Services", services?), ("EndpointSlices", slices?)] {
+        // One page, as the agent gets it: a paged list would time only
+        // its first page.
+        let paged = body.contains(r#""continue":""#) && !body.contains(r#""continue":"""#);
+        ensure!(!paged, "the API server paged the list of {what}");
+    }
+    Ok(took)
 }
 
 /// node1's agent's VmRSS and VmHWM, KiB.
