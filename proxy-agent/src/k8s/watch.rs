@@ -201,11 +201,18 @@ pub async fn slice_version(client: &Client) -> Result<SliceVersion> {
 /// What every watch lists with: from the API server's watch cache
 /// (resourceVersion "0"), as client-go's informers (and so kube-proxy) do, so
 /// that thousands of agents starting or relisting at once do not each make a
-/// quorum read of every Service and slice from etcd. (On the lab's single
-/// agent it made no measurable difference to the first sync.) The watch that
-/// follows the list brings any change the cache had not seen yet.
+/// quorum read of every Service and slice from etcd. The watch that follows
+/// the list brings any change the cache had not seen yet.
+///
+/// Without a page size: kube leaves resourceVersion "0" out of a list that
+/// has a limit (kube-core's `ListParams`), which turns it into a paged quorum
+/// read, 200 requests for 100k slices. The API server answers a list from
+/// its cache in one response whatever the limit, as it does client-go's.
 fn config() -> watcher::Config {
-    watcher::Config::default().any_semantic()
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default().any_semantic()
+    }
 }
 
 /// A watch stream with kube's default backoff: errors are yielded (to be logged
@@ -285,6 +292,20 @@ mod tests {
     use k8s_openapi::api::core::v1::ConfigMap;
 
     use super::*;
+
+    #[test]
+    fn the_first_lists_ask_for_the_api_servers_cache() {
+        // What the watcher lists with (kube-runtime's `to_list_params`).
+        let config = config();
+        let mut params = kube::api::ListParams::default().match_any();
+        params.limit = config.page_size;
+        let request = kube::core::Request::new("/api/v1/services")
+            .list(&params)
+            .unwrap();
+        let query = request.uri().query().unwrap_or_default().to_string();
+        assert!(query.contains("resourceVersion=0"), "{query}");
+        assert!(!query.contains("limit"), "{query}");
+    }
 
     /// The object `default/<name>` of an event.
     fn event_of(name: &str) -> ConfigMap {
