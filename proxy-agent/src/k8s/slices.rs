@@ -218,7 +218,7 @@ impl SliceVersion {
 #[derive(Debug, thiserror::Error)]
 pub enum SliceError {
     #[error("malformed EndpointSlice: {0}")]
-    Malformed(#[from] serde_json::Error),
+    Malformed(String),
     #[error("EndpointSlice without the {SERVICE_NAME_LABEL} label")]
     NoService,
     #[error("an FQDN EndpointSlice: names, not addresses a packet can be sent to")]
@@ -298,19 +298,27 @@ impl Resource for SliceObject {
 impl SliceObject {
     /// Reads the slice as the given API version has it.
     pub fn read(self, version: SliceVersion) -> Result<Slice, SliceError> {
+        /// A field parsed from its own text: an error names the field (a
+        /// position would count from the start of that text).
         fn field<T: DeserializeOwned>(
+            name: &str,
             raw: &Option<Box<RawValue>>,
-        ) -> serde_json::Result<Option<T>> {
-            raw.as_deref()
-                .map(|r| serde_json::from_str(r.get()))
-                .transpose()
+        ) -> Result<Option<T>, SliceError> {
+            let Some(raw) = raw.as_deref() else {
+                return Ok(None);
+            };
+            serde_json::from_str(raw.get()).map_err(|e| {
+                let text = e.to_string();
+                let position = format!(" at line {} column {}", e.line(), e.column());
+                let message = text.strip_suffix(&position).unwrap_or(&text);
+                SliceError::Malformed(format!("{name}: {message}"))
+            })
         }
-        let address_type: String = field(&self.address_type)?
-            .ok_or_else(|| serde::de::Error::missing_field("addressType"))
-            .map_err(SliceError::Malformed)?;
-        let ports: Option<Vec<SlicePort>> = field(&self.ports)?;
+        let address_type: String = field("addressType", &self.address_type)?
+            .ok_or_else(|| SliceError::Malformed("missing field `addressType`".into()))?;
+        let ports: Option<Vec<SlicePort>> = field("ports", &self.ports)?;
         let mut endpoints: Vec<SliceEndpoint> = match version {
-            SliceVersion::V1 => field::<Vec<v1::Endpoint>>(&self.endpoints)?
+            SliceVersion::V1 => field::<Vec<v1::Endpoint>>("endpoints", &self.endpoints)?
                 .unwrap_or_default()
                 .into_iter()
                 .map(|e| SliceEndpoint {
@@ -323,7 +331,7 @@ impl SliceObject {
                     hints: hints(e.hints),
                 })
                 .collect(),
-            SliceVersion::V1beta1 => field::<Vec<v1beta1::Endpoint>>(&self.endpoints)?
+            SliceVersion::V1beta1 => field::<Vec<v1beta1::Endpoint>>("endpoints", &self.endpoints)?
                 .unwrap_or_default()
                 .into_iter()
                 .map(|mut e| SliceEndpoint {
@@ -367,7 +375,9 @@ impl SliceObject {
 
 /// Reads an EndpointSlice (the whole object as JSON) of the given version.
 pub fn parse_slice(version: SliceVersion, object: serde_json::Value) -> Result<Slice, SliceError> {
-    SliceObject::deserialize(object)?.read(version)
+    SliceObject::deserialize(object)
+        .map_err(|e| SliceError::Malformed(e.to_string()))?
+        .read(version)
 }
 
 #[cfg(test)]
