@@ -189,6 +189,9 @@ struct Stage {
     name: &'static str,
     kept: usize,
     peak: usize,
+    /// The round's time per Service, counting allocator and all (the
+    /// stores' stages would time making the objects too: not timed).
+    took: Option<Duration>,
 }
 
 /// Medians over 200 changed Services, one at a time: a partial round's
@@ -247,11 +250,12 @@ fn time_partial_rounds(
 
 fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     let mut stages = Vec::new();
-    let mut stage = |name, before: usize, peak: usize| {
+    let mut stage = |name, before: usize, peak: usize, started: Option<Instant>| {
         stages.push(Stage {
             name,
             kept: (live() - before) / services,
             peak: (peak - before) / services,
+            took: started.map(|s| s.elapsed() / services as u32),
         })
     };
 
@@ -265,7 +269,12 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
             .apply(Event::InitApply(service(i)), watch::keep_service);
     }
     stores.services.apply(Event::InitDone, watch::keep_service);
-    stage("Services (store)", before, PEAK.load(Ordering::Relaxed));
+    stage(
+        "Services (store)",
+        before,
+        PEAK.load(Ordering::Relaxed),
+        None,
+    );
 
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
@@ -280,14 +289,21 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
         "EndpointSlices (store)",
         before,
         PEAK.load(Ordering::Relaxed),
+        None,
     );
 
     let node = NodeInfo::from_node("node1", None);
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
+    let started = Instant::now();
     let mut cache = FrontendCache::default();
     cache.refresh(&stores, &node, Scheduler::default());
-    stage("frontends (cache)", before, PEAK.load(Ordering::Relaxed));
+    stage(
+        "frontends (cache)",
+        before,
+        PEAK.load(Ordering::Relaxed),
+        Some(started),
+    );
 
     let frontends: Vec<_> = cache.frontends().collect();
     let capacity = Capacity {
@@ -298,6 +314,7 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     };
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
+    let started = Instant::now();
     let mut programmed = Programmed::adopt(Default::default(), Default::default(), capacity);
     let report = programmed.full(&frontends, |_| Ok(()));
     assert!(report.problems.is_empty() && report.complete());
@@ -306,10 +323,12 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
         "programmed (maps, ids)",
         before,
         PEAK.load(Ordering::Relaxed),
+        Some(started),
     );
 
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
+    let started = Instant::now();
     let report = programmed.full(&frontends, |_| Ok(()));
     assert_eq!(report.writes, 0);
     drop(report);
@@ -317,6 +336,7 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
         "a full round, nothing changed",
         before,
         PEAK.load(Ordering::Relaxed),
+        Some(started),
     );
     drop(frontends);
     let partial = time_partial_rounds(&stores, &mut cache, &mut programmed, &node, services);
@@ -340,10 +360,13 @@ fn main() {
         println!(
             "{services} Services, {ENDPOINTS_PER_SERVICE} endpoints each: heap bytes per Service"
         );
-        println!("| stage | kept | peak |");
-        println!("|---|---:|---:|");
+        println!("| stage | kept | peak | µs |");
+        println!("|---|---:|---:|---:|");
         for s in &stages {
-            println!("| {} | {} | {} |", s.name, s.kept, s.peak);
+            let us = s
+                .took
+                .map_or("-".to_string(), |t| format!("{:.2}", t.as_secs_f64() * 1e6));
+            println!("| {} | {} | {} | {us} |", s.name, s.kept, s.peak);
         }
         let kept: usize = stages.iter().map(|s| s.kept).sum();
         println!("| all kept | {kept} | |\n");
