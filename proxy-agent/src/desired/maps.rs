@@ -788,32 +788,29 @@ impl Fill {
     /// The entries of `state` at the keys `ops` write: counted before and
     /// after the writes, their difference is what the writes changed.
     pub fn entries_at(state: &MapState, ops: &[MapOp]) -> MapState {
+        fn copy<K: Ord + Copy, V: Copy>(from: &BTreeMap<K, V>, to: &mut BTreeMap<K, V>, key: K) {
+            if let Some(&value) = from.get(&key) {
+                to.insert(key, value);
+            }
+        }
         let mut at = MapState::default();
         for op in ops {
             match *op {
                 MapOp::PutBackend(id, _) | MapOp::DelBackend(id) => {
-                    if let Some(&b) = state.backends.get(&id) {
-                        at.backends.insert(id, b);
-                    }
+                    copy(&state.backends, &mut at.backends, id)
                 }
                 MapOp::PutRevNat(id, _) | MapOp::DelRevNat(id) => {
-                    if let Some(&r) = state.revnat.get(&id) {
-                        at.revnat.insert(id, r);
-                    }
+                    copy(&state.revnat, &mut at.revnat, id)
+                }
+                MapOp::PutMaglev(k, _) | MapOp::DelMaglev(k) => {
+                    copy(&state.maglev, &mut at.maglev, k)
+                }
+                MapOp::PutService(k, _) | MapOp::DelService(k) => {
+                    copy(&state.services, &mut at.services, k)
                 }
                 MapOp::PutSourceRange(r) | MapOp::DelSourceRange(r) => {
                     if state.source_ranges.contains(&r) {
                         at.source_ranges.insert(r);
-                    }
-                }
-                MapOp::PutMaglev(k, _) | MapOp::DelMaglev(k) => {
-                    if let Some(&v) = state.maglev.get(&k) {
-                        at.maglev.insert(k, v);
-                    }
-                }
-                MapOp::PutService(k, _) | MapOp::DelService(k) => {
-                    if let Some(&v) = state.services.get(&k) {
-                        at.services.insert(k, v);
                     }
                 }
             }
