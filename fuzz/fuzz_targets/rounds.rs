@@ -1,8 +1,9 @@
 //! Programming rounds, whole or partial, over frontends that come, change and
 //! go, into maps of a small capacity whose writes may fail: after every write
 //! every frontend is whole, after every round the agent's view is exactly what
-//! the maps hold, and a full round in room enough with no failure leaves
-//! nothing to write.
+//! the maps hold (and its entry counts by family are what counting them again
+//! finds), and a full round in room enough with no failure leaves nothing to
+//! write.
 
 #![no_main]
 
@@ -13,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use proxy_agent::{
     desired::{
         apply::{check_whole, overflows},
-        Capacity, MapOp, MapState, Programmed,
+        Capacity, Fill, Ids, MapOp, MapState, Programmed,
     },
     frontend::{Cidr, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
 };
@@ -120,14 +121,12 @@ fuzz_target!(|input: Input| {
     };
     // The agent may be told the maps are larger than they are: then the
     // kernel refuses writes, as when a map fills behind its back.
-    let mut programmed = Programmed {
-        capacity: if input.capacity.0 % 2 == 0 {
-            capacity
-        } else {
-            Capacity::default()
-        },
-        ..Programmed::default()
+    let told = if input.capacity.0 % 2 == 0 {
+        capacity
+    } else {
+        Capacity::default()
     };
+    let mut programmed = Programmed::adopt(MapState::default(), Ids::default(), told);
     let mut kernel = Kernel {
         maps: MapState::default(),
         capacity,
@@ -164,7 +163,9 @@ fuzz_target!(|input: Input| {
             let all: Vec<&FrontendSpec> = wanted.values().collect();
             programmed.full(&all, |op| kernel.write(op))
         };
-        assert_eq!(kernel.maps, programmed.applied, "{report:?}");
+        assert_eq!(kernel.maps, *programmed.applied(), "{report:?}");
+        // The counts a partial round corrects are what counting again finds.
+        assert_eq!(programmed.fill(), Fill::of(programmed.applied()));
         current = wanted;
     }
     // Room and no failure: one full round, then nothing left to write.
@@ -187,5 +188,5 @@ fuzz_target!(|input: Input| {
         kernel.write(op)
     });
     assert_eq!(again.writes, 0, "{again:?}: {rewritten:?}");
-    assert_eq!(kernel.maps, programmed.applied);
+    assert_eq!(kernel.maps, *programmed.applied());
 });
