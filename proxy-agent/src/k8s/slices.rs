@@ -232,7 +232,7 @@ pub enum SliceError {
 ///   unexpected type would otherwise fail the whole list, every slice of the
 ///   cluster, on every retry);
 /// - no JSON tree of every slice is built on the way (a generic object costs
-///   seconds and hundreds of MiB at 100k slices; `cargo bench -p proxy-agent
+///   seconds and gigabytes at 100k slices; `cargo bench -p proxy-agent
 ///   --bench agent_memory` times both).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

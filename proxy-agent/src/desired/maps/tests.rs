@@ -148,6 +148,32 @@ fn removed_service_goes_slot0_first_then_slots_then_ids() {
 }
 
 #[test]
+fn a_full_round_forgets_the_ids_of_what_went_and_keeps_the_rest() {
+    let mut ids = Ids::default();
+    let a = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)]);
+    let b = svc("b", [10, 96, 0, 2], 80, &[([10, 0, 0, 3], 80)]);
+    let (both, _) = map_state(&[&a, &b], &mut ids);
+    let known = |ids: &Ids| (ids.backends.len(), ids.backend_ids.len(), ids.revnat.len());
+    assert_eq!(known(&ids), (2, 2, 2));
+    // Nothing went: every id stays.
+    let (again, _) = map_state(&[&a, &b], &mut ids);
+    assert_eq!(again, both);
+    assert_eq!(known(&ids), (2, 2, 2));
+    // b and its backend went: their ids are forgotten, a's kept.
+    let (only_a, _) = map_state(&[&a], &mut ids);
+    assert_eq!(known(&ids), (1, 1, 1));
+    assert_eq!(ids.frontend_id(&b.frontend), None);
+    assert_eq!(
+        ids.frontend_id(&a.frontend),
+        Some(only_a.revnat.keys().copied().next().unwrap())
+    );
+    assert_eq!(
+        ids.backend_ids.iter().copied().collect::<Vec<_>>(),
+        only_a.backends.keys().copied().collect::<Vec<_>>()
+    );
+}
+
+#[test]
 fn ids_are_stable_and_not_reused_at_once() {
     let mut ids = Ids::default();
     let a = ([10, 0, 0, 2], 80);
