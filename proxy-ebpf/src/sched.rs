@@ -9,6 +9,7 @@ use proxy_common::{
 };
 
 use crate::{
+    ct,
     family::Family,
     flow::Flow,
     maps::{MAGLEV, ROUND_ROBIN},
@@ -137,7 +138,7 @@ fn affinity_backend<F: Family>(
     let kept = F::affinity(&F::affinity_key(flow.client(), svc.rev_nat_id))?;
     // Slot 0 holds the timeout (seconds) where slots hold backend ids.
     let timeout_ns = u64::from(svc.backend_id) * 1_000_000_000;
-    if now.wrapping_sub(kept.last_used_ns) >= timeout_ns {
+    if ct::age(now, kept.last_used_ns) >= timeout_ns {
         return None;
     }
     let backend = F::backend(kept.backend_id)?;

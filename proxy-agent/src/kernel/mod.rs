@@ -504,6 +504,11 @@ impl Dataplane {
 
     fn load_object_with(loader: &mut EbpfLoader<'_>, object: &[u8]) -> Result<Self> {
         Self::raise_memlock_limit();
+        // An object without it (older) reads the precise clock.
+        static ON: u8 = 1;
+        static OFF: u8 = 0;
+        let coarse = if coarse_clock() { &ON } else { &OFF };
+        loader.override_global(COARSE_CLOCK, coarse, false);
         let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         // A kernel without them still gets every packet path.
         let sock_programs = match Self::load_sock_programs(&mut ebpf) {
@@ -577,7 +582,43 @@ impl Dataplane {
 /// The programs' load-time switch of the traffic counters.
 const TRAFFIC_COUNTERS: &str = "TRAFFIC_COUNTERS";
 
-/// The clock the programs stamp entries with (bpf_ktime_get_ns: CLOCK_MONOTONIC).
+/// The programs' load-time choice of clock (see [`coarse_clock`]).
+const COARSE_CLOCK: &str = "COARSE_CLOCK";
+
+/// Whether the programs stamp flows with the coarse clock
+/// (`bpf_ktime_get_coarse_ns`, Linux 5.11), which reads the time of the
+/// last tick, where the precise one (`bpf_ktime_get_ns`) reads the clock
+/// source: a third of an established packet's cost on these machines.
+/// Both are CLOCK_MONOTONIC; the coarse one is at most a tick behind, which
+/// lifetimes of seconds do not notice. Probed once, by loading a program
+/// that calls it, for each program type that stamps flows.
+pub fn coarse_clock() -> bool {
+    use aya::{
+        programs::ProgramType,
+        sys::{is_helper_supported, BpfHelper},
+    };
+    static COARSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COARSE.get_or_init(|| {
+        let probe = |program| {
+            is_helper_supported(program, BpfHelper::BPF_FUNC_ktime_get_coarse_ns)
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "probing for the coarse clock failed: the programs read the precise one");
+                    false
+                })
+        };
+        let coarse = probe(ProgramType::Xdp) && probe(ProgramType::SchedClassifier);
+        if coarse {
+            debug!("the programs stamp flows with the coarse clock");
+        } else {
+            info!("the kernel has no bpf_ktime_get_coarse_ns (5.11): the programs stamp flows with the precise clock");
+        }
+        coarse
+    })
+}
+
+/// The clock the programs stamp entries with, as precise as the agent can
+/// read it: CLOCK_MONOTONIC (the programs' coarse reading of it is at most a
+/// tick behind, see [`coarse_clock`]).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -55,6 +55,41 @@ fn conntrack_holds_both_directions_of_a_flow() {
     assert!(fwd.1.last_seen_ns > 0);
 }
 
+/// The programs stamp flows with the coarse clock where the kernel has it
+/// (a clock-source read less per packet), else with the precise one: the
+/// stamp lies between two readings of the clock they were told to use.
+/// Had they read the precise clock where told the coarse one, the stamp
+/// would be past the second coarse reading unless a tick fell between.
+#[test]
+fn flows_are_stamped_with_the_clock_the_kernel_has() {
+    let clock = if proxy_agent::kernel::coarse_clock() {
+        libc::CLOCK_MONOTONIC_COARSE
+    } else {
+        libc::CLOCK_MONOTONIC
+    };
+    let read = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the struct it is given.
+        assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    let mut p = Programs::new(&cluster());
+    let f = Frame::tcp(CLIENT, 40021, VIP, 80);
+    let before = read();
+    assert_dnat(&mut p, &f);
+    let after = read();
+    for (_, entry) in p.dp.conntrack().unwrap() {
+        assert!(
+            (before..=after).contains(&entry.last_seen_ns),
+            "stamped {} outside {before}..={after}",
+            entry.last_seen_ns
+        );
+    }
+}
+
 /// A connection whose entries went (evicted from a full conntrack map, say):
 /// its next packet is scheduled as a new flow, to the backend the flow hash
 /// picks again, and counted apart from new connections.

@@ -13,7 +13,7 @@
 
 pub mod nat;
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use proxy_common::{
     backend_flags, ct_dir, ct_flags, ct_lifetime, remap_ports, stats::Stat, CtValue,
 };
@@ -29,16 +29,44 @@ use crate::{
 /// of busy flows.
 pub const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Whether `now` reads the coarse clock: set by the agent when it loads the
+/// programs, where the kernel has `bpf_ktime_get_coarse_ns` (5.11). A
+/// load-time constant: the verifier walks only the chosen call, so 5.10
+/// never sees a helper it lacks.
+#[no_mangle]
+static COARSE_CLOCK: u8 = 0;
+
+/// CLOCK_MONOTONIC in nanoseconds, for last-seen times: the coarse clock
+/// (as of the last tick, at most one tick behind) where the kernel has it,
+/// else the precise one. Every flow's packets read it, and the precise
+/// clock reads the clock source, a third of an established packet's cost
+/// here (bench/results/per_packet_established.md); conntrack's lifetimes are
+/// seconds, and a tick early is nothing to them.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: a plain read of a global the loader may have set; plain
+    // helper calls.
+    unsafe {
+        if core::ptr::read_volatile(&COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
+}
+
+/// How long ago `then` was at `now`: 0 for a time after `now` (the agent
+/// stamps with the precise clock, which may run a tick ahead of the
+/// programs' coarse one).
+#[inline(always)]
+pub fn age(now: u64, then: u64) -> u64 {
+    now.saturating_sub(then)
 }
 
 /// Whether an entry last seen at `last_seen_ns` is due a new last-seen time.
 #[inline(always)]
 pub fn stale(now: u64, last_seen_ns: u64) -> bool {
-    now.wrapping_sub(last_seen_ns) > REFRESH_NS
+    age(now, last_seen_ns) > REFRESH_NS
 }
 
 /// Stamps `*last_seen_ns` with `now` if it is due (see `stale`).
@@ -145,7 +173,7 @@ pub fn lookup<F: Family>(flow: &Flow<F>, rev_nat_id: u32, now: u64) -> State<F> 
             (*entry).flags,
         )
     };
-    let alive = now.wrapping_sub(last_seen) <= ct_lifetime::nanos(flow.proto, flags);
+    let alive = age(now, last_seen) <= ct_lifetime::nanos(flow.proto, flags);
     if !alive || entry_rev_nat_id != rev_nat_id {
         return State::Stale;
     }
@@ -280,7 +308,7 @@ fn free_for(entry: Option<&CtValue>, proto: u8, rev_nat_id: u32, own: bool, now:
     let Some(e) = entry else {
         return true;
     };
-    now.wrapping_sub(e.last_seen_ns) > ct_lifetime::nanos(proto, e.flags)
+    age(now, e.last_seen_ns) > ct_lifetime::nanos(proto, e.flags)
         || (own && e.rev_nat_id == rev_nat_id && e.remap_port_be == 0)
 }
 
