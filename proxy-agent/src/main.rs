@@ -245,14 +245,16 @@ struct RunArgs {
 
 /// Map sizes, in entries. A map pinned with another size has its entries
 /// carried into a new map of this size when the agent starts. The defaults
-/// take about 57 MiB of kernel memory.
+/// take about 55 MiB of kernel memory.
 #[derive(Args)]
 struct MapSizeArgs {
     /// Entries of the services map: one per frontend (Service IP, port and
     /// protocol) and one per backend of each.
     #[arg(long, env = "FERRY_MAP_SERVICES", default_value_t = capacity::SERVICES, value_parser = map_size())]
     map_services: u32,
-    /// Backends (pod address, port and protocol) over every Service.
+    /// Backends (pod address, port and protocol) over every Service, both
+    /// families together. Rounded up to a power of two: the IPv4 backends
+    /// map is an array indexed by the low bits of a backend's id.
     #[arg(long, env = "FERRY_MAP_BACKENDS", default_value_t = capacity::BACKENDS, value_parser = map_size())]
     map_backends: u32,
     /// Frontends (Service IP, port and protocol): the reverse-NAT maps'

@@ -103,7 +103,8 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
                 proto,
                 state,
                 flags,
-                _pad
+                _pad,
+                id
             }),
         ),
         (
@@ -398,7 +399,7 @@ fn layouts() -> Vec<(&'static str, Layout, Layout)> {
 /// still change, as no node holds maps of it.
 const SNAPSHOT: &str = "\
 svc4_v2: ServiceKey4 12 {addr@0 port_be@4 proto@6 scope@7 slot@8 _pad@10} -> ServiceValue 16 {backend_id@0 rev_nat_id@4 count@8 flags@10 maglev_size@12 cluster_count@14}
-backend4_v1: u32 4 {} -> Backend4 12 {addr@0 port_be@4 proto@6 state@7 flags@8 _pad@9}
+backend4_v2: u32 4 {} -> Backend4 16 {addr@0 port_be@4 proto@6 state@7 flags@8 _pad@9 id@12}
 revnat4_v2: u32 4 {} -> RevNat4 8 {addr@0 port_be@4 _pad@6}
 ct4_v3: CtKey4 16 {saddr@0 daddr@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> CtValue 24 {backend_id@0 rev_nat_id@4 flags@8 nat_port_be@10 remap_port_be@12 _pad@14 last_seen_ns@16}
 nat4_v3: CtKey4 16 {saddr@0 daddr@4 sport_be@8 dport_be@10 proto@12 dir@13 _pad@14} -> Nat4 24 {client_addr@0 rev_nat_id@4 client_port_be@8 flags@10 backend_id@12 last_seen_ns@16}

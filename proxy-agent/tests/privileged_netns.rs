@@ -540,13 +540,14 @@ fn a_dual_stack_service_through_a_real_agent() {
 }
 
 /// Turns the maps a stopped agent pinned into those the agent before it
-/// left (`proxy_common::previous`): its frontends, reverse NAT and conntrack
-/// in the previous layouts, the other maps with a previous version unpinned
+/// left (`proxy_common::previous`): its frontends, backends, reverse NAT and
+/// conntrack in the previous layouts, the other maps with a previous version unpinned
 /// (empty here), and a `nat4_v1`, two versions old, that cannot be carried over.
 fn downgrade(dir: &Path) {
     let pinned = Pinned::new(dir);
-    let (services, revnat, conntrack) = (
+    let (services, backends, revnat, conntrack) = (
         pinned.services().unwrap(),
+        pinned.backends().unwrap(),
         pinned.revnat().unwrap(),
         pinned.conntrack().unwrap(),
     );
@@ -554,9 +555,22 @@ fn downgrade(dir: &Path) {
         std::fs::remove_file(dir.join(current)).unwrap();
     }
     pins::create(dir, previous::names::SERVICES_V4, "hash", 12, 12, None);
+    pins::create(dir, previous::names::BACKENDS_V4, "hash", 4, 12, None);
     pins::create(dir, previous::names::REVNAT_V4, "hash", 2, 8, None);
     pins::create(dir, previous::names::CONNTRACK_V4, "lru_hash", 16, 24, None);
     pins::create(dir, "nat4_v1", "lru_hash", 16, 16, None);
+    let mut old = pins::hash::<u32, previous::Backend4>(dir, previous::names::BACKENDS_V4);
+    for (id, b) in backends {
+        let value = previous::Backend4 {
+            addr_be: b.addr.raw(),
+            port_be: b.port_be,
+            proto: b.proto,
+            state: b.state,
+            flags: b.flags,
+            _pad: [0; 3],
+        };
+        old.insert(id, value, 0).unwrap();
+    }
     let mut old =
         pins::hash::<ServiceKey4, previous::ServiceValue>(dir, previous::names::SERVICES_V4);
     for (k, v) in services {
@@ -681,6 +695,7 @@ fn held_connections_keep_their_backend_across_an_upgrade() {
     );
     for old in [
         previous::names::SERVICES_V4,
+        previous::names::BACKENDS_V4,
         previous::names::REVNAT_V4,
         previous::names::CONNTRACK_V4,
         "nat4_v1",

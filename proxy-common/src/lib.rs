@@ -32,7 +32,9 @@ pub mod maglev {
 /// agent's bpffs directory. The kernel keeps at most 15 characters.
 pub mod map_names {
     pub const SERVICES_V4: &str = "svc4_v2";
-    pub const BACKENDS_V4: &str = "backend4_v1";
+    /// v2: an array indexed by id (see [`crate::capacity::backend_slot`])
+    /// where v1 was a hash map, one hash lookup less per packet.
+    pub const BACKENDS_V4: &str = "backend4_v2";
     pub const REVNAT_V4: &str = "revnat4_v2";
     /// v3: 32-bit frontend ids, and a flow's remapped client port where v2
     /// had padding.
@@ -236,7 +238,7 @@ pub mod bench {
     }
 }
 
-/// The maps' default capacities, chosen for a typical node: about 57 MiB of
+/// The maps' default capacities, chosen for a typical node: about 55 MiB of
 /// kernel memory for every map together, whatever the node's CPUs (the
 /// per-CPU maps that are allocated whole hold a few KiB per CPU). The
 /// agent sizes most of them at load time
@@ -246,7 +248,28 @@ pub mod capacity {
     /// Frontend slots and backend slots (one per frontend, one per backend
     /// of each): about 6,000 Services of 10 backends.
     pub const SERVICES: u32 = 65_536;
+    /// Backend slots: the IPv4 backends array's entries, a power of two
+    /// (see [`backend_slots`]), and the most backends of both families.
     pub const BACKENDS: u32 = 32_768;
+
+    /// The slots of an IPv4 backends array asked to hold `backends`: the
+    /// power of two at or above it, so that a slot is an id's low bits.
+    pub const fn backend_slots(backends: u32) -> u32 {
+        if backends <= 1 {
+            2
+        } else if backends > 1 << 31 {
+            1 << 31
+        } else {
+            backends.next_power_of_two()
+        }
+    }
+
+    /// Where backend `id` lives in an IPv4 backends array of `slots`
+    /// entries (a power of two).
+    #[inline(always)]
+    pub const fn backend_slot(id: u32, slots: u32) -> u32 {
+        id & (slots - 1)
+    }
     /// Frontend (reverse-NAT) ids run from 1 to `REVNAT - 1`
     /// (`--map-frontends`): the reverse-NAT maps' entries, and the
     /// round-robin counters' (allocated as used).
@@ -426,7 +449,10 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
 }
 
-/// Value of the backends map, keyed by a `u32` id the agent allocates (never 0).
+/// A backend, by the `u32` id the agent allocates (never 0). The IPv4
+/// backends map is an array: backend `id` is at [`capacity::backend_slot`],
+/// and the value names the id it holds, so that an id whose slot holds
+/// another backend now finds none (an empty slot holds id 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend4 {
@@ -438,8 +464,10 @@ pub struct Backend4 {
     /// Bits of [`backend_flags`].
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// The backend's id (the IPv6 map, a hash, has it as its key and 0 here).
+    pub id: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend4>() == 16);
 
 /// Value of the reverse-NAT map, keyed by a `u32` id the agent allocates per
 /// frontend (never 0, below [`capacity::REVNAT`]): the address and port a

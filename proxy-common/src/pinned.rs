@@ -12,12 +12,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::LpmTrie, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 
 use crate::{
-    map_names, stats::Stat, AffinityKey4, AffinityKey6, AffinityValue, Backend4, Backend6, CtKey4,
-    CtKey6, CtValue, Nat4, RevNat4, RevNat6, ServiceKey4, ServiceKey6, ServiceValue, SourceRange4,
-    SourceRange6, StatCounter, Traffic, TrafficKey,
+    capacity, map_names, stats::Stat, AffinityKey4, AffinityKey6, AffinityValue, Backend4,
+    Backend6, CtKey4, CtKey6, CtValue, Nat4, RevNat4, RevNat6, ServiceKey4, ServiceKey6,
+    ServiceValue, SourceRange4, SourceRange6, StatCounter, Traffic, TrafficKey,
 };
 
 /// The maps pinned under one directory.
@@ -59,17 +59,23 @@ impl Pinned {
         self.hash_map(map_names::SERVICES_V4)
     }
 
-    /// The backends map itself (see [`Pinned::hash_map`]).
-    pub fn backends_map(&self) -> Result<HashMap<MapData, u32, Backend4>> {
-        self.hash_map(map_names::BACKENDS_V4)
+    /// The IPv4 backends array itself, for reads of single backends as
+    /// the programs see them while the agent writes (see [`backend`]).
+    pub fn backends_map(&self) -> Result<Array<MapData, Backend4>> {
+        Ok(Array::try_from(self.open(map_names::BACKENDS_V4)?)?)
     }
 
     pub fn services(&self) -> Result<Vec<(ServiceKey4, ServiceValue)>> {
         self.hash(map_names::SERVICES_V4)
     }
 
+    /// Every IPv4 backend, by id: the array's slots that hold one.
     pub fn backends(&self) -> Result<Vec<(u32, Backend4)>> {
-        self.hash(map_names::BACKENDS_V4)
+        Ok(self
+            .backends_map()?
+            .iter()
+            .filter_map(|b| b.map(|b| (b.id != 0).then_some((b.id, b))).transpose())
+            .collect::<Result<_, _>>()?)
     }
 
     pub fn revnat(&self) -> Result<Vec<(u32, RevNat4)>> {
@@ -182,4 +188,11 @@ pub fn sum_stats(
         out.push((stat.name(), total));
     }
     Ok(out)
+}
+
+/// Backend `id` in the IPv4 backends array `map`, as the programs find it:
+/// at the id's slot, if that slot holds that id.
+pub fn backend(map: &Array<MapData, Backend4>, id: u32) -> Option<Backend4> {
+    let slot = capacity::backend_slot(id, map.len());
+    map.get(&slot, 0).ok().filter(|b| id != 0 && b.id == id)
 }

@@ -9,21 +9,25 @@
 //! rewritten. A pinned map two or more versions old (or newer than this
 //! agent) is not carried over.
 //!
-//! Maps with no older version in the history: `backend4_v1`, `natport4_v1`,
-//! `config_v1` and `stats_v1` (adopted as they are). `rr_v2` was a per-CPU
+//! Maps with no older version in the history: `natport4_v1`, `config_v1`
+//! and `stats_v1` (adopted as they are). `rr_v2` was a per-CPU
 //! array (every frontend id's counters allocated on every CPU); its
 //! round-robin counters are not worth carrying over.
 //!
-//! Every conversion is total: the previous layouts differ from today's only
-//! by a frontend id 16 bits wide where it is 32 bits now (v1 and ct4_v2, see
-//! "Frontend ids are u32") or, in `nat4_v2`, by padding where `nat4_v3` has
-//! its flags.
+//! Every conversion is total but one: the previous layouts differ from
+//! today's only by a frontend id 16 bits wide where it is 32 bits now (v1
+//! and ct4_v2, see "Frontend ids are u32"), in `nat4_v2` by padding where
+//! `nat4_v3` has its flags, and in `backend4_v1` by being a hash map keyed
+//! by id where `backend4_v2` is an array indexed by the id's low bits: two
+//! ids of one slot cannot both go over (the agent gives the other a new id,
+//! and its flows a new backend).
 
 use crate::map_names;
 
 /// The previous version of each map that has one, with today's name beside it.
 pub mod names {
     pub const SERVICES_V4: &str = "svc4_v1";
+    pub const BACKENDS_V4: &str = "backend4_v1";
     pub const REVNAT_V4: &str = "revnat4_v1";
     pub const CONNTRACK_V4: &str = "ct4_v2";
     pub const NAT_V4: &str = "nat4_v2";
@@ -33,8 +37,9 @@ pub mod names {
     pub const SOURCE_RANGES_V4: &str = "srcrange4_v1";
 
     /// (previous name, today's name).
-    pub const ALL: [(&str, &str); 8] = [
+    pub const ALL: [(&str, &str); 9] = [
         (SERVICES_V4, super::map_names::SERVICES_V4),
+        (BACKENDS_V4, super::map_names::BACKENDS_V4),
         (REVNAT_V4, super::map_names::REVNAT_V4),
         (CONNTRACK_V4, super::map_names::CONNTRACK_V4),
         (NAT_V4, super::map_names::NAT_V4),
@@ -164,6 +169,33 @@ pub struct SourceRange4 {
 }
 const _: () = assert!(core::mem::size_of::<SourceRange4>() == 8);
 
+/// `backend4_v1`'s value (keyed by id, in a hash map): no id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend4 {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
+
+/// A `backend4_v1` entry as a `backend4_v2` value, which names its id (its
+/// slot is [`crate::capacity::backend_slot`]).
+pub const fn backend(id: u32, v: Backend4) -> crate::Backend4 {
+    crate::Backend4 {
+        addr: crate::Ip4::from_raw(v.addr_be),
+        port_be: v.port_be,
+        proto: v.proto,
+        state: v.state,
+        flags: v.flags,
+        _pad: [0; 3],
+        id,
+    }
+}
+
 // `revnat4_v1` had a 16-bit key and today's value: see [`revnat_id`].
 
 /// A `revnat4_v1` key (a frontend id) as today's.
@@ -239,6 +271,7 @@ mod pod {
     use super::*;
     // SAFETY: each type is repr(C), has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend4 {}
     unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for Nat4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
@@ -282,7 +315,8 @@ mod tests {
         );
         assert_eq!(classify("nat4_v1"), Pin::Unknown("nat4_v3"));
         assert_eq!(classify("nat4_v4"), Pin::Unknown("nat4_v3"), "newer");
-        assert_eq!(classify("backend4_v0"), Pin::Unknown("backend4_v1"));
+        assert_eq!(classify("backend4_v1"), Pin::Previous("backend4_v2"));
+        assert_eq!(classify("backend4_v0"), Pin::Unknown("backend4_v2"));
         assert_eq!(classify("xdp_native_eth0"), Pin::Other);
         assert_eq!(classify("ct4_v3_resized"), Pin::Resized("ct4_v3"));
         assert_eq!(
@@ -342,6 +376,17 @@ mod tests {
         assert_eq!((new.flags, new.last_seen_ns), (0, 99));
         // The same bytes but the flags' two: v2's padding was zero.
         assert_eq!(bytes(&new), bytes(&old));
+    }
+
+    #[test]
+    fn a_v1_backend_keeps_every_field_and_gets_its_id() {
+        // 10.244.1.7:8080 TCP, terminating, local.
+        let old: [u8; 12] = [10, 244, 1, 7, 0x1f, 0x90, 6, 1, 1, 0, 0, 0];
+        let new = backend(70_000, from_bytes(&old));
+        let mut expected = old.to_vec();
+        expected.extend(70_000u32.to_ne_bytes());
+        assert_eq!(bytes(&new), expected);
+        assert_eq!((new.port_be, new.id), (8080u16.to_be(), 70_000));
     }
 
     #[test]

@@ -26,9 +26,9 @@ use crate::{
     flow::{self, Early, Flow, Frame},
     keys,
     maps::{
-        AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, NAT,
-        NAT6, NAT_PORTS, NAT_PORTS6, REVNAT, REVNAT6, SERVICES, SERVICES6, SERVICE_CIDRS,
-        SOURCE_RANGES, SOURCE_RANGES6,
+        AFFINITY, AFFINITY6, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, NAT, NAT6,
+        NAT_PORTS, NAT_PORTS6, REVNAT, REVNAT6, SERVICES, SERVICES6, SERVICE_CIDRS, SOURCE_RANGES,
+        SOURCE_RANGES6,
     },
 };
 
@@ -406,8 +406,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn backend(id: u32) -> Option<Backend4> {
-        // SAFETY: copied out at once.
-        unsafe { BACKENDS.get(&id) }.copied()
+        crate::maps::backend4(id)
     }
 
     #[inline(always)]
@@ -753,6 +752,7 @@ pub extern "C" fn ferry_find_free_port4(
         state: 0,
         flags: 0,
         _pad: [0; 3],
+        id: 0,
     };
     crate::ct::nat::find_free::<V4>(&backend, backend.proto, size, start_word).unwrap_or(u32::MAX)
 }

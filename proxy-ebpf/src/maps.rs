@@ -23,9 +23,26 @@ use proxy_common::{
 pub static SERVICES: HashMap<ServiceKey4, ServiceValue, { capacity::SERVICES as usize }> =
     HashMap::new();
 
-/// Backends by the id the agent gave them.
-#[btf_map(name = "backend4_v1")]
-pub static BACKENDS: HashMap<u32, Backend4, { capacity::BACKENDS as usize }> = HashMap::new();
+/// Backends by the id the agent gave them: an array, at the id's low bits
+/// (`capacity::backend_slot`), each value naming the id it holds. An
+/// array's lookup is a bounds check and an offset, where a hash map's
+/// hashes the key and walks a bucket: every established packet makes one.
+#[btf_map(name = "backend4_v2")]
+pub static BACKENDS: Array<Backend4, { capacity::BACKENDS as usize }> = Array::new();
+
+/// `BACKENDS`' entries as the agent sized it (a power of two): set when it
+/// loads the programs, a constant to the verifier.
+#[no_mangle]
+static BACKEND_SLOTS: u32 = capacity::BACKENDS;
+
+/// The backend `BACKENDS` holds for `id`, if that slot holds that id.
+#[inline(always)]
+pub fn backend4(id: u32) -> Option<Backend4> {
+    // SAFETY: a plain read of a global the loader may have set.
+    let slots = unsafe { core::ptr::read_volatile(&BACKEND_SLOTS) };
+    let backend = BACKENDS.get(capacity::backend_slot(id, slots))?;
+    (id != 0 && backend.id == id).then_some(*backend)
+}
 
 /// Reverse NAT: frontend id -> the address and port the client dialled.
 #[btf_map(name = "revnat4_v2")]

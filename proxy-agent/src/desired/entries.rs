@@ -124,7 +124,9 @@ impl From<ServiceKey6> for ServiceKey {
 }
 
 impl Backend {
-    pub fn kernel(&self) -> Family<Backend4, Backend6> {
+    /// The kernel's value for backend `id` (the IPv4 one names its id: see
+    /// `Backend4`).
+    pub fn kernel(&self, id: u32) -> Family<Backend4, Backend6> {
         match self.addr {
             IpAddr::V4(a) => Family::V4(Backend4 {
                 addr: a.into(),
@@ -133,6 +135,7 @@ impl Backend {
                 state: self.state,
                 flags: self.flags,
                 _pad: [0; 3],
+                id,
             }),
             IpAddr::V6(a) => Family::V6(Backend6 {
                 addr: a.octets(),
@@ -228,8 +231,20 @@ mod tests {
             state: 1,
             flags: 1,
         };
-        let Family::V6(k) = b.kernel() else { panic!() };
+        let Family::V6(k) = b.kernel(7) else { panic!() };
         assert_eq!(Backend::from(k), b);
+        let b4 = Backend {
+            addr: "10.0.0.3".parse().unwrap(),
+            ..b
+        };
+        let Family::V4(k) = b4.kernel(7) else {
+            panic!()
+        };
+        assert_eq!(
+            (Backend::from(k), k.id),
+            (b4, 7),
+            "the IPv4 value names its id"
+        );
         let r = RevNat {
             addr: "10.96.0.10".parse().unwrap(),
             port: 80,

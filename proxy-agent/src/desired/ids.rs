@@ -21,9 +21,12 @@ pub struct Ids {
     /// By address, port and protocol: a backend keeps its id while it changes
     /// from ready to terminating, so conntrack entries naming it stay valid.
     pub(super) backends: HashMap<(IpAddr, u16, Protocol), u32>,
-    /// The ids in `backends`, kept beside it so an allocation is O(1), not a
-    /// walk over every backend.
-    pub(super) backend_ids: HashSet<u32>,
+    /// The slots of the ids in `backends` (see `capacity::backend_slot`):
+    /// an id is handed out only where its slot is free, so that each IPv4
+    /// backend has its entry of the backends array to itself (and no two
+    /// ids in use are equal). Kept beside `backends` so an allocation is
+    /// O(1), not a walk over every backend.
+    pub(super) backend_slots: Slots,
     pub(super) backend_cursor: u32,
     pub(super) revnat: HashMap<Frontend, u32>,
     pub(super) revnat_ids: HashSet<u32>,
@@ -68,7 +71,7 @@ impl Ids {
         for (&id, b) in &state.backends {
             if let Some(protocol) = protocol_of(b.proto) {
                 ids.backends.insert((b.addr, b.port, protocol), id);
-                ids.backend_ids.insert(id);
+                ids.backend_slots.insert(id);
                 ids.backend_cursor = ids.backend_cursor.max(id);
             }
         }
@@ -96,6 +99,15 @@ impl Ids {
         self.max_frontend_id = Some(max.max(1));
     }
 
+    /// Hands out backend ids for an IPv4 backends array of `slots` entries
+    /// (a power of two), not `capacity::BACKENDS`.
+    pub fn set_backend_slots(&mut self, slots: u32) {
+        self.backend_slots = Slots::new(slots);
+        for &id in self.backends.values() {
+            self.backend_slots.insert(id);
+        }
+    }
+
     fn max_frontend_id(&self) -> u32 {
         self.max_frontend_id.unwrap_or(MAX_FRONTEND_ID)
     }
@@ -117,12 +129,17 @@ impl Ids {
         if let Some(&id) = self.backends.get(&key) {
             return Some(id);
         }
-        let (used, reserved) = (&self.backend_ids, &self.reserved_backends);
+        // Every slot taken: no id would do (and the search would go
+        // round the whole id space).
+        if self.backend_slots.full() {
+            return None;
+        }
+        let (used, reserved) = (&self.backend_slots, &self.reserved_backends);
         let id = next_free(&mut self.backend_cursor, u32::MAX, |id| {
-            used.contains(&id) || reserved.contains(&id)
+            used.holds(id) || reserved.contains(&id)
         })?;
         self.backends.insert(key, id);
-        self.backend_ids.insert(id);
+        self.backend_slots.insert(id);
         Some(id)
     }
 
@@ -149,7 +166,7 @@ impl Ids {
         let key = (value.addr, value.port, protocol);
         if self.backends.get(&key) == Some(&id) {
             self.backends.remove(&key);
-            self.backend_ids.remove(&id);
+            self.backend_slots.remove(id);
         }
     }
 
@@ -165,16 +182,85 @@ impl Ids {
     /// forget: the usual full round skips a lookup per backend (a tenth of
     /// the round at 1M backends).
     pub(super) fn retain(&mut self, state: &MapState) {
-        if self.backend_ids.len() > state.backends.len() {
-            self.backends
-                .retain(|_, id| state.backends.contains_key(id));
-            self.backend_ids
-                .retain(|id| state.backends.contains_key(id));
+        if self.backends.len() > state.backends.len() {
+            let slots = &mut self.backend_slots;
+            self.backends.retain(|_, id| {
+                let keep = state.backends.contains_key(id);
+                if !keep {
+                    slots.remove(*id);
+                }
+                keep
+            });
         }
         if self.revnat_ids.len() > state.revnat.len() {
             self.revnat.retain(|_, id| state.revnat.contains_key(id));
             self.revnat_ids.retain(|id| state.revnat.contains_key(id));
         }
+    }
+}
+
+/// Which slots of the IPv4 backends array hold a backend, one bit each
+/// (a `HashSet` of ids took 16 bytes or more per backend).
+#[derive(Debug)]
+pub(super) struct Slots {
+    bits: Vec<u64>,
+    taken: usize,
+    slots: u32,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self::new(capacity::BACKENDS)
+    }
+}
+
+impl Slots {
+    /// Slots for an array of `slots` entries (rounded up to a power of two,
+    /// as the array is).
+    fn new(slots: u32) -> Self {
+        let slots = capacity::backend_slots(slots);
+        Self {
+            bits: vec![0; (slots as usize).div_ceil(64)],
+            taken: 0,
+            slots,
+        }
+    }
+
+    fn at(&self, id: u32) -> (usize, u64) {
+        let slot = capacity::backend_slot(id, self.slots) as usize;
+        (slot / 64, 1 << (slot % 64))
+    }
+
+    /// Whether `id`'s slot holds a backend.
+    pub(super) fn holds(&self, id: u32) -> bool {
+        let (word, bit) = self.at(id);
+        self.bits[word] & bit != 0
+    }
+
+    fn insert(&mut self, id: u32) {
+        let (word, bit) = self.at(id);
+        if self.bits[word] & bit == 0 {
+            self.bits[word] |= bit;
+            self.taken += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        let (word, bit) = self.at(id);
+        if self.bits[word] & bit != 0 {
+            self.bits[word] &= !bit;
+            self.taken -= 1;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.taken >= self.slots as usize
+    }
+
+    /// How many slots hold a backend.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.taken
     }
 }
 

@@ -53,6 +53,8 @@ impl Programmed {
                 .unwrap_or(u32::MAX)
                 .saturating_sub(1),
         );
+        // Backend ids each to a slot of their own in the IPv4 array.
+        ids.set_backend_slots(u32::try_from(capacity.backends).unwrap_or(u32::MAX));
         Self {
             ids,
             fill: Fill::of(&applied),

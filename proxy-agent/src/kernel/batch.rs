@@ -3,7 +3,7 @@
 //! entry (next key, then lookup). The resync reads the services, backends,
 //! reverse-NAT and Maglev maps this way every `--resync-seconds`. A kernel
 //! or map type that refuses batches (LPM tries have none) is read one entry
-//! at a time, as before.
+//! at a time, as before. The IPv4 backends array is read in batches too.
 
 use std::{
     io,
@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, IterableMap, MapData},
+    maps::{Array, HashMap, IterableMap, MapData},
     Pod,
 };
 
@@ -55,6 +55,19 @@ pub fn entries<K: Pod, V: Pod>(
     if reading == Reading::Batched {
         if let Some(entries) = lookup_batch(map.map()).context("reading a map in batches")? {
             return Ok(entries);
+        }
+    }
+    Ok(map.iter().collect::<Result<_, _>>()?)
+}
+
+/// Every value of the array `map`, in index order, read as `reading` says
+/// (arrays have batches where hash maps do).
+pub fn array_values<V: Pod>(map: &Array<MapData, V>, reading: Reading) -> Result<Vec<V>> {
+    if reading == Reading::Batched {
+        if let Some(entries) =
+            lookup_batch::<u32, V>(map.map()).context("reading an array in batches")?
+        {
+            return Ok(entries.into_iter().map(|(_, v)| v).collect());
         }
     }
     Ok(map.iter().collect::<Result<_, _>>()?)

@@ -145,8 +145,10 @@ impl Dataplane {
         for (k, v) in batch::entries(&self.v6.services, reading)? {
             state.services.insert(k.into(), v);
         }
-        for (k, v) in batch::entries(&self.backends, reading)? {
-            state.backends.insert(k, v.into());
+        for b in batch::array_values(&self.backends, reading)? {
+            if b.id != 0 {
+                state.backends.insert(b.id, b.into());
+            }
         }
         for (k, v) in batch::entries(&self.v6.backends, reading)? {
             state.backends.insert(k, v.into());
@@ -180,8 +182,8 @@ impl Dataplane {
     pub fn write(&mut self, op: &MapOp) -> Result<()> {
         debug!(?op, "map write");
         let result = match *op {
-            MapOp::PutBackend(id, b) => match b.kernel() {
-                Family::V4(b) => self.backends.insert(id, b, 0),
+            MapOp::PutBackend(id, b) => match b.kernel(id) {
+                Family::V4(b) => self.put_backend4(b),
                 Family::V6(b) => self.v6.backends.insert(id, b, 0),
             },
             MapOp::PutRevNat(id, r) => match r.kernel() {
@@ -216,7 +218,7 @@ impl Dataplane {
             },
             // An id is of one family: the other map does not hold it.
             MapOp::DelRevNat(id) => self.revnat.remove(&id).and(self.v6.revnat.remove(&id)),
-            MapOp::DelBackend(id) => self.backends.remove(&id).and(self.v6.backends.remove(&id)),
+            MapOp::DelBackend(id) => self.del_backend4(id).and(self.v6.backends.remove(&id)),
         };
         match result {
             Err(MapError::KeyNotFound) => Ok(()),
@@ -230,6 +232,44 @@ impl Dataplane {
             }
             other => other.with_context(|| format!("map write {op:?}")),
         }
+    }
+
+    /// Writes IPv4 backend `b` at its id's slot. The ids hand out a slot
+    /// to one id at a time (`Ids`), so the slot is empty or holds this id:
+    /// anything else is refused, never overwritten.
+    pub(super) fn put_backend4(&mut self, b: Backend4) -> Result<(), MapError> {
+        let slot = self.backend_slot(b.id)?;
+        let held = self.backends.get(&slot, 0)?.id;
+        if held != 0 && held != b.id {
+            return Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem (the slot holds another backend id)",
+                io_error: io::Error::from_raw_os_error(libc::EEXIST),
+            }));
+        }
+        self.backends.set(slot, b, 0)
+    }
+
+    /// Empties the slot of IPv4 backend `id`, if it holds that id (a slot
+    /// a removed id left may hold a newer one).
+    fn del_backend4(&mut self, id: u32) -> Result<(), MapError> {
+        let slot = self.backend_slot(id)?;
+        if self.backends.get(&slot, 0)?.id == id {
+            self.backends.set(slot, Backend4::default(), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Where backend `id` lives in the IPv4 backends array.
+    fn backend_slot(&self, id: u32) -> Result<u32, MapError> {
+        let slots = self.backends.len();
+        if id == 0 || !slots.is_power_of_two() {
+            return Err(MapError::SyscallError(aya::sys::SyscallError {
+                call:
+                    "bpf_map_update_elem (no slot for backend id 0, or an array not a power of two)",
+                io_error: io::Error::from_raw_os_error(libc::EINVAL),
+            }));
+        }
+        Ok(capacity::backend_slot(id, slots))
     }
 
     /// How many entries the maps the agent programs hold at most.

@@ -261,6 +261,44 @@ fn write<V: PartialEq>(now: Option<&V>, wrote: Option<&V>, value: &V) -> Option<
     }
 }
 
+/// The IPv4 backends' carry, from `backend4_v1` (a hash map keyed by id) or
+/// a `backend4_v2` array of another size: each backend goes to its id's slot
+/// in the new array. Two ids of one slot there cannot both go: the first
+/// stays, the other is reported, and the agent's first round gives its
+/// endpoint a new id (its flows a new backend).
+enum BackendCarry {
+    Hash(HashMap<MapData, u32, previous::Backend4>),
+    Array(Array<MapData, Backend4>),
+}
+
+impl Carry for BackendCarry {
+    fn pass(&mut self, dp: &mut Dataplane) -> Result<usize> {
+        let old: Vec<Backend4> = match self {
+            Self::Hash(map) => map
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(id, b)| previous::backend(id, b))
+                .collect(),
+            Self::Array(map) => map.iter().filter_map(Result::ok).collect(),
+        };
+        let (mut copied, mut refused) = (0, Vec::new());
+        for backend in old.into_iter().filter(|b| b.id != 0) {
+            match dp.put_backend4(backend) {
+                Ok(()) => copied += 1,
+                Err(_) => refused.push(backend.id),
+            }
+        }
+        if refused.is_empty() {
+            return Ok(copied);
+        }
+        refused.truncate(8);
+        bail!(
+            "backends {refused:?} (and maybe more) not carried over: their slots in the new \
+             array hold other ids ({copied} were carried)"
+        )
+    }
+}
+
 /// The source-range trie's carry: entries missing from the new trie.
 struct TrieCarry {
     old: LpmTrie<MapData, previous::SourceRange4, u8>,
@@ -315,7 +353,9 @@ fn open_resized(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
         map_names::SERVICES_V4 => hash(old, same::<ServiceKey4, ServiceValue>, |dp| {
             &mut dp.services
         }),
-        map_names::BACKENDS_V4 => hash(old, same::<u32, Backend4>, |dp| &mut dp.backends),
+        map_names::BACKENDS_V4 => Ok(Box::new(BackendCarry::Array(
+            Array::try_from(old).context("its layout is not the one its name says")?,
+        ))),
         map_names::CONNTRACK_V4 => hash(old, same::<CtKey4, CtValue>, |dp| &mut dp.conntrack),
         map_names::NAT_V4 => hash(old, same::<CtKey4, Nat4>, |dp| &mut dp.nat),
         map_names::AFFINITY_V4 => hash(old, same::<AffinityKey4, AffinityValue>, |dp| {
@@ -361,6 +401,9 @@ fn open(path: &Path, current: &str) -> Result<Box<dyn Carry>> {
             |k: u16, v: RevNat4| (previous::revnat_id(k), v),
             |dp| &mut dp.revnat,
         ),
+        map_names::BACKENDS_V4 => Ok(Box::new(BackendCarry::Hash(
+            HashMap::try_from(old).context("its layout is not the one its name says")?,
+        ))),
         map_names::CONNTRACK_V4 => hash(
             old,
             |k: CtKey4, v| (k, previous::conntrack(v)),

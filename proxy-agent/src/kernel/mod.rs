@@ -96,7 +96,8 @@ fn set_aside_resized(pin_dir: &Path, entries: &[(&'static str, u32)]) -> Result<
 pub struct Dataplane {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey4, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend4>,
+    /// An array: see `Backend4` and [`Dataplane::write`].
+    backends: Array<MapData, Backend4>,
     revnat: HashMap<MapData, u32, RevNat4>,
     conntrack: HashMap<MapData, CtKey4, CtValue>,
     nat: HashMap<MapData, CtKey4, Nat4>,
@@ -238,6 +239,8 @@ impl Dataplane {
         // An object without it (older) counts nothing anyway.
         let counting = u8::from(traffic_counters);
         loader.override_global(TRAFFIC_COUNTERS, &counting, false);
+        let slots = capacity::backend_slots(sizes.backends);
+        loader.override_global(BACKEND_SLOTS, &slots, false);
         let level = log_level.value();
         loader.override_global(aya_log::LEVEL, &level, false);
         let mut dataplane = Self::load_with(&mut loader)?;
@@ -274,11 +277,12 @@ impl Dataplane {
     /// Private maps of `capacity`: for tests that fill them.
     pub fn load_private_with_capacity(capacity: &Capacity) -> Result<Self> {
         let entries = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let slots = capacity::backend_slots(entries(capacity.backends));
         let mut loader = EbpfLoader::new();
+        size_backends(&mut loader, &slots);
         loader
             .map_max_entries(map_names::SERVICES_V4, entries(capacity.services))
             .map_max_entries(map_names::SERVICES_V6, entries(capacity.services))
-            .map_max_entries(map_names::BACKENDS_V4, entries(capacity.backends))
             .map_max_entries(map_names::BACKENDS_V6, entries(capacity.backends))
             .map_max_entries(map_names::REVNAT_V4, entries(capacity.revnat))
             .map_max_entries(map_names::REVNAT_V6, entries(capacity.revnat))
@@ -308,11 +312,12 @@ impl Dataplane {
         let ids = frontends.saturating_add(1).max(capacity::REVNAT);
         // Two entries per flow.
         let conntrack = flows.saturating_mul(2).max(capacity::CONNTRACK);
+        let backend_slots = capacity::backend_slots(backends);
         let mut loader = EbpfLoader::new();
+        size_backends(&mut loader, &backend_slots);
         loader
             .map_max_entries(map_names::SERVICES_V4, slots)
             .map_max_entries(map_names::SERVICES_V6, slots)
-            .map_max_entries(map_names::BACKENDS_V4, backends)
             .map_max_entries(map_names::BACKENDS_V6, backends)
             .map_max_entries(map_names::REVNAT_V4, ids)
             .map_max_entries(map_names::REVNAT_V6, ids)
@@ -531,7 +536,7 @@ impl Dataplane {
                 .with_context(|| format!("map {name} missing from the object"))
         };
         let services = HashMap::try_from(take(map_names::SERVICES_V4)?)?;
-        let backends = HashMap::try_from(take(map_names::BACKENDS_V4)?)?;
+        let backends = Array::try_from(take(map_names::BACKENDS_V4)?)?;
         let revnat = HashMap::try_from(take(map_names::REVNAT_V4)?)?;
         let conntrack = HashMap::try_from(take(map_names::CONNTRACK_V4)?)?;
         let nat = HashMap::try_from(take(map_names::NAT_V4)?)?;
@@ -581,6 +586,17 @@ impl Dataplane {
 
 /// The programs' load-time switch of the traffic counters.
 const TRAFFIC_COUNTERS: &str = "TRAFFIC_COUNTERS";
+
+/// The programs' load-time size of the IPv4 backends array.
+const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+
+/// Sizes the IPv4 backends array to `slots` (a power of two, see
+/// `capacity::backend_slots`), and tells the programs, which find an id's
+/// slot by it.
+fn size_backends<'a>(loader: &mut EbpfLoader<'a>, slots: &'a u32) {
+    loader.map_max_entries(map_names::BACKENDS_V4, *slots);
+    loader.override_global(BACKEND_SLOTS, slots, false);
+}
 
 /// The programs' load-time choice of clock (see [`coarse_clock`]).
 const COARSE_CLOCK: &str = "COARSE_CLOCK";

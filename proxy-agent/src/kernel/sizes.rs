@@ -127,7 +127,10 @@ impl MapSizes {
             (map_names::SERVICES_V4, self.services),
             (map_names::SERVICES_V6, self.services),
             (map_names::TRAFFIC, self.services),
-            (map_names::BACKENDS_V4, self.backends),
+            (
+                map_names::BACKENDS_V4,
+                capacity::backend_slots(self.backends),
+            ),
             (map_names::BACKENDS_V6, self.backends),
             (map_names::REVNAT_V4, self.frontends),
             (map_names::REVNAT_V6, self.frontends),

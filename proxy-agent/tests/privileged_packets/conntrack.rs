@@ -189,33 +189,34 @@ fn new_flows_spread_over_all_backends() {
     assert!((16..=48).contains(&on_a), "{on_a} of 64 flows on backend A");
 }
 
-#[test]
-fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
-    let mut p = Programs::new(&cluster());
-    // A UDP flow (60 s lifetime) the hash sends to A, pinned (by hand) to B.
+/// A UDP flow (60 s lifetime) of the dns Service that the hash sends to A,
+/// its forward conntrack key, its frontend id, and B's backend id: for
+/// tests that pin it to B by hand.
+fn a_flow_the_hash_sends_to_a(p: &Programs) -> (Frame, proxy_common::CtKey4, u32, u32) {
     let f = (49000..49200)
         .map(|port| Frame::udp(CLIENT, port, VIP, 53))
         .find(|f| p.hashed_backend(f).0 == ip(BACKEND_A))
         .unwrap();
-    let id_of = |p: &Programs, addr: &str| {
-        *p.programmed
-            .applied()
-            .backends
-            .iter()
-            .find(|(_, b)| b.addr == ip(addr) && b.port == 5353)
-            .unwrap()
-            .0
-    };
-    let key = forward_key(&f);
-    let rev_nat_id = *p
-        .programmed
-        .applied()
+    let applied = p.programmed.applied();
+    let rev_nat_id = *applied
         .revnat
         .iter()
         .find(|(_, r)| r.port == 53 && r.addr == ip(VIP))
         .unwrap()
         .0;
-    let backend_b = id_of(&p, BACKEND_B);
+    let backend_b = *applied
+        .backends
+        .iter()
+        .find(|(_, b)| b.addr == ip(BACKEND_B) && b.port == 5353)
+        .unwrap()
+        .0;
+    (f.clone(), forward_key(&f), rev_nat_id, backend_b)
+}
+
+#[test]
+fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
+    let mut p = Programs::new(&cluster());
+    let (f, key, rev_nat_id, backend_b) = a_flow_the_hash_sends_to_a(&p);
     let pinned = |last_seen_ns| proxy_common::CtValue {
         backend_id: backend_b,
         rev_nat_id,
@@ -237,6 +238,32 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         out,
         f.with_dst(ip(BACKEND_A), 5353).bytes(),
         "an expired one does not"
+    );
+}
+
+/// The IPv4 backends are an array at the ids' low bits: an entry naming an
+/// id whose slot holds another backend (B's, whose id has the same low
+/// bits) finds no backend, and the flow gets the scheduler's, never B.
+#[test]
+fn a_flow_naming_an_id_whose_slot_holds_another_backend_is_scheduled_again() {
+    let mut p = Programs::new(&cluster());
+    let (f, key, rev_nat_id, backend_b) = a_flow_the_hash_sends_to_a(&p);
+    let slots = u32::try_from(p.dp.capacity().unwrap().backends).unwrap();
+    let pinned = |backend_id| proxy_common::CtValue {
+        backend_id,
+        rev_nat_id,
+        last_seen_ns: proxy_agent::kernel::monotonic_ns(),
+        ..Default::default()
+    };
+    p.dp.set_conntrack(key, pinned(backend_b)).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(out, f.with_dst(ip(BACKEND_B), 5353).bytes(), "B's own id");
+    p.dp.set_conntrack(key, pinned(backend_b + slots)).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_A), 5353).bytes(),
+        "an id of B's slot but not B's"
     );
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 
 use super::netns::run;
 
@@ -42,4 +42,9 @@ pub fn open(dir: &Path, name: &str) -> Map {
 /// The hash map pinned at `dir/name`, with keys `K` and values `V`.
 pub fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {
     HashMap::try_from(open(dir, name)).unwrap()
+}
+
+/// The array pinned at `dir/name`, with values `V`.
+pub fn array<V: aya::Pod>(dir: &Path, name: &str) -> Array<MapData, V> {
+    Array::try_from(open(dir, name)).unwrap()
 }

@@ -153,7 +153,13 @@ fn a_full_round_forgets_the_ids_of_what_went_and_keeps_the_rest() {
     let a = svc("a", [10, 96, 0, 1], 80, &[([10, 0, 0, 2], 80)]);
     let b = svc("b", [10, 96, 0, 2], 80, &[([10, 0, 0, 3], 80)]);
     let (both, _) = map_state(&[&a, &b], &mut ids);
-    let known = |ids: &Ids| (ids.backends.len(), ids.backend_ids.len(), ids.revnat.len());
+    let known = |ids: &Ids| {
+        (
+            ids.backends.len(),
+            ids.backend_slots.len(),
+            ids.revnat.len(),
+        )
+    };
     assert_eq!(known(&ids), (2, 2, 2));
     // Nothing went: every id stays.
     let (again, _) = map_state(&[&a, &b], &mut ids);
@@ -167,10 +173,48 @@ fn a_full_round_forgets_the_ids_of_what_went_and_keeps_the_rest() {
         ids.frontend_id(&a.frontend),
         Some(only_a.revnat.keys().copied().next().unwrap())
     );
-    assert_eq!(
-        ids.backend_ids.iter().copied().collect::<Vec<_>>(),
-        only_a.backends.keys().copied().collect::<Vec<_>>()
+    let kept = only_a.backends.keys().copied().next().unwrap();
+    assert!(ids.backend_slots.holds(kept));
+    let gone = both
+        .backends
+        .keys()
+        .copied()
+        .find(|id| *id != kept)
+        .unwrap();
+    assert!(!ids.backend_slots.holds(gone), "b's backend's slot is free");
+}
+
+/// Backend ids go where their slot of the IPv4 backends array is free:
+/// no two ids in use share one, whatever the cursor meets; every slot
+/// taken, there is no id to give.
+#[test]
+fn backend_ids_each_get_a_slot_of_their_own() {
+    let mut ids = Ids::default();
+    ids.set_backend_slots(4);
+    let endpoints: Vec<_> = (0..4u8).map(|i| ([10, 0, 0, i + 2], 80)).collect();
+    let a = svc("a", [10, 96, 0, 1], 80, &endpoints[..2]);
+    map_state(&[&a], &mut ids);
+    // a's two backends went: their ids are not reused at once, and the
+    // next ones take their slots only once the cursor has gone past.
+    map_state::<FrontendSpec>(&[], &mut ids);
+    let b = svc("b", [10, 96, 0, 2], 80, &endpoints);
+    let (state, problems) = map_state(&[&b], &mut ids);
+    assert!(problems.is_empty(), "{problems:?}");
+    let mut slots: Vec<u32> = state
+        .backends
+        .keys()
+        .map(|id| proxy_common::capacity::backend_slot(*id, 4))
+        .collect();
+    slots.sort_unstable();
+    assert_eq!(slots, [0, 1, 2, 3], "ids {:?}", state.backends.keys());
+    assert!(
+        state.backends.keys().all(|id| *id > 2),
+        "no id reused at once"
     );
+    // A fifth backend has no slot.
+    let c = svc("c", [10, 96, 0, 3], 80, &[([10, 0, 0, 9], 80)]);
+    let (_, problems) = map_state(&[&b, &c], &mut ids);
+    assert_eq!(problems.len(), 1, "{problems:?}");
 }
 
 #[test]

@@ -35,9 +35,12 @@ use ::kube::{
     Api, Client,
 };
 use anyhow::{bail, ensure, Context, Result};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use futures::{stream, StreamExt};
-use proxy_common::{pinned::Pinned, proto, Backend4, ServiceKey4, ServiceValue};
+use proxy_common::{
+    pinned::{self, Pinned},
+    proto, Backend4, ServiceKey4, ServiceValue,
+};
 use serde_json::json;
 
 use super::memory;
@@ -538,7 +541,7 @@ fn agent_memory(lab: &Lab) -> Result<(u64, u64)> {
 /// node1's pinned service and backend maps, read as a packet would.
 struct Maps {
     services: HashMap<MapData, ServiceKey4, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend4>,
+    backends: Array<MapData, Backend4>,
 }
 
 impl Maps {
@@ -560,10 +563,8 @@ impl Maps {
             let Ok(value) = self.services.get(&key(slot), 0) else {
                 continue;
             };
-            if self
-                .backends
-                .get(&value.backend_id, 0)
-                .is_ok_and(|b| b.addr() == address)
+            if pinned::backend(&self.backends, value.backend_id)
+                .is_some_and(|b| b.addr() == address)
             {
                 return Ok(true);
             }
