@@ -239,6 +239,24 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         f.with_dst(ip(BACKEND_A), 5353).bytes(),
         "an expired one does not"
     );
+    // The agent's clock may run a tick ahead of the programs' coarse one: a
+    // stamp a little ahead is now, one far ahead long past.
+    let ahead = pinned(proxy_agent::kernel::monotonic_ns() + 500_000_000);
+    p.dp.set_conntrack(key, ahead).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_B), 5353).bytes(),
+        "stamped half a second ahead: live"
+    );
+    let far = pinned(proxy_agent::kernel::monotonic_ns() + 5_000_000_000);
+    p.dp.set_conntrack(key, far).unwrap();
+    let (_, out) = p.send_from_pod(&f);
+    assert_eq!(
+        out,
+        f.with_dst(ip(BACKEND_A), 5353).bytes(),
+        "stamped seconds ahead: expired"
+    );
 }
 
 /// The IPv4 backends are an array at the ids' low bits: an entry naming an

@@ -55,12 +55,22 @@ pub fn now() -> u64 {
     }
 }
 
-/// How long ago `then` was at `now`: 0 for a time after `now` (the agent
-/// stamps with the precise clock, which may run a tick ahead of the
-/// programs' coarse one).
+/// How far ahead of `now` a time may be and still count as now: the agent
+/// stamps entries with the precise clock, which runs up to a tick ahead of
+/// the programs' coarse one.
+const AHEAD_NS: u64 = 1_000_000_000;
+
+/// How long ago `then` was at `now`: 0 for a time at most [`AHEAD_NS`]
+/// after `now`. The difference wraps otherwise, so a time further ahead
+/// reads as long past (expired), as it always did.
 #[inline(always)]
 pub fn age(now: u64, then: u64) -> u64 {
-    now.saturating_sub(then)
+    let age = now.wrapping_sub(then);
+    if age > u64::MAX - AHEAD_NS {
+        0
+    } else {
+        age
+    }
 }
 
 /// Whether an entry last seen at `last_seen_ns` is due a new last-seen time.
