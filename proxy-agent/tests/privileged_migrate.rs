@@ -171,7 +171,6 @@ fn old_ct(backend_id: u32, rev_nat_id: u32, nat_port: u16, now: u64) -> previous
 /// `nat4_v1`, two versions old, that cannot be carried over.
 fn pin_previous_agent(dir: &Path, state: &MapState) {
     std::fs::create_dir_all(dir).unwrap();
-    pins::create(dir, previous::names::BACKENDS_V4, "hash", 4, 12, None);
     pins::create(dir, previous::names::SERVICES_V4, "hash", 12, 12, None);
     pins::create(dir, previous::names::REVNAT_V4, "hash", 2, 8, None);
     pins::create(dir, previous::names::CONNTRACK_V4, "lru_hash", 16, 24, None);
@@ -187,19 +186,13 @@ fn pin_previous_agent(dir: &Path, state: &MapState) {
         Some("1"),
     );
     pins::create(dir, "nat4_v1", "lru_hash", 16, 16, None);
-    let mut backends = pins::hash::<u32, previous::Backend4>(dir, previous::names::BACKENDS_V4);
-    for (&id, b) in &state.backends {
-        let b = b.kernel(id).v4().unwrap();
-        let old = previous::Backend4 {
-            addr_be: b.addr.raw(),
-            port_be: b.port_be,
-            proto: b.proto,
-            state: b.state,
-            flags: b.flags,
-            _pad: [0; 3],
-        };
-        backends.insert(id, old, 0).unwrap();
-    }
+    pins::previous_backends(
+        dir,
+        state
+            .backends
+            .iter()
+            .map(|(&id, b)| (id, b.kernel(id).v4().unwrap())),
+    );
     let mut svc =
         pins::hash::<ServiceKey4, previous::ServiceValue>(dir, previous::names::SERVICES_V4);
     for (k, v) in &state.services {

@@ -555,22 +555,10 @@ fn downgrade(dir: &Path) {
         std::fs::remove_file(dir.join(current)).unwrap();
     }
     pins::create(dir, previous::names::SERVICES_V4, "hash", 12, 12, None);
-    pins::create(dir, previous::names::BACKENDS_V4, "hash", 4, 12, None);
     pins::create(dir, previous::names::REVNAT_V4, "hash", 2, 8, None);
     pins::create(dir, previous::names::CONNTRACK_V4, "lru_hash", 16, 24, None);
     pins::create(dir, "nat4_v1", "lru_hash", 16, 16, None);
-    let mut old = pins::hash::<u32, previous::Backend4>(dir, previous::names::BACKENDS_V4);
-    for (id, b) in backends {
-        let value = previous::Backend4 {
-            addr_be: b.addr.raw(),
-            port_be: b.port_be,
-            proto: b.proto,
-            state: b.state,
-            flags: b.flags,
-            _pad: [0; 3],
-        };
-        old.insert(id, value, 0).unwrap();
-    }
+    pins::previous_backends(dir, backends);
     let mut old =
         pins::hash::<ServiceKey4, previous::ServiceValue>(dir, previous::names::SERVICES_V4);
     for (k, v) in services {

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, Map, MapData};
+use proxy_common::{previous, Backend4};
 
 use super::netns::run;
 
@@ -47,4 +48,22 @@ pub fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData
 /// The array pinned at `dir/name`, with values `V`.
 pub fn array<V: aya::Pod>(dir: &Path, name: &str) -> Array<MapData, V> {
     Array::try_from(open(dir, name)).unwrap()
+}
+
+/// Pins `backends` as the agent before the IPv4 backends array left them:
+/// `backend4_v1`, a hash map by id, of the previous value layout.
+pub fn previous_backends(dir: &Path, backends: impl IntoIterator<Item = (u32, Backend4)>) {
+    create(dir, previous::names::BACKENDS_V4, "hash", 4, 12, None);
+    let mut old = hash::<u32, previous::Backend4>(dir, previous::names::BACKENDS_V4);
+    for (id, b) in backends {
+        let value = previous::Backend4 {
+            addr_be: b.addr.raw(),
+            port_be: b.port_be,
+            proto: b.proto,
+            state: b.state,
+            flags: b.flags,
+            _pad: [0; 3],
+        };
+        old.insert(id, value, 0).unwrap();
+    }
 }
