@@ -234,27 +234,39 @@ impl Dataplane {
         }
     }
 
-    /// Writes IPv4 backend `b` at its id's slot. The ids hand out a slot
-    /// to one id at a time (`Ids`), so the slot is empty or holds this id:
-    /// anything else is refused, never overwritten.
-    pub(super) fn put_backend4(&mut self, b: Backend4) -> Result<(), MapError> {
+    /// Writes IPv4 backend `b` at its id's slot, without reading it first
+    /// (a system call per backend more at the first sync). The ids hand a
+    /// slot to one id at a time (`Ids`): another id there is one whose
+    /// removal failed and that no frontend names any more, whose flows this
+    /// write sends to the scheduler again (see [`Dataplane::del_backend4`]).
+    fn put_backend4(&mut self, b: Backend4) -> Result<(), MapError> {
         let slot = self.backend_slot(b.id)?;
-        let held = self.backends.get(&slot, 0)?.id;
-        if held != 0 && held != b.id {
-            return Err(MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_update_elem (the slot holds another backend id)",
-                io_error: io::Error::from_raw_os_error(libc::EEXIST),
-            }));
-        }
         self.backends.set(slot, b, 0)
+    }
+
+    /// The id IPv4 backend `id`'s slot holds now (0: none).
+    pub(super) fn backend4_slot_holds(&self, id: u32) -> Result<u32, MapError> {
+        Ok(self.backends.get(&self.backend_slot(id)?, 0)?.id)
+    }
+
+    /// Writes IPv4 backend `b` at its id's slot if that slot is empty (or
+    /// holds it already): what a migration carries over. Ok(false): the
+    /// slot holds another id.
+    pub(super) fn put_backend4_if_free(&mut self, b: Backend4) -> Result<bool, MapError> {
+        let held = self.backend4_slot_holds(b.id)?;
+        if held != 0 && held != b.id {
+            return Ok(false);
+        }
+        self.put_backend4(b)?;
+        Ok(true)
     }
 
     /// Empties the slot of IPv4 backend `id`, if it holds that id (a slot
     /// a removed id left may hold a newer one).
     fn del_backend4(&mut self, id: u32) -> Result<(), MapError> {
-        let slot = self.backend_slot(id)?;
-        if self.backends.get(&slot, 0)?.id == id {
-            self.backends.set(slot, Backend4::default(), 0)?;
+        if self.backend4_slot_holds(id)? == id {
+            self.backends
+                .set(self.backend_slot(id)?, Backend4::default(), 0)?;
         }
         Ok(())
     }

@@ -283,9 +283,10 @@ impl Carry for BackendCarry {
         };
         let (mut copied, mut refused) = (0, Vec::new());
         for backend in old.into_iter().filter(|b| b.id != 0) {
-            match dp.put_backend4(backend) {
-                Ok(()) => copied += 1,
-                Err(_) => refused.push(backend.id),
+            match dp.put_backend4_if_free(backend) {
+                Ok(true) => copied += 1,
+                Ok(false) => refused.push(backend.id),
+                Err(e) => return Err(e).context("an IPv4 backend not carried over"),
             }
         }
         if refused.is_empty() {

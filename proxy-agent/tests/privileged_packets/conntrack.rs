@@ -285,6 +285,31 @@ fn a_flow_naming_an_id_whose_slot_holds_another_backend_is_scheduled_again() {
     );
 }
 
+/// A backend written over a slot that still holds an id whose removal
+/// failed takes it; removing that old id afterwards leaves the new one.
+#[test]
+fn removing_an_id_whose_slot_another_took_leaves_the_other() {
+    use proxy_agent::desired::{Backend, MapOp};
+    let mut p = Programs::new(&[]);
+    let slots = u32::try_from(p.dp.capacity().unwrap().backends).unwrap();
+    let backend = |last: u8| Backend {
+        addr: Ipv4Addr::new(10, 0, 0, last).into(),
+        port: 8080,
+        proto: packet::TCP,
+        state: 0,
+        flags: 0,
+    };
+    let (old, new) = (7, 7 + slots);
+    p.dp.write(&MapOp::PutBackend(old, backend(1))).unwrap();
+    p.dp.write(&MapOp::PutBackend(new, backend(2))).unwrap();
+    p.dp.write(&MapOp::DelBackend(old)).unwrap();
+    let held = p.dp.read_state().unwrap().backends;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held.get(&new), Some(&backend(2)));
+    p.dp.write(&MapOp::DelBackend(new)).unwrap();
+    assert!(p.dp.read_state().unwrap().backends.is_empty());
+}
+
 /// The conntrack entries of `f`'s flow: (forward, reply), each if present.
 fn flow_entries(
     p: &Programs,
