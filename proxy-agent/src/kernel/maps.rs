@@ -244,16 +244,16 @@ impl Dataplane {
         self.backends.set(slot, b, 0)
     }
 
-    /// The id IPv4 backend `id`'s slot holds now (0: none).
-    pub(super) fn backend4_slot_holds(&self, id: u32) -> Result<u32, MapError> {
-        Ok(self.backends.get(&self.backend_slot(id)?, 0)?.id)
+    /// What IPv4 backend `id`'s slot holds now (id 0: no backend).
+    fn backend4_slot(&self, id: u32) -> Result<Backend4, MapError> {
+        self.backends.get(&self.backend_slot(id)?, 0)
     }
 
     /// Writes IPv4 backend `b` at its id's slot if that slot is empty (or
     /// holds it already): what a migration carries over. Ok(false): the
     /// slot holds another id.
     pub(super) fn put_backend4_if_free(&mut self, b: Backend4) -> Result<bool, MapError> {
-        let held = self.backend4_slot_holds(b.id)?;
+        let held = self.backend4_slot(b.id)?.id;
         if held != 0 && held != b.id {
             return Ok(false);
         }
@@ -262,11 +262,15 @@ impl Dataplane {
     }
 
     /// Empties the slot of IPv4 backend `id`, if it holds that id (a slot
-    /// a removed id left may hold a newer one).
+    /// a removed id left may hold a newer one). Only the id is cleared: an
+    /// array's value is copied in place, and a packet reading it meanwhile
+    /// must never pair this id with another address (half a write of a
+    /// zeroed value would).
     fn del_backend4(&mut self, id: u32) -> Result<(), MapError> {
-        if self.backend4_slot_holds(id)? == id {
-            self.backends
-                .set(self.backend_slot(id)?, Backend4::default(), 0)?;
+        let held = self.backend4_slot(id)?;
+        if held.id == id {
+            let emptied = Backend4 { id: 0, ..held };
+            self.backends.set(self.backend_slot(id)?, emptied, 0)?;
         }
         Ok(())
     }

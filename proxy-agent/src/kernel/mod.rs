@@ -240,7 +240,7 @@ impl Dataplane {
         let counting = u8::from(traffic_counters);
         loader.override_global(TRAFFIC_COUNTERS, &counting, false);
         let slots = capacity::backend_slots(sizes.backends);
-        loader.override_global(BACKEND_SLOTS, &slots, false);
+        size_backends(&mut loader, &slots);
         let level = log_level.value();
         loader.override_global(aya_log::LEVEL, &level, false);
         let mut dataplane = Self::load_with(&mut loader)?;

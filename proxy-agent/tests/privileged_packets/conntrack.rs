@@ -223,40 +223,32 @@ fn an_expired_conntrack_entry_no_longer_pins_its_flow() {
         last_seen_ns,
         ..Default::default()
     };
-    let fresh = pinned(proxy_agent::kernel::monotonic_ns());
-    p.dp.set_conntrack(key, fresh).unwrap();
-    let (_, out) = p.send_from_pod(&f);
-    assert_eq!(
-        out,
-        f.with_dst(ip(BACKEND_B), 5353).bytes(),
-        "a live entry pins the flow"
-    );
-    let stale = pinned(proxy_agent::kernel::monotonic_ns().wrapping_sub(61 * 1_000_000_000));
-    p.dp.set_conntrack(key, stale).unwrap();
-    let (_, out) = p.send_from_pod(&f);
-    assert_eq!(
-        out,
-        f.with_dst(ip(BACKEND_A), 5353).bytes(),
-        "an expired one does not"
-    );
     // The agent's clock may run a tick ahead of the programs' coarse one: a
     // stamp a little ahead is now, one far ahead long past.
-    let ahead = pinned(proxy_agent::kernel::monotonic_ns() + 500_000_000);
-    p.dp.set_conntrack(key, ahead).unwrap();
-    let (_, out) = p.send_from_pod(&f);
-    assert_eq!(
-        out,
-        f.with_dst(ip(BACKEND_B), 5353).bytes(),
-        "stamped half a second ahead: live"
-    );
-    let far = pinned(proxy_agent::kernel::monotonic_ns() + 5_000_000_000);
-    p.dp.set_conntrack(key, far).unwrap();
-    let (_, out) = p.send_from_pod(&f);
-    assert_eq!(
-        out,
-        f.with_dst(ip(BACKEND_A), 5353).bytes(),
-        "stamped seconds ahead: expired"
-    );
+    let now = proxy_agent::kernel::monotonic_ns();
+    for (last_seen, backend, why) in [
+        (now, BACKEND_B, "a live entry pins the flow"),
+        (
+            now.wrapping_sub(61_000_000_000),
+            BACKEND_A,
+            "an expired one does not",
+        ),
+        (
+            now + 500_000_000,
+            BACKEND_B,
+            "stamped half a second ahead: live",
+        ),
+        (
+            now + 5_000_000_000,
+            BACKEND_A,
+            "stamped seconds ahead: expired",
+        ),
+    ] {
+        p.dp.set_conntrack(key, pinned(last_seen)).unwrap();
+        let (verdict, out) = p.send_from_pod(&f);
+        assert_eq!(verdict, TC_ACT_UNSPEC, "{why}");
+        assert_eq!(out, f.with_dst(ip(backend), 5353).bytes(), "{why}");
+    }
 }
 
 /// The IPv4 backends are an array at the ids' low bits: an entry naming an
@@ -273,16 +265,19 @@ fn a_flow_naming_an_id_whose_slot_holds_another_backend_is_scheduled_again() {
         last_seen_ns: proxy_agent::kernel::monotonic_ns(),
         ..Default::default()
     };
-    p.dp.set_conntrack(key, pinned(backend_b)).unwrap();
-    let (_, out) = p.send_from_pod(&f);
-    assert_eq!(out, f.with_dst(ip(BACKEND_B), 5353).bytes(), "B's own id");
-    p.dp.set_conntrack(key, pinned(backend_b + slots)).unwrap();
-    let (_, out) = p.send_from_pod(&f);
-    assert_eq!(
-        out,
-        f.with_dst(ip(BACKEND_A), 5353).bytes(),
-        "an id of B's slot but not B's"
-    );
+    for (id, backend, why) in [
+        (backend_b, BACKEND_B, "B's own id"),
+        (
+            backend_b + slots,
+            BACKEND_A,
+            "an id of B's slot but not B's",
+        ),
+    ] {
+        p.dp.set_conntrack(key, pinned(id)).unwrap();
+        let (verdict, out) = p.send_from_pod(&f);
+        assert_eq!(verdict, TC_ACT_UNSPEC, "{why}");
+        assert_eq!(out, f.with_dst(ip(backend), 5353).bytes(), "{why}");
+    }
 }
 
 /// A backend written over a slot that still holds an id whose removal
