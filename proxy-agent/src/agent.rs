@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use futures::{stream, Stream, StreamExt};
+use futures::{stream, stream::BoxStream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{runtime::watcher, Client};
 use tokio::{
@@ -117,10 +117,37 @@ struct Watches {
     nodes: Events<Node>,
 }
 
+/// Events a watch's task may have handed over before the loop takes them.
+const EVENTS_IN_FLIGHT: usize = 1024;
+
+/// Runs `stream` in a task of its own and hands its events over through a
+/// channel. A watch polled by the loop would send its first list only once
+/// the loop runs (after the programs load), and would parse it on the
+/// loop's thread, one watch's list after the other's; in a task each watch
+/// lists from the start, and parses on a worker of its own.
+fn spawned<T: Send + 'static>(
+    stream: impl Stream<Item = T> + Send + 'static,
+) -> BoxStream<'static, T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_IN_FLIGHT);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if tx.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    })
+    .boxed()
+}
+
 impl Watches {
-    /// Makes the client and the watches without waiting for the API server:
-    /// they reach it (and retry with backoff) as the loop polls them, so an
-    /// API server down at start never stops the agent from serving.
+    /// Makes the client and starts the watches without waiting for the API
+    /// server: each reaches it (and retries with backoff) in a task of its
+    /// own, so an API server down at start never stops the agent from
+    /// serving.
     async fn start(source: &Source, status: &Shared) -> Result<Self> {
         Ok(match source {
             Source::Api {
@@ -130,15 +157,13 @@ impl Watches {
                 let (client, url, from) = client::connect(kubeconfig.as_ref()).await?;
                 status.lock().unwrap().api_server = Some((url, from));
                 let slices_client = client.clone();
-                let slices = stream::once(discover(client.clone()))
-                    .flat_map(move |version| {
-                        watch::slices(&slices_client, version).map(move |event| (event, version))
-                    })
-                    .boxed();
+                let slices = stream::once(discover(client.clone())).flat_map(move |version| {
+                    watch::slices(&slices_client, version).map(move |event| (event, version))
+                });
                 Self {
-                    services: watch::services(&client).boxed(),
-                    slices,
-                    nodes: watch::node(&client, node_name).boxed(),
+                    services: spawned(watch::services(&client)),
+                    slices: spawned(slices),
+                    nodes: spawned(watch::node(&client, node_name)),
                 }
             }
             Source::File(_) => Self {
