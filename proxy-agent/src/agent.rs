@@ -1294,3 +1294,40 @@ fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A spawned watch pulls from its source before the loop asks (its
+    /// first list goes out while the programs load), as far as the channel
+    /// holds, and hands every event over in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spawned_watch_reads_ahead_of_the_loop_and_keeps_the_order() {
+        static PULLED: AtomicUsize = AtomicUsize::new(0);
+        let total = EVENTS_IN_FLIGHT * 2;
+        let source = stream::iter(0..total).inspect(|_| {
+            PULLED.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut events = spawned(source);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while PULLED.load(Ordering::SeqCst) < EVENTS_IN_FLIGHT && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let pulled = PULLED.load(Ordering::SeqCst);
+        assert!(
+            (EVENTS_IN_FLIGHT..=EVENTS_IN_FLIGHT + 1).contains(&pulled),
+            "{pulled} events pulled before the loop took one: the channel's worth"
+        );
+        let mut taken = Vec::new();
+        while let Some(event) = events.next().await {
+            taken.push(event);
+            if taken.len() == total {
+                break;
+            }
+        }
+        assert_eq!(taken, (0..total).collect::<Vec<_>>());
+    }
+}
