@@ -158,10 +158,10 @@ fuzz_target!(|input: Input| {
                 .map(|old| old.frontend)
                 .filter(|f| !changed.iter().any(|c| c.frontend == *f))
                 .collect();
-            programmed.partial(&changed, &gone, |op| kernel.write(op))
+            programmed.partial(&changed, &gone, |op: &_| kernel.write(op))
         } else {
             let all: Vec<&FrontendSpec> = wanted.values().collect();
-            programmed.full(&all, |op| kernel.write(op))
+            programmed.full(&all, |op: &_| kernel.write(op))
         };
         assert_eq!(kernel.maps, *programmed.applied(), "{report:?}");
         // The counts a partial round corrects are what counting again finds.
@@ -174,7 +174,7 @@ fuzz_target!(|input: Input| {
     programmed.capacity = Capacity::default();
     let all: Vec<&FrontendSpec> = current.values().collect();
     let mut first = Vec::new();
-    let report = programmed.full(&all, |op| {
+    let report = programmed.full(&all, |op: &_| {
         first.push(*op);
         kernel.write(op)
     });
@@ -183,7 +183,7 @@ fuzz_target!(|input: Input| {
     }
     assert!(report.complete(), "{report:?}");
     let mut rewritten = Vec::new();
-    let again = programmed.full(&all, |op| {
+    let again = programmed.full(&all, |op: &_| {
         rewritten.push(*op);
         kernel.write(op)
     });

@@ -232,7 +232,7 @@ fn time_partial_rounds(
         };
         assert_eq!(keys, [key]);
         let started = Instant::now();
-        let report = programmed.partial(&cache.frontends_of(&keys), &gone, |_| Ok(()));
+        let report = programmed.partial(&cache.frontends_of(&keys), &gone, |_: &_| Ok(()));
         program.push(started.elapsed());
         assert!(report.problems.is_empty() && report.complete());
         let started = Instant::now();
@@ -316,7 +316,7 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     PEAK.store(before, Ordering::Relaxed);
     let started = Instant::now();
     let mut programmed = Programmed::adopt(Default::default(), Default::default(), capacity);
-    let report = programmed.full(&frontends, |_| Ok(()));
+    let report = programmed.full(&frontends, |_: &_| Ok(()));
     assert!(report.problems.is_empty() && report.complete());
     drop(report);
     stage(
@@ -329,7 +329,7 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
     let started = Instant::now();
-    let report = programmed.full(&frontends, |_| Ok(()));
+    let report = programmed.full(&frontends, |_: &_| Ok(()));
     assert_eq!(report.writes, 0);
     drop(report);
     stage(

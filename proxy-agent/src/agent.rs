@@ -33,6 +33,7 @@ use crate::{
         watch::{self, Store},
     },
     kernel::{
+        batch::Writing,
         diag,
         ifaces::{self, LinkEvent},
         lock::{self, PinDirLock},
@@ -1201,7 +1202,7 @@ fn sync(
     programmed: &mut Programmed,
     status: &Shared,
 ) -> Result<()> {
-    let write = |op: &_| dataplane.write(op);
+    let write = dataplane.writes(Writing::Batched);
     let (report, scope, frontends) = match round {
         Round::Full(frontends) => (programmed.full(&frontends, write), None, frontends),
         Round::Partial { frontends, gone } => {

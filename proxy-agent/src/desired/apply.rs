@@ -202,57 +202,120 @@ fn missing(
     }
 }
 
-/// Writes `ops` in order through `write`, updating `applied` with each write
+/// What carries a round's writes to the maps.
+pub trait Write {
+    /// Writes one entry.
+    fn write(&mut self, op: &MapOp) -> anyhow::Result<()>;
+
+    /// Writes `ops`, consecutive puts into one map (one [`PutTarget`](super::maps::PutTarget)), in
+    /// order, stopping at the first that fails: how many landed, and why the
+    /// next one did not. A kernel writer makes it one system call per few
+    /// thousand entries.
+    fn write_run(&mut self, ops: &[MapOp]) -> (usize, Option<anyhow::Error>) {
+        for (landed, op) in ops.iter().enumerate() {
+            if let Err(e) = self.write(op) {
+                return (landed, Some(e));
+            }
+        }
+        (ops.len(), None)
+    }
+}
+
+impl<F: FnMut(&MapOp) -> anyhow::Result<()>> Write for F {
+    fn write(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        self(op)
+    }
+}
+
+/// Why `op` is not to be written now, given what landed and what failed so
+/// far: its frontend failed earlier in the round, or an entry it names is
+/// not in the maps.
+fn refusal(
+    op: &MapOp,
+    applied: &MapState,
+    outcome: &Outcome,
+    referenced: &mut Option<HashSet<u32>>,
+) -> Option<String> {
+    let owner = owner(op, applied);
+    if let Some(reason) = owner.and_then(|rev| outcome.failed_frontends.get(&rev)) {
+        return Some(format!("skipped: {reason}"));
+    }
+    // A backend the plan removes can still be named only after a failure
+    // (by a frontend left as it was): only then is that looked at.
+    let check = match op {
+        MapOp::DelBackend(_) if outcome.failures.is_empty() => None,
+        _ => missing(op, applied, referenced),
+    };
+    check.map(|reason| format!("not written: {reason}"))
+}
+
+/// Writes `ops` in order through `writer`, updating `applied` with each write
 /// that lands (see the module comment for what a failure skips).
-pub fn run(
-    ops: &[MapOp],
-    applied: &mut MapState,
-    mut write: impl FnMut(&MapOp) -> anyhow::Result<()>,
-) -> Outcome {
+///
+/// Consecutive puts into one map that are all to be written go to the
+/// writer as one run. That changes nothing of what is written: whether a
+/// put is written depends on its frontend's earlier failures (which end a
+/// run) and on entries of other maps (which a run does not touch), so each
+/// op of a run would have been written one at a time too. A run that stops
+/// at a failure goes on, after the failed op, as the ops would have.
+pub fn run(ops: &[MapOp], applied: &mut MapState, mut writer: impl Write) -> Outcome {
     let mut outcome = Outcome::default();
     // Backend ids named by slots and Maglev tables: built on the first
     // backend removal after a failure, dropped when slots change.
     let mut referenced: Option<HashSet<u32>> = None;
-    for op in ops {
-        let owner = owner(op, applied);
-        if let Some(reason) = owner.and_then(|rev| outcome.failed_frontends.get(&rev)) {
-            outcome.failures.push(Failure {
-                op: *op,
-                reason: format!("skipped: {reason}"),
-            });
+    let mut next = 0;
+    while next < ops.len() {
+        let op = &ops[next];
+        if let Some(reason) = refusal(op, applied, &outcome, &mut referenced) {
+            fail(&mut outcome, applied, op, reason);
+            next += 1;
             continue;
         }
-        // A backend the plan removes can still be named only after a failure
-        // (by a frontend left as it was): only then is that looked at.
-        let check = match op {
-            MapOp::DelBackend(_) if outcome.failures.is_empty() => None,
-            _ => missing(op, applied, &mut referenced),
-        };
-        let result = match check {
-            Some(reason) => Err(format!("not written: {reason}")),
-            None => write(op).map_err(|e| format!("{e:#}")),
-        };
-        match result {
-            Ok(()) => {
-                applied.apply(op);
-                outcome.written += 1;
-                if matches!(
-                    op,
-                    MapOp::PutService(..)
-                        | MapOp::DelService(_)
-                        | MapOp::PutMaglev(..)
-                        | MapOp::DelMaglev(_)
-                ) {
-                    referenced = None;
-                }
+        let mut end = next + 1;
+        if let Some(target) = op.put_target() {
+            while end < ops.len()
+                && ops[end].put_target() == Some(target)
+                && refusal(&ops[end], applied, &outcome, &mut referenced).is_none()
+            {
+                end += 1;
             }
-            Err(reason) => {
-                if let Some(rev) = owner {
-                    outcome.failed_frontends.insert(rev, reason.clone());
-                }
-                outcome.failures.push(Failure { op: *op, reason });
+        }
+        let run = &ops[next..end];
+        let (landed, error) = writer.write_run(run);
+        let landed = landed.min(run.len());
+        for op in &run[..landed] {
+            applied.apply(op);
+            outcome.written += 1;
+            if matches!(
+                op,
+                MapOp::PutService(..)
+                    | MapOp::DelService(_)
+                    | MapOp::PutMaglev(..)
+                    | MapOp::DelMaglev(_)
+            ) {
+                referenced = None;
             }
+        }
+        next += landed;
+        if landed < run.len() {
+            let reason = error.map_or_else(
+                || "the writer stopped without a reason".to_string(),
+                |e| format!("{e:#}"),
+            );
+            fail(&mut outcome, applied, &ops[next], reason);
+            next += 1;
         }
     }
     outcome
+}
+
+/// Records that `op` did not land, and fails its frontend.
+fn fail(outcome: &mut Outcome, applied: &MapState, op: &MapOp, reason: String) {
+    if let Some(rev) = owner(op, applied) {
+        outcome
+            .failed_frontends
+            .entry(rev)
+            .or_insert(reason.clone());
+    }
+    outcome.failures.push(Failure { op: *op, reason });
 }

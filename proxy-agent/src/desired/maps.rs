@@ -60,6 +60,37 @@ pub enum MapOp {
     DelBackend(u32),
 }
 
+/// The kernel map a put goes to, for the puts a round writes in runs: one
+/// run of consecutive puts into one map can be one system call
+/// (`BPF_MAP_UPDATE_BATCH`). Source ranges (an LPM trie, which has no batch
+/// operations) and removals are written one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutTarget {
+    Services { v4: bool },
+    Backends { v4: bool },
+    RevNat { v4: bool },
+    Maglev,
+}
+
+impl MapOp {
+    /// Where this write goes, if it is a put written in runs.
+    pub fn put_target(&self) -> Option<PutTarget> {
+        match self {
+            Self::PutService(k, _) => Some(PutTarget::Services {
+                v4: k.addr.is_ipv4(),
+            }),
+            Self::PutBackend(_, b) => Some(PutTarget::Backends {
+                v4: b.addr.is_ipv4(),
+            }),
+            Self::PutRevNat(_, r) => Some(PutTarget::RevNat {
+                v4: r.addr.is_ipv4(),
+            }),
+            Self::PutMaglev(..) => Some(PutTarget::Maglev),
+            _ => None,
+        }
+    }
+}
+
 /// A service that could not be programmed; everything else still is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {

@@ -17,6 +17,6 @@ pub use dump::dump;
 pub use entries::{Backend, RevNat, ServiceKey, SourceRange};
 pub use ids::{Ids, MAX_FRONTEND_ID};
 pub use maps::{
-    map_state, map_state_in, update, Capacity, Fill, MapOp, MapState, Problem, MAX_SLOTS,
+    map_state, map_state_in, update, Capacity, Fill, MapOp, MapState, Problem, PutTarget, MAX_SLOTS,
 };
 pub use round::{Programmed, RoundReport};

@@ -83,13 +83,13 @@ impl Programmed {
     pub fn full<S: Borrow<FrontendSpec>>(
         &mut self,
         frontends: &[S],
-        write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+        writer: impl apply::Write,
     ) -> RoundReport {
         let (wanted, problems) =
             map_state_in(frontends, &mut self.ids, &self.applied, &self.capacity);
         let ops = diff(&wanted, &self.applied);
         drop(wanted);
-        let report = self.write(&ops, problems, write);
+        let report = self.write(&ops, problems, writer);
         self.applied.compact();
         self.fill = Fill::of(&self.applied);
         report
@@ -101,7 +101,7 @@ impl Programmed {
         &mut self,
         frontends: &[&FrontendSpec],
         gone: &[Frontend],
-        write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+        writer: impl apply::Write,
     ) -> RoundReport {
         let (ops, problems) = update(
             frontends,
@@ -113,7 +113,7 @@ impl Programmed {
         // At every key the round writes, what the maps held before and
         // after (a write that did not land leaves its key as it was).
         let before = Fill::entries_at(&self.applied, &ops);
-        let report = self.write(&ops, problems, write);
+        let report = self.write(&ops, problems, writer);
         let after = Fill::entries_at(&self.applied, &ops);
         self.fill = self.fill.replaced(&before, &after);
         report
@@ -123,9 +123,9 @@ impl Programmed {
         &mut self,
         ops: &[MapOp],
         problems: Vec<Problem>,
-        write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+        writer: impl apply::Write,
     ) -> RoundReport {
-        let outcome = apply::run(ops, &mut self.applied, write);
+        let outcome = apply::run(ops, &mut self.applied, writer);
         RoundReport {
             problems,
             writes: ops.len(),

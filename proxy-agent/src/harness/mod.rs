@@ -16,7 +16,7 @@ use proxy_common::{program_names, StatCounter};
 use crate::{
     desired::{Capacity, Problem, Programmed},
     frontend::FrontendSpec,
-    kernel::Dataplane,
+    kernel::{batch::Writing, Dataplane},
 };
 
 /// tc: on to the next filter, or to the stack.
@@ -32,6 +32,9 @@ pub struct Programs {
     /// What the maps hold and the ids their entries were given, kept across
     /// [`Programs::serve`].
     pub programmed: Programmed,
+    /// How [`Programs::serve`] writes runs of puts (batched unless a
+    /// benchmark's baseline says otherwise).
+    pub writing: Writing,
 }
 
 /// One run of a program.
@@ -108,6 +111,7 @@ impl Programs {
         Ok(Self {
             dp,
             programmed: Programmed::adopt(Default::default(), Default::default(), capacity),
+            writing: Writing::Batched,
         })
     }
 
@@ -116,7 +120,7 @@ impl Programs {
     /// were) and returned; the others are served. Fails if a write failed.
     pub fn serve(&mut self, frontends: &[FrontendSpec]) -> Result<Vec<Problem>> {
         let dp = &mut self.dp;
-        let report = self.programmed.full(frontends, |op| dp.write(op));
+        let report = self.programmed.full(frontends, dp.writes(self.writing));
         if let Some(failure) = report.outcome.failures.first() {
             bail!(
                 "programming the maps: {} of {} writes failed, first {:?}: {}",

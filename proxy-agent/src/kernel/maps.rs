@@ -7,10 +7,10 @@ use std::collections::HashSet;
 use aya::maps::{IterableMap, MapError};
 
 use super::{
-    batch::{self, Reading},
+    batch::{self, Reading, Writing},
     *,
 };
-use crate::desired::{entries::Family, SourceRange};
+use crate::desired::{apply, entries::Family, PutTarget, SourceRange};
 
 impl Dataplane {
     /// Writes the node-wide settings: IPv4's with the NAT port range,
@@ -234,6 +234,108 @@ impl Dataplane {
         }
     }
 
+    /// The writer a round writes through, runs of puts written as `writing`
+    /// says.
+    pub fn writes(&mut self, writing: Writing) -> Writes<'_> {
+        Writes {
+            dataplane: self,
+            writing,
+        }
+    }
+
+    /// Writes a run of puts into one map (see [`apply::Write::write_run`])
+    /// in batches. None: the map has no batched writes here, or the run is
+    /// not one map's (nothing written either way).
+    fn put_batch(&mut self, ops: &[MapOp]) -> Option<(usize, Option<anyhow::Error>)> {
+        fn all<T>(ops: &[MapOp], each: impl Fn(&MapOp) -> Option<T>) -> Option<Vec<T>> {
+            ops.iter().map(each).collect()
+        }
+        let updated = match ops.first()?.put_target()? {
+            PutTarget::Services { v4: true } => batch::update(
+                self.services.map(),
+                &all(ops, |op| match op {
+                    MapOp::PutService(k, v) => Some((k.kernel().v4()?, *v)),
+                    _ => None,
+                })?,
+            ),
+            PutTarget::Services { v4: false } => batch::update(
+                self.v6.services.map(),
+                &all(ops, |op| match op {
+                    MapOp::PutService(k, v) => match k.kernel() {
+                        Family::V6(k) => Some((k, *v)),
+                        Family::V4(_) => None,
+                    },
+                    _ => None,
+                })?,
+            ),
+            PutTarget::Backends { v4: true } => {
+                let slots = self.backends.len();
+                if !slots.is_power_of_two() {
+                    return None;
+                }
+                batch::update(
+                    self.backends.map(),
+                    &all(ops, |op| match op {
+                        MapOp::PutBackend(id, b) if *id != 0 => {
+                            Some((capacity::backend_slot(*id, slots), b.kernel(*id).v4()?))
+                        }
+                        _ => None,
+                    })?,
+                )
+            }
+            PutTarget::Backends { v4: false } => batch::update(
+                self.v6.backends.map(),
+                &all(ops, |op| match op {
+                    MapOp::PutBackend(id, b) => match b.kernel(*id) {
+                        Family::V6(b) => Some((*id, b)),
+                        Family::V4(_) => None,
+                    },
+                    _ => None,
+                })?,
+            ),
+            PutTarget::RevNat { v4: true } => batch::update(
+                self.revnat.map(),
+                &all(ops, |op| match op {
+                    MapOp::PutRevNat(id, r) => Some((*id, r.kernel().v4()?)),
+                    _ => None,
+                })?,
+            ),
+            PutTarget::RevNat { v4: false } => batch::update(
+                self.v6.revnat.map(),
+                &all(ops, |op| match op {
+                    MapOp::PutRevNat(id, r) => match r.kernel() {
+                        Family::V6(r) => Some((*id, r)),
+                        Family::V4(_) => None,
+                    },
+                    _ => None,
+                })?,
+            ),
+            PutTarget::Maglev => batch::update(
+                self.maglev.map(),
+                &all(ops, |op| match op {
+                    MapOp::PutMaglev(k, b) => Some((*k, *b)),
+                    _ => None,
+                })?,
+            ),
+        };
+        match updated {
+            batch::Updated::All => {
+                debug!(entries = ops.len(), first = ?ops[0], "map writes, batched");
+                Some((ops.len(), None))
+            }
+            batch::Updated::Stopped { landed, error } => {
+                let op = &ops[landed.min(ops.len() - 1)];
+                let error = if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+                    anyhow::anyhow!("the map is full (bpf_map_update_batch)")
+                } else {
+                    anyhow::Error::new(error).context(format!("map write {op:?} (batched)"))
+                };
+                Some((landed, Some(error)))
+            }
+            batch::Updated::Refused => None,
+        }
+    }
+
     /// Writes IPv4 backend `b` at its id's slot, without reading it first
     /// (a system call per backend more at the first sync). The ids hand a
     /// slot to one id at a time (`Ids`): another id there is one whose
@@ -452,4 +554,30 @@ pub fn remove_all<K: aya::Pod, V: aya::Pod>(
         let _ = map.remove(key);
     }
     Ok(keys.len())
+}
+
+/// What a round writes through (see [`Dataplane::writes`]).
+pub struct Writes<'a> {
+    dataplane: &'a mut Dataplane,
+    writing: Writing,
+}
+
+impl apply::Write for Writes<'_> {
+    fn write(&mut self, op: &MapOp) -> Result<()> {
+        self.dataplane.write(op)
+    }
+
+    fn write_run(&mut self, ops: &[MapOp]) -> (usize, Option<anyhow::Error>) {
+        if self.writing == Writing::Batched && ops.len() > 1 {
+            if let Some(result) = self.dataplane.put_batch(ops) {
+                return result;
+            }
+        }
+        for (landed, op) in ops.iter().enumerate() {
+            if let Err(e) = self.dataplane.write(op) {
+                return (landed, Some(e));
+            }
+        }
+        (ops.len(), None)
+    }
 }

@@ -667,7 +667,7 @@ fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
     let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
     let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
     let c = svc("c", [10, 96, 0, 3], 80, &endpoints(5, 2));
-    let report = programmed.full(&[&a, &b, &c], |op| kernel.write(op));
+    let report = programmed.full(&[&a, &b, &c], |op: &_| kernel.write(op));
     assert!(report.complete(), "{:?}", report.outcome);
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     let refusal = report.problems[0].to_string();
@@ -681,7 +681,7 @@ fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
     assert_eq!(kernel.maps, *programmed.applied());
 
     // b goes: its room is freed before c's entries go in, in the same round.
-    let report = programmed.partial(&[&c], &[b.frontend], |op| kernel.write(op));
+    let report = programmed.partial(&[&c], &[b.frontend], |op: &_| kernel.write(op));
     assert!(
         report.complete() && report.problems.is_empty(),
         "{report:?}"
@@ -692,18 +692,131 @@ fn a_full_map_refuses_by_name_what_does_not_fit_and_removals_make_room() {
     assert_eq!(kernel.maps.services.len(), 6);
 }
 
+/// Writes as the kernel's batches do: each run stops at its first failure.
+/// Records the runs it was given.
+struct Runs<'a> {
+    kernel: &'a mut Kernel,
+    runs: &'a mut Vec<Vec<MapOp>>,
+}
+
+impl crate::desired::apply::Write for Runs<'_> {
+    fn write(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        self.runs.push(vec![*op]);
+        self.kernel.write(op)
+    }
+
+    fn write_run(&mut self, ops: &[MapOp]) -> (usize, Option<anyhow::Error>) {
+        self.runs.push(ops.to_vec());
+        for (landed, op) in ops.iter().enumerate() {
+            if let Err(e) = self.kernel.write(op) {
+                return (landed, Some(e));
+            }
+        }
+        (ops.len(), None)
+    }
+}
+
+/// A round hands consecutive puts into one map to the writer as one run,
+/// removals one at a time. A run that meets a full map stops there: its
+/// frontend fails as a write one at a time would, its other writes are
+/// skipped, and the other frontends' writes go on in a new run.
+#[test]
+fn a_round_writes_runs_of_puts_into_one_map_and_a_failure_ends_its_run() {
+    let (mut kernel, mut programmed) = programmed_in(64);
+    let specs: Vec<FrontendSpec> = (0..4u8)
+        .map(|i| {
+            svc(
+                &format!("s{i}"),
+                [10, 96, 0, i + 1],
+                80,
+                &endpoints(10 * i + 1, 3),
+            )
+        })
+        .collect();
+    let mut runs = Vec::new();
+    let writer = Runs {
+        kernel: &mut kernel,
+        runs: &mut runs,
+    };
+    let report = programmed.full(&specs, writer);
+    assert!(report.complete(), "{report:?}");
+    let targets: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            let target = run[0].put_target().expect("puts only");
+            assert!(
+                run.iter().all(|op| op.put_target() == Some(target)),
+                "{run:?}"
+            );
+            (target, run.len())
+        })
+        .collect();
+    use crate::desired::PutTarget as T;
+    assert_eq!(
+        targets,
+        [
+            (T::Backends { v4: true }, 12),
+            (T::RevNat { v4: true }, 4),
+            (T::Services { v4: true }, 16)
+        ]
+    );
+
+    // The kernel's services map holds three more entries than now: s4's
+    // slots land, its slot 0 does not. The agent believes there is room.
+    let (mut kernel, mut programmed) = programmed_in(64);
+    kernel.capacity.services = 16 + 3;
+    let mut more = specs.clone();
+    more.push(svc("s4", [10, 96, 0, 5], 80, &endpoints(41, 3)));
+    more.push(svc("s5", [10, 96, 0, 6], 80, &endpoints(51, 3)));
+    assert!(programmed
+        .full(&specs, |op: &_| kernel.write(op))
+        .complete());
+    let mut runs = Vec::new();
+    let writer = Runs {
+        kernel: &mut kernel,
+        runs: &mut runs,
+    };
+    let report = programmed.full(&more, writer);
+    let failed: Vec<_> = report.outcome.failures.iter().map(|f| f.op).collect();
+    // The first service put to fail is where its run stopped (after the
+    // three that fit); the run after it starts past it and leaves out the
+    // failed frontend's other writes, which are skipped.
+    let services_runs: Vec<&Vec<MapOp>> = runs
+        .iter()
+        .filter(|run| matches!(run[0], MapOp::PutService(..)))
+        .collect();
+    assert_eq!(services_runs.len(), 2, "{runs:?}");
+    assert!(report.outcome.failures[0].reason.contains("map is full"));
+    assert_eq!(
+        services_runs[0].iter().position(|op| *op == failed[0]),
+        Some(3)
+    );
+    let MapOp::PutService(_, first_failed) = failed[0] else {
+        panic!("{failed:?}")
+    };
+    assert!(
+        !services_runs[1].iter().any(
+            |op| matches!(op, MapOp::PutService(_, v) if v.rev_nat_id == first_failed.rev_nat_id)
+        ),
+        "{runs:?}"
+    );
+    assert!(report.outcome.failures[1].reason.starts_with("skipped"));
+    assert_eq!(report.outcome.failed_frontends.len(), 2, "{report:?}");
+    assert_eq!(kernel.maps, *programmed.applied());
+}
+
 #[test]
 fn a_new_service_never_pushes_out_one_already_served() {
     let (mut kernel, mut programmed) = programmed_in(6);
     let y = svc("y", [10, 96, 0, 1], 80, &endpoints(1, 2));
     let z = svc("z", [10, 96, 0, 2], 80, &endpoints(3, 2));
     assert!(programmed
-        .full(&[&y, &z], |op| kernel.write(op))
+        .full(&[&y, &z], |op: &_| kernel.write(op))
         .problems
         .is_empty());
     // "a" sorts first, but y and z were there before it.
     let a = svc("a", [10, 96, 0, 3], 80, &endpoints(5, 1));
-    let report = programmed.full(&[&a, &y, &z], |op| kernel.write(op));
+    let report = programmed.full(&[&a, &y, &z], |op: &_| kernel.write(op));
     assert!(report.complete());
     assert!(
         matches!(&report.problems[..], [Problem::MapFull { name, .. }] if name == "a"),
@@ -720,7 +833,7 @@ fn a_served_frontend_that_outgrows_the_room_is_served_as_it_was() {
     let a = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 2));
     let b = svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2));
     assert!(programmed
-        .full(&[&a, &b], |op| kernel.write(op))
+        .full(&[&a, &b], |op: &_| kernel.write(op))
         .problems
         .is_empty());
     let before = served_by(&kernel, &a);
@@ -728,9 +841,9 @@ fn a_served_frontend_that_outgrows_the_room_is_served_as_it_was() {
     let grown = svc("a", [10, 96, 0, 1], 80, &endpoints(10, 4));
     for partial in [false, true] {
         let report = if partial {
-            programmed.partial(&[&grown], &[], |op| kernel.write(op))
+            programmed.partial(&[&grown], &[], |op: &_| kernel.write(op))
         } else {
-            programmed.full(&[&grown, &b], |op| kernel.write(op))
+            programmed.full(&[&grown, &b], |op: &_| kernel.write(op))
         };
         assert!(report.complete(), "{:?}", report.outcome);
         assert!(
@@ -743,7 +856,7 @@ fn a_served_frontend_that_outgrows_the_room_is_served_as_it_was() {
         assert_eq!(kernel.maps, *programmed.applied());
     }
     // Room again (b went): a gets its four.
-    let report = programmed.full(&[&grown], |op| kernel.write(op));
+    let report = programmed.full(&[&grown], |op: &_| kernel.write(op));
     assert!(report.complete() && report.problems.is_empty());
     assert_eq!(served_by(&kernel, &a).len(), 4);
 }
@@ -758,13 +871,13 @@ fn a_write_that_fails_leaves_its_frontend_whole_and_the_rest_is_written() {
     let mut m = svc("m", [10, 96, 0, 3], 53, &endpoints(5, 2));
     m.scheduler = Some(Scheduler::Maglev);
     assert!(programmed
-        .full(&[&a, &b, &m], |op| kernel.write(op))
+        .full(&[&a, &b, &m], |op: &_| kernel.write(op))
         .complete());
     // b goes, a grows by four backends, c and d come: not all of it fits.
     let a2 = svc("a", [10, 96, 0, 1], 80, &endpoints(1, 6));
     let c = svc("c", [10, 96, 0, 4], 80, &endpoints(20, 2));
     let d = svc("d", [10, 96, 0, 5], 80, &endpoints(30, 2));
-    let report = programmed.full(&[&a2, &c, &d, &m], |op| kernel.write(op));
+    let report = programmed.full(&[&a2, &c, &d, &m], |op: &_| kernel.write(op));
     assert!(!report.complete());
     assert!(!report.outcome.failed_frontends.is_empty());
     // What landed is known exactly, removals included.
@@ -775,7 +888,7 @@ fn a_write_that_fails_leaves_its_frontend_whole_and_the_rest_is_written() {
     assert!([2, 6].contains(&served_by(&kernel, &a).len()));
     // The next round, in bigger maps, writes the rest.
     kernel.capacity = Capacity::default();
-    let report = programmed.full(&[&a2, &c, &d, &m], |op| kernel.write(op));
+    let report = programmed.full(&[&a2, &c, &d, &m], |op: &_| kernel.write(op));
     assert!(report.complete(), "{:?}", report.outcome);
     assert_eq!(served_by(&kernel, &a).len(), 6);
     assert_eq!(served_by(&kernel, &c).len(), 2);
@@ -810,7 +923,7 @@ fn a_partial_round_keeps_the_counts_by_family_that_counting_again_finds() {
     ];
     for (i, (frontends, gone)) in rounds.into_iter().enumerate() {
         kernel.capacity = small(if i == 1 { 6 } else { 9 });
-        let report = programmed.partial(frontends, gone, |op| kernel.write(op));
+        let report = programmed.partial(frontends, gone, |op: &_| kernel.write(op));
         assert_eq!(report.complete(), i != 1, "round {i}: {report:?}");
         assert_eq!(report.problems.is_empty(), i != 2, "round {i}: {report:?}");
         assert_eq!(

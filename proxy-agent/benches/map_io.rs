@@ -1,11 +1,17 @@
-//! What the resync's read of the maps costs (`Dataplane::read_state`, every
-//! `--resync-seconds`): the services, backends, reverse-NAT and Maglev hash
-//! maps of both families read in batches (`BPF_MAP_LOOKUP_BATCH`) against one
-//! entry at a time (aya's iterator: two system calls per entry), side by side
-//! in one run, alternating, at each scale. Services have 10 backends each,
-//! an IPv4 and an IPv6 ClusterIP.
+//! What the agent's map I/O costs, batched against one entry at a time,
+//! side by side in one run, alternating, at each scale:
+//! - the resync's read of the maps (`Dataplane::read_state`, every
+//!   `--resync-seconds`): the services, backends, reverse-NAT and Maglev
+//!   maps of both families read in batches (`BPF_MAP_LOOKUP_BATCH`) against
+//!   aya's iterator (two system calls per entry);
+//! - the first round (every Service into empty maps, as at the agent's
+//!   start): its runs of puts written in batches (`BPF_MAP_UPDATE_BATCH`)
+//!   against one system call per entry. The round's own work (desired
+//!   state, ids, diff) is in both.
 //!
-//! Usage (root): `cargo bench -p proxy-agent --bench map_reads -- [--quick]
+//! Services have 10 backends each, an IPv4 and an IPv6 ClusterIP.
+//!
+//! Usage (root): `cargo bench -p proxy-agent --bench map_io -- [--quick]
 //! [--out FILE]`
 
 use std::{
@@ -16,7 +22,7 @@ use std::{
 use proxy_agent::{
     frontend::{Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     harness::Programs,
-    kernel::batch::Reading,
+    kernel::batch::{Reading, Writing},
     settings,
 };
 
@@ -62,6 +68,40 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The first round into empty maps, both ways, alternating which goes
+/// first; medians, ms. Each round loads its own maps (not timed), and both
+/// ways must leave the same entries.
+fn first_rounds(list: &[FrontendSpec], frontends: u32, rounds: usize) -> (f64, f64) {
+    let (mut one, mut batched) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Writing::OneByOne, Writing::Batched]
+        } else {
+            [Writing::Batched, Writing::OneByOne]
+        };
+        let mut states = Vec::new();
+        for writing in order {
+            let mut p = Programs::load_sized(frontends, BACKENDS_EACH, 0).expect("load");
+            p.writing = writing;
+            let start = Instant::now();
+            let problems = p.serve(list).expect("fill the maps");
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            assert!(
+                problems.is_empty(),
+                "{:?}",
+                &problems[..problems.len().min(3)]
+            );
+            match writing {
+                Writing::OneByOne => one.push(ms),
+                Writing::Batched => batched.push(ms),
+            }
+            states.push(p.dp.read_state().expect("read the maps"));
+        }
+        assert_eq!(states[0], states[1], "both ways write the same entries");
+    }
+    (median(one), median(batched))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -77,8 +117,8 @@ fn main() {
         (&[1_000, 10_000, 100_000], 7)
     };
     let mut table = String::from(
-        "| Services | entries (services, backends, reverse NAT) | one by one ms | batched ms | batched / one by one |\n\
-         |---:|---:|---:|---:|---:|\n",
+        "| Services | entries (services, backends, reverse NAT) | read one by one ms | read batched ms | batched / one by one | first round one by one ms | first round batched ms | batched / one by one |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for &n in scales {
         let mut list: Vec<FrontendSpec> = (0..n)
@@ -121,10 +161,16 @@ fn main() {
             assert_eq!(states[0], states[1], "both reads find the same state");
         }
         let (one, batched) = (median(one), median(batched));
-        eprintln!("map_reads: {n} Services: one by one {one:.1} ms, batched {batched:.1} ms");
+        eprintln!("map_io: read {n} Services: one by one {one:.1} ms, batched {batched:.1} ms");
+        drop(p);
+        let (write_one, write_batched) = first_rounds(&list, frontends, rounds);
+        eprintln!(
+            "map_io: first round {n} Services: one by one {write_one:.1} ms, batched {write_batched:.1} ms"
+        );
         table.push_str(&format!(
-            "| {n} | {entries} | {one:.1} | {batched:.1} | {:.3} |\n",
-            batched / one
+            "| {n} | {entries} | {one:.1} | {batched:.1} | {:.3} | {write_one:.1} | {write_batched:.1} | {:.3} |\n",
+            batched / one,
+            write_batched / write_one
         ));
     }
     print!("{table}");
