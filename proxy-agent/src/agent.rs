@@ -1285,15 +1285,14 @@ fn sync(
 
 /// Gives the heap's free pages back to the kernel. A full round, a resync's
 /// read of the maps and the first list of every Service need several times
-/// what the agent keeps, for a moment; glibc's allocator keeps the pages they
-/// freed, so without this the node would charge that moment's memory to the
-/// agent for as long as it runs (at 100k Services, hundreds of MiB).
+/// what the agent keeps, for a moment; without this the node would charge
+/// part of that moment's memory to the agent for as long as it runs. The
+/// agent's allocator is mimalloc (`main.rs`); where it is not (tests), this
+/// finds nothing to give back.
 fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free pages of the allocator's own.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // SAFETY: mi_collect only frees pages of mimalloc's own that hold no
+    // allocation; it takes no pointer.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 #[cfg(test)]
