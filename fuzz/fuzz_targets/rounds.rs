@@ -169,9 +169,19 @@ fuzz_target!(|input: Input| {
         current = wanted;
     }
     // Room and no failure: one full round, then nothing left to write.
+    // Room for ids too: the agent was told maps of the default sizes, as
+    // one restarted on larger maps would be (its backend ids each need a
+    // slot of the IPv4 array). Told a small array, the ids run out: a
+    // round then programs what it can, and the ids its removals free are
+    // handed out by the next round, which writes again.
     kernel.capacity = Capacity::default();
     kernel.fail_every = None;
-    programmed.capacity = Capacity::default();
+    let applied = programmed.applied().clone();
+    programmed = Programmed::adopt(
+        applied,
+        std::mem::take(&mut programmed.ids),
+        Capacity::default(),
+    );
     let all: Vec<&FrontendSpec> = current.values().collect();
     let mut first = Vec::new();
     let report = programmed.full(&all, |op: &_| {
