@@ -212,13 +212,22 @@ pub trait Write {
     /// next one did not. A kernel writer makes it one system call per few
     /// thousand entries.
     fn write_run(&mut self, ops: &[MapOp]) -> (usize, Option<anyhow::Error>) {
-        for (landed, op) in ops.iter().enumerate() {
-            if let Err(e) = self.write(op) {
-                return (landed, Some(e));
-            }
-        }
-        (ops.len(), None)
+        one_at_a_time(ops, |op| self.write(op))
     }
+}
+
+/// Writes `ops` one at a time through `write`, stopping at the first that
+/// fails: [`Write::write_run`] without batches.
+pub fn one_at_a_time(
+    ops: &[MapOp],
+    mut write: impl FnMut(&MapOp) -> anyhow::Result<()>,
+) -> (usize, Option<anyhow::Error>) {
+    for (landed, op) in ops.iter().enumerate() {
+        if let Err(e) = write(op) {
+            return (landed, Some(e));
+        }
+    }
+    (ops.len(), None)
 }
 
 impl<F: FnMut(&MapOp) -> anyhow::Result<()>> Write for F {

@@ -573,11 +573,6 @@ impl apply::Write for Writes<'_> {
                 return result;
             }
         }
-        for (landed, op) in ops.iter().enumerate() {
-            if let Err(e) = self.dataplane.write(op) {
-                return (landed, Some(e));
-            }
-        }
-        (ops.len(), None)
+        apply::one_at_a_time(ops, |op| self.dataplane.write(op))
     }
 }

@@ -707,12 +707,7 @@ impl crate::desired::apply::Write for Runs<'_> {
 
     fn write_run(&mut self, ops: &[MapOp]) -> (usize, Option<anyhow::Error>) {
         self.runs.push(ops.to_vec());
-        for (landed, op) in ops.iter().enumerate() {
-            if let Err(e) = self.kernel.write(op) {
-                return (landed, Some(e));
-            }
-        }
-        (ops.len(), None)
+        crate::desired::apply::one_at_a_time(ops, |op| self.kernel.write(op))
     }
 }
 
