@@ -720,7 +720,6 @@ impl Agent {
                 );
             }
         }
-        let file_frontends: Vec<FrontendSpec>;
         let work = match &self.config.source {
             Source::Api { .. } if !self.stores.ready() => {
                 debug!("waiting for the first full list of every watched kind");
@@ -751,6 +750,11 @@ impl Agent {
                     &node,
                     &self.config,
                 );
+                // A full round programs every Service as the stores have
+                // it now: the cache keeps no frontends between rounds.
+                if self.full_next {
+                    self.cache.all = true;
+                }
                 let changed = self
                     .cache
                     .refresh(&self.stores, &node, self.config.scheduler);
@@ -759,11 +763,8 @@ impl Agent {
                     warn!(port, error = %e, "cannot serve a healthCheckNodePort");
                 }
                 match changed {
-                    Changed::Services(keys, gone) if !self.full_next => Round::Partial {
-                        frontends: self.cache.frontends_of(&keys),
-                        gone,
-                    },
-                    _ => Round::Full(self.cache.frontends().collect()),
+                    Changed::Services(frontends, gone) => Round::Partial { frontends, gone },
+                    Changed::Everything(frontends) => Round::Full(frontends),
                 }
             }
             Source::File(path) => match read_file(path, self.config.scheduler) {
@@ -779,8 +780,7 @@ impl Agent {
                         &node,
                         &self.config,
                     );
-                    file_frontends = file.services;
-                    Round::Full(file_frontends.iter().collect())
+                    Round::Full(file.services)
                 }
                 Err(e) => {
                     error!(error = format!("{e:#}"), "reading services");
@@ -1128,7 +1128,7 @@ fn collect_garbage(
 
 /// Names the traffic counters' frontend ids (and backend ids, when
 /// per-backend series are served) after a round.
-fn name_traffic(frontends: &[&FrontendSpec], programmed: &Programmed, status: &Shared) {
+fn name_traffic(frontends: &[FrontendSpec], programmed: &Programmed, status: &Shared) {
     let book = status.lock().unwrap().metrics.traffic.clone();
     let mut book = book.lock().unwrap();
     for spec in frontends {
@@ -1173,13 +1173,13 @@ fn watch_error(status: &Shared, kind: &'static str, e: &watcher::Error) {
 }
 
 /// What a programming round covers.
-enum Round<'a> {
+enum Round {
     /// Every frontend, diffed against everything the maps hold.
-    Full(Vec<&'a FrontendSpec>),
+    Full(Vec<FrontendSpec>),
     /// Only the frontends of some Services changed, and `gone` are no longer
     /// served: the round's cost follows the change.
     Partial {
-        frontends: Vec<&'a FrontendSpec>,
+        frontends: Vec<FrontendSpec>,
         gone: Vec<Frontend>,
     },
 }
@@ -1198,7 +1198,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// it was and the rest is still written; the round then fails, to be retried.
 fn sync(
     dataplane: &mut Dataplane,
-    round: Round<'_>,
+    round: Round,
     programmed: &mut Programmed,
     status: &Shared,
 ) -> Result<()> {
@@ -1211,7 +1211,7 @@ fn sync(
                 .map(|f| f.frontend)
                 .chain(gone.iter().copied())
                 .collect();
-            let report = programmed.partial(&frontends, &gone, write);
+            let report = programmed.partial(&frontends.iter().collect::<Vec<_>>(), &gone, write);
             (report, Some(scope), frontends)
         }
     };

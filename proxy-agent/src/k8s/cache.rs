@@ -53,28 +53,59 @@ impl Stores {
 /// The desired state per Service (`namespace/name`), recomputed only for the
 /// Services whose object or slices changed since the last round, so that a
 /// round's cost follows what changed rather than the size of the cluster.
+///
+/// A round gets the frontends it programs, whole, from [`FrontendCache::refresh`];
+/// between rounds the cache keeps of each Service only what the next partial
+/// round and the metrics need (its frontends' addresses, health checks, what
+/// was skipped). The endpoints stay in the slices' store alone: a second copy
+/// of every Service's endpoints was a fifth of the agent's heap at 100k
+/// Services (`cargo bench -p proxy-agent --bench agent_memory`).
 #[derive(Default)]
 pub struct FrontendCache {
-    per_service: HashMap<String, Frontends>,
+    per_service: HashMap<Arc<str>, Kept>,
     /// Services to recompute at the next round.
     dirty: HashSet<String>,
     /// What the cache was computed for; another node view recomputes everything.
     node: Option<NodeInfo>,
-    /// Recompute everything (a relist replaced a store).
+    /// Recompute everything (a relist replaced a store, or the next round
+    /// is a full one).
     pub all: bool,
     /// Which Service serves each frontend, to find a change that claims a
     /// frontend another Service has ...
-    owners: HashMap<Frontend, String>,
+    owners: HashMap<Frontend, Arc<str>>,
     /// ... in which case (a misconfiguration) only full rounds, which decide
     /// between the claimants, are right, until none is left.
     contested: bool,
 }
 
-/// What changed in a [`FrontendCache::refresh`].
+/// What the cache keeps of one Service between rounds.
+#[derive(Default)]
+struct Kept {
+    frontends: Box<[Frontend]>,
+    health_checks: Vec<HealthCheck>,
+    skipped: Vec<Skip>,
+    no_local_endpoints: NoLocalEndpoints,
+}
+
+impl Kept {
+    fn of(computed: &mut Frontends) -> Self {
+        Self {
+            frontends: computed.frontends.iter().map(|f| f.frontend).collect(),
+            health_checks: std::mem::take(&mut computed.health_checks),
+            skipped: std::mem::take(&mut computed.skipped),
+            no_local_endpoints: computed.no_local_endpoints,
+        }
+    }
+}
+
+/// What changed in a [`FrontendCache::refresh`], with the frontends the
+/// round programs.
 pub enum Changed {
-    Everything,
-    /// These Services (their frontends now), and frontends no longer served.
-    Services(Vec<String>, Vec<Frontend>),
+    /// Every Service's frontends.
+    Everything(Vec<FrontendSpec>),
+    /// The frontends of the Services that changed, and frontends no longer
+    /// served.
+    Services(Vec<FrontendSpec>, Vec<Frontend>),
 }
 
 impl FrontendCache {
@@ -87,9 +118,6 @@ impl FrontendCache {
             let mut out = Frontends::default();
             frontends::of_service(svc, slices, node, &mut out);
             settings::fill_defaults(&mut out.frontends, scheduler);
-            // Kept until the Service changes: without the room the vectors
-            // grew into (a one-frontend Service held room for four).
-            out.shrink_to_fit();
             out
         };
         if self.all || self.contested || self.node.as_ref() != Some(node) {
@@ -101,14 +129,17 @@ impl FrontendCache {
             for slice in ip_slices {
                 by_service.entry(&slice.service).or_default().push(slice);
             }
+            let mut all = Vec::with_capacity(stores.services.len());
             self.per_service = stores
                 .services
                 .values()
                 .map(|svc| {
-                    let key = svc.key.clone();
-                    let slices = by_service.get(key.as_str()).map_or(&[][..], Vec::as_slice);
-                    let desired = compute(svc, slices);
-                    (key, desired)
+                    let key: Arc<str> = svc.key.as_str().into();
+                    let slices = by_service.get(&*key).map_or(&[][..], Vec::as_slice);
+                    let mut computed = compute(svc, slices);
+                    let kept = Kept::of(&mut computed);
+                    all.append(&mut computed.frontends);
+                    (key, kept)
                 })
                 .collect();
             self.node = Some(node.clone());
@@ -116,19 +147,17 @@ impl FrontendCache {
             self.dirty.clear();
             self.owners.clear();
             self.contested = false;
-            for (key, desired) in &self.per_service {
-                for service in &desired.frontends {
-                    let owner = self
-                        .owners
-                        .entry(service.frontend)
-                        .or_insert_with(|| key.clone());
+            for (key, kept) in &self.per_service {
+                for frontend in &kept.frontends {
+                    let owner = self.owners.entry(*frontend).or_insert_with(|| key.clone());
                     self.contested |= owner != key;
                 }
             }
-            return Changed::Everything;
+            return Changed::Everything(all);
         }
         let keys: Vec<String> = self.dirty.drain().collect();
         let mut gone = Vec::new();
+        let mut changed = Vec::new();
         for key in &keys {
             let old = match stores.services.get(key) {
                 Some(svc) => {
@@ -141,44 +170,35 @@ impl FrontendCache {
                         .in_group(key)
                         .filter(|s| frontends::family_of(&s.address_type).is_some())
                         .collect();
-                    self.per_service.insert(key.clone(), compute(svc, &slices))
+                    let mut computed = compute(svc, &slices);
+                    let kept = Kept::of(&mut computed);
+                    changed.append(&mut computed.frontends);
+                    self.per_service.insert(key.as_str().into(), kept)
                 }
-                None => self.per_service.remove(key),
+                None => self.per_service.remove(key.as_str()),
             };
-            for service in old.iter().flat_map(|d| &d.frontends) {
-                if self.owners.get(&service.frontend) == Some(key) {
-                    self.owners.remove(&service.frontend);
-                    gone.push(service.frontend);
+            for frontend in old.iter().flat_map(|k| &k.frontends) {
+                if self.owners.get(frontend).is_some_and(|o| **o == **key) {
+                    self.owners.remove(frontend);
+                    gone.push(*frontend);
                 }
             }
         }
         for key in &keys {
-            for service in self.per_service.get(key).iter().flat_map(|d| &d.frontends) {
-                let owner = self
-                    .owners
-                    .entry(service.frontend)
-                    .or_insert_with(|| key.clone());
+            let Some((key, kept)) = self.per_service.get_key_value(key.as_str()) else {
+                continue;
+            };
+            for frontend in &kept.frontends {
+                let owner = self.owners.entry(*frontend).or_insert_with(|| key.clone());
                 self.contested |= owner != key;
             }
         }
         if self.contested {
-            return Changed::Everything;
+            // Recomputed whole: the round decides between the claimants.
+            return self.refresh(stores, node, scheduler);
         }
         gone.retain(|f| !self.owners.contains_key(f));
-        Changed::Services(keys, gone)
-    }
-
-    /// The frontends of some Services.
-    pub fn frontends_of(&self, keys: &[String]) -> Vec<&FrontendSpec> {
-        keys.iter()
-            .filter_map(|k| self.per_service.get(k))
-            .flat_map(|d| &d.frontends)
-            .collect()
-    }
-
-    /// Every Service's frontends.
-    pub fn frontends(&self) -> impl Iterator<Item = &FrontendSpec> {
-        self.per_service.values().flat_map(|d| &d.frontends)
+        Changed::Services(changed, gone)
     }
 
     pub fn skipped(&self) -> impl Iterator<Item = &Skip> {
@@ -245,16 +265,20 @@ mod tests {
         }
     }
 
+    fn kept_frontends(cache: &FrontendCache) -> usize {
+        cache.per_service.values().map(|k| k.frontends.len()).sum()
+    }
+
     #[test]
     fn cache_recomputes_only_touched_services_and_names_what_went() {
         let node = NodeInfo::default();
         let mut cache = FrontendCache::default();
         let mut s = stores(&[service("a", "10.96.0.1"), service("b", "10.96.0.2")]);
-        assert!(matches!(
-            cache.refresh(&s, &node, Scheduler::FlowHash),
-            Changed::Everything
-        ));
-        assert_eq!(cache.frontends().count(), 2);
+        let Changed::Everything(all) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
+            panic!("the first refresh computes everything");
+        };
+        assert_eq!(all.len(), 2);
+        assert_eq!(kept_frontends(&cache), 2);
 
         // b moves to another cluster IP; a is untouched.
         s.services.apply(
@@ -262,12 +286,13 @@ mod tests {
             watch::keep_service,
         );
         cache.touch("default/b");
-        let Changed::Services(keys, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
+        let Changed::Services(changed, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
             panic!("a partial change");
         };
-        assert_eq!(keys, vec!["default/b".to_string()]);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].frontend, frontend("10.96.0.3"));
+        assert_eq!(changed[0].name, "default/b");
         assert_eq!(gone, vec![frontend("10.96.0.2")]);
-        assert_eq!(cache.frontends_of(&keys)[0].frontend, frontend("10.96.0.3"));
 
         // A Service going takes its frontends with it.
         s.services.apply(
@@ -275,11 +300,20 @@ mod tests {
             watch::keep_service,
         );
         cache.touch("default/a");
-        let Changed::Services(_, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
+        let Changed::Services(changed, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
             panic!("a partial change");
         };
+        assert!(changed.is_empty());
         assert_eq!(gone, vec![frontend("10.96.0.1")]);
-        assert_eq!(cache.frontends().count(), 1);
+        assert_eq!(kept_frontends(&cache), 1);
+
+        // Asked for everything (a full round), it recomputes every Service.
+        cache.all = true;
+        let Changed::Everything(all) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
+            panic!("a full refresh");
+        };
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].frontend, frontend("10.96.0.3"));
     }
 
     #[test]
@@ -295,7 +329,7 @@ mod tests {
         cache.touch("default/b");
         assert!(matches!(
             cache.refresh(&s, &node, Scheduler::FlowHash),
-            Changed::Everything
+            Changed::Everything(_)
         ));
         // Resolved: one more full round finds no claimant left, then partial again.
         s.services.apply(
@@ -305,7 +339,7 @@ mod tests {
         cache.touch("default/b");
         assert!(matches!(
             cache.refresh(&s, &node, Scheduler::FlowHash),
-            Changed::Everything
+            Changed::Everything(_)
         ));
         cache.touch("default/b");
         assert!(matches!(

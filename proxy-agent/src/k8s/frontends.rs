@@ -92,20 +92,6 @@ pub struct Frontends {
     pub no_local_endpoints: NoLocalEndpoints,
 }
 
-impl Frontends {
-    /// Gives back the room the vectors grew into.
-    pub fn shrink_to_fit(&mut self) {
-        for spec in &mut self.frontends {
-            spec.endpoints.shrink_to_fit();
-            spec.reachable.shrink_to_fit();
-            spec.cluster_endpoints.shrink_to_fit();
-        }
-        self.frontends.shrink_to_fit();
-        self.health_checks.shrink_to_fit();
-        self.skipped.shrink_to_fit();
-    }
-}
-
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NoLocalEndpoints {
     pub internal: usize,
