@@ -39,9 +39,10 @@ pub struct SlicePort {
     pub protocol: Option<String>,
 }
 
-/// One endpoint, as compact as the stores can keep it: a cluster of 100k
-/// Services holds a million of them. Node and zone names are shared
-/// ([`intern`]), not copied into every endpoint.
+/// One endpoint, as compact as the stores can keep it (48 bytes): a
+/// cluster of 100k Services holds a million of them. Node names are shared
+/// ([`intern`]), not copied into every endpoint. Its zone is not kept:
+/// proxying reads the zone hints, never the endpoint's own zone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SliceEndpoint {
     /// The first of its addresses: the one kube-proxy uses (the others are
@@ -50,8 +51,7 @@ pub struct SliceEndpoint {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
+    pub node_name: Option<Name>,
     /// Topology hints, where the slice has any (boxed: most endpoints have none).
     pub hints: Option<Box<Hints>>,
 }
@@ -59,8 +59,47 @@ pub struct SliceEndpoint {
 /// `hints.forZones[].name` and `hints.forNodes[].name`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Hints {
-    pub zones: Box<[Arc<str>]>,
-    pub nodes: Box<[Arc<str>]>,
+    pub zones: Box<[Name]>,
+    pub nodes: Box<[Name]>,
+}
+
+/// A node or zone name, shared: one pointer wide (an `Arc<str>` is two),
+/// compared and hashed as the text it holds.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(Arc<Box<str>>);
+
+impl Name {
+    /// The same copy as `other`'s.
+    pub fn shares(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A name of its own, not from the shared set (tests, and names few
+/// objects hold).
+impl From<&str> for Name {
+    fn from(name: &str) -> Self {
+        Self(Arc::new(name.into()))
+    }
 }
 
 /// An endpoint's address: an IP address, or what was written where one
@@ -103,7 +142,7 @@ static NAMES: Mutex<Names> = Mutex::new(Names {
 });
 
 struct Names {
-    set: Option<HashSet<Arc<str>>>,
+    set: Option<HashSet<Name>>,
     /// How many names were left after the last pruning.
     pruned_at: usize,
 }
@@ -111,7 +150,7 @@ struct Names {
 /// The shared copy of a node or zone name. Names no endpoint holds any more
 /// (nodes gone from the cluster) are dropped whenever the set has doubled
 /// since the last time, so it stays within twice the names in use.
-pub fn intern(name: String) -> Arc<str> {
+pub fn intern(name: String) -> Name {
     let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
     let Names { set, pruned_at } = &mut *names;
     let set = set.get_or_insert_with(HashSet::new);
@@ -119,10 +158,10 @@ pub fn intern(name: String) -> Arc<str> {
         return shared.clone();
     }
     if set.len() >= 2 * (*pruned_at).max(64) {
-        set.retain(|n| Arc::strong_count(n) > 1);
+        set.retain(|n| Arc::strong_count(&n.0) > 1);
         *pruned_at = set.len();
     }
-    let shared: Arc<str> = name.into();
+    let shared = Name(Arc::new(name.into()));
     set.insert(shared.clone());
     shared
 }
@@ -146,7 +185,6 @@ mod v1 {
         #[serde(default)]
         pub conditions: Conditions,
         pub node_name: Option<String>,
-        pub zone: Option<String>,
         pub hints: Option<Hints>,
     }
 
@@ -327,7 +365,6 @@ impl SliceObject {
                     serving: e.conditions.serving,
                     terminating: e.conditions.terminating,
                     node_name: e.node_name.map(intern),
-                    zone: e.zone.map(intern),
                     hints: hints(e.hints),
                 })
                 .collect(),
@@ -343,7 +380,6 @@ impl SliceObject {
                         .node_name
                         .or_else(|| e.topology.remove("kubernetes.io/hostname"))
                         .map(intern),
-                    zone: e.topology.remove("topology.kubernetes.io/zone").map(intern),
                     hints: hints(e.hints),
                 })
                 .collect(),

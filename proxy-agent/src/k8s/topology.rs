@@ -22,7 +22,9 @@
 //! The unit tests re-express that file's `TestCategorizeEndpoints` table, one test
 //! per upstream case, named after it.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::collections::BTreeSet;
+
+use super::slices::Name;
 
 /// One endpoint of a Service port, as categorizing needs it.
 ///
@@ -34,11 +36,11 @@ pub struct EndpointInfo {
     pub serving: bool,
     pub terminating: bool,
     /// The endpoint's `nodeName`; it is local when this equals [`Node::name`].
-    pub node_name: Option<Arc<str>>,
+    pub node_name: Option<Name>,
     /// `hints.forZones[].name`; empty means the endpoint has no zone hint.
-    pub zone_hints: BTreeSet<Arc<str>>,
+    pub zone_hints: BTreeSet<Name>,
     /// `hints.forNodes[].name`; empty means the endpoint has no node hint.
-    pub node_hints: BTreeSet<Arc<str>>,
+    pub node_hints: BTreeSet<Name>,
 }
 
 impl EndpointInfo {
