@@ -311,10 +311,10 @@ pub fn map_state_in<S: Borrow<FrontendSpec>>(
 fn build<S: Borrow<FrontendSpec>>(
     services: &[S],
     ids: &mut Ids,
-    previous: (&MapState, HashMap<Frontend, Vec<u32>>),
+    previous: (&MapState, HashMap<Frontend, Box<[u32]>>),
     state: MapState,
     room: &Room<'_>,
-) -> (MapState, Vec<Problem>, HashMap<Frontend, Vec<u32>>) {
+) -> (MapState, Vec<Problem>, HashMap<Frontend, Box<[u32]>>) {
     let (previous, mut previous_used) = previous;
     let mut problems = Vec::new();
     let mut owners: HashMap<Frontend, &str> = HashMap::new();
@@ -349,7 +349,7 @@ fn build<S: Borrow<FrontendSpec>>(
     for service in &served {
         let used = previous_used.remove(&service.frontend).unwrap_or_default();
         let old = entries_of(&service.frontend, previous, &used);
-        let used: Vec<u32> = old.backends.keys().copied().collect();
+        let used: Box<[u32]> = old.backends.keys().copied().collect();
         placed.place(service.frontend, old.clone(), used.clone());
         kept.insert(service.frontend, (old, used));
     }
@@ -370,7 +370,7 @@ fn build<S: Borrow<FrontendSpec>>(
             }
         };
         let Some((map, capacity)) = room.overflow(&placed.state, &part, &frontend) else {
-            placed.place(frontend, part, used);
+            placed.place(frontend, part, used.into_boxed_slice());
             continue;
         };
         placed.release(ids, &part, previous, room);
@@ -404,11 +404,11 @@ fn build<S: Borrow<FrontendSpec>>(
 struct Placed {
     state: MapState,
     refs: HashMap<u32, u32>,
-    programmed: HashMap<Frontend, Vec<u32>>,
+    programmed: HashMap<Frontend, Box<[u32]>>,
 }
 
 impl Placed {
-    fn place(&mut self, frontend: Frontend, part: MapState, used: Vec<u32>) {
+    fn place(&mut self, frontend: Frontend, part: MapState, used: Box<[u32]>) {
         for id in &used {
             *self.refs.entry(*id).or_default() += 1;
         }
@@ -700,7 +700,7 @@ fn take_programmed(
     scope: &BTreeSet<Frontend>,
     applied: &MapState,
     ids: &mut Ids,
-) -> (MapState, HashMap<Frontend, Vec<u32>>) {
+) -> (MapState, HashMap<Frontend, Box<[u32]>>) {
     let mut old = MapState::default();
     let mut old_used = HashMap::new();
     for frontend in scope {
