@@ -220,7 +220,11 @@ fn time_partial_rounds(
     for n in 0..200 {
         let key = format!("default/bench-{:05}", (n * 7919) % services);
         let started = Instant::now();
-        let found = stores.slices.values().filter(|s| s.service == key).count();
+        let found = stores
+            .slices
+            .values()
+            .filter(|s| *s.service == *key)
+            .count();
         scan.push(started.elapsed());
         assert_eq!(found, 1);
         cache.touch(key.clone());

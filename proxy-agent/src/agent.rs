@@ -992,12 +992,12 @@ fn on_slice(
     });
     // A slice can move from one Service to another: both change.
     for slice in [&before, &after].into_iter().flatten() {
-        cache.touch(slice.service.as_str());
+        cache.touch(&*slice.service);
     }
     let service = after
         .as_ref()
         .or(before.as_ref())
-        .map(|s| s.service.clone());
+        .map(|s| s.service.to_string());
     if let Some(service) = &service {
         if deleted {
             triggers.deleted(service);

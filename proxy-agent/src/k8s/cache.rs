@@ -127,14 +127,14 @@ impl FrontendCache {
                 .values()
                 .filter(|s| frontends::family_of(&s.address_type).is_some());
             for slice in ip_slices {
-                by_service.entry(&slice.service).or_default().push(slice);
+                by_service.entry(&*slice.service).or_default().push(slice);
             }
             let mut all = Vec::with_capacity(stores.services.len());
             self.per_service = stores
                 .services
                 .values()
                 .map(|svc| {
-                    let key: Arc<str> = svc.key.as_str().into();
+                    let key = svc.key.clone();
                     let slices = by_service.get(&*key).map_or(&[][..], Vec::as_slice);
                     let mut computed = compute(svc, slices);
                     let kept = Kept::of(&mut computed);
@@ -173,7 +173,7 @@ impl FrontendCache {
                     let mut computed = compute(svc, &slices);
                     let kept = Kept::of(&mut computed);
                     changed.append(&mut computed.frontends);
-                    self.per_service.insert(key.as_str().into(), kept)
+                    self.per_service.insert(svc.key.clone(), kept)
                 }
                 None => self.per_service.remove(key.as_str()),
             };

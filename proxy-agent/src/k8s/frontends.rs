@@ -176,17 +176,14 @@ pub fn of_cluster(k8s: &[&Service], slices: &[&Slice], node: &NodeInfo) -> Front
     let mut by_service: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
         if family_of(&slice.address_type).is_some() {
-            by_service
-                .entry(slice.service.as_str())
-                .or_default()
-                .push(slice);
+            by_service.entry(&*slice.service).or_default().push(slice);
         }
     }
     let mut out = Frontends::default();
     for svc in k8s {
         let svc = ServiceInfo::from((*svc).clone());
         let service_slices = by_service
-            .get(svc.key.as_str())
+            .get(&*svc.key)
             .map(Vec::as_slice)
             .unwrap_or_default();
         of_service(&svc, service_slices, node, &mut out);
@@ -340,7 +337,7 @@ struct ServiceView {
 impl ServiceView {
     /// `None` (and the reason in `out.skipped`) for a Service not proxied.
     fn of(svc: &ServiceInfo, node: &NodeInfo, out: &mut Frontends) -> Option<Self> {
-        let key = svc.key.clone();
+        let key = svc.key.to_string();
         let spec = svc.spec.as_ref()?;
         let vips = cluster_ips(svc, &key, out)?;
         let kind = spec.kind.as_deref().unwrap_or("ClusterIP").to_string();

@@ -26,7 +26,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slice {
     /// `namespace/name` of the Service this slice belongs to.
-    pub service: String,
+    pub service: Arc<str>,
     pub address_type: String,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<SliceEndpoint>,
@@ -401,7 +401,7 @@ impl SliceObject {
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
             .ok_or(SliceError::NoService)?;
         Ok(Slice {
-            service: format!("{}/{name}", meta.namespace.as_deref().unwrap_or_default()),
+            service: format!("{}/{name}", meta.namespace.as_deref().unwrap_or_default()).into(),
             address_type,
             ports,
             endpoints,
@@ -447,7 +447,7 @@ mod tests {
         let list: ObjectList<SliceObject> = serde_json::from_str(&list).unwrap();
         let [a, b] = <[SliceObject; 2]>::try_from(list.items).unwrap();
         let a = a.read(SliceVersion::V1).unwrap();
-        assert_eq!(a.service, "default/web");
+        assert_eq!(&*a.service, "default/web");
         assert_eq!(a.endpoints.len(), 1);
         assert_eq!(a.endpoints[0].node_name.as_deref(), Some("n1"));
         assert!(matches!(

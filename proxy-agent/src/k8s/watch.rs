@@ -23,27 +23,40 @@ use super::{
 /// What a store also finds its objects by, besides their key: the Service
 /// an EndpointSlice belongs to. Other kinds have no group.
 pub trait Grouped {
-    fn group(&self) -> Option<&str> {
+    fn group(&self) -> Option<&Arc<str>> {
+        None
+    }
+
+    /// The object's own copy of its key (`namespace/name`), for the store
+    /// to share rather than hold a second.
+    fn key(&self) -> Option<&Arc<str>> {
         None
     }
 }
 
 impl Grouped for Slice {
-    fn group(&self) -> Option<&str> {
+    fn group(&self) -> Option<&Arc<str>> {
         Some(&self.service)
     }
 }
 
-/// Services and the Node.
-impl<T> Grouped for Arc<T> {}
+impl Grouped for Arc<ServiceInfo> {
+    fn key(&self) -> Option<&Arc<str>> {
+        Some(&self.key)
+    }
+}
+
+impl Grouped for Arc<Node> {}
 
 /// Objects by `namespace/name`, replaced whole on every (re)list, and the
 /// keys of each group's objects (a Vec: a Service has one slice or a few).
+/// Keys and group names are shared, not copied: at 100k Services each
+/// copy was some 40 bytes per object.
 #[derive(Debug)]
 pub struct Store<T> {
-    items: HashMap<String, T>,
-    groups: HashMap<String, Vec<String>>,
-    relisting: Option<HashMap<String, T>>,
+    items: HashMap<Arc<str>, T>,
+    groups: HashMap<Arc<str>, Vec<Arc<str>>>,
+    relisting: Option<HashMap<Arc<str>, T>>,
     ready: bool,
 }
 
@@ -86,11 +99,20 @@ impl<T: Grouped> Store<T> {
             .filter_map(|key| self.items.get(key))
     }
 
+    /// The key to store `value` under: its own copy where it has one.
+    fn shared_key(key: String, value: &T) -> Arc<str> {
+        match value.key() {
+            Some(own) if **own == *key => own.clone(),
+            _ => key.into(),
+        }
+    }
+
     fn insert(&mut self, key: String, value: T) {
-        let group = value.group().map(str::to_string);
+        let key = Self::shared_key(key, &value);
+        let group = value.group().cloned();
         let old = self.items.insert(key.clone(), value);
         if let Some(old) = &old {
-            if old.group() == group.as_deref() {
+            if old.group() == group.as_ref() {
                 return;
             }
             Self::ungroup(&mut self.groups, &key, old);
@@ -110,10 +132,10 @@ impl<T: Grouped> Store<T> {
         }
     }
 
-    fn ungroup(groups: &mut HashMap<String, Vec<String>>, key: &str, old: &T) {
+    fn ungroup(groups: &mut HashMap<Arc<str>, Vec<Arc<str>>>, key: &str, old: &T) {
         if let Some(group) = old.group() {
             if let Some(keys) = groups.get_mut(group) {
-                keys.retain(|k| k != key);
+                keys.retain(|k| **k != *key);
                 if keys.is_empty() {
                     groups.remove(group);
                 }
@@ -141,7 +163,7 @@ impl<T: Grouped> Store<T> {
             watcher::Event::InitApply(obj) => {
                 let key = key_of(&obj);
                 if let (Some(list), Some(value)) = (self.relisting.as_mut(), convert(obj)) {
-                    list.insert(key, value);
+                    list.insert(Self::shared_key(key, &value), value);
                 }
                 false
             }
@@ -151,7 +173,7 @@ impl<T: Grouped> Store<T> {
                     for (key, value) in &list {
                         if let Some(group) = value.group() {
                             self.groups
-                                .entry(group.to_string())
+                                .entry(group.clone())
                                 .or_default()
                                 .push(key.clone());
                         }
@@ -320,7 +342,7 @@ mod tests {
     fn of(service: Option<&str>) -> impl FnOnce(ConfigMap) -> Option<Slice> + '_ {
         move |_| {
             service.map(|s| Slice {
-                service: format!("default/{s}"),
+                service: format!("default/{s}").into(),
                 address_type: "IPv4".into(),
                 ports: Vec::new(),
                 endpoints: Vec::new(),
