@@ -982,27 +982,31 @@ fn on_slice(
             return (store.apply(event, watch::convert_slice(version)), None);
         }
     };
-    // During a relist the store still serves the previous list: compare with that.
+    // During a relist the store still serves the previous list: compare with
+    // that. The new slice is compared as it goes into the store, not copied
+    // (a first list would copy every slice of the cluster).
     let before = store.get(&key).cloned();
-    let mut after = None;
+    let (mut service_after, mut differs) = (None, before.is_some());
     let convert = watch::convert_slice(version);
     let changed = store.apply(event, |obj| {
-        after = convert(obj);
-        after.clone()
+        let after = convert(obj);
+        if let Some(after) = &after {
+            service_after = Some(after.service.clone());
+            differs = before.as_ref() != Some(after);
+        }
+        after
     });
+    let service_before = before.map(|s| s.service);
     // A slice can move from one Service to another: both change.
-    for slice in [&before, &after].into_iter().flatten() {
-        cache.touch(&*slice.service);
+    for service in [&service_before, &service_after].into_iter().flatten() {
+        cache.touch(&**service);
     }
-    let service = after
-        .as_ref()
-        .or(before.as_ref())
-        .map(|s| s.service.to_string());
+    let service = service_after.or(service_before).map(|s| s.to_string());
     if let Some(service) = &service {
         if deleted {
             triggers.deleted(service);
         } else {
-            triggers.updated(service, trigger, before != after);
+            triggers.updated(service, trigger, differs);
         }
     }
     (changed, service)
