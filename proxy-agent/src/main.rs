@@ -340,8 +340,24 @@ fn map_size() -> clap::builder::RangedI64ValueParser<u32> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h), which the crate does
+/// not name: between the two it names below.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const _: () = assert!(MI_OPTION_PURGE_DELAY + 1 == libmimalloc_sys::mi_option_use_numa_nodes);
+
+/// Pages mimalloc frees go back to the kernel at once, not a second later
+/// and only when the thread that owns them allocates again: the watch
+/// tasks' threads go quiet after a first list and kept what it freed. At
+/// 100k Services in the lab, alternating runs of one build held 379-380 MiB
+/// after the sync this way, 403-408 MiB with the default, and synced as fast.
+fn return_freed_pages_at_once() {
+    // SAFETY: sets one of mimalloc's options; no pointer is involved.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    return_freed_pages_at_once();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
