@@ -1305,6 +1305,99 @@ mod tests {
 
     use super::*;
 
+    /// A slice event as the watch delivers it: slice `name` of Service
+    /// `service`, one endpoint at `address`, changed at `trigger`.
+    fn slice_event(
+        name: &str,
+        service: &str,
+        address: &str,
+        trigger: &str,
+    ) -> watcher::Event<SliceObject> {
+        let object = serde_json::json!({
+            "metadata": {
+                "namespace": "default", "name": name,
+                "labels": {"kubernetes.io/service-name": service},
+                "annotations": {(latency::TRIGGER_TIME_ANNOTATION): trigger},
+            },
+            "addressType": "IPv4",
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address]}],
+        });
+        watcher::Event::Apply(serde_json::from_value(object).unwrap())
+    }
+
+    /// A slice event counts for the programming latency only when what the
+    /// agent reads of the slice changed, and marks for the next round both
+    /// the Service the slice belongs to now and the one it belonged to.
+    #[test]
+    fn a_slice_event_counts_its_change_and_touches_the_services_it_moves_between() {
+        let node = NodeInfo::default();
+        let mut stores = Stores::default();
+        stores
+            .services
+            .apply(watcher::Event::Init, watch::keep_service);
+        for name in ["web", "db"] {
+            let svc: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "default", "name": name},
+                "spec": {"clusterIP": if name == "web" {"10.96.0.1"} else {"10.96.0.2"},
+                         "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}]},
+            }))
+            .unwrap();
+            stores
+                .services
+                .apply(watcher::Event::InitApply(svc), watch::keep_service);
+        }
+        stores
+            .services
+            .apply(watcher::Event::InitDone, watch::keep_service);
+        stores
+            .slices
+            .apply(watcher::Event::Init, |_: SliceObject| None);
+        stores
+            .slices
+            .apply(watcher::Event::InitDone, |_: SliceObject| None);
+        let mut cache = FrontendCache::default();
+        cache.refresh(&stores, &node, Scheduler::FlowHash);
+        let started: jiff::Timestamp = "2026-12-05T10:00:00Z".parse().unwrap();
+        let mut triggers = Triggers::new(started);
+        let now = started + jiff::SignedDuration::from_secs(60);
+        // The Services the next refresh recomputes, by the frontends it hands over.
+        let touched = |stores: &Stores, cache: &mut FrontendCache| -> Vec<String> {
+            let Changed::Services(frontends, _) = cache.refresh(stores, &node, Scheduler::FlowHash)
+            else {
+                panic!("a partial refresh");
+            };
+            let mut names: Vec<String> = frontends.into_iter().map(|f| f.name).collect();
+            names.sort();
+            names
+        };
+        let v1 = SliceVersion::V1;
+
+        let new = slice_event("web-1", "web", "10.244.0.1", "2026-12-05T10:00:10Z");
+        let (changed, service) = on_slice(&mut stores.slices, &mut triggers, &mut cache, new, v1);
+        assert!(changed);
+        assert_eq!(service.as_deref(), Some("default/web"));
+        assert_eq!(touched(&stores, &mut cache), ["default/web"]);
+
+        // The same endpoints again, with a later trigger time: nothing the
+        // maps hold changed, so no latency is measured for it.
+        let same = slice_event("web-1", "web", "10.244.0.1", "2026-12-05T10:00:20Z");
+        on_slice(&mut stores.slices, &mut triggers, &mut cache, same, v1);
+        touched(&stores, &mut cache);
+        // Another address: measured.
+        let other = slice_event("web-1", "web", "10.244.0.2", "2026-12-05T10:00:30Z");
+        on_slice(&mut stores.slices, &mut triggers, &mut cache, other, v1);
+        touched(&stores, &mut cache);
+        assert_eq!(triggers.programmed(now), [50.0, 30.0]);
+
+        // The slice moves to another Service: both are recomputed.
+        let moved = slice_event("web-1", "db", "10.244.0.2", "2026-12-05T10:00:40Z");
+        let (changed, service) = on_slice(&mut stores.slices, &mut triggers, &mut cache, moved, v1);
+        assert!(changed);
+        assert_eq!(service.as_deref(), Some("default/db"));
+        assert_eq!(touched(&stores, &mut cache), ["default/db", "default/web"]);
+    }
+
     /// A spawned watch pulls from its source before the loop asks (its
     /// first list goes out while the programs load), as far as the channel
     /// holds, and hands every event over in order.

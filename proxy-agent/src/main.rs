@@ -341,7 +341,8 @@ fn map_size() -> clap::builder::RangedI64ValueParser<u32> {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h), which the crate does
-/// not name: between the two it names below.
+/// not name: the option just before `mi_option_use_numa_nodes`, which it
+/// does (checked below, at compile time).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const _: () = assert!(MI_OPTION_PURGE_DELAY + 1 == libmimalloc_sys::mi_option_use_numa_nodes);
 
