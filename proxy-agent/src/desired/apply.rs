@@ -267,12 +267,94 @@ fn refusal(
 /// run) and on entries of other maps (which a run does not touch), so each
 /// op of a run would have been written one at a time too. A run that stops
 /// at a failure goes on, after the failed op, as the ops would have.
-pub fn run(ops: &[MapOp], applied: &mut MapState, mut writer: impl Write) -> Outcome {
-    let mut outcome = Outcome::default();
+pub fn run(ops: &[MapOp], applied: &mut MapState, writer: impl Write) -> Outcome {
+    carry_on(ops, 0, applied, Outcome::default(), writer)
+}
+
+/// [`run`] for the writes [`super::diff`] orders from `applied` to `wanted`
+/// (a full round), which leave `applied` equal to `wanted` when they all
+/// land. Until one fails none can be refused: nothing has failed, and diff
+/// writes every entry an entry names before it (backends and reverse-NAT
+/// entries, then slots, then slot 0) and removes it after. So the writes go
+/// out in runs without a look at `applied` or a copy of each into it, and
+/// `wanted` is taken whole at the end (at 100k Services, two million
+/// B-tree inserts and as many lookups fewer in the first round). At the
+/// first failure `applied` is brought up to what landed and the round goes
+/// on as [`run`] would have.
+pub fn run_whole(
+    ops: &[MapOp],
+    applied: &mut MapState,
+    wanted: MapState,
+    mut writer: impl Write,
+) -> Outcome {
+    let mut next = 0;
+    while next < ops.len() {
+        let end = run_end(ops, next, |_| true);
+        let run = &ops[next..end];
+        let (landed, error) = writer.write_run(run);
+        let landed = landed.min(run.len());
+        if landed < run.len() {
+            let failed = next + landed;
+            for op in &ops[..failed] {
+                applied.apply(op);
+            }
+            let mut outcome = Outcome {
+                written: failed,
+                ..Outcome::default()
+            };
+            fail(&mut outcome, applied, &ops[failed], why(error));
+            return carry_on(ops, failed + 1, applied, outcome, writer);
+        }
+        next = end;
+    }
+    if cfg!(debug_assertions) {
+        let mut carried = std::mem::take(applied);
+        for op in ops {
+            carried.apply(op);
+        }
+        assert!(
+            carried == wanted,
+            "the writes do not lead to what was wanted"
+        );
+    }
+    *applied = wanted;
+    Outcome {
+        written: ops.len(),
+        ..Outcome::default()
+    }
+}
+
+/// The end of the run that starts at `ops[next]`: the puts into the same map
+/// that follow it and that `writable` lets through (an op of another kind
+/// is a run of its own).
+fn run_end(ops: &[MapOp], next: usize, mut writable: impl FnMut(&MapOp) -> bool) -> usize {
+    let mut end = next + 1;
+    if let Some(target) = ops[next].put_target() {
+        while end < ops.len() && ops[end].put_target() == Some(target) && writable(&ops[end]) {
+            end += 1;
+        }
+    }
+    end
+}
+
+fn why(error: Option<anyhow::Error>) -> String {
+    error.map_or_else(
+        || "the writer stopped without a reason".to_string(),
+        |e| format!("{e:#}"),
+    )
+}
+
+/// [`run`] from `ops[next]` on, with `outcome` what the writes before it came to.
+fn carry_on(
+    ops: &[MapOp],
+    mut next: usize,
+    applied: &mut MapState,
+    mut outcome: Outcome,
+    mut writer: impl Write,
+) -> Outcome {
     // Backend ids named by slots and Maglev tables: built on the first
     // backend removal after a failure, dropped when slots change.
     let mut referenced: Option<HashSet<u32>> = None;
-    let mut next = 0;
     while next < ops.len() {
         let op = &ops[next];
         if let Some(reason) = refusal(op, applied, &outcome, &mut referenced) {
@@ -280,15 +362,9 @@ pub fn run(ops: &[MapOp], applied: &mut MapState, mut writer: impl Write) -> Out
             next += 1;
             continue;
         }
-        let mut end = next + 1;
-        if let Some(target) = op.put_target() {
-            while end < ops.len()
-                && ops[end].put_target() == Some(target)
-                && refusal(&ops[end], applied, &outcome, &mut referenced).is_none()
-            {
-                end += 1;
-            }
-        }
+        let end = run_end(ops, next, |op| {
+            refusal(op, applied, &outcome, &mut referenced).is_none()
+        });
         let run = &ops[next..end];
         let (landed, error) = writer.write_run(run);
         let landed = landed.min(run.len());
@@ -307,11 +383,7 @@ pub fn run(ops: &[MapOp], applied: &mut MapState, mut writer: impl Write) -> Out
         }
         next += landed;
         if landed < run.len() {
-            let reason = error.map_or_else(
-                || "the writer stopped without a reason".to_string(),
-                |e| format!("{e:#}"),
-            );
-            fail(&mut outcome, applied, &ops[next], reason);
+            fail(&mut outcome, applied, &ops[next], why(error));
             next += 1;
         }
     }

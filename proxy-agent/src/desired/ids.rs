@@ -3,9 +3,14 @@
 //! the whole range has gone round.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
+
+// The tables below hold an entry per backend or frontend (a million at
+// 100k Services) and are looked up for each one at every full round:
+// foldhash, not SipHash (see `cargo bench --bench agent_memory`).
+use foldhash::HashMap;
 
 use proxy_common::capacity;
 
@@ -29,7 +34,7 @@ pub struct Ids {
     pub(super) backend_slots: Slots,
     pub(super) backend_cursor: u32,
     pub(super) revnat: HashMap<Frontend, u32>,
-    pub(super) revnat_ids: HashSet<u32>,
+    pub(super) revnat_ids: foldhash::HashSet<u32>,
     pub(super) revnat_cursor: u32,
     /// The backend ids each programmed frontend uses (its slots and the
     /// backends it keeps reachable), and how many frontends use each id: what

@@ -4,10 +4,11 @@
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
 };
 
+use foldhash::{HashMap, HashMapExt};
 use proxy_common::{backend_flags, backend_state, svc_flags, MaglevKey, ServiceValue};
 
 pub use super::entries::{Backend, RevNat, ServiceKey, SourceRange};

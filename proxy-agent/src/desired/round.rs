@@ -8,7 +8,7 @@ use std::borrow::Borrow;
 use super::{
     apply::{self, Outcome},
     diff,
-    maps::{map_state_in, update, Capacity, Fill, MapOp, MapState, Problem},
+    maps::{map_state_in, update, Capacity, Fill, MapState, Problem},
     Ids,
 };
 use crate::frontend::{Frontend, FrontendSpec};
@@ -88,11 +88,23 @@ impl Programmed {
         let (wanted, problems) =
             map_state_in(frontends, &mut self.ids, &self.applied, &self.capacity);
         let ops = diff(&wanted, &self.applied);
-        drop(wanted);
-        let report = self.write(&ops, problems, writer);
+        if ops.is_empty() {
+            // Nothing to write: the maps hold `wanted` already.
+            return RoundReport {
+                problems,
+                ..RoundReport::default()
+            };
+        }
+        let outcome = apply::run_whole(&ops, &mut self.applied, wanted, writer);
+        let writes = ops.len();
+        drop(ops);
         self.applied.compact();
         self.fill = Fill::of(&self.applied);
-        report
+        RoundReport {
+            problems,
+            writes,
+            outcome,
+        }
     }
 
     /// Programs only `frontends` (what they serve now) and removes `gone`;
@@ -113,19 +125,9 @@ impl Programmed {
         // At every key the round writes, what the maps held before and
         // after (a write that did not land leaves its key as it was).
         let before = Fill::entries_at(&self.applied, &ops);
-        let report = self.write(&ops, problems, writer);
+        let outcome = apply::run(&ops, &mut self.applied, writer);
         let after = Fill::entries_at(&self.applied, &ops);
         self.fill = self.fill.replaced(&before, &after);
-        report
-    }
-
-    fn write(
-        &mut self,
-        ops: &[MapOp],
-        problems: Vec<Problem>,
-        writer: impl apply::Write,
-    ) -> RoundReport {
-        let outcome = apply::run(ops, &mut self.applied, writer);
         RoundReport {
             problems,
             writes: ops.len(),

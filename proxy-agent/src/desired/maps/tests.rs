@@ -1024,3 +1024,81 @@ fn holes_are_found_and_removed_slot0_first() {
         ]
     );
 }
+
+/// A full round's writes, taken whole while they all land, come to what
+/// the careful way (each write checked against, and copied into, what
+/// landed before it) comes to: with no failure, and with the k-th write
+/// failing, for every k.
+#[test]
+fn a_full_rounds_writes_taken_whole_come_to_what_written_one_by_one_do() {
+    use crate::desired::apply::{run, run_whole, Outcome};
+    let mut m = svc("m", [10, 96, 0, 3], 53, &endpoints(5, 2));
+    m.scheduler = Some(Scheduler::Maglev);
+    m.source_ranges = Some(vec!["198.51.100.0/24".parse().unwrap()]);
+    let mut ids = Ids::default();
+    let (before, _) = map_state(
+        &[
+            &svc("a", [10, 96, 0, 1], 80, &endpoints(1, 3)),
+            &svc("b", [10, 96, 0, 2], 80, &endpoints(3, 2)),
+            &m,
+        ],
+        &mut ids,
+    );
+    // b goes, a and m change backends, c comes.
+    let mut m2 = svc("m", [10, 96, 0, 3], 53, &endpoints(6, 2));
+    m2.scheduler = m.scheduler;
+    m2.source_ranges = Some(vec!["203.0.113.0/24".parse().unwrap()]);
+    let (wanted, _) = map_state(
+        &[
+            &svc("a", [10, 96, 0, 1], 80, &endpoints(2, 3)),
+            &svc("c", [10, 96, 0, 4], 80, &endpoints(20, 2)),
+            &m2,
+        ],
+        &mut ids,
+    );
+    let ops = diff(&wanted, &before);
+    for kind in [
+        "DelService",
+        "PutMaglev",
+        "PutSourceRange",
+        "DelSourceRange",
+        "DelBackend",
+    ] {
+        assert!(
+            ops.iter().any(|op| format!("{op:?}").starts_with(kind)),
+            "{kind}: {ops:?}"
+        );
+    }
+    let summary = |o: &Outcome| {
+        let failures: Vec<_> = o
+            .failures
+            .iter()
+            .map(|f| (f.op, f.reason.clone()))
+            .collect();
+        (o.written, failures, o.failed_frontends.clone())
+    };
+    for failing in (0..=ops.len()).rev() {
+        // Fails the `failing`-th write that reaches the maps.
+        let writer = || {
+            let mut count = 0;
+            move |_: &MapOp| {
+                count += 1;
+                if count == failing + 1 {
+                    anyhow::bail!("write {failing} fails")
+                }
+                Ok(())
+            }
+        };
+        let mut careful = before.clone();
+        let expected = run(&ops, &mut careful, writer());
+        let mut whole = before.clone();
+        let outcome = run_whole(&ops, &mut whole, wanted.clone(), writer());
+        assert_eq!(
+            summary(&outcome),
+            summary(&expected),
+            "failing write {failing}"
+        );
+        assert_eq!(whole, careful, "failing write {failing}");
+        assert_eq!(outcome.failures.is_empty(), failing == ops.len());
+    }
+}
