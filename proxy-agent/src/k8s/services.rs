@@ -4,11 +4,64 @@
 //! takes about a third of that, which at 100k Services is some 80 MiB of the
 //! agent's memory. Pure: `frontends.rs` reads it, the watch fills it.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::{
+    api::core::v1::{Service, ServiceSpec, ServiceStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::Resource;
+use serde::Deserialize;
 
 use super::frontends::{HEADLESS_LABEL, SCHEDULER_ANNOTATION, SERVICE_PROXY_NAME_LABEL};
+
+/// A Service as the watch receives it: spec and status as `k8s_openapi`
+/// parses them, the metadata without what the agent never reads
+/// ([`super::read_meta`]).
+#[derive(Clone, Debug)]
+pub struct WatchedService(pub Service);
+
+impl<'de> Deserialize<'de> for WatchedService {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Read {
+            #[serde(default, deserialize_with = "super::read_meta")]
+            metadata: ObjectMeta,
+            spec: Option<ServiceSpec>,
+            status: Option<ServiceStatus>,
+        }
+        let read = Read::deserialize(d)?;
+        Ok(Self(Service {
+            metadata: read.metadata,
+            spec: read.spec,
+            status: read.status,
+        }))
+    }
+}
+
+impl Resource for WatchedService {
+    type DynamicType = ();
+    type Scope = <Service as Resource>::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Service::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        Service::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        Service::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Service::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
 
 /// What the agent keeps of a Service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -162,19 +215,36 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn keeps_the_fields_proxying_reads() {
-        let svc: Service = serde_json::from_value(json!({
+    fn web() -> serde_json::Value {
+        json!({
             "metadata": {"namespace": "shop", "name": "web", "uid": "u-1", "resourceVersion": "7",
                          "labels": {HEADLESS_LABEL: "", "app": "web"},
-                         "annotations": {SCHEDULER_ANNOTATION: "maglev", "note": "x"}},
+                         "annotations": {SCHEDULER_ANNOTATION: "maglev", "note": "x"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Update",
+                                            "fieldsType": "FieldsV1",
+                                            "fieldsV1": {"f:spec": {"f:ports": {}}}}]},
             "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
                      "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
                      "sessionAffinity": "ClientIP",
                      "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
             "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "Proxy"}]}}
-        }))
-        .unwrap();
+        })
+    }
+
+    #[test]
+    fn the_watch_reads_a_service_as_a_full_parse_does_without_its_managed_fields() {
+        let full: Service = serde_json::from_value(web()).unwrap();
+        let watched: WatchedService = serde_json::from_value(web()).unwrap();
+        assert!(watched.0.metadata.managed_fields.is_none());
+        assert_eq!(watched.0.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(watched.0.spec, full.spec);
+        assert_eq!(watched.0.status, full.status);
+        assert_eq!(ServiceInfo::from(watched.0), ServiceInfo::from(full));
+    }
+
+    #[test]
+    fn keeps_the_fields_proxying_reads() {
+        let svc: Service = serde_json::from_value(web()).unwrap();
         let info = ServiceInfo::from(svc);
         assert_eq!(&*info.key, "shop/web");
         assert_eq!(info.namespace_and_name(), ("shop", "web"));

@@ -275,35 +275,11 @@ pub enum SliceError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceObject {
-    #[serde(default, deserialize_with = "read_meta")]
+    #[serde(default, deserialize_with = "super::read_meta")]
     pub metadata: ObjectMeta,
     address_type: Option<Box<RawValue>>,
     ports: Option<Box<RawValue>>,
     endpoints: Option<Box<RawValue>>,
-}
-
-/// What the agent reads of a slice's metadata: its key and resource version
-/// (for the watch), its Service label and its trigger-time annotation. The
-/// rest (managedFields above all) is skipped, not parsed.
-fn read_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Read {
-        name: Option<String>,
-        namespace: Option<String>,
-        resource_version: Option<String>,
-        labels: Option<BTreeMap<String, String>>,
-        annotations: Option<BTreeMap<String, String>>,
-    }
-    let read = Read::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: read.name,
-        namespace: read.namespace,
-        resource_version: read.resource_version,
-        labels: read.labels,
-        annotations: read.annotations,
-        ..ObjectMeta::default()
-    })
 }
 
 impl Resource for SliceObject {

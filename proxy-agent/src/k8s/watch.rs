@@ -16,7 +16,7 @@ use kube::{
 use tracing::{info, warn};
 
 use super::{
-    services::ServiceInfo,
+    services::{ServiceInfo, WatchedService},
     slices::{Slice, SliceObject, SliceVersion},
 };
 
@@ -253,7 +253,15 @@ where
 pub fn services(
     client: &Client,
 ) -> impl Stream<Item = watcher::Result<watcher::Event<Service>>> + Send {
-    stream(Api::<Service>::all(client.clone()), config())
+    stream(Api::<WatchedService>::all(client.clone()), config()).map(|event| {
+        event.map(|event| match event {
+            watcher::Event::Apply(s) => watcher::Event::Apply(s.0),
+            watcher::Event::InitApply(s) => watcher::Event::InitApply(s.0),
+            watcher::Event::Delete(s) => watcher::Event::Delete(s.0),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        })
+    })
 }
 
 pub fn node(
