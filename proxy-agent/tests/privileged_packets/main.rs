@@ -1,7 +1,8 @@
-//! Packet tests: real frames through the real tc programs with BPF_PROG_TEST_RUN,
+//! Packet tests: real frames through the real programs with BPF_PROG_TEST_RUN,
 //! asserting the verdict and every byte of the frame that comes out. This file
 //! holds the fixture; the tests are in one module per subject.
 
+mod bench_programs;
 mod conntrack;
 mod fragments;
 mod full_maps;
