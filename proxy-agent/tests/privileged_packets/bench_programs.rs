@@ -85,22 +85,10 @@ fn udp(sport: u16, daddr: &str, dport: u16) -> Vec<u8> {
     bytes
 }
 
-/// Keeps this thread on one CPU: the generator numbers its runs per CPU.
-fn stay_on_one_cpu() {
-    // SAFETY: sets this thread's affinity from a zeroed, then filled, set.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
-}
-
 #[test]
 fn the_generator_sends_its_frame_from_each_flows_source_port_in_turn() {
-    stay_on_one_cpu();
+    // The generator numbers its runs per CPU.
+    super::schedulers::pin_to_cpu0();
     let frame = udp(40000, "10.250.0.11", 30053);
     let config = GenConfig {
         ifindex: 7,

@@ -154,7 +154,8 @@ fn source_hash_sends_every_flow_of_a_client_to_one_backend() {
     assert!(others.len() > 1, "different clients spread: {others:?}");
 }
 
-/// Round-robin counters are per CPU: one CPU, one counter.
+/// Keeps this thread on CPU 0: round-robin counters, and the throughput
+/// generator's runs, are numbered per CPU.
 pub(super) fn pin_to_cpu0() {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
