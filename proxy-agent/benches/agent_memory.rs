@@ -266,13 +266,18 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     let mut stores = Stores::default();
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
-    stores.services.apply(Event::Init, watch::keep_service);
+    stores
+        .services
+        .apply(watch::read(Event::Init, watch::keep_service));
     for i in 0..services {
-        stores
-            .services
-            .apply(Event::InitApply(service(i)), watch::keep_service);
+        stores.services.apply(watch::read(
+            Event::InitApply(service(i)),
+            watch::keep_service,
+        ));
     }
-    stores.services.apply(Event::InitDone, watch::keep_service);
+    stores
+        .services
+        .apply(watch::read(Event::InitDone, watch::keep_service));
     stages.push(stage(
         "Services (store)",
         before,
@@ -283,12 +288,14 @@ fn measure(services: usize) -> (Vec<Stage>, PartialRound) {
     let before = live();
     PEAK.store(before, Ordering::Relaxed);
     let convert = watch::convert_slice(SliceVersion::V1beta1);
-    stores.slices.apply(Event::Init, &convert);
+    stores.slices.apply(watch::read(Event::Init, &convert));
     for i in 0..services {
         let object: SliceObject = serde_json::from_value(slice(i)).unwrap();
-        stores.slices.apply(Event::InitApply(object), &convert);
+        stores
+            .slices
+            .apply(watch::read(Event::InitApply(object), &convert));
     }
-    stores.slices.apply(Event::InitDone, &convert);
+    stores.slices.apply(watch::read(Event::InitDone, &convert));
     stages.push(stage(
         "EndpointSlices (store)",
         before,

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::{stream, stream::BoxStream, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 use kube::{runtime::watcher, Client};
 use tokio::{
     sync::mpsc::UnboundedReceiver,
@@ -29,8 +29,9 @@ use crate::{
         cache::{Changed, FrontendCache, Stores},
         client,
         nodes::{NodeInfo, NodePortAddresses},
-        slices::{Slice, SliceObject, SliceVersion},
-        watch::{self, Store},
+        services::ServiceInfo,
+        slices::{Slice, SliceVersion},
+        watch::{self, Change, Store},
     },
     kernel::{
         batch::Writing,
@@ -42,7 +43,7 @@ use crate::{
     },
     serve::{
         health::{self, HealthChecks, Shared, Status},
-        latency::{self, Triggers},
+        latency::Triggers,
         metrics, traffic,
     },
     settings,
@@ -105,17 +106,14 @@ pub struct Config {
     pub map_sizes: MapSizes,
 }
 
-type Events<K> = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<K>>> + Send>>;
-/// EndpointSlice events, each with the API version it was read in.
-type SliceEvents = Pin<
-    Box<dyn Stream<Item = (watcher::Result<watcher::Event<SliceObject>>, SliceVersion)> + Send>,
->;
+/// A watch's events, each object read into what its store keeps.
+type Events<T> = Pin<Box<dyn Stream<Item = watcher::Result<Change<T>>> + Send>>;
 
 /// The API watches, or streams that never yield when services come from a file.
 struct Watches {
-    services: Events<Service>,
-    slices: SliceEvents,
-    nodes: Events<Node>,
+    services: Events<Arc<ServiceInfo>>,
+    slices: Events<Slice>,
+    nodes: Events<Arc<Node>>,
 }
 
 /// Events a watch's task may have handed over before the loop takes them.
@@ -158,9 +156,8 @@ impl Watches {
                 let (client, url, from) = client::connect(kubeconfig.as_ref()).await?;
                 status.lock().unwrap().api_server = Some((url, from));
                 let slices_client = client.clone();
-                let slices = stream::once(discover(client.clone())).flat_map(move |version| {
-                    watch::slices(&slices_client, version).map(move |event| (event, version))
-                });
+                let slices = stream::once(discover(client.clone()))
+                    .flat_map(move |version| watch::slices(&slices_client, version));
                 Self {
                     services: spawned(watch::services(&client)),
                     slices: spawned(slices),
@@ -204,7 +201,7 @@ pub async fn run(config: Config) -> Result<()> {
     loop {
         tokio::select! {
             Some(event) = watches.services.next() => agent.on_service(event),
-            Some((event, version)) = watches.slices.next() => agent.on_slice(event, version),
+            Some(event) = watches.slices.next() => agent.on_slice(event),
             Some(event) = watches.nodes.next() => agent.on_node(event),
             Some(event) = links.recv() => agent.on_link(event),
             _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, agent.programmed.applied(), &agent.status),
@@ -468,7 +465,7 @@ impl Agent {
         self.sync_at.get_or_insert_with(|| Instant::now() + delay);
     }
 
-    fn on_service(&mut self, event: watcher::Result<watcher::Event<Service>>) {
+    fn on_service(&mut self, event: watcher::Result<Change<Arc<ServiceInfo>>>) {
         let event = match event {
             Ok(event) => event,
             Err(e) => return watch_error(&self.status, "services", &e),
@@ -478,15 +475,15 @@ impl Agent {
             watcher::Event::Apply(svc)
             | watcher::Event::InitApply(svc)
             | watcher::Event::Delete(svc) => {
-                self.cache.touch(watch::key_of(svc));
-                Some(watch::key_of(svc).to_string())
+                self.cache.touch(&svc.key);
+                Some(svc.key.clone())
             }
             watcher::Event::Init | watcher::Event::InitDone => {
                 self.cache.all = true;
                 None
             }
         };
-        if self.stores.services.apply(event, watch::keep_service) {
+        if self.stores.services.apply(event) {
             if let Some(key) = key {
                 self.service_changes.insert(key);
                 let metrics = &self.status.lock().unwrap().metrics;
@@ -499,19 +496,14 @@ impl Agent {
         }
     }
 
-    fn on_slice(
-        &mut self,
-        event: watcher::Result<watcher::Event<SliceObject>>,
-        version: SliceVersion,
-    ) {
+    fn on_slice(&mut self, event: watcher::Result<Change<Slice>>) {
         let event = match event {
             Ok(event) => event,
             Err(e) => return watch_error(&self.status, "endpointslices", &e),
         };
         self.watch_answered("endpointslices");
         let store = &mut self.stores.slices;
-        let (changed, service) =
-            on_slice(store, &mut self.triggers, &mut self.cache, event, version);
+        let (changed, service) = on_slice(store, &mut self.triggers, &mut self.cache, event);
         if let Some(service) = service.filter(|_| changed) {
             self.endpoint_changes.insert(service);
             let metrics = &self.status.lock().unwrap().metrics;
@@ -525,11 +517,11 @@ impl Agent {
         }
     }
 
-    fn on_node(&mut self, event: watcher::Result<watcher::Event<Node>>) {
+    fn on_node(&mut self, event: watcher::Result<Change<Arc<Node>>>) {
         match event {
             Ok(event) => {
                 self.watch_answered("node");
-                if self.stores.node.apply(event, watch::keep) {
+                if self.stores.node.apply(event) {
                     self.changed();
                 }
             }
@@ -967,36 +959,24 @@ fn on_slice(
     store: &mut Store<Slice>,
     triggers: &mut Triggers,
     cache: &mut FrontendCache,
-    event: watcher::Event<SliceObject>,
-    version: SliceVersion,
+    event: Change<Slice>,
 ) -> (bool, Option<String>) {
-    let (key, trigger, deleted) = match &event {
-        watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => (
-            watch::key_of(obj),
-            latency::trigger_time(obj.metadata.annotations.as_ref()),
-            false,
-        ),
-        watcher::Event::Delete(obj) => (watch::key_of(obj), None, true),
+    let (read, deleted) = match &event {
+        watcher::Event::Apply(read) | watcher::Event::InitApply(read) => (read, false),
+        watcher::Event::Delete(read) => (read, true),
         watcher::Event::Init | watcher::Event::InitDone => {
             cache.all = true;
-            return (store.apply(event, watch::convert_slice(version)), None);
+            return (store.apply(event), None);
         }
     };
     // During a relist the store still serves the previous list: compare with
-    // that. The new slice is compared as it goes into the store, not copied
-    // (a first list would copy every slice of the cluster).
-    let before = store.get(&key).cloned();
-    let (mut service_after, mut differs) = (None, before.is_some());
-    let convert = watch::convert_slice(version);
-    let changed = store.apply(event, |obj| {
-        let after = convert(obj);
-        if let Some(after) = &after {
-            service_after = Some(after.service.clone());
-            differs = before.as_ref() != Some(after);
-        }
-        after
-    });
-    let service_before = before.map(|s| s.service);
+    // that.
+    let before = store.get(&read.key);
+    let differs = before != read.value.as_ref();
+    let trigger = read.trigger;
+    let service_before = before.map(|s| s.service.clone());
+    let service_after = read.value.as_ref().map(|s| s.service.clone());
+    let changed = store.apply(event);
     // A slice can move from one Service to another: both change.
     for service in [&service_before, &service_after].into_iter().flatten() {
         cache.touch(&**service);
@@ -1303,16 +1283,14 @@ fn release_free_memory() {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use k8s_openapi::api::core::v1::Service;
+
     use super::*;
+    use crate::{k8s::slices::SliceObject, serve::latency};
 
     /// A slice event as the watch delivers it: slice `name` of Service
     /// `service`, one endpoint at `address`, changed at `trigger`.
-    fn slice_event(
-        name: &str,
-        service: &str,
-        address: &str,
-        trigger: &str,
-    ) -> watcher::Event<SliceObject> {
+    fn slice_event(name: &str, service: &str, address: &str, trigger: &str) -> Change<Slice> {
         let object = serde_json::json!({
             "metadata": {
                 "namespace": "default", "name": name,
@@ -1323,7 +1301,11 @@ mod tests {
             "ports": [{"port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [address]}],
         });
-        watcher::Event::Apply(serde_json::from_value(object).unwrap())
+        let object: SliceObject = serde_json::from_value(object).unwrap();
+        watch::read(
+            watcher::Event::Apply(object),
+            watch::convert_slice(SliceVersion::V1),
+        )
     }
 
     /// A slice event counts for the programming latency only when what the
@@ -1335,7 +1317,7 @@ mod tests {
         let mut stores = Stores::default();
         stores
             .services
-            .apply(watcher::Event::Init, watch::keep_service);
+            .apply(watch::read(watcher::Event::Init, watch::keep_service));
         for name in ["web", "db"] {
             let svc: Service = serde_json::from_value(serde_json::json!({
                 "metadata": {"namespace": "default", "name": name},
@@ -1343,19 +1325,20 @@ mod tests {
                          "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}]},
             }))
             .unwrap();
-            stores
-                .services
-                .apply(watcher::Event::InitApply(svc), watch::keep_service);
+            stores.services.apply(watch::read(
+                watcher::Event::InitApply(svc),
+                watch::keep_service,
+            ));
         }
         stores
             .services
-            .apply(watcher::Event::InitDone, watch::keep_service);
+            .apply(watch::read(watcher::Event::InitDone, watch::keep_service));
         stores
             .slices
-            .apply(watcher::Event::Init, |_: SliceObject| None);
+            .apply(watch::read(watcher::Event::Init, |_: SliceObject| None));
         stores
             .slices
-            .apply(watcher::Event::InitDone, |_: SliceObject| None);
+            .apply(watch::read(watcher::Event::InitDone, |_: SliceObject| None));
         let mut cache = FrontendCache::default();
         cache.refresh(&stores, &node, Scheduler::FlowHash);
         let started: jiff::Timestamp = "2026-12-05T10:00:00Z".parse().unwrap();
@@ -1371,10 +1354,9 @@ mod tests {
             names.sort();
             names
         };
-        let v1 = SliceVersion::V1;
 
         let new = slice_event("web-1", "web", "10.244.0.1", "2026-12-05T10:00:10Z");
-        let (changed, service) = on_slice(&mut stores.slices, &mut triggers, &mut cache, new, v1);
+        let (changed, service) = on_slice(&mut stores.slices, &mut triggers, &mut cache, new);
         assert!(changed);
         assert_eq!(service.as_deref(), Some("default/web"));
         assert_eq!(touched(&stores, &mut cache), ["default/web"]);
@@ -1382,17 +1364,17 @@ mod tests {
         // The same endpoints again, with a later trigger time: nothing the
         // maps hold changed, so no latency is measured for it.
         let same = slice_event("web-1", "web", "10.244.0.1", "2026-12-05T10:00:20Z");
-        on_slice(&mut stores.slices, &mut triggers, &mut cache, same, v1);
+        on_slice(&mut stores.slices, &mut triggers, &mut cache, same);
         touched(&stores, &mut cache);
         // Another address: measured.
         let other = slice_event("web-1", "web", "10.244.0.2", "2026-12-05T10:00:30Z");
-        on_slice(&mut stores.slices, &mut triggers, &mut cache, other, v1);
+        on_slice(&mut stores.slices, &mut triggers, &mut cache, other);
         touched(&stores, &mut cache);
         assert_eq!(triggers.programmed(now), [50.0, 30.0]);
 
         // The slice moves to another Service: both are recomputed.
         let moved = slice_event("web-1", "db", "10.244.0.2", "2026-12-05T10:00:40Z");
-        let (changed, service) = on_slice(&mut stores.slices, &mut triggers, &mut cache, moved, v1);
+        let (changed, service) = on_slice(&mut stores.slices, &mut triggers, &mut cache, moved);
         assert!(changed);
         assert_eq!(service.as_deref(), Some("default/db"));
         assert_eq!(touched(&stores, &mut cache), ["default/db", "default/web"]);

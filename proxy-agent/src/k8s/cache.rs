@@ -245,15 +245,16 @@ mod tests {
         let mut stores = Stores::default();
         stores
             .services
-            .apply(watcher::Event::Init, watch::keep_service);
+            .apply(watch::read(watcher::Event::Init, watch::keep_service));
         for svc in services {
-            stores
-                .services
-                .apply(watcher::Event::InitApply(svc.clone()), watch::keep_service);
+            stores.services.apply(watch::read(
+                watcher::Event::InitApply(svc.clone()),
+                watch::keep_service,
+            ));
         }
         stores
             .services
-            .apply(watcher::Event::InitDone, watch::keep_service);
+            .apply(watch::read(watcher::Event::InitDone, watch::keep_service));
         stores
     }
 
@@ -281,10 +282,10 @@ mod tests {
         assert_eq!(kept_frontends(&cache), 2);
 
         // b moves to another cluster IP; a is untouched.
-        s.services.apply(
+        s.services.apply(watch::read(
             watcher::Event::Apply(service("b", "10.96.0.3")),
             watch::keep_service,
-        );
+        ));
         cache.touch("default/b");
         let Changed::Services(changed, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
             panic!("a partial change");
@@ -295,10 +296,10 @@ mod tests {
         assert_eq!(gone, vec![frontend("10.96.0.2")]);
 
         // A Service going takes its frontends with it.
-        s.services.apply(
+        s.services.apply(watch::read(
             watcher::Event::Delete(service("a", "10.96.0.1")),
             watch::keep_service,
-        );
+        ));
         cache.touch("default/a");
         let Changed::Services(changed, gone) = cache.refresh(&s, &node, Scheduler::FlowHash) else {
             panic!("a partial change");
@@ -322,20 +323,20 @@ mod tests {
         let mut cache = FrontendCache::default();
         let mut s = stores(&[service("a", "10.96.0.1"), service("b", "10.96.0.2")]);
         cache.refresh(&s, &node, Scheduler::FlowHash);
-        s.services.apply(
+        s.services.apply(watch::read(
             watcher::Event::Apply(service("b", "10.96.0.1")),
             watch::keep_service,
-        );
+        ));
         cache.touch("default/b");
         assert!(matches!(
             cache.refresh(&s, &node, Scheduler::FlowHash),
             Changed::Everything(_)
         ));
         // Resolved: one more full round finds no claimant left, then partial again.
-        s.services.apply(
+        s.services.apply(watch::read(
             watcher::Event::Apply(service("b", "10.96.0.2")),
             watch::keep_service,
-        );
+        ));
         cache.touch("default/b");
         assert!(matches!(
             cache.refresh(&s, &node, Scheduler::FlowHash),
