@@ -30,22 +30,6 @@ pub struct MapState {
     pub maglev: BTreeMap<MaglevKey, u32>,
 }
 
-impl MapState {
-    /// Rebuilds the tables with full nodes. Entries written one at a time in
-    /// key order (a round's new ids) leave each node of a B-tree half empty;
-    /// rebuilt from their sorted order they fill them (the agent_memory
-    /// bench: the whole programmed state 2041 -> 1470 bytes per Service).
-    pub fn compact(&mut self) {
-        fn rebuild<K: Ord, V>(map: &mut BTreeMap<K, V>) {
-            *map = std::mem::take(map).into_iter().collect();
-        }
-        rebuild(&mut self.services);
-        rebuild(&mut self.backends);
-        rebuild(&mut self.revnat);
-        rebuild(&mut self.maglev);
-    }
-}
-
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
@@ -194,13 +178,13 @@ struct Room<'a> {
 }
 
 impl Room<'_> {
-    /// The first map (name, capacity) that `state` plus `part` would
-    /// overflow. A map's capacity counts both families' entries together;
-    /// the name is that of `frontend`'s family (Maglev tables hold ids only,
-    /// one map for both).
+    /// The first map (name, capacity) that what is `placed` plus `part`
+    /// would overflow. A map's capacity counts both families' entries
+    /// together; the name is that of `frontend`'s family (Maglev tables hold
+    /// ids only, one map for both).
     fn overflow(
         &self,
-        state: &MapState,
+        placed: &Placed,
         part: &MapState,
         frontend: &Frontend,
     ) -> Option<(&'static str, usize)> {
@@ -210,39 +194,66 @@ impl Room<'_> {
         let new_backends = part
             .backends
             .keys()
-            .filter(|id| !state.backends.contains_key(id) && !(self.in_base)(**id))
+            .filter(|id| !placed.has_backend(**id) && !(self.in_base)(**id))
             .count();
-        let (c, b) = (self.capacity, &self.base);
+        let (c, b, held) = (self.capacity, &self.base, placed.held());
         [
             (
                 of_family(names::SERVICES_V4, names::SERVICES_V6),
-                b.services + state.services.len() + part.services.len(),
+                b.services + held.services + part.services.len(),
                 c.services,
             ),
             (
                 of_family(names::BACKENDS_V4, names::BACKENDS_V6),
-                b.backends + state.backends.len() + new_backends,
+                b.backends + held.backends + new_backends,
                 c.backends,
             ),
             (
                 of_family(names::REVNAT_V4, names::REVNAT_V6),
-                b.revnat + state.revnat.len() + part.revnat.len(),
+                b.revnat + held.revnat + part.revnat.len(),
                 c.revnat,
             ),
             (
                 names::MAGLEV_V4,
-                b.maglev + state.maglev.len() + part.maglev.len(),
+                b.maglev + held.maglev + part.maglev.len(),
                 c.maglev,
             ),
             (
                 of_family(names::SOURCE_RANGES_V4, names::SOURCE_RANGES_V6),
-                b.source_ranges + state.source_ranges.len() + part.source_ranges.len(),
+                b.source_ranges + held.source_ranges + part.source_ranges.len(),
                 c.source_ranges,
             ),
         ]
         .into_iter()
         .find(|(_, wanted, max)| wanted > max)
         .map(|(map, _, max)| (map, max))
+    }
+}
+
+/// Whether `added` entries are few beside the `held` ones: inserted one at a
+/// time, they cost less than building the table again.
+fn few(added: usize, held: usize) -> bool {
+    added < held / 8
+}
+
+/// Adds `added` to `map`, each replacing an entry with its key (the last of
+/// several wins), building the table again from its sorted entries unless
+/// they are [`few`].
+fn settle_map<K: Ord, V>(map: &mut BTreeMap<K, V>, added: Vec<(K, V)>) {
+    if few(added.len(), map.len()) {
+        map.extend(added);
+        return;
+    }
+    // A stable sort (in `collect`) keeps the entries of one key in order.
+    *map = std::mem::take(map).into_iter().chain(added).collect();
+}
+
+/// A backend two frontends name (one pod in two Services) is active if
+/// either has it active, whichever comes first.
+fn merge_backend(backends: &mut BTreeMap<u32, Backend>, id: u32, backend: Backend) {
+    let kept = backends.get(&id);
+    if kept.is_none_or(|b| b.state != backend_state::ACTIVE) {
+        backends.insert(id, backend);
     }
 }
 
@@ -344,6 +355,7 @@ fn build<S: Borrow<FrontendSpec>>(
     let mut placed = Placed {
         refs: state.backends.keys().map(|id| (*id, 1)).collect(),
         state,
+        pending: Pending::default(),
         programmed: HashMap::new(),
     };
     let mut kept = HashMap::new();
@@ -354,6 +366,7 @@ fn build<S: Borrow<FrontendSpec>>(
         placed.place(service.frontend, old.clone(), used.clone());
         kept.insert(service.frontend, (old, used));
     }
+    placed.settle();
     let order = served.iter().map(|s| (*s, true));
     for (service, was_served) in order.chain(new.iter().map(|s| (*s, false))) {
         let frontend = service.frontend;
@@ -363,14 +376,14 @@ fn build<S: Borrow<FrontendSpec>>(
             (old, used)
         });
         let mut part = MapState::default();
-        let used = match add_frontend(&mut part, &placed.state, service, ids) {
+        let used = match add_frontend(&mut part, &placed, service, ids) {
             Ok(used) => used,
             Err(problem) => {
                 problems.push(problem);
                 continue;
             }
         };
-        let Some((map, capacity)) = room.overflow(&placed.state, &part, &frontend) else {
+        let Some((map, capacity)) = room.overflow(&placed, &part, &frontend) else {
             placed.place(frontend, part, used.into_boxed_slice());
             continue;
         };
@@ -397,15 +410,31 @@ fn build<S: Borrow<FrontendSpec>>(
             }
         });
     }
+    placed.settle();
     (placed.state, problems, placed.programmed)
 }
 
 /// The entries a round has placed so far, and how many placed frontends use
-/// each backend id.
+/// each backend id (so its keys are the backends placed).
 struct Placed {
     state: MapState,
+    /// Entries placed since `state` was last settled, in the order placed.
+    pending: Pending,
     refs: HashMap<u32, u32>,
     programmed: HashMap<Frontend, Box<[u32]>>,
+}
+
+/// Entries waiting to go into a round's tables, each table at once. Merged
+/// in one frontend at a time, in name order, a million entries at 100k
+/// Services each cost a B-tree search at a random key, and left the nodes
+/// half empty: a rebuild after the round (compaction) cost as much again.
+#[derive(Default)]
+struct Pending {
+    services: Vec<(ServiceKey, ServiceValue)>,
+    backends: Vec<(u32, Backend)>,
+    revnat: Vec<(u32, RevNat)>,
+    source_ranges: Vec<SourceRange>,
+    maglev: Vec<(MaglevKey, u32)>,
 }
 
 impl Placed {
@@ -413,12 +442,72 @@ impl Placed {
         for id in &used {
             *self.refs.entry(*id).or_default() += 1;
         }
-        self.state.merge(part);
+        let pending = &mut self.pending;
+        pending.services.extend(part.services);
+        pending.backends.extend(part.backends);
+        pending.revnat.extend(part.revnat);
+        pending.source_ranges.extend(part.source_ranges);
+        pending.maglev.extend(part.maglev);
         self.programmed.insert(frontend, used);
+    }
+
+    /// Whether a placed frontend uses backend `id`.
+    fn has_backend(&self, id: u32) -> bool {
+        self.refs.contains_key(&id)
+    }
+
+    /// How many entries each table holds with what is pending: a frontend's
+    /// keys are its own, so only backends are shared.
+    fn held(&self) -> Capacity {
+        let (state, pending) = (&self.state, &self.pending);
+        Capacity {
+            services: state.services.len() + pending.services.len(),
+            backends: self.refs.len(),
+            revnat: state.revnat.len() + pending.revnat.len(),
+            maglev: state.maglev.len() + pending.maglev.len(),
+            source_ranges: state.source_ranges.len() + pending.source_ranges.len(),
+        }
+    }
+
+    /// Builds what is pending into `state`, as [`MapState::merge`] of each
+    /// placed part in turn would.
+    fn settle(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let state = &mut self.state;
+        settle_map(&mut state.services, pending.services);
+        settle_map(&mut state.revnat, pending.revnat);
+        settle_map(&mut state.maglev, pending.maglev);
+        state.source_ranges.extend(pending.source_ranges);
+        let backends = &mut state.backends;
+        if few(pending.backends.len(), backends.len()) {
+            for (id, backend) in pending.backends {
+                merge_backend(backends, id, backend);
+            }
+            return;
+        }
+        let mut all: Vec<(u32, Backend)> = std::mem::take(backends)
+            .into_iter()
+            .chain(pending.backends)
+            .collect();
+        // Stable: each id's entries stay in the order they were placed.
+        all.sort_by_key(|(id, _)| *id);
+        let mut merged: Vec<(u32, Backend)> = Vec::with_capacity(all.len());
+        for (id, backend) in all {
+            match merged.last_mut() {
+                Some((last, kept)) if *last == id => {
+                    if kept.state != backend_state::ACTIVE {
+                        *kept = backend;
+                    }
+                }
+                _ => merged.push((id, backend)),
+            }
+        }
+        *backends = merged.into_iter().collect();
     }
 
     /// Takes a placed frontend's entries (`part`) out again.
     fn unplace(&mut self, frontend: &Frontend, part: &MapState) {
+        self.settle();
         let used = self.programmed.remove(frontend).unwrap_or_default();
         for key in part.services.keys() {
             self.state.services.remove(key);
@@ -445,7 +534,7 @@ impl Placed {
     /// Forgets the backend ids just given to `part`, which did not fit.
     fn release(&self, ids: &mut Ids, part: &MapState, previous: &MapState, room: &Room<'_>) {
         for (id, b) in &part.backends {
-            if !self.state.backends.contains_key(id)
+            if !self.has_backend(*id)
                 && !previous.backends.contains_key(id)
                 && !(room.in_base)(*id)
             {
@@ -457,11 +546,11 @@ impl Placed {
 
 /// Writes one frontend's entries into `part`: its reverse-NAT entry, slot 0,
 /// a slot and a backend per endpoint, the backends it keeps reachable (those
-/// not in `state` already), its Maglev table and source ranges. Returns the
+/// not `placed` already), its Maglev table and source ranges. Returns the
 /// backend ids it uses.
 fn add_frontend(
     part: &mut MapState,
-    state: &MapState,
+    placed: &Placed,
     service: &FrontendSpec,
     ids: &mut Ids,
 ) -> Result<Vec<u32>, Problem> {
@@ -533,7 +622,7 @@ fn add_frontend(
     // finds them here.
     for endpoint in &service.reachable {
         if let Some(id) = ids.backend(endpoint, frontend.protocol) {
-            if !state.backends.contains_key(&id) {
+            if !placed.has_backend(id) {
                 part.backends
                     .entry(id)
                     .or_insert_with(|| backend_value(endpoint, frontend.protocol));
@@ -891,10 +980,7 @@ impl MapState {
     pub(super) fn merge(&mut self, other: MapState) {
         self.services.extend(other.services);
         for (id, backend) in other.backends {
-            let kept = self.backends.get(&id);
-            if kept.is_none_or(|b| b.state != backend_state::ACTIVE) {
-                self.backends.insert(id, backend);
-            }
+            merge_backend(&mut self.backends, id, backend);
         }
         self.revnat.extend(other.revnat);
         self.source_ranges.extend(other.source_ranges);

@@ -97,8 +97,6 @@ impl Programmed {
         }
         let outcome = apply::run_whole(&ops, &mut self.applied, wanted, writer);
         let writes = ops.len();
-        drop(ops);
-        self.applied.compact();
         self.fill = Fill::of(&self.applied);
         RoundReport {
             problems,

@@ -552,6 +552,47 @@ fn a_backend_keeps_its_id_when_it_starts_terminating() {
     assert_eq!(only_kept.services.len(), 1, "slot 0 only");
 }
 
+/// A pod in two Services, terminating in one of them and ready in the
+/// other (its slice of one Service not yet updated, say), is one backend:
+/// active, whichever Service comes first, whether the round places both
+/// among many (its tables built whole) or among few (entries added one by one).
+#[test]
+fn a_backend_two_frontends_name_is_active_if_either_has_it_active() {
+    let pod = ([10, 0, 0, 2], 80);
+    let mut others = frontends(100, 40);
+    for (i, other) in others.iter_mut().enumerate() {
+        other.endpoints = vec![Endpoint::new(
+            std::net::Ipv4Addr::new(10, 1, 0, i as u8),
+            80,
+        )];
+    }
+    for (first, second) in [("a", "b"), ("b", "a")] {
+        let ready = svc(first, [10, 96, 0, 1], 80, &[pod]);
+        let mut terminating = svc(second, [10, 96, 0, 2], 80, &[pod]);
+        terminating.endpoints[0].terminating = true;
+        // Kept for its connections only, by a third.
+        let mut kept = svc("c", [10, 96, 0, 3], 80, &[]);
+        kept.reachable = vec![terminating.endpoints[0]];
+        let pair = [ready, terminating, kept];
+        let mut ids = Ids::default();
+        let (alone, _) = map_state(&pair, &mut ids);
+        // Among 40 Services already served: few entries go in.
+        let mut ids = Ids::default();
+        let (served, _) = map_state(&others, &mut ids);
+        let mut programmed = Programmed::adopt(served, ids, Capacity::default());
+        others.extend(pair);
+        programmed.full(&others, |_: &MapOp| Ok(()));
+        for state in [&alone, programmed.applied()] {
+            let states: Vec<u8> = (state.backends.values())
+                .filter(|b| b.addr == IpAddr::from(pod.0))
+                .map(|b| b.state)
+                .collect();
+            assert_eq!(states, [backend_state::ACTIVE], "{first} first");
+        }
+        others.truncate(40);
+    }
+}
+
 #[test]
 fn maglev_tables_fill_their_frontend_and_go_in_before_slot_0() {
     let mut ids = Ids::default();
