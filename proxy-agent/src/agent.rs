@@ -483,7 +483,10 @@ impl Agent {
                 None
             }
         };
-        if self.stores.services.apply(event) {
+        let listed = self.stores.services.ready();
+        let changed = self.stores.services.apply(event);
+        first_list("services", listed, &self.stores.services);
+        if changed {
             if let Some(key) = key {
                 self.service_changes.insert(key);
                 let metrics = &self.status.lock().unwrap().metrics;
@@ -503,7 +506,9 @@ impl Agent {
         };
         self.watch_answered("endpointslices");
         let store = &mut self.stores.slices;
+        let listed = store.ready();
         let (changed, service) = on_slice(store, &mut self.triggers, &mut self.cache, event);
+        first_list("endpointslices", listed, store);
         if let Some(service) = service.filter(|_| changed) {
             self.endpoint_changes.insert(service);
             let metrics = &self.status.lock().unwrap().metrics;
@@ -521,7 +526,10 @@ impl Agent {
         match event {
             Ok(event) => {
                 self.watch_answered("node");
-                if self.stores.node.apply(event) {
+                let listed = self.stores.node.ready();
+                let changed = self.stores.node.apply(event);
+                first_list("node", listed, &self.stores.node);
+                if changed {
                     self.changed();
                 }
             }
@@ -949,6 +957,13 @@ fn report_skipped(cache: &FrontendCache, status: &Shared) {
         .set(cache.skipped().count() as i64);
     for skip in cache.skipped() {
         debug!(%skip, "not proxied");
+    }
+}
+
+/// Logs the end of a watch's first list (the agent's start, phase by phase).
+fn first_list<T: watch::Grouped>(kind: &'static str, listed: bool, store: &Store<T>) {
+    if !listed && store.ready() {
+        info!(kind, objects = store.len(), "first list read");
     }
 }
 

@@ -534,9 +534,7 @@ impl Placed {
     /// Forgets the backend ids just given to `part`, which did not fit.
     fn release(&self, ids: &mut Ids, part: &MapState, previous: &MapState, room: &Room<'_>) {
         for (id, b) in &part.backends {
-            if !self.has_backend(*id)
-                && !previous.backends.contains_key(id)
-                && !(room.in_base)(*id)
+            if !self.has_backend(*id) && !previous.backends.contains_key(id) && !(room.in_base)(*id)
             {
                 ids.forget_backend(*id, b);
             }
