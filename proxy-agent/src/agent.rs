@@ -200,9 +200,9 @@ pub async fn run(config: Config) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            Some(event) = watches.services.next() => agent.on_service(event),
-            Some(event) = watches.slices.next() => agent.on_slice(event),
-            Some(event) = watches.nodes.next() => agent.on_node(event),
+            event = watches.services.next() => agent.on_service(watched(event, "services")?),
+            event = watches.slices.next() => agent.on_slice(watched(event, "endpointslices")?),
+            event = watches.nodes.next() => agent.on_node(watched(event, "node")?),
             Some(event) = links.recv() => agent.on_link(event),
             _ = gc.tick() => collect_garbage(&mut agent.dataplane, &agent.config, agent.programmed.applied(), &agent.status),
             _ = resync.tick() => agent.resync(),
@@ -217,6 +217,14 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("stopping; programs and maps stay in place");
     Ok(())
+}
+
+/// A watch's next event. A watch never ends by itself (it retries with
+/// backoff); one that did had its task panic, reading an object, say. The
+/// agent then stops with an error, for the kubelet to restart it, rather
+/// than go on with a watch that no longer tells it anything.
+fn watched<T>(event: Option<T>, kind: &str) -> Result<T> {
+    event.with_context(|| format!("the {kind} watch stopped"))
 }
 
 /// What the loop keeps between events.
@@ -1393,6 +1401,20 @@ mod tests {
         assert!(changed);
         assert_eq!(service.as_deref(), Some("default/db"));
         assert_eq!(touched(&stores, &mut cache), ["default/db", "default/web"]);
+    }
+
+    /// A watch whose task panics (reading an object, say) ends its stream,
+    /// and the loop stops with an error instead of going on without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_whose_task_panics_stops_the_agent() {
+        let source = stream::iter([1, 2]).map(|i| {
+            assert!(i < 2, "a bug reading an object");
+            i
+        });
+        let mut events = spawned(source);
+        assert_eq!(watched(events.next().await, "node").unwrap(), 1);
+        let end = watched(events.next().await, "node").unwrap_err();
+        assert_eq!(end.to_string(), "the node watch stopped");
     }
 
     /// A spawned watch pulls from its source before the loop asks (its

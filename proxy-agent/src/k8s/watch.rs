@@ -6,7 +6,7 @@
 use std::{collections::HashMap, fmt::Debug, sync::Arc};
 
 use anyhow::{Context, Result};
-use futures::{Stream, StreamExt};
+use futures::{stream, Stream, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
@@ -320,13 +320,46 @@ pub fn slices(
 ) -> impl Stream<Item = watcher::Result<Change<Slice>>> + Send {
     let gvk = GroupVersionKind::gvk("discovery.k8s.io", version.api_version(), "EndpointSlice");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
-    watcher(
+    let events = watcher(
         Api::<SliceObject>::all_with(client.clone(), &resource),
         config(),
     )
-    .default_backoff()
-    .map(move |event| event.map(|event| read(event, convert_slice(version))))
+    .default_backoff();
+    read_on_threads(events, move |obj| convert_slice(version)(obj))
 }
+
+/// Reads the objects of `events` with `convert` on threads of their own,
+/// [`READING_AT_ONCE`] groups of events at once, and hands them on in order.
+pub fn read_on_threads<K, T>(
+    events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send,
+    convert: impl Fn(K) -> Option<T> + Clone + Send + 'static,
+) -> impl Stream<Item = watcher::Result<Change<T>>> + Send
+where
+    K: ResourceExt + Send + 'static,
+    T: Send + 'static,
+{
+    events
+        .ready_chunks(READ_TOGETHER)
+        .map(move |events| {
+            let convert = convert.clone();
+            tokio::task::spawn_blocking(move || {
+                (events.into_iter())
+                    .map(|event| event.map(|event| read(event, &convert)))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .buffered(READING_AT_ONCE)
+        .flat_map(|read| stream::iter(read.expect("reading a watch's objects panicked")))
+}
+
+/// Events read in one go, of those the watch has ready: a first list's, or
+/// the one or few of a change.
+const READ_TOGETHER: usize = 256;
+
+/// Groups of events read at once, each on a thread of its own, so that a first list's slices are read on both cores of a small
+/// node (at 100k Services the watch read them on one thread for 0.8 s after
+/// their list was parsed, while the other core waited). Their order is kept.
+const READING_AT_ONCE: usize = 2;
 
 /// Converts a watched EndpointSlice; a slice that cannot be read is logged and
 /// left out (its service keeps its other slices).
@@ -429,6 +462,38 @@ mod tests {
             (read.key.as_str(), read.value, read.trigger),
             ("ns/s1", None, None)
         );
+    }
+
+    /// Read on threads, a first list's worth of events comes out whole and
+    /// in order, an error where it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn objects_read_on_threads_come_out_in_order() {
+        let names: Vec<String> = (0..3 * READ_TOGETHER + 7)
+            .map(|i| format!("s{i}"))
+            .collect();
+        let events = names.iter().enumerate().map(|(i, name)| match i {
+            100 => Err(watcher::Error::NoResourceVersion),
+            _ => Ok(watcher::Event::InitApply(event_of(name))),
+        });
+        let read: Vec<_> = read_on_threads(
+            stream::iter(events.collect::<Vec<_>>()),
+            |obj: ConfigMap| Some(obj.metadata.name.unwrap_or_default()),
+        )
+        .collect()
+        .await;
+        assert_eq!(read.len(), names.len());
+        for (i, (event, name)) in read.into_iter().zip(&names).enumerate() {
+            match event {
+                Err(_) => assert_eq!(i, 100),
+                Ok(watcher::Event::InitApply(read)) => {
+                    assert_eq!(
+                        (read.key, read.value),
+                        (format!("default/{name}"), Some(name.clone()))
+                    );
+                }
+                Ok(_) => panic!("an InitApply stays one"),
+            }
+        }
     }
 
     #[test]
