@@ -94,15 +94,26 @@ const QUICK: Plan = Plan {
     first_syncs: 2,
 };
 
+/// One first full sync (s).
+#[derive(Debug)]
+struct FirstSync {
+    /// The agent's start (its first log line) -> maps in sync.
+    sync: f64,
+    /// Of which loading the programs and the first programming round.
+    load: f64,
+    round: f64,
+    /// The pod's start: the agent let back onto its node -> its first log
+    /// line (the DaemonSet controller, the scheduler and the kubelet).
+    pod_start: f64,
+}
+
 /// The results at one scale.
 struct Scale {
     services: usize,
     /// Objects created to reach this scale, and how long that took.
     created: usize,
     create_seconds: f64,
-    /// Agent start -> maps in sync, of which loading the programs and the
-    /// first programming round (s).
-    first_syncs: Vec<(f64, f64, f64)>,
+    first_syncs: Vec<FirstSync>,
     /// The agent's two first lists, fetched at once by this client without
     /// parsing them (s): what the API server takes to send them.
     lists: Vec<f64>,
@@ -461,7 +472,7 @@ fn wait_programmed(metrics: SocketAddr, services: usize) -> Result<()> {
 /// Restarts node1's agent on empty maps: (start -> maps in sync, start ->
 /// programs loaded, the first programming round), seconds, from the agent's
 /// own log timestamps and its round histogram.
-fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64, f64)> {
+fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<FirstSync> {
     lab.stop_agent(NODE)?;
     let out = ferry_netns::enter(&lab.ns(NODE), agent)
         .arg("cleanup")
@@ -491,11 +502,14 @@ fn first_sync(lab: &Lab, agent: &Path, metrics: SocketAddr) -> Result<(f64, f64,
         Ok(stamp.duration_since(started).as_secs_f64())
     };
     let rounds = AgentHistogram::parse(&lab::agent_get(metrics, "/metrics")?, SYNC_ROUND);
-    Ok((
-        at("ready: maps in sync")?,
-        at("adopted pinned maps")?,
-        rounds.sum,
-    ))
+    // The agent's first line: the API server it found, right after start.
+    let pod_start = at("INFO proxy_agent::k8s::client: API server")?;
+    Ok(FirstSync {
+        sync: at("ready: maps in sync")? - pod_start,
+        load: at("adopted pinned maps")? - pod_start,
+        round: rounds.sum,
+        pod_start,
+    })
 }
 
 /// Fetches every Service and EndpointSlice at once, as the agent's first
