@@ -249,10 +249,14 @@ fn settle_map<K: Ord, V>(map: &mut BTreeMap<K, V>, added: Vec<(K, V)>) {
 }
 
 /// A backend two frontends name (one pod in two Services) is active if
-/// either has it active, whichever comes first.
+/// either has it active, whichever comes first: a later placement's entry
+/// replaces the `kept` one unless that one is active.
+fn replaces(kept: &Backend) -> bool {
+    kept.state != backend_state::ACTIVE
+}
+
 fn merge_backend(backends: &mut BTreeMap<u32, Backend>, id: u32, backend: Backend) {
-    let kept = backends.get(&id);
-    if kept.is_none_or(|b| b.state != backend_state::ACTIVE) {
+    if backends.get(&id).is_none_or(replaces) {
         backends.insert(id, backend);
     }
 }
@@ -495,7 +499,7 @@ impl Placed {
         for (id, backend) in all {
             match merged.last_mut() {
                 Some((last, kept)) if *last == id => {
-                    if kept.state != backend_state::ACTIVE {
+                    if replaces(kept) {
                         *kept = backend;
                     }
                 }
