@@ -27,6 +27,16 @@
 //! flows. A table after the rows puts each path net of its floor beside the
 //! established flow, and both CPUs beside one.
 //!
+//! `random flow` rows visit established flows spread over every Service
+//! (10 per Service, at most a million) in random order, one run each. The
+//! `spread, wrapped` rows visit the XDP ones in the warm loop: the spread
+//! wrapper gives each run the tuple of a flow it picks (see
+//! `proxy_common::bench::spread_visit`), so they are timed as the hot
+//! `wrapped` rows are, cache and TLB misses in the maps included. Beside
+//! them, one conntrack lookup alone (`bench_ct_lookup`), spread and hot: what
+//! a lookup's misses cost, which no design that keeps per-flow state in a
+//! hash map avoids. A table after the rows puts spread beside hot.
+//!
 //! `... (IPv6)` rows time the pod path and the uplink's tc path (which
 //! serves IPv6 from outside: XDP hands it on) for the Services' IPv6 twins
 //! (each Service has a ClusterIP of each family), beside the same paths'
@@ -55,7 +65,10 @@ use proxy_agent::{
     settings,
 };
 use proxy_common::{
-    bench::{CT_INSERT, PASS_ONLY_TC, PASS_ONLY_XDP, WRAPPER_XDP_FRESH},
+    bench::{
+        spread_flow, CT_INSERT, CT_LOOKUP, PASS_ONLY_TC, PASS_ONLY_XDP, WRAPPER_XDP_FRESH,
+        WRAPPER_XDP_SPREAD,
+    },
     program_names::{FROM_POD, UPLINK_XDP},
 };
 
@@ -157,6 +170,22 @@ enum Prog {
 /// Flows of the random-order rows: 10 per Service, at most a million.
 fn spread_flows(services: u32) -> u32 {
     services.saturating_mul(10).min(1_000_000)
+}
+
+/// The SYN that opens spread flow `i` (see `proxy_common::bench::spread_flow`)
+/// of the clients `10.<210 + clients>.0.0/16`, to the first `services` of `list`.
+fn spread_syn(list: &[FrontendSpec], clients: u8, i: u32) -> Vec<u8> {
+    let services = list.len() as u32;
+    let flow = spread_flow(i, services);
+    let first = u32::from(v4(list[0].frontend.address));
+    let vip = v4(list[flow.service as usize].frontend.address);
+    assert_eq!(
+        u32::from(vip),
+        first + flow.service,
+        "consecutive ClusterIPs"
+    );
+    let [high, low] = flow.saddr_low.to_be_bytes();
+    frame(Ipv4Addr::new(10, 210 + clients, high, low), flow.sport, vip)
 }
 
 /// One run of a program on `input`; checks the verdict, returns the kernel's
@@ -427,9 +456,7 @@ fn measure(
         let flows = spread_flows(services);
         let acks: Vec<Vec<u8>> = (0..flows)
             .map(|i| {
-                let vip = v4(list[(i % services) as usize].frontend.address);
-                let src = Ipv4Addr::new(10, 210 + clients, (i >> 16) as u8, (i >> 8) as u8);
-                let syn = frame(src, 1024 + (i & 0xff) as u16, vip);
+                let syn = spread_syn(&list[..services as usize], clients, i);
                 run_once(&mut p, prog, &syn, pass);
                 as_ack(&syn)
             })
@@ -455,6 +482,18 @@ fn measure(
             },
             random,
         ));
+    }
+
+    if p.dp.has_program(WRAPPER_XDP_SPREAD) {
+        let spread = as_ack(&spread_syn(&list[..services as usize], 11, 0));
+        spread_rows(
+            &mut p,
+            services,
+            &spread,
+            &established,
+            wrapped_samples,
+            rows,
+        );
     }
 
     let floor: Vec<u64> = (0..samples)
@@ -706,6 +745,98 @@ fn measure(
     }
 }
 
+/// The established flows the XDP random-order rows opened, visited in
+/// pseudo-random order in the warm loop of the spread wrapper (`spread`: the
+/// ACK of spread flow 0), beside one conntrack lookup alone, spread and on
+/// the one flow of `established` (whose entries stay hot), and the spread
+/// wrapper's floor. Checks every sample's last run, and that the visits
+/// opened no flow (conntrack holds as many entries after them as before).
+fn spread_rows(
+    p: &mut Programs,
+    services: u32,
+    spread: &[u8],
+    established: &[u8],
+    samples: usize,
+    rows: &mut Vec<Row>,
+) {
+    let tuples = Tuples::Spread {
+        flows: spread_flows(services),
+        services,
+    };
+    let backends = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    let to_backend = |out: &[u8]| {
+        let dst = u32::from_be_bytes(out[30..34].try_into().unwrap());
+        (backends..backends + services * BACKENDS_EACH).contains(&dst)
+            && out[36..38] == 8080u16.to_be_bytes()
+    };
+    let unchanged_ports = |out: &[u8]| out.len() == spread.len() && out[36..38] == spread[36..38];
+    let entries = |p: &Programs| p.dp.conntrack_handle().expect("conntrack").keys().count();
+    let before = entries(p);
+    let floor = "xdp PASS only, spread, wrapped (floor)";
+    for (program, frame, tuples, path, floor, frame_ok) in [
+        (
+            UPLINK_XDP,
+            spread,
+            tuples,
+            "xdp established, spread, wrapped",
+            floor,
+            &to_backend as &(dyn Fn(&[u8]) -> bool + Sync),
+        ),
+        (
+            PASS_ONLY_XDP,
+            spread,
+            tuples,
+            floor,
+            floor,
+            &unchanged_ports,
+        ),
+        (
+            CT_LOOKUP,
+            spread,
+            tuples,
+            "xdp conntrack lookup alone, spread, wrapped",
+            floor,
+            &unchanged_ports,
+        ),
+        (
+            CT_LOOKUP,
+            established,
+            Tuples::Same,
+            "xdp conntrack lookup alone, wrapped",
+            "xdp PASS only, wrapped (floor)",
+            &|out: &[u8]| out == established,
+        ),
+    ] {
+        let ns = (0..samples)
+            .map(|_| {
+                let run =
+                    p.dp.run_wrapped(program, frame, WRAPPED_REPEAT, tuples)
+                        .expect("wrapped BPF_PROG_TEST_RUN");
+                assert_eq!(run.verdict, XDP_PASS, "{path}: unexpected verdict");
+                assert!(frame_ok(&run.frame), "{path}: unexpected frame");
+                run.per_run.as_nanos() as u64
+            })
+            .collect();
+        rows.push(Row::new(services, path, floor, ns));
+    }
+    // Both CPUs at once, each in an order of its own over the same flows.
+    let both_floor = "xdp PASS only, spread, wrapped, both CPUs (floor)";
+    for (program, path, frame_ok) in [
+        (
+            UPLINK_XDP,
+            "xdp established, spread, wrapped, both CPUs",
+            &to_backend as &(dyn Fn(&[u8]) -> bool + Sync),
+        ),
+        (PASS_ONLY_XDP, both_floor, &unchanged_ports),
+    ] {
+        let ok = |run: &WrappedRun| run.verdict == XDP_PASS && frame_ok(&run.frame);
+        if let Some(ns) = on_both_cpus(p, program, spread, tuples, false, samples, ok) {
+            rows.push(Row::new(services, path, both_floor, ns));
+        }
+    }
+    assert_eq!(entries(p), before, "the spread visits opened flows");
+}
+
 /// Whether a run times the IPv6 rows too: the embedded object alone.
 fn rows_of_ipv6(object: Option<&[u8]>) -> bool {
     object.is_none() && std::env::var_os("FERRY_BENCH_COMPARING").is_none()
@@ -912,6 +1043,33 @@ fn main() {
         ));
     }
     table.push_str(
+        "\n| Services | flows | established, hot, net ns | established, spread, net ns | spread/hot | lookup alone, hot, net ns | lookup alone, spread, net ns | one lookup's misses, ns | hot path for 1.5x, ns |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for &n in &scales {
+        let net = |path: &str| {
+            let at = |path: &str| rows.iter().find(|r| r.services == n && r.path == path);
+            let row = at(path)?;
+            Some(row.median as f64 - at(row.floor)?.median as f64)
+        };
+        let (Some(hot), Some(spread), Some(lookup_hot), Some(lookup_spread)) = (
+            net("xdp established, wrapped"),
+            net("xdp established, spread, wrapped"),
+            net("xdp conntrack lookup alone, wrapped"),
+            net("xdp conntrack lookup alone, spread, wrapped"),
+        ) else {
+            continue;
+        };
+        // A path whose spread visits cost at least `misses` more than its hot
+        // ones is within 1.5x only if its hot cost is at least twice that.
+        let misses = lookup_spread - lookup_hot;
+        table.push_str(&format!(
+            "| {n} | {} | {hot:.0} | {spread:.0} | {:.2} | {lookup_hot:.0} | {lookup_spread:.0} | {misses:.0} | {:.0} |\n",
+            spread_flows(n),
+            spread / hot,
+            2.0 * misses
+        ));
+    }
+    table.push_str(
         "\n| Services | path, wrapped | one CPU, net ns | both CPUs at once, net ns | both/one |\n|---:|---|---:|---:|---:|\n",
     );
     for &n in &scales {
@@ -924,6 +1082,7 @@ fn main() {
             "xdp established",
             "xdp new flow",
             "xdp conntrack insert alone",
+            "xdp established, spread",
         ] {
             let (Some(one), Some(both)) = (
                 net(&format!("{path}, wrapped")),

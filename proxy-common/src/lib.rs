@@ -181,6 +181,16 @@ pub mod bench {
     pub const SEQ_MAP: &str = "bench_seq";
     /// An XDP program that only inserts a new conntrack entry.
     pub const CT_INSERT: &str = "bench_ct_insert";
+    /// The XDP wrapper that gives each run's IPv4 frame the tuple of one of
+    /// `SpreadConfig::flows` established flows, picked in pseudo-random
+    /// order (see [`spread_visit`] and [`spread_flow`]): cache and TLB
+    /// misses in the maps, in the same warm loop as the other wrappers.
+    pub const WRAPPER_XDP_SPREAD: &str = "bench_xdp_spread";
+    /// The spread wrapper's settings (`SpreadConfig`, index 0).
+    pub const SPREAD_MAP: &str = "bench_spread_cfg";
+    /// An XDP program that only looks the frame's forward conntrack entry
+    /// up and reads it: PASS when it is there, ABORTED when not.
+    pub const CT_LOOKUP: &str = "bench_ct_lookup";
     /// The XDP floor: a program that only returns XDP_PASS.
     pub const PASS_ONLY_XDP: &str = "pass_only";
     /// The tc floor: a program that only returns TC_ACT_UNSPEC.
@@ -225,6 +235,102 @@ pub mod bench {
         pub expect_daddr: [u8; 4],
         pub expect_dport_be: u16,
         pub _pad: u16,
+    }
+
+    /// What the benchmark tells the spread wrapper.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SpreadConfig {
+        /// How many flows the runs visit (at most 2^24).
+        pub flows: u32,
+        /// How many Services they spread over: consecutive addresses from
+        /// the frame's destination upwards.
+        pub services: u32,
+    }
+
+    /// The tuple of spread flow `i`, as the frame's differences from flow
+    /// 0's: the last two bytes of its source address, its source port, and
+    /// its Service's offset from the frame's destination address.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SpreadFlow {
+        pub saddr_low: u16,
+        pub sport: u16,
+        pub service: u32,
+    }
+
+    /// Spread flow `i` of flows spread over `services` Services: Service
+    /// `i mod services`, source port `1024 + i mod 256`, and `i / 256` in
+    /// the source address. Distinct for each `i` below 2^24.
+    #[inline(always)]
+    pub fn spread_flow(i: u32, services: u32) -> SpreadFlow {
+        SpreadFlow {
+            saddr_low: (i >> 8) as u16,
+            sport: 1024 + (i & 0xff) as u16,
+            service: i.checked_rem(services).unwrap_or(0),
+        }
+    }
+
+    /// The flow that run `run` of CPU `cpu` visits, of `flows`: a bijective
+    /// mix of the two (lowbias32), reduced to the flows. Consecutive runs
+    /// land far apart, and the two CPUs of a run on both visit in orders of
+    /// their own.
+    #[inline(always)]
+    pub fn spread_visit(run: u32, cpu: u32, flows: u32) -> u32 {
+        let mut x = run ^ (cpu << 28);
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846c_a68b);
+        x ^= x >> 16;
+        x.checked_rem(flows).unwrap_or(0)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        extern crate std;
+        use std::{vec, vec::Vec};
+
+        use super::*;
+
+        #[test]
+        fn spread_flows_are_distinct_and_cover_the_services() {
+            let (flows, services) = (1_000_000, 100_000);
+            let mut seen = std::collections::HashSet::new();
+            let mut per_service = vec![0u32; services as usize];
+            for i in 0..flows {
+                let f = spread_flow(i, services);
+                assert!(seen.insert((f.saddr_low, f.sport, f.service)), "flow {i}");
+                assert!((1024..1280).contains(&f.sport));
+                per_service[f.service as usize] += 1;
+            }
+            assert!(per_service.iter().all(|&n| n == flows / services));
+            assert_eq!(spread_flow(0, services).service, 0);
+            assert_eq!(spread_flow(7, 0).service, 0, "no Services: the frame's own");
+        }
+
+        #[test]
+        fn spread_visits_stay_in_range_and_reach_most_flows() {
+            let flows = 10_000u32;
+            for cpu in [0, 1] {
+                let mut seen = vec![false; flows as usize];
+                for run in 0..3 * flows {
+                    let i = spread_visit(run, cpu, flows);
+                    seen[i as usize] = true;
+                }
+                // Uniform picks reach 1 - e^-3 of them, about 95%.
+                let reached = seen.iter().filter(|&&s| s).count();
+                assert!(reached > 9_300, "cpu {cpu}: {reached} of {flows}");
+            }
+            // Consecutive runs land apart, and the CPUs' orders differ.
+            let order = |cpu| {
+                (0..8)
+                    .map(|run| spread_visit(run, cpu, flows))
+                    .collect::<Vec<_>>()
+            };
+            assert_ne!(order(0), order(1));
+            assert!(order(0).windows(2).all(|w| w[0].abs_diff(w[1]) > 1));
+            assert_eq!(spread_visit(5, 0, 0), 0, "no flows: flow 0");
+        }
     }
 
     /// The receiver's counts.
@@ -1216,6 +1322,7 @@ mod pod {
     // SAFETY: each type is repr(C), has explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for ServiceKey4 {}
     unsafe impl aya::Pod for bench::GenConfig {}
+    unsafe impl aya::Pod for bench::SpreadConfig {}
     unsafe impl aya::Pod for bench::SinkCounts {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend4 {}

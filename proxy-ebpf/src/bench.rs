@@ -16,7 +16,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    bench::{GenConfig, SinkCounts, FRAME_LEN4, FRAME_LEN6},
+    bench::{
+        spread_flow, spread_visit, GenConfig, SinkCounts, SpreadConfig, FRAME_LEN4, FRAME_LEN6,
+    },
     ct_dir, proto, CtKey4, CtValue, Ip4,
 };
 
@@ -42,7 +44,11 @@ static XDP_TARGET: ProgramArray<1> = ProgramArray::new();
 #[btf_map(name = "bench_tc_prog")]
 static TC_TARGET: ProgramArray<1> = ProgramArray::new();
 
-/// Each CPU's runs of `bench_xdp_fresh`, `bench_ct_insert` and `bench_gen` so far: with
+/// The spread wrapper's settings, written by the benchmark.
+#[btf_map(name = "bench_spread_cfg")]
+static SPREAD: Array<SpreadConfig, 1> = Array::new();
+
+/// Each CPU's runs of `bench_xdp_fresh`, `bench_xdp_spread`, `bench_ct_insert` and `bench_gen` so far: with
 /// the CPU's number, each run's new flow or key is one of its own, on
 /// either CPU of a run on both.
 #[btf_map(name = "bench_seq")]
@@ -67,10 +73,23 @@ fn next_run() -> Option<(u32, u8)> {
 /// carries the last two bytes of its source address, and its source port.
 const SADDR_LOW_OFF4: usize = 14 + 12 + 2;
 const SPORT_OFF4: usize = 14 + 20;
+/// Where an IPv4 frame carries its destination address.
+const DADDR_OFF4: usize = 14 + 16;
+
+/// What a wrapper does to the source of each run's IPv4 frame.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Leaves it as the frame has it.
+    Same,
+    /// Gives it one never seen before: a new flow each run.
+    Fresh,
+    /// Gives it (and the destination) the tuple of one of the spread flows.
+    Spread,
+}
 
 #[xdp]
 pub fn bench_xdp(ctx: XdpContext) -> u32 {
-    restore_xdp(&ctx, false)
+    restore_xdp(&ctx, Source::Same)
 }
 
 /// `bench_xdp` for new flows: each run's IPv4 frame gets a source never
@@ -80,11 +99,20 @@ pub fn bench_xdp(ctx: XdpContext) -> u32 {
 /// IPv6 frame is restored as `bench_xdp` restores it.
 #[xdp]
 pub fn bench_xdp_fresh(ctx: XdpContext) -> u32 {
-    restore_xdp(&ctx, true)
+    restore_xdp(&ctx, Source::Fresh)
+}
+
+/// `bench_xdp` for many established flows: each run's IPv4 frame gets the
+/// tuple of the spread flow `spread_visit` picks (its source address, source
+/// port and Service, see `spread_flow`), which the benchmark opened before.
+/// The checksums are left as they were, as `bench_xdp_fresh` leaves them.
+#[xdp]
+pub fn bench_xdp_spread(ctx: XdpContext) -> u32 {
+    restore_xdp(&ctx, Source::Spread)
 }
 
 #[inline(always)]
-fn restore_xdp(ctx: &XdpContext, fresh: bool) -> u32 {
+fn restore_xdp(ctx: &XdpContext, source: Source) -> u32 {
     let Some(frame) = FRAME.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -104,15 +132,40 @@ fn restore_xdp(ctx: &XdpContext, fresh: bool) -> u32 {
             core::ptr::copy_nonoverlapping(frame.as_ptr(), start as *mut u8, FRAME_LEN6);
         } else {
             core::ptr::copy_nonoverlapping(frame.as_ptr(), start as *mut u8, FRAME_LEN4);
-            if fresh {
-                let Some((n, cpu)) = next_run() else {
-                    return xdp_action::XDP_ABORTED;
-                };
-                let [_, high, port @ ..] = n.to_be_bytes();
-                let at = start as *mut u8;
-                *at.add(SADDR_LOW_OFF4) = cpu;
-                *at.add(SADDR_LOW_OFF4 + 1) = high;
-                core::ptr::copy_nonoverlapping(port.as_ptr(), at.add(SPORT_OFF4), 2);
+            let at = start as *mut u8;
+            match source {
+                Source::Same => {}
+                Source::Fresh => {
+                    let Some((n, cpu)) = next_run() else {
+                        return xdp_action::XDP_ABORTED;
+                    };
+                    let [_, high, port @ ..] = n.to_be_bytes();
+                    *at.add(SADDR_LOW_OFF4) = cpu;
+                    *at.add(SADDR_LOW_OFF4 + 1) = high;
+                    core::ptr::copy_nonoverlapping(port.as_ptr(), at.add(SPORT_OFF4), 2);
+                }
+                Source::Spread => {
+                    let (Some((n, cpu)), Some(config)) = (next_run(), SPREAD.get(0)) else {
+                        return xdp_action::XDP_ABORTED;
+                    };
+                    let i = spread_visit(n, u32::from(cpu), config.flows);
+                    let flow = spread_flow(i, config.services);
+                    let daddr = u32::from_be_bytes([
+                        frame[DADDR_OFF4],
+                        frame[DADDR_OFF4 + 1],
+                        frame[DADDR_OFF4 + 2],
+                        frame[DADDR_OFF4 + 3],
+                    ])
+                    .wrapping_add(flow.service);
+                    let (saddr_low, sport, daddr) = (
+                        flow.saddr_low.to_be_bytes(),
+                        flow.sport.to_be_bytes(),
+                        daddr.to_be_bytes(),
+                    );
+                    core::ptr::copy_nonoverlapping(saddr_low.as_ptr(), at.add(SADDR_LOW_OFF4), 2);
+                    core::ptr::copy_nonoverlapping(sport.as_ptr(), at.add(SPORT_OFF4), 2);
+                    core::ptr::copy_nonoverlapping(daddr.as_ptr(), at.add(DADDR_OFF4), 4);
+                }
             }
         }
         XDP_TARGET.tail_call(ctx, 0);
@@ -153,6 +206,43 @@ pub fn bench_ct_insert(_ctx: XdpContext) -> u32 {
         Ok(()) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_ABORTED,
     }
+}
+
+/// One conntrack lookup of the IPv4 frame's forward tuple, and a read of
+/// what it finds: the least a packet of a known flow costs in any design
+/// that keeps per-flow state in a hash map. Run behind `bench_xdp_spread`,
+/// it visits the spread flows' entries in the order the established path
+/// does. PASS when the entry is there, ABORTED when not.
+#[xdp]
+pub fn bench_ct_lookup(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + FRAME_LEN4 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: every byte read lies within the frame's FRAME_LEN4 (checked above).
+    let byte = |off: usize| unsafe { *((start + off) as *const u8) };
+    let at4 = |off: usize| Ip4 {
+        octets: [byte(off), byte(off + 1), byte(off + 2), byte(off + 3)],
+    };
+    let key = CtKey4 {
+        saddr: at4(DADDR_OFF4 - 4),
+        daddr: at4(DADDR_OFF4),
+        sport_be: u16::from_ne_bytes([byte(SPORT_OFF4), byte(SPORT_OFF4 + 1)]),
+        dport_be: u16::from_ne_bytes([byte(SPORT_OFF4 + 2), byte(SPORT_OFF4 + 3)]),
+        proto: byte(14 + 9),
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a pointer to the map value; the read is what a packet of a
+    // known flow cannot do without.
+    let seen = unsafe { core::ptr::read_volatile(&(*entry).last_seen_ns) };
+    if seen == 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_PASS
 }
 
 /// The throughput benchmark's settings, written by the benchmark.

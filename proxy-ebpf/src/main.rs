@@ -7,7 +7,8 @@
 //! - `sock_*`: cgroup socket hooks, the node's own connections to Services
 //!   (see `sock`).
 //! - `pass_only` / `pass_only_tc`, `bench_xdp` / `bench_xdp_fresh` /
-//!   `bench_tc` / `bench_ct_insert`: for the per-packet benchmarks only,
+//!   `bench_xdp_spread` / `bench_tc` / `bench_ct_insert` /
+//!   `bench_ct_lookup`: for the per-packet benchmarks only,
 //!   never attached (floors, and frame-restoring wrappers).
 //! - `bench_gen` / `bench_sink`: the throughput benchmark's traffic
 //!   generator (run in live-frames mode) and receiver, attached only to

@@ -184,6 +184,10 @@ pub enum Tuples {
     Same,
     /// Every run a new source address and port (XDP, IPv4): a new flow each.
     Fresh,
+    /// Every run the tuple of one of `flows` flows over `services` Services,
+    /// in pseudo-random order (XDP, IPv4; see `proxy_common::bench::spread_flow`,
+    /// whose flow 0 is the frame as given).
+    Spread { flows: u32, services: u32 },
 }
 
 /// How the uplink program is attached.
@@ -283,6 +287,7 @@ impl Dataplane {
         loader
             .map_max_entries(map_names::SERVICES_V4, entries(capacity.services))
             .map_max_entries(map_names::SERVICES_V6, entries(capacity.services))
+            .map_max_entries(map_names::TRAFFIC, entries(capacity.services))
             .map_max_entries(map_names::BACKENDS_V6, entries(capacity.backends))
             .map_max_entries(map_names::REVNAT_V4, entries(capacity.revnat))
             .map_max_entries(map_names::REVNAT_V6, entries(capacity.revnat))
@@ -318,6 +323,8 @@ impl Dataplane {
         loader
             .map_max_entries(map_names::SERVICES_V4, slots)
             .map_max_entries(map_names::SERVICES_V6, slots)
+            // As the agent sizes it: room for a pair per slot.
+            .map_max_entries(map_names::TRAFFIC, slots)
             .map_max_entries(map_names::BACKENDS_V6, backends)
             .map_max_entries(map_names::REVNAT_V4, ids)
             .map_max_entries(map_names::REVNAT_V6, ids)
@@ -378,6 +385,11 @@ impl Dataplane {
         let mut frames: Array<&mut MapData, [u8; bench::FRAME_LEN6]> =
             Array::try_from(self.map(bench::FRAME_MAP)?)?;
         frames.set(0, restored, 0)?;
+        if let Tuples::Spread { flows, services } = tuples {
+            let mut config: Array<&mut MapData, bench::SpreadConfig> =
+                Array::try_from(self.map(bench::SPREAD_MAP)?)?;
+            config.set(0, bench::SpreadConfig { flows, services }, 0)?;
+        }
         let program = self.load_on_demand(target)?;
         let xdp = matches!(program, Program::Xdp(_));
         let (wrapper, targets) = match tuples {
@@ -386,7 +398,12 @@ impl Dataplane {
             Tuples::Fresh if xdp && frame.len() == bench::FRAME_LEN4 => {
                 (bench::WRAPPER_XDP_FRESH, bench::XDP_TARGET_MAP)
             }
-            Tuples::Fresh => bail!("fresh tuples: XDP and IPv4 frames only"),
+            Tuples::Spread { .. } if xdp && frame.len() == bench::FRAME_LEN4 => {
+                (bench::WRAPPER_XDP_SPREAD, bench::XDP_TARGET_MAP)
+            }
+            Tuples::Fresh | Tuples::Spread { .. } => {
+                bail!("fresh or spread tuples: XDP and IPv4 frames only")
+            }
         };
         let fd = program.fd()?.try_clone()?;
         ProgramArray::try_from(self.map(targets)?)?.set(0, &fd, 0)?;
