@@ -159,7 +159,8 @@ struct RunArgs {
     metrics_per_backend: bool,
     /// Count packets and bytes per Service (and backend) in the programs
     /// (`ferry_service_*`): on, 25 to 55 ns more per translated packet
-    /// here (bench/results/per_packet_traffic.md); off, the verifier leaves
+    /// here (bench/results/per_packet_traffic.md), about 690 ns where
+    /// packets visit a million pairs at random (per_packet_spread.md); off, the verifier leaves
     /// the counting out of the programs at load, and it costs nothing.
     #[arg(long, env = "FERRY_TRAFFIC_COUNTERS", default_value_t = false, action = clap::ArgAction::Set)]
     traffic_counters: bool,

@@ -246,7 +246,15 @@ fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
          floor is the same wrapper around a PASS-only program of their hook. `xdp PASS\n\
          only, repeated without wrapper` is the XDP PASS-only program under plain\n\
          repeat (it changes nothing): the difference between the two XDP floors is the\n\
-         wrapper's own cost.\n\n{body}\n![per-packet cost](per_packet.png)\n",
+         wrapper's own cost.\n\n\
+         Rows marked `spread, wrapped` visit the XDP random-order flows in that warm\n\
+         loop: the spread wrapper gives each run the tuple of one of them, in\n\
+         pseudo-random order, so they are timed as the hot wrapped rows are, cache\n\
+         and TLB misses included; their floor is the spread wrapper around the\n\
+         PASS-only program. `conntrack lookup alone` is one conntrack lookup and a\n\
+         read of the entry, nothing else: spread, what a lookup's misses cost; on\n\
+         the one hot flow, what it costs in cache. The table after the rows puts\n\
+         spread beside hot, net of the floors.\n\n{body}\n![per-packet cost](per_packet.png)\n",
         if quick { 3_000 } else { 20_000 },
         if quick { 30 } else { 200 },
     );
