@@ -410,6 +410,124 @@ const GATEWAY6: &str = "fd00:10:244:1::1";
 const VIP6: &str = "fd00:10:96::10";
 const EMPTY_VIP6: &str = "fd00:10:96::11";
 
+/// A NodePort whose one endpoint is on another node, served from a services
+/// file that names the node's address: the uplink (generic XDP, with tc
+/// behind it) DNATs each flow to the endpoint, SNATs it to that address on a
+/// NAT port, sends it back out, and translates the replies for the client.
+///
+/// ```text
+/// client 172.30.2.5 ── router ── eth0 172.30.1.1 (node, the agent's uplink)
+///                        └────── 10.244.2.10 (a pod of another node)
+/// ```
+#[test]
+fn a_nodeport_to_a_remote_endpoint_is_snated_to_the_files_node_address() {
+    const NODE: &str = "172.30.1.1";
+    const CLIENT_OUTSIDE: &str = "172.30.2.5";
+    const REMOTE: &str = "10.244.2.10";
+    let mut lab = Lab::new("snat");
+    let node = lab.netns("node");
+    let router = lab.netns("router");
+    let client = lab.netns("client");
+    let remote = lab.netns("remote");
+    lab.plug_pod(&router, &node, "rn", NODE, "172.30.1.2");
+    lab.plug_pod(&router, &client, "rc", CLIENT_OUTSIDE, "172.30.2.1");
+    lab.plug_pod(&router, &remote, "rr", REMOTE, "10.244.2.1");
+    for ns in [&router, &node] {
+        // The node's FIB lookups need forwarding on; the router forwards.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+    }
+    serve(&remote, "remote");
+
+    let dir = std::env::temp_dir().join(&lab.prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.json");
+    let json = format!(
+        r#"{{"services": [
+            {{"name": "np", "address": "{NODE}", "port": 30080, "protocol": "TCP",
+              "endpoints": [{{"address": "{REMOTE}", "port": 8080}}]}},
+            {{"name": "np-dns", "address": "{NODE}", "port": 30053, "protocol": "UDP",
+              "endpoints": [{{"address": "{REMOTE}", "port": 5353}}]}}
+        ], "node_addresses": ["{NODE}"]}}"#
+    );
+    std::fs::write(&services, json).unwrap();
+    lab.start_agent(
+        &node,
+        &[
+            "run",
+            "--services-file",
+            services.to_str().unwrap(),
+            "--uplink-iface",
+            "eth0",
+            "--uplink-mode",
+            "generic",
+            "--pod-iface-pattern",
+            "vpod*",
+            // A range the test fills, and a collection that frees it soon.
+            "--nat-ports",
+            "61000-61019",
+            "--conntrack-gc-seconds",
+            "1",
+        ],
+    );
+
+    // Every connection reaches the remote endpoint, which sees the node's
+    // address on a NAT port, never the client's. A closed flow keeps its
+    // port until the agent collects it, so 20 connections take all 20.
+    let target: SocketAddr = format!("{NODE}:30080").parse().unwrap();
+    let nat_ports = |answers: &[String]| {
+        let mut ports = std::collections::BTreeSet::new();
+        for answer in answers {
+            let (name, peer) = answer.trim().split_once(' ').expect("name and peer");
+            assert_eq!(name, "remote");
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(peer.ip().to_string(), NODE, "the endpoint saw {peer}");
+            assert!((61000..=61019).contains(&peer.port()), "NAT port {peer}");
+            ports.insert(peer.port());
+        }
+        assert_eq!(ports.len(), answers.len(), "a NAT port per flow: {ports:?}");
+    };
+    nat_ports(&connect_n(&client, target, 20));
+    // The range is full: a 21st flow gets no port, and its SYNs are dropped.
+    let refused = in_netns(&client, move || {
+        TcpStream::connect_timeout(&target, TIMEOUT).unwrap_err()
+    });
+    assert_eq!(refused.kind(), ErrorKind::TimedOut, "{refused}");
+    // The closed flows end (10 s after their FINs) and the collection gives
+    // their ports back: 20 more connections, through the same 20 ports.
+    let freed = (0..40).any(|_| {
+        thread::sleep(Duration::from_millis(500));
+        in_netns(&client, move || {
+            TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok()
+        })
+    });
+    assert!(freed, "no NAT port came back in 20 s");
+    // The others ended within a moment of the first: one more collection.
+    thread::sleep(Duration::from_millis(2500));
+    nat_ports(&connect_n(&client, target, 15));
+
+    // UDP: the reply comes back from the NodePort the client sent to.
+    let target: SocketAddr = format!("{NODE}:30053").parse().unwrap();
+    let (from, answer) = udp_ask(&client, target);
+    assert_eq!(from, target);
+    assert!(
+        answer.starts_with(&format!("remote {NODE}:")),
+        "answer {answer}"
+    );
+
+    lab.teardown();
+    lab.assert_gone();
+}
+
 /// Real TCP and UDP over IPv6 through a real agent: dual-stack pods, and a
 /// Service with a ClusterIP of each family.
 #[test]
