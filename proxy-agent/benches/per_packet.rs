@@ -240,22 +240,25 @@ fn wrapped(
 }
 
 /// Samples of `WRAPPED_REPEAT` runs of the XDP `program` on `frame`
-/// through its wrapper (`tuples`: fresh ones, every run a new flow), each
-/// sample from an empty conntrack (emptied before it, not timed): new
+/// through the wrapper of `tuples`. With `empty_conntrack`, each sample
+/// starts from an empty conntrack (emptied before it, not timed): new
 /// entries go into a table with room, as the established rows find it (a
 /// full LRU table evicts at every insert). Checks the last run's verdict
 /// (XDP_PASS) and its frame (`frame_ok`).
-fn from_empty_conntrack(
+fn wrapped_xdp(
     p: &mut Programs,
     program: &str,
     frame: &[u8],
     tuples: Tuples,
+    empty_conntrack: bool,
     samples: usize,
     frame_ok: impl Fn(&[u8]) -> bool,
 ) -> Vec<u64> {
     (0..samples)
         .map(|_| {
-            p.dp.flush_conntrack().expect("empty conntrack");
+            if empty_conntrack {
+                p.dp.flush_conntrack().expect("empty conntrack");
+            }
             let run =
                 p.dp.run_wrapped(program, frame, WRAPPED_REPEAT, tuples)
                     .expect("wrapped BPF_PROG_TEST_RUN");
@@ -270,7 +273,7 @@ fn from_empty_conntrack(
 /// through its wrapper on two CPUs at once (a thread pinned to each, the
 /// samples started together): what contention on the shared maps costs.
 /// With `empty_conntrack`, conntrack is emptied before each pair of samples,
-/// as `from_empty_conntrack` does. Both CPUs' samples together; each run
+/// as `wrapped_xdp` does. Both CPUs' samples together; each run
 /// checked by `run_ok`. None on a machine of one CPU.
 fn on_both_cpus(
     p: &mut Programs,
@@ -614,31 +617,34 @@ fn measure(
             (backends..backends + BACKENDS_EACH).contains(&dst)
                 && out[36..38] == 8080u16.to_be_bytes()
         };
-        let ns = from_empty_conntrack(
+        let ns = wrapped_xdp(
             &mut p,
             UPLINK_XDP,
             &opening,
             Tuples::Fresh,
+            true,
             wrapped_samples,
             to_backend,
         );
         let fresh_floor = "xdp PASS only, fresh, wrapped (floor)";
         rows.push(Row::new(services, "xdp new flow, wrapped", fresh_floor, ns));
         let unchanged = |out: &[u8]| out.len() == opening.len() && out[..26] == opening[..26];
-        let ns = from_empty_conntrack(
+        let ns = wrapped_xdp(
             &mut p,
             PASS_ONLY_XDP,
             &opening,
             Tuples::Fresh,
+            true,
             wrapped_samples,
             unchanged,
         );
         rows.push(Row::new(services, fresh_floor, fresh_floor, ns));
-        let ns = from_empty_conntrack(
+        let ns = wrapped_xdp(
             &mut p,
             CT_INSERT,
             &established,
             Tuples::Same,
+            true,
             wrapped_samples,
             |out| out == established.as_slice(),
         );
@@ -807,16 +813,7 @@ fn spread_rows(
             &|out: &[u8]| out == established,
         ),
     ] {
-        let ns = (0..samples)
-            .map(|_| {
-                let run =
-                    p.dp.run_wrapped(program, frame, WRAPPED_REPEAT, tuples)
-                        .expect("wrapped BPF_PROG_TEST_RUN");
-                assert_eq!(run.verdict, XDP_PASS, "{path}: unexpected verdict");
-                assert!(frame_ok(&run.frame), "{path}: unexpected frame");
-                run.per_run.as_nanos() as u64
-            })
-            .collect();
+        let ns = wrapped_xdp(p, program, frame, tuples, false, samples, frame_ok);
         rows.push(Row::new(services, path, floor, ns));
     }
     // Both CPUs at once, each in an order of its own over the same flows.
@@ -835,6 +832,16 @@ fn spread_rows(
         }
     }
     assert_eq!(entries(p), before, "the spread visits opened flows");
+}
+
+/// The median of `path`'s row at `services` less its floor row's.
+fn net_of_floor(rows: &[Row], services: u32, path: &str) -> Option<f64> {
+    let at = |path: &str| {
+        rows.iter()
+            .find(|r| r.services == services && r.path == path)
+    };
+    let row = at(path)?;
+    Some(row.median as f64 - at(row.floor)?.median as f64)
 }
 
 /// Whether a run times the IPv6 rows too: the embedded object alone.
@@ -1021,18 +1028,11 @@ fn main() {
         "\n| Services | xdp new flow, net ns | xdp established, net ns | new/established | one conntrack insert, net ns | insert/established |\n|---:|---:|---:|---:|---:|---:|\n",
     );
     for &n in &scales {
-        let net = |path: &str, floor_path: &str| {
-            let at = |path: &str| rows.iter().find(|r| r.services == n && r.path == path);
-            Some(at(path)?.median as f64 - at(floor_path)?.median as f64)
-        };
-        let floor = "xdp PASS only, wrapped (floor)";
+        let net = |path: &str| net_of_floor(&rows, n, path);
         let (Some(new), Some(est), Some(insert)) = (
-            net(
-                "xdp new flow, wrapped",
-                "xdp PASS only, fresh, wrapped (floor)",
-            ),
-            net("xdp established, wrapped", floor),
-            net("xdp conntrack insert alone, wrapped", floor),
+            net("xdp new flow, wrapped"),
+            net("xdp established, wrapped"),
+            net("xdp conntrack insert alone, wrapped"),
         ) else {
             continue;
         };
@@ -1046,11 +1046,7 @@ fn main() {
         "\n| Services | flows | established, hot, net ns | established, spread, net ns | spread/hot | lookup alone, hot, net ns | lookup alone, spread, net ns | one lookup's misses, ns | hot path for 1.5x, ns |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for &n in &scales {
-        let net = |path: &str| {
-            let at = |path: &str| rows.iter().find(|r| r.services == n && r.path == path);
-            let row = at(path)?;
-            Some(row.median as f64 - at(row.floor)?.median as f64)
-        };
+        let net = |path: &str| net_of_floor(&rows, n, path);
         let (Some(hot), Some(spread), Some(lookup_hot), Some(lookup_spread)) = (
             net("xdp established, wrapped"),
             net("xdp established, spread, wrapped"),
@@ -1073,11 +1069,7 @@ fn main() {
         "\n| Services | path, wrapped | one CPU, net ns | both CPUs at once, net ns | both/one |\n|---:|---|---:|---:|---:|\n",
     );
     for &n in &scales {
-        let net = |path: &str| {
-            let at = |path: &str| rows.iter().find(|r| r.services == n && r.path == path);
-            let row = at(path)?;
-            Some(row.median as f64 - at(row.floor)?.median as f64)
-        };
+        let net = |path: &str| net_of_floor(&rows, n, path);
         for path in [
             "xdp established",
             "xdp new flow",

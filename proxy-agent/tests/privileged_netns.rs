@@ -176,8 +176,7 @@ fn clusterip_traffic_through_a_real_agent() {
         ],
     );
 
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = services_file(&dir);
     lab.start_agent(
         &node,
@@ -396,7 +395,6 @@ fn clusterip_traffic_through_a_real_agent() {
         }
     }
     assert!(!lab.pin_dir.exists());
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -448,8 +446,7 @@ fn a_nodeport_to_a_remote_endpoint_is_snated_to_the_files_node_address() {
     }
     serve(&remote, "remote");
 
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = dir.join("services.json");
     let json = format!(
         r#"{{"services": [
@@ -557,8 +554,7 @@ fn a_dual_stack_service_through_a_real_agent() {
     for forwarding in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
         run("ip", &["netns", "exec", &node, "sysctl", "-qw", forwarding]);
     }
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let endpoints = |port: u16, v6: bool| {
         BACKENDS6
             .iter()
@@ -652,7 +648,6 @@ fn a_dual_stack_service_through_a_real_agent() {
 
     lab.teardown_agents_only();
     lab.cleanup_agent_state(&node);
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -734,8 +729,7 @@ fn held_connections_keep_their_backend_across_an_upgrade() {
             "net.ipv4.ip_forward=1",
         ],
     );
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let endpoints: Vec<String> = BACKENDS
         .iter()
         .map(|(_, a)| format!(r#"{{"address": "{a}", "port": 8081}}"#))
@@ -813,7 +807,6 @@ fn held_connections_keep_their_backend_across_an_upgrade() {
     drop(held);
     lab.teardown_agents_only();
     lab.cleanup_agent_state(&node);
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }

@@ -63,8 +63,7 @@ fn the_agent_dials_the_api_server_the_configmap_names() {
 
     // A pod's service account files, in a mount namespace of the agent's own
     // (tmpfs over /run, where /var/run points): the machine's stay as they are.
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     std::fs::write(dir.join("token"), "not-a-real-token").unwrap();
     std::fs::write(dir.join("namespace"), "kube-system").unwrap();
     std::fs::copy("/etc/ssl/certs/ca-certificates.crt", dir.join("ca.crt")).unwrap();
@@ -160,7 +159,6 @@ fn the_agent_dials_the_api_server_the_configmap_names() {
     );
 
     drop(_agent);
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -249,8 +247,7 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
         "filter", "add", "dev", "def0", "ingress", "prio", "1", "protocol", "all", "u32", "match",
         "u32", "0", "0", "classid", "1:1",
     ]);
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = dir.join("services.json");
     std::fs::write(&services, r#"{"services": []}"#).unwrap();
     // A services file has no Node: the default route decides.
@@ -318,7 +315,6 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
         "the clsact Ferry left empty is gone: {qdiscs}"
     );
     assert!(!lab.pin_dir.exists());
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -327,8 +323,7 @@ fn without_a_node_the_agent_takes_the_default_route_and_cleanup_detaches_it() {
 fn a_second_agent_on_the_same_pin_directory_refuses_to_start() {
     let mut lab = Lab::new("two");
     let node = lab.netns("node");
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = dir.join("services.json");
     std::fs::write(&services, r#"{"services": []}"#).unwrap();
     let args = [
@@ -365,7 +360,6 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start() {
     // Once the first is gone, an agent starts on the same maps.
     lab.teardown_agents_only();
     lab.start_agent(&node, &args);
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -387,8 +381,7 @@ fn with_the_api_server_down_the_agent_stays_live_attaches_pods_and_repairs_filte
     let mut lab = Lab::new("apd");
     let node = lab.netns("node");
     // An API server nobody serves: connections to it are refused.
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -469,7 +462,6 @@ fn with_the_api_server_down_the_agent_stays_live_attaches_pods_and_repairs_filte
     thread::sleep(Duration::from_secs(2));
     assert!(lab.agents_running(), "the agent exited");
     assert!(status("/livez").contains("200"));
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -483,8 +475,7 @@ fn a_services_map_shrunk_below_its_entries_keeps_only_whole_frontends() {
     use proxy_agent::desired::{apply::check_whole, MapState};
     let mut lab = Lab::new("shrink");
     let node = lab.netns("node");
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = dir.join("services.json");
     // 20 frontends of 3 backends: 80 services-map entries.
     let list: Vec<String> = (1..=20)
@@ -548,7 +539,6 @@ fn a_services_map_shrunk_below_its_entries_keeps_only_whole_frontends() {
         metrics.contains("\nferry_frontends_refused_map_full 12\n"),
         "{metrics}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -586,8 +576,7 @@ fn pod_interfaces_are_found_by_routes_whatever_their_names() {
     ip(&["link", "add", "brq", "type", "bridge"]);
     ip(&["addr", "add", "10.244.3.1/24", "dev", "brq"]);
     ip(&["link", "set", "brq", "up"]);
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = dir.join("services.json");
     std::fs::write(
         &services,
@@ -640,7 +629,6 @@ fn pod_interfaces_are_found_by_routes_whatever_their_names() {
         "{metrics}"
     );
     assert!(metrics.contains("\nferry_pod_interfaces 4\n"), "{metrics}");
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }
@@ -652,8 +640,7 @@ fn pod_interfaces_are_found_by_routes_whatever_their_names() {
 fn default_maps_take_at_most_64_mib_and_a_ratio_sizes_the_flow_maps() {
     let mut lab = Lab::new("mem");
     let node = lab.netns("node");
-    let dir = std::env::temp_dir().join(&lab.prefix);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.dir();
     let services = dir.join("services.json");
     std::fs::write(&services, r#"{"services": []}"#).unwrap();
     let args = [
@@ -731,7 +718,6 @@ fn default_maps_take_at_most_64_mib_and_a_ratio_sizes_the_flow_maps() {
         "the ratio changed it"
     );
     lab.teardown_agents_only();
-    let _ = std::fs::remove_dir_all(&dir);
     lab.teardown();
     lab.assert_gone();
 }

@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -63,6 +63,14 @@ impl Lab {
         ferry_netns::add(&name).unwrap_or_else(|e| panic!("{e}"));
         self.namespaces.push(name.clone());
         name
+    }
+
+    /// The test's own directory (`<tmp>/<prefix>`), for the files it hands
+    /// the agent: made on first use, removed with the rest.
+    pub fn dir(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join(&self.prefix);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        dir
     }
 
     /// Connects a pod namespace to the node namespace with a veth pair: `eth0`
@@ -177,17 +185,19 @@ impl Lab {
             }
             let _ = std::fs::remove_dir(&self.pin_dir);
         }
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.prefix));
     }
 
     /// Asserts nothing the test made is left.
     pub fn assert_gone(&self) {
         let left = run("ip", &["netns", "list"]);
         assert!(!left.contains(&self.prefix), "namespaces left: {left}");
-        assert!(
-            !Path::new(&self.pin_dir).exists(),
-            "{} left",
-            self.pin_dir.display()
-        );
+        for dir in [
+            self.pin_dir.clone(),
+            std::env::temp_dir().join(&self.prefix),
+        ] {
+            assert!(!dir.exists(), "{} left", dir.display());
+        }
     }
 }
 
