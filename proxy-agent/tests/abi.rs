@@ -494,6 +494,7 @@ fn object_map_names_are_the_constants() {
         bench::SEQ_MAP,
         bench::GEN_MAP,
         bench::SINK_MAP,
+        bench::SPREAD_MAP,
     ];
     let mut expected: Vec<&str> = map_names::ALL.iter().chain(&bench_maps).copied().collect();
     expected.sort_unstable();
