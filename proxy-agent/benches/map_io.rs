@@ -81,7 +81,7 @@ fn first_rounds(list: &[FrontendSpec], frontends: u32, rounds: usize) -> (f64, f
         };
         let mut states = Vec::new();
         for writing in order {
-            let mut p = Programs::load_sized(frontends, BACKENDS_EACH, 0).expect("load");
+            let mut p = Programs::load_sized(frontends, BACKENDS_EACH, 0, true).expect("load");
             p.writing = writing;
             let start = Instant::now();
             let problems = p.serve(list).expect("fill the maps");
@@ -126,7 +126,7 @@ fn main() {
             .collect();
         settings::fill_defaults(&mut list, Scheduler::default());
         let frontends = list.len() as u32;
-        let mut p = Programs::load_sized(frontends, BACKENDS_EACH, 0).expect("load");
+        let mut p = Programs::load_sized(frontends, BACKENDS_EACH, 0, true).expect("load");
         let problems = p.serve(&list).expect("fill the maps");
         assert!(
             problems.is_empty(),

@@ -372,9 +372,9 @@ fn measure(
 ) {
     // The IPv6 twins only in runs of the embedded object alone: a baseline
     // object may predate IPv6, and both sides of a comparison get the same maps.
-    let ipv6 = rows_of_ipv6(object);
+    let alone = embedded_alone(object);
     let mut list: Vec<FrontendSpec> = (0..services).map(service).collect();
-    if ipv6 {
+    if alone {
         list.extend((0..services).map(service6));
     }
     let mut local_only = FrontendSpec::new(
@@ -394,8 +394,8 @@ fn measure(
     // (both), and room to spare.
     let flows = 2 * spread_flows(services) + 4 * samples as u32 + 65_536;
     let mut p = match object {
-        Some(object) => Programs::load_sized_object(object, frontends, BACKENDS_EACH, flows),
-        None => Programs::load_sized(frontends, BACKENDS_EACH, flows),
+        Some(object) => Programs::load_sized_object(object, frontends, BACKENDS_EACH, flows, true),
+        None => Programs::load_sized(frontends, BACKENDS_EACH, flows, true),
     }
     .expect("load");
     let problems = p.serve(&list).expect("fill the maps");
@@ -414,7 +414,7 @@ fn measure(
         (Prog::Tc, "tc new flow", "tc established", TC_ACT_UNSPEC),
         (Prog::Xdp, "xdp new flow", "xdp established", XDP_PASS),
     ];
-    if ipv6 {
+    if alone {
         // The uplink's tc path, which serves IPv6 from outside (XDP hands it
         // on): its IPv4 rows, for the IPv6 ones to be compared with. A
         // baseline object may have no second uplink filter.
@@ -745,10 +745,83 @@ fn measure(
         "tc PASS only, wrapped (floor)",
         ns,
     ));
-    if ipv6 {
+    if alone {
         let vip6 = list[(services + services / 2) as usize].frontend.address;
         measure_ipv6(&mut p, services, vip6, samples, wrapped_samples, rows);
+        let counted = p.dp.traffic().expect("read the counters").len();
+        assert!(
+            counted > 0,
+            "the programs counted nothing with the counters on"
+        );
+        // Their maps go before the next programs fill theirs.
+        std::mem::drop(p);
+        counters_off_rows(&list, services, flows, wrapped_samples, rows);
     }
+}
+
+/// Whether a packet DNATed by the XDP uplink went to one of the first
+/// `services` Services' backends, on the backends' port.
+fn to_any_backend(services: u32, out: &[u8]) -> bool {
+    let backends = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    let dst = u32::from_be_bytes(out[30..34].try_into().unwrap());
+    (backends..backends + services * BACKENDS_EACH).contains(&dst)
+        && out[36..38] == 8080u16.to_be_bytes()
+}
+
+/// The hot and spread established XDP rows again, with the traffic counters
+/// off: the agent's default (`--traffic-counters`), where the rows above run
+/// the object's own, which counts. Programs of their own, loaded with the
+/// counters off, their maps filled as the others' (`list`, `flows`) and the
+/// same flows opened; the floors are the rows above's (a PASS-only program
+/// counts nothing). Checks that the counters' map stays empty.
+fn counters_off_rows(
+    list: &[FrontendSpec],
+    services: u32,
+    flows: u32,
+    samples: usize,
+    rows: &mut Vec<Row>,
+) {
+    let mut p = Programs::load_sized(list.len() as u32, BACKENDS_EACH, flows, false)
+        .expect("load without counters");
+    let problems = p.serve(list).expect("fill the maps");
+    assert!(
+        problems.is_empty(),
+        "{:?}",
+        &problems[..problems.len().min(3)]
+    );
+    let vip = v4(list[(services / 2) as usize].frontend.address);
+    let opening = frame(Ipv4Addr::new(10, 244, 1, 2), 40000, vip);
+    let established = as_ack(&opening);
+    run_once(&mut p, Prog::Xdp, &opening, XDP_PASS);
+    let once = run_once(&mut p, Prog::Xdp, &established, XDP_PASS).1;
+    let ns = wrapped(&mut p, UPLINK_XDP, &established, (XDP_PASS, &once), samples);
+    rows.push(Row::new(
+        services,
+        "xdp established, wrapped, counters off",
+        "xdp PASS only, wrapped (floor)",
+        ns,
+    ));
+    let served = &list[..services as usize];
+    let spread_flows = spread_flows(services);
+    for i in 0..spread_flows {
+        run_once(&mut p, Prog::Xdp, &spread_syn(served, 11, i), XDP_PASS);
+    }
+    let spread = as_ack(&spread_syn(served, 11, 0));
+    let tuples = Tuples::Spread {
+        flows: spread_flows,
+        services,
+    };
+    let ns = wrapped_xdp(&mut p, UPLINK_XDP, &spread, tuples, false, samples, |out| {
+        to_any_backend(services, out)
+    });
+    rows.push(Row::new(
+        services,
+        "xdp established, spread, wrapped, counters off",
+        "xdp PASS only, spread, wrapped (floor)",
+        ns,
+    ));
+    let counted = p.dp.traffic().expect("read the counters").len();
+    assert_eq!(counted, 0, "the programs counted with the counters off");
 }
 
 /// The established flows the XDP random-order rows opened, visited in
@@ -769,12 +842,7 @@ fn spread_rows(
         flows: spread_flows(services),
         services,
     };
-    let backends = u32::from(Ipv4Addr::new(10, 128, 0, 0));
-    let to_backend = |out: &[u8]| {
-        let dst = u32::from_be_bytes(out[30..34].try_into().unwrap());
-        (backends..backends + services * BACKENDS_EACH).contains(&dst)
-            && out[36..38] == 8080u16.to_be_bytes()
-    };
+    let to_backend = |out: &[u8]| to_any_backend(services, out);
     let unchanged_ports = |out: &[u8]| out.len() == spread.len() && out[36..38] == spread[36..38];
     let entries = |p: &Programs| p.dp.conntrack_handle().expect("conntrack").keys().count();
     let before = entries(p);
@@ -844,8 +912,9 @@ fn net_of_floor(rows: &[Row], services: u32, path: &str) -> Option<f64> {
     Some(row.median as f64 - at(row.floor)?.median as f64)
 }
 
-/// Whether a run times the IPv6 rows too: the embedded object alone.
-fn rows_of_ipv6(object: Option<&[u8]>) -> bool {
+/// Whether a run times the IPv6 rows and the counters-off rows too: the
+/// embedded object alone.
+fn embedded_alone(object: Option<&[u8]>) -> bool {
     object.is_none() && std::env::var_os("FERRY_BENCH_COMPARING").is_none()
 }
 
@@ -1063,6 +1132,27 @@ fn main() {
             spread_flows(n),
             spread / hot,
             2.0 * misses
+        ));
+    }
+    table.push_str(
+        "\n| Services | flows | counters off: hot, net ns | counters off: spread, net ns | spread/hot | counters on/off, hot | counters on/off, spread |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for &n in &scales {
+        let net = |path: &str| net_of_floor(&rows, n, path);
+        let (Some(hot), Some(spread), Some(hot_on), Some(spread_on)) = (
+            net("xdp established, wrapped, counters off"),
+            net("xdp established, spread, wrapped, counters off"),
+            net("xdp established, wrapped"),
+            net("xdp established, spread, wrapped"),
+        ) else {
+            continue;
+        };
+        table.push_str(&format!(
+            "| {n} | {} | {hot:.0} | {spread:.0} | {:.2} | {:.2} | {:.2} |\n",
+            spread_flows(n),
+            spread / hot,
+            hot_on / hot,
+            spread_on / spread
         ));
     }
     table.push_str(

@@ -73,12 +73,19 @@ impl Programs {
     }
 
     /// The programs in maps sized for `frontends` frontends of `backends_each`
-    /// backends each, and `flows` IPv4 flows.
-    pub fn load_sized(frontends: u32, backends_each: u32, flows: u32) -> Result<Self> {
+    /// backends each, and `flows` IPv4 flows; counting traffic per pair if
+    /// `traffic_counters` (the agent's flag of that name).
+    pub fn load_sized(
+        frontends: u32,
+        backends_each: u32,
+        flows: u32,
+        traffic_counters: bool,
+    ) -> Result<Self> {
         Self::with(Dataplane::load_private_sized(
             frontends,
             backends_each,
             flows,
+            traffic_counters,
         )?)
     }
 
@@ -94,12 +101,14 @@ impl Programs {
         frontends: u32,
         backends_each: u32,
         flows: u32,
+        traffic_counters: bool,
     ) -> Result<Self> {
         Self::with(Dataplane::load_private_sized_object(
             object,
             frontends,
             backends_each,
             flows,
+            traffic_counters,
         )?)
     }
 

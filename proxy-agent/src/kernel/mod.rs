@@ -273,9 +273,15 @@ impl Dataplane {
 
     /// Private maps with room for `frontends` frontends of `backends_each`
     /// backends and `flows` flows: for benchmarks at scales beyond the
-    /// default capacities.
-    pub fn load_private_sized(frontends: u32, backends_each: u32, flows: u32) -> Result<Self> {
-        Self::load_private_sized_object(OBJECT, frontends, backends_each, flows)
+    /// default capacities. `traffic_counters` as the agent's flag of that
+    /// name (the object's own default counts).
+    pub fn load_private_sized(
+        frontends: u32,
+        backends_each: u32,
+        flows: u32,
+        traffic_counters: bool,
+    ) -> Result<Self> {
+        Self::load_private_sized_object(OBJECT, frontends, backends_each, flows, traffic_counters)
     }
 
     /// Private maps of `capacity`: for tests that fill them.
@@ -306,6 +312,7 @@ impl Dataplane {
         frontends: u32,
         backends_each: u32,
         flows: u32,
+        traffic_counters: bool,
     ) -> Result<Self> {
         let slots = frontends
             .saturating_mul(backends_each + 1)
@@ -330,6 +337,9 @@ impl Dataplane {
             .map_max_entries(map_names::REVNAT_V6, ids)
             .map_max_entries(map_names::ROUND_ROBIN, ids)
             .map_max_entries(map_names::CONNTRACK_V4, conntrack);
+        // An object without the setting (older) counts nothing anyway.
+        let counting = u8::from(traffic_counters);
+        loader.override_global(TRAFFIC_COUNTERS, &counting, false);
         Self::load_object_with(&mut loader, object)
     }
 

@@ -151,7 +151,8 @@ fn thousand_services() -> Vec<FrontendSpec> {
 #[test]
 fn a_batched_write_of_the_maps_is_the_one_by_one_write() {
     support::require_root();
-    let load = || Programs(harness::Programs::load_sized(1_000, 10, 0).expect("load the programs"));
+    let load =
+        || Programs(harness::Programs::load_sized(1_000, 10, 0, true).expect("load the programs"));
     let (mut batched, mut one_by_one) = (load(), load());
     one_by_one.writing = Writing::OneByOne;
     let mut services = thousand_services();
@@ -182,7 +183,8 @@ fn a_batched_write_of_the_maps_is_the_one_by_one_write() {
 fn a_batched_read_of_the_maps_is_the_one_by_one_read() {
     use proxy_agent::kernel::batch::Reading;
     support::require_root();
-    let mut p = Programs(harness::Programs::load_sized(1_000, 10, 0).expect("load the programs"));
+    let mut p =
+        Programs(harness::Programs::load_sized(1_000, 10, 0, true).expect("load the programs"));
     let services = thousand_services();
     p.serve(&services);
     let batched = p.dp.read_state_by(Reading::Batched).unwrap();

@@ -254,7 +254,13 @@ fn per_packet(quick: bool, results: &Path, command: &str) -> Result<()> {
          PASS-only program. `conntrack lookup alone` is one conntrack lookup and a\n\
          read of the entry, nothing else: spread, what a lookup's misses cost; on\n\
          the one hot flow, what it costs in cache. The table after the rows puts\n\
-         spread beside hot, net of the floors.\n\n{body}\n![per-packet cost](per_packet.png)\n",
+         spread beside hot, net of the floors.\n\n\
+         The programs count traffic per (frontend, backend) pair in every row but\n\
+         those marked `counters off`: the object's own default, where the agent's\n\
+         (`--traffic-counters`) is off. The `counters off` rows are the hot and\n\
+         spread established XDP rows again, from programs loaded with the counters\n\
+         off, their maps filled alike, in the same run; their table puts them\n\
+         beside the counting rows.\n\n{body}\n![per-packet cost](per_packet.png)\n",
         if quick { 3_000 } else { 20_000 },
         if quick { 30 } else { 200 },
     );
